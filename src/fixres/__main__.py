@@ -1,0 +1,5 @@
+"""Allow ``python -m fixres``."""
+
+from fixres.cli import main
+
+raise SystemExit(main())

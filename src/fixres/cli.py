@@ -1,0 +1,113 @@
+"""The ``fixres`` command line: argparse front end, shared flags, error handling and exit codes.
+
+Each subcommand lives in ``fixres.commands.<name>`` with ``add_parser(subparsers, parents)`` and
+``run(args) -> dict``. Those modules import nothing heavy at the top, so ``fixres --help`` and
+``fixres SUB --help`` answer without importing torch. Exit codes: 0 ok, 1 runtime failure,
+2 usage error (one line on stderr; a traceback only with ``-v``), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import traceback
+
+from fixres import __version__
+from fixres.errors import FixresError, UsageError
+
+#: Subcommands, in the order ``fixres --help`` lists them.
+COMMANDS = ("fix", "analyze", "eval", "sweep", "finetune", "adapt", "stats", "train", "make-dataset", "report")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def common_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    g.add_argument("--out", default=None, metavar="DIR", help="folder for result files (default: per command)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
+    g.add_argument("-v", "--verbose", action="store_true", help="more detail; tracebacks on errors")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="fixres",
+        description="Fix the train-test resolution discrepancy of image classifiers (FixRes, NeurIPS 2019).",
+        epilog="With no arguments, `fixres fix` runs the whole method on an embedded data set.",
+    )
+    parser.add_argument("--version", action="version", version=f"fixres {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    parents = [common_parent()]
+    for name in COMMANDS:
+        module = importlib.import_module(f"fixres.commands.{name.replace('-', '_')}")
+        sp = module.add_parser(sub, parents)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def emit(args: argparse.Namespace, result: dict, text: str | None = None) -> None:
+    """Print a result: JSON with --json, else the human text (nothing with -q)."""
+    if getattr(args, "json", False):
+        clean = {k: v for k, v in result.items() if not k.startswith("_")}
+        print(json.dumps(clean, indent=2, default=_jsonable))
+    elif text and not getattr(args, "quiet", False):
+        print(text)
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _oom_message(exc: BaseException) -> str | None:
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return "out of memory: try a smaller --batch-size (or a smaller --test-size)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["fix"]  # the main job on the embedded default
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        result = args._module.run(args)
+        if isinstance(result, tuple):
+            emit(args, *result)
+        elif result is not None:
+            emit(args, result)
+        return 0
+    except KeyboardInterrupt:
+        print("fixres: interrupted", file=sys.stderr)
+        return 130
+    except FixresError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"fixres {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the CLI edge turns every failure into one line
+        if args.verbose:
+            traceback.print_exc()
+        msg = _oom_message(exc) or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        print(f"fixres {args.command}: error: {msg}{hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Argument helpers shared by subcommands: typed parsers that turn bad values into usage errors."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def crop_ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"crop ratio must be in (0, 1], got {v}")
+    return v
+
+
+def int_list(text: str) -> list[int]:
+    """'128,160,192' or '128:384:32' (start:stop:step, inclusive)."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            start, stop, step = (int(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            values = list(range(start, stop + 1, step))
+        else:
+            values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 128,160,192 or 128:384:32, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.875,1.0, got {text!r}") from None
+    if not values or any(not (0 < v <= 1) for v in values):
+        raise argparse.ArgumentTypeError(f"crop ratios must be in (0, 1], got {text!r}")
+    return values
+
+
+def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) -> None:
+    """--model/--checkpoint/--weights/--num-classes and the data-config overrides."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=model_required, default=None,
+                   help="timm or torchvision model name (e.g. resnet50, tf_efficientnet_lite0)")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="local weights: .safetensors, or a torch file loaded with weights_only=True; "
+                        "a fixres export (with fixres.json beside it) needs no other flag")
+    g.add_argument("--weights", default=None, metavar="NAME",
+                   help="installed registry weights: efficientnet-lite0, efficientnet-lite1, efficientnet-lite2")
+    g.add_argument("--num-classes", type=positive_int, default=None,
+                   help="replace the classifier head with this many outputs (a new data set)")
+    g.add_argument("--class-map", default=None, metavar="FILE",
+                   help="folder names in class-index order (JSON list/object, or one per line)")
+    d = p.add_argument_group("pre-processing (default: the model's own data config)")
+    d.add_argument("--crop-ratio", type=crop_ratio, default=None, help="test_size / resize (default 0.875)")
+    d.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic"), default=None)
+    d.add_argument("--mean", type=lambda s: [float(v) for v in s.split(",")], default=None, metavar="R,G,B")
+    d.add_argument("--std", type=lambda s: [float(v) for v in s.split(",")], default=None, metavar="R,G,B")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    g.add_argument("--batch-size", type=positive_int, default=None)
+    g.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers (default: sized to the machine)")
+    g.add_argument("--no-amp", action="store_true", help="fp32: no autocast, no channels_last")
+    g.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,73 @@
+"""Typed configuration shared by the library: the data (pre-processing) config of a model.
+
+Run configs of each command are dataclasses too, built from argparse only at the CLI edge
+(``fixres.commands``); library functions take explicit arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from fixres.errors import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+#: PyTorch's default test pre-processing: resize to 256, centre crop 224.
+DEFAULT_CROP_RATIO = 0.875
+DEFAULT_TRAIN_SIZE = 224
+DEFAULT_INTERPOLATION = "bilinear"
+#: Appendix B: sizes that are multiples of the network stride avoid border effects.
+DEFAULT_STRIDE = 32
+
+INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a model expects its input: normalisation, resampling and the geometry it was trained at."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = DEFAULT_INTERPOLATION
+    crop_ratio: float = DEFAULT_CROP_RATIO
+    train_size: int = DEFAULT_TRAIN_SIZE
+    stride: int = DEFAULT_STRIDE
+    num_classes: int | None = None
+    class_names: tuple[str, ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        validate_crop_ratio(self.crop_ratio)
+        validate_size(self.train_size, "train_size")
+        if self.interpolation not in INTERPOLATION_NAMES:
+            raise UsageError(
+                f"unknown interpolation {self.interpolation!r}; choose one of {', '.join(INTERPOLATION_NAMES)}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise UsageError("mean and std need three values each, std > 0")
+
+    def with_overrides(self, **overrides) -> "DataConfig":
+        """Return a copy with the non-None overrides applied (flags beat the model's own config)."""
+        clean = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
+        return replace(self, **clean)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.class_names is not None:
+            d["class_names"] = list(self.class_names)
+        return d
+
+
+def validate_size(size: int, name: str = "size") -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise UsageError(f"{name} must be a positive whole number of pixels, got {size!r}")
+    return size
+
+
+def validate_crop_ratio(crop_ratio: float) -> float:
+    if not (0.0 < float(crop_ratio) <= 1.0):
+        raise UsageError(f"crop_ratio must be in (0, 1], got {crop_ratio!r}")
+    return float(crop_ratio)

@@ -1,0 +1,221 @@
+"""Data sets as ImageFolder trees: class indices, robust loading with counted skips, loaders.
+
+The class index must match the checkpoint: sorted folder names by default, a class-map file
+otherwise, and ImageNet wnid folders map onto the standard 1000 indices (so a subset of ImageNet
+classes still gets the right labels). Unreadable files do not stop a run: each is skipped, counted
+and named (``Skipped``), and the numbers on the good files are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fixres.errors import UsageError
+from fixres.images import BadImage, is_image_file, load_rgb
+
+WNID_PATTERN = re.compile(r"^n\d{8}$")
+IMAGENET_NUM_CLASSES = 1000
+#: Cap on DataLoader workers: decoding scales with cores, but past this we only burn memory.
+MAX_WORKERS = 8
+
+
+@dataclass
+class FolderIndex:
+    """An ImageFolder tree: class names in index order and (path, label) samples in sorted order."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    source: str = "sorted folders"
+    empty_classes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ILSVRC-2012 wnids in standard index order (shipped with timm, no download)."""
+    from timm.data import ImageNetInfo
+    return list(ImageNetInfo().label_names())
+
+
+def read_class_map(path: str | os.PathLike) -> list[str]:
+    """A class map: JSON list of folder names (index order), JSON {folder: index}, or one name per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"class map not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return names
+    if isinstance(obj, list):
+        return [str(x) for x in obj]
+    if isinstance(obj, dict):
+        inv: dict[int, str] = {}
+        for name, idx in obj.items():
+            if not isinstance(idx, int) or idx < 0 or idx in inv:
+                raise UsageError(f"class map {p}: index for {name!r} must be a unique non-negative integer")
+            inv[idx] = str(name)
+        return [inv.get(i, f"<unused {i}>") for i in range(max(inv) + 1)]
+    raise UsageError(f"class map {p}: expected a JSON list or object, or one name per line")
+
+
+def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = None,
+                num_classes: int | None = None) -> FolderIndex:
+    """Index an ImageFolder tree and decide each folder's class index.
+
+    ``class_map`` (names in index order) wins; else wnid folders use the ImageNet order when the
+    model has 1000 outputs (``num_classes``); else sorted folder names.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise UsageError(f"data path is not a folder: {root}")
+    folders = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise UsageError(f"{root} has no class folders (expected an ImageFolder tree: ROOT/CLASS/IMAGE)")
+    if class_map is not None:
+        classes, source = list(class_map), "class map"
+        unknown = [f for f in folders if f not in classes]
+        if unknown:
+            raise UsageError(f"folders not in the class map: {', '.join(unknown[:5])}"
+                             + (" ..." if len(unknown) > 5 else ""))
+    elif all(WNID_PATTERN.match(f) for f in folders) and num_classes in (None, IMAGENET_NUM_CLASSES):
+        classes, source = imagenet_wnids(), "ImageNet wnid order"
+    else:
+        classes, source = folders, "sorted folders"
+    if num_classes is not None and len(classes) > num_classes:
+        raise UsageError(f"the data has {len(classes)} classes but the model outputs {num_classes}; "
+                         "pass --num-classes to replace the head, or --class-map to map folders")
+    index = {name: i for i, name in enumerate(classes)}
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for folder in folders:
+        files = sorted(
+            os.path.join(dirpath, f)
+            for dirpath, _, names in os.walk(root / folder, followlinks=True)
+            for f in names if is_image_file(f) and not f.startswith(".")
+        )
+        if not files:
+            empty.append(folder)
+        samples.extend((f, index[folder]) for f in files)
+    if not samples:
+        raise UsageError(f"{root} holds no image files ({', '.join(e.lstrip('.') for e in ('.jpg', '.png'))}, ...)")
+    if empty and source == "sorted folders" and class_map is None:
+        raise UsageError(f"empty class folder(s) in {root}: {', '.join(empty[:5])}; remove them or add images")
+    return FolderIndex(root=root, classes=classes, samples=samples, source=source, empty_classes=empty)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample that could not be loaded: reported as {path, reason}."""
+
+    index: int
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+class ImageDataset(Dataset):
+    """Samples of a ``FolderIndex`` through ``transform``; a bad file yields ``Skipped`` instead of raising."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            img = load_rgb(path)
+        except BadImage as exc:
+            return Skipped(i, path, str(exc))
+        return self.transform(img), label, i
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor | tuple[torch.Tensor, ...] | None
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[Skipped]
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+
+def collate(items: list) -> Batch:
+    """Stack the good samples, keep the skipped ones aside (a batch may end up empty)."""
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    if not good:
+        return Batch(None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), skipped)
+    xs, ys, idx = zip(*good)
+    if isinstance(xs[0], (tuple, list)):
+        inputs = tuple(torch.stack([x[k] for x in xs]) for k in range(len(xs[0])))
+    else:
+        inputs = torch.stack(xs)
+    return Batch(inputs, torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long), skipped)
+
+
+def default_workers(world_size: int = 1) -> int:
+    """DataLoader workers sized to the machine: the cores this process may use, shared across ranks."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(MAX_WORKERS, cores // max(1, world_size)))
+
+
+class IndexSampler(Sampler[int]):
+    """Yield a fixed list of indices (a rank's shard), in order."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self.indices = list(indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler | None = None, shuffle: bool = False,
+                workers: int | None = None, generator: torch.Generator | None = None,
+                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    if batch_size <= 0:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    workers = default_workers() if workers is None else workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+                      num_workers=workers, collate_fn=collate, generator=generator, drop_last=drop_last,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+def count_image_sizes(index: FolderIndex, limit: int | None = None) -> list[tuple[int, int]]:
+    """(width, height) of the data set's images from their headers (for ``fixres analyze --data``)."""
+    from fixres.images import image_size
+    sizes = []
+    for path, _ in index.samples[:limit]:
+        s = image_size(path)
+        if s is not None:
+            sizes.append(s)
+    return sizes

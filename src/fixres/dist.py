@@ -1,0 +1,94 @@
+"""Process topology: single process or torchrun (torch.distributed), detected from the environment.
+
+nccl on CUDA, gloo on CPU. Evaluation shards the data without padding (``shard_indices``) and sums
+exact counts across ranks, so K processes give exactly the single-process numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from fixres.errors import UsageError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' = CUDA when available, else CPU; 'cuda' where none exists is a usage error."""
+    if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for, but no CUDA GPU is available here; use --device cpu")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init(device: str = "auto") -> DistEnv:
+    """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or run as one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not tdist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        tdist.init_process_group(backend=backend)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def shutdown() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """Strided shard of range(n): every index on exactly one rank, no padding, no duplicates."""
+    return list(range(rank, n, world_size))
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum a tensor over ranks (identity in a single process). Integer counts stay exact."""
+    if not env.distributed:
+        return t
+    # gloo and nccl both reduce int64 exactly; move to the collective's device.
+    work = t.to(env.device if env.device.type == "cuda" else "cpu")
+    tdist.all_reduce(work, op=tdist.ReduceOp.SUM)
+    return work.to(t.device)
+
+
+def all_gather_objects(obj, env: DistEnv) -> list:
+    """Gather a picklable Python object from every rank (rank order); [obj] in a single process."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        tdist.barrier()

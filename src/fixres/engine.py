@@ -1,0 +1,75 @@
+"""Running a model fast and correctly on a device: autocast, channels_last, device moves.
+
+One ``Precision`` decides it for every command: bf16 autocast on CPUs that support it, fp16 (or bf16
+where supported) on CUDA, channels_last for 4-D inputs; ``--no-amp`` turns all of it off (fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Precision:
+    amp: bool
+    dtype: torch.dtype | None
+    channels_last: bool
+
+    def describe(self) -> str:
+        if not self.amp:
+            return "fp32"
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
+        return f"{name} autocast" + (", channels_last" if self.channels_last else "")
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        caps = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001
+        return False
+    if "AMX" in caps.upper():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def precision_for(device: torch.device, amp: bool = True) -> Precision:
+    """Default precision on ``device``; ``amp=False`` gives plain fp32."""
+    if not amp:
+        return Precision(False, None, False)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Precision(True, dtype, True)
+    if cpu_supports_bf16():
+        return Precision(True, torch.bfloat16, True)
+    # No native bf16: autocast would emulate it and run slower; keep fp32 but use channels_last.
+    return Precision(False, None, True)
+
+
+def prepare(model: nn.Module, device: torch.device, precision: Precision) -> nn.Module:
+    model = model.to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(x: torch.Tensor, device: torch.device, precision: Precision) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if precision.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def autocast(device: torch.device, precision: Precision):
+    if not precision.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.dtype)

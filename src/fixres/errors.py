@@ -1,0 +1,17 @@
+"""Error types that the CLI turns into one-line messages and exit codes.
+
+``UsageError`` is a mistake in what the user asked (exit 2); ``FixresError`` is a failure while
+doing it (exit 1). Library code raises these with a message a user can act on.
+"""
+
+
+class FixresError(RuntimeError):
+    """A runtime failure with a message meant for the user (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(FixresError):
+    """A bad argument, path or combination of options (exit code 2)."""
+
+    exit_code = 2

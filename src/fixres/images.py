@@ -1,0 +1,110 @@
+"""Reading one photo robustly: decode, orient, convert to RGB, or say why it cannot be used.
+
+Every data path of fixres (eval, sweep, finetune, train, stats, analyze --data) reads images through
+``load_rgb``. It converts what can be converted (grayscale, CMYK, palette, RGBA, 16-bit, EXIF
+rotation, animated first frame) and raises ``BadImage`` with a short reason for what cannot
+(empty, truncated, not an image, absurdly large), so callers count and name skips instead of crashing.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Decompression-bomb guard: refuse images above this many pixels (about 16k x 11k).
+MAX_IMAGE_PIXELS = 178_956_970
+#: Background for images with transparency (white, as photo viewers show them).
+ALPHA_BACKGROUND = (255, 255, 255)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class BadImage(Exception):
+    """The file cannot be used as an image; ``str(exc)`` is a short reason."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(IMG_EXTENSIONS)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit integer images: scale to 8 bits instead of clipping everything to white.
+        import numpy as np
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype("uint8")
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "F":
+        import numpy as np
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr - lo) / (hi - lo if hi > lo else 1.0) * 255.0).astype("uint8")
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` into an upright RGB PIL image, or raise ``BadImage(reason)``."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file")
+    except OSError as exc:
+        raise BadImage(f"cannot read: {exc.strerror or exc}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if getattr(img, "is_animated", False):
+                    img.seek(0)  # animated GIF/WebP: the first frame
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                w, h = img.size
+                if w < 1 or h < 1:
+                    raise BadImage("image has no pixels")
+                return _to_rgb(img)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(f"too large (over {MAX_IMAGE_PIXELS} pixels, decompression-bomb guard)") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "truncated" in msg.lower():
+            raise BadImage("truncated image") from None
+        raise BadImage(f"cannot decode: {msg}") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) after EXIF orientation, reading only the header; None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                w, h = img.size
+                try:
+                    orientation = img.getexif().get(0x0112, 1)
+                except Exception:
+                    orientation = 1
+                if orientation in (5, 6, 7, 8):
+                    w, h = h, w
+                return (w, h) if w > 0 and h > 0 else None
+    except Exception:
+        return None

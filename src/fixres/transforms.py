@@ -1,0 +1,170 @@
+"""Train and test geometry: the one module that decides how a photo becomes a network input.
+
+Vocabulary (used everywhere in fixres):
+  * ``train_size``  side of the square RandomResizedCrop fed to the network while training;
+  * ``test_size``   side of the square centre crop fed to the network at test time;
+  * ``crop_ratio``  test_size / resize, where ``resize`` is the shorter image side before cropping.
+
+``resize_for(test_size, crop_ratio)`` is the only place that turns the last two into a resize.
+
+Builders (keyword-only, torchvision.transforms.v2, antialiased resampling):
+  * ``train_transform``   RandomResizedCrop + flip (+ optional ColorJitter 0.3): "train DA";
+  * ``test_transform``    resize shorter side + CenterCrop: "test DA";
+  * ``test2_transform``   test geometry + random horizontal shift + flip + mild jitter: "test DA2";
+  * ``control_transform`` appendix D control: resize + fixed-size random crop (no scale augmentation);
+  * ``build_transform``   pick one of the above by name (``AUGMENTATIONS``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from fixres.config import DataConfig, validate_crop_ratio, validate_size
+from fixres.errors import UsageError
+
+#: RandomResizedCrop defaults of PyTorch, used by the paper (section 3.1).
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+#: The paper's colour jitter strength for training (brightness, contrast, saturation).
+TRAIN_JITTER = 0.3
+#: "test DA2": mild jitter and a horizontal shift of the centre crop of at most this fraction of the slack.
+TEST2_JITTER = 0.1
+TEST2_MAX_SHIFT = 0.5
+
+INTERPOLATIONS: dict[str, InterpolationMode] = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+AUGMENTATIONS = ("train", "test", "test2", "control")
+
+
+def resize_for(test_size: int, crop_ratio: float) -> int:
+    """Shorter-side resize that precedes a ``test_size`` centre crop: round(test_size / crop_ratio)."""
+    validate_size(test_size, "test_size")
+    validate_crop_ratio(crop_ratio)
+    return max(test_size, int(round(test_size / crop_ratio)))
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    try:
+        return INTERPOLATIONS[name]
+    except KeyError:
+        raise UsageError(f"unknown interpolation {name!r}; choose one of {', '.join(INTERPOLATIONS)}") from None
+
+
+def _to_tensor_normalized(cfg: DataConfig) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(cfg.mean), std=list(cfg.std))]
+
+
+def train_transform(*, train_size: int, cfg: DataConfig, color_jitter: bool = False,
+                    scale: Sequence[float] = RRC_SCALE, ratio: Sequence[float] = RRC_RATIO) -> v2.Compose:
+    """"train DA": RandomResizedCrop(train_size) + horizontal flip (+ ColorJitter(0.3, 0.3, 0.3))."""
+    validate_size(train_size, "train_size")
+    ops: list = [
+        v2.RandomResizedCrop(train_size, scale=tuple(scale), ratio=tuple(ratio),
+                             interpolation=interpolation_mode(cfg.interpolation), antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if color_jitter:
+        ops.append(v2.ColorJitter(TRAIN_JITTER, TRAIN_JITTER, TRAIN_JITTER))
+    return v2.Compose(ops + _to_tensor_normalized(cfg))
+
+
+def test_geometry(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
+    """Resize the shorter side to ``resize_for(test_size, crop_ratio)``, then CenterCrop(test_size); PIL out."""
+    return v2.Compose([
+        v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
+                  antialias=True),
+        v2.CenterCrop(test_size),
+    ])
+
+
+def test_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
+    """"test DA": deterministic resize + centre crop, then normalise."""
+    return v2.Compose([test_geometry(test_size=test_size, crop_ratio=crop_ratio, cfg=cfg)]
+                      + _to_tensor_normalized(cfg))
+
+
+class ShiftedCenterCrop(torch.nn.Module):
+    """Square crop centred vertically, shifted horizontally by a random fraction of the free margin."""
+
+    def __init__(self, size: int, max_shift: float = TEST2_MAX_SHIFT) -> None:
+        super().__init__()
+        self.size = size
+        self.max_shift = max_shift
+
+    def forward(self, img):
+        w, h = TF.get_size(img)[1], TF.get_size(img)[0]
+        top = int(round((h - self.size) / 2.0))
+        slack = (w - self.size) / 2.0
+        shift = random.uniform(-self.max_shift, self.max_shift) * slack
+        left = int(round(slack + shift))
+        left = min(max(left, 0), max(w - self.size, 0))
+        return TF.crop(img, top, left, self.size, self.size)
+
+
+def test2_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig,
+                    max_shift: float = TEST2_MAX_SHIFT) -> v2.Compose:
+    """"test DA2": test resize, randomly shifted centre crop, horizontal flip, mild colour jitter."""
+    return v2.Compose([
+        v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
+                  antialias=True),
+        ShiftedCenterCrop(test_size, max_shift),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(TEST2_JITTER, TEST2_JITTER, TEST2_JITTER),
+    ] + _to_tensor_normalized(cfg))
+
+
+def control_transform(*, train_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
+    """Appendix D control: resize the shorter side as at test time, then a fixed-size random crop + flip."""
+    return v2.Compose([
+        v2.Resize(resize_for(train_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
+                  antialias=True),
+        v2.RandomCrop(train_size),
+        v2.RandomHorizontalFlip(),
+    ] + _to_tensor_normalized(cfg))
+
+
+def build_transform(augment: str, *, size: int, cfg: DataConfig, crop_ratio: float | None = None,
+                    color_jitter: bool = False) -> Callable:
+    """Build the named augmentation at ``size`` ("train" = train DA, "test", "test2", "control")."""
+    crop_ratio = cfg.crop_ratio if crop_ratio is None else crop_ratio
+    if augment == "train":
+        return train_transform(train_size=size, cfg=cfg, color_jitter=color_jitter)
+    if augment == "test":
+        return test_transform(test_size=size, crop_ratio=crop_ratio, cfg=cfg)
+    if augment == "test2":
+        return test2_transform(test_size=size, crop_ratio=crop_ratio, cfg=cfg)
+    if augment == "control":
+        return control_transform(train_size=size, crop_ratio=crop_ratio, cfg=cfg)
+    raise UsageError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+
+
+class MultiView:
+    """Apply several transforms to one decoded image (one decode, many test sizes: the one-pass sweep)."""
+
+    def __init__(self, transforms: Sequence[Callable]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, img):
+        return tuple(t(img) for t in self.transforms)
+
+
+def ten_crop_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
+    """10-crop testing: 4 corners + centre of the resized image, and their mirrors; output (10, C, S, S)."""
+    norm = v2.Compose(_to_tensor_normalized(cfg))
+    return v2.Compose([
+        v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
+                  antialias=True),
+        v2.TenCrop(test_size),
+        v2.Lambda(lambda crops: torch.stack([norm(c) for c in crops])),
+    ])
+
