@@ -210,6 +210,28 @@ def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler | None = 
                       pin_memory=pin_memory, persistent_workers=False)
 
 
+SPLITS = ("train", "val")
+
+
+def resolve_split(root: str | os.PathLike, split: str) -> Path:
+    """Folder of ``split`` ("train" or "val") under ``root``.
+
+    A root holding ``train/`` and ``val/`` (as ImageNet and flowers17 are laid out) gives that
+    subfolder; a plain ImageFolder root is used as it is for either split.
+    """
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}")
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"data folder not found: {root}")
+    sub = root / split
+    if sub.is_dir():
+        return sub
+    if split == "train" and (root / "val").is_dir():
+        raise UsageError(f"{root} has val/ but no train/ folder")
+    return root
+
+
 def count_image_sizes(index: FolderIndex, limit: int | None = None) -> list[tuple[int, int]]:
     """(width, height) of the data set's images from their headers (for ``fixres analyze --data``)."""
     from fixres.images import image_size

@@ -1,0 +1,18 @@
+"""Progress bars and status lines on stderr (so ``--json`` output on stdout stays clean)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+def bar(total: int, desc: str, *, enabled: bool = True, unit: str = "img"):
+    """A tqdm bar counting ``unit`` (images by default), showing the rate as images/s."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True, leave=False,
+                disable=not enabled, file=sys.stderr, mininterval=0.5)
+
+
+def status(message: str, *, enabled: bool = True) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
