@@ -1,13 +1,156 @@
-"""``fixres finetune``: FixRes fine-tuning at the test resolution."""
+"""``fixres finetune``: FixRes fine-tuning at the test resolution (section 4.2), with its CLI helpers.
+
+``load_for_adaptation`` (model + train/val indexes + data config) is shared with ``fixres adapt``
+and ``fixres stats``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from fixres.commands._args import add_model_args, add_runtime_args, positive_float, positive_int
+
+DEFAULT_OUT = "runs/finetune"
+PAPER_EPOCHS = 60
+
+
+def add_data_args(p, *, test_size_help: str) -> None:
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="ImageFolder root holding train/ and val/ (or one ImageFolder used for both)")
+    p.add_argument("--test-size", type=positive_int, default=None,
+                   help=test_size_help + " (default: the size fixres recommends for the train size, "
+                        "`fixres analyze`)")
+    p.add_argument("--train-size", type=positive_int, default=None,
+                   help="the size the model was trained at (default: from its data config)")
+
 
 def add_parser(sub, parents):
-    p = sub.add_parser("finetune", parents=parents, help="FixRes fine-tuning at the test resolution", description="FixRes fine-tuning at the test resolution.")
+    p = sub.add_parser(
+        "finetune", parents=parents, help="FixRes fine-tuning at the test resolution",
+        description="Fine-tune the last layers of a classifier at the test resolution (paper section 4.2): "
+                    "the classifier and the batch-norm before the global pooling by default. Defaults follow "
+                    "the paper: SGD with momentum 0.9, weight decay 1e-4, learning rate 0.008 for a batch of "
+                    f"512 scaled linearly with --batch-size, {PAPER_EPOCHS} epochs with the rate divided by 10 "
+                    "half-way, and the test-time augmentation (test DA). With test DA the frozen part of the "
+                    "network runs once (activation cache); --resume continues an interrupted run. Writes "
+                    "finetune.json, finetune_log.jsonl, finetune_state.pt and the fixed model "
+                    f"(model.safetensors + fixres.json) to --out (default {DEFAULT_OUT}).")
+    add_data_args(p, test_size_help="the resolution to fix the model for")
+    p.add_argument("--parts", default="classifier,bn",
+                   help="what adapts: classifier, bn (affine + statistics of the batch-norm before pooling), "
+                        "bn-stats (statistics only), last-stage, or module names; comma-separated "
+                        "(default classifier,bn as in the paper)")
+    p.add_argument("--augment", choices=("test", "test2", "train"), default="test",
+                   help="fine-tuning augmentation: test DA (default, the paper's), test DA2, or train DA")
+    p.add_argument("--epochs", type=positive_int, default=PAPER_EPOCHS, help=f"default {PAPER_EPOCHS} (paper)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate (default 0.008 * batch size / 512, the paper's)")
+    p.add_argument("--no-cache", action="store_true", help="run the full forward every epoch (no activation cache)")
+    p.add_argument("--cache-budget-mb", type=positive_float, default=2048,
+                   help="activation cache in RAM up to this size, else on disk in fp16 (default 2048)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/finetune_state.pt")
+    p.add_argument("--epoch-eval", action="store_true", help="validation top-1 after every epoch")
+    p.add_argument("--no-export", action="store_true", help="do not write model.safetensors + fixres.json")
+    p.add_argument("--onnx", action="store_true", help="also export model.onnx at the test size (needs onnx)")
+    add_model_args(p)
+    add_runtime_args(p)
     return p
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    data: str
+    test_size: int | None
+    train_size: int | None
+    parts: str
+    augment: str
+    epochs: int
+    lr: float | None
+    batch_size: int
+    cache: bool
+    cache_budget_mb: float
+    resume: bool
+    epoch_eval: bool
+    export: bool
+    onnx: bool
+    out: str
+    device: str
+    workers: int | None
+    amp: bool
+    seed: int
+    quiet: bool
+
+
+def load_for_adaptation(args, *, need_train: bool = True):
+    """(bundle, data config, train index or None, val index or None, env, precision, test size)."""
+    from fixres import analysis, dist
+    from fixres.commands._args import warn_stride
+    from fixres.data import read_class_map, resolve_split, scan_folder
+    from fixres.engine import precision_for
+    from fixres.models import load_model, num_outputs
+
+    env = dist.init(args.device)
+    bundle = load_model(model=args.model, checkpoint=args.checkpoint, weights=args.weights,
+                        num_classes=args.num_classes, train_size=args.train_size)
+    cfg = bundle.data_config.with_overrides(interpolation=args.interpolation, mean=args.mean, std=args.std,
+                                            crop_ratio=args.crop_ratio)
+    n_out = num_outputs(bundle.model)
+    class_map = read_class_map(args.class_map) if args.class_map else None
+    if class_map is None and cfg.class_names and len(cfg.class_names) == n_out:
+        class_map = list(cfg.class_names)
+    train_dir, val_dir = resolve_split(args.data, "train"), resolve_split(args.data, "val")
+    train = scan_folder(train_dir, class_map=class_map, num_classes=n_out) if need_train else None
+    classes = train.classes if train is not None else class_map
+    val = scan_folder(val_dir, class_map=classes, num_classes=n_out) if val_dir.is_dir() else None
+    cfg = cfg.with_overrides(class_names=tuple((train or val).classes), num_classes=n_out)
+    test_size = args.test_size or analysis.recommend_test_size(train_size=cfg.train_size,
+                                                               crop_ratio=cfg.crop_ratio)["test_size"]
+    warn_stride(test_size, cfg.stride, "test size", quiet=args.quiet)
+    precision = precision_for(env.device, not args.no_amp)
+    return bundle, cfg, train, val, env, precision, test_size
+
+
 def run(args):
-    from fixres.errors import FixresError
-    raise FixresError("fixres finetune is not available yet")
+    from pathlib import Path
+
+    from fixres.export import export_model
+    from fixres.finetune import DEFAULT_BATCH_SIZE, finetune
+    from fixres.progress import status
+
+    bundle, cfg, train, val, env, precision, test_size = load_for_adaptation(args)
+    fc = FinetuneConfig(data=args.data, test_size=test_size, train_size=cfg.train_size, parts=args.parts,
+                        augment=args.augment, epochs=args.epochs, lr=args.lr,
+                        batch_size=args.batch_size or DEFAULT_BATCH_SIZE, cache=not args.no_cache,
+                        cache_budget_mb=args.cache_budget_mb, resume=args.resume, epoch_eval=args.epoch_eval,
+                        export=not args.no_export, onnx=args.onnx, out=args.out or DEFAULT_OUT, device=args.device,
+                        workers=args.workers, amp=not args.no_amp, seed=args.seed, quiet=args.quiet)
+    show = not fc.quiet
+    status(f"fixres finetune: {bundle.name} from {cfg.train_size}px to {test_size}px, parts {fc.parts}, "
+           f"{fc.augment} DA, {fc.epochs} epochs, {len(train)} training images, {precision.describe()}", enabled=show)
+    if val is None or val.root == train.root:
+        status("warning: no separate val/ folder: accuracy is measured on the training images", enabled=show)
+    result = finetune(bundle.model, train, val if val is not None else train, cfg, test_size=test_size,
+                      parts=fc.parts, augment=fc.augment, epochs=fc.epochs, lr=fc.lr, batch_size=fc.batch_size,
+                      cache=fc.cache, out_dir=fc.out, resume=fc.resume, env=env, precision=precision, seed=fc.seed,
+                      workers=fc.workers, progress=show, epoch_eval=fc.epoch_eval, cache_budget_mb=fc.cache_budget_mb)
+    result = {"command": "finetune", "model": bundle.name, "data": str(Path(fc.data)), **result}
+    if fc.export:
+        path = export_model(bundle.model, fc.out, model_name=bundle.name, cfg=cfg, test_size=test_size,
+                            train_size=cfg.train_size, class_names=list(cfg.class_names), accuracy=result["after"],
+                            extra={"adaptation": {"method": "finetune", "parts": result["parts"],
+                                                  "augment": fc.augment, "epochs": fc.epochs}}, onnx=fc.onnx)
+        result["export"] = str(path)
+    b, a = result.get("before"), result.get("after")
+    t = result["timing"]
+    lines = [f"{bundle.name}: fine-tuned {', '.join(result['trainable']) or '(statistics only)'} at {test_size}px "
+             f"({fc.epochs} epochs, {fc.augment} DA, cache: {'yes, ' + result['cache'].get('cut', '') if result['cache']['used'] else 'no'})"]
+    if b and a:
+        lines.append(f"  top-1 at {test_size}px: {b['top1']:.2f} ± {b['top1_std']:.2f}% before -> "
+                     f"{a['top1']:.2f} ± {a['top1_std']:.2f}% after")
+    fwd, bwd = t["ms_per_batch_forward"], t["ms_per_batch_backward"]
+    if fwd:
+        lines.append(f"  {fwd['mean']:.1f} ms/batch forward, {bwd['mean']:.1f} ms/batch backward; "
+                     f"fine-tuning {t['finetune_s']:.1f} s, total {t['wall_s']:.1f} s")
+    if "export" in result:
+        lines.append(f"  fixed model: {result['export']} (fixres eval --checkpoint {result['export']} --data ...)")
+    return result, "\n".join(lines)

@@ -1,13 +1,72 @@
-"""``fixres stats``: pooled-activation statistics across test sizes."""
+"""``fixres stats``: CDF of the activations after global pooling at several test sizes (figures 3 and 4)."""
 
 from __future__ import annotations
 
+from fixres.commands._args import add_model_args, add_runtime_args, int_list, positive_int
+
+DEFAULT_OUT = "runs/stats"
+
 
 def add_parser(sub, parents):
-    p = sub.add_parser("stats", parents=parents, help="pooled-activation statistics across test sizes", description="pooled-activation statistics across test sizes.")
+    p = sub.add_parser(
+        "stats", parents=parents, help="pooled-activation statistics at several test sizes (figures 3, 4)",
+        description="Measure the activations after the global pooling at several test sizes: their CDF, the "
+                    "fraction of zeros and the fraction above 2 (section 3.2). With --compare, the same for a "
+                    "second (adapted) checkpoint, drawn dashed (figure 4). Writes stats.json and "
+                    f"activation_cdf.png to --out (default {DEFAULT_OUT}).")
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder tree (its val/ when present)")
+    p.add_argument("--sizes", type=int_list, default=None,
+                   help="test sizes, e.g. 64,128,224,448 (default: train size x 0.5, 1, 1.5, 2)")
+    p.add_argument("--train-size", type=positive_int, default=None)
+    p.add_argument("--compare", default=None, metavar="CHECKPOINT",
+                   help="an adapted checkpoint (fixres export) to measure on the same axis")
+    p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images")
+    add_model_args(p)
+    add_runtime_args(p)
     return p
 
 
 def run(args):
-    from fixres.errors import FixresError
-    raise FixresError("fixres stats is not available yet")
+    from pathlib import Path
+
+    from fixres import dist
+    from fixres.atomic import write_json
+    from fixres.data import resolve_split, scan_folder
+    from fixres.engine import precision_for
+    from fixres.models import load_model
+    from fixres.stats import activation_stats, plot_stats
+
+    env = dist.init(args.device)
+    bundle = load_model(model=args.model, checkpoint=args.checkpoint, weights=args.weights,
+                        num_classes=args.num_classes, train_size=args.train_size)
+    cfg = bundle.data_config.with_overrides(interpolation=args.interpolation, mean=args.mean, std=args.std,
+                                            crop_ratio=args.crop_ratio)
+    from fixres.data import read_class_map
+    class_map = read_class_map(args.class_map) if args.class_map else None  # labels are not used: only validated
+    index = scan_folder(resolve_split(args.data, "val"), class_map=class_map)
+    t = cfg.train_size
+    sizes = args.sizes or sorted({max(16, t // 2), t, (3 * t) // 2, 2 * t})
+    precision = precision_for(env.device, not args.no_amp)
+    kw = dict(test_sizes=sizes, batch_size=args.batch_size or 32, env=env, precision=precision,
+              workers=args.workers, max_images=args.max_images, progress=not args.quiet)
+    before = activation_stats(bundle.model, index, cfg, **kw)
+    after = None
+    if args.compare:
+        other = load_model(model=args.model, checkpoint=args.compare, num_classes=args.num_classes)
+        after = activation_stats(other.model, index, cfg, grid=before["sizes"][0]["cdf_x"], **kw)
+    out = Path(args.out or DEFAULT_OUT)
+    png = plot_stats(before, out / "activation_cdf.png", compare=after,
+                     title=f"{bundle.name}, trained at {t}px: pooled activations")
+    result = {"command": "stats", "model": bundle.name, "train_size": t, "sizes": sizes, "before": before,
+              "after": after, "plot": str(png)}
+    write_json(out / "stats.json", result)
+    lines = [f"{bundle.name} (train {t}px), pooled activations on {before['n_images']} images ({before['pooled_from']}):",
+             f"  {'test_size':>9} {'zeros %':>8} {'> 2 %':>7} {'mean':>7}" + ("   adapted: zeros %  > 2 %" if after else "")]
+    for i, r in enumerate(before["sizes"]):
+        line = f"  {r['test_size']:>9} {100 * r['frac_zero']:>8.2f} {100 * r['frac_above_2']:>7.2f} {r['mean']:>7.3f}"
+        if after:
+            a = after["sizes"][i]
+            line += f"   {100 * a['frac_zero']:>16.2f} {100 * a['frac_above_2']:>6.2f}"
+        lines.append(line)
+    lines.append(f"  plot: {png}")
+    return result, "\n".join(lines)

@@ -1,0 +1,310 @@
+"""Label-free adaptation to a new test resolution (paper section 4.2 and appendix A).
+
+Three methods, none of which reads a label:
+
+* ``bn-recalibrate``: re-estimate the running statistics of the batch-norm(s) before the global
+  pooling on images pre-processed at test_size (cumulative average over all images, ``momentum=None``).
+  Only those statistics change; affine parameters and every other module are untouched.
+* ``frechet`` (appendix A.1): the non-zero pooled activations are modelled by a Frechet distribution
+  P(x) = exp(-(1 + xi (x - mu) / sigma)^(-1/xi)) with xi = 0.3, fitted by least squares to the
+  empirical CDF at train_size (mu_ref, sigma_ref) and at test_size (mu_0, sigma_0). After the pooling,
+  non-zero values are mapped x -> mu_ref + (x - mu_0) sigma_ref / sigma_0 (zeros stay zero). This is a
+  hook (the map is not linear in the zeros), so it is not part of the weights; ``remove_equalization``
+  takes it out.
+* ``gaussian`` (appendix A.2): the per-channel mean and std of the activations before the last ReLU
+  (the output of the batch-norm before pooling) at test_size are matched to those at train_size, by
+  an affine change of that batch-norm's weight and bias: exactly a per-channel affine map before the
+  activation, stored in the weights (exportable). In a ResNet the residual branch's batch-norm is
+  adjusted (the shortcut is summed after it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+import numpy as np
+import torch
+from torch import nn
+
+from fixres.config import DataConfig, validate_size
+from fixres.dist import DistEnv
+from fixres.engine import Precision, autocast, precision_for, prepare, to_device
+from fixres.errors import FixresError, UsageError
+from fixres.hooks import capture
+from fixres.stats import DEFAULT_BATCH_SIZE, collect_pooled, iterate_views, pooled_point
+from fixres.structure import ModelParts, find_parts
+
+METHODS = ("bn-recalibrate", "frechet", "gaussian")
+#: Appendix A.1: the Frechet shape parameter is kept constant at 0.3.
+FRECHET_XI = 0.3
+#: Least-squares fit on at most this many points of the empirical CDF (evenly spaced quantiles).
+FIT_POINTS = 20_000
+FIT_ITERATIONS = 100
+#: A channel whose std is below this is left as it is by the Gaussian matching (no information).
+MIN_STD = 1e-6
+EQUALIZATION_ATTR = "_fixres_equalization"
+
+
+# --------------------------------------------------------------------------- Frechet
+
+def frechet_cdf(x: np.ndarray, mu: float, sigma: float, xi: float = FRECHET_XI) -> np.ndarray:
+    z = np.clip(1.0 + xi / sigma * (np.asarray(x, dtype=np.float64) - mu), 1e-12, None)
+    return np.exp(-z ** (-1.0 / xi))
+
+
+def fit_frechet(values: np.ndarray, xi: float = FRECHET_XI, points: int = FIT_POINTS) -> dict:
+    """Least-squares fit of (mu, sigma) to the empirical CDF of the non-zero ``values`` (zeros are outliers).
+
+    Starts from the exact linearisation (-log F)^(-xi) = 1 + xi (x - mu) / sigma, then refines by
+    Levenberg-Marquardt on the CDF residuals. Returns mu, sigma, xi, rms residual, non-zero count.
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    v = v[v != 0]
+    if v.size < 10:
+        raise FixresError(f"too few non-zero pooled activations to fit a Frechet law ({v.size})")
+    q = (np.arange(v.size) + 0.5) / v.size
+    if v.size > points:
+        pick = np.linspace(0, v.size - 1, points).round().astype(int)
+        v, q = v[pick], q[pick]
+    y = (-np.log(q)) ** (-xi)
+    b, a = np.polyfit(v, y, 1)
+    b = max(b, 1e-9)
+    theta = np.array([(1.0 - a) / b, xi / b])  # mu, sigma
+
+    def residual(t):
+        return frechet_cdf(v, t[0], max(t[1], 1e-9), xi) - q
+
+    lam = 1e-3
+    r = residual(theta)
+    cost = float(r @ r)
+    for _ in range(FIT_ITERATIONS):
+        eps = 1e-6 * np.maximum(1.0, np.abs(theta))
+        jac = np.stack([(residual(theta + np.eye(2)[k] * eps[k]) - r) / eps[k] for k in range(2)], axis=1)
+        g = jac.T @ r
+        h = jac.T @ jac
+        step = np.linalg.solve(h + lam * np.diag(np.diag(h) + 1e-12), -g)
+        cand = theta + step
+        cand[1] = max(cand[1], 1e-9)
+        rc = residual(cand)
+        cc = float(rc @ rc)
+        if cc < cost:
+            theta, r, cost, lam = cand, rc, cc, lam / 3
+            if abs(cost - cc) < 1e-15 or np.linalg.norm(step) < 1e-10:
+                break
+        else:
+            lam *= 5
+            if lam > 1e8:
+                break
+    return {"mu": float(theta[0]), "sigma": float(theta[1]), "xi": xi,
+            "rms": float(np.sqrt(cost / v.size)), "nonzero": int(np.count_nonzero(values))}
+
+
+@dataclass
+class Equalization:
+    """x -> mu_ref + (x - mu_0) * sigma_ref / sigma_0 for non-zero x, after the pooling."""
+
+    mu_ref: float
+    sigma_ref: float
+    mu_0: float
+    sigma_0: float
+    module: str
+    where: str  # "output" of the pooling, or "input" of the classifier
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        scale = self.sigma_ref / self.sigma_0
+        return torch.where(t != 0, self.mu_ref + (t - self.mu_0) * scale, t)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def install_equalization(model: nn.Module, eq: Equalization) -> None:
+    """Insert ``eq`` after the pooling (a hook kept on the model until ``remove_equalization``)."""
+    remove_equalization(model)
+    target = model.get_submodule(eq.module)
+    if eq.where == "output":
+        handle = target.register_forward_hook(lambda mod, args, out: eq(out))
+    else:
+        handle = target.register_forward_pre_hook(lambda mod, args: (eq(args[0]),) + tuple(args[1:]))
+    object.__setattr__(model, EQUALIZATION_ATTR, (handle, eq))
+
+
+def remove_equalization(model: nn.Module) -> bool:
+    current = getattr(model, EQUALIZATION_ATTR, None)
+    if current is None:
+        return False
+    current[0].remove()
+    object.__setattr__(model, EQUALIZATION_ATTR, None)
+    return True
+
+
+def equalization_of(model: nn.Module) -> Equalization | None:
+    current = getattr(model, EQUALIZATION_ATTR, None)
+    return current[1] if current else None
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _need_bns(parts: ModelParts, method: str) -> list[str]:
+    if not parts.pre_pool_bns:
+        raise FixresError(f"{method}: {parts.model_type} has no batch-norm before the global pooling"
+                          + (f" (the last norm is {', '.join(parts.other_pre_pool_norms)})"
+                             if parts.other_pre_pool_norms else "")
+                          + "; use --method frechet, or fine-tune the classifier")
+    return list(parts.pre_pool_bns)
+
+
+def _pre_activation_point(model: nn.Module, bn_name: str) -> tuple[str, str]:
+    """Where the batch-norm's own output can be read: timm's BatchNormAct2d applies drop+act inside."""
+    bn = model.get_submodule(bn_name)
+    for attr in ("drop", "act"):
+        sub = getattr(bn, attr, None)
+        if isinstance(sub, nn.Module):
+            return f"{bn_name}.{attr}", "input"
+    return bn_name, "output"
+
+
+class _ChannelMoments:
+    def __init__(self) -> None:
+        self.n = 0
+        self.s = None
+        self.ss = None
+
+    def add(self, t: torch.Tensor) -> None:
+        t = t.double()
+        dims = [0] + list(range(2, t.dim()))
+        count = t.numel() // t.shape[1]
+        s, ss = t.sum(dim=dims), (t * t).sum(dim=dims)
+        self.s = s if self.s is None else self.s + s
+        self.ss = ss if self.ss is None else self.ss + ss
+        self.n += count
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.s / self.n
+        var = (self.ss / self.n - mean * mean).clamp_min(0)
+        return mean, var.sqrt()
+
+
+# --------------------------------------------------------------------------- adapt
+
+def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size: int | None = None,
+          test_size: int, batch_size: int = DEFAULT_BATCH_SIZE, env: DistEnv | None = None,
+          precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
+          progress: bool = True, xi: float = FRECHET_XI) -> dict:
+    """Adapt ``model`` (in place) from ``train_size`` to ``test_size`` on unlabeled ``samples``.
+
+    ``method``: bn-recalibrate, frechet or gaussian (see the module doc). Labels are never read.
+    Returns what was measured and changed (JSON-ready).
+    """
+    if method not in METHODS:
+        raise UsageError(f"unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}")
+    train_size = validate_size(int(train_size or cfg.train_size), "train_size")
+    validate_size(test_size, "test_size")
+    env = env or DistEnv()
+    precision = precision or precision_for(env.device)
+    model = prepare(model, env.device, precision)
+    remove_equalization(model)
+    parts = find_parts(model)
+    common = dict(batch_size=batch_size, workers=workers, max_images=max_images, progress=progress)
+    base = {"method": method, "train_size": train_size, "test_size": test_size, "labels_used": False}
+
+    if method == "bn-recalibrate":
+        bns = _need_bns(parts, method)
+        modules = [model.get_submodule(n) for n in bns]
+        saved = [m.momentum for m in modules]
+        before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in zip(bns, modules)}
+        model.eval()
+        for m in modules:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every image counts equally
+            m.train()
+        n_images = 0
+        skipped: list = []
+        try:
+            with torch.no_grad():
+                for views, _labels, skip in iterate_views(samples, cfg, [test_size], desc="re-estimating BN stats",
+                                                          **common):
+                    skipped.extend(s.to_dict() for s in skip)
+                    if views is None or views[0].shape[0] < 2:
+                        continue
+                    with autocast(env.device, precision):
+                        model(to_device(views[0], env.device, precision))
+                    n_images += views[0].shape[0]
+        finally:
+            for m, mom in zip(modules, saved):
+                m.momentum = mom
+            model.eval()
+        if n_images == 0:
+            raise UsageError("bn-recalibrate: no batch of at least two readable images")
+        change = {n: {"mean_shift": float((m.running_mean - before[n][0]).abs().mean()),
+                      "var_ratio": float((m.running_var / before[n][1].clamp_min(1e-12)).mean())}
+                  for n, m in zip(bns, modules)}
+        return {**base, "batchnorms": bns, "images": n_images, "change": change, "skipped": skipped}
+
+    if method == "frechet":
+        name, where = pooled_point(parts)
+        pooled, skipped = collect_pooled(model, samples, cfg, test_sizes=sorted({train_size, test_size}),
+                                         env=env, precision=precision, parts=parts, **common)
+        ref = fit_frechet(pooled[train_size], xi)
+        new = fit_frechet(pooled[test_size], xi)
+        eq = Equalization(mu_ref=ref["mu"], sigma_ref=ref["sigma"], mu_0=new["mu"], sigma_0=new["sigma"],
+                          module=name, where=where)
+        install_equalization(model, eq)
+        return {**base, "fit_train_size": ref, "fit_test_size": new, "equalization": eq.to_dict(),
+                "images": int(pooled[test_size].shape[0]), "skipped": skipped,
+                "_pooled": pooled}
+
+    # gaussian
+    bns = _need_bns(parts, method)
+    for n in bns:
+        if model.get_submodule(n).weight is None:
+            raise FixresError(f"gaussian: batch-norm {n} has no affine parameters to adjust")
+    points = {n: _pre_activation_point(model, n) for n in bns}
+    moments = {(n, s): _ChannelMoments() for n in bns for s in (train_size, test_size)}
+    sizes = sorted({train_size, test_size})
+    current = [sizes[0]]
+    by_point: dict[str, str] = {}
+    regs_out, regs_in = [], []
+    for n, (pt, where) in points.items():
+        by_point[pt] = n
+        (regs_in if where == "input" else regs_out).append(pt)
+
+    def sink(pt, t):
+        moments[(by_point[pt], current[0])].add(t.float())
+
+    model.eval()
+    skipped = []
+    images = 0
+    with torch.no_grad(), capture(model, regs_in, where="input", fn=sink), \
+            capture(model, regs_out, where="output", fn=sink):
+        for views, _labels, skip in iterate_views(samples, cfg, sizes, desc="pre-activation statistics", **common):
+            skipped.extend(s.to_dict() for s in skip)
+            if views is None:
+                continue
+            images += views[0].shape[0]
+            for size, x in zip(sizes, views):
+                current[0] = size
+                with autocast(env.device, precision):
+                    model(to_device(x, env.device, precision))
+    if images == 0:
+        raise UsageError("gaussian: no readable image")
+    changes = {}
+    with torch.no_grad():
+        for n in bns:
+            bn = model.get_submodule(n)
+            mu_t, sd_t = moments[(n, train_size)].mean_std()
+            mu_s, sd_s = moments[(n, test_size)].mean_std()
+            ok = (sd_s > MIN_STD) & (sd_t > MIN_STD)
+            ratio = torch.where(ok, sd_t / sd_s.clamp_min(MIN_STD), torch.ones_like(sd_s))
+            shift = torch.where(ok, mu_t - mu_s * ratio, torch.zeros_like(mu_s))
+            w, b = bn.weight, bn.bias
+            w.copy_((w.double() * ratio).to(w.dtype))
+            b.copy_((b.double() * ratio + shift).to(b.dtype))
+            changes[n] = {"std_ratio_mean": float(ratio.mean()), "mean_train_size": float(mu_t.mean()),
+                          "mean_test_size": float(mu_s.mean()), "std_train_size": float(sd_t.mean()),
+                          "std_test_size": float(sd_s.mean()), "channels_left": int((~ok).sum())}
+    return {**base, "batchnorms": bns, "measured_at": {n: f"{p[1]} of {p[0]}" for n, p in points.items()},
+            "images": images, "change": changes, "skipped": skipped}
+
+
+__all__ = ["adapt", "fit_frechet", "frechet_cdf", "Equalization", "install_equalization", "remove_equalization",
+           "equalization_of", "METHODS"]

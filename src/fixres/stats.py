@@ -1,0 +1,183 @@
+"""Activation statistics after the global pooling (paper section 3.2, figures 3 and 4).
+
+At a small test size the last feature map is tiny, so pooling averages few values: more pooled
+activations are exactly 0 and the rest are more spread out; at a larger size the opposite. The
+classifier was trained on the statistics of train_size. ``activation_stats`` measures, for several
+test sizes in one pass over the images (one decode per image), the CDF of the pooled activations,
+the fraction of zeros and the fraction above 2 (the two numbers the paper quotes), their mean and
+standard deviation. Hooks are registered in a context manager and always removed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fixres import progress as prog
+from fixres.config import DataConfig, validate_size
+from fixres.data import FolderIndex, ImageDataset, collate, default_workers
+from fixres.dist import DistEnv
+from fixres.engine import Precision, autocast, precision_for, prepare, to_device
+from fixres.errors import UsageError
+from fixres.hooks import capture
+from fixres.structure import ModelParts, find_parts
+from fixres.transforms import MultiView, build_transform
+
+#: The paper's spread indicator: fraction of pooled activations above this value.
+ABOVE = 2.0
+DEFAULT_CDF_POINTS = 200
+#: The CDF's x range ends at this quantile of the largest size's values (the tail is a few outliers).
+CDF_QUANTILE = 0.999
+DEFAULT_BATCH_SIZE = 32
+
+
+class _OneThread:
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, img):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self.transform(img)
+        finally:
+            torch.set_num_threads(before)
+
+
+def _samples(samples, max_images: int | None, seed: int = 0) -> list[tuple[str, int]]:
+    if isinstance(samples, FolderIndex):
+        samples = samples.samples
+    samples = list(samples)
+    if not samples:
+        raise UsageError("no images given")
+    if max_images is not None and len(samples) > max_images:
+        # an evenly spread subset keeps every class represented (samples are sorted by class)
+        idx = np.linspace(0, len(samples) - 1, max_images).round().astype(int)
+        samples = [samples[i] for i in idx]
+    return samples
+
+
+def iterate_views(samples, cfg: DataConfig, sizes: Sequence[int], *, batch_size: int, workers: int | None,
+                  progress: bool = True, desc: str = "images", max_images: int | None = None
+                  ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor, list]]:
+    """Batches of (views at each size with the test pre-processing, labels, skipped): one decode per image."""
+    from torch.utils.data import DataLoader
+    samples = _samples(samples, max_images)
+    workers = default_workers() if workers is None else workers
+    views = MultiView([build_transform("test", size=s, cfg=cfg) for s in sizes])
+    ds = ImageDataset(samples, _OneThread(views) if workers == 0 else views)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+    bar = prog.bar(len(samples), desc, enabled=progress)
+    try:
+        for batch in loader:
+            bar.update(len(batch) + len(batch.skipped))
+            if batch.inputs is None:
+                yield None, batch.labels, batch.skipped
+                continue
+            inputs = batch.inputs if isinstance(batch.inputs, tuple) else (batch.inputs,)
+            yield inputs, batch.labels, batch.skipped
+    finally:
+        bar.close()
+
+
+def pooled_point(parts: ModelParts) -> tuple[str, str]:
+    """(module name, "output"|"input") where the pooled vector can be read."""
+    if parts.pool is not None:
+        return parts.pool, "output"
+    return parts.classifier, "input"
+
+
+def collect_pooled(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence[int],
+                   batch_size: int = DEFAULT_BATCH_SIZE, env: DistEnv | None = None,
+                   precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
+                   progress: bool = True, parts: ModelParts | None = None) -> tuple[dict[int, np.ndarray], list]:
+    """Pooled activations {test_size: array (images, channels)} and the skipped files."""
+    env = env or DistEnv()
+    precision = precision or precision_for(env.device)
+    model = prepare(model, env.device, precision)
+    parts = parts or find_parts(model)
+    name, where = pooled_point(parts)
+    sizes = [validate_size(int(s), "test_size") for s in test_sizes]
+    out: dict[int, list[np.ndarray]] = {s: [] for s in sizes}
+    skipped: list = []
+    model.eval()
+    current = [sizes[0]]
+
+    def sink(_name, t):
+        out[current[0]].append(t.float().flatten(1).cpu().numpy())
+
+    with torch.no_grad(), capture(model, [name], where=where, fn=sink):
+        for views, _labels, skip in iterate_views(samples, cfg, sizes, batch_size=batch_size, workers=workers,
+                                                  progress=progress, desc="pooled activations",
+                                                  max_images=max_images):
+            skipped.extend(s.to_dict() for s in skip)
+            if views is None:
+                continue
+            for size, x in zip(sizes, views):
+                current[0] = size
+                with autocast(env.device, precision):
+                    model(to_device(x, env.device, precision))
+    if not any(out[s] for s in sizes):
+        raise UsageError("no readable image to measure activations on")
+    return {s: np.concatenate(v) for s, v in out.items()}, skipped
+
+
+def summarize(values: np.ndarray, grid: np.ndarray) -> dict:
+    """CDF on ``grid``, fraction of zeros, fraction above 2, mean and std of pooled activations."""
+    v = np.sort(values.ravel())
+    n = max(1, v.size)
+    return {
+        "cdf_x": grid.tolist(),
+        "cdf": (np.searchsorted(v, grid, side="right") / n).tolist(),
+        "frac_zero": float(np.mean(v == 0.0)) if v.size else 0.0,
+        "frac_above_2": float(np.mean(v > ABOVE)) if v.size else 0.0,
+        "frac_negative": float(np.mean(v < 0.0)) if v.size else 0.0,
+        "mean": float(v.mean()) if v.size else 0.0,
+        "std": float(v.std()) if v.size else 0.0,
+        "n_values": int(v.size),
+    }
+
+
+def cdf_grid(arrays: Sequence[np.ndarray], points: int = DEFAULT_CDF_POINTS) -> np.ndarray:
+    lo = min(0.0, min(float(np.min(a)) for a in arrays))
+    hi = max(float(np.quantile(a, CDF_QUANTILE)) for a in arrays)
+    return np.linspace(lo, max(hi, lo + 1e-6), points)
+
+
+def activation_stats(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence[int],
+                     batch_size: int = DEFAULT_BATCH_SIZE, env: DistEnv | None = None,
+                     precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
+                     progress: bool = True, cdf_points: int = DEFAULT_CDF_POINTS,
+                     grid: np.ndarray | None = None) -> dict:
+    """Per test size: CDF points of the pooled activations, fraction of zeros, fraction above 2 (figure 3).
+
+    Returns {"sizes": [{"test_size", "cdf_x", "cdf", "frac_zero", "frac_above_2", "mean", "std",
+    "n_values"}...], "pooled_from", "num_features", "n_images", "skipped"}. ``grid`` fixes the CDF's x
+    points (to compare two models on the same axis).
+    """
+    parts = find_parts(model)
+    pooled, skipped = collect_pooled(model, samples, cfg, test_sizes=test_sizes, batch_size=batch_size, env=env,
+                                     precision=precision, workers=workers, max_images=max_images,
+                                     progress=progress, parts=parts)
+    grid = cdf_grid(list(pooled.values()), cdf_points) if grid is None else np.asarray(grid)
+    rows = [{"test_size": s, **summarize(v, grid)} for s, v in pooled.items()]
+    name, where = pooled_point(parts)
+    return {"sizes": rows, "pooled_from": f"{where} of {name}", "num_features": parts.num_features,
+            "n_images": int(next(iter(pooled.values())).shape[0]), "skipped": skipped, "train_size": cfg.train_size}
+
+
+def plot_stats(result: dict, path, *, compare: dict | None = None, title: str | None = None):
+    """PNG of the CDFs (solid: ``result``; dashed: ``compare``, e.g. after adaptation) via fixres.plots."""
+    from fixres.plots import plot_activation_cdfs
+    series = [{"label": f"{r['test_size']}px", "x": r["cdf_x"], "cdf": r["cdf"], "style": "-"} for r in result["sizes"]]
+    if compare is not None:
+        series += [{"label": f"{r['test_size']}px (adapted)", "x": r["cdf_x"], "cdf": r["cdf"], "style": "--"}
+                   for r in compare["sizes"]]
+    return plot_activation_cdfs(series, path, title=title or "Pooled activations (fig. 3/4)")
+
+
+__all__ = ["activation_stats", "collect_pooled", "iterate_views", "summarize", "cdf_grid", "plot_stats",
+           "pooled_point"]
