@@ -1,0 +1,91 @@
+"""Repeated augmentation (paper section 5, after Hoffer et al. and MultiGrain [5]): the epoch order.
+
+Each epoch: shuffle the ``n`` image indices with a generator seeded by (seed, epoch), repeat every
+index ``repeats`` times *consecutively* (``[a, a, a, b, b, b, ...]``), pad by wrapping so the list
+splits evenly, and deal it to the ranks with a stride (rank r takes positions r, r + W, r + 2W ...).
+Consecutive copies therefore land on different ranks at the same step, i.e. in the same *global*
+batch, each with its own random augmentation (each rank has its own augmentation RNG).
+
+An epoch draws ``num_samples = ceil(n / world_size)`` per rank, about one data set's worth of
+samples in all (as the official FixRes code and timm do), so it sees ~``n / repeats`` distinct
+images, each ``repeats`` times; a fresh shuffle every epoch spreads the coverage over epochs, and
+over E epochs every image is still seen ~E times on average, as without repetition.
+
+Single process (world_size 1) is the same rule with one rank: the epoch is the first ``n`` entries
+of the repeated, shuffled list, so each batch holds ~batch/repeats distinct images with ``repeats``
+augmentations each, which is exactly the global batch that W ranks would build together.
+Hence a K-rank run and a one-process run with the same global batch see the same images per step.
+(Shuffling *after* repeating would instead give ~70% distinct images per epoch but put copies in
+different steps, which is not repeated augmentation any more.) ``repeats=1`` is a plain seeded
+distributed shuffle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from fixres.errors import UsageError
+
+#: Section 5: "With a Repeated Augmentation of 3".
+DEFAULT_REPEATS = 3
+#: Mixes seed and epoch into one generator seed (a large odd constant keeps (seed, epoch) pairs apart).
+_SEED_STRIDE = 1_000_003
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Deterministic seed for (seed, epoch[, rank]): the sampler, the loader and the augmentations use it."""
+    return (int(seed) * _SEED_STRIDE + int(epoch)) * 1009 + int(rank)
+
+
+class RepeatedAugSampler(Sampler[int]):
+    """Indices of one rank for one epoch, each image repeated ``repeats`` times across ranks.
+
+    ``num_samples`` (per rank) defaults to ``ceil(n / world_size)``; pass ``samples_per_epoch`` to
+    draw another global count (``repeats * n`` covers every copy of every image once).
+    Call ``set_epoch(e)`` before iterating, as with ``DistributedSampler``.
+    """
+
+    def __init__(self, n: int, repeats: int = DEFAULT_REPEATS, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, *, samples_per_epoch: int | None = None, shuffle: bool = True) -> None:
+        if n <= 0:
+            raise UsageError("repeated-augmentation sampler needs at least one sample")
+        if repeats < 1:
+            raise UsageError(f"repeats must be >= 1, got {repeats}")
+        if world_size < 1 or not (0 <= rank < world_size):
+            raise UsageError(f"rank {rank} is not in a world of {world_size}")
+        self.n, self.repeats, self.rank, self.world_size = int(n), int(repeats), int(rank), int(world_size)
+        self.seed, self.shuffle, self.epoch = int(seed), shuffle, 0
+        total = self.n if samples_per_epoch is None else int(samples_per_epoch)
+        if total <= 0:
+            raise UsageError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
+        self.num_samples = math.ceil(total / self.world_size)
+        # The repeated list padded to a multiple of world_size, and long enough for num_samples per rank.
+        self.total_size = max(math.ceil(self.n * self.repeats / self.world_size),
+                              self.num_samples) * self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def global_order(self) -> list[int]:
+        """The whole epoch's list before it is dealt to the ranks (the same on every rank)."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(epoch_seed(self.seed, self.epoch))
+            perm = torch.randperm(self.n, generator=g)
+        else:
+            perm = torch.arange(self.n)
+        order = torch.repeat_interleave(perm, self.repeats).tolist()
+        while len(order) < self.total_size:  # wrap-around padding, as DistributedSampler does
+            order += order[: self.total_size - len(order)]
+        return order[: self.total_size]
+
+    def __iter__(self) -> Iterator[int]:
+        mine = self.global_order()[self.rank:self.total_size:self.world_size]
+        return iter(mine[: self.num_samples])
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -1,0 +1,202 @@
+"""Training at low resolution: schedule, a real tiny run, export, transfer, SIGKILL + resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import VENV_BIN, write_image_folder
+from fixres import analysis
+from fixres.checkpoint import load_state_dict, load_training_state, save_safetensors
+from fixres.errors import UsageError
+from fixres.train import default_lr, lr_factor
+
+#: One intra-op thread: bitwise-reproducible CPU kernels, and far faster on a busy 2-core machine.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train") / "data"
+    write_image_folder(root / "train", classes=3, per_class=8, seed=1)
+    write_image_folder(root / "val", classes=3, per_class=2, seed=2)
+    return root
+
+
+def _cli(argv: list) -> int:
+    from fixres.cli import main
+    return main([str(a) for a in argv])
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_paper_lr_and_step_schedule():
+    assert default_lr(256) == pytest.approx(0.1)
+    assert default_lr(512) == pytest.approx(0.2)
+    spe = 10
+    f = [lr_factor(s, steps_per_epoch=spe, epochs=120, schedule="step") for s in (0, 299, 300, 599, 600, 900)]
+    assert f == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.001])
+    # The step interval is a parameter.
+    assert lr_factor(50, steps_per_epoch=10, epochs=20, schedule="step", step_epochs=5) == pytest.approx(0.1)
+
+
+def test_cosine_and_warmup():
+    spe, epochs = 10, 10
+    kw = dict(steps_per_epoch=spe, epochs=epochs, schedule="cosine", warmup_epochs=2)
+    warm = [lr_factor(s, **kw) for s in range(20)]
+    assert warm[0] == pytest.approx(1 / 20) and warm[19] == pytest.approx(1.0)
+    assert all(b > a for a, b in zip(warm, warm[1:]))
+    assert lr_factor(20, **kw) == pytest.approx(1.0)
+    assert lr_factor(20 + 40, **kw) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_factor(99, **kw) < 0.01
+    with pytest.raises(UsageError):
+        lr_factor(0, steps_per_epoch=1, epochs=1, schedule="linear")
+
+
+# --------------------------------------------------------------------------- a real run
+
+
+def test_cli_train_validates_at_train_and_recommended_size_and_exports(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = _cli(["train", "--model", "fixres_tiny_resnet", "--data", data, "--train-size", "32", "--epochs", "2",
+               "--batch-size", "8", "--workers", "0", "--lr", "0.05", "--out", out, "--json", "-q",
+               "--schedule", "cosine", "--warmup-epochs", "1", "--label-smoothing", "0.1", "--color-jitter"])
+    assert rc == 0
+    import json
+    result = json.loads(capsys.readouterr().out)
+    rec = analysis.recommend_test_size(train_size=32, crop_ratio=0.875)["test_size"]
+    assert result["test_size"] == rec
+    assert result["num_classes"] == 3 and result["transfer"] is False
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    for r in log:
+        # 24 images, repeats 3: one data set's worth (24 samples) per epoch, in full batches of 8.
+        assert r["images"] == 24 and r["step"] == 3 * r["epoch"]
+        assert set(r["val_top1"]) == {"32", str(rec)}
+        assert 0.0 <= r["val_top1_train_size"] <= 100.0 and r["val_top1_test_size"] is not None
+        assert r["forward_ms"] > 0 and r["backward_ms"] > 0 and r["images_per_s"] > 0
+        assert math.isfinite(r["train_loss"])
+    # Warm-up then cosine: the last lr is below the peak.
+    assert log[-1]["lr"] < 0.05
+    assert result["hparams"]["lr"] == 0.05 and result["hparams"]["label_smoothing"] == 0.1
+
+    # The export reloads with no other flag and computes what the trained model computes.
+    from fixres.models import load_model
+    bundle = load_model(checkpoint=str(out / "model.safetensors"))
+    assert bundle.name == "fixres_tiny_resnet" and bundle.data_config.train_size == 32
+    assert list(bundle.data_config.class_names) == ["class_0", "class_1", "class_2"]
+    state = load_training_state(out / "train_state.pt")
+    assert state["epoch"] == 2
+    for k, v in load_state_dict(out / "model.safetensors").items():
+        assert torch.equal(v, state["model"][k])
+
+    # An existing run is not overwritten by accident.
+    with pytest.raises(UsageError, match="--resume"):
+        from fixres.train import train
+        train(bundle.model, [], [], bundle.data_config, train_size=32, epochs=1, batch_size=8, out_dir=out,
+              model_name="x")
+
+
+def test_transfer_makes_a_new_head_and_trains_the_whole_network(tmp_path):
+    from fixres.models import load_model
+    data = tmp_path / "data"
+    write_image_folder(data / "train", classes=3, per_class=5, seed=4)  # + 1 broken = 16 = 2 full batches
+    write_image_folder(data / "val", classes=3, per_class=1, seed=5)
+    bad = data / "train" / "class_1" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    torch.manual_seed(1)
+    pre = load_model(model="fixres_tiny_resnet", num_classes=5).model
+    ck = save_safetensors(pre.state_dict(), tmp_path / "pretrained5.safetensors")
+    out = tmp_path / "transfer"
+    from fixres.commands.train import TrainRunConfig, run_training
+    from fixres.dist import DistEnv
+    rc = TrainRunConfig(model="fixres_tiny_resnet", checkpoint=str(ck), weights=None, num_classes=None,
+                        class_map=None, data=str(data), out=str(out), train_size=32, epochs=1, batch_size=8,
+                        lr=0.05, schedule="step", step_epochs=30, warmup_epochs=0, label_smoothing=0.0,
+                        momentum=0.9, weight_decay=1e-4, repeats=1, color_jitter=False, augment="control",
+                        val_sizes=[32], resume=False, device="cpu", workers=0, amp=False, seed=0, max_steps=None,
+                        progress=False, overrides={})
+    result = run_training(rc, DistEnv())
+    assert result["transfer"] and result["new_head"] == 3
+    # An unreadable photo is skipped and named, not fatal.
+    assert [item["path"] for item in result["skipped"]] == [str(bad)]
+    after = load_state_dict(out / "model.safetensors")
+    assert after["fc.weight"].shape == (3, 128)
+    before = pre.state_dict()
+    # Section 5.3: every layer trains, not only the head.
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer4.0.conv2.weight"):
+        assert not torch.allclose(before[name], after[name]), f"{name} was frozen"
+
+
+def test_resume_refuses_other_hyper_parameters(data, tmp_path):
+    out = tmp_path / "o"
+    base = ["train", "--model", "fixres_tiny_resnet", "--data", data, "--train-size", "32", "--epochs", "1",
+            "--batch-size", "8", "--workers", "0", "--out", out, "-q", "--val-sizes", "32", "--no-amp"]
+    assert _cli(base) == 0
+    assert _cli([*base, "--resume", "--batch-size", "4"]) == 2
+    assert _cli([*base, "--resume"]) == 0  # same flags: nothing left to do, the model is rewritten
+
+
+# --------------------------------------------------------------------------- SIGKILL + resume
+
+
+def _fixres(argv, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(VENV_BIN / "fixres"), *map(str, argv)], env=ONE_THREAD_ENV,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_sigkill_after_an_epoch_then_resume_equals_uninterrupted(data, tmp_path):
+    epochs = 5
+    common = ["train", "--model", "fixres_tiny_resnet", "--data", data, "--train-size", "32", "--epochs", epochs,
+              "--batch-size", "4", "--workers", "0", "--seed", "3", "--device", "cpu", "-q", "--lr", "0.05",
+              "--val-sizes", "32"]
+    run_out, ref_out = tmp_path / "run", tmp_path / "ref"
+    proc = _fixres([*common, "--out", run_out], tmp_path / "run.log")
+    deadline = time.monotonic() + 180
+    while not (run_out / "train_state.pt").exists():
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = load_training_state(run_out / "train_state.pt")["epoch"]
+    assert 1 <= killed_at < epochs and not (run_out / "model.safetensors").exists()
+
+    # The uninterrupted reference runs in this process (same code, same single thread, same seeds).
+    assert _cli([*common, "--out", ref_out]) == 0
+    resumed = _fixres([*common, "--out", run_out, "--resume"], tmp_path / "resume.log")
+    assert resumed.wait(timeout=180) == 0, (tmp_path / "resume.log").read_text()[-2000:]
+
+    a, b = load_state_dict(ref_out / "model.safetensors"), load_state_dict(run_out / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    import json
+    log = [json.loads(line) for line in (run_out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, epochs + 1))
+
+
+def test_usage_errors_are_one_line(data, tmp_path, capsys):
+    assert _cli(["train", "--data", data, "--train-size", "32", "--out", tmp_path / "a"]) == 2  # no model
+    assert "--model" in capsys.readouterr().err
+    assert _cli(["train", "--model", "fixres_tiny_resnet", "--data", tmp_path / "missing", "--train-size", "32",
+                 "--out", tmp_path / "b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not found" in err and "\n" not in err
