@@ -31,22 +31,26 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UsageError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise UsageError(f"checkpoint is not a file: {path}")
-    if path.suffix in SAFETENSORS_SUFFIXES:
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES or _looks_like_safetensors(path):
         from safetensors.torch import load_file
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as exc:  # noqa: BLE001
-            raise FixresError(f"cannot read safetensors file {path}: {str(exc).splitlines()[0]}") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
-        text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
-            raise FixresError(
-                f"refused to load {path}: it contains pickled Python objects that could run code "
-                "(only tensors are accepted; convert it to safetensors where you trust it)") from None
-        raise FixresError(f"cannot read checkpoint {path}: {text.splitlines()[0] if text else type(exc).__name__}") from None
+            text = str(exc).strip()
+            raise FixresError(f"cannot read safetensors file {path}: "
+                              f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+    obj = _torch_load_weights_only(path, failure=f"cannot read checkpoint {path}")
     return unwrap_state_dict(obj, source=str(path))
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length and a JSON header ``{"...``, whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def unwrap_state_dict(obj, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -94,9 +98,30 @@ def save_training_state(state: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_training_state(path: str | os.PathLike) -> dict:
-    path = Path(path)
+def _torch_load_weights_only(path: Path, *, failure: str):
+    """``torch.load(weights_only=True)``; a refused pickle or a broken file becomes a one-line FixresError.
+
+    ``weights_only=True`` is passed explicitly, so even TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the
+    environment cannot turn the safe unpickler off.
+    """
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise FixresError(f"cannot resume from {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        text = str(exc)
+        if "weights_only" in text or "Weights only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            raise FixresError(
+                f"refused to load {path}: it contains pickled Python objects that could run code "
+                "(only tensors are accepted; convert it to safetensors where you trust it)") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise FixresError(f"{failure}: {first}") from None
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """Read a state written by ``save_training_state``, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"nothing to resume: {path} does not exist")
+    state = _torch_load_weights_only(path, failure=f"cannot resume from {path}")
+    if not isinstance(state, dict):
+        raise FixresError(f"cannot resume from {path}: not a training state")
+    return state

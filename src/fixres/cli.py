@@ -54,19 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def say(text: str, file=None) -> None:
+    """print(), except that a file name which is not valid UTF-8 (surrogate escapes) cannot make it fail:
+    such characters are shown as backslash escapes instead of crashing the end of a long run."""
+    stream = file or sys.stdout
+    try:
+        print(text, file=stream)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), file=stream)
+
+
 def emit(args: argparse.Namespace, result: dict, text: str | None = None) -> None:
     """Print a result: JSON with --json, else the human text (nothing with -q)."""
     if getattr(args, "json", False):
         clean = {k: v for k, v in result.items() if not k.startswith("_")}
-        print(json.dumps(clean, indent=2, default=_jsonable))
+        say(json.dumps(clean, indent=2, default=_jsonable))
     elif text and not getattr(args, "quiet", False):
-        print(text)
+        say(text)
 
 
 def _jsonable(obj):
     if hasattr(obj, "tolist"):
         return obj.tolist()
     return str(obj)
+
+
+def _one_line(text: str) -> str:
+    """An error message as one line, whatever the library put in it."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _oom_message(exc: BaseException) -> str | None:
@@ -81,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["fix"]  # the main job on the embedded default
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_help()
         return 2
@@ -98,14 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     except FixresError as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"fixres {args.command}: error: {exc}", file=sys.stderr)
+        msg = _one_line(str(exc))
+        if _oom_message(exc) and "--batch-size" not in msg:  # a library message that wraps an OOM
+            msg += " (out of memory: try a smaller --batch-size)"
+        say(f"fixres {args.command}: error: {msg}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the CLI edge turns every failure into one line
         if args.verbose:
             traceback.print_exc()
         msg = _oom_message(exc) or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         hint = "" if args.verbose else " (run with -v for the traceback)"
-        print(f"fixres {args.command}: error: {msg}{hint}", file=sys.stderr)
+        say(f"fixres {args.command}: error: {msg}{hint}", file=sys.stderr)
         return 1
 
 

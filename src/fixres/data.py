@@ -56,22 +56,32 @@ def read_class_map(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"class map not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"class map {p}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
-        names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-        return names
-    if isinstance(obj, list):
-        return [str(x) for x in obj]
+        obj = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if isinstance(obj, dict):
         inv: dict[int, str] = {}
         for name, idx in obj.items():
-            if not isinstance(idx, int) or idx < 0 or idx in inv:
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0 or idx in inv:
                 raise UsageError(f"class map {p}: index for {name!r} must be a unique non-negative integer")
             inv[idx] = str(name)
+        if not inv:
+            raise UsageError(f"class map {p} is empty")
         return [inv.get(i, f"<unused {i}>") for i in range(max(inv) + 1)]
-    raise UsageError(f"class map {p}: expected a JSON list or object, or one name per line")
+    if not isinstance(obj, list):
+        raise UsageError(f"class map {p}: expected a JSON list or object, or one name per line")
+    names = [str(x) for x in obj]
+    if not names:
+        raise UsageError(f"class map {p} is empty")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"class map {p}: {', '.join(duplicates[:5])} listed more than once")
+    return names
 
 
 def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = None,
@@ -106,11 +116,7 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for folder in folders:
-        files = sorted(
-            os.path.join(dirpath, f)
-            for dirpath, _, names in os.walk(root / folder, followlinks=True)
-            for f in names if is_image_file(f) and not f.startswith(".")
-        )
+        files = sorted(_image_files(root / folder))
         if not files:
             empty.append(folder)
         samples.extend((f, index[folder]) for f in files)
@@ -119,6 +125,31 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
     if empty and source == "sorted folders" and class_map is None:
         raise UsageError(f"empty class folder(s) in {root}: {', '.join(empty[:5])}; remove them or add images")
     return FolderIndex(root=root, classes=classes, samples=samples, source=source, empty_classes=empty)
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Image files under ``folder``, following symlinks but entering each real directory once.
+
+    A symlink loop (``cls/again -> cls``) would otherwise list every image dozens of times and
+    silently weight them in the accuracy; hidden files and folders (``.ipynb_checkpoints``,
+    macOS ``._x.jpg``) are not part of the data set.
+    """
+    seen: set[tuple[int, int]] = set()
+    files: list[str] = []
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files.extend(os.path.join(dirpath, f) for f in names if is_image_file(f) and not f.startswith("."))
+    return files
 
 
 @dataclass(frozen=True)

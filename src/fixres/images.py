@@ -3,7 +3,8 @@
 Every data path of fixres (eval, sweep, finetune, train, stats, analyze --data) reads images through
 ``load_rgb``. It converts what can be converted (grayscale, CMYK, palette, RGBA, 16-bit, EXIF
 rotation, animated first frame) and raises ``BadImage`` with a short reason for what cannot
-(empty, truncated, not an image, absurdly large), so callers count and name skips instead of crashing.
+(empty, truncated, corrupt, not an image, absurdly large, or a strip over 50:1), so callers count
+and name skips instead of crashing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Decompression-bomb guard: refuse images above this many pixels (about 16k x 11k).
 MAX_IMAGE_PIXELS = 178_956_970
+#: Longest side over shortest side above which an image is refused (no photo is a 50:1 strip).
+MAX_ASPECT_RATIO = 50
 #: Background for images with transparency (white, as photo viewers show them).
 ALPHA_BACKGROUND = (255, 255, 255)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -69,6 +72,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise BadImage(f"cannot read: {exc.strerror or exc}") from None
     try:
         with warnings.catch_warnings():
+            # A corrupt EXIF block or TIFF tag only warns; the image either decodes or is skipped, so
+            # per-file warnings would just flood the log. The bomb warning becomes an error (a skip).
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if getattr(img, "is_animated", False):
@@ -78,6 +84,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
                 w, h = img.size
                 if w < 1 or h < 1:
                     raise BadImage("image has no pixels")
+                if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+                    # Resizing the short side of a 1 x 60000 strip to a test size would need gigabytes.
+                    raise BadImage(f"extreme aspect ratio {w}x{h} (over {MAX_ASPECT_RATIO}:1)")
                 return _to_rgb(img)
     except BadImage:
         raise
@@ -85,26 +94,51 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise BadImage(f"too large (over {MAX_IMAGE_PIXELS} pixels, decompression-bomb guard)") from None
     except UnidentifiedImageError:
         raise BadImage("not an image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except MemoryError:
+        raise BadImage("too large to decode (out of memory)") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt files raise anything (OSError, IndexError, struct.error...)
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "truncated" in msg.lower():
             raise BadImage("truncated image") from None
+        if not isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)):
+            msg = f"{type(exc).__name__}: {msg}"
         raise BadImage(f"cannot decode: {msg}") from None
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(width, height) after EXIF orientation, reading only the header; None if unreadable."""
+def probe_size(path: str | os.PathLike) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height) after EXIF orientation, None) from the header alone, or (None, reason).
+
+    Applies the same size guards as ``load_rgb`` (empty, not an image, too large, extreme aspect),
+    so ``fixres analyze --data`` never feeds a bomb's claimed size into the statistics.
+    """
     try:
+        if Path(path).stat().st_size == 0:
+            return None, "empty file"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
                 w, h = img.size
                 try:
                     orientation = img.getexif().get(0x0112, 1)
-                except Exception:
+                except Exception:  # noqa: BLE001 - a corrupt EXIF block only loses the orientation
                     orientation = 1
-                if orientation in (5, 6, 7, 8):
-                    w, h = h, w
-                return (w, h) if w > 0 and h > 0 else None
-    except Exception:
-        return None
+    except Image.DecompressionBombError:
+        return None, f"too large (over {MAX_IMAGE_PIXELS} pixels, decompression-bomb guard)"
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except Exception as exc:  # noqa: BLE001
+        return None, f"cannot read header: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    if w < 1 or h < 1:
+        return None, "image has no pixels"
+    if w * h > MAX_IMAGE_PIXELS:
+        return None, f"too large (over {MAX_IMAGE_PIXELS} pixels, decompression-bomb guard)"
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        return None, f"extreme aspect ratio {w}x{h} (over {MAX_ASPECT_RATIO}:1)"
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return (w, h), None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) after EXIF orientation, reading only the header; None if unreadable."""
+    return probe_size(path)[0]

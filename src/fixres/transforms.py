@@ -158,13 +158,24 @@ class MultiView:
         return tuple(t(img) for t in self.transforms)
 
 
-def ten_crop_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
-    """10-crop testing: 4 corners + centre of the resized image, and their mirrors; output (10, C, S, S)."""
-    norm = v2.Compose(_to_tensor_normalized(cfg))
-    return v2.Compose([
-        v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
-                  antialias=True),
-        v2.TenCrop(test_size),
-        v2.Lambda(lambda crops: torch.stack([norm(c) for c in crops])),
-    ])
+class TenCropStack:
+    """Resize, then the 4 corners + centre crops and their mirrors, normalised and stacked to (10, C, S, S).
 
+    A plain callable rather than a ``v2.Compose`` step: v2 containers unpack a tuple output into
+    separate inputs, so a Lambda after TenCrop would see one crop at a time.
+    """
+
+    def __init__(self, *, test_size: int, crop_ratio: float, cfg: DataConfig) -> None:
+        self.test_size = test_size
+        self.resize = v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
+                                antialias=True)
+        self.normalize = v2.Compose(_to_tensor_normalized(cfg))
+
+    def __call__(self, img):
+        crops = TF.ten_crop(self.resize(img), [self.test_size, self.test_size])
+        return torch.stack([self.normalize(c) for c in crops])
+
+
+def ten_crop_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> TenCropStack:
+    """10-crop testing: 4 corners + centre of the resized image, and their mirrors; output (10, C, S, S)."""
+    return TenCropStack(test_size=test_size, crop_ratio=crop_ratio, cfg=cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -73,6 +74,17 @@ def float_list(text: str) -> list[float]:
     return values
 
 
+def rgb_values(text: str) -> list[float]:
+    """'0.485,0.456,0.406': one number per channel (--mean, --std)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 0.5,0.5,0.5, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers (R,G,B), got {len(values)} in {text!r}")
+    return values
+
+
 def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) -> None:
     """--model/--checkpoint/--weights/--num-classes and the data-config overrides."""
     g = p.add_argument_group("model")
@@ -90,8 +102,8 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
     d = p.add_argument_group("pre-processing (default: the model's own data config)")
     d.add_argument("--crop-ratio", type=crop_ratio, default=None, help="test_size / resize (default 0.875)")
     d.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic"), default=None)
-    d.add_argument("--mean", type=lambda s: [float(v) for v in s.split(",")], default=None, metavar="R,G,B")
-    d.add_argument("--std", type=lambda s: [float(v) for v in s.split(",")], default=None, metavar="R,G,B")
+    d.add_argument("--mean", type=rgb_values, default=None, metavar="R,G,B")
+    d.add_argument("--std", type=rgb_values, default=None, metavar="R,G,B")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -101,3 +113,18 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers (default: sized to the machine)")
     g.add_argument("--no-amp", action="store_true", help="fp32: no autocast, no channels_last")
     g.add_argument("--seed", type=int, default=0)
+
+
+def warn_stride(size: int, stride: int, flag: str = "size", *, quiet: bool = False) -> bool:
+    """Warn (one line on stderr) when ``size`` is not a multiple of the network ``stride``.
+
+    Appendix B of the paper: such sizes add border/round-off effects in the last feature map. A
+    warning, not an error: the size still works. Returns True when it warned.
+    """
+    if stride <= 0 or size % stride == 0:
+        return False
+    if not quiet:
+        lower, upper = size - size % stride, size - size % stride + stride
+        print(f"fixres: warning: {flag} {size} is not a multiple of the network stride {stride} "
+              f"(appendix B: prefer {lower or upper} or {upper})", file=sys.stderr)
+    return True

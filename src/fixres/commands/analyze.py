@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fixres.commands._args import crop_ratio, positive_int
+from fixres.commands._args import crop_ratio, positive_int, warn_stride
 
 
 def add_parser(sub, parents):
@@ -30,13 +30,22 @@ def run(args):
 
     from fixres import analysis
 
+    skipped: list[dict] | None = None
     if args.data:
-        from fixres.data import count_image_sizes, scan_folder
+        from fixres.data import scan_folder
         from fixres.errors import UsageError
+        from fixres.images import probe_size
         index = scan_folder(args.data)
-        sizes = count_image_sizes(index)
+        sizes, skipped = [], []
+        for path, _ in index.samples:
+            size, reason = probe_size(path)
+            if size is None:
+                skipped.append({"path": path, "reason": reason})
+            else:
+                sizes.append(size)
         if not sizes:
-            raise UsageError(f"no readable image in {args.data}")
+            raise UsageError(f"no readable image in {args.data} ({len(skipped)} files skipped, e.g. "
+                             f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']})")
     elif args.image_sizes:
         sizes = analysis.parse_image_sizes(args.image_sizes)
     else:
@@ -45,6 +54,11 @@ def run(args):
                               image_sizes=sizes, samples=args.samples, seed=args.seed,
                               target_test_size=args.test_size)
     mc = result.pop("_mc")
+    if args.test_size is not None:
+        warn_stride(args.test_size, args.stride, "--test-size", quiet=args.quiet)
+    if skipped is not None:
+        result["n_images"] = len(sizes)
+        result["skipped"] = skipped
     if args.plot:
         from fixres.plots import plot_roc_areas
         out = Path(args.out or "runs/analyze")
@@ -68,6 +82,8 @@ def run(args):
         inv = result["for_test_size"]
         lines.append(f"  to test at {inv['test_size']}px, train at {inv['train_size']}px "
                      f"(exact {inv['train_size_exact']:.1f})")
+    if skipped:
+        lines.append(f"  skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]['path']}: {skipped[0]['reason']}")
     if "plot" in result:
         lines.append(f"  RoC-area histogram: {result['plot']}")
     return result, "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Helpers for helper E's robustness tests: running the CLI in-process and as a subprocess, tiny checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+FIXRES = VENV_BIN / "fixres"
+NOT_AVAILABLE = "is not available yet"
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run ``fixres ARGV`` in this process; returns (exit code, stdout, stderr)."""
+    from fixres.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fixres_subprocess(*argv, timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([str(FIXRES), *map(str, argv)], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd)
+
+
+def skip_if_unavailable(command: str, err: str) -> None:
+    """Commands other than analyze are written in parallel; skip (with a message) until they exist."""
+    if NOT_AVAILABLE in err:
+        pytest.skip(f"fixres {command} is not implemented yet")
+
+
+def command_available(command: str) -> bool:
+    import importlib
+    module = importlib.import_module(f"fixres.commands.{command.replace('-', '_')}")
+    import inspect
+    return NOT_AVAILABLE not in inspect.getsource(module)
+
+
+def require_command(command: str) -> None:
+    if not command_available(command):
+        pytest.skip(f"fixres {command} is not implemented yet")
+
+
+def assert_one_line_error(err: str, *phrases: str) -> None:
+    """A usage/runtime error: one line on stderr (the last; progress lines may precede it), no traceback."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    errors = [i for i, ln in enumerate(lines) if ln.startswith("fixres") and "error:" in ln]
+    assert len(errors) == 1, f"expected one error line, got:\n{err}"
+    assert errors[0] == len(lines) - 1, f"the error message continues on more lines:\n{err}"
+    line = lines[-1]
+    for phrase in phrases:
+        assert phrase.lower() in line.lower(), f"{phrase!r} not in {line!r}"
+
+
+def save_tiny_checkpoint(path: Path, *, num_classes: int = 3, seed: int = 0) -> Path:
+    """Weights of ``fixres_tiny_resnet`` with ``num_classes`` outputs as safetensors (fixed seed)."""
+    import torch
+
+    from fixres.checkpoint import save_safetensors
+    from fixres.models import load_model
+    torch.manual_seed(seed)
+    bundle = load_model(model="fixres_tiny_resnet", num_classes=num_classes, train_size=32)
+    save_safetensors(bundle.model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def single_thread():
+    """Run torch on one thread during the test: tiny models gain nothing from threads, and on a shared,
+    loaded machine two spinning OpenMP threads per process are many times slower than one."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
