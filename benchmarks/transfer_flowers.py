@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="training batch")
     ap.add_argument("--repeats", type=int, default=1, help="repeated augmentation during training")
     ap.add_argument("--lr", type=float, default=None, help="training lr (default: fixres.train's 0.1 x B/256)")
+    ap.add_argument("--schedule", choices=("step", "cosine"), default="step", help="training lr schedule")
+    ap.add_argument("--warmup-epochs", type=float, default=0, help="linear warm-up of the training lr")
     ap.add_argument("--ft-epochs", type=int, default=10, help="fine-tuning epochs at the test size")
     ap.add_argument("--ft-batch-size", type=int, default=64)
     ap.add_argument("--adapt-images", type=int, default=None, help="images for the label-free statistics")
@@ -137,12 +139,14 @@ def main(argv=None) -> int:
         train_res = train(model, train_idx.samples, val_idx.samples, cfg, train_size=train_size, epochs=epochs,
                           batch_size=args.batch_size, lr=args.lr, out_dir=out / "train", resume=True,
                           repeats=args.repeats, val_sizes=[train_size], precision=precision, seed=0,
+                          schedule=args.schedule, warmup_epochs=args.warmup_epochs,
                           workers=workers, progress=False, model_name=bundle.name)
         for p in model.parameters():
             p.requires_grad_(True)
         from fixres.atomic import read_jsonl
         log = train_res.get("log") or train_res.get("epochs_log") or read_jsonl(out / "train" / "log.jsonl")
-        train_res = {"trainable": trained, "epochs": epochs,
+        train_res = {"trainable": trained, "epochs": epochs, "schedule": args.schedule,
+                     "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size,
                      "log": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in log]}
         (out / "train_result.json").write_text(json.dumps(train_res, indent=2, default=str))
     timings["train_s"] = round(time.perf_counter() - t0, 1)

@@ -36,7 +36,8 @@ def _checkpoint(tmp_path: Path) -> Path:
     return save_safetensors(model.state_dict(), tmp_path / "tiny.safetensors")
 
 
-def test_two_process_torchrun_gives_single_process_counts(tmp_path, capsys):
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_torchrun_gives_single_process_counts(tmp_path, capsys, nproc):
     torchrun = VENV_BIN / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun not found in the venv")
@@ -51,14 +52,16 @@ def test_two_process_torchrun_gives_single_process_counts(tmp_path, capsys):
     capsys.readouterr()
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "fixres", *common,
+    proc = subprocess.run([str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "fixres", *common,
                            "--batch-size", "2", "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one = json.loads((tmp_path / "one" / "sweep.json").read_text())
     two = json.loads((tmp_path / "two" / "sweep.json").read_text())
-    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert (one["world_size"], two["world_size"]) == (1, nproc)
+    # under torchrun even one process runs the collectives (gloo here, nccl on a GPU)
+    assert (one["backend"], two["backend"]) == (None, "gloo")
     assert one["n_images"] == two["n_images"] == 9 and one["n_samples"] == two["n_samples"] == 10
     assert one["skipped"] == two["skipped"] and len(one["skipped"]) == 1
     for a, b in zip(one["rows"] + one["ensembles"], two["rows"] + two["ensembles"], strict=True):

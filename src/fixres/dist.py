@@ -23,6 +23,8 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    #: the collective backend ("nccl", "gloo") when launched by torchrun, else None
+    backend: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +32,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        # torchrun with one process still runs the collective code paths (a 1-GPU nccl smoke test relies on it).
+        return self.world_size > 1 or self.backend is not None
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -46,18 +49,25 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.run) always export these; a plain ``python`` run does not."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def init(device: str = "auto") -> DistEnv:
     """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or run as one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world > 1 and not tdist.is_initialized():
+    backend = None
+    if world > 1 or launched_by_torchrun():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        tdist.init_process_group(backend=backend)
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+        if not tdist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            tdist.init_process_group(backend=backend)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
 
 
 def shutdown() -> None:

@@ -353,7 +353,7 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
         "precision": precision.describe(),
         "fp32_fallback_batches": int(all_reduce_sum_int(fallbacks, env)),
         "device": str(env.device),
-        "world_size": env.world_size,
+        "world_size": env.world_size, "backend": env.backend,
         "batch_size": batch_size,
         "workers": workers,
         "seconds": seconds,

@@ -251,7 +251,7 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
                "color_jitter": color_jitter, "schedule": schedule, "warmup_epochs": warmup_epochs,
                "step_epochs": step_epochs, "label_smoothing": label_smoothing, "seed": seed, "lr": lr,
                "epochs": epochs, "momentum": momentum, "weight_decay": weight_decay,
-               "world_size": env.world_size, "precision": precision.describe(), "test_size": test_size,
+               "world_size": env.world_size, "backend": env.backend, "precision": precision.describe(), "test_size": test_size,
                "val_sizes": val_sizes, "n_train": len(train_samples), "n_val": len(val_samples)}
 
     transform = build_transform(augment, size=train_size, cfg=cfg, color_jitter=color_jitter)
