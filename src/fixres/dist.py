@@ -54,6 +54,12 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def refuse_distributed(command: str) -> None:
+    """Commands that estimate statistics on one process's view of the data do not run under torchrun."""
+    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(f"{command} runs in one process; run it without torchrun")
+
+
 def init(device: str = "auto") -> DistEnv:
     """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or run as one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

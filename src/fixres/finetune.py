@@ -26,6 +26,7 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from fixres.atomic import append_jsonl, write_json, write_text
 from fixres.checkpoint import load_training_state, save_training_state
 from fixres.config import DataConfig, validate_size
 from fixres.data import FolderIndex, ImageDataset, collate, default_workers
-from fixres.dist import DistEnv
+from fixres.dist import DistEnv, all_gather_objects, all_reduce_sum, barrier, shard_indices
 from fixres.engine import Precision, autocast, precision_for, prepare, to_device
 from fixres.errors import FixresError, UsageError
 from fixres.hooks import hooked
@@ -373,9 +374,9 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     if batch_size <= 0:
         raise UsageError(f"batch size must be positive, got {batch_size}")
     env = env or DistEnv()
-    if env.distributed:
-        raise UsageError("fixres finetune runs in one process (it adapts only the last layers); "
-                         "run it without torchrun")
+    if env.distributed and batch_size % env.world_size:
+        raise UsageError(f"the batch size ({batch_size}) is global: make it a multiple of the "
+                         f"{env.world_size} processes")
     device = env.device
     precision = precision or precision_for(device)
     workers = default_workers() if workers is None else workers
@@ -390,6 +391,14 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     val_samples = list(val_samples) if val_samples is not None else []
     if not train_samples:
         raise UsageError("no training images to fine-tune on")
+    # Under torchrun each rank owns a fixed shard of the training images (so it caches only those) and
+    # contributes batch_size / world_size images to every global batch; gradients are summed across ranks.
+    n_train_total, full_train = len(train_samples), train_samples
+    local_batch = batch_size // env.world_size if env.distributed else batch_size
+    if env.distributed:
+        train_samples = [train_samples[i] for i in shard_indices(n_train_total, env.rank, env.world_size)]
+    steps_per_epoch = math.ceil(math.ceil(n_train_total / env.world_size) / local_batch)
+    main = env.is_main
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out_dir / STATE_NAME, out_dir / LOG_NAME
@@ -399,7 +408,9 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     structure = find_parts(model)
     sel = select_parts(model, structure, parts)
     config = {"test_size": test_size, "parts": sel.parts, "augment": augment, "epochs": epochs, "lr": lr,
-              "batch_size": batch_size, "seed": seed, "n_train": len(train_samples)}
+              "batch_size": batch_size, "seed": seed, "n_train": n_train_total,
+              **({"world_size": env.world_size} if env.distributed else {})}
+    progress = progress and main
     status = lambda msg: prog.status(msg, enabled=progress)  # noqa: E731
 
     # ---- resume
@@ -420,11 +431,13 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
         opt_state, sched_state = state.get("optimizer"), state.get("scheduler")
         status(f"resuming from {state_path} after epoch {start_epoch}/{epochs}")
         # the log file keeps exactly the finished epochs (an interrupted epoch is redone)
-        write_text(log_path, "".join(json.dumps(r) + "\n" for r in log))
+        if main:
+            write_text(log_path, "".join(json.dumps(r) + "\n" for r in log))
     elif resume:
         status(f"nothing to resume in {out_dir}: starting from scratch")
-    if start_epoch == 0 and log_path.exists():
+    if main and start_epoch == 0 and log_path.exists():
         log_path.unlink()
+    barrier(env)
 
     eval_kw = dict(test_size=test_size, batch_size=batch_size, env=env, precision=precision, workers=workers,
                    progress=progress)
@@ -455,7 +468,7 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
             cache_info["reason"] = f"augmentation {augment!r} is random: full forward each epoch"
         else:
             t0 = time.perf_counter()
-            sample = _first_inputs(train_samples, transform, device)
+            sample = _first_inputs(full_train, transform, device)  # the same on every rank
             if sample is None:
                 cache_info["reason"] = "no readable sample image"
             else:
@@ -468,9 +481,10 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
                 budget = int(cache_budget_mb * 2 ** 20)
                 train_cache, skipped = _fill_cache(model, suffix, train_samples, transform, batch_size=batch_size,
                                                    workers=workers, device=device, precision=precision,
-                                                   budget_bytes=budget, folder=out_dir / "cache", progress=progress,
+                                                   budget_bytes=budget, folder=out_dir / _cache_folder("cache", env),
+                                                   progress=progress,
                                                    desc=f"caching activations at {suffix.cut}")
-                if epoch_eval and val_samples:
+                if epoch_eval and val_samples and not env.distributed:
                     val_cache, _ = _fill_cache(model, suffix, val_samples,
                                                build_transform("test", size=test_size, cfg=cfg),
                                                batch_size=batch_size, workers=workers, device=device,
@@ -478,6 +492,10 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
                                                folder=out_dir / "cache_val", progress=progress,
                                                desc="caching validation activations")
                 _set_modes(model, sel)
+                if env.distributed and int(all_reduce_sum(torch.tensor([int(train_cache is None)]), env)):
+                    if train_cache is not None:  # all ranks must take the same path
+                        train_cache.close()
+                        train_cache = None
                 if train_cache is None:
                     suffix = None
                     cache_info["reason"] = "no readable training image"
@@ -494,61 +512,93 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     n_batches_run = 0
     t_epochs = time.perf_counter()
     needs_bn_batch = bool(sel.stats)
+    sum_loss = nn.CrossEntropyLoss(reduction="sum")
+
+    def step(run, x, y) -> tuple[float, float, int]:
+        """One global step; (summed loss, hits, images) of this rank. Every rank calls it equally often."""
+        nonlocal n_batches_run
+        n_local = 0 if y is None else int(y.numel())
+        n_global = n_local
+        if env.distributed:
+            n_global = int(all_reduce_sum(torch.tensor([n_local]), env))
+            if n_global == 0:
+                return 0.0, 0.0, 0
+        t0 = time.perf_counter()
+        loss = logits = None
+        if n_local:
+            with torch.set_grad_enabled(optimizer is not None), autocast(device, precision):
+                logits = run(x)
+                # distributed: each rank's summed loss over the global count, so that the summed gradients
+                # are the gradient of the global batch's mean loss
+                loss = (loss_fn(logits.float(), y) if not env.distributed
+                        else sum_loss(logits.float(), y) / n_global)
+        t1 = time.perf_counter()
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            if loss is not None:
+                loss.backward()
+            if env.distributed:
+                _sum_gradients(params, env)
+            optimizer.step()
+        t2 = time.perf_counter()
+        n_batches_run += 1
+        if stop_after_batches is not None and n_batches_run >= stop_after_batches:
+            raise FinetuneInterrupted(f"stopped after {n_batches_run} batches (test hook)")
+        if not n_local:
+            return 0.0, 0.0, 0
+        fwd_ms.append(1000 * (t1 - t0))
+        bwd_ms.append(1000 * (t2 - t1))
+        summed = float(loss.detach()) * (n_global if env.distributed else n_local)
+        return summed, float((logits.detach().argmax(1) == y).sum()), n_local
+
     try:
         for epoch in range(start_epoch, epochs):
             _set_modes(model, sel)
-            _seed_epoch(seed, epoch)
-            batches = _epoch_batches(len(train_samples), batch_size, seed, epoch)
+            _seed_epoch(seed + env.rank, epoch)
+            batches = _epoch_batches(len(train_samples), local_batch, seed + env.rank, epoch)
             t_ep = time.perf_counter()
             total_loss = hits = seen = 0.0
+            steps = 0
             bar = prog.bar(sum(len(b) for b in batches), f"fine-tune epoch {epoch + 1}/{epochs}", enabled=progress)
+            run = suffix if suffix is not None else model
             if suffix is not None:
                 source = ((torch.tensor(b),) for b in batches)
             else:
                 source = _loader(train_samples, transform, batches, workers)
             try:
                 for item in source:
+                    x = y = None
                     if suffix is not None:
                         idx = item[0]
                         idx = idx[train_cache.valid[idx]]
                         bar.update(len(item[0]))
-                        if idx.numel() == 0:
-                            continue
-                        x, y = train_cache.get(idx)
-                        x, y = x.to(device), y.to(device)
-                        run = suffix
+                        if idx.numel():
+                            x, y = train_cache.get(idx)
+                            x, y = x.to(device), y.to(device)
                     else:
                         if epoch == start_epoch:
                             skipped.extend(s.to_dict() for s in item.skipped)
                         bar.update(len(item) + len(item.skipped))
-                        if item.inputs is None:
-                            continue
-                        x, y = to_device(item.inputs, device, precision), item.labels.to(device)
-                        run = model
-                    if needs_bn_batch and y.numel() < 2:
-                        continue  # batch-norm in train mode needs two images
-                    t0 = time.perf_counter()
-                    with torch.set_grad_enabled(optimizer is not None), autocast(device, precision):
-                        logits = run(x)
-                        loss = loss_fn(logits.float(), y)
-                    t1 = time.perf_counter()
-                    if optimizer is not None:
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                    t2 = time.perf_counter()
-                    fwd_ms.append(1000 * (t1 - t0))
-                    bwd_ms.append(1000 * (t2 - t1))
-                    total_loss += float(loss.detach()) * y.numel()
-                    hits += float((logits.detach().argmax(1) == y).sum())
-                    seen += y.numel()
-                    n_batches_run += 1
-                    if stop_after_batches is not None and n_batches_run >= stop_after_batches:
-                        raise FinetuneInterrupted(f"stopped after {n_batches_run} batches (test hook)")
+                        if item.inputs is not None:
+                            x, y = to_device(item.inputs, device, precision), item.labels.to(device)
+                    if y is not None and needs_bn_batch and y.numel() < 2:
+                        x = y = None  # batch-norm in train mode needs two images
+                    steps += 1
+                    if y is None and not env.distributed:
+                        continue
+                    b_loss, b_hits, b_n = step(run, x, y)
+                    total_loss, hits, seen = total_loss + b_loss, hits + b_hits, seen + b_n
+                # distributed: shards differ by at most one image; every rank takes the same number of steps
+                for _ in range(steps_per_epoch - steps if env.distributed else 0):
+                    step(run, None, None)
             finally:
                 bar.close()
             if scheduler is not None:
                 scheduler.step()
+            if env.distributed:
+                total_loss, hits, seen = all_reduce_sum(torch.tensor([total_loss, hits, seen],
+                                                                     dtype=torch.float64), env).tolist()
+                _average_bn_statistics(model, sel, env)
             record = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "train_top1": 100 * hits / max(1, seen),
                       "lr": lr * LR_DECAY ** (epoch // decay_step(epochs)), "images": int(seen),
                       "seconds": round(time.perf_counter() - t_ep, 3), "cached": suffix is not None}
@@ -560,11 +610,13 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
                 else:
                     record["val_top1"] = evaluate_at(model, val_samples, cfg, **{**eval_kw, "progress": False})["top1"]
             log.append(record)
-            append_jsonl(log_path, record)
-            save_training_state({"epoch": epoch + 1, "config": config, "adapted": _adapted_state(model, sel),
-                                 "optimizer": optimizer.state_dict() if optimizer else None,
-                                 "scheduler": scheduler.state_dict() if scheduler else None,
-                                 "log": log, "before": before}, state_path)
+            if main:
+                append_jsonl(log_path, record)
+                save_training_state({"epoch": epoch + 1, "config": config, "adapted": _adapted_state(model, sel),
+                                     "optimizer": optimizer.state_dict() if optimizer else None,
+                                     "scheduler": scheduler.state_dict() if scheduler else None,
+                                     "log": log, "before": before}, state_path)
+            barrier(env)
             status(f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, train top-1 {record['train_top1']:.1f}%"
                    + (f", val top-1 {record['val_top1']:.2f}%" if "val_top1" in record else ""))
     finally:
@@ -576,6 +628,8 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
     t_epochs = time.perf_counter() - t_epochs
+    if env.distributed:
+        skipped = [s for part in all_gather_objects(skipped, env) for s in part]
 
     after = None
     if evaluate_after and val_samples:
@@ -599,8 +653,30 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
         "skipped": skipped, "state_path": str(state_path), "log_path": str(log_path),
         "trainable_parameters": sum(p.numel() for n in sel.trainable for p in model.get_submodule(n).parameters()),
     }
-    write_json(out_dir / RESULT_NAME, result)
+    if main:
+        write_json(out_dir / RESULT_NAME, result)
     return result
+
+
+def _cache_folder(name: str, env: DistEnv) -> str:
+    return f"{name}_rank{env.rank}" if env.distributed else name
+
+
+def _sum_gradients(params: Sequence[nn.Parameter], env: DistEnv) -> None:
+    """Sum the gradients over ranks (a rank without images this step contributes zeros)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.copy_(all_reduce_sum(p.grad, env))
+
+
+def _average_bn_statistics(model: nn.Module, sel: Selection, env: DistEnv) -> None:
+    """Each rank estimated the running statistics on its own images: average them so all ranks agree."""
+    for name in sel.stats:
+        m = model.get_submodule(name)
+        for buf in (getattr(m, "running_mean", None), getattr(m, "running_var", None)):
+            if buf is not None:
+                buf.copy_(all_reduce_sum(buf, env) / env.world_size)
 
 
 def _first_inputs(samples, transform, device, count: int = 2) -> torch.Tensor | None:

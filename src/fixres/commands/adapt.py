@@ -39,6 +39,8 @@ def run(args):
     from fixres.finetune import evaluate_at
     from fixres.progress import status
 
+    from fixres.dist import refuse_distributed
+    refuse_distributed("fixres adapt")
     bundle, cfg, train, val, env, precision, test_size = load_for_adaptation(args)
     out = Path(args.out or DEFAULT_OUT)
     show = not args.quiet

@@ -105,7 +105,7 @@ def load_for_adaptation(args, *, need_train: bool = True):
     cfg = cfg.with_overrides(class_names=tuple((train or val).classes), num_classes=n_out)
     test_size = args.test_size or analysis.recommend_test_size(train_size=cfg.train_size,
                                                                crop_ratio=cfg.crop_ratio)["test_size"]
-    warn_stride(test_size, cfg.stride, "test size", quiet=args.quiet)
+    warn_stride(test_size, cfg.stride, "test size", quiet=args.quiet or not env.is_main)
     precision = precision_for(env.device, not args.no_amp)
     return bundle, cfg, train, val, env, precision, test_size
 
@@ -113,6 +113,7 @@ def load_for_adaptation(args, *, need_train: bool = True):
 def run(args):
     from pathlib import Path
 
+    from fixres import dist
     from fixres.export import export_model
     from fixres.finetune import DEFAULT_BATCH_SIZE, finetune
     from fixres.progress import status
@@ -124,15 +125,21 @@ def run(args):
                         cache_budget_mb=args.cache_budget_mb, resume=args.resume, epoch_eval=args.epoch_eval,
                         export=not args.no_export, onnx=args.onnx, out=args.out or DEFAULT_OUT, device=args.device,
                         workers=args.workers, amp=not args.no_amp, seed=args.seed, quiet=args.quiet)
-    show = not fc.quiet
+    show = not fc.quiet and env.is_main
     status(f"fixres finetune: {bundle.name} from {cfg.train_size}px to {test_size}px, parts {fc.parts}, "
            f"{fc.augment} DA, {fc.epochs} epochs, {len(train)} training images, {precision.describe()}", enabled=show)
     if val is None or val.root == train.root:
         status("warning: no separate val/ folder: accuracy is measured on the training images", enabled=show)
-    result = finetune(bundle.model, train, val if val is not None else train, cfg, test_size=test_size,
-                      parts=fc.parts, augment=fc.augment, epochs=fc.epochs, lr=fc.lr, batch_size=fc.batch_size,
-                      cache=fc.cache, out_dir=fc.out, resume=fc.resume, env=env, precision=precision, seed=fc.seed,
-                      workers=fc.workers, progress=show, epoch_eval=fc.epoch_eval, cache_budget_mb=fc.cache_budget_mb)
+    try:
+        result = finetune(bundle.model, train, val if val is not None else train, cfg, test_size=test_size,
+                          parts=fc.parts, augment=fc.augment, epochs=fc.epochs, lr=fc.lr, batch_size=fc.batch_size,
+                          cache=fc.cache, out_dir=fc.out, resume=fc.resume, env=env, precision=precision,
+                          seed=fc.seed, workers=fc.workers, progress=show, epoch_eval=fc.epoch_eval,
+                          cache_budget_mb=fc.cache_budget_mb)
+    finally:
+        dist.shutdown()
+    if not env.is_main:  # under torchrun, rank 0 exports and reports
+        return None
     result = {"command": "finetune", "model": bundle.name, "data": str(Path(fc.data)), **result}
     if fc.export:
         path = export_model(bundle.model, fc.out, model_name=bundle.name, cfg=cfg, test_size=test_size,

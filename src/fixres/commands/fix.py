@@ -75,7 +75,9 @@ def _duration(seconds: float) -> str:
 
 
 def run(args):
+    from fixres.dist import refuse_distributed
     from fixres.pipeline import run_fix
+    refuse_distributed("fixres fix (run its steps, e.g. fixres train / finetune, under torchrun instead)")
     result = run_fix(config_from_args(args))
     h = result["headline"]
     lines = [

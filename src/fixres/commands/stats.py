@@ -36,6 +36,7 @@ def run(args):
     from fixres.models import load_model
     from fixres.stats import activation_stats, plot_stats
 
+    dist.refuse_distributed("fixres stats")
     env = dist.init(args.device)
     bundle = load_model(model=args.model, checkpoint=args.checkpoint, weights=args.weights,
                         num_classes=args.num_classes, train_size=args.train_size)
