@@ -10,13 +10,6 @@ import torch
 from conftest import write_image_folder
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run far faster single-threaded on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fp32():

@@ -70,14 +70,3 @@ def save_tiny_checkpoint(path: Path, *, num_classes: int = 3, seed: int = 0) -> 
     return path
 
 
-@pytest.fixture
-def single_thread():
-    """Run torch on one thread during the test: tiny models gain nothing from threads, and on a shared,
-    loaded machine two spinning OpenMP threads per process are many times slower than one."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -35,6 +35,20 @@ def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 4, seed
     return root
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs torch on one intra-op thread: tiny models gain nothing from threads, one thread
+    makes CPU kernels reproducible bit for bit, and on a shared 2-core machine spinning OpenMP threads
+    cost many times more than they bring. Subprocesses get OMP_NUM_THREADS=1 from their tests."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """3 classes x 4 small JPEGs (12 images)."""

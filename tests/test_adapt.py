@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers_b import fp32, one_thread, tiny_bundle, tiny_data  # noqa: F401
+from _helpers_b import fp32, tiny_bundle, tiny_data  # noqa: F401
 from fixres.adapt import (FRECHET_XI, Equalization, adapt, fit_frechet, install_equalization,
                           remove_equalization)
 from fixres.hooks import capture, count_hooks
@@ -29,7 +29,7 @@ def _channel_moments(model, samples, cfg, size, name, where="output"):
     return t.mean(dim=(0, 2, 3)), t.std(dim=(0, 2, 3), unbiased=False), t
 
 
-def test_bn_recalibrate_is_the_exact_average_and_changes_nothing_else(tmp_path, one_thread):
+def test_bn_recalibrate_is_the_exact_average_and_changes_nothing_else(tmp_path):
     train, _ = tiny_data(tmp_path / "d")
     b = tiny_bundle()
     before = _state(b.model)
@@ -72,7 +72,7 @@ def test_equalization_keeps_zeros_and_hook_is_removable(tiny_model):
     assert torch.equal(model(x), ref)
 
 
-def test_frechet_adapt_equalizes_the_fitted_parameters(tmp_path, one_thread):
+def test_frechet_adapt_equalizes_the_fitted_parameters(tmp_path):
     train, _ = tiny_data(tmp_path / "d")
     b = tiny_bundle()
     res = adapt(b.model, train, b.data_config, method="frechet", train_size=32, test_size=64, precision=fp32(), **KW)
@@ -86,7 +86,7 @@ def test_frechet_adapt_equalizes_the_fitted_parameters(tmp_path, one_thread):
     remove_equalization(b.model)
 
 
-def test_gaussian_matches_pre_activation_moments_at_train_size(tmp_path, one_thread):
+def test_gaussian_matches_pre_activation_moments_at_train_size(tmp_path):
     train, _ = tiny_data(tmp_path / "d")
     b = tiny_bundle()
     name = "layer4.0.bn2"

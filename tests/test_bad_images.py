@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from _helpers_e import assert_one_line_error, cli, require_command, save_tiny_checkpoint, skip_if_unavailable
-from _helpers_e import single_thread  # noqa: F401 - a fixture
 from badcorpus import bad_entries, good_entries, png_claiming_size, write_corpus
 from conftest import write_image_folder
 from fixres import transforms as T
@@ -31,7 +30,6 @@ from fixres.images import MAX_ASPECT_RATIO, BadImage, load_rgb, probe_size
 CFG = DataConfig(train_size=32)
 TEST_SIZE = 32
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from _helpers_e import assert_one_line_error, cli, require_command, save_tiny_checkpoint, skip_if_unavailable
-from _helpers_e import single_thread  # noqa: F401 - a fixture
 from fixres.checkpoint import (load_state_dict, load_training_state, save_safetensors, save_training_state,
                                unwrap_state_dict)
 from fixres.errors import FixresError, UsageError
 from fixres.models import load_model, load_weights_strict
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class MarkerPayload:

@@ -9,11 +9,10 @@ import sys
 import pytest
 
 from _helpers_e import (assert_one_line_error, cli, fixres_subprocess, require_command, save_tiny_checkpoint,
-                        single_thread, skip_if_unavailable)  # noqa: F401 - single_thread is a fixture
+                        skip_if_unavailable)
 from fixres.cli import COMMANDS, _oom_message
 from fixres.errors import FixresError, UsageError
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 # --------------------------------------------------------------------------- help is fast: no torch
 

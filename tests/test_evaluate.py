@@ -22,14 +22,6 @@ from fixres.transforms import test_transform as center_crop_transform
 FP32 = Precision(False, None, False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared machine, OpenMP threads waiting for each other cost far
-    more than they bring for these tiny inputs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _varied(tiny_model):

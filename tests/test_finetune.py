@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from _helpers_b import fp32, one_thread, tiny_bundle, tiny_data  # noqa: F401
+from _helpers_b import fp32, tiny_bundle, tiny_data  # noqa: F401
 from fixres.finetune import FinetuneInterrupted, default_lr, finetune
 from fixres.structure import find_parts, select_parts
 
@@ -24,7 +24,7 @@ def test_paper_learning_rate_scaling():
     assert default_lr(64) == pytest.approx(0.001)
 
 
-def test_frozen_bit_identical_and_bn_stats_only_where_asked(tmp_path, one_thread):
+def test_frozen_bit_identical_and_bn_stats_only_where_asked(tmp_path):
     train, val = tiny_data(tmp_path / "d")
     bundle = tiny_bundle()
     model = bundle.model
@@ -54,7 +54,7 @@ def test_frozen_bit_identical_and_bn_stats_only_where_asked(tmp_path, one_thread
                        for b in ("running_mean", "running_var", "num_batches_tracked")}
 
 
-def test_cached_and_uncached_give_the_same_weights(tmp_path, one_thread):
+def test_cached_and_uncached_give_the_same_weights(tmp_path):
     train, val = tiny_data(tmp_path / "d")
     states, results = [], []
     for cache in (True, False):
@@ -68,7 +68,7 @@ def test_cached_and_uncached_give_the_same_weights(tmp_path, one_thread):
     assert [r["loss"] for r in results[0]["log"]] == pytest.approx([r["loss"] for r in results[1]["log"]], rel=1e-4)
 
 
-def test_cache_on_disk_in_fp16_when_over_budget(tmp_path, one_thread):
+def test_cache_on_disk_in_fp16_when_over_budget(tmp_path):
     train, val = tiny_data(tmp_path / "d")
     ref, disk = tiny_bundle(), tiny_bundle()
     finetune(ref.model, train, val, ref.data_config, out_dir=tmp_path / "a", precision=fp32(), **COMMON)
@@ -80,7 +80,7 @@ def test_cache_on_disk_in_fp16_when_over_budget(tmp_path, one_thread):
         assert torch.allclose(a[k].float(), b[k].float(), atol=2e-3), k
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, one_thread):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     train, val = tiny_data(tmp_path / "d")
     kw = {**COMMON, "epochs": 3}
     full = tiny_bundle()
@@ -104,7 +104,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, one_thread):
                  precision=fp32(), resume=True, **{**kw, "test_size": 64})
 
 
-def test_random_augmentation_uses_the_full_forward_and_reports_accuracy(tmp_path, one_thread):
+def test_random_augmentation_uses_the_full_forward_and_reports_accuracy(tmp_path):
     train, val = tiny_data(tmp_path / "d")
     bundle = tiny_bundle()
     res = finetune(bundle.model, train, val, bundle.data_config, augment="test2", out_dir=tmp_path / "o",
@@ -114,7 +114,7 @@ def test_random_augmentation_uses_the_full_forward_and_reports_accuracy(tmp_path
     assert (tmp_path / "o" / "finetune.json").is_file()
 
 
-def test_suffix_runner_matches_forward_for_torchvision_resnet(one_thread):
+def test_suffix_runner_matches_forward_for_torchvision_resnet():
     import torchvision
     from fixres.finetune import build_suffix
     model = torchvision.models.resnet18(num_classes=3).eval()

@@ -50,7 +50,6 @@ def test_two_process_finetune_matches_one_process(tmp_path, capsys):
     common = ["finetune", "--model", "fixres_tiny_resnet", "--checkpoint", str(ckpt), "--num-classes", "3",
               "--train-size", "32", "--data", str(data), "--test-size", "48", "--parts", "classifier",
               "--epochs", "3", "--batch-size", "12", "--lr", "2.0", "--no-amp", "--workers", "0", "-q", "--json"]
-    torch.set_num_threads(1)
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out)
     proc = _torchrun(common + ["--out", str(tmp_path / "two")], tmp_path)

@@ -19,14 +19,6 @@ FLOAT_ROUNDING = 2.5e-7
 LITE_CROP = {"efficientnet-lite0": 0.875, "efficientnet-lite1": 0.882, "efficientnet-lite2": 0.89}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared machine, OpenMP threads waiting for each other cost far
-    more than they bring for these tiny inputs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _lite(short):

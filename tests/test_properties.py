@@ -11,14 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from _helpers_e import single_thread  # noqa: F401 - a fixture
 from fixres import analysis
 from fixres import transforms as T
 from fixres.config import DataConfig
 
 CFG = DataConfig(train_size=32)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IMAGE_FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

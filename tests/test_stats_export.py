@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers_b import fp32, one_thread, tiny_bundle, tiny_data  # noqa: F401
+from _helpers_b import fp32, tiny_bundle, tiny_data  # noqa: F401
 from fixres.hooks import capture, count_hooks, trace_calls
 from fixres.stats import activation_stats, plot_stats
 
 
-def test_activation_stats_show_sparsity_falling_with_size(tmp_path, one_thread):
+def test_activation_stats_show_sparsity_falling_with_size(tmp_path):
     train, _ = tiny_data(tmp_path / "d")
     b = tiny_bundle()
     res = activation_stats(b.model, train, b.data_config, test_sizes=[16, 32, 64], precision=fp32(), workers=0,
@@ -50,7 +50,7 @@ def test_hooks_are_removed_even_after_an_exception(tiny_model):
     assert count_hooks(model) == base
 
 
-def test_export_reads_back_with_no_flags(tmp_path, one_thread):
+def test_export_reads_back_with_no_flags(tmp_path):
     from fixres.adapt import Equalization, install_equalization
     from fixres.errors import UsageError
     from fixres.export import export_model
@@ -75,7 +75,7 @@ def test_export_reads_back_with_no_flags(tmp_path, one_thread):
         export_model(b.model, tmp_path / "y", model_name=b.name, cfg=cfg, test_size=64)
 
 
-def test_cli_finetune_adapt_stats(tmp_path, capsys, one_thread):
+def test_cli_finetune_adapt_stats(tmp_path, capsys):
     from fixres.cli import main
     tiny_data(tmp_path / "d")
     base = ["--model", "fixres_tiny_resnet", "--num-classes", "3", "--train-size", "32", "--data", str(tmp_path / "d"),

@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers_b import one_thread  # noqa: F401
 from fixres.errors import FixresError, UsageError
 from fixres.hooks import count_hooks
 from fixres.structure import find_classifier_name, find_parts, select_parts
 
 
-def test_tiny_resnet_parts(tiny_model, one_thread):
+def test_tiny_resnet_parts(tiny_model):
     model = tiny_model.model
     p = find_parts(model)
     assert p.classifier == "fc" and p.pool == "global_pool"
@@ -23,7 +22,7 @@ def test_tiny_resnet_parts(tiny_model, one_thread):
     assert count_hooks(model) == 0
 
 
-def test_timm_efficientnet_lite_and_torchvision_resnet(one_thread):
+def test_timm_efficientnet_lite_and_torchvision_resnet():
     import timm
     import torchvision
     lite = find_parts(timm.create_model("tf_efficientnet_lite0", num_classes=5))
@@ -34,7 +33,7 @@ def test_timm_efficientnet_lite_and_torchvision_resnet(one_thread):
     assert (tv.classifier, tv.pool, tv.pre_pool_bns, tv.last_stage) == ("fc", "avgpool", ["layer4.1.bn2"], "layer4")
 
 
-def test_convnext_has_no_bn_but_classifier_can_adapt(one_thread):
+def test_convnext_has_no_bn_but_classifier_can_adapt():
     import timm
     model = timm.create_model("convnext_atto", num_classes=3)
     p = find_parts(model)

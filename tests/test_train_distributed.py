@@ -64,7 +64,6 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
 
     data = write_image_folder(tmp_path / "data", classes=3, per_class=3, seed=3)
     single = tmp_path / "single"
-    torch.set_num_threads(1)
     res = run_steps(data, single)
     assert res["epochs"][-1]["step"] == N_STEPS
 

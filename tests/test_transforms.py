@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from _helpers_e import single_thread  # noqa: F401 - a fixture
 from fixres.config import DataConfig
 from fixres.errors import UsageError
 from fixres import transforms as T
@@ -23,7 +22,6 @@ da2_test = T.test2_transform
 
 CFG = DataConfig(train_size=32)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:

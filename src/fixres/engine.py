@@ -73,3 +73,22 @@ def autocast(device: torch.device, precision: Precision):
     if not precision.amp:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=precision.dtype)
+
+
+class SingleThreaded:
+    """Run a per-image transform with one intra-op thread. In-process loading (no DataLoader workers)
+    calls many small tensor ops per image; with several threads they are dominated by thread
+    synchronisation (up to 100x slower on a busy 2-core machine)."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, img):
+        before = torch.get_num_threads()
+        if before == 1:
+            return self.transform(img)
+        torch.set_num_threads(1)
+        try:
+            return self.transform(img)
+        finally:
+            torch.set_num_threads(before)

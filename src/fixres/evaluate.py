@@ -28,7 +28,7 @@ from torch import nn
 from fixres import dist as fdist
 from fixres.config import DataConfig, validate_crop_ratio, validate_size
 from fixres.data import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader
-from fixres.engine import Precision, autocast, precision_for, prepare, to_device
+from fixres.engine import Precision, SingleThreaded, autocast, precision_for, prepare, to_device
 from fixres.errors import FixresError, UsageError
 from fixres.progress import bar
 from fixres.transforms import MultiView, resize_for, ten_crop_transform, test_transform
@@ -102,23 +102,6 @@ def fold_std(correct: Sequence[bool] | np.ndarray, folds: int = DEFAULT_FOLDS) -
     accs = (c.sum() - fold_hits) / (n - fold_n)
     return float(np.std(accs) * PERCENT)
 
-
-class _SingleThreaded:
-    """Run a transform with one intra-op thread: small per-image tensor ops in the main process are
-    otherwise dominated by thread synchronisation (100x slower on a busy 2-core machine)."""
-
-    def __init__(self, transform) -> None:
-        self.transform = transform
-
-    def __call__(self, img):
-        before = torch.get_num_threads()
-        if before == 1:
-            return self.transform(img)
-        torch.set_num_threads(1)
-        try:
-            return self.transform(img)
-        finally:
-            torch.set_num_threads(before)
 
 
 def _views(test_sizes: Iterable[int], crop_ratios: Iterable[float]) -> list[View]:
@@ -227,7 +210,7 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     transform = MultiView([build(test_size=v.test_size, crop_ratio=v.crop_ratio, cfg=cfg) for v in views])
     workers = default_workers(env.world_size) if workers is None else workers
     if workers == 0:
-        transform = _SingleThreaded(transform)
+        transform = SingleThreaded(transform)
     shard = fdist.shard_indices(len(samples), env.rank, env.world_size)
     loader = make_loader(ImageDataset(samples, transform), batch_size=batch_size, sampler=IndexSampler(shard),
                          workers=workers)

@@ -44,7 +44,7 @@ from fixres.checkpoint import load_training_state, save_training_state
 from fixres.config import DataConfig, validate_size
 from fixres.data import FolderIndex, ImageDataset, collate, default_workers
 from fixres.dist import DistEnv, all_gather_objects, all_reduce_sum, barrier, shard_indices
-from fixres.engine import Precision, autocast, precision_for, prepare, to_device
+from fixres.engine import Precision, SingleThreaded, autocast, precision_for, prepare, to_device
 from fixres.errors import FixresError, UsageError
 from fixres.hooks import hooked
 from fixres.structure import DEFAULT_PARTS, Selection, find_parts, select_parts
@@ -82,22 +82,6 @@ def default_lr(batch_size: int) -> float:
 def decay_step(epochs: int) -> int:
     return max(1, int(round(epochs * DECAY_AT)))
 
-
-class _OneThread:
-    """Per-image transforms in the main process run faster with one intra-op thread (2-core machines)."""
-
-    def __init__(self, transform) -> None:
-        self.transform = transform
-
-    def __call__(self, img):
-        before = torch.get_num_threads()
-        if before == 1:
-            return self.transform(img)
-        torch.set_num_threads(1)
-        try:
-            return self.transform(img)
-        finally:
-            torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- running the model from a cut
@@ -250,7 +234,7 @@ class PrefixCache:
 
 
 def _loader(samples, transform, batches: list[list[int]], workers: int) -> DataLoader:
-    ds = ImageDataset(samples, _OneThread(transform) if workers == 0 else transform)
+    ds = ImageDataset(samples, SingleThreaded(transform) if workers == 0 else transform)
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate, persistent_workers=False)
 
 

@@ -20,7 +20,7 @@ from fixres import progress as prog
 from fixres.config import DataConfig, validate_size
 from fixres.data import FolderIndex, ImageDataset, collate, default_workers
 from fixres.dist import DistEnv
-from fixres.engine import Precision, autocast, precision_for, prepare, to_device
+from fixres.engine import Precision, SingleThreaded, autocast, precision_for, prepare, to_device
 from fixres.errors import UsageError
 from fixres.hooks import capture
 from fixres.structure import ModelParts, find_parts
@@ -33,18 +33,6 @@ DEFAULT_CDF_POINTS = 200
 CDF_QUANTILE = 0.999
 DEFAULT_BATCH_SIZE = 32
 
-
-class _OneThread:
-    def __init__(self, transform) -> None:
-        self.transform = transform
-
-    def __call__(self, img):
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self.transform(img)
-        finally:
-            torch.set_num_threads(before)
 
 
 def _samples(samples, max_images: int | None, seed: int = 0) -> list[tuple[str, int]]:
@@ -68,7 +56,7 @@ def iterate_views(samples, cfg: DataConfig, sizes: Sequence[int], *, batch_size:
     samples = _samples(samples, max_images)
     workers = default_workers() if workers is None else workers
     views = MultiView([build_transform("test", size=s, cfg=cfg) for s in sizes])
-    ds = ImageDataset(samples, _OneThread(views) if workers == 0 else views)
+    ds = ImageDataset(samples, SingleThreaded(views) if workers == 0 else views)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
     bar = prog.bar(len(samples), desc, enabled=progress)
     try:

@@ -139,23 +139,6 @@ def _validate(model: nn.Module, samples, cfg: DataConfig, *, sizes: Sequence[int
 
 # --------------------------------------------------------------------------- output
 
-class _OneThread:
-    """Run a per-image transform with one intra-op thread (in-process loading: small tensor ops are
-    otherwise dominated by thread synchronisation on a busy machine)."""
-
-    def __init__(self, transform) -> None:
-        self.transform = transform
-
-    def __call__(self, img):
-        before = torch.get_num_threads()
-        if before == 1:
-            return self.transform(img)
-        torch.set_num_threads(1)
-        try:
-            return self.transform(img)
-        finally:
-            torch.set_num_threads(before)
-
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -256,7 +239,7 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
 
     transform = build_transform(augment, size=train_size, cfg=cfg, color_jitter=color_jitter)
     if workers == 0:
-        transform = _OneThread(transform)
+        transform = engine.SingleThreaded(transform)
     dataset = ImageDataset(train_samples, transform)
     sampler = RepeatedAugSampler(len(dataset), repeats=repeats, rank=env.rank, world_size=env.world_size, seed=seed)
     # Full batches only: equal per-rank batches keep DDP's gradient average equal to the global mean,

@@ -6,34 +6,34 @@ import argparse
 import sys
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, cast, *, positive: bool):
+    """Parse ``text`` with ``cast`` (int or float) and check its sign; nan is refused."""
     try:
-        v = int(text)
+        v = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v <= 0:
+        kind = "a whole number" if cast is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if positive and not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
-def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
+    if not positive and not v >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
+def positive_int(text: str) -> int:
+    return _number(text, int, positive=True)
+
+
+def nonneg_int(text: str) -> int:
+    return _number(text, int, positive=False)
+
+
 def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
+    return _number(text, float, positive=True)
+
+
+def nonneg_float(text: str) -> float:
+    return _number(text, float, positive=False)
 
 
 def crop_ratio(text: str) -> float:

@@ -7,27 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fixres.commands._args import add_model_args, add_runtime_args, int_list, nonneg_int, positive_float, positive_int
+from fixres.commands._args import (add_model_args, add_runtime_args, int_list, nonneg_float, nonneg_int, positive_float,
+                                  positive_int)
 
 DEFAULT_OUT = "runs/train"
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_EPOCHS = 10
 
 
-def _nonneg_float(text: str) -> float:
-    import argparse
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
 def _smoothing(text: str) -> float:
     import argparse
-    v = _nonneg_float(text)
+    v = nonneg_float(text)
     if v >= 1:
         raise argparse.ArgumentTypeError(f"label smoothing must be in [0, 1), got {v}")
     return v
@@ -52,10 +42,10 @@ def add_parser(sub, parents):
     p.add_argument("--schedule", choices=("step", "cosine"), default="step",
                    help="step: /10 every --step-epochs (paper); cosine: half-cosine to 0")
     p.add_argument("--step-epochs", type=positive_int, default=30, help="epochs between /10 steps (default 30)")
-    p.add_argument("--warmup-epochs", type=_nonneg_float, default=0.0, help="linear warm-up length (epochs)")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=0.0, help="linear warm-up length (epochs)")
     p.add_argument("--label-smoothing", type=_smoothing, default=0.0)
-    p.add_argument("--momentum", type=_nonneg_float, default=0.9)
-    p.add_argument("--weight-decay", type=_nonneg_float, default=1e-4)
+    p.add_argument("--momentum", type=nonneg_float, default=0.9)
+    p.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="repeated augmentation: copies of each image per epoch (1 = off; paper: 3)")
     p.add_argument("--color-jitter", action="store_true", help="add ColorJitter(0.3, 0.3, 0.3) (paper's train DA)")
