@@ -20,7 +20,6 @@ Prints a table, writes JSON (--out, default benchmarks/results/eval_speed.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

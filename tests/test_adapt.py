@@ -20,7 +20,6 @@ def _state(model):
 
 
 def _channel_moments(model, samples, cfg, size, name, where="output"):
-    vals = []
     model.eval()
     with torch.no_grad(), capture(model, [name], where=where) as got:
         for views, _, _ in iterate_views(samples, cfg, [size], batch_size=8, workers=0, progress=False):
@@ -57,6 +56,28 @@ def test_frechet_fit_recovers_known_parameters_and_ignores_zeros():
     fit = fit_frechet(x)
     assert fit["mu"] == pytest.approx(mu, rel=0.03) and fit["sigma"] == pytest.approx(sigma, rel=0.03)
     assert fit["rms"] < 0.01
+
+
+def test_frechet_fit_is_a_least_squares_optimum_on_data_that_is_not_frechet():
+    """Pooled ReLU activations are not Frechet: the starting line is then not the fit, and the
+    refinement must reach a point that no small move of (mu, sigma) improves."""
+    from fixres.adapt import frechet_cdf
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.normal(0.3, 1.0, size=(4000, 16)), 0).mean(1) ** 1.7  # skewed, not Frechet
+    fit = fit_frechet(x)
+    v = np.sort(x[x != 0])
+    q = (np.arange(v.size) + 0.5) / v.size
+
+    def cost(mu, sigma):
+        r = frechet_cdf(v, mu, sigma, FRECHET_XI) - q
+        return float(r @ r)
+
+    best = cost(fit["mu"], fit["sigma"])
+    y = (-np.log(q)) ** (-FRECHET_XI)  # the linearised start
+    b, a = np.polyfit(v, y, 1)
+    assert best < 0.9 * cost((1 - a) / b, FRECHET_XI / b), "the refinement did not improve on its start"
+    for dmu, dsig in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        assert best <= cost(fit["mu"] + 1e-3 * dmu, fit["sigma"] * (1 + 1e-3 * dsig)) + 1e-12
 
 
 def test_equalization_keeps_zeros_and_hook_is_removable(tiny_model):

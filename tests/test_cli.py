@@ -36,6 +36,28 @@ def test_subcommand_help_does_not_import_torch():
     assert out.stdout.strip() == f"{[0] * len(COMMANDS)} False"
 
 
+def test_every_flag_has_help_and_advertised_batch_defaults_are_the_library_ones():
+    import re
+
+    from fixres import adapt, evaluate, finetune, pipeline, stats
+    from fixres.cli import build_parser
+    from fixres.commands import eval as eval_cmd
+    from fixres.commands import train as train_cmd
+    library = {"eval": evaluate.DEFAULT_BATCH_SIZE, "sweep": evaluate.DEFAULT_BATCH_SIZE,
+               "finetune": finetune.DEFAULT_BATCH_SIZE, "fix": pipeline.DEFAULT_BATCH,
+               "stats": stats.DEFAULT_BATCH_SIZE, "adapt": adapt.DEFAULT_BATCH_SIZE,
+               "train": train_cmd.DEFAULT_BATCH_SIZE}
+    assert evaluate.DEFAULT_BATCH_SIZE // eval_cmd.TEN_CROP_BATCH_DIVISOR == 8
+    sub = next(a for a in build_parser()._actions if a.choices and "eval" in a.choices)
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"fixres {name} {action.option_strings[0]} has no help text"
+            if "--batch-size" in action.option_strings:
+                advertised = int(re.search(r"default (\d+)", action.help).group(1))
+                assert advertised == library[name], name
+
+
 def test_fixres_help_and_version_subprocess():
     res = fixres_subprocess("--help", timeout=60)
     assert res.returncode == 0

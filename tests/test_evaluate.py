@@ -72,15 +72,23 @@ def test_fold_std_matches_its_definition():
         fold_std([True, False], folds=1)
 
 
-def test_scores_count_ties_and_top5():
+def test_scores_break_ties_like_argmax_and_refuse_nan():
+    nan = float("nan")
     logp = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
                          [3.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0],
-                         [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0]])
-    labels = torch.tensor([1, 1, 4])
+                         [3.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+                         [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0],
+                         [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                         [nan, nan, nan, nan, nan, nan, nan],
+                         [0.0, 5.0, nan, 0.0, 0.0, 0.0, 0.0]])
+    labels = torch.tensor([1, 1, 0, 4, 3, 0, 1])
     top1, top5, loss = _scores(logp, labels, 5)
-    assert top1.tolist() == [False, True, False]   # a tie with the best class counts as correct
-    assert top5.tolist() == [False, True, True]    # 5 classes above: outside the top 5; 4 above: inside
-    assert loss.tolist() == [-1.0, -3.0, -5.0]
+    # a tie goes to the lower class index, as argmax decides: label 1 tied with 0 is wrong, label 0 right
+    assert top1.tolist() == [False, False, True, False, False, False, False]
+    assert top1.tolist() == (logp.argmax(1) == labels).tolist()[:5] + [False, False]
+    # 5 classes above: outside the top 5; 4 above: inside; all equal, label 3: three "above" it
+    assert top5.tolist() == [False, True, True, True, True, False, False]
+    assert loss.tolist()[:5] == [-1.0, -3.0, -3.0, -5.0, -1.0]
 
 
 def test_one_pass_sweep_equals_naive_per_size_loops(image_folder, tiny_model):

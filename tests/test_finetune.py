@@ -68,6 +68,22 @@ def test_cached_and_uncached_give_the_same_weights(tmp_path):
     assert [r["loss"] for r in results[0]["log"]] == pytest.approx([r["loss"] for r in results[1]["log"]], rel=1e-4)
 
 
+def test_fp16_autocast_scales_the_loss_and_still_learns(tmp_path):
+    """fp16 autocast (CUDA without bf16) fine-tunes through a GradScaler; on this CPU the same path runs."""
+    from fixres.engine import Precision
+    train, val = tiny_data(tmp_path / "d")
+    bundle = tiny_bundle()
+    before = _state(bundle.model)
+    res = finetune(bundle.model, train, val, bundle.data_config, parts="classifier,bn", out_dir=tmp_path / "o",
+                   precision=Precision(True, torch.float16, False), **{**COMMON, "epochs": 2})
+    after = _state(bundle.model)
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("fc."))
+    state = torch.load(tmp_path / "o" / "finetune_state.pt", weights_only=True)
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+    assert res["precision"] == "fp16 autocast"
+
+
 def test_cache_on_disk_in_fp16_when_over_budget(tmp_path):
     train, val = tiny_data(tmp_path / "d")
     ref, disk = tiny_bundle(), tiny_bundle()

@@ -29,7 +29,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert fa == fb
     assert fa.keys() == fc.keys() and all(fa[k] != fc[k] for k in fa)
     assert (tmp_path / "a" / synth.MANIFEST).read_bytes() == (tmp_path / "b" / synth.MANIFEST).read_bytes()
-    assert a["counts"] == {"train": 6, "val": 3} and not a["reused"]
+    assert a["counts"] == b["counts"] == {"train": 6, "val": 3} and not a["reused"] and not b["reused"]
     assert c["classes"] == a["classes"] == synth.class_names(3)
 
 

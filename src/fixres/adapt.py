@@ -39,6 +39,8 @@ FRECHET_XI = 0.3
 #: Least-squares fit on at most this many points of the empirical CDF (evenly spaced quantiles).
 FIT_POINTS = 20_000
 FIT_ITERATIONS = 100
+#: stop when a Levenberg-Marquardt step lowers the squared CDF error by less than this fraction
+FIT_TOLERANCE = 1e-10
 #: A channel whose std is below this is left as it is by the Gaussian matching (no information).
 MIN_STD = 1e-6
 EQUALIZATION_ATTR = "_fixres_equalization"
@@ -87,8 +89,9 @@ def fit_frechet(values: np.ndarray, xi: float = FRECHET_XI, points: int = FIT_PO
         rc = residual(cand)
         cc = float(rc @ rc)
         if cc < cost:
+            improvement = cost - cc  # measured before the update: the stopping test needs the old cost
             theta, r, cost, lam = cand, rc, cc, lam / 3
-            if abs(cost - cc) < 1e-15 or np.linalg.norm(step) < 1e-10:
+            if improvement < FIT_TOLERANCE * max(cost, FIT_TOLERANCE) or np.linalg.norm(step) < 1e-10:
                 break
         else:
             lam *= 5
@@ -153,14 +156,17 @@ def _need_bns(parts: ModelParts, method: str) -> list[str]:
     return list(parts.pre_pool_bns)
 
 
-def _pre_activation_point(model: nn.Module, bn_name: str) -> tuple[str, str]:
-    """Where the batch-norm's own output can be read: timm's BatchNormAct2d applies drop+act inside."""
-    bn = model.get_submodule(bn_name)
-    for attr in ("drop", "act"):
-        sub = getattr(bn, attr, None)
-        if isinstance(sub, nn.Module):
-            return f"{bn_name}.{attr}", "input"
-    return bn_name, "output"
+def _bn_output_moments(bn: nn.Module, mean_in: torch.Tensor, std_in: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of an eval-mode batch-norm's affine output, from those of its input.
+
+    In eval mode the batch-norm is y = a x + c per channel (a = w / sqrt(var + eps), c = b - a mean),
+    so the moments before the activation follow exactly from the input's, whatever the module fuses
+    after the normalisation (timm's BatchNormAct2d applies its activation inside the same module).
+    """
+    a = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    c = bn.bias.double() - a * bn.running_mean.double()
+    return a * mean_in + c, a.abs() * std_in
 
 
 class _ChannelMoments:
@@ -256,26 +262,20 @@ def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size
     # gaussian
     bns = _need_bns(parts, method)
     for n in bns:
-        if model.get_submodule(n).weight is None:
-            raise FixresError(f"gaussian: batch-norm {n} has no affine parameters to adjust")
-    points = {n: _pre_activation_point(model, n) for n in bns}
+        if model.get_submodule(n).weight is None or getattr(model.get_submodule(n), "running_var", None) is None:
+            raise FixresError(f"gaussian: batch-norm {n} has no affine parameters or running statistics to adjust")
     moments = {(n, s): _ChannelMoments() for n in bns for s in (train_size, test_size)}
     sizes = sorted({train_size, test_size})
     current = [sizes[0]]
-    by_point: dict[str, str] = {}
-    regs_out, regs_in = [], []
-    for n, (pt, where) in points.items():
-        by_point[pt] = n
-        (regs_in if where == "input" else regs_out).append(pt)
 
-    def sink(pt, t):
-        moments[(by_point[pt], current[0])].add(t.float())
+    def sink(name, t):
+        moments[(name, current[0])].add(t.float())
 
     model.eval()
     skipped = []
     images = 0
-    with torch.no_grad(), capture(model, regs_in, where="input", fn=sink), \
-            capture(model, regs_out, where="output", fn=sink):
+    # the batch-norms' inputs are read; their outputs before the activation follow exactly (_bn_output_moments)
+    with torch.no_grad(), capture(model, bns, where="input", fn=sink):
         for views, _labels, skip in iterate_views(samples, cfg, sizes, desc="pre-activation statistics", **common):
             skipped.extend(s.to_dict() for s in skip)
             if views is None:
@@ -291,8 +291,8 @@ def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size
     with torch.no_grad():
         for n in bns:
             bn = model.get_submodule(n)
-            mu_t, sd_t = moments[(n, train_size)].mean_std()
-            mu_s, sd_s = moments[(n, test_size)].mean_std()
+            mu_t, sd_t = _bn_output_moments(bn, *moments[(n, train_size)].mean_std())
+            mu_s, sd_s = _bn_output_moments(bn, *moments[(n, test_size)].mean_std())
             ok = (sd_s > MIN_STD) & (sd_t > MIN_STD)
             ratio = torch.where(ok, sd_t / sd_s.clamp_min(MIN_STD), torch.ones_like(sd_s))
             shift = torch.where(ok, mu_t - mu_s * ratio, torch.zeros_like(mu_s))
@@ -302,7 +302,7 @@ def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size
             changes[n] = {"std_ratio_mean": float(ratio.mean()), "mean_train_size": float(mu_t.mean()),
                           "mean_test_size": float(mu_s.mean()), "std_train_size": float(sd_t.mean()),
                           "std_test_size": float(sd_s.mean()), "channels_left": int((~ok).sum())}
-    return {**base, "batchnorms": bns, "measured_at": {n: f"{p[1]} of {p[0]}" for n, p in points.items()},
+    return {**base, "batchnorms": bns, "measured_at": {n: f"input of {n}, mapped through its affine normalisation" for n in bns},
             "images": images, "change": changes, "skipped": skipped}
 
 

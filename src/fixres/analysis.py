@@ -14,27 +14,18 @@ is what the analysis reports; < 1 means objects look smaller at test time.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from fixres.config import DEFAULT_CROP_RATIO, DEFAULT_STRIDE, validate_crop_ratio, validate_size
+from fixres.config import DEFAULT_CROP_RATIO, DEFAULT_STRIDE, RRC_RATIO, RRC_SCALE, resize_for, validate_size
 from fixres.errors import UsageError
 
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 #: torchvision's RandomResizedCrop tries this many samples before its centre-crop fallback.
 RRC_ATTEMPTS = 10
 DEFAULT_SAMPLES = 100_000
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-
-def resize_for(test_size: int, crop_ratio: float) -> int:
-    """Shorter-side resize before a ``test_size`` centre crop (same rule as ``fixres.transforms``)."""
-    validate_size(test_size, "test_size")
-    validate_crop_ratio(crop_ratio)
-    return max(test_size, int(round(test_size / crop_ratio)))
 
 
 def round_to_stride(size: float, stride: int = DEFAULT_STRIDE) -> int:

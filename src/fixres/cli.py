@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from fixres import __version__
-from fixres.errors import FixresError, UsageError
+from fixres.errors import FixresError
 
 #: Subcommands, in the order ``fixres --help`` lists them.
 COMMANDS = ("fix", "analyze", "eval", "sweep", "finetune", "adapt", "stats", "train", "make-dataset", "report")

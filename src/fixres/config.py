@@ -21,6 +21,9 @@ DEFAULT_TRAIN_SIZE = 224
 DEFAULT_INTERPOLATION = "bilinear"
 #: Appendix B: sizes that are multiples of the network stride avoid border effects.
 DEFAULT_STRIDE = 32
+#: RandomResizedCrop's defaults in PyTorch, used by the paper (section 3.1): area fraction and aspect ratio.
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic")
 
@@ -71,3 +74,14 @@ def validate_crop_ratio(crop_ratio: float) -> float:
     if not (0.0 < float(crop_ratio) <= 1.0):
         raise UsageError(f"crop_ratio must be in (0, 1], got {crop_ratio!r}")
     return float(crop_ratio)
+
+
+def resize_for(test_size: int, crop_ratio: float) -> int:
+    """The shorter-side resize that precedes a ``test_size`` centre crop: round(test_size / crop_ratio).
+
+    The one place this is computed (transforms, analysis and evaluation all call it). The issue's
+    vocabulary rounds; timm and the official FixRes code truncate, which can differ by one pixel.
+    """
+    validate_size(test_size, "test_size")
+    validate_crop_ratio(crop_ratio)
+    return max(test_size, int(round(test_size / crop_ratio)))

@@ -149,11 +149,14 @@ def _model_outputs(model: nn.Module) -> int | None:
 def _scores(logits: torch.Tensor, labels: torch.Tensor, k5: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-image (top-1 hit, top-5 hit, cross-entropy) from log-probabilities.
 
-    The rank of the true class counts only classes scoring strictly higher, so the outcome does not
-    depend on how a sort breaks ties.
+    The rank of the true class counts the classes scoring higher, and among equal scores those with a
+    lower index, which is how ``argmax`` (used by train and finetune logs) breaks ties: a model whose
+    logits are all equal is not "always right". A row with a non-finite score counts as wrong.
     """
     true = logits.gather(1, labels[:, None])
-    rank = (logits > true).sum(1)
+    lower_index = torch.arange(logits.shape[1])[None, :] < labels[:, None]
+    rank = (logits > true).sum(1) + ((logits == true) & lower_index).sum(1)
+    rank = torch.where(torch.isfinite(logits).all(1), rank, logits.shape[1])
     return ((rank == 0).numpy(), (rank < k5).numpy(), (-true[:, 0]).double().numpy())
 
 

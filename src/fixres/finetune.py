@@ -267,11 +267,14 @@ def _fill_cache(model, suffix, samples, transform, *, batch_size, workers, devic
 
 def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, batch_size: int,
                 env: DistEnv, precision: Precision, workers: int | None, progress: bool) -> dict:
-    """top-1 (and fold std) of ``model`` at ``test_size`` with the test pre-processing (fixres.evaluate)."""
-    from fixres.evaluate import evaluate
+    """top-1 (and fold std) of ``model`` at ``test_size`` with the test pre-processing (fixres.evaluate).
+
+    Measured at the inference precision, so the number is the one ``fixres eval`` gives for the export.
+    """
+    from fixres.evaluate import evaluate, inference_precision
     res = evaluate(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
-                   batch_size=batch_size, env=env, precision=precision, workers=workers, progress=progress,
-                   per_class=False)
+                   batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
+                   workers=workers, progress=progress, per_class=False)
     row = res["rows"][0]
     return {"test_size": test_size, "top1": row["top1"], "top1_std": row["top1_std"], "top5": row.get("top5"),
             "loss": row.get("loss"), "n": row["n"], "skipped": len(res.get("skipped", []))}
@@ -398,7 +401,7 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     status = lambda msg: prog.status(msg, enabled=progress)  # noqa: E731
 
     # ---- resume
-    start_epoch, log, before, opt_state, sched_state = 0, [], None, None, None
+    start_epoch, log, before, opt_state, sched_state, scaler_state = 0, [], None, None, None, None
     if resume and state_path.exists():
         state = load_training_state(state_path)
         saved = state.get("config", {})
@@ -413,6 +416,7 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
             own[k].copy_(v)
         start_epoch, log, before = int(state["epoch"]), list(state.get("log", [])), state.get("before")
         opt_state, sched_state = state.get("optimizer"), state.get("scheduler")
+        scaler_state = state.get("scaler")
         status(f"resuming from {state_path} after epoch {start_epoch}/{epochs}")
         # the log file keeps exactly the finished epochs (an interrupted epoch is redone)
         if main:
@@ -438,6 +442,11 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(sched_state)
     loss_fn = nn.CrossEntropyLoss()
+    # fp16 autocast (CUDA without bf16) needs loss scaling, or small gradients underflow to zero
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.amp and precision.dtype == torch.float16
+                                  and optimizer is not None)
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
     transform = build_transform(augment, size=test_size, cfg=cfg)
 
     # ---- the frozen-prefix cache
@@ -520,10 +529,11 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             if loss is not None:
-                loss.backward()
-            if env.distributed:
+                scaler.scale(loss).backward()
+            if env.distributed:  # summed while still scaled: an overflow on any rank skips the step everywhere
                 _sum_gradients(params, env)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
         t2 = time.perf_counter()
         n_batches_run += 1
         if stop_after_batches is not None and n_batches_run >= stop_after_batches:
@@ -599,6 +609,7 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
                 save_training_state({"epoch": epoch + 1, "config": config, "adapted": _adapted_state(model, sel),
                                      "optimizer": optimizer.state_dict() if optimizer else None,
                                      "scheduler": scheduler.state_dict() if scheduler else None,
+                                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                                      "log": log, "before": before}, state_path)
             barrier(env)
             status(f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, train top-1 {record['train_top1']:.1f}%"

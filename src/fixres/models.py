@@ -267,7 +267,7 @@ def load_model(*, model: str | None = None, checkpoint: str | None = None, weigh
             raise UsageError(f"--weights {weights} is for --model {arch}, not {model}")
         name = arch
         net, source = create_model(name)
-        sd = map_efficientnet_pytorch_keys(torch.load(str(path), map_location="cpu", weights_only=True), net)
+        sd = map_efficientnet_pytorch_keys(load_state_dict(path), net)  # weights-only, one-line errors
         load_weights_strict(net, sd, source=str(path))
         meta["weights"] = weights
         cfg = data_config_for(net, source, train_size=train_size or lite_size)

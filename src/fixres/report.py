@@ -218,7 +218,7 @@ def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
     analyse = results.get("analyse") or {}
     if analyse.get("image_sizes") and head["train_size"]:
         from fixres.analysis import monte_carlo_ratio
-        mc = monte_carlo_ratio(train_size=int(head["train_size"]), crop_ratio=float(analyse.get("crop_ratio", 0.875)),
+        mc = monte_carlo_ratio(train_size=int(head["train_size"]), crop_ratio=float(analyse["crop_ratio"]),
                                image_sizes=[tuple(s) for s in analyse["image_sizes"]], samples=20_000, seed=0)
         figs["roc"] = plots.plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction, out_dir / "roc_areas.png",
                                            ratios=mc.ratios)

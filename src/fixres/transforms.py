@@ -25,12 +25,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from fixres.config import DataConfig, validate_crop_ratio, validate_size
+from fixres.config import RRC_RATIO, RRC_SCALE, DataConfig, resize_for, validate_size
 from fixres.errors import UsageError
 
-#: RandomResizedCrop defaults of PyTorch, used by the paper (section 3.1).
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 #: The paper's colour jitter strength for training (brightness, contrast, saturation).
 TRAIN_JITTER = 0.3
 #: "test DA2": mild jitter and a horizontal shift of the centre crop of at most this fraction of the slack.
@@ -44,13 +41,6 @@ INTERPOLATIONS: dict[str, InterpolationMode] = {
 }
 
 AUGMENTATIONS = ("train", "test", "test2", "control")
-
-
-def resize_for(test_size: int, crop_ratio: float) -> int:
-    """Shorter-side resize that precedes a ``test_size`` centre crop: round(test_size / crop_ratio)."""
-    validate_size(test_size, "test_size")
-    validate_crop_ratio(crop_ratio)
-    return max(test_size, int(round(test_size / crop_ratio)))
 
 
 def interpolation_mode(name: str) -> InterpolationMode:

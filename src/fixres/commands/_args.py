@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fixres.config import INTERPOLATION_NAMES
+
 
 def _number(text: str, cast, *, positive: bool):
     """Parse ``text`` with ``cast`` (int or float) and check its sign; nan is refused."""
@@ -101,18 +103,24 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
                    help="folder names in class-index order (JSON list/object, or one per line)")
     d = p.add_argument_group("pre-processing (default: the model's own data config)")
     d.add_argument("--crop-ratio", type=crop_ratio, default=None, help="test_size / resize (default 0.875)")
-    d.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic"), default=None)
-    d.add_argument("--mean", type=rgb_values, default=None, metavar="R,G,B")
-    d.add_argument("--std", type=rgb_values, default=None, metavar="R,G,B")
+    d.add_argument("--interpolation", choices=INTERPOLATION_NAMES, default=None,
+                   help="resize interpolation (EfficientNet-Lite: bicubic; most others: bilinear)")
+    d.add_argument("--mean", type=rgb_values, default=None, metavar="R,G,B",
+                   help="normalisation mean per channel, in [0, 1] units")
+    d.add_argument("--std", type=rgb_values, default=None, metavar="R,G,B",
+                   help="normalisation std per channel, in [0, 1] units")
 
 
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
+def add_runtime_args(p: argparse.ArgumentParser, *, batch_default: int, batch_note: str = "") -> None:
+    """--device/--batch-size/--workers/--no-amp/--seed. ``batch_default`` is the library default the
+    command falls back to (stated in --help only; tests check it against the library constant)."""
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
-    g.add_argument("--batch-size", type=positive_int, default=None)
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"images per batch (default {batch_default}{batch_note})")
     g.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers (default: sized to the machine)")
     g.add_argument("--no-amp", action="store_true", help="fp32: no autocast, no channels_last")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same run")
 
 
 def warn_stride(size: int, stride: int, flag: str = "size", *, quiet: bool = False) -> bool:

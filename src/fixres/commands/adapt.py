@@ -19,13 +19,16 @@ def add_parser(sub, parents):
                     "Uses the images of --data/train (labels are not read), reports top-1 on --data/val before "
                     f"and after, and exports the adapted model to --out (default {DEFAULT_OUT}; not for frechet, "
                     "which is a hook).")
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--method", choices=METHODS, required=True,
+                   help="bn-recalibrate: re-estimate the batch-norm statistics at the test size; frechet: "
+                        "equalise the pooled activations (appendix A.1); gaussian: match the pre-activation "
+                        "mean and std to the train size's (appendix A.2)")
     add_data_args(p, test_size_help="the resolution to adapt to")
     p.add_argument("--max-images", type=positive_int, default=None,
                    help="use at most this many images for the statistics (default: all)")
     p.add_argument("--no-eval", action="store_true", help="do not measure top-1 before and after")
     add_model_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, batch_default=32)
     return p
 
 

@@ -11,7 +11,7 @@ def add_parser(sub, parents):
         help="apparent object size ratio and the recommended test size (no model needed)",
         description="Closed form of the paper's eq. (5) and a Monte-Carlo estimate that samples the real "
                     "RandomResizedCrop; recommends the test size whose apparent object sizes match training.")
-    p.add_argument("--train-size", type=positive_int, default=224)
+    p.add_argument("--train-size", type=positive_int, default=224, help="training crop size T (default 224)")
     p.add_argument("--crop-ratio", type=crop_ratio, default=0.875, help="test_size / resize (default 0.875 = 224/256)")
     p.add_argument("--stride", type=positive_int, default=32, help="round test sizes to this multiple (appendix B)")
     p.add_argument("--test-size", type=positive_int, default=None,
@@ -20,7 +20,7 @@ def add_parser(sub, parents):
                    help="photo sizes for the Monte-Carlo estimate (default 500x500, square)")
     p.add_argument("--data", default=None, metavar="DIR", help="measure photo sizes from an ImageFolder tree")
     p.add_argument("--samples", type=positive_int, default=100_000, help="Monte-Carlo samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="Monte-Carlo seed (default 0)")
     p.add_argument("--plot", action="store_true", help="write the RoC-area histogram (figure 2) PNG to --out")
     return p
 

@@ -39,7 +39,7 @@ def add_parser(sub, parents):
     p.add_argument("--test-size", type=positive_int, default=None, help="test size (default: the size a fixres export was fixed for, else the model's train size)")
     add_eval_args(p)
     add_model_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, batch_default=64, batch_note="; 8 with --ten-crop")
     return p
 
 

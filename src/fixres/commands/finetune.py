@@ -53,7 +53,7 @@ def add_parser(sub, parents):
     p.add_argument("--no-export", action="store_true", help="do not write model.safetensors + fixres.json")
     p.add_argument("--onnx", action="store_true", help="also export model.onnx at the test size (needs onnx)")
     add_model_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, batch_default=64, batch_note=": the global batch under torchrun")
     return p
 
 
@@ -103,8 +103,8 @@ def load_for_adaptation(args, *, need_train: bool = True):
     classes = train.classes if train is not None else class_map
     val = scan_folder(val_dir, class_map=classes, num_classes=n_out) if val_dir.is_dir() else None
     cfg = cfg.with_overrides(class_names=tuple((train or val).classes), num_classes=n_out)
-    test_size = args.test_size or analysis.recommend_test_size(train_size=cfg.train_size,
-                                                               crop_ratio=cfg.crop_ratio)["test_size"]
+    test_size = args.test_size or analysis.recommend_test_size(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio,
+                                                               stride=cfg.stride)["test_size"]
     warn_stride(test_size, cfg.stride, "test size", quiet=args.quiet or not env.is_main)
     precision = precision_for(env.device, not args.no_amp)
     return bundle, cfg, train, val, env, precision, test_size

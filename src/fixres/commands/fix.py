@@ -41,14 +41,14 @@ def add_parser(sub, parents):
     t.add_argument("--train-epochs", type=positive_int, default=30, help="training epochs (default 30)")
     t.add_argument("--train-augment", choices=("train", "control"), default="train",
                    help="train = RandomResizedCrop; control = resize + fixed-size random crop (appendix D)")
-    t.add_argument("--train-batch-size", type=positive_int, default=64)
+    t.add_argument("--train-batch-size", type=positive_int, default=64, help="training batch (default 64)")
     t.add_argument("--train-lr", type=positive_float, default=None, help="(default 0.1 x batch / 256)")
     e = p.add_argument_group("embedded data set")
-    e.add_argument("--classes", type=positive_int, default=10)
-    e.add_argument("--train-per-class", type=positive_int, default=150)
-    e.add_argument("--val-per-class", type=positive_int, default=50)
+    e.add_argument("--classes", type=positive_int, default=10, help="object classes (default 10)")
+    e.add_argument("--train-per-class", type=positive_int, default=150, help="training photos per class (default 150)")
+    e.add_argument("--val-per-class", type=positive_int, default=50, help="validation photos per class (default 50)")
     p.add_argument("--restart", action="store_true", help="start the run folder over instead of resuming it")
-    add_runtime_args(p)
+    add_runtime_args(p, batch_default=64)
     return p
 
 

@@ -14,9 +14,9 @@ def add_parser(sub, parents):
                     "photos of a few hundred pixels, 4:3, 3:4, 16:9 or square. Written as JPEG ImageFolder "
                     "OUT/train/CLASS and OUT/val/CLASS. The same seed gives byte-identical files.")
     p.add_argument("--classes", type=positive_int, default=10, help="number of classes (2-12, default 10)")
-    p.add_argument("--train-per-class", type=positive_int, default=150)
-    p.add_argument("--val-per-class", type=positive_int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-per-class", type=positive_int, default=150, help="training photos per class (default 150)")
+    p.add_argument("--val-per-class", type=positive_int, default=50, help="validation photos per class (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     p.add_argument("--workers", type=nonneg_int, default=None, help="processes drawing photos (default: cores)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is in --out")
     return p

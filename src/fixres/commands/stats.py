@@ -17,12 +17,13 @@ def add_parser(sub, parents):
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder tree (its val/ when present)")
     p.add_argument("--sizes", type=int_list, default=None,
                    help="test sizes, e.g. 64,128,224,448 (default: train size x 0.5, 1, 1.5, 2)")
-    p.add_argument("--train-size", type=positive_int, default=None)
+    p.add_argument("--train-size", type=positive_int, default=None,
+                   help="the size the model was trained at (default: from its data config)")
     p.add_argument("--compare", default=None, metavar="CHECKPOINT",
                    help="an adapted checkpoint (fixres export) to measure on the same axis")
     p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images")
     add_model_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, batch_default=32)
     return p
 
 

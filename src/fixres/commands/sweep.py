@@ -27,7 +27,7 @@ def add_parser(sub, parents):
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     add_eval_args(p)
     add_model_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, batch_default=64)
     return p
 
 

@@ -33,19 +33,20 @@ def add_parser(sub, parents):
                     "size and at the recommended test size. Under torchrun it runs DDP; --resume continues "
                     "an interrupted run exactly.")
     add_model_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, batch_default=DEFAULT_BATCH_SIZE, batch_note=": the global batch under torchrun")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="ImageFolder root; ROOT/train and ROOT/val are used when present")
     p.add_argument("--train-size", type=positive_int, required=True, help="training resolution T (pixels)")
-    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS)
+    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
+                   help=f"epochs (default {DEFAULT_EPOCHS}; the paper trains ImageNet for 120)")
     p.add_argument("--lr", type=positive_float, default=None, help="base learning rate (default 0.1 x B / 256)")
     p.add_argument("--schedule", choices=("step", "cosine"), default="step",
                    help="step: /10 every --step-epochs (paper); cosine: half-cosine to 0")
     p.add_argument("--step-epochs", type=positive_int, default=30, help="epochs between /10 steps (default 30)")
     p.add_argument("--warmup-epochs", type=nonneg_float, default=0.0, help="linear warm-up length (epochs)")
-    p.add_argument("--label-smoothing", type=_smoothing, default=0.0)
-    p.add_argument("--momentum", type=nonneg_float, default=0.9)
-    p.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
+    p.add_argument("--label-smoothing", type=_smoothing, default=0.0, help="in [0, 1) (default 0, the paper)")
+    p.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum (default 0.9, the paper)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=1e-4, help="(default 1e-4, the paper)")
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="repeated augmentation: copies of each image per epoch (1 = off; paper: 3)")
     p.add_argument("--color-jitter", action="store_true", help="add ColorJitter(0.3, 0.3, 0.3) (paper's train DA)")
