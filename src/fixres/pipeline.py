@@ -34,6 +34,7 @@ from typing import Sequence
 
 from fixres.atomic import write_json
 from fixres.errors import FixresError, UsageError
+from fixres.export import WEIGHTS_NAME
 
 DEFAULT_OUT = Path("runs") / "fix"
 #: The embedded default: a small built-in CNN trained on the generated data at a low train size.
@@ -346,7 +347,7 @@ def run_fix(config: FixConfig) -> dict:
         write_json(run_dir / "export.json", {"path": str(path), "test_size": test_size, "train_size": train_size})
         write_json(run_dir / "finetune.json", ft_out)
         state.finish("finetune", time.perf_counter() - t0)
-    fixed = load_model(checkpoint=str(export_dir / "model.safetensors"))
+    fixed = load_model(checkpoint=str(export_dir / WEIGHTS_NAME))
 
     # ---- 6. sweep after
     header(6, "sweep_after", "the fixed model at every test size")
@@ -425,7 +426,7 @@ def _base_model(config: FixConfig, bundle, train_dir: Path | None, num_classes: 
     """A fresh copy of the model before the fix: the trained one from ``train_dir``, or the user's."""
     from fixres.models import load_model
     if train_dir is not None:
-        path = train_dir / "model.safetensors"
+        path = train_dir / WEIGHTS_NAME
         if not path.is_file():
             raise FixresError(f"training finished without writing {path}; rerun with --restart")
         return load_model(checkpoint=str(path))

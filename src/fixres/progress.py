@@ -16,3 +16,11 @@ def bar(total: int, desc: str, *, enabled: bool = True, unit: str = "img"):
 def status(message: str, *, enabled: bool = True) -> None:
     if enabled:
         print(message, file=sys.stderr, flush=True)
+
+
+#: Below this many seconds a duration reads best in seconds, above it in minutes.
+SECONDS_SHOWN_UP_TO = 120
+
+
+def format_duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < SECONDS_SHOWN_UP_TO else f"{seconds / 60:.1f} min"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fixres.atomic import write_json, write_text
 from fixres.errors import UsageError
+from fixres.progress import format_duration
 
 REPORT_DIR = "report"
 REPORT_HTML = "index.html"
@@ -260,10 +261,6 @@ def _binomial_se(top1: float | None, n: int | None) -> float | None:
     return 100.0 * (p * (1 - p) / n) ** 0.5
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 def _pm(top1, std) -> str:
     if top1 is None:
         return "n/a"
@@ -325,7 +322,7 @@ def render_html(results: dict, figs: dict[str, Path]) -> str:
     parts.append(f"<div class='card fix'><div class='k'>after the fix ({e(_fmt(head['test_size']))} px)</div>"
                  f"<div class='v'>{_pm(head['top1_fixed'], head['top1_fixed_std'])}</div>"
                  f"<div class='s'>untuned at this size: {_pm(head['top1_untuned_at_test_size'], None)}</div></div>")
-    parts.append(f"<div class='card'><div class='k'>time spent</div><div class='v'>{_duration(head['seconds_total'])}</div>"
+    parts.append(f"<div class='card'><div class='k'>time spent</div><div class='v'>{format_duration(head['seconds_total'])}</div>"
                  f"<div class='s'>{e(', '.join(f'{k} {v:.0f}s' for k, v in head['timings'].items()))}</div></div>")
     parts.append("</div>")
     se = _binomial_se(head["top1_fixed"], head["n_val"])

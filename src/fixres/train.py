@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from fixres import analysis
-from fixres.atomic import append_jsonl, write_json, write_text
-from fixres.checkpoint import load_training_state, save_safetensors, save_training_state
+from fixres.atomic import append_jsonl, write_text
+from fixres.checkpoint import load_training_state, save_training_state
 from fixres.config import DataConfig
 from fixres.data import ImageDataset, make_loader
 from fixres.errors import FixresError, UsageError
@@ -54,8 +54,6 @@ SCHEDULES = ("step", "cosine")
 TRAIN_AUGMENTS = ("train", "control", "test", "test2")
 STATE_NAME = "train_state.pt"
 LOG_NAME = "log.jsonl"
-MODEL_NAME = "model.safetensors"
-META_NAME = "fixres.json"
 STATE_VERSION = 1
 #: Hyper-parameters a resumed run must share with the saved state (else it would not continue the same run).
 RESUME_KEYS = ("train_size", "batch_size", "repeats", "augment", "color_jitter", "schedule", "warmup_epochs",
@@ -150,27 +148,13 @@ def _cpu_state_dict(model: nn.Module) -> dict:
 
 def write_final_model(model: nn.Module, out_dir: Path, *, model_name: str, cfg: DataConfig, train_size: int,
                       test_size: int, accuracy: dict | None) -> tuple[Path, Path]:
-    """out_dir/model.safetensors + fixres.json, so ``fixres eval --checkpoint`` needs no other flag.
-
-    Uses ``fixres.export.export_model`` where it exists (one export format for the project).
-    """
-    try:
-        from fixres.export import export_model
-    except ImportError:
-        export_model = None
-    if export_model is not None:
-        path = Path(export_model(_unwrap(model), out_dir, model_name=model_name, cfg=cfg, test_size=test_size,
-                                 train_size=train_size, class_names=list(cfg.class_names or []) or None,
-                                 accuracy=accuracy))
-        return path, path.with_name(META_NAME)
-    sd = _cpu_state_dict(model)
-    path = save_safetensors(sd, out_dir / MODEL_NAME, metadata={"model": model_name, "train_size": str(train_size)})
-    meta = {"model": model_name, "num_classes": cfg.num_classes, "class_names": list(cfg.class_names or []) or None,
-            "mean": list(cfg.mean), "std": list(cfg.std), "interpolation": cfg.interpolation,
-            "crop_ratio": cfg.crop_ratio, "train_size": train_size, "test_size": test_size, "accuracy": accuracy,
-            "produced_by": "fixres train"}
-    write_json(out_dir / META_NAME, meta)
-    return path, out_dir / META_NAME
+    """out_dir/model.safetensors + fixres.json (``fixres.export``: one format for the project), so
+    ``fixres eval --checkpoint`` needs no other flag."""
+    from fixres.export import META_NAME, export_model
+    path = Path(export_model(_unwrap(model), out_dir, model_name=model_name, cfg=cfg, test_size=test_size,
+                             train_size=train_size, class_names=list(cfg.class_names or []) or None,
+                             accuracy=accuracy))
+    return path, path.with_name(META_NAME)
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None]:

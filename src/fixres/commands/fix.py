@@ -70,13 +70,10 @@ def _pm(top1, std) -> str:
     return "n/a" if top1 is None else f"{top1:.1f}%" + ("" if std is None else f" ± {std:.1f}")
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 def run(args):
     from fixres.dist import refuse_distributed
     from fixres.pipeline import run_fix
+    from fixres.progress import format_duration
     refuse_distributed("fixres fix (run its steps, e.g. fixres train / finetune, under torchrun instead)")
     result = run_fix(config_from_args(args))
     h = result["headline"]
@@ -89,7 +86,7 @@ def run(args):
         f"  untuned at {h['test_size']}px:                     "
         f"{_pm(h['top1_untuned_at_test_size'], h['top1_untuned_at_test_size_std'])}",
         f"  after the fix at {h['test_size']}px:               {_pm(h['top1_fixed'], h['top1_fixed_std'])}",
-        f"  time: {_duration(h['seconds_total'])} in the steps ({_duration(result['seconds'])} in this call)",
+        f"  time: {format_duration(h['seconds_total'])} in the steps ({format_duration(result['seconds'])} in this call)",
         f"  fixed model: {result['export']}/model.safetensors",
         f"report: {result['report']}",
     ]
