@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FIXRES_SHARED_DATA", REPO.parent / "shared" / "data"))
+from _common import REPO, SHARED
 SWEEP_SIZES = (128, 160, 192, 224, 256, 288)
 TARGET_SWEEP_RATIO = 0.85
 TARGET_SPEEDUP = 2.0

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FIXRES_SHARED_DATA", REPO.parent / "shared" / "data"))
+from _common import shared_folder, small_split
 CACHE_TARGET = 8.0
 
 
@@ -64,17 +62,13 @@ def main(argv=None) -> int:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fixres_cache_bench_"))
     if args.quick:
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import write_image_folder
         torch.set_num_threads(1)
-        write_image_folder(out / "data" / "train", classes=3, per_class=16, seed=1)
-        write_image_folder(out / "data" / "val", classes=3, per_class=4, seed=2)
-        root, model_kw = out / "data", dict(model="fixres_tiny_resnet", num_classes=3, train_size=32)
+        root = small_split(out, val_per_class=4)
+        model_kw = dict(model="fixres_tiny_resnet", num_classes=3, train_size=32)
         test_size, workers, batch = args.test_size or 64, 0, 8
     else:
-        root = SHARED / "flowers17"
-        if not root.is_dir():
-            print(f"flowers17 not available ({root} is absent): nothing to measure", file=sys.stderr)
+        root = shared_folder("flowers17")
+        if root is None:
             return 0
         model_kw = dict(weights="efficientnet-lite0", num_classes=17, train_size=args.train_size)
         test_size = args.test_size or analysis.recommend_test_size(train_size=args.train_size)["test_size"]

@@ -15,13 +15,11 @@ Prints a table, writes JSON and a PNG (--out folder, default benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FIXRES_SHARED_DATA", REPO.parent / "shared" / "data"))
+from _common import REPO, SHARED
 FULL_SIZES = "128:384:32"
 QUICK_SIZES = "160,224,288"
 QUICK_IMAGES = 200
