@@ -95,7 +95,8 @@ def main(argv=None) -> int:
 
     from fixres.atomic import write_json
     from fixres.data import default_workers, resolve_split, scan_folder
-    from fixres.evaluate import evaluate, inference_precision
+    from fixres.engine import inference_precision
+    from fixres.evaluate import evaluate
     from fixres.models import load_model
 
     try:

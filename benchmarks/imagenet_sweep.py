@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     from fixres.atomic import write_json
     from fixres.commands._args import int_list
     from fixres.data import resolve_split, scan_folder
-    from fixres.evaluate import evaluate, inference_precision
+    from fixres.engine import inference_precision
+    from fixres.evaluate import evaluate
     from fixres.plots import plot_accuracy_vs_size
 
     sizes = int_list(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES))

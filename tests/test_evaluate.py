@@ -250,7 +250,7 @@ class _Overflowing(torch.nn.Module):
 
 
 def test_fp16_overflow_falls_back_to_fp32(image_folder, tiny_model):
-    from fixres.evaluate import inference_precision
+    from fixres.engine import inference_precision
     assert inference_precision(torch.device("cpu"), amp=False) == FP32
     index = scan_folder(image_folder)
     fp16 = Precision(True, torch.float16, True)

@@ -221,7 +221,7 @@ def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size
         model.eval()
         for m in modules:
             m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every image counts equally
+            m.momentum = None  # cumulative moving average: every batch counts equally (PyTorch's rule)
             m.train()
         n_images = 0
         skipped: list = []

@@ -28,7 +28,8 @@ from torch import nn
 from fixres import dist as fdist
 from fixres.config import DataConfig, validate_crop_ratio, validate_size
 from fixres.data import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader
-from fixres.engine import Precision, SingleThreaded, autocast, precision_for, prepare, to_device
+from fixres.engine import (Precision, SingleThreaded, autocast, inference_precision, prepare,
+                           to_device)
 from fixres.errors import FixresError, UsageError
 from fixres.progress import bar
 from fixres.transforms import MultiView, resize_for, ten_crop_transform, test_transform
@@ -55,31 +56,6 @@ class View:
     @property
     def resize(self) -> int:
         return resize_for(self.test_size, self.crop_ratio)
-
-
-def cpu_supports_fp16() -> bool:
-    """True where the CPU computes fp16 natively (AVX512-FP16 or AMX-FP16)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_fp16" in flags or "amx_fp16" in flags
-
-
-def inference_precision(device: torch.device, amp: bool = True) -> Precision:
-    """Precision for evaluation: fp16 autocast + channels_last where the hardware runs fp16 natively.
-
-    For inference fp16 beats bf16: as fast on such CPUs, and its 10-bit mantissa keeps predictions
-    equal to fp32 (EfficientNet-Lite0 on 1000 ImageNet photos: 0 of 1000 top-1 predictions changed
-    with fp16, 7 with bf16). Training keeps ``engine.precision_for`` (bf16 needs no loss scaling).
-    A batch whose fp16 logits are not finite is recomputed in fp32 (see ``evaluate``).
-    """
-    if not amp:
-        return precision_for(device, amp=False)
-    if device.type == "cuda" or (device.type == "cpu" and cpu_supports_fp16()):
-        return Precision(True, torch.float16, True)
-    return precision_for(device, amp=True)
 
 
 def fold_std(correct: Sequence[bool] | np.ndarray, folds: int = DEFAULT_FOLDS) -> float:

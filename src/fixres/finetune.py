@@ -44,7 +44,7 @@ from fixres.checkpoint import load_training_state, save_training_state
 from fixres.config import DataConfig, validate_size
 from fixres.data import FolderIndex, ImageDataset, collate, default_workers
 from fixres.dist import DistEnv, all_gather_objects, all_reduce_sum, barrier, shard_indices
-from fixres.engine import Precision, SingleThreaded, autocast, precision_for, prepare, to_device
+from fixres.engine import Precision, SingleThreaded, autocast, inference_precision, precision_for, prepare, to_device
 from fixres.errors import FixresError, UsageError
 from fixres.hooks import hooked
 from fixres.structure import DEFAULT_PARTS, Selection, find_parts, select_parts
@@ -61,6 +61,10 @@ DECAY_AT = 0.5
 DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_CACHE_BUDGET_MB = 2048
+#: Per-epoch seeds are seed * EPOCH_SEED_STRIDE + epoch: distinct for any run shorter than this many epochs.
+EPOCH_SEED_STRIDE = 100_003
+#: Seeds of ranks > 0 are offset by multiples of this, far from any seed a user would pick.
+RANK_SEED_STRIDE = 1_000_003
 FINETUNE_AUGMENTATIONS = ("test", "test2", "train")
 STATE_NAME = "finetune_state.pt"
 LOG_NAME = "finetune_log.jsonl"
@@ -271,7 +275,7 @@ def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, b
 
     Measured at the inference precision, so the number is the one ``fixres eval`` gives for the export.
     """
-    from fixres.evaluate import evaluate, inference_precision
+    from fixres.evaluate import evaluate
     res = evaluate(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
                    batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
                    workers=workers, progress=progress, per_class=False)
@@ -317,7 +321,7 @@ def _adapted_state(model: nn.Module, sel: Selection) -> dict[str, torch.Tensor]:
 
 def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Epoch ``epoch``'s batches: a permutation fixed by (seed, epoch); no batch of one image (batch-norm)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) < 2:
@@ -327,7 +331,7 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
 
 def _seed_epoch(seed: int, epoch: int) -> None:
     # random augmentations draw from the global generators: fix them per epoch so a resume replays them
-    s = seed * 100_003 + epoch
+    s = seed * EPOCH_SEED_STRIDE + epoch
     torch.manual_seed(s)
     random.seed(s)
     np.random.seed(s % (2 ** 32))
@@ -548,8 +552,9 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     try:
         for epoch in range(start_epoch, epochs):
             _set_modes(model, sel)
-            _seed_epoch(seed + env.rank, epoch)
-            batches = _epoch_batches(len(train_samples), local_batch, seed + env.rank, epoch)
+            rank_seed = seed + RANK_SEED_STRIDE * env.rank  # rank 0 = the single-process run
+            _seed_epoch(rank_seed, epoch)
+            batches = _epoch_batches(len(train_samples), local_batch, rank_seed, epoch)
             t_ep = time.perf_counter()
             total_loss = hits = seen = 0.0
             steps = 0

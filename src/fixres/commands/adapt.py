@@ -71,4 +71,7 @@ def run(args):
                      f"{after['top1']:.2f} ± {after['top1_std']:.2f}% after")
     if "export" in result:
         lines.append(f"  adapted model: {result['export']}")
+    else:
+        lines.append(f"  frechet is an equalisation after the pooling (a hook), not weights: its parameters are in "
+                     f"{out / 'adapt.json'}, no model is exported (bn-recalibrate, gaussian and finetune export one)")
     return result, "\n".join(lines)

@@ -89,7 +89,8 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
     from fixres import dist
     from fixres.data import read_class_map, resolve_split, scan_folder
     from fixres.errors import UsageError
-    from fixres.evaluate import DEFAULT_BATCH_SIZE, evaluate, inference_precision
+    from fixres.engine import inference_precision
+    from fixres.evaluate import DEFAULT_BATCH_SIZE, evaluate
     from fixres.models import load_model, num_outputs
     from fixres.progress import status
 

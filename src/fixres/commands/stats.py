@@ -54,7 +54,8 @@ def run(args):
     before = activation_stats(bundle.model, index, cfg, **kw)
     after = None
     if args.compare:
-        other = load_model(model=args.model, checkpoint=args.compare, num_classes=args.num_classes)
+        other = load_model(model=args.model, checkpoint=args.compare, num_classes=args.num_classes,
+                           train_size=args.train_size)
         after = activation_stats(other.model, index, cfg, grid=before["sizes"][0]["cdf_x"], **kw)
     out = Path(args.out or DEFAULT_OUT)
     png = plot_stats(before, out / "activation_cdf.png", compare=after,
