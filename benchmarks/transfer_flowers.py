@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from fixres import analysis
     from fixres.adapt import adapt
     from fixres.data import resolve_split, scan_folder
-    from fixres.engine import precision_for
+    from fixres.engine import inference_precision, precision_for
     from fixres.evaluate import evaluate
     from fixres.finetune import evaluate_at, finetune
     from fixres.models import load_model, load_weights_strict
@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     # (3) sweep, one pass
     t0 = time.perf_counter()
     model.eval()
-    sweep = evaluate(model, val_idx.samples, cfg, test_sizes=sizes, batch_size=64, precision=precision,
+    sweep = evaluate(model, val_idx.samples, cfg, test_sizes=sizes, batch_size=64,
+                     precision=inference_precision(device, precision.amp),  # as `fixres eval` and evaluate_at
                      workers=workers, progress=False, per_class=False)
     timings["sweep_s"] = round(time.perf_counter() - t0, 1)
     rows = {int(r["test_size"]): {"top1": r["top1"], "top1_std": r["top1_std"]} for r in sweep["rows"]}

@@ -311,8 +311,9 @@ def run_fix(config: FixConfig) -> dict:
 
     from fixres.evaluate import evaluate
 
-    eval_kw = dict(batch_size=config.batch_size, env=env, precision=precision, workers=config.workers,
-                   progress=config.progress)
+    # every accuracy in the run is measured as `fixres eval` measures it (inference precision)
+    eval_kw = dict(batch_size=config.batch_size, env=env, precision=engine.inference_precision(env.device, config.amp),
+                   workers=config.workers, progress=config.progress)
     # ---- 4. sweep before
     header(4, "sweep_before", f"top-1 at test sizes {','.join(map(str, test_sizes))}")
     if not state.done("sweep_before"):

@@ -120,13 +120,16 @@ def seed_everything(seed: int) -> None:
 
 def _validate(model: nn.Module, samples, cfg: DataConfig, *, sizes: Sequence[int], batch_size: int, env,
               precision, workers: int, progress: bool) -> dict:
-    """Top-1 (percent) at each size, via ``fixres.evaluate`` (one decode per image for all sizes)."""
+    """Top-1 (percent) at each size, via ``fixres.evaluate`` (one decode per image for all sizes), at the
+    inference precision, so the numbers are those ``fixres eval`` gives for the saved model."""
+    from fixres.engine import inference_precision
     from fixres.evaluate import evaluate
     was_training = model.training
     model.eval()
     try:
         res = evaluate(model, samples, cfg, test_sizes=list(sizes), crop_ratios=[cfg.crop_ratio],
-                       batch_size=batch_size, env=env, precision=precision, workers=workers, progress=progress,
+                       batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
+                       workers=workers, progress=progress,
                        num_classes=cfg.num_classes, per_class=False)
     finally:
         model.train(was_training)
