@@ -67,10 +67,15 @@ def _train_run(model_name, train_s, val_s, classes, *, size, val_sizes, args, en
     fwd = [r["forward_ms"] for r in log if r.get("forward_ms") is not None]
     bwd = [r["backward_ms"] for r in log if r.get("backward_ms") is not None]
     steps = sum(r["images"] for r in log) / max(1, len(log)) / (args.batch_size)
+    # the final model's top-1 with the leave-one-fold-out std, measured as `fixres eval` does
+    from fixres.evaluate import evaluate
+    ev = evaluate(bundle.model, val_s, cfg, test_sizes=sorted(set(val_sizes)), env=env, workers=args.workers,
+                  progress=False, per_class=False)
     return {"model": bundle.model, "cfg": cfg, "result": res, "wall_s": wall,
             "forward_ms": sum(fwd) / len(fwd), "forward_ms_std": log[-1].get("forward_ms_std"),
             "backward_ms": sum(bwd) / len(bwd), "backward_ms_std": log[-1].get("backward_ms_std"),
-            "steps_per_epoch": steps, "val_top1": {int(k): v for k, v in res["epochs"][-1]["val_top1"].items()}}
+            "steps_per_epoch": steps, "val_top1": {int(r["test_size"]): r["top1"] for r in ev["rows"]},
+            "val_top1_std": {int(r["test_size"]): r["top1_std"] for r in ev["rows"]}}
 
 
 def main(argv=None) -> int:
@@ -128,19 +133,13 @@ def main(argv=None) -> int:
         runs[size] = _train_run(args.model, tr.samples, va.samples, tr.classes, size=size, val_sizes=val_for[size],
                                 args=args, env=env, precision=precision, out=out / f"train_{size}")
 
-    try:
-        from fixres.finetune import finetune
-    except ImportError:
-        finetune = None
+    from fixres.finetune import finetune
     rows = []
     for t, s in args.pairs:
         rt, rs = runs[t], runs[s]
-        ft = None
-        if finetune is not None:
-            ft = finetune(rt["model"], tr.samples, va.samples, rt["cfg"], test_size=s, epochs=args.ft_epochs,
-                          batch_size=args.ft_batch_size, cache=args.ft_cache, out_dir=out / f"fix_{t}_{s}",
-                          env=env, precision=precision, seed=args.seed, workers=args.workers,
-                          progress=not args.quiet)
+        ft = finetune(rt["model"], tr.samples, va.samples, rt["cfg"], test_size=s, epochs=args.ft_epochs,
+                      batch_size=args.ft_batch_size, cache=args.ft_cache, out_dir=out / f"fix_{t}_{s}", env=env, precision=precision, seed=args.seed, workers=args.workers,
+                      progress=not args.quiet)
         ft_fwd, ft_fwd_sd = _ms(ft["timing"]["ms_per_batch_forward"]) if ft else (None, None)
         ft_bwd, ft_bwd_sd = _ms(ft["timing"]["ms_per_batch_backward"]) if ft else (None, None)
         n_train = len(tr.samples)
@@ -159,6 +158,9 @@ def main(argv=None) -> int:
             "top1": {"T@T": rt["val_top1"].get(t), "T@S": rt["val_top1"].get(s),
                      "T+fix@S": ft["after"]["top1"] if ft and ft.get("after") else None,
                      "S@S": rs["val_top1"].get(s)},
+            "top1_std": {"T@T": rt["val_top1_std"].get(t), "T@S": rt["val_top1_std"].get(s),
+                         "T+fix@S": ft["after"]["top1_std"] if ft and ft.get("after") else None,
+                         "S@S": rs["val_top1_std"].get(s)},
         })
 
     result = {"model": args.model, "data": str(root), "n_train": len(tr.samples), "n_val": len(va.samples),
@@ -174,25 +176,29 @@ def main(argv=None) -> int:
 def render(r: dict) -> str:
     def f(v, fmt="{:.1f}"):
         return "-" if v is None else fmt.format(v)
+
+    def acc_pm(row, key):
+        v, sd = row["top1"][key], (row.get("top1_std") or {}).get(key)
+        return "-" if v is None else f"{v:.1f}" + ("" if sd is None else f" ± {sd:.1f}")
     lines = [f"cost table (paper table 7 analogue): {r['model']} on {r['n_train']} train / {r['n_val']} val images, "
              f"{r['device']} {r['precision']}, {r['torch_threads']} thread(s); training batch {r['batch_size']}, "
              f"fine-tuning batch {r['ft_batch_size']}; {r['epochs']} train + {r['ft_epochs']} fine-tune epochs run",
              f"{'train':>5} {'test':>5} | {'train ms/batch fwd':>18} {'bwd':>7} | {'fix ms/batch fwd':>16} {'bwd':>7} | "
-             f"{'wall s':>7} | {'120+60 ep. s':>12} | {'top-1 %':>7}"]
+             f"{'wall s':>7} | {'120+60 ep. s':>12} | {'top-1 %':>11}"]
     for row in r["rows"]:
         t, s = row["train_size"], row["test_size"]
         tt, ts = row["train_ms"][t], row["train_ms"][s]
-        w, pp, acc = row["wall_s"], row["paper_protocol_s"], row["top1"]
+        w, pp = row["wall_s"], row["paper_protocol_s"]
         lines.append(f"{t:>5} {t:>5} | {f(tt[0]):>18} {f(tt[1]):>7} | {'':>16} {'':>7} | {f(w['train_T'], '{:.0f}'):>7} | "
-                     f"{f(pp['train_T'], '{:.0f}'):>12} | {f(acc['T@T']):>7}")
+                     f"{f(pp['train_T'], '{:.0f}'):>12} | {acc_pm(row, 'T@T'):>11}")
         lines.append(f"{s:>5} {s:>5} | {f(ts[0]):>18} {f(ts[1]):>7} | {'':>16} {'':>7} | {f(w['train_S'], '{:.0f}'):>7} | "
-                     f"{f(pp['train_S'], '{:.0f}'):>12} | {f(acc['S@S']):>7}")
+                     f"{f(pp['train_S'], '{:.0f}'):>12} | {acc_pm(row, 'S@S'):>11}")
         lines.append(f"{t:>5} {s:>5} | {f(tt[0]):>18} {f(tt[1]):>7} | {'':>16} {'':>7} | {'(no fix)':>7} | "
-                     f"{f(pp['train_T'], '{:.0f}'):>12} | {f(acc['T@S']):>7}")
+                     f"{f(pp['train_T'], '{:.0f}'):>12} | {acc_pm(row, 'T@S'):>11}")
         fw = None if w["finetune_S"] is None else w["train_T"] + w["finetune_S"]
         lines.append(f"{t:>5} {s:>5} | {f(tt[0]):>18} {f(tt[1]):>7} | {f(row['finetune_ms'][0]):>16} "
                      f"{f(row['finetune_ms'][1]):>7} | {f(fw, '{:.0f}'):>7} | {f(pp['train_T_fix_S'], '{:.0f}'):>12} | "
-                     f"{f(acc['T+fix@S']):>7}  <- train at {t} + fix at {s}")
+                     f"{acc_pm(row, 'T+fix@S'):>11}  <- train at {t} + fix at {s}")
         ratio = pp["train_T_fix_S"] / pp["train_S"] if pp["train_S"] else None
         lines.append(f"      cost of 'train {t} + fix {s}' / 'train {s}' (paper protocol): {f(ratio, '{:.2f}')}x"
                      + (" (fine-tuning used the activation cache)" if row["finetune_cache_used"] else ""))
