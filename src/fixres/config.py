@@ -26,6 +26,16 @@ RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic")
+#: Folds of the leave-one-fold-out standard deviation (paper, section 5).
+DEFAULT_FOLDS = 10
+#: What FixRes adapts by default (the paper): the classifier and the batch-norm before pooling.
+DEFAULT_PARTS = ("classifier", "bn")
+#: Fine-tuning augmentations (section 5): test DA, test DA2, train DA.
+FINETUNE_AUGMENTATIONS = ("test", "test2", "train")
+#: The embedded data set's default size: classes and photos per class.
+DEFAULT_CLASSES = 10
+DEFAULT_TRAIN_PER_CLASS = 150
+DEFAULT_VAL_PER_CLASS = 50
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fixres import dist as fdist
-from fixres.config import DataConfig, validate_crop_ratio, validate_size
+from fixres.config import DEFAULT_FOLDS, DataConfig, validate_crop_ratio, validate_size
 from fixres.data import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader
 from fixres.engine import (Precision, SingleThreaded, autocast, inference_precision, prepare,
                            to_device)
@@ -35,7 +35,6 @@ from fixres.progress import bar
 from fixres.transforms import MultiView, resize_for, ten_crop_transform, test_transform
 
 #: Section 5: the validation images are split into 10 folds for the leave-one-fold-out std.
-DEFAULT_FOLDS = 10
 DEFAULT_BATCH_SIZE = 64
 #: top-5 is the paper's second metric; with fewer classes it degrades to top-K with K = classes.
 TOP5 = 5

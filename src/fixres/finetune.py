@@ -41,13 +41,13 @@ from torch.utils.data import DataLoader
 from fixres import progress as prog
 from fixres.atomic import append_jsonl, write_json, write_text
 from fixres.checkpoint import load_training_state, save_training_state
-from fixres.config import DataConfig, validate_size
+from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS, DataConfig, validate_size
 from fixres.data import FolderIndex, ImageDataset, collate, default_workers
 from fixres.dist import DistEnv, all_gather_objects, all_reduce_sum, barrier, shard_indices
 from fixres.engine import Precision, SingleThreaded, autocast, inference_precision, precision_for, prepare, to_device
 from fixres.errors import FixresError, UsageError
 from fixres.hooks import hooked
-from fixres.structure import DEFAULT_PARTS, Selection, find_parts, select_parts
+from fixres.structure import Selection, find_parts, select_parts
 from fixres.transforms import build_transform
 
 #: The paper's fine-tuning rate (section 5): 0.008 for a batch of 512, scaled linearly.
@@ -65,7 +65,6 @@ DEFAULT_CACHE_BUDGET_MB = 2048
 EPOCH_SEED_STRIDE = 100_003
 #: Seeds of ranks > 0 are offset by multiples of this, far from any seed a user would pick.
 RANK_SEED_STRIDE = 1_000_003
-FINETUNE_AUGMENTATIONS = ("test", "test2", "train")
 STATE_NAME = "finetune_state.pt"
 LOG_NAME = "finetune_log.jsonl"
 RESULT_NAME = "finetune.json"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fixres.atomic import write_json
+from fixres import config as config_vocab
 from fixres.errors import FixresError, UsageError
 from fixres.export import WEIGHTS_NAME
 
@@ -48,7 +49,7 @@ EMBEDDED_TRAIN_LR = 0.2
 DEFAULT_TRAIN_REPEATS = 1
 DEFAULT_FINETUNE_EPOCHS = 10
 DEFAULT_BATCH = 64
-DEFAULT_PARTS = "classifier,bn"
+DEFAULT_PARTS = ",".join(config_vocab.DEFAULT_PARTS)
 #: Default sweep: multiples of the model's stride (appendix B: other sizes suffer border and round-off
 #: effects, visible as a saw-tooth in the curve) from SWEEP_LOW x T to SWEEP_HIGH x T.
 SWEEP_STEP = 32
@@ -100,9 +101,9 @@ class FixConfig:
     workers: int | None = None
     seed: int = 0
     # embedded data set
-    classes: int = 10
-    train_per_class: int = 150
-    val_per_class: int = 50
+    classes: int = config_vocab.DEFAULT_CLASSES
+    train_per_class: int = config_vocab.DEFAULT_TRAIN_PER_CLASS
+    val_per_class: int = config_vocab.DEFAULT_VAL_PER_CLASS
     stats_sizes: list[int] | None = None
     restart: bool = False
     progress: bool = True

@@ -34,7 +34,6 @@ from fixres.errors import FixresError, UsageError
 
 #: Names accepted by ``--parts`` besides explicit module names.
 PART_NAMES = ("classifier", "bn", "bn-stats", "last-stage")
-DEFAULT_PARTS = ("classifier", "bn")
 #: Trace input size: large enough that every classic CNN keeps a spatial map > 1x1 before pooling.
 TRACE_SIZE = 64
 _STOP_NODES = ("Convolution", "Addmm", "Mm", "Bmm", "Linear", "Matmul", "Embedding")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fixres.config import DEFAULT_CLASSES, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL_PER_CLASS
 from fixres.errors import UsageError
 
 #: (shape, texture) of each class, in the order classes are added; pairs share shapes and textures.
@@ -73,9 +74,9 @@ SPLIT_SEEDS = {"train": 1, "val": 2}
 
 @dataclass(frozen=True)
 class SynthConfig:
-    classes: int = 10
-    train_per_class: int = 150
-    val_per_class: int = 50
+    classes: int = DEFAULT_CLASSES
+    train_per_class: int = DEFAULT_TRAIN_PER_CLASS
+    val_per_class: int = DEFAULT_VAL_PER_CLASS
     seed: int = 0
     short_side: tuple[int, int] = SHORT_SIDE
     distance: tuple[float, float] = DISTANCE
@@ -327,7 +328,8 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
         return None
 
 
-def make_dataset(out: str | os.PathLike, *, classes: int = 10, train_per_class: int = 150, val_per_class: int = 50,
+def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES, train_per_class: int = DEFAULT_TRAIN_PER_CLASS,
+                 val_per_class: int = DEFAULT_VAL_PER_CLASS,
                  seed: int = 0, short_side: tuple[int, int] = SHORT_SIDE, distance: tuple[float, float] = DISTANCE,
                  jpeg_quality: int = JPEG_QUALITY, overwrite: bool = False, workers: int | None = None,
                  progress: bool = True) -> dict:

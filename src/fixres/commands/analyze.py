@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fixres.commands._args import crop_ratio, positive_int, warn_stride
+from fixres.config import DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE
 
 
 def add_parser(sub, parents):
@@ -11,9 +12,11 @@ def add_parser(sub, parents):
         help="apparent object size ratio and the recommended test size (no model needed)",
         description="Closed form of the paper's eq. (5) and a Monte-Carlo estimate that samples the real "
                     "RandomResizedCrop; recommends the test size whose apparent object sizes match training.")
-    p.add_argument("--train-size", type=positive_int, default=224, help="training crop size T (default 224)")
+    p.add_argument("--train-size", type=positive_int, default=DEFAULT_TRAIN_SIZE,
+                   help=f"training crop size T (default {DEFAULT_TRAIN_SIZE})")
     p.add_argument("--crop-ratio", type=crop_ratio, default=0.875, help="test_size / resize (default 0.875 = 224/256)")
-    p.add_argument("--stride", type=positive_int, default=32, help="round test sizes to this multiple (appendix B)")
+    p.add_argument("--stride", type=positive_int, default=DEFAULT_STRIDE,
+                   help=f"round test sizes to this multiple (appendix B; default {DEFAULT_STRIDE})")
     p.add_argument("--test-size", type=positive_int, default=None,
                    help="also report the train size to use for this target test size")
     p.add_argument("--image-sizes", default=None, metavar="WxH,...",

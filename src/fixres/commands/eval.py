@@ -11,6 +11,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from fixres.commands._args import (add_model_args, add_runtime_args, int_list, positive_int, warn_stride)
+from fixres.config import DEFAULT_FOLDS
 
 DEFAULT_OUT = "runs/eval"
 #: 10-crop testing feeds ten crops per image and view: keep the default batch's memory the same.
@@ -24,7 +25,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", type=int_list, action="append", default=None, metavar="S1,S2",
                    help="also evaluate the averaged softmax over these test sizes (section 5.1); repeatable")
     p.add_argument("--ten-crop", action="store_true", help="10-crop testing (4 corners + centre, and mirrors)")
-    p.add_argument("--folds", type=positive_int, default=10,
+    p.add_argument("--folds", type=positive_int, default=DEFAULT_FOLDS,
                    help="folds for the leave-one-fold-out std (section 5; default 10)")
     p.add_argument("--train-size", type=positive_int, default=None,
                    help="the model's train size (default: from its data config)")

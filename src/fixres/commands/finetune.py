@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fixres.commands._args import add_model_args, add_runtime_args, positive_float, positive_int
+from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS
 
 DEFAULT_OUT = "runs/finetune"
 PAPER_EPOCHS = 60
@@ -36,11 +37,11 @@ def add_parser(sub, parents):
                     "finetune.json, finetune_log.jsonl, finetune_state.pt and the fixed model "
                     f"(model.safetensors + fixres.json) to --out (default {DEFAULT_OUT}).")
     add_data_args(p, test_size_help="the resolution to fix the model for")
-    p.add_argument("--parts", default="classifier,bn",
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help="what adapts: classifier, bn (affine + statistics of the batch-norm before pooling), "
                         "bn-stats (statistics only), last-stage, or module names; comma-separated "
                         "(default classifier,bn as in the paper)")
-    p.add_argument("--augment", choices=("test", "test2", "train"), default="test",
+    p.add_argument("--augment", choices=FINETUNE_AUGMENTATIONS, default="test",
                    help="fine-tuning augmentation: test DA (default, the paper's), test DA2, or train DA")
     p.add_argument("--epochs", type=positive_int, default=PAPER_EPOCHS, help=f"default {PAPER_EPOCHS} (paper)")
     p.add_argument("--lr", type=positive_float, default=None,

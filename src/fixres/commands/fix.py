@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from fixres.commands._args import add_model_args, add_runtime_args, int_list, positive_float, positive_int
+from fixres.config import (DEFAULT_CLASSES, DEFAULT_PARTS, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL_PER_CLASS,
+                           FINETUNE_AUGMENTATIONS)
 
 DESCRIPTION = """\
 The whole method on your model and data: analyse the apparent object sizes (recommended test size),
@@ -30,9 +32,9 @@ def add_parser(sub, parents):
     g.add_argument("--test-size", type=positive_int, default=None,
                    help="fix at this size (default: the larger of the recommended and the best untuned size)")
     f = p.add_argument_group("fine-tuning (paper defaults: classifier + bn, test DA)")
-    f.add_argument("--parts", default="classifier,bn",
+    f.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help="what adapts: classifier, classifier,bn, classifier,bn,last-stage, bn-stats or module names")
-    f.add_argument("--augment", choices=("test", "test2", "train"), default="test",
+    f.add_argument("--augment", choices=FINETUNE_AUGMENTATIONS, default="test",
                    help="fine-tuning augmentation (test = the test pre-processing, cached)")
     f.add_argument("--epochs", type=positive_int, default=10, help="fine-tuning epochs (default 10)")
     f.add_argument("--lr", type=positive_float, default=None,
@@ -44,9 +46,12 @@ def add_parser(sub, parents):
     t.add_argument("--train-batch-size", type=positive_int, default=64, help="training batch (default 64)")
     t.add_argument("--train-lr", type=positive_float, default=None, help="(default 0.1 x batch / 256)")
     e = p.add_argument_group("embedded data set")
-    e.add_argument("--classes", type=positive_int, default=10, help="object classes (default 10)")
-    e.add_argument("--train-per-class", type=positive_int, default=150, help="training photos per class (default 150)")
-    e.add_argument("--val-per-class", type=positive_int, default=50, help="validation photos per class (default 50)")
+    e.add_argument("--classes", type=positive_int, default=DEFAULT_CLASSES,
+                   help=f"object classes (default {DEFAULT_CLASSES})")
+    e.add_argument("--train-per-class", type=positive_int, default=DEFAULT_TRAIN_PER_CLASS,
+                   help=f"training photos per class (default {DEFAULT_TRAIN_PER_CLASS})")
+    e.add_argument("--val-per-class", type=positive_int, default=DEFAULT_VAL_PER_CLASS,
+                   help=f"validation photos per class (default {DEFAULT_VAL_PER_CLASS})")
     p.add_argument("--restart", action="store_true", help="start the run folder over instead of resuming it")
     add_runtime_args(p, batch_default=64)
     return p
