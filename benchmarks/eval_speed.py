@@ -11,7 +11,7 @@
 
 The machine may be shared: each comparison runs its two sides back to back, alternating which goes
 first over ``--repeats``, after an untimed warm-up of every input shape; the spread is reported.
-Prints a table, writes JSON (--out, default benchmarks/results/eval_speed.json). Needs
+Prints a table, writes JSON (--out, default benchmarks/results/eval_speed.json; eval_speed_quick.json with --quick). Needs
 ../shared/data/imagenet-sample (or FIXRES_SHARED_DATA) and the efficientnet-lite registry weights.
 
     .venv/bin/python benchmarks/eval_speed.py [--quick] [--images N] [--repeats R]
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers for both sides (default: fixres's)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "eval_speed.json"))
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default benchmarks/results/eval_speed.json, or eval_speed_quick.json)")
     args = ap.parse_args(argv)
 
     data = Path(args.data)
@@ -201,6 +202,8 @@ def main(argv=None) -> int:
 
     result["load_avg_end"] = os.getloadavg()
     print("\n" + table(result))
+    if args.out is None:  # a --quick run never overwrites the full result
+        args.out = str(REPO / "benchmarks" / "results" / f"eval_speed{'_quick' if args.quick else ''}.json")
     write_json(args.out, result)
     print(f"results: {args.out}")
     return 0
