@@ -42,8 +42,10 @@ COMMON=(--model "$MODEL" --num-classes "$CLASSES" --train-size "$T" --device "$D
 step() {  # step NAME PY_EXPR_FOR_IMAGES_PER_S -- command...; prints one line, fails loudly
   local name=$1 expr=$2; shift 3
   local t0=$SECONDS
-  if ! "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"; then
-    echo "gpu_smoke: FAIL $name (exit $?): $(tail -n 3 "$OUT/$name.err" | tr '\n' ' ')" >&2
+  local rc=0
+  "$@" > "$OUT/$name.json" 2> "$OUT/$name.err" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "gpu_smoke: FAIL $name (exit $rc): $(tail -n 3 "$OUT/$name.err" | tr '\n' ' ')" >&2
     exit 1
   fi
   "$PY" - "$OUT/$name.json" "$name" "$((SECONDS - t0))" "$expr" <<'EOF'
