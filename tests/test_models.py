@@ -91,6 +91,14 @@ def test_timm_and_torchvision_names_resolve():
         create_model("resnet5O")
 
 
+def test_network_stride_comes_from_the_model():
+    from fixres.models import load_model, network_stride
+    assert network_stride(create_model("resnet18")[0]) == 32
+    assert network_stride(create_model("vit_tiny_patch16_224")[0]) == 16  # timm records 16 for patch-16 ViTs
+    assert network_stride(create_model("torchvision:resnet18")[0]) == 32  # no feature_info: the CNN default
+    assert load_model(model="vit_tiny_patch16_224").data_config.stride == 16
+
+
 def test_wnid_folders_use_imagenet_indices(tmp_path):
     from fixres.data import scan_folder
     from PIL import Image

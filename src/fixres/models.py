@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from fixres.checkpoint import load_state_dict
-from fixres.config import (DEFAULT_CROP_RATIO, DEFAULT_TRAIN_SIZE, IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN,
-                           INCEPTION_STD, DataConfig)
+from fixres.config import (DEFAULT_CROP_RATIO, DEFAULT_INTERPOLATION, DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE,
+                           IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, INTERPOLATION_NAMES, DataConfig)
 from fixres.errors import FixresError, UsageError
 from fixres.export import META_NAME as EXPORT_META_NAME
 
@@ -123,17 +123,29 @@ def num_outputs(model: nn.Module) -> int:
     return getattr(head, "out_features", None) or getattr(head, "out_channels")
 
 
+def network_stride(model: nn.Module) -> int:
+    """Total down-sampling of the last feature map: timm records it per stage (``feature_info``);
+    other models get the classic CNN value (ResNet, EfficientNet, ConvNeXt, RegNet, MobileNet: 32)."""
+    info = getattr(model, "feature_info", None)
+    try:
+        reduction = int(info[-1]["reduction"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return DEFAULT_STRIDE
+    return reduction if reduction > 0 else DEFAULT_STRIDE
+
+
 def data_config_for(model: nn.Module, source: str, *, train_size: int | None = None) -> DataConfig:
     """The model's own pre-processing: timm's pretrained_cfg when known, else the torchvision/ImageNet default."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    stride = network_stride(model)
     if source == "timm" and cfg:
         size = int(cfg.get("input_size", (3, DEFAULT_TRAIN_SIZE, DEFAULT_TRAIN_SIZE))[-1])
-        interp = cfg.get("interpolation", "bilinear")
+        interp = cfg.get("interpolation", DEFAULT_INTERPOLATION)
         return DataConfig(mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
-                          interpolation=interp if interp in ("nearest", "bilinear", "bicubic") else "bilinear",
+                          interpolation=interp if interp in INTERPOLATION_NAMES else DEFAULT_INTERPOLATION,
                           crop_ratio=float(cfg.get("crop_pct", DEFAULT_CROP_RATIO)),
-                          train_size=train_size or size)
-    return DataConfig(train_size=train_size or DEFAULT_TRAIN_SIZE)
+                          train_size=train_size or size, stride=stride)
+    return DataConfig(train_size=train_size or DEFAULT_TRAIN_SIZE, stride=stride)
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite registry weights
@@ -302,7 +314,7 @@ def load_model(*, model: str | None = None, checkpoint: str | None = None, weigh
     cfg = data_config_for(net, source, train_size=train_size)
     if export is not None:
         cfg = DataConfig(mean=tuple(export["mean"]), std=tuple(export["std"]),
-                         interpolation=export.get("interpolation", "bilinear"),
+                         interpolation=export.get("interpolation", DEFAULT_INTERPOLATION), stride=cfg.stride,
                          crop_ratio=float(export.get("crop_ratio", DEFAULT_CROP_RATIO)),
                          train_size=int(train_size or export.get("train_size", DEFAULT_TRAIN_SIZE)),
                          num_classes=export.get("num_classes"),
