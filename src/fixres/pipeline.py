@@ -459,18 +459,8 @@ def _activation_stats(model, samples, cfg, sizes, *, env, precision, batch_size,
 
 
 def normalize_stats(raw: dict) -> dict:
-    """Bring a ``fixres.stats`` result to {"sizes": {size: {"x", "cdf", "zeros", "above_2"}}} for the report."""
-    per = raw.get("sizes", raw.get("per_size", raw))
-    if isinstance(per, list):
-        per = {str(item.get("test_size")): item for item in per}
-    out = {}
-    for size, s in per.items():
-        if not isinstance(s, dict):
-            continue
-        cdf = s.get("cdf") if isinstance(s.get("cdf"), dict) else s
-        x = cdf.get("x") or cdf.get("cdf_x") or cdf.get("values")
-        y = cdf.get("cdf") if isinstance(cdf.get("cdf"), list) else (cdf.get("cdf_y") or cdf.get("p") or cdf.get("y"))
-        out[str(size)] = {"x": x, "cdf": y,
-                          "zeros": s.get("zeros", s.get("fraction_zeros", s.get("frac_zero"))),
-                          "above_2": s.get("above_2", s.get("fraction_above_2", s.get("frac_above_2")))}
-    return {"sizes": out}
+    """A ``fixres.stats.activation_stats`` result as {"sizes": {size: {"x", "cdf", "zeros", "above_2"}}},
+    the shape the report reads."""
+    return {"sizes": {str(row["test_size"]): {"x": row["cdf_x"], "cdf": row["cdf"], "zeros": row["frac_zero"],
+                                              "above_2": row["frac_above_2"]}
+                      for row in raw["sizes"]}}
