@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fixres.config import INTERPOLATION_NAMES
+from fixres.config import INTERPOLATION_NAMES, validate_crop_ratio
+from fixres.errors import UsageError
 
 
 def _number(text: str, cast, *, positive: bool):
@@ -40,12 +41,11 @@ def nonneg_float(text: str) -> float:
 
 def crop_ratio(text: str) -> float:
     try:
-        v = float(text)
+        return validate_crop_ratio(float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not (0 < v <= 1):
-        raise argparse.ArgumentTypeError(f"crop ratio must be in (0, 1], got {v}")
-    return v
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def int_list(text: str) -> list[int]:
@@ -67,12 +67,10 @@ def int_list(text: str) -> list[int]:
 
 
 def float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0.875,1.0, got {text!r}") from None
-    if not values or any(not (0 < v <= 1) for v in values):
-        raise argparse.ArgumentTypeError(f"crop ratios must be in (0, 1], got {text!r}")
+    """'0.875,1.0': crop ratios, each in (0, 1]."""
+    values = [crop_ratio(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected crop ratios like 0.875,1.0, got {text!r}")
     return values
 
 
