@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fixres.config import INTERPOLATION_NAMES, validate_crop_ratio
+from fixres.config import (DEFAULT_CLASSES, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL_PER_CLASS, INTERPOLATION_NAMES,
+                           validate_crop_ratio)
 from fixres.errors import UsageError
 
 
@@ -107,6 +108,16 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
                    help="normalisation mean per channel, in [0, 1] units")
     d.add_argument("--std", type=rgb_values, default=None, metavar="R,G,B",
                    help="normalisation std per channel, in [0, 1] units")
+
+
+def add_dataset_size_args(g) -> None:
+    """--classes/--train-per-class/--val-per-class of the embedded data set (make-dataset and fix)."""
+    g.add_argument("--classes", type=positive_int, default=DEFAULT_CLASSES,
+                   help=f"object classes (2-12, default {DEFAULT_CLASSES})")
+    g.add_argument("--train-per-class", type=positive_int, default=DEFAULT_TRAIN_PER_CLASS,
+                   help=f"training photos per class (default {DEFAULT_TRAIN_PER_CLASS})")
+    g.add_argument("--val-per-class", type=positive_int, default=DEFAULT_VAL_PER_CLASS,
+                   help=f"validation photos per class (default {DEFAULT_VAL_PER_CLASS})")
 
 
 def add_runtime_args(p: argparse.ArgumentParser, *, batch_default: int, batch_note: str = "") -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fixres.commands._args import add_model_args, add_runtime_args, int_list, positive_float, positive_int
-from fixres.config import (DEFAULT_CLASSES, DEFAULT_PARTS, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL_PER_CLASS,
-                           FINETUNE_AUGMENTATIONS)
+from fixres.commands._args import (add_dataset_size_args, add_model_args, add_runtime_args, int_list, positive_float,
+                                  positive_int)
+from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS
 
 DESCRIPTION = """\
 The whole method on your model and data: analyse the apparent object sizes (recommended test size),
@@ -46,12 +46,7 @@ def add_parser(sub, parents):
     t.add_argument("--train-batch-size", type=positive_int, default=64, help="training batch (default 64)")
     t.add_argument("--train-lr", type=positive_float, default=None, help="(default 0.1 x batch / 256)")
     e = p.add_argument_group("embedded data set")
-    e.add_argument("--classes", type=positive_int, default=DEFAULT_CLASSES,
-                   help=f"object classes (default {DEFAULT_CLASSES})")
-    e.add_argument("--train-per-class", type=positive_int, default=DEFAULT_TRAIN_PER_CLASS,
-                   help=f"training photos per class (default {DEFAULT_TRAIN_PER_CLASS})")
-    e.add_argument("--val-per-class", type=positive_int, default=DEFAULT_VAL_PER_CLASS,
-                   help=f"validation photos per class (default {DEFAULT_VAL_PER_CLASS})")
+    add_dataset_size_args(e)
     p.add_argument("--restart", action="store_true", help="start the run folder over instead of resuming it")
     add_runtime_args(p, batch_default=64)
     return p

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from fixres.commands._args import nonneg_int, positive_int
-from fixres.config import DEFAULT_CLASSES, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL_PER_CLASS
+from fixres.commands._args import add_dataset_size_args, nonneg_int
 
 
 def add_parser(sub, parents):
@@ -14,12 +13,7 @@ def add_parser(sub, parents):
                     "r = f R / Z, f proportional to sqrt(H W)), framed near the centre on cluttered backgrounds; "
                     "photos of a few hundred pixels, 4:3, 3:4, 16:9 or square. Written as JPEG ImageFolder "
                     "OUT/train/CLASS and OUT/val/CLASS. The same seed gives byte-identical files.")
-    p.add_argument("--classes", type=positive_int, default=DEFAULT_CLASSES,
-                   help=f"number of classes (2-12, default {DEFAULT_CLASSES})")
-    p.add_argument("--train-per-class", type=positive_int, default=DEFAULT_TRAIN_PER_CLASS,
-                   help=f"training photos per class (default {DEFAULT_TRAIN_PER_CLASS})")
-    p.add_argument("--val-per-class", type=positive_int, default=DEFAULT_VAL_PER_CLASS,
-                   help=f"validation photos per class (default {DEFAULT_VAL_PER_CLASS})")
+    add_dataset_size_args(p)
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     p.add_argument("--workers", type=nonneg_int, default=None, help="processes drawing photos (default: cores)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is in --out")
