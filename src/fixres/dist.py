@@ -96,6 +96,11 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return work.to(t.device)
 
 
+def all_reduce_sum_int(value: int, env: DistEnv) -> int:
+    """Sum one Python integer over ranks (exact: int64); the value itself in a single process."""
+    return int(all_reduce_sum(torch.tensor([int(value)], dtype=torch.int64), env)[0])
+
+
 def all_gather_objects(obj, env: DistEnv) -> list:
     """Gather a picklable Python object from every rank (rank order); [obj] in a single process."""
     if not env.distributed:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fixres import dist as fdist
+from fixres.calibration import ece, reliability
 from fixres.config import DEFAULT_FOLDS, DataConfig, validate_crop_ratio, validate_size
 from fixres.data import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader
 from fixres.engine import (Precision, SingleThreaded, autocast, inference_precision, prepare,
@@ -135,28 +136,24 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor, k5: int) -> tuple[np.nda
     return ((rank == 0).numpy(), (rank < k5).numpy(), (-true[:, 0]).double().numpy())
 
 
-def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence[int],
-             crop_ratios: Sequence[float] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-             env: fdist.DistEnv | None = None, precision: Precision | None = None, workers: int | None = None,
-             ensembles: Sequence[Sequence] = (), ten_crop: bool = False, folds: int = DEFAULT_FOLDS,
-             progress: bool = True, num_classes: int | None = None, class_names: Sequence[str] | None = None,
-             per_class: bool = True) -> dict:
-    """Evaluate ``model`` on ``samples`` at every (test_size, crop_ratio) pair in one pass.
+@dataclass
+class _Plan:
+    """What ``evaluate`` was asked for, validated: the samples, the views and ensembles, the class count."""
 
-    ``samples``: a ``FolderIndex`` or a list of (path, label). ``crop_ratios`` defaults to the data
-    config's. ``ensembles``: e.g. ``[(384, 352)]``, averaged softmax over those sizes (their views
-    are added if not requested). ``ten_crop``: each view is the average softmax of 10 crops.
-    ``num_classes``: the data set's number of classes; it must equal the model's outputs.
+    samples: list
+    views: list[View]
+    ens_views: list[tuple[View, ...]]
+    class_names: Sequence[str] | None
+    num_classes: int | None
+    max_label: int
 
-    Returns a JSON-ready dict: ``rows`` (one per view: test_size, crop_ratio, resize, top1, top1_std,
-    top5, top5_std, loss, n, correct, correct5), ``ensembles``, ``n_images``, ``skipped`` ([{path,
-    reason}]), ``per_class`` (classes, count per class, top-1 per class for each view), timing.
-    Accuracies are in percent. The model is moved to the evaluation device (channels_last when the
-    precision says so) and returned to its previous train/eval mode. ``precision`` defaults to
-    ``inference_precision``; ``workers`` to ``data.default_workers``.
-    """
-    env = env or fdist.DistEnv()
-    precision = precision or inference_precision(env.device)
+    @property
+    def row_keys(self) -> list[str]:
+        return [v.key for v in self.views] + ["+".join(v.key for v in m) for m in self.ens_views]
+
+
+def _plan(model: nn.Module, samples, cfg: DataConfig, *, test_sizes, crop_ratios, ensembles, batch_size: int,
+          folds: int, num_classes: int | None, class_names) -> _Plan:
     if batch_size <= 0:
         raise UsageError(f"batch size must be positive, got {batch_size}")
     if folds < 2:
@@ -175,169 +172,247 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     ens_views = _ensemble_views(ensembles, float(crop_ratios[0]))
     for members in ens_views:
         views.extend(v for v in members if v not in views)
-    pos = {v: i for i, v in enumerate(views)}
-
-    n_model = _model_outputs(model)
-    if num_classes is not None and n_model is not None and num_classes != n_model:
-        raise _class_mismatch(num_classes, n_model)
     max_label = max(label for _, label in samples)
-    if n_model is not None and max_label >= n_model:
-        raise _class_mismatch(max_label + 1, n_model)
+    _check_classes(_model_outputs(model), num_classes, max_label)
+    return _Plan(samples, views, ens_views, class_names, num_classes, max_label)
 
-    build = ten_crop_transform if ten_crop else test_transform
-    transform = MultiView([build(test_size=v.test_size, crop_ratio=v.crop_ratio, cfg=cfg) for v in views])
-    workers = default_workers(env.world_size) if workers is None else workers
-    if workers == 0:
-        transform = SingleThreaded(transform)
-    shard = fdist.shard_indices(len(samples), env.rank, env.world_size)
-    loader = make_loader(ImageDataset(samples, transform), batch_size=batch_size, sampler=IndexSampler(shard),
-                         workers=workers)
 
-    was_training = model.training
-    model = prepare(model, env.device, precision)
-    model.eval()
+def _check_classes(n_out: int | None, num_classes: int | None, max_label: int) -> None:
+    if n_out is None:
+        return
+    if num_classes is not None and num_classes != n_out:
+        raise _class_mismatch(num_classes, n_out)
+    if max_label >= n_out:
+        raise _class_mismatch(max_label + 1, n_out)
 
-    n_views, n_ens = len(views), len(ens_views)
-    idx_parts: list[np.ndarray] = []
-    label_parts: list[np.ndarray] = []
-    top1_parts: list[np.ndarray] = []   # (n_views + n_ens, batch) per batch
-    top5_parts: list[np.ndarray] = []
-    loss_parts: list[np.ndarray] = []
-    skipped_local: list[tuple[int, str, str]] = []
-    n_out: int | None = None
-    fallbacks = 0
-    start = time.perf_counter()
-    pbar = bar(len(shard), f"eval {len(views)} view{'s' if len(views) > 1 else ''}",
-               enabled=progress and env.is_main)
+
+@dataclass
+class _PerImage:
+    """Per-image outcomes, one row per view and ensemble: top-1/top-5 hits, cross-entropy, top-1 confidence."""
+
+    idx: np.ndarray
+    labels: np.ndarray
+    top1: np.ndarray   # (rows, images) bool
+    top5: np.ndarray
+    loss: np.ndarray   # (rows, images) float64
+    conf: np.ndarray   # (rows, images) float64: the largest softmax probability
+    log_probs: list | None = None  # per row, (images, classes) float32, when asked for
+
+    @classmethod
+    def concat(cls, parts: Sequence["_PerImage"], n_rows: int) -> "_PerImage":
+        def cat(name, dtype, axis):
+            arrays = [getattr(p, name) for p in parts]
+            if arrays:
+                return np.concatenate(arrays, axis=axis)
+            return np.zeros((n_rows, 0) if axis else 0, dtype)
+        keep = parts and all(p.log_probs is not None for p in parts)
+        lps = [np.concatenate([p.log_probs[r] for p in parts]) for r in range(n_rows)] if keep else None
+        return cls(cat("idx", np.int64, 0), cat("labels", np.int64, 0), cat("top1", bool, 1), cat("top5", bool, 1),
+                   cat("loss", np.float64, 1), cat("conf", np.float64, 1), lps)
+
+    def reordered(self, order: np.ndarray) -> "_PerImage":
+        lps = [lp[order] for lp in self.log_probs] if self.log_probs is not None else None
+        return _PerImage(self.idx[order], self.labels[order], self.top1[:, order], self.top5[:, order],
+                         self.loss[:, order], self.conf[:, order], lps)
+
+
+def gather_in_order(local: _PerImage, env: fdist.DistEnv, n_rows: int) -> _PerImage:
+    """Every rank's per-image outcomes, back in data-set order (the single-process order).
+
+    Ranks hold strided shards, so the gathered concatenation is interleaved; the fold std assigns
+    image ``i`` to fold ``i % folds``, so it is only the single-process number after this re-ordering.
+    """
+    gathered = fdist.all_gather_objects(local, env)
+    merged = _PerImage.concat(gathered, n_rows)
+    return merged.reordered(np.argsort(merged.idx, kind="stable"))
+
+
+def _forward_views(model: nn.Module, inputs: tuple, b: int, *, ten_crop: bool, env: fdist.DistEnv,
+                   precision: Precision) -> tuple[list[torch.Tensor], int]:
+    """Log-probabilities of every view of one batch (fp32 on the CPU) and the number of fp32 retries."""
+    logps, fallbacks = [], 0
+    for x in inputs:
+        if ten_crop:
+            x = x.reshape(-1, *x.shape[-3:])
+        x = to_device(x, env.device, precision)
+        with autocast(env.device, precision):
+            logits = model(x)
+        if precision.amp and not torch.isfinite(logits).all():
+            # fp16 overflow (or a bf16 oddity): this batch again in fp32, counted in the result.
+            fallbacks += 1
+            logits = model(x.float())
+        logits = logits.float().cpu()
+        if ten_crop:
+            # Average the softmax of the 10 crops (not the logits), like a multi-crop ensemble.
+            logps.append(torch.log_softmax(logits, 1).reshape(b, -1, logits.shape[1]).logsumexp(1)
+                         - math.log(logits.shape[0] // b))
+        else:
+            logps.append(torch.log_softmax(logits, 1))
+    return logps, fallbacks
+
+
+def _batch_outcomes(logps: list[torch.Tensor], plan: _Plan, batch, keep_log_probs: bool) -> _PerImage:
+    pos = {v: i for i, v in enumerate(plan.views)}
+    for members in plan.ens_views:
+        # Section 5.1: classify at several resolutions and average the class probabilities.
+        stacked = torch.stack([logps[pos[v]] for v in members])
+        logps.append(stacked.logsumexp(0) - math.log(len(members)))
+    k5 = min(TOP5, logps[0].shape[1])
+    scores = [_scores(lp, batch.labels, k5) for lp in logps]
+    conf = np.stack([lp.max(1).values.exp().double().numpy() for lp in logps])
+    return _PerImage(batch.indices.numpy().astype(np.int64), batch.labels.numpy().astype(np.int64),
+                     np.stack([s[0] for s in scores]), np.stack([s[1] for s in scores]),
+                     np.stack([s[2] for s in scores]), conf,
+                     [lp.numpy() for lp in logps] if keep_log_probs else None)
+
+
+def _run_local(model: nn.Module, loader, plan: _Plan, *, total: int, ten_crop: bool, env: fdist.DistEnv,
+               precision: Precision, progress: bool, keep_log_probs: bool):
+    """This rank's pass over its shard: (per-image outcomes, skipped, number of outputs, fp32 retries)."""
+    parts: list[_PerImage] = []
+    skipped: list[tuple[int, str, str]] = []
+    n_out, fallbacks = None, 0
+    n_views = len(plan.views)
+    pbar = bar(total, f"eval {n_views} view{'s' if n_views > 1 else ''}", enabled=progress and env.is_main)
     with pbar, torch.inference_mode():
         for batch in loader:
-            skipped_local.extend((s.index, s.path, s.reason) for s in batch.skipped)
-            if batch.inputs is None:
-                pbar.update(len(batch.skipped))
-                continue
-            inputs = batch.inputs if isinstance(batch.inputs, tuple) else (batch.inputs,)
-            labels = batch.labels
-            b = len(labels)
-            logps: list[torch.Tensor] = []
-            for x in inputs:
-                if ten_crop:
-                    x = x.reshape(-1, *x.shape[-3:])
-                x = to_device(x, env.device, precision)
-                with autocast(env.device, precision):
-                    logits = model(x)
-                if precision.amp and not torch.isfinite(logits).all():
-                    # fp16 overflow (or a bf16 oddity): this batch again in fp32, counted in the result.
-                    fallbacks += 1
-                    logits = model(x.float())
-                logits = logits.float().cpu()
-                if ten_crop:
-                    # Average the softmax of the 10 crops (not the logits), like a multi-crop ensemble.
-                    logp = torch.log_softmax(logits, 1).reshape(b, -1, logits.shape[1]).logsumexp(1) - math.log(
-                        logits.shape[0] // b)
-                else:
-                    logp = torch.log_softmax(logits, 1)
-                logps.append(logp)
-            if n_out is None:
-                n_out = logps[0].shape[1]
-                if num_classes is not None and num_classes != n_out:
-                    raise _class_mismatch(num_classes, n_out)
-                if max_label >= n_out:
-                    raise _class_mismatch(max_label + 1, n_out)
-            k5 = min(TOP5, n_out)
-            for members in ens_views:
-                # Section 5.1: classify at several resolutions and average the class probabilities.
-                stacked = torch.stack([logps[pos[v]] for v in members])
-                logps.append(stacked.logsumexp(0) - math.log(len(members)))
-            scores = [_scores(lp, labels, k5) for lp in logps]
-            idx_parts.append(batch.indices.numpy().astype(np.int64))
-            label_parts.append(labels.numpy().astype(np.int64))
-            top1_parts.append(np.stack([s[0] for s in scores]))
-            top5_parts.append(np.stack([s[1] for s in scores]))
-            loss_parts.append(np.stack([s[2] for s in scores]))
-            pbar.update(b + len(batch.skipped))
-    if was_training:
-        model.train()
+            skipped.extend((s.index, s.path, s.reason) for s in batch.skipped)
+            if batch.inputs is not None:
+                inputs = batch.inputs if isinstance(batch.inputs, tuple) else (batch.inputs,)
+                logps, retries = _forward_views(model, inputs, len(batch.labels), ten_crop=ten_crop, env=env,
+                                                precision=precision)
+                fallbacks += retries
+                if n_out is None:
+                    n_out = logps[0].shape[1]
+                    _check_classes(n_out, plan.num_classes, plan.max_label)
+                parts.append(_batch_outcomes(logps, plan, batch, keep_log_probs))
+            pbar.update(len(batch.skipped) + (0 if batch.inputs is None else len(batch.labels)))
+    return _PerImage.concat(parts, n_views + len(plan.ens_views)), skipped, n_out, fallbacks
 
-    n_rows = n_views + n_ens
-    idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
-    labels_np = np.concatenate(label_parts) if label_parts else np.zeros(0, np.int64)
-    top1 = np.concatenate(top1_parts, axis=1) if top1_parts else np.zeros((n_rows, 0), bool)
-    top5 = np.concatenate(top5_parts, axis=1) if top5_parts else np.zeros((n_rows, 0), bool)
-    loss = np.concatenate(loss_parts, axis=1) if loss_parts else np.zeros((n_rows, 0), np.float64)
 
-    # Exact integer counts summed over ranks ...
-    counts = torch.tensor([[idx.size, int(top1[r].sum()), int(top5[r].sum())] for r in range(n_rows)]
-                          + [[len(skipped_local), 0, 0]], dtype=torch.int64)
-    counts = fdist.all_reduce_sum(counts, env)
-    # ... and the per-image outcomes, back in data-set order, for fold std, loss and per-class numbers.
-    gathered = fdist.all_gather_objects((idx, labels_np, top1, top5, loss, skipped_local), env)
-    idx = np.concatenate([g[0] for g in gathered])
-    order = np.argsort(idx, kind="stable")
-    idx = idx[order]
-    labels_np = np.concatenate([g[1] for g in gathered])[order]
-    top1 = np.concatenate([g[2] for g in gathered], axis=1)[:, order]
-    top5 = np.concatenate([g[3] for g in gathered], axis=1)[:, order]
-    loss = np.concatenate([g[4] for g in gathered], axis=1)[:, order]
-    skipped = sorted((s for g in gathered for s in g[5]), key=lambda s: s[0])
-    seconds = time.perf_counter() - start
-
-    n = int(idx.size)
-    if np.unique(idx).size != n or n + len(skipped) != len(samples):
-        raise FixresError(f"internal error: ranks covered {n} + {len(skipped)} skipped of {len(samples)} images")
-    if int(counts[-1, 0]) != len(skipped) or any(int(counts[r, 0]) != n or int(counts[r, 1]) != int(top1[r].sum())
-                                                 or int(counts[r, 2]) != int(top5[r].sum()) for r in range(n_rows)):
+def _check_coverage(res: _PerImage, counts: torch.Tensor, skipped: list, n_samples: int) -> None:
+    n, n_rows = int(res.idx.size), res.top1.shape[0]
+    if np.unique(res.idx).size != n or n + len(skipped) != n_samples:
+        raise FixresError(f"internal error: ranks covered {n} + {len(skipped)} skipped of {n_samples} images")
+    if int(counts[-1, 0]) != len(skipped) or any(
+            int(counts[r, 0]) != n or int(counts[r, 1]) != int(res.top1[r].sum())
+            or int(counts[r, 2]) != int(res.top5[r].sum()) for r in range(n_rows)):
         raise FixresError("internal error: reduced counts differ from the gathered per-image results")
     if n == 0:
         first = f" (first: {skipped[0][1]}: {skipped[0][2]})" if skipped else ""
         raise UsageError(f"no image could be read: all {len(skipped)} were skipped{first}")
 
-    def summary(r: int) -> dict:
-        return {
-            "top1": float(top1[r].sum()) * PERCENT / n, "top1_std": fold_std(top1[r], folds),
-            "top5": float(top5[r].sum()) * PERCENT / n, "top5_std": fold_std(top5[r], folds),
-            "loss": float(loss[r].sum() / n), "n": n,
-            "correct": int(counts[r, 1]), "correct5": int(counts[r, 2]),
-        }
 
+def _summary(res: _PerImage, r: int, folds: int) -> dict:
+    n = int(res.idx.size)
+    loss = float(res.loss[r].sum() / n)
+    return {"top1": float(res.top1[r].sum()) * PERCENT / n, "top1_std": fold_std(res.top1[r], folds),
+            "top5": float(res.top5[r].sum()) * PERCENT / n, "top5_std": fold_std(res.top5[r], folds),
+            "loss": loss, "nll": loss, "ece": ece(res.conf[r], res.top1[r]) * PERCENT, "n": n,
+            "correct": int(res.top1[r].sum()), "correct5": int(res.top5[r].sum())}
+
+
+def _per_class(res: _PerImage, plan: _Plan, n_out: int | None) -> dict:
+    n_cls = max(int(n_out or 0), int(res.labels.max()) + 1)
+    per_n = np.bincount(res.labels, minlength=n_cls)
+    names = list(plan.class_names) if plan.class_names is not None and len(plan.class_names) >= n_cls else None
+    acc = {key: [None if per_n[c] == 0 else float(v) for c, v in
+                 enumerate(np.bincount(res.labels, weights=res.top1[r].astype(np.float64), minlength=n_cls)
+                           * PERCENT / np.maximum(per_n, 1))]
+           for r, key in enumerate(plan.row_keys)}
+    return {"classes": names[:n_cls] if names else [str(c) for c in range(n_cls)], "n": per_n.tolist(), "top1": acc}
+
+
+def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence[int],
+             crop_ratios: Sequence[float] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+             env: fdist.DistEnv | None = None, precision: Precision | None = None, workers: int | None = None,
+             ensembles: Sequence[Sequence] = (), ten_crop: bool = False, folds: int = DEFAULT_FOLDS,
+             progress: bool = True, num_classes: int | None = None, class_names: Sequence[str] | None = None,
+             per_class: bool = True, keep_log_probs: bool = False) -> dict:
+    """Evaluate ``model`` on ``samples`` at every (test_size, crop_ratio) pair in one pass.
+
+    ``samples``: a ``FolderIndex`` or a list of (path, label). ``crop_ratios`` defaults to the data
+    config's. ``ensembles``: e.g. ``[(384, 352)]``, averaged softmax over those sizes (their views
+    are added if not requested). ``ten_crop``: each view is the average softmax of 10 crops.
+    ``num_classes``: the data set's number of classes; it must equal the model's outputs.
+
+    Returns a JSON-ready dict: ``rows`` (one per view: test_size, crop_ratio, resize, top1, top1_std,
+    top5, top5_std, loss, nll (= loss, the mean cross-entropy), ece (percent, 15 bins of top-1
+    confidence, ``fixres.calibration``), n, correct, correct5), ``ensembles``, ``n_images``,
+    ``skipped`` ([{path, reason}]), ``reliability`` (per row key: reliability-diagram bins),
+    ``per_class`` (classes, count per class, top-1 per class for each view), timing.
+    Accuracies are in percent. The model is moved to the evaluation device (channels_last when the
+    precision says so) and returned to its previous train/eval mode. ``precision`` defaults to
+    ``inference_precision``; ``workers`` to ``data.default_workers``. ``keep_log_probs``: also
+    return ``_log_probs`` ({row key: array (images, classes)}, data-set order) and ``_labels``, not
+    JSON-ready (pop them before writing), e.g. for ``calibration.fit_temperature``.
+    """
+    env = env or fdist.DistEnv()
+    precision = precision or inference_precision(env.device)
+    plan = _plan(model, samples, cfg, test_sizes=test_sizes, crop_ratios=crop_ratios, ensembles=ensembles,
+                 batch_size=batch_size, folds=folds, num_classes=num_classes, class_names=class_names)
+    build = ten_crop_transform if ten_crop else test_transform
+    transform = MultiView([build(test_size=v.test_size, crop_ratio=v.crop_ratio, cfg=cfg) for v in plan.views])
+    workers = default_workers(env.world_size) if workers is None else workers
+    shard = fdist.shard_indices(len(plan.samples), env.rank, env.world_size)
+    loader = make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform),
+                         batch_size=batch_size, sampler=IndexSampler(shard), workers=workers)
+    was_training = model.training
+    model = prepare(model, env.device, precision)
+    model.eval()
+    start = time.perf_counter()
+    try:
+        local, skipped_local, n_out, fallbacks = _run_local(
+            model, loader, plan, total=len(shard), ten_crop=ten_crop, env=env, precision=precision,
+            progress=progress, keep_log_probs=keep_log_probs)
+    finally:
+        model.train(was_training)
+    n_rows = len(plan.views) + len(plan.ens_views)
+    # Exact integer counts summed over ranks, and the per-image outcomes back in data-set order.
+    counts = fdist.all_reduce_sum(torch.tensor(
+        [[local.idx.size, int(local.top1[r].sum()), int(local.top5[r].sum())] for r in range(n_rows)]
+        + [[len(skipped_local), 0, 0]], dtype=torch.int64), env)
+    res = gather_in_order(local, env, n_rows)
+    skipped = sorted((s for g in fdist.all_gather_objects(skipped_local, env) for s in g), key=lambda s: s[0])
+    seconds = time.perf_counter() - start
+    _check_coverage(res, counts, skipped, len(plan.samples))
+    n = int(res.idx.size)
     rows = [{"test_size": v.test_size, "crop_ratio": v.crop_ratio, "resize": v.resize, "ten_crop": ten_crop,
-             **summary(i)} for i, v in enumerate(views)]
-    ens_rows = [{"test_sizes": [v.test_size for v in members], "crop_ratios": [v.crop_ratio for v in members],
-                 "ten_crop": ten_crop, **summary(n_views + j)} for j, members in enumerate(ens_views)]
+             **_summary(res, i, folds)} for i, v in enumerate(plan.views)]
+    ens_rows = [{"test_sizes": [v.test_size for v in m], "crop_ratios": [v.crop_ratio for v in m],
+                 "ten_crop": ten_crop, **_summary(res, len(plan.views) + j, folds)}
+                for j, m in enumerate(plan.ens_views)]
     result = {
-        "rows": rows,
-        "ensembles": ens_rows,
-        "n_images": n,
-        "n_samples": len(samples),
-        "skipped": [{"path": p, "reason": why} for _, p, why in skipped],
-        "folds": folds,
-        "num_outputs": n_out,
-        "precision": precision.describe(),
-        "fp32_fallback_batches": int(all_reduce_sum_int(fallbacks, env)),
-        "device": str(env.device),
-        "world_size": env.world_size, "backend": env.backend,
-        "batch_size": batch_size,
-        "workers": workers,
-        "seconds": seconds,
+        "rows": rows, "ensembles": ens_rows, "n_images": n, "n_samples": len(plan.samples),
+        "skipped": [{"path": p, "reason": why} for _, p, why in skipped], "folds": folds, "num_outputs": n_out,
+        "precision": precision.describe(), "fp32_fallback_batches": fdist.all_reduce_sum_int(fallbacks, env),
+        "device": str(env.device), "world_size": env.world_size, "backend": env.backend,
+        "batch_size": batch_size, "workers": workers, "seconds": seconds,
         "images_per_s": (n + len(skipped)) / seconds if seconds > 0 else float("nan"),
+        "reliability": {key: reliability(res.conf[r], res.top1[r]) for r, key in enumerate(plan.row_keys)},
     }
     if per_class:
-        n_cls = max(int(n_out or 0), int(labels_np.max()) + 1)
-        per_n = np.bincount(labels_np, minlength=n_cls)
-        names = list(class_names) if class_names is not None and len(class_names) >= n_cls else None
-        with np.errstate(invalid="ignore", divide="ignore"):
-            acc = {
-                key: [None if per_n[c] == 0 else float(v) for c, v in
-                      enumerate(np.bincount(labels_np, weights=top1[r].astype(np.float64), minlength=n_cls)
-                                * PERCENT / np.maximum(per_n, 1))]
-                for r, key in enumerate([v.key for v in views] + ["+".join(v.key for v in m) for m in ens_views])
-            }
-        result["per_class"] = {"classes": names[:n_cls] if names else [str(c) for c in range(n_cls)],
-                               "n": per_n.tolist(), "top1": acc}
+        result["per_class"] = _per_class(res, plan, n_out)
+    if keep_log_probs:
+        result["_log_probs"] = dict(zip(plan.row_keys, res.log_probs or []))
+        result["_labels"] = res.labels
     return result
 
 
-def all_reduce_sum_int(value: int, env: fdist.DistEnv) -> int:
-    return int(fdist.all_reduce_sum(torch.tensor([value], dtype=torch.int64), env)[0])
+def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, batch_size: int,
+                env: fdist.DistEnv, precision: Precision, workers: int | None, progress: bool) -> dict:
+    """top-1 (fold std), top-5, loss, NLL and ECE of ``model`` at ``test_size``, at the data config's crop ratio.
+
+    Measured at the inference precision, so the number is the one ``fixres eval`` gives for the
+    export. Returns {test_size, top1, top1_std, top5, loss, nll, ece, n, skipped (a count)}.
+    """
+    res = evaluate(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
+                   batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
+                   workers=workers, progress=progress, per_class=False)
+    row = res["rows"][0]
+    return {"test_size": test_size, "top1": row["top1"], "top1_std": row["top1_std"], "top5": row["top5"],
+            "loss": row["loss"], "nll": row["nll"], "ece": row["ece"], "n": row["n"],
+            "skipped": len(res["skipped"])}
 
 
 def row_label(row: dict) -> str:
