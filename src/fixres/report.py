@@ -21,6 +21,7 @@ from pathlib import Path
 from fixres.atomic import write_json, write_text
 from fixres.errors import UsageError
 from fixres.progress import format_duration
+from fixres.selection import best_row
 
 REPORT_DIR = "report"
 REPORT_HTML = "index.html"
@@ -64,9 +65,8 @@ def _row_at(sweep: dict | None, size: int | None) -> dict | None:
     return None
 
 
-def _best_row(sweep: dict | None) -> dict | None:
-    rows = (sweep or {}).get("rows", [])
-    return max(rows, key=lambda r: r["top1"]) if rows else None
+def _best_row(sweep: dict | None, train_size: int | None = None) -> dict | None:
+    return best_row((sweep or {}).get("rows", []), train_size=train_size)
 
 
 def _curve(sweep: dict | None, label: str) -> dict | None:
@@ -84,7 +84,7 @@ def summarize(results: dict) -> dict:
     chosen = run.get("test_size") or (results.get("finetune") or {}).get("test_size")
     before, after = results.get("sweep_before"), results.get("sweep_after")
     at_t = _row_at(before, train_size)
-    best = _best_row(before)
+    best = _best_row(before, train_size)
     fixed = _row_at(after, chosen)
     untuned_at_s = _row_at(before, chosen)
     head = {

@@ -37,6 +37,7 @@ def run(args):
     from fixres import dist
     from fixres.analysis import recommend_test_size
     from fixres.commands.eval import config_from_args, format_table, run_evaluation, write_results
+    from fixres.selection import best_row
 
     crop_ratios = args.crop_ratios or ([args.crop_ratio] if args.crop_ratio else None)
     cfg = config_from_args(args, test_sizes=args.test_sizes, crop_ratios=crop_ratios)
@@ -47,7 +48,7 @@ def run(args):
         train_size = result["train_size"]
         ratio = result["rows"][0]["crop_ratio"]
         rec = recommend_test_size(train_size=train_size, crop_ratio=ratio, stride=result["data_config"]["stride"])
-        best = max(result["rows"], key=lambda r: (r["top1"], -abs(r["test_size"] - train_size)))
+        best = best_row(result["rows"], train_size=train_size)
         result["recommended_test_size"] = rec["test_size"]
         result["recommended_test_size_exact"] = rec["test_size_exact"]
         result["best"] = {"test_size": best["test_size"], "crop_ratio": best["crop_ratio"], "top1": best["top1"],
