@@ -188,6 +188,44 @@ def write_corpus(folder: str | Path, *, include_good: bool = True) -> list[Corpu
     return entries
 
 
+@dataclass
+class FolderTraps:
+    """A data folder whose class tree holds every awkward link (issue 12, item 6), and what indexing must give."""
+
+    root: Path
+    #: class name -> sorted file paths relative to ``root`` that must be its samples (each photo once).
+    samples: dict[str, list[str]]
+    #: paths relative to ``root`` that must be skipped and named, with a phrase of the reason.
+    skipped: dict[str, str]
+
+
+def write_folder_traps(root: str | Path) -> FolderTraps:
+    """An ImageFolder with symlink loops and links upwards, at class level and inside classes.
+
+    ``loop -> loop`` (a class entry that is a loop), ``up -> ..`` (a class that is the folder above),
+    ``alias_b -> class_b`` (a second name for a class), ``class_a/back -> ..`` (inside a class, up to
+    the data folder), ``class_b/self -> .`` (a class inside itself). Only class_a and class_b are
+    classes, each photo counted once; class_a also holds a ``.jfif`` photo, which is read.
+    """
+    import os
+    root = Path(root)
+    for c, colour in (("class_a", RED), ("class_b", BLUE)):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (24, 20), colour).save(root / c / f"img_{i}.jpg", quality=90)
+    Image.new("RGB", (24, 20), RED).save(root / "class_a" / "img_2.jfif", format="JPEG", quality=90)
+    os.symlink("loop", root / "loop")
+    os.symlink("..", root / "up")
+    os.symlink("class_b", root / "alias_b")
+    os.symlink("..", root / "class_a" / "back")
+    os.symlink(".", root / "class_b" / "self")
+    samples = {"class_a": ["class_a/img_0.jpg", "class_a/img_1.jpg", "class_a/img_2.jfif"],
+               "class_b": ["class_b/img_0.jpg", "class_b/img_1.jpg"]}
+    skipped = {"loop": "symlink loop", "up": "folder above", "alias_b": "class_b",
+               "class_a/back": "data folder", "class_b/self": "class_b"}
+    return FolderTraps(root, samples, skipped)
+
+
 def bad_entries(entries: list[CorpusEntry]) -> list[CorpusEntry]:
     return [e for e in entries if not e.ok]
 

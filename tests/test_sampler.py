@@ -95,3 +95,29 @@ def test_bad_arguments_are_usage_errors():
         RepeatedAugSampler(5, repeats=0)
     with pytest.raises(UsageError):
         RepeatedAugSampler(5, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("n,world", [(30, 1), (30, 2), (31, 3)])
+def test_paper_len_factor_draws_twice_the_samples_in_groups_of_copies(n, world):
+    """Issue 11.10: the official RASampler(len_factor=2.0) epoch: ~2N samples, still split per rank."""
+    from fixres.sampler import PAPER_LEN_FACTOR
+    repeats = 3
+    per_rank = _epoch(n, repeats, world, len_factor=PAPER_LEN_FACTOR)
+    assert PAPER_LEN_FACTOR == 2.0
+    assert all(len(p) == math.ceil(2 * n / world) for p in per_rank)
+    drawn = [i for part in per_rank for i in part]
+    counts = Counter(drawn)
+    assert len([i for i, c in counts.items() if c != repeats]) <= 1  # whole groups of copies
+    assert len(counts) == math.ceil(len(drawn) / repeats)  # ~2n/3 distinct images, not n/3
+    # The default epoch is half as long, and the longer one starts with the same images.
+    assert len(_epoch(n, repeats, world)[0]) == math.ceil(n / world)
+    assert _epoch(n, repeats, world)[0] == per_rank[0][:math.ceil(n / world)]
+
+
+def test_len_factor_longer_than_the_repeated_list_wraps_evenly():
+    (order,) = _epoch(10, 1, 1, len_factor=2.0)
+    assert len(order) == 20 and Counter(order) == {i: 2 for i in range(10)}
+    with pytest.raises(UsageError, match="len_factor"):
+        RepeatedAugSampler(10, len_factor=0)
+    with pytest.raises(UsageError, match="len_factor"):
+        RepeatedAugSampler(10, len_factor=float("inf"))

@@ -118,3 +118,67 @@ def test_cli_make_dataset(tmp_path, capsys):
     out = capsys.readouterr().out
     assert '"counts"' in out
     assert len(list((tmp_path / "d").rglob("*.jpg"))) == 4
+
+
+# --------------------------------------------------------------------------- --overwrite (issue 12, item 3)
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_data_set(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(UsageError, match="not a fixres data set"):
+        synth.make_dataset(out, seed=0, overwrite=True, **SMALL)
+    assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_refuses_the_current_directory_and_its_parents(tmp_path, monkeypatch):
+    out = tmp_path / "d"
+    synth.make_dataset(out, seed=0, **SMALL)
+    before = _tree(out)
+    (out / "train" / "sub").mkdir()
+    for cwd in (out, out / "train" / "sub"):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(UsageError, match="current directory or a folder above it"):
+            synth.make_dataset("." if cwd == out else "../..", seed=1, overwrite=True, **SMALL)
+    assert _tree(out) == before
+
+
+def test_overwrite_killed_midway_leaves_the_old_data_set(tmp_path, monkeypatch):
+    out = tmp_path / "d"
+    synth.make_dataset(out, seed=0, **SMALL)
+    before = {p: (out / p).read_bytes() for p in _tree(out)}
+    real = synth._write_class
+    calls = []
+
+    def killed(job):
+        calls.append(job)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C (or a kill) while the new set is being drawn
+        return real(job)
+
+    monkeypatch.setattr(synth, "_write_class", killed)
+    with pytest.raises(KeyboardInterrupt):
+        synth.make_dataset(out, seed=1, overwrite=True, **SMALL)
+    assert {p: (out / p).read_bytes() for p in _tree(out)} == before
+    monkeypatch.setattr(synth, "_write_class", real)
+    synth.make_dataset(out, seed=1, overwrite=True, **SMALL)
+    assert synth.read_manifest(out)["config"]["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no partial or old copy left beside it
+
+
+def test_cli_make_dataset_overwrite_dot_is_refused(tmp_path, capsys, monkeypatch):
+    from _helpers_e import assert_one_line_error, cli
+    monkeypatch.chdir(tmp_path)
+    args = ["make-dataset", "--classes", "2", "--train-per-class", "1", "--val-per-class", "1", "--workers", "0",
+            "-q", "--out", "."]
+    assert cli(capsys, *args)[0] == 0
+    before = _tree(tmp_path)
+    code, out, err = cli(capsys, *args, "--seed", "5", "--overwrite")
+    assert code == 2
+    assert_one_line_error(err, "current directory")
+    assert _tree(tmp_path) == before

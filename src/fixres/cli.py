@@ -28,11 +28,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def out_folder(text: str) -> str:
+    """--out: a folder (new or existing); an existing regular file there is a usage error, not exit 1 later."""
+    import os
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return text
+
+
 def common_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    g.add_argument("--out", default=None, metavar="DIR", help="folder for result files (default: per command)")
+    g.add_argument("--out", default=None, type=out_folder, metavar="DIR",
+                   help="folder for result files (default: per command)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     g.add_argument("-v", "--verbose", action="store_true", help="more detail; tracebacks on errors")
     return p

@@ -2,12 +2,16 @@
 
 The class index must match the checkpoint: sorted folder names by default, a class-map file
 otherwise, and ImageNet wnid folders map onto the standard 1000 indices (so a subset of ImageNet
-classes still gets the right labels). Unreadable files do not stop a run: each is skipped, counted
-and named (``Skipped``), and the numbers on the good files are unchanged.
+classes still gets the right labels). A validation folder is always mapped onto the training (or
+model) classes by name (``index_val_onto``): one rule for every command. Unreadable files do not
+stop a run: each is skipped, counted and named (``Skipped``), and the numbers on the good files are
+unchanged. Folder links that would show a photo twice or under two classes (symlink loops, links to
+the data folder or above it, two class names for one folder) are skipped and named.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fixres.errors import UsageError
 from fixres.images import BadImage, is_image_file, load_rgb
+from fixres.progress import status
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
 IMAGENET_NUM_CLASSES = 1000
@@ -36,6 +41,10 @@ class FolderIndex:
     samples: list[tuple[str, int]]
     source: str = "sorted folders"
     empty_classes: list[str] = field(default_factory=list)
+    #: (path, reason) of folder entries left out: symlink loops, links to the data folder or above it.
+    skipped_folders: list[tuple[str, str]] = field(default_factory=list)
+    #: Classes (of the training set / model) without a single image here (set by ``index_val_onto``).
+    missing_classes: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -85,18 +94,19 @@ def read_class_map(path: str | os.PathLike) -> list[str]:
 
 
 def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = None,
-                num_classes: int | None = None) -> FolderIndex:
+                num_classes: int | None = None, warn: bool = True) -> FolderIndex:
     """Index an ImageFolder tree and decide each folder's class index.
 
     ``class_map`` (names in index order) wins; else wnid folders use the ImageNet order when the
-    model has 1000 outputs (``num_classes``); else sorted folder names.
+    model has 1000 outputs (``num_classes``); else sorted folder names. Folder entries that are
+    skipped (loops, links upwards) are named on stderr unless ``warn`` is False.
     """
     root = Path(root)
     if not root.exists():
         raise UsageError(f"data folder not found: {root}")
     if not root.is_dir():
         raise UsageError(f"data path is not a folder: {root}")
-    folders = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    folders, skipped = _class_folders(root)
     if not folders:
         raise UsageError(f"{root} has no class folders (expected an ImageFolder tree: ROOT/CLASS/IMAGE)")
     if class_map is not None:
@@ -113,43 +123,176 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
         raise UsageError(f"the data has {len(classes)} classes but the model outputs {num_classes}; "
                          "pass --num-classes to replace the head, or --class-map to map folders")
     index = {name: i for i, name in enumerate(classes)}
+    walker = _FolderWalker(root, [root / f for f in folders])
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for folder in folders:
-        files = sorted(_image_files(root / folder))
+        files = sorted(walker.image_files(root / folder))
         if not files:
             empty.append(folder)
         samples.extend((f, index[folder]) for f in files)
+    skipped += walker.skipped
+    if walker.unreadable:
+        path, reason = walker.unreadable[0]
+        raise UsageError(f"cannot read folder {path} ({reason})"
+                         + (f" and {len(walker.unreadable) - 1} more" if len(walker.unreadable) > 1 else ""))
+    for path, reason in skipped:
+        status(f"fixres: warning: skipped {path}: {reason}", enabled=warn)
     if not samples:
         raise UsageError(f"{root} holds no image files ({', '.join(e.lstrip('.') for e in ('.jpg', '.png'))}, ...)")
     if empty and source == "sorted folders" and class_map is None:
         raise UsageError(f"empty class folder(s) in {root}: {', '.join(empty[:5])}; remove them or add images")
-    return FolderIndex(root=root, classes=classes, samples=samples, source=source, empty_classes=empty)
+    return FolderIndex(root=root, classes=classes, samples=samples, source=source, empty_classes=empty,
+                       skipped_folders=skipped)
 
 
-def _image_files(folder: Path) -> list[str]:
-    """Image files under ``folder``, following symlinks but entering each real directory once.
+def _is_within(path: str, folder: str) -> bool:
+    """True when real path ``path`` is ``folder`` or below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    A symlink loop (``cls/again -> cls``) would otherwise list every image dozens of times and
-    silently weight them in the accuracy; hidden files and folders (``.ipynb_checkpoints``,
-    macOS ``._x.jpg``) are not part of the data set.
+
+def _class_folders(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Sorted class folder names under ``root``, and (path, reason) for folder entries left out.
+
+    A class entry that is a symlink loop, or links to ``root`` or a folder above it (``val/c -> ..``),
+    or to the same photos as another class (one folder inside the other), would count photos twice
+    or under two classes; it is left out and named instead.
     """
-    seen: set[tuple[int, int]] = set()
-    files: list[str] = []
-    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise UsageError(f"cannot read data folder {root} ({exc.strerror or type(exc).__name__})") from None
+    root_real = os.path.realpath(root)
+    kept: list[tuple[str, str, bool]] = []  # (name, real path, is a symlink)
+    skipped: list[tuple[str, str]] = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
         try:
-            st = os.stat(dirpath)
+            if not entry.is_dir():
+                continue
+            os.stat(entry.path)  # a symlink loop raises ELOOP here
+        except OSError as exc:
+            reason = "symlink loop" if exc.errno == errno.ELOOP else f"cannot read ({exc.strerror or exc})"
+            skipped.append((entry.path, reason))
+            continue
+        real = os.path.realpath(entry.path)
+        if _is_within(root_real, real):
+            skipped.append((entry.path, "links to the data folder or a folder above it"))
+            continue
+        kept.append((entry.name, real, entry.is_symlink()))
+    # Real folders first, then links in name order: a link into another class's photos is what goes.
+    names: list[str] = []
+    reals: dict[str, str] = {}
+    for name, real, _ in sorted(kept, key=lambda k: (k[2], k[0])):
+        other = next((n for n, r in reals.items() if _is_within(real, r) or _is_within(r, real)), None)
+        if other is not None:
+            skipped.append((str(root / name), f"holds the same photos as class folder {other!r}"))
+            continue
+        reals[name] = real
+        names.append(name)
+    return sorted(names), skipped
+
+
+class _FolderWalker:
+    """Image files below class folders, entering each real directory once across all classes.
+
+    A link inside a class folder back to the class itself (``cls/again -> cls``) would list every
+    image dozens of times; one to the data folder, a folder above it, or another class would put
+    photos under two classes. Such links are left out and named (``skipped``); folders that cannot
+    be read are collected in ``unreadable`` (the caller refuses: their photos would silently vanish).
+    Hidden files and folders (``.ipynb_checkpoints``, macOS ``._x.jpg``) are not part of the data set.
+    """
+
+    def __init__(self, root: Path, class_folders: Sequence[Path]) -> None:
+        self.skipped: list[tuple[str, str]] = []
+        self.unreadable: list[tuple[str, str]] = []
+        self.seen: set[tuple[int, int]] = set()
+        self.blocked: dict[tuple[int, int], str] = {}
+        real = Path(os.path.realpath(root))
+        for folder in (real, *real.parents):
+            self._block(folder, "links to the data folder or a folder above it")
+        for folder in class_folders:
+            self._block(folder, f"links to class folder {folder.name!r}")
+
+    def _block(self, folder: Path, reason: str) -> None:
+        try:
+            st = os.stat(folder)
         except OSError:
-            dirnames[:] = []
-            continue
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            dirnames[:] = []
-            continue
-        seen.add(key)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        files.extend(os.path.join(dirpath, f) for f in names if is_image_file(f) and not f.startswith("."))
-    return files
+            return
+        self.blocked.setdefault((st.st_dev, st.st_ino), reason)
+
+    def _on_error(self, exc: OSError) -> None:
+        path = getattr(exc, "filename", None) or "?"
+        if exc.errno == errno.ELOOP:
+            self.skipped.append((str(path), "symlink loop"))
+        else:
+            self.unreadable.append((str(path), "unreadable: " + (exc.strerror or type(exc).__name__)))
+
+    def image_files(self, folder: Path) -> list[str]:
+        files: list[str] = []
+        for dirpath, dirnames, names in os.walk(folder, followlinks=True, onerror=self._on_error):
+            try:
+                st = os.stat(dirpath)
+            except OSError as exc:
+                self._on_error(exc)
+                dirnames[:] = []
+                continue
+            key = (st.st_dev, st.st_ino)
+            top = dirpath == str(folder)
+            reason = None if top else self.blocked.get(key) or ("symlink loop (a folder already indexed)"
+                                                                if key in self.seen else None)
+            if reason is not None or key in self.seen:
+                if reason is not None:
+                    self.skipped.append((dirpath, reason))
+                dirnames[:] = []
+                continue
+            self.seen.add(key)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            files.extend(os.path.join(dirpath, f) for f in names if is_image_file(f) and not f.startswith("."))
+        return files
+
+
+def index_val_onto(val_root: str | os.PathLike, train: FolderIndex | Sequence[str], *,
+                   num_classes: int | None = None, warn: bool = True) -> FolderIndex:
+    """Index a validation folder onto the training (or model) classes, by folder name.
+
+    One rule for every command: ``val/NAME`` gets the index of class ``NAME`` of ``train`` (a
+    training ``FolderIndex`` or class names in index order); a val class that is not among them is
+    an error naming it (its photos would be scored against a class the model never learned); a
+    training class without val images is allowed and listed in ``missing_classes`` (print
+    ``missing_classes_warning``). With a training index, "missing" means classes that have
+    training images, so an ImageNet-wnid subset is not reported as missing 990 classes.
+    """
+    if isinstance(train, FolderIndex):
+        classes = list(train.classes)
+        expected = [classes[i] for i in sorted({label for _, label in train.samples})]
+    else:
+        classes = [str(c) for c in train]
+        expected = [c for c in classes if not c.startswith("<unused ")]
+    root = Path(val_root)
+    if root.is_dir():
+        folders, _ = _class_folders(root)
+        known = set(classes)
+        unknown = [f for f in folders if f not in known]
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise UsageError(f"val class {shown} in {root} is not one of the {len(classes)} training/model "
+                             "classes; remove it or fix the class map")
+    index = scan_folder(root, class_map=classes, num_classes=num_classes, warn=warn)
+    present = {classes[label] for _, label in index.samples}
+    index.missing_classes = [c for c in expected if c not in present]
+    return index
+
+
+def missing_classes_warning(index: FolderIndex) -> str | None:
+    """One line naming the training classes with no validation images, or None when there are none."""
+    missing = index.missing_classes
+    if not missing:
+        return None
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return (f"{len(missing)} training class(es) have no images in {index.root}: {shown} "
+            "(accuracy is over the other classes)")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ MAX_IMAGE_PIXELS = 178_956_970
 MAX_ASPECT_RATIO = 50
 #: Background for images with transparency (white, as photo viewers show them).
 ALPHA_BACKGROUND = (255, 255, 255)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+#: ``.jfif``/``.jpe`` are JPEG too (browsers save photos as .jfif); PIL reads them by content.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 

@@ -6,10 +6,12 @@ splits evenly, and deal it to the ranks with a stride (rank r takes positions r,
 Consecutive copies therefore land on different ranks at the same step, i.e. in the same *global*
 batch, each with its own random augmentation (each rank has its own augmentation RNG).
 
-An epoch draws ``num_samples = ceil(n / world_size)`` per rank, about one data set's worth of
-samples in all (as the official FixRes code and timm do), so it sees ~``n / repeats`` distinct
-images, each ``repeats`` times; a fresh shuffle every epoch spreads the coverage over epochs, and
-over E epochs every image is still seen ~E times on average, as without repetition.
+An epoch draws ``num_samples = ceil(len_factor * n / world_size)`` per rank. With ``len_factor``
+1 (timm's default) that is one data set's worth of samples in all, so it sees ~``n / repeats``
+distinct images, each ``repeats`` times; a fresh shuffle every epoch spreads the coverage over
+epochs. The official FixRes code uses ``RASampler(len_factor=2.0)`` (``PAPER_LEN_FACTOR``): about
+2N samples per epoch, ~``2 n / repeats`` distinct images, so its 30-epoch learning-rate steps see
+twice the samples; the paper recipe needs that factor to reproduce the paper's schedule.
 
 Single process (world_size 1) is the same rule with one rank: the epoch is the first ``n`` entries
 of the repeated, shuffled list, so each batch holds ~batch/repeats distinct images with ``repeats``
@@ -32,6 +34,8 @@ from fixres.errors import UsageError
 
 #: Section 5: "With a Repeated Augmentation of 3".
 DEFAULT_REPEATS = 3
+#: Epoch length of the official FixRes training code (``RASampler(..., len_factor=2.0)``): ~2N samples.
+PAPER_LEN_FACTOR = 2.0
 #: Mixes seed and epoch into one generator seed (a large odd constant keeps (seed, epoch) pairs apart).
 _SEED_STRIDE = 1_000_003
 
@@ -44,22 +48,26 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 class RepeatedAugSampler(Sampler[int]):
     """Indices of one rank for one epoch, each image repeated ``repeats`` times across ranks.
 
-    ``num_samples`` (per rank) defaults to ``ceil(n / world_size)``; pass ``samples_per_epoch`` to
-    draw another global count (``repeats * n`` covers every copy of every image once).
-    Call ``set_epoch(e)`` before iterating, as with ``DistributedSampler``.
+    ``num_samples`` (per rank) defaults to ``ceil(len_factor * n / world_size)`` (``len_factor`` 1:
+    one data set's worth; ``PAPER_LEN_FACTOR`` 2: the official FixRes epoch); pass
+    ``samples_per_epoch`` to draw another global count (``repeats * n`` covers every copy of every
+    image once). Call ``set_epoch(e)`` before iterating, as with ``DistributedSampler``.
     """
 
     def __init__(self, n: int, repeats: int = DEFAULT_REPEATS, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, *, samples_per_epoch: int | None = None, shuffle: bool = True) -> None:
+                 seed: int = 0, *, samples_per_epoch: int | None = None, shuffle: bool = True,
+                 len_factor: float = 1.0) -> None:
         if n <= 0:
             raise UsageError("repeated-augmentation sampler needs at least one sample")
         if repeats < 1:
             raise UsageError(f"repeats must be >= 1, got {repeats}")
         if world_size < 1 or not (0 <= rank < world_size):
             raise UsageError(f"rank {rank} is not in a world of {world_size}")
+        if not (math.isfinite(len_factor) and len_factor > 0):
+            raise UsageError(f"len_factor must be a positive number, got {len_factor}")
         self.n, self.repeats, self.rank, self.world_size = int(n), int(repeats), int(rank), int(world_size)
-        self.seed, self.shuffle, self.epoch = int(seed), shuffle, 0
-        total = self.n if samples_per_epoch is None else int(samples_per_epoch)
+        self.seed, self.shuffle, self.epoch, self.len_factor = int(seed), shuffle, 0, float(len_factor)
+        total = math.ceil(self.len_factor * self.n) if samples_per_epoch is None else int(samples_per_epoch)
         if total <= 0:
             raise UsageError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
         self.num_samples = math.ceil(total / self.world_size)

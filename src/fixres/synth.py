@@ -342,16 +342,13 @@ def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES, trai
     """
     cfg = SynthConfig(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed,
                       short_side=tuple(short_side), distance=tuple(distance), jpeg_quality=jpeg_quality)
-    out = Path(out)
+    shown = str(out)
+    out = Path(os.path.abspath(out))  # "." has no name to put a sibling next to
     existing = read_manifest(out)
     if (existing is not None and existing.get("config") == cfg.to_dict()
             and existing.get("generator_version") == GENERATOR_VERSION and not overwrite):
-        return {**existing, "root": str(out), "reused": True}
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{out} is not empty and holds no matching data set; choose another --out "
-                             "or pass --overwrite")
-        shutil.rmtree(out)
+        return {**existing, "root": shown, "reused": True}
+    _check_replaceable(out, shown, existing, overwrite)
     from fixres.progress import bar
 
     start = time.perf_counter()
@@ -398,8 +395,48 @@ def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES, trai
     }
     from fixres.atomic import write_json
     write_json(tmp / MANIFEST, manifest)
-    if out.exists():
-        out.rmdir()
+    _swap_in(tmp, out)
+    return {**manifest, "root": shown, "reused": False, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _check_replaceable(out: Path, shown: str, existing: dict | None, overwrite: bool) -> None:
+    """Refuse to generate over anything but an empty folder or (with ``overwrite``) an older data set.
+
+    ``--overwrite`` replaces only a folder that holds a fixres data set (its manifest), never the
+    current directory or a folder above it: a mistyped ``--out`` must not delete someone's files.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {shown} is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UsageError(f"{shown} is not empty and holds no matching data set; choose another --out "
+                         "or pass --overwrite")
+    cwd = os.path.realpath(os.getcwd())
+    real = os.path.realpath(out)
+    if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
+        raise UsageError(f"--overwrite refuses {shown}: it is the current directory or a folder above it")
+    if existing is None or existing.get("generator") != "fixres.synth":
+        raise UsageError(f"--overwrite refuses {shown}: it is not a fixres data set (no {MANIFEST} from "
+                         "make-dataset); choose an empty or new --out")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished ``tmp`` in place of ``out``: the old data set stays whole until the new one is done."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and not any(out.iterdir()):
+        # An empty folder (perhaps the shell's current directory) stays: its new contents move in, the
+        # manifest last, so a half-moved set is never taken for a finished one.
+        for child in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):
+            os.replace(child, out / child.name)
+        tmp.rmdir()
+        return
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
     os.replace(tmp, out)
-    return {**manifest, "root": str(out), "reused": False, "seconds": round(time.perf_counter() - start, 2)}
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

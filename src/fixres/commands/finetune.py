@@ -86,8 +86,9 @@ def load_for_adaptation(args, *, need_train: bool = True):
     """(bundle, data config, train index or None, val index or None, env, precision, test size)."""
     from fixres import analysis, dist
     from fixres.commands._args import warn_stride
-    from fixres.data import read_class_map, resolve_split, scan_folder
+    from fixres.data import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
     from fixres.engine import precision_for
+    from fixres.progress import status
     from fixres.models import load_model, num_outputs
 
     env = dist.init(args.device)
@@ -102,7 +103,12 @@ def load_for_adaptation(args, *, need_train: bool = True):
     train_dir, val_dir = resolve_split(args.data, "train"), resolve_split(args.data, "val")
     train = scan_folder(train_dir, class_map=class_map, num_classes=n_out) if need_train else None
     classes = train.classes if train is not None else class_map
-    val = scan_folder(val_dir, class_map=classes, num_classes=n_out) if val_dir.is_dir() else None
+    val = None
+    if val_dir.is_dir():  # one rule: val is mapped onto the training (or model) classes by name
+        val = (index_val_onto(val_dir, train if train is not None else classes, num_classes=n_out)
+               if classes else scan_folder(val_dir, num_classes=n_out))
+        if train is not None and missing_classes_warning(val):
+            status(f"warning: {missing_classes_warning(val)}", enabled=env.is_main and not args.quiet)
     cfg = cfg.with_overrides(class_names=tuple((train or val).classes), num_classes=n_out)
     test_size = args.test_size or analysis.recommend_test_size(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio,
                                                                stride=cfg.stride)["test_size"]
