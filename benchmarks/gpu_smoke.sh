@@ -67,7 +67,7 @@ echo "gpu_smoke: data set $OUT/data ($CLASSES classes, $TRAIN_PER_CLASS + $VAL_P
 step train 'r["images_per_s"]' -- \
   "${FIX[@]}" train "${COMMON[@]}" --data "$OUT/data" --epochs 2 --out "$OUT/train"
 CKPT=(--checkpoint "$OUT/train/model.safetensors")
-[ -f "$OUT/train/model.safetensors" ] || CKPT=()
+[ -f "$OUT/train/model.safetensors" ] || CKPT=(--random-init)  # random weights on purpose (a smoke test)
 
 step eval 'r["images_per_s"]' -- \
   "${FIX[@]}" eval "${COMMON[@]}" "${CKPT[@]}" --data "$OUT/data" --test-size "$S" --out "$OUT/eval"

@@ -197,7 +197,7 @@ def _cli(argv, capsys):
 def test_cli_sweep_writes_json_csv_png_and_marks_recommended_size(image_folder, tmp_path, capsys):
     from fixres.analysis import recommend_test_size
     out = tmp_path / "sweep"
-    code, stdout, stderr = _cli(["sweep", "--data", str(image_folder), "--model", "fixres_tiny_resnet",
+    code, stdout, stderr = _cli(["sweep", "--data", str(image_folder), "--model", "fixres_tiny_resnet", "--random-init",
                                  "--num-classes", "3", "--test-sizes", "32,40,64", "--ensemble", "32,64",
                                  "--train-size", "32", "--workers", "0", "--out", str(out), "--json", "-q"], capsys)
     assert code == 0, stderr
@@ -214,7 +214,7 @@ def test_cli_sweep_writes_json_csv_png_and_marks_recommended_size(image_folder, 
 
 
 def test_cli_eval_defaults_to_train_size_and_warns_on_stride(image_folder, tmp_path, capsys):
-    code, stdout, stderr = _cli(["eval", "--data", str(image_folder), "--model", "fixres_tiny_resnet",
+    code, stdout, stderr = _cli(["eval", "--data", str(image_folder), "--model", "fixres_tiny_resnet", "--random-init",
                                  "--num-classes", "3", "--train-size", "40", "--workers", "0",
                                  "--out", str(tmp_path / "e")], capsys)
     assert code == 0, stderr
@@ -227,7 +227,7 @@ def test_cli_eval_defaults_to_train_size_and_warns_on_stride(image_folder, tmp_p
 
 
 def test_cli_class_mismatch_is_one_line_usage_error(image_folder, tmp_path, capsys):
-    code, stdout, stderr = _cli(["eval", "--data", str(image_folder), "--model", "fixres_tiny_resnet",
+    code, stdout, stderr = _cli(["eval", "--data", str(image_folder), "--model", "fixres_tiny_resnet", "--random-init",
                                  "--test-size", "32", "--workers", "0", "--out", str(tmp_path / "e")], capsys)
     assert code == 2
     err = [line for line in stderr.splitlines() if "error" in line]

@@ -134,3 +134,226 @@ def test_preprocessing_equals_timms_own(shared_data, short):
         a, b = ours(img), reference(img)
         assert a.shape == b.shape == (3, cfg.train_size, cfg.train_size)
         assert (a - b).abs().max() <= FLOAT_ROUNDING, path
+
+
+# --------------------------------------------------------------------------- issue 11.3: no silent random weights
+
+#: Commands that measure or adapt a given model: a bare --model must be refused (issue 11.3).
+_WEIGHTS_COMMANDS = {
+    "eval": ["--test-size", "32"],
+    "sweep": ["--test-sizes", "32"],
+    "finetune": ["--test-size", "32", "--epochs", "1", "--no-export"],
+    "adapt": ["--method", "bn-recalibrate", "--test-size", "32", "--no-eval"],
+    "stats": ["--sizes", "32"],
+}
+
+
+def _main(capsys, *argv):
+    from fixres.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", list(_WEIGHTS_COMMANDS))
+def test_bare_model_name_is_refused_without_random_init(capsys, tmp_path, image_folder, command):
+    code, _, err = _main(capsys, command, "--model", "fixres_tiny_resnet", "--num-classes", "3", "--data",
+                         image_folder, "--workers", "0", "--out", tmp_path / "o", "-q", *_WEIGHTS_COMMANDS[command])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "no weights" in lines[0] and "--random-init" in lines[0] and "--pretrained" in lines[0]
+    assert not (tmp_path / "o").exists()  # nothing measured, nothing written
+
+
+def test_random_init_is_explicit_and_exclusive(capsys, tmp_path, image_folder):
+    argv = ["eval", "--model", "fixres_tiny_resnet", "--num-classes", "3", "--data", image_folder, "--workers", "0",
+            "--test-size", "32", "--out", tmp_path / "o", "--json", "-q"]
+    code, out, err = _main(capsys, *argv, "--random-init")
+    assert code == 0, err
+    import json
+    assert json.loads(out)["n_images"] == 12
+    code, _, err = _main(capsys, *argv, "--random-init", "--pretrained")
+    assert code == 2 and "--random-init" in err
+
+
+def test_train_and_fix_still_build_random_weights():
+    """train and fix train from scratch: no --random-init flag to ask for, and the spec allows it."""
+    from fixres.cli import build_parser
+    from fixres.commands._args import model_spec
+    parser = build_parser()
+    for command in ("train", "fix"):
+        args = parser.parse_args([command, "--model", "fixres_tiny_resnet", "--data", "x", "--train-size", "32"])
+        assert not hasattr(args, "random_init") and model_spec(args).random_init is True
+    args = parser.parse_args(["eval", "--model", "fixres_tiny_resnet", "--data", "x"])
+    assert model_spec(args).random_init is False
+    with pytest.raises(UsageError, match="--random-init"):
+        model_spec(args).load()
+
+
+def _offline(monkeypatch, tmp_path):
+    """An offline machine with empty caches (nothing here may touch the network)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def test_pretrained_offline_and_not_cached_says_what_to_download(capsys, monkeypatch, tmp_path, image_folder):
+    _offline(monkeypatch, tmp_path)
+    code, _, err = _main(capsys, "eval", "--model", "resnet18", "--pretrained", "--data", image_folder,
+                         "--out", tmp_path / "o", "-q")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert "huggingface-cli download timm/resnet18.a1_in1k" in lines[0] and str(tmp_path / "hf" / "hub") in lines[0]
+    with pytest.raises(FixresError) as info:
+        load_model(model="torchvision:resnet18", pretrained=True)
+    msg = str(info.value)
+    assert "download.pytorch.org/models/resnet18-" in msg and str(tmp_path / "torch" / "hub" / "checkpoints") in msg
+
+
+def _fake_torchvision_cache(name: str, tmp_path) -> dict:
+    """Write random weights where torch.hub caches torchvision's DEFAULT weights of ``name``; return them."""
+    import os
+
+    import torchvision
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    torch.manual_seed(3)
+    sd = torchvision.models.get_model(name, num_classes=len(weights.meta["categories"])).state_dict()
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, folder / os.path.basename(weights.url))
+    return sd
+
+
+def test_pretrained_torchvision_weights_come_from_the_cache_with_their_recipe(monkeypatch, tmp_path, split_folder):
+    """Issue 11.4: RegNetY-400MF IMAGENET1K_V2 (torchvision's new recipe): resize 232, crop 224, bilinear,
+    trained at 176 -- the train size fed to the analysis is 176, not the ImageNet default 224."""
+    _offline(monkeypatch, tmp_path)
+    sd = _fake_torchvision_cache("regnet_y_400mf", tmp_path)
+    bundle = load_model(model="torchvision:regnet_y_400mf", pretrained=True)
+    got = bundle.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    cfg = bundle.data_config
+    assert (cfg.train_size, cfg.interpolation) == (176, "bilinear")
+    assert cfg.crop_ratio == pytest.approx(224 / 232) and bundle.meta["test_size"] == 224
+    from fixres.analysis import recommend_test_size
+    from fixres.models import ModelSpec, load_for_adaptation
+    inputs = load_for_adaptation(ModelSpec(model="torchvision:regnet_y_400mf", pretrained=True, num_classes=3),
+                                 split_folder)
+    assert inputs.cfg.train_size == 176 and num_outputs(inputs.bundle.model) == 3
+    assert inputs.test_size == recommend_test_size(train_size=176, crop_ratio=224 / 232, stride=32)["test_size"]
+
+
+def test_torchvision_recipe_of_resnet50_v2_without_download():
+    from torchvision.models import ResNet50_Weights
+
+    from fixres.models import torchvision_recipe
+    fields, test_size, note = torchvision_recipe(ResNet50_Weights.IMAGENET1K_V2)
+    assert (fields["train_size"], test_size, fields["interpolation"]) == (176, 224, "bilinear")
+    assert fields["crop_ratio"] == pytest.approx(224 / 232) and "176" in note
+    fields, test_size, _ = torchvision_recipe(ResNet50_Weights.IMAGENET1K_V1)  # the classic recipe: 224, 256
+    assert (fields["train_size"], test_size) == (224, 224) and fields["crop_ratio"] == pytest.approx(0.875)
+
+
+def test_pretrained_cache_is_never_unpickled(monkeypatch, tmp_path):
+    """A cached torchvision file holding a pickled object (code) is refused, not executed."""
+    import os
+
+    import torchvision
+    _offline(monkeypatch, tmp_path)
+    weights = torchvision.models.get_model_weights("regnet_y_400mf").DEFAULT
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"payload": _Unpicklable(str(tmp_path / "pwned"))}, folder / os.path.basename(weights.url))
+    with pytest.raises(FixresError, match="regnet_y_400mf"):
+        load_model(model="torchvision:regnet_y_400mf", pretrained=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Unpicklable:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os_touch, (self.path,))
+
+
+def os_touch(path):  # pragma: no cover - must never run
+    open(path, "w").close()
+
+
+# --------------------------------------------------------------------------- issue 11.9: build once, copy cheaply
+
+def _count_builds(monkeypatch) -> list:
+    from timm.models.resnet import ResNet
+    calls = []
+    original = ResNet.__init__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResNet, "__init__", counting)
+    return calls
+
+
+def test_checkpoint_load_builds_the_model_once(monkeypatch, tmp_path):
+    from fixres.checkpoint import save_safetensors
+    from fixres.export import export_model
+    torch.manual_seed(0)
+    bundle = load_model(model="fixres_tiny_resnet", num_classes=3, train_size=32)
+    save_safetensors(bundle.model.state_dict(), tmp_path / "plain.safetensors")
+    export = export_model(bundle.model, tmp_path / "exp", model_name="fixres_tiny_resnet", cfg=bundle.data_config,
+                          test_size=48, train_size=32, class_names=["a", "b", "c"], accuracy=None)
+    calls = _count_builds(monkeypatch)
+    back = load_model(model="fixres_tiny_resnet", checkpoint=str(tmp_path / "plain.safetensors"))
+    assert len(calls) == 1 and num_outputs(back.model) == 3  # classes read from the checkpoint, one build
+    calls.clear()
+    again = load_model(checkpoint=str(export))
+    assert len(calls) == 1 and again.meta["export"]["test_size"] == 48
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back.model.eval()(x), bundle.model.eval()(x))
+
+
+def test_bundle_copy_is_independent_and_costs_no_build(monkeypatch, tiny_model):
+    calls = _count_builds(monkeypatch)
+    twin = tiny_model.copy()
+    assert calls == [] and twin.data_config == tiny_model.data_config and twin.model is not tiny_model.model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(twin.model.eval()(x), tiny_model.model.eval()(x))
+        twin.model.fc.weight.add_(1.0)
+        assert not torch.equal(twin.model(x), tiny_model.model.eval()(x))
+    snapshot = tiny_model.state_snapshot()
+    with torch.no_grad():
+        tiny_model.model.fc.bias.add_(1.0)
+    tiny_model.restore(snapshot)
+    assert torch.equal(tiny_model.model.fc.bias, snapshot["fc.bias"])
+
+
+# --------------------------------------------------------------------------- issue 17: model-creation failures
+
+@pytest.mark.parametrize("name,phrase", [("resnet5O", "did you mean"), ("keras:resnet50", "unknown model library"),
+                                         ("no_such_arch_at_all", "unknown model")])
+def test_unknown_model_names_are_usage_errors(name, phrase):
+    with pytest.raises(UsageError, match=phrase):
+        load_model(model=name, random_init=True)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_num_classes_is_a_usage_error(bad):
+    with pytest.raises(UsageError, match="num_classes"):
+        create_model("resnet18", num_classes=bad)
+    with pytest.raises(UsageError, match="num_classes"):
+        load_model(model="fixres_tiny_resnet", num_classes=bad)
+
+
+def test_builtin_has_no_pretrained_weights():
+    with pytest.raises(UsageError, match="no pretrained weights"):
+        load_model(model="fixres_tiny_resnet", pretrained=True)
+
+
+def test_one_source_of_weights(tmp_path):
+    with pytest.raises(UsageError, match="one source of weights"):
+        load_model(model="resnet18", checkpoint=str(tmp_path / "x.safetensors"), pretrained=True)

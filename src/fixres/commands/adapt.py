@@ -37,14 +37,14 @@ def run(args):
 
     from fixres.adapt import adapt
     from fixres.atomic import write_json
-    from fixres.commands.finetune import load_for_adaptation
+    from fixres.commands.finetune import adaptation_from_args
     from fixres.export import export_model
     from fixres.finetune import evaluate_at
     from fixres.progress import status
 
     from fixres.dist import refuse_distributed
     refuse_distributed("fixres adapt")
-    bundle, cfg, train, val, env, precision, test_size = load_for_adaptation(args)
+    bundle, cfg, train, val, env, precision, test_size = adaptation_from_args(args)
     out = Path(args.out or DEFAULT_OUT)
     show = not args.quiet
     bs = args.batch_size or 32

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from fixres.commands._args import (add_model_args, add_runtime_args, int_list, positive_int, warn_stride)
+from fixres.commands._args import (add_model_args, add_runtime_args, int_list, model_spec, positive_int, warn_stride)
 from fixres.config import DEFAULT_FOLDS
 
 DEFAULT_OUT = "runs/eval"
@@ -52,6 +52,8 @@ class EvalConfig:
     model: str | None = None
     checkpoint: str | None = None
     weights: str | None = None
+    pretrained: bool = False
+    random_init: bool = False  # a bare --model is refused unless asked
     num_classes: int | None = None
     class_map: str | None = None
     test_sizes: tuple[int, ...] | None = None   # None: the model's train size
@@ -75,6 +77,7 @@ class EvalConfig:
 def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
     return EvalConfig(
         data=args.data, model=args.model, checkpoint=args.checkpoint, weights=args.weights,
+        pretrained=args.pretrained, random_init=model_spec(args).random_init,
         num_classes=args.num_classes, class_map=args.class_map,
         test_sizes=tuple(test_sizes) if test_sizes else None,
         crop_ratios=tuple(crop_ratios) if crop_ratios else None,
@@ -88,7 +91,7 @@ def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
 def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
     """Load the model and data, evaluate, and return (result, env). Call ``dist.shutdown()`` afterwards."""
     from fixres import dist
-    from fixres.data import index_val_onto, read_class_map, resolve_split, scan_folder
+    from fixres.data import read_class_map, resolve_split, scan_folder
     from fixres.errors import UsageError
     from fixres.engine import inference_precision
     from fixres.evaluate import DEFAULT_BATCH_SIZE, evaluate
@@ -98,18 +101,15 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
     env = dist.init(cfg.device)
     if cfg.mean is not None and len(cfg.mean) != 3 or cfg.std is not None and len(cfg.std) != 3:
         raise UsageError("--mean and --std need three values each, e.g. 0.5,0.5,0.5")
-    bundle = load_model(model=cfg.model, checkpoint=cfg.checkpoint, weights=cfg.weights,
-                        num_classes=cfg.num_classes, train_size=cfg.train_size)
+    bundle = load_model(model=cfg.model, checkpoint=cfg.checkpoint, weights=cfg.weights, pretrained=cfg.pretrained,
+                        random_init=cfg.random_init, num_classes=cfg.num_classes, train_size=cfg.train_size)
     data_cfg = bundle.data_config.with_overrides(interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
                                                  crop_ratio=cfg.crop_ratios[0] if cfg.crop_ratios else None)
     n_out = num_outputs(bundle.model)
     class_map = read_class_map(cfg.class_map) if cfg.class_map else None
     if class_map is None and data_cfg.class_names and len(data_cfg.class_names) == n_out:
         class_map = list(data_cfg.class_names)  # a fixres export knows its classes
-    val_root = resolve_split(cfg.data, "val")
-    # Known model classes: val folders are mapped onto them by name (an unknown one is an error).
-    index = (index_val_onto(val_root, class_map, num_classes=n_out) if class_map is not None
-             else scan_folder(val_root, num_classes=n_out))
+    index = scan_folder(resolve_split(cfg.data, "val"), class_map=class_map, num_classes=n_out)
     # Sorted folder names are only meaningful when they are exactly the model's classes.
     num_classes = index.num_classes if index.source == "sorted folders" else None
     # A fixres export was fixed for its test size: that, not its train size, is where it should be evaluated.

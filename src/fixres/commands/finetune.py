@@ -1,7 +1,7 @@
 """``fixres finetune``: FixRes fine-tuning at the test resolution (section 4.2), with its CLI helpers.
 
-``load_for_adaptation`` (model + train/val indexes + data config) is shared with ``fixres adapt``
-and ``fixres stats``.
+``adaptation_from_args`` (the CLI edge of ``fixres.models.load_for_adaptation``: model + train/val
+indexes + data config) is shared with ``fixres adapt``.
 """
 
 from __future__ import annotations
@@ -82,39 +82,27 @@ class FinetuneConfig:
     quiet: bool
 
 
-def load_for_adaptation(args, *, need_train: bool = True):
-    """(bundle, data config, train index or None, val index or None, env, precision, test size)."""
-    from fixres import analysis, dist
-    from fixres.commands._args import warn_stride
-    from fixres.data import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
+def adaptation_from_args(args, *, need_train: bool = True):
+    """CLI edge of ``fixres.models.load_for_adaptation``: (bundle, data config, train index or None,
+    val index or None, env, precision, test size), with the distributed env and precision set up here."""
+    from fixres import dist
+    from fixres.commands._args import model_spec, warn_stride
+    from fixres.data import read_class_map
     from fixres.engine import precision_for
+    from fixres.models import load_for_adaptation
     from fixres.progress import status
-    from fixres.models import load_model, num_outputs
 
+    spec = model_spec(args)
     env = dist.init(args.device)
-    bundle = load_model(model=args.model, checkpoint=args.checkpoint, weights=args.weights,
-                        num_classes=args.num_classes, train_size=args.train_size)
-    cfg = bundle.data_config.with_overrides(interpolation=args.interpolation, mean=args.mean, std=args.std,
-                                            crop_ratio=args.crop_ratio)
-    n_out = num_outputs(bundle.model)
-    class_map = read_class_map(args.class_map) if args.class_map else None
-    if class_map is None and cfg.class_names and len(cfg.class_names) == n_out:
-        class_map = list(cfg.class_names)
-    train_dir, val_dir = resolve_split(args.data, "train"), resolve_split(args.data, "val")
-    train = scan_folder(train_dir, class_map=class_map, num_classes=n_out) if need_train else None
-    classes = train.classes if train is not None else class_map
-    val = None
-    if val_dir.is_dir():  # one rule: val is mapped onto the training (or model) classes by name
-        val = (index_val_onto(val_dir, train if train is not None else classes, num_classes=n_out)
-               if classes else scan_folder(val_dir, num_classes=n_out))
-        if train is not None and missing_classes_warning(val):
-            status(f"warning: {missing_classes_warning(val)}", enabled=env.is_main and not args.quiet)
-    cfg = cfg.with_overrides(class_names=tuple((train or val).classes), num_classes=n_out)
-    test_size = args.test_size or analysis.recommend_test_size(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio,
-                                                               stride=cfg.stride)["test_size"]
-    warn_stride(test_size, cfg.stride, "test size", quiet=args.quiet or not env.is_main)
+    inputs = load_for_adaptation(spec, args.data, class_map=read_class_map(args.class_map) if args.class_map else None,
+                                 overrides=dict(interpolation=args.interpolation, mean=args.mean, std=args.std,
+                                                crop_ratio=args.crop_ratio),
+                                 test_size=args.test_size, need_train=need_train)
+    for line in inputs.warnings:
+        status(f"warning: {line}", enabled=env.is_main and not args.quiet)
+    warn_stride(inputs.test_size, inputs.cfg.stride, "test size", quiet=args.quiet or not env.is_main)
     precision = precision_for(env.device, not args.no_amp)
-    return bundle, cfg, train, val, env, precision, test_size
+    return inputs.bundle, inputs.cfg, inputs.train, inputs.val, env, precision, inputs.test_size
 
 
 def run(args):
@@ -125,7 +113,7 @@ def run(args):
     from fixres.finetune import DEFAULT_BATCH_SIZE, finetune
     from fixres.progress import status
 
-    bundle, cfg, train, val, env, precision, test_size = load_for_adaptation(args)
+    bundle, cfg, train, val, env, precision, test_size = adaptation_from_args(args)
     fc = FinetuneConfig(data=args.data, test_size=test_size, train_size=cfg.train_size, parts=args.parts,
                         augment=args.augment, epochs=args.epochs, lr=args.lr,
                         batch_size=args.batch_size or DEFAULT_BATCH_SIZE, cache=not args.no_cache,

@@ -21,7 +21,7 @@ runs/fix); rerunning the same command after a kill continues where it stopped.""
 def add_parser(sub, parents):
     p = sub.add_parser("fix", parents=parents, help="the whole method: analyse, sweep, fine-tune, report",
                        description=DESCRIPTION)
-    add_model_args(p)
+    add_model_args(p, random_ok=True, pretrained=False)  # fix trains from scratch when given no weights
     g = p.add_argument_group("data and sizes")
     g.add_argument("--data", default=None, metavar="DIR",
                    help="ImageFolder with train/ and val/ (default: the embedded data set, generated)")

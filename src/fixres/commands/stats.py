@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fixres.commands._args import add_model_args, add_runtime_args, int_list, positive_int
+from fixres.commands._args import add_model_args, add_runtime_args, int_list, model_spec, positive_int
 
 DEFAULT_OUT = "runs/stats"
 
@@ -39,8 +39,7 @@ def run(args):
 
     dist.refuse_distributed("fixres stats")
     env = dist.init(args.device)
-    bundle = load_model(model=args.model, checkpoint=args.checkpoint, weights=args.weights,
-                        num_classes=args.num_classes, train_size=args.train_size)
+    bundle = model_spec(args).load()
     cfg = bundle.data_config.with_overrides(interpolation=args.interpolation, mean=args.mean, std=args.std,
                                             crop_ratio=args.crop_ratio)
     from fixres.data import read_class_map
