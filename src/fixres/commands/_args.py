@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from fixres.config import (DEFAULT_CLASSES, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL_PER_CLASS, INTERPOLATION_NAMES,
@@ -10,13 +11,30 @@ from fixres.config import (DEFAULT_CLASSES, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL
 from fixres.errors import UsageError
 
 
+#: Largest image size a size list may hold: past this, one resized photo is tens of megabytes and
+#: no network in the paper is evaluated there (the largest test size in its tables is 800).
+MAX_IMAGE_SIZE = 4096
+#: Most sizes one list may hold (a sweep of 128:384:8 is 33 sizes); more is a typo, not a protocol.
+MAX_SIZES = 64
+#: Smallest crop ratio: resize = size / crop_ratio, so 0.05 already resizes to 20x the crop.
+MIN_CROP_RATIO = 0.05
+
+
+def _finite(v: float, text: str) -> float:
+    """``inf`` and ``nan`` parse as floats but are never a valid setting (a NaN model, Infinity in JSON)."""
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
 def _number(text: str, cast, *, positive: bool):
-    """Parse ``text`` with ``cast`` (int or float) and check its sign; nan is refused."""
+    """Parse ``text`` with ``cast`` (int or float) and check its sign; nan and inf are refused."""
     try:
         v = cast(text)
     except ValueError:
         kind = "a whole number" if cast is int else "a number"
         raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    _finite(v, text)
     if positive and not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
     if not positive and not v >= 0:
@@ -42,33 +60,58 @@ def nonneg_float(text: str) -> float:
 
 def crop_ratio(text: str) -> float:
     try:
-        return validate_crop_ratio(float(text))
+        v = float(text)
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number in (0, 1], got {text!r}")
+        validate_crop_ratio(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if v < MIN_CROP_RATIO:
+        raise argparse.ArgumentTypeError(f"crop ratio {text} is below {MIN_CROP_RATIO} (the resize would be "
+                                         f"over {round(1 / MIN_CROP_RATIO)}x the crop); typical: 0.875 or 1.0")
+    return v
+
+
+def _size_range(text: str) -> list[int]:
+    """'start:stop:step', inclusive; an empty or reversed range, or one over ``MAX_SIZES``, is refused."""
+    try:
+        start, stop, step = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 128,160,192 or 128:384:32, got {text!r}") from None
+    if step <= 0:
+        raise argparse.ArgumentTypeError(f"the step of {text!r} must be positive, got {step}")
+    if stop < start:
+        raise argparse.ArgumentTypeError(f"the range {text!r} is empty: stop {stop} is below start {start} "
+                                         "(write START:STOP:STEP with START <= STOP)")
+    count = (stop - start) // step + 1
+    if count > MAX_SIZES:
+        raise argparse.ArgumentTypeError(f"{text!r} gives {count} sizes; at most {MAX_SIZES} (use a larger step)")
+    return list(range(start, stop + 1, step))
 
 
 def int_list(text: str) -> list[int]:
-    """'128,160,192' or '128:384:32' (start:stop:step, inclusive)."""
+    """'128,160,192' or '128:384:32' (start:stop:step, inclusive); each size in 1..MAX_IMAGE_SIZE."""
     text = text.strip()
-    try:
-        if ":" in text:
-            start, stop, step = (int(v) for v in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            values = list(range(start, stop + 1, step))
-        else:
+    if ":" in text:
+        values = _size_range(text)
+    else:
+        try:
             values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected sizes like 128,160,192 or 128:384:32, got {text!r}") from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected sizes like 128,160,192 or 128:384:32, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    if len(values) > MAX_SIZES:
+        raise argparse.ArgumentTypeError(f"{len(values)} sizes given; at most {MAX_SIZES}")
+    if max(values) > MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"size {max(values)} is over the largest supported size {MAX_IMAGE_SIZE}")
     return values
 
 
 def float_list(text: str) -> list[float]:
-    """'0.875,1.0': crop ratios, each in (0, 1]."""
+    """'0.875,1.0': crop ratios, each in [MIN_CROP_RATIO, 1]."""
     values = [crop_ratio(v) for v in text.split(",") if v.strip()]
     if not values:
         raise argparse.ArgumentTypeError(f"expected crop ratios like 0.875,1.0, got {text!r}")
@@ -76,13 +119,23 @@ def float_list(text: str) -> list[float]:
 
 
 def rgb_values(text: str) -> list[float]:
-    """'0.485,0.456,0.406': one number per channel (--mean, --std)."""
+    """'0.485,0.456,0.406': one finite number per channel (--mean)."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected three numbers like 0.5,0.5,0.5, got {text!r}") from None
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected three numbers (R,G,B), got {len(values)} in {text!r}")
+    for v in values:
+        _finite(v, text)
+    return values
+
+
+def rgb_std(text: str) -> list[float]:
+    """'0.229,0.224,0.225': three finite numbers > 0 (--std divides by them)."""
+    values = rgb_values(text)
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"std values must be > 0, got {text!r}")
     return values
 
 

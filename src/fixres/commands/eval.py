@@ -91,7 +91,7 @@ def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
 def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
     """Load the model and data, evaluate, and return (result, env). Call ``dist.shutdown()`` afterwards."""
     from fixres import dist
-    from fixres.data import read_class_map, resolve_split, scan_folder
+    from fixres.data import index_val_onto, read_class_map, resolve_split, scan_folder
     from fixres.errors import UsageError
     from fixres.engine import inference_precision
     from fixres.evaluate import DEFAULT_BATCH_SIZE, evaluate
@@ -109,7 +109,10 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
     class_map = read_class_map(cfg.class_map) if cfg.class_map else None
     if class_map is None and data_cfg.class_names and len(data_cfg.class_names) == n_out:
         class_map = list(data_cfg.class_names)  # a fixres export knows its classes
-    index = scan_folder(resolve_split(cfg.data, "val"), class_map=class_map, num_classes=n_out)
+    val_root = resolve_split(cfg.data, "val")
+    # Known model classes: val folders are mapped onto them by name (an unknown one is an error).
+    index = (index_val_onto(val_root, class_map, num_classes=n_out) if class_map is not None
+             else scan_folder(val_root, num_classes=n_out))
     # Sorted folder names are only meaningful when they are exactly the model's classes.
     num_classes = index.num_classes if index.source == "sorted folders" else None
     # A fixres export was fixed for its test size: that, not its train size, is where it should be evaluated.

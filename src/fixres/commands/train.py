@@ -130,7 +130,7 @@ def run_training(rc: TrainRunConfig, env) -> dict:
     import torch
 
     from fixres import engine
-    from fixres.data import read_class_map, resolve_split, scan_folder
+    from fixres.data import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
     from fixres.errors import UsageError
     from fixres.models import load_model, num_outputs, replace_classifier
     from fixres.progress import status
@@ -143,7 +143,9 @@ def run_training(rc: TrainRunConfig, env) -> dict:
     train_index = scan_folder(train_root, class_map=class_map, num_classes=rc.num_classes)
     if val_root == train_root:
         status(f"warning: {rc.data} has no val/ folder: validation uses the training images", enabled=show)
-    val_index = scan_folder(val_root, class_map=train_index.classes)
+    val_index = index_val_onto(val_root, train_index, warn=show)  # val mapped onto train's classes by name
+    if missing_classes_warning(val_index):
+        status(f"warning: {missing_classes_warning(val_index)}", enabled=show)
     num_classes = rc.num_classes or train_index.num_classes
 
     # The new head's initial weights come from the seed: every rank and every resume builds the same model.
