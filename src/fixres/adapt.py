@@ -53,6 +53,16 @@ def frechet_cdf(x: np.ndarray, mu: float, sigma: float, xi: float = FRECHET_XI) 
     return np.exp(-z ** (-1.0 / xi))
 
 
+def check_non_negative(values: np.ndarray) -> None:
+    """The Frechet law models pooled activations after a ReLU (>= 0, zeros as outliers): refuse anything else."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size and not np.all(v >= 0):  # also refuses NaN
+        frac = float(np.mean(~(v >= 0)))
+        raise UsageError(f"frechet models non-negative pooled activations (after a ReLU), but {100 * frac:.1f}% of "
+                         f"this model's pooled features are negative or not finite (min {np.nanmin(v):.3g}); "
+                         "a model that pools LayerNorm'd tokens has no such law: fine-tune instead (fixres finetune)")
+
+
 def fit_frechet(values: np.ndarray, xi: float = FRECHET_XI, points: int = FIT_POINTS) -> dict:
     """Least-squares fit of (mu, sigma) to the empirical CDF of the non-zero ``values`` (zeros are outliers).
 
@@ -60,6 +70,7 @@ def fit_frechet(values: np.ndarray, xi: float = FRECHET_XI, points: int = FIT_PO
     Levenberg-Marquardt on the CDF residuals. Returns mu, sigma, xi, rms residual, non-zero count.
     """
     v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    check_non_negative(v)
     v = v[v != 0]
     if v.size < 10:
         raise FixresError(f"too few non-zero pooled activations to fit a Frechet law ({v.size})")
@@ -147,12 +158,22 @@ def equalization_of(model: nn.Module) -> Equalization | None:
 
 # --------------------------------------------------------------------------- helpers
 
+#: Why each batch-norm method needs a batch-norm before the pooling (said in its error).
+_BN_NEED = {
+    "bn-recalibrate": "it re-estimates the running statistics of the batch-norm before the global pooling "
+                      "at the test size",
+    "gaussian": "it matches the per-channel mean and std at the output of the batch-norm before the global "
+                "pooling by changing that batch-norm's affine weights",
+}
+
+
 def _need_bns(parts: ModelParts, method: str) -> list[str]:
     if not parts.pre_pool_bns:
-        raise FixresError(f"{method}: {parts.model_type} has no batch-norm before the global pooling"
-                          + (f" (the last norm is {', '.join(parts.other_pre_pool_norms)})"
-                             if parts.other_pre_pool_norms else "")
-                          + "; use --method frechet, or fine-tune the classifier")
+        last = (f"; its last norm is {', '.join(parts.other_pre_pool_norms)}, which keeps no running statistics"
+                if parts.other_pre_pool_norms else "")
+        raise UsageError(f"{method} needs a batch-norm before the global pooling ({_BN_NEED[method]}), and "
+                         f"{parts.model_type or 'this model'} has no batch-norm before the global pooling{last}; "
+                         "fine-tune the classifier instead (fixres finetune)")
     return list(parts.pre_pool_bns)
 
 
@@ -192,89 +213,67 @@ class _ChannelMoments:
 
 # --------------------------------------------------------------------------- adapt
 
-def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size: int | None = None,
-          test_size: int, batch_size: int = DEFAULT_BATCH_SIZE, env: DistEnv | None = None,
-          precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
-          progress: bool = True, xi: float = FRECHET_XI) -> dict:
-    """Adapt ``model`` (in place) from ``train_size`` to ``test_size`` on unlabeled ``samples``.
-
-    ``method``: bn-recalibrate, frechet or gaussian (see the module doc). Labels are never read.
-    Returns what was measured and changed (JSON-ready).
-    """
-    if method not in METHODS:
-        raise UsageError(f"unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}")
-    train_size = validate_size(int(train_size or cfg.train_size), "train_size")
-    validate_size(test_size, "test_size")
-    env = env or DistEnv()
-    precision = precision or precision_for(env.device)
-    model = prepare(model, env.device, precision)
-    remove_equalization(model)
-    parts = find_parts(model)
-    common = dict(batch_size=batch_size, workers=workers, max_images=max_images, progress=progress)
-    base = {"method": method, "train_size": train_size, "test_size": test_size, "labels_used": False}
-
-    if method == "bn-recalibrate":
-        bns = _need_bns(parts, method)
-        modules = [model.get_submodule(n) for n in bns]
-        saved = [m.momentum for m in modules]
-        before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in zip(bns, modules)}
+def _bn_recalibrate(model: nn.Module, parts: ModelParts, samples, cfg: DataConfig, *, test_size: int,
+                    env: DistEnv, precision: Precision, common: dict) -> dict:
+    bns = _need_bns(parts, "bn-recalibrate")
+    modules = [model.get_submodule(n) for n in bns]
+    saved = [m.momentum for m in modules]
+    before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in zip(bns, modules)}
+    model.eval()
+    for m in modules:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally (PyTorch's rule)
+        m.train()
+    n_images = 0
+    skipped: list = []
+    try:
+        with torch.no_grad():
+            for views, _labels, skip in iterate_views(samples, cfg, [test_size], desc="re-estimating BN stats",
+                                                      **common):
+                skipped.extend(s.to_dict() for s in skip)
+                if views is None or views[0].shape[0] < 2:
+                    continue
+                with autocast(env.device, precision):
+                    model(to_device(views[0], env.device, precision))
+                n_images += views[0].shape[0]
+    finally:
+        for m, mom in zip(modules, saved):
+            m.momentum = mom
         model.eval()
-        for m in modules:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch counts equally (PyTorch's rule)
-            m.train()
-        n_images = 0
-        skipped: list = []
-        try:
-            with torch.no_grad():
-                for views, _labels, skip in iterate_views(samples, cfg, [test_size], desc="re-estimating BN stats",
-                                                          **common):
-                    skipped.extend(s.to_dict() for s in skip)
-                    if views is None or views[0].shape[0] < 2:
-                        continue
-                    with autocast(env.device, precision):
-                        model(to_device(views[0], env.device, precision))
-                    n_images += views[0].shape[0]
-        finally:
-            for m, mom in zip(modules, saved):
-                m.momentum = mom
-            model.eval()
-        if n_images == 0:
-            raise UsageError("bn-recalibrate: no batch of at least two readable images")
-        change = {n: {"mean_shift": float((m.running_mean - before[n][0]).abs().mean()),
-                      "var_ratio": float((m.running_var / before[n][1].clamp_min(1e-12)).mean())}
-                  for n, m in zip(bns, modules)}
-        return {**base, "batchnorms": bns, "images": n_images, "change": change, "skipped": skipped}
+    if n_images == 0:
+        raise UsageError("bn-recalibrate: no batch of at least two readable images")
+    change = {n: {"mean_shift": float((m.running_mean - before[n][0]).abs().mean()),
+                  "var_ratio": float((m.running_var / before[n][1].clamp_min(1e-12)).mean())}
+              for n, m in zip(bns, modules)}
+    return {"batchnorms": bns, "images": n_images, "change": change, "skipped": skipped}
 
-    if method == "frechet":
-        name, where = pooled_point(parts)
-        pooled, skipped = collect_pooled(model, samples, cfg, test_sizes=sorted({train_size, test_size}),
-                                         env=env, precision=precision, parts=parts, **common)
-        ref = fit_frechet(pooled[train_size], xi)
-        new = fit_frechet(pooled[test_size], xi)
-        eq = Equalization(mu_ref=ref["mu"], sigma_ref=ref["sigma"], mu_0=new["mu"], sigma_0=new["sigma"],
-                          module=name, where=where)
-        install_equalization(model, eq)
-        return {**base, "fit_train_size": ref, "fit_test_size": new, "equalization": eq.to_dict(),
-                "images": int(pooled[test_size].shape[0]), "skipped": skipped,
-                "_pooled": pooled}
 
-    # gaussian
-    bns = _need_bns(parts, method)
-    for n in bns:
-        if model.get_submodule(n).weight is None or getattr(model.get_submodule(n), "running_var", None) is None:
-            raise FixresError(f"gaussian: batch-norm {n} has no affine parameters or running statistics to adjust")
-    moments = {(n, s): _ChannelMoments() for n in bns for s in (train_size, test_size)}
-    sizes = sorted({train_size, test_size})
+def _frechet(model: nn.Module, parts: ModelParts, samples, cfg: DataConfig, *, train_size: int, test_size: int,
+             xi: float, env: DistEnv, precision: Precision, common: dict) -> dict:
+    name, where = pooled_point(parts)
+    pooled, skipped = collect_pooled(model, samples, cfg, test_sizes=sorted({train_size, test_size}),
+                                     env=env, precision=precision, parts=parts, **common)
+    ref = fit_frechet(pooled[train_size], xi)
+    new = fit_frechet(pooled[test_size], xi)
+    eq = Equalization(mu_ref=ref["mu"], sigma_ref=ref["sigma"], mu_0=new["mu"], sigma_0=new["sigma"],
+                      module=name, where=where)
+    install_equalization(model, eq)
+    return {"fit_train_size": ref, "fit_test_size": new, "equalization": eq.to_dict(),
+            "images": int(pooled[test_size].shape[0]), "skipped": skipped, "_pooled": pooled}
+
+
+def _pre_activation_moments(model: nn.Module, bns: list[str], samples, cfg: DataConfig, sizes: list[int], *,
+                            env: DistEnv, precision: Precision, common: dict) -> tuple[dict, int, list]:
+    """Per (batch-norm, size): the channel moments of the batch-norm's input, in one pass over the images."""
+    moments = {(n, s): _ChannelMoments() for n in bns for s in sizes}
     current = [sizes[0]]
 
     def sink(name, t):
         moments[(name, current[0])].add(t.float())
 
     model.eval()
-    skipped = []
+    skipped: list = []
     images = 0
-    # the batch-norms' inputs are read; their outputs before the activation follow exactly (_bn_output_moments)
     with torch.no_grad(), capture(model, bns, where="input", fn=sink):
         for views, _labels, skip in iterate_views(samples, cfg, sizes, desc="pre-activation statistics", **common):
             skipped.extend(s.to_dict() for s in skip)
@@ -287,6 +286,18 @@ def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size
                     model(to_device(x, env.device, precision))
     if images == 0:
         raise UsageError("gaussian: no readable image")
+    return moments, images, skipped
+
+
+def _gaussian(model: nn.Module, parts: ModelParts, samples, cfg: DataConfig, *, train_size: int, test_size: int,
+              env: DistEnv, precision: Precision, common: dict) -> dict:
+    bns = _need_bns(parts, "gaussian")
+    for n in bns:
+        if model.get_submodule(n).weight is None or getattr(model.get_submodule(n), "running_var", None) is None:
+            raise FixresError(f"gaussian: batch-norm {n} has no affine parameters or running statistics to adjust")
+    # the batch-norms' inputs are read; their outputs before the activation follow exactly (_bn_output_moments)
+    moments, images, skipped = _pre_activation_moments(model, bns, samples, cfg, sorted({train_size, test_size}),
+                                                       env=env, precision=precision, common=common)
     changes = {}
     with torch.no_grad():
         for n in bns:
@@ -302,9 +313,41 @@ def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size
             changes[n] = {"std_ratio_mean": float(ratio.mean()), "mean_train_size": float(mu_t.mean()),
                           "mean_test_size": float(mu_s.mean()), "std_train_size": float(sd_t.mean()),
                           "std_test_size": float(sd_s.mean()), "channels_left": int((~ok).sum())}
-    return {**base, "batchnorms": bns, "measured_at": {n: f"input of {n}, mapped through its affine normalisation" for n in bns},
+    return {"batchnorms": bns,
+            "measured_at": {n: f"input of {n}, mapped through its affine normalisation" for n in bns},
             "images": images, "change": changes, "skipped": skipped}
 
 
-__all__ = ["adapt", "fit_frechet", "frechet_cdf", "Equalization", "install_equalization", "remove_equalization",
+def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size: int | None = None,
+          test_size: int, batch_size: int = DEFAULT_BATCH_SIZE, env: DistEnv | None = None,
+          precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
+          progress: bool = True, xi: float = FRECHET_XI) -> dict:
+    """Adapt ``model`` (in place) from ``train_size`` to ``test_size`` on unlabeled ``samples``.
+
+    ``method``: bn-recalibrate, frechet or gaussian (see the module doc). Labels are never read.
+    Returns what was measured and changed (JSON-ready, except frechet's ``_pooled`` values: pop it).
+    bn-recalibrate and gaussian need a batch-norm before the pooling, frechet non-negative pooled
+    features: a model without them gets a one-line ``UsageError`` saying why.
+    """
+    if method not in METHODS:
+        raise UsageError(f"unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}")
+    train_size = validate_size(int(train_size or cfg.train_size), "train_size")
+    validate_size(test_size, "test_size")
+    env = env or DistEnv()
+    precision = precision or precision_for(env.device)
+    model = prepare(model, env.device, precision)
+    remove_equalization(model)
+    parts = find_parts(model)
+    common = dict(batch_size=batch_size, workers=workers, max_images=max_images, progress=progress)
+    run = dict(env=env, precision=precision, common=common)
+    if method == "bn-recalibrate":
+        res = _bn_recalibrate(model, parts, samples, cfg, test_size=test_size, **run)
+    elif method == "frechet":
+        res = _frechet(model, parts, samples, cfg, train_size=train_size, test_size=test_size, xi=xi, **run)
+    else:
+        res = _gaussian(model, parts, samples, cfg, train_size=train_size, test_size=test_size, **run)
+    return {"method": method, "train_size": train_size, "test_size": test_size, "labels_used": False, **res}
+
+
+__all__ = ["adapt", "check_non_negative", "fit_frechet", "frechet_cdf", "Equalization", "install_equalization", "remove_equalization",
            "equalization_of", "METHODS"]

@@ -6,6 +6,13 @@ classifier was trained on the statistics of train_size. ``activation_stats`` mea
 test sizes in one pass over the images (one decode per image), the CDF of the pooled activations,
 the fraction of zeros and the fraction above 2 (the two numbers the paper quotes), their mean and
 standard deviation. Hooks are registered in a context manager and always removed.
+
+Whether a fix brings the pooled activations at the test size S back toward those the classifier
+was trained on (at T, figure 4) is measured by ``ks_distance``: the two-sample Kolmogorov-Smirnov
+distance, the largest gap between the two empirical CDFs (0: the same distribution, 1: disjoint).
+
+A model that pools LayerNorm'd tokens (ViT, ConvNeXt, ...) has pooled features of both signs, not
+ReLU outputs: the CDF then starts below 0 and ``frac_negative`` says how many are negative.
 """
 
 from __future__ import annotations
@@ -129,6 +136,17 @@ def summarize(values: np.ndarray, grid: np.ndarray) -> dict:
     }
 
 
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov distance: max over x of |F_a(x) - F_b(x)|, the empirical CDFs of all values."""
+    a = np.sort(np.asarray(a, dtype=np.float64).ravel())
+    b = np.sort(np.asarray(b, dtype=np.float64).ravel())
+    if a.size == 0 or b.size == 0:
+        raise UsageError("the Kolmogorov-Smirnov distance needs values on both sides")
+    x = np.concatenate([a, b])  # the sup is reached at one of the sample points
+    return float(np.max(np.abs(np.searchsorted(a, x, side="right") / a.size
+                               - np.searchsorted(b, x, side="right") / b.size)))
+
+
 def cdf_grid(arrays: Sequence[np.ndarray], points: int = DEFAULT_CDF_POINTS) -> np.ndarray:
     lo = min(0.0, min(float(np.min(a)) for a in arrays))
     hi = max(float(np.quantile(a, CDF_QUANTILE)) for a in arrays)
@@ -139,22 +157,37 @@ def activation_stats(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: 
                      batch_size: int = DEFAULT_BATCH_SIZE, env: DistEnv | None = None,
                      precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
                      progress: bool = True, cdf_points: int = DEFAULT_CDF_POINTS,
-                     grid: np.ndarray | None = None) -> dict:
+                     grid: np.ndarray | None = None, reference_size: int | None = None,
+                     reference: np.ndarray | None = None, keep_pooled: bool = False) -> dict:
     """Per test size: CDF points of the pooled activations, fraction of zeros, fraction above 2 (figure 3).
 
-    Returns {"sizes": [{"test_size", "cdf_x", "cdf", "frac_zero", "frac_above_2", "mean", "std",
-    "n_values"}...], "pooled_from", "num_features", "n_images", "skipped"}. ``grid`` fixes the CDF's x
-    points (to compare two models on the same axis).
+    Returns {"sizes": [{"test_size", "cdf_x", "cdf", "frac_zero", "frac_above_2", "frac_negative", "mean",
+    "std", "n_values", "ks_to_reference"}...], "ks_reference", "pooled_from", "num_features", "n_images",
+    "skipped"}. ``grid`` fixes the CDF's x points (to compare two models on the same axis).
+    ``ks_to_reference``: the Kolmogorov-Smirnov distance to this model's pooled values at
+    ``reference_size`` (default: the train size, measured in the same pass), or to ``reference``
+    when given (e.g. the values of the model before a fix at its train size, to see whether the
+    fix brings the activations at S toward them). ``keep_pooled``: also return ``_pooled``
+    ({size: values}, not JSON: pop it).
     """
     parts = find_parts(model)
-    pooled, skipped = collect_pooled(model, samples, cfg, test_sizes=test_sizes, batch_size=batch_size, env=env,
+    sizes = [validate_size(int(s), "test_size") for s in test_sizes]
+    ref_size = validate_size(int(reference_size or cfg.train_size), "reference_size")
+    measured = sizes + ([ref_size] if reference is None and ref_size not in sizes else [])
+    pooled, skipped = collect_pooled(model, samples, cfg, test_sizes=measured, batch_size=batch_size, env=env,
                                      precision=precision, workers=workers, max_images=max_images,
                                      progress=progress, parts=parts)
-    grid = cdf_grid(list(pooled.values()), cdf_points) if grid is None else np.asarray(grid)
-    rows = [{"test_size": s, **summarize(v, grid)} for s, v in pooled.items()]
+    ref_values = pooled[ref_size] if reference is None else np.asarray(reference)
+    grid = cdf_grid([pooled[s] for s in sizes], cdf_points) if grid is None else np.asarray(grid)
+    rows = [{"test_size": s, **summarize(pooled[s], grid), "ks_to_reference": ks_distance(pooled[s], ref_values)}
+            for s in sizes]
     name, where = pooled_point(parts)
-    return {"sizes": rows, "pooled_from": f"{where} of {name}", "num_features": parts.num_features,
-            "n_images": int(next(iter(pooled.values())).shape[0]), "skipped": skipped, "train_size": cfg.train_size}
+    out = {"sizes": rows, "pooled_from": f"{where} of {name}", "num_features": parts.num_features,
+           "n_images": int(next(iter(pooled.values())).shape[0]), "skipped": skipped, "train_size": cfg.train_size,
+           "ks_reference": {"test_size": ref_size, "values": "this model's" if reference is None else "given"}}
+    if keep_pooled:
+        out["_pooled"] = pooled
+    return out
 
 
 def plot_stats(result: dict, path, *, compare: dict | None = None, title: str | None = None):
@@ -164,8 +197,12 @@ def plot_stats(result: dict, path, *, compare: dict | None = None, title: str | 
     if compare is not None:
         series += [{"label": f"{r['test_size']}px (adapted)", "x": r["cdf_x"], "cdf": r["cdf"], "style": "--"}
                    for r in compare["sizes"]]
-    return plot_activation_cdfs(series, path, title=title or "Pooled activations (fig. 3/4)")
+    title = title or "Pooled activations (fig. 3/4)"
+    negative = max(r.get("frac_negative", 0.0) for r in result["sizes"] + list((compare or {}).get("sizes", [])))
+    if negative > 0:  # token / LayerNorm models: the CDF starts below 0, nothing is dropped
+        title += f"\n(pooled features can be negative: up to {100 * negative:.1f}% < 0; the x axis includes them)"
+    return plot_activation_cdfs(series, path, title=title)
 
 
-__all__ = ["activation_stats", "collect_pooled", "iterate_views", "summarize", "cdf_grid", "plot_stats",
+__all__ = ["activation_stats", "collect_pooled", "iterate_views", "ks_distance", "summarize", "cdf_grid", "plot_stats",
            "pooled_point"]
