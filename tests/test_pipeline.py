@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fixres import pipeline
-from fixres.errors import UsageError
 
 TINY = dict(classes=3, train_per_class=8, val_per_class=4, train_size=32, test_sizes=[32, 48, 64], train_epochs=1,
             finetune_epochs=1, workers=0, progress=False, batch_size=16, train_batch_size=8)
@@ -95,9 +94,31 @@ def test_rerun_skips_finished_steps_and_continues_after_a_kill(tiny_run):
     assert now["sweep_after.json"] != stamps["sweep_after.json"]
     assert resumed["headline"]["top1_fixed"] == first["headline"]["top1_fixed"]
 
-    # Another setting on the same folder is refused (it would mix two runs).
-    with pytest.raises(UsageError, match="other settings"):
-        pipeline.run_fix(pipeline.FixConfig(out=str(run), **{**TINY, "finetune_epochs": 2}))
+
+def test_rerun_with_changed_interpolation_recomputes_exactly_the_affected_steps(tiny_run, capsys):
+    """Issue 11.2: a changed setting recomputes the steps that read it (and those downstream) and says
+    which input changed; the steps that do not read it are kept; a rerun with nothing changed recomputes
+    nothing."""
+    run, first = tiny_run
+    stamps = _mtimes(run)
+    changed = pipeline.run_fix(pipeline.FixConfig(out=str(run), **{**TINY, "interpolation": "bicubic",
+                                                                    "progress": True}))
+    err = capsys.readouterr().err
+    redo = {"train", "sweep_before", "select", "finetune", "sweep_after", "stats", "report"}
+    assert set(changed["recomputed"]) == redo
+    assert all("interpolation" in why for step, why in changed["recomputed"].items() if step != "report")
+    assert "recomputing train: changed interpolation" in err and "recomputing sweep_after:" in err
+    now = _mtimes(run)
+    assert now["data.json"] == stamps["data.json"] and now["analyse.json"] == stamps["analyse.json"]
+    assert all(now[f"{s}.json"] != stamps[f"{s}.json"] for s in redo - {"report"})
+    assert json.loads((run / "export" / "fixres.json").read_text())["interpolation"] == "bicubic"
+
+    again = pipeline.run_fix(pipeline.FixConfig(out=str(run), **{**TINY, "interpolation": "bicubic"}))
+    assert again["recomputed"] == {} and _mtimes(run) == now
+    # Back to the first settings: recomputed again, same numbers as the first run (deterministic).
+    back = pipeline.run_fix(pipeline.FixConfig(out=str(run), **TINY))
+    assert set(back["recomputed"]) == redo
+    assert back["headline"]["top1_fixed"] == first["headline"]["top1_fixed"]
 
 
 def test_report_command_rebuilds_from_json(tiny_run, capsys):

@@ -1,41 +1,53 @@
-"""The main job, ``fixres fix``: analyse -> sweep -> fine-tune at the chosen size -> statistics -> export -> report.
+"""The main job, ``fixres fix``: analyse -> sweep -> choose the size -> fine-tune -> statistics -> export -> report.
 
 With a model (``--model/--checkpoint/--weights``) and data (``--data``) it fixes *that* model. With no
 arguments it first generates the embedded data set (``fixres.synth``) and trains a small built-in CNN
 on it at a low train size with RandomResizedCrop, so a newcomer sees the whole method on a laptop CPU.
 
-Steps, in order (each writes ``RUN_DIR/<step>.json`` atomically and is recorded in ``state.json``; a
-rerun after a kill skips the finished steps, and training/fine-tuning resume from their checkpoints):
+The job is a table of steps (``STEP_TABLE``), each one function. Every step writes
+``RUN_DIR/<step>.json`` atomically and is recorded in ``state.json`` with its *key*: every input its
+result depends on (the settings it reads, the content hash of the checkpoint, a fingerprint of the
+data index, and the keys of the steps it reads from). A rerun recomputes exactly the steps whose key
+changed, and the steps downstream of them, and says which inputs changed; with nothing changed it
+recomputes nothing. A step killed half-way resumes (training and fine-tuning from their checkpoints)
+when its inputs are still the same, and starts over otherwise.
 
-  data          generate the embedded data set (or index the user's)
-  train         train at train_size (embedded default, or a model without weights / with a new head)
+  data          generate the embedded data set (or index the user's; validated before anything is written)
+  train         train at train_size on the fitting part of the training images (embedded default,
+                or a model without weights / with a new head)
   analyse       apparent-size analysis on the data's photo sizes: the recommended test size (section 4.1)
-  sweep_before  top-1 at every test size, one pass over the validation images (fold std)
-  finetune      fine-tune the chosen parts at the chosen test size (classifier + bn, test DA, cached),
-                then export the fixed model (safetensors + fixres.json)
+  sweep_before  top-1 at every test size on the validation images, one pass (fold std)
+  select        choose the test size on a held-out part of the *training* images (``fixres.fixsize``),
+                never on the validation images the headline reports
+  finetune      fine-tune the chosen parts at the chosen size on the fitting images (classifier + bn,
+                test DA, cached), then export the fixed model (safetensors + fixres.json)
   sweep_after   the fixed model at every test size
   stats         pooled-activation statistics before and after (figures 3-4)
   report        HTML report with the figures, JSON summary
 
-The test size to fix at is the larger of the analysis' recommendation and the best untuned size of
-the sweep (after fine-tuning the optimum moves up, never down: paper table 5), unless ``test_size``
-is given.
+The size chosen is the larger of the analysis' recommendation and the best untuned size on the
+held-out images (after fine-tuning the optimum moves up, never down: paper table 5), unless
+``test_size`` is given. The model is built once; the fixed model is a copy of it.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from fixres.atomic import write_json
 from fixres import config as config_vocab
+from fixres import fixsize
+from fixres.atomic import write_json
 from fixres.errors import FixresError, UsageError
 from fixres.export import WEIGHTS_NAME
+from fixres.fingerprint import digest, file_digest, index_fingerprint
+from fixres.runstate import NOT_RUN, RunState
 
 DEFAULT_OUT = Path("runs") / "fix"
 #: The embedded default: a small built-in CNN trained on the generated data at a low train size.
@@ -60,12 +72,13 @@ SWEEP_HIGH = 3.0
 MAX_SWEEP_SIZE = 512
 #: Photo sizes read from the data set for the Monte-Carlo analysis and the figure-2 histogram.
 MAX_PHOTO_SIZES = 2000
-STATE_NAME = "state.json"
-STEPS = ("data", "train", "analyse", "sweep_before", "finetune", "sweep_after", "stats", "report")
-#: Settings that define a run: a rerun with other values for these must use another folder (or restart).
-RUN_KEYS = ("model", "checkpoint", "weights", "num_classes", "data", "train_size", "test_sizes", "test_size",
-            "parts", "augment", "finetune_epochs", "train_epochs", "train_augment", "seed", "classes",
-            "train_per_class", "val_per_class", "crop_ratio")
+#: Monte-Carlo samples of the apparent-size analysis.
+ANALYSIS_SAMPLES = 50_000
+STEPS = ("data", "train", "analyse", "sweep_before", "select", "finetune", "sweep_after", "stats", "report")
+#: Working folders of steps: wiped when the step's inputs changed (their partial state would not fit).
+STEP_FOLDERS = {"train": ("train",), "finetune": ("finetune", "export")}
+
+choose_test_size = fixsize.choose_test_size
 
 
 @dataclass
@@ -100,6 +113,7 @@ class FixConfig:
     amp: bool = True
     workers: int | None = None
     seed: int = 0
+    holdout_fraction: float = fixsize.HOLDOUT_FRACTION
     # embedded data set
     classes: int = config_vocab.DEFAULT_CLASSES
     train_per_class: int = config_vocab.DEFAULT_TRAIN_PER_CLASS
@@ -112,9 +126,13 @@ class FixConfig:
     def embedded(self) -> bool:
         return self.data is None
 
-    def run_key(self) -> dict:
-        d = asdict(self)
-        return {k: d[k] for k in RUN_KEYS}
+    @property
+    def has_weights(self) -> bool:
+        return bool(self.checkpoint or self.weights)
+
+    @property
+    def model_name(self) -> str | None:
+        return self.model or (None if self.has_weights else DEFAULT_MODEL)
 
 
 def default_test_sizes(train_size: int, *, step: int = SWEEP_STEP) -> list[int]:
@@ -126,58 +144,6 @@ def default_test_sizes(train_size: int, *, step: int = SWEEP_STEP) -> list[int]:
     return sorted(sizes)
 
 
-def choose_test_size(*, recommended: int, sweep_rows: Sequence[dict], train_size: int) -> dict:
-    """The size to fix at: max(recommended, best untuned), both measured; returns the choice and why."""
-    best = max(sweep_rows, key=lambda r: r["top1"]) if sweep_rows else None
-    best_size = int(best["test_size"]) if best else train_size
-    chosen = max(int(recommended), best_size)
-    reason = ("the apparent-size recommendation" if chosen == int(recommended) and chosen != best_size else
-              "the best untuned test size" if chosen == best_size and chosen != int(recommended) else
-              "both the recommendation and the best untuned size")
-    return {"test_size": chosen, "recommended": int(recommended), "best_untuned": best_size, "reason": reason}
-
-
-# --------------------------------------------------------------------------- run state
-
-class RunState:
-    """``state.json``: which steps finished, how long each took; written atomically after every step."""
-
-    def __init__(self, run_dir: Path, key: dict, *, restart: bool = False) -> None:
-        self.run_dir = run_dir
-        self.path = run_dir / STATE_NAME
-        self.key = key
-        state = None
-        if self.path.is_file() and not restart:
-            try:
-                state = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                state = None
-        if state is not None and state.get("key") != key:
-            diff = sorted(k for k in key if state.get("key", {}).get(k) != key[k])
-            raise UsageError(f"{run_dir} holds a run with other settings ({', '.join(diff)}); "
-                             "pass --out for a new folder, or --restart to start this one over")
-        self.ran: list[str] = []  # steps computed in this call
-        self.state = state or {"version": 1, "key": key, "steps": {},
-                               "started": _dt.datetime.now().isoformat(timespec="seconds")}
-
-    def done(self, step: str) -> bool:
-        finished = bool(self.state["steps"].get(step, {}).get("done"))
-        return finished and (step == "report" or (self.run_dir / f"{step}.json").is_file())
-
-    def finish(self, step: str, seconds: float) -> None:
-        self.ran.append(step)
-        prev = self.state["steps"].get(step, {})
-        self.state["steps"][step] = {"done": True, "seconds": round(float(seconds) + prev.get("partial_s", 0.0), 3),
-                                     "finished": _dt.datetime.now().isoformat(timespec="seconds")}
-        write_json(self.path, self.state)
-
-    def timings(self) -> dict:
-        return {k: v["seconds"] for k, v in self.state["steps"].items() if v.get("done")}
-
-    def save(self) -> None:
-        write_json(self.path, self.state)
-
-
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -187,232 +153,509 @@ def _strip(result: dict, drop: Sequence[str] = ()) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_") and k not in drop}
 
 
+# --------------------------------------------------------------------------- the run's context
+
+@dataclass
+class FixContext:
+    """What the steps share: the config, the run folder and state, the data, the model (built once)."""
+
+    config: FixConfig
+    run_dir: Path
+    say: Callable[[str], None]
+    state: RunState | None = None
+    keys: dict = field(default_factory=dict)
+    data_root: Path | None = None
+    train_index: object = None
+    val_index: object = None
+    fit: list = field(default_factory=list)
+    holdout: list = field(default_factory=list)
+    fingerprints: dict = field(default_factory=dict)
+    bundle: object = None
+    cfg: object = None
+    env: object = None
+    precision: object = None
+    eval_precision: object = None
+    test_sizes: list[int] = field(default_factory=list)
+    choice: dict = field(default_factory=dict)
+    _base_ready: bool = False
+    _fixed: object = None
+    _checkpoint_sha: str | None = None
+
+    # ---- data
+    def index_data(self, data_root: Path) -> None:
+        """Index train/ and val/ (val mapped onto the training classes by name); split off the held-out part."""
+        from fixres.data import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
+        c = self.config
+        class_map = read_class_map(c.class_map) if c.class_map else None
+        train_root, val_root = resolve_split(data_root, "train"), resolve_split(data_root, "val")
+        self.train_index = scan_folder(train_root, class_map=class_map, num_classes=c.num_classes)
+        self.val_index = index_val_onto(val_root, self.train_index, num_classes=c.num_classes)
+        msg = missing_classes_warning(self.val_index)
+        if msg:
+            self.say("  warning: " + msg)
+        if train_root == val_root:
+            self.say("  note: the data has no train/ and val/ folders: fine-tuning and evaluation use the same images")
+        self.data_root = Path(data_root)
+        self.fit, self.holdout = fixsize.holdout_split(self.train_index.samples, fraction=c.holdout_fraction,
+                                                       seed=c.seed)
+        self.fingerprints = {"train_images": index_fingerprint(self.train_index.samples),
+                             "val_images": index_fingerprint(self.val_index.samples),
+                             "classes": digest(list(self.train_index.classes))}
+
+    # ---- the model, built once
+    @property
+    def needs_training(self) -> bool:
+        return not self.config.has_weights or bool(self.bundle.meta.get("new_head"))
+
+    def load_model(self) -> None:
+        from fixres.models import load_model
+        c = self.config
+        num_classes = c.num_classes or (self.train_index.num_classes if not c.checkpoint else None)
+        self.bundle = load_model(model=c.model_name, checkpoint=c.checkpoint, weights=c.weights,
+                                 num_classes=num_classes,
+                                 train_size=c.train_size or (None if c.has_weights else DEFAULT_TRAIN_SIZE))
+        cfg = self.bundle.data_config.with_overrides(crop_ratio=c.crop_ratio, interpolation=c.interpolation,
+                                                     mean=c.mean, std=c.std)
+        self.cfg = cfg.with_overrides(num_classes=self.train_index.num_classes,
+                                      class_names=tuple(self.train_index.classes))
+
+    def base(self):
+        """The model before the fix (trained weights loaded when training ran in an earlier call)."""
+        if not self._base_ready:
+            if self.needs_training and "train" not in self.state.ran:
+                _load_weights(self.bundle.model, self.run_dir / "train" / WEIGHTS_NAME)
+            self.bundle.model.eval()
+            self._base_ready = True
+        return self.bundle.model
+
+    def fixed(self):
+        """A copy of the model before the fix, to be fixed (or holding the exported fixed weights)."""
+        if self._fixed is None:
+            self._fixed = copy.deepcopy(self.base())
+            if "finetune" not in self.state.ran and (self.run_dir / "export" / WEIGHTS_NAME).is_file():
+                _load_weights(self._fixed, self.run_dir / "export" / WEIGHTS_NAME)
+        return self._fixed
+
+    def checkpoint_sha(self) -> str | None:
+        if self.config.checkpoint and self._checkpoint_sha is None:
+            self._checkpoint_sha = file_digest(self.config.checkpoint)
+        return self._checkpoint_sha
+
+    def read(self, step: str) -> dict:
+        return _read_json(self.run_dir / f"{step}.json")
+
+    def eval_kw(self) -> dict:
+        c = self.config
+        return dict(batch_size=c.batch_size, env=self.env, precision=self.eval_precision, workers=c.workers,
+                    progress=c.progress)
+
+
+def _load_weights(model, path: Path) -> None:
+    """Load a state dict saved by this run into an already built model (strict)."""
+    from fixres.checkpoint import load_state_dict
+    if not path.is_file():
+        raise FixresError(f"{path} is missing; rerun with --restart")
+    model.load_state_dict(load_state_dict(path), strict=True)
+
+
+# --------------------------------------------------------------------------- step keys (what each result depends on)
+
+def _key_data(x: FixContext) -> dict:
+    c = x.config
+    if c.embedded:
+        return {"data": "embedded", "synth_classes": c.classes, "synth_train_per_class": c.train_per_class,
+                "synth_val_per_class": c.val_per_class, "synth_seed": c.seed}
+    return {"data": str(Path(c.data).resolve())}
+
+
+def _key_model(x: FixContext) -> dict:
+    """The model as given: its name, the checkpoint's content, registry weights, head and train size."""
+    c = x.config
+    return {"model": c.model_name, "checkpoint_sha256": x.checkpoint_sha(), "weights": c.weights,
+            "num_classes": c.num_classes, "train_size": x.cfg.train_size, "stride": x.cfg.stride,
+            "classes": x.fingerprints["classes"]}
+
+
+def _key_prep(x: FixContext) -> dict:
+    cfg = x.cfg
+    return {"crop_ratio": cfg.crop_ratio, "interpolation": cfg.interpolation, "mean": list(cfg.mean),
+            "std": list(cfg.std)}
+
+
+def _key_train_images(x: FixContext) -> dict:
+    return {"train_images": x.fingerprints["train_images"], "holdout_fraction": x.config.holdout_fraction,
+            "holdout_seed": x.config.seed}
+
+
+def _key_base(x: FixContext) -> dict:
+    """The model before the fix: the trained one (everything training read) or the one given."""
+    return x.keys["train"] if x.needs_training else _key_model(x)
+
+
+def _key_eval(x: FixContext) -> dict:
+    return {"test_sizes": x.test_sizes, "batch_size": x.config.batch_size,
+            "eval_precision": x.eval_precision.describe(), "val_images": x.fingerprints["val_images"]}
+
+
+def key_train(x: FixContext) -> dict:
+    c = x.config
+    return {**_key_model(x), **_key_prep(x), **_key_train_images(x), "train_epochs": c.train_epochs,
+            "train_augment": c.train_augment, "train_repeats": c.train_repeats, "train_lr": c.train_lr,
+            "train_batch_size": c.train_batch_size, "seed": c.seed, "precision": x.precision.describe()}
+
+
+def key_analyse(x: FixContext) -> dict:
+    return {"train_size": x.cfg.train_size, "stride": x.cfg.stride, "crop_ratio": x.cfg.crop_ratio,
+            "val_images": x.fingerprints["val_images"], "analysis_seed": x.config.seed}
+
+
+def key_sweep_before(x: FixContext) -> dict:
+    return {**_key_base(x), **_key_prep(x), **_key_eval(x)}
+
+
+def key_select(x: FixContext) -> dict:
+    return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "test_sizes": x.test_sizes,
+            "batch_size": x.config.batch_size, "eval_precision": x.eval_precision.describe(),
+            "given_test_size": x.config.test_size, "recommended": int(x.read("analyse")["recommended_test_size"])}
+
+
+def key_finetune(x: FixContext) -> dict:
+    c = x.config
+    return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "fix_test_size": x.choice["test_size"],
+            "parts": c.parts, "augment": c.augment, "finetune_epochs": c.finetune_epochs, "lr": c.lr,
+            "batch_size": c.batch_size, "seed": c.seed, "precision": x.precision.describe()}
+
+
+def key_sweep_after(x: FixContext) -> dict:
+    return {**x.keys["finetune"], **_key_eval(x)}
+
+
+def key_stats(x: FixContext) -> dict:
+    return {**x.keys["finetune"], "stats_sizes": _stats_sizes_of(x), "val_images": x.fingerprints["val_images"],
+            "batch_size": x.config.batch_size, "precision": x.precision.describe()}
+
+
+def key_report(x: FixContext) -> dict:
+    merged: dict = {}
+    for step in STEPS[:-1]:
+        merged.update(x.keys.get(step, {}))
+    return merged
+
+
+# --------------------------------------------------------------------------- the steps
+
+def run_data(x: FixContext) -> None:
+    c = x.config
+    if c.embedded:
+        from fixres.synth import make_dataset
+        made = make_dataset(x.run_dir / "data", classes=c.classes, train_per_class=c.train_per_class,
+                            val_per_class=c.val_per_class, seed=c.seed, progress=c.progress,
+                            overwrite=True)  # this step runs only when the data's settings changed
+        info = {"root": str(made["root"]), "embedded": True, "manifest": _strip(made, ("config",)),
+                "synth_config": made.get("config")}
+    else:
+        info = {"root": str(c.data), "embedded": False}
+    write_json(x.run_dir / "data.json", info)
+
+
+def run_train(x: FixContext) -> None:
+    from fixres.train import STATE_NAME as TRAIN_STATE
+    from fixres.train import train
+    c = x.config
+    lr = c.train_lr or (EMBEDDED_TRAIN_LR if not (c.model or c.has_weights) else None)
+    train_dir = x.run_dir / "train"
+    # Trained on the fitting part only: the held-out images stay unseen for choosing the test size.
+    # No validation inside training: the sweep right after measures every size on all images.
+    result = train(x.bundle.model, x.fit, [], x.cfg, train_size=x.cfg.train_size, epochs=c.train_epochs,
+                   batch_size=c.train_batch_size, lr=lr, out_dir=train_dir, resume=(train_dir / TRAIN_STATE).is_file(),
+                   repeats=c.train_repeats, augment=c.train_augment, schedule="cosine", warmup_epochs=1,
+                   env=x.env, precision=x.precision, seed=c.seed, workers=c.workers, progress=c.progress,
+                   model_name=x.bundle.name)
+    result["batch_size"] = c.train_batch_size
+    write_json(x.run_dir / "train.json", _strip(result))
+
+
+def run_analyse(x: FixContext) -> None:
+    from fixres import analysis
+    from fixres.data import count_image_sizes
+    cfg = x.cfg
+    sizes = count_image_sizes(x.val_index, limit=MAX_PHOTO_SIZES)
+    an = analysis.analyze(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,
+                          image_sizes=sizes or None, samples=ANALYSIS_SAMPLES, seed=x.config.seed)
+    an.pop("_mc", None)
+    an["recommended_test_size"] = (an.get("monte_carlo") or {}).get("recommended_test_size",
+                                                                     an["recommended_test_size"])
+    an["recommended_test_size_closed_form"] = analysis.recommend_test_size(
+        train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride)["test_size"]
+    an["image_sizes"] = sorted({tuple(s) for s in sizes})[:500]
+    write_json(x.run_dir / "analyse.json", an)
+
+
+def run_sweep_before(x: FixContext) -> None:
+    from fixres.evaluate import evaluate
+    sweep = evaluate(x.base(), x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw())
+    write_json(x.run_dir / "sweep_before.json", _strip(sweep))
+
+
+def run_select(x: FixContext) -> None:
+    """Choose the size on the held-out training images (untuned sweep there), never on val."""
+    from fixres.evaluate import evaluate
+    recommended = int(x.read("analyse")["recommended_test_size"])
+    rows, n = [], 0
+    if x.config.test_size:
+        choice = {"test_size": x.config.test_size, "reason": "given", "method": "given"}
+    elif x.holdout:
+        sweep = evaluate(x.base(), x.holdout, x.cfg, test_sizes=x.test_sizes, per_class=False, **x.eval_kw())
+        rows, n = sweep["rows"], sweep["n_images"]
+        choice = {**choose_test_size(recommended=recommended, sweep_rows=rows, train_size=x.cfg.train_size),
+                  "method": fixsize.HOLDOUT_METHOD}
+    else:
+        choice = {"test_size": recommended, "recommended": recommended, "method": "recommendation",
+                  "reason": "the apparent-size recommendation (no training images to hold out)"}
+    choice["n_images"] = n
+    choice["chosen_on"] = (f"{n} {fixsize.HOLDOUT_METHOD} (not the validation images reported)" if n else
+                           choice["method"])
+    write_json(x.run_dir / "select.json", {"method": choice["method"], "n_images": n, "rows": rows,
+                                          "choice": choice})
+
+
+def run_finetune(x: FixContext) -> None:
+    from fixres.export import export_model
+    from fixres.finetune import STATE_NAME as FT_STATE
+    from fixres.finetune import finetune
+    c, test_size = x.config, int(x.choice["test_size"])
+    ft_dir = x.run_dir / "finetune"
+    fixed = x.fixed()
+    ft = finetune(fixed, x.fit, [], x.cfg, test_size=test_size, parts=c.parts, augment=c.augment,
+                  epochs=c.finetune_epochs, lr=c.lr, batch_size=c.batch_size, cache=True, out_dir=ft_dir,
+                  resume=(ft_dir / FT_STATE).is_file(), env=x.env, precision=x.precision, seed=c.seed,
+                  workers=c.workers, progress=c.progress, evaluate_before=False,
+                  evaluate_after=False)  # the sweeps measure every size anyway
+    path = export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
+                        train_size=x.cfg.train_size, class_names=list(x.train_index.classes))
+    write_json(x.run_dir / "export.json", {"path": str(path), "test_size": test_size,
+                                          "train_size": x.cfg.train_size})
+    write_json(x.run_dir / "finetune.json", {**_strip(ft), "choice": x.choice, "export_path": str(path)})
+
+
+def run_sweep_after(x: FixContext) -> None:
+    from fixres.evaluate import evaluate
+    from fixres.export import export_model
+    test_size = int(x.choice["test_size"])
+    fixed = x.fixed()
+    sweep = evaluate(fixed, x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw())
+    row = next(r for r in sweep["rows"] if r["test_size"] == test_size)
+    # Export again, now with the accuracy measured at the fixed size in the metadata.
+    export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
+                 train_size=x.cfg.train_size, class_names=list(x.train_index.classes),
+                 accuracy={"top1": row["top1"], "top1_std": row["top1_std"], "test_size": test_size, "n": row["n"]})
+    write_json(x.run_dir / "sweep_after.json", _strip(sweep))
+
+
+def run_stats(x: FixContext) -> None:
+    sizes = _stats_sizes_of(x)
+    stats: dict = {"sizes": sizes}
+    grid = None
+    for label, model in (("before", x.base()), ("after", x.fixed())):
+        raw = _activation_stats(model, x.val_index.samples, x.cfg, sizes, env=x.env, precision=x.precision,
+                                batch_size=x.config.batch_size, workers=x.config.workers, grid=grid)
+        stats[label] = normalize_stats(raw)
+        stats[label]["pooled_from"] = raw.get("pooled_from")
+        first = next(iter(stats[label]["sizes"].values()), None)
+        grid = first["x"] if first and grid is None else grid  # same x axis before and after
+    write_json(x.run_dir / "stats.json", stats)
+
+
+def run_report(x: FixContext) -> None:
+    import torch
+
+    from fixres.report import write_report
+    write_json(x.run_dir / "run.json", _run_info(x, torch.get_num_threads()))
+    write_report(x.run_dir)
+
+
+def _stats_sizes_of(x: FixContext) -> list[int]:
+    return sorted(set(x.config.stats_sizes or _stats_sizes(x.cfg.train_size, int(x.choice["test_size"]),
+                                                           x.test_sizes)))
+
+
+# --------------------------------------------------------------------------- the table of steps
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the job: what it does (for the header line), what its result depends on, how to run it."""
+
+    name: str
+    describe: Callable[[FixContext], str]
+    key: Callable[[FixContext], dict]
+    run: Callable[[FixContext], None]
+    applies: Callable[[FixContext], bool] = lambda x: True
+    output: str | None = None  # result file checked before trusting a finished step (default <name>.json)
+
+
+def _describe_train(x: FixContext) -> str:
+    c = x.config
+    da = "RandomResizedCrop" if c.train_augment == "train" else c.train_augment
+    return f"{x.bundle.name} at {x.cfg.train_size}px, {c.train_epochs} epochs ({da}), {len(x.fit)} images"
+
+
+def _describe_select(x: FixContext) -> str:
+    if x.config.test_size:
+        return f"given: {x.config.test_size}px"
+    return f"best size on {len(x.holdout)} held-out training images (not the validation images)"
+
+
+def _describe_finetune(x: FixContext) -> str:
+    c = x.config
+    return (f"{c.parts} at {x.choice['test_size']}px ({x.choice.get('reason', '')}), {c.finetune_epochs} epochs, "
+            f"{c.augment} DA")
+
+
+STEP_TABLE: tuple[Step, ...] = (
+    Step("data", lambda x: "generating the embedded data set" if x.config.embedded else f"indexing {x.config.data}",
+         _key_data, run_data),
+    Step("train", _describe_train, key_train, run_train, applies=lambda x: x.needs_training),
+    Step("analyse", lambda x: "apparent object sizes on this data's photos", key_analyse, run_analyse),
+    Step("sweep_before", lambda x: f"top-1 at test sizes {','.join(map(str, x.test_sizes))}", key_sweep_before,
+         run_sweep_before),
+    Step("select", _describe_select, key_select, run_select),
+    Step("finetune", _describe_finetune, key_finetune, run_finetune),
+    Step("sweep_after", lambda x: "the fixed model at every test size", key_sweep_after, run_sweep_after),
+    Step("stats", lambda x: f"pooled activations at {','.join(map(str, _stats_sizes_of(x)))}px, before and after",
+         key_stats, run_stats),
+    Step("report", lambda x: "writing the HTML report", key_report, run_report, output="report/report.json"),
+)
+assert tuple(s.name for s in STEP_TABLE) == STEPS
+
+
+def _execute(x: FixContext, i: int, step: Step, recomputed: dict) -> None:
+    """Run ``step`` when its key changed (or it never finished); say which inputs changed."""
+    n = len(STEP_TABLE)
+    if not step.applies(x):
+        x.say(f"[{i}/{n}] {step.name}: skipped (the model has its weights)")
+        x.state.forget(step.name)
+        return
+    key = step.key(x)
+    x.keys[step.name] = key
+    output = x.run_dir / (step.output or f"{step.name}.json")
+    why = x.state.stale(step.name, key, output)
+    if why is None and not (step.name == "report" and x.state.ran):
+        x.say(f"[{i}/{n}] {step.name}: {step.describe(x)} (done)")
+        _after_step(x, step.name)
+        return
+    x.say(f"[{i}/{n}] {step.name}: {step.describe(x)}")
+    why = why or ["an earlier step was recomputed"]
+    if why != [NOT_RUN]:
+        recomputed[step.name] = why
+        plain = len(why) == 1 and " " in why[0]  # a reason, not input names
+        x.say(f"  recomputing {step.name}: " + (why[0] if plain else "changed " + ", ".join(why)))
+    if not x.state.partial_matches(step.name, key):
+        for sub in STEP_FOLDERS.get(step.name, ()):  # a partial state of other inputs must not be resumed
+            shutil.rmtree(x.run_dir / sub, ignore_errors=True)
+    x.state.begin(step.name, key)
+    t0 = time.perf_counter()
+    step.run(x)
+    x.state.finish(step.name, key, time.perf_counter() - t0)
+    _after_step(x, step.name)
+
+
+def _after_step(x: FixContext, name: str) -> None:
+    """What later steps (and their keys) need from a step's result."""
+    if name == "analyse":
+        an = x.read("analyse")
+        mc = an.get("monte_carlo") or {}
+        x.say(f"  objects look {an['ratio']:.3f}x as large at test as in training (eq. 5"
+              + (f"; {mc['mean']:.3f} sampled on these photos" if mc.get("mean") else "")
+              + f"); recommended test size {an['recommended_test_size']}px")
+        # The sweep always covers the sizes the fix may be applied at.
+        x.test_sizes = sorted(set(x.test_sizes) | {int(an["recommended_test_size"])}
+                              | ({x.config.test_size} if x.config.test_size else set()))
+    elif name in ("sweep_before", "sweep_after"):
+        x.say("  " + _curve_line(x.read(name)))
+    elif name == "select":
+        x.choice = x.read("select")["choice"]
+
+
 # --------------------------------------------------------------------------- the job
 
 def run_fix(config: FixConfig) -> dict:
-    """Run (or resume) the whole method; returns the headline numbers and where the report is."""
+    """Run (or resume) the whole method; returns the headline numbers, where the report is, and which
+    steps were recomputed because their inputs changed (``recomputed``: {step: [changed inputs]})."""
     from fixres import progress as prog
 
-    say = lambda msg: prog.status(msg, enabled=config.progress)  # noqa: E731
     t_job = time.perf_counter()
-    run_dir = Path(config.out)
+    x = FixContext(config=config, run_dir=Path(config.out),
+                   say=lambda msg: prog.status(msg, enabled=config.progress))
     _check_config(config)
-    if config.restart and run_dir.exists():
-        for step in STEPS:
-            for p in (run_dir / f"{step}.json",):
-                if p.exists():
-                    p.unlink()
-        for sub in ("train", "finetune", "export", "report"):
-            if (run_dir / sub).exists():
-                shutil.rmtree(run_dir / sub)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = RunState(run_dir, config.run_key(), restart=config.restart)
-    state.save()
-    if any(state.done(s) for s in STEPS):
-        say(f"fixres fix: resuming {run_dir} (done: {', '.join(s for s in STEPS if state.done(s))})")
+    _setup_runtime(x)
+    if not config.embedded:  # a refused data set or model leaves no trace in the run folder
+        x.index_data(Path(config.data))
+        _build_model(x)
+    _prepare_folder(x)
+    recomputed: dict[str, list[str]] = {}
+    _execute(x, 1, STEP_TABLE[0], recomputed)
+    if config.embedded:
+        x.index_data(Path(x.read("data")["root"]))
+        _build_model(x)
+    for i, step in enumerate(STEP_TABLE[1:], start=2):
+        _execute(x, i, step, recomputed)
+    write_json(x.run_dir / "run.json", _run_info(x, _threads()))  # every step's time, the report's included
+    from fixres.report import REPORT_DIR, REPORT_JSON
+    summary = _read_json(x.run_dir / REPORT_DIR / REPORT_JSON)
+    return {"run_dir": str(x.run_dir), "report": summary["html"], "headline": summary["headline"],
+            "export": str(x.run_dir / "export"), "choice": x.choice, "recomputed": recomputed,
+            "seconds": round(time.perf_counter() - t_job, 1)}
 
+
+def _threads() -> int:
     import torch
+    return torch.get_num_threads()
 
-    from fixres import analysis, dist, engine
-    from fixres.data import count_image_sizes, read_class_map, resolve_split, scan_folder
-    from fixres.models import load_model
 
-    torch.manual_seed(config.seed)
-    env = dist.DistEnv(device=dist.resolve_device(config.device))
-    precision = engine.precision_for(env.device, amp=config.amp)
-    n_steps = len(STEPS)
+def _prepare_folder(x: FixContext) -> None:
+    """--restart wipes the step results and working folders; then open (or start) ``state.json``."""
+    run_dir = x.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file, not a folder")
+    if x.config.restart and run_dir.exists():
+        for step in STEPS + ("export", "run"):
+            (run_dir / f"{step}.json").unlink(missing_ok=True)
+        for sub in ("train", "finetune", "export", "report"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    x.state = RunState(run_dir, restart=x.config.restart)
+    done = [s for s in STEPS if x.state.record(s).get("done")]
+    if done:
+        x.say(f"fixres fix: resuming {run_dir} (done before: {', '.join(done)}; steps whose inputs changed are redone)")
 
-    def header(i: int, step: str, what: str) -> None:
-        say(f"[{i}/{n_steps}] {step}: {what}" + (" (done)" if state.done(step) and step != "report" else ""))
 
-    # ---- 1. data
-    header(1, "data", "generating the embedded data set" if config.embedded else f"indexing {config.data}")
-    if not state.done("data"):
-        t0 = time.perf_counter()
-        if config.embedded:
-            from fixres.synth import make_dataset
-            made = make_dataset(run_dir / "data", classes=config.classes, train_per_class=config.train_per_class,
-                                val_per_class=config.val_per_class, seed=config.seed, progress=config.progress)
-            data_root = Path(made["root"])
-            info = {"root": str(data_root), "embedded": True, "manifest": _strip(made, ("config",)),
-                    "synth_config": made.get("config")}
-        else:
-            data_root = Path(config.data)
-            info = {"root": str(data_root), "embedded": False}
-        write_json(run_dir / "data.json", info)
-        state.finish("data", time.perf_counter() - t0)
-    info = _read_json(run_dir / "data.json")
-    data_root = Path(info["root"])
-    class_map = read_class_map(config.class_map) if config.class_map else None
-
-    # ---- the model as given (or as to be trained)
-    model_name = config.model or (DEFAULT_MODEL if not (config.checkpoint or config.weights) else None)
-    train_index = scan_folder(resolve_split(data_root, "train"), class_map=class_map)
-    val_index = scan_folder(resolve_split(data_root, "val"), class_map=class_map)
-    if resolve_split(data_root, "train") == resolve_split(data_root, "val"):
-        say("  note: the data has no train/ and val/ folders: fine-tuning and evaluation use the same images")
-    num_classes = config.num_classes or (train_index.num_classes if not config.checkpoint else None)
-    bundle = load_model(model=model_name, checkpoint=config.checkpoint, weights=config.weights,
-                        num_classes=num_classes, train_size=config.train_size or (
-                            DEFAULT_TRAIN_SIZE if not (config.checkpoint or config.weights) else None))
-    cfg = bundle.data_config.with_overrides(crop_ratio=config.crop_ratio, interpolation=config.interpolation,
-                                            mean=config.mean, std=config.std)
-    cfg = cfg.with_overrides(num_classes=train_index.num_classes, class_names=tuple(train_index.classes))
-    train_size = cfg.train_size
-    needs_training = not (config.checkpoint or config.weights) or bool(bundle.meta.get("new_head"))
-    test_sizes = sorted(set(config.test_sizes or default_test_sizes(train_size, step=cfg.stride)))
-
-    # ---- 2. train
-    train_dir = run_dir / "train"
-    if needs_training:
-        header(2, "train", f"{bundle.name} at {train_size}px, {config.train_epochs} epochs "
-                           f"({'RandomResizedCrop' if config.train_augment == 'train' else config.train_augment})")
-        if not state.done("train"):
-            from fixres.train import train
-            t0 = time.perf_counter()
-            from_scratch_default = not (config.model or config.checkpoint or config.weights)
-            lr = config.train_lr or (EMBEDDED_TRAIN_LR if from_scratch_default else None)
-            # No validation inside training: the sweep right after measures every size on all images.
-            result = train(bundle.model, train_index.samples, [], cfg, train_size=train_size,
-                           epochs=config.train_epochs, batch_size=config.train_batch_size, lr=lr,
-                           out_dir=train_dir, resume=True, repeats=config.train_repeats,
-                           augment=config.train_augment, schedule="cosine", warmup_epochs=1, env=env,
-                           precision=precision, seed=config.seed, workers=config.workers, progress=config.progress,
-                           model_name=bundle.name)
-            result["batch_size"] = config.train_batch_size
-            write_json(run_dir / "train.json", _strip(result))
-            state.finish("train", time.perf_counter() - t0)
-    else:
-        header(2, "train", "skipped (the model has its weights)")
-    base = _base_model(config, bundle, train_dir if needs_training else None, num_classes)
-
-    # ---- 3. analyse
-    header(3, "analyse", "apparent object sizes on this data's photos")
-    if not state.done("analyse"):
-        t0 = time.perf_counter()
-        sizes = count_image_sizes(val_index, limit=MAX_PHOTO_SIZES)
-        an = analysis.analyze(train_size=train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,
-                              image_sizes=sizes or None, samples=50_000, seed=config.seed)
-        an.pop("_mc", None)
-        an["recommended_test_size"] = (an.get("monte_carlo") or {}).get("recommended_test_size",
-                                                                         an["recommended_test_size"])
-        an["recommended_test_size_closed_form"] = analysis.recommend_test_size(
-            train_size=train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride)["test_size"]
-        an["image_sizes"] = sorted({tuple(s) for s in sizes})[:500]
-        write_json(run_dir / "analyse.json", an)
-        state.finish("analyse", time.perf_counter() - t0)
-    an = _read_json(run_dir / "analyse.json")
-    mc = an.get("monte_carlo") or {}
-    say(f"  objects look {an['ratio']:.3f}x as large at test as in training (eq. 5"
-        + (f"; {mc['mean']:.3f} sampled on these photos" if mc.get("mean") else "")
-        + f"); recommended test size {an['recommended_test_size']}px")
-    # The sweep always covers the sizes the fix may be applied at.
-    test_sizes = sorted(set(test_sizes) | {int(an["recommended_test_size"])}
-                        | ({config.test_size} if config.test_size else set()))
-
-    from fixres.evaluate import evaluate
-
+def _setup_runtime(x: FixContext) -> None:
+    """Device and precisions (a device that is not there is refused before anything is written)."""
+    from fixres import dist, engine
+    c = x.config
+    x.env = dist.DistEnv(device=dist.resolve_device(c.device))
+    x.precision = engine.precision_for(x.env.device, amp=c.amp)
     # every accuracy in the run is measured as `fixres eval` measures it (inference precision)
-    eval_kw = dict(batch_size=config.batch_size, env=env, precision=engine.inference_precision(env.device, config.amp),
-                   workers=config.workers, progress=config.progress)
-    # ---- 4. sweep before
-    header(4, "sweep_before", f"top-1 at test sizes {','.join(map(str, test_sizes))}")
-    if not state.done("sweep_before"):
-        t0 = time.perf_counter()
-        sweep = evaluate(base.model, val_index, cfg, test_sizes=test_sizes, **eval_kw)
-        write_json(run_dir / "sweep_before.json", _strip(sweep))
-        state.finish("sweep_before", time.perf_counter() - t0)
-    before = _read_json(run_dir / "sweep_before.json")
-    say("  " + _curve_line(before))
-
-    # ---- 5. fine-tune at the chosen size, export
-    choice = ({"test_size": config.test_size, "reason": "given"} if config.test_size else
-              choose_test_size(recommended=an["recommended_test_size"], sweep_rows=before["rows"],
-                               train_size=train_size))
-    test_size = int(choice["test_size"])
-    header(5, "finetune", f"{config.parts} at {test_size}px ({choice['reason']}), {config.finetune_epochs} epochs, "
-                          f"{config.augment} DA")
-    export_dir = run_dir / "export"
-    if not state.done("finetune"):
-        from fixres.export import export_model
-        from fixres.finetune import finetune
-        t0 = time.perf_counter()
-        fixed = _base_model(config, bundle, train_dir if needs_training else None, num_classes)
-        ft = finetune(fixed.model, train_index.samples, val_index.samples, cfg, test_size=test_size,
-                      parts=config.parts, augment=config.augment, epochs=config.finetune_epochs, lr=config.lr,
-                      batch_size=config.batch_size, cache=True, out_dir=run_dir / "finetune", resume=True, env=env,
-                      precision=precision, seed=config.seed, workers=config.workers, progress=config.progress,
-                      evaluate_before=False, evaluate_after=False)  # the sweeps measure every size anyway
-        path = export_model(fixed.model, export_dir, model_name=fixed.name, cfg=cfg, test_size=test_size,
-                            train_size=train_size, class_names=list(train_index.classes))
-        ft_out = {**_strip(ft), "choice": choice, "export_path": str(path)}
-        write_json(run_dir / "export.json", {"path": str(path), "test_size": test_size, "train_size": train_size})
-        write_json(run_dir / "finetune.json", ft_out)
-        state.finish("finetune", time.perf_counter() - t0)
-    fixed = load_model(checkpoint=str(export_dir / WEIGHTS_NAME))
-
-    # ---- 6. sweep after
-    header(6, "sweep_after", "the fixed model at every test size")
-    if not state.done("sweep_after"):
-        t0 = time.perf_counter()
-        sweep = evaluate(fixed.model, val_index, cfg, test_sizes=test_sizes, **eval_kw)
-        row = next(r for r in sweep["rows"] if r["test_size"] == test_size)
-        from fixres.export import export_model
-        # Export again, now with the accuracy measured at the fixed size in the metadata.
-        export_model(fixed.model, export_dir, model_name=fixed.name, cfg=cfg, test_size=test_size,
-                     train_size=train_size, class_names=list(train_index.classes),
-                     accuracy={"top1": row["top1"], "top1_std": row["top1_std"], "test_size": test_size,
-                               "n": row["n"]})
-        write_json(run_dir / "sweep_after.json", _strip(sweep))
-        state.finish("sweep_after", time.perf_counter() - t0)
-    after = _read_json(run_dir / "sweep_after.json")
-    say("  " + _curve_line(after))
-
-    # ---- 7. activation statistics
-    stats_sizes = sorted(set(config.stats_sizes or _stats_sizes(train_size, test_size, test_sizes)))
-    header(7, "stats", f"pooled activations at {','.join(map(str, stats_sizes))}px, before and after")
-    if not state.done("stats"):
-        t0 = time.perf_counter()
-        stats = {"sizes": stats_sizes}
-        grid = None
-        for label, b in (("before", base), ("after", fixed)):
-            raw = _activation_stats(b.model, val_index.samples, cfg, stats_sizes, env=env, precision=precision,
-                                    batch_size=config.batch_size, workers=config.workers, grid=grid)
-            stats[label] = normalize_stats(raw)
-            stats[label]["pooled_from"] = raw.get("pooled_from")
-            first = next(iter(stats[label]["sizes"].values()), None)
-            grid = first["x"] if first and grid is None else grid  # same x axis before and after
-        write_json(run_dir / "stats.json", stats)
-        state.finish("stats", time.perf_counter() - t0)
-
-    # ---- 8. report (rebuilt whenever a step ran in this call; `fixres report` rebuilds it on demand)
-    header(8, "report", "writing the HTML report")
-    from fixres.report import REPORT_DIR, REPORT_JSON, write_report
-    report_json = run_dir / REPORT_DIR / REPORT_JSON
-    if state.done("report") and report_json.is_file() and not state.ran:
-        summary = _read_json(report_json)
-    else:
-        t0 = time.perf_counter()
-        write_json(run_dir / "run.json", _run_info(config, bundle, env, precision, state, train_size, test_size,
-                                                  test_sizes, data_root, choice, torch.get_num_threads()))
-        summary = write_report(run_dir)
-        state.finish("report", time.perf_counter() - t0)
-        # run.json keeps every step's time, the report's own included (the page shows the earlier ones).
-        write_json(run_dir / "run.json", _run_info(config, bundle, env, precision, state, train_size, test_size,
-                                                  test_sizes, data_root, choice, torch.get_num_threads()))
-    head = summary["headline"]
-    return {"run_dir": str(run_dir), "report": summary["html"], "headline": head, "export": str(export_dir),
-            "choice": choice, "seconds": round(time.perf_counter() - t_job, 1)}
+    x.eval_precision = engine.inference_precision(x.env.device, c.amp)
 
 
-def _run_info(config, bundle, env, precision, state, train_size, test_size, test_sizes, data_root, choice,
-              threads) -> dict:
-    return {"model": bundle.name, "source": bundle.source, "train_size": train_size, "test_size": test_size,
-            "test_sizes": test_sizes, "data": str(data_root), "choice": choice,
-            "config": _strip(asdict(config), ("progress",)), "device": str(env.device),
-            "precision": precision.describe(), "started": state.state.get("started"),
-            "finished": _dt.datetime.now().isoformat(timespec="seconds"), "timings": state.timings(),
-            "torch_threads": threads}
+def _build_model(x: FixContext) -> None:
+    """The model, built once; the sizes to sweep follow from its train size and stride."""
+    import torch
+    torch.manual_seed(x.config.seed)  # a model built from scratch starts from the same weights every run
+    x.load_model()
+    c = x.config
+    x.test_sizes = sorted(set(c.test_sizes or default_test_sizes(x.cfg.train_size, step=x.cfg.stride)))
+
+
+def _run_info(x: FixContext, threads: int) -> dict:
+    c = x.config
+    return {"model": x.bundle.name, "source": x.bundle.source, "train_size": x.cfg.train_size,
+            "test_size": int(x.choice["test_size"]), "test_sizes": x.test_sizes, "data": str(x.data_root),
+            "choice": x.choice, "config": _strip(asdict(c), ("progress",)), "device": str(x.env.device),
+            "precision": x.precision.describe(), "started": x.state.state.get("started"),
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"), "timings": x.state.timings(),
+            "torch_threads": threads, "n_fit": len(x.fit), "n_holdout": len(x.holdout)}
 
 
 def _check_config(config: FixConfig) -> None:
@@ -422,19 +665,8 @@ def _check_config(config: FixConfig) -> None:
         raise UsageError(f"unknown training augmentation {config.train_augment!r}; choose train or control")
     if config.data is not None and not Path(config.data).exists():
         raise UsageError(f"data folder not found: {config.data}")
-
-
-def _base_model(config: FixConfig, bundle, train_dir: Path | None, num_classes: int | None):
-    """A fresh copy of the model before the fix: the trained one from ``train_dir``, or the user's."""
-    from fixres.models import load_model
-    if train_dir is not None:
-        path = train_dir / WEIGHTS_NAME
-        if not path.is_file():
-            raise FixresError(f"training finished without writing {path}; rerun with --restart")
-        return load_model(checkpoint=str(path))
-    model_name = config.model or (DEFAULT_MODEL if not (config.checkpoint or config.weights) else None)
-    return load_model(model=model_name, checkpoint=config.checkpoint, weights=config.weights,
-                      num_classes=config.num_classes, train_size=config.train_size)
+    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+        raise UsageError(f"checkpoint not found: {config.checkpoint}")
 
 
 def _stats_sizes(train_size: int, test_size: int, test_sizes: Sequence[int]) -> list[int]:

@@ -8,14 +8,16 @@ from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS
 
 DESCRIPTION = """\
 The whole method on your model and data: analyse the apparent object sizes (recommended test size),
-sweep the test sizes, fine-tune the classifier and the batch-norm before pooling at the chosen size
+sweep the test sizes, choose the size on a held-out part of the training images, fine-tune the classifier and the batch-norm before pooling at the chosen size
 (test-time augmentation, cached activations), measure the pooled-activation statistics before and
 after, export the fixed model and write an HTML report.
 
 With no arguments it runs on an embedded default: it generates a data set following the paper's
 imaging model (section 3.1) into RUN_DIR/data, trains a small built-in CNN on it at 64 px with
 RandomResizedCrop, then fixes it. Each step's result is written under the run folder (--out, default
-runs/fix); rerunning the same command after a kill continues where it stopped."""
+runs/fix); rerunning the same command after a kill continues where it stopped, and a rerun with
+other settings, another checkpoint file or changed photos recomputes exactly the steps that read
+them (and says which)."""
 
 
 def add_parser(sub, parents):
@@ -30,7 +32,8 @@ def add_parser(sub, parents):
     g.add_argument("--test-sizes", type=int_list, default=None, metavar="SIZES",
                    help="sizes to sweep, e.g. 64,96,128 or 48:224:16 (default: about T/2 to 3T in steps of 16)")
     g.add_argument("--test-size", type=positive_int, default=None,
-                   help="fix at this size (default: the larger of the recommended and the best untuned size)")
+                   help="fix at this size (default: chosen on a held-out part of the training images, never on "
+                        "the validation images reported: the larger of the recommended and the best untuned size)")
     f = p.add_argument_group("fine-tuning (paper defaults: classifier + bn, test DA)")
     f.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help="what adapts: classifier, classifier,bn, classifier,bn,last-stage, bn-stats or module names")
@@ -79,7 +82,8 @@ def run(args):
     h = result["headline"]
     lines = [
         f"fixres fix: {h['model']} trained at {h['train_size']}px, fixed at {h['test_size']}px "
-        f"({result['choice'].get('reason', '')}); {h['n_val']} validation images, ± = fold std",
+        f"({result['choice'].get('reason', '')}, chosen on {result['choice'].get('chosen_on', 'n/a')}); "
+        f"{h['n_val']} validation images, ± = fold std",
         f"  top-1 at the train size {h['train_size']}px:        {_pm(h['top1_at_train_size'], h['top1_at_train_size_std'])}",
         f"  best untuned test size {h['best_untuned_test_size']}px:         "
         f"{_pm(h['top1_best_untuned'], h['top1_best_untuned_std'])}",
@@ -90,4 +94,6 @@ def run(args):
         f"  fixed model: {result['export']}/model.safetensors",
         f"report: {result['report']}",
     ]
+    for step, why in (result.get("recomputed") or {}).items():
+        lines.append(f"  recomputed {step}: " + ("changed " if " " not in why[0] else "") + ", ".join(why))
     return result, "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Fingerprints of a run's inputs: a file's content hash, a data index's identity, a settings digest.
+
+A resumable job keys each of its steps on everything that changes the step's result; when a key
+differs from the one recorded, the step (and every step downstream) is recomputed and the names
+of the changed inputs are reported. Files are hashed by content (a checkpoint replaced under the
+same name is noticed); a data index is fingerprinted by (path, size, mtime, label) of every image,
+cheap enough to recompute on every run, and changed by any added, removed, edited or relabelled photo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+#: Bytes read per chunk while hashing a file (large checkpoints are streamed, never loaded whole).
+HASH_CHUNK = 1 << 20
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def index_fingerprint(samples: Iterable[Sequence]) -> str:
+    """sha256 over (path, size, mtime_ns, label) of every sample; a missing file counts as size -1."""
+    h = hashlib.sha256()
+    for path, label in samples:
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        h.update(f"{path}\0{size}\0{mtime}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def digest(obj) -> str:
+    """A stable hash of a JSON-able value (keys sorted)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def canonical(value):
+    """A value as it reads back from JSON (tuples become lists, paths strings), so keys compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def changed_keys(old: Mapping | None, new: Mapping) -> list[str]:
+    """Names whose values differ between two keys (present in one only counts as changed), sorted."""
+    old = old or {}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def path_digest(path: str | os.PathLike | None) -> str | None:
+    """Content hash of a file path (None stays None)."""
+    return None if path is None else file_digest(Path(path))
