@@ -58,6 +58,16 @@ def test_test_geometry_resize_then_inside_crop(w, h, test_size, crop_ratio):
     assert out.size == (test_size, test_size)
     rw, rh = resized.size
     assert test_size <= rw and test_size <= rh  # crop_ratio <= 1: nothing to pad
+    # Centred: the output is the resized image cut at an offset within half a pixel of the exact centre.
+    got = np.asarray(out)
+    offsets = [(left, top) for left in _near((rw - test_size) / 2) for top in _near((rh - test_size) / 2)
+               if np.array_equal(np.asarray(resized.crop((left, top, left + test_size, top + test_size))), got)]
+    assert offsets, f"the crop of {rw}x{rh} to {test_size} is not at the centre"
+
+
+def _near(exact: float) -> list[int]:
+    """Integer offsets within half a pixel of ``exact`` (both neighbours of a .5)."""
+    return sorted({int(np.floor(exact + 0.5)), int(np.ceil(exact - 0.5))})
 
 
 @FAST
@@ -93,7 +103,10 @@ def test_resize_for_bounds(test_size, crop_ratio):
     r = T.resize_for(test_size, crop_ratio)
     assert r >= test_size
     assert abs(r - test_size / crop_ratio) <= 0.5 + 1e-9 or r == test_size
-    assert r == analysis.resize_for(test_size, crop_ratio)  # one rule in both modules
+    # One rule: analysis models exactly the resize the test transform applies (not a copy of the formula).
+    assert analysis.resize_for is T.resize_for
+    resize_op = T.test_geometry(test_size=test_size, crop_ratio=crop_ratio, cfg=CFG).transforms[0]
+    assert list(resize_op.size) == [r]
 
 
 @FAST

@@ -195,3 +195,60 @@ def test_interpolation_names():
     for name in ("nearest", "bilinear", "bicubic"):
         cfg = DataConfig(interpolation=name, train_size=32)
         assert da_test(test_size=16, crop_ratio=0.875, cfg=cfg)(noise_image(30, 20)).shape == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------- colour jitter (issue 11, item 12)
+
+
+def _op_names(t) -> list[str]:
+    return [type(op).__name__ for op in t.transforms]
+
+
+def _grey_outputs(t, n: int = 6) -> set[float]:
+    """Mean value of a flat grey photo after ``t``, over ``n`` draws: one value unless colours change."""
+    img = Image.new("RGB", (60, 45), (120, 120, 120))
+    torch.manual_seed(0)
+    return {round(float(t(img).mean()), 4) for _ in range(n)}
+
+
+def test_train_da_by_name_has_the_papers_colour_jitter():
+    """Fine-tuning builds "train" by name without a jitter flag: that must be the paper's train DA."""
+    paper = build_transform("train", size=24, cfg=CFG)
+    assert "ColorJitter" in _op_names(paper)
+    cj = next(op for op in paper.transforms if type(op).__name__ == "ColorJitter")
+    assert cj.brightness == (1 - T.TRAIN_JITTER, 1 + T.TRAIN_JITTER)
+    assert len(_grey_outputs(paper)) > 1  # colours really change
+    plain = build_transform("train", size=24, cfg=CFG, color_jitter=False)
+    assert "ColorJitter" not in _op_names(plain) and len(_grey_outputs(plain)) == 1
+
+
+@pytest.mark.parametrize("jitter", [True, False])
+def test_control_differs_from_train_da_in_the_crop_only(jitter):
+    """Appendix D: "with RRC vs control" must change one thing, the crop; the jitter flag reaches both."""
+    train = build_transform("train", size=24, cfg=CFG, color_jitter=jitter)
+    control = build_transform("control", size=24, cfg=CFG, color_jitter=jitter)
+    assert _op_names(train)[0] == "RandomResizedCrop" and _op_names(control)[:2] == ["Resize", "RandomCrop"]
+    assert _op_names(train)[1:] == _op_names(control)[2:]
+    for a, b in zip(train.transforms[1:], control.transforms[2:]):
+        assert vars(a).keys() == vars(b).keys()
+        assert all(repr(vars(a)[k]) == repr(vars(b)[k]) for k in vars(a) if not k.startswith("_"))
+    assert (len(_grey_outputs(control)) > 1) == jitter
+
+
+def test_finetune_with_train_da_uses_the_colour_jitter(capsys, tmp_path, monkeypatch, split_folder):
+    """The CLI path: ``fixres finetune --augment train`` builds train DA with jitter."""
+    from _helpers_e import cli, save_tiny_checkpoint
+    seen = []
+    real = T.train_transform
+
+    def spy(**kw):
+        seen.append(kw.get("color_jitter"))
+        return real(**kw)
+
+    monkeypatch.setattr(T, "train_transform", spy)
+    ck = save_tiny_checkpoint(tmp_path / "ck.safetensors")
+    code, out, err = cli(capsys, "finetune", "--model", "fixres_tiny_resnet", "--checkpoint", ck, "--data",
+                         split_folder, "--test-size", "32", "--epochs", "1", "--augment", "train", "--no-export",
+                         "--workers", "0", "--batch-size", "6", "--out", tmp_path / "out", "-q")
+    assert code == 0, err
+    assert seen and all(seen), seen

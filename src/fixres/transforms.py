@@ -8,11 +8,16 @@ Vocabulary (used everywhere in fixres):
 ``resize_for(test_size, crop_ratio)`` is the only place that turns the last two into a resize.
 
 Builders (keyword-only, torchvision.transforms.v2, antialiased resampling):
-  * ``train_transform``   RandomResizedCrop + flip (+ optional ColorJitter 0.3): "train DA";
+  * ``train_transform``   RandomResizedCrop + flip (+ ColorJitter 0.3): "train DA";
   * ``test_transform``    resize shorter side + CenterCrop: "test DA";
   * ``test2_transform``   test geometry + random horizontal shift + flip + mild jitter: "test DA2";
-  * ``control_transform`` appendix D control: resize + fixed-size random crop (no scale augmentation);
+  * ``control_transform`` appendix D control: resize + fixed-size random crop (no scale augmentation),
+    then the same flip (+ jitter) as train DA, so "RRC vs control" changes the geometry only;
   * ``build_transform``   pick one of the above by name (``AUGMENTATIONS``).
+
+The paper's train DA (section 3 and 5.1: "random resized crop, horizontal flip and color jitter")
+includes the colour jitter: ``build_transform`` uses it for "train" and "control" unless
+``color_jitter=False`` is asked for.
 """
 
 from __future__ import annotations
@@ -58,14 +63,17 @@ def train_transform(*, train_size: int, cfg: DataConfig, color_jitter: bool = Fa
                     scale: Sequence[float] = RRC_SCALE, ratio: Sequence[float] = RRC_RATIO) -> v2.Compose:
     """"train DA": RandomResizedCrop(train_size) + horizontal flip (+ ColorJitter(0.3, 0.3, 0.3))."""
     validate_size(train_size, "train_size")
-    ops: list = [
-        v2.RandomResizedCrop(train_size, scale=tuple(scale), ratio=tuple(ratio),
-                             interpolation=interpolation_mode(cfg.interpolation), antialias=True),
-        v2.RandomHorizontalFlip(),
-    ]
+    crop = v2.RandomResizedCrop(train_size, scale=tuple(scale), ratio=tuple(ratio),
+                                interpolation=interpolation_mode(cfg.interpolation), antialias=True)
+    return v2.Compose([crop] + _flip_jitter_normalized(cfg, color_jitter))
+
+
+def _flip_jitter_normalized(cfg: DataConfig, color_jitter: bool) -> list:
+    """What train DA does after its crop (flip, optional jitter, normalise): shared with the control."""
+    ops: list = [v2.RandomHorizontalFlip()]
     if color_jitter:
         ops.append(v2.ColorJitter(TRAIN_JITTER, TRAIN_JITTER, TRAIN_JITTER))
-    return v2.Compose(ops + _to_tensor_normalized(cfg))
+    return ops + _to_tensor_normalized(cfg)
 
 
 def test_geometry(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
@@ -113,28 +121,39 @@ def test2_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig,
     ] + _to_tensor_normalized(cfg))
 
 
-def control_transform(*, train_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
-    """Appendix D control: resize the shorter side as at test time, then a fixed-size random crop + flip."""
+def control_transform(*, train_size: int, crop_ratio: float, cfg: DataConfig,
+                      color_jitter: bool = False) -> v2.Compose:
+    """Appendix D control: resize the shorter side as at test time, then a fixed-size random crop;
+    then exactly train DA's flip (+ jitter), so that only the crop differs from train DA."""
     return v2.Compose([
         v2.Resize(resize_for(train_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
                   antialias=True),
         v2.RandomCrop(train_size),
-        v2.RandomHorizontalFlip(),
-    ] + _to_tensor_normalized(cfg))
+    ] + _flip_jitter_normalized(cfg, color_jitter))
+
+
+#: The paper's train DA includes colour jitter (section 3: "random-resized crop, horizontal flip and
+#: color jitter"); ``build_transform`` uses it for "train" and "control" unless told otherwise.
+PAPER_COLOR_JITTER = True
 
 
 def build_transform(augment: str, *, size: int, cfg: DataConfig, crop_ratio: float | None = None,
-                    color_jitter: bool = False) -> Callable:
-    """Build the named augmentation at ``size`` ("train" = train DA, "test", "test2", "control")."""
+                    color_jitter: bool | None = None) -> Callable:
+    """Build the named augmentation at ``size`` ("train" = train DA, "test", "test2", "control").
+
+    ``color_jitter`` applies to "train" and "control" alike; None means the paper's train DA
+    (``PAPER_COLOR_JITTER``: with jitter), so fine-tuning with "train" matches the paper.
+    """
     crop_ratio = cfg.crop_ratio if crop_ratio is None else crop_ratio
+    jitter = PAPER_COLOR_JITTER if color_jitter is None else bool(color_jitter)
     if augment == "train":
-        return train_transform(train_size=size, cfg=cfg, color_jitter=color_jitter)
+        return train_transform(train_size=size, cfg=cfg, color_jitter=jitter)
     if augment == "test":
         return test_transform(test_size=size, crop_ratio=crop_ratio, cfg=cfg)
     if augment == "test2":
         return test2_transform(test_size=size, crop_ratio=crop_ratio, cfg=cfg)
     if augment == "control":
-        return control_transform(train_size=size, crop_ratio=crop_ratio, cfg=cfg)
+        return control_transform(train_size=size, crop_ratio=crop_ratio, cfg=cfg, color_jitter=jitter)
     raise UsageError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
 
 
