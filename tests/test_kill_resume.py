@@ -23,6 +23,7 @@ from _helpers_e import FIXRES, command_available, save_tiny_checkpoint
 from conftest import write_image_folder
 from fixres.atomic import append_jsonl, atomic_path, read_jsonl, write_json, write_text
 from fixres.checkpoint import load_state_dict, load_training_state, save_safetensors
+from fixres.lock import LOCK_NAME
 
 #: Longest a tiny run may take on a loaded 2-core machine before the test gives up.
 RUN_TIMEOUT_S = 240
@@ -181,6 +182,8 @@ def _reference_run_in_process(argv: list) -> None:
 def _assert_nothing_half_written(out: Path, state_name: str) -> dict:
     """Every file under a final name in ``out`` reads back completely; returns the saved state."""
     for p in out.iterdir():
+        if p.name == LOCK_NAME:  # a killed run leaves its lock file behind, unlocked (flock dies with the process)
+            continue
         if p.name.startswith("."):
             assert p.name.endswith(".tmp")  # an unfinished atomic write, never under a final name
             continue

@@ -80,8 +80,9 @@ def test_cli_train_validates_at_train_and_recommended_size_and_exports(data, tmp
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     for r in log:
-        # 24 images, repeats 3: one data set's worth (24 samples) per epoch, in full batches of 8.
-        assert r["images"] == 24 and r["step"] == 3 * r["epoch"]
+        # 24 images, repeats 3: the paper's epoch draws 2N = 48 samples (official RASampler len_factor=2),
+        # in full batches of 8.
+        assert r["images"] == 48 and r["step"] == 6 * r["epoch"]
         assert set(r["val_top1"]) == {"32", str(rec)}
         assert 0.0 <= r["val_top1_train_size"] <= 100.0 and r["val_top1_test_size"] is not None
         assert r["forward_ms"] > 0 and r["backward_ms"] > 0 and r["images_per_s"] > 0

@@ -101,6 +101,29 @@ def _oom_message(exc: BaseException) -> str | None:
     return None
 
 
+#: Where a command writes when --out is not given, for commands whose module has no DEFAULT_OUT.
+_OUT_DEFAULTS = {"fix": "runs/fix", "analyze": "runs/analyze", "make-dataset": "runs/data"}
+
+
+def _output_lock(args: argparse.Namespace):
+    """The exclusive lock of the folder this command writes to (``fixres.lock``): one run per --out.
+
+    Rank 0 alone locks under torchrun (the ranks of one job share the folder). ``report`` writes below
+    its RUN_DIR, not to --out; ``analyze`` writes only with --plot; a generated data set is replaced as
+    a whole, so its lock sits beside it.
+    """
+    import contextlib
+
+    from fixres import lock
+    if args.command == "report" or (args.command == "analyze" and not getattr(args, "plot", False)):
+        return contextlib.nullcontext()
+    folder = args.out or getattr(args._module, "DEFAULT_OUT", None) or _OUT_DEFAULTS.get(args.command)
+    if folder is None or not lock.rank_is_main():
+        return contextlib.nullcontext()
+    beside = lock.sibling_lock(folder) if args.command == "make-dataset" else None
+    return lock.locked_folder(folder, lock_path=beside)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -114,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        result = args._module.run(args)
+        with _output_lock(args):
+            result = args._module.run(args)
         if isinstance(result, tuple):
             emit(args, *result)
         elif result is not None:

@@ -17,19 +17,23 @@ model" is exactly the modules the forward runs after it; the suffix is checked a
 forward on a sample before it is trusted, and the uncached path is used when it does not match.
 Random augmentations (test2, train) always use the full forward.
 
-Resumable: the adapted modules' weights and statistics, the optimizer and the epoch are saved
-atomically after each epoch (``finetune_state.pt``); epoch e always visits the images in the same
-order (seeded by seed and e), so an interrupted run resumed from its last state ends with the same
-weights as an uninterrupted one.
+The step (loss over the global image count, summed gradients under torchrun, a rank without images
+contributing nothing, device-synchronised timing, autocast + scaler) is ``fixres.loop``'s, shared
+with ``fixres.train``.
+
+Resumable: the adapted modules' weights and statistics, the optimizer, the loss scaler and the epoch
+are saved atomically after each epoch (``finetune_state.pt``, a ``loop.LoopState``); epoch e always
+visits the images in the same order (seeded by seed and e), so an interrupted run resumed from its
+last state ends with the same weights as an uninterrupted one. A state written with other settings
+(pre-processing, test size, parts, augmentation, schedule, world size ...) is refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -38,15 +42,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fixres import loop
 from fixres import progress as prog
 from fixres.atomic import append_jsonl, write_json, write_text
-from fixres.checkpoint import load_training_state, save_training_state
 from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS, DataConfig, validate_size
 from fixres.data import FolderIndex, ImageDataset, collate, default_workers
-from fixres.dist import DistEnv, all_gather_objects, all_reduce_sum, barrier, shard_indices
-from fixres.engine import Precision, SingleThreaded, autocast, inference_precision, precision_for, prepare, to_device
+from fixres.dist import DistEnv, all_gather_objects, all_reduce_sum_int, barrier, shard_indices
+from fixres.engine import Precision, SingleThreaded, autocast, precision_for, prepare, to_device
 from fixres.errors import FixresError, UsageError
+from fixres.evaluate import evaluate_at  # noqa: F401 (also re-exported: benchmarks import it from here)
 from fixres.hooks import hooked
+from fixres.loop import seed_everything
 from fixres.structure import Selection, find_parts, select_parts
 from fixres.transforms import build_transform
 
@@ -68,6 +74,7 @@ RANK_SEED_STRIDE = 1_000_003
 STATE_NAME = "finetune_state.pt"
 LOG_NAME = "finetune_log.jsonl"
 RESULT_NAME = "finetune.json"
+STATE_LAYOUT = loop.StateLayout(weights="adapted", settings="config")
 #: Relative tolerance when checking the suffix runner against the full forward (fp32).
 SUFFIX_RTOL = 1e-4
 SUFFIX_ATOL = 1e-4
@@ -84,7 +91,6 @@ def default_lr(batch_size: int) -> float:
 
 def decay_step(epochs: int) -> int:
     return max(1, int(round(epochs * DECAY_AT)))
-
 
 
 # --------------------------------------------------------------------------- running the model from a cut
@@ -268,21 +274,6 @@ def _fill_cache(model, suffix, samples, transform, *, batch_size, workers, devic
 
 # --------------------------------------------------------------------------- evaluation
 
-def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, batch_size: int,
-                env: DistEnv, precision: Precision, workers: int | None, progress: bool) -> dict:
-    """top-1 (and fold std) of ``model`` at ``test_size`` with the test pre-processing (fixres.evaluate).
-
-    Measured at the inference precision, so the number is the one ``fixres eval`` gives for the export.
-    """
-    from fixres.evaluate import evaluate
-    res = evaluate(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
-                   batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
-                   workers=workers, progress=progress, per_class=False)
-    row = res["rows"][0]
-    return {"test_size": test_size, "top1": row["top1"], "top1_std": row["top1_std"], "top5": row.get("top5"),
-            "loss": row.get("loss"), "n": row["n"], "skipped": len(res.get("skipped", []))}
-
-
 def _cached_top1(suffix: Suffix, cache: PrefixCache, *, batch_size: int, device, precision) -> float:
     hits = total = 0
     rows = torch.nonzero(cache.valid).flatten()
@@ -328,12 +319,82 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return batches
 
 
-def _seed_epoch(seed: int, epoch: int) -> None:
-    # random augmentations draw from the global generators: fix them per epoch so a resume replays them
-    s = seed * EPOCH_SEED_STRIDE + epoch
-    torch.manual_seed(s)
-    random.seed(s)
-    np.random.seed(s % (2 ** 32))
+def _check_arguments(*, test_size: int, augment: str, epochs: int, batch_size: int, lr: float,
+                     env: DistEnv) -> None:
+    validate_size(test_size, "test_size")
+    if augment not in FINETUNE_AUGMENTATIONS:
+        raise UsageError(f"unknown fine-tuning augmentation {augment!r}; choose one of "
+                         f"{', '.join(FINETUNE_AUGMENTATIONS)}")
+    if epochs < 0:
+        raise UsageError(f"epochs must be >= 0, got {epochs}")
+    if batch_size <= 0:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    if env.distributed and batch_size % env.world_size:
+        raise UsageError(f"the batch size ({batch_size}) is global: make it a multiple of the "
+                         f"{env.world_size} processes")
+    if not lr > 0:
+        raise UsageError(f"learning rate must be > 0, got {lr}")
+
+
+def _samples(samples) -> list:
+    if isinstance(samples, FolderIndex):
+        return list(samples.samples)
+    return list(samples) if samples is not None else []
+
+
+@dataclass
+class _Tune:
+    """One fine-tuning run while it runs: what every epoch needs."""
+
+    model: nn.Module
+    env: DistEnv
+    precision: Precision
+    cfg: DataConfig
+    sel: Selection
+    chain: list[str]
+    settings: dict
+    out_dir: Path
+    full_train: list
+    train_samples: list  # this rank's shard
+    val_samples: list
+    local_batch: int
+    steps_per_epoch: int
+    workers: int
+    progress: bool
+    epoch_eval: bool
+    stop_after_batches: int | None
+    transform: object = None
+    structure_dict: dict = field(default_factory=dict)
+    stepper: loop.Stepper | None = None
+    scheduler: torch.optim.lr_scheduler.StepLR | None = None
+    start_epoch: int = 0
+    log: list[dict] = field(default_factory=list)
+    before: dict | None = None
+    suffix: Suffix | None = None
+    train_cache: PrefixCache | None = None
+    val_cache: PrefixCache | None = None
+    cache_info: dict = field(default_factory=lambda: {"used": False, "reason": ""})
+    skipped: list[dict] = field(default_factory=list)
+    t_cache: float = 0.0
+    t_epochs: float = 0.0
+    times: loop.EpochTotals = field(default_factory=loop.EpochTotals)
+    batches_run: int = 0
+
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / STATE_NAME
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / LOG_NAME
+
+    def status(self, msg: str) -> None:
+        prog.status(msg, enabled=self.progress)
+
+    def eval_kw(self, progress: bool | None = None) -> dict:
+        return dict(test_size=self.settings["test_size"], batch_size=self.settings["batch_size"], env=self.env,
+                    precision=self.precision, workers=self.workers,
+                    progress=self.progress if progress is None else progress)
 
 
 def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, test_size: int,
@@ -347,335 +408,277 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     """Fine-tune the ``parts`` of ``model`` at ``test_size`` on ``train_samples``; evaluate on ``val_samples``.
 
     Leaves the adapted weights in ``model`` (eval mode). Writes ``out_dir/finetune_state.pt`` after
-    every epoch (``resume=True`` continues from it), ``out_dir/finetune_log.jsonl`` (one line per
-    epoch) and ``out_dir/finetune.json`` (the result). ``stop_after_batches`` raises
-    ``FinetuneInterrupted`` after that many batches of this call (to test resuming).
+    every epoch (``resume=True`` continues from it, and refuses a state written with other settings),
+    ``out_dir/finetune_log.jsonl`` (one line per epoch) and ``out_dir/finetune.json`` (the result).
+    ``stop_after_batches`` raises ``FinetuneInterrupted`` after that many batches of this call (to
+    test resuming).
 
     Returns before/after accuracy at test_size (top-1 with fold std), the per-epoch log, timing (ms
     per batch forward and backward, wall seconds) and whether the activation cache was used.
     """
     t_start = time.perf_counter()
-    validate_size(test_size, "test_size")
-    if augment not in FINETUNE_AUGMENTATIONS:
-        raise UsageError(f"unknown fine-tuning augmentation {augment!r}; choose one of "
-                         f"{', '.join(FINETUNE_AUGMENTATIONS)}")
-    if epochs < 0:
-        raise UsageError(f"epochs must be >= 0, got {epochs}")
-    if batch_size <= 0:
-        raise UsageError(f"batch size must be positive, got {batch_size}")
     env = env or DistEnv()
-    if env.distributed and batch_size % env.world_size:
-        raise UsageError(f"the batch size ({batch_size}) is global: make it a multiple of the "
-                         f"{env.world_size} processes")
-    device = env.device
-    precision = precision or precision_for(device)
-    workers = default_workers() if workers is None else workers
     lr = default_lr(batch_size) if lr is None else float(lr)
-    if not lr > 0:
-        raise UsageError(f"learning rate must be > 0, got {lr}")
-    if isinstance(train_samples, FolderIndex):
-        train_samples = train_samples.samples
-    if isinstance(val_samples, FolderIndex):
-        val_samples = val_samples.samples
-    train_samples = list(train_samples)
-    val_samples = list(val_samples) if val_samples is not None else []
+    _check_arguments(test_size=test_size, augment=augment, epochs=epochs, batch_size=batch_size, lr=lr, env=env)
+    t = _setup(model, _samples(train_samples), _samples(val_samples), cfg, parts=parts, env=env,
+               precision=precision or precision_for(env.device), out_dir=Path(out_dir),
+               workers=default_workers() if workers is None else workers, progress=progress and env.is_main,
+               epoch_eval=epoch_eval, stop_after_batches=stop_after_batches,
+               settings={"test_size": test_size, "augment": augment, "epochs": epochs, "lr": lr,
+                         "batch_size": batch_size, "seed": seed})
+    grad_flags = [p.requires_grad for p in t.model.parameters()]
+    state = _resume(t, resume, evaluate_before=evaluate_before)
+    _make_optimizer(t, state)
+    t0 = time.perf_counter()
+    try:
+        if epochs > t.start_epoch:
+            _build_cache(t, enabled=cache, budget_mb=cache_budget_mb)
+        for epoch in range(t.start_epoch, epochs):
+            _tune_epoch(t, epoch)
+    finally:
+        for c in (t.train_cache, t.val_cache):
+            if c is not None:
+                c.close()
+        # also after an interruption: the caller gets the model back as it gave it, in eval mode
+        t.model.eval()
+        for p, flag in zip(t.model.parameters(), grad_flags):
+            p.requires_grad_(flag)
+    t.t_epochs = time.perf_counter() - t0 - t.t_cache
+    if env.distributed:
+        t.skipped = [s for part in all_gather_objects(t.skipped, env) for s in part]
+    after = None
+    if evaluate_after and t.val_samples:
+        after = evaluate_at(t.model, t.val_samples, cfg, **t.eval_kw())
+        t.status(f"after fine-tuning: top-1 {after['top1']:.2f}% at {test_size}px")
+    result = _result(t, after, t_start=t_start)
+    if env.is_main:
+        write_json(t.out_dir / RESULT_NAME, result)
+    return result
+
+
+def _setup(model: nn.Module, train_samples: list, val_samples: list, cfg: DataConfig, *, parts, env: DistEnv,
+           precision: Precision, out_dir: Path, workers: int, progress: bool, epoch_eval: bool,
+           stop_after_batches: int | None, settings: dict) -> _Tune:
     if not train_samples:
         raise UsageError("no training images to fine-tune on")
     # Under torchrun each rank owns a fixed shard of the training images (so it caches only those) and
     # contributes batch_size / world_size images to every global batch; gradients are summed across ranks.
-    n_train_total, full_train = len(train_samples), train_samples
-    local_batch = batch_size // env.world_size if env.distributed else batch_size
-    if env.distributed:
-        train_samples = [train_samples[i] for i in shard_indices(n_train_total, env.rank, env.world_size)]
-    steps_per_epoch = math.ceil(math.ceil(n_train_total / env.world_size) / local_batch)
-    main = env.is_main
-    out_dir = Path(out_dir)
+    n_total = len(train_samples)
+    local_batch = settings["batch_size"] // env.world_size if env.distributed else settings["batch_size"]
+    shard = ([train_samples[i] for i in shard_indices(n_total, env.rank, env.world_size)] if env.distributed
+             else train_samples)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = out_dir / STATE_NAME, out_dir / LOG_NAME
-
-    model = prepare(model, device, precision)
-    grad_flags = [p.requires_grad for p in model.parameters()]
+    model = prepare(model, env.device, precision)
     structure = find_parts(model)
     sel = select_parts(model, structure, parts)
-    config = {"test_size": test_size, "parts": sel.parts, "augment": augment, "epochs": epochs, "lr": lr,
-              "batch_size": batch_size, "seed": seed, "n_train": n_train_total,
-              **({"world_size": env.world_size} if env.distributed else {})}
-    progress = progress and main
-    status = lambda msg: prog.status(msg, enabled=progress)  # noqa: E731
+    # Everything that changes what a resumed run would compute: a state written otherwise is refused.
+    settings = {**settings, "parts": sel.parts, "n_train": n_total, "world_size": env.world_size,
+                "mean": list(cfg.mean), "std": list(cfg.std), "interpolation": cfg.interpolation,
+                "crop_ratio": cfg.crop_ratio}
+    return _Tune(model=model, env=env, precision=precision, cfg=cfg, sel=sel, chain=list(structure.chain),
+                 settings=settings, out_dir=out_dir, full_train=train_samples, train_samples=shard,
+                 val_samples=val_samples, local_batch=local_batch,
+                 steps_per_epoch=math.ceil(math.ceil(n_total / env.world_size) / local_batch), workers=workers,
+                 progress=progress, epoch_eval=epoch_eval, stop_after_batches=stop_after_batches,
+                 transform=build_transform(settings["augment"], size=settings["test_size"], cfg=cfg),
+                 structure_dict=structure.to_dict())
 
-    # ---- resume
-    start_epoch, log, before, opt_state, sched_state, scaler_state = 0, [], None, None, None, None
-    if resume and state_path.exists():
-        state = load_training_state(state_path)
-        saved = state.get("config", {})
-        diff = [k for k in config if k in saved and saved[k] != config[k]]
-        if diff:
-            raise UsageError(f"--resume: {state_path} was written with other settings "
-                             f"({', '.join(f'{k}={saved[k]!r}' for k in diff)}); use another --out or drop --resume")
-        own = model.state_dict()
-        for k, v in state["adapted"].items():
-            if k not in own or own[k].shape != v.shape:
-                raise UsageError(f"--resume: {state_path} does not fit this model ({k})")
-            own[k].copy_(v)
-        start_epoch, log, before = int(state["epoch"]), list(state.get("log", [])), state.get("before")
-        opt_state, sched_state = state.get("optimizer"), state.get("scheduler")
-        scaler_state = state.get("scaler")
-        status(f"resuming from {state_path} after epoch {start_epoch}/{epochs}")
-        # the log file keeps exactly the finished epochs (an interrupted epoch is redone)
-        if main:
-            write_text(log_path, "".join(json.dumps(r) + "\n" for r in log))
+
+def _resume(t: _Tune, resume: bool, *, evaluate_before: bool) -> loop.LoopState | None:
+    """Read the saved state (checked against this run's settings); measure "before" if still unknown."""
+    state = None
+    if resume and t.state_path.exists():
+        state = loop.LoopState.load(t.state_path, STATE_LAYOUT)
+        loop.check_resume(state.settings, t.settings, t.settings.keys(), t.state_path)
     elif resume:
-        status(f"nothing to resume in {out_dir}: starting from scratch")
-    if main and start_epoch == 0 and log_path.exists():
-        log_path.unlink()
-    barrier(env)
+        t.status(f"nothing to resume in {t.out_dir}: starting from scratch")
+    t.before = state.before if state is not None else None
+    if t.before is None and evaluate_before and t.val_samples:
+        # on the model as given, before any saved adaptation is copied into it
+        t.before = evaluate_at(t.model, t.val_samples, t.cfg, **t.eval_kw())
+        t.status(f"before fine-tuning: top-1 {t.before['top1']:.2f}% at {t.settings['test_size']}px")
+    if state is not None:
+        loop.load_weights(t.model, state.weights, t.state_path, complete=False)
+        t.start_epoch, t.log = state.epoch, list(state.log)
+        t.status(f"resuming from {t.state_path} after epoch {t.start_epoch}/{t.settings['epochs']}")
+        if t.env.is_main:  # the log file keeps exactly the finished epochs (an interrupted epoch is redone)
+            write_text(t.log_path, "".join(json.dumps(r) + "\n" for r in t.log))
+    elif t.env.is_main and t.log_path.exists():
+        t.log_path.unlink()
+    barrier(t.env)
+    return state
 
-    eval_kw = dict(test_size=test_size, batch_size=batch_size, env=env, precision=precision, workers=workers,
-                   progress=progress)
-    if before is None and evaluate_before and val_samples:
-        before = evaluate_at(model, val_samples, cfg, **eval_kw)
-        status(f"before fine-tuning: top-1 {before['top1']:.2f}% at {test_size}px")
 
-    _set_modes(model, sel)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) if params else None
-    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_step(epochs), gamma=LR_DECAY)
-                 if optimizer else None)
-    if optimizer is not None and opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict(sched_state)
-    loss_fn = nn.CrossEntropyLoss()
-    # fp16 autocast (CUDA without bf16) needs loss scaling, or small gradients underflow to zero
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.amp and precision.dtype == torch.float16
-                                  and optimizer is not None)
-    if scaler_state:
-        scaler.load_state_dict(scaler_state)
-    transform = build_transform(augment, size=test_size, cfg=cfg)
+def _make_optimizer(t: _Tune, state: loop.LoopState | None) -> None:
+    _set_modes(t.model, t.sel)
+    params = [p for p in t.model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.SGD(params, lr=t.settings["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+                 if params else None)
+    if optimizer is not None:
+        t.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_step(t.settings["epochs"]),
+                                                      gamma=LR_DECAY)
+    t.stepper = loop.Stepper(params=params, optimizer=optimizer, env=t.env, precision=t.precision,
+                             min_images=2 if t.sel.stats else 1)
+    if state is None:
+        return
+    if optimizer is not None and state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+        t.scheduler.load_state_dict(state.scheduler)
+    if state.scaler and t.stepper.scaler.is_enabled():
+        t.stepper.scaler.load_state_dict(state.scaler)
 
-    # ---- the frozen-prefix cache
-    cache_info: dict = {"used": False, "reason": ""}
-    suffix = train_cache = val_cache = None
-    skipped: list[dict] = []
-    t_cache = 0.0
-    if epochs - start_epoch > 0:
-        if not cache:
-            cache_info["reason"] = "disabled"
-        elif augment != "test":
-            cache_info["reason"] = f"augmentation {augment!r} is random: full forward each epoch"
+
+def _build_cache(t: _Tune, *, enabled: bool, budget_mb: float) -> None:
+    """The frozen-prefix cache (see the module docstring); sets t.suffix / t.train_cache / t.cache_info."""
+    if not enabled:
+        t.cache_info["reason"] = "disabled"
+        return
+    if t.settings["augment"] != "test":
+        t.cache_info["reason"] = f"augmentation {t.settings['augment']!r} is random: full forward each epoch"
+        return
+    t0 = time.perf_counter()
+    sample = _first_inputs(t.full_train, t.transform, t.env.device)  # the same on every rank
+    if sample is None:
+        t.cache_info["reason"] = "no readable sample image"
+    else:
+        t.suffix, t.cache_info["reason"] = build_suffix(t.model, t.chain, t.sel.first, sample)
+    if t.suffix is not None:
+        _fill_caches(t, budget_bytes=int(budget_mb * 2 ** 20))
+    _set_modes(t.model, t.sel)
+    t.t_cache = time.perf_counter() - t0
+    t.cache_info["build_s"] = round(t.t_cache, 3)
+    t.status(f"activation cache: {'used, ' if t.suffix is not None else 'not used: '}{t.cache_info['reason']}")
+
+
+def _fill_caches(t: _Tune, *, budget_bytes: int) -> None:
+    t.model.eval()  # the prefix is frozen: eval mode throughout while filling
+    kw = dict(batch_size=t.settings["batch_size"], workers=t.workers, device=t.env.device, precision=t.precision,
+              budget_bytes=budget_bytes, progress=t.progress)
+    t.train_cache, t.skipped = _fill_cache(t.model, t.suffix, t.train_samples, t.transform,
+                                           folder=t.out_dir / _cache_folder("cache", t.env),
+                                           desc=f"caching activations at {t.suffix.cut}", **kw)
+    if t.epoch_eval and t.val_samples and not t.env.distributed:
+        t.val_cache, _ = _fill_cache(t.model, t.suffix, t.val_samples,
+                                     build_transform("test", size=t.settings["test_size"], cfg=t.cfg),
+                                     folder=t.out_dir / "cache_val", desc="caching validation activations", **kw)
+    if t.env.distributed and all_reduce_sum_int(int(t.train_cache is None), t.env):
+        if t.train_cache is not None:  # all ranks must take the same path
+            t.train_cache.close()
+            t.train_cache = None
+    if t.train_cache is None:
+        t.suffix = None
+        t.cache_info["reason"] = "no readable training image"
+    else:
+        t.cache_info.update(used=True, cut=t.suffix.cut, bytes=t.train_cache.bytes, on_disk=t.train_cache.on_disk,
+                            shape=list(t.train_cache.shape))
+
+
+def _batches(t: _Tune, batches: list[list[int]], epoch: int, pbar):
+    """(x, y) on the device per batch, from the cache or the images; (None, None) for a batch without images."""
+    device = t.env.device
+    if t.suffix is not None:
+        for b in batches:
+            pbar.update(len(b))
+            idx = torch.tensor(b)
+            idx = idx[t.train_cache.valid[idx]]
+            if not idx.numel():
+                yield None, None
+                continue
+            x, y = t.train_cache.get(idx)
+            yield x.to(device), y.to(device)
+        return
+    for item in _loader(t.train_samples, t.transform, batches, t.workers):
+        if epoch == t.start_epoch:
+            t.skipped.extend(s.to_dict() for s in item.skipped)
+        pbar.update(len(item) + len(item.skipped))
+        if item.inputs is None:
+            yield None, None
         else:
-            t0 = time.perf_counter()
-            sample = _first_inputs(full_train, transform, device)  # the same on every rank
-            if sample is None:
-                cache_info["reason"] = "no readable sample image"
-            else:
-                model.eval()
-                suffix, why = build_suffix(model, structure.chain, sel.first, sample)
-                _set_modes(model, sel)
-                cache_info["reason"] = why
-            if suffix is not None:
-                model.eval()  # the prefix is frozen: eval mode throughout while filling
-                budget = int(cache_budget_mb * 2 ** 20)
-                train_cache, skipped = _fill_cache(model, suffix, train_samples, transform, batch_size=batch_size,
-                                                   workers=workers, device=device, precision=precision,
-                                                   budget_bytes=budget, folder=out_dir / _cache_folder("cache", env),
-                                                   progress=progress,
-                                                   desc=f"caching activations at {suffix.cut}")
-                if epoch_eval and val_samples and not env.distributed:
-                    val_cache, _ = _fill_cache(model, suffix, val_samples,
-                                               build_transform("test", size=test_size, cfg=cfg),
-                                               batch_size=batch_size, workers=workers, device=device,
-                                               precision=precision, budget_bytes=budget,
-                                               folder=out_dir / "cache_val", progress=progress,
-                                               desc="caching validation activations")
-                _set_modes(model, sel)
-                if env.distributed and int(all_reduce_sum(torch.tensor([int(train_cache is None)]), env)):
-                    if train_cache is not None:  # all ranks must take the same path
-                        train_cache.close()
-                        train_cache = None
-                if train_cache is None:
-                    suffix = None
-                    cache_info["reason"] = "no readable training image"
-                else:
-                    cache_info.update(used=True, cut=suffix.cut, bytes=train_cache.bytes,
-                                      on_disk=train_cache.on_disk, shape=list(train_cache.shape))
-            t_cache = time.perf_counter() - t0
-            cache_info["build_s"] = round(t_cache, 3)
-            status(f"activation cache: {'used, ' if suffix is not None else 'not used: '}{cache_info['reason']}")
+            yield to_device(item.inputs, device, t.precision), item.labels.to(device)
 
-    # ---- epochs
-    fwd_ms: list[float] = []
-    bwd_ms: list[float] = []
-    n_batches_run = 0
-    t_epochs = time.perf_counter()
-    needs_bn_batch = bool(sel.stats)
-    sum_loss = nn.CrossEntropyLoss(reduction="sum")
 
-    def step(run, x, y) -> tuple[float, float, int]:
-        """One global step; (summed loss, hits, images) of this rank. Every rank calls it equally often."""
-        nonlocal n_batches_run
-        n_local = 0 if y is None else int(y.numel())
-        n_global = n_local
-        if env.distributed:
-            n_global = int(all_reduce_sum(torch.tensor([n_local]), env))
-            if n_global == 0:
-                return 0.0, 0.0, 0
-        t0 = time.perf_counter()
-        loss = logits = None
-        if n_local:
-            with torch.set_grad_enabled(optimizer is not None), autocast(device, precision):
-                logits = run(x)
-                # distributed: each rank's summed loss over the global count, so that the summed gradients
-                # are the gradient of the global batch's mean loss
-                loss = (loss_fn(logits.float(), y) if not env.distributed
-                        else sum_loss(logits.float(), y) / n_global)
-        t1 = time.perf_counter()
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-            if loss is not None:
-                scaler.scale(loss).backward()
-            if env.distributed:  # summed while still scaled: an overflow on any rank skips the step everywhere
-                _sum_gradients(params, env)
-            scaler.step(optimizer)
-            scaler.update()
-        t2 = time.perf_counter()
-        n_batches_run += 1
-        if stop_after_batches is not None and n_batches_run >= stop_after_batches:
-            raise FinetuneInterrupted(f"stopped after {n_batches_run} batches (test hook)")
-        if not n_local:
-            return 0.0, 0.0, 0
-        fwd_ms.append(1000 * (t1 - t0))
-        bwd_ms.append(1000 * (t2 - t1))
-        summed = float(loss.detach()) * (n_global if env.distributed else n_local)
-        return summed, float((logits.detach().argmax(1) == y).sum()), n_local
+def _tune_epoch(t: _Tune, epoch: int) -> None:
+    s, env = t.settings, t.env
+    _set_modes(t.model, t.sel)
+    rank_seed = s["seed"] + RANK_SEED_STRIDE * env.rank  # rank 0 = the single-process run
+    # random augmentations draw from the global generators: fix them per epoch so a resume replays them
+    seed_everything(rank_seed * EPOCH_SEED_STRIDE + epoch)
+    batches = _epoch_batches(len(t.train_samples), t.local_batch, rank_seed, epoch)
+    t_ep = time.perf_counter()
 
+    def after_step(_result, _totals) -> bool:
+        t.batches_run += 1
+        if t.stop_after_batches is not None and t.batches_run >= t.stop_after_batches:
+            raise FinetuneInterrupted(f"stopped after {t.batches_run} batches (test hook)")
+        return False
+
+    pbar = prog.bar(sum(len(b) for b in batches), f"fine-tune epoch {epoch + 1}/{s['epochs']}", enabled=t.progress)
     try:
-        for epoch in range(start_epoch, epochs):
-            _set_modes(model, sel)
-            rank_seed = seed + RANK_SEED_STRIDE * env.rank  # rank 0 = the single-process run
-            _seed_epoch(rank_seed, epoch)
-            batches = _epoch_batches(len(train_samples), local_batch, rank_seed, epoch)
-            t_ep = time.perf_counter()
-            total_loss = hits = seen = 0.0
-            steps = 0
-            bar = prog.bar(sum(len(b) for b in batches), f"fine-tune epoch {epoch + 1}/{epochs}", enabled=progress)
-            run = suffix if suffix is not None else model
-            if suffix is not None:
-                source = ((torch.tensor(b),) for b in batches)
-            else:
-                source = _loader(train_samples, transform, batches, workers)
-            try:
-                for item in source:
-                    x = y = None
-                    if suffix is not None:
-                        idx = item[0]
-                        idx = idx[train_cache.valid[idx]]
-                        bar.update(len(item[0]))
-                        if idx.numel():
-                            x, y = train_cache.get(idx)
-                            x, y = x.to(device), y.to(device)
-                    else:
-                        if epoch == start_epoch:
-                            skipped.extend(s.to_dict() for s in item.skipped)
-                        bar.update(len(item) + len(item.skipped))
-                        if item.inputs is not None:
-                            x, y = to_device(item.inputs, device, precision), item.labels.to(device)
-                    if y is not None and needs_bn_batch and y.numel() < 2:
-                        x = y = None  # batch-norm in train mode needs two images
-                    steps += 1
-                    if y is None and not env.distributed:
-                        continue
-                    b_loss, b_hits, b_n = step(run, x, y)
-                    total_loss, hits, seen = total_loss + b_loss, hits + b_hits, seen + b_n
-                # distributed: shards differ by at most one image; every rank takes the same number of steps
-                for _ in range(steps_per_epoch - steps if env.distributed else 0):
-                    step(run, None, None)
-            finally:
-                bar.close()
-            if scheduler is not None:
-                scheduler.step()
-            if env.distributed:
-                total_loss, hits, seen = all_reduce_sum(torch.tensor([total_loss, hits, seen],
-                                                                     dtype=torch.float64), env).tolist()
-                _average_bn_statistics(model, sel, env)
-            record = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "train_top1": 100 * hits / max(1, seen),
-                      "lr": lr * LR_DECAY ** (epoch // decay_step(epochs)), "images": int(seen),
-                      "seconds": round(time.perf_counter() - t_ep, 3), "cached": suffix is not None}
-            if epoch_eval and val_samples:
-                model.eval()
-                if val_cache is not None:
-                    record["val_top1"] = _cached_top1(suffix, val_cache, batch_size=batch_size, device=device,
-                                                      precision=precision)
-                else:
-                    record["val_top1"] = evaluate_at(model, val_samples, cfg, **{**eval_kw, "progress": False})["top1"]
-            log.append(record)
-            if main:
-                append_jsonl(log_path, record)
-                save_training_state({"epoch": epoch + 1, "config": config, "adapted": _adapted_state(model, sel),
-                                     "optimizer": optimizer.state_dict() if optimizer else None,
-                                     "scheduler": scheduler.state_dict() if scheduler else None,
-                                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                                     "log": log, "before": before}, state_path)
-            barrier(env)
-            status(f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, train top-1 {record['train_top1']:.1f}%"
-                   + (f", val top-1 {record['val_top1']:.2f}%" if "val_top1" in record else ""))
+        totals = loop.run_epoch(t.stepper, t.suffix if t.suffix is not None else t.model,
+                                _batches(t, batches, epoch, pbar), pad_to=t.steps_per_epoch, on_step=after_step)
     finally:
-        for c in (train_cache, val_cache):
-            if c is not None:
-                c.close()
-        # also after an interruption: the caller gets the model back as it gave it, in eval mode
-        model.eval()
-        for p, flag in zip(model.parameters(), grad_flags):
-            p.requires_grad_(flag)
-    t_epochs = time.perf_counter() - t_epochs
-    if env.distributed:
-        skipped = [s for part in all_gather_objects(skipped, env) for s in part]
+        pbar.close()
+    if t.scheduler is not None:
+        t.scheduler.step()
+    loop.average_running_stats([t.model.get_submodule(n) for n in t.sel.stats], totals.forwards, env)
+    for name in ("forward_ms", "backward_ms", "optimizer_ms"):
+        getattr(t.times, name).extend(getattr(totals, name))
+    loss_sum, hits, seen = totals.global_sums(env)
+    record = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_top1": 100 * hits / max(1, seen),
+              "lr": s["lr"] * LR_DECAY ** (epoch // decay_step(s["epochs"])), "images": int(seen),
+              "seconds": round(time.perf_counter() - t_ep, 3), "cached": t.suffix is not None}
+    if t.epoch_eval and t.val_samples:
+        record["val_top1"] = _epoch_top1(t)
+    t.log.append(record)
+    _save_epoch(t, epoch, record)
+    t.status(f"epoch {epoch + 1}/{s['epochs']}: loss {record['loss']:.4f}, train top-1 {record['train_top1']:.1f}%"
+             + (f", val top-1 {record['val_top1']:.2f}%" if "val_top1" in record else ""))
 
-    after = None
-    if evaluate_after and val_samples:
-        after = evaluate_at(model, val_samples, cfg, **eval_kw)
-        status(f"after fine-tuning: top-1 {after['top1']:.2f}% at {test_size}px")
 
+def _epoch_top1(t: _Tune) -> float:
+    t.model.eval()
+    if t.val_cache is not None:
+        return _cached_top1(t.suffix, t.val_cache, batch_size=t.settings["batch_size"], device=t.env.device,
+                            precision=t.precision)
+    return evaluate_at(t.model, t.val_samples, t.cfg, **t.eval_kw(progress=False))["top1"]
+
+
+def _save_epoch(t: _Tune, epoch: int, record: dict) -> None:
+    if t.env.is_main:
+        append_jsonl(t.log_path, record)
+        opt, scaler = t.stepper.optimizer, t.stepper.scaler
+        loop.LoopState(epoch=epoch + 1, weights=_adapted_state(t.model, t.sel), settings=t.settings, log=t.log,
+                       optimizer=opt.state_dict() if opt is not None else None,
+                       scheduler=t.scheduler.state_dict() if t.scheduler is not None else None,
+                       scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                       before=t.before).save(t.state_path, STATE_LAYOUT)
+    barrier(t.env)
+
+
+def _result(t: _Tune, after: dict | None, *, t_start: float) -> dict:
     def stat(v):
         return {"mean": float(np.mean(v)), "std": float(np.std(v))} if v else None
 
-    result = {
-        "test_size": test_size, "train_size": cfg.train_size, "crop_ratio": cfg.crop_ratio,
+    s, sel = t.settings, t.sel
+    wall = time.perf_counter() - t_start
+    return {
+        "test_size": s["test_size"], "train_size": t.cfg.train_size, "crop_ratio": t.cfg.crop_ratio,
         "parts": sel.parts, "trainable": sel.trainable, "stats_modules": sel.stats,
-        "structure": structure.to_dict(), "augment": augment, "epochs": epochs, "resumed_from_epoch": start_epoch,
-        "lr": lr, "batch_size": batch_size, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
-        "decay_every": decay_step(epochs), "seed": seed, "precision": precision.describe(),
-        "before": before, "after": after, "log": log, "cache": cache_info,
-        "timing": {"ms_per_batch_forward": stat(fwd_ms), "ms_per_batch_backward": stat(bwd_ms),
-                   "batches": n_batches_run, "cache_build_s": round(t_cache, 3),
-                   "epochs_s": round(t_epochs, 3), "finetune_s": round(t_cache + t_epochs, 3),
-                   "wall_s": round(time.perf_counter() - t_start, 3)},
-        "skipped": skipped, "state_path": str(state_path), "log_path": str(log_path),
-        "trainable_parameters": sum(p.numel() for n in sel.trainable for p in model.get_submodule(n).parameters()),
+        "structure": t.structure_dict, "augment": s["augment"], "epochs": s["epochs"],
+        "resumed_from_epoch": t.start_epoch, "lr": s["lr"], "batch_size": s["batch_size"], "momentum": MOMENTUM,
+        "weight_decay": WEIGHT_DECAY, "decay_every": decay_step(s["epochs"]), "seed": s["seed"],
+        "precision": t.precision.describe(), "before": t.before, "after": after, "log": t.log, "cache": t.cache_info,
+        "timing": {"ms_per_batch_forward": stat(t.times.forward_ms), "ms_per_batch_backward": stat(t.times.backward_ms),
+                   "ms_per_batch_optimizer": stat(t.times.optimizer_ms), "batches": t.batches_run,
+                   "cache_build_s": round(t.t_cache, 3), "epochs_s": round(t.t_epochs, 3),
+                   "finetune_s": round(t.t_cache + t.t_epochs, 3), "wall_s": round(wall, 3)},
+        "skipped": t.skipped, "state_path": str(t.state_path), "log_path": str(t.log_path),
+        "trainable_parameters": sum(p.numel() for n in sel.trainable for p in t.model.get_submodule(n).parameters()),
     }
-    if main:
-        write_json(out_dir / RESULT_NAME, result)
-    return result
 
 
 def _cache_folder(name: str, env: DistEnv) -> str:
     return f"{name}_rank{env.rank}" if env.distributed else name
-
-
-def _sum_gradients(params: Sequence[nn.Parameter], env: DistEnv) -> None:
-    """Sum the gradients over ranks (a rank without images this step contributes zeros)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.copy_(all_reduce_sum(p.grad, env))
-
-
-def _average_bn_statistics(model: nn.Module, sel: Selection, env: DistEnv) -> None:
-    """Each rank estimated the running statistics on its own images: average them so all ranks agree."""
-    for name in sel.stats:
-        m = model.get_submodule(name)
-        for buf in (getattr(m, "running_mean", None), getattr(m, "running_var", None)):
-            if buf is not None:
-                buf.copy_(all_reduce_sum(buf, env) / env.world_size)
 
 
 def _first_inputs(samples, transform, device, count: int = 2) -> torch.Tensor | None:
@@ -690,4 +693,3 @@ def _first_inputs(samples, transform, device, count: int = 2) -> torch.Tensor | 
         if len(xs) == count:
             break
     return torch.stack(xs).to(device) if xs else None
-

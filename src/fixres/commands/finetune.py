@@ -40,7 +40,9 @@ def add_parser(sub, parents):
     p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help="what adapts: classifier, bn (affine + statistics of the batch-norm before pooling), "
                         "bn-stats (statistics only), last-stage, or module names; comma-separated "
-                        "(default classifier,bn as in the paper)")
+                        "(default classifier,bn as in the paper, section 4.2). Note: the official FixRes code "
+                        "trains only fc and re-estimates the statistics of the last batch-norm (layer4[2].bn3) "
+                        "with its affine frozen, i.e. --parts classifier,bn-stats")
     p.add_argument("--augment", choices=FINETUNE_AUGMENTATIONS, default="test",
                    help="fine-tuning augmentation: test DA (default, the paper's), test DA2, or train DA")
     p.add_argument("--epochs", type=positive_int, default=PAPER_EPOCHS, help=f"default {PAPER_EPOCHS} (paper)")

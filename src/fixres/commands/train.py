@@ -28,10 +28,10 @@ def add_parser(sub, parents):
         "train", parents=parents, help="train at a (low) resolution, from scratch or transfer",
         description="Train a classifier at --train-size with the paper's protocol (SGD, lr 0.1 x B/256, "
                     "momentum 0.9, weight decay 1e-4, /10 every 30 epochs, RandomResizedCrop + flip, repeated "
-                    "augmentation x3). With --checkpoint/--weights of another class count, a new head is made "
-                    "and the whole network trains (transfer, section 5.3). Validates each epoch at the train "
-                    "size and at the recommended test size. Under torchrun it runs DDP; --resume continues "
-                    "an interrupted run exactly.")
+                    "augmentation x3 with epochs of 2N samples as the official code). With --checkpoint/--weights "
+                    "of another class count, a new head is made and the whole network trains (transfer, section "
+                    "5.3). Validates each epoch at the train size and at the recommended test size. Under "
+                    "torchrun it runs data-parallel; --resume continues an interrupted run exactly.")
     add_model_args(p, random_ok=True, pretrained=False)  # train builds random weights on purpose
     add_runtime_args(p, batch_default=DEFAULT_BATCH_SIZE, batch_note=": the global batch under torchrun")
     p.add_argument("--data", required=True, metavar="DIR",
@@ -49,6 +49,10 @@ def add_parser(sub, parents):
     p.add_argument("--weight-decay", type=nonneg_float, default=1e-4, help="(default 1e-4, the paper)")
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="repeated augmentation: copies of each image per epoch (1 = off; paper: 3)")
+    p.add_argument("--epoch-length-factor", type=positive_float, default=None, metavar="F",
+                   help="samples drawn per epoch / training images (default: 2 with repeated augmentation, "
+                        "as the official code's RASampler(len_factor=2.0) and the paper's schedule; 1 with "
+                        "--repeats 1). 1 makes an epoch one pass of N samples (N/repeats distinct images)")
     p.add_argument("--color-jitter", action="store_true", help="add ColorJitter(0.3, 0.3, 0.3) (paper's train DA)")
     p.add_argument("--augment", choices=("train", "control", "test", "test2"), default="train",
                    help="train: RandomResizedCrop + flip; control: appendix D resize + fixed-size random crop")
@@ -97,6 +101,7 @@ class TrainRunConfig:
     max_steps: int | None
     progress: bool
     overrides: dict
+    epoch_length_factor: float | None = None  # None: the paper's (2 with repeated augmentation)
 
     @classmethod
     def from_args(cls, args) -> "TrainRunConfig":
@@ -105,7 +110,8 @@ class TrainRunConfig:
                    train_size=args.train_size, epochs=args.epochs, batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
                    lr=args.lr, schedule=args.schedule, step_epochs=args.step_epochs,
                    warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, momentum=args.momentum,
-                   weight_decay=args.weight_decay, repeats=args.repeats, color_jitter=args.color_jitter,
+                   weight_decay=args.weight_decay, repeats=args.repeats,
+                   epoch_length_factor=args.epoch_length_factor, color_jitter=args.color_jitter,
                    augment=args.augment, val_sizes=args.val_sizes, resume=args.resume, device=args.device,
                    workers=args.workers, amp=not args.no_amp, seed=args.seed, max_steps=args.max_steps,
                    progress=not args.quiet,
@@ -178,7 +184,7 @@ def run_training(rc: TrainRunConfig, env) -> dict:
                    warmup_epochs=rc.warmup_epochs, label_smoothing=rc.label_smoothing, val_sizes=rc.val_sizes,
                    env=env, precision=precision, seed=rc.seed, workers=rc.workers, progress=rc.progress,
                    step_epochs=rc.step_epochs, momentum=rc.momentum, weight_decay=rc.weight_decay,
-                   model_name=bundle.name, max_steps=rc.max_steps)
+                   model_name=bundle.name, max_steps=rc.max_steps, epoch_length_factor=rc.epoch_length_factor)
     result.update({"model": bundle.name, "source": bundle.source, "transfer": transfer,
                    "new_head": bundle.meta.get("new_head"), "num_classes": num_classes,
                    "classes": train_index.classes, "train_dir": str(train_root), "val_dir": str(val_root),
@@ -193,7 +199,8 @@ def summary_text(r: dict) -> str:
     h = r["hparams"]
     lines = [f"trained {r['model']} at {r['train_size']}px for {f.get('epoch')} epoch(s) "
              f"({'transfer' if r['transfer'] else 'from scratch'}; batch {h['batch_size']}, lr {h['lr']:.4g}, "
-             f"{h['schedule']} schedule, repeats {h['repeats']}, {h['precision']}) in {r['wall_s']:.0f} s"
+             f"{h['schedule']} schedule, repeats {h['repeats']}, epoch {h.get('epoch_length_factor', 1):g}N samples, "
+             f"{h['precision']}) in {r['wall_s']:.0f} s"
              + (f" (resumed after epoch {r['resumed_from']})" if r.get("resumed_from") else "")]
     if f.get("val_top1"):
         lines.append(f"  val top-1: {pct(f.get('val_top1_train_size'))} at the train size {r['train_size']}px, "
