@@ -126,3 +126,34 @@ def test_unknown_method_is_a_usage_error(tiny_model):
     from fixres.errors import UsageError
     with pytest.raises(UsageError, match="unknown adaptation method"):
         adapt(tiny_model.model, [("x.jpg", 0)], tiny_model.data_config, method="magic", test_size=64)
+
+
+def test_cli_adapt_reports_top1_nll_and_ece_before_and_after(tmp_path, capsys):
+    """The before/after numbers are evaluate_at's on the same model, with NLL and ECE next to top-1."""
+    import copy
+    import json
+
+    from fixres.cli import main
+    from fixres.dist import DistEnv
+    from fixres.evaluate import evaluate_at
+    from fixres.models import load_model
+    train, val = tiny_data(tmp_path / "d")
+    argv = ["adapt", "--model", "fixres_tiny_resnet", "--random-init", "--num-classes", "3", "--train-size", "32",
+            "--data", str(tmp_path / "d"), "--workers", "0", "--no-amp", "--method", "bn-recalibrate",
+            "--test-size", "48", "--batch-size", "8", "--out", str(tmp_path / "ad")]
+    torch.manual_seed(0)
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    torch.manual_seed(0)
+    b = load_model(model="fixres_tiny_resnet", num_classes=3, train_size=32)
+    kw = dict(test_size=48, batch_size=8, env=DistEnv(), precision=fp32(), workers=0, progress=False)
+    before = evaluate_at(copy.deepcopy(b.model), val, b.data_config, **kw)
+    adapt(b.model, train, b.data_config, method="bn-recalibrate", test_size=48, precision=fp32(), **KW)
+    after = evaluate_at(b.model, val, b.data_config, **kw)
+    saved = json.loads((tmp_path / "ad" / "adapt.json").read_text())
+    for key in ("top1", "top1_std", "nll", "ece", "n"):
+        assert saved["before"][key] == pytest.approx(before[key], rel=1e-6), key
+        assert saved["after"][key] == pytest.approx(after[key], rel=1e-6), key
+    assert saved["before"]["nll"] == saved["before"]["loss"] and saved["before"]["nll"] != saved["after"]["nll"]
+    assert (f"NLL {before['nll']:.4f} -> {after['nll']:.4f}, ECE (15 bins) {before['ece']:.2f}% -> "
+            f"{after['ece']:.2f}%") in text

@@ -185,5 +185,7 @@ def test_cli_analyze_plot(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "analyze", "--json", "--samples", "3000", "--plot", "--out", str(tmp_path))
     assert code == 0
     png = json.loads(out)["plot"]
-    with open(png, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    with Image.open(png) as im:  # a decodable PNG of a real figure, not just the magic bytes
+        assert im.format == "PNG" and min(im.size) >= 100
+        im.load()

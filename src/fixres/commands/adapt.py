@@ -39,7 +39,7 @@ def run(args):
     from fixres.atomic import write_json
     from fixres.commands.finetune import adaptation_from_args
     from fixres.export import export_model
-    from fixres.finetune import evaluate_at
+    from fixres.evaluate import evaluate_at
     from fixres.progress import status
 
     from fixres.dist import refuse_distributed
@@ -69,6 +69,8 @@ def run(args):
     if before and after:
         lines.append(f"  top-1 at {test_size}px: {before['top1']:.2f} ± {before['top1_std']:.2f}% before -> "
                      f"{after['top1']:.2f} ± {after['top1_std']:.2f}% after")
+        lines.append(f"  calibration: NLL {before['nll']:.4f} -> {after['nll']:.4f}, ECE (15 bins) "
+                     f"{before['ece']:.2f}% -> {after['ece']:.2f}%")
     if "export" in result:
         lines.append(f"  adapted model: {result['export']}")
     else:
