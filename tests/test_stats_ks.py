@@ -125,3 +125,27 @@ def test_stats_table_shows_negatives_and_ks():
     assert any("negative values" in line for line in lines)
     plain = _table({"sizes": [{**row, "frac_negative": 0.0}]}, None, 32)
     assert "< 0 %" not in plain[0] and len(plain) == 2
+
+
+def test_cli_stats_compare_measures_ks_to_the_original_model_at_t(tmp_path, capsys):
+    """``stats --compare`` gives the KS of the second model at every size to the FIRST model at T: compared
+    with itself, the numbers are the first model's own (0 at T)."""
+    import json
+
+    from fixres.checkpoint import save_safetensors
+    from fixres.cli import main
+    from fixres.models import load_model
+    data = write_image_folder(tmp_path / "d")
+    torch.manual_seed(0)
+    ck = save_safetensors(load_model(model="fixres_tiny_resnet", num_classes=3).model.state_dict(),
+                          tmp_path / "tiny.safetensors")
+    assert main(["stats", "--model", "fixres_tiny_resnet", "--checkpoint", str(ck), "--num-classes", "3",
+                 "--train-size", "32", "--data", str(data), "--sizes", "16,32,64", "--compare", str(ck),
+                 "--workers", "0", "--no-amp", "--out", str(tmp_path / "st"), "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ks_before = [r["ks_to_reference"] for r in out["before"]["sizes"]]
+    assert ks_before[1] == 0.0 and ks_before[0] > 0 and ks_before[2] > 0
+    assert [r["ks_to_reference"] for r in out["after"]["sizes"]] == ks_before
+    assert out["after"]["ks_reference"] == {"test_size": 32, "values": "given"}
+    saved = json.loads((tmp_path / "st" / "stats.json").read_text())
+    assert "_pooled" not in saved["before"] and saved["before"]["sizes"][0]["ks_to_reference"] == ks_before[0]

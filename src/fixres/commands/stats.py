@@ -50,25 +50,45 @@ def run(args):
     precision = precision_for(env.device, not args.no_amp)
     kw = dict(test_sizes=sizes, batch_size=args.batch_size or 32, env=env, precision=precision,
               workers=args.workers, max_images=args.max_images, progress=not args.quiet)
-    before = activation_stats(bundle.model, index, cfg, **kw)
+    before = activation_stats(bundle.model, index, cfg, keep_pooled=True, **kw)
+    reference = before.pop("_pooled")[t]  # what the classifier was trained on: the model's own values at T
     after = None
     if args.compare:
         other = load_model(model=args.model, checkpoint=args.compare, num_classes=args.num_classes,
                            train_size=args.train_size)
-        after = activation_stats(other.model, index, cfg, grid=before["sizes"][0]["cdf_x"], **kw)
+        # KS of the adapted model at each size to the ORIGINAL model at T: does the fix move toward it (fig. 4)?
+        after = activation_stats(other.model, index, cfg, grid=before["sizes"][0]["cdf_x"], reference=reference,
+                                 **kw)
     out = Path(args.out or DEFAULT_OUT)
     png = plot_stats(before, out / "activation_cdf.png", compare=after,
                      title=f"{bundle.name}, trained at {t}px: pooled activations")
     result = {"command": "stats", "model": bundle.name, "train_size": t, "sizes": sizes, "before": before,
               "after": after, "plot": str(png)}
     write_json(out / "stats.json", result)
-    lines = [f"{bundle.name} (train {t}px), pooled activations on {before['n_images']} images ({before['pooled_from']}):",
-             f"  {'test_size':>9} {'zeros %':>8} {'> 2 %':>7} {'mean':>7}" + ("   adapted: zeros %  > 2 %" if after else "")]
-    for i, r in enumerate(before["sizes"]):
-        line = f"  {r['test_size']:>9} {100 * r['frac_zero']:>8.2f} {100 * r['frac_above_2']:>7.2f} {r['mean']:>7.3f}"
-        if after:
-            a = after["sizes"][i]
-            line += f"   {100 * a['frac_zero']:>16.2f} {100 * a['frac_above_2']:>6.2f}"
-        lines.append(line)
+    lines = [f"{bundle.name} (train {t}px), pooled activations on {before['n_images']} images "
+             f"({before['pooled_from']}):"] + _table(before, after, t)
     lines.append(f"  plot: {png}")
     return result, "\n".join(lines)
+
+
+def _table(before: dict, after: dict | None, train_size: int) -> list[str]:
+    """Zeros, > 2, negatives (when any), mean and the KS distance to the pooled values at T, per size."""
+    negative = any(r["frac_negative"] > 0 for r in before["sizes"] + (after or {}).get("sizes", []))
+    neg_head = f" {'< 0 %':>7}" if negative else ""
+    lines = [f"  {'test_size':>9} {'zeros %':>8} {'> 2 %':>7}{neg_head} {'mean':>7} {f'KS to {train_size}':>9}"
+             + ("   adapted: zeros %  > 2 %  KS to " + str(train_size) if after else "")]
+    for i, r in enumerate(before["sizes"]):
+        neg = f" {100 * r['frac_negative']:>7.2f}" if negative else ""
+        line = (f"  {r['test_size']:>9} {100 * r['frac_zero']:>8.2f} {100 * r['frac_above_2']:>7.2f}{neg} "
+                f"{r['mean']:>7.3f} {r['ks_to_reference']:>9.3f}")
+        if after:
+            a = after["sizes"][i]
+            line += f"   {100 * a['frac_zero']:>16.2f} {100 * a['frac_above_2']:>6.2f} {a['ks_to_reference']:>8.3f}"
+        lines.append(line)
+    if negative:
+        lines.append("  the pooled features take negative values (no ReLU before the pooling, e.g. LayerNorm'd "
+                     "tokens): the CDFs include them, and 'zeros %' is not a sparsity here")
+    if after:
+        lines.append(f"  KS: Kolmogorov-Smirnov distance to the original model's pooled values at {train_size}px "
+                     "(0 = same distribution)")
+    return lines
