@@ -96,3 +96,56 @@ def test_eval_rows_carry_nll_and_ece_of_their_own_predictions(image_folder, tiny
         assert row["ece"] == pytest.approx(100 * ece(conf, hit), rel=1e-9)
         assert res["reliability"][key] == reliability(conf, hit)
         assert sum(res["reliability"][key]["count"]) == row["n"] == 12
+
+
+def test_temperature_scale_fits_on_held_out_and_keeps_top1(tmp_path, tiny_model):
+    from conftest import write_image_folder
+    from fixres.data import scan_folder
+    from fixres.engine import Precision
+    from fixres.evaluate import evaluate, temperature_scale
+    with torch.no_grad():  # far too sharp a head: the fitted temperature must soften it
+        tiny_model.model.fc.weight.mul_(200.0)
+    kw = dict(test_sizes=[32, 48], ensembles=[(32, 48)], workers=0, progress=False, batch_size=6,
+              precision=Precision(False, None, False), keep_log_probs=True)
+    held = evaluate(tiny_model.model, scan_folder(write_image_folder(tmp_path / "h", seed=5)), tiny_model.data_config,
+                    **kw)
+    res = evaluate(tiny_model.model, scan_folder(write_image_folder(tmp_path / "v", seed=6)), tiny_model.data_config,
+                   **kw)
+    before = [dict(r) for r in res["rows"] + res["ensembles"]]
+    temperature_scale(res, held)
+    labels = torch.from_numpy(res["_labels"])
+    for row, old, key in zip(res["rows"] + res["ensembles"], before, res["_log_probs"]):
+        t = fit_temperature(torch.from_numpy(held["_log_probs"][key]), torch.from_numpy(held["_labels"]))
+        assert row["temperature"] == t and t > 1
+        assert row["nll_scaled"] == pytest.approx(nll(torch.from_numpy(res["_log_probs"][key]).double() / t, labels))
+        assert {k: row[k] for k in old} == old  # top-1 and every measured number unchanged
+    assert res["temperature_fitted_on"] == {"n_images": 12}
+    with pytest.raises(UsageError, match="keep_log_probs"):
+        temperature_scale({"rows": []}, held)
+
+
+def test_cli_sweep_calibrate_on_held_out_folder(tmp_path, capsys):
+    import json
+
+    from conftest import write_image_folder
+    from fixres.cli import main
+    from fixres.data import scan_folder
+    from fixres.evaluate import evaluate, temperature_scale
+    from fixres.models import load_model
+    val, held = write_image_folder(tmp_path / "v", seed=6), write_image_folder(tmp_path / "h", seed=5)
+    torch.manual_seed(0)
+    assert main(["sweep", "--data", str(val), "--calibrate-on", str(held), "--model", "fixres_tiny_resnet",
+                 "--random-init", "--num-classes", "3", "--train-size", "32", "--test-sizes", "32,48", "--no-plot",
+                 "--workers", "0", "--no-amp", "--out", str(tmp_path / "s")]) == 0
+    text = capsys.readouterr().out
+    saved = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    torch.manual_seed(0)
+    b = load_model(model="fixres_tiny_resnet", num_classes=3, train_size=32)
+    kw = dict(test_sizes=[32, 48], workers=0, progress=False, keep_log_probs=True)
+    ref = temperature_scale(evaluate(b.model, scan_folder(val), b.data_config, **kw),
+                            evaluate(b.model, scan_folder(held), b.data_config, **kw))
+    for got, want in zip(saved["rows"], ref["rows"], strict=True):
+        assert got["temperature"] == pytest.approx(want["temperature"], rel=1e-6)
+        assert (got["nll_scaled"], got["ece_scaled"]) == pytest.approx((want["nll_scaled"], want["ece_scaled"]), rel=1e-2)
+    assert "_log_probs" not in saved and saved["temperature_fitted_on"]["n_images"] == 12
+    assert "NLL@T" in text and f"{saved['rows'][0]['temperature']:.2f}" in text

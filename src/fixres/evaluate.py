@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fixres import dist as fdist
-from fixres.calibration import ece, reliability
+from fixres.calibration import apply_temperature, ece, fit_temperature, nll, reliability
 from fixres.config import DEFAULT_FOLDS, DataConfig, validate_crop_ratio, validate_size
 from fixres.data import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader
 from fixres.engine import (Precision, SingleThreaded, autocast, inference_precision, prepare,
@@ -413,6 +413,32 @@ def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, b
     return {"test_size": test_size, "top1": row["top1"], "top1_std": row["top1_std"], "top5": row["top5"],
             "loss": row["loss"], "nll": row["nll"], "ece": row["ece"], "n": row["n"],
             "skipped": len(res["skipped"])}
+
+
+def temperature_scale(result: dict, held_out: dict) -> dict:
+    """Temperature scaling of every row of ``result``, each fitted on the same row of ``held_out`` (issue 16.3).
+
+    Both are ``evaluate(..., keep_log_probs=True)`` results with the same views: ``held_out`` on labelled
+    images the reported numbers do not use (e.g. a held-out part of the training data). Adds to each
+    row and ensemble row of ``result``: ``temperature`` (``calibration.fit_temperature``), and the NLL
+    and ECE (percent) after dividing the logits by it, ``nll_scaled`` and ``ece_scaled``. Top-1 is
+    unchanged by construction (the order of the logits is kept). Returns ``result``.
+    """
+    for res, name in ((result, "result"), (held_out, "held_out")):
+        if "_log_probs" not in res:
+            raise UsageError(f"temperature_scale: {name} was evaluated without keep_log_probs=True")
+    labels = torch.from_numpy(result["_labels"])
+    held_labels = torch.from_numpy(held_out["_labels"])
+    for row, key in zip(result["rows"] + result["ensembles"], result["_log_probs"], strict=True):
+        if key not in held_out["_log_probs"]:
+            raise UsageError(f"temperature_scale: the held-out result has no view {key}")
+        t = fit_temperature(torch.from_numpy(held_out["_log_probs"][key]), held_labels)
+        scaled = torch.log_softmax(apply_temperature(torch.from_numpy(result["_log_probs"][key]).double(), t), 1)
+        hit = _scores(scaled, labels, 1)[0]
+        row.update(temperature=t, nll_scaled=nll(scaled, labels),
+                   ece_scaled=ece(scaled.max(1).values.exp().numpy(), hit) * PERCENT)
+    result["temperature_fitted_on"] = {"n_images": held_out["n_images"]}
+    return result
 
 
 def row_label(row: dict) -> str:

@@ -30,6 +30,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=positive_int, default=None,
                    help="the model's train size (default: from its data config)")
     p.add_argument("--no-per-class", action="store_true", help="leave per-class accuracy out of the results")
+    p.add_argument("--calibrate-on", default=None, metavar="DIR",
+                   help="labelled held-out images (DIR/CLASS/IMAGE, not the evaluated ones) to fit temperature "
+                        "scaling on, per view: adds temperature, nll_scaled and ece_scaled to each row (top-1 is "
+                        "unchanged)")
 
 
 def add_parser(sub, parents):
@@ -66,6 +70,7 @@ class EvalConfig:
     ten_crop: bool = False
     folds: int = 10
     per_class: bool = True
+    calibrate_on: str | None = None
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
@@ -84,7 +89,8 @@ def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
         interpolation=args.interpolation, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None, train_size=args.train_size,
         ensembles=tuple(tuple(e) for e in (args.ensemble or ())), ten_crop=args.ten_crop, folds=args.folds,
-        per_class=not args.no_per_class, device=args.device, batch_size=args.batch_size, workers=args.workers,
+        per_class=not args.no_per_class, calibrate_on=args.calibrate_on,
+        device=args.device, batch_size=args.batch_size, workers=args.workers,
         amp=not args.no_amp, quiet=args.quiet)
 
 
@@ -130,10 +136,13 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
                                     else DEFAULT_BATCH_SIZE)
     status(f"fixres {label}: {bundle.name} ({bundle.source}) on {len(index)} images in {index.root} "
            f"[{index.source}], {precision.describe()}, {env.world_size} process(es)", enabled=show)
-    result = evaluate(bundle.model, index, data_cfg, test_sizes=test_sizes, crop_ratios=crop_ratios,
-                      batch_size=batch_size, env=env, precision=precision, workers=cfg.workers,
-                      ensembles=cfg.ensembles, ten_crop=cfg.ten_crop, folds=cfg.folds, progress=show,
-                      num_classes=num_classes, per_class=cfg.per_class)
+    eval_kw = dict(test_sizes=test_sizes, crop_ratios=crop_ratios, batch_size=batch_size, env=env,
+                   precision=precision, workers=cfg.workers, ensembles=cfg.ensembles, ten_crop=cfg.ten_crop,
+                   folds=cfg.folds, progress=show, num_classes=num_classes)
+    result = evaluate(bundle.model, index, data_cfg, per_class=cfg.per_class, keep_log_probs=bool(cfg.calibrate_on),
+                      **eval_kw)
+    if cfg.calibrate_on:
+        _temperature_scaled(result, bundle.model, data_cfg, cfg.calibrate_on, index, n_out, eval_kw)
     result = {
         "command": label,
         "model": bundle.name, "model_source": bundle.source,
@@ -145,6 +154,18 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
         **result,
     }
     return result, env
+
+
+def _temperature_scaled(result: dict, model, data_cfg, folder: str, index, n_out: int, eval_kw: dict) -> None:
+    """Fit a temperature per view on the held-out ``folder`` (its classes mapped onto the evaluated ones by name)."""
+    from fixres.data import index_val_onto
+    from fixres.evaluate import evaluate, temperature_scale
+    held_index = index_val_onto(folder, list(index.classes), num_classes=n_out)
+    held = evaluate(model, held_index, data_cfg, per_class=False, keep_log_probs=True, **eval_kw)
+    temperature_scale(result, held)
+    result["temperature_fitted_on"]["data"] = str(held_index.root)
+    for key in ("_log_probs", "_labels"):
+        result.pop(key)
 
 
 def rows_csv(result: dict) -> str:
@@ -177,20 +198,34 @@ def per_class_csv(result: dict) -> str:
     return buf.getvalue()
 
 
+def _calibration_cells(r: dict, scaled: bool) -> str:
+    """NLL (= loss) and ECE, then the temperature-scaled ones when a temperature was fitted."""
+    cells = f" {r['loss']:>7.4f} {r.get('ece', float('nan')):>6.2f}"
+    if scaled:
+        cells += f"  {r['temperature']:>5.2f} {r['nll_scaled']:>7.4f} {r['ece_scaled']:>6.2f}"
+    return cells
+
+
 def format_table(result: dict) -> str:
-    """Human-readable result table."""
+    """Human-readable result table: top-1, top-5, NLL and ECE (and temperature-scaled NLL, ECE) per view."""
+    scaled = "temperature_fitted_on" in result
     lines = [f"{result['model']} on {result['n_images']} images of {result['data']} "
              f"({len(result['skipped'])} skipped), {result['precision']}, "
              f"{result['images_per_s']:.1f} images/s, {result['seconds']:.1f} s",
-             f"{'test_size':>9} {'crop':>6} {'resize':>6}  {'top-1 % (± fold std)':>21} {'top-5 %':>16} {'loss':>7}"]
+             f"{'test_size':>9} {'crop':>6} {'resize':>6}  {'top-1 % (± fold std)':>21} {'top-5 %':>16} {'NLL':>7} "
+             f"{'ECE %':>6}" + (f"  {'T':>5} {'NLL@T':>7} {'ECE@T':>6}" if scaled else "")]
     for r in result["rows"]:
         lines.append(f"{r['test_size']:>9} {r['crop_ratio']:>6.3f} {r['resize']:>6}  {r['top1']:>12.2f} ± "
-                     f"{r['top1_std']:<5.2f}  {r['top5']:>8.2f} ± {r['top5_std']:<5.2f} {r['loss']:>7.4f}"
+                     f"{r['top1_std']:<5.2f}  {r['top5']:>8.2f} ± {r['top5_std']:<5.2f}"
+                     + _calibration_cells(r, scaled)
                      + ("  (10-crop)" if r["ten_crop"] else ""))
     for e in result.get("ensembles", []):
         name = "+".join(map(str, e["test_sizes"]))
         lines.append(f"{name:>9} {'ens.':>6} {'':>6}  {e['top1']:>12.2f} ± {e['top1_std']:<5.2f}  "
-                     f"{e['top5']:>8.2f} ± {e['top5_std']:<5.2f} {e['loss']:>7.4f}")
+                     f"{e['top5']:>8.2f} ± {e['top5_std']:<5.2f}" + _calibration_cells(e, scaled))
+    lines.append("NLL: mean cross-entropy; ECE: expected calibration error, 15 bins of top-1 confidence"
+                 + (f"; T: temperature fitted on {result['temperature_fitted_on']['n_images']} held-out images "
+                    f"({result['temperature_fitted_on'].get('data', '')}), top-1 unchanged" if scaled else ""))
     if result["skipped"]:
         s = result["skipped"][0]
         lines.append(f"skipped {len(result['skipped'])} unreadable file(s), e.g. {s['path']}: {s['reason']}")
