@@ -139,13 +139,21 @@ def test_transfer_makes_a_new_head_and_trains_the_whole_network(tmp_path):
         assert not torch.allclose(before[name], after[name]), f"{name} was frozen"
 
 
-def test_resume_refuses_other_hyper_parameters(data, tmp_path):
+def test_resume_refuses_other_hyper_parameters(data, tmp_path, capsys):
     out = tmp_path / "o"
     base = ["train", "--model", "fixres_tiny_resnet", "--data", data, "--train-size", "32", "--epochs", "1",
             "--batch-size", "8", "--workers", "0", "--out", out, "-q", "--val-sizes", "32", "--no-amp"]
     assert _cli(base) == 0
+    capsys.readouterr()
     assert _cli([*base, "--resume", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "other settings: batch_size=8 (now 4)" in err
+    assert _cli([*base, "--resume", "--mean", "0.5,0.5,0.5"]) == 2  # other pre-processing (issue 11.2)
+    assert "mean=[0.485, 0.456, 0.406] (now [0.5, 0.5, 0.5])" in capsys.readouterr().err
+    assert _cli([*base, "--resume", "--epoch-length-factor", "1"]) == 2  # repeats 3: the paper's 2N by default
+    assert "epoch_length_factor=2.0 (now 1.0)" in capsys.readouterr().err
     assert _cli([*base, "--resume"]) == 0  # same flags: nothing left to do, the model is rewritten
+    assert load_training_state(out / "train_state.pt")["epoch"] == 1
 
 
 # --------------------------------------------------------------------------- SIGKILL + resume
@@ -195,3 +203,83 @@ def test_usage_errors_are_one_line(data, tmp_path, capsys):
                  "--out", tmp_path / "b"]) == 2
     err = capsys.readouterr().err.strip()
     assert "not found" in err and "\n" not in err
+
+
+# --------------------------------------------------------------------------- arguments and resume paths
+
+
+def _tiny(num_classes: int = 3):
+    from fixres.models import load_model
+    torch.manual_seed(0)
+    return load_model(model="fixres_tiny_resnet", num_classes=num_classes, train_size=32)
+
+
+def _train_kw(data, out, **kw):
+    from fixres.data import scan_folder
+    from fixres.engine import Precision
+    return dict(train_samples=scan_folder(data / "train").samples, val_samples=[], train_size=32, epochs=1,
+                batch_size=8, out_dir=out, workers=0, progress=False, precision=Precision(False, None, False),
+                model_name="fixres_tiny_resnet", **kw)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"augment": "mixup"}, "unknown training augmentation 'mixup'"),
+    ({"schedule": "linear"}, "unknown schedule 'linear'"),
+    ({"epochs": 0}, "epochs must be positive, got 0"),
+    ({"batch_size": 0}, "--batch-size 0 (global) must be a positive multiple"),
+    ({"label_smoothing": 1.0}, "label smoothing must be in [0, 1), got 1.0"),
+    ({"epoch_length_factor": 0.0}, "epoch length factor must be a positive number, got 0.0"),
+    ({"epoch_length_factor": float("nan")}, "epoch length factor must be a positive number, got nan"),
+])
+def test_train_refuses_bad_arguments_before_writing(data, tmp_path, kw, message):
+    from fixres.train import train
+    bundle = _tiny()
+    args = _train_kw(data, tmp_path / "o")
+    args.update(kw)
+    with pytest.raises(UsageError) as err:
+        train(bundle.model, cfg=bundle.data_config, **args)
+    assert message in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_paper_epoch_length_is_the_default_only_with_repeated_augmentation(data, tmp_path):
+    """Issue 11.10: repeats 3 -> 2N samples an epoch (official RASampler len_factor=2); repeats 1 -> N."""
+    from fixres.train import train
+    res = train(_tiny().model, cfg=_tiny().data_config, repeats=1, **_train_kw(data, tmp_path / "r1"))
+    assert res["hparams"]["epoch_length_factor"] == 1.0 and res["epochs"][0]["images"] == 24
+    res = train(_tiny().model, cfg=_tiny().data_config, repeats=3, epoch_length_factor=0.5,
+                **_train_kw(data, tmp_path / "half"))
+    assert res["epochs"][0]["images"] == 8  # ceil(0.5 x 24) = 12 samples -> one full batch of 8
+
+
+def test_help_documents_the_epoch_length_and_the_official_parts(capsys):
+    assert _cli(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--epoch-length-factor" in text and "default: 2 with repeated augmentation" in text
+    assert "RASampler(len_factor=2.0)" in text
+    assert _cli(["finetune", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "official FixRes code trains only fc" in text and "--parts classifier,bn-stats" in text
+
+
+def test_cosine_resume_with_another_epoch_count_is_refused(data, tmp_path):
+    from fixres.train import train
+    out = tmp_path / "cos"
+    train(_tiny().model, cfg=_tiny().data_config, schedule="cosine", **_train_kw(data, out))
+    with pytest.raises(UsageError, match=r"other settings: epochs=1 \(now 2\)"):
+        train(_tiny().model, cfg=_tiny().data_config, schedule="cosine", resume=True,
+              **{**_train_kw(data, out), "epochs": 2})
+    # a step schedule may be extended: the same run continues for one more epoch
+    step_out = tmp_path / "step"
+    train(_tiny().model, cfg=_tiny().data_config, **_train_kw(data, step_out))
+    res = train(_tiny().model, cfg=_tiny().data_config, resume=True, **{**_train_kw(data, step_out), "epochs": 2})
+    assert res["resumed_from"] == 1 and [r["epoch"] for r in res["epochs"]] == [1, 2]
+
+
+def test_train_resume_into_a_model_it_does_not_fit_is_a_clear_error(data, tmp_path):
+    from fixres.train import train
+    out = tmp_path / "o"
+    train(_tiny().model, cfg=_tiny().data_config, **_train_kw(data, out))
+    five = _tiny(num_classes=5)
+    with pytest.raises(UsageError, match=r"does not fit this model \(fc\.weight: \(3, 128\) vs \(5, 128\) here\)"):
+        train(five.model, cfg=five.data_config, resume=True, **_train_kw(data, out))
