@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean bench-quick
+.PHONY: demo test install clean bench-quick coverage mutants
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Line coverage per module, the CLI subprocesses and torchrun workers included (pyproject [tool.coverage]).
+coverage: $(STAMP)
+	rm -rf .coverage-data && mkdir -p .coverage-data
+	$(BIN)/coverage run -m pytest -q
+	$(BIN)/coverage combine -q && $(BIN)/coverage report
+
+# Plants one-line bugs one at a time and checks that the suite notices each (issue 17).
+mutants: $(STAMP)
+	$(BIN)/python benchmarks/mutation_check.py
+
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/table5_grid.py --quick
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .coverage-data

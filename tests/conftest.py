@@ -77,3 +77,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real photos not available ({SHARED_DATA} is absent)")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the real photos carry the ``shared_data`` marker, so ``-m "not shared_data"`` runs
+    the suite without them (they also skip by themselves when the folder is absent)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)

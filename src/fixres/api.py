@@ -1,0 +1,280 @@
+"""The Python API: FixRes as functions on a plain ``nn.Module`` (or a model name / checkpoint) and a folder
+(or an ImageFolder-like ``Dataset``), returning typed results.
+
+The CLI is a thin layer over the same library functions; this module adds no method of its own. It
+turns the inputs people hold in a notebook into what the library takes (a ``ModelBundle`` with its
+data config, a ``FolderIndex``) and the library's JSON-ready dicts into dataclasses, keeping the full
+dict as ``.raw`` for anything not surfaced as a field.
+
+    >>> import fixres
+    >>> fixres.analyze(train_size=224).recommended_test_size
+    288
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from torch import nn
+
+from fixres import adapt as _adapt
+from fixres import analysis as _analysis
+from fixres import data as _data
+from fixres import evaluate as _evaluate
+from fixres import export as _export
+from fixres import finetune as _finetune
+from fixres import pipeline as _pipeline
+from fixres.config import DEFAULT_PARTS, DataConfig
+from fixres.dist import DistEnv, resolve_device
+from fixres.engine import inference_precision, precision_for
+from fixres.errors import UsageError
+from fixres.models import ModelBundle, data_config_for, load_model
+
+#: What the functions accept as a model: a module (its data config guessed from timm's metadata unless
+#: given), a bundle from ``fixres.load``, or a string: a checkpoint / export path, or a timm/torchvision name.
+ModelLike = Union[nn.Module, ModelBundle, str, Path]
+#: What they accept as data: an ImageFolder root (or a root with train/ and val/), a ``FolderIndex``,
+#: (path, label) pairs, or a Dataset exposing ``.samples`` and ``.classes`` (torchvision's ImageFolder).
+DataLike = Union[str, Path, "_data.FolderIndex", Sequence, Any]
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class Analysis:
+    """Apparent object size at test time relative to training (eq. 5), and the test size it implies."""
+
+    train_size: int
+    crop_ratio: float
+    ratio: float
+    recommended_test_size: int
+    recommended_test_size_exact: float
+    raw: dict = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class SizeResult:
+    """Accuracy at one test size (percent; ``top1_std`` is the leave-one-fold-out std)."""
+
+    test_size: int
+    crop_ratio: float
+    top1: float
+    top1_std: float
+    top5: float | None
+    loss: float | None
+    n: int
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_row(cls, row: dict, crop_ratio: float | None = None) -> "SizeResult":
+        return cls(test_size=int(row["test_size"]), crop_ratio=float(row.get("crop_ratio", crop_ratio or 0.0)),
+                   top1=float(row["top1"]), top1_std=float(row.get("top1_std", 0.0)), top5=row.get("top5"),
+                   loss=row.get("loss"), n=int(row.get("n", 0)), raw=row)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Every test size measured in one pass over the images."""
+
+    rows: tuple[SizeResult, ...]
+    n_images: int
+    skipped: int
+    raw: dict = field(repr=False, compare=False)
+
+    @property
+    def best(self) -> SizeResult:
+        """The most accurate size (ties: the smaller size, which is also the cheaper one)."""
+        return max(self.rows, key=lambda r: (r.top1, -r.test_size))
+
+    def at(self, test_size: int) -> SizeResult:
+        for row in self.rows:
+            if row.test_size == test_size:
+                return row
+        raise KeyError(f"{test_size} was not measured (sizes: {', '.join(str(r.test_size) for r in self.rows)})")
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    """A model adapted to ``test_size`` (in place), with its accuracy before and after where measured."""
+
+    model: nn.Module
+    test_size: int
+    method: str
+    before: SizeResult | None
+    after: SizeResult | None
+    raw: dict = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class FixResult:
+    """What ``fixres fix`` produced: the chosen test size, the headline numbers and where the files are."""
+
+    run_dir: Path
+    report: Path
+    export: Path
+    test_size: int
+    headline: dict
+    raw: dict = field(repr=False, compare=False)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def load(path_or_name: str | Path, *, num_classes: int | None = None, train_size: int | None = None,
+         pretrained: bool = False) -> ModelBundle:
+    """A model with its data config: an export folder / checkpoint file, or a timm/torchvision name.
+
+    An export (``model.safetensors`` beside ``fixres.json``) carries its test size, crop ratio,
+    normalisation and class names; a bare name builds random weights unless ``pretrained``.
+    """
+    path = Path(path_or_name)
+    if path.is_dir():
+        path = path / _export.WEIGHTS_NAME
+    if path.is_file():
+        return load_model(checkpoint=str(path), num_classes=num_classes, train_size=train_size)
+    if any(sep in str(path_or_name) for sep in ("/", "\\")) or path.suffix in (".safetensors", ".pt", ".pth"):
+        raise UsageError(f"checkpoint not found: {path_or_name}")
+    return load_model(model=str(path_or_name), num_classes=num_classes, train_size=train_size, pretrained=pretrained)
+
+
+def as_bundle(model: ModelLike, data_config: DataConfig | None = None) -> ModelBundle:
+    """Wrap what the caller holds as a ``ModelBundle``; ``data_config`` (if given) wins over the model's own."""
+    if isinstance(model, ModelBundle):
+        bundle = model
+    elif isinstance(model, nn.Module):
+        source = "timm" if getattr(model, "pretrained_cfg", None) else "module"
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__.lower()
+        bundle = ModelBundle(model, data_config_for(model, source), name, source, {})
+    elif isinstance(model, (str, Path)):
+        bundle = load(model)
+    else:
+        raise TypeError(f"model must be an nn.Module, a ModelBundle, a name or a path, not {type(model).__name__}")
+    if data_config is not None:
+        bundle = ModelBundle(bundle.model, data_config, bundle.name, bundle.source, dict(bundle.meta))
+    return bundle
+
+
+def as_index(data: DataLike, split: str = "val", *, classes: Sequence[str] | None = None) -> "_data.FolderIndex":
+    """The images of ``split`` as a ``FolderIndex``: a folder (its ``split``/ subfolder when it has one),
+    an index, (path, label) pairs, or a Dataset with ``.samples`` / ``.classes`` (torchvision ImageFolder).
+    ``classes`` maps a validation folder onto the training classes by name (one rule, ``fixres.data``)."""
+    if isinstance(data, _data.FolderIndex):
+        return data
+    if isinstance(data, (str, Path)):
+        folder = _data.resolve_split(data, split)
+        if classes is not None:
+            return _data.index_val_onto(folder, list(classes))
+        return _data.scan_folder(folder)
+    samples = getattr(data, "samples", data)
+    try:
+        pairs = [(str(p), int(y)) for p, y in samples]
+    except (TypeError, ValueError):
+        raise TypeError("data must be a folder, a FolderIndex, (path, label) pairs or a Dataset with .samples "
+                        f"(such as torchvision's ImageFolder), not {type(data).__name__}") from None
+    names = list(getattr(data, "classes", None) or [str(i) for i in range(max((y for _, y in pairs), default=-1) + 1)])
+    return _data.FolderIndex(root=Path(getattr(data, "root", ".")), classes=names, samples=pairs, source="given")
+
+
+def _env(device: str) -> DistEnv:
+    return DistEnv(device=resolve_device(device))
+
+
+# --------------------------------------------------------------------------- the method
+
+def analyze(train_size: int, *, crop_ratio: float | None = None, stride: int | None = None,
+            image_sizes: Sequence[tuple[int, int]] | None = None, seed: int = 0) -> Analysis:
+    """Apparent object size ratio (closed form; Monte Carlo over ``image_sizes`` when given) and the
+    test size it recommends, rounded to the network stride (appendix B)."""
+    defaults = DataConfig(train_size=train_size)
+    raw = _analysis.analyze(train_size=train_size, crop_ratio=crop_ratio or defaults.crop_ratio,
+                            stride=stride or defaults.stride, image_sizes=image_sizes, seed=seed)
+    raw.pop("_mc", None)
+    return Analysis(train_size=train_size, crop_ratio=float(raw["crop_ratio"]), ratio=float(raw["ratio"]),
+                    recommended_test_size=int(raw["recommended_test_size"]),
+                    recommended_test_size_exact=float(raw["recommended_test_size_exact"]), raw=raw)
+
+
+def sweep(model: ModelLike, data: DataLike, test_sizes: Sequence[int], *, data_config: DataConfig | None = None,
+          crop_ratio: float | None = None, batch_size: int = _evaluate.DEFAULT_BATCH_SIZE, device: str = "auto",
+          amp: bool = True, workers: int | None = 0, progress: bool = False) -> SweepResult:
+    """Top-1 (with fold std), top-5 and loss at every test size, in one pass over the images."""
+    bundle = as_bundle(model, data_config)
+    index = as_index(data, "val", classes=bundle.data_config.class_names)
+    env = _env(device)
+    raw = _evaluate.evaluate(bundle.model, index, bundle.data_config, test_sizes=list(test_sizes),
+                             crop_ratios=[crop_ratio] if crop_ratio else None, batch_size=batch_size, env=env,
+                             precision=inference_precision(env.device, amp), workers=workers, progress=progress)
+    rows = tuple(SizeResult.from_row(r) for r in raw["rows"])
+    return SweepResult(rows=rows, n_images=int(raw["n_images"]), skipped=len(raw["skipped"]), raw=raw)
+
+
+def finetune(model: ModelLike, data: DataLike, test_size: int, *, parts: str | Sequence[str] = DEFAULT_PARTS,
+             val: DataLike | None = None, data_config: DataConfig | None = None, epochs: int = _finetune.DEFAULT_EPOCHS,
+             lr: float | None = None, batch_size: int = _finetune.DEFAULT_BATCH_SIZE, augment: str = "test",
+             out_dir: str | Path | None = None, device: str = "auto", amp: bool = True, workers: int | None = 0,
+             seed: int = 0, progress: bool = False) -> AdaptResult:
+    """Fine-tune ``parts`` of the model (in place) at ``test_size`` on the training images of ``data``
+    (its ``train/`` folder when it has one) and measure top-1 on ``val`` (default: ``data``'s ``val/``)."""
+    bundle = as_bundle(model, data_config)
+    train_index = as_index(data, "train", classes=bundle.data_config.class_names)
+    val_index = as_index(val if val is not None else data, "val", classes=train_index.classes)
+    env = _env(device)
+    with tempfile.TemporaryDirectory(prefix="fixres-finetune-") as tmp:
+        raw = _finetune.finetune(bundle.model, train_index, val_index, bundle.data_config, test_size=test_size,
+                                 parts=parts, augment=augment, epochs=epochs, lr=lr, batch_size=batch_size,
+                                 out_dir=out_dir or tmp, env=env, precision=precision_for(env.device, amp),
+                                 seed=seed, workers=workers, progress=progress)
+    return _adapt_result(bundle.model, test_size, "finetune", raw)
+
+
+def adapt(model: ModelLike, data: DataLike, test_size: int, *, method: str = "bn-recalibrate",
+          train_size: int | None = None, data_config: DataConfig | None = None, batch_size: int = 32,
+          max_images: int | None = None, device: str = "auto", amp: bool = True, workers: int | None = 0,
+          progress: bool = False) -> AdaptResult:
+    """Label-free adaptation (in place) from the train size to ``test_size``: ``bn-recalibrate``,
+    ``frechet`` (appendix A.1) or ``gaussian`` (A.2). Labels are never read."""
+    bundle = as_bundle(model, data_config)
+    index = as_index(data, "train")
+    env = _env(device)
+    raw = _adapt.adapt(bundle.model, index, bundle.data_config, method=method, train_size=train_size,
+                       test_size=test_size, batch_size=batch_size, env=env,
+                       precision=precision_for(env.device, amp), workers=workers, max_images=max_images,
+                       progress=progress)
+    return _adapt_result(bundle.model, test_size, method, raw)
+
+
+def _adapt_result(model: nn.Module, test_size: int, method: str, raw: dict) -> AdaptResult:
+    def row(key: str) -> SizeResult | None:
+        value = raw.get(key)
+        return SizeResult.from_row({"test_size": test_size, **value}) if isinstance(value, dict) and "top1" in value else None
+    return AdaptResult(model=model, test_size=test_size, method=method, before=row("before"), after=row("after"),
+                       raw=raw)
+
+
+def export(model: ModelLike, path: str | Path, *, test_size: int, data_config: DataConfig | None = None,
+           model_name: str | None = None, class_names: Sequence[str] | None = None) -> Path:
+    """Write ``path/model.safetensors`` + ``path/fixres.json`` (what ``fixres.load`` and ``fixres eval`` read)."""
+    bundle = as_bundle(model, data_config)
+    return Path(_export.export_model(bundle.model, path, model_name=model_name or bundle.name, cfg=bundle.data_config,
+                                     test_size=test_size, class_names=class_names))
+
+
+def fix(model: str | None = None, data: str | Path | None = None, *, out: str | Path = "runs/fix", **settings) -> FixResult:
+    """The whole method (``fixres fix``): analyse, sweep, fine-tune, statistics, export, report.
+
+    ``model`` is a timm/torchvision name or a checkpoint path; with neither ``model`` nor ``data`` it runs
+    the embedded demo. ``settings`` are the fields of ``fixres.pipeline.FixConfig`` (``train_size``,
+    ``test_sizes``, ``parts``, ``finetune_epochs``, ...).
+    """
+    if model is not None and Path(model).suffix in (".safetensors", ".pt", ".pth") or (
+            model is not None and Path(model).is_dir()):
+        settings.setdefault("checkpoint", str(Path(model) / _export.WEIGHTS_NAME if Path(model).is_dir() else model))
+    elif model is not None:
+        settings.setdefault("model", str(model))
+    config = _pipeline.FixConfig(data=None if data is None else str(data), out=str(out), **settings)
+    raw = _pipeline.run_fix(config)
+    return FixResult(run_dir=Path(raw["run_dir"]), report=Path(raw["report"]), export=Path(raw["export"]),
+                     test_size=int((raw.get("choice") or {}).get("test_size") or raw["headline"].get("test_size")),
+                     headline=raw["headline"], raw=raw)
