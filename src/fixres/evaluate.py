@@ -32,6 +32,7 @@ from fixres.data import FolderIndex, ImageDataset, IndexSampler, default_workers
 from fixres.engine import (Precision, SingleThreaded, autocast, inference_precision, prepare,
                            to_device)
 from fixres.errors import FixresError, UsageError
+from fixres.models import num_outputs
 from fixres.progress import bar
 from fixres.transforms import MultiView, resize_for, ten_crop_transform, test_transform
 
@@ -116,7 +117,6 @@ def _class_mismatch(n_data: int, n_model: int) -> UsageError:
 
 def _model_outputs(model: nn.Module) -> int | None:
     try:
-        from fixres.models import num_outputs
         return int(num_outputs(model))
     except Exception:  # noqa: BLE001 - models without a findable head: checked on the first batch instead
         return None

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fixres import plots
 from fixres import progress as prog
 from fixres.config import DataConfig, validate_size
 from fixres.data import FolderIndex, ImageDataset, collate, default_workers
@@ -192,7 +193,6 @@ def activation_stats(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: 
 
 def plot_stats(result: dict, path, *, compare: dict | None = None, title: str | None = None):
     """PNG of the CDFs (solid: ``result``; dashed: ``compare``, e.g. after adaptation) via fixres.plots."""
-    from fixres.plots import plot_activation_cdfs
     series = [{"label": f"{r['test_size']}px", "x": r["cdf_x"], "cdf": r["cdf"], "style": "-"} for r in result["sizes"]]
     if compare is not None:
         series += [{"label": f"{r['test_size']}px (adapted)", "x": r["cdf_x"], "cdf": r["cdf"], "style": "--"}
@@ -201,7 +201,7 @@ def plot_stats(result: dict, path, *, compare: dict | None = None, title: str | 
     negative = max(r.get("frac_negative", 0.0) for r in result["sizes"] + list((compare or {}).get("sizes", [])))
     if negative > 0:  # token / LayerNorm models: the CDF starts below 0, nothing is dropped
         title += f"\n(pooled features can be negative: up to {100 * negative:.1f}% < 0; the x axis includes them)"
-    return plot_activation_cdfs(series, path, title=title)
+    return plots.plot_activation_cdfs(series, path, title=title)
 
 
 __all__ = ["activation_stats", "collect_pooled", "iterate_views", "ks_distance", "summarize", "cdf_grid", "plot_stats",
