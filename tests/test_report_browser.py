@@ -36,10 +36,23 @@ window.addEventListener('load', function () {
   });
   var out = document.createElement('pre');
   out.id = 'fixres-probe';
-  out.textContent = JSON.stringify({images: imgs, title: document.title});
+  out.textContent = JSON.stringify({images: imgs, title: document.title,
+    pwned: document.body.getAttribute('data-pwned'), dialogs: window.__fixresDialogs || [],
+    scripts: document.scripts.length, frames: window.frames.length});
   document.body.appendChild(out);
 });
 </script>"""
+
+
+#: Runs before anything of the page: any dialog a payload opens is recorded instead of shown.
+GUARD = """<script>
+window.__fixresDialogs = [];
+['alert', 'confirm', 'prompt', 'print'].forEach(function (name) {
+  window[name] = function (msg) { window.__fixresDialogs.push(name + ':' + msg); };
+});
+</script>"""
+#: Scripts on a probed page: GUARD and PROBE, the page itself has none.
+PROBE_SCRIPTS = 2
 
 
 def _browser() -> str | None:
@@ -70,7 +83,8 @@ def _probe(browser: str, page: Path, profile: Path) -> tuple[dict, list[str]]:
     """Load ``page`` with the probe injected; return the probe's findings and the console lines."""
     probed = page.with_name(page.stem + ".probe.html")
     text = page.read_text(encoding="utf-8")
-    probed.write_text(text.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    probed.write_text(text.replace("<head>", "<head>" + GUARD, 1).replace("</body>", PROBE + "</body>"),
+                      encoding="utf-8")
     proc = _run_browser(browser, probed.as_uri(), profile, "--dump-dom")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = re.search(r'<pre id="fixres-probe">(.*?)</pre>', proc.stdout, re.S)
@@ -151,3 +165,21 @@ def test_report_content_without_a_browser(tmp_path):
     assert summary["cost"][1]["forward_ms"] == "3.1 ± 0.4"
     assert set(summary["figures"]) == {"accuracy", "grid", "roc", "cdf"}
     assert summarize({"run": {}, "sweep_before": {"rows": []}})["top1_fixed"] is None
+
+
+def test_hostile_report_runs_no_script_in_chromium(browser, tmp_path):
+    """Issue 11: a run folder written by someone else (payloads in names, paths, numbers and class names)
+    renders in a real browser with no script run, no dialog, no element of the payloads."""
+    from test_report_escaping import PAYLOADS, hostile_run_dir
+    from fixres.report import write_report
+
+    summary = write_report(hostile_run_dir(tmp_path / "run"))
+    page = Path(summary["html"])
+    found, console = _probe(browser, page, tmp_path / "profile")
+    assert found["pwned"] is None  # no payload's handler or script ran
+    assert found["dialogs"] == []
+    assert found["scripts"] == PROBE_SCRIPTS and found["frames"] == 0
+    assert len(found["images"]) == len(summary["figures"])
+    assert all(img["complete"] and img["w"] > 100 for img in found["images"])
+    assert console == [], console
+    assert PAYLOADS[0] in found["title"]  # the model name is shown as text, whole

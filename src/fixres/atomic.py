@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from fixres.errors import FixresError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -69,7 +71,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Write ``obj`` as JSON; NaN/Infinity are refused (they are not JSON) with a one-line FixresError."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    except ValueError:
+        raise FixresError(f"refusing to write {path}: it holds NaN or infinity, which JSON cannot store") from None
+    write_text(path, text + "\n")
 
 
 def _json_default(obj: Any) -> Any:

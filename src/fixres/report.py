@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
 import json
+import math
 import os
 from pathlib import Path
 
+from jinja2 import Environment, StrictUndefined
+from markupsafe import Markup
+
+from fixres import plots
+from fixres.analysis import monte_carlo_ratio
 from fixres.atomic import write_json, write_text
 from fixres.errors import UsageError
 from fixres.progress import format_duration
@@ -55,6 +60,23 @@ def collect(run_dir: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------- numbers
+
+def _number(v) -> float | None:
+    """``v`` as a finite float, or None for anything else (a missing, broken or hostile field)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def _seconds(timings) -> float:
+    return float(sum(n for n in map(_number, (timings or {}).values()) if n is not None))
+
+
+def _size_items(per_size) -> list[tuple[int, object]]:
+    """(size, value) pairs of a {size: ...} block, sorted, skipping keys that are not whole numbers."""
+    items = [(int(k), v) for k, v in (per_size or {}).items() if str(k).isdigit()]
+    return sorted(items, key=lambda kv: kv[0])
+
 
 def _row_at(sweep: dict | None, size: int | None) -> dict | None:
     if not sweep or size is None:
@@ -99,7 +121,7 @@ def summarize(results: dict) -> dict:
         "top1_untuned_at_test_size_std": untuned_at_s and untuned_at_s.get("top1_std"),
         "top1_fixed": fixed and fixed["top1"], "top1_fixed_std": fixed and fixed.get("top1_std"),
         "n_val": (before or {}).get("n_images"),
-        "seconds_total": sum(float(v) for v in (run.get("timings") or {}).values()),
+        "seconds_total": _seconds(run.get("timings")),
         "timings": run.get("timings") or {},
     }
     return head
@@ -112,8 +134,8 @@ def _ms(value) -> str | None:
     if isinstance(value, dict):
         if value.get("mean") is None:
             return None
-        return f"{value['mean']:.1f} ± {value.get('std') or 0.0:.1f}"
-    return f"{float(value):.1f}"
+        return f"{_num_text(value['mean'])} ± {_num_text(value.get('std') or 0.0)}"
+    return _num_text(value)
 
 
 def cost_rows(results: dict) -> list[dict]:
@@ -146,7 +168,7 @@ def cost_rows(results: dict) -> list[dict]:
         if step in timings:
             rows.append({"step": step.replace("_", " "), "seconds": timings[step]})
     if timings:
-        rows.append({"step": "total", "seconds": float(sum(timings.values()))})
+        rows.append({"step": "total", "seconds": _seconds(timings)})
     return rows
 
 
@@ -161,7 +183,7 @@ def _cdf_panels(stats: dict | None) -> list[dict]:
             continue
         per_size = block.get("sizes", block)
         curves = []
-        for size, s in sorted(per_size.items(), key=lambda kv: int(kv[0])):
+        for size, s in _size_items(per_size):
             if not isinstance(s, dict):
                 continue
             x = s.get("x") or s.get("cdf_x") or s.get("values")
@@ -169,8 +191,8 @@ def _cdf_panels(stats: dict | None) -> list[dict]:
             if x is None or y is None:
                 continue
             label = f"test {size}"
-            if s.get("zeros") is not None:
-                label += f" (zeros {100 * float(s['zeros']):.1f}%)"
+            if _number(s.get("zeros")) is not None:
+                label += f" (zeros {100 * _number(s['zeros']):.1f}%)"
             curves.append({"label": label, "x": x, "cdf": y})
         if curves:
             title = {"before": "before the fix", "after": "after the fix"}[state]
@@ -182,8 +204,6 @@ def _cdf_panels(stats: dict | None) -> list[dict]:
 
 def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
     """Write the report's PNGs; returns {figure name: path} for those the results allow."""
-    from fixres import plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
     figs: dict[str, Path] = {}
     run = results.get("run") or {}
@@ -218,7 +238,6 @@ def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
                 title="Control (appendix D): resize + fixed-size random crop")
     analyse = results.get("analyse") or {}
     if analyse.get("image_sizes") and head["train_size"]:
-        from fixres.analysis import monte_carlo_ratio
         mc = monte_carlo_ratio(train_size=int(head["train_size"]), crop_ratio=float(analyse["crop_ratio"]),
                                image_sizes=[tuple(s) for s in analyse["image_sizes"]], samples=20_000, seed=0)
         figs["roc"] = plots.plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction, out_dir / "roc_areas.png",
@@ -245,8 +264,40 @@ th,td{border:1px solid #dde1e8;padding:4px 10px;text-align:right} th{background:
 .note{color:#5a6275;font-size:.9em} code{background:#eef0f4;padding:1px 4px;border-radius:3px}
 """
 
+#: The page. Autoescaping is on, so every value from the run's JSON (names, paths, numbers, class names)
+#: is escaped by construction; only the constant CSS is marked safe. A paragraph is a list of parts:
+#: plain text, or {"code": text} for a <code> span.
+TEMPLATE = """<!DOCTYPE html>
+{%- macro para(parts) %}{% for p in parts %}{% if p is mapping %}<code>{{ p.code }}</code>{% else %}{{ p }}{% endif %}
+{%- endfor %}{% endmacro %}
+{%- macro table(t) %}<table><thead><tr>{% for c in t.columns %}<th{% if loop.first %} class="l"{% endif %}>{{ c }}</th>
+{%- endfor %}</tr></thead><tbody>{% for r in t.rows %}<tr>{% for v in r %}<td{% if loop.first %} class="l"{% endif %}>{{ v }}</td>
+{%- endfor %}</tr>{% endfor %}</tbody></table>{% endmacro %}
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>fixres report: {{ model }}</title><style>{{ css }}</style></head><body><main>
+<h1>FixRes report: {{ model }}</h1>
+<p class="sub">{{ para(subtitle) }}</p>
+<div class="cards">
+{% for c in cards %}<div class="card{% if c.fix %} fix{% endif %}"><div class="k">{{ c.key }}</div><div class="v">{{ c.value }}
+{%- if c.std is not none %} <span class="s">± {{ c.std }}</span>{% endif %}</div>
+{%- if c.sub %}<div class="s">{{ c.sub }}</div>{% endif %}</div>
+{% endfor %}</div>
+<p class="note">{{ note }}</p>
+{% for s in sections %}<h2>{{ s.title }}</h2>
+{% for p in s.notes %}<p class="note">{{ para(p) }}</p>
+{% endfor %}{% for f in s.figures %}<figure><img src="data:image/png;base64,{{ f.data }}" alt="{{ f.alt }}">
+{%- if f.caption %}<figcaption>{{ f.caption }}</figcaption>{% endif %}</figure>
+{% endfor %}{% for t in s.tables %}{{ table(t) }}
+{% endfor %}{% endfor %}
+<p class="note">Generated by fixres on {{ generated }}. Rebuild with <code>fixres report RUN_DIR</code>.</p>
+</main></body></html>
+"""
+
+_PAGE = Environment(autoescape=True, undefined=StrictUndefined).from_string(TEMPLATE)
+
 
 def _fmt(v, digits: int = 1, unit: str = "") -> str:
+    """A number with ``digits`` decimals (whole numbers as they are); anything else as text (escaped later)."""
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -254,158 +305,205 @@ def _fmt(v, digits: int = 1, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
-def _binomial_se(top1: float | None, n: int | None) -> float | None:
+def _num_text(v, digits: int = 1, unit: str = "") -> str:
+    """A number with ``digits`` decimals; anything else (a broken or hostile field) as its text."""
+    n = _number(v)
+    return _fmt(n if n is not None else v, digits, unit)
+
+
+def _percent(v) -> str:
+    return _num_text(v, 1, "%")
+
+
+def _binomial_se(top1, n) -> float | None:
+    top1, n = _number(top1), _number(n)
     if top1 is None or not n:
         return None
     p = top1 / 100.0
-    return 100.0 * (p * (1 - p) / n) ** 0.5
+    return 100.0 * max(p * (1 - p) / n, 0.0) ** 0.5
 
 
-def _pm(top1, std) -> str:
-    if top1 is None:
-        return "n/a"
-    return f"{top1:.1f}%" + (f" <span class='s'>&plusmn; {std:.1f}</span>" if std is not None else "")
+def _figure(path: Path, alt: str, caption: str = "") -> dict:
+    return {"data": base64.b64encode(Path(path).read_bytes()).decode("ascii"), "alt": alt, "caption": caption}
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+def _section(title: str, *, notes=(), figures=(), tables=()) -> dict:
+    return {"title": title, "notes": [n for n in notes if n], "figures": list(figures),
+            "tables": [t for t in tables if t]}
 
 
-def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    head = "".join(f"<th class='{'l' if i == 0 else ''}'>{html.escape(t)}</th>" for i, (_, t) in enumerate(columns))
-    body = []
-    for r in rows:
-        cells = []
-        for i, (k, _) in enumerate(columns):
-            v = r.get(k)
-            text = _fmt(v, 1 if k in ("seconds",) else 2) if isinstance(v, float) else ("" if v is None else str(v))
-            cells.append(f"<td class='{'l' if i == 0 else ''}'>{html.escape(text)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> dict | None:
+    """A table for the template: column titles and rows of text cells (floats rounded)."""
+    if not rows:
+        return None
+
+    def cell(key, v) -> str:
+        if isinstance(v, float):
+            return _fmt(v, 1 if key == "seconds" else 2)
+        return "" if v is None else str(v)
+    return {"columns": [title for _, title in columns],
+            "rows": [[cell(k, r.get(k)) for k, _ in columns] for r in rows]}
 
 
-def _grid_table(grid: dict, key: str = "top1") -> str:
-    train_sizes, test_sizes = grid["train_sizes"], grid["test_sizes"]
+def _grid_table(grid: dict, key: str = "top1") -> dict:
     values, stds = grid[key], grid.get(f"{key}_std")
-    head = "<th class='l'>test \\ train</th>" + "".join(f"<th>{t}</th>" for t in train_sizes)
     rows = []
-    for i, s in enumerate(test_sizes):
-        cells = []
-        for j in range(len(train_sizes)):
-            v = values[i][j]
-            sd = stds[i][j] if stds else None
-            cells.append("<td>" + ("" if v is None else f"{v:.1f}" + (f" &plusmn;{sd:.1f}" if sd is not None else ""))
-                         + "</td>")
-        rows.append(f"<tr><td class='l'>{s}</td>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    for i, size in enumerate(grid["test_sizes"]):
+        cells = [str(size)]
+        for j in range(len(grid["train_sizes"])):
+            v, sd = values[i][j], stds[i][j] if stds else None
+            cells.append("" if v is None else _num_text(v) + ("" if sd is None else f" ±{_num_text(sd)}"))
+        rows.append(cells)
+    return {"columns": ["test \\ train", *(str(t) for t in grid["train_sizes"])], "rows": rows}
 
 
-def render_html(results: dict, figs: dict[str, Path]) -> str:
-    head = summarize(results)
-    run = results.get("run") or {}
-    data = results.get("data") or {}
-    e = html.escape
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-             f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
-             f"<title>fixres report: {e(str(head['model']))}</title><style>{CSS}</style></head><body><main>"]
-    parts.append(f"<h1>FixRes report: {e(str(head['model']))}</h1>")
-    src = data.get("root") or run.get("data")
-    parts.append(f"<p class='sub'>trained at {e(_fmt(head['train_size']))} px, fixed for {e(_fmt(head['test_size']))} px"
-                 f" &middot; data <code>{e(str(src))}</code> ({e(_fmt(head['n_val']))} validation images)"
-                 f" &middot; {e(str(run.get('finished') or run.get('started') or ''))}</p>")
-    parts.append("<div class='cards'>")
-    parts.append(f"<div class='card'><div class='k'>top-1 at the train size ({e(_fmt(head['train_size']))} px)</div>"
-                 f"<div class='v'>{_pm(head['top1_at_train_size'], head['top1_at_train_size_std'])}</div></div>")
-    parts.append(f"<div class='card'><div class='k'>best untuned test size ({e(_fmt(head['best_untuned_test_size']))} px)"
-                 f"</div><div class='v'>{_pm(head['top1_best_untuned'], head['top1_best_untuned_std'])}</div></div>")
-    parts.append(f"<div class='card fix'><div class='k'>after the fix ({e(_fmt(head['test_size']))} px)</div>"
-                 f"<div class='v'>{_pm(head['top1_fixed'], head['top1_fixed_std'])}</div>"
-                 f"<div class='s'>untuned at this size: {_pm(head['top1_untuned_at_test_size'], None)}</div></div>")
-    parts.append(f"<div class='card'><div class='k'>time spent</div><div class='v'>{format_duration(head['seconds_total'])}</div>"
-                 f"<div class='s'>{e(', '.join(f'{k} {v:.0f}s' for k, v in head['timings'].items()))}</div></div>")
-    parts.append("</div>")
-    se = _binomial_se(head["top1_fixed"], head["n_val"])
-    parts.append("<p class='note'>&plusmn; is the leave-one-fold-out standard deviation over 10 folds of the "
-                 "validation set (paper, section 5)"
-                 + (f"; for comparison, the binomial standard error of one accuracy on {head['n_val']} images is "
-                    f"about {se:.1f} points" if se is not None else "") + ".</p>")
-
-    if "accuracy" in figs:
-        rec = head.get("recommended_test_size")
-        parts.append("<h2>Accuracy against test size</h2><figure>" + _img(figs["accuracy"], "accuracy vs test size")
-                     + "<figcaption>Top-1 before the fix (the model as trained) and after it (classifier and the "
-                     "batch-norm before pooling fine-tuned at the fixed size with test-time augmentation). "
-                     + (f"The apparent-size analysis recommends {rec} px. " if rec else "")
-                     + "Error bars: fold std.</figcaption></figure>")
-    grid = results.get("grid")
-    if grid:
-        parts.append("<h2>Train &times; test size (table 5)</h2>")
-        if grid.get("source"):
-            parts.append(f"<p class='note'>From {e(str(grid['source']))}.</p>")
-        for key, cap in (("grid", "No fine-tuning."), ("grid_fixed", "After the fix at each test size."),
-                         ("grid_control", "Appendix D control: trained with a resize and a fixed-size random crop "
-                                          "instead of RandomResizedCrop.")):
-            if key in figs:
-                parts.append("<figure>" + _img(figs[key], key) + f"<figcaption>{cap}</figcaption></figure>")
-        parts.append(_grid_table(grid))
-    if "roc" in figs:
-        an = results.get("analyse") or {}
-        parts.append("<h2>Regions of classification and apparent object size (figure 2)</h2><figure>"
-                     + _img(figs["roc"], "RoC areas")
-                     + "<figcaption>RoC area as a fraction of the photo for RandomResizedCrop at training and the "
-                     f"centre crop at test, sampled on this data set's photo sizes. Objects look "
-                     f"{_fmt(an.get('ratio'), 3)}&times; as large at test time as in training (closed form, eq. 5)"
-                     + (f"; Monte Carlo {_fmt((an.get('monte_carlo') or {}).get('mean'), 3)}" if an.get('monte_carlo') else "")
-                     + ".</figcaption></figure>")
-    if "cdf" in figs:
-        parts.append("<h2>Pooled activations (figures 3 and 4)</h2><figure>" + _img(figs["cdf"], "activation CDFs")
-                     + "<figcaption>CDF of the globally pooled activations at several test sizes, before and after "
-                     "the fix.</figcaption></figure>")
-        parts.append(_stats_table(results.get("stats")))
-    costs = cost_rows(results)
-    if costs:
-        parts.append("<h2>Cost (table 7)</h2>")
-        parts.append(_table(costs, [("step", "step"), ("size", "size (px)"), ("batch_size", "batch"),
-                                    ("forward_ms", "forward ms/batch"), ("backward_ms", "backward ms/batch"),
-                                    ("epochs", "epochs"), ("seconds", "wall s")]))
-    ex = results.get("export") or {}
-    if ex.get("path"):
-        parts.append(f"<h2>Fixed model</h2><p>Exported to <code>{e(str(ex['path']))}</code>; evaluate it with "
-                     f"<code>fixres eval --checkpoint {e(str(ex['path']))} --data DIR</code> (no other flag needed).</p>")
-    skipped = (results.get("sweep_before") or {}).get("skipped") or []
-    if skipped:
-        parts.append(f"<h2>Skipped files</h2><p>{len(skipped)} unreadable file(s) were skipped:</p>"
-                     + _table(skipped[:20], [("path", "path"), ("reason", "reason")]))
-    parts.append(f"<p class='note'>Generated by fixres on {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
-                 "Rebuild with <code>fixres report RUN_DIR</code>.</p></main></body></html>")
-    return "\n".join(parts)
-
-
-def _stats_table(stats: dict | None) -> str:
+def _stats_table(stats: dict | None) -> dict | None:
     rows = []
     for state in ("before", "after"):
         block = (stats or {}).get(state) or {}
-        for size, s in sorted(block.get("sizes", block).items(), key=lambda kv: int(kv[0])):
+        for size, s in _size_items(block.get("sizes", block)):
             if isinstance(s, dict) and ("zeros" in s or "above_2" in s):
-                rows.append({"state": state, "test size": int(size),
-                             "zeros %": None if s.get("zeros") is None else 100 * float(s["zeros"]),
-                             "above 2 %": None if s.get("above_2") is None else 100 * float(s["above_2"])})
-    if not rows:
-        return ""
+                zeros, above = _number(s.get("zeros")), _number(s.get("above_2"))
+                rows.append({"state": state, "test size": size,
+                             "zeros %": None if zeros is None else 100 * zeros,
+                             "above 2 %": None if above is None else 100 * above})
     return _table(rows, [("state", "state"), ("test size", "test size"), ("zeros %", "fraction of zeros (%)"),
                          ("above 2 %", "fraction above 2 (%)")])
+
+
+# --------------------------------------------------------------------------- the page's parts
+
+def _classes(results: dict) -> list[str]:
+    data = results.get("data") or {}
+    names = data.get("classes") or (data.get("manifest") or {}).get("classes") or []
+    return [str(n) for n in names] if isinstance(names, list) else [str(names)]
+
+
+def _cards(head: dict) -> list[dict]:
+    def card(key, top1, std, *, sub="", fix=False):
+        return {"key": key, "value": _percent(top1) if top1 is not None else "n/a",
+                "std": None if top1 is None or std is None else _num_text(std),
+                "sub": sub, "fix": fix}
+    timings = ", ".join(f"{k} {_num_text(v, 0)}s"
+                        for k, v in head["timings"].items())
+    return [
+        card(f"top-1 at the train size ({_fmt(head['train_size'])} px)", head["top1_at_train_size"],
+             head["top1_at_train_size_std"]),
+        card(f"best untuned test size ({_fmt(head['best_untuned_test_size'])} px)", head["top1_best_untuned"],
+             head["top1_best_untuned_std"]),
+        card(f"after the fix ({_fmt(head['test_size'])} px)", head["top1_fixed"], head["top1_fixed_std"], fix=True,
+             sub="untuned at this size: " + (_percent(head["top1_untuned_at_test_size"])
+                                             if head["top1_untuned_at_test_size"] is not None else "n/a")),
+        {"key": "time spent", "value": format_duration(head["seconds_total"]), "std": None, "sub": timings,
+         "fix": False},
+    ]
+
+
+def _note(head: dict) -> str:
+    se = _binomial_se(head["top1_fixed"], head["n_val"])
+    return ("± is the leave-one-fold-out standard deviation over 10 folds of the validation set (paper, section 5)"
+            + (f"; for comparison, the binomial standard error of one accuracy on {head['n_val']} images is "
+               f"about {se:.1f} points" if se is not None else "") + ".")
+
+
+def _figure_sections(results: dict, figs: dict[str, Path], head: dict) -> list[dict]:
+    sections = []
+    if "accuracy" in figs:
+        rec = head.get("recommended_test_size")
+        sections.append(_section("Accuracy against test size", figures=[_figure(
+            figs["accuracy"], "accuracy vs test size",
+            "Top-1 before the fix (the model as trained) and after it (classifier and the batch-norm before "
+            "pooling fine-tuned at the fixed size with test-time augmentation). "
+            + (f"The apparent-size analysis recommends {rec} px. " if rec else "") + "Error bars: fold std.")]))
+    grid = results.get("grid")
+    if grid:
+        captions = (("grid", "No fine-tuning."), ("grid_fixed", "After the fix at each test size."),
+                    ("grid_control", "Appendix D control: trained with a resize and a fixed-size random crop "
+                                     "instead of RandomResizedCrop."))
+        sections.append(_section(
+            "Train × test size (table 5)", notes=[[f"From {grid['source']}."]] if grid.get("source") else [],
+            figures=[_figure(figs[k], k, cap) for k, cap in captions if k in figs], tables=[_grid_table(grid)]))
+    if "roc" in figs:
+        an = results.get("analyse") or {}
+        mc = (an.get("monte_carlo") or {}).get("mean") if isinstance(an.get("monte_carlo"), dict) else None
+        sections.append(_section("Regions of classification and apparent object size (figure 2)", figures=[_figure(
+            figs["roc"], "RoC areas",
+            "RoC area as a fraction of the photo for RandomResizedCrop at training and the centre crop at test, "
+            f"sampled on this data set's photo sizes. Objects look {_num_text(an.get('ratio'), 3)}× as large at test "
+            "time as in training (closed form, eq. 5)" + (f"; Monte Carlo {_num_text(mc, 3)}" if mc is not None else "")
+            + ".")]))
+    if "cdf" in figs:
+        sections.append(_section("Pooled activations (figures 3 and 4)", figures=[_figure(
+            figs["cdf"], "activation CDFs", "CDF of the globally pooled activations at several test sizes, before "
+            "and after the fix.")], tables=[_stats_table(results.get("stats"))]))
+    return sections
+
+
+def _table_sections(results: dict) -> list[dict]:
+    sections = []
+    costs = cost_rows(results)
+    if costs:
+        sections.append(_section("Cost (table 7)", tables=[_table(costs, [
+            ("step", "step"), ("size", "size (px)"), ("batch_size", "batch"), ("forward_ms", "forward ms/batch"),
+            ("backward_ms", "backward ms/batch"), ("epochs", "epochs"), ("seconds", "wall s")])]))
+    path = (results.get("export") or {}).get("path")
+    if path:
+        sections.append(_section("Fixed model", notes=[[
+            "Exported to ", {"code": str(path)}, "; evaluate it with ",
+            {"code": f"fixres eval --checkpoint {path} --data DIR"}, " (no other flag needed)."]]))
+    skipped = (results.get("sweep_before") or {}).get("skipped") or []
+    if skipped:
+        sections.append(_section("Skipped files", notes=[[f"{len(skipped)} unreadable file(s) were skipped:"]],
+                                 tables=[_table([s for s in skipped[:20] if isinstance(s, dict)],
+                                                [("path", "path"), ("reason", "reason")])]))
+    return sections
+
+
+def render_html(results: dict, figs: dict[str, Path]) -> str:
+    """The report page: every value from the run's files is escaped by the template (autoescape)."""
+    head = summarize(results)
+    run = results.get("run") or {}
+    data = results.get("data") or {}
+    classes = _classes(results)
+    subtitle = [f"trained at {_fmt(head['train_size'])} px, fixed for {_fmt(head['test_size'])} px · data ",
+                {"code": str(data.get("root") or run.get("data"))}, f" ({_fmt(head['n_val'])} validation images)",
+                f" · classes: {', '.join(classes)}" if classes else "",
+                f" · {run.get('finished') or run.get('started') or ''}"]
+    page = _PAGE.render(model=str(head["model"]), css=Markup(CSS), subtitle=subtitle, cards=_cards(head),
+                        note=_note(head), sections=_figure_sections(results, figs, head) + _table_sections(results),
+                        generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
+    return valid_utf8(page)
+
+
+def valid_utf8(text: str) -> str:
+    """``text`` without lone surrogates: bytes of undecodable file names (kept by ``surrogateescape``)
+    are shown as ``\\xff`` escapes, so a page that declares UTF-8 is valid UTF-8."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no file name produced (e.g. "\\ud800" in the JSON)
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def report_folder(run_dir: Path) -> Path:
+    """``RUN_DIR/report``, refused when it is a symbolic link (or not a folder): the report is written only
+    below the run folder, never into wherever a link points."""
+    out = run_dir / REPORT_DIR
+    if out.is_symlink():
+        raise UsageError(f"{out} is a symbolic link; refusing to write the report through it (remove the link)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder; remove it to write the report")
+    return out
 
 
 def write_report(run_dir: str | os.PathLike, results: dict | None = None) -> dict:
     """Draw the figures and write ``RUN_DIR/report/index.html`` and ``report.json``; returns their paths."""
     run_dir = Path(run_dir)
     results = collect(run_dir) if results is None else results
-    out = run_dir / REPORT_DIR
+    out = report_folder(run_dir)
     figs = draw_figures(results, out)
-    page = render_html(results, figs)
     html_path = out / REPORT_HTML
-    write_text(html_path, page)
+    write_text(html_path, render_html(results, figs))
     summary = {"headline": summarize(results), "cost": cost_rows(results),
                "figures": {k: str(v) for k, v in figs.items()}, "html": str(html_path)}
     write_json(out / REPORT_JSON, summary)

@@ -58,6 +58,8 @@ class EvalConfig:
     weights: str | None = None
     pretrained: bool = False
     random_init: bool = False  # a bare --model is refused unless asked
+    ema: bool = False
+    strict: bool = False
     num_classes: int | None = None
     class_map: str | None = None
     test_sizes: tuple[int, ...] | None = None   # None: the model's train size
@@ -82,7 +84,7 @@ class EvalConfig:
 def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
     return EvalConfig(
         data=args.data, model=args.model, checkpoint=args.checkpoint, weights=args.weights,
-        pretrained=args.pretrained, random_init=model_spec(args).random_init,
+        pretrained=args.pretrained, random_init=model_spec(args).random_init, ema=args.ema, strict=args.strict,
         num_classes=args.num_classes, class_map=args.class_map,
         test_sizes=tuple(test_sizes) if test_sizes else None,
         crop_ratios=tuple(crop_ratios) if crop_ratios else None,
@@ -108,7 +110,8 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
     if cfg.mean is not None and len(cfg.mean) != 3 or cfg.std is not None and len(cfg.std) != 3:
         raise UsageError("--mean and --std need three values each, e.g. 0.5,0.5,0.5")
     bundle = load_model(model=cfg.model, checkpoint=cfg.checkpoint, weights=cfg.weights, pretrained=cfg.pretrained,
-                        random_init=cfg.random_init, num_classes=cfg.num_classes, train_size=cfg.train_size)
+                        random_init=cfg.random_init, num_classes=cfg.num_classes, train_size=cfg.train_size,
+                        ema=cfg.ema, strict=cfg.strict)
     data_cfg = bundle.data_config.with_overrides(interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
                                                  crop_ratio=cfg.crop_ratios[0] if cfg.crop_ratios else None)
     n_out = num_outputs(bundle.model)
@@ -170,32 +173,23 @@ def _temperature_scaled(result: dict, model, data_cfg, folder: str, index, n_out
 
 def rows_csv(result: dict) -> str:
     """One CSV line per view and per ensemble."""
-    import csv
-    import io
-    buf = io.StringIO()
+    from fixres.csvtext import csv_text
     cols = ["test_size", "crop_ratio", "resize", "ten_crop", "top1", "top1_std", "top5", "top5_std", "loss", "n",
             "correct"]
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for r in result["rows"]:
-        w.writerow([r[c] for c in cols])
-    for e in result.get("ensembles", []):
-        w.writerow(["+".join(map(str, e["test_sizes"])), "+".join(f"{c:g}" for c in e["crop_ratios"]), "",
-                    e["ten_crop"]] + [e[c] for c in cols[4:]])
-    return buf.getvalue()
+    rows = [[r[c] for c in cols] for r in result["rows"]]
+    rows += [["+".join(map(str, e["test_sizes"])), "+".join(f"{c:g}" for c in e["crop_ratios"]), "", e["ten_crop"]]
+             + [e[c] for c in cols[4:]] for e in result.get("ensembles", [])]
+    return csv_text(cols, rows)
 
 
 def per_class_csv(result: dict) -> str:
-    import csv
-    import io
+    """One CSV line per class; class names a spreadsheet would run as formulas are neutralised (fixres.csvtext)."""
+    from fixres.csvtext import csv_text
     pc = result["per_class"]
     keys = list(pc["top1"])
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["class_index", "class", "n"] + [f"top1_{k}" for k in keys])
-    for c, name in enumerate(pc["classes"]):
-        w.writerow([c, name, pc["n"][c]] + ["" if pc["top1"][k][c] is None else pc["top1"][k][c] for k in keys])
-    return buf.getvalue()
+    return csv_text(["class_index", "class", "n"] + [f"top1_{k}" for k in keys],
+                    ([c, name, pc["n"][c]] + ["" if pc["top1"][k][c] is None else pc["top1"][k][c] for k in keys]
+                     for c, name in enumerate(pc["classes"])))
 
 
 def _calibration_cells(r: dict, scaled: bool) -> str:
