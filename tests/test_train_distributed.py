@@ -56,6 +56,12 @@ def run_steps(data_dir: Path, out_dir: Path, env=None) -> dict:
     return result
 
 
+def _worker_env() -> dict:
+    """The torchrun workers import this file's helpers, and the fixres the test runs (PYTHONPATH kept)."""
+    path = [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tmp_path):
     import torch
@@ -71,7 +77,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     torchrun = VENV_BIN / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun is not installed in this environment")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    env = _worker_env()
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", __file__, str(data), str(ddp)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,12 +91,93 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), f"{k} differs: {float((a[k] - b[k]).abs().max())}"
 
 
+# --------------------------------------------------------------------------- a rank whose images are all unreadable
+
+BLANK_IMAGES = 8  # per rank; repeats 1, epoch length 1 -> 4 samples per rank -> 2 steps of local batch 2
+
+
+def _tiny_model_with_bn():
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+
+
+def run_blank_rank(data_dir: Path, out_dir: Path, env=None) -> dict:
+    """Rank 0 trains on copies of one photo; under torchrun rank 1 holds only unreadable files, so every
+    one of its batches is empty. The single-process reference trains on rank 0's batches alone."""
+    import torch
+
+    from fixres.config import DataConfig
+    from fixres.engine import precision_for
+    from fixres.train import train
+
+    photo = sorted(Path(data_dir).rglob("*.jpg"))[0]
+    rank = 0 if env is None else env.rank
+    if rank == 0:
+        samples = [(str(photo), 0)] * (BLANK_IMAGES if env is not None else BLANK_IMAGES // 2)
+    else:
+        broken = Path(data_dir).parent / "broken"
+        broken.mkdir(exist_ok=True)
+        samples = []
+        for i in range(BLANK_IMAGES):
+            (broken / f"bad_{i}.jpg").write_bytes(b"\xff\xd8\xff not a photo")
+            samples.append((str(broken / f"bad_{i}.jpg"), 1))
+    model = _tiny_model_with_bn()
+    result = train(model, samples, [], DataConfig(train_size=32, num_classes=3), train_size=32, epochs=1,
+                   batch_size=GLOBAL_BATCH if env is not None else GLOBAL_BATCH // 2, lr=LR, out_dir=out_dir,
+                   repeats=1, epoch_length_factor=1.0, augment="test", env=env,
+                   precision=precision_for(torch.device("cpu"), amp=False), seed=7, workers=0, progress=False,
+                   max_steps=N_STEPS, model_name="tiny_bn", momentum=0.9, weight_decay=1e-4)
+    if env is None or env.is_main:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out_dir / "weights.pt")
+    return result
+
+
+@pytest.mark.slow
+def test_a_rank_with_only_unreadable_images_contributes_nothing(tmp_path):
+    """Issue 11.5: the blank rank runs no forward (no batch-norm update) and the step is the mean over the
+    images that exist: the 2-process result equals one process training on rank 0's batches alone."""
+    import torch
+
+    from conftest import VENV_BIN, write_image_folder
+
+    data = write_image_folder(tmp_path / "data", classes=1, per_class=1, seed=4)
+    single = tmp_path / "single"
+    single.mkdir()
+    res = run_blank_rank(data, single)
+    assert [r["images"] for r in res["epochs"]] == [2 * (GLOBAL_BATCH // 2)]
+    torchrun = VENV_BIN / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed in this environment")
+    ddp = tmp_path / "ddp"
+    env = _worker_env()
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", __file__, "blank", str(data),
+                           str(ddp)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(single / "weights.pt", weights_only=True)
+    b = torch.load(ddp / "weights.pt", weights_only=True)
+    init = _tiny_model_with_bn().state_dict()
+    assert float((a["7.weight"] - init["7.weight"]).abs().max()) > 1e-2, "the steps barely moved the weights"
+    assert not torch.equal(a["1.running_mean"], init["1.running_mean"])
+    for k in a:  # parameters, and the batch-norm statistics (rank 1 never ran a forward)
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5), \
+            f"{k} differs: {float((a[k].float() - b[k].float()).abs().max())}"
+
+
 if __name__ == "__main__":
     from fixres import dist
     env = dist.init("cpu")
     try:
-        res = run_steps(Path(sys.argv[1]), Path(sys.argv[2]), env=env)
-        assert res["epochs"][-1]["step"] == N_STEPS, res["epochs"]
-        assert res["hparams"]["world_size"] == 2
+        if sys.argv[1] == "blank":
+            res = run_blank_rank(Path(sys.argv[2]), Path(sys.argv[3]), env=env)
+            assert [r["images"] for r in res["epochs"]] == [N_STEPS * GLOBAL_BATCH // 2], res["epochs"]
+            assert len(res["skipped"]) == BLANK_IMAGES // 2 or env.rank != 0, res["skipped"]
+        else:
+            res = run_steps(Path(sys.argv[1]), Path(sys.argv[2]), env=env)
+            assert res["epochs"][-1]["step"] == N_STEPS, res["epochs"]
+            assert res["hparams"]["world_size"] == 2
     finally:
         dist.shutdown()
