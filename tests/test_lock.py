@@ -92,7 +92,8 @@ def test_every_command_writing_to_out_takes_the_lock(holder, tmp_path):
     from fixres.cli import COMMANDS, _output_lock, build_parser
     needs = {"fix": [], "analyze": ["--train-size", "64", "--plot"], "eval": ["--model", "m", "--data", "d"],
              "sweep": ["--model", "m", "--data", "d"], "finetune": ["--model", "m", "--data", "d"],
-             "adapt": ["--model", "m", "--data", "d", "--method", "bn-recalibrate"], "stats": ["--model", "m", "--data", "d"],
+             "adapt": ["--model", "m", "--data", "d", "--method", "bn-recalibrate"],
+             "stats": ["--model", "m", "--data", "d"],
              "train": ["--model", "m", "--data", "d", "--train-size", "32"], "make-dataset": []}
     assert set(needs) == set(COMMANDS) - {"report"}  # report writes below its RUN_DIR, not to --out
     for command, extra in needs.items():
