@@ -82,7 +82,7 @@ def test_two_process_finetune_uneven_shards_with_batch_norm(tmp_path):
                       "--batch-size", "4", "--no-amp", "--workers", "0", "-q", "--json",
                       "--out", str(tmp_path / "two")], tmp_path)
     res = json.loads(proc.stdout)
-    assert res["parts"] == ["classifier", "bn"] or "bn" in ",".join(res["parts"])
+    assert res["parts"] == ["classifier", "norm"]  # the default: for this CNN, its batch-norm before pooling
     # local batches of 2: rank 0 runs 2+2+2, rank 1 runs 2+2 and a padding step; its last single image is
     # left out, as in one process, because batch-norm in train mode cannot normalise one image
     assert [r["images"] for r in res["log"]] == [10, 10]

@@ -33,13 +33,19 @@ def test_timm_efficientnet_lite_and_torchvision_resnet():
     assert (tv.classifier, tv.pool, tv.pre_pool_bns, tv.last_stage) == ("fc", "avgpool", ["layer4.1.bn2"], "layer4")
 
 
-def test_convnext_has_no_bn_but_classifier_can_adapt():
+def test_convnext_norm_is_its_head_layernorm_and_bn_stats_is_refused():
+    """Issue 14: ConvNeXt's norm nearest the pooled vector is head.norm (a LayerNorm2d after the pooling):
+    'norm' (and its alias 'bn') trains its affine weights; 'bn-stats' has no running statistics to re-estimate."""
     import timm
     model = timm.create_model("convnext_atto", num_classes=3)
     p = find_parts(model)
-    assert p.pre_pool_bns == [] and p.classifier == "head.fc" and p.notes
-    with pytest.raises(FixresError, match="no batch-norm before the global pooling"):
-        select_parts(model, p, "classifier,bn")
+    assert p.pre_pool_bns == [] and p.classifier == "head.fc" and p.norms == ["head.norm"]
+    assert p.pre_logits_checked is True and p.pooling == "spatial average"
+    for spec in ("classifier,norm", "classifier,bn"):
+        sel = select_parts(model, p, spec)
+        assert sel.trainable == ["head.fc", "head.norm"] and sel.stats == []
+    with pytest.raises(FixresError, match="no batch-norm nearest the pooled vector.*LayerNorm2d"):
+        select_parts(model, p, "bn-stats")
     sel = select_parts(model, p, "classifier")
     assert sel.trainable == ["head.fc"] and sel.stats == []
 

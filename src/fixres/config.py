@@ -28,8 +28,9 @@ RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic")
 #: Folds of the leave-one-fold-out standard deviation (paper, section 5).
 DEFAULT_FOLDS = 10
-#: What FixRes adapts by default (the paper): the classifier and the batch-norm before pooling.
-DEFAULT_PARTS = ("classifier", "bn")
+#: What FixRes adapts by default (the paper): the classifier and the norm nearest the pooled vector (the
+#: batch-norm before pooling in a CNN, as the paper; a LayerNorm's affine weights in a transformer or ConvNeXt).
+DEFAULT_PARTS = ("classifier", "norm")
 #: Fine-tuning augmentations (section 5): test DA, test DA2, train DA.
 FINETUNE_AUGMENTATIONS = ("test", "test2", "train")
 #: The embedded data set's default size: classes and photos per class.

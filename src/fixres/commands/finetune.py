@@ -29,7 +29,7 @@ def add_parser(sub, parents):
     p = sub.add_parser(
         "finetune", parents=parents, help="FixRes fine-tuning at the test resolution",
         description="Fine-tune the last layers of a classifier at the test resolution (paper section 4.2): "
-                    "the classifier and the batch-norm before the global pooling by default. Defaults follow "
+                    "the classifier and the norm nearest the pooled vector by default (a CNN's batch-norm before the global pooling). Defaults follow "
                     "the paper: SGD with momentum 0.9, weight decay 1e-4, learning rate 0.008 for a batch of "
                     f"512 scaled linearly with --batch-size, {PAPER_EPOCHS} epochs with the rate divided by 10 "
                     "half-way, and the test-time augmentation (test DA). With test DA the frozen part of the "
@@ -38,9 +38,10 @@ def add_parser(sub, parents):
                     f"(model.safetensors + fixres.json) to --out (default {DEFAULT_OUT}).")
     add_data_args(p, test_size_help="the resolution to fix the model for")
     p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
-                   help="what adapts: classifier, bn (affine + statistics of the batch-norm before pooling), "
-                        "bn-stats (statistics only), last-stage, or module names; comma-separated "
-                        "(default classifier,bn as in the paper, section 4.2). Note: the official FixRes code "
+                   help="what adapts: classifier, norm (the norm nearest the pooled vector: a batch-norm's affine "
+                        "+ statistics, a LayerNorm/GroupNorm/RMSNorm's affine; 'bn' is the same), bn-stats "
+                        "(statistics only), last-stage (transformers: the last block), or module names; "
+                        "comma-separated (default classifier,norm: the paper's classifier,bn, section 4.2). Note: the official FixRes code "
                         "trains only fc and re-estimates the statistics of the last batch-norm (layer4[2].bn3) "
                         "with its affine frozen, i.e. --parts classifier,bn-stats")
     p.add_argument("--augment", choices=FINETUNE_AUGMENTATIONS, default="test",

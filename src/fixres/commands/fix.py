@@ -36,7 +36,8 @@ def add_parser(sub, parents):
                         "the validation images reported: the larger of the recommended and the best untuned size)")
     f = p.add_argument_group("fine-tuning (paper defaults: classifier + bn, test DA)")
     f.add_argument("--parts", default=",".join(DEFAULT_PARTS),
-                   help="what adapts: classifier, classifier,bn, classifier,bn,last-stage, bn-stats or module names")
+                   help="what adapts: classifier, classifier,norm (default; 'bn' is the same), "
+                        "classifier,norm,last-stage, bn-stats or module names")
     f.add_argument("--augment", choices=FINETUNE_AUGMENTATIONS, default="test",
                    help="fine-tuning augmentation (test = the test pre-processing, cached)")
     f.add_argument("--epochs", type=positive_int, default=10, help="fine-tuning epochs (default 10)")
