@@ -121,9 +121,9 @@ def test_each_image_is_decoded_once_for_all_sizes(image_folder, tiny_model, monk
     import fixres.data
     calls = []
 
-    def counting(path):
+    def counting(path, **kw):  # kw: the reduced-decode plan (data.ImageDataset passes need=)
         calls.append(path)
-        return load_rgb(path)
+        return load_rgb(path, **kw)
 
     monkeypatch.setattr(fixres.data, "load_rgb", counting)
     res = evaluate(tiny_model.model, scan_folder(image_folder), tiny_model.data_config,

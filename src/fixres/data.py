@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fixres.errors import UsageError
 from fixres.images import BadImage, is_image_file, load_rgb
 from fixres.progress import status
+from fixres.transforms import decode_plan
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
 IMAGENET_NUM_CLASSES = 1000
@@ -308,22 +309,32 @@ class Skipped:
 
 
 class ImageDataset(Dataset):
-    """Samples of a ``FolderIndex`` through ``transform``; a bad file yields ``Skipped`` instead of raising."""
+    """Samples of a ``FolderIndex`` through ``transform``; a bad file yields ``Skipped`` instead of raising.
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
+    With ``reduced_decode`` (default) a JPEG is decoded only as large as ``transform`` needs
+    (``transforms.decode_plan``: the resize side of test transforms, the drawn crop of train DA);
+    where no reduction applies the photo takes exactly the full-decode path.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, *,
+                 reduced_decode: bool = True) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.reduced_decode = reduced_decode
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
+        plan = decode_plan(self.transform) if self.reduced_decode else None
         try:
-            img = load_rgb(path)
+            img = load_rgb(path, need=plan.need if plan is not None else None)
         except BadImage as exc:
+            if plan is not None:
+                plan.abort()
             return Skipped(i, path, str(exc))
-        return self.transform(img), label, i
+        return (plan.finish(img) if plan is not None else self.transform(img)), label, i
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -25,6 +26,12 @@ ALPHA_BACKGROUND = (255, 255, 255)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+#: Reductions libjpeg applies while decoding (DCT-domain scaling), largest first.
+JPEG_REDUCTIONS = (8, 4, 2)
+#: EXIF orientations that swap width and height (the photo is stored turned by 90 degrees).
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class BadImage(Exception):
@@ -63,8 +70,45 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` into an upright RGB PIL image, or raise ``BadImage(reason)``."""
+def jpeg_reduction(short_side: int, needed: int | None) -> int:
+    """The largest JPEG decode reduction (8, 4, 2, else 1) that keeps the shorter side >= ``needed``."""
+    if not needed or needed <= 0:
+        return 1
+    return next((k for k in JPEG_REDUCTIONS if short_side // k >= needed), 1)
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block only loses the orientation
+        return 1
+
+
+def _draft_for(img: Image.Image, need: Callable[[tuple[int, int]], int | None]) -> None:
+    """Ask ``need`` (given the upright header size) for the shorter side to keep; decode a JPEG smaller.
+
+    PIL's ``draft`` makes libjpeg decode at 1/2, 1/4 or 1/8 scale in the DCT domain, so a photo
+    that is resized to a small test size anyway costs a fraction of a full decode. No reduction
+    applies (and nothing changes) when the shorter side is under twice what is needed.
+    """
+    w, h = img.size
+    upright = (h, w) if _orientation(img) in SWAPPING_ORIENTATIONS else (w, h)
+    needed = need(upright)
+    if img.format != "JPEG":
+        return
+    k = jpeg_reduction(min(w, h), needed)
+    if k > 1:
+        # Requesting (w // k, h // k) makes PIL pick exactly k: w // (w // k) lies in [k, 2k).
+        img.draft(img.mode, (w // k, h // k))
+
+
+def load_rgb(path: str | os.PathLike, *, need: Callable[[tuple[int, int]], int | None] | None = None) -> Image.Image:
+    """Decode ``path`` into an upright RGB PIL image, or raise ``BadImage(reason)``.
+
+    ``need``, if given, is called with the upright (width, height) from the header and returns the
+    shorter side the decoded image must keep (None: full size); a JPEG is then decoded at the
+    largest power-of-two reduction that keeps it (``jpeg_reduction``), other formats in full.
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -80,6 +124,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             with Image.open(path) as img:
                 if getattr(img, "is_animated", False):
                     img.seek(0)  # animated GIF/WebP: the first frame
+                if need is not None:
+                    _draft_for(img, need)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 w, h = img.size

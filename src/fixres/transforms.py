@@ -13,7 +13,8 @@ Builders (keyword-only, torchvision.transforms.v2, antialiased resampling):
   * ``test2_transform``   test geometry + random horizontal shift + flip + mild jitter: "test DA2";
   * ``control_transform`` appendix D control: resize + fixed-size random crop (no scale augmentation),
     then the same flip (+ jitter) as train DA, so "RRC vs control" changes the geometry only;
-  * ``build_transform``   pick one of the above by name (``AUGMENTATIONS``).
+  * ``build_transform``   pick one of the above by name (``AUGMENTATIONS``);
+  * ``decode_plan``       how small a JPEG may be decoded for a transform (reduced-size decoding).
 
 The paper's train DA (section 3 and 5.1: "random resized crop, horizontal flip and color jitter")
 includes the colour jitter: ``build_transform`` uses it for "train" and "control" unless
@@ -22,10 +23,12 @@ includes the colour jitter: ``build_transform`` uses it for "train" and "control
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -188,3 +191,105 @@ class TenCropStack:
 def ten_crop_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> TenCropStack:
     """10-crop testing: 4 corners + centre of the resized image, and their mirrors; output (10, C, S, S)."""
     return TenCropStack(test_size=test_size, crop_ratio=crop_ratio, cfg=cfg)
+
+
+# --------------------------------------------------------------------------- reduced-size decoding
+
+#: PIL resampling filters of the interpolation modes (the reduced crop path resizes with PIL directly).
+PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.Resampling.NEAREST, InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+                InterpolationMode.BICUBIC: Image.Resampling.BICUBIC}
+
+
+class FixedResizePlan:
+    """A transform that starts by resizing the shorter side to ``short``: the decode must keep ``short``."""
+
+    def __init__(self, transform: Callable, short: int) -> None:
+        self.transform, self.short = transform, short
+
+    def need(self, size: tuple[int, int]) -> int:
+        return self.short
+
+    def finish(self, img):
+        return self.transform(img)
+
+    def abort(self) -> None:
+        pass
+
+
+class CropPlan:
+    """RandomResizedCrop first: draw the crop from the header size, decode only the pixels it needs.
+
+    ``need`` draws the crop (the same random numbers, in the same order, as the transform would) and
+    asks for the shorter side at which the crop still has ``size`` pixels. ``finish`` cuts that crop
+    from the (possibly reduced) image with PIL's box resize and runs the rest of the pipeline. When
+    no reduction happened, the random state is rewound and the untouched transform runs instead: the
+    exact old code path, bit for bit.
+    """
+
+    def __init__(self, outer: Callable, compose: v2.Compose) -> None:
+        self.outer, self.compose, self.rrc = outer, compose, compose.transforms[0]
+        self.full: tuple[int, int] | None = None
+        self.state = self.params = None
+
+    def need(self, size: tuple[int, int]) -> int:
+        self.full = size
+        self.state = torch.get_rng_state()
+        w, h = size
+        self.params = self.rrc.make_params([torch.zeros(()).expand(1, h, w)])  # a size, no pixels
+        side = max(1, min(self.params["height"], self.params["width"]))
+        return math.ceil(max(self.rrc.size) * min(w, h) / side)
+
+    def abort(self) -> None:
+        """The photo was skipped: give back the random numbers the crop took, as a full decode would."""
+        if self.state is not None:
+            torch.set_rng_state(self.state)
+
+    def finish(self, img):
+        if self.full is None or img.size == self.full:
+            self.abort()
+            return self.outer(img)
+        sx, sy = img.width / self.full[0], img.height / self.full[1]
+        p = self.params
+        box = (p["left"] * sx, p["top"] * sy, (p["left"] + p["width"]) * sx, (p["top"] + p["height"]) * sy)
+        out_h, out_w = (self.rrc.size * 2)[:2]
+        rest = v2.Compose(self.compose.transforms[1:])
+        crop = img.resize((out_w, out_h), PIL_RESAMPLE[self.rrc.interpolation], box=box)
+        return _call_like(self.outer, self.compose, rest, crop)
+
+
+def _call_like(outer: Callable, inner: Callable, fn: Callable, x):
+    """Call ``fn(x)`` inside the same wrapper (e.g. ``engine.SingleThreaded``) that wraps ``inner``."""
+    return type(outer)(fn)(x) if outer is not inner else fn(x)
+
+
+def _unwrap(transform: Callable) -> Callable:
+    """The transform inside a plain wrapper object (one holding ``.transform``, e.g. SingleThreaded)."""
+    inner = getattr(transform, "transform", None)
+    return inner if inner is not None and not isinstance(transform, v2.Transform) else transform
+
+
+def _fixed_short_side(t) -> int | None:
+    """The shorter side a deterministic test-style transform resizes to first (None: not known)."""
+    if isinstance(t, v2.Compose) and t.transforms:
+        return _fixed_short_side(t.transforms[0])
+    if isinstance(t, v2.Resize) and isinstance(t.size, (list, tuple)) and len(t.size) == 1 and t.max_size is None:
+        return int(t.size[0])
+    if isinstance(t, MultiView) and t.transforms:
+        sides = [_fixed_short_side(v) for v in t.transforms]
+        return None if None in sides else max(sides)  # one decode for all sizes: the largest need
+    if isinstance(t, TenCropStack):
+        return _fixed_short_side(t.resize)
+    return None
+
+
+def decode_plan(transform: Callable) -> FixedResizePlan | CropPlan | None:
+    """How small a photo may be decoded for ``transform`` (a fresh plan per photo), or None: full size.
+
+    Test-style transforms (resize shorter side, then crop; also MultiView sweeps and 10-crop) need
+    the resize side; train DA (RandomResizedCrop first) needs as much as its randomly drawn crop.
+    """
+    inner = _unwrap(transform)
+    if isinstance(inner, v2.Compose) and inner.transforms and isinstance(inner.transforms[0], v2.RandomResizedCrop):
+        return CropPlan(transform, inner)
+    short = _fixed_short_side(inner)
+    return FixedResizePlan(transform, short) if short else None

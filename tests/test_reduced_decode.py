@@ -1,0 +1,163 @@
+"""Reduced-size JPEG decoding (issue 15, item 1): decode only the pixels a size needs.
+
+Where no reduction applies the output is bit-identical to a full decode (same code path); where one
+applies, the decoded image keeps at least the needed shorter side, is the smallest power-of-two
+reduction that does, and the network input stays close to the full-decode one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fixres import images
+from fixres import transforms as T
+from fixres.config import DataConfig, resize_for
+from fixres.data import ImageDataset
+from fixres.images import jpeg_reduction, load_rgb
+
+CFG = DataConfig(train_size=64, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+#: Mean absolute difference (normalised units, range 2) allowed between reduced and full decode.
+CLOSE = 0.04
+
+
+def smooth_photo(path, w: int, h: int, *, exif_orientation: int | None = None, seed: int = 0) -> str:
+    """A photo-like JPEG: gradients, soft discs and mild noise (no detail finer than a few pixels)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    arr = np.stack([xx / w * 200, yy / h * 200, (xx + yy) / (w + h) * 120 + 60], axis=-1)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.25) * min(w, h)
+        disc = np.clip(1.5 - np.hypot(xx - cx, yy - cy) / r, 0, 1)[..., None]
+        arr = arr * (1 - disc) + rng.uniform(0, 255, 3) * disc
+    arr += rng.normal(0, 2, arr.shape)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    kw = {}
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kw["exif"] = exif.tobytes()
+    img.save(path, quality=95, **kw)
+    return str(path)
+
+
+def _both(path, transform, seed: int = 0):
+    """(full-decode output, reduced-decode output) of one photo, from the same random state."""
+    outs = []
+    for reduced in (False, True):
+        torch.manual_seed(seed)
+        outs.append(ImageDataset([(path, 0)], transform, reduced_decode=reduced)[0][0])
+    return outs
+
+
+@pytest.mark.parametrize("short,needed,k", [(375, 146, 2), (375, 256, 1), (1000, 100, 8), (1000, 300, 2),
+                                            (400, 100, 4), (399, 100, 2), (1000, None, 1), (50, 64, 1)])
+def test_jpeg_reduction_is_the_smallest_power_of_two_keeping_the_size(short, needed, k):
+    assert jpeg_reduction(short, needed) == k
+
+
+def test_no_reduction_applies_output_is_identical(tmp_path):
+    small = smooth_photo(tmp_path / "small.jpg", 120, 100)  # shorter side 100 < 2 x resize 73
+    png = tmp_path / "big.png"
+    Image.open(smooth_photo(tmp_path / "big.jpg", 640, 480)).save(png)  # not a JPEG: never reduced
+    test = T.test_transform(test_size=64, crop_ratio=0.875, cfg=CFG)
+    sweep = T.MultiView([T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in (32, 64)])
+    train = T.train_transform(train_size=64, cfg=CFG, color_jitter=True)
+    for path in (small, str(png)):
+        for t in (test, train):
+            full, reduced = _both(path, t, seed=3)
+            assert torch.equal(full, reduced)
+        full, reduced = _both(path, sweep)
+        assert all(torch.equal(a, b) for a, b in zip(full, reduced))
+
+
+def test_reduced_decode_keeps_the_needed_side(tmp_path):
+    path = smooth_photo(tmp_path / "p.jpg", 640, 480)
+    for needed, expect in ((73, (160, 120)), (146, (320, 240)), (256, (640, 480)), (60, (80, 60))):
+        img = load_rgb(path, need=lambda size: needed)
+        assert img.size == expect
+        assert min(img.size) >= needed and (expect == (640, 480) or min(img.size) // 2 < needed)
+
+
+@pytest.mark.parametrize("size", [32, 64, 96])
+def test_reduced_test_transform_is_close_to_full_decode(tmp_path, size):
+    path = smooth_photo(tmp_path / "p.jpg", 800, 600)
+    assert jpeg_reduction(600, resize_for(size, 0.875)) > 1  # a reduction really applies
+    full, reduced = _both(path, T.test_transform(test_size=size, crop_ratio=0.875, cfg=CFG))
+    assert full.shape == reduced.shape == (3, size, size)
+    assert (full - reduced).abs().mean() < CLOSE
+
+
+def test_exif_rotated_photo_reduced_like_full(tmp_path):
+    path = smooth_photo(tmp_path / "r.jpg", 800, 600, exif_orientation=6)  # upright 600 x 800
+    assert load_rgb(path).size == (600, 800)
+    assert load_rgb(path, need=lambda size: 146).size == (150, 200)  # 600 // 4 = 150 >= 146
+    seen = []
+    load_rgb(path, need=lambda size: seen.append(size) or 146)
+    assert seen == [(600, 800)]  # the plan sees the upright size, as the transform will
+    full, reduced = _both(path, T.test_transform(test_size=64, crop_ratio=0.875, cfg=CFG))
+    assert (full - reduced).abs().mean() < CLOSE
+    full, reduced = _both(path, T.train_transform(train_size=32, cfg=CFG, scale=(0.9, 1.0)), seed=1)
+    assert (full - reduced).abs().mean() < CLOSE
+
+
+def test_random_resized_crop_draws_first_then_decodes_what_the_crop_needs(tmp_path, monkeypatch):
+    path = smooth_photo(tmp_path / "p.jpg", 800, 600)
+    sizes = []
+    real = images.load_rgb
+
+    def spy(p, need=None):
+        img = real(p, need=need)
+        sizes.append(img.size)
+        return img
+
+    monkeypatch.setattr("fixres.data.load_rgb", spy)
+    big_crop = T.train_transform(train_size=64, cfg=CFG, scale=(0.8, 1.0))
+    for seed in range(4):
+        full, reduced = _both(path, big_crop, seed=seed)
+        assert (full - reduced).abs().mean() < CLOSE
+        torch.manual_seed(seed)
+        after_full = (ImageDataset([(path, 0)], big_crop, reduced_decode=False)[0], torch.rand(3))[1]
+        torch.manual_seed(seed)
+        after_reduced = (ImageDataset([(path, 0)], big_crop)[0], torch.rand(3))[1]
+        assert torch.equal(after_full, after_reduced)  # the same random numbers were drawn
+    reduced_sizes = sizes[1::2][:4]
+    assert all(s[1] < 600 for s in reduced_sizes), reduced_sizes  # decoded smaller than 800 x 600
+    # ... but never below what the crop needs: its shorter side keeps >= 64 pixels.
+    plan = T.decode_plan(big_crop)
+    torch.manual_seed(0)
+    needed = plan.need((800, 600))
+    crop_short = min(plan.params["height"], plan.params["width"])
+    assert needed * crop_short >= 64 * 600
+
+
+def test_sweep_decodes_once_at_its_largest_need(tmp_path, monkeypatch):
+    path = smooth_photo(tmp_path / "p.jpg", 1200, 900)
+    needs = []
+    real = images.load_rgb
+
+    def spy(p, need=None):
+        needs.append(need((1200, 900)) if need else None)
+        return real(p, need=need)
+
+    monkeypatch.setattr("fixres.data.load_rgb", spy)
+    sizes = (32, 64, 128)
+    sweep = T.MultiView([T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in sizes])
+    out = ImageDataset([(path, 0)], sweep)[0][0]
+    assert needs == [resize_for(128, 0.875)]
+    assert [x.shape[-1] for x in out] == list(sizes)
+
+
+def test_skipped_photo_gives_back_the_crop_random_numbers(tmp_path):
+    good = smooth_photo(tmp_path / "p.jpg", 800, 600)
+    data = open(good, "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    ds = ImageDataset([(str(tmp_path / "cut.jpg"), 0)], T.train_transform(train_size=32, cfg=CFG))
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    item = ds[0]
+    assert type(item).__name__ == "Skipped" and "truncated" in item.reason
+    assert torch.equal(torch.rand(4), expected)
