@@ -247,9 +247,10 @@ def read_header_meta(weights: str | Path) -> dict | None:
     try:
         with open(weights, "rb") as f:
             length = int.from_bytes(f.read(HEADER_LENGTH_BYTES), "little")
-            if not 0 < length <= MAX_HEADER_BYTES:
-                return None
-            header = json.loads(f.read(length).decode("utf-8"))
+            first = f.read(1)
+            if first != b"{" or not 0 < length <= MAX_HEADER_BYTES:
+                return None  # not a safetensors header (e.g. a zip or pickle checkpoint): read nothing more
+            header = json.loads((first + f.read(length - 1)).decode("utf-8"))
     except (OSError, ValueError):
         return None  # not a safetensors file: the weights loader says so
     text = (header.get("__metadata__") or {}).get(HEADER_KEY) if isinstance(header, dict) else None
