@@ -104,7 +104,7 @@ def test_rerun_with_changed_interpolation_recomputes_exactly_the_affected_steps(
     changed = pipeline.run_fix(pipeline.FixConfig(out=str(run), **{**TINY, "interpolation": "bicubic",
                                                                     "progress": True}))
     err = capsys.readouterr().err
-    redo = {"train", "sweep_before", "select", "finetune", "sweep_after", "stats", "report"}
+    redo = {"train", "sweep_before", "schedule", "select", "finetune", "sweep_after", "stats", "report"}
     assert set(changed["recomputed"]) == redo
     assert all("interpolation" in why for step, why in changed["recomputed"].items() if step != "report")
     assert "recomputing train: changed interpolation" in err and "recomputing sweep_after:" in err

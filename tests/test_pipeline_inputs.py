@@ -54,23 +54,31 @@ def test_the_model_is_built_once(user_run):
 
 
 def test_test_size_is_chosen_on_held_out_training_images_not_on_val(user_run):
-    """Issue 11.11: the size is chosen on a held-out part of train/, the fine-tuning never sees it."""
+    """Issues 11.11 and 16.1: every candidate is fixed at its own size, the size is chosen on a held-out part
+    of train/ after fixing (never on val), and the fine-tuning never sees the held-out images."""
     from fixres.data import scan_folder
     run = user_run["run"]
     assert (run / "select.json").is_file(), "no record of how the size was chosen"
     from fixres.fixsize import holdout_split
+    from fixres.selection import best_row
     sel = json.loads((run / "select.json").read_text())
     train = scan_folder(user_run["data"] / "train")
     fit, held = holdout_split(train.samples, seed=0)
-    assert sel["method"] == "held-out training images" and sel["n_images"] == len(held) > 0
-    assert {r["n"] for r in sel["rows"]} == {len(held)}
-    best = max(sel["rows"], key=lambda r: r["top1"])["test_size"]
-    rec = json.loads((run / "analyse.json").read_text())["recommended_test_size"]
-    assert sel["choice"]["test_size"] == max(best, rec) == user_run["result"]["choice"]["test_size"]
+    assert sel["method"] == "held-out training images" and sel["n_holdout"] == len(held) > 0
+    cands = sel["candidates"]
+    assert [c["test_size"] for c in cands] == [32, 64] and all(c["holdout_after"]["n"] == len(held) for c in cands)
+    assert all(c["val_after"]["n"] == c["val_before"]["n"] == 9 for c in cands)
+    best = best_row([{"test_size": c["test_size"], "top1": c["holdout_after"]["top1"]} for c in cands],
+                    train_size=32)["test_size"]
+    choice = user_run["result"]["choice"]
+    assert choice["test_size"] == best and "held-out training images" in choice["chosen_on"]
     ft = json.loads((run / "finetune.json").read_text())
-    assert ft["test_size"] == sel["choice"]["test_size"]
+    assert ft["test_size"] == best
     assert json.loads((run / "run.json").read_text())["n_fit"] == len(fit) == len(train.samples) - len(held)
-    assert "held-out training images" in json.loads((run / "run.json").read_text())["choice"]["chosen_on"]
+    # the exported model is the chosen candidate: its val top-1 at S is the candidate's
+    after = json.loads((run / "sweep_after.json").read_text())
+    at_s = next(r for r in after["rows"] if r["test_size"] == best)["top1"]
+    assert at_s == next(c for c in cands if c["test_size"] == best)["val_after"]["top1"]
 
 
 def test_changed_checkpoint_file_recomputes_the_steps_that_read_it(user_run):
@@ -81,7 +89,8 @@ def test_changed_checkpoint_file_recomputes_the_steps_that_read_it(user_run):
     analyse_mtime = (run / "analyse.json").stat().st_mtime_ns
     save_tiny_checkpoint(user_run["ck"], seed=1)  # other weights under the same path
     again = pipeline.run_fix(user_run["cfg"])
-    assert set(again["recomputed"]) == {"sweep_before", "select", "finetune", "sweep_after", "stats", "report"}
+    assert set(again["recomputed"]) == {"sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
+                                       "report"}
     assert all("checkpoint_sha256" in why for s, why in again["recomputed"].items() if s != "report")
     assert (run / "analyse.json").stat().st_mtime_ns == analyse_mtime
 
@@ -128,7 +137,8 @@ def _long_functions(path: Path, limit: int = 80) -> list[str]:
 
 def test_fix_job_is_a_table_of_short_steps():
     """Issue 13.2: one function per step and a table of steps; no function over 80 lines."""
-    files = [REPO / "src" / "fixres" / "pipeline.py", REPO / "src" / "fixres" / "commands" / "fix.py"]
+    files = [REPO / "src" / "fixres" / f for f in ("pipeline.py", "commands/fix.py", "candidates.py", "fixsize.py",
+                                                   "fingerprint.py", "runstate.py")]
     assert [f for p in files for f in _long_functions(p)] == []
     assert [s.name for s in pipeline.STEP_TABLE] == list(pipeline.STEPS)
     assert len({s.run for s in pipeline.STEP_TABLE}) == len(pipeline.STEP_TABLE)

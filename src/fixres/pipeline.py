@@ -74,9 +74,20 @@ MAX_SWEEP_SIZE = 512
 MAX_PHOTO_SIZES = 2000
 #: Monte-Carlo samples of the apparent-size analysis.
 ANALYSIS_SAMPLES = 50_000
-STEPS = ("data", "train", "analyse", "sweep_before", "select", "finetune", "sweep_after", "stats", "report")
+STEPS = ("data", "train", "analyse", "sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
+         "report")
 #: Working folders of steps: wiped when the step's inputs changed (their partial state would not fit).
-STEP_FOLDERS = {"train": ("train",), "finetune": ("finetune", "export")}
+STEP_FOLDERS = {"train": ("train",), "schedule": ("schedule",), "select": ("candidates",),
+                "finetune": ("finetune", "export")}
+#: Default cap on the time the candidate fixes may take (estimated up front; farthest sizes dropped first).
+DEFAULT_SELECT_BUDGET_MIN = 60.0
+#: Fine-tuning schedules tried on the held-out images (issue 16.5): the rate and the epochs times these.
+SCHEDULE_LR_FACTORS = (1.0, 10.0)
+SCHEDULE_EPOCH_FACTORS = (1, 3)
+#: Training images read to estimate the time per image before the run starts.
+PLAN_PROBE_IMAGES = 8
+#: Label-free adaptation (``--label-free``): batch-norm statistics re-estimated at the new size.
+LABEL_FREE_METHOD = "bn-recalibrate"
 
 choose_test_size = fixsize.choose_test_size
 
@@ -114,6 +125,15 @@ class FixConfig:
     workers: int | None = None
     seed: int = 0
     holdout_fraction: float = fixsize.HOLDOUT_FRACTION
+    # selection after fixing (issue 16)
+    candidates: list[int] | None = None
+    select_budget_min: float | None = DEFAULT_SELECT_BUDGET_MIN
+    max_test_size: int | None = None
+    budget_ms: float | None = None
+    budget_gflops: float | None = None
+    tune_schedule: bool = True
+    temperature_scale: bool = False
+    label_free: bool = False
     # embedded data set
     classes: int = config_vocab.DEFAULT_CLASSES
     train_per_class: int = config_vocab.DEFAULT_TRAIN_PER_CLASS
@@ -176,9 +196,13 @@ class FixContext:
     precision: object = None
     eval_precision: object = None
     test_sizes: list[int] = field(default_factory=list)
+    candidates: list[int] = field(default_factory=list)
+    schedule: dict = field(default_factory=dict)
     choice: dict = field(default_factory=dict)
     _base_ready: bool = False
-    _fixed: object = None
+    _base_state: dict | None = None
+    _work: object = None
+    _holds: str = ""  # what the working copy holds: "export" (the fixed model) or a candidate
     _checkpoint_sha: str | None = None
 
     # ---- data
@@ -228,13 +252,23 @@ class FixContext:
             self._base_ready = True
         return self.bundle.model
 
+    def work(self, holds: str):
+        """The working copy (one deep copy of the model before the fix), reset to the weights before the fix."""
+        from fixres.candidates import restore, snapshot
+        if self._work is None:
+            self._base_state = snapshot(self.base())
+            self._work = copy.deepcopy(self.base())
+        else:
+            restore(self._work, self._base_state)
+        self._holds = holds
+        return self._work
+
     def fixed(self):
-        """A copy of the model before the fix, to be fixed (or holding the exported fixed weights)."""
-        if self._fixed is None:
-            self._fixed = copy.deepcopy(self.base())
-            if "finetune" not in self.state.ran and (self.run_dir / "export" / WEIGHTS_NAME).is_file():
-                _load_weights(self._fixed, self.run_dir / "export" / WEIGHTS_NAME)
-        return self._fixed
+        """The fixed model: the working copy holding the exported weights."""
+        if self._holds != "export":
+            model = self.work("export")
+            _load_weights(model, self.run_dir / "export" / WEIGHTS_NAME)
+        return self._work
 
     def checkpoint_sha(self) -> str | None:
         if self.config.checkpoint and self._checkpoint_sha is None:
@@ -313,17 +347,31 @@ def key_sweep_before(x: FixContext) -> dict:
     return {**_key_base(x), **_key_prep(x), **_key_eval(x)}
 
 
+def _key_finetuning(x: FixContext) -> dict:
+    c = x.config
+    return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "parts": c.parts, "augment": c.augment,
+            "batch_size": c.batch_size, "seed": c.seed, "precision": x.precision.describe(),
+            "eval_precision": x.eval_precision.describe()}
+
+
+def key_schedule(x: FixContext) -> dict:
+    return {**_key_finetuning(x), "schedule_size": _schedule_size(x), "finetune_epochs": x.config.finetune_epochs,
+            "lr": x.config.lr, "schedule_grid": [list(SCHEDULE_LR_FACTORS), list(SCHEDULE_EPOCH_FACTORS)]}
+
+
 def key_select(x: FixContext) -> dict:
-    return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "test_sizes": x.test_sizes,
-            "batch_size": x.config.batch_size, "eval_precision": x.eval_precision.describe(),
-            "given_test_size": x.config.test_size, "recommended": int(x.read("analyse")["recommended_test_size"])}
+    return {**_key_finetuning(x), "val_images": x.fingerprints["val_images"], "candidates": x.candidates,
+            "schedule_lr": x.schedule.get("lr"), "schedule_epochs": x.schedule.get("epochs"),
+            "select_budget_min": x.config.select_budget_min}
 
 
 def key_finetune(x: FixContext) -> dict:
     c = x.config
-    return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "fix_test_size": x.choice["test_size"],
-            "parts": c.parts, "augment": c.augment, "finetune_epochs": c.finetune_epochs, "lr": c.lr,
-            "batch_size": c.batch_size, "seed": c.seed, "precision": x.precision.describe()}
+    if c.label_free:
+        return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "label_free": True,
+                "fix_test_size": x.choice["test_size"], "batch_size": c.batch_size,
+                "precision": x.precision.describe()}
+    return {**x.keys["select"], "fix_test_size": x.choice["test_size"], "temperature_scale": c.temperature_scale}
 
 
 def key_sweep_after(x: FixContext) -> dict:
@@ -397,45 +445,238 @@ def run_sweep_before(x: FixContext) -> None:
     write_json(x.run_dir / "sweep_before.json", _strip(sweep))
 
 
-def run_select(x: FixContext) -> None:
-    """Choose the size on the held-out training images (untuned sweep there), never on val."""
+def _finetune_at(x: FixContext, model, size: int, *, lr: float | None, epochs: int, out_dir: Path) -> dict:
+    """Fine-tune ``model`` (the working copy) at ``size`` on the fitting images, resuming a killed attempt."""
+    from fixres.finetune import STATE_NAME as FT_STATE
+    from fixres.finetune import finetune
+    c = x.config
+    return finetune(model, x.fit, [], x.cfg, test_size=size, parts=c.parts, augment=c.augment, epochs=epochs,
+                    lr=lr, batch_size=c.batch_size, cache=True, out_dir=out_dir,
+                    resume=(out_dir / FT_STATE).is_file(), env=x.env, precision=x.precision, seed=c.seed,
+                    workers=c.workers, progress=c.progress, evaluate_before=False,
+                    evaluate_after=False)  # scored below, on the images each score is for
+
+
+def _score(x: FixContext, model, samples, size: int) -> dict:
+    """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision)."""
     from fixres.evaluate import evaluate
-    recommended = int(x.read("analyse")["recommended_test_size"])
-    rows, n = [], 0
-    if x.config.test_size:
-        choice = {"test_size": x.config.test_size, "reason": "given", "method": "given"}
-    elif x.holdout:
-        sweep = evaluate(x.base(), x.holdout, x.cfg, test_sizes=x.test_sizes, per_class=False, **x.eval_kw())
-        rows, n = sweep["rows"], sweep["n_images"]
-        choice = {**choose_test_size(recommended=recommended, sweep_rows=rows, train_size=x.cfg.train_size),
-                  "method": fixsize.HOLDOUT_METHOD}
+    row = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False,
+                   **{**x.eval_kw(), "progress": False})["rows"][0]
+    return {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
+
+
+def run_schedule(x: FixContext) -> None:
+    """Issue 16.5: the fine-tuning rate and length chosen on the held-out images from a small grid (cached)."""
+    from fixres.finetune import default_lr
+    c = x.config
+    size = _schedule_size(x)
+    lr0 = c.lr or default_lr(c.batch_size)
+    rows = []
+    for lr_f in SCHEDULE_LR_FACTORS:
+        for ep_f in SCHEDULE_EPOCH_FACTORS:
+            lr, epochs = lr0 * lr_f, c.finetune_epochs * ep_f
+            model = x.work(holds=f"schedule {lr} {epochs}")
+            _finetune_at(x, model, size, lr=lr, epochs=epochs, out_dir=x.run_dir / "schedule" / f"lr{lr:g}_ep{epochs}")
+            rows.append({"lr": lr, "epochs": epochs, "test_size": size, **_score(x, model, x.holdout, size)})
+    # Most accurate on the held-out images; ties (common on few images) to the lower NLL, then the shorter run.
+    best = max(rows, key=lambda r: (r["top1"], -(r["nll"] if r["nll"] is not None else 0.0), -r["epochs"]))
+    write_json(x.run_dir / "schedule.json", {
+        "test_size": size, "rows": rows, "n_images": len(x.holdout), "lr": best["lr"], "epochs": best["epochs"],
+        "how": f"best of {len(rows)} (lr, epochs) pairs on {len(x.holdout)} {fixsize.HOLDOUT_METHOD} at {size}px "
+               "(top-1, ties to the lower NLL)"})
+
+
+def _schedule_size(x: FixContext) -> int:
+    """The size the schedule grid runs at: the candidate nearest the unrounded recommendation (upper on ties)."""
+    exact = _recommended_exact(x)
+    return min(x.candidates, key=lambda s: (abs(s - exact), -s))
+
+
+def _recommended_exact(x: FixContext) -> float:
+    an = x.read("analyse")
+    mc = an.get("monte_carlo") or {}
+    return float(mc.get("recommended_test_size_exact") or an.get("recommended_test_size_exact")
+                 or an["recommended_test_size"])
+
+
+def run_select(x: FixContext) -> None:
+    """Issue 16.1: fix at every candidate size, score on the held-out training images and on val, measure cost."""
+    from fixres.candidates import measure_cost
+    sizes, dropped, estimate = _planned_candidates(x)
+    before = {int(r["test_size"]): r for r in x.read("sweep_before")["rows"]}
+    held_before = _held_out_before(x, sizes)
+    rows = []
+    for size in sizes:
+        row = _fix_candidate(x, size)
+        cost = measure_cost(x.base(), size, device=x.env.device, precision=x.eval_precision)
+        b = before.get(size, {})
+        rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
+                     "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
+    write_json(x.run_dir / "select.json", {
+        "method": fixsize.HOLDOUT_METHOD if x.holdout else "recommendation", "n_holdout": len(x.holdout),
+        "n_val": x.read("sweep_before")["n_images"], "candidates": rows, "dropped": dropped,
+        "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule,
+        "recommended": int(x.read("analyse")["recommended_test_size"]), "recommended_exact": _recommended_exact(x)})
+
+
+def _held_out_before(x: FixContext, sizes: Sequence[int]) -> dict:
+    from fixres.evaluate import evaluate
+    if not x.holdout:
+        return {}
+    rows = evaluate(x.base(), x.holdout, x.cfg, test_sizes=list(sizes), per_class=False,
+                    **{**x.eval_kw(), "progress": False})["rows"]
+    return {int(r["test_size"]): {k: r.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")} for r in rows}
+
+
+def _fix_candidate(x: FixContext, size: int) -> dict:
+    """One candidate: fine-tuned from the model before the fix, its adapted tensors kept, scored (cached)."""
+    from fixres.candidates import RESULT_NAME, save_adapted
+    folder = x.run_dir / "candidates" / str(size)
+    if (folder / RESULT_NAME).is_file():  # finished before a kill, with the same inputs (else wiped)
+        return _read_json(folder / RESULT_NAME)
+    model = x.work(holds=f"candidate {size}")
+    ft = _finetune_at(x, model, size, lr=x.schedule.get("lr"), epochs=int(x.schedule["epochs"]), out_dir=folder)
+    save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / "adapted.safetensors")
+    row = {"holdout_after": _score(x, model, x.holdout, size) if x.holdout else None,
+           "val_after": _score(x, model, x.val_index, size), "finetune_s": (ft.get("timing") or {}).get("wall_s")}
+    write_json(folder / RESULT_NAME, row)
+    write_json(folder / "finetune_result.json", _strip(ft))
+    return row
+
+
+def _planned_candidates(x: FixContext) -> tuple[list[int], list[int], dict]:
+    """The candidates whose estimated time fits the budget (printed up front), the dropped ones, the estimate."""
+    from fixres.candidates import estimate_seconds, fit_in_budget
+    sweep = x.read("sweep_before")
+    area = sweep["n_images"] * sum(s * s for s in x.test_sizes) or 1
+    per_pixel = float(sweep.get("seconds") or 0.0) / area  # seconds per image-pixel of a forward
+    n_scored = len(x.holdout) + int(sweep["n_images"])
+    est = {s: estimate_seconds(s, seconds_per_pixel=per_pixel, n_fit=len(x.fit), n_scored=n_scored,
+                               epochs=int(x.schedule["epochs"]), cached=x.config.augment == "test")
+           for s in x.candidates}
+    budget = None if x.config.select_budget_min is None else 60.0 * x.config.select_budget_min
+    keep = sorted({_schedule_size(x), x.cfg.train_size})
+    sizes = fit_in_budget(x.candidates, est, budget, keep=keep)
+    dropped = [s for s in x.candidates if s not in sizes]
+    total = sum(est[s] for s in sizes)
+    x.say(f"  {len(sizes)} candidate sizes {','.join(map(str, sizes))}px, about {_dur(total)} (estimated from the "
+          f"sweep's speed)" + (f"; budget {x.config.select_budget_min:g} min" if budget else "")
+          + (f"; dropped {','.join(map(str, dropped))}px to fit it" if dropped else ""))
+    return sizes, dropped, {str(s): round(est[s], 1) for s in x.candidates}
+
+
+def _dur(seconds: float) -> str:
+    from fixres.progress import format_duration
+    return format_duration(seconds)
+
+
+def choose_after_fixing(x: FixContext) -> dict:
+    """The fixed size: the most accurate on the held-out images after the fix, within the deployment budget."""
+    c = x.config
+    sel = x.read("select")
+    rows = [{**r, "top1": (r["holdout_after"] or r["val_after"])["top1"]} for r in sel["candidates"]]
+    best = fixsize.choose_within_budget(rows, train_size=x.cfg.train_size, max_size=c.max_test_size,
+                                        budget_ms=c.budget_ms, budget_gflops=c.budget_gflops)
+    size = int(best["test_size"])
+    budgets = [f"{name} {v:g}" for name, v in (("max size", c.max_test_size), ("ms/image", c.budget_ms),
+                                                 ("GFLOPs", c.budget_gflops)) if v is not None]
+    n = sel["n_holdout"]
+    if c.test_size:
+        how = "given (--test-size)"
+    elif n:
+        how = (f"the most accurate after the fix on {n} {fixsize.HOLDOUT_METHOD} (not the validation images "
+               f"reported), among {len(rows)} candidates each fixed at its own size")
     else:
-        choice = {"test_size": recommended, "recommended": recommended, "method": "recommendation",
-                  "reason": "the apparent-size recommendation (no training images to hold out)"}
-    choice["n_images"] = n
-    choice["chosen_on"] = (f"{n} {fixsize.HOLDOUT_METHOD} (not the validation images reported)" if n else
-                           choice["method"])
-    write_json(x.run_dir / "select.json", {"method": choice["method"], "n_images": n, "rows": rows,
-                                          "choice": choice})
+        how = "the only candidate (no training images to hold out)"
+    how += f", within the budget ({', '.join(budgets)})" if budgets else ""
+    return {"test_size": size, "method": sel["method"], "reason": "selected after fixing" if n else how,
+            "chosen_on": how, "recommended": sel["recommended"], "n_images": n,
+            "why_not_recommended": _why_not_recommended(size, sel, rows)}
+
+
+def _why_not_recommended(size: int, sel: dict, rows: list[dict]) -> str | None:
+    """One sentence when the chosen size differs from the analysis' recommendation."""
+    rec = int(sel["recommended"])
+    if size == rec:
+        return None
+    at = {int(r["test_size"]): r["top1"] for r in rows}
+    fixed_here = f"{at[size]:.1f}%" if size in at else "n/a"
+    fixed_rec = f"{at[rec]:.1f}%" if rec in at else "not measured"
+    return (f"The analysis recommends {rec}px from the apparent object sizes alone (exact "
+            f"{sel['recommended_exact']:.1f}px, rounded to the stride); after fixing, {size}px scored {fixed_here} on "
+            f"the held-out images against {fixed_rec} at {rec}px: the fix also changes how the classifier reads the "
+            "larger (or smaller) activations, which the geometry alone does not predict.")
 
 
 def run_finetune(x: FixContext) -> None:
+    """The chosen candidate (or, label-free, batch-norm recalibration at the recommended size), exported."""
+    from fixres.candidates import load_adapted
     from fixres.export import export_model
-    from fixres.finetune import STATE_NAME as FT_STATE
-    from fixres.finetune import finetune
-    c, test_size = x.config, int(x.choice["test_size"])
-    ft_dir = x.run_dir / "finetune"
-    fixed = x.fixed()
-    ft = finetune(fixed, x.fit, [], x.cfg, test_size=test_size, parts=c.parts, augment=c.augment,
-                  epochs=c.finetune_epochs, lr=c.lr, batch_size=c.batch_size, cache=True, out_dir=ft_dir,
-                  resume=(ft_dir / FT_STATE).is_file(), env=x.env, precision=x.precision, seed=c.seed,
-                  workers=c.workers, progress=c.progress, evaluate_before=False,
-                  evaluate_after=False)  # the sweeps measure every size anyway
-    path = export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
+    test_size = int(x.choice["test_size"])
+    model = x.work(holds="export")
+    if x.config.label_free:
+        ft = _label_free_adapt(x, model, test_size)
+    else:
+        folder = x.run_dir / "candidates" / str(test_size)
+        load_adapted(model, folder / "adapted.safetensors")
+        ft = _read_json(folder / "finetune_result.json")
+        if x.config.temperature_scale and x.holdout:
+            ft["temperature"] = _temperature_scale(x, model, test_size)
+    path = export_model(model, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
                         train_size=x.cfg.train_size, class_names=list(x.train_index.classes))
     write_json(x.run_dir / "export.json", {"path": str(path), "test_size": test_size,
                                           "train_size": x.cfg.train_size})
-    write_json(x.run_dir / "finetune.json", {**_strip(ft), "choice": x.choice, "export_path": str(path)})
+    write_json(x.run_dir / "finetune.json", {**ft, "choice": x.choice, "export_path": str(path)})
+
+
+def _label_free_adapt(x: FixContext, model, test_size: int) -> dict:
+    """Issue 16.6: no label read: batch-norm statistics re-estimated at ``test_size`` on the training images."""
+    from fixres.adapt import adapt
+    unlabeled = [(p, 0) for p, _ in x.train_index.samples]  # labels are never read; zeroed to make it plain
+    res = adapt(model, unlabeled, x.cfg, method=LABEL_FREE_METHOD, test_size=test_size,
+                batch_size=x.config.batch_size, env=x.env, precision=x.precision, workers=x.config.workers,
+                progress=x.config.progress)
+    res.pop("_pooled", None)
+    return {"method": LABEL_FREE_METHOD, "test_size": test_size, "parts": ["bn-stats"], "adapt": _strip(res),
+            "n_unlabeled": len(unlabeled)}
+
+
+def _temperature_scale(x: FixContext, model, test_size: int) -> dict:
+    """Fit T on the held-out images' logits, then divide the classifier by T (same top-1, calibrated softmax)."""
+    from fixres.calibration import fit_temperature
+    from fixres.structure import find_classifier_name
+    logits, labels = _logits(x, model, x.holdout, test_size)
+    t = float(fit_temperature(logits, labels))
+    head = model.get_submodule(find_classifier_name(model))
+    _scale_layer(head, 1.0 / t)
+    return {"T": t, "fitted_on": f"{len(x.holdout)} {fixsize.HOLDOUT_METHOD}", "test_size": test_size}
+
+
+def _scale_layer(layer, factor: float) -> None:
+    """Multiply a linear layer's weight and bias by ``factor`` (logits scale by it exactly)."""
+    import torch
+    with torch.no_grad():
+        layer.weight.mul_(factor)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.mul_(factor)
+
+
+def _logits(x: FixContext, model, samples, size: int):
+    """(logits, labels) of ``model`` at ``size`` on ``samples`` (test pre-processing, fp32)."""
+    import torch
+
+    from fixres.data import ImageDataset, make_loader
+    from fixres.transforms import build_transform
+    loader = make_loader(ImageDataset(samples, build_transform("test", size=size, cfg=x.cfg)),
+                         batch_size=x.config.batch_size, workers=x.config.workers)
+    out, labels = [], []
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            if batch.inputs is not None:
+                out.append(model(batch.inputs.to(x.env.device)).float().cpu())
+                labels.append(batch.labels)
+    return torch.cat(out), torch.cat(labels)
 
 
 def run_sweep_after(x: FixContext) -> None:
@@ -490,6 +731,7 @@ class Step:
     key: Callable[[FixContext], dict]
     run: Callable[[FixContext], None]
     applies: Callable[[FixContext], bool] = lambda x: True
+    skipped: str = ""  # said when the step does not apply
     output: str | None = None  # result file checked before trusting a finished step (default <name>.json)
 
 
@@ -500,25 +742,42 @@ def _describe_train(x: FixContext) -> str:
 
 
 def _describe_select(x: FixContext) -> str:
-    if x.config.test_size:
-        return f"given: {x.config.test_size}px"
-    return f"best size on {len(x.holdout)} held-out training images (not the validation images)"
+    where = (f"on {len(x.holdout)} held-out training images (not the validation images)" if x.holdout else
+             "(no held-out images)")
+    return f"fix at every candidate size {','.join(map(str, x.candidates))}px, choose {where}"
+
+
+def _describe_schedule(x: FixContext) -> str:
+    return (f"fine-tuning rate x{'/'.join(f'{f:g}' for f in SCHEDULE_LR_FACTORS)} and epochs "
+            f"x{'/'.join(map(str, SCHEDULE_EPOCH_FACTORS))} at {_schedule_size(x)}px, chosen on "
+            f"{len(x.holdout)} held-out training images")
+
+
+def _tunes_schedule(x: FixContext) -> bool:
+    c = x.config
+    return c.tune_schedule and not c.label_free and bool(x.holdout) and c.lr is None
 
 
 def _describe_finetune(x: FixContext) -> str:
     c = x.config
-    return (f"{c.parts} at {x.choice['test_size']}px ({x.choice.get('reason', '')}), {c.finetune_epochs} epochs, "
-            f"{c.augment} DA")
+    if c.label_free:
+        return f"{LABEL_FREE_METHOD} at {x.choice['test_size']}px on unlabeled training images ({x.choice['reason']})"
+    return (f"the candidate fixed at {x.choice['test_size']}px ({c.parts}, {x.schedule.get('epochs')} epochs, "
+            f"{c.augment} DA)" + (", temperature-scaled" if c.temperature_scale else "") + ", exported")
 
 
 STEP_TABLE: tuple[Step, ...] = (
     Step("data", lambda x: "generating the embedded data set" if x.config.embedded else f"indexing {x.config.data}",
          _key_data, run_data),
-    Step("train", _describe_train, key_train, run_train, applies=lambda x: x.needs_training),
+    Step("train", _describe_train, key_train, run_train, applies=lambda x: x.needs_training,
+         skipped="the model has its weights"),
     Step("analyse", lambda x: "apparent object sizes on this data's photos", key_analyse, run_analyse),
     Step("sweep_before", lambda x: f"top-1 at test sizes {','.join(map(str, x.test_sizes))}", key_sweep_before,
          run_sweep_before),
-    Step("select", _describe_select, key_select, run_select),
+    Step("schedule", _describe_schedule, key_schedule, run_schedule, applies=_tunes_schedule,
+         skipped="fine-tuning rate and epochs as given"),
+    Step("select", _describe_select, key_select, run_select, applies=lambda x: not x.config.label_free,
+         skipped="label-free: the size is the analysis' recommendation"),
     Step("finetune", _describe_finetune, key_finetune, run_finetune),
     Step("sweep_after", lambda x: "the fixed model at every test size", key_sweep_after, run_sweep_after),
     Step("stats", lambda x: f"pooled activations at {','.join(map(str, _stats_sizes_of(x)))}px, before and after",
@@ -532,8 +791,9 @@ def _execute(x: FixContext, i: int, step: Step, recomputed: dict) -> None:
     """Run ``step`` when its key changed (or it never finished); say which inputs changed."""
     n = len(STEP_TABLE)
     if not step.applies(x):
-        x.say(f"[{i}/{n}] {step.name}: skipped (the model has its weights)")
+        x.say(f"[{i}/{n}] {step.name}: skipped ({step.skipped})")
         x.state.forget(step.name)
+        _after_skipped(x, step.name)
         return
     key = step.key(x)
     x.keys[step.name] = key
@@ -567,13 +827,43 @@ def _after_step(x: FixContext, name: str) -> None:
         x.say(f"  objects look {an['ratio']:.3f}x as large at test as in training (eq. 5"
               + (f"; {mc['mean']:.3f} sampled on these photos" if mc.get("mean") else "")
               + f"); recommended test size {an['recommended_test_size']}px")
-        # The sweep always covers the sizes the fix may be applied at.
-        x.test_sizes = sorted(set(x.test_sizes) | {int(an["recommended_test_size"])}
-                              | ({x.config.test_size} if x.config.test_size else set()))
+        x.candidates = _candidate_list(x)
+        # The sweep covers every candidate (their untuned accuracy) and the recommendation.
+        x.test_sizes = sorted(set(x.test_sizes) | set(x.candidates) | {int(an["recommended_test_size"])})
     elif name in ("sweep_before", "sweep_after"):
         x.say("  " + _curve_line(x.read(name)))
+    elif name == "schedule":
+        sched = x.read("schedule")
+        x.schedule = {"lr": sched["lr"], "epochs": sched["epochs"], "how": sched["how"]}
+        x.say(f"  fine-tuning schedule: lr {sched['lr']:g}, {sched['epochs']} epochs ({sched['how']})")
     elif name == "select":
-        x.choice = x.read("select")["choice"]
+        x.choice = choose_after_fixing(x)
+        x.say(f"  fixed size {x.choice['test_size']}px: {x.choice['chosen_on']}")
+
+
+def _after_skipped(x: FixContext, name: str) -> None:
+    c = x.config
+    if name == "schedule":
+        x.schedule = {"lr": c.lr, "epochs": c.finetune_epochs,
+                      "how": "given" if c.lr is not None or not c.tune_schedule else "default (no held-out images)"}
+    elif name == "select":  # label-free
+        rec = int(x.read("analyse")["recommended_test_size"])
+        size = c.test_size or rec
+        how = ("given (--test-size)" if c.test_size else
+               "the apparent-size recommendation: it needs no labels, and it is the size at which objects "
+               "look as large as in training (section 4.1)")
+        x.choice = {"test_size": size, "method": "label-free", "reason": how, "chosen_on": how, "recommended": rec,
+                    "n_images": 0, "why_not_recommended": None}
+
+
+def _candidate_list(x: FixContext) -> list[int]:
+    c = x.config
+    if c.test_size:
+        return [c.test_size]
+    if c.candidates:
+        return sorted(set(c.candidates))
+    sizes = fixsize.candidate_sizes(x.cfg.train_size, x.cfg.stride, recommended_unrounded=_recommended_exact(x))
+    return [s for s in sizes if s <= MAX_SWEEP_SIZE]
 
 
 # --------------------------------------------------------------------------- the job
@@ -597,6 +887,8 @@ def run_fix(config: FixConfig) -> dict:
     if config.embedded:
         x.index_data(Path(x.read("data")["root"]))
         _build_model(x)
+    if config.progress:
+        _print_plan(x)
     for i, step in enumerate(STEP_TABLE[1:], start=2):
         _execute(x, i, step, recomputed)
     write_json(x.run_dir / "run.json", _run_info(x, _threads()))  # every step's time, the report's included
@@ -648,6 +940,52 @@ def _build_model(x: FixContext) -> None:
     x.test_sizes = sorted(set(c.test_sizes or default_test_sizes(x.cfg.train_size, step=x.cfg.stride)))
 
 
+def _probe_speed(x: FixContext) -> tuple[float, float]:
+    """(seconds per image of a forward at T, seconds per image to read and pre-process one), measured now."""
+    from fixres.candidates import LATENCY_BATCH, latency_ms
+    from fixres.transforms import build_transform
+    from fixres.images import load_rgb
+    fwd = latency_ms(x.bundle.model, x.cfg.train_size, device=x.env.device, precision=x.eval_precision,
+                     batch=LATENCY_BATCH) / 1000.0
+    transform = build_transform("test", size=x.cfg.train_size, cfg=x.cfg)
+    probe = x.train_index.samples[:PLAN_PROBE_IMAGES]
+    t0 = time.perf_counter()
+    for path, _ in probe:
+        try:
+            transform(load_rgb(path))
+        except Exception:  # noqa: BLE001 - an unreadable probe image only makes the estimate rougher
+            pass
+    return fwd, (time.perf_counter() - t0) / max(1, len(probe))
+
+
+def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
+    """Rough seconds per step from a forward time at T and a read time per image (printed before starting)."""
+    from fixres.candidates import estimate_seconds
+    c, t = x.config, x.cfg.train_size
+    n_fit, n_hold, n_val = len(x.fit), len(x.holdout), len(x.val_index.samples)
+    cands = c.candidates or ([c.test_size] if c.test_size else fixsize.candidate_sizes(t, x.cfg.stride))
+    area = lambda sizes: sum((s / t) ** 2 for s in sizes)  # noqa: E731
+    per_px = (fwd + load) / (t * t)
+    sweep = n_val * (load * len(x.test_sizes) + fwd * area(x.test_sizes))
+    one = {s: estimate_seconds(s, seconds_per_pixel=per_px, n_fit=n_fit, n_scored=n_hold + n_val,
+                               epochs=c.finetune_epochs, cached=c.augment == "test") for s in cands}
+    est = {"train": c.train_epochs * n_fit * (3 * fwd + load) if x.needs_training else 0.0,
+           "sweep_before": sweep, "sweep_after": sweep,
+           "schedule": (len(SCHEDULE_LR_FACTORS) * len(SCHEDULE_EPOCH_FACTORS) * max(one.values(), default=0.0)
+                        if _tunes_schedule(x) else 0.0),
+           "select": 0.0 if c.label_free else sum(one.values()),
+           "stats": 2 * min(STATS_IMAGES, n_val) * (load + fwd) * 4}
+    return {k: v for k, v in est.items() if v > 0}
+
+
+def _print_plan(x: FixContext) -> None:
+    fwd, load = _probe_speed(x)
+    est = plan_estimates(x, fwd, load)
+    x.say(f"plan ({x.env.device}; rough estimates from a {1000 * fwd:.1f} ms/image forward at {x.cfg.train_size}px "
+          f"and {1000 * load:.0f} ms/image reading; finished steps with unchanged inputs are reused): "
+          + ", ".join(f"{k} ~{_dur(v)}" for k, v in est.items()) + f"; total ~{_dur(sum(est.values()))}")
+
+
 def _run_info(x: FixContext, threads: int) -> dict:
     c = x.config
     return {"model": x.bundle.name, "source": x.bundle.source, "train_size": x.cfg.train_size,
@@ -655,7 +993,8 @@ def _run_info(x: FixContext, threads: int) -> dict:
             "choice": x.choice, "config": _strip(asdict(c), ("progress",)), "device": str(x.env.device),
             "precision": x.precision.describe(), "started": x.state.state.get("started"),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"), "timings": x.state.timings(),
-            "torch_threads": threads, "n_fit": len(x.fit), "n_holdout": len(x.holdout)}
+            "torch_threads": threads, "n_fit": len(x.fit), "n_holdout": len(x.holdout), "schedule": x.schedule,
+            "candidates": x.candidates, "label_free": c.label_free}
 
 
 def _check_config(config: FixConfig) -> None:

@@ -9,8 +9,9 @@ from tqdm.auto import tqdm
 
 def bar(total: int, desc: str, *, enabled: bool = True, unit: str = "img"):
     """A tqdm bar counting ``unit`` (images by default), showing the rate as images/s."""
+    # disable=None: tqdm draws only on a terminal; a log (stderr redirected) gets the status lines alone
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True, leave=False,
-                disable=not enabled, file=sys.stderr, mininterval=0.5)
+                disable=None if enabled else True, file=sys.stderr, mininterval=0.5)
 
 
 def status(message: str, *, enabled: bool = True) -> None:

@@ -1,0 +1,102 @@
+"""``fixres fix`` after fixing (issue 16): budgets pick among the fixed candidates, temperature scaling on the
+held-out images, label-free mode, what the terminal shows (plan, noise, no "nothing to resume")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers_e import cli, save_tiny_checkpoint
+from conftest import write_image_folder
+
+from fixres import pipeline
+
+USER = dict(model="fixres_tiny_resnet", train_size=32, test_sizes=[32, 48], finetune_epochs=1, workers=0,
+            progress=False, batch_size=8, tune_schedule=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("after")
+    write_image_folder(tmp / "data" / "train", per_class=8, seed=1)
+    write_image_folder(tmp / "data" / "val", per_class=3, seed=2)
+    ck = save_tiny_checkpoint(tmp / "tiny.safetensors")
+    cfg = dict(checkpoint=str(ck), data=str(tmp / "data"), out=str(tmp / "run"), **USER)
+    first = pipeline.run_fix(pipeline.FixConfig(**cfg))
+    return {"tmp": tmp, "cfg": cfg, "first": first, "run": tmp / "run", "ck": ck}
+
+
+def test_budget_reselects_among_the_fixed_candidates_without_refixing(setup):
+    run = setup["run"]
+    sel = json.loads((run / "select.json").read_text())
+    assert [c["test_size"] for c in sel["candidates"]] == [32, 64]
+    assert all(c["ms"] > 0 and c["ms_batch"] > 0 and c["gflops"] > 0 for c in sel["candidates"])
+    big, small = (next(c for c in sel["candidates"] if c["test_size"] == s) for s in (64, 32))
+    assert big["gflops"] == pytest.approx(4 * small["gflops"], rel=0.05)  # a CNN's cost grows with the area
+    capped = pipeline.run_fix(pipeline.FixConfig(**{**setup["cfg"], "max_test_size": 40}))
+    assert capped["choice"]["test_size"] == 32 and "max size 40" in capped["choice"]["chosen_on"]
+    assert "select" not in capped["recomputed"]  # the candidates are not fixed again for another budget
+    assert ("finetune" in capped["recomputed"]) == (setup["first"]["choice"]["test_size"] != 32)
+    meta = json.loads((run / "export" / "fixres.json").read_text())
+    assert meta["test_size"] == 32
+
+
+def test_temperature_scaling_keeps_top1_and_is_fitted_on_held_out_images(setup):
+    run = setup["run"]
+    before = json.loads((run / "sweep_after.json").read_text())
+    scaled = pipeline.run_fix(pipeline.FixConfig(**{**setup["cfg"], "temperature_scale": True}))
+    assert set(scaled["recomputed"]) == {"finetune", "sweep_after", "stats", "report"}
+    ft = json.loads((run / "finetune.json").read_text())
+    t = ft["temperature"]["T"]
+    assert t > 0 and "held-out" in ft["temperature"]["fitted_on"]
+    after = json.loads((run / "sweep_after.json").read_text())
+    for b, a in zip(before["rows"], after["rows"]):
+        assert a["top1"] == b["top1"]  # dividing the logits by T > 0 keeps every argmax
+        if abs(t - 1.0) > 1e-3:
+            assert a["nll"] != b["nll"]
+
+
+def test_scale_layer_divides_the_logits_exactly():
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    want = layer(x) / 2.5
+    pipeline._scale_layer(layer, 1 / 2.5)
+    assert torch.allclose(layer(x), want, atol=1e-6)
+
+
+def test_label_free_recalibrates_at_the_recommended_size(setup):
+    out = setup["tmp"] / "label_free"
+    res = pipeline.run_fix(pipeline.FixConfig(**{**setup["cfg"], "out": str(out), "label_free": True}))
+    rec = json.loads((out / "analyse.json").read_text())["recommended_test_size"]
+    assert res["choice"]["test_size"] == rec and res["choice"]["method"] == "label-free"
+    assert not (out / "select.json").exists() and not (out / "schedule.json").exists()
+    ft = json.loads((out / "finetune.json").read_text())
+    assert ft["method"] == "bn-recalibrate" and ft["n_unlabeled"] == 24
+    assert res["headline"]["top1_fixed"] is not None  # reported on val, which has labels
+
+
+def test_terminal_shows_plan_noise_and_no_resume_message_on_a_first_run(tmp_path, capsys):
+    """Issue 16.7: the planned steps with a time estimate before starting; the binomial SE and a noise verdict in
+    the summary; no "nothing to resume" when nothing was asked to resume."""
+    write_image_folder(tmp_path / "data" / "train", per_class=6, seed=1)
+    write_image_folder(tmp_path / "data" / "val", per_class=3, seed=2)
+    ck = save_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    code, out, err = cli(capsys, "fix", "--model", "fixres_tiny_resnet", "--checkpoint", ck, "--data",
+                         tmp_path / "data", "--out", tmp_path / "run", "--train-size", "32", "--test-sizes", "32",
+                         "--test-size", "32", "--epochs", "1", "--workers", "0", "--batch-size", "8")
+    assert code == 0, err
+    assert "nothing to resume" not in err
+    assert "plan (" in err and "total ~" in err
+    assert "binomial SE" in out and ("within noise" in out or "beyond 2 SE" in out)
+    assert "\r" not in err  # no progress bar redraws when stderr is not a terminal
+
+
+def test_fix_summary_lists_every_candidate_before_and_after(setup, capsys):
+    code, out, _ = cli(capsys, "fix", "--model", "fixres_tiny_resnet", "--checkpoint", setup["ck"], "--data",
+                       Path(setup["cfg"]["data"]), "--out", setup["run"], "--train-size", "32", "--test-sizes", "32,48",
+                       "--epochs", "1", "--workers", "0", "--batch-size", "8", "--no-tune-schedule")
+    assert code == 0
+    rows = [ln for ln in out.splitlines() if ln.strip()[:2] in ("32", "64")]
+    assert len(rows) == 2 and sum("*" in r for r in rows) == 1
