@@ -148,6 +148,18 @@ def test_sweep_decodes_once_at_its_largest_need(tmp_path, monkeypatch):
     out = ImageDataset([(path, 0)], sweep)[0][0]
     assert needs == [resize_for(128, 0.875)]
     assert [x.shape[-1] for x in out] == list(sizes)
+    full = ImageDataset([(path, 0)], sweep, reduced_decode=False)[0][0]
+    assert all((a - b).abs().mean() < CLOSE for a, b in zip(full, out))
+
+
+def test_box_resize_crop_matches_resize_then_crop(tmp_path):
+    """The reduced path cuts resize + centre crop in one PIL resize: the same pixels within a few levels."""
+    for w, h in ((300, 200), (200, 300), (257, 256)):
+        img = Image.open(smooth_photo(tmp_path / f"{w}x{h}.jpg", w, h)).convert("RGB")
+        geo = T.test_geometry(test_size=96, crop_ratio=0.875, cfg=CFG)
+        a = np.asarray(geo(img), dtype=int)
+        b = np.asarray(T._resize_box_crop(img, resize_for(96, 0.875), 96, T.interpolation_mode("bicubic")), dtype=int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 4 and np.abs(a - b).mean() < 0.5
 
 
 def test_skipped_photo_gives_back_the_crop_random_numbers(tmp_path):

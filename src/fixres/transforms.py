@@ -201,19 +201,63 @@ PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.Resampling.NEAREST, Interpolati
 
 
 class FixedResizePlan:
-    """A transform that starts by resizing the shorter side to ``short``: the decode must keep ``short``."""
+    """A transform that starts by resizing the shorter side to ``short``: the decode must keep ``short``.
 
-    def __init__(self, transform: Callable, short: int) -> None:
-        self.transform, self.short = transform, short
+    On a reduced decode, each "resize + centre crop" view is cut in one PIL resize with a box (only
+    the crop's pixels are resampled, at the positions resize-then-crop would sample, within a grey
+    level or a few); a full-size decode runs the untouched transform.
+    """
+
+    def __init__(self, transform: Callable, inner: Callable, short: int) -> None:
+        self.transform, self.short, self.full = transform, short, None
+        views = inner.transforms if isinstance(inner, MultiView) else [inner]
+        fused = [_resize_crop_view(v) for v in views]
+        self.fused = None if None in fused else fused
+        self.multi = isinstance(inner, MultiView)
+        self.inner = inner
 
     def need(self, size: tuple[int, int]) -> int:
+        self.full = size
         return self.short
 
     def finish(self, img):
-        return self.transform(img)
+        if self.fused is None or self.full is None or img.size == self.full:
+            return self.transform(img)
+        outs = tuple(_call_like(self.transform, self.inner, rest, _resize_box_crop(img, short, crop, mode))
+                     for short, crop, mode, rest in self.fused)
+        return outs if self.multi else outs[0]
 
     def abort(self) -> None:
         pass
+
+
+def _flat_ops(t) -> list:
+    return [op for sub in t.transforms for op in _flat_ops(sub)] if isinstance(t, v2.Compose) else [t]
+
+
+def _resize_crop_view(t):
+    """(short side, crop side, interpolation, the ops after the crop) of a Resize + CenterCrop pipeline."""
+    ops = _flat_ops(t) if isinstance(t, v2.Compose) else []
+    if (len(ops) < 2 or not isinstance(ops[0], v2.Resize) or not isinstance(ops[1], v2.CenterCrop)
+            or len(ops[0].size) != 1 or ops[0].max_size is not None or ops[0].interpolation not in PIL_RESAMPLE
+            or len(set(ops[1].size)) != 1):
+        return None
+    return int(ops[0].size[0]), int(ops[1].size[0]), ops[0].interpolation, v2.Compose(ops[2:])
+
+
+def _resize_box_crop(img: Image.Image, short: int, crop: int, mode: InterpolationMode) -> Image.Image:
+    """Resize the shorter side to ``short`` and centre-crop ``crop``, resampling only the crop's pixels.
+
+    The resized size and crop offsets follow torchvision's ``resize`` and ``center_crop`` rules.
+    """
+    w, h = img.size
+    rw, rh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    if crop > min(rw, rh):
+        return TF.center_crop(TF.resize(img, [short], interpolation=mode, antialias=True), [crop, crop])
+    top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
+    sx, sy = w / rw, h / rh
+    return img.resize((crop, crop), PIL_RESAMPLE[mode],
+                      box=(left * sx, top * sy, (left + crop) * sx, (top + crop) * sy))
 
 
 class CropPlan:
@@ -292,4 +336,4 @@ def decode_plan(transform: Callable) -> FixedResizePlan | CropPlan | None:
     if isinstance(inner, v2.Compose) and inner.transforms and isinstance(inner.transforms[0], v2.RandomResizedCrop):
         return CropPlan(transform, inner)
     short = _fixed_short_side(inner)
-    return FixedResizePlan(transform, short) if short else None
+    return FixedResizePlan(transform, inner, short) if short else None
