@@ -142,7 +142,7 @@ def test_report_is_valid_utf8_with_undecodable_file_names(tmp_path):
 
 # --------------------------------------------------------------------------- spreadsheet formulas
 
-FORMULAS = ["=HYPERLINK(\"http://evil\",\"x\")", "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "\t=1"]
+FORMULAS = ["=HYPERLINK(\"http://evil\",\"x\")", "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "\t=1", "\r=1"]
 
 
 def test_per_class_csv_neutralises_formula_class_names():
@@ -161,3 +161,29 @@ def test_per_class_csv_neutralises_formula_class_names():
     assert rows_csv({"rows": [row]}).splitlines()[1].split(",")[4] == "-1.5"  # a negative number is not text
     from fixres.csvtext import safe_cell
     assert safe_cell("\r=1") == "'\r=1" and safe_cell(-1.5) == -1.5 and safe_cell("a=b") == "a=b"
+
+
+def test_fields_that_should_be_numbers_never_stop_the_report(tmp_path):
+    """Text where numbers belong (sizes, accuracies, timings, CDF points, photo sizes) is shown escaped or
+    left out of the figures, never a traceback; matplotlib's "$...$" maths never sees it either."""
+    from fixres.report import write_report
+    run = fake_run_dir(tmp_path / "run")
+    hostile = "$\\frac{<b>}{" + PAYLOADS[1]
+    _update(run / "run.json", train_size=hostile, timings={"train": hostile, "data": 3.0})
+    rows = json.loads((run / "sweep_before.json").read_text())["rows"]
+    rows[0]["test_size"], rows[1]["top1"] = hostile, hostile
+    _update(run / "sweep_before.json", rows=rows)
+    grid = json.loads((run / "grid.json").read_text())
+    grid["top1"][0][0] = hostile
+    _update(run / "grid.json", top1=grid["top1"])
+    stats = json.loads((run / "stats.json").read_text())
+    stats["before"]["sizes"]["64"]["x"][3] = hostile
+    stats["after"]["sizes"][hostile] = stats["after"]["sizes"]["64"]
+    write_json(run / "stats.json", stats)
+    _update(run / "analyse.json", image_sizes=[[hostile, 3]], crop_ratio=hostile)
+    summary = write_report(run)
+    page = Path(summary["html"]).read_text(encoding="utf-8")
+    assert "<img src=x" not in page and [n for n, _ in parse(page).attrs if n.startswith("on")] == []
+    assert hostile in "".join(parse(page).text)  # shown as text where it was a value
+    assert set(summary["figures"]) == {"accuracy", "cdf"}  # the broken grid and photo sizes are left out
+    assert summary["headline"]["seconds_total"] == pytest.approx(3.0)

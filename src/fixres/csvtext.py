@@ -23,10 +23,20 @@ def safe_cell(value: Any) -> Any:
     return value
 
 
+def _breaks_line(row: Sequence[Any]) -> bool:
+    return any(isinstance(v, str) and ("\r" in v or "\n" in v) for v in row)
+
+
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """The CSV (``\\n`` line ends) of ``header`` and ``rows``, every text cell passed through ``safe_cell``."""
+    """The CSV (``\\n`` line ends) of ``header`` and ``rows``, every text cell passed through ``safe_cell``.
+
+    A row with a line break inside a text cell is written with its text quoted: Python < 3.12 does not
+    quote a carriage return when the line end is ``\\n``, which would split the row in two.
+    """
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([safe_cell(h) for h in header])
-    writer.writerows([safe_cell(v) for v in row] for row in rows)
+    plain = csv.writer(buf, lineterminator="\n")
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+    for row in [list(header), *rows]:
+        row = [safe_cell(v) for v in row]
+        (quoted if _breaks_line(row) else plain).writerow(row)
     return buf.getvalue()

@@ -68,6 +68,10 @@ def _number(v) -> float | None:
     return None
 
 
+def _numbers(values) -> bool:
+    return isinstance(values, list) and bool(values) and all(_number(v) is not None for v in values)
+
+
 def _seconds(timings) -> float:
     return float(sum(n for n in map(_number, (timings or {}).values()) if n is not None))
 
@@ -78,21 +82,24 @@ def _size_items(per_size) -> list[tuple[int, object]]:
     return sorted(items, key=lambda kv: kv[0])
 
 
-def _row_at(sweep: dict | None, size: int | None) -> dict | None:
-    if not sweep or size is None:
-        return None
-    for row in sweep.get("rows", []):
-        if int(row["test_size"]) == int(size):
-            return row
-    return None
+def _rows(sweep: dict | None) -> list[dict]:
+    """A sweep's rows that have a numeric test size and top-1 (a broken or hostile row is left out)."""
+    rows = (sweep or {}).get("rows") if isinstance(sweep, dict) else None
+    return [r for r in rows or [] if isinstance(r, dict) and _number(r.get("test_size")) is not None
+            and _number(r.get("top1")) is not None]
+
+
+def _row_at(sweep: dict | None, size) -> dict | None:
+    size = _number(size)
+    return next((row for row in _rows(sweep) if size is not None and _number(row["test_size"]) == size), None)
 
 
 def _best_row(sweep: dict | None, train_size: int | None = None) -> dict | None:
-    return best_row((sweep or {}).get("rows", []), train_size=train_size)
+    return best_row(_rows(sweep), train_size=train_size if _number(train_size) is not None else None)
 
 
 def _curve(sweep: dict | None, label: str) -> dict | None:
-    rows = sorted((sweep or {}).get("rows", []), key=lambda r: r["test_size"])
+    rows = sorted(_rows(sweep), key=lambda r: r["test_size"])
     if not rows:
         return None
     return {"label": label, "test_sizes": [r["test_size"] for r in rows], "top1": [r["top1"] for r in rows],
@@ -188,7 +195,7 @@ def _cdf_panels(stats: dict | None) -> list[dict]:
                 continue
             x = s.get("x") or s.get("cdf_x") or s.get("values")
             y = s.get("cdf") or s.get("cdf_y") or s.get("p")
-            if x is None or y is None:
+            if not (_numbers(x) and _numbers(y) and len(x) == len(y)):
                 continue
             label = f"test {size}"
             if _number(s.get("zeros")) is not None:
@@ -202,43 +209,66 @@ def _cdf_panels(stats: dict | None) -> list[dict]:
 
 # --------------------------------------------------------------------------- figures and HTML
 
+def _plot_size(v) -> str:
+    """A size as plot text: the number, or "?" (plot labels are matplotlib text, where "$" starts maths)."""
+    n = _number(v)
+    return f"{n:g}" if n is not None else "?"
+
+
+def _grid_ok(block) -> bool:
+    """A grid block with size lists and a test x train matrix of numbers (or nulls)."""
+    if not (isinstance(block, dict) and isinstance(block.get("train_sizes"), list) and block["train_sizes"]
+            and isinstance(block.get("test_sizes"), list) and isinstance(block.get("top1"), list)):
+        return False
+    cols, matrix = len(block["train_sizes"]), block["top1"]
+    return len(matrix) == len(block["test_sizes"]) and all(
+        isinstance(row, list) and len(row) == cols and all(v is None or _number(v) is not None for v in row)
+        for row in matrix)
+
+
+def _accuracy_figure(results: dict, head: dict, out_dir: Path) -> Path | None:
+    train, test = _number(head["train_size"]), _number(head["test_size"])
+    curves = [c for c in (_curve(results.get("sweep_before"), f"before the fix (trained at {_plot_size(train)})"),
+                          _curve(results.get("sweep_after"), f"after the fix (adapted at {_plot_size(test)})")) if c]
+    if not curves:
+        return None
+    marks = [(train, f"train size {_plot_size(train)}")] if train else []
+    marks += [(test, f"fixed test size {_plot_size(test)}")] if test else []
+    rec = _number(head.get("recommended_test_size"))
+    if rec and rec not in (test, train):
+        marks.append((rec, f"recommended {_plot_size(rec)} (apparent size)"))
+    return plots.plot_accuracy_curves(curves, out_dir / "accuracy_vs_test_size.png", marks=marks)
+
+
+def _grid_figures(grid, out_dir: Path) -> dict[str, Path]:
+    figs: dict[str, Path] = {}
+    specs = (("grid", grid, "top1", "Top-1 (%), train x test size, no fine-tuning (table 5)"),
+             ("grid_fixed", grid, "top1_fixed", "Top-1 (%), train x test size, after the fix (table 5, right)"),
+             ("grid_control", (grid or {}).get("control") if isinstance(grid, dict) else None, "top1",
+              "Control (appendix D): resize + fixed-size random crop"))
+    for name, block, key, title in specs:
+        if isinstance(block, dict) and _grid_ok({**block, "top1": block.get(key)}):
+            figs[name] = plots.plot_grid_heatmap([_plot_size(s) for s in block["train_sizes"]],
+                                                 [_plot_size(s) for s in block["test_sizes"]], block[key],
+                                                 out_dir / f"grid_heatmap{name[4:]}.png", title=title)
+    return figs
+
+
 def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
     """Write the report's PNGs; returns {figure name: path} for those the results allow."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs: dict[str, Path] = {}
-    run = results.get("run") or {}
     head = summarize(results)
-    curves = [c for c in (_curve(results.get("sweep_before"), "before the fix (trained at "
-                                 f"{run.get('train_size')})"),
-                          _curve(results.get("sweep_after"), f"after the fix (adapted at {head['test_size']})"))
-              if c]
-    marks = []
-    if head["train_size"]:
-        marks.append((head["train_size"], f"train size {head['train_size']}"))
-    if head["test_size"]:
-        marks.append((head["test_size"], f"fixed test size {head['test_size']}"))
-    rec = head.get("recommended_test_size")
-    if rec and rec not in (head["test_size"], head["train_size"]):
-        marks.append((rec, f"recommended {rec} (apparent size)"))
-    if curves:
-        figs["accuracy"] = plots.plot_accuracy_curves(curves, out_dir / "accuracy_vs_test_size.png", marks=marks)
-    grid = results.get("grid")
-    if grid and len(grid.get("train_sizes", [])) >= 1:
-        figs["grid"] = plots.plot_grid_heatmap(grid["train_sizes"], grid["test_sizes"], grid["top1"],
-                                               out_dir / "grid_heatmap.png",
-                                               title="Top-1 (%), train x test size, no fine-tuning (table 5)")
-        if grid.get("top1_fixed"):
-            figs["grid_fixed"] = plots.plot_grid_heatmap(
-                grid["train_sizes"], grid["test_sizes"], grid["top1_fixed"], out_dir / "grid_heatmap_fixed.png",
-                title="Top-1 (%), train x test size, after the fix (table 5, right)")
-        if grid.get("control"):
-            c = grid["control"]
-            figs["grid_control"] = plots.plot_grid_heatmap(
-                c["train_sizes"], c["test_sizes"], c["top1"], out_dir / "grid_heatmap_control.png",
-                title="Control (appendix D): resize + fixed-size random crop")
+    figs: dict[str, Path] = {}
+    accuracy = _accuracy_figure(results, head, out_dir)
+    if accuracy is not None:
+        figs["accuracy"] = accuracy
+    figs.update(_grid_figures(results.get("grid"), out_dir))
     analyse = results.get("analyse") or {}
-    if analyse.get("image_sizes") and head["train_size"]:
-        mc = monte_carlo_ratio(train_size=int(head["train_size"]), crop_ratio=float(analyse["crop_ratio"]),
+    train_size = _number(head["train_size"])
+    sizes = analyse.get("image_sizes")
+    if isinstance(sizes, list) and sizes and all(_numbers(s) and len(s) == 2 for s in sizes) and train_size \
+            and _number(analyse.get("crop_ratio")):
+        mc = monte_carlo_ratio(train_size=int(train_size), crop_ratio=float(analyse["crop_ratio"]),
                                image_sizes=[tuple(s) for s in analyse["image_sizes"]], samples=20_000, seed=0)
         figs["roc"] = plots.plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction, out_dir / "roc_areas.png",
                                            ratios=mc.ratios)
@@ -416,7 +446,7 @@ def _figure_sections(results: dict, figs: dict[str, Path], head: dict) -> list[d
             "pooling fine-tuned at the fixed size with test-time augmentation). "
             + (f"The apparent-size analysis recommends {rec} px. " if rec else "") + "Error bars: fold std.")]))
     grid = results.get("grid")
-    if grid:
+    if _grid_ok(grid):
         captions = (("grid", "No fine-tuning."), ("grid_fixed", "After the fix at each test size."),
                     ("grid_control", "Appendix D control: trained with a resize and a fixed-size random crop "
                                      "instead of RandomResizedCrop."))
