@@ -17,8 +17,9 @@ def test_highest_top1_wins_whatever_the_order():
 
 
 def test_ties_go_to_the_train_size_then_the_smaller_size():
-    rows = _rows([(160, 70.0), (320, 71.0), (224, 71.0), (256, 71.0)])
-    assert best_size(rows, train_size=224) == 224
+    rows = _rows([(160, 71.0), (320, 71.0), (224, 71.0), (256, 71.0), (128, 70.0)])
+    assert best_size(rows, train_size=224) == 224  # not the smallest of the tied sizes (160)
+    assert best_size(rows, train_size=288) == 256
     assert best_size(_rows([(192, 71.0), (256, 71.0)]), train_size=224) == 192  # equally far: the smaller
     assert best_size(_rows([(256, 71.0), (192, 71.0)]), train_size=224) == 192
     assert best_size(_rows([(320, 71.0), (256, 71.0)])) == 256  # no train size: the smaller
