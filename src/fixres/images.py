@@ -91,12 +91,11 @@ def _draft_for(img: Image.Image, need: Callable[[tuple[int, int]], int | None]) 
     that is resized to a small test size anyway costs a fraction of a full decode. No reduction
     applies (and nothing changes) when the shorter side is under twice what is needed.
     """
+    if img.format != "JPEG":
+        return  # decoded in full; ``need`` is not asked (a plan that was not asked runs the plain path)
     w, h = img.size
     upright = (h, w) if _orientation(img) in SWAPPING_ORIENTATIONS else (w, h)
-    needed = need(upright)
-    if img.format != "JPEG":
-        return
-    k = jpeg_reduction(min(w, h), needed)
+    k = jpeg_reduction(min(w, h), need(upright))
     if k > 1:
         # Requesting (w // k, h // k) makes PIL pick exactly k: w // (w // k) lies in [k, 2k).
         img.draft(img.mode, (w // k, h // k))
@@ -105,9 +104,10 @@ def _draft_for(img: Image.Image, need: Callable[[tuple[int, int]], int | None]) 
 def load_rgb(path: str | os.PathLike, *, need: Callable[[tuple[int, int]], int | None] | None = None) -> Image.Image:
     """Decode ``path`` into an upright RGB PIL image, or raise ``BadImage(reason)``.
 
-    ``need``, if given, is called with the upright (width, height) from the header and returns the
-    shorter side the decoded image must keep (None: full size); a JPEG is then decoded at the
-    largest power-of-two reduction that keeps it (``jpeg_reduction``), other formats in full.
+    ``need``, if given, is called for a JPEG with the upright (width, height) from the header and
+    returns the shorter side the decoded image must keep (None: full size); the JPEG is then decoded
+    at the largest power-of-two reduction that keeps it (``jpeg_reduction``). Other formats are
+    decoded in full without asking.
     """
     path = Path(path)
     try:

@@ -275,10 +275,12 @@ class CropPlan:
         self.full: tuple[int, int] | None = None
         self.state = self.params = None
 
-    def need(self, size: tuple[int, int]) -> int:
+    def need(self, size: tuple[int, int]) -> int | None:
+        w, h = size
+        if min(w, h) < 2 * max(self.rrc.size):
+            return None  # no crop of this photo could be decoded smaller: the plain path, no draw here
         self.full = size
         self.state = torch.get_rng_state()
-        w, h = size
         self.params = self.rrc.make_params([torch.zeros(()).expand(1, h, w)])  # a size, no pixels
         side = max(1, min(self.params["height"], self.params["width"]))
         return math.ceil(max(self.rrc.size) * min(w, h) / side)
