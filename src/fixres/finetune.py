@@ -51,7 +51,8 @@ from fixres.dist import DistEnv, all_gather_objects, all_reduce_sum_int, barrier
 from fixres.engine import Precision, SingleThreaded, autocast, precision_for, prepare, to_device
 from fixres.errors import FixresError, UsageError
 from fixres.evaluate import evaluate_at  # noqa: F401 (also re-exported: benchmarks import it from here)
-from fixres.hooks import hooked
+from fixres.hooks import hooked, trace_calls
+from fixres.images import BadImage, load_rgb
 from fixres.loop import seed_everything
 from fixres.structure import Selection, find_parts, select_parts
 from fixres.transforms import build_transform
@@ -163,7 +164,6 @@ def _capture_cut(model: nn.Module, suffix: Suffix, x: torch.Tensor) -> torch.Ten
 
 
 def _trace_ndims(model: nn.Module, size: int, device) -> dict[str, int]:
-    from fixres.hooks import trace_calls
     x = torch.zeros(2, 3, size, size, device=device)
     with torch.no_grad(), trace_calls(model) as calls:
         model(x)
@@ -683,7 +683,6 @@ def _cache_folder(name: str, env: DistEnv) -> str:
 
 def _first_inputs(samples, transform, device, count: int = 2) -> torch.Tensor | None:
     """A few decoded inputs for checking the suffix runner (fp32)."""
-    from fixres.images import BadImage, load_rgb
     xs = []
     for path, _ in samples:
         try:

@@ -41,6 +41,8 @@ from fixres.atomic import append_jsonl, write_text
 from fixres.config import DataConfig
 from fixres.data import ImageDataset, default_workers, make_loader
 from fixres.errors import FixresError, UsageError
+from fixres.evaluate import evaluate
+from fixres.export import META_NAME, export_model
 from fixres.loop import LoopState, StateLayout, rng_state, seed_everything, set_rng_state  # noqa: F401 (API)
 from fixres.progress import bar, status
 from fixres.sampler import DEFAULT_REPEATS, PAPER_LEN_FACTOR, RepeatedAugSampler, epoch_seed
@@ -96,7 +98,6 @@ def _validate(model: nn.Module, samples, cfg: DataConfig, *, sizes: Sequence[int
               precision, workers: int, progress: bool) -> dict:
     """Top-1 (percent) at each size, via ``fixres.evaluate`` (one decode per image for all sizes), at the
     inference precision, so the numbers are those ``fixres eval`` gives for the saved model."""
-    from fixres.evaluate import evaluate
     was_training = model.training
     model.eval()
     try:
@@ -126,7 +127,6 @@ def write_final_model(model: nn.Module, out_dir: Path, *, model_name: str, cfg: 
                       test_size: int, accuracy: dict | None) -> tuple[Path, Path]:
     """out_dir/model.safetensors + fixres.json (``fixres.export``: one format for the project), so
     ``fixres eval --checkpoint`` needs no other flag."""
-    from fixres.export import META_NAME, export_model
     path = Path(export_model(_unwrap(model), out_dir, model_name=model_name, cfg=cfg, test_size=test_size,
                              train_size=train_size, class_names=list(cfg.class_names or []) or None,
                              accuracy=accuracy))
