@@ -194,3 +194,15 @@ def test_models_reads_export_metadata_from_meta_not_export():
     from fixres import export, meta
     assert export.WEIGHTS_NAME == meta.WEIGHTS_NAME == "model.safetensors"  # old imports keep working
     assert export.META_NAME == meta.META_NAME == "fixres.json"
+
+
+def test_numpy_and_tuple_values_in_the_metadata_round_trip_without_a_stale_warning(tmp_path, capsys):
+    """Accuracy dicts from evaluation may hold numpy numbers, extras tuples: both copies store plain JSON."""
+    import numpy as np
+    path = _export(_model(0), tmp_path / "x", test_size=64,
+                   accuracy={"top1": np.float32(61.5), "n": np.int64(9)},
+                   extra={"adaptation": {"method": "finetune", "parts": ("classifier", "bn")}})
+    back = load_model(checkpoint=str(path))
+    assert back.meta["export"]["accuracy"] == {"top1": 61.5, "n": 9}
+    assert back.meta["export"]["adaptation"]["parts"] == ["classifier", "bn"]
+    assert "warning" not in capsys.readouterr().err

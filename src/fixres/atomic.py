@@ -79,6 +79,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, text + "\n")
 
 
+def plain_json(obj: Any) -> Any:
+    """``obj`` as plain JSON values (numpy scalars and arrays, tuples and paths converted), as ``write_json``
+    would store it; NaN/Infinity are refused with a one-line FixresError."""
+    try:
+        return json.loads(json.dumps(obj, default=_json_default, allow_nan=False))
+    except ValueError:
+        raise FixresError("refusing NaN or infinity: JSON cannot store it") from None
+
+
 def _json_default(obj: Any) -> Any:
     # numpy scalars/arrays and Paths appear in results; make them plain JSON.
     if hasattr(obj, "tolist"):

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from fixres import __version__
-from fixres.atomic import write_json
+from fixres.atomic import plain_json, write_json
 from fixres.config import INTERPOLATION_NAMES, DataConfig
 from fixres.errors import FixresError, UsageError
 
@@ -127,9 +128,9 @@ FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
 
 def _non_finite_field(obj: Any, where: str = "") -> str | None:
     """Path of the first NaN/inf number inside ``obj`` (JSON cannot hold them), else None."""
-    if isinstance(obj, float) and not math.isfinite(obj):
+    if isinstance(obj, numbers.Real) and not math.isfinite(obj):  # numbers.Real: numpy scalars too
         return where or "(top level)"
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
         found = _non_finite_field(value, f"{where}.{key}" if where else str(key))
         if found:
@@ -196,8 +197,11 @@ def build_meta(*, model_name: str, cfg: DataConfig, test_size: int, train_size: 
     }
     if extra:
         meta.update(extra)
-    try:
-        return validate_meta(meta, source="export metadata")
+    bad = _non_finite_field(meta)
+    if bad:
+        raise UsageError(f"export metadata: field {bad!r} holds a non-finite number (NaN or infinity)")
+    try:  # plain JSON values: the header copy and fixres.json then compare equal after reading back
+        return validate_meta(plain_json(meta), source="export metadata")
     except MetaError as exc:
         raise UsageError(str(exc)) from None
 
