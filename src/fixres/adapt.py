@@ -27,10 +27,10 @@ from torch import nn
 
 from fixres.config import DataConfig, validate_size
 from fixres.dist import DistEnv
-from fixres.engine import Precision, autocast, precision_for, prepare, to_device
+from fixres.engine import Precision, precision_for, prepare
 from fixres.errors import FixresError, UsageError
 from fixres.hooks import capture
-from fixres.stats import DEFAULT_BATCH_SIZE, collect_pooled, iterate_views, pooled_point
+from fixres.stats import DEFAULT_BATCH_SIZE, collect_pooled, forward_views, pooled_point
 from fixres.structure import ModelParts, find_parts
 
 METHODS = ("bn-recalibrate", "frechet", "gaussian")
@@ -224,18 +224,9 @@ def _bn_recalibrate(model: nn.Module, parts: ModelParts, samples, cfg: DataConfi
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch counts equally (PyTorch's rule)
         m.train()
-    n_images = 0
-    skipped: list = []
     try:
-        with torch.no_grad():
-            for views, _labels, skip in iterate_views(samples, cfg, [test_size], desc="re-estimating BN stats",
-                                                      **common):
-                skipped.extend(s.to_dict() for s in skip)
-                if views is None or views[0].shape[0] < 2:
-                    continue
-                with autocast(env.device, precision):
-                    model(to_device(views[0], env.device, precision))
-                n_images += views[0].shape[0]
+        n_images, skipped = forward_views(model, samples, cfg, [test_size], env=env, precision=precision, min_batch=2,
+                                          desc="re-estimating BN stats", **common)
     finally:
         for m, mom in zip(modules, saved):
             m.momentum = mom
@@ -272,18 +263,10 @@ def _pre_activation_moments(model: nn.Module, bns: list[str], samples, cfg: Data
         moments[(name, current[0])].add(t.float())
 
     model.eval()
-    skipped: list = []
-    images = 0
-    with torch.no_grad(), capture(model, bns, where="input", fn=sink):
-        for views, _labels, skip in iterate_views(samples, cfg, sizes, desc="pre-activation statistics", **common):
-            skipped.extend(s.to_dict() for s in skip)
-            if views is None:
-                continue
-            images += views[0].shape[0]
-            for size, x in zip(sizes, views):
-                current[0] = size
-                with autocast(env.device, precision):
-                    model(to_device(x, env.device, precision))
+    with capture(model, bns, where="input", fn=sink):
+        images, skipped = forward_views(model, samples, cfg, sizes, env=env, precision=precision,
+                                        at_size=lambda size: current.__setitem__(0, size),
+                                        desc="pre-activation statistics", **common)
     if images == 0:
         raise UsageError("gaussian: no readable image")
     return moments, images, skipped
@@ -349,5 +332,6 @@ def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size
     return {"method": method, "train_size": train_size, "test_size": test_size, "labels_used": False, **res}
 
 
-__all__ = ["adapt", "check_non_negative", "fit_frechet", "frechet_cdf", "Equalization", "install_equalization", "remove_equalization",
+__all__ = ["adapt", "check_non_negative", "fit_frechet", "frechet_cdf", "Equalization", "install_equalization",
+           "remove_equalization",
            "equalization_of", "METHODS"]

@@ -79,6 +79,31 @@ def iterate_views(samples, cfg: DataConfig, sizes: Sequence[int], *, batch_size:
         bar.close()
 
 
+def forward_views(model: nn.Module, samples, cfg: DataConfig, sizes: Sequence[int], *, env: DistEnv,
+                  precision: Precision, at_size=None, min_batch: int = 1, desc: str = "images", batch_size: int,
+                  workers: int | None, progress: bool = True, max_images: int | None = None) -> tuple[int, list]:
+    """Run ``model`` (no gradients) on every readable image at every size, one decode per image.
+
+    What is measured is left to hooks the caller installed; ``at_size(size)`` is called before each
+    forward pass so they know the size. Batches with fewer than ``min_batch`` images are skipped (a
+    batch-norm in training mode needs two). Returns (images used, skipped files as dicts).
+    """
+    images, skipped = 0, []
+    with torch.no_grad():
+        for views, _labels, skip in iterate_views(samples, cfg, sizes, batch_size=batch_size, workers=workers,
+                                                  progress=progress, desc=desc, max_images=max_images):
+            skipped.extend(s.to_dict() for s in skip)
+            if views is None or views[0].shape[0] < min_batch:
+                continue
+            images += views[0].shape[0]
+            for size, x in zip(sizes, views):
+                if at_size is not None:
+                    at_size(size)
+                with autocast(env.device, precision):
+                    model(to_device(x, env.device, precision))
+    return images, skipped
+
+
 def pooled_point(parts: ModelParts) -> tuple[str, str]:
     """(module name, "output"|"input") where the pooled vector can be read."""
     if parts.pool is not None:
@@ -98,24 +123,16 @@ def collect_pooled(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Se
     name, where = pooled_point(parts)
     sizes = [validate_size(int(s), "test_size") for s in test_sizes]
     out: dict[int, list[np.ndarray]] = {s: [] for s in sizes}
-    skipped: list = []
     model.eval()
     current = [sizes[0]]
 
     def sink(_name, t):
         out[current[0]].append(t.float().flatten(1).cpu().numpy())
 
-    with torch.no_grad(), capture(model, [name], where=where, fn=sink):
-        for views, _labels, skip in iterate_views(samples, cfg, sizes, batch_size=batch_size, workers=workers,
-                                                  progress=progress, desc="pooled activations",
-                                                  max_images=max_images):
-            skipped.extend(s.to_dict() for s in skip)
-            if views is None:
-                continue
-            for size, x in zip(sizes, views):
-                current[0] = size
-                with autocast(env.device, precision):
-                    model(to_device(x, env.device, precision))
+    with capture(model, [name], where=where, fn=sink):
+        _, skipped = forward_views(model, samples, cfg, sizes, env=env, precision=precision,
+                                   at_size=lambda size: current.__setitem__(0, size), desc="pooled activations",
+                                   batch_size=batch_size, workers=workers, progress=progress, max_images=max_images)
     if not any(out[s] for s in sizes):
         raise UsageError("no readable image to measure activations on")
     return {s: np.concatenate(v) for s, v in out.items()}, skipped
@@ -204,5 +221,6 @@ def plot_stats(result: dict, path, *, compare: dict | None = None, title: str | 
     return plots.plot_activation_cdfs(series, path, title=title)
 
 
-__all__ = ["activation_stats", "collect_pooled", "iterate_views", "ks_distance", "summarize", "cdf_grid", "plot_stats",
+__all__ = ["activation_stats", "collect_pooled", "forward_views", "iterate_views", "ks_distance", "summarize", "cdf_grid",
+           "plot_stats",
            "pooled_point"]
