@@ -100,3 +100,19 @@ def test_fix_summary_lists_every_candidate_before_and_after(setup, capsys):
     assert code == 0
     rows = [ln for ln in out.splitlines() if ln.strip()[:2] in ("32", "64")]
     assert len(rows) == 2 and sum("*" in r for r in rows) == 1
+
+
+def test_report_shows_candidates_frontier_reliability_and_ks(setup):
+    from fixres.report import write_report
+    run = setup["run"]
+    summary = write_report(run)
+    html = Path(summary["html"]).read_text()
+    assert "Every candidate size, before and after the fix" in html and html.count("★ chosen") == 1
+    assert "held-out training images" in html  # says how the size was chosen
+    assert {"frontier", "reliability"} <= set(summary["figures"])
+    assert Path(summary["figures"]["frontier"]).stat().st_size > 1000
+    assert "Kolmogorov-Smirnov" in html
+    stats = json.loads((run / "stats.json").read_text())
+    ks_before_at_t = stats["before"]["sizes"]["32"]["ks_to_reference"]
+    assert ks_before_at_t == pytest.approx(0.0, abs=1e-9)  # the reference is the model before the fix at T
+    assert all(v["ks_to_reference"] is not None for v in stats["after"]["sizes"].values())

@@ -56,3 +56,12 @@ def test_budget_that_nothing_fits_names_the_cheapest_size():
 def test_binomial_se_and_noise_rule():
     assert fixsize.binomial_se(50.0, 100) == pytest.approx(5.0)
     assert fixsize.within_noise(80.0, 81.0, 500) and not fixsize.within_noise(80.0, 90.0, 500)
+
+
+def test_paired_test_counts_only_disagreements():
+    a = [True] * 10 + [False] * 2 + [True] * 5
+    b = [True] * 10 + [True] * 2 + [False] * 5
+    res = fixsize.paired_test(a, b)
+    assert (res["only_a"], res["only_b"]) == (5, 2)
+    assert res["p"] == pytest.approx(2 * (1 + 7 + 21) / 2 ** 7)  # P(X <= 2), X ~ Bin(7, 1/2), two-sided
+    assert fixsize.paired_test(a, a)["p"] == 1.0

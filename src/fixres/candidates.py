@@ -103,6 +103,24 @@ def measure_cost(model: nn.Module, size: int, *, device, precision, batch: int =
             "gflops": gflops(model, size, device)}
 
 
+def predict(model: nn.Module, samples, cfg, size: int, *, batch_size: int, workers: int | None,
+            device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of ``model`` at ``size`` on ``samples`` (test pre-processing, fp32, skipped files left
+    out): for temperature fitting and paired per-image comparisons."""
+    from fixres.data import ImageDataset, make_loader
+    from fixres.transforms import build_transform
+    loader = make_loader(ImageDataset(samples, build_transform("test", size=size, cfg=cfg)), batch_size=batch_size,
+                         workers=workers)
+    out, labels = [], []
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            if batch.inputs is not None:
+                out.append(model(batch.inputs.to(device)).float().cpu())
+                labels.append(batch.labels)
+    return torch.cat(out), torch.cat(labels)
+
+
 def estimate_seconds(size: int, *, seconds_per_pixel: float, n_fit: int, n_scored: int, epochs: int,
                      cached: bool) -> float:
     """Rough time of one candidate: the prefix pass (or full epochs) over the fitting images, then

@@ -115,3 +115,16 @@ def within_noise(a: float, b: float, n: int, *, se_factor: float = 2.0) -> bool:
     of their difference (binomial, as if independent: a coarse rule for the terminal summary; a paired
     test on the same images is the finer one)."""
     return abs(a - b) < se_factor * math.hypot(binomial_se(a, n), binomial_se(b, n))
+
+
+def paired_test(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
+    """Exact McNemar (sign) test of two classifiers on the same images: only the images on which they
+    disagree count; two-sided p of as uneven a split under "equally often right"."""
+    if len(a_correct) != len(b_correct):
+        raise UsageError("the paired test needs the same images for both")
+    only_a = sum(1 for a, b in zip(a_correct, b_correct) if a and not b)
+    only_b = sum(1 for a, b in zip(a_correct, b_correct) if b and not a)
+    n = only_a + only_b
+    k = min(only_a, only_b)
+    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
+    return {"only_a": only_a, "only_b": only_b, "p": p}

@@ -645,7 +645,9 @@ def _temperature_scale(x: FixContext, model, test_size: int) -> dict:
     """Fit T on the held-out images' logits, then divide the classifier by T (same top-1, calibrated softmax)."""
     from fixres.calibration import fit_temperature
     from fixres.structure import find_classifier_name
-    logits, labels = _logits(x, model, x.holdout, test_size)
+    from fixres.candidates import predict
+    logits, labels = predict(model, x.holdout, x.cfg, test_size, batch_size=x.config.batch_size,
+                             workers=x.config.workers, device=x.env.device)
     t = float(fit_temperature(logits, labels))
     head = model.get_submodule(find_classifier_name(model))
     _scale_layer(head, 1.0 / t)
@@ -659,24 +661,6 @@ def _scale_layer(layer, factor: float) -> None:
         layer.weight.mul_(factor)
         if getattr(layer, "bias", None) is not None:
             layer.bias.mul_(factor)
-
-
-def _logits(x: FixContext, model, samples, size: int):
-    """(logits, labels) of ``model`` at ``size`` on ``samples`` (test pre-processing, fp32)."""
-    import torch
-
-    from fixres.data import ImageDataset, make_loader
-    from fixres.transforms import build_transform
-    loader = make_loader(ImageDataset(samples, build_transform("test", size=size, cfg=x.cfg)),
-                         batch_size=x.config.batch_size, workers=x.config.workers)
-    out, labels = [], []
-    model.eval()
-    with torch.inference_mode():
-        for batch in loader:
-            if batch.inputs is not None:
-                out.append(model(batch.inputs.to(x.env.device)).float().cpu())
-                labels.append(batch.labels)
-    return torch.cat(out), torch.cat(labels)
 
 
 def run_sweep_after(x: FixContext) -> None:
@@ -694,12 +678,17 @@ def run_sweep_after(x: FixContext) -> None:
 
 
 def run_stats(x: FixContext) -> None:
+    """Figures 3-4; KS distance at each size to the pooled values of the model *before* the fix at T (the
+    distribution its classifier was trained on), for the model before and after the fix."""
     sizes = _stats_sizes_of(x)
-    stats: dict = {"sizes": sizes}
-    grid = None
+    stats: dict = {"sizes": sizes, "ks_reference": f"the model before the fix at {x.cfg.train_size}px"}
+    grid = reference = None
     for label, model in (("before", x.base()), ("after", x.fixed())):
         raw = _activation_stats(model, x.val_index.samples, x.cfg, sizes, env=x.env, precision=x.precision,
-                                batch_size=x.config.batch_size, workers=x.config.workers, grid=grid)
+                                batch_size=x.config.batch_size, workers=x.config.workers, grid=grid,
+                                reference=reference)
+        pooled = raw.pop("_pooled")
+        reference = pooled[x.cfg.train_size] if reference is None else reference
         stats[label] = normalize_stats(raw)
         stats[label]["pooled_from"] = raw.get("pooled_from")
         first = next(iter(stats[label]["sizes"].values()), None)
@@ -1019,19 +1008,23 @@ def _curve_line(sweep: dict) -> str:
                                                                                         key=lambda r: r["test_size"]))
 
 
-def _activation_stats(model, samples, cfg, sizes, *, env, precision, batch_size, workers, grid=None) -> dict:
-    """Pooled-activation CDFs per size (``fixres.stats``), on a given x grid when ``grid`` is set."""
+def _activation_stats(model, samples, cfg, sizes, *, env, precision, batch_size, workers, grid=None,
+                      reference=None) -> dict:
+    """Pooled-activation CDFs per size (``fixres.stats``), on a given x grid when ``grid`` is set; KS distances
+    to ``reference`` (default: this model's values at the train size, also returned in ``_pooled``)."""
     import numpy as np
 
     from fixres import stats as fstats
     return fstats.activation_stats(model, samples, cfg, test_sizes=sizes, batch_size=batch_size, env=env,
                                    precision=precision, workers=workers, progress=False, max_images=STATS_IMAGES,
-                                   grid=None if grid is None else np.asarray(grid, dtype=float))
+                                   grid=None if grid is None else np.asarray(grid, dtype=float),
+                                   reference=reference, keep_pooled=True)
 
 
 def normalize_stats(raw: dict) -> dict:
     """A ``fixres.stats.activation_stats`` result as {"sizes": {size: {"x", "cdf", "zeros", "above_2"}}},
     the shape the report reads."""
     return {"sizes": {str(row["test_size"]): {"x": row["cdf_x"], "cdf": row["cdf"], "zeros": row["frac_zero"],
-                                              "above_2": row["frac_above_2"]}
+                                              "above_2": row["frac_above_2"],
+                                              "ks_to_reference": row.get("ks_to_reference")}
                       for row in raw["sizes"]}}

@@ -21,7 +21,7 @@ from pathlib import Path
 from jinja2 import Environment, StrictUndefined
 from markupsafe import Markup
 
-from fixres import plots
+from fixres import plots, report_select
 from fixres.analysis import monte_carlo_ratio
 from fixres.atomic import write_json, write_text
 from fixres.errors import UsageError
@@ -33,7 +33,7 @@ REPORT_HTML = "index.html"
 REPORT_JSON = "report.json"
 #: Step result files a run folder may hold (missing ones leave their section out of the report).
 STEP_FILES = ("run", "analyse", "data", "train", "sweep_before", "finetune", "sweep_after", "stats", "export",
-              "grid")
+              "grid", "select", "schedule")
 #: Points kept per CDF curve in the report (enough for a smooth line, small JSON).
 CDF_POINTS = 200
 
@@ -275,7 +275,16 @@ def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
     panels = _cdf_panels(results.get("stats"))
     if panels:
         figs["cdf"] = plots.plot_activation_cdf_panels(panels, out_dir / "activation_cdfs.png")
+    figs.update(report_select.draw(results, out_dir))  # choosing the size after fixing (fixres.report_select)
     return figs
+
+
+def _selection_sections(results: dict, figs: dict[str, Path]) -> list[dict]:
+    """``fixres.report_select``'s plain sections (candidates, frontier, reliability, KS) as page sections."""
+    return [_section(s["title"], notes=[[n] for n in s["notes"]],
+                     figures=[_figure(figs[k], k, cap) for k, cap in s["figures"] if k in figs],
+                     tables=[_table(rows, cols) for rows, cols in s["tables"]])
+            for s in report_select.sections(results)]
 
 
 CSS = """
@@ -499,8 +508,9 @@ def render_html(results: dict, figs: dict[str, Path]) -> str:
                 {"code": str(data.get("root") or run.get("data"))}, f" ({_fmt(head['n_val'])} validation images)",
                 f" · classes: {', '.join(classes)}" if classes else "",
                 f" · {run.get('finished') or run.get('started') or ''}"]
+    sections = _figure_sections(results, figs, head) + _selection_sections(results, figs) + _table_sections(results)
     page = _PAGE.render(model=str(head["model"]), css=Markup(CSS), subtitle=subtitle, cards=_cards(head),
-                        note=_note(head), sections=_figure_sections(results, figs, head) + _table_sections(results),
+                        note=_note(head), sections=sections,
                         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
     return valid_utf8(page)
 

@@ -1,0 +1,136 @@
+"""Selection after fixing (issue 16): does choosing the fixed size on held-out training images work?
+
+Runs ``fixres fix`` (every candidate size fixed at its own size, cached; the size chosen on a
+held-out part of the training images), then for every candidate prints the validation top-1 before
+and after the fix with the fold std and the binomial standard error, an exact paired test (McNemar /
+sign test: fixed vs unfixed on the same validation images), the size chosen on the held-out
+training images and the size that choosing on the validation images would have picked (the
+optimistic, leaky choice the held-out split avoids).
+
+  --quick       the embedded data set and the tiny CNN trained at 64 (``fixres fix`` with no arguments)
+  --data DIR    a photo folder (train/ + val/) with --checkpoint (e.g. a lite0 trained there at 128)
+
+Writes benchmarks/results/select_after_fix[_quick].json (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO
+
+sys.path.insert(0, str(REPO / "src"))
+
+from fixres import pipeline  # noqa: E402
+from fixres.atomic import write_json  # noqa: E402
+from fixres.fixsize import binomial_se, paired_test  # noqa: E402
+from fixres.selection import best_row  # noqa: E402
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="embedded data, tiny CNN at 64 (the demo)")
+    p.add_argument("--data", default=None, help="ImageFolder with train/ and val/")
+    p.add_argument("--checkpoint", default=None, help="the model to fix (with --data)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--run-dir", default=None, help="fix run folder (reused when its inputs are unchanged)")
+    p.add_argument("--out", default=None, help="result JSON")
+    p.add_argument("--workers", type=int, default=None)
+    return p.parse_args()
+
+
+def _per_image(run_dir: Path, config: pipeline.FixConfig, sizes: list[int]) -> dict[int, tuple[list, list]]:
+    """Per validation image: correct before and after the fix at each candidate size (same images)."""
+    from fixres.candidates import load_adapted, predict
+    from fixres.data import index_val_onto, resolve_split, scan_folder
+    from fixres.models import load_model
+    data = json.loads((run_dir / "data.json").read_text())["root"]
+    base_ck = run_dir / "train" / "model.safetensors" if (run_dir / "train").is_dir() else config.checkpoint
+    bundle = load_model(model=None if (run_dir / "train").is_dir() else config.model, checkpoint=str(base_ck))
+    run = json.loads((run_dir / "run.json").read_text())
+    cfg = bundle.data_config.with_overrides(crop_ratio=run["config"].get("crop_ratio"))
+    train = scan_folder(resolve_split(data, "train"))
+    val = index_val_onto(resolve_split(data, "val"), train)
+    out = {}
+    for s in sizes:
+        fixed = copy.deepcopy(bundle.model)
+        load_adapted(fixed, run_dir / "candidates" / str(s) / "adapted.safetensors")
+        kw = dict(batch_size=64, workers=config.workers, device="cpu")
+        lb, y = predict(bundle.model, val.samples, cfg, s, **kw)
+        la, _ = predict(fixed, val.samples, cfg, s, **kw)
+        out[s] = ((lb.argmax(1) == y).tolist(), (la.argmax(1) == y).tolist())
+    return out
+
+
+def _table(sel: dict, paired: dict, choice: dict) -> tuple[list[dict], dict]:
+    rows = []
+    for c in sel["candidates"]:
+        s, b, a, n = c["test_size"], c["val_before"], c["val_after"], c["val_after"]["n"]
+        rows.append({"test_size": s, "val_before": b["top1"], "val_before_fold_std": b["top1_std"],
+                     "val_after": a["top1"], "val_after_fold_std": a["top1_std"],
+                     "binomial_se_after": binomial_se(a["top1"], n), "n_val": n,
+                     "holdout_before": (c.get("holdout_before") or {}).get("top1"),
+                     "holdout_after": (c.get("holdout_after") or {}).get("top1"),
+                     "paired": paired_test(paired[s][1], paired[s][0]) if s in paired else None,
+                     "ms": c.get("ms"), "ms_batch": c.get("ms_batch"), "gflops": c.get("gflops")})
+    by_val = best_row([{"test_size": r["test_size"], "top1": r["val_after"]} for r in rows])["test_size"]
+    by_val_before = best_row([{"test_size": r["test_size"], "top1": r["val_before"]} for r in rows])["test_size"]
+    summary = {"chosen_on_held_out": choice["test_size"], "would_choose_on_val": by_val,
+               "best_untuned_on_val": by_val_before, "recommended": sel["recommended"],
+               "recommended_exact": sel["recommended_exact"], "n_holdout": sel["n_holdout"],
+               "schedule": sel.get("schedule")}
+    return rows, summary
+
+
+def _print(rows: list[dict], summary: dict) -> None:
+    print(f"{'size':>5} {'before':>14} {'after':>14} {'SE':>5} {'held-out b/a':>13} {'only fixed/only unfixed':>24} "
+          f"{'p':>6} {'ms/img':>7} {'GFLOPs':>7}")
+    for r in rows:
+        mark = "*" if r["test_size"] == summary["chosen_on_held_out"] else " "
+        p = r["paired"] or {}
+        ho = f"{r['holdout_before'] or 0:.1f}/{r['holdout_after'] or 0:.1f}"
+        print(f"{r['test_size']:>4}{mark} {r['val_before']:>6.1f} ± {r['val_before_fold_std']:>4.1f} "
+              f"{r['val_after']:>6.1f} ± {r['val_after_fold_std']:>4.1f} {r['binomial_se_after']:>5.1f} {ho:>13} "
+              f"{p.get('only_a', 0):>11}/{p.get('only_b', 0):<12} {p.get('p', float('nan')):>6.3f} "
+              f"{r['ms'] or 0:>7.2f} {r['gflops'] or 0:>7.3f}")
+    print(f"chosen on {summary['n_holdout']} held-out training images: {summary['chosen_on_held_out']}px; "
+          f"choosing on val would pick {summary['would_choose_on_val']}px; best untuned on val "
+          f"{summary['best_untuned_on_val']}px; analysis recommends {summary['recommended']}px "
+          f"(exact {summary['recommended_exact']:.1f})")
+
+
+def main() -> int:
+    a = _args()
+    if not a.quick and not (a.data and a.checkpoint):
+        print("give --quick, or --data DIR --checkpoint FILE", file=sys.stderr)
+        return 2
+    name = "select_after_fix_quick" if a.quick else f"select_after_fix_{Path(a.data).name}"
+    run_dir = Path(a.run_dir or REPO / "runs" / name)
+    config = pipeline.FixConfig(out=str(run_dir), workers=a.workers, data=None if a.quick else a.data,
+                                checkpoint=None if a.quick else a.checkpoint, model=a.model)
+    t0 = time.perf_counter()
+    result = pipeline.run_fix(config)
+    wall = time.perf_counter() - t0
+    sel = json.loads((run_dir / "select.json").read_text())
+    sizes = [c["test_size"] for c in sel["candidates"]]
+    rows, summary = _table(sel, _per_image(run_dir, config, sizes), result["choice"])
+    _print(rows, summary)
+    run = json.loads((run_dir / "run.json").read_text())
+    out = {"command": " ".join(sys.argv), "rows": rows, **summary, "fix_wall_s_this_call": round(wall, 1),
+           "step_seconds": run.get("timings"), "device": run.get("device"), "torch_threads": run.get("torch_threads"),
+           "headline": result["headline"],
+           "noise": "± = leave-one-fold-out std over 10 folds; SE = binomial standard error of one accuracy; "
+                    "p = exact two-sided McNemar (sign) test, fixed vs unfixed on the same validation images"}
+    path = Path(a.out or REPO / "benchmarks" / "results" / f"{name}.json")
+    write_json(path, out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
