@@ -293,3 +293,32 @@ def test_fp16_overflow_falls_back_to_fp32(image_folder, tiny_model):
     assert res16["fp32_fallback_batches"] == 3 and res32["fp32_fallback_batches"] == 0
     assert res16["rows"][0]["correct"] == res32["rows"][0]["correct"]
     assert res16["rows"][0]["loss"] == pytest.approx(res32["rows"][0]["loss"], rel=1e-6)
+
+
+def test_fixed_input_size_model_is_evaluated_at_every_size_in_one_pass(image_folder, tiny_model):
+    """A timm ViT built for one input size (no dynamic_img_size) runs each view through a copy moved to
+    that size by timm's own set_input_size; the numbers are those of a copy moved there by hand, and the
+    caller's model still runs at its own size only."""
+    import copy
+
+    import timm
+
+    from fixres.models import fit_input_size
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
+                            num_classes=3)
+    pos_embed = vit.pos_embed.detach().clone()
+    index = scan_folder(image_folder)
+    cfg = tiny_model.data_config
+    kw = dict(workers=0, progress=False, precision=FP32, batch_size=5)
+    res = evaluate(vit, index, cfg, test_sizes=[32, 48], **kw)
+    moved = copy.deepcopy(vit)
+    assert fit_input_size(moved, 48) == {"img_size": [48, 48]}
+    alone = evaluate(moved, index, cfg, test_sizes=[48], **kw)
+    assert (res["rows"][1]["correct"], res["rows"][1]["loss"]) == (alone["rows"][0]["correct"],
+                                                                   pytest.approx(alone["rows"][0]["loss"], rel=1e-6))
+    assert res["rows"][0]["loss"] == pytest.approx(evaluate(vit, index, cfg, test_sizes=[32], **kw)["rows"][0]["loss"])
+    assert res["rows"][0]["loss"] != pytest.approx(res["rows"][1]["loss"])
+    assert torch.equal(vit.pos_embed, pos_embed)  # the caller's model is untouched
+    with pytest.raises(AssertionError, match="doesn.t match model"):  # timm: it still runs at 32 only
+        vit(torch.zeros(1, 3, 48, 48))

@@ -18,6 +18,7 @@ of K processes are those of a single process.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from fixres.data import FolderIndex, ImageDataset, IndexSampler, default_workers
 from fixres.engine import (Precision, SingleThreaded, autocast, inference_precision, prepare,
                            to_device)
 from fixres.errors import FixresError, UsageError
-from fixres.models import num_outputs
+from fixres.models import fit_input_size, fixed_input_size, num_outputs
 from fixres.progress import bar
 from fixres.transforms import MultiView, resize_for, ten_crop_transform, test_transform
 
@@ -229,11 +230,26 @@ def gather_in_order(local: _PerImage, env: fdist.DistEnv, n_rows: int) -> _PerIm
     return merged.reordered(np.argsort(merged.idx, kind="stable"))
 
 
-def _forward_views(model: nn.Module, inputs: tuple, b: int, *, ten_crop: bool, env: fdist.DistEnv,
+def _view_models(model: nn.Module, views: Sequence[View]) -> list[nn.Module]:
+    """The module each view runs through: ``model`` itself, or, for a model with a fixed input size, a copy
+    moved to the view's size (timm's ``set_input_size``, via ``models.fit_input_size``), so one pass still
+    serves every size and the caller's model is left as it was."""
+    fixed = fixed_input_size(model)
+    if fixed is None:
+        return [model] * len(views)
+    at: dict[int, nn.Module] = {}
+    for v in views:
+        if v.test_size not in at:
+            at[v.test_size] = model if v.test_size == fixed else copy.deepcopy(model)
+            fit_input_size(at[v.test_size], v.test_size)
+    return [at[v.test_size] for v in views]
+
+
+def _forward_views(models: Sequence[nn.Module], inputs: tuple, b: int, *, ten_crop: bool, env: fdist.DistEnv,
                    precision: Precision) -> tuple[list[torch.Tensor], int]:
     """Log-probabilities of every view of one batch (fp32 on the CPU) and the number of fp32 retries."""
     logps, fallbacks = [], 0
-    for x in inputs:
+    for x, model in zip(inputs, models, strict=True):
         if ten_crop:
             x = x.reshape(-1, *x.shape[-3:])
         x = to_device(x, env.device, precision)
@@ -268,8 +284,8 @@ def _batch_outcomes(logps: list[torch.Tensor], plan: _Plan, batch, keep_log_prob
                      [lp.numpy() for lp in logps] if keep_log_probs else None)
 
 
-def _run_local(model: nn.Module, loader, plan: _Plan, *, total: int, ten_crop: bool, env: fdist.DistEnv,
-               precision: Precision, progress: bool, keep_log_probs: bool):
+def _run_local(models: Sequence[nn.Module], loader, plan: _Plan, *, total: int, ten_crop: bool,
+               env: fdist.DistEnv, precision: Precision, progress: bool, keep_log_probs: bool):
     """This rank's pass over its shard: (per-image outcomes, skipped, number of outputs, fp32 retries)."""
     parts: list[_PerImage] = []
     skipped: list[tuple[int, str, str]] = []
@@ -281,7 +297,7 @@ def _run_local(model: nn.Module, loader, plan: _Plan, *, total: int, ten_crop: b
             skipped.extend((s.index, s.path, s.reason) for s in batch.skipped)
             if batch.inputs is not None:
                 inputs = batch.inputs if isinstance(batch.inputs, tuple) else (batch.inputs,)
-                logps, retries = _forward_views(model, inputs, len(batch.labels), ten_crop=ten_crop, env=env,
+                logps, retries = _forward_views(models, inputs, len(batch.labels), ten_crop=ten_crop, env=env,
                                                 precision=precision)
                 fallbacks += retries
                 if n_out is None:
@@ -365,8 +381,8 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     start = time.perf_counter()
     try:
         local, skipped_local, n_out, fallbacks = _run_local(
-            model, loader, plan, total=len(shard), ten_crop=ten_crop, env=env, precision=precision,
-            progress=progress, keep_log_probs=keep_log_probs)
+            _view_models(model, plan.views), loader, plan, total=len(shard), ten_crop=ten_crop, env=env,
+            precision=precision, progress=progress, keep_log_probs=keep_log_probs)
     finally:
         model.train(was_training)
     n_rows = len(plan.views) + len(plan.ens_views)
