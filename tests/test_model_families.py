@@ -162,3 +162,16 @@ def test_builtin_convnext_finetunes_its_head_norm(tmp_path, split_folder):
     after = inputs.bundle.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"head.fc.weight", "head.fc.bias", "head.norm.weight", "head.norm.bias"}
+
+
+def test_levit_classifier_is_the_linear_after_its_head_batchnorm():
+    """LeViT's heads are NormLinear (BatchNorm1d then Linear), two of them (distillation): the classifier is
+    each Linear, the norm nearest the pooled vector each head's batch-norm (affine + statistics)."""
+    model = _timm("levit_128s")
+    p = find_parts(model)
+    assert (p.classifier, p.extra_classifiers, p.norms) == ("head.linear", ["head_dist.linear"],
+                                                            ["head.bn", "head_dist.bn"])
+    assert p.pooling == "token average" and p.pre_logits_checked is True
+    sel = select_parts(model, p, "classifier,norm")
+    assert sel.trainable == ["head.linear", "head_dist.linear", "head.bn", "head_dist.bn"]
+    assert sel.stats == ["head.bn", "head_dist.bn"]

@@ -184,8 +184,8 @@ def build_suffix(model: nn.Module, chain: Sequence[str], first_adapted: Sequence
             full = model(sample)
             try:
                 part = suffix(_capture_cut(model, suffix, sample))
-            except FixresError as exc:
-                return None, str(exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. a cell that takes two inputs (NASNet): no cut, no cache
+                return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if part.shape != full.shape or not torch.allclose(part, full, rtol=SUFFIX_RTOL, atol=SUFFIX_ATOL):
             return None, f"running the model from {suffix.cut} does not reproduce its forward"
         return suffix, f"cut at {suffix.cut}"

@@ -32,7 +32,7 @@ from fixres.analysis import recommend_test_size
 from fixres.checkpoint import load_state_dict
 from fixres.config import (DEFAULT_CROP_RATIO, DEFAULT_INTERPOLATION, DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE,
                            INCEPTION_MEAN, INCEPTION_STD, INTERPOLATION_NAMES, DataConfig)
-from fixres.data import FolderIndex, resolve_split, scan_folder
+from fixres.data import FolderIndex, index_val_onto, missing_classes_warning, resolve_split, scan_folder
 from fixres.errors import FixresError, UsageError
 from fixres.structure import find_classifier_name, native_size
 from fixres.meta import read_export_meta  # validated fixres.json (one schema, fixres.meta)
@@ -629,8 +629,6 @@ def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[st
     model's). ``test_size`` None: the size ``fixres.analysis`` recommends for the model's train size.
     A fixres export knows its classes: they map the folders when no ``class_map`` is given.
     """
-    from fixres.data import index_val_onto, missing_classes_warning  # TODO(h-models): top level once data.py is committed
-
     bundle = spec.load()
     cfg = bundle.data_config.with_overrides(**(overrides or {}))
     n_out = num_outputs(bundle.model)

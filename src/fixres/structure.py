@@ -287,6 +287,12 @@ def _classifier(model: nn.Module, calls: list[Call], out: torch.Tensor) -> str:
     return classifier
 
 
+def _leaf_layer(head: Call, calls: list[Call], modules: dict) -> Call:
+    """The layer that classifies inside a head module (LeViT's NormLinear: its Linear after a batch-norm)."""
+    inner = [c for c in calls if c.name.startswith(head.name + ".") and isinstance(modules[c.name], (nn.Linear, nn.Conv2d))]
+    return max(inner, key=lambda c: c.start) if inner else head
+
+
 def _spatial_pool(calls: list[Call], modules: dict, clf_call: Call) -> Call | None:
     """The last parameter-free module before the classifier that pools a spatial map to one value per channel
     (squeeze-excitation blocks pool too, but spatial layers run after them)."""
@@ -382,12 +388,15 @@ def find_parts(model: nn.Module, *, input_size: int | None = None, in_chans: int
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             raise FixresError(f"{kind} does not return class scores of shape (batch, classes); "
                               "fixres needs a classification model")
-        classifier = _classifier(model, calls, out)
         by_name = {c.name: c for c in calls}
-        clf_call = by_name[classifier]
+        clf_call = by_name[_classifier(model, calls, out)]  # the head module: its input is the pooled vector
+        heads = [_leaf_layer(clf_call, calls, modules)] + [
+            _leaf_layer(by_name[n], calls, modules) for n in classifier_names(model)
+            if n in by_name and n != clf_call.name]
+        classifier = heads[0].name
         pool = _spatial_pool(calls, modules, clf_call)
         _check_global(kind, classifier, clf_call, calls, pool)
-        norms = _nearest_norms(calls, modules, clf_call, pool)
+        norms = list(dict.fromkeys(n for h in heads for n in _nearest_norms(calls, modules, h, pool)))
         checked = _check_pre_logits(model, x, clf_call)
         pooling = _pooling_name(pool, clf_call, calls)
         last_stage = _last_stage(model, calls, (pool or clf_call).start)
@@ -398,7 +407,7 @@ def find_parts(model: nn.Module, *, input_size: int | None = None, in_chans: int
             c.input = c.output = c.in_grad_fn = c.out_grad_fn = None
     parts = _parts(model, classifier=classifier, pool=pool, clf_call=clf_call, norms=norms, pooling=pooling,
                    last_stage=last_stage, chain=chain, checked=checked)
-    parts.extra_classifiers = [n for n in classifier_names(model) if n != classifier and n in by_name]
+    parts.extra_classifiers = [h.name for h in heads[1:]]
     return parts
 
 
