@@ -149,3 +149,28 @@ def test_cli_stats_compare_measures_ks_to_the_original_model_at_t(tmp_path, caps
     assert out["after"]["ks_reference"] == {"test_size": 32, "values": "given"}
     saved = json.loads((tmp_path / "st" / "stats.json").read_text())
     assert "_pooled" not in saved["before"] and saved["before"]["sizes"][0]["ks_to_reference"] == ks_before[0]
+
+
+def test_fixed_input_size_model_stats_at_every_size(tmp_path, tiny_model):
+    """A timm ViT built for 32 px only: its pooled vector at 48 px is measured on a copy moved there by timm's
+    set_input_size (the caller's model unchanged), and equals that of a copy moved by hand."""
+    import copy
+
+    import timm
+
+    from fixres.models import fit_input_size
+    from fixres.stats import collect_pooled
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
+                            num_classes=3)
+    pos_embed = vit.pos_embed.detach().clone()
+    samples = scan_folder(write_image_folder(tmp_path / "d")).samples
+    cfg = tiny_model.data_config
+    res = activation_stats(vit, samples, cfg, test_sizes=[32, 48], keep_pooled=True, **KW)
+    moved = copy.deepcopy(vit)
+    fit_input_size(moved, 48)
+    alone = collect_pooled(moved, samples, cfg, test_sizes=[48], **KW)[0][48]
+    assert np.allclose(res["_pooled"][48], alone, atol=1e-6) and not np.allclose(res["_pooled"][48].mean(0),
+                                                                                 res["_pooled"][32].mean(0))
+    assert res["sizes"][0]["frac_negative"] > 0  # a LayerNorm'd token: pooled features of both signs
+    assert torch.equal(vit.pos_embed, pos_embed)

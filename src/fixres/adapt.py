@@ -29,7 +29,7 @@ from fixres.config import DataConfig, validate_size
 from fixres.dist import DistEnv
 from fixres.engine import Precision, precision_for, prepare
 from fixres.errors import FixresError, UsageError
-from fixres.hooks import capture
+from fixres.models import fit_input_size
 from fixres.stats import DEFAULT_BATCH_SIZE, collect_pooled, forward_views, pooled_point
 from fixres.structure import ModelParts, find_parts
 
@@ -216,6 +216,8 @@ class _ChannelMoments:
 def _bn_recalibrate(model: nn.Module, parts: ModelParts, samples, cfg: DataConfig, *, test_size: int,
                     env: DistEnv, precision: Precision, common: dict) -> dict:
     bns = _need_bns(parts, "bn-recalibrate")
+    # the statistics are re-estimated in ``model`` itself: a fixed-input-size model moves to test_size first
+    fit_input_size(model, test_size)
     modules = [model.get_submodule(n) for n in bns]
     saved = [m.momentum for m in modules]
     before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in zip(bns, modules)}
@@ -225,8 +227,8 @@ def _bn_recalibrate(model: nn.Module, parts: ModelParts, samples, cfg: DataConfi
         m.momentum = None  # cumulative moving average: every batch counts equally (PyTorch's rule)
         m.train()
     try:
-        n_images, skipped = forward_views(model, samples, cfg, [test_size], env=env, precision=precision, min_batch=2,
-                                          desc="re-estimating BN stats", **common)
+        n_images, skipped = forward_views(model, samples, cfg, [test_size], env=env, precision=precision,
+                                          min_batch=2, copies=False, desc="re-estimating BN stats", **common)
     finally:
         for m, mom in zip(modules, saved):
             m.momentum = mom
@@ -257,16 +259,13 @@ def _pre_activation_moments(model: nn.Module, bns: list[str], samples, cfg: Data
                             env: DistEnv, precision: Precision, common: dict) -> tuple[dict, int, list]:
     """Per (batch-norm, size): the channel moments of the batch-norm's input, in one pass over the images."""
     moments = {(n, s): _ChannelMoments() for n in bns for s in sizes}
-    current = [sizes[0]]
 
-    def sink(name, t):
-        moments[(name, current[0])].add(t.float())
+    def sink(size, name, t):
+        moments[(name, size)].add(t.float())
 
     model.eval()
-    with capture(model, bns, where="input", fn=sink):
-        images, skipped = forward_views(model, samples, cfg, sizes, env=env, precision=precision,
-                                        at_size=lambda size: current.__setitem__(0, size),
-                                        desc="pre-activation statistics", **common)
+    images, skipped = forward_views(model, samples, cfg, sizes, env=env, precision=precision,
+                                    hooks=(bns, "input", sink), desc="pre-activation statistics", **common)
     if images == 0:
         raise UsageError("gaussian: no readable image")
     return moments, images, skipped

@@ -230,19 +230,17 @@ def gather_in_order(local: _PerImage, env: fdist.DistEnv, n_rows: int) -> _PerIm
     return merged.reordered(np.argsort(merged.idx, kind="stable"))
 
 
-def _view_models(model: nn.Module, views: Sequence[View]) -> list[nn.Module]:
-    """The module each view runs through: ``model`` itself, or, for a model with a fixed input size, a copy
-    moved to the view's size (timm's ``set_input_size``, via ``models.fit_input_size``), so one pass still
-    serves every size and the caller's model is left as it was."""
+def modules_at_sizes(model: nn.Module, sizes: Iterable[int]) -> dict[int, nn.Module]:
+    """The module that runs each size: ``model`` itself, or, for a model with a fixed input size, a copy
+    moved to that size (timm's ``set_input_size``, via ``models.fit_input_size``), so one pass over the
+    images still serves every size and the caller's model is left as it was."""
     fixed = fixed_input_size(model)
-    if fixed is None:
-        return [model] * len(views)
     at: dict[int, nn.Module] = {}
-    for v in views:
-        if v.test_size not in at:
-            at[v.test_size] = model if v.test_size == fixed else copy.deepcopy(model)
-            fit_input_size(at[v.test_size], v.test_size)
-    return [at[v.test_size] for v in views]
+    for size in sizes:
+        if size not in at:
+            at[size] = model if fixed is None or size == fixed else copy.deepcopy(model)
+            fit_input_size(at[size], size)
+    return at
 
 
 def _forward_views(models: Sequence[nn.Module], inputs: tuple, b: int, *, ten_crop: bool, env: fdist.DistEnv,
@@ -379,9 +377,10 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     model = prepare(model, env.device, precision)
     model.eval()
     start = time.perf_counter()
+    at = modules_at_sizes(model, [v.test_size for v in plan.views])
     try:
         local, skipped_local, n_out, fallbacks = _run_local(
-            _view_models(model, plan.views), loader, plan, total=len(shard), ten_crop=ten_crop, env=env,
+            [at[v.test_size] for v in plan.views], loader, plan, total=len(shard), ten_crop=ten_crop, env=env,
             precision=precision, progress=progress, keep_log_probs=keep_log_probs)
     finally:
         model.train(was_training)

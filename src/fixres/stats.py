@@ -17,6 +17,7 @@ ReLU outputs: the CDF then starts below 0 and ``frac_negative`` says how many ar
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from fixres.data import FolderIndex, ImageDataset, collate, default_workers
 from fixres.dist import DistEnv
 from fixres.engine import Precision, SingleThreaded, autocast, precision_for, prepare, to_device
 from fixres.errors import UsageError
+from fixres.evaluate import modules_at_sizes
 from fixres.hooks import capture
 from fixres.structure import ModelParts, find_parts
 from fixres.transforms import MultiView, build_transform
@@ -80,16 +82,25 @@ def iterate_views(samples, cfg: DataConfig, sizes: Sequence[int], *, batch_size:
 
 
 def forward_views(model: nn.Module, samples, cfg: DataConfig, sizes: Sequence[int], *, env: DistEnv,
-                  precision: Precision, at_size=None, min_batch: int = 1, desc: str = "images", batch_size: int,
-                  workers: int | None, progress: bool = True, max_images: int | None = None) -> tuple[int, list]:
+                  precision: Precision, hooks: tuple | None = None, min_batch: int = 1, copies: bool = True,
+                  desc: str = "images", batch_size: int, workers: int | None, progress: bool = True,
+                  max_images: int | None = None) -> tuple[int, list]:
     """Run ``model`` (no gradients) on every readable image at every size, one decode per image.
 
-    What is measured is left to hooks the caller installed; ``at_size(size)`` is called before each
-    forward pass so they know the size. Batches with fewer than ``min_batch`` images are skipped (a
-    batch-norm in training mode needs two). Returns (images used, skipped files as dicts).
+    ``hooks``: (module names, "input" | "output", fn(size, name, tensor)): what is measured, captured on
+    the module that runs each size (``evaluate.modules_at_sizes``: a fixed-input-size model runs other
+    sizes through moved copies; ``copies=False`` runs ``model`` itself, for methods that change it).
+    Batches with fewer than ``min_batch`` images are skipped (a batch-norm in training mode needs two).
+    Returns (images used, skipped files as dicts).
     """
+    runners = modules_at_sizes(model, sizes) if copies else {s: model for s in sizes}
+    current = [sizes[0]]
     images, skipped = 0, []
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        if hooks is not None:
+            names, where, fn = hooks
+            for m in {id(m): m for m in runners.values()}.values():
+                stack.enter_context(capture(m, names, where=where, fn=lambda name, t: fn(current[0], name, t)))
         for views, _labels, skip in iterate_views(samples, cfg, sizes, batch_size=batch_size, workers=workers,
                                                   progress=progress, desc=desc, max_images=max_images):
             skipped.extend(s.to_dict() for s in skip)
@@ -97,10 +108,9 @@ def forward_views(model: nn.Module, samples, cfg: DataConfig, sizes: Sequence[in
                 continue
             images += views[0].shape[0]
             for size, x in zip(sizes, views):
-                if at_size is not None:
-                    at_size(size)
+                current[0] = size
                 with autocast(env.device, precision):
-                    model(to_device(x, env.device, precision))
+                    runners[size](to_device(x, env.device, precision))
     return images, skipped
 
 
@@ -124,15 +134,13 @@ def collect_pooled(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Se
     sizes = [validate_size(int(s), "test_size") for s in test_sizes]
     out: dict[int, list[np.ndarray]] = {s: [] for s in sizes}
     model.eval()
-    current = [sizes[0]]
 
-    def sink(_name, t):
-        out[current[0]].append(t.float().flatten(1).cpu().numpy())
+    def sink(size, _name, t):
+        out[size].append(t.float().flatten(1).cpu().numpy())
 
-    with capture(model, [name], where=where, fn=sink):
-        _, skipped = forward_views(model, samples, cfg, sizes, env=env, precision=precision,
-                                   at_size=lambda size: current.__setitem__(0, size), desc="pooled activations",
-                                   batch_size=batch_size, workers=workers, progress=progress, max_images=max_images)
+    _, skipped = forward_views(model, samples, cfg, sizes, env=env, precision=precision, hooks=([name], where, sink),
+                               desc="pooled activations", batch_size=batch_size, workers=workers, progress=progress,
+                               max_images=max_images)
     if not any(out[s] for s in sizes):
         raise UsageError("no readable image to measure activations on")
     return {s: np.concatenate(v) for s, v in out.items()}, skipped
@@ -221,6 +229,5 @@ def plot_stats(result: dict, path, *, compare: dict | None = None, title: str | 
     return plots.plot_activation_cdfs(series, path, title=title)
 
 
-__all__ = ["activation_stats", "collect_pooled", "forward_views", "iterate_views", "ks_distance", "summarize", "cdf_grid",
-           "plot_stats",
-           "pooled_point"]
+__all__ = ["activation_stats", "collect_pooled", "forward_views", "iterate_views", "ks_distance", "summarize",
+           "cdf_grid", "plot_stats", "pooled_point"]
