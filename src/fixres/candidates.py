@@ -12,16 +12,23 @@ restored by loading them over the model before the fix.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
+from fixres import fixsize
+from fixres.atomic import write_json
 from fixres.checkpoint import load_state_dict, save_safetensors
 from fixres.engine import autocast
+from fixres.progress import format_duration
+
+if TYPE_CHECKING:  # the steps below read the run's context; fixres.pipeline imports this module
+    from fixres.pipeline import FixContext
 
 ADAPTED_NAME = "adapted.safetensors"
 RESULT_NAME = "candidate.json"
@@ -32,6 +39,11 @@ LATENCY_BATCH = 16
 #: Share of a full forward that one cached fine-tuning epoch costs (only the adapted suffix runs,
 #: forward and backward); used for the time estimate printed before the candidates run.
 CACHED_EPOCH_SHARE = 0.2
+#: Fine-tuning schedules tried on the held-out images (issue 16.5): the rate and the epochs times these.
+SCHEDULE_LR_FACTORS = (1.0, 10.0)
+SCHEDULE_EPOCH_FACTORS = (1, 3)
+#: Label-free adaptation (``fixres fix --label-free``): batch-norm statistics re-estimated at the new size.
+LABEL_FREE_METHOD = "bn-recalibrate"
 #: A random-augmentation epoch runs the whole network forward and backward: about three forwards.
 UNCACHED_EPOCH_SHARE = 3.0
 
@@ -145,3 +157,203 @@ def fit_in_budget(sizes: Sequence[int], estimates: dict[int, float], budget_s: f
         chosen.append(s)
         total += estimates[s]
     return sorted(chosen)
+
+
+def _public(result: dict) -> dict:
+    """A library result without its private (non-JSON) keys."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+# --------------------------------------------------------------------------- the steps of ``fixres fix`` that choose
+# the size after fixing (run by fixres.pipeline's table of steps, on its context)
+
+def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs: int, out_dir: Path) -> dict:
+    """Fine-tune ``model`` (the working copy) at ``size`` on the fitting images, resuming a killed attempt."""
+    from fixres.finetune import STATE_NAME as FT_STATE
+    from fixres.finetune import finetune
+    c = x.config
+    return finetune(model, x.fit, [], x.cfg, test_size=size, parts=c.parts, augment=c.augment, epochs=epochs,
+                    lr=lr, batch_size=c.batch_size, cache=True, out_dir=out_dir,
+                    resume=(out_dir / FT_STATE).is_file(), env=x.env, precision=x.precision, seed=c.seed,
+                    workers=c.workers, progress=c.progress, evaluate_before=False,
+                    evaluate_after=False)  # scored below, on the images each score is for
+
+
+def _score(x: "FixContext", model, samples, size: int) -> dict:
+    """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision)."""
+    from fixres.evaluate import evaluate
+    row = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False,
+                   **{**x.eval_kw(), "progress": False})["rows"][0]
+    return {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
+
+
+def run_schedule(x: "FixContext") -> None:
+    """Issue 16.5: the fine-tuning rate and length chosen on the held-out images from a small grid (cached)."""
+    from fixres.finetune import default_lr
+    c = x.config
+    size = schedule_size(x)
+    lr0 = c.lr or default_lr(c.batch_size)
+    rows = []
+    for lr_f in SCHEDULE_LR_FACTORS:
+        for ep_f in SCHEDULE_EPOCH_FACTORS:
+            lr, epochs = lr0 * lr_f, c.finetune_epochs * ep_f
+            model = x.work(holds=f"schedule {lr} {epochs}")
+            _finetune_at(x, model, size, lr=lr, epochs=epochs, out_dir=x.run_dir / "schedule" / f"lr{lr:g}_ep{epochs}")
+            rows.append({"lr": lr, "epochs": epochs, "test_size": size, **_score(x, model, x.holdout, size)})
+    # Most accurate on the held-out images; ties (common on few images) to the lower NLL, then the shorter run.
+    best = max(rows, key=lambda r: (r["top1"], -(r["nll"] if r["nll"] is not None else 0.0), -r["epochs"]))
+    write_json(x.run_dir / "schedule.json", {
+        "test_size": size, "rows": rows, "n_images": len(x.holdout), "lr": best["lr"], "epochs": best["epochs"],
+        "how": f"best of {len(rows)} (lr, epochs) pairs on {len(x.holdout)} {fixsize.HOLDOUT_METHOD} at {size}px "
+               "(top-1, ties to the lower NLL)"})
+
+
+def schedule_size(x: "FixContext") -> int:
+    """The size the schedule grid runs at: the candidate nearest the unrounded recommendation (upper on ties)."""
+    exact = recommended_exact(x)
+    return min(x.candidates, key=lambda s: (abs(s - exact), -s))
+
+
+def recommended_exact(x: "FixContext") -> float:
+    an = x.read("analyse")
+    mc = an.get("monte_carlo") or {}
+    return float(mc.get("recommended_test_size_exact") or an.get("recommended_test_size_exact")
+                 or an["recommended_test_size"])
+
+
+def run_select(x: "FixContext") -> None:
+    """Issue 16.1: fix at every candidate size, score on the held-out training images and on val, measure cost."""
+    sizes, dropped, estimate = _planned_candidates(x)
+    before = {int(r["test_size"]): r for r in x.read("sweep_before")["rows"]}
+    held_before = _held_out_before(x, sizes)
+    rows = []
+    for size in sizes:
+        row = _fix_candidate(x, size)
+        cost = measure_cost(x.base(), size, device=x.env.device, precision=x.eval_precision)
+        b = before.get(size, {})
+        rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
+                     "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
+    write_json(x.run_dir / "select.json", {
+        "method": fixsize.HOLDOUT_METHOD if x.holdout else "recommendation", "n_holdout": len(x.holdout),
+        "n_val": x.read("sweep_before")["n_images"], "candidates": rows, "dropped": dropped,
+        "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule,
+        "recommended": int(x.read("analyse")["recommended_test_size"]), "recommended_exact": recommended_exact(x)})
+
+
+def _held_out_before(x: "FixContext", sizes: Sequence[int]) -> dict:
+    from fixres.evaluate import evaluate
+    if not x.holdout:
+        return {}
+    rows = evaluate(x.base(), x.holdout, x.cfg, test_sizes=list(sizes), per_class=False,
+                    **{**x.eval_kw(), "progress": False})["rows"]
+    return {int(r["test_size"]): {k: r.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")} for r in rows}
+
+
+def _fix_candidate(x: "FixContext", size: int) -> dict:
+    """One candidate: fine-tuned from the model before the fix, its adapted tensors kept, scored (cached)."""
+    folder = x.run_dir / "candidates" / str(size)
+    if (folder / RESULT_NAME).is_file():  # finished before a kill, with the same inputs (else wiped)
+        return json.loads((folder / RESULT_NAME).read_text(encoding="utf-8"))
+    model = x.work(holds=f"candidate {size}")
+    ft = _finetune_at(x, model, size, lr=x.schedule.get("lr"), epochs=int(x.schedule["epochs"]), out_dir=folder)
+    save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / "adapted.safetensors")
+    row = {"holdout_after": _score(x, model, x.holdout, size) if x.holdout else None,
+           "val_after": _score(x, model, x.val_index, size), "finetune_s": (ft.get("timing") or {}).get("wall_s")}
+    write_json(folder / RESULT_NAME, row)
+    write_json(folder / "finetune_result.json", _public(ft))
+    return row
+
+
+def _planned_candidates(x: "FixContext") -> tuple[list[int], list[int], dict]:
+    """The candidates whose estimated time fits the budget (printed up front), the dropped ones, the estimate."""
+    sweep = x.read("sweep_before")
+    area = sweep["n_images"] * sum(s * s for s in x.test_sizes) or 1
+    per_pixel = float(sweep.get("seconds") or 0.0) / area  # seconds per image-pixel of a forward
+    n_scored = len(x.holdout) + int(sweep["n_images"])
+    est = {s: estimate_seconds(s, seconds_per_pixel=per_pixel, n_fit=len(x.fit), n_scored=n_scored,
+                               epochs=int(x.schedule["epochs"]), cached=x.config.augment == "test")
+           for s in x.candidates}
+    budget = None if x.config.select_budget_min is None else 60.0 * x.config.select_budget_min
+    keep = sorted({schedule_size(x), x.cfg.train_size})
+    sizes = fit_in_budget(x.candidates, est, budget, keep=keep)
+    dropped = [s for s in x.candidates if s not in sizes]
+    total = sum(est[s] for s in sizes)
+    x.say(f"  {len(sizes)} candidate sizes {','.join(map(str, sizes))}px, about {_dur(total)} (estimated from the "
+          f"sweep's speed)" + (f"; budget {x.config.select_budget_min:g} min" if budget else "")
+          + (f"; dropped {','.join(map(str, dropped))}px to fit it" if dropped else ""))
+    return sizes, dropped, {str(s): round(est[s], 1) for s in x.candidates}
+
+
+def _dur(seconds: float) -> str:
+    return format_duration(seconds)
+
+
+def choose_after_fixing(x: "FixContext") -> dict:
+    """The fixed size: the most accurate on the held-out images after the fix, within the deployment budget."""
+    c = x.config
+    sel = x.read("select")
+    rows = [{**r, "top1": (r["holdout_after"] or r["val_after"])["top1"]} for r in sel["candidates"]]
+    best = fixsize.choose_within_budget(rows, train_size=x.cfg.train_size, max_size=c.max_test_size,
+                                        budget_ms=c.budget_ms, budget_gflops=c.budget_gflops)
+    size = int(best["test_size"])
+    budgets = [f"{name} {v:g}" for name, v in (("max size", c.max_test_size), ("ms/image", c.budget_ms),
+                                                 ("GFLOPs", c.budget_gflops)) if v is not None]
+    n = sel["n_holdout"]
+    if c.test_size:
+        how = "given (--test-size)"
+    elif n:
+        how = (f"the most accurate after the fix on {n} {fixsize.HOLDOUT_METHOD} (not the validation images "
+               f"reported), among {len(rows)} candidates each fixed at its own size")
+    else:
+        how = "the only candidate (no training images to hold out)"
+    how += f", within the budget ({', '.join(budgets)})" if budgets else ""
+    return {"test_size": size, "method": sel["method"], "reason": "selected after fixing" if n else how,
+            "chosen_on": how, "recommended": sel["recommended"], "n_images": n,
+            "why_not_recommended": _why_not_recommended(size, sel, rows)}
+
+
+def _why_not_recommended(size: int, sel: dict, rows: list[dict]) -> str | None:
+    """One sentence when the chosen size differs from the analysis' recommendation."""
+    rec = int(sel["recommended"])
+    if size == rec:
+        return None
+    at = {int(r["test_size"]): r["top1"] for r in rows}
+    fixed_here = f"{at[size]:.1f}%" if size in at else "n/a"
+    fixed_rec = f"{at[rec]:.1f}%" if rec in at else "not measured"
+    return (f"The analysis recommends {rec}px from the apparent object sizes alone (exact "
+            f"{sel['recommended_exact']:.1f}px, rounded to the stride); after fixing, {size}px scored {fixed_here} on "
+            f"the held-out images against {fixed_rec} at {rec}px: the fix also changes how the classifier reads the "
+            "larger (or smaller) activations, which the geometry alone does not predict.")
+
+
+def label_free_adapt(x: "FixContext", model, test_size: int) -> dict:
+    """Issue 16.6: no label read: batch-norm statistics re-estimated at ``test_size`` on the training images."""
+    from fixres.adapt import adapt
+    unlabeled = [(p, 0) for p, _ in x.train_index.samples]  # labels are never read; zeroed to make it plain
+    res = adapt(model, unlabeled, x.cfg, method=LABEL_FREE_METHOD, test_size=test_size,
+                batch_size=x.config.batch_size, env=x.env, precision=x.precision, workers=x.config.workers,
+                progress=x.config.progress)
+    res.pop("_pooled", None)
+    return {"method": LABEL_FREE_METHOD, "test_size": test_size, "parts": ["bn-stats"], "adapt": _public(res),
+            "n_unlabeled": len(unlabeled)}
+
+
+def temperature_scale(x: "FixContext", model, test_size: int) -> dict:
+    """Fit T on the held-out images' logits, then divide the classifier by T (same top-1, calibrated softmax)."""
+    from fixres.calibration import fit_temperature
+    from fixres.structure import find_classifier_name
+    logits, labels = predict(model, x.holdout, x.cfg, test_size, batch_size=x.config.batch_size,
+                             workers=x.config.workers, device=x.env.device)
+    t = float(fit_temperature(logits, labels))
+    head = model.get_submodule(find_classifier_name(model))
+    scale_layer(head, 1.0 / t)
+    return {"T": t, "fitted_on": f"{len(x.holdout)} {fixsize.HOLDOUT_METHOD}", "test_size": test_size}
+
+
+def scale_layer(layer, factor: float) -> None:
+    """Multiply a linear layer's weight and bias by ``factor`` (logits scale by it exactly)."""
+    import torch
+    with torch.no_grad():
+        layer.weight.mul_(factor)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.mul_(factor)

@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fixres import config as config_vocab
-from fixres import fixsize
+from fixres import candidates, fixsize
 from fixres.atomic import write_json
 from fixres.errors import FixresError, UsageError
 from fixres.export import WEIGHTS_NAME
+from fixres.progress import format_duration
 from fixres.fingerprint import digest, file_digest, index_fingerprint
 from fixres.runstate import NOT_RUN, RunState
 
@@ -81,13 +82,8 @@ STEP_FOLDERS = {"train": ("train",), "schedule": ("schedule",), "select": ("cand
                 "finetune": ("finetune", "export")}
 #: Default cap on the time the candidate fixes may take (estimated up front; farthest sizes dropped first).
 DEFAULT_SELECT_BUDGET_MIN = 60.0
-#: Fine-tuning schedules tried on the held-out images (issue 16.5): the rate and the epochs times these.
-SCHEDULE_LR_FACTORS = (1.0, 10.0)
-SCHEDULE_EPOCH_FACTORS = (1, 3)
 #: Training images read to estimate the time per image before the run starts.
 PLAN_PROBE_IMAGES = 8
-#: Label-free adaptation (``--label-free``): batch-norm statistics re-estimated at the new size.
-LABEL_FREE_METHOD = "bn-recalibrate"
 
 choose_test_size = fixsize.choose_test_size
 
@@ -355,8 +351,9 @@ def _key_finetuning(x: FixContext) -> dict:
 
 
 def key_schedule(x: FixContext) -> dict:
-    return {**_key_finetuning(x), "schedule_size": _schedule_size(x), "finetune_epochs": x.config.finetune_epochs,
-            "lr": x.config.lr, "schedule_grid": [list(SCHEDULE_LR_FACTORS), list(SCHEDULE_EPOCH_FACTORS)]}
+    grid = [list(candidates.SCHEDULE_LR_FACTORS), list(candidates.SCHEDULE_EPOCH_FACTORS)]
+    return {**_key_finetuning(x), "schedule_size": candidates.schedule_size(x),
+            "finetune_epochs": x.config.finetune_epochs, "lr": x.config.lr, "schedule_grid": grid}
 
 
 def key_select(x: FixContext) -> dict:
@@ -445,169 +442,6 @@ def run_sweep_before(x: FixContext) -> None:
     write_json(x.run_dir / "sweep_before.json", _strip(sweep))
 
 
-def _finetune_at(x: FixContext, model, size: int, *, lr: float | None, epochs: int, out_dir: Path) -> dict:
-    """Fine-tune ``model`` (the working copy) at ``size`` on the fitting images, resuming a killed attempt."""
-    from fixres.finetune import STATE_NAME as FT_STATE
-    from fixres.finetune import finetune
-    c = x.config
-    return finetune(model, x.fit, [], x.cfg, test_size=size, parts=c.parts, augment=c.augment, epochs=epochs,
-                    lr=lr, batch_size=c.batch_size, cache=True, out_dir=out_dir,
-                    resume=(out_dir / FT_STATE).is_file(), env=x.env, precision=x.precision, seed=c.seed,
-                    workers=c.workers, progress=c.progress, evaluate_before=False,
-                    evaluate_after=False)  # scored below, on the images each score is for
-
-
-def _score(x: FixContext, model, samples, size: int) -> dict:
-    """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision)."""
-    from fixres.evaluate import evaluate
-    row = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False,
-                   **{**x.eval_kw(), "progress": False})["rows"][0]
-    return {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
-
-
-def run_schedule(x: FixContext) -> None:
-    """Issue 16.5: the fine-tuning rate and length chosen on the held-out images from a small grid (cached)."""
-    from fixres.finetune import default_lr
-    c = x.config
-    size = _schedule_size(x)
-    lr0 = c.lr or default_lr(c.batch_size)
-    rows = []
-    for lr_f in SCHEDULE_LR_FACTORS:
-        for ep_f in SCHEDULE_EPOCH_FACTORS:
-            lr, epochs = lr0 * lr_f, c.finetune_epochs * ep_f
-            model = x.work(holds=f"schedule {lr} {epochs}")
-            _finetune_at(x, model, size, lr=lr, epochs=epochs, out_dir=x.run_dir / "schedule" / f"lr{lr:g}_ep{epochs}")
-            rows.append({"lr": lr, "epochs": epochs, "test_size": size, **_score(x, model, x.holdout, size)})
-    # Most accurate on the held-out images; ties (common on few images) to the lower NLL, then the shorter run.
-    best = max(rows, key=lambda r: (r["top1"], -(r["nll"] if r["nll"] is not None else 0.0), -r["epochs"]))
-    write_json(x.run_dir / "schedule.json", {
-        "test_size": size, "rows": rows, "n_images": len(x.holdout), "lr": best["lr"], "epochs": best["epochs"],
-        "how": f"best of {len(rows)} (lr, epochs) pairs on {len(x.holdout)} {fixsize.HOLDOUT_METHOD} at {size}px "
-               "(top-1, ties to the lower NLL)"})
-
-
-def _schedule_size(x: FixContext) -> int:
-    """The size the schedule grid runs at: the candidate nearest the unrounded recommendation (upper on ties)."""
-    exact = _recommended_exact(x)
-    return min(x.candidates, key=lambda s: (abs(s - exact), -s))
-
-
-def _recommended_exact(x: FixContext) -> float:
-    an = x.read("analyse")
-    mc = an.get("monte_carlo") or {}
-    return float(mc.get("recommended_test_size_exact") or an.get("recommended_test_size_exact")
-                 or an["recommended_test_size"])
-
-
-def run_select(x: FixContext) -> None:
-    """Issue 16.1: fix at every candidate size, score on the held-out training images and on val, measure cost."""
-    from fixres.candidates import measure_cost
-    sizes, dropped, estimate = _planned_candidates(x)
-    before = {int(r["test_size"]): r for r in x.read("sweep_before")["rows"]}
-    held_before = _held_out_before(x, sizes)
-    rows = []
-    for size in sizes:
-        row = _fix_candidate(x, size)
-        cost = measure_cost(x.base(), size, device=x.env.device, precision=x.eval_precision)
-        b = before.get(size, {})
-        rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
-                     "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
-    write_json(x.run_dir / "select.json", {
-        "method": fixsize.HOLDOUT_METHOD if x.holdout else "recommendation", "n_holdout": len(x.holdout),
-        "n_val": x.read("sweep_before")["n_images"], "candidates": rows, "dropped": dropped,
-        "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule,
-        "recommended": int(x.read("analyse")["recommended_test_size"]), "recommended_exact": _recommended_exact(x)})
-
-
-def _held_out_before(x: FixContext, sizes: Sequence[int]) -> dict:
-    from fixres.evaluate import evaluate
-    if not x.holdout:
-        return {}
-    rows = evaluate(x.base(), x.holdout, x.cfg, test_sizes=list(sizes), per_class=False,
-                    **{**x.eval_kw(), "progress": False})["rows"]
-    return {int(r["test_size"]): {k: r.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")} for r in rows}
-
-
-def _fix_candidate(x: FixContext, size: int) -> dict:
-    """One candidate: fine-tuned from the model before the fix, its adapted tensors kept, scored (cached)."""
-    from fixres.candidates import RESULT_NAME, save_adapted
-    folder = x.run_dir / "candidates" / str(size)
-    if (folder / RESULT_NAME).is_file():  # finished before a kill, with the same inputs (else wiped)
-        return _read_json(folder / RESULT_NAME)
-    model = x.work(holds=f"candidate {size}")
-    ft = _finetune_at(x, model, size, lr=x.schedule.get("lr"), epochs=int(x.schedule["epochs"]), out_dir=folder)
-    save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / "adapted.safetensors")
-    row = {"holdout_after": _score(x, model, x.holdout, size) if x.holdout else None,
-           "val_after": _score(x, model, x.val_index, size), "finetune_s": (ft.get("timing") or {}).get("wall_s")}
-    write_json(folder / RESULT_NAME, row)
-    write_json(folder / "finetune_result.json", _strip(ft))
-    return row
-
-
-def _planned_candidates(x: FixContext) -> tuple[list[int], list[int], dict]:
-    """The candidates whose estimated time fits the budget (printed up front), the dropped ones, the estimate."""
-    from fixres.candidates import estimate_seconds, fit_in_budget
-    sweep = x.read("sweep_before")
-    area = sweep["n_images"] * sum(s * s for s in x.test_sizes) or 1
-    per_pixel = float(sweep.get("seconds") or 0.0) / area  # seconds per image-pixel of a forward
-    n_scored = len(x.holdout) + int(sweep["n_images"])
-    est = {s: estimate_seconds(s, seconds_per_pixel=per_pixel, n_fit=len(x.fit), n_scored=n_scored,
-                               epochs=int(x.schedule["epochs"]), cached=x.config.augment == "test")
-           for s in x.candidates}
-    budget = None if x.config.select_budget_min is None else 60.0 * x.config.select_budget_min
-    keep = sorted({_schedule_size(x), x.cfg.train_size})
-    sizes = fit_in_budget(x.candidates, est, budget, keep=keep)
-    dropped = [s for s in x.candidates if s not in sizes]
-    total = sum(est[s] for s in sizes)
-    x.say(f"  {len(sizes)} candidate sizes {','.join(map(str, sizes))}px, about {_dur(total)} (estimated from the "
-          f"sweep's speed)" + (f"; budget {x.config.select_budget_min:g} min" if budget else "")
-          + (f"; dropped {','.join(map(str, dropped))}px to fit it" if dropped else ""))
-    return sizes, dropped, {str(s): round(est[s], 1) for s in x.candidates}
-
-
-def _dur(seconds: float) -> str:
-    from fixres.progress import format_duration
-    return format_duration(seconds)
-
-
-def choose_after_fixing(x: FixContext) -> dict:
-    """The fixed size: the most accurate on the held-out images after the fix, within the deployment budget."""
-    c = x.config
-    sel = x.read("select")
-    rows = [{**r, "top1": (r["holdout_after"] or r["val_after"])["top1"]} for r in sel["candidates"]]
-    best = fixsize.choose_within_budget(rows, train_size=x.cfg.train_size, max_size=c.max_test_size,
-                                        budget_ms=c.budget_ms, budget_gflops=c.budget_gflops)
-    size = int(best["test_size"])
-    budgets = [f"{name} {v:g}" for name, v in (("max size", c.max_test_size), ("ms/image", c.budget_ms),
-                                                 ("GFLOPs", c.budget_gflops)) if v is not None]
-    n = sel["n_holdout"]
-    if c.test_size:
-        how = "given (--test-size)"
-    elif n:
-        how = (f"the most accurate after the fix on {n} {fixsize.HOLDOUT_METHOD} (not the validation images "
-               f"reported), among {len(rows)} candidates each fixed at its own size")
-    else:
-        how = "the only candidate (no training images to hold out)"
-    how += f", within the budget ({', '.join(budgets)})" if budgets else ""
-    return {"test_size": size, "method": sel["method"], "reason": "selected after fixing" if n else how,
-            "chosen_on": how, "recommended": sel["recommended"], "n_images": n,
-            "why_not_recommended": _why_not_recommended(size, sel, rows)}
-
-
-def _why_not_recommended(size: int, sel: dict, rows: list[dict]) -> str | None:
-    """One sentence when the chosen size differs from the analysis' recommendation."""
-    rec = int(sel["recommended"])
-    if size == rec:
-        return None
-    at = {int(r["test_size"]): r["top1"] for r in rows}
-    fixed_here = f"{at[size]:.1f}%" if size in at else "n/a"
-    fixed_rec = f"{at[rec]:.1f}%" if rec in at else "not measured"
-    return (f"The analysis recommends {rec}px from the apparent object sizes alone (exact "
-            f"{sel['recommended_exact']:.1f}px, rounded to the stride); after fixing, {size}px scored {fixed_here} on "
-            f"the held-out images against {fixed_rec} at {rec}px: the fix also changes how the classifier reads the "
-            "larger (or smaller) activations, which the geometry alone does not predict.")
-
-
 def run_finetune(x: FixContext) -> None:
     """The chosen candidate (or, label-free, batch-norm recalibration at the recommended size), exported."""
     from fixres.candidates import load_adapted
@@ -615,52 +449,18 @@ def run_finetune(x: FixContext) -> None:
     test_size = int(x.choice["test_size"])
     model = x.work(holds="export")
     if x.config.label_free:
-        ft = _label_free_adapt(x, model, test_size)
+        ft = candidates.label_free_adapt(x, model, test_size)
     else:
         folder = x.run_dir / "candidates" / str(test_size)
         load_adapted(model, folder / "adapted.safetensors")
         ft = _read_json(folder / "finetune_result.json")
         if x.config.temperature_scale and x.holdout:
-            ft["temperature"] = _temperature_scale(x, model, test_size)
+            ft["temperature"] = candidates.temperature_scale(x, model, test_size)
     path = export_model(model, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
                         train_size=x.cfg.train_size, class_names=list(x.train_index.classes))
     write_json(x.run_dir / "export.json", {"path": str(path), "test_size": test_size,
                                           "train_size": x.cfg.train_size})
     write_json(x.run_dir / "finetune.json", {**ft, "choice": x.choice, "export_path": str(path)})
-
-
-def _label_free_adapt(x: FixContext, model, test_size: int) -> dict:
-    """Issue 16.6: no label read: batch-norm statistics re-estimated at ``test_size`` on the training images."""
-    from fixres.adapt import adapt
-    unlabeled = [(p, 0) for p, _ in x.train_index.samples]  # labels are never read; zeroed to make it plain
-    res = adapt(model, unlabeled, x.cfg, method=LABEL_FREE_METHOD, test_size=test_size,
-                batch_size=x.config.batch_size, env=x.env, precision=x.precision, workers=x.config.workers,
-                progress=x.config.progress)
-    res.pop("_pooled", None)
-    return {"method": LABEL_FREE_METHOD, "test_size": test_size, "parts": ["bn-stats"], "adapt": _strip(res),
-            "n_unlabeled": len(unlabeled)}
-
-
-def _temperature_scale(x: FixContext, model, test_size: int) -> dict:
-    """Fit T on the held-out images' logits, then divide the classifier by T (same top-1, calibrated softmax)."""
-    from fixres.calibration import fit_temperature
-    from fixres.structure import find_classifier_name
-    from fixres.candidates import predict
-    logits, labels = predict(model, x.holdout, x.cfg, test_size, batch_size=x.config.batch_size,
-                             workers=x.config.workers, device=x.env.device)
-    t = float(fit_temperature(logits, labels))
-    head = model.get_submodule(find_classifier_name(model))
-    _scale_layer(head, 1.0 / t)
-    return {"T": t, "fitted_on": f"{len(x.holdout)} {fixsize.HOLDOUT_METHOD}", "test_size": test_size}
-
-
-def _scale_layer(layer, factor: float) -> None:
-    """Multiply a linear layer's weight and bias by ``factor`` (logits scale by it exactly)."""
-    import torch
-    with torch.no_grad():
-        layer.weight.mul_(factor)
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.mul_(factor)
 
 
 def run_sweep_after(x: FixContext) -> None:
@@ -737,8 +537,8 @@ def _describe_select(x: FixContext) -> str:
 
 
 def _describe_schedule(x: FixContext) -> str:
-    return (f"fine-tuning rate x{'/'.join(f'{f:g}' for f in SCHEDULE_LR_FACTORS)} and epochs "
-            f"x{'/'.join(map(str, SCHEDULE_EPOCH_FACTORS))} at {_schedule_size(x)}px, chosen on "
+    return (f"fine-tuning rate x{'/'.join(f'{f:g}' for f in candidates.SCHEDULE_LR_FACTORS)} and epochs "
+            f"x{'/'.join(map(str, candidates.SCHEDULE_EPOCH_FACTORS))} at {candidates.schedule_size(x)}px, chosen on "
             f"{len(x.holdout)} held-out training images")
 
 
@@ -750,7 +550,8 @@ def _tunes_schedule(x: FixContext) -> bool:
 def _describe_finetune(x: FixContext) -> str:
     c = x.config
     if c.label_free:
-        return f"{LABEL_FREE_METHOD} at {x.choice['test_size']}px on unlabeled training images ({x.choice['reason']})"
+        return (f"{candidates.LABEL_FREE_METHOD} at {x.choice['test_size']}px on unlabeled training images "
+                f"({x.choice['reason']})")
     return (f"the candidate fixed at {x.choice['test_size']}px ({c.parts}, {x.schedule.get('epochs')} epochs, "
             f"{c.augment} DA)" + (", temperature-scaled" if c.temperature_scale else "") + ", exported")
 
@@ -763,9 +564,9 @@ STEP_TABLE: tuple[Step, ...] = (
     Step("analyse", lambda x: "apparent object sizes on this data's photos", key_analyse, run_analyse),
     Step("sweep_before", lambda x: f"top-1 at test sizes {','.join(map(str, x.test_sizes))}", key_sweep_before,
          run_sweep_before),
-    Step("schedule", _describe_schedule, key_schedule, run_schedule, applies=_tunes_schedule,
+    Step("schedule", _describe_schedule, key_schedule, candidates.run_schedule, applies=_tunes_schedule,
          skipped="fine-tuning rate and epochs as given"),
-    Step("select", _describe_select, key_select, run_select, applies=lambda x: not x.config.label_free,
+    Step("select", _describe_select, key_select, candidates.run_select, applies=lambda x: not x.config.label_free,
          skipped="label-free: the size is the analysis' recommendation"),
     Step("finetune", _describe_finetune, key_finetune, run_finetune),
     Step("sweep_after", lambda x: "the fixed model at every test size", key_sweep_after, run_sweep_after),
@@ -826,7 +627,7 @@ def _after_step(x: FixContext, name: str) -> None:
         x.schedule = {"lr": sched["lr"], "epochs": sched["epochs"], "how": sched["how"]}
         x.say(f"  fine-tuning schedule: lr {sched['lr']:g}, {sched['epochs']} epochs ({sched['how']})")
     elif name == "select":
-        x.choice = choose_after_fixing(x)
+        x.choice = candidates.choose_after_fixing(x)
         x.say(f"  fixed size {x.choice['test_size']}px: {x.choice['chosen_on']}")
 
 
@@ -851,7 +652,8 @@ def _candidate_list(x: FixContext) -> list[int]:
         return [c.test_size]
     if c.candidates:
         return sorted(set(c.candidates))
-    sizes = fixsize.candidate_sizes(x.cfg.train_size, x.cfg.stride, recommended_unrounded=_recommended_exact(x))
+    sizes = fixsize.candidate_sizes(x.cfg.train_size, x.cfg.stride,
+                                    recommended_unrounded=candidates.recommended_exact(x))
     return [s for s in sizes if s <= MAX_SWEEP_SIZE]
 
 
@@ -960,7 +762,8 @@ def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
                                epochs=c.finetune_epochs, cached=c.augment == "test") for s in cands}
     est = {"train": c.train_epochs * n_fit * (3 * fwd + load) if x.needs_training else 0.0,
            "sweep_before": sweep, "sweep_after": sweep,
-           "schedule": (len(SCHEDULE_LR_FACTORS) * len(SCHEDULE_EPOCH_FACTORS) * max(one.values(), default=0.0)
+           "schedule": (len(candidates.SCHEDULE_LR_FACTORS) * len(candidates.SCHEDULE_EPOCH_FACTORS)
+                        * max(one.values(), default=0.0)
                         if _tunes_schedule(x) else 0.0),
            "select": 0.0 if c.label_free else sum(one.values()),
            "stats": 2 * min(STATS_IMAGES, n_val) * (load + fwd) * 4}
@@ -972,7 +775,8 @@ def _print_plan(x: FixContext) -> None:
     est = plan_estimates(x, fwd, load)
     x.say(f"plan ({x.env.device}; rough estimates from a {1000 * fwd:.1f} ms/image forward at {x.cfg.train_size}px "
           f"and {1000 * load:.0f} ms/image reading; finished steps with unchanged inputs are reused): "
-          + ", ".join(f"{k} ~{_dur(v)}" for k, v in est.items()) + f"; total ~{_dur(sum(est.values()))}")
+          + ", ".join(f"{k} ~{format_duration(v)}" for k, v in est.items())
+          + f"; total ~{format_duration(sum(est.values()))}")
 
 
 def _run_info(x: FixContext, threads: int) -> dict:
