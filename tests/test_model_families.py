@@ -175,3 +175,27 @@ def test_levit_classifier_is_the_linear_after_its_head_batchnorm():
     sel = select_parts(model, p, "classifier,norm")
     assert sel.trainable == ["head.linear", "head_dist.linear", "head.bn", "head_dist.bn"]
     assert sel.stats == ["head.bn", "head_dist.bn"]
+
+
+def test_cait_position_embedding_follows_the_size_and_its_export_reloads_there(tmp_path):
+    """A ViT-like without set_input_size (CaiT): its absolute position embedding is resampled to the new grid
+    by timm's resample_abs_pos_embed; fixres.json records img_size and the export reloads at that size."""
+    from timm.layers import resample_abs_pos_embed
+
+    from fixres.config import DataConfig
+    from fixres.export import export_model
+    tiny = dict(depth=1, depth_token_only=1, embed_dim=32, num_heads=2)
+    model = _timm("cait_xxs24_224", **tiny).eval()
+    original = model.pos_embed.detach().clone()
+    assert fit_input_size(model, 224) == {}  # its own size: nothing changes
+    kwargs = fit_input_size(model, 256)
+    assert kwargs == {"img_size": [256, 256]} == export_model_kwargs(model)
+    assert torch.equal(model.pos_embed, resample_abs_pos_embed(original, new_size=[16, 16], num_prefix_tokens=0))
+    path = export_model(model, tmp_path / "exp", model_name="cait_xxs24_224", cfg=DataConfig(), test_size=256,
+                        train_size=224, extra={"model_kwargs": {**tiny, **kwargs}})  # tiny: a test-only shape
+    with pytest.raises(RuntimeError, match="pos_embed"):  # the 224 model cannot hold the 256 embedding
+        _timm("cait_xxs24_224", **tiny).load_state_dict(model.state_dict())
+    back = load_model(checkpoint=str(path))
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(back.model.eval()(x), model(x))

@@ -368,15 +368,43 @@ def fit_input_size(model: nn.Module, size: int, *, name: str = "") -> dict:
     fixed = fixed_input_size(model)
     if fixed is None or fixed == size:
         return {} if fixed is None else _recorded_size(model)
-    if not hasattr(model, "set_input_size"):
-        raise FixresError(f"{name or type(model).__name__} runs only at {fixed}x{fixed} px (a fixed input size, no "
-                          f"way to change it); use test size {fixed}, or a timm model that takes any size")
     try:
-        model.set_input_size(img_size=(size, size))
+        if hasattr(model, "set_input_size"):
+            model.set_input_size(img_size=(size, size))
+        elif not _resample_abs_pos(model, size):
+            raise FixresError(f"{name or type(model).__name__} runs only at {fixed}x{fixed} px (a fixed input size, "
+                              f"no way to change it); use test size {fixed}, or a timm model that takes any size")
+    except FixresError:
+        raise
     except Exception as exc:  # noqa: BLE001 - e.g. a window size that does not divide the new grid
         raise FixresError(f"{name or type(model).__name__} cannot run at {size}x{size} px: {_first_line(exc)}; "
                           f"it was built for {fixed}x{fixed}") from None
     return {"img_size": [size, size]}
+
+
+def _resample_abs_pos(model: nn.Module, size: int) -> bool:
+    """A ViT-like without set_input_size (CaiT, ConViT, ...): its patch embedding follows the size and its
+    absolute position embedding is resampled to the new grid (timm's resample_abs_pos_embed)."""
+    from timm.layers import resample_abs_pos_embed
+    patch, pos = getattr(model, "patch_embed", None), getattr(model, "pos_embed", None)
+    if not isinstance(pos, nn.Parameter) or pos.dim() != 3 or not hasattr(patch, "set_input_size"):
+        return False
+    old = tuple(int(g) for g in patch.grid_size)
+    prefix = pos.shape[1] - old[0] * old[1]  # class/distillation tokens stored in the embedding
+    if prefix < 0:
+        return False
+    patch.set_input_size(img_size=(size, size))
+    new = tuple(int(g) for g in patch.grid_size)
+    with torch.no_grad():
+        model.pos_embed = nn.Parameter(resample_abs_pos_embed(pos.detach(), new_size=list(new), old_size=list(old),
+                                                              num_prefix_tokens=prefix),
+                                       requires_grad=pos.requires_grad)
+    try:
+        from timm.models._input import update_model_input_size
+        update_model_input_size(model, (size, size))  # the model's traits: its size now, for export
+    except ImportError:
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "input_size": (3, size, size)}
+    return True
 
 
 def _recorded_size(model: nn.Module) -> dict:
@@ -562,6 +590,8 @@ def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None
     if num_classes is None and stored is not None and stored != num_outputs(net):
         replace_classifier(net, stored)  # a new head is cheap; a second build is not
     load_weights_strict(net, sd, source=str(checkpoint))
+    if export is not None and export.get("test_size"):
+        fit_input_size(net, int(export["test_size"]), name=name)  # ready to run where it was fixed
     cfg = data_config_for(net, source, train_size=train_size)
     meta: dict = {"checkpoint": str(checkpoint)}
     if export is not None:
