@@ -45,7 +45,7 @@ from fixres import config as config_vocab
 from fixres import candidates, fixsize
 from fixres.atomic import write_json
 from fixres.errors import FixresError, UsageError
-from fixres.export import WEIGHTS_NAME
+from fixres.exporting import WEIGHTS_NAME
 from fixres.progress import format_duration
 from fixres.fingerprint import digest, file_digest, index_fingerprint
 from fixres.runstate import NOT_RUN, RunState
@@ -445,7 +445,7 @@ def run_sweep_before(x: FixContext) -> None:
 def run_finetune(x: FixContext) -> None:
     """The chosen candidate (or, label-free, batch-norm recalibration at the recommended size), exported."""
     from fixres.candidates import load_adapted
-    from fixres.export import export_model
+    from fixres.exporting import export_model
     test_size = int(x.choice["test_size"])
     model = x.work(holds="export")
     if x.config.label_free:
@@ -465,7 +465,7 @@ def run_finetune(x: FixContext) -> None:
 
 def run_sweep_after(x: FixContext) -> None:
     from fixres.evaluate import evaluate
-    from fixres.export import export_model
+    from fixres.exporting import export_model
     test_size = int(x.choice["test_size"])
     fixed = x.fixed()
     sweep = evaluate(fixed, x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw())
@@ -650,6 +650,8 @@ def _candidate_list(x: FixContext) -> list[int]:
     c = x.config
     if c.test_size:
         return [c.test_size]
+    if not x.holdout:  # nothing to choose on without looking at val: the analysis' recommendation only
+        return [int(x.read("analyse")["recommended_test_size"])]
     if c.candidates:
         return sorted(set(c.candidates))
     sizes = fixsize.candidate_sizes(x.cfg.train_size, x.cfg.stride,
