@@ -1,7 +1,7 @@
 """Table 7 analogue: what "train at a low size T, fix at S" costs and gains against "train at S".
 
 For every pair T:S it really trains one model at T and one at S (``fixres.train.train``, same data,
-epochs and seed), fine-tunes the T model at S (``fixres.finetune.finetune``: classifier + batch-norm,
+epochs and seed), fine-tunes the T model at S (``fixres.finetuning.finetune``: classifier + batch-norm,
 test DA, as in the paper), and reports side by side, measured in this one run:
 
   * ms per training batch, forward and backward (mean over the epochs after the first), at T and at S;
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         runs[size] = _train_run(args.model, tr.samples, va.samples, tr.classes, size=size, val_sizes=val_for[size],
                                 args=args, env=env, precision=precision, out=out / f"train_{size}")
 
-    from fixres.finetune import finetune
+    from fixres.finetuning import finetune
     rows = []
     for t, s in args.pairs:
         rt, rs = runs[t], runs[s]

@@ -1,6 +1,6 @@
 """Frozen-prefix activation cache: fine-tuning time with and without it, measured side by side.
 
-Runs ``fixres.finetune.finetune`` twice on the same model and data (classifier + batch-norm, test DA,
+Runs ``fixres.finetuning.finetune`` twice on the same model and data (classifier + batch-norm, test DA,
 same seed): once with the cache (the frozen part runs once), once with the full forward every epoch.
 Prints the fine-tuning time of each (cache build + epochs; the before/after evaluations are the same
 work for both and reported apart), the ratio (target >= 8x for 10 epochs), and both final accuracies
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     from fixres import analysis
     from fixres.data import resolve_split, scan_folder
     from fixres.engine import precision_for
-    from fixres.finetune import finetune
+    from fixres.finetuning import finetune
     from fixres.models import load_model
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fixres_cache_bench_"))

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from fixres.atomic import write_json
     from fixres.data import resolve_split, scan_folder
     from fixres.evaluate import evaluate
-    from fixres.finetune import finetune
+    from fixres.finetuning import finetune
     from fixres.models import load_model
     from fixres.synth import make_dataset
     from fixres.train import train

@@ -131,8 +131,8 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
     from fixres.config import DataConfig
     from fixres.errors import FixresError
     from fixres.evaluate import evaluate
-    from fixres.export import export_model
-    from fixres.finetune import finetune
+    from fixres.exporting import export_model
+    from fixres.finetuning import finetune
     from fixres.models import create_model, export_model_kwargs, fit_input_size, load_model, network_stride
     from fixres.structure import find_parts, select_parts
     row["step"] = "build"
@@ -242,8 +242,8 @@ def main(argv=None) -> int:
     import json
 
     import fixres.evaluate  # noqa: F401 - imported before the loop: a broken tree fails here, not per model
-    import fixres.export  # noqa: F401
-    import fixres.finetune  # noqa: F401
+    import fixres.exporting  # noqa: F401
+    import fixres.finetuning  # noqa: F401
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     families = QUICK_FAMILIES if args.quick else (args.families.split(",") if args.families else None)
     chosen = {f: tuple(v) for f, v in (old.get("smallest") or {}).items()}

@@ -5,7 +5,7 @@ on flowers17/train at 128 px (``fixres.train.train``, train DA); (3) it is evalu
 several test sizes (one pass, ``fixres.evaluate``), and at the size fixres recommends for 128 px
 (``analysis.recommend_test_size``) it is compared, on copies of the same trained model, with:
 
-  * fine-tuned at S (``fixres.finetune``, test DA): classifier + batch-norm (the paper), batch-norm
+  * fine-tuned at S (``fixres.finetuning``, test DA): classifier + batch-norm (the paper), batch-norm
     statistics only, classifier only (table 6);
   * label-free (``fixres.adapt``): bn-recalibrate, frechet (appendix A.1), gaussian (appendix A.2).
 
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     from fixres.data import resolve_split, scan_folder
     from fixres.engine import inference_precision, precision_for
     from fixres.evaluate import evaluate
-    from fixres.finetune import evaluate_at, finetune
+    from fixres.evaluate import evaluate_at
+    from fixres.finetuning import finetune
     from fixres.models import load_model, load_weights_strict
     from fixres.train import train
 

@@ -42,7 +42,7 @@ def test_readme_example_runs(data_root, monkeypatch, capsys):
     assert (data_root.parent / "fixed" / "fixres.json").is_file()
     # The export reloads with its own pre-processing and scores what the fixed model scored.
     after = float(out[2].split("->")[1])
-    assert float(out[3]) == pytest.approx(after, abs=1e-9)
+    assert float(out[3]) == pytest.approx(after, abs=0.05)  # printed to 0.1 above
 
 
 def test_import_fixres_does_not_import_torch():

@@ -18,7 +18,7 @@ import fixres.atomic
 import fixres.checkpoint
 from fixres.config import DataConfig
 from fixres.errors import FixresError, UsageError
-from fixres.export import export_model
+from fixres.exporting import export_model
 from fixres.models import create_model, load_model
 
 MODEL = "fixres_tiny_resnet"
@@ -190,10 +190,10 @@ def test_models_reads_export_metadata_from_meta_not_export():
     src = Path(__file__).resolve().parents[1] / "src" / "fixres"
     imported = {node.module for node in ast.walk(ast.parse((src / "models.py").read_text()))
                 if isinstance(node, ast.ImportFrom)}
-    assert "fixres.export" not in imported and "fixres.meta" in imported
-    from fixres import export, meta
-    assert export.WEIGHTS_NAME == meta.WEIGHTS_NAME == "model.safetensors"  # old imports keep working
-    assert export.META_NAME == meta.META_NAME == "fixres.json"
+    assert "fixres.exporting" not in imported and "fixres.meta" in imported
+    from fixres import exporting, meta
+    assert exporting.WEIGHTS_NAME == meta.WEIGHTS_NAME == "model.safetensors"  # old imports keep working
+    assert exporting.META_NAME == meta.META_NAME == "fixres.json"
 
 
 def test_numpy_and_tuple_values_in_the_metadata_round_trip_without_a_stale_warning(tmp_path, capsys):

@@ -14,7 +14,7 @@ from fixres.dist import DistEnv
 from fixres.engine import Precision
 from fixres.errors import UsageError
 from fixres.evaluate import evaluate_at
-from fixres.finetune import FinetuneInterrupted, default_lr, finetune
+from fixres.finetuning import FinetuneInterrupted, default_lr, finetune
 from fixres.structure import find_parts, select_parts
 
 COMMON = dict(test_size=48, epochs=2, batch_size=4, workers=0, progress=False, seed=3,
@@ -142,7 +142,7 @@ def test_random_augmentation_uses_the_full_forward_and_reports_accuracy(tmp_path
 
 def test_suffix_runner_matches_forward_for_torchvision_resnet():
     import torchvision
-    from fixres.finetune import build_suffix
+    from fixres.finetuning import build_suffix
     model = torchvision.models.resnet18(num_classes=3).eval()
     parts = find_parts(model)
     sel = select_parts(model, parts, "classifier,bn")

@@ -131,7 +131,7 @@ def test_vit_exported_at_s_reloads_and_evaluates_at_s_with_no_flags(tmp_path, ca
     from fixres.cli import main
     from fixres.engine import precision_for
     from fixres.evaluate import evaluate
-    from fixres.export import export_model
+    from fixres.exporting import export_model
     torch.manual_seed(0)
     bundle = load_model(model="fixres_tiny_vit", num_classes=3, train_size=64)
     assert network_stride(bundle.model) == 8 and find_parts(bundle.model).norms == ["norm"]
@@ -151,7 +151,7 @@ def test_vit_exported_at_s_reloads_and_evaluates_at_s_with_no_flags(tmp_path, ca
 
 def test_builtin_convnext_finetunes_its_head_norm(tmp_path, split_folder):
     """The default parts on a LayerNorm model train the classifier and the LayerNorm's affine weights."""
-    from fixres.finetune import finetune
+    from fixres.finetuning import finetune
     from fixres.models import ModelSpec, load_for_adaptation
     inputs = load_for_adaptation(ModelSpec(model="fixres_tiny_convnext", num_classes=3, train_size=32),
                                  split_folder, test_size=64)
@@ -183,7 +183,7 @@ def test_cait_position_embedding_follows_the_size_and_its_export_reloads_there(t
     from timm.layers import resample_abs_pos_embed
 
     from fixres.config import DataConfig
-    from fixres.export import export_model
+    from fixres.exporting import export_model
     tiny = dict(depth=1, depth_token_only=1, embed_dim=32, num_heads=2)
     model = _timm("cait_xxs24_224", **tiny).eval()
     original = model.pos_embed.detach().clone()

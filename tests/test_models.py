@@ -299,7 +299,7 @@ def _count_builds(monkeypatch) -> list:
 
 def test_checkpoint_load_builds_the_model_once(monkeypatch, tmp_path):
     from fixres.checkpoint import save_safetensors
-    from fixres.export import export_model
+    from fixres.exporting import export_model
     torch.manual_seed(0)
     bundle = load_model(model="fixres_tiny_resnet", num_classes=3, train_size=32)
     save_safetensors(bundle.model.state_dict(), tmp_path / "plain.safetensors")

@@ -24,8 +24,8 @@ from fixres import adapt as _adapt
 from fixres import analysis as _analysis
 from fixres import data as _data
 from fixres import evaluate as _evaluate
-from fixres import export as _export
-from fixres import finetune as _finetune
+from fixres import exporting as _export
+from fixres import finetuning as _finetune
 from fixres import pipeline as _pipeline
 from fixres.config import DEFAULT_PARTS, DataConfig
 from fixres.dist import DistEnv, resolve_device

@@ -66,14 +66,6 @@ def load_adapted(model: nn.Module, path: Path) -> None:
         own[k].copy_(v)
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    model.load_state_dict(state, strict=True)
-
-
 def gflops(model: nn.Module, size: int, device) -> float | None:
     """Forward GFLOPs of one image at ``size`` (torch's FLOP counter: multiply-adds count as 2)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -169,8 +161,8 @@ def _public(result: dict) -> dict:
 
 def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs: int, out_dir: Path) -> dict:
     """Fine-tune ``model`` (the working copy) at ``size`` on the fitting images, resuming a killed attempt."""
-    from fixres.finetune import STATE_NAME as FT_STATE
-    from fixres.finetune import finetune
+    from fixres.finetuning import STATE_NAME as FT_STATE
+    from fixres.finetuning import finetune
     c = x.config
     return finetune(model, x.fit, [], x.cfg, test_size=size, parts=c.parts, augment=c.augment, epochs=epochs,
                     lr=lr, batch_size=c.batch_size, cache=True, out_dir=out_dir,
@@ -189,7 +181,7 @@ def _score(x: "FixContext", model, samples, size: int) -> dict:
 
 def run_schedule(x: "FixContext") -> None:
     """Issue 16.5: the fine-tuning rate and length chosen on the held-out images from a small grid (cached)."""
-    from fixres.finetune import default_lr
+    from fixres.finetuning import default_lr
     c = x.config
     size = schedule_size(x)
     lr0 = c.lr or default_lr(c.batch_size)

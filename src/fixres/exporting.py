@@ -1,7 +1,7 @@
 """Exporting a fixed model: ``model.safetensors`` plus ``fixres.json`` beside it (and optionally ONNX at S).
 
 What ``fixres.json`` holds, its schema and how it is read back live in ``fixres.meta`` (re-exported
-here: ``from fixres.export import WEIGHTS_NAME`` keeps working). ``models.load_model`` reads an export
+here: ``from fixres.exporting import WEIGHTS_NAME`` keeps working). ``models.load_model`` reads an export
 back (``fixres eval --checkpoint DIR/model.safetensors``).
 
 The pair appears together: the safetensors header carries the complete metadata, and the files are

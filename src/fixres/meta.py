@@ -13,7 +13,7 @@ and a ``fixres.json`` that disagrees with it is named in a warning).
 
 Every field is checked against one schema (``FIELDS``) with a one-line error naming the field, so a
 truncated, hand-edited or hostile file is refused instead of raising KeyError/TypeError later. This
-module imports neither ``fixres.models`` nor ``fixres.export``: both import it (no cycle).
+module imports neither ``fixres.models`` nor ``fixres.exporting``: both import it (no cycle).
 """
 
 from __future__ import annotations

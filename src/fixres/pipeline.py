@@ -196,7 +196,6 @@ class FixContext:
     schedule: dict = field(default_factory=dict)
     choice: dict = field(default_factory=dict)
     _base_ready: bool = False
-    _base_state: dict | None = None
     _work: object = None
     _holds: str = ""  # what the working copy holds: "export" (the fixed model) or a candidate
     _checkpoint_sha: str | None = None
@@ -249,13 +248,12 @@ class FixContext:
         return self.bundle.model
 
     def work(self, holds: str):
-        """The working copy (one deep copy of the model before the fix), reset to the weights before the fix."""
-        from fixres.candidates import restore, snapshot
+        """The working copy (one deep copy of the model before the fix), reset to the weights before the fix
+        (copied from the model before the fix, which is only ever evaluated: no third copy in memory)."""
         if self._work is None:
-            self._base_state = snapshot(self.base())
             self._work = copy.deepcopy(self.base())
         else:
-            restore(self._work, self._base_state)
+            self._work.load_state_dict(self.base().state_dict(), strict=True)
         self._holds = holds
         return self._work
 

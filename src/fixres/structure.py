@@ -24,7 +24,7 @@ torchvision classifier (CNNs, vision transformers, ConvNeXt, Swin, MLP-Mixers, .
   other such container (ResNet ``layer4``, EfficientNet ``blocks.6``, Swin ``layers.3.blocks``); in an
   isotropic model with one sequence of blocks (ViT, DeiT, Mixer) the last block (``blocks.11``);
 * the **chain**: the model's top-level children in execution order (used to run the model from a
-  cut point onwards, see ``fixres.finetune``).
+  cut point onwards, see ``fixres.finetuning``).
 
 ``select_parts`` turns a ``--parts`` specification into the modules to train and the batch-norms
 whose running statistics are re-estimated.

@@ -42,7 +42,7 @@ from fixres.config import DataConfig
 from fixres.data import ImageDataset, default_workers, make_loader
 from fixres.errors import FixresError, UsageError
 from fixres.evaluate import evaluate
-from fixres.export import META_NAME, export_model
+from fixres.exporting import META_NAME, export_model
 from fixres.loop import LoopState, StateLayout, rng_state, seed_everything, set_rng_state  # noqa: F401 (API)
 from fixres.progress import bar, status
 from fixres.sampler import DEFAULT_REPEATS, PAPER_LEN_FACTOR, RepeatedAugSampler, epoch_seed
@@ -125,7 +125,7 @@ def _cpu_state_dict(model: nn.Module) -> dict:
 
 def write_final_model(model: nn.Module, out_dir: Path, *, model_name: str, cfg: DataConfig, train_size: int,
                       test_size: int, accuracy: dict | None) -> tuple[Path, Path]:
-    """out_dir/model.safetensors + fixres.json (``fixres.export``: one format for the project), so
+    """out_dir/model.safetensors + fixres.json (``fixres.exporting``: one format for the project), so
     ``fixres eval --checkpoint`` needs no other flag."""
     path = Path(export_model(_unwrap(model), out_dir, model_name=model_name, cfg=cfg, test_size=test_size,
                              train_size=train_size, class_names=list(cfg.class_names or []) or None,

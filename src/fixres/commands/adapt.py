@@ -38,7 +38,7 @@ def run(args):
     from fixres.adapt import adapt
     from fixres.atomic import write_json
     from fixres.commands.finetune import adaptation_from_args
-    from fixres.export import export_model
+    from fixres.exporting import export_model
     from fixres.evaluate import evaluate_at
     from fixres.progress import status
 

@@ -112,8 +112,8 @@ def run(args):
     from pathlib import Path
 
     from fixres import dist
-    from fixres.export import export_model
-    from fixres.finetune import DEFAULT_BATCH_SIZE, finetune
+    from fixres.exporting import export_model
+    from fixres.finetuning import DEFAULT_BATCH_SIZE, finetune
     from fixres.progress import status
 
     bundle, cfg, train, val, env, precision, test_size = adaptation_from_args(args)
