@@ -1,4 +1,4 @@
-"""The main job, ``fixres fix``: analyse -> sweep -> choose the size -> fine-tune -> statistics -> export -> report.
+"""The main job, ``fixres fix``: analyse -> sweep -> fix at every candidate size -> choose -> statistics -> report.
 
 With a model (``--model/--checkpoint/--weights``) and data (``--data``) it fixes *that* model. With no
 arguments it first generates the embedded data set (``fixres.synth``) and trains a small built-in CNN
@@ -16,18 +16,18 @@ when its inputs are still the same, and starts over otherwise.
   train         train at train_size on the fitting part of the training images (embedded default,
                 or a model without weights / with a new head)
   analyse       apparent-size analysis on the data's photo sizes: the recommended test size (section 4.1)
-  sweep_before  top-1 at every test size on the validation images, one pass (fold std)
-  select        choose the test size on a held-out part of the *training* images (``fixres.fixsize``),
-                never on the validation images the headline reports
-  finetune      fine-tune the chosen parts at the chosen size on the fitting images (classifier + bn,
-                test DA, cached), then export the fixed model (safetensors + fixres.json)
+  sweep_before  top-1 (NLL, ECE) at every test size on the validation images, one pass (fold std)
+  schedule      fine-tuning rate and epochs chosen on the held-out images from a small grid (16.5)
+  select        every candidate size fixed at its own size (classifier + bn, test DA, cached), scored on
+                a held-out part of the *training* images and on val, its cost measured (``fixres.candidates``)
+  finetune      the chosen candidate (most accurate on the held-out images within the deployment budget;
+                ``--label-free``: bn-recalibrate at the recommended size), exported (safetensors + fixres.json)
   sweep_after   the fixed model at every test size
-  stats         pooled-activation statistics before and after (figures 3-4)
+  stats         pooled-activation statistics before and after (figures 3-4, KS distance to T)
   report        HTML report with the figures, JSON summary
 
-The size chosen is the larger of the analysis' recommendation and the best untuned size on the
-held-out images (after fine-tuning the optimum moves up, never down: paper table 5), unless
-``test_size`` is given. The model is built once; the fixed model is a copy of it.
+The size is never chosen on the validation images the headline reports (``fixres.fixsize``); the model
+is built once, and every fix works on one copy of it.
 """
 
 from __future__ import annotations
