@@ -48,6 +48,8 @@ FLEX_SIZES = (96, 128)
 NUM_CLASSES = 10
 #: Images in the generated training / validation folders (one fine-tuning step of a batch this size).
 IMAGES = 4
+#: Largest difference between the logits of the model and of its reloaded export, relative to their scale.
+RELOAD_RTOL = 1e-4
 #: Seconds one model may take before it is recorded as a time-out.
 MODEL_TIMEOUT_S = 600
 #: Candidate names meta-built per family when looking for the smallest (chosen by size words in the name).
@@ -71,7 +73,9 @@ def smallest_per_family(families=None) -> dict[str, tuple[str, float]]:
     import torch
     out = {}
     for family in families or timm.list_modules():
-        names = sorted(timm.list_models(module=family), key=_name_score)[:CANDIDATES_PER_FAMILY]
+        names = timm.list_models(module=family)
+        real = [n for n in names if not n.startswith("test_")]  # timm's own test configurations come last
+        names = sorted(real or names, key=_name_score)[:CANDIDATES_PER_FAMILY]
         best = None
         for name in names:
             try:
@@ -170,9 +174,10 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
     back = load_model(checkpoint=str(path)).model.eval()
     x = torch.randn(2, 3, s2, s2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        same = torch.allclose(back(x), model.eval()(x), rtol=1e-4, atol=1e-5)
-    if not same:
-        raise AssertionError("the reloaded export gives other logits")
+        want, got = model.eval()(x), back(x)
+    # random weights give logits up to 1e10: compare relative to their scale (memory formats round differently)
+    if got.shape != want.shape or (got - want).abs().max() > RELOAD_RTOL * want.abs().max() + 1e-5:
+        raise AssertionError(f"the reloaded export gives other logits (max difference {(got - want).abs().max():.3g})")
     row.update(step="", export_kwargs=kwargs)
 
 
@@ -246,7 +251,7 @@ def main(argv=None) -> int:
     import fixres.finetuning  # noqa: F401
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     families = QUICK_FAMILIES if args.quick else (args.families.split(",") if args.families else None)
-    chosen = {f: tuple(v) for f, v in (old.get("smallest") or {}).items()}
+    chosen = {f: tuple(v) for f, v in (old.get("smallest") or {}).items() if not v[0].startswith("test_")}
     missing = [f for f in (families or __import__("timm").list_modules()) if f not in chosen]
     if missing:
         print(f"finding the smallest variant of {len(missing)} families (meta device)...", flush=True)
@@ -268,7 +273,8 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(todo)}] {family}: {name} {row['result']} ({row['seconds']} s)"
                   + (f" {row.get('step')}: {row.get('reason')}" if not row["result"].startswith("pass") else ""),
                   flush=True)
-            keep = {r["model"]: r for r in old.get("rows", [])}
+            current = {n for n, _ in chosen.values()} | set(ALWAYS)
+            keep = {r["model"]: r for r in old.get("rows", []) if r["model"] in current}
             keep.update({r["model"]: r for r in rows})
             write_json(args.out, {"smallest": chosen, "max_params_m": args.max_params, "sizes": FLEX_SIZES,
                                   "rows": list(keep.values()), "summary": summary(rows, skipped)})

@@ -35,6 +35,8 @@ FAMILIES = [
      "head.fc", ["norm"], "layernorm", "spatial average (functional)", "layers.3.blocks"),
     ("resnet18", dict(layers=(1, 1, 1, 1)),
      "fc", ["layer4.0.bn2", "layer4.0.downsample.1"], "batchnorm2d", "spatial average", "layer4"),
+    ("mambaout_femto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 48)),  # pooled, then an MLP head with norms
+     "head.fc", ["head.pre_logits.norm"], "layernorm", "spatial average (functional)", "stages.3.blocks"),
     ("tf_efficientnet_lite0", {},
      "classifier", ["bn2"], "batchnormact2d", "spatial average", "blocks.6"),
 ]

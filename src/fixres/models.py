@@ -591,7 +591,8 @@ def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None
         replace_classifier(net, stored)  # a new head is cheap; a second build is not
     load_weights_strict(net, sd, source=str(checkpoint))
     if export is not None and export.get("test_size"):
-        fit_input_size(net, int(export["test_size"]), name=name)  # ready to run where it was fixed
+        with contextlib.suppress(FixresError):  # a size the model refuses is said when it runs there
+            fit_input_size(net, int(export["test_size"]), name=name)  # ready to run where it was fixed
     cfg = data_config_for(net, source, train_size=train_size)
     meta: dict = {"checkpoint": str(checkpoint)}
     if export is not None:

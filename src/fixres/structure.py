@@ -309,10 +309,12 @@ def _spatial_pool(calls: list[Call], modules: dict, clf_call: Call) -> Call | No
     return pool
 
 
-def _check_global(kind: str, classifier: str, clf_call: Call, calls: list[Call], pool: Call | None) -> None:
-    """The classifier must see a pooled vector: a pooling module ran before it, or its width is the channel
-    width of the last map or tokens (functional or token pooling)."""
-    if pool is not None:
+def _check_global(kind: str, classifier: str, clf_call: Call, calls: list[Call], pool: Call | None,
+                  pre_logits: bool | None) -> None:
+    """The classifier must see a pooled vector: a pooling module ran before it, its input is timm's
+    forward_head(pre_logits=True) (timm's heads pool), or its width is the channel width of the last map
+    or tokens (functional or token pooling)."""
+    if pool is not None or pre_logits:
         return
     width = clf_call.in_shape[-1] if clf_call.in_shape else None
     before = [c for c in calls if c.start < clf_call.start and c.out_shape is not None and len(c.out_shape) >= 3]
@@ -347,11 +349,15 @@ def _nearest_norms(calls: list[Call], modules: dict, clf_call: Call, pool: Call 
     norm_nodes = {id(c.out_grad_fn): c.name for c in calls
                   if c.out_grad_fn is not None and is_norm(modules[c.name]) and c.start < clf_call.start}
     reached = _walk_back(clf_call.in_grad_fn, norm_nodes)
-    if not reached and pool is not None:
-        # a head that transforms the pooled vector (MaxViT: norm, then a hidden layer): its first norm
-        after = [c for c in calls if pool.end < c.start < clf_call.start and is_norm(modules[c.name])]
+    maps = [c for c in calls if c.start < clf_call.start and c.out_shape is not None and len(c.out_shape) >= 3
+            and not c.name.startswith(clf_call.name.rpartition(".")[0] + ".")] if "." in clf_call.name else []
+    head_start = pool.end if pool is not None else max((c.end for c in maps), default=None)
+    if not reached and head_start is not None:
+        # a head that transforms the pooled vector (MaxViT, MambaOut: norm, then a hidden layer): its first norm
+        after = [c for c in calls if head_start < c.start < clf_call.start and is_norm(modules[c.name])]
         if after:
             return [min(after, key=lambda c: c.start).name]
+    if not reached and pool is not None:
         reached = _walk_back(pool.in_grad_fn, norm_nodes)  # MobileNetV3: conv_head after the pooling
     if reached:
         fewest = reached[0][0]
@@ -395,9 +401,9 @@ def find_parts(model: nn.Module, *, input_size: int | None = None, in_chans: int
             if n in by_name and n != clf_call.name]
         classifier = heads[0].name
         pool = _spatial_pool(calls, modules, clf_call)
-        _check_global(kind, classifier, clf_call, calls, pool)
-        norms = list(dict.fromkeys(n for h in heads for n in _nearest_norms(calls, modules, h, pool)))
         checked = _check_pre_logits(model, x, clf_call)
+        _check_global(kind, classifier, clf_call, calls, pool, checked)
+        norms = list(dict.fromkeys(n for h in heads for n in _nearest_norms(calls, modules, h, pool)))
         pooling = _pooling_name(pool, clf_call, calls)
         last_stage = _last_stage(model, calls, (pool or clf_call).start)
         chain = [c.name for c in sorted((c for c in calls if "." not in c.name), key=lambda c: c.start)]
@@ -491,6 +497,11 @@ def _norm_part(model: nn.Module, parts: ModelParts, p: str) -> tuple[list[str], 
     return trainable, stats
 
 
+def _adaptable(modules: dict, norms: Sequence[str]) -> list[str]:
+    """The norms with affine weights or running statistics (an RMSNorm without weight has neither)."""
+    return [n for n in norms if _module_has_params(modules[n]) or is_batchnorm(modules[n])]
+
+
 def select_parts(model: nn.Module, parts: ModelParts, spec: str | Sequence[str]) -> Selection:
     """Resolve ``--parts``: classifier, norm (alias bn: affine + a batch-norm's statistics), bn-stats
     (statistics only), last-stage, or module names."""
@@ -508,8 +519,9 @@ def select_parts(model: nn.Module, parts: ModelParts, spec: str | Sequence[str])
     for p in names:
         if p == "classifier":
             add(trainable, [parts.classifier, *parts.extra_classifiers])
-        elif p == "norm" and not (parts.norms or parts.pre_pool_bns) and len(names) > 1:
-            notes.append(f"{parts.model_type} has no norm feeding the pooled vector: 'norm' adapts nothing")
+        elif p == "norm" and not _adaptable(modules, parts.norms or parts.pre_pool_bns) and len(names) > 1:
+            notes.append(f"{parts.model_type} has no norm with weights or statistics feeding the pooled vector: "
+                         "'norm' adapts nothing")
         elif p in ("norm", "bn", "bn-stats"):
             train_norms, stat_norms = _norm_part(model, parts, p)
             add(trainable, train_norms)
