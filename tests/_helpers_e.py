@@ -7,11 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 VENV_BIN = Path(sys.executable).parent
 FIXRES = VENV_BIN / "fixres"
-NOT_AVAILABLE = "is not available yet"
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -26,24 +24,6 @@ def fixres_subprocess(*argv, timeout: float = 120, env: dict | None = None, cwd=
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([str(FIXRES), *map(str, argv)], capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=cwd)
-
-
-def skip_if_unavailable(command: str, err: str) -> None:
-    """Commands other than analyze are written in parallel; skip (with a message) until they exist."""
-    if NOT_AVAILABLE in err:
-        pytest.skip(f"fixres {command} is not implemented yet")
-
-
-def command_available(command: str) -> bool:
-    import importlib
-    module = importlib.import_module(f"fixres.commands.{command.replace('-', '_')}")
-    import inspect
-    return NOT_AVAILABLE not in inspect.getsource(module)
-
-
-def require_command(command: str) -> None:
-    if not command_available(command):
-        pytest.skip(f"fixres {command} is not implemented yet")
 
 
 def assert_one_line_error(err: str, *phrases: str) -> None:

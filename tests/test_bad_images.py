@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _helpers_e import assert_one_line_error, cli, require_command, save_tiny_checkpoint, skip_if_unavailable
+from _helpers_e import assert_one_line_error, cli, save_tiny_checkpoint
 from badcorpus import bad_entries, good_entries, png_claiming_size, write_corpus
 from conftest import write_image_folder
 from fixres import transforms as T
@@ -325,10 +325,8 @@ def _eval(capsys, data, ck, out):
 
 def test_eval_skips_bad_files_and_matches_clean_run(capsys, mixed_folders, tiny_ck, tmp_path):
     """eval over good + bad files == eval over the good files alone; the bad ones are named in `skipped`."""
-    require_command("eval")
     clean, mixed, entries = mixed_folders
     code, out, err = _eval(capsys, mixed, tiny_ck, tmp_path / "mixed")
-    skip_if_unavailable("eval", err)
     assert code == 0, err
     res_mixed = json.loads(out)
     bad = bad_entries(entries)
@@ -362,23 +360,19 @@ def test_eval_skips_bad_files_and_matches_clean_run(capsys, mixed_folders, tiny_
 ])
 def test_no_readable_image_exit_2(capsys, tiny_ck, tmp_path, command, extra):
     """Three class folders of unusable files only: one line naming the problem, exit 2, no result file."""
-    require_command(command)
     root = _only_bad_folder(tmp_path / "bad", classes=3)
     code, out, err = cli(capsys, command, "--model", "fixres_tiny_resnet", "--data", root, "--workers", "0",
                          "--out", tmp_path / "o", "-q", *extra,
                          *(["--checkpoint", tiny_ck] if command != "train" else []))
-    skip_if_unavailable(command, err)
     assert code == 2, err
     assert_one_line_error(err, "no image could be read", "skipped")
     assert not (tmp_path / "o" / "eval.json").exists() and not (tmp_path / "o" / "model.safetensors").exists()
 
 
 def test_eval_empty_class_folder_exit_2(capsys, tiny_ck, tmp_path):
-    require_command("eval")
     root = write_image_folder(tmp_path / "d", classes=2, per_class=2)
     (root / "empty_class").mkdir()
     code, out, err = _eval(capsys, root, tiny_ck, tmp_path / "o")
-    skip_if_unavailable("eval", err)
     assert code == 2, err
     assert_one_line_error(err, "empty_class")
 
@@ -412,14 +406,12 @@ def _skipped_names(result) -> set[str]:
 
 @pytest.mark.parametrize("command", list(DATA_COMMANDS))
 def test_data_commands_skip_and_name_bad_files(capsys, mixed_folders, tiny_ck, tmp_path, command):
-    require_command(command)
     clean, mixed, entries = mixed_folders
     argv = [command, "--model", "fixres_tiny_resnet", "--data", mixed, "--workers", "0", "--batch-size", "4",
             "--out", tmp_path / "out", "--json", "-q", *DATA_COMMANDS[command]]
     if command != "train":
         argv += ["--checkpoint", tiny_ck]
     code, out, err = cli(capsys, *argv)
-    skip_if_unavailable(command, err)
     assert code == 0, err
     assert "Traceback" not in err
     result = json.loads(out)
@@ -429,7 +421,6 @@ def test_data_commands_skip_and_name_bad_files(capsys, mixed_folders, tiny_ck, t
 def test_eval_non_utf8_file_and_class_names(capsys, tiny_ck, tmp_path):
     """Names that are not valid UTF-8 (old archives) are reported and written, not a crash at the end."""
     import os
-    require_command("eval")
     root = write_image_folder(tmp_path / "d", classes=3, per_class=2)
     odd_class = os.fsdecode(bytes(tmp_path / "d") + b"/class_\xff")
     os.rename(root / "class_2", odd_class)
@@ -437,7 +428,6 @@ def test_eval_non_utf8_file_and_class_names(capsys, tiny_ck, tmp_path):
     with open(bad_name, "wb"):
         pass
     code, out, err = _eval(capsys, root, tiny_ck, tmp_path / "o")
-    skip_if_unavailable("eval", err)
     assert code == 0, err
     res = json.loads(out)
     assert [s["path"] for s in res["skipped"]] == [bad_name]

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from _helpers_e import (assert_one_line_error, cli, fixres_subprocess, require_command, save_tiny_checkpoint,
-                        skip_if_unavailable)
+from _helpers_e import assert_one_line_error, cli, fixres_subprocess, save_tiny_checkpoint
 from fixres.cli import COMMANDS, _oom_message
 from fixres.errors import FixresError, UsageError
 
@@ -285,13 +284,11 @@ def _base(command, setup):
     (["--class-map", "/no/such/classes.json"], "class map not found"),
 ])
 def test_command_usage_errors(capsys, tiny_setup, command, bad, phrase):
-    require_command(command)
     if bad[0] == "--device":
         import torch
         if torch.cuda.is_available():
             pytest.skip("a CUDA GPU is present")
     code, out, err = cli(capsys, *_base(command, tiny_setup), *bad)
-    skip_if_unavailable(command, err)
     assert code == 2, err
     assert_one_line_error(err, phrase)
 
@@ -299,12 +296,10 @@ def test_command_usage_errors(capsys, tiny_setup, command, bad, phrase):
 @pytest.mark.parametrize("command,flag", [("eval", "--test-size"), ("sweep", "--test-sizes"),
                                           ("finetune", "--test-size"), ("train", "--train-size")])
 def test_command_nonpositive_size(capsys, tiny_setup, command, flag):
-    require_command(command)
     argv = _base(command, tiny_setup)
     i = argv.index(flag)
     argv[i + 1] = "0"
     code, _, err = cli(capsys, *argv)
-    skip_if_unavailable(command, err)
     assert code == 2
     assert_one_line_error(err, flag)
 
@@ -313,14 +308,12 @@ def test_command_nonpositive_size(capsys, tiny_setup, command, flag):
                                                 ("finetune", "--test-size", "40")])
 def test_stride_warning(capsys, tiny_setup, command, flag, value):
     """A size that is not a multiple of the stride (32) warns in one line and still runs (appendix B)."""
-    require_command(command)
     argv = _base(command, tiny_setup)
     argv[argv.index(flag) + 1] = value
     argv.remove("-q")  # -q silences the warning too
     if command == "finetune":
         argv += ["--no-export"]
     code, out, err = cli(capsys, *argv, "--json")
-    skip_if_unavailable(command, err)
     assert code == 0, err
     warnings = [ln for ln in err.splitlines() if ln.startswith("fixres: warning") and "stride" in ln]
     assert len(warnings) == 1 and "40" in warnings[0]
@@ -340,8 +333,6 @@ def test_stride_warning(capsys, tiny_setup, command, flag, value):
     (["eval", "--data", ".", "--std", "a,b,c"], "three numbers"),
 ])
 def test_more_usage_errors(capsys, tmp_path, argv, phrase):
-    require_command(argv[0])
     code, out, err = cli(capsys, *argv, *(["--data", tmp_path] if argv[0] == "sweep" else []))
-    skip_if_unavailable(argv[0], err)
     assert code == 2, err
     assert_one_line_error(err, phrase)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers_e import FIXRES, command_available, save_tiny_checkpoint
+from _helpers_e import FIXRES, save_tiny_checkpoint
 from conftest import write_image_folder
 from fixres.atomic import append_jsonl, atomic_path, read_jsonl, write_json, write_text
 from fixres.checkpoint import load_state_dict, load_training_state, save_safetensors
@@ -222,8 +222,6 @@ def kill_data(tmp_path_factory):
 
 @pytest.mark.slow
 def test_train_sigkill_mid_epoch_then_resume_equals_uninterrupted(kill_data, tmp_path):
-    if not command_available("train"):
-        pytest.skip("fixres train is not implemented yet")
     data = kill_data / "data"
     common = ["train", "--model", "fixres_tiny_resnet", "--data", data, "--train-size", "32", "--epochs", EPOCHS,
               "--batch-size", "4", "--repeats", "2", "--val-sizes", "32", "--workers", "0", "--seed", "3",
@@ -252,8 +250,6 @@ def _finetune_argv(data: Path, ck: Path) -> list:
 
 @pytest.mark.slow
 def test_finetune_sigkill_mid_epoch_then_resume_equals_uninterrupted(kill_data, tmp_path):
-    if not command_available("finetune"):
-        pytest.skip("fixres finetune is not implemented yet")
     data = kill_data / "data"
     ck = save_tiny_checkpoint(tmp_path / "tiny.safetensors", num_classes=3)
     common = _finetune_argv(data, ck)
