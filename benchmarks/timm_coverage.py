@@ -173,6 +173,7 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
                         extra={"model_kwargs": kwargs} if kwargs else None)
     back = load_model(checkpoint=str(path)).model.eval()
     x = torch.randn(2, 3, s2, s2, generator=torch.Generator().manual_seed(0))
+    model = model.to(memory_format=torch.contiguous_format)  # fine-tuning may leave it channels_last
     with torch.no_grad():
         want, got = model.eval()(x), back(x)
     # random weights give logits up to 1e10: compare relative to their scale (memory formats round differently)
@@ -240,7 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-params", type=float, default=DEFAULT_MAX_PARAMS_M, help="million parameters")
     ap.add_argument("--timeout", type=int, default=MODEL_TIMEOUT_S, help="seconds per model")
     ap.add_argument("--rerun", action="store_true", help="measure models already in the result file again")
-    ap.add_argument("--retry-failed", action="store_true", help="measure the failed models of the result file again")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="measure again the models of the result file that failed or ran at one size only")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -257,14 +259,13 @@ def main(argv=None) -> int:
         print(f"finding the smallest variant of {len(missing)} families (meta device)...", flush=True)
         chosen.update(smallest_per_family(missing))
     wanted = {f: v for f, v in chosen.items() if families is None or f in families}
-    nasnet = [("pnasnet", (n, None)) for n in ALWAYS]
     skipped = {f"{f} ({n})": m for f, (n, m) in wanted.items() if m > args.max_params and n not in ALWAYS}
     todo = [(f, n, m) for f, (n, m) in wanted.items() if m <= args.max_params or n in ALWAYS]
-    if not args.quick and not any(n == ALWAYS[0] for _, n, _ in todo):
-        todo += [(f, n, 86.1) for f, (n, _) in nasnet]
     done = {r["model"]: r for r in old.get("rows", [])
-            if not args.rerun and not (args.retry_failed and not r["result"].startswith("pass"))}
+            if not args.rerun and not (args.retry_failed and r["result"] != "pass")}
     rows = []
+    current = {n for n, _ in chosen.values()} | set(ALWAYS)
+    keep = {r["model"]: r for r in old.get("rows", []) if r["model"] in current}
     with tempfile.TemporaryDirectory() as tmp:
         train, val = _data(Path(tmp))
         for i, (family, name, params) in enumerate(sorted(todo)):
@@ -273,12 +274,11 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(todo)}] {family}: {name} {row['result']} ({row['seconds']} s)"
                   + (f" {row.get('step')}: {row.get('reason')}" if not row["result"].startswith("pass") else ""),
                   flush=True)
-            current = {n for n, _ in chosen.values()} | set(ALWAYS)
-            keep = {r["model"]: r for r in old.get("rows", []) if r["model"] in current}
-            keep.update({r["model"]: r for r in rows})
+            keep[row["model"]] = row
             write_json(args.out, {"smallest": chosen, "max_params_m": args.max_params, "sizes": FLEX_SIZES,
-                                  "rows": list(keep.values()), "summary": summary(rows, skipped)})
-    print(_table(rows))
+                                  "rows": list(keep.values()), "summary": summary(list(keep.values()), skipped)})
+    rows = list(keep.values())  # every family measured so far, this run or an earlier one
+    print(_table(sorted(rows, key=lambda r: r["family"])))
     s = summary(rows, skipped)
     print(f"\npassed {s['passed']} of {s['families_tried']} families ({100 * (s['pass_fraction'] or 0):.1f} %), "
           f"{s['passed_at_one_size_only']} of them at their one fixed input size only (two sizes: "
