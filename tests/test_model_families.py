@@ -201,3 +201,18 @@ def test_cait_position_embedding_follows_the_size_and_its_export_reloads_there(t
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(back.model.eval()(x), model(x))
+
+
+def test_export_records_the_input_size_a_loader_must_set(tmp_path):
+    """fixres.json says what to pass to timm.create_model to rebuild a fixed-size model moved to S."""
+    from fixres.config import DataConfig
+    from fixres.exporting import export_model
+    beit = _timm("beit_base_patch16_224", depth=1, embed_dim=32, num_heads=2)
+    fit_input_size(beit, 160)
+    export_model(beit, tmp_path / "exp", model_name="beit_base_patch16_224", cfg=DataConfig(), test_size=160,
+                 train_size=224)
+    meta = json.loads((tmp_path / "exp" / "fixres.json").read_text())
+    assert meta["model_kwargs"] == {"img_size": [160, 160]} and meta["test_size"] == 160
+    vit = load_model(model="fixres_tiny_vit", num_classes=3).model  # any size: nothing to record
+    export_model(vit, tmp_path / "vit", model_name="fixres_tiny_vit", cfg=DataConfig(), test_size=96, train_size=64)
+    assert "model_kwargs" not in json.loads((tmp_path / "vit" / "fixres.json").read_text())

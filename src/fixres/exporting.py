@@ -26,7 +26,7 @@ from fixres.config import DataConfig, validate_size
 from fixres.errors import FixresError, UsageError
 from fixres.meta import (META_NAME, ONNX_NAME, WEIGHTS_NAME, build_meta, header_metadata,  # noqa: F401 - re-exported
                          read_export_meta, write_meta)
-from fixres.models import num_outputs
+from fixres.models import export_model_kwargs, num_outputs
 
 #: ONNX opset written (18: what torch's exporter produces natively, so no down-conversion pass runs).
 ONNX_OPSET = 18
@@ -57,6 +57,9 @@ def export_model(model: nn.Module, out_dir: str | Path, *, model_name: str, cfg:
     train_size = int(train_size or cfg.train_size)
     class_names = list(class_names) if class_names is not None else (
         list(cfg.class_names) if cfg.class_names is not None else None)
+    kwargs = export_model_kwargs(model)  # what a loader must pass to rebuild it as it is (a fixed size moved)
+    if kwargs and "model_kwargs" not in (extra or {}):
+        extra = {**(extra or {}), "model_kwargs": kwargs}
     meta = export_meta(model_name=model_name, cfg=cfg, test_size=test_size, train_size=train_size,
                        num_classes=num_outputs(model), class_names=class_names, accuracy=accuracy, extra=extra)
     onnx_partial = out_dir / f".{ONNX_NAME}.partial"
