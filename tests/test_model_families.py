@@ -216,3 +216,12 @@ def test_export_records_the_input_size_a_loader_must_set(tmp_path):
     vit = load_model(model="fixres_tiny_vit", num_classes=3).model  # any size: nothing to record
     export_model(vit, tmp_path / "vit", model_name="fixres_tiny_vit", cfg=DataConfig(), test_size=96, train_size=64)
     assert "model_kwargs" not in json.loads((tmp_path / "vit" / "fixres.json").read_text())
+
+
+def test_adaptation_inputs_move_a_fixed_size_model_to_the_test_size(split_folder):
+    """finetune/adapt start from load_for_adaptation: a torchvision ViT (fixed at 224, no way to change) is
+    refused at 288 with a one-line error naming the size it accepts; at 224 it loads."""
+    from fixres.models import ModelSpec, load_for_adaptation
+    spec = ModelSpec(model="torchvision:vit_b_16", num_classes=3)
+    with pytest.raises(FixresError, match="runs only at 224x224 px"):
+        load_for_adaptation(spec, split_folder, test_size=288)

@@ -657,7 +657,8 @@ def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[st
     """Load ``spec``'s model and index ``data``'s train/ and val/ splits onto its classes.
 
     ``overrides``: DataConfig fields the caller sets (interpolation, mean, std, crop_ratio; None keeps the
-    model's). ``test_size`` None: the size ``fixres.analysis`` recommends for the model's train size.
+    model's). ``test_size`` None: the size ``fixres.analysis`` recommends for the model's train size; a
+    model with a fixed input size is moved to it (``fit_input_size``).
     A fixres export knows its classes: they map the folders when no ``class_map`` is given.
     """
     bundle = spec.load()
@@ -679,4 +680,5 @@ def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[st
     cfg = cfg.with_overrides(class_names=tuple((train or val).classes), num_classes=n_out)
     size = test_size or recommend_test_size(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio,
                                             stride=cfg.stride)["test_size"]
+    fit_input_size(bundle.model, size, name=bundle.name)  # a fixed-size model follows S, or a one-line error
     return AdaptationInputs(bundle, cfg, train, val, size, warnings)
