@@ -232,9 +232,14 @@ def summary(rows: list[dict], skipped: dict) -> dict:
                          if not r["result"].startswith("pass")}}
 
 
+def _save(path: Path, chosen: dict, max_params: float, keep: dict, skipped: dict) -> None:
+    from fixres.atomic import write_json
+    write_json(path, {"smallest": chosen, "max_params_m": max_params, "sizes": FLEX_SIZES,
+                      "rows": list(keep.values()), "summary": summary(list(keep.values()), skipped)})
+
+
 def main(argv=None) -> int:
     import torch
-    from fixres.atomic import write_json
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK_FAMILIES)} families")
     ap.add_argument("--families", default=None, help="comma-separated timm modules (default: all)")
@@ -259,7 +264,7 @@ def main(argv=None) -> int:
         print(f"finding the smallest variant of {len(missing)} families (meta device)...", flush=True)
         chosen.update(smallest_per_family(missing))
     wanted = {f: v for f, v in chosen.items() if families is None or f in families}
-    skipped = {f"{f} ({n})": m for f, (n, m) in wanted.items() if m > args.max_params and n not in ALWAYS}
+    skipped = {f"{f} ({n})": m for f, (n, m) in chosen.items() if m > args.max_params and n not in ALWAYS}
     todo = [(f, n, m) for f, (n, m) in wanted.items() if m <= args.max_params or n in ALWAYS]
     done = {r["model"]: r for r in old.get("rows", [])
             if not args.rerun and not (args.retry_failed and r["result"] != "pass")}
@@ -275,8 +280,8 @@ def main(argv=None) -> int:
                   + (f" {row.get('step')}: {row.get('reason')}" if not row["result"].startswith("pass") else ""),
                   flush=True)
             keep[row["model"]] = row
-            write_json(args.out, {"smallest": chosen, "max_params_m": args.max_params, "sizes": FLEX_SIZES,
-                                  "rows": list(keep.values()), "summary": summary(list(keep.values()), skipped)})
+            _save(args.out, chosen, args.max_params, keep, skipped)
+    _save(args.out, chosen, args.max_params, keep, skipped)
     rows = list(keep.values())  # every family measured so far, this run or an earlier one
     print(_table(sorted(rows, key=lambda r: r["family"])))
     s = summary(rows, skipped)

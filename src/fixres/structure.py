@@ -339,6 +339,7 @@ def _check_pre_logits(model: nn.Module, x: torch.Tensor, clf_call: Call) -> bool
     seen = clf_call.input.detach()
     if not isinstance(pre, torch.Tensor):
         return None  # distilled models return one vector per head
+    pre, seen = pre.flatten(1), seen.flatten(1)  # a 1x1 convolution classifier sees (C, 1, 1): DLA, DPN
     return bool(pre.shape == seen.shape
                 and torch.allclose(pre, seen, rtol=PRE_LOGITS_RTOL, atol=PRE_LOGITS_RTOL))
 
@@ -366,10 +367,10 @@ def _nearest_norms(calls: list[Call], modules: dict, clf_call: Call, pool: Call 
 
 
 def _pooling_name(pool: Call | None, clf_call: Call, calls: list[Call]) -> str:
-    if clf_call.in_shape is not None and len(clf_call.in_shape) == 4:
-        return "after the classifier (1x1 convolution classifier)"
-    if pool is not None:
+    if pool is not None:  # also before a 1x1 convolution classifier on the pooled (C, 1, 1) map (DLA, DPN)
         return "spatial average" if "max" not in type(pool).__name__.lower() else "spatial"
+    if _spatial(clf_call.in_shape) > 1:
+        return "after the classifier (1x1 convolution classifier)"
     maps = [c for c in calls if c.start < clf_call.start and c.out_shape is not None and len(c.out_shape) >= 3]
     last = max(maps, key=lambda c: c.end, default=None)
     tokens = last is not None and len(last.out_shape) == 3
@@ -400,6 +401,8 @@ def find_parts(model: nn.Module, *, input_size: int | None = None, in_chans: int
             _leaf_layer(by_name[n], calls, modules) for n in classifier_names(model)
             if n in by_name and n != clf_call.name]
         classifier = heads[0].name
+        if clf_call.in_shape is None or len(clf_call.in_shape) != 2:
+            clf_call = heads[0]  # a head module that pools inside (timm ClassifierHead): its layer sees the vector
         pool = _spatial_pool(calls, modules, clf_call)
         checked = _check_pre_logits(model, x, clf_call)
         _check_global(kind, classifier, clf_call, calls, pool, checked)
