@@ -18,7 +18,7 @@ from fixres.structure import find_parts, select_parts
 def _timm(name, **kw):
     import timm
     torch.manual_seed(0)
-    return timm.create_model(name, num_classes=5, **kw)
+    return timm.create_model(name, **{"num_classes": 5, **kw})
 
 
 #: (model, timm keywords for a tiny configuration, classifier, norm(s), kind, pooling, last stage)
@@ -225,3 +225,20 @@ def test_adaptation_inputs_move_a_fixed_size_model_to_the_test_size(split_folder
     spec = ModelSpec(model="torchvision:vit_b_16", num_classes=3)
     with pytest.raises(FixresError, match="runs only at 224x224 px"):
         load_for_adaptation(spec, split_folder, test_size=288)
+
+
+def test_eval_of_a_fixed_size_model_follows_one_size_and_refuses_a_multi_size_pass(tmp_path, capsys, image_folder):
+    """fixres eval moves a fixed-size model to its test size; a sweep of several sizes in one pass cannot."""
+    from fixres.cli import main
+    from fixres.config import DataConfig
+    from fixres.exporting import export_model
+    model = _timm("cait_xxs24_224", depth=1, depth_token_only=1, embed_dim=32, num_heads=2, num_classes=3)
+    path = export_model(model, tmp_path / "exp", model_name="cait_xxs24_224", cfg=DataConfig(), test_size=224,
+                        train_size=224, extra={"model_kwargs": dict(depth=1, depth_token_only=1, embed_dim=32,
+                                                                    num_heads=2)})
+    common = ["--checkpoint", str(path), "--data", str(image_folder), "--workers", "0", "--no-amp", "-q"]
+    assert main(["eval", *common, "--test-size", "256", "--out", str(tmp_path / "e"), "--json"]) == 0
+    assert [r["test_size"] for r in json.loads(capsys.readouterr().out)["rows"]] == [256]
+    assert main(["sweep", *common, "--test-sizes", "224,256", "--out", str(tmp_path / "s")]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "fixed input size" in err[0] and "one size at a time" in err[0]
