@@ -13,7 +13,6 @@ restored by loading them over the model before the fix.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -32,7 +31,7 @@ if TYPE_CHECKING:  # the steps below read the run's context; fixres.pipeline imp
 
 ADAPTED_NAME = "adapted.safetensors"
 RESULT_NAME = "candidate.json"
-#: Latency: warm-up calls, then the median of this many timed calls, at batch 1 and batch LATENCY_BATCH.
+#: Latency: warm-up calls, then the fastest of this many timed calls, at batch 1 and batch LATENCY_BATCH.
 LATENCY_WARMUP = 2
 LATENCY_REPEATS = 5
 LATENCY_BATCH = 16
@@ -83,7 +82,9 @@ def gflops(model: nn.Module, size: int, device) -> float | None:
 
 
 def latency_ms(model: nn.Module, size: int, *, device, precision, batch: int) -> float:
-    """Median wall ms per image of a forward at ``size`` and ``batch`` (device synchronised)."""
+    """Fastest of LATENCY_REPEATS timed forwards at ``size`` and ``batch``, in wall ms per image (device
+    synchronised). The minimum, not the median: on a shared machine other processes only ever add time,
+    so the fastest call is the closest to the model's own cost."""
     x = torch.randn(batch, 3, size, size, device=device)
     model.eval()
     times = []
@@ -97,7 +98,7 @@ def latency_ms(model: nn.Module, size: int, *, device, precision, batch: int) ->
                 torch.cuda.synchronize(device)
             if i >= LATENCY_WARMUP:
                 times.append((time.perf_counter() - t0) * 1000.0 / batch)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure_cost(model: nn.Module, size: int, *, device, precision, batch: int = LATENCY_BATCH) -> dict:
@@ -201,9 +202,12 @@ def run_schedule(x: "FixContext") -> None:
 
 
 def schedule_size(x: "FixContext") -> int:
-    """The size the schedule grid runs at: the candidate nearest the unrounded recommendation (upper on ties)."""
+    """The size the schedule grid runs at: the candidate nearest the unrounded recommendation (upper on ties),
+    other than the train size when there is another: at T a fine-tuning schedule is judged on a model that
+    has nothing to adapt to, and the gentlest one always wins."""
     exact = recommended_exact(x)
-    return min(x.candidates, key=lambda s: (abs(s - exact), -s))
+    away = [s for s in x.candidates if s != x.cfg.train_size] or list(x.candidates)
+    return min(away, key=lambda s: (abs(s - exact), -s))
 
 
 def recommended_exact(x: "FixContext") -> float:
@@ -320,7 +324,7 @@ def _why_not_recommended(size: int, sel: dict, rows: list[dict]) -> str | None:
 
 def label_free_adapt(x: "FixContext", model, test_size: int) -> dict:
     """Issue 16.6: no label read: batch-norm statistics re-estimated at ``test_size`` on the training images."""
-    from fixres.adapt import adapt
+    from fixres.adaptation import adapt
     unlabeled = [(p, 0) for p, _ in x.train_index.samples]  # labels are never read; zeroed to make it plain
     res = adapt(model, unlabeled, x.cfg, method=LABEL_FREE_METHOD, test_size=test_size,
                 batch_size=x.config.batch_size, env=x.env, precision=x.precision, workers=x.config.workers,
