@@ -437,6 +437,10 @@ def test_eval_non_utf8_file_and_class_names(capsys, tiny_ck, tmp_path):
     code, out, err = cli(capsys, "eval", "--model", "fixres_tiny_resnet", "--checkpoint", tiny_ck, "--data", root,
                          "--test-size", TEST_SIZE, "--workers", "0", "--out", tmp_path / "o2")
     assert code == 0, err  # the human summary names the odd file too
+    skipped_line = [ln for ln in out.splitlines() if ln.startswith("skipped 1 unreadable file")]
+    shown = bad_name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")  # printable, no crash
+    assert len(skipped_line) == 1 and shown in skipped_line[0] and "empty file" in skipped_line[0], out
+    assert "on 6 images" in out and "(1 skipped)" in out
 
 
 @pytest.mark.parametrize("content,phrase", [

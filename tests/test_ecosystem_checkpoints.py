@@ -192,3 +192,21 @@ def test_non_finite_weights_refused_when_strict(tmp_path, capsys, image_folder):
                          "--test-size", "32", "--workers", "0", "--strict", "--out", tmp_path / "o")
     assert code == 1
     assert_one_line_error(err, "NaN or infinity", "conv1.weight")
+
+
+@pytest.mark.parametrize("extra", [getattr, argparse.ArgumentParser, os.path.join], ids=["getattr", "ArgumentParser",
+                                                                                        "os.path.join"])
+def test_any_global_but_the_namespace_is_refused(tmp_path, extra):
+    """Beside the tensors and the Namespace, a reference to any other global (even one that runs nothing
+    by itself) makes the file refused: the allowlist is exactly argparse.Namespace, not 'harmless-looking'."""
+    torch.manual_seed(0)
+    path = tmp_path / "ck.pth"
+    torch.save({"state_dict": create_model(MODEL, num_classes=NUM_CLASSES)[0].state_dict(),
+                "args": argparse.Namespace(model=MODEL), "extra": extra}, path)
+    with pytest.raises(FixresError, match="refused"):
+        load_state_dict(path)
+    # the same file without the extra global loads: it is the global, not the layout, that is refused
+    ok = torch.load(path, weights_only=False)
+    del ok["extra"]
+    torch.save(ok, path)
+    assert set(load_state_dict(path)) == set(create_model(MODEL, num_classes=NUM_CLASSES)[0].state_dict())

@@ -19,6 +19,7 @@ import fixres.checkpoint
 from fixres.config import DataConfig
 from fixres.errors import FixresError, UsageError
 from fixres.exporting import export_model
+from fixres.meta import read_header_meta, read_meta_file
 from fixres.models import create_model, load_model
 
 MODEL = "fixres_tiny_resnet"
@@ -76,6 +77,11 @@ def test_a_kill_between_the_two_writes_never_pairs_weights_with_stale_metadata(t
         assert torch.allclose(got, want_old)
         assert back.meta["export"]["test_size"] == 64
     assert killed_at == "model.safetensors" or torch.allclose(got, want_new)
+    # Whatever reads fixres.json alone (another tool, a person) never finds it describing other weights:
+    # it is either gone or the same JSON as the header of the weights beside it.
+    meta_file = out / "fixres.json"
+    assert not meta_file.exists() or read_meta_file(meta_file) == read_header_meta(path)
+    assert killed_at == "model.safetensors" or not meta_file.exists()  # killed while writing it: not there yet
 
 
 def test_the_weights_file_alone_is_a_complete_export(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -86,7 +87,9 @@ def test_fp16_autocast_scales_the_loss_and_still_learns(tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("fc."))
     state = torch.load(tmp_path / "o" / "finetune_state.pt", weights_only=True)
-    assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+    # GradScaler starts at 2**16 and only halves (on overflow) or doubles after 2000 clean steps: a power of two
+    scale = state["scaler"]["scale"]
+    assert 0 < scale <= 2.0 ** 16 and math.log2(scale) == int(math.log2(scale)), scale
     assert res["precision"] == "fp16 autocast"
 
 

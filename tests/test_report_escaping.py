@@ -87,7 +87,14 @@ def test_hostile_run_folder_renders_with_every_value_escaped(tmp_path):
     assert not {"script", "svg", "iframe"} & set(found.tags)
     assert [n for n, _ in found.attrs if n.startswith("on")] == []
     assert found.tags.count("img") == len(summary["figures"])
-    assert all(v.startswith("data:image/png;base64,") for n, v in found.attrs if n == "src")
+    sources = [v for n, v in found.attrs if n == "src"]
+    assert len(sources) == len(summary["figures"]) and all(v.startswith("data:image/png;base64,") for v in sources)
+    import base64
+    from PIL import Image
+    for v in sources:  # each figure is a complete PNG of a real plot, not just a data: prefix
+        with Image.open(io.BytesIO(base64.b64decode(v.split(",", 1)[1], validate=True))) as im:
+            im.load()
+            assert im.format == "PNG" and min(im.size) > 100
     # The payloads are shown as text (escaped), not dropped: the reader sees what the folder holds.
     text = "".join(found.text)
     for payload in PAYLOADS:

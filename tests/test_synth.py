@@ -115,9 +115,13 @@ def test_cli_make_dataset(tmp_path, capsys):
     rc = main(["make-dataset", "--out", str(tmp_path / "d"), "--classes", "2", "--train-per-class", "1",
                "--val-per-class", "1", "--workers", "0", "-q", "--json"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert '"counts"' in out
-    assert len(list((tmp_path / "d").rglob("*.jpg"))) == 4
+    import json
+    res = json.loads(capsys.readouterr().out)
+    assert res["counts"] == {"train": 2, "val": 2} and res["config"]["classes"] == 2 and len(res["classes"]) == 2
+    photos = sorted((tmp_path / "d").rglob("*.jpg"))
+    assert len(photos) == 4
+    assert {p.parent.name for p in photos} == set(res["classes"]) and {p.parent.parent.name for p in photos} == {"train", "val"}
+    assert sum(res["photo_sizes"].values()) == 4
 
 
 # --------------------------------------------------------------------------- --overwrite (issue 12, item 3)

@@ -84,7 +84,8 @@ def test_cli_train_validates_at_train_and_recommended_size_and_exports(data, tmp
         # in full batches of 8.
         assert r["images"] == 48 and r["step"] == 6 * r["epoch"]
         assert set(r["val_top1"]) == {"32", str(rec)}
-        assert 0.0 <= r["val_top1_train_size"] <= 100.0 and r["val_top1_test_size"] is not None
+        assert r["val_top1_train_size"] == r["val_top1"]["32"] and r["val_top1_test_size"] == r["val_top1"][str(rec)]
+        assert r["val_n"] == 6 and all(v * 6 / 100 == pytest.approx(round(v * 6 / 100)) for v in r["val_top1"].values())
         assert r["forward_ms"] > 0 and r["backward_ms"] > 0 and r["images_per_s"] > 0
         assert math.isfinite(r["train_loss"])
     # Warm-up then cosine: the last lr is below the peak.
@@ -100,6 +101,14 @@ def test_cli_train_validates_at_train_and_recommended_size_and_exports(data, tmp
     assert state["epoch"] == 2
     for k, v in load_state_dict(out / "model.safetensors").items():
         assert torch.equal(v, state["model"][k])
+    # The logged validation numbers are those the export scores on the same images (fixres eval's numbers).
+    from fixres.data import scan_folder
+    from fixres.engine import Precision
+    from fixres.evaluate import evaluate
+    res = evaluate(bundle.model.eval(), scan_folder(data / "val").samples, bundle.data_config, test_sizes=[32, rec],
+                   crop_ratios=[0.875], batch_size=8, workers=0, progress=False,
+                   precision=Precision(False, None, False))
+    assert {str(row["test_size"]): row["top1"] for row in res["rows"]} == pytest.approx(log[-1]["val_top1"])
 
     # An existing run is not overwritten by accident.
     with pytest.raises(UsageError, match="--resume"):

@@ -190,11 +190,29 @@ def test_one_pixel_image_is_upsampled_to_test_size():
 
 
 def test_interpolation_names():
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="lanczos"):
         DataConfig(interpolation="lanczos")
     for name in ("nearest", "bilinear", "bicubic"):
         cfg = DataConfig(interpolation=name, train_size=32)
         assert da_test(test_size=16, crop_ratio=0.875, cfg=cfg)(noise_image(30, 20)).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["nearest", "bilinear", "bicubic"])
+def test_test_geometry_resamples_with_the_configured_interpolation(name):
+    """The data config's interpolation reaches the resize: the output equals torchvision's resize with that
+    mode (and the three modes give three different images), not a fixed default."""
+    img = noise_image(40, 30, seed=3)
+    cfg = DataConfig(interpolation=name, train_size=32)
+    got = np.asarray(geometry_of(test_size=16, crop_ratio=0.8, cfg=cfg)(img))
+    from torchvision.transforms.v2 import functional as TF
+    want = TF.center_crop(TF.resize(img, 20, interpolation=T.INTERPOLATIONS[name], antialias=True), 16)
+    assert np.array_equal(got, np.asarray(want))
+    others = [np.asarray(geometry_of(test_size=16, crop_ratio=0.8, cfg=DataConfig(interpolation=o, train_size=32))(img))
+              for o in T.INTERPOLATIONS if o != name]
+    assert all(not np.array_equal(got, o) for o in others)
+    if name == "nearest":  # nearest copies input pixels: every output colour occurs in the photo
+        colours = {tuple(c) for c in np.asarray(img).reshape(-1, 3)}
+        assert all(tuple(c) in colours for c in got.reshape(-1, 3))
 
 
 # --------------------------------------------------------------------------- colour jitter (issue 11, item 12)
