@@ -11,7 +11,9 @@ fixres export (``fixres.json`` beside the safetensors), from the EfficientNet-Li
 local caches (``--pretrained``; downloaded only when the machine is online, never unpickled).
 Loads are strict: a shape or class mismatch is an error that names it, never a silent partial load.
 Random weights are never used by accident: ``check_weight_source`` refuses a bare model name unless
-random initialisation was asked for.
+random initialisation was asked for. Pretrained caches and torchvision recipes live in ``fixres.pretrained``,
+input sizes (dynamic_img_size, set_input_size, ``fit_input_size``) in ``fixres.inputsize``; their functions
+are importable from here too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import contextlib
 import copy
 import difflib
 import importlib
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,11 @@ from fixres.config import (DEFAULT_CROP_RATIO, DEFAULT_INTERPOLATION, DEFAULT_ST
                            INCEPTION_MEAN, INCEPTION_STD, INTERPOLATION_NAMES, DataConfig)
 from fixres.data import FolderIndex, index_val_onto, missing_classes_warning, resolve_split, scan_folder
 from fixres.errors import FixresError, UsageError
-from fixres.structure import find_classifier_name, native_size
+from fixres.inputsize import (export_model_kwargs, fit_input_size, fit_input_sizes,  # noqa: F401 - the model API
+                              fixed_input_size, size_kwargs)
+from fixres.pretrained import (require_cached, weights_only_loads, timm_pretrained_file, torchvision_recipe,
+                               torchvision_weights, torchvision_weights_file)
+from fixres.structure import find_classifier_name
 from fixres.meta import read_export_meta  # validated fixres.json (one schema, fixres.meta)
 
 
@@ -53,23 +58,7 @@ BUILTIN_MODELS = {
     "fixres_tiny_vit": dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
     "fixres_tiny_convnext": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
 }
-#: timm modules whose models take ``dynamic_img_size``: their absolute position embeddings are resampled to
-#: each input's patch grid (timm's resample_abs_pos_embed) and Swin's attention masks follow the size, so
-#: one model evaluates and fine-tunes at any test size. Other fixed-size models use ``fit_input_size``.
-DYNAMIC_SIZE_MODULES = ("vision_transformer", "deit", "eva", "swin_transformer", "swin_transformer_v2",
-                        "swin_transformer_v2_cr")
 
-#: Train sizes of torchvision recipes, keyed by the anchor of ``weights.meta["recipe"]``: the weights'
-#: metadata gives the test transform (resize, crop) but not the RandomResizedCrop size. TorchVision's new
-#: recipe (pytorch/vision issue 3995, "How to train state-of-the-art models" blog: ``--train-crop-size 176
-#: --val-resize-size 232``) trains at 176 and tests at 224. Other recipes train at their crop size.
-TORCHVISION_RECIPE_TRAIN_SIZES = {
-    "issuecomment-1013906621": 176,  # ResNet-50 IMAGENET1K_V2
-    "new-recipe": 176,               # ResNet-101/152, ResNeXt-50, RegNets IMAGENET1K_V2
-    "new-recipe-with-fixres": 176,   # the same recipe, named for its FixRes mitigation
-}
-#: Values of HF_HUB_OFFLINE that mean "offline" (huggingface_hub's own convention).
-_TRUE_VALUES = ("1", "on", "yes", "true")
 
 
 @dataclass
@@ -125,15 +114,6 @@ def _builtin(name: str, num_classes: int) -> nn.Module:
                   stem_width=spec["stem_width"])
 
 
-def _size_kwargs(name: str, model_kwargs: dict) -> dict:
-    """``dynamic_img_size=True`` for timm families that support it, unless the caller sets the input size."""
-    from timm.models import model_entrypoint
-    if "img_size" in model_kwargs or "dynamic_img_size" in model_kwargs:
-        return {}
-    module = model_entrypoint(name).__module__.rpartition(".")[2]
-    return {"dynamic_img_size": True} if module in DYNAMIC_SIZE_MODULES else {}
-
-
 def available_models() -> tuple[list[str], list[str]]:
     import timm
     import torchvision
@@ -145,99 +125,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-# --------------------------------------------------------------------------- pretrained weights in local caches
-
-def is_offline() -> bool:
-    """The machine was declared offline (HF_HUB_OFFLINE, read now: fixres applies it to torchvision too)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_VALUES
-
-
-def _hf_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    from huggingface_hub import constants
-    return Path(constants.HF_HUB_CACHE)
-
-
-@contextlib.contextmanager
-def _weights_only_loads():
-    """Force ``torch.load(weights_only=True)`` for library loaders that would unpickle (torch.hub's default)."""
-    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-
-
-def timm_pretrained_file(name: str) -> tuple[Path | None, str]:
-    """(cached weight file or None, what to download and where) for timm's default weights of ``name``."""
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-    cfg = get_pretrained_cfg(name)
-    if cfg is None:
-        raise UsageError(f"timm has no pretrained weights for {name!r}")
-    cache = _hf_cache_dir()
-    if cfg.hf_hub_id:
-        repo = cfg.hf_hub_id.split("@")[0]
-        for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]):
-            found = try_to_load_from_cache(repo, filename, cache_dir=str(cache))
-            if isinstance(found, str):
-                return Path(found), ""
-        return None, f"`huggingface-cli download {repo}` (into the Hugging Face cache {cache}, or set HF_HOME)"
-    if cfg.url:
-        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
-        return (target if target.is_file() else None), f"{cfg.url} into {target.parent}"
-    raise UsageError(f"timm has no downloadable weights for {name!r}")
-
-
-def torchvision_weights(name: str, tag: str = "DEFAULT"):
-    """The torchvision weights enum member of ``name`` (``tag``: DEFAULT, IMAGENET1K_V1, ...)."""
-    import torchvision
-    try:
-        enum = torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError):
-        raise UsageError(f"torchvision has no pretrained weights for {name!r}") from None
-    try:
-        return enum[tag]
-    except KeyError:
-        raise UsageError(f"torchvision {name} has no weights {tag!r}; choose one of "
-                         f"{', '.join(w.name for w in enum)}") from None
-
-
-def torchvision_weights_file(weights) -> tuple[Path | None, str]:
-    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    return (target if target.is_file() else None), f"{weights.url} into {target.parent}"
-
-
-def _require_cached(found: Path | None, what: str, name: str) -> None:
-    """Refuse (one line) when weights are not cached and the machine is offline; else let the library fetch."""
-    if found is None and is_offline():
-        raise FixresError(f"--pretrained: the weights of {name} are not in the local cache and the machine is "
-                          f"offline (HF_HUB_OFFLINE); download {what} on a machine with internet, or use --checkpoint")
-
-
 # --------------------------------------------------------------------------- building
 
 def _create_timm(name: str, num_classes: int | None, pretrained: bool, model_kwargs: dict) -> nn.Module:
     import timm
-    kwargs = {**_size_kwargs(name, model_kwargs), **model_kwargs}
+    kwargs = {**size_kwargs(name, model_kwargs), **model_kwargs}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     what = ""
     if pretrained:
         found, what = timm_pretrained_file(name)
-        _require_cached(found, what, name)
+        require_cached(found, what, name)
         if found is not None:  # load the cached file: no network round trip
             kwargs["pretrained_cfg_overlay"] = dict(file=str(found))
     try:
-        with _weights_only_loads():
+        with weights_only_loads():
             return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # noqa: BLE001 - e.g. a download that failed, a bad keyword
         hint = f"; download {what}" if pretrained and what else ""
@@ -250,9 +152,9 @@ def _create_torchvision(name: str, num_classes: int | None, pretrained: bool, ta
     what = ""
     if weights is not None:
         found, what = torchvision_weights_file(weights)
-        _require_cached(found, what, name)
+        require_cached(found, what, name)
     try:
-        with _weights_only_loads():
+        with weights_only_loads():
             model = torchvision.models.get_model(name, weights=weights)
     except Exception as exc:  # noqa: BLE001
         hint = f"; download {what}" if what else ""
@@ -347,103 +249,6 @@ def data_config_for(model: nn.Module, source: str, *, train_size: int | None = N
                           crop_ratio=float(cfg.get("crop_pct", DEFAULT_CROP_RATIO)),
                           train_size=train_size or int(cfg["input_size"][-1]), stride=stride)
     return DataConfig(train_size=train_size or DEFAULT_TRAIN_SIZE, stride=stride)
-
-
-def fixed_input_size(model: nn.Module) -> int | None:
-    """The one input size a model accepts (timm's fixed_input_size, torchvision ViT's image_size), else None."""
-    size = native_size(model)
-    if size is None and isinstance(getattr(model, "image_size", None), int):
-        size = int(model.image_size)  # torchvision VisionTransformer checks it on every forward
-    return size
-
-
-def fit_input_size(model: nn.Module, size: int, *, name: str = "") -> dict:
-    """Make ``model`` run at ``size`` x ``size``; returns the keywords a loader must pass to rebuild it so.
-
-    Flexible models (CNNs, timm ViT/Swin built with dynamic_img_size) need nothing: {}. A fixed-size timm
-    model follows the size through its own ``set_input_size`` (position embeddings, windows and
-    relative-position tables resampled by timm): {"img_size": [size, size]}. A fixed-size model without
-    one gets a one-line error naming it and the size it accepts.
-    """
-    fixed = fixed_input_size(model)
-    if fixed is None or fixed == size:
-        return {} if fixed is None else _recorded_size(model)
-    try:
-        if hasattr(model, "set_input_size"):
-            model.set_input_size(img_size=(size, size))
-        elif not _resample_abs_pos(model, size):
-            raise FixresError(f"{name or type(model).__name__} runs only at {fixed}x{fixed} px (a fixed input size, "
-                              f"no way to change it); use test size {fixed}, or a timm model that takes any size")
-    except FixresError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - e.g. a window size that does not divide the new grid
-        raise FixresError(f"{name or type(model).__name__} cannot run at {size}x{size} px: {_first_line(exc)}; "
-                          f"it was built for {fixed}x{fixed}") from None
-    return {"img_size": [size, size]}
-
-
-def fit_input_sizes(model: nn.Module, sizes, *, name: str = "") -> dict:
-    """``fit_input_size`` for an evaluation at ``sizes`` in one pass: any number of sizes for a flexible model,
-    one size at a time for a fixed-size model (a one-line error says so)."""
-    sizes = sorted(set(int(s) for s in sizes))
-    if len(sizes) == 1 or fixed_input_size(model) is None:
-        return fit_input_size(model, sizes[0], name=name) if len(sizes) == 1 else {}
-    fixed = fixed_input_size(model)
-    raise FixresError(f"{name or type(model).__name__} has a fixed input size ({fixed}x{fixed} px now): it runs at one "
-                      f"size at a time, not at {', '.join(map(str, sizes))} in one pass; evaluate each size on its "
-                      "own (fixres eval --test-size S)")
-
-
-def _resample_abs_pos(model: nn.Module, size: int) -> bool:
-    """A ViT-like without set_input_size (CaiT, ConViT, ...): its patch embedding follows the size and its
-    absolute position embedding is resampled to the new grid (timm's resample_abs_pos_embed)."""
-    from timm.layers import resample_abs_pos_embed
-    patch, pos = getattr(model, "patch_embed", None), getattr(model, "pos_embed", None)
-    if not isinstance(pos, nn.Parameter) or pos.dim() != 3 or not hasattr(patch, "set_input_size"):
-        return False
-    old = tuple(int(g) for g in patch.grid_size)
-    prefix = pos.shape[1] - old[0] * old[1]  # class/distillation tokens stored in the embedding
-    if prefix < 0:
-        return False
-    patch.set_input_size(img_size=(size, size))
-    new = tuple(int(g) for g in patch.grid_size)
-    with torch.no_grad():
-        model.pos_embed = nn.Parameter(resample_abs_pos_embed(pos.detach(), new_size=list(new), old_size=list(old),
-                                                              num_prefix_tokens=prefix),
-                                       requires_grad=pos.requires_grad)
-    try:
-        from timm.models._input import update_model_input_size
-        update_model_input_size(model, (size, size))  # the model's traits: its size now, for export
-    except ImportError:
-        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "input_size": (3, size, size)}
-    return True
-
-
-def _recorded_size(model: nn.Module) -> dict:
-    """{"img_size": ...} when a fixed-size timm model was moved off its pretrained size, else {}."""
-    traits = getattr(model, "_traits", {}) or {}
-    size = traits.get("img_size")
-    cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0, 0, 0))[-2:])
-    return {"img_size": list(size)} if size and tuple(size) != cfg_size else {}
-
-
-def export_model_kwargs(model: nn.Module) -> dict:
-    """What a loader must pass to ``create_model`` to rebuild ``model`` as it is now (fixres.json
-    ``model_kwargs``): the input size of a fixed-size model moved by ``fit_input_size``."""
-    return _recorded_size(model) if fixed_input_size(model) is not None else {}
-
-
-def torchvision_recipe(weights) -> tuple[dict, int, str]:
-    """(DataConfig fields, test size, note) of torchvision ``weights``: its transforms() and its recipe."""
-    t = weights.transforms()
-    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
-    anchor = str(weights.meta.get("recipe", "")).rpartition("#")[2]
-    train = TORCHVISION_RECIPE_TRAIN_SIZES.get(anchor)
-    note = (f"trained at {train} (torchvision recipe {anchor})" if train else
-            f"train size taken as the weights' crop size {crop} (the recipe's train crop is not in the metadata)")
-    fields = dict(mean=tuple(float(v) for v in t.mean), std=tuple(float(v) for v in t.std),
-                  interpolation=t.interpolation.value, crop_ratio=crop / resize, train_size=train or crop)
-    return fields, crop, note
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite registry weights

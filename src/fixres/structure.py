@@ -41,6 +41,7 @@ from torch import nn
 
 from fixres.errors import FixresError, UsageError
 from fixres.hooks import Call, trace_calls
+from fixres.inputsize import native_size
 
 #: Names accepted by ``--parts`` besides explicit module names (``bn`` is the older name of ``norm``).
 PART_NAMES = ("classifier", "norm", "bn", "bn-stats", "last-stage")
@@ -230,17 +231,6 @@ def _last_stage(model: nn.Module, calls, before: int) -> str | None:
     if not leaves:
         return None
     return max(leaves, key=lambda c: c.end).name
-
-
-def native_size(model: nn.Module) -> int | None:
-    """The input size a fixed-size model was built for (timm's model traits / pretrained_cfg), else None."""
-    try:
-        from timm.models._input import get_model_input_config
-        cfg = get_model_input_config(model)
-        return int(cfg["input_size"][-1]) if cfg.get("fixed_input_size") else None
-    except (ImportError, AttributeError, KeyError, TypeError):
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        return int(cfg["input_size"][-1]) if cfg.get("fixed_input_size") and "input_size" in cfg else None
 
 
 def _trace(model: nn.Module, input_size: int, in_chans: int):
