@@ -1,7 +1,7 @@
 """Label-free bn-recalibrate on real ImageNet photos: top-1, NLL and ECE before and after (issue 16).
 
 The registry EfficientNet-Lite0 (trained at 224) is adapted without labels to each test size S by
-re-estimating the batch-norm before its global pooling at S (``fixres.adapt``, bn-recalibrate) on
+re-estimating the batch-norm before its global pooling at S (``fixres.adaptation``, bn-recalibrate) on
 one half of ../shared/data/imagenet-sample (images 0, 2, 4, ...) and evaluated on the other half
 (1, 3, 5, ...), then the other way round; so every photo is scored once by a model that did not see
 it, and the pooled numbers cover all photos. "Before" is the untouched model on the same photos.
@@ -63,12 +63,37 @@ def _metrics(logp, labels) -> dict:
             "hit": hit}
 
 
+def ks_rows(bundle, samples, halves, sizes, kw) -> list[dict]:
+    """KS distance of the pooled activations at S to the ORIGINAL model's at T (224), before and after
+    recalibrating on the other half: does the label-free fix bring them back toward T (figure 4)?"""
+    from fixres.adaptation import adapt
+    from fixres.stats import activation_stats
+    cfg, train = bundle.data_config, bundle.data_config.train_size
+    cal, ev = [samples[i] for i in halves[0]], [samples[i] for i in halves[1]]
+    before = activation_stats(bundle.model, ev, cfg, test_sizes=sizes, keep_pooled=True, **kw)
+    reference = before.pop("_pooled")[train]
+    rows = []
+    for size, row in zip(sizes, before["sizes"]):
+        model = copy.deepcopy(bundle.model)
+        adapt(model, cal, cfg, method="bn-recalibrate", test_size=size, **kw)
+        after = activation_stats(model, ev, cfg, test_sizes=[size], reference=reference, **kw)["sizes"][0]
+        rows.append({"test_size": size, "ks_before": row["ks_to_reference"], "ks_after": after["ks_to_reference"],
+                     "frac_zero_before": row["frac_zero"], "frac_zero_after": after["frac_zero"],
+                     "mean_before": row["mean"], "mean_after": after["mean"]})
+        print(f"{size:>4}px  KS to {train}px {row['ks_to_reference']:.3f} -> {after['ks_to_reference']:.3f}  "
+              f"mean pooled {row['mean']:.3f} -> {after['mean']:.3f} (at {train}px: "
+              f"{float(reference.mean()):.3f})", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default=DEFAULT_SIZES)
     ap.add_argument("--images", type=int, default=None, help="use N photos evenly spread over the classes")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--ks", action="store_true",
+                    help="instead: KS distance of the pooled activations at S to those at 224, before/after")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     data = shared_folder("imagenet-sample")
@@ -76,7 +101,7 @@ def main(argv=None) -> int:
         return 0
     import numpy as np
 
-    from fixres.adapt import adapt
+    from fixres.adaptation import adapt
     from fixres.atomic import write_json
     from fixres.commands._args import int_list
     from fixres.data import resolve_split, scan_folder
@@ -85,6 +110,8 @@ def main(argv=None) -> int:
     from fixres.models import load_model
 
     sizes = int_list(args.sizes)
+    if args.ks:
+        sizes = sorted(set(sizes) | {224})  # the reference size is measured in the same pass
     samples = scan_folder(resolve_split(data, "val"), num_classes=1000).samples
     if args.images and args.images < len(samples):
         samples = [samples[i] for i in np.linspace(0, len(samples) - 1, args.images).round().astype(int)]
@@ -95,6 +122,14 @@ def main(argv=None) -> int:
     fp32 = Precision(False, None, False)
     kw = dict(batch_size=args.batch_size, workers=args.workers, precision=fp32, progress=False)
     t0 = time.perf_counter()
+    if args.ks:
+        rows = ks_rows(bundle, samples, halves, sizes, kw)
+        out = Path(args.out) / "calibration_label_free_ks.json"
+        write_json(out, {"weights": WEIGHTS, "n_images": n, "rows": rows, "seconds": time.perf_counter() - t0,
+                         "protocol": "recalibrate on photos 0,2,4,..., measure on 1,3,5,...; KS to the original "
+                                     "model's pooled values at its train size on the same photos"})
+        print(f"results: {out}")
+        return 0
     before = evaluate(bundle.model, samples, cfg, test_sizes=sizes, keep_log_probs=True, per_class=False, **kw)
     rows = []
     for size in sizes:

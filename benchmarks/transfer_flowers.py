@@ -7,7 +7,7 @@ several test sizes (one pass, ``fixres.evaluate``), and at the size fixres recom
 
   * fine-tuned at S (``fixres.finetuning``, test DA): classifier + batch-norm (the paper), batch-norm
     statistics only, classifier only (table 6);
-  * label-free (``fixres.adapt``): bn-recalibrate, frechet (appendix A.1), gaussian (appendix A.2).
+  * label-free (``fixres.adaptation``): bn-recalibrate, frechet (appendix A.1), gaussian (appendix A.2).
 
 Every accuracy comes with the leave-one-fold-out std of section 5 (10 folds). Results go to
 --out/transfer_flowers.json and a table on stdout.
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     import torch
 
     from fixres import analysis
-    from fixres.adapt import adapt
+    from fixres.adaptation import adapt
     from fixres.data import resolve_split, scan_folder
     from fixres.engine import inference_precision, precision_for
     from fixres.evaluate import evaluate

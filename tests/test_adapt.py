@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _helpers_b import fp32, tiny_bundle, tiny_data  # noqa: F401
-from fixres.adapt import (FRECHET_XI, Equalization, adapt, fit_frechet, install_equalization,
+from fixres.adaptation import (FRECHET_XI, Equalization, adapt, fit_frechet, install_equalization,
                           remove_equalization)
 from fixres.hooks import capture, count_hooks
 from fixres.stats import iterate_views
@@ -61,7 +61,7 @@ def test_frechet_fit_recovers_known_parameters_and_ignores_zeros():
 def test_frechet_fit_is_a_least_squares_optimum_on_data_that_is_not_frechet():
     """Pooled ReLU activations are not Frechet: the starting line is then not the fit, and the
     refinement must reach a point that no small move of (mu, sigma) improves."""
-    from fixres.adapt import frechet_cdf
+    from fixres.adaptation import frechet_cdf
     rng = np.random.default_rng(1)
     x = np.maximum(rng.normal(0.3, 1.0, size=(4000, 16)), 0).mean(1) ** 1.7  # skewed, not Frechet
     fit = fit_frechet(x)

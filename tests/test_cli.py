@@ -38,13 +38,13 @@ def test_subcommand_help_does_not_import_torch():
 def test_every_flag_has_help_and_advertised_batch_defaults_are_the_library_ones():
     import re
 
-    from fixres import adapt, evaluate, finetuning, pipeline, stats
+    from fixres import adaptation, evaluate, finetuning, pipeline, stats
     from fixres.cli import build_parser
     from fixres.commands import eval as eval_cmd
     from fixres.commands import train as train_cmd
     library = {"eval": evaluate.DEFAULT_BATCH_SIZE, "sweep": evaluate.DEFAULT_BATCH_SIZE,
                "finetune": finetuning.DEFAULT_BATCH_SIZE, "fix": pipeline.DEFAULT_BATCH,
-               "stats": stats.DEFAULT_BATCH_SIZE, "adapt": adapt.DEFAULT_BATCH_SIZE,
+               "stats": stats.DEFAULT_BATCH_SIZE, "adapt": adaptation.DEFAULT_BATCH_SIZE,
                "train": train_cmd.DEFAULT_BATCH_SIZE}
     assert evaluate.DEFAULT_BATCH_SIZE // eval_cmd.TEN_CROP_BATCH_DIVISOR == 8
     sub = next(a for a in build_parser()._actions if a.choices and "eval" in a.choices)

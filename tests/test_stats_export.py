@@ -65,7 +65,7 @@ def test_hooks_are_removed_even_after_an_exception(tiny_model):
 
 
 def test_export_reads_back_with_no_flags(tmp_path):
-    from fixres.adapt import Equalization, install_equalization
+    from fixres.adaptation import Equalization, install_equalization
     from fixres.errors import UsageError
     from fixres.exporting import export_model
     from fixres.models import load_model

@@ -96,7 +96,7 @@ def test_negative_pooled_features_are_kept_and_said(tmp_path, tiny_model, monkey
 
 @pytest.mark.parametrize("method, why", [("bn-recalibrate", "running statistics"), ("gaussian", "mean and std")])
 def test_batch_norm_methods_say_why_they_need_one(tmp_path, tiny_model, method, why):
-    from fixres.adapt import adapt
+    from fixres.adaptation import adapt
     samples = scan_folder(write_image_folder(tmp_path / "d")).samples
     with pytest.raises(UsageError) as e:
         adapt(_NoBN(), samples, tiny_model.data_config, method=method, test_size=48, **KW)
@@ -106,7 +106,7 @@ def test_batch_norm_methods_say_why_they_need_one(tmp_path, tiny_model, method, 
 
 
 def test_frechet_refuses_features_that_are_not_non_negative(tmp_path, tiny_model):
-    from fixres.adapt import adapt, fit_frechet
+    from fixres.adaptation import adapt, fit_frechet
     samples = scan_folder(write_image_folder(tmp_path / "d")).samples
     with pytest.raises(UsageError, match=r"frechet models non-negative pooled activations.*% of"):
         adapt(_NoBN(), samples, tiny_model.data_config, method="frechet", test_size=48, **KW)

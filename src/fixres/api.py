@@ -20,7 +20,7 @@ from typing import Any, Sequence, Union
 
 from torch import nn
 
-from fixres import adapt as _adapt
+from fixres import adaptation as _adapt
 from fixres import analysis as _analysis
 from fixres import data as _data
 from fixres import evaluate as _evaluate

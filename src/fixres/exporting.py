@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fixres.adapt import equalization_of
+from fixres.adaptation import equalization_of
 from fixres.atomic import atomic_path
 from fixres.checkpoint import save_safetensors
 from fixres.config import DataConfig, validate_size

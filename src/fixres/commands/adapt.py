@@ -35,7 +35,7 @@ def add_parser(sub, parents):
 def run(args):
     from pathlib import Path
 
-    from fixres.adapt import adapt
+    from fixres.adaptation import adapt
     from fixres.atomic import write_json
     from fixres.commands.finetune import adaptation_from_args
     from fixres.exporting import export_model
