@@ -357,3 +357,16 @@ def test_builtin_has_no_pretrained_weights():
 def test_one_source_of_weights(tmp_path):
     with pytest.raises(UsageError, match="one source of weights"):
         load_model(model="resnet18", checkpoint=str(tmp_path / "x.safetensors"), pretrained=True)
+
+
+def test_eval_of_torchvision_weights_defaults_to_their_own_test_size(capsys, monkeypatch, tmp_path, image_folder):
+    """RegNetY-400MF V2 was trained at 176 and is tested at 224 (its transforms()): fixres eval's default."""
+    import json
+    _offline(monkeypatch, tmp_path)
+    _fake_torchvision_cache("regnet_y_400mf", tmp_path)
+    code, out, err = _main(capsys, "eval", "--model", "torchvision:regnet_y_400mf", "--pretrained", "--num-classes",
+                           "3", "--data", image_folder, "--workers", "0", "--out", tmp_path / "o", "--json", "-q")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [r["test_size"] for r in res["rows"]] == [224] and res["train_size"] == 176
+    assert res["data_config"]["crop_ratio"] == pytest.approx(224 / 232)

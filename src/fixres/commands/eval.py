@@ -125,7 +125,8 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
     # Sorted folder names are only meaningful when they are exactly the model's classes.
     num_classes = index.num_classes if index.source == "sorted folders" else None
     # A fixres export was fixed for its test size: that, not its train size, is where it should be evaluated.
-    exported_size = (bundle.meta.get("export") or {}).get("test_size")
+    # Likewise torchvision weights are evaluated at their own crop (ResNet-50 V2: trained at 176, tested at 224).
+    exported_size = (bundle.meta.get("export") or {}).get("test_size") or bundle.meta.get("test_size")
     test_sizes = list(cfg.test_sizes or (int(exported_size or data_cfg.train_size),))
     crop_ratios = list(cfg.crop_ratios or (data_cfg.crop_ratio,))
     # a fixed-size model (BEiT, CaiT, ...) follows a single test size; several in one pass: a one-line error
