@@ -15,8 +15,6 @@ filters would resample the same way.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -85,18 +83,6 @@ def fit_input_size(model: nn.Module, size: int, *, name: str = "") -> dict:
         raise FixresError(f"{name or type(model).__name__} cannot run at {size}x{size} px: {_first_line(exc)}; "
                           f"it was built for {fixed}x{fixed}") from None
     return {"img_size": [size, size]}
-
-
-def fit_input_sizes(model: nn.Module, sizes: Iterable[int], *, name: str = "") -> dict:
-    """``fit_input_size`` for an evaluation at ``sizes`` in one pass: any number of sizes for a flexible model,
-    one size at a time for a fixed-size model (a one-line error says so)."""
-    sizes = sorted(set(int(s) for s in sizes))
-    if len(sizes) == 1 or fixed_input_size(model) is None:
-        return fit_input_size(model, sizes[0], name=name) if len(sizes) == 1 else {}
-    fixed = fixed_input_size(model)
-    raise FixresError(f"{name or type(model).__name__} has a fixed input size ({fixed}x{fixed} px now): it runs at one "
-                      f"size at a time, not at {', '.join(map(str, sizes))} in one pass; evaluate each size on its "
-                      "own (fixres eval --test-size S)")
 
 
 def _resample_abs_pos(model: nn.Module, size: int) -> bool:

@@ -35,8 +35,8 @@ from fixres.config import (DEFAULT_CROP_RATIO, DEFAULT_INTERPOLATION, DEFAULT_ST
                            INCEPTION_MEAN, INCEPTION_STD, INTERPOLATION_NAMES, DataConfig)
 from fixres.data import FolderIndex, index_val_onto, missing_classes_warning, resolve_split, scan_folder
 from fixres.errors import FixresError, UsageError
-from fixres.inputsize import (export_model_kwargs, fit_input_size, fit_input_sizes,  # noqa: F401 - the model API
-                              fixed_input_size, size_kwargs)
+from fixres.inputsize import (export_model_kwargs, fit_input_size, fixed_input_size,  # noqa: F401 - the model API
+                              size_kwargs)
 from fixres.pretrained import (require_cached, weights_only_loads, timm_pretrained_file, torchvision_recipe,
                                torchvision_weights, torchvision_weights_file)
 from fixres.structure import find_classifier_name

@@ -103,7 +103,7 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
     from fixres.errors import UsageError
     from fixres.engine import inference_precision
     from fixres.evaluate import DEFAULT_BATCH_SIZE, evaluate
-    from fixres.models import fit_input_sizes, load_model, num_outputs
+    from fixres.models import load_model, num_outputs
     from fixres.progress import status
 
     env = dist.init(cfg.device)
@@ -129,8 +129,6 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
     exported_size = (bundle.meta.get("export") or {}).get("test_size") or bundle.meta.get("test_size")
     test_sizes = list(cfg.test_sizes or (int(exported_size or data_cfg.train_size),))
     crop_ratios = list(cfg.crop_ratios or (data_cfg.crop_ratio,))
-    # a fixed-size model (BEiT, CaiT, ...) follows a single test size; several in one pass: a one-line error
-    fit_input_sizes(bundle.model, test_sizes + [s for e in cfg.ensembles for s in e], name=bundle.name)
     show = env.is_main and not cfg.quiet
     warned = set()
     for size in test_sizes + [s for e in cfg.ensembles for s in e]:
