@@ -34,7 +34,6 @@ def run(args):
     from fixres.atomic import write_json
     from fixres.data import resolve_split, scan_folder
     from fixres.engine import precision_for
-    from fixres.models import load_model
     from fixres.stats import activation_stats, plot_stats
 
     dist.refuse_distributed("fixres stats")
@@ -54,8 +53,9 @@ def run(args):
     reference = before.pop("_pooled")[t]  # what the classifier was trained on: the model's own values at T
     after = None
     if args.compare:
-        other = load_model(model=args.model, checkpoint=args.compare, num_classes=args.num_classes,
-                           train_size=args.train_size)
+        from dataclasses import replace
+        # the same model flags (--ema, --strict, --num-classes, ...), the adapted weights
+        other = replace(model_spec(args), checkpoint=args.compare, weights=None, pretrained=False).load()
         # KS of the adapted model at each size to the ORIGINAL model at T: does the fix move toward it (fig. 4)?
         after = activation_stats(other.model, index, cfg, grid=before["sizes"][0]["cdf_x"], reference=reference,
                                  **kw)
