@@ -153,6 +153,10 @@ def test_test2_transform_output():
     t = da2_test(test_size=32, crop_ratio=0.875, cfg=CFG)
     for img in (noise_image(90, 40), noise_image(40, 90), noise_image(1, 1)):
         assert t(img).shape == (3, 32, 32)
+    torch.manual_seed(0)
+    random.seed(0)
+    draws = [t(noise_image(90, 40)) for _ in range(4)]  # random shift, flip and jitter: not one fixed view
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
 
 
 def test_control_and_ten_crop_shapes():
@@ -168,8 +172,20 @@ def test_control_and_ten_crop_shapes():
 
 @pytest.mark.parametrize("augment", AUGMENTATIONS)
 def test_build_transform_names(augment):
-    out = build_transform(augment, size=24, cfg=CFG)(noise_image(60, 45))
-    assert out.shape == (3, 24, 24)
+    """Each name builds its own augmentation (the paper's train DA with jitter), with the same draws."""
+    built = build_transform(augment, size=24, cfg=CFG)
+    direct = {"train": lambda: train_transform(train_size=24, cfg=CFG, color_jitter=True),
+              "test": lambda: da_test(test_size=24, crop_ratio=CFG.crop_ratio, cfg=CFG),
+              "test2": lambda: da2_test(test_size=24, crop_ratio=CFG.crop_ratio, cfg=CFG),
+              "control": lambda: control_transform(train_size=24, crop_ratio=CFG.crop_ratio, cfg=CFG,
+                                                   color_jitter=True)}[augment]()
+    assert repr(built) == repr(direct)
+    outs = []
+    for t in (built, direct):
+        torch.manual_seed(5)
+        random.seed(5)
+        outs.append(t(noise_image(60, 45)))
+    assert outs[0].shape == (3, 24, 24) and torch.equal(outs[0], outs[1])
 
 
 def test_build_transform_unknown_name():
