@@ -212,3 +212,29 @@ def test_numpy_and_tuple_values_in_the_metadata_round_trip_without_a_stale_warni
     assert back.meta["export"]["accuracy"] == {"top1": 61.5, "n": 9}
     assert back.meta["export"]["adaptation"]["parts"] == ["classifier", "bn"]
     assert "warning" not in capsys.readouterr().err
+
+
+def test_onnx_without_the_package_is_skipped_and_said(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    _export(_model(0), tmp_path / "x", test_size=64, onnx=True)
+    meta = read_meta_file(tmp_path / "x" / "fixres.json")
+    assert meta["onnx"]["written"] is False and "pip install 'fixres[onnx]'" in meta["onnx"]["reason"]
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["fixres.json", "model.safetensors"]
+
+
+def test_a_failing_onnx_export_is_one_line_and_leaves_the_old_export(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    old = _export(_model(0), tmp_path / "x", test_size=64)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()}
+
+    def broken(*a, **k):
+        raise RuntimeError("unsupported operator aten::weird\nlong exporter trace ...")
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    model = _model(1).train()
+    with pytest.raises(FixresError, match=r"^ONNX export failed: unsupported operator aten::weird$"):
+        _export(model, tmp_path / "x", test_size=96, onnx=True)
+    assert model.training  # the mode it came in with
+    assert {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()} == before  # nothing partial, nothing lost
+    assert load_model(checkpoint=str(old)).meta["export"]["test_size"] == 64
