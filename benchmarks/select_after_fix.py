@@ -10,7 +10,8 @@ optimistic, leaky choice the held-out split avoids).
   --quick       the embedded data set and the tiny CNN trained at 64 (``fixres fix`` with no arguments)
   --data DIR    a photo folder (train/ + val/) with --checkpoint (e.g. a lite0 trained there at 128)
 
-Writes benchmarks/results/select_after_fix[_quick].json (``--out`` to change).
+Writes benchmarks/results/select_after_fix_embedded.json (--quick) or select_after_fix_DATA.json, and the run
+folder runs/select_after_fix_embedded (its report holds the frontier and reliability PNGs).
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ def main() -> int:
     if not a.quick and not (a.data and a.checkpoint):
         print("give --quick, or --data DIR --checkpoint FILE", file=sys.stderr)
         return 2
-    name = "select_after_fix_quick" if a.quick else f"select_after_fix_{Path(a.data).name}"
-    run_dir = Path(a.run_dir or REPO / "runs" / name)
+    # --quick is the full run on the embedded data (the demo): its result is kept, not a smoke test
+    name = "select_after_fix_embedded" if a.quick else f"select_after_fix_{Path(a.data).name}"
+    run_dir = Path(a.run_dir or REPO / "runs" / ("select_after_fix_quick" if a.quick else name))
     config = pipeline.FixConfig(out=str(run_dir), workers=a.workers, data=None if a.quick else a.data,
                                 checkpoint=None if a.quick else a.checkpoint, model=a.model)
     t0 = time.perf_counter()

@@ -114,7 +114,7 @@ def _frontier(cands: list[dict], chosen, path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((axes[0], "ms", "ms per image (batch 1)"), (axes[1], "gflops", "GFLOPs per image")):
-        pts = [c for c in cands if c.get(key) is not None]
+        pts = sorted((c for c in cands if c.get(key) is not None), key=lambda c: c[key])  # a frontier reads by cost
         x = [c[key] for c in pts]
         for which, style in (("val_before", "o--"), ("val_after", "s-")):
             ax.plot(x, [c[which]["top1"] for c in pts], style, label=which.replace("val_", "") + " the fix")
