@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fixres.atomic import write_json
 from fixres.config import DEFAULT_CLASSES, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL_PER_CLASS
 from fixres.errors import UsageError
+from fixres.progress import bar
 
 #: (shape, texture) of each class, in the order classes are added; pairs share shapes and textures.
 CLASS_SPECS = (
@@ -349,7 +351,6 @@ def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES, trai
             and existing.get("generator_version") == GENERATOR_VERSION and not overwrite):
         return {**existing, "root": shown, "reused": True}
     _check_replaceable(out, shown, existing, overwrite)
-    from fixres.progress import bar
 
     start = time.perf_counter()
     names = class_names(classes)
@@ -393,7 +394,6 @@ def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES, trai
                             "quantiles": {str(q): float(np.quantile(fr, q)) for q in (0.05, 0.5, 0.95)}},
         "photo_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:8]),
     }
-    from fixres.atomic import write_json
     write_json(tmp / MANIFEST, manifest)
     _swap_in(tmp, out)
     return {**manifest, "root": shown, "reused": False, "seconds": round(time.perf_counter() - start, 2)}
