@@ -59,7 +59,7 @@ def test_jpeg_reduction_is_the_smallest_power_of_two_keeping_the_size(short, nee
 
 
 def test_no_reduction_applies_output_is_identical(tmp_path):
-    small = smooth_photo(tmp_path / "small.jpg", 120, 100)  # shorter side 100 < 2 x resize 73
+    small = smooth_photo(tmp_path / "small.jpg", 84, 70)  # shorter side 70 < 2 x resize 37 (and 73)
     png = tmp_path / "big.png"
     Image.open(smooth_photo(tmp_path / "big.jpg", 640, 480)).save(png)  # not a JPEG: never reduced
     test = T.test_transform(test_size=64, crop_ratio=0.875, cfg=CFG)
@@ -133,7 +133,7 @@ def test_random_resized_crop_draws_first_then_decodes_what_the_crop_needs(tmp_pa
     assert needed * crop_short >= 64 * 600
 
 
-def test_sweep_decodes_once_at_its_largest_need(tmp_path, monkeypatch):
+def test_sweep_decodes_once_per_distinct_reduction_and_each_view_equals_its_single_transform(tmp_path, monkeypatch):
     path = smooth_photo(tmp_path / "p.jpg", 1200, 900)
     needs = []
     real = images.load_rgb
@@ -143,13 +143,30 @@ def test_sweep_decodes_once_at_its_largest_need(tmp_path, monkeypatch):
         return real(p, need=need)
 
     monkeypatch.setattr("fixres.data.load_rgb", spy)
-    sizes = (32, 64, 128)
-    sweep = T.MultiView([T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in sizes])
-    out = ImageDataset([(path, 0)], sweep)[0][0]
-    assert needs == [resize_for(128, 0.875)]
+    sizes = (32, 64, 128)  # resize 37, 73 -> 1/8 of 900 = 112 suffices; 146 -> 1/4 (225)
+    views = [T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in sizes]
+    out = ImageDataset([(path, 0)], T.MultiView(views))[0][0]
+    assert needs == [resize_for(128, 0.875), resize_for(64, 0.875)]  # the finest decode first, then 1/8 once
     assert [x.shape[-1] for x in out] == list(sizes)
-    full = ImageDataset([(path, 0)], sweep, reduced_decode=False)[0][0]
+    for view, x in zip(views, out):
+        alone = ImageDataset([(path, 0)], T.MultiView([view]))[0][0][0]
+        assert torch.equal(alone, x)  # exactly the pixels the size gets when evaluated alone
+    full = ImageDataset([(path, 0)], T.MultiView(views), reduced_decode=False)[0][0]
     assert all((a - b).abs().mean() < CLOSE for a, b in zip(full, out))
+
+
+def test_sweep_off_vs_on_differs_only_in_views_that_are_reduced(tmp_path):
+    """Reduced decoding changes a view's input only when that view's JPEG reduction is > 1 for the photo."""
+    sizes = (32, 64, 96, 128, 160)  # resize 37, 73, 110, 146, 183 on a 300 px side: 1/8, 1/4, 1/2, 1/2, 1
+    for w, h, rot in ((400, 300, None), (300, 400, None), (400, 300, 6), (200, 150, None)):
+        path = smooth_photo(tmp_path / f"{w}x{h}_{rot}.jpg", w, h, exif_orientation=rot, seed=w + h)
+        views = T.MultiView([T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in sizes])
+        full, reduced = _both(path, views)
+        for s, a, b in zip(sizes, full, reduced):
+            if jpeg_reduction(min(w, h), resize_for(s, 0.875)) == 1:
+                assert torch.equal(a, b), (w, h, s)
+            else:
+                assert not torch.equal(a, b) and (a - b).abs().mean() < CLOSE, (w, h, s)
 
 
 def test_box_resize_crop_matches_resize_then_crop(tmp_path):
@@ -173,3 +190,68 @@ def test_skipped_photo_gives_back_the_crop_random_numbers(tmp_path):
     item = ds[0]
     assert type(item).__name__ == "Skipped" and "truncated" in item.reason
     assert torch.equal(torch.rand(4), expected)
+
+
+# ------------------------------------------------------------------ a sweep row equals the single-size eval
+
+SWEEP = (32, 64, 96, 128, 160)  # on 400 x 300 photos: JPEG reductions 1/8, 1/4, 1/2, 1/2, 1 (full)
+
+
+def _photos(tmp_path) -> list[tuple[str, int]]:
+    shapes = [(400, 300, None), (300, 400, None), (400, 300, 6), (420, 320, None), (200, 150, None), (640, 480, None)]
+    return [(smooth_photo(tmp_path / f"p{i}.jpg", w, h, exif_orientation=rot, seed=i), i % 3)
+            for i, (w, h, rot) in enumerate(shapes)]
+
+
+def _sharp(tiny_model):
+    """The tiny model with a sharpened head, so small input changes move its log-probabilities visibly."""
+    with torch.no_grad():
+        tiny_model.model.fc.weight.mul_(20.0)
+    return tiny_model
+
+
+def _eval(bundle, samples, sizes, **kw):
+    from fixres.engine import Precision
+    from fixres.evaluate import evaluate
+    return evaluate(bundle.model, samples, bundle.data_config, test_sizes=sizes, batch_size=4, workers=0,
+                    precision=Precision(False, None, False), progress=False, keep_log_probs=True, **kw)
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_sweep_row_equals_evaluate_at_that_single_size(tmp_path, tiny_model, ten_crop):
+    """Issue 15: the one-pass sweep's row at S is exactly ``evaluate`` at S alone (top-1, loss, per image)."""
+    bundle, samples = _sharp(tiny_model), _photos(tmp_path)
+    ratio = bundle.data_config.crop_ratio
+    assert len({jpeg_reduction(300, resize_for(s, ratio)) for s in SWEEP}) >= 3  # the sizes need different decodes
+    sweep = _eval(bundle, samples, list(SWEEP), ten_crop=ten_crop, ensembles=[(32, 160), (64, 96)])
+    for row in sweep["rows"]:
+        alone = _eval(bundle, samples, [row["test_size"]], ten_crop=ten_crop)
+        (one,) = alone["rows"]
+        for key in ("top1", "top5", "loss", "correct", "correct5", "n", "ece"):
+            assert row[key] == one[key], (row["test_size"], key)
+        key = f"{row['test_size']}@{ratio:g}"
+        assert np.array_equal(sweep["_log_probs"][key], alone["_log_probs"][key]), row["test_size"]
+    # an ensemble row is the average softmax of the members' single-size evaluations
+    for ens, members in zip(sweep["ensembles"], ((32, 160), (64, 96))):
+        lps = torch.stack([torch.from_numpy(sweep["_log_probs"][f"{m}@{ratio:g}"]) for m in members])
+        avg = lps.logsumexp(0) - np.log(len(members))
+        labels = torch.tensor([label for _, label in samples])
+        assert ens["correct"] == int((avg.argmax(1) == labels).sum())
+        assert ens["loss"] == pytest.approx(float(-avg.gather(1, labels[:, None]).double().mean()), rel=1e-6)
+
+
+def test_reduced_decode_off_vs_on_differs_only_where_a_reduction_applies(tmp_path, tiny_model):
+    """With reduced decoding off every view decodes in full; on, only views whose reduction is > 1 change."""
+    bundle, samples = _sharp(tiny_model), _photos(tmp_path)
+    ratio = bundle.data_config.crop_ratio
+    on = _eval(bundle, samples, list(SWEEP))
+    off = _eval(bundle, samples, list(SWEEP), reduced_decode=False)
+    shorts = [min(Image.open(p).size) for p, _ in samples]
+    for s in SWEEP:
+        key = f"{s}@{ratio:g}"
+        a, b = on["_log_probs"][key], off["_log_probs"][key]
+        for i, short in enumerate(shorts):
+            if jpeg_reduction(short, resize_for(s, ratio)) == 1:
+                assert np.array_equal(a[i], b[i]), (s, i)
+            else:  # same photo at 1/2..1/8 decode: close, not identical
+                assert not np.array_equal(a[i], b[i]) and np.abs(a[i] - b[i]).max() < 0.5, (s, i)

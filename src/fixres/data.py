@@ -313,7 +313,9 @@ class ImageDataset(Dataset):
 
     With ``reduced_decode`` (default) a JPEG is decoded only as large as ``transform`` needs
     (``transforms.decode_plan``: the resize side of test transforms, the drawn crop of train DA);
-    where no reduction applies the photo takes exactly the full-decode path.
+    where no reduction applies the photo takes exactly the full-decode path. Views of a sweep that
+    need different reductions get one decode per distinct reduction, so each view's output is the
+    one a single-view transform would give.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, *,
@@ -330,11 +332,14 @@ class ImageDataset(Dataset):
         plan = decode_plan(self.transform) if self.reduced_decode else None
         try:
             img = load_rgb(path, need=plan.need if plan is not None else None)
+            if plan is None:
+                return self.transform(img), label, i
+            # Views needing a coarser JPEG reduction than the first decode get their own (``FixedResizePlan``).
+            return plan.finish(img, reload=lambda short: load_rgb(path, need=lambda _size: short)), label, i
         except BadImage as exc:
             if plan is not None:
                 plan.abort()
             return Skipped(i, path, str(exc))
-        return (plan.finish(img) if plan is not None else self.transform(img)), label, i
 
 
 @dataclass

@@ -344,7 +344,7 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
              env: fdist.DistEnv | None = None, precision: Precision | None = None, workers: int | None = None,
              ensembles: Sequence[Sequence] = (), ten_crop: bool = False, folds: int = DEFAULT_FOLDS,
              progress: bool = True, num_classes: int | None = None, class_names: Sequence[str] | None = None,
-             per_class: bool = True, keep_log_probs: bool = False) -> dict:
+             per_class: bool = True, keep_log_probs: bool = False, reduced_decode: bool = True) -> dict:
     """Evaluate ``model`` on ``samples`` at every (test_size, crop_ratio) pair in one pass.
 
     ``samples``: a ``FolderIndex`` or a list of (path, label). ``crop_ratios`` defaults to the data
@@ -362,6 +362,8 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     ``inference_precision``; ``workers`` to ``data.default_workers``. ``keep_log_probs``: also
     return ``_log_probs`` ({row key: array (images, classes)}, data-set order) and ``_labels``, not
     JSON-ready (pop them before writing), e.g. for ``calibration.fit_temperature``.
+    ``reduced_decode``: decode JPEGs only as large as each view needs (``data.ImageDataset``); a
+    view's numbers are the same whether it is evaluated alone or in a sweep.
     """
     env = env or fdist.DistEnv()
     precision = precision or inference_precision(env.device)
@@ -371,7 +373,8 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     transform = MultiView([build(test_size=v.test_size, crop_ratio=v.crop_ratio, cfg=cfg) for v in plan.views])
     workers = default_workers(env.world_size) if workers is None else workers
     shard = fdist.shard_indices(len(plan.samples), env.rank, env.world_size)
-    loader = make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform),
+    loader = make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform,
+                                      reduced_decode=reduced_decode),
                          batch_size=batch_size, sampler=IndexSampler(shard), workers=workers)
     was_training = model.training
     model = prepare(model, env.device, precision)

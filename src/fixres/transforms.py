@@ -35,6 +35,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fixres.config import RRC_RATIO, RRC_SCALE, DataConfig, resize_for, validate_size
 from fixres.errors import UsageError
+from fixres.images import jpeg_reduction
 
 #: The paper's colour jitter strength for training (brightness, contrast, saturation).
 TRAIN_JITTER = 0.3
@@ -201,34 +202,64 @@ PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.Resampling.NEAREST, Interpolati
 
 
 class FixedResizePlan:
-    """A transform that starts by resizing the shorter side to ``short``: the decode must keep ``short``.
+    """Transforms that start by resizing the shorter side (test views, 10-crop): decode only what each needs.
 
-    On a reduced decode, each "resize + centre crop" view is cut in one PIL resize with a box (only
+    Every view gets exactly the pixels its own single-size evaluation would get: the views are
+    grouped by the JPEG reduction each one needs for this photo (``images.jpeg_reduction`` of its
+    resize side), and the photo is decoded once per distinct reduction (a sweep of K sizes costs
+    1-4 decodes instead of K, and its row at size S equals ``evaluate`` at S alone, bit for bit).
+    On a reduced decode, a "resize + centre crop" view is cut in one PIL resize with a box (only
     the crop's pixels are resampled, at the positions resize-then-crop would sample, within a grey
-    level or a few); a full-size decode runs the untouched transform.
+    level or a few); a view decoded at full size runs its untouched transform.
     """
 
-    def __init__(self, transform: Callable, inner: Callable, short: int) -> None:
-        self.transform, self.short, self.full = transform, short, None
-        views = inner.transforms if isinstance(inner, MultiView) else [inner]
-        fused = [_resize_crop_view(v) for v in views]
-        self.fused = None if None in fused else fused
+    def __init__(self, transform: Callable, inner: Callable) -> None:
+        self.transform, self.inner, self.full = transform, inner, None
         self.multi = isinstance(inner, MultiView)
-        self.inner = inner
+        self.views = inner.transforms if self.multi else [inner]
+        self.shorts = [_fixed_short_side(v) for v in self.views]
+        self.fused = [_resize_crop_view(v) for v in self.views]
+        self.groups: list[tuple[int, list[int]]] = []
 
     def need(self, size: tuple[int, int]) -> int:
+        """Called with the upright header size of a JPEG: the shorter side of the first (finest) decode."""
         self.full = size
-        return self.short
+        self.groups = decode_groups(min(size), self.shorts)
+        return max(self.shorts[i] for i in self.groups[0][1])
 
-    def finish(self, img):
-        if self.fused is None or self.full is None or img.size == self.full:
-            return self.transform(img)
-        outs = tuple(_call_like(self.transform, self.inner, rest, _resize_box_crop(img, short, crop, mode))
-                     for short, crop, mode, rest in self.fused)
-        return outs if self.multi else outs[0]
+    def finish(self, img, reload: Callable[[int], Image.Image] | None = None):
+        """The views' outputs; ``reload(short)`` decodes the same photo again for a coarser reduction."""
+        if self.full is None or len(self.groups) == 1 and img.size == self.full:
+            return self.transform(img)  # not a JPEG, or no view is reduced: the plain path
+        if len(self.groups) > 1 and reload is None:
+            raise ValueError("FixedResizePlan.finish: views need different reductions, pass reload=")
+        outs: list = [None] * len(self.views)
+        for g, (_, members) in enumerate(self.groups):
+            decoded = img if g == 0 else reload(max(self.shorts[i] for i in members))
+            for i in members:
+                outs[i] = self._view(i, decoded)
+        return tuple(outs) if self.multi else outs[0]
+
+    def _view(self, i: int, img):
+        fused = self.fused[i]
+        if fused is None or img.size == self.full:
+            return _call_like(self.transform, self.inner, self.views[i], img)
+        short, crop, mode, rest = fused
+        return _call_like(self.transform, self.inner, rest, _resize_box_crop(img, short, crop, mode))
 
     def abort(self) -> None:
         pass
+
+
+def decode_groups(short_side: int, shorts: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """(reduction, indices of the views needing it) for a photo whose shorter side is ``short_side``.
+
+    Finest reduction first; views needing the same reduction share one decode.
+    """
+    by_k: dict[int, list[int]] = {}
+    for i, short in enumerate(shorts):
+        by_k.setdefault(jpeg_reduction(short_side, short), []).append(i)
+    return sorted(by_k.items())
 
 
 def _flat_ops(t) -> list:
@@ -290,7 +321,7 @@ class CropPlan:
         if self.state is not None:
             torch.set_rng_state(self.state)
 
-    def finish(self, img):
+    def finish(self, img, reload: Callable[[int], Image.Image] | None = None):  # noqa: ARG002 - one decode
         if self.full is None or img.size == self.full:
             self.abort()
             return self.outer(img)
@@ -322,7 +353,7 @@ def _fixed_short_side(t) -> int | None:
         return int(t.size[0])
     if isinstance(t, MultiView) and t.transforms:
         sides = [_fixed_short_side(v) for v in t.transforms]
-        return None if None in sides else max(sides)  # one decode for all sizes: the largest need
+        return None if None in sides else max(sides)  # the largest need (the finest decode)
     if isinstance(t, TenCropStack):
         return _fixed_short_side(t.resize)
     return None
@@ -337,5 +368,4 @@ def decode_plan(transform: Callable) -> FixedResizePlan | CropPlan | None:
     inner = _unwrap(transform)
     if isinstance(inner, v2.Compose) and inner.transforms and isinstance(inner.transforms[0], v2.RandomResizedCrop):
         return CropPlan(transform, inner)
-    short = _fixed_short_side(inner)
-    return FixedResizePlan(transform, inner, short) if short else None
+    return FixedResizePlan(transform, inner) if _fixed_short_side(inner) else None
