@@ -31,7 +31,7 @@ from torch import nn
 from fixres import dist as fdist
 from fixres.calibration import apply_temperature, ece, fit_temperature, nll, reliability
 from fixres.config import DEFAULT_FOLDS, DataConfig, validate_crop_ratio, validate_size
-from fixres.data import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader
+from fixres.data import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader, pin_memory_for
 from fixres.engine import (Precision, SingleThreaded, autocast, inference_precision, prepare,
                            to_device)
 from fixres.errors import FixresError, UsageError
@@ -375,7 +375,8 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     shard = fdist.shard_indices(len(plan.samples), env.rank, env.world_size)
     loader = make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform,
                                       reduced_decode=reduced_decode),
-                         batch_size=batch_size, sampler=IndexSampler(shard), workers=workers)
+                         batch_size=batch_size, sampler=IndexSampler(shard), workers=workers,
+                         pin_memory=pin_memory_for(env.device))
     was_training = model.training
     model = prepare(model, env.device, precision)
     model.eval()
