@@ -41,6 +41,7 @@ def user_run(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(models, "load_model", counting)
+    mp.setattr(pipeline, "load_model", counting, raising=False)  # imported at module level there
     try:
         cfg = pipeline.FixConfig(checkpoint=str(ck), data=str(data), out=str(tmp / "run"), **USER)
         result = pipeline.run_fix(cfg)

@@ -19,12 +19,21 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fixres import fixsize
+from fixres.adaptation import adapt
 from fixres.atomic import write_json
+from fixres.calibration import fit_temperature
 from fixres.checkpoint import load_state_dict, save_safetensors
+from fixres.data import ImageDataset, make_loader
 from fixres.engine import autocast
+from fixres.evaluate import evaluate
+from fixres.finetuning import STATE_NAME as FT_STATE
+from fixres.finetuning import default_lr, finetune
 from fixres.progress import format_duration
+from fixres.structure import find_classifier_name
+from fixres.transforms import build_transform
 
 if TYPE_CHECKING:  # the steps below read the run's context; fixres.pipeline imports this module
     from fixres.pipeline import FixContext
@@ -67,7 +76,6 @@ def load_adapted(model: nn.Module, path: Path) -> None:
 
 def gflops(model: nn.Module, size: int, device) -> float | None:
     """Forward GFLOPs of one image at ``size`` (torch's FLOP counter: multiply-adds count as 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
     x = torch.zeros(1, 3, size, size, device=device)
     was = model.training
     model.eval()
@@ -112,8 +120,6 @@ def predict(model: nn.Module, samples, cfg, size: int, *, batch_size: int, worke
             device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of ``model`` at ``size`` on ``samples`` (test pre-processing, fp32, skipped files left
     out): for temperature fitting and paired per-image comparisons."""
-    from fixres.data import ImageDataset, make_loader
-    from fixres.transforms import build_transform
     loader = make_loader(ImageDataset(samples, build_transform("test", size=size, cfg=cfg)), batch_size=batch_size,
                          workers=workers)
     out, labels = [], []
@@ -162,8 +168,6 @@ def _public(result: dict) -> dict:
 
 def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs: int, out_dir: Path) -> dict:
     """Fine-tune ``model`` (the working copy) at ``size`` on the fitting images, resuming a killed attempt."""
-    from fixres.finetuning import STATE_NAME as FT_STATE
-    from fixres.finetuning import finetune
     c = x.config
     return finetune(model, x.fit, [], x.cfg, test_size=size, parts=c.parts, augment=c.augment, epochs=epochs,
                     lr=lr, batch_size=c.batch_size, cache=True, out_dir=out_dir,
@@ -174,7 +178,6 @@ def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs:
 
 def _score(x: "FixContext", model, samples, size: int) -> dict:
     """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision)."""
-    from fixres.evaluate import evaluate
     row = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False,
                    **{**x.eval_kw(), "progress": False})["rows"][0]
     return {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
@@ -182,7 +185,6 @@ def _score(x: "FixContext", model, samples, size: int) -> dict:
 
 def run_schedule(x: "FixContext") -> None:
     """Issue 16.5: the fine-tuning rate and length chosen on the held-out images from a small grid (cached)."""
-    from fixres.finetuning import default_lr
     c = x.config
     size = schedule_size(x)
     lr0 = c.lr or default_lr(c.batch_size)
@@ -237,7 +239,6 @@ def run_select(x: "FixContext") -> None:
 
 
 def _held_out_before(x: "FixContext", sizes: Sequence[int]) -> dict:
-    from fixres.evaluate import evaluate
     if not x.holdout:
         return {}
     rows = evaluate(x.base(), x.holdout, x.cfg, test_sizes=list(sizes), per_class=False,
@@ -324,7 +325,6 @@ def _why_not_recommended(size: int, sel: dict, rows: list[dict]) -> str | None:
 
 def label_free_adapt(x: "FixContext", model, test_size: int) -> dict:
     """Issue 16.6: no label read: batch-norm statistics re-estimated at ``test_size`` on the training images."""
-    from fixres.adaptation import adapt
     unlabeled = [(p, 0) for p, _ in x.train_index.samples]  # labels are never read; zeroed to make it plain
     res = adapt(model, unlabeled, x.cfg, method=LABEL_FREE_METHOD, test_size=test_size,
                 batch_size=x.config.batch_size, env=x.env, precision=x.precision, workers=x.config.workers,
@@ -336,8 +336,6 @@ def label_free_adapt(x: "FixContext", model, test_size: int) -> dict:
 
 def temperature_scale(x: "FixContext", model, test_size: int) -> dict:
     """Fit T on the held-out images' logits, then divide the classifier by T (same top-1, calibrated softmax)."""
-    from fixres.calibration import fit_temperature
-    from fixres.structure import find_classifier_name
     logits, labels = predict(model, x.holdout, x.cfg, test_size, batch_size=x.config.batch_size,
                              workers=x.config.workers, device=x.env.device)
     t = float(fit_temperature(logits, labels))
@@ -348,7 +346,6 @@ def temperature_scale(x: "FixContext", model, test_size: int) -> dict:
 
 def scale_layer(layer, factor: float) -> None:
     """Multiply a linear layer's weight and bias by ``factor`` (logits scale by it exactly)."""
-    import torch
     with torch.no_grad():
         layer.weight.mul_(factor)
         if getattr(layer, "bias", None) is not None:

@@ -41,14 +41,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+import torch
+
+from fixres import analysis, candidates, dist, engine, fixsize
 from fixres import config as config_vocab
-from fixres import candidates, fixsize
+from fixres import progress as prog
+from fixres import stats as fstats
 from fixres.atomic import write_json
+from fixres.candidates import estimate_seconds, latency_ms, load_adapted
+from fixres.checkpoint import load_state_dict
+from fixres.data import (count_image_sizes, index_val_onto, missing_classes_warning, read_class_map, resolve_split,
+                         scan_folder)
 from fixres.errors import FixresError, UsageError
-from fixres.exporting import WEIGHTS_NAME
-from fixres.progress import format_duration
+from fixres.evaluate import evaluate
+from fixres.exporting import WEIGHTS_NAME, export_model
 from fixres.fingerprint import digest, file_digest, index_fingerprint
+from fixres.images import load_rgb
+from fixres.models import load_model
+from fixres.progress import format_duration
+from fixres.report import REPORT_DIR, REPORT_JSON, write_report
 from fixres.runstate import NOT_RUN, RunState
+from fixres.synth import make_dataset
+from fixres.train import STATE_NAME as TRAIN_STATE
+from fixres.train import train
+from fixres.transforms import build_transform
 
 DEFAULT_OUT = Path("runs") / "fix"
 #: The embedded default: a small built-in CNN trained on the generated data at a low train size.
@@ -82,8 +99,10 @@ STEP_FOLDERS = {"train": ("train",), "schedule": ("schedule",), "select": ("cand
                 "finetune": ("finetune", "export")}
 #: Default cap on the time the candidate fixes may take (estimated up front; farthest sizes dropped first).
 DEFAULT_SELECT_BUDGET_MIN = 60.0
-#: Training images read to estimate the time per image before the run starts.
+#: Training images read, and the batch of the timed forwards, to estimate the time per image before the run
+#: starts (small: on a CPU a large model's probe must not cost minutes).
 PLAN_PROBE_IMAGES = 8
+PLAN_PROBE_BATCH = 4
 
 choose_test_size = fixsize.choose_test_size
 
@@ -203,7 +222,6 @@ class FixContext:
     # ---- data
     def index_data(self, data_root: Path) -> None:
         """Index train/ and val/ (val mapped onto the training classes by name); split off the held-out part."""
-        from fixres.data import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
         c = self.config
         class_map = read_class_map(c.class_map) if c.class_map else None
         train_root, val_root = resolve_split(data_root, "train"), resolve_split(data_root, "val")
@@ -227,7 +245,6 @@ class FixContext:
         return not self.config.has_weights or bool(self.bundle.meta.get("new_head"))
 
     def load_model(self) -> None:
-        from fixres.models import load_model
         c = self.config
         num_classes = c.num_classes or (self.train_index.num_classes if not c.checkpoint else None)
         self.bundle = load_model(model=c.model_name, checkpoint=c.checkpoint, weights=c.weights,
@@ -280,7 +297,6 @@ class FixContext:
 
 def _load_weights(model, path: Path) -> None:
     """Load a state dict saved by this run into an already built model (strict)."""
-    from fixres.checkpoint import load_state_dict
     if not path.is_file():
         raise FixresError(f"{path} is missing; rerun with --restart")
     model.load_state_dict(load_state_dict(path), strict=True)
@@ -390,7 +406,6 @@ def key_report(x: FixContext) -> dict:
 def run_data(x: FixContext) -> None:
     c = x.config
     if c.embedded:
-        from fixres.synth import make_dataset
         made = make_dataset(x.run_dir / "data", classes=c.classes, train_per_class=c.train_per_class,
                             val_per_class=c.val_per_class, seed=c.seed, progress=c.progress,
                             overwrite=True)  # this step runs only when the data's settings changed
@@ -402,8 +417,6 @@ def run_data(x: FixContext) -> None:
 
 
 def run_train(x: FixContext) -> None:
-    from fixres.train import STATE_NAME as TRAIN_STATE
-    from fixres.train import train
     c = x.config
     lr = c.train_lr or (EMBEDDED_TRAIN_LR if not (c.model or c.has_weights) else None)
     train_dir = x.run_dir / "train"
@@ -419,8 +432,6 @@ def run_train(x: FixContext) -> None:
 
 
 def run_analyse(x: FixContext) -> None:
-    from fixres import analysis
-    from fixres.data import count_image_sizes
     cfg = x.cfg
     sizes = count_image_sizes(x.val_index, limit=MAX_PHOTO_SIZES)
     an = analysis.analyze(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,
@@ -435,15 +446,12 @@ def run_analyse(x: FixContext) -> None:
 
 
 def run_sweep_before(x: FixContext) -> None:
-    from fixres.evaluate import evaluate
     sweep = evaluate(x.base(), x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw())
     write_json(x.run_dir / "sweep_before.json", _strip(sweep))
 
 
 def run_finetune(x: FixContext) -> None:
     """The chosen candidate (or, label-free, batch-norm recalibration at the recommended size), exported."""
-    from fixres.candidates import load_adapted
-    from fixres.exporting import export_model
     test_size = int(x.choice["test_size"])
     model = x.work(holds="export")
     if x.config.label_free:
@@ -462,8 +470,6 @@ def run_finetune(x: FixContext) -> None:
 
 
 def run_sweep_after(x: FixContext) -> None:
-    from fixres.evaluate import evaluate
-    from fixres.exporting import export_model
     test_size = int(x.choice["test_size"])
     fixed = x.fixed()
     sweep = evaluate(fixed, x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw())
@@ -495,9 +501,6 @@ def run_stats(x: FixContext) -> None:
 
 
 def run_report(x: FixContext) -> None:
-    import torch
-
-    from fixres.report import write_report
     write_json(x.run_dir / "run.json", _run_info(x, torch.get_num_threads()))
     write_report(x.run_dir)
 
@@ -662,8 +665,6 @@ def _candidate_list(x: FixContext) -> list[int]:
 def run_fix(config: FixConfig) -> dict:
     """Run (or resume) the whole method; returns the headline numbers, where the report is, and which
     steps were recomputed because their inputs changed (``recomputed``: {step: [changed inputs]})."""
-    from fixres import progress as prog
-
     t_job = time.perf_counter()
     x = FixContext(config=config, run_dir=Path(config.out),
                    say=lambda msg: prog.status(msg, enabled=config.progress))
@@ -683,7 +684,6 @@ def run_fix(config: FixConfig) -> dict:
     for i, step in enumerate(STEP_TABLE[1:], start=2):
         _execute(x, i, step, recomputed)
     write_json(x.run_dir / "run.json", _run_info(x, _threads()))  # every step's time, the report's included
-    from fixres.report import REPORT_DIR, REPORT_JSON
     summary = _read_json(x.run_dir / REPORT_DIR / REPORT_JSON)
     return {"run_dir": str(x.run_dir), "report": summary["html"], "headline": summary["headline"],
             "export": str(x.run_dir / "export"), "choice": x.choice, "recomputed": recomputed,
@@ -691,7 +691,6 @@ def run_fix(config: FixConfig) -> dict:
 
 
 def _threads() -> int:
-    import torch
     return torch.get_num_threads()
 
 
@@ -714,7 +713,6 @@ def _prepare_folder(x: FixContext) -> None:
 
 def _setup_runtime(x: FixContext) -> None:
     """Device and precisions (a device that is not there is refused before anything is written)."""
-    from fixres import dist, engine
     c = x.config
     x.env = dist.DistEnv(device=dist.resolve_device(c.device))
     x.precision = engine.precision_for(x.env.device, amp=c.amp)
@@ -724,7 +722,6 @@ def _setup_runtime(x: FixContext) -> None:
 
 def _build_model(x: FixContext) -> None:
     """The model, built once; the sizes to sweep follow from its train size and stride."""
-    import torch
     torch.manual_seed(x.config.seed)  # a model built from scratch starts from the same weights every run
     x.load_model()
     c = x.config
@@ -733,11 +730,8 @@ def _build_model(x: FixContext) -> None:
 
 def _probe_speed(x: FixContext) -> tuple[float, float]:
     """(seconds per image of a forward at T, seconds per image to read and pre-process one), measured now."""
-    from fixres.candidates import LATENCY_BATCH, latency_ms
-    from fixres.transforms import build_transform
-    from fixres.images import load_rgb
     fwd = latency_ms(x.bundle.model, x.cfg.train_size, device=x.env.device, precision=x.eval_precision,
-                     batch=LATENCY_BATCH) / 1000.0
+                     batch=PLAN_PROBE_BATCH) / 1000.0
     transform = build_transform("test", size=x.cfg.train_size, cfg=x.cfg)
     probe = x.train_index.samples[:PLAN_PROBE_IMAGES]
     t0 = time.perf_counter()
@@ -751,7 +745,6 @@ def _probe_speed(x: FixContext) -> tuple[float, float]:
 
 def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
     """Rough seconds per step from a forward time at T and a read time per image (printed before starting)."""
-    from fixres.candidates import estimate_seconds
     c, t = x.config, x.cfg.train_size
     n_fit, n_hold, n_val = len(x.fit), len(x.holdout), len(x.val_index.samples)
     cands = c.candidates or ([c.test_size] if c.test_size else fixsize.candidate_sizes(t, x.cfg.stride))
@@ -816,9 +809,6 @@ def _activation_stats(model, samples, cfg, sizes, *, env, precision, batch_size,
                       reference=None) -> dict:
     """Pooled-activation CDFs per size (``fixres.stats``), on a given x grid when ``grid`` is set; KS distances
     to ``reference`` (default: this model's values at the train size, also returned in ``_pooled``)."""
-    import numpy as np
-
-    from fixres import stats as fstats
     return fstats.activation_stats(model, samples, cfg, test_sizes=sizes, batch_size=batch_size, env=env,
                                    precision=precision, workers=workers, progress=False, max_images=STATS_IMAGES,
                                    grid=None if grid is None else np.asarray(grid, dtype=float),
