@@ -3,7 +3,8 @@
 #
 # Generates a small data set, then runs on CUDA (autocast + channels_last, fixres's defaults there):
 #   eval, sweep (one pass, 4 sizes), finetune with the activation cache and without it,
-#   a few training steps, and `torchrun --nproc_per_node=1` training (nccl backend).
+#   a few training steps, and `torchrun --nproc_per_node=1` training (nccl backend);
+#   then the throughput section (benchmarks/gpu_throughput.py; "no CUDA: skipped" without a GPU).
 # Prints images/s for each step and exits non-zero at the first failure.
 #
 #   bash benchmarks/gpu_smoke.sh                 # needs a CUDA GPU; about 3-5 minutes
@@ -98,4 +99,17 @@ a, b = (last(f"{sys.argv[1]}/finetune-{k}.json")["after"]["top1"] for k in ("cac
 print(f"gpu_smoke: finetune top-1 cached {a:.2f} vs uncached {b:.2f}")
 assert abs(a - b) <= 2.0, "cached and uncached fine-tuning disagree"
 EOF
+# Throughput (issue 15.4): images/s of eval at 128/224/384 and training at 128/224, the loader alone and
+# end to end, and full-size JPEG decode CPU vs GPU. Only with CUDA; the CPU dry run checks the logic at
+# tiny sizes and says plainly that the real measurement was skipped.
+if [ "$DEVICE" = cuda ]; then
+  "$PY" benchmarks/gpu_throughput.py --data "$OUT/data" --model "$MODEL" --batch-size "$B" --images 512 \
+    || { echo "gpu_smoke: FAIL throughput" >&2; exit 1; }
+else
+  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
+    || echo "gpu_smoke: throughput: no CUDA: skipped (logic dry run at tiny sizes follows)"
+  "$PY" benchmarks/gpu_throughput.py --data "$OUT/data" --device cpu --model "$MODEL" --eval-sizes 32,48 \
+    --train-sizes 32 --batch-size "$B" --images 16 --workers 0 \
+    || { echo "gpu_smoke: FAIL throughput (dry run)" >&2; exit 1; }
+fi
 echo "gpu_smoke: all steps passed"

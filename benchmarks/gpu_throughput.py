@@ -1,0 +1,169 @@
+"""GPU throughput (issue 15.4): images/s of eval and training, the loader alone and end to end.
+
+For each eval size (default 128, 224, 384) and train size (default 128, 224) on one device:
+  * loader alone: fixres's DataLoader (reduced JPEG decode, pinned batches on CUDA) including the
+    non-blocking host-to-device copy, no network: the rate the loader can feed;
+  * end to end: ``fixres.evaluate.evaluate`` (inference precision, channels_last), and a training loop
+    (SGD, the training precision of ``engine.precision_for``, fp16 with a GradScaler);
+  * JPEG decode alone: PIL on the CPU (fixres's path) vs ``torchvision.io.decode_jpeg`` batched on the
+    GPU (nvjpeg), full size, to tell whether GPU decoding would pay on this machine.
+The first batch of every measurement is an untimed warm-up (cudnn autotuning, worker start).
+
+On a machine without CUDA it prints "no CUDA: skipped" and exits 0 (``--device cpu`` runs the same
+logic on the CPU, for a dry run; its numbers mean nothing). Called by ``benchmarks/gpu_smoke.sh``.
+
+    .venv/bin/python benchmarks/gpu_throughput.py --data DIR [--model resnet50] [--images 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from fixres import dist as fdist  # noqa: E402
+from fixres import engine  # noqa: E402
+from fixres.data import ImageDataset, default_workers, make_loader, pin_memory_for, resolve_split, scan_folder  # noqa: E402
+from fixres.evaluate import evaluate  # noqa: E402
+from fixres.images import load_rgb  # noqa: E402
+from fixres.models import load_model  # noqa: E402
+from fixres.transforms import MultiView, test_transform, train_transform  # noqa: E402
+
+SKIP_LINE = "gpu_throughput: no CUDA: skipped"
+#: Batches timed after the untimed warm-up batch (at most; fewer when the data runs out).
+WARMUP_BATCHES = 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(loader, device: torch.device, step) -> float:
+    """images/s of ``step(batch)`` over ``loader``, the first batch untimed."""
+    n, start = 0, None
+    for k, batch in enumerate(loader):
+        if batch.inputs is None:
+            continue
+        step(batch)
+        if k + 1 == WARMUP_BATCHES:
+            _sync(device)
+            start = time.perf_counter()
+        elif start is not None:
+            n += len(batch)
+    _sync(device)
+    return n / (time.perf_counter() - start) if start is not None and n else float("nan")
+
+
+def _loader(samples, transform, args, device, *, shuffle: bool):
+    return make_loader(ImageDataset(samples, transform), batch_size=args.batch_size, shuffle=shuffle,
+                       workers=args.workers, pin_memory=pin_memory_for(device), drop_last=shuffle)
+
+
+def eval_rates(bundle, samples, args, device) -> list[dict]:
+    rows = []
+    precision = engine.inference_precision(device)
+    for size in args.eval_sizes:
+        t = MultiView([test_transform(test_size=size, crop_ratio=bundle.data_config.crop_ratio,
+                                      cfg=bundle.data_config)])
+        alone = _rate(_loader(samples, t, args, device, shuffle=False), device,
+                      lambda b: engine.to_device(b.inputs[0], device, precision))
+        env = fdist.DistEnv(device=device)
+        kw = dict(test_sizes=[size], batch_size=args.batch_size, env=env, workers=args.workers,
+                  progress=False, per_class=False)
+        evaluate(bundle.model, samples[: args.batch_size], bundle.data_config, **kw)  # warm-up at this size
+        res = evaluate(bundle.model, samples, bundle.data_config, **kw)
+        rows.append({"what": "eval", "size": size, "loader_alone": alone, "end_to_end": res["images_per_s"],
+                     "top1": res["rows"][0]["top1"], "precision": res["precision"]})
+    return rows
+
+
+def train_rates(bundle, samples, args, device) -> list[dict]:
+    rows = []
+    precision = engine.precision_for(device)
+    model = engine.prepare(bundle.model, device, precision)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(batch):
+        x = engine.to_device(batch.inputs, device, precision)
+        y = batch.labels.to(device, non_blocking=True)
+        with engine.autocast(device, precision):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    model.train()
+    for size in args.train_sizes:
+        t = train_transform(train_size=size, cfg=bundle.data_config, color_jitter=True)
+        alone = _rate(_loader(samples, t, args, device, shuffle=True), device,
+                      lambda b: engine.to_device(b.inputs, device, precision))
+        e2e = _rate(_loader(samples, t, args, device, shuffle=True), device, step)
+        rows.append({"what": "train", "size": size, "loader_alone": alone, "end_to_end": e2e,
+                     "precision": precision.describe()})
+    return rows
+
+
+def decode_rates(samples, args, device) -> dict:
+    """Full-size JPEG decode alone: PIL on the CPU (one process) vs torchvision's batched decode on ``device``."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    paths = [p for p, _ in samples if p.lower().endswith((".jpg", ".jpeg"))]
+    start = time.perf_counter()
+    for p in paths:
+        load_rgb(p)
+    cpu = len(paths) / (time.perf_counter() - start)
+    data = [read_file(p) for p in paths]
+    decode_jpeg(data[: args.batch_size], mode=ImageReadMode.RGB, device=device)  # warm-up (nvjpeg init)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(data), args.batch_size):
+        decode_jpeg(data[i:i + args.batch_size], mode=ImageReadMode.RGB, device=device)
+    _sync(device)
+    return {"jpegs": len(paths), "cpu_pil_per_process": cpu,
+            f"decode_jpeg_{device.type}": len(paths) / (time.perf_counter() - start)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="ImageFolder root (its val/ and train/ splits if present)")
+    ap.add_argument("--model", default="resnet50", help="random init: nothing is downloaded")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--eval-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[128, 224, 384])
+    ap.add_argument("--train-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[128, 224])
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(SKIP_LINE)
+        return 0
+    args.workers = default_workers() if args.workers is None else args.workers
+    val = scan_folder(resolve_split(args.data, "val"), warn=False)
+    train = scan_folder(resolve_split(args.data, "train"), warn=False)
+    bundle = load_model(model=args.model, num_classes=len(train.classes), random_init=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run: numbers mean nothing)"
+    print(f"gpu_throughput: {name}, {args.model}, batch {args.batch_size}, {args.workers} workers")
+    rows = eval_rates(bundle, val.samples[: args.images], args, device)
+    rows += train_rates(bundle, train.samples[: args.images], args, device)
+    for r in rows:
+        print(f"gpu_throughput: {r['what']:<5} {r['size']:>4}  loader alone {r['loader_alone']:9.1f} images/s   "
+              f"end to end {r['end_to_end']:9.1f} images/s   {r['precision']}")
+    dec = decode_rates(val.samples[: args.images], args, device)
+    other = f"decode_jpeg_{device.type}"
+    print(f"gpu_throughput: full-size JPEG decode of {dec['jpegs']} photos: PIL (CPU, 1 process) "
+          f"{dec['cpu_pil_per_process']:.1f} images/s, torchvision decode_jpeg on {device.type} (batched) "
+          f"{dec[other]:.1f} images/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
