@@ -764,12 +764,16 @@ def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
 
 
 def _print_plan(x: FixContext) -> None:
+    """The steps ahead with rough times; steps finished before are marked (they are reused when their
+    inputs are unchanged, which only their keys, computed as the run goes, can tell)."""
     fwd, load = _probe_speed(x)
     est = plan_estimates(x, fwd, load)
+    done = {k for k in est if x.state.record(k).get("done")}
+    todo = sum(v for k, v in est.items() if k not in done)
     x.say(f"plan ({x.env.device}; rough estimates from a {1000 * fwd:.1f} ms/image forward at {x.cfg.train_size}px "
-          f"and {1000 * load:.0f} ms/image reading; finished steps with unchanged inputs are reused): "
-          + ", ".join(f"{k} ~{format_duration(v)}" for k, v in est.items())
-          + f"; total ~{format_duration(sum(est.values()))}")
+          f"and {1000 * load:.0f} ms/image reading): "
+          + ", ".join(f"{k} " + ("done before" if k in done else f"~{format_duration(v)}") for k, v in est.items())
+          + f"; total ~{format_duration(todo)}" + (" for the steps not done before" if done else ""))
 
 
 def _run_info(x: FixContext, threads: int) -> dict:
