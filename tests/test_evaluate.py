@@ -118,6 +118,8 @@ def test_one_pass_sweep_equals_naive_per_size_loops(image_folder, tiny_model):
 
 
 def test_each_image_is_decoded_once_for_all_sizes(image_folder, tiny_model, monkeypatch):
+    """Photos this small need no JPEG reduction at any of these sizes: one decode serves them all
+    (larger photos: one decode per distinct reduction, tests/test_reduced_decode.py)."""
     import fixres.data
     calls = []
 

@@ -1,8 +1,9 @@
 """Evaluation at any test resolution: one pass over the data, exact counts, error bars (paper section 5).
 
-``evaluate`` decodes each image once and feeds every requested view, one per (test_size,
-crop_ratio) pair (``transforms.MultiView``), to the model; so a sweep of K sizes costs one decode
-per image instead of K. For every view it reports top-1, top-5, mean cross-entropy and per-class
+``evaluate`` decodes each image once per distinct JPEG reduction its views need (one decode for
+photos or sizes where no reduction applies, 1-4 otherwise) and feeds every requested view, one per
+(test_size, crop_ratio) pair (``transforms.MultiView``), to the model; so a sweep of K sizes costs
+far fewer decodes than K evaluations, and each of its rows equals the single-size evaluation exactly. For every view it reports top-1, top-5, mean cross-entropy and per-class
 top-1, plus multi-resolution ensembles (averaged softmax over sizes, section 5.1) and optional
 10-crop testing. Significance follows section 5: the images are split into ``folds`` folds,
 accuracy is measured on all folds but one, leaving each out in turn, and the standard deviation of
