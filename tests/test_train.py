@@ -292,3 +292,47 @@ def test_train_resume_into_a_model_it_does_not_fit_is_a_clear_error(data, tmp_pa
     five = _tiny(num_classes=5)
     with pytest.raises(UsageError, match=r"does not fit this model \(fc\.weight: \(3, 128\) vs \(5, 128\) here\)"):
         train(five.model, cfg=five.data_config, resume=True, **_train_kw(data, out))
+
+
+# --------------------------------------------------------------------------- model flags (through model_spec)
+
+def _nan_checkpoint(tmp_path: Path) -> tuple[Path, str]:
+    from fixres.models import load_model
+    sd = load_model(model="fixres_tiny_resnet", num_classes=3).model.state_dict()
+    sd["fc.bias"] = sd["fc.bias"].clone()
+    sd["fc.bias"][0] = float("nan")
+    return save_safetensors(sd, tmp_path / "nan.safetensors"), "fc.bias"
+
+
+def test_train_strict_refuses_a_nan_checkpoint_and_warns_without(tmp_path, capsys, data):
+    ck, bad = _nan_checkpoint(tmp_path)
+    common = ["train", "--model", "fixres_tiny_resnet", "--checkpoint", ck, "--data", data, "--train-size", 32,
+              "--epochs", 1, "--batch-size", 8, "--workers", 0, "--no-amp", "-q", "--max-steps", 1]
+    assert _cli(common + ["--strict", "--out", tmp_path / "strict"]) == 1
+    err = capsys.readouterr().err
+    assert bad in err and "NaN" in err and "Traceback" not in err
+    assert not (tmp_path / "strict" / "model.safetensors").exists()
+    # without --strict the same checkpoint loads with a warning naming the tensor
+    assert _cli(common + ["--out", tmp_path / "lenient"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and bad in err
+
+
+def test_train_flags_reach_load_model(tmp_path, monkeypatch, data):
+    """--ema/--strict/--pretrained go through commands._args.model_spec into load_model, like every command."""
+    import fixres.models as models
+    seen = {}
+    real = models.load_model
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**{**kw, "pretrained": False, "ema": False})
+
+    monkeypatch.setattr(models, "load_model", spy)
+    argv = ["train", "--model", "fixres_tiny_resnet", "--data", data, "--train-size", 32, "--epochs", 1,
+            "--batch-size", 8, "--workers", 0, "--no-amp", "-q", "--max-steps", 1, "--out", tmp_path / "o"]
+    assert _cli(argv + ["--ema", "--strict"]) == 0
+    assert seen["ema"] is True and seen["strict"] is True and seen["pretrained"] is False
+    assert seen["num_classes"] == 3 and seen["train_size"] == 32
+    assert _cli(argv + ["--pretrained"]) == 0
+    assert seen["pretrained"] is True

@@ -15,6 +15,9 @@ point on. The cut is at a module boundary of the model's own sequential structur
 children in execution order, descending into ``nn.Sequential`` containers), so the "rest of the
 model" is exactly the modules the forward runs after it; the suffix is checked against the full
 forward on a sample before it is trusted, and the uncached path is used when it does not match.
+Token models (ViT, DeiT, Mixer, LeViT, ...) pool inside timm's ``forward_head`` (a class token taken, tokens
+averaged: no module does it), so a cut in the chain cannot be replayed there; for them the cut is in the
+modules ``forward_features`` runs (ViT ``norm``) or at its output, and the suffix ends with ``forward_head``.
 Random augmentations (test2, train) always use the full forward.
 
 The step (loss over the global image count, summed gradients under torchrun, a rank without images
@@ -35,7 +38,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -102,10 +105,14 @@ class _StopForward(Exception):
 
 @dataclass
 class Suffix:
-    """The model from a cut point on: ``steps`` run in order on the activation entering ``steps[0]``."""
+    """The model from a cut point on: ``steps`` run in order on the activation entering ``steps[0]``, then
+    ``head`` (timm's ``forward_head``, where the token pooling happens outside any module) if set.
+    ``from_features``: the cut is forward_features' output (no step: only the head runs)."""
 
     cut: str
     steps: list[tuple[str, nn.Module, int]]  # (name, module, input ndim in the full forward)
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    from_features: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for _name, module, ndim in self.steps:
@@ -115,7 +122,7 @@ class Suffix:
                 else:
                     raise FixresError(f"cannot run the model from {self.cut}: {_name} expects {ndim}-D input")
             x = module(x)
-        return x
+        return self.head(x) if self.head is not None else x
 
 
 def plan_suffix(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[str], *,
@@ -147,6 +154,8 @@ def plan_suffix(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[
 
 def _capture_cut(model: nn.Module, suffix: Suffix, x: torch.Tensor) -> torch.Tensor:
     """Run the model's own forward up to the cut point and return the activation entering it."""
+    if suffix.from_features:
+        return model.forward_features(x)
     box: list[torch.Tensor] = []
 
     def hook(mod, args):
@@ -163,6 +172,23 @@ def _capture_cut(model: nn.Module, suffix: Suffix, x: torch.Tensor) -> torch.Ten
     return box[0]
 
 
+def plan_head_suffix(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[str], *,
+                     ndims: dict[str, int], in_features: set[str]) -> Suffix | None:
+    """timm's split (``forward_features`` then ``forward_head``): cut at the first chain element run by
+    forward_features that holds an adapted module (ViT/Mixer ``norm``, a last block), or at forward_features'
+    output when every adapted module runs in forward_head (LeViT's heads); the suffix runs the remaining
+    forward_features modules, then ``model.forward_head``, which does the token pooling no module does."""
+    head = getattr(model, "forward_head", None)
+    if not callable(head) or not callable(getattr(model, "forward_features", None)):
+        return None
+    features_chain = [n for n in chain if n in in_features]
+    inside = [a for a in first_adapted if any(a == n or a.startswith(n + ".") for n in features_chain)]
+    if not inside:
+        return Suffix(cut="forward_features output", steps=[], head=head, from_features=True)
+    base = plan_suffix(model, features_chain, inside, ndims=ndims)
+    return Suffix(cut=base.cut, steps=base.steps, head=head) if base is not None else None
+
+
 def _trace_ndims(model: nn.Module, size: int, device) -> dict[str, int]:
     x = torch.zeros(2, 3, size, size, device=device)
     with torch.no_grad(), trace_calls(model) as calls:
@@ -170,25 +196,55 @@ def _trace_ndims(model: nn.Module, size: int, device) -> dict[str, int]:
     return {c.name: len(c.in_shape) for c in calls if c.in_shape is not None}
 
 
+def _features_modules(model: nn.Module, chain: Sequence[str], sample: torch.Tensor) -> set[str]:
+    """The chain elements that timm's ``forward_features`` runs (empty for a model without one)."""
+    if not callable(getattr(model, "forward_features", None)):
+        return set()
+    try:
+        with torch.no_grad(), trace_calls(model) as calls:
+            model.forward_features(sample)
+    except Exception:  # noqa: BLE001 - a forward_features that needs more arguments: no head plan
+        return set()
+    return {c.name for c in calls} & set(chain)
+
+
+def _check_suffix(model: nn.Module, suffix: Suffix, sample: torch.Tensor, full: torch.Tensor) -> str | None:
+    """None when the suffix reproduces the full forward on ``sample``, else why not."""
+    try:
+        part = suffix(_capture_cut(model, suffix, sample))
+    except Exception as exc:  # noqa: BLE001 - e.g. a cell that takes two inputs (NASNet): no cut, no cache
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if part.shape != full.shape or not torch.allclose(part, full, rtol=SUFFIX_RTOL, atol=SUFFIX_ATOL):
+        return f"running the model from {suffix.cut} does not reproduce its forward"
+    return None
+
+
 def build_suffix(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[str], sample: torch.Tensor
                  ) -> tuple[Suffix | None, str]:
-    """A verified suffix runner, or (None, reason). ``sample``: a few real inputs at the test size (fp32)."""
+    """A verified suffix runner, or (None, reason). ``sample``: a few real inputs at the test size (fp32).
+
+    Tried in order: a cut in the model's chain of modules (``plan_suffix``), then timm's features/head split
+    (``plan_head_suffix``: token models, whose pooling is no module). The first that reproduces the full
+    forward on ``sample`` is used."""
     was = model.training
     model.eval()
     try:
         ndims = _trace_ndims(model, sample.shape[-1], sample.device)
-        suffix = plan_suffix(model, chain, first_adapted, ndims=ndims)
-        if suffix is None:
-            return None, "no module boundary found before the adapted modules"
+        reasons = []
         with torch.no_grad():
             full = model(sample)
-            try:
-                part = suffix(_capture_cut(model, suffix, sample))
-            except Exception as exc:  # noqa: BLE001 - e.g. a cell that takes two inputs (NASNet): no cut, no cache
-                return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if part.shape != full.shape or not torch.allclose(part, full, rtol=SUFFIX_RTOL, atol=SUFFIX_ATOL):
-            return None, f"running the model from {suffix.cut} does not reproduce its forward"
-        return suffix, f"cut at {suffix.cut}"
+            plans = [lambda: plan_suffix(model, chain, first_adapted, ndims=ndims),
+                     lambda: plan_head_suffix(model, chain, first_adapted, ndims=ndims,
+                                              in_features=_features_modules(model, chain, sample))]
+            for plan in plans:
+                suffix = plan()
+                if suffix is None:
+                    continue
+                why = _check_suffix(model, suffix, sample, full)
+                if why is None:
+                    return suffix, f"cut at {suffix.cut}" + (", then forward_head" if suffix.head else "")
+                reasons.append(why)
+        return None, reasons[0] if reasons else "no module boundary found before the adapted modules"
     finally:
         model.train(was)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fixres.commands._args import (add_model_args, add_runtime_args, int_list, nonneg_float, nonneg_int, positive_float,
+from fixres.commands._args import (add_model_args, model_spec, add_runtime_args, int_list, nonneg_float, nonneg_int, positive_float,
                                   positive_int)
 
 DEFAULT_OUT = "runs/train"
@@ -32,7 +32,7 @@ def add_parser(sub, parents):
                     "of another class count, a new head is made and the whole network trains (transfer, section "
                     "5.3). Validates each epoch at the train size and at the recommended test size. Under "
                     "torchrun it runs data-parallel; --resume continues an interrupted run exactly.")
-    add_model_args(p, random_ok=True, pretrained=False)  # train builds random weights on purpose
+    add_model_args(p, random_ok=True)  # train builds random weights on purpose; --pretrained: transfer
     add_runtime_args(p, batch_default=DEFAULT_BATCH_SIZE, batch_note=": the global batch under torchrun")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="ImageFolder root; ROOT/train and ROOT/val are used when present")
@@ -102,6 +102,9 @@ class TrainRunConfig:
     progress: bool
     overrides: dict
     epoch_length_factor: float | None = None  # None: the paper's (2 with repeated augmentation)
+    #: fixres.models.ModelSpec from the model flags (--ema, --strict, --pretrained ...); None: built from
+    #: model/checkpoint/weights alone
+    spec: object = None
 
     @classmethod
     def from_args(cls, args) -> "TrainRunConfig":
@@ -116,7 +119,8 @@ class TrainRunConfig:
                    workers=args.workers, amp=not args.no_amp, seed=args.seed, max_steps=args.max_steps,
                    progress=not args.quiet,
                    overrides={"crop_ratio": args.crop_ratio, "interpolation": args.interpolation,
-                              "mean": args.mean, "std": args.std})
+                              "mean": args.mean, "std": args.std},
+                   spec=model_spec(args))
 
 
 def run(args):
@@ -138,7 +142,7 @@ def run_training(rc: TrainRunConfig, env) -> dict:
     from fixres import engine
     from fixres.data import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
     from fixres.errors import UsageError
-    from fixres.models import load_model, num_outputs, replace_classifier
+    from fixres.models import num_outputs, replace_classifier
     from fixres.progress import status
     from fixres.train import train
 
@@ -156,15 +160,8 @@ def run_training(rc: TrainRunConfig, env) -> dict:
 
     # The new head's initial weights come from the seed: every rank and every resume builds the same model.
     torch.manual_seed(rc.seed)
-    if rc.checkpoint:
-        bundle = load_model(model=rc.model, checkpoint=rc.checkpoint, train_size=rc.train_size)
-    elif rc.weights:
-        bundle = load_model(model=rc.model, weights=rc.weights, num_classes=num_classes, train_size=rc.train_size)
-    else:
-        if not rc.model:
-            raise UsageError("no model given: pass --model NAME (from scratch), or --checkpoint/--weights (transfer)")
-        bundle = load_model(model=rc.model, num_classes=num_classes, train_size=rc.train_size)
-    transfer = bool(rc.checkpoint or rc.weights)
+    bundle, source = _load(rc, num_classes)
+    transfer = source is not None
     if num_outputs(bundle.model) != num_classes:
         # Transfer (section 5.3): a new head for the new classes; the whole network trains.
         if not transfer:
@@ -174,7 +171,7 @@ def run_training(rc: TrainRunConfig, env) -> dict:
     data_cfg = bundle.data_config.with_overrides(**rc.overrides).with_overrides(
         train_size=rc.train_size, num_classes=num_classes, class_names=tuple(train_index.classes))
     precision = engine.precision_for(env.device, amp=rc.amp)
-    status(f"training {bundle.name} ({'transfer from ' + (rc.weights or rc.checkpoint) if transfer else 'from scratch'}"
+    status(f"training {bundle.name} ({'transfer from ' + source if transfer else 'from scratch'}"
            f"{', new head' if 'new_head' in bundle.meta else ''}) on {len(train_index)} images of "
            f"{num_classes} classes at {rc.train_size}px, {env.world_size} process(es) on {env.device}, "
            f"{precision.describe()}", enabled=show)
@@ -190,6 +187,22 @@ def run_training(rc: TrainRunConfig, env) -> dict:
                    "classes": train_index.classes, "train_dir": str(train_root), "val_dir": str(val_root),
                    "device": str(env.device)})
     return result
+
+
+def _load(rc: TrainRunConfig, num_classes: int):
+    """The model the flags name, through ``ModelSpec.load`` (so --ema/--strict/--pretrained apply); a checkpoint
+    keeps its own head (a new one is made for other classes), other sources are built for ``num_classes``.
+    Returns (bundle, where its weights came from: checkpoint, weights or pretrained; None for random ones)."""
+    from dataclasses import replace
+
+    from fixres.errors import UsageError
+    from fixres.models import ModelSpec
+    spec = rc.spec or ModelSpec(model=rc.model, checkpoint=rc.checkpoint, weights=rc.weights)
+    if not (spec.model or spec.checkpoint or spec.weights):
+        raise UsageError("no model given: pass --model NAME (from scratch), or --checkpoint/--weights (transfer)")
+    spec = replace(spec, num_classes=None if spec.checkpoint else num_classes, train_size=rc.train_size,
+                   random_init=True)
+    return spec.load(), spec.checkpoint or spec.weights or (f"{spec.model} (pretrained)" if spec.pretrained else None)
 
 
 def summary_text(r: dict) -> str:
