@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fixres.commands._args import (add_model_args, model_spec, add_runtime_args, int_list, nonneg_float, nonneg_int, positive_float,
-                                  positive_int)
+from fixres.commands._args import (add_model_args, add_runtime_args, int_list, model_spec, nonneg_float, nonneg_int,
+                                  positive_float, positive_int)
 
 DEFAULT_OUT = "runs/train"
 DEFAULT_BATCH_SIZE = 32
