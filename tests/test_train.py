@@ -239,6 +239,7 @@ def _train_kw(data, out, **kw):
     ({"label_smoothing": 1.0}, "label smoothing must be in [0, 1), got 1.0"),
     ({"epoch_length_factor": 0.0}, "epoch length factor must be a positive number, got 0.0"),
     ({"epoch_length_factor": float("nan")}, "epoch length factor must be a positive number, got nan"),
+    ({"optimizer": "adam"}, "unknown optimizer 'adam'; choose one of sgd, adamw"),
 ])
 def test_train_refuses_bad_arguments_before_writing(data, tmp_path, kw, message):
     from fixres.train import train
@@ -336,3 +337,17 @@ def test_train_flags_reach_load_model(tmp_path, monkeypatch, data):
     assert seen["num_classes"] == 3 and seen["train_size"] == 32
     assert _cli(argv + ["--pretrained"]) == 0
     assert seen["pretrained"] is True
+
+
+def test_adamw_trains_with_adam_moments_and_deits_default_rate(data, tmp_path):
+    """--optimizer adamw (ViT/ConvNeXt recipes): AdamW's moment estimates in the saved state, lr 5e-4 x B/512."""
+    from fixres.train import train
+    res = train(_tiny().model, cfg=_tiny().data_config, repeats=1, optimizer="adamw",
+                **_train_kw(data, tmp_path / "adamw"))
+    assert res["hparams"]["optimizer"] == "adamw" and res["hparams"]["lr"] == pytest.approx(5e-4 * 8 / 512)
+    opt = load_training_state(tmp_path / "adamw" / "train_state.pt")["optimizer"]
+    assert all("exp_avg_sq" in st for st in opt["state"].values()) and opt["state"]
+    sgd = train(_tiny().model, cfg=_tiny().data_config, repeats=1, **_train_kw(data, tmp_path / "sgd"))
+    assert "optimizer" not in sgd["hparams"] and sgd["hparams"]["lr"] == pytest.approx(default_lr(8))
+    opt = load_training_state(tmp_path / "sgd" / "train_state.pt")["optimizer"]
+    assert all("momentum_buffer" in st for st in opt["state"].values())

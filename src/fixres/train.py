@@ -53,6 +53,10 @@ BASE_LR = 0.1
 LR_BATCH_REFERENCE = 256
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
+#: Optimizers of ``--optimizer``: SGD (the paper) or AdamW (how ViTs and ConvNeXts are trained; DeiT's rate).
+OPTIMIZERS = ("sgd", "adamw")
+ADAMW_LR = 5e-4
+ADAMW_LR_BATCH_REFERENCE = 512
 #: Step schedule: the learning rate is divided by STEP_GAMMA^-1 every STEP_EPOCHS epochs.
 STEP_EPOCHS = 30
 STEP_GAMMA = 0.1
@@ -68,8 +72,11 @@ RESUME_KEYS = ("train_size", "batch_size", "repeats", "augment", "color_jitter",
                "mean", "std", "interpolation", "crop_ratio")
 
 
-def default_lr(batch_size: int) -> float:
-    """The paper's learning rate for a global batch of ``batch_size``: 0.1 x B / 256."""
+def default_lr(batch_size: int, optimizer: str = "sgd") -> float:
+    """The paper's learning rate for a global batch of ``batch_size``: 0.1 x B / 256 (SGD); AdamW: DeiT's
+    5e-4 x B / 512."""
+    if optimizer == "adamw":
+        return ADAMW_LR * batch_size / ADAMW_LR_BATCH_REFERENCE
     return BASE_LR * batch_size / LR_BATCH_REFERENCE
 
 
@@ -193,8 +200,10 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
           seed: int = 0, workers: int | None = None, progress: bool = True, step_epochs: int = STEP_EPOCHS,
           momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY, model_name: str | None = None,
           max_steps: int | None = None, val_batch_size: int | None = None,
-          epoch_length_factor: float | None = None) -> dict:
+          epoch_length_factor: float | None = None, optimizer: str = "sgd") -> dict:
     """Train ``model`` at ``train_size`` for ``epochs``; return the per-epoch log and timings.
+
+    ``optimizer``: "sgd" (the paper; ``momentum``) or "adamw" (``momentum`` unused).
 
     ``batch_size`` is global (split over ranks); ``lr`` defaults to 0.1 x batch_size / 256.
     ``val_sizes`` defaults to [train_size, recommended test size]. ``epoch_length_factor``: samples
@@ -218,12 +227,17 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
     hparams = {"train_size": train_size, "batch_size": batch_size, "repeats": repeats, "augment": augment,
                "color_jitter": color_jitter, "schedule": schedule, "warmup_epochs": warmup_epochs,
                "step_epochs": step_epochs, "label_smoothing": label_smoothing, "seed": seed,
-               "lr": default_lr(batch_size) if lr is None else float(lr), "epochs": epochs, "momentum": momentum,
+               "lr": default_lr(batch_size, optimizer) if lr is None else float(lr), "epochs": epochs,
+               "momentum": momentum,
                "weight_decay": weight_decay, "world_size": env.world_size, "backend": env.backend,
                "precision": precision.describe(), "test_size": test_size,
                "val_sizes": sorted(set(val_sizes or [train_size, test_size])), "epoch_length_factor": factor,
                "n_train": len(train_samples), "n_val": len(val_samples), "mean": list(cfg.mean),
                "std": list(cfg.std), "interpolation": cfg.interpolation, "crop_ratio": cfg.crop_ratio}
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if optimizer != "sgd":  # only when not the default: states written before the option still resume
+        hparams["optimizer"] = optimizer
     run = _setup(model, train_samples, val_samples, cfg, hparams, env=env, precision=precision, out_dir=out_dir,
                  workers=workers, progress=progress, max_steps=max_steps, val_batch_size=val_batch_size)
     resumed_from = _resume(run, resume)
@@ -249,7 +263,10 @@ def _setup(model: nn.Module, train_samples: list, val_samples: list, cfg: DataCo
     model = engine.prepare(model, env.device, precision)
     loop.broadcast_state(model, env)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    if hp.get("optimizer") == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    else:
+        optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, steps_per_epoch=steps_per_epoch, epochs=hp["epochs"], schedule=hp["schedule"],
         warmup_epochs=hp["warmup_epochs"], step_epochs=hp["step_epochs"]))

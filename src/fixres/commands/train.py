@@ -46,6 +46,9 @@ def add_parser(sub, parents):
     p.add_argument("--warmup-epochs", type=nonneg_float, default=0.0, help="linear warm-up length (epochs)")
     p.add_argument("--label-smoothing", type=_smoothing, default=0.0, help="in [0, 1) (default 0, the paper)")
     p.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum (default 0.9, the paper)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd (default, the paper) or adamw (as ViTs and ConvNeXts are trained; default lr "
+                        "5e-4 x B / 512, DeiT's; give --weight-decay, e.g. 0.05)")
     p.add_argument("--weight-decay", type=nonneg_float, default=1e-4, help="(default 1e-4, the paper)")
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="repeated augmentation: copies of each image per epoch (1 = off; paper: 3)")
@@ -102,6 +105,7 @@ class TrainRunConfig:
     progress: bool
     overrides: dict
     epoch_length_factor: float | None = None  # None: the paper's (2 with repeated augmentation)
+    optimizer: str = "sgd"
     #: fixres.models.ModelSpec from the model flags (--ema, --strict, --pretrained ...); None: built from
     #: model/checkpoint/weights alone
     spec: object = None
@@ -120,7 +124,7 @@ class TrainRunConfig:
                    progress=not args.quiet,
                    overrides={"crop_ratio": args.crop_ratio, "interpolation": args.interpolation,
                               "mean": args.mean, "std": args.std},
-                   spec=model_spec(args))
+                   spec=model_spec(args), optimizer=args.optimizer)
 
 
 def run(args):
@@ -181,7 +185,8 @@ def run_training(rc: TrainRunConfig, env) -> dict:
                    warmup_epochs=rc.warmup_epochs, label_smoothing=rc.label_smoothing, val_sizes=rc.val_sizes,
                    env=env, precision=precision, seed=rc.seed, workers=rc.workers, progress=rc.progress,
                    step_epochs=rc.step_epochs, momentum=rc.momentum, weight_decay=rc.weight_decay,
-                   model_name=bundle.name, max_steps=rc.max_steps, epoch_length_factor=rc.epoch_length_factor)
+                   model_name=bundle.name, max_steps=rc.max_steps, epoch_length_factor=rc.epoch_length_factor,
+                   optimizer=rc.optimizer)
     result.update({"model": bundle.name, "source": bundle.source, "transfer": transfer,
                    "new_head": bundle.meta.get("new_head"), "num_classes": num_classes,
                    "classes": train_index.classes, "train_dir": str(train_root), "val_dir": str(val_root),
