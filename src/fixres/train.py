@@ -1,7 +1,8 @@
 """Training at a (low) resolution: the paper's protocol (section 5), from scratch or by transfer (5.3).
 
 ``train`` runs SGD (lr 0.1 x B/256, momentum 0.9, weight decay 1e-4, /10 every 30 epochs; cosine and
-linear warm-up as options, label smoothing as an option) on RandomResizedCrop inputs of side
+linear warm-up as options, label smoothing as an option; ``optimizer="adamw"`` for the recipes vision
+transformers and ConvNeXts are trained with) on RandomResizedCrop inputs of side
 ``train_size`` ("train DA"; ``augment="control"`` is appendix D's resize + fixed-size random crop),
 with repeated augmentation (``fixres.sampler``). As in the official code (``RASampler(len_factor=2.0)``),
 an epoch with repeated augmentation draws about 2N samples (``epoch_length_factor``, default
