@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [m for m in MUTANTS if args.only is None or m.name in args.only]
     if args.list:
         for m in chosen:
-            print(f"{m.name:28s} {m.area:14s} {m.path}: {m.why}")
+            print(f"{m.name:32s} {m.area:17s} {m.path}: {m.why}")
         return 0
     with tempfile.TemporaryDirectory(prefix="fixres-mutants-") as tmp:
         tree = copy_tree(Path(tmp))
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             row = run_mutant(m, tree)
             rows.append(row)
-            print(f"{row['status']:9s} {m.name:28s} {m.area:14s} {row.get('seconds', 0):6.1f} s  {row['detail']}",
+            print(f"{row['status']:9s} {m.name:32s} {m.area:17s} {row.get('seconds', 0):6.1f} s  {row['detail']}",
                   flush=True)
     killed = sum(r["status"] == "killed" for r in rows)
     print(f"\n{killed} of {len(rows)} mutants killed; survived or stale: "
