@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fixres.errors import UsageError
-from fixres.images import BadImage, is_image_file, load_rgb
+from fixres.images import BadImage, image_size, is_image_file, load_rgb
 from fixres.progress import status
 from fixres.transforms import decode_plan
 
@@ -443,7 +443,6 @@ def resolve_split(root: str | os.PathLike, split: str) -> Path:
 
 def count_image_sizes(index: FolderIndex, limit: int | None = None) -> list[tuple[int, int]]:
     """(width, height) of the data set's images from their headers (for ``fixres analyze --data``)."""
-    from fixres.images import image_size
     sizes = []
     for path, _ in index.samples[:limit]:
         s = image_size(path)
