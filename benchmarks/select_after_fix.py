@@ -42,7 +42,19 @@ def _args() -> argparse.Namespace:
     p.add_argument("--run-dir", default=None, help="fix run folder (reused when its inputs are unchanged)")
     p.add_argument("--out", default=None, help="result JSON")
     p.add_argument("--workers", type=int, default=None)
+    # cuts for a slow machine (each one is recorded in the result JSON)
+    p.add_argument("--candidates", default=None, help="comma-separated candidate sizes (default: fixres fix's)")
+    p.add_argument("--test-sizes", default=None, help="comma-separated sweep sizes (default: fixres fix's)")
+    p.add_argument("--stats-sizes", default=None, help="comma-separated pooled-activation sizes")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (the grid's x1)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (the grid's x1)")
+    p.add_argument("--no-tune-schedule", action="store_true", help="skip the (lr, epochs) grid")
+    p.add_argument("--select-budget", type=float, default=None, help="minutes for the candidates")
     return p.parse_args()
+
+
+def _sizes(text: str | None) -> list[int] | None:
+    return [int(v) for v in text.split(",")] if text else None
 
 
 def _per_image(run_dir: Path, config: pipeline.FixConfig, sizes: list[int]) -> dict[int, tuple[list, list]]:
@@ -77,7 +89,14 @@ def _table(sel: dict, paired: dict, choice: dict) -> tuple[list[dict], dict]:
                      "binomial_se_after": binomial_se(a["top1"], n), "n_val": n,
                      "holdout_before": (c.get("holdout_before") or {}).get("top1"),
                      "holdout_after": (c.get("holdout_after") or {}).get("top1"),
+                     "val_nll_before": b.get("nll"), "val_nll_after": a.get("nll"),
+                     "val_ece_before": b.get("ece"), "val_ece_after": a.get("ece"),
+                     "holdout_nll_before": (c.get("holdout_before") or {}).get("nll"),
+                     "holdout_nll_after": (c.get("holdout_after") or {}).get("nll"),
                      "paired": paired_test(paired[s][1], paired[s][0]) if s in paired else None,
+                     # the paired test's own top-1 (a separate predict pass): a check on the table's numbers
+                     "paired_top1_before": 100.0 * sum(paired[s][0]) / len(paired[s][0]) if s in paired else None,
+                     "paired_top1_after": 100.0 * sum(paired[s][1]) / len(paired[s][1]) if s in paired else None,
                      "ms": c.get("ms"), "ms_batch": c.get("ms_batch"), "gflops": c.get("gflops")})
     by_val = best_row([{"test_size": r["test_size"], "top1": r["val_after"]} for r in rows])["test_size"]
     by_val_before = best_row([{"test_size": r["test_size"], "top1": r["val_before"]} for r in rows])["test_size"]
@@ -114,7 +133,11 @@ def main() -> int:
     name = "select_after_fix_embedded" if a.quick else f"select_after_fix_{Path(a.data).name}"
     run_dir = Path(a.run_dir or REPO / "runs" / ("select_after_fix_quick" if a.quick else name))
     config = pipeline.FixConfig(out=str(run_dir), workers=a.workers, data=None if a.quick else a.data,
-                                checkpoint=None if a.quick else a.checkpoint, model=a.model)
+                                checkpoint=None if a.quick else a.checkpoint, model=a.model,
+                                candidates=_sizes(a.candidates), test_sizes=_sizes(a.test_sizes),
+                                stats_sizes=_sizes(a.stats_sizes), lr=a.lr, tune_schedule=not a.no_tune_schedule,
+                                **({"finetune_epochs": a.finetune_epochs} if a.finetune_epochs else {}),
+                                **({"select_budget_min": a.select_budget} if a.select_budget else {}))
     t0 = time.perf_counter()
     result = pipeline.run_fix(config)
     wall = time.perf_counter() - t0
