@@ -24,8 +24,7 @@ test: $(STAMP)
 # Line coverage per module, the CLI subprocesses and torchrun workers included (pyproject [tool.coverage]).
 coverage: $(STAMP)
 	rm -rf .coverage-data && mkdir -p .coverage-data
-	$(BIN)/coverage run -m pytest -q
-	$(BIN)/coverage combine -q && $(BIN)/coverage report
+	$(BIN)/coverage run -m pytest -q; rc=$$?; $(BIN)/coverage combine -q && $(BIN)/coverage report -i; exit $$rc
 
 # Plants one-line bugs one at a time and checks that the suite notices each (issue 17).
 mutants: $(STAMP)

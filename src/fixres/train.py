@@ -242,6 +242,7 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
     run = _setup(model, train_samples, val_samples, cfg, hparams, env=env, precision=precision, out_dir=out_dir,
                  workers=workers, progress=progress, max_steps=max_steps, val_batch_size=val_batch_size)
     resumed_from = _resume(run, resume)
+    status(epoch_description(len(train_samples), run), enabled=run.progress)
     wall0 = time.perf_counter()
     for epoch in range(resumed_from or 0, epochs):
         if _train_epoch(run, epoch):
@@ -435,12 +436,29 @@ def _guess_name(model: nn.Module) -> str:
     return name
 
 
+def epoch_description(n_images: int, run: "_Run") -> str:
+    """What one epoch is, in images: repeated augmentation and the epoch length factor change it, and
+    only full batches run, so the progress bar's total is not the number of training photos."""
+    hp, world = run.hparams, run.env.world_size
+    drawn = len(run.sampler) * world
+    used = run.steps_per_epoch * hp["batch_size"] if run.drop_last else drawn
+    parts = [f"an epoch is {used} samples: {hp['epoch_length_factor']:g} x {n_images} training photos"]
+    if hp["repeats"] > 1:
+        parts.append(f"each drawn photo in {hp['repeats']} augmented copies (repeated augmentation), "
+                     f"so about {min(n_images, drawn // hp['repeats'])} distinct photos")
+    if used < drawn:
+        parts.append(f"{drawn - used} left over after the last full batch of {hp['batch_size']} are not used")
+    return "; ".join(parts)
+
+
 def _epoch_line(r: dict, train_size: int, test_size: int) -> str:
     def pct(v):
         return "-" if v is None else f"{v:.1f}%"
     loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
-    return (f"epoch {r['epoch']}: loss {loss}, train top-1 {pct(r['train_top1'])}, "
-            f"val top-1 {pct(r.get('val_top1_train_size'))} @{train_size}px, "
-            f"{pct(r.get('val_top1_test_size'))} @{test_size}px, "
+    val = ""
+    if r.get("val_top1_train_size") is not None or r.get("val_top1_test_size") is not None:
+        val = (f"val top-1 {pct(r.get('val_top1_train_size'))} @{train_size}px, "
+               f"{pct(r.get('val_top1_test_size'))} @{test_size}px, ")
+    return (f"epoch {r['epoch']}: loss {loss}, train top-1 {pct(r['train_top1'])}, {val}"
             f"{r['images_per_s'] or 0:.1f} img/s, fwd {r['forward_ms'] or 0:.1f} ms + bwd "
             f"{r['backward_ms'] or 0:.1f} ms per batch")

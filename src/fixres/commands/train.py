@@ -233,5 +233,6 @@ def summary_text(r: dict) -> str:
         lines.append(f"  skipped {len(r['skipped'])} unreadable image(s), e.g. {r['skipped'][0]['path']}")
     if r.get("model_path"):
         lines.append(f"  weights: {r['model_path']} (+ {r.get('meta_path')}); log: {r['out_dir']}/log.jsonl")
-        lines.append(f"  next: fixres finetune --checkpoint {r['model_path']} --test-size {r['test_size']} ...")
+        lines.append(f"  next: fixres fix --checkpoint {r['model_path']} --data DATA --train-size {r['train_size']} "
+                     "(chooses the test size after fixing and writes a report; or fixres finetune for one size)")
     return "\n".join(lines)
