@@ -10,7 +10,6 @@ from fixres.config import (DEFAULT_CLASSES, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL
                            validate_crop_ratio)
 from fixres.errors import UsageError
 
-
 #: Largest image size a size list may hold: past this, one resized photo is tens of megabytes and
 #: no network in the paper is evaluated there (the largest test size in its tables is 800).
 MAX_IMAGE_SIZE = 4096
