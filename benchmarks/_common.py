@@ -30,3 +30,11 @@ def small_split(out: Path, *, val_per_class: int, classes: int = 3, train_per_cl
         write_image_folder(root / "train", classes=classes, per_class=train_per_class, seed=1)
         write_image_folder(root / "val", classes=classes, per_class=val_per_class, seed=2)
     return root
+
+
+def spread_sample(samples, n: int) -> list:
+    """``n`` samples spread evenly over the (class-sorted) list, so every part of the label space is used."""
+    if n >= len(samples):
+        return list(samples)
+    step = len(samples) / n
+    return [samples[int(i * step)] for i in range(n)]

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED
+from _common import REPO, SHARED, spread_sample
 SWEEP_SIZES = (128, 160, 192, 224, 256, 288)
 TARGET_SWEEP_RATIO = 0.85
 TARGET_SPEEDUP = 2.0
@@ -34,13 +34,6 @@ TARGET_TOP1_PT = 0.2
 QUICK_IMAGES = 100
 FULL_IMAGES = 1000
 
-
-def _pick(samples, n):
-    """``n`` samples spread evenly over the (class-sorted) list, so every part of the label space is used."""
-    if n >= len(samples):
-        return list(samples)
-    step = len(samples) / n
-    return [samples[int(i * step)] for i in range(n)]
 
 
 def plain_fp32_loop(model, samples, *, batch_size, workers):
@@ -110,7 +103,7 @@ def main(argv=None) -> int:
     workers = default_workers() if args.workers is None else args.workers
     skip = set(filter(None, args.skip.split(",")))
     index = scan_folder(resolve_split(data, "val"), num_classes=1000)
-    samples = _pick(index.samples, n_images)
+    samples = spread_sample(index.samples, n_images)
     model, cfg = bundle.model.eval(), bundle.data_config
     device = torch.device("cpu")
     amp, fp32 = inference_precision(device), inference_precision(device, amp=False)

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED
+from _common import REPO, SHARED, spread_sample
 
 EVAL_SIZES = (128, 160, 224, 288)
 TRAIN_SIZES = (128, 224)
@@ -43,13 +43,6 @@ FULL_IMAGES = 1000
 #: Training loader: seed of the augmentation draws (the same for both sides).
 SEED = 0
 
-
-def _pick(samples, n):
-    """``n`` samples spread evenly over the (class-sorted) list."""
-    if n >= len(samples):
-        return list(samples)
-    step = len(samples) / n
-    return [samples[int(i * step)] for i in range(n)]
 
 
 def torchvision_folder(root: Path, samples, transform):
@@ -158,7 +151,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else 4)
     root = resolve_split(data, "val")
     index = scan_folder(root, num_classes=1000)
-    samples = _pick(index.samples, n_images)
+    samples = spread_sample(index.samples, n_images)
     cfg = bundle.data_config
     n = len(samples)
     result = {"model": bundle.name, "n_images": n, "repeats": repeats, "cpu_count": os.cpu_count(),

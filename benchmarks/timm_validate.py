@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED
+from _common import REPO, SHARED, spread_sample
 
 SIZES = (128, 224)
 SWEEP_SIZES = (128, 160, 192, 224, 256, 288)
@@ -37,12 +37,6 @@ TARGET_SWEEP_RATIO = 0.8
 QUICK_IMAGES = 100
 FULL_IMAGES = 1000
 
-
-def _pick(samples, n):
-    if n >= len(samples):
-        return list(samples)
-    step = len(samples) / n
-    return [samples[int(i * step)] for i in range(n)]
 
 
 def timm_run(model, root: Path, samples, *, size: int, crop_pct: float, interpolation: str, mean, std,
@@ -112,7 +106,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else 3)
     workers = default_workers() if args.workers is None else args.workers
     root = resolve_split(data, "val")
-    samples = _pick(scan_folder(root, num_classes=1000).samples, n_images)
+    samples = spread_sample(scan_folder(root, num_classes=1000).samples, n_images)
     model, cfg = bundle.model.eval(), bundle.data_config
     precision = inference_precision(torch.device("cpu"))
 
