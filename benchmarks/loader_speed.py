@@ -9,10 +9,14 @@ Images/s per core: both sides run in this process, one item at a time, with one 
 DataLoader workers), and the rate is images per second of this process's CPU time (``time.
 process_time``), which other jobs on a shared machine disturb far less than wall time (the wall
 rates are kept in the JSON). The two sides alternate
-which goes first over ``--repeats``; the median ratio and the spread are printed. The only
-difference between the sides is the decode: ``fixres.data.ImageDataset`` (JPEGs decoded at the
-smallest power-of-two reduction that still covers the size needed) vs ``torchvision.datasets.
-ImageFolder`` (full decode), both followed by the same ``fixres.transforms`` object.
+which goes first over ``--repeats``; the median ratio and the spread are printed. Both sides apply
+the same pre-processing (size, crop ratio, interpolation, mean/std, the same random draws):
+``fixres.data.ImageDataset`` with ``fixres.transforms`` (JPEGs decoded at the smallest power-of-two
+reduction that still covers the size needed, resize + crop cut in one box resize, one fused
+normalisation) vs ``torchvision.datasets.ImageFolder`` with the plain torchvision v2 pipeline a user
+would write (full decode, ``Resize``, ``CenterCrop`` or ``RandomResizedCrop`` + flip + jitter,
+``ToImage``, ``ToDtype``, ``Normalize``). Before timing, the two sides' tensors are checked equal on
+a photo no reduction applies to (the pipelines are the same computation there).
 
 Needs ../shared/data/imagenet-sample (or FIXRES_SHARED_DATA) and the efficientnet-lite registry
 weights; prints a table and writes JSON (--out; default benchmarks/results/loader_speed[_quick].json).
@@ -52,6 +56,40 @@ def torchvision_folder(root: Path, samples, transform):
     ds.samples = ds.imgs = list(samples)
     ds.targets = [y for _, y in samples]
     return ds
+
+
+def torchvision_transform(kind: str, size: int, cfg):
+    """The plain torchvision v2 pipeline with fixres's parameters for ``kind`` ("eval" or "train")."""
+    import torch
+    from torchvision.transforms import v2
+
+    from fixres import transforms as T
+    from fixres.config import RRC_RATIO, RRC_SCALE, resize_for
+    mode = T.interpolation_mode(cfg.interpolation)
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+    if kind == "eval":
+        return v2.Compose([v2.Resize(resize_for(size, CROP_RATIO), interpolation=mode, antialias=True),
+                           v2.CenterCrop(size)] + tail)
+    return v2.Compose([v2.RandomResizedCrop(size, scale=RRC_SCALE, ratio=RRC_RATIO, interpolation=mode,
+                                            antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ColorJitter(T.TRAIN_JITTER, T.TRAIN_JITTER, T.TRAIN_JITTER)] + tail)
+
+
+def check_same_computation(samples, fixres_t, tv_t) -> None:
+    """Both sides give equal tensors on the first photo no reduction applies to (same random state)."""
+    import torch
+
+    from fixres.data import ImageDataset
+    from fixres.images import load_rgb
+    for path, _ in samples:
+        ds = ImageDataset([(path, 0)], fixres_t, reduced_decode=False)
+        torch.manual_seed(SEED)
+        a = ds[0][0]
+        torch.manual_seed(SEED)
+        b = tv_t(load_rgb(path))
+        if not torch.allclose(a, b, atol=1e-5):
+            raise SystemExit(f"the two sides compute different things on {path}: max diff {(a - b).abs().max():.3g}")
+        return
 
 
 def _items(ds, n: int):
@@ -160,23 +198,26 @@ def main(argv=None) -> int:
     print(f"{n} images from {root}, {repeats} repeats per side, 1 thread, load avg {os.getloadavg()[0]:.1f}",
           flush=True)
 
-    def pair(transform):
-        return (lambda: ImageDataset(samples, transform), lambda: torchvision_folder(root, samples, transform))
+    def pair(kind: str, size: int):
+        if kind == "eval":
+            t = T.test_transform(test_size=size, crop_ratio=CROP_RATIO, cfg=cfg)
+        else:
+            t = T.train_transform(train_size=size, cfg=cfg, color_jitter=True)
+        tv_t = torchvision_transform(kind, size, cfg)
+        check_same_computation(samples, t, tv_t)
+        return (lambda: ImageDataset(samples, t), lambda: torchvision_folder(root, samples, tv_t))
 
     for size in () if args.skip_speed else EVAL_SIZES:
-        t = T.test_transform(test_size=size, crop_ratio=CROP_RATIO, cfg=cfg)
-        result["rows"].append(compare(f"eval {size}", *pair(t), n, repeats))
+        result["rows"].append(compare(f"eval {size}", *pair("eval", size), n, repeats))
     for size in () if args.skip_speed else TRAIN_SIZES:
-        t = T.train_transform(train_size=size, cfg=cfg, color_jitter=True)
-        result["rows"].append(compare(f"train {size}", *pair(t), n, repeats))
+        result["rows"].append(compare(f"train {size}", *pair("train", size), n, repeats))
 
     if not args.skip_top1:
         model = bundle.model.eval().float()
         labels = [y for _, y in samples]
         result["top1"] = []
         for size in TOP1_SIZES:
-            t = T.test_transform(test_size=size, crop_ratio=CROP_RATIO, cfg=cfg)
-            make_fx, make_tv = pair(t)
+            make_fx, make_tv = pair("eval", size)
             pairs = paired_top1(predictions(model, time_side(make_fx, n, SEED)[2]),
                                 predictions(model, time_side(make_tv, n, SEED)[2]), labels)
             row = {"test_size": size, "fixres_top1": 100.0 * pairs["a_correct"] / pairs["n"],

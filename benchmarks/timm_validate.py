@@ -153,15 +153,22 @@ def main(argv=None) -> int:
         result["rows"].append(row)
 
     if not args.no_sweep:
-        fx, tm = [], []
+        fx, tm, top = [], [], {}
         for r in range(repeats):
             for side in (("fixres", "timm") if r % 2 == 0 else ("timm", "fixres")):
                 if side == "fixres":
-                    fx.append(fixres(SWEEP_SIZES)[0])
+                    seconds, res = fixres(SWEEP_SIZES)
+                    fx.append(seconds)
+                    top["fixres"] = [row["top1"] for row in res["rows"]]
                 else:
-                    tm.append(sum(timm(s)["seconds"] for s in SWEEP_SIZES))
+                    runs = [timm(s) for s in SWEEP_SIZES]
+                    tm.append(sum(run["seconds"] for run in runs))
+                    top["timm"] = [run["top1"] for run in runs]
         row = _median_row("(b) 6-size sweep vs 6 timm runs: time", fx, tm, higher_is_better=False)
-        row.update({"sizes": list(SWEEP_SIZES), "target": TARGET_SWEEP_RATIO})
+        row.update({"sizes": list(SWEEP_SIZES), "target": TARGET_SWEEP_RATIO, "fixres_top1": top["fixres"],
+                    "timm_top1": top["timm"]})
+        print("    top-1 by size, fixres / timm: " + ", ".join(
+            f"{s} {a:.1f}/{b:.1f}" for s, a, b in zip(SWEEP_SIZES, top["fixres"], top["timm"])), flush=True)
         result["rows"].append(row)
     result["load_avg_end"] = os.getloadavg()
     out = Path(args.out or REPO / "benchmarks" / "results" / f"timm_validate{'_quick' if args.quick else ''}.json")

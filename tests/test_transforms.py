@@ -286,3 +286,25 @@ def test_finetune_with_train_da_uses_the_colour_jitter(capsys, tmp_path, monkeyp
                          "--workers", "0", "--batch-size", "6", "--out", tmp_path / "out", "-q")
     assert code == 0, err
     assert seen and all(seen), seen
+
+
+@pytest.mark.parametrize("mean,std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_fused_normalisation_is_bit_identical_to_torchvisions_three_transforms(mean, std):
+    """``NormalizedTensor`` replaces ToImage + ToDtype(scale) + Normalize for speed: same bits, any input."""
+    from torchvision.transforms import v2
+    plain = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    fused = T.NormalizedTensor(mean, std)
+    rng = np.random.default_rng(0)
+    for w, h in ((1, 1), (37, 23), (128, 128)):
+        rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        a, b = fused(rgb), plain(rgb)
+        assert a.shape == (3, h, w) and a.dtype == torch.float32 and torch.equal(a, b)
+    grey = Image.fromarray(rng.integers(0, 256, (9, 7), dtype=np.uint8))  # not RGB: torchvision's own path
+    assert torch.equal(fused(grey.convert("RGB")), plain(grey.convert("RGB")))
+    tensor = torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8)
+    assert torch.equal(fused(tensor), plain(tensor))
+    # ... and it is what every fixres transform ends with (test DA here, with CFG's mean and std).
+    by_hand = v2.Compose([v2.Resize(18, interpolation=T.interpolation_mode(CFG.interpolation), antialias=True),
+                          v2.CenterCrop(16), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                          v2.Normalize(list(CFG.mean), list(CFG.std))])
+    assert torch.equal(T.test_transform(test_size=16, crop_ratio=0.875, cfg=CFG)(rgb), by_hand(rgb))

@@ -77,6 +77,21 @@ def jpeg_reduction(short_side: int, needed: int | None) -> int:
     return next((k for k in JPEG_REDUCTIONS if short_side // k >= needed), 1)
 
 
+def decoded_reduction(full: tuple[int, int], decoded: tuple[int, int]) -> float:
+    """The reduction ``k`` that turned a ``full``-size JPEG into ``decoded`` (both upright (w, h)).
+
+    libjpeg's scaled decode keeps ceil(w / k) x ceil(h / k) pixels and its pixel i covers the full
+    image's pixels [k * i, k * i + k): a position x in the full image is x / k in the decoded one.
+    Dividing the sizes instead (w / ceil(w / k)) is off by up to a pixel at the far edge, a drift
+    that costs prediction agreement at low test sizes. A size no reduction explains (not a libjpeg
+    scaled decode) falls back to the size ratio.
+    """
+    for k in (1,) + JPEG_REDUCTIONS[::-1]:
+        if (-(-full[0] // k), -(-full[1] // k)) == tuple(decoded):
+            return float(k)
+    return full[0] / decoded[0]
+
+
 def _orientation(img: Image.Image) -> int:
     try:
         return int(img.getexif().get(0x0112, 1))
