@@ -117,7 +117,10 @@ def fold_batchnorms(model: nn.Module, probe_size: int, *, in_chans: int = 3) -> 
         return model, 0
     if not pairs:
         return model, 0
-    folded = copy.deepcopy(model)
+    try:
+        folded = copy.deepcopy(model)
+    except (RuntimeError, MemoryError):  # no room for a second copy (a large model on a small GPU)
+        return model, 0
     n = 0
     for conv_name, bn_name in pairs:
         rest = _replacement(folded.get_submodule(bn_name))
