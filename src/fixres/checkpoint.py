@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import struct
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -180,6 +182,8 @@ def save_training_state(state: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+#: What torch's (legacy) loader raises on bytes that start like a pickle but are not one (random data).
+BROKEN_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, IndexError, KeyError, struct.error, UnicodeDecodeError)
 #: Words of torch's weights-only refusals that mean "this pickle wants to build objects" (code could run).
 CODE_REFUSAL_MARKERS = ("Unsupported global", "GLOBAL", "Unsupported class", "is not an allowed global")
 
@@ -201,8 +205,11 @@ def _torch_load_weights_only(path: Path, *, failure: str):
             raise FixresError(
                 f"refused to load {path}: it contains pickled Python objects that could run code "
                 "(only tensors are accepted; convert it to safetensors where you trust it)") from None
-        if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        if ("Weights only load failed" in text or "WeightsUnpickler" in text
+                or isinstance(exc, BROKEN_PICKLE_ERRORS)):
             raise FixresError(f"{failure}: not a checkpoint (a damaged or foreign pickle)") from None
+        if "PytorchStreamReader" in text:
+            raise FixresError(f"{failure}: not a checkpoint (a damaged or truncated torch zip file)") from None
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise FixresError(f"{failure}: {first}") from None
 
