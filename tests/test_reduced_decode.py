@@ -323,3 +323,29 @@ def test_reduced_decode_stays_within_two_grey_levels_of_a_full_decode_on_real_ph
         full, reduced = _both(path, t)
         diffs.append(float((full - reduced).abs().mean()) * 127.5)  # normalised units (std 0.5) -> grey levels
     assert 0.5 < sum(diffs) / len(diffs) < 2.0, diffs
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_full_decode_flag_turns_reduced_decoding_off_from_the_cli(tmp_path, capsys, monkeypatch, command):
+    """``--full-decode``: every JPEG decoded at full size (bit-exact with torchvision's path)."""
+    import json
+
+    from _helpers_e import cli, save_tiny_checkpoint
+
+    from fixres import evaluate as ev
+    for c in range(3):
+        (tmp_path / "val" / f"c{c}").mkdir(parents=True)
+        smooth_photo(tmp_path / "val" / f"c{c}" / "p.jpg", 320, 240, seed=c)
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    seen = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **kw: seen.append(kw["reduced_decode"]) or real(*a, **kw))
+    sizes = ["--test-size", "32"] if command == "eval" else ["--test-sizes", "32,64"]
+    base = [command, "--data", tmp_path, "--model", "fixres_tiny_resnet", "--checkpoint", ckpt, "--num-classes", "3",
+            *sizes, "--workers", "0", "--quiet"]
+    for flag, expect in (([], True), (["--full-decode"], False)):
+        out = tmp_path / f"out{int(expect)}"
+        code, _, err = cli(capsys, *base, "--out", out, *flag)
+        assert code == 0, err
+        assert json.loads((out / f"{command}.json").read_text())["reduced_decode"] is expect
+    assert seen == [True, False]

@@ -30,6 +30,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=positive_int, default=None,
                    help="the model's train size (default: from its data config)")
     p.add_argument("--no-per-class", action="store_true", help="leave per-class accuracy out of the results")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every JPEG at full size (default: only as large as each test size needs, "
+                        "faster at low sizes; the inputs then differ from a full decode by about 1-2 grey levels)")
     p.add_argument("--calibrate-on", default=None, metavar="DIR",
                    help="labelled held-out images (DIR/CLASS/IMAGE, not the evaluated ones) to fit temperature "
                         "scaling on, per view: adds temperature, nll_scaled and ece_scaled to each row (top-1 is "
@@ -73,6 +76,7 @@ class EvalConfig:
     folds: int = 10
     per_class: bool = True
     calibrate_on: str | None = None
+    reduced_decode: bool = True  # JPEGs decoded only as large as each view needs (--full-decode: off)
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
@@ -91,7 +95,7 @@ def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
         interpolation=args.interpolation, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None, train_size=args.train_size,
         ensembles=tuple(tuple(e) for e in (args.ensemble or ())), ten_crop=args.ten_crop, folds=args.folds,
-        per_class=not args.no_per_class, calibrate_on=args.calibrate_on,
+        per_class=not args.no_per_class, calibrate_on=args.calibrate_on, reduced_decode=not args.full_decode,
         device=args.device, batch_size=args.batch_size, workers=args.workers,
         amp=not args.no_amp, quiet=args.quiet)
 
@@ -142,7 +146,7 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
            f"[{index.source}], {precision.describe()}, {env.world_size} process(es)", enabled=show)
     eval_kw = dict(test_sizes=test_sizes, crop_ratios=crop_ratios, batch_size=batch_size, env=env,
                    precision=precision, workers=cfg.workers, ensembles=cfg.ensembles, ten_crop=cfg.ten_crop,
-                   folds=cfg.folds, progress=show, num_classes=num_classes)
+                   folds=cfg.folds, progress=show, num_classes=num_classes, reduced_decode=cfg.reduced_decode)
     result = evaluate(bundle.model, index, data_cfg, per_class=cfg.per_class, keep_log_probs=bool(cfg.calibrate_on),
                       **eval_kw)
     if cfg.calibrate_on:
@@ -153,7 +157,7 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
         **({"weights": cfg.weights} if cfg.weights else {}),
         **({"checkpoint": cfg.checkpoint} if cfg.checkpoint else {}),
         "data": str(index.root), "class_index": index.source, "num_classes": index.num_classes,
-        "train_size": data_cfg.train_size, "data_config": {k: v for k, v in data_cfg.to_dict().items()
+        "reduced_decode": cfg.reduced_decode, "train_size": data_cfg.train_size, "data_config": {k: v for k, v in data_cfg.to_dict().items()
                                                            if k != "class_names"},
         **result,
     }
