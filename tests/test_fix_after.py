@@ -117,3 +117,30 @@ def test_report_shows_candidates_frontier_reliability_and_ks(setup):
     ks_before_at_t = stats["before"]["sizes"]["32"]["ks_to_reference"]
     assert ks_before_at_t == pytest.approx(0.0, abs=1e-9)  # the reference is the model before the fix at T
     assert all(v["ks_to_reference"] is not None for v in stats["after"]["sizes"].values())
+
+
+def _plan_context(*, candidates, augment="test", n_fit=100, n_hold=20, n_val=50, epochs=4, train_size=32):
+    from types import SimpleNamespace
+    config = SimpleNamespace(candidates=list(candidates), test_size=None, finetune_epochs=epochs, augment=augment,
+                             train_epochs=3, label_free=False, tune_schedule=True, lr=None)
+    return SimpleNamespace(config=config, cfg=SimpleNamespace(train_size=train_size, stride=32),
+                           fit=[0] * n_fit, holdout=[0] * n_hold, val_index=SimpleNamespace(samples=[0] * n_val),
+                           test_sizes=[32, 64], needs_training=False)
+
+
+@pytest.mark.parametrize("augment", ["test", "train"])
+def test_plan_estimate_reading_does_not_grow_with_the_candidate_size(augment):
+    """Decoding a photo costs about the same whatever size it is resized to: only the network's share
+    scales with the area (the demo's plan said 7.6 min for a 2.1-min run when reading scaled too)."""
+    read = 0.002
+    small = pipeline.plan_estimates(_plan_context(candidates=[32], augment=augment), 0.0, read)
+    large = pipeline.plan_estimates(_plan_context(candidates=[128], augment=augment), 0.0, read)
+    cached = augment == "test"
+    reads = (100 if cached else 100 * 4) + 20 + 50
+    assert small["select"] == pytest.approx(large["select"]) == pytest.approx(read * reads)
+    # The schedule grid: 2 rates x epochs x1 and x3, each fine-tune reading the fitting images and scoring held-out.
+    grid = sum((100 if cached else 100 * 4 * f) + 20 for _ in (1, 10) for f in (1, 3))
+    assert large["schedule"] == pytest.approx(read * grid)
+    # The network's share does scale with the area: 4x the side, 16x the forward time.
+    fwd = pipeline.plan_estimates(_plan_context(candidates=[128]), 0.001, 0.0)["select"]
+    assert fwd == pytest.approx(16 * pipeline.plan_estimates(_plan_context(candidates=[32]), 0.001, 0.0)["select"])

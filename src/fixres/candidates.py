@@ -133,12 +133,17 @@ def predict(model: nn.Module, samples, cfg, size: int, *, batch_size: int, worke
 
 
 def estimate_seconds(size: int, *, seconds_per_pixel: float, n_fit: int, n_scored: int, epochs: int,
-                     cached: bool) -> float:
+                     cached: bool, read_s: float = 0.0) -> float:
     """Rough time of one candidate: the prefix pass (or full epochs) over the fitting images, then
-    scoring the held-out and validation images, all scaled by the image area."""
+    scoring the held-out and validation images; the network's share scaled by the image area.
+
+    ``read_s``: seconds to read and pre-process one image, which hardly depends on the size (decoding
+    dominates); 0 when it is already inside ``seconds_per_pixel`` (both taken from one sweep's time).
+    """
     share = CACHED_EPOCH_SHARE if cached else UNCACHED_EPOCH_SHARE
     passes = n_fit * ((1.0 if cached else 0.0) + share * epochs) + n_scored
-    return seconds_per_pixel * size * size * passes
+    reads = n_fit * (1 if cached else epochs) + n_scored
+    return seconds_per_pixel * size * size * passes + read_s * reads
 
 
 def fit_in_budget(sizes: Sequence[int], estimates: dict[int, float], budget_s: float | None,

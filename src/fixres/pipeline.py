@@ -749,16 +749,19 @@ def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
     n_fit, n_hold, n_val = len(x.fit), len(x.holdout), len(x.val_index.samples)
     cands = c.candidates or ([c.test_size] if c.test_size else fixsize.candidate_sizes(t, x.cfg.stride))
     area = lambda sizes: sum((s / t) ** 2 for s in sizes)  # noqa: E731
-    per_px = (fwd + load) / (t * t)
     sweep = n_val * (load * len(x.test_sizes) + fwd * area(x.test_sizes))
-    one = {s: estimate_seconds(s, seconds_per_pixel=per_px, n_fit=n_fit, n_scored=n_hold + n_val,
-                               epochs=c.finetune_epochs, cached=c.augment == "test") for s in cands}
+
+    def one(size: int, epochs: int, n_scored: int) -> float:  # reading costs the same at every size
+        return estimate_seconds(size, seconds_per_pixel=fwd / (t * t), read_s=load, n_fit=n_fit, n_scored=n_scored,
+                                epochs=epochs, cached=c.augment == "test")
+    # The grid runs at one size near the recommendation (not known yet): the middle candidate other than T.
+    away = sorted(s for s in cands if s != t) or [t]
+    grid = [one(away[len(away) // 2], c.finetune_epochs * f, n_hold)
+            for _ in candidates.SCHEDULE_LR_FACTORS for f in candidates.SCHEDULE_EPOCH_FACTORS]
     est = {"train": c.train_epochs * n_fit * (3 * fwd + load) if x.needs_training else 0.0,
            "sweep_before": sweep, "sweep_after": sweep,
-           "schedule": (len(candidates.SCHEDULE_LR_FACTORS) * len(candidates.SCHEDULE_EPOCH_FACTORS)
-                        * max(one.values(), default=0.0)
-                        if _tunes_schedule(x) else 0.0),
-           "select": 0.0 if c.label_free else sum(one.values()),
+           "schedule": sum(grid) if _tunes_schedule(x) else 0.0,
+           "select": 0.0 if c.label_free else sum(one(s, c.finetune_epochs, n_hold + n_val) for s in cands),
            "stats": 2 * min(STATS_IMAGES, n_val) * (load + fwd) * 4}
     return {k: v for k, v in est.items() if v > 0}
 
