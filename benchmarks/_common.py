@@ -21,6 +21,21 @@ def shared_folder(name: str) -> Path | None:
     return path
 
 
+def photos_and_weights(data: str | os.PathLike, weights: str):
+    """(model bundle of the registry ``weights``, ``data`` as a Path) for a benchmark on real photos,
+    or None after printing why it measures nothing (the photos are absent, the weights not installed)."""
+    data = Path(data)
+    if not data.is_dir():
+        print(f"skipped: real photos not available ({data} is absent)")
+        return None
+    from fixres.models import load_model
+    try:
+        return load_model(weights=weights), data
+    except Exception as exc:  # noqa: BLE001 - registry weights not installed
+        print(f"skipped: {exc}")
+        return None
+
+
 def small_split(out: Path, *, val_per_class: int, classes: int = 3, train_per_class: int = 16) -> Path:
     """OUT/data/{train,val}: the test suite's generated ImageFolder (coloured squares), for --quick runs."""
     sys.path.insert(0, str(REPO / "tests"))

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, spread_sample
+from _common import REPO, SHARED, photos_and_weights, spread_sample
 
 BATCH = 50
 REPEATS = 3
@@ -43,23 +43,18 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(SHARED / "imagenet-sample"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fold_agreement.json"))
     args = ap.parse_args(argv)
-    if not Path(args.data).is_dir():
-        print(f"skipped: real photos not available ({args.data} is absent)")
+    found = photos_and_weights(args.data, "efficientnet-lite0")
+    if found is None:
         return 0
+    bundle, data = found
     import torch
 
     from fixres import transforms as T
     from fixres.atomic import write_json
     from fixres.data import ImageDataset, resolve_split, scan_folder
     from fixres.fold import fold_batchnorms
-    from fixres.models import load_model
-    try:
-        bundle = load_model(weights="efficientnet-lite0")
-    except Exception as exc:  # noqa: BLE001 - registry weights not installed
-        print(f"skipped: {exc}")
-        return 0
     model, cfg = bundle.model.eval(), bundle.data_config
-    samples = spread_sample(scan_folder(resolve_split(Path(args.data), "val"), num_classes=1000).samples, args.images)
+    samples = spread_sample(scan_folder(resolve_split(data, "val"), num_classes=1000).samples, args.images)
     labels = torch.tensor([y for _, y in samples])
     folded, n_folded = fold_batchnorms(model, args.sizes[0])
     fast = {"unfolded": model.to(memory_format=torch.channels_last),

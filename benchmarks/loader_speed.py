@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, spread_sample
+from _common import REPO, SHARED, photos_and_weights, spread_sample
 
 EVAL_SIZES = (128, 160, 224, 288)
 TRAIN_SIZES = (128, 224)
@@ -173,23 +173,16 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-speed", action="store_true", help="only the top-1 comparison (c)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    data = Path(args.data)
-    if not data.is_dir():
-        print(f"skipped: real photos not available ({data} is absent)")
+    found = photos_and_weights(args.data, args.weights)
+    if found is None:
         return 0
+    bundle, data = found
     import torch
     torch.set_num_threads(1)  # per core: one thread, no workers, both sides alike
 
     from fixres import transforms as T
     from fixres.atomic import write_json
     from fixres.data import ImageDataset, resolve_split, scan_folder
-    from fixres.models import load_model
-
-    try:
-        bundle = load_model(weights=args.weights)
-    except Exception as exc:  # noqa: BLE001 - registry weights not installed
-        print(f"skipped: {exc}")
-        return 0
     n_images = args.images or (QUICK_IMAGES if args.quick else FULL_IMAGES)
     repeats = args.repeats or (2 if args.quick else 4)
     root = resolve_split(data, "val")

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, spread_sample
+from _common import REPO, SHARED, photos_and_weights, spread_sample
 
 SIZES = (128, 224)
 SWEEP_SIZES = (128, 160, 192, 224, 256, 288)
@@ -85,23 +85,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    data = Path(args.data)
-    if not data.is_dir():
-        print(f"skipped: real photos not available ({data} is absent)")
+    found = photos_and_weights(args.data, args.weights)
+    if found is None:
         return 0
+    bundle, data = found
     import torch
 
     from fixres.atomic import write_json
     from fixres.data import default_workers, resolve_split, scan_folder
     from fixres.engine import inference_precision
     from fixres.evaluate import evaluate
-    from fixres.models import load_model
-
-    try:
-        bundle = load_model(weights=args.weights)
-    except Exception as exc:  # noqa: BLE001 - registry weights not installed
-        print(f"skipped: {exc}")
-        return 0
     n_images = args.images or (QUICK_IMAGES if args.quick else FULL_IMAGES)
     repeats = args.repeats or (2 if args.quick else 3)
     workers = default_workers() if args.workers is None else args.workers
