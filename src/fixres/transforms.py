@@ -210,7 +210,7 @@ class TenCropStack:
         self.test_size = test_size
         self.resize = v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
                                 antialias=True)
-        self.normalize = v2.Compose(_to_tensor_normalized(cfg))
+        self.normalize = NormalizedTensor(cfg.mean, cfg.std)
 
     def __call__(self, img):
         crops = TF.ten_crop(self.resize(img), [self.test_size, self.test_size])

@@ -157,8 +157,8 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
         **({"weights": cfg.weights} if cfg.weights else {}),
         **({"checkpoint": cfg.checkpoint} if cfg.checkpoint else {}),
         "data": str(index.root), "class_index": index.source, "num_classes": index.num_classes,
-        "reduced_decode": cfg.reduced_decode, "train_size": data_cfg.train_size, "data_config": {k: v for k, v in data_cfg.to_dict().items()
-                                                           if k != "class_names"},
+        "reduced_decode": cfg.reduced_decode, "train_size": data_cfg.train_size,
+        "data_config": {k: v for k, v in data_cfg.to_dict().items() if k != "class_names"},
         **result,
     }
     return result, env
