@@ -26,7 +26,7 @@ coverage: $(STAMP)
 	rm -rf .coverage-data && mkdir -p .coverage-data
 	$(BIN)/coverage run -m pytest -q; rc=$$?; $(BIN)/coverage combine -q && $(BIN)/coverage report -i; exit $$rc
 
-# Plants one-line bugs one at a time and checks that the suite notices each (issue 17).
+# Plants one-line bugs one at a time and checks that the suite notices each.
 mutants: $(STAMP)
 	$(BIN)/python benchmarks/mutation_check.py
 

@@ -28,7 +28,7 @@ def photos_and_weights(data: str | os.PathLike, weights: str):
     if not data.is_dir():
         print(f"skipped: real photos not available ({data} is absent)")
         return None
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     try:
         return load_model(weights=weights), data
     except Exception as exc:  # noqa: BLE001 - registry weights not installed

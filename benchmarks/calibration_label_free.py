@@ -1,13 +1,13 @@
-"""Label-free bn-recalibrate on real ImageNet photos: top-1, NLL and ECE before and after (issue 16).
+"""Label-free bn-recalibrate on real ImageNet photos: top-1, NLL and ECE before and after.
 
 The registry EfficientNet-Lite0 (trained at 224) is adapted without labels to each test size S by
-re-estimating the batch-norm before its global pooling at S (``fixres.adaptation``, bn-recalibrate) on
+re-estimating the batch-norm before its global pooling at S (``fixres.method.adaptation``, bn-recalibrate) on
 one half of ../shared/data/imagenet-sample (images 0, 2, 4, ...) and evaluated on the other half
 (1, 3, 5, ...), then the other way round; so every photo is scored once by a model that did not see
 it, and the pooled numbers cover all photos. "Before" is the untouched model on the same photos.
 
 Per size: top-1 with its binomial standard error, the paired change (photos the adaptation fixed
-and broke, on the same photos), NLL (mean cross-entropy) and ECE (15 bins, ``fixres.calibration``).
+and broke, on the same photos), NLL (mean cross-entropy) and ECE (15 bins, ``fixres.method.calibration``).
 One photo is 0.1 point of top-1 on 1,000 photos; these are probably ImageNet training photos, so
 absolute figures are high, the comparison before / after is what matters.
 
@@ -54,7 +54,7 @@ def _metrics(logp, labels) -> dict:
     import numpy as np
     import torch
 
-    from fixres.calibration import ece, nll
+    from fixres.method.calibration import ece, nll
     hit = logp.argmax(1) == labels
     p = hit.mean()
     return {"top1": 100 * float(p), "se": 100 * math.sqrt(p * (1 - p) / hit.size),
@@ -66,8 +66,8 @@ def _metrics(logp, labels) -> dict:
 def ks_rows(bundle, samples, halves, sizes, kw) -> list[dict]:
     """KS distance of the pooled activations at S to the ORIGINAL model's at T (224), before and after
     recalibrating on the other half: does the label-free fix bring them back toward T (figure 4)?"""
-    from fixres.adaptation import adapt
-    from fixres.stats import activation_stats
+    from fixres.method.adaptation import adapt
+    from fixres.method.stats import activation_stats
     cfg, train = bundle.data_config, bundle.data_config.train_size
     cal, ev = [samples[i] for i in halves[0]], [samples[i] for i in halves[1]]
     before = activation_stats(bundle.model, ev, cfg, test_sizes=sizes, keep_pooled=True, **kw)
@@ -101,13 +101,13 @@ def main(argv=None) -> int:
         return 0
     import numpy as np
 
-    from fixres.adaptation import adapt
-    from fixres.atomic import write_json
-    from fixres.commands._args import int_list
-    from fixres.data import resolve_split, scan_folder
-    from fixres.engine import Precision
-    from fixres.evaluate import evaluate
-    from fixres.models import load_model
+    from fixres.cli.args import int_list
+    from fixres.data.folders import resolve_split, scan_folder
+    from fixres.io.atomic import write_json
+    from fixres.method.adaptation import adapt
+    from fixres.method.evaluate import evaluate
+    from fixres.models.loading import load_model
+    from fixres.runtime.engine import Precision
 
     sizes = int_list(args.sizes)
     if args.ks:

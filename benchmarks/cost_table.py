@@ -1,7 +1,7 @@
 """Table 7 analogue: what "train at a low size T, fix at S" costs and gains against "train at S".
 
-For every pair T:S it really trains one model at T and one at S (``fixres.train.train``, same data,
-epochs and seed), fine-tunes the T model at S (``fixres.finetuning.finetune``: classifier + batch-norm,
+For every pair T:S it really trains one model at T and one at S (``fixres.method.train.train``, same data,
+epochs and seed), fine-tunes the T model at S (``fixres.method.finetuning.finetune``: classifier + batch-norm,
 test DA, as in the paper), and reports side by side, measured in this one run:
 
   * ms per training batch, forward and backward (mean over the epochs after the first), at T and at S;
@@ -17,7 +17,7 @@ Usage:
   python benchmarks/cost_table.py --quick        # tiny generated data, 2 epochs: ~30 s, a smoke-size table
   python benchmarks/cost_table.py                # synthetic 10 x 80 images, T:S = 64:96, 20 + 3 epochs: ~10 min
   python benchmarks/cost_table.py --data DIR --model fixres_small_resnet --pairs 64:96,96:128 --epochs 8
-With no --data, the embedded synthetic data set (``fixres.synth``) is generated under --out.
+With no --data, the embedded synthetic data set (``fixres.data.synth``) is generated under --out.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def _ms(stat) -> tuple[float | None, float | None]:
 def _train_run(model_name, train_s, val_s, classes, *, size, val_sizes, args, env, precision, out):
     import torch
 
-    from fixres.models import load_model
-    from fixres.train import train
+    from fixres.method.train import train
+    from fixres.models.loading import load_model
     torch.manual_seed(args.seed)
     bundle = load_model(model=model_name, num_classes=len(classes), train_size=size)
     cfg = bundle.data_config.with_overrides(num_classes=len(classes), class_names=tuple(classes))
@@ -68,7 +68,7 @@ def _train_run(model_name, train_s, val_s, classes, *, size, val_sizes, args, en
     bwd = [r["backward_ms"] for r in log if r.get("backward_ms") is not None]
     steps = sum(r["images"] for r in log) / max(1, len(log)) / (args.batch_size)
     # the final model's top-1 with the leave-one-fold-out std, measured as `fixres eval` does
-    from fixres.evaluate import evaluate
+    from fixres.method.evaluate import evaluate
     ev = evaluate(bundle.model, val_s, cfg, test_sizes=sorted(set(val_sizes)), env=env, workers=args.workers,
                   progress=False, per_class=False)
     return {"model": bundle.model, "cfg": cfg, "result": res, "wall_s": wall,
@@ -107,13 +107,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fixres import dist, engine
-    from fixres.data import resolve_split, scan_folder
+    from fixres.data.folders import resolve_split, scan_folder
+    from fixres.runtime import dist, engine
     out = Path(args.out)
     if args.data:
         root = Path(args.data)
     else:
-        from fixres.synth import make_dataset
+        from fixres.data.synth import make_dataset
         root = out / "data"
         kw = dict(classes=4, train_per_class=24, val_per_class=12) if args.quick else \
             dict(classes=10, train_per_class=80, val_per_class=30)
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         runs[size] = _train_run(args.model, tr.samples, va.samples, tr.classes, size=size, val_sizes=val_for[size],
                                 args=args, env=env, precision=precision, out=out / f"train_{size}")
 
-    from fixres.finetuning import finetune
+    from fixres.method.finetuning import finetune
     rows = []
     for t, s in args.pairs:
         rt, rs = runs[t], runs[s]

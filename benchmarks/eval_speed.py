@@ -1,8 +1,8 @@
-"""Evaluation speed and fidelity on real photos (issue 3), measured side by side in one run.
+"""Evaluation speed and fidelity on real photos, measured side by side in one run.
 
 (a) one-pass sweep of 6 test sizes (each image decoded once) vs 6 separate evaluations:
     time ratio sweep / separate (target <= 0.85); the counts must agree exactly.
-(b) ``fixres eval`` (``fixres.evaluate.evaluate``: autocast + channels_last, default workers) vs a
+(b) ``fixres eval`` (``fixres.method.evaluate.evaluate``: autocast + channels_last, default workers) vs a
     plain fp32 loop (model.eval(), no channels_last, no autocast) on the same images and model, with
     the same DataLoader workers and batch size: images/s ratio (target >= 2.0), top-1 within 0.2 pt.
 (c) fidelity: the plain loop's pre-processing is timm's own ``resolve_data_config`` +
@@ -26,6 +26,7 @@ import sys
 import time
 
 from _common import REPO, SHARED, photos_and_weights, spread_sample
+
 SWEEP_SIZES = (128, 160, 192, 224, 256, 288)
 TARGET_SWEEP_RATIO = 0.85
 TARGET_SPEEDUP = 2.0
@@ -86,10 +87,10 @@ def main(argv=None) -> int:
     bundle, data = found
     import torch
 
-    from fixres.atomic import write_json
-    from fixres.data import default_workers, resolve_split, scan_folder
-    from fixres.engine import inference_precision
-    from fixres.evaluate import evaluate
+    from fixres.data.folders import default_workers, resolve_split, scan_folder
+    from fixres.io.atomic import write_json
+    from fixres.method.evaluate import evaluate
+    from fixres.runtime.engine import inference_precision
     n_images = args.images or (QUICK_IMAGES if args.quick else FULL_IMAGES)
     repeats = args.repeats or (1 if args.quick else 2)
     workers = default_workers() if args.workers is None else args.workers

@@ -1,4 +1,4 @@
-"""FixRes end to end on a vision transformer and a ConvNeXt (issue 14, "must show").
+"""FixRes end to end on a vision transformer and a ConvNeXt.
 
 On the embedded data set (``fixres make-dataset``: the paper's imaging model, 10 classes, 1500 training and
 500 validation photos), two small built-in timm models are trained from scratch at 64 px with ``fixres train``
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--serial", action="store_true", help="one model after the other (default: side by side)")
     args = ap.parse_args(argv)
-    from fixres.atomic import write_json
+    from fixres.io.atomic import write_json
     work = args.work / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"

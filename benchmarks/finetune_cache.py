@@ -1,6 +1,6 @@
 """Frozen-prefix activation cache: fine-tuning time with and without it, measured side by side.
 
-Runs ``fixres.finetuning.finetune`` twice on the same model and data (classifier + batch-norm, test DA,
+Runs ``fixres.method.finetuning.finetune`` twice on the same model and data (classifier + batch-norm, test DA,
 same seed): once with the cache (the frozen part runs once), once with the full forward every epoch.
 Prints the fine-tuning time of each (cache build + epochs; the before/after evaluations are the same
 work for both and reported apart), the ratio (target >= 8x for 10 epochs), and both final accuracies
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from _common import shared_folder, small_split
+
 CACHE_TARGET = 8.0
 
 
@@ -54,11 +55,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fixres import analysis
-    from fixres.data import resolve_split, scan_folder
-    from fixres.engine import precision_for
-    from fixres.finetuning import finetune
-    from fixres.models import load_model
+    from fixres.data.folders import resolve_split, scan_folder
+    from fixres.method import analysis
+    from fixres.method.finetuning import finetune
+    from fixres.models.loading import load_model
+    from fixres.runtime.engine import precision_for
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fixres_cache_bench_"))
     if args.quick:

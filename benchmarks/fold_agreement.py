@@ -1,4 +1,4 @@
-"""What folding batch norms into convolutions (``fixres.fold``) does to predictions and speed.
+"""What folding batch norms into convolutions (``fixres.models.fold``) does to predictions and speed.
 
 EfficientNet-Lite0 on ImageNet photos, the same input tensors for every variant: fp32 unfolded (the
 reference), bf16 autocast + channels_last unfolded (what timm's validate runs) and bf16 autocast +
@@ -49,10 +49,10 @@ def main(argv=None) -> int:
     bundle, data = found
     import torch
 
-    from fixres import transforms as T
-    from fixres.atomic import write_json
-    from fixres.data import ImageDataset, resolve_split, scan_folder
-    from fixres.fold import fold_batchnorms
+    from fixres.data import transforms as T
+    from fixres.data.folders import ImageDataset, resolve_split, scan_folder
+    from fixres.io.atomic import write_json
+    from fixres.models.fold import fold_batchnorms
     model, cfg = bundle.model.eval(), bundle.data_config
     samples = spread_sample(scan_folder(resolve_split(data, "val"), num_classes=1000).samples, args.images)
     labels = torch.tensor([y for _, y in samples])

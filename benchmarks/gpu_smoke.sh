@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke check (issue 8): every CUDA path fixres has, on one GPU, offline, in a few minutes.
+# GPU smoke check: every CUDA path fixres has, on one GPU, offline, in a few minutes.
 #
 # Generates a small data set, then runs on CUDA (autocast + channels_last, fixres's defaults there):
 #   eval, sweep (one pass, 4 sizes), finetune with the activation cache and without it,
@@ -99,7 +99,7 @@ a, b = (last(f"{sys.argv[1]}/finetune-{k}.json")["after"]["top1"] for k in ("cac
 print(f"gpu_smoke: finetune top-1 cached {a:.2f} vs uncached {b:.2f}")
 assert abs(a - b) <= 2.0, "cached and uncached fine-tuning disagree"
 EOF
-# Throughput (issue 15.4): images/s of eval at 128/224/384 and training at 128/224, the loader alone and
+# Throughput: images/s of eval at 128/224/384 and training at 128/224, the loader alone and
 # end to end, and full-size JPEG decode CPU vs GPU. Only with CUDA; the CPU dry run checks the logic at
 # tiny sizes and says plainly that the real measurement was skipped.
 if [ "$DEVICE" = cuda ]; then

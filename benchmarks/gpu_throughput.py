@@ -1,9 +1,9 @@
-"""GPU throughput (issue 15.4): images/s of eval and training, the loader alone and end to end.
+"""GPU throughput: images/s of eval and training, the loader alone and end to end.
 
 For each eval size (default 128, 224, 384) and train size (default 128, 224) on one device:
   * loader alone: fixres's DataLoader (reduced JPEG decode, pinned batches on CUDA) including the
     non-blocking host-to-device copy, no network: the rate the loader can feed;
-  * end to end: ``fixres.evaluate.evaluate`` (inference precision, channels_last), and a training loop
+  * end to end: ``fixres.method.evaluate.evaluate`` (inference precision, channels_last), and a training loop
     (SGD, the training precision of ``engine.precision_for``, fp16 with a GradScaler);
   * JPEG decode alone: PIL on the CPU (fixres's path) vs ``torchvision.io.decode_jpeg`` batched on the
     GPU (nvjpeg), full size, to tell whether GPU decoding would pay on this machine.
@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fixres import dist as fdist  # noqa: E402
-from fixres import engine  # noqa: E402
-from fixres.data import ImageDataset, default_workers, make_loader, pin_memory_for, resolve_split, scan_folder  # noqa: E402
-from fixres.evaluate import evaluate  # noqa: E402
-from fixres.images import load_rgb  # noqa: E402
-from fixres.models import load_model  # noqa: E402
-from fixres.transforms import MultiView, test_transform, train_transform  # noqa: E402
+from fixres.data.folders import ImageDataset, default_workers, make_loader, pin_memory_for, resolve_split, scan_folder  # noqa: E402
+from fixres.data.images import load_rgb  # noqa: E402
+from fixres.data.transforms import MultiView, test_transform, train_transform  # noqa: E402
+from fixres.method.evaluate import evaluate  # noqa: E402
+from fixres.models.loading import load_model  # noqa: E402
+from fixres.runtime import dist as fdist  # noqa: E402
+from fixres.runtime import engine  # noqa: E402
 
 SKIP_LINE = "gpu_throughput: no CUDA: skipped"
 #: Batches timed after the untimed warm-up batch (at most; fewer when the data runs out).

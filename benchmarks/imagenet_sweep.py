@@ -3,7 +3,7 @@
 The paper (section 3.3, figure 5 left) shows that a network trained at one size is most accurate
 when tested at a larger one. Here the three EfficientNet-Lite registry checkpoints (trained at
 224/240/260) are swept over test sizes on ../shared/data/imagenet-sample (1000 photos, one per
-class), each in ONE pass over the data (``fixres.evaluate``), with the leave-one-fold-out std of
+class), each in ONE pass over the data (``fixres.method.evaluate``), with the leave-one-fold-out std of
 section 5 as error bars and the recommended test size of ``fixres analyze`` marked per model.
 
 Prints a table, writes JSON and a PNG (--out folder, default benchmarks/results/).
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from _common import REPO, SHARED
+
 FULL_SIZES = "128:384:32"
 QUICK_SIZES = "160,224,288"
 QUICK_IMAGES = 200
@@ -45,13 +46,13 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from fixres.analysis import recommend_test_size
-    from fixres.atomic import write_json
-    from fixres.commands._args import int_list
-    from fixres.data import resolve_split, scan_folder
-    from fixres.engine import inference_precision
-    from fixres.evaluate import evaluate
-    from fixres.plots import plot_accuracy_vs_size
+    from fixres.cli.args import int_list
+    from fixres.data.folders import resolve_split, scan_folder
+    from fixres.io.atomic import write_json
+    from fixres.method.analysis import recommend_test_size
+    from fixres.method.evaluate import evaluate
+    from fixres.report.plots import plot_accuracy_vs_size
+    from fixres.runtime.engine import inference_precision
 
     sizes = int_list(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES))
     n_images = args.images or (QUICK_IMAGES if args.quick else None)
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     name = "imagenet_sweep" + ("_quick" if args.quick else "")
     result = {"n_images": len(samples), "sizes": sizes, "precision": precision.describe(), "models": {}}
     series, marks = {}, []
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     for short in args.models.split(","):
         weights = short if short.startswith("efficientnet-") else f"efficientnet-{short}"
         try:

@@ -1,4 +1,4 @@
-"""Loader speed per core (issue 15, item 2): fixres's reduced-size JPEG decoding vs torchvision's
+"""Loader speed per core: fixres's reduced-size JPEG decoding vs torchvision's
 ``ImageFolder`` with the *same* v2 transforms, side by side in one run.
 
 (a) eval loader (resize shorter side + centre crop, crop ratio 0.875) at 128, 160, 224, 288;
@@ -11,7 +11,7 @@ process_time``), which other jobs on a shared machine disturb far less than wall
 rates are kept in the JSON). The two sides alternate
 which goes first over ``--repeats``; the median ratio and the spread are printed. Both sides apply
 the same pre-processing (size, crop ratio, interpolation, mean/std, the same random draws):
-``fixres.data.ImageDataset`` with ``fixres.transforms`` (JPEGs decoded at the smallest power-of-two
+``fixres.data.folders.ImageDataset`` with ``fixres.data.transforms`` (JPEGs decoded at the smallest power-of-two
 reduction that still covers the size needed, resize + crop cut in one box resize, one fused
 normalisation) vs ``torchvision.datasets.ImageFolder`` with the plain torchvision v2 pipeline a user
 would write (full decode, ``Resize``, ``CenterCrop`` or ``RandomResizedCrop`` + flip + jitter,
@@ -39,7 +39,7 @@ EVAL_SIZES = (128, 160, 224, 288)
 TRAIN_SIZES = (128, 224)
 TOP1_SIZES = (128, 224)
 CROP_RATIO = 0.875
-#: Issue 15's targets: >= 1.8x images/s per core at 128; top-1 within 0.2 pt of the ImageFolder path.
+#: Targets: >= 1.8x images/s per core at 128; top-1 within 0.2 pt of the ImageFolder path.
 TARGET_SPEEDUP_128 = 1.8
 TARGET_TOP1_PT = 0.2
 QUICK_IMAGES = 100
@@ -63,8 +63,8 @@ def torchvision_transform(kind: str, size: int, cfg):
     import torch
     from torchvision.transforms import v2
 
-    from fixres import transforms as T
     from fixres.config import RRC_RATIO, RRC_SCALE, resize_for
+    from fixres.data import transforms as T
     mode = T.interpolation_mode(cfg.interpolation)
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
     if kind == "eval":
@@ -79,8 +79,8 @@ def check_same_computation(samples, fixres_t, tv_t) -> None:
     """Both sides give equal tensors on the first photo no reduction applies to (same random state)."""
     import torch
 
-    from fixres.data import ImageDataset
-    from fixres.images import load_rgb
+    from fixres.data.folders import ImageDataset
+    from fixres.data.images import load_rgb
     for path, _ in samples:
         ds = ImageDataset([(path, 0)], fixres_t, reduced_decode=False)
         torch.manual_seed(SEED)
@@ -180,9 +180,9 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(1)  # per core: one thread, no workers, both sides alike
 
-    from fixres import transforms as T
-    from fixres.atomic import write_json
-    from fixres.data import ImageDataset, resolve_split, scan_folder
+    from fixres.data import transforms as T
+    from fixres.data.folders import ImageDataset, resolve_split, scan_folder
+    from fixres.io.atomic import write_json
     n_images = args.images or (QUICK_IMAGES if args.quick else FULL_IMAGES)
     repeats = args.repeats or (2 if args.quick else 4)
     root = resolve_split(data, "val")

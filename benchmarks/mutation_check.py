@@ -1,4 +1,4 @@
-"""Mutation check (issue 17): plant small, plausible one-line bugs, one at a time, and run the tests that
+"""Mutation check: plant small, plausible one-line bugs, one at a time, and run the tests that
 claim to guard that code. A mutant that no test notices ("survived") marks a gap in the suite.
 
 Each mutant names a file, an exact snippet that must occur exactly once in it, its replacement, and the
@@ -53,67 +53,67 @@ def _register(*mutants: Mutant) -> None:
 # --------------------------------------------------------------------------- the list
 # One line each: a plausible slip, in the code that decides a number or guards a promise.
 
-# Training step, resume, fine-tuning modes, locks (h-loops).
+# Training step, resume, fine-tuning modes, locks.
 TL = "tests/test_loop.py"
 TF = "tests/test_finetune.py"
 TT = "tests/test_train.py"
 _register(
-    Mutant("loop-local-normalisation", "training step", "src/fixres/loop.py",
+    Mutant("loop-local-normalisation", "training step", "src/fixres/method/loop.py",
            "loss = self.loss_fn(logits.float(), y) / n_global", "loss = self.loss_fn(logits.float(), y) / n_local",
-           (TL,), "each rank's mean loss instead of the global batch's (issue 11.5)"),
-    Mutant("loop-no-gradient-sum", "training step", "src/fixres/loop.py",
+           (TL,), "each rank's mean loss instead of the global batch's"),
+    Mutant("loop-no-gradient-sum", "training step", "src/fixres/method/loop.py",
            "            sum_gradients(self.params, self.env)", "            pass",
            (TL,), "ranks step on their own gradients"),
-    Mutant("loop-step-without-images", "training step", "src/fixres/loop.py",
+    Mutant("loop-step-without-images", "training step", "src/fixres/method/loop.py",
            "        if n_global == 0:\n            return StepResult()", "        if False:\n            return StepResult()",
            (TL,), "a global step with no image anywhere still steps (weight decay, momentum)"),
-    Mutant("loop-unsynchronised-clock", "timing", "src/fixres/loop.py",
+    Mutant("loop-unsynchronised-clock", "timing", "src/fixres/method/loop.py",
            "    synchronize(device)\n    return clock()", "    return clock()",
-           (TL + "::test_every_clock_read_follows_a_device_synchronise",), "GPU timings of kernel launches (11.6)"),
-    Mutant("loop-bn-unweighted", "training step", "src/fixres/loop.py",
+           (TL + "::test_every_clock_read_follows_a_device_synchronise",), "GPU timings of kernel launches "),
+    Mutant("loop-bn-unweighted", "training step", "src/fixres/method/loop.py",
            "summed = dist.all_reduce_sum(buf.double() * float(weight), env)",
            "summed = dist.all_reduce_sum(buf.double(), env)",
            (TL,), "a rank that saw no image pulls the averaged BN statistics to stale values"),
-    Mutant("resume-check-off", "resume", "src/fixres/loop.py",
+    Mutant("resume-check-off", "resume", "src/fixres/method/loop.py",
            "    if diff:\n        what =", "    if False:\n        what =",
-           (TF + "::test_resume_refuses_other_pre_processing_and_world_size",), "resume with other settings (11.2)"),
-    Mutant("finetune-epoch-modes", "fine-tuning modes", "src/fixres/finetuning.py",
+           (TF + "::test_resume_refuses_other_pre_processing_and_world_size",), "resume with other settings "),
+    Mutant("finetune-epoch-modes", "fine-tuning modes", "src/fixres/method/finetuning.py",
            "    s, env = t.settings, t.env\n    _set_modes(t.model, t.sel)\n", "    s, env = t.settings, t.env\n",
            (TF + "::test_epoch_eval_keeps_the_adapted_batch_norm_in_train_mode_every_epoch",),
-           "epoch 2 runs with the adapted BN in eval mode after epoch_eval (issue 17)"),
-    Mutant("finetune-scaler-not-restored", "resume", "src/fixres/finetuning.py",
+           "epoch 2 runs with the adapted BN in eval mode after epoch_eval"),
+    Mutant("finetune-scaler-not-restored", "resume", "src/fixres/method/finetuning.py",
            "        t.stepper.scaler.load_state_dict(state.scaler)", "        pass",
            (TF + "::test_fp16_loss_scale_is_restored_on_resume",), "fp16 loss scale restarts on resume"),
-    Mutant("finetune-before-after-load", "resume", "src/fixres/finetuning.py",
+    Mutant("finetune-before-after-load", "resume", "src/fixres/method/finetuning.py",
            "    if t.before is None and evaluate_before and t.val_samples:",
            "    if state is not None:\n        loop.load_weights(t.model, state.weights, t.state_path, complete=False)\n"
            "    if t.before is None and evaluate_before and t.val_samples:",
-           (TF + "::test_resume_measures_before_on_the_untouched_model",), "'before' measured on a half-adapted model (11.7)"),
-    Mutant("train-epoch-length-n", "training recipe", "src/fixres/train.py",
+           (TF + "::test_resume_measures_before_on_the_untouched_model",), "'before' measured on a half-adapted model "),
+    Mutant("train-epoch-length-n", "training recipe", "src/fixres/method/train.py",
            "return PAPER_LEN_FACTOR if repeats > 1 else 1.0", "return 1.0",
            (TT + "::test_paper_epoch_length_is_the_default_only_with_repeated_augmentation",
-            TT + "::test_cli_train_validates_at_train_and_recommended_size_and_exports"), "N-sample epochs (11.10)"),
-    Mutant("train-cosine-resume", "resume", "src/fixres/train.py",
+            TT + "::test_cli_train_validates_at_train_and_recommended_size_and_exports"), "N-sample epochs "),
+    Mutant("train-cosine-resume", "resume", "src/fixres/method/train.py",
            'keys = RESUME_KEYS + (("epochs",) if run.hparams["schedule"] == "cosine" else ())', "keys = RESUME_KEYS",
            (TT + "::test_cosine_resume_with_another_epoch_count_is_refused",), "a cosine resumed with another length"),
-    Mutant("train-batch-zero", "arguments", "src/fixres/train.py",
+    Mutant("train-batch-zero", "arguments", "src/fixres/method/train.py",
            "if batch_size <= 0 or batch_size % env.world_size:", "if batch_size % env.world_size:",
            (TT + "::test_train_refuses_bad_arguments_before_writing",), "batch size 0 accepted"),
-    Mutant("lock-shared", "output folder", "src/fixres/lock.py",
+    Mutant("lock-shared", "output folder", "src/fixres/io/lock.py",
            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)",
-           ("tests/test_lock.py",), "two runs both hold the output folder (12.2)"),
-    Mutant("lock-rank1-too", "output folder", "src/fixres/lock.py",
+           ("tests/test_lock.py",), "two runs both hold the output folder "),
+    Mutant("lock-rank1-too", "output folder", "src/fixres/io/lock.py",
            'return int(os.environ.get("RANK", "0")) == 0', "return True",
            ("tests/test_lock.py::test_only_rank_zero_of_a_torchrun_job_takes_the_lock",), "rank 1 locks its own job out"),
 )
 
 # Fine-tuning modes: which modules adapt, which stay frozen (section 5: bn-stats, fc, ...).
 _register(
-    Mutant("finetune-stats-not-train", "fine-tuning modes", "src/fixres/finetuning.py",
+    Mutant("finetune-stats-not-train", "fine-tuning modes", "src/fixres/method/finetuning.py",
            "    for name in sel.stats:\n        model.get_submodule(name).train()",
            "    for name in sel.stats:\n        model.get_submodule(name).eval()",
            (TF + "::test_frozen_bit_identical_and_bn_stats_only_where_asked",), "bn-stats never re-estimated"),
-    Mutant("finetune-frozen-in-train", "fine-tuning modes", "src/fixres/finetuning.py",
+    Mutant("finetune-frozen-in-train", "fine-tuning modes", "src/fixres/method/finetuning.py",
            '    """Frozen modules in eval mode (and no gradient); adapted batch-norms in train mode."""\n    model.eval()',
            '    """Frozen modules in eval mode (and no gradient); adapted batch-norms in train mode."""\n    model.train()',
            (TF + "::test_frozen_bit_identical_and_bn_stats_only_where_asked",), "frozen BNs drift during fine-tuning"),
@@ -122,17 +122,17 @@ _register(
 # Analysis: eq. (5) and the recommended test size (section 4.1).
 TA = "tests/test_analysis.py"
 _register(
-    Mutant("analysis-F-mean-sigma", "analysis", "src/fixres/analysis.py",
+    Mutant("analysis-F-mean-sigma", "analysis", "src/fixres/method/analysis.py",
            "(s_hi ** 3 - s_lo ** 3) / (s_hi ** 2 - s_lo ** 2)", "(s_hi ** 2 - s_lo ** 2) / (s_hi - s_lo)",
            (TA,), "F as if sigma (not sigma^2) were uniform"),
-    Mutant("analysis-ratio-ignores-crop", "analysis", "src/fixres/analysis.py",
+    Mutant("analysis-ratio-ignores-crop", "analysis", "src/fixres/method/analysis.py",
            "return scale_factor_F(scale) * resize_for(test_size, crop_ratio) / train_size",
            "return scale_factor_F(scale) * test_size / train_size",
            (TA,), "eq. (5) with the crop instead of the resize"),
-    Mutant("analysis-alpha-inverted", "analysis", "src/fixres/analysis.py",
+    Mutant("analysis-alpha-inverted", "analysis", "src/fixres/method/analysis.py",
            "    alpha = 1.0 / e\n", "    alpha = e\n",
            (TA,), "recommended size scaled the wrong way"),
-    Mutant("analysis-stride-floor", "analysis", "src/fixres/analysis.py",
+    Mutant("analysis-stride-floor", "analysis", "src/fixres/method/analysis.py",
            '"test_size": round_to_stride(exact, stride)}', '"test_size": int(exact) // stride * stride}',
            (TA,), "recommended size truncated instead of rounded to the stride"),
 )
@@ -140,28 +140,28 @@ _register(
 # Transforms: the one resize rule, the centre crop, interpolation, the paper's train DA.
 TTR, TP = "tests/test_transforms.py", "tests/test_properties.py"
 _register(
-    Mutant("transforms-resize-is-crop", "transforms", "src/fixres/transforms.py",
+    Mutant("transforms-resize-is-crop", "transforms", "src/fixres/data/transforms.py",
            "        v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),\n"
            "                  antialias=True),\n        v2.CenterCrop(test_size),",
            "        v2.Resize(test_size, interpolation=interpolation_mode(cfg.interpolation),\n"
            "                  antialias=True),\n        v2.CenterCrop(test_size),",
            (TTR, TP), "test DA ignores the crop ratio (resize_for not used)"),
-    Mutant("transforms-crop-corner", "transforms", "src/fixres/transforms.py",
+    Mutant("transforms-crop-corner", "transforms", "src/fixres/data/transforms.py",
            "        v2.CenterCrop(test_size),", "        v2.RandomCrop(test_size),",
            (TTR, TP), "test DA crops anywhere, not the centre"),
-    Mutant("transforms-da2-top", "transforms", "src/fixres/transforms.py",
+    Mutant("transforms-da2-top", "transforms", "src/fixres/data/transforms.py",
            "top = int(round((h - self.size) / 2.0))", "top = 0",
            (TTR, TP), "DA2's crop at the top, not centred vertically"),
-    Mutant("transforms-interpolation-ignored", "transforms", "src/fixres/transforms.py",
+    Mutant("transforms-interpolation-ignored", "transforms", "src/fixres/data/transforms.py",
            "        v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),\n"
            "                  antialias=True),\n        v2.CenterCrop(test_size),",
            "        v2.Resize(resize_for(test_size, crop_ratio), interpolation=InterpolationMode.BILINEAR,\n"
            "                  antialias=True),\n        v2.CenterCrop(test_size),",
            (TTR,), "test DA always bilinear whatever the model's data config says"),
-    Mutant("transforms-no-paper-jitter", "transforms", "src/fixres/transforms.py",
+    Mutant("transforms-no-paper-jitter", "transforms", "src/fixres/data/transforms.py",
            "PAPER_COLOR_JITTER = True", "PAPER_COLOR_JITTER = False",
-           (TTR,), "train DA without the paper's colour jitter (issue 11.12)"),
-    Mutant("transforms-control-no-jitter", "transforms", "src/fixres/transforms.py",
+           (TTR,), "train DA without the paper's colour jitter"),
+    Mutant("transforms-control-no-jitter", "transforms", "src/fixres/data/transforms.py",
            "    ] + _flip_jitter_normalized(cfg, color_jitter))", "    ] + _flip_jitter_normalized(cfg, False))",
            (TTR,), "the appendix-D control ignores --color-jitter"),
 )
@@ -169,21 +169,21 @@ _register(
 # Evaluation: per-image outcomes, their order after the distributed gather, the fold std (section 5).
 TE, TDE = "tests/test_evaluate.py", "tests/test_distributed_eval.py"
 _register(
-    Mutant("eval-gather-not-reordered", "evaluation", "src/fixres/evaluate.py",
+    Mutant("eval-gather-not-reordered", "evaluation", "src/fixres/method/evaluate.py",
            'return merged.reordered(np.argsort(merged.idx, kind="stable"))', "return merged",
            (TDE + "::test_gathered_results_are_put_back_in_single_process_order",),
-           "interleaved ranks' order changes the fold std (issue 17, mutant 1)"),
-    Mutant("eval-ties-optimistic", "evaluation", "src/fixres/evaluate.py",
+           "interleaved ranks' order changes the fold std"),
+    Mutant("eval-ties-optimistic", "evaluation", "src/fixres/method/evaluate.py",
            "rank = (logits > true).sum(1) + ((logits == true) & lower_index).sum(1)",
            "rank = (logits > true).sum(1)",
            (TE + "::test_scores_break_ties_like_argmax_and_refuse_nan",), "a tie counts as a hit (constant logits 100 %)"),
-    Mutant("eval-nonfinite-counted", "evaluation", "src/fixres/evaluate.py",
+    Mutant("eval-nonfinite-counted", "evaluation", "src/fixres/method/evaluate.py",
            "rank = torch.where(torch.isfinite(logits).all(1), rank, logits.shape[1])", "rank = rank",
            (TE + "::test_scores_break_ties_like_argmax_and_refuse_nan",), "a NaN row can count as right"),
-    Mutant("eval-fold-std-ddof", "evaluation", "src/fixres/evaluate.py",
+    Mutant("eval-fold-std-ddof", "evaluation", "src/fixres/method/evaluate.py",
            "return float(np.std(accs) * PERCENT)", "return float(np.std(accs, ddof=1) * PERCENT)",
            (TE + "::test_fold_std_matches_its_definition",), "sample instead of population std of the folds"),
-    Mutant("eval-fold-contiguous", "evaluation", "src/fixres/evaluate.py",
+    Mutant("eval-fold-contiguous", "evaluation", "src/fixres/method/evaluate.py",
            "fold_of = np.arange(n) % k", "fold_of = np.arange(n) * k // n",
            (TE + "::test_fold_std_matches_its_definition",), "contiguous folds instead of i % folds"),
 )
@@ -191,66 +191,66 @@ _register(
 # Checkpoint safety: weights_only loading, and exactly one extra allowed type.
 TCS, TEC = "tests/test_checkpoints_security.py", "tests/test_ecosystem_checkpoints.py"
 _register(
-    Mutant("ckpt-weights-only-off", "checkpoint safety", "src/fixres/checkpoint.py",
+    Mutant("ckpt-weights-only-off", "checkpoint safety", "src/fixres/io/checkpoint.py",
            'return torch.load(str(path), map_location="cpu", weights_only=True)',
            'return torch.load(str(path), map_location="cpu", weights_only=False)',
            (TCS,), "a checkpoint can run code when loaded"),
-    Mutant("ckpt-allowlist-wider", "checkpoint safety", "src/fixres/checkpoint.py",
+    Mutant("ckpt-allowlist-wider", "checkpoint safety", "src/fixres/io/checkpoint.py",
            "SAFE_GLOBALS = (argparse.Namespace,)", "SAFE_GLOBALS = (argparse.Namespace, getattr)",
            (TEC,), "the allowlist holds more than argparse.Namespace"),
-    Mutant("ckpt-allowlist-leaks", "checkpoint safety", "src/fixres/checkpoint.py",
+    Mutant("ckpt-allowlist-leaks", "checkpoint safety", "src/fixres/io/checkpoint.py",
            "        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):",
            "        torch.serialization.add_safe_globals(list(SAFE_GLOBALS))\n        if True:",
            (TEC + "::test_namespace_is_the_only_extra_type",), "the allowlist leaks into torch's global list"),
-    Mutant("ckpt-no-namespace", "checkpoint safety", "src/fixres/checkpoint.py",
+    Mutant("ckpt-no-namespace", "checkpoint safety", "src/fixres/io/checkpoint.py",
            "SAFE_GLOBALS = (argparse.Namespace,)", "SAFE_GLOBALS = ()",
-           (TEC,), "timm / torchvision training checkpoints refused (issue 12.5)"),
+           (TEC,), "timm / torchvision training checkpoints refused"),
 )
 
-# Export: the weights and fixres.json appear together; the header carries the metadata (issue 11.8).
+# Export: the weights and fixres.json appear together; the header carries the metadata.
 TX = "tests/test_export_meta.py"
 _register(
-    Mutant("export-stale-companion-kept", "export", "src/fixres/exporting.py",
+    Mutant("export-stale-companion-kept", "export", "src/fixres/models/export.py",
            "            (out_dir / companion).unlink(missing_ok=True)", "            pass",
            (TX,), "a kill leaves new weights next to the old fixres.json"),
-    Mutant("export-no-header", "export", "src/fixres/exporting.py",
+    Mutant("export-no-header", "export", "src/fixres/models/export.py",
            "metadata=header_metadata(meta))", "metadata=None)",
            (TX,), "the weights file alone does not say what it is"),
 )
 
-# Report: escaping by construction, CSV formulas, the report/ symlink (issues 11.1, 12.4).
+# Report: escaping by construction, CSV formulas, the report/ symlink.
 TR = "tests/test_report_escaping.py"
 _register(
-    Mutant("report-no-autoescape", "report", "src/fixres/report.py",
+    Mutant("report-no-autoescape", "report", "src/fixres/report/page.py",
            "Environment(autoescape=True,", "Environment(autoescape=False,",
            (TR,), "values from run files reach the page raw (script injection)"),
-    Mutant("report-csv-formula", "report", "src/fixres/csvtext.py",
+    Mutant("report-csv-formula", "report", "src/fixres/io/csvtext.py",
            'FORMULA_STARTS = ("=", "+", "-", "@", "\\t", "\\r")', 'FORMULA_STARTS = ("=",)',
            (TR + "::test_per_class_csv_neutralises_formula_class_names",), "+, -, @ cells run as formulas"),
-    Mutant("report-follows-symlink", "report", "src/fixres/report.py",
+    Mutant("report-follows-symlink", "report", "src/fixres/report/page.py",
            "    if out.is_symlink():", "    if False:",
            (TR + "::test_report_refuses_a_symlinked_report_folder",), "the report written through a link"),
 )
 
-# The class-set rule (issue 12.1) and the non-finite flag parsers (issue 12.7).
+# The class-set rule and the non-finite flag parsers.
 TC, TFL = "tests/test_class_sets.py", "tests/test_flags.py"
 _register(
-    Mutant("data-val-own-classes", "class sets", "src/fixres/data.py",
+    Mutant("data-val-own-classes", "class sets", "src/fixres/data/folders.py",
            "index = scan_folder(root, class_map=classes, num_classes=num_classes, warn=warn)",
            "index = scan_folder(root, num_classes=num_classes, warn=warn)",
            (TC,), "val indexed by its own sorted folders: wrong class per photo"),
-    Mutant("data-unknown-val-class", "class sets", "src/fixres/data.py",
+    Mutant("data-unknown-val-class", "class sets", "src/fixres/data/folders.py",
            "        if unknown:\n            shown", "        if False:\n            shown",
            (TC,), "a val class the model never learned is scored silently"),
-    Mutant("flags-inf-accepted", "arguments", "src/fixres/commands/_args.py",
+    Mutant("flags-inf-accepted", "arguments", "src/fixres/cli/args.py",
            '    if not math.isfinite(v):\n        raise argparse.ArgumentTypeError(f"must be a finite number, got',
            '    if False:\n        raise argparse.ArgumentTypeError(f"must be a finite number, got',
            (TFL,), "--lr inf, --mean nan accepted"),
-    Mutant("flags-crop-ratio-inf", "arguments", "src/fixres/commands/_args.py",
+    Mutant("flags-crop-ratio-inf", "arguments", "src/fixres/cli/args.py",
            "        if not math.isfinite(v):\n            raise argparse.ArgumentTypeError(f\"must be a finite number in (0, 1]",
            "        if False:\n            raise argparse.ArgumentTypeError(f\"must be a finite number in (0, 1]",
            (TFL,), "--crop-ratio inf accepted"),
-    Mutant("flags-rgb-nan", "arguments", "src/fixres/commands/_args.py",
+    Mutant("flags-rgb-nan", "arguments", "src/fixres/cli/args.py",
            "    for v in values:\n        _finite(v, text)", "    for v in values:\n        pass",
            (TFL,), "--mean nan,0,0 accepted: 0 % and loss nan"),
 )

@@ -1,4 +1,4 @@
-"""Selection after fixing (issue 16): does choosing the fixed size on held-out training images work?
+"""Selection after fixing: does choosing the fixed size on held-out training images work?
 
 Runs ``fixres fix`` (every candidate size fixed at its own size, cached; the size chosen on a
 held-out part of the training images), then for every candidate prints the validation top-1 before
@@ -27,10 +27,10 @@ from _common import REPO
 
 sys.path.insert(0, str(REPO / "src"))
 
-from fixres import pipeline  # noqa: E402
-from fixres.atomic import write_json  # noqa: E402
-from fixres.fixsize import binomial_se, paired_test  # noqa: E402
-from fixres.selection import best_row  # noqa: E402
+from fixres.io.atomic import write_json  # noqa: E402
+from fixres.job import pipeline  # noqa: E402
+from fixres.job.fixsize import binomial_se, paired_test  # noqa: E402
+from fixres.method.selection import best_row  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -59,9 +59,9 @@ def _sizes(text: str | None) -> list[int] | None:
 
 def _per_image(run_dir: Path, config: pipeline.FixConfig, sizes: list[int]) -> dict[int, tuple[list, list]]:
     """Per validation image: correct before and after the fix at each candidate size (same images)."""
-    from fixres.candidates import load_adapted, predict
-    from fixres.data import index_val_onto, resolve_split, scan_folder
-    from fixres.models import load_model
+    from fixres.data.folders import index_val_onto, resolve_split, scan_folder
+    from fixres.job.candidates import load_adapted, predict
+    from fixres.models.loading import load_model
     data = json.loads((run_dir / "data.json").read_text())["root"]
     base_ck = run_dir / "train" / "model.safetensors" if (run_dir / "train").is_dir() else config.checkpoint
     bundle = load_model(model=None if (run_dir / "train").is_dir() else config.model, checkpoint=str(base_ck))

@@ -59,13 +59,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from fixres.atomic import write_json
-    from fixres.data import resolve_split, scan_folder
-    from fixres.evaluate import evaluate
-    from fixres.finetuning import finetune
-    from fixres.models import load_model
-    from fixres.synth import make_dataset
-    from fixres.train import train
+    from fixres.data.folders import resolve_split, scan_folder
+    from fixres.data.synth import make_dataset
+    from fixres.io.atomic import write_json
+    from fixres.method.evaluate import evaluate
+    from fixres.method.finetuning import finetune
+    from fixres.method.train import train
+    from fixres.models.loading import load_model
 
     preset = dict(QUICK if args.quick else FULL)
     if args.train_sizes:
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     if args.report_run:
         run = Path(args.report_run)
         write_json(run / "grid.json", grid)
-        from fixres.report import write_report
+        from fixres.report.page import write_report
         print(f"report: {write_report(run)['html']}")
     return 0
 

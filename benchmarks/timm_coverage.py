@@ -1,4 +1,4 @@
-"""Does FixRes work on every timm family? (issue 14)
+"""Does FixRes work on every timm family?
 
 For the smallest variant of every timm family (family = timm module, e.g. ``resnet``, ``vision_transformer``,
 ``convnext``; smallest = fewest parameters, counted on the meta device without allocating weights), random
@@ -112,7 +112,8 @@ def _time_limit(seconds: int):
 def _data(root: Path) -> tuple[list, list]:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import write_image_folder
-    from fixres.data import scan_folder
+
+    from fixres.data.folders import scan_folder
     write_image_folder(root / "train", classes=IMAGES, per_class=1, seed=1)
     write_image_folder(root / "val", classes=IMAGES, per_class=1, seed=2)
     return scan_folder(root / "train").samples, scan_folder(root / "val").samples
@@ -121,7 +122,7 @@ def _data(root: Path) -> tuple[list, list]:
 def _sizes(model, native: bool) -> tuple[int, int]:
     """Flexible models: FLEX_SIZES, or (``native``) their own size and one stride above; fixed-size models:
     their size and one stride above."""
-    from fixres.models import fixed_input_size, network_stride
+    from fixres.models.loading import fixed_input_size, network_stride
     fixed = fixed_input_size(model)
     if not fixed and native:
         fixed = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
@@ -134,11 +135,11 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
 
     from fixres.config import DataConfig
     from fixres.errors import FixresError
-    from fixres.evaluate import evaluate
-    from fixres.exporting import export_model
-    from fixres.finetuning import finetune
-    from fixres.models import create_model, export_model_kwargs, fit_input_size, load_model, network_stride
-    from fixres.structure import find_parts, select_parts
+    from fixres.method.evaluate import evaluate
+    from fixres.method.finetuning import finetune
+    from fixres.models.export import export_model
+    from fixres.models.loading import create_model, export_model_kwargs, fit_input_size, load_model, network_stride
+    from fixres.models.structure import find_parts, select_parts
     row["step"] = "build"
     torch.manual_seed(0)
     model, _ = create_model(name, num_classes=NUM_CLASSES)
@@ -233,7 +234,7 @@ def summary(rows: list[dict], skipped: dict) -> dict:
 
 
 def _save(path: Path, chosen: dict, max_params: float, keep: dict, skipped: dict) -> None:
-    from fixres.atomic import write_json
+    from fixres.io.atomic import write_json
     write_json(path, {"smallest": chosen, "max_params_m": max_params, "sizes": FLEX_SIZES,
                       "rows": list(keep.values()), "summary": summary(list(keep.values()), skipped)})
 
@@ -253,9 +254,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     import json
 
-    import fixres.evaluate  # noqa: F401 - imported before the loop: a broken tree fails here, not per model
-    import fixres.exporting  # noqa: F401
-    import fixres.finetuning  # noqa: F401
+    import fixres.method.evaluate  # noqa: F401 - imported before the loop: a broken tree fails here, not per model
+    import fixres.method.finetuning  # noqa: F401
+    import fixres.models.export  # noqa: F401
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     families = QUICK_FAMILIES if args.quick else (args.families.split(",") if args.families else None)
     chosen = {f: tuple(v) for f, v in (old.get("smallest") or {}).items() if not v[0].startswith("test_")}

@@ -1,11 +1,11 @@
-"""``fixres eval`` against timm's own validation path (issue 15, item 3), side by side in one run.
+"""``fixres eval`` against timm's own validation path, side by side in one run.
 
 The peer is what timm's ``validate.py`` does with its best CPU flags (``--amp --amp-dtype bfloat16
 --channels-last``): timm's ``ImageDataset`` folder reader + ``create_loader`` (its eval transform at
 the same crop_pct and interpolation, no prefetcher on CPU), the model in channels_last, and
 ``torch.autocast(bfloat16)`` around the forward. (``validate.py`` itself is a script of timm's
 repository, not part of the installed package, so its loop is rebuilt here from the same parts.)
-fixres runs ``fixres.evaluate.evaluate`` at its default precision. Same images, same weights, the
+fixres runs ``fixres.method.evaluate.evaluate`` at its default precision. Same images, same weights, the
 same DataLoader workers and batch size.
 
 (a) one test size at a time (128 and 224): images/s of each, interleaved repeats (the two sides
@@ -13,7 +13,7 @@ same DataLoader workers and batch size.
 (b) a 6-size sweep (128 to 288) in one fixres call (each image decoded once) against 6 timm runs:
     time ratio fixres / timm.
 
-Issue 15's targets: (a) >= 1.2 at 128, >= 1.0 at 224 at equal top-1; (b) <= 0.8. On a shared
+Targets: (a) >= 1.2 at 128, >= 1.0 at 224 at equal top-1; (b) <= 0.8. On a shared
 machine wall times are noisy: the spread of the repeats is printed with every median.
 
     .venv/bin/python benchmarks/timm_validate.py [--quick] [--images N] [--repeats R]
@@ -91,10 +91,10 @@ def main(argv=None) -> int:
     bundle, data = found
     import torch
 
-    from fixres.atomic import write_json
-    from fixres.data import default_workers, resolve_split, scan_folder
-    from fixres.engine import inference_precision
-    from fixres.evaluate import evaluate
+    from fixres.data.folders import default_workers, resolve_split, scan_folder
+    from fixres.io.atomic import write_json
+    from fixres.method.evaluate import evaluate
+    from fixres.runtime.engine import inference_precision
     n_images = args.images or (QUICK_IMAGES if args.quick else FULL_IMAGES)
     repeats = args.repeats or (2 if args.quick else 3)
     workers = default_workers() if args.workers is None else args.workers

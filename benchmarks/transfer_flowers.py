@@ -1,13 +1,13 @@
 """Transfer learning with FixRes on flowers17 (paper table 3 protocol, table 6 ablation, appendix A).
 
 (1) EfficientNet-Lite0 with its registry ImageNet weights gets a new 17-class head; (2) it is trained
-on flowers17/train at 128 px (``fixres.train.train``, train DA); (3) it is evaluated on flowers17/val at
-several test sizes (one pass, ``fixres.evaluate``), and at the size fixres recommends for 128 px
+on flowers17/train at 128 px (``fixres.method.train.train``, train DA); (3) it is evaluated on flowers17/val at
+several test sizes (one pass, ``fixres.method.evaluate``), and at the size fixres recommends for 128 px
 (``analysis.recommend_test_size``) it is compared, on copies of the same trained model, with:
 
-  * fine-tuned at S (``fixres.finetuning``, test DA): classifier + batch-norm (the paper), batch-norm
+  * fine-tuned at S (``fixres.method.finetuning``, test DA): classifier + batch-norm (the paper), batch-norm
     statistics only, classifier only (table 6);
-  * label-free (``fixres.adaptation``): bn-recalibrate, frechet (appendix A.1), gaussian (appendix A.2).
+  * label-free (``fixres.method.adaptation``): bn-recalibrate, frechet (appendix A.1), gaussian (appendix A.2).
 
 Every accuracy comes with the leave-one-fold-out std of section 5 (10 folds). Results go to
 --out/transfer_flowers.json and a table on stdout.
@@ -37,7 +37,7 @@ from _common import shared_folder, small_split
 
 def _freeze_for(model, trainable: str) -> list[str]:
     """requires_grad only on what ``trainable`` names; returns the trained module names."""
-    from fixres.structure import find_parts
+    from fixres.models.structure import find_parts
     if trainable == "all":
         return ["(all)"]
     parts = find_parts(model)
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trainable", choices=("all", "last", "head"), default="all")
     ap.add_argument("--batch-size", type=int, default=32, help="training batch")
     ap.add_argument("--repeats", type=int, default=1, help="repeated augmentation during training")
-    ap.add_argument("--lr", type=float, default=None, help="training lr (default: fixres.train's 0.1 x B/256)")
+    ap.add_argument("--lr", type=float, default=None, help="training lr (default: fixres.method.train's 0.1 x B/256)")
     ap.add_argument("--schedule", choices=("step", "cosine"), default="step", help="training lr schedule")
     ap.add_argument("--warmup-epochs", type=float, default=0, help="linear warm-up of the training lr")
     ap.add_argument("--ft-epochs", type=int, default=10, help="fine-tuning epochs at the test size")
@@ -77,15 +77,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fixres import analysis
-    from fixres.adaptation import adapt
-    from fixres.data import resolve_split, scan_folder
-    from fixres.engine import inference_precision, precision_for
-    from fixres.evaluate import evaluate
-    from fixres.evaluate import evaluate_at
-    from fixres.finetuning import finetune
-    from fixres.models import load_model, load_weights_strict
-    from fixres.train import train
+    from fixres.data.folders import resolve_split, scan_folder
+    from fixres.method import analysis
+    from fixres.method.adaptation import adapt
+    from fixres.method.evaluate import evaluate, evaluate_at
+    from fixres.method.finetuning import finetune
+    from fixres.method.train import train
+    from fixres.models.loading import load_model, load_weights_strict
+    from fixres.runtime.engine import inference_precision, precision_for
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fixres_transfer_"))
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
     trained_path = out / "train" / "model.safetensors"
     t0 = time.perf_counter()
     if trained_path.is_file():
-        from fixres.checkpoint import load_state_dict
+        from fixres.io.checkpoint import load_state_dict
         load_weights_strict(model, load_state_dict(trained_path), source=str(trained_path))
         train_res = json.loads((out / "train_result.json").read_text()) if (out / "train_result.json").is_file() else {}
         note(f"reusing the model trained at {train_size}px in {trained_path}")
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
                           workers=workers, progress=False, model_name=bundle.name)
         for p in model.parameters():
             p.requires_grad_(True)
-        from fixres.atomic import read_jsonl
+        from fixres.io.atomic import read_jsonl
         log = train_res.get("log") or train_res.get("epochs_log") or read_jsonl(out / "train" / "log.jsonl")
         train_res = {"trainable": trained, "epochs": epochs, "schedule": args.schedule,
                      "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size,
@@ -213,7 +212,7 @@ def main(argv=None) -> int:
 
 
 def _env():
-    from fixres.dist import DistEnv
+    from fixres.runtime.dist import DistEnv
     return DistEnv()
 
 

@@ -1,4 +1,4 @@
-"""A generated corpus of every awkward image file fixres must survive (issue 7, item 1).
+"""A generated corpus of every awkward image file fixres must survive.
 
 ``write_corpus(folder)`` writes one small file per kind and returns ``CorpusEntry`` records saying
 what loading it must give: either an upright RGB image of a known size (and, where it matters, a
@@ -31,7 +31,7 @@ JPEG_TOLERANCE = 24
 
 @dataclass
 class CorpusEntry:
-    """One file of the corpus and what ``fixres.images.load_rgb`` must make of it."""
+    """One file of the corpus and what ``fixres.data.images.load_rgb`` must make of it."""
 
     name: str
     kind: str
@@ -190,7 +190,7 @@ def write_corpus(folder: str | Path, *, include_good: bool = True) -> list[Corpu
 
 @dataclass
 class FolderTraps:
-    """A data folder whose class tree holds every awkward link (issue 12, item 6), and what indexing must give."""
+    """A data folder whose class tree holds every awkward link, and what indexing must give."""
 
     root: Path
     #: class name -> sorted file paths relative to ``root`` that must be its samples (each photo once).

@@ -67,7 +67,8 @@ def split_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_model():
     import torch
-    from fixres.models import load_model
+
+    from fixres.models.loading import load_model
     torch.manual_seed(0)
     return load_model(model="fixres_tiny_resnet", num_classes=3, train_size=32)
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tinyruns import fp32, tiny_bundle, tiny_data  # noqa: F401
 
-from _helpers_b import fp32, tiny_bundle, tiny_data  # noqa: F401
-from fixres.adaptation import (FRECHET_XI, Equalization, adapt, fit_frechet, install_equalization,
-                          remove_equalization)
-from fixres.hooks import capture, count_hooks
-from fixres.stats import iterate_views
+from fixres.method.adaptation import (
+    FRECHET_XI,
+    Equalization,
+    adapt,
+    fit_frechet,
+    install_equalization,
+    remove_equalization,
+)
+from fixres.method.stats import iterate_views
+from fixres.models.hooks import capture, count_hooks
 
 KW = dict(workers=0, progress=False, batch_size=8)
 
@@ -61,7 +67,7 @@ def test_frechet_fit_recovers_known_parameters_and_ignores_zeros():
 def test_frechet_fit_is_a_least_squares_optimum_on_data_that_is_not_frechet():
     """Pooled ReLU activations are not Frechet: the starting line is then not the fit, and the
     refinement must reach a point that no small move of (mu, sigma) improves."""
-    from fixres.adaptation import frechet_cdf
+    from fixres.method.adaptation import frechet_cdf
     rng = np.random.default_rng(1)
     x = np.maximum(rng.normal(0.3, 1.0, size=(4000, 16)), 0).mean(1) ** 1.7  # skewed, not Frechet
     fit = fit_frechet(x)
@@ -133,10 +139,10 @@ def test_cli_adapt_reports_top1_nll_and_ece_before_and_after(tmp_path, capsys):
     import copy
     import json
 
-    from fixres.cli import main
-    from fixres.dist import DistEnv
-    from fixres.evaluate import evaluate_at
-    from fixres.models import load_model
+    from fixres.cli.app import main
+    from fixres.method.evaluate import evaluate_at
+    from fixres.models.loading import load_model
+    from fixres.runtime.dist import DistEnv
     train, val = tiny_data(tmp_path / "d")
     argv = ["adapt", "--model", "fixres_tiny_resnet", "--random-init", "--num-classes", "3", "--train-size", "32",
             "--data", str(tmp_path / "d"), "--workers", "0", "--no-amp", "--method", "bn-recalibrate",

@@ -1,4 +1,4 @@
-"""Apparent object size analysis (issue 2, item 4): closed form, Monte Carlo, recommendations, `fixres analyze`."""
+"""Apparent object size analysis: closed form, Monte Carlo, recommendations, `fixres analyze`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from fixres import analysis
-from fixres.cli import main
+from fixres.cli.app import main
 from fixres.errors import UsageError
+from fixres.method import analysis
 
 #: Eq. (5) with PyTorch defaults (scale 0.08-1, train 224, test resize 256): the paper's 0.80.
 PYTORCH_DEFAULT_RATIO = 0.8095

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, write_image_folder
 
 import fixres
-from conftest import REPO, write_image_folder
 
 
 def readme_example() -> str:
@@ -63,7 +63,7 @@ def test_public_names_are_the_api_functions():
 
 
 def test_analyze_matches_the_closed_form():
-    from fixres.analysis import closed_form_ratio
+    from fixres.method.analysis import closed_form_ratio
     a = fixres.analyze(train_size=224)
     assert a.ratio == pytest.approx(closed_form_ratio(train_size=224, crop_ratio=0.875))
     assert a.recommended_test_size == 288
@@ -71,9 +71,9 @@ def test_analyze_matches_the_closed_form():
 
 
 def test_sweep_of_a_plain_module_equals_the_library(tiny_model, data_root):
-    from fixres.data import scan_folder
-    from fixres.engine import inference_precision
-    from fixres.evaluate import evaluate
+    from fixres.data.folders import scan_folder
+    from fixres.method.evaluate import evaluate
+    from fixres.runtime.engine import inference_precision
     result = fixres.sweep(tiny_model.model, data_root, test_sizes=[32, 48], data_config=tiny_model.data_config,
                           amp=False)
     raw = evaluate(tiny_model.model, scan_folder(data_root / "val"), tiny_model.data_config, test_sizes=[32, 48],

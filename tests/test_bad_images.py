@@ -1,4 +1,4 @@
-"""Bad and awkward image files (issue 7, item 1): converted correctly, or skipped, counted and named.
+"""Bad and awkward image files: converted correctly, or skipped, counted and named.
 
 The corpus (tests/badcorpus.py) holds every kind; each is checked on its own through ``load_rgb``, then
 mixed into a small data set and pushed through the data path (dataset + collate + loader) and through
@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from _helpers_e import assert_one_line_error, cli, save_tiny_checkpoint
+from clirun import assert_one_line_error, cli, save_tiny_checkpoint
 from badcorpus import bad_entries, good_entries, png_claiming_size, write_corpus
 from conftest import write_image_folder
-from fixres import transforms as T
+from PIL import Image
+
 from fixres.config import DataConfig
-from fixres.data import ImageDataset, Skipped, collate, make_loader, scan_folder
+from fixres.data import transforms as T
+from fixres.data.folders import ImageDataset, Skipped, collate, make_loader, scan_folder
+from fixres.data.images import MAX_ASPECT_RATIO, BadImage, load_rgb, probe_size
 from fixres.errors import UsageError
-from fixres.images import MAX_ASPECT_RATIO, BadImage, load_rgb, probe_size
 
 CFG = DataConfig(train_size=32)
 TEST_SIZE = 32
@@ -310,7 +310,7 @@ def test_cli_analyze_names_skipped(capsys, mixed_folders):
     assert all(s["reason"] for s in res["skipped"])
 
 
-# --------------------------------------------------------------------------- fixres eval (helper A)
+# --------------------------------------------------------------------------- fixres eval
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +454,7 @@ def test_eval_non_utf8_file_and_class_names(capsys, tiny_ck, tmp_path):
     (b"\xff\xfe not utf-8", "UTF-8"),
 ])
 def test_bad_class_maps(tmp_path, content, phrase):
-    from fixres.data import read_class_map
+    from fixres.data.folders import read_class_map
     p = tmp_path / "classes.json"
     p.write_bytes(content)
     with pytest.raises(UsageError, match=phrase):
@@ -462,7 +462,7 @@ def test_bad_class_maps(tmp_path, content, phrase):
 
 
 def test_class_maps_read(tmp_path):
-    from fixres.data import read_class_map
+    from fixres.data.folders import read_class_map
     (tmp_path / "a.json").write_text('{"cat": 2, "dog": 0}')
     assert read_class_map(tmp_path / "a.json") == ["dog", "<unused 1>", "cat"]
     (tmp_path / "b.txt").write_text("# classes\ndog\n\ncat\n")

@@ -1,4 +1,4 @@
-"""Calibration (issue 16.3): ECE, NLL, reliability bins, temperature scaling, and the eval rows that carry them."""
+"""Calibration: ECE, NLL, reliability bins, temperature scaling, and the eval rows that carry them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fixres.calibration import ECE_BINS, apply_temperature, ece, fit_temperature, nll, reliability
 from fixres.errors import UsageError
+from fixres.method.calibration import ECE_BINS, apply_temperature, ece, fit_temperature, nll, reliability
 
 
 def _calibrated(n: int = 20000, classes: int = 5, scale: float = 2.0, seed: int = 0):
@@ -80,9 +80,9 @@ def test_under_confident_logits_get_temperature_below_one():
 
 
 def test_eval_rows_carry_nll_and_ece_of_their_own_predictions(image_folder, tiny_model):
-    from fixres.data import scan_folder
-    from fixres.engine import Precision
-    from fixres.evaluate import evaluate
+    from fixres.data.folders import scan_folder
+    from fixres.method.evaluate import evaluate
+    from fixres.runtime.engine import Precision
     with torch.no_grad():  # a spread-out head, so confidences differ between images and sizes
         tiny_model.model.fc.weight.mul_(20.0)
     res = evaluate(tiny_model.model, scan_folder(image_folder), tiny_model.data_config, test_sizes=[32, 48],
@@ -100,9 +100,10 @@ def test_eval_rows_carry_nll_and_ece_of_their_own_predictions(image_folder, tiny
 
 def test_temperature_scale_fits_on_held_out_and_keeps_top1(tmp_path, tiny_model):
     from conftest import write_image_folder
-    from fixres.data import scan_folder
-    from fixres.engine import Precision
-    from fixres.evaluate import evaluate, temperature_scale
+
+    from fixres.data.folders import scan_folder
+    from fixres.method.evaluate import evaluate, temperature_scale
+    from fixres.runtime.engine import Precision
     with torch.no_grad():  # far too sharp a head: the fitted temperature must soften it
         tiny_model.model.fc.weight.mul_(200.0)
     kw = dict(test_sizes=[32, 48], ensembles=[(32, 48)], workers=0, progress=False, batch_size=6,
@@ -128,10 +129,11 @@ def test_cli_sweep_calibrate_on_held_out_folder(tmp_path, capsys):
     import json
 
     from conftest import write_image_folder
-    from fixres.cli import main
-    from fixres.data import scan_folder
-    from fixres.evaluate import evaluate, temperature_scale
-    from fixres.models import load_model
+
+    from fixres.cli.app import main
+    from fixres.data.folders import scan_folder
+    from fixres.method.evaluate import evaluate, temperature_scale
+    from fixres.models.loading import load_model
     val, held = write_image_folder(tmp_path / "v", seed=6), write_image_folder(tmp_path / "h", seed=5)
     torch.manual_seed(0)
     assert main(["sweep", "--data", str(val), "--calibrate-on", str(held), "--model", "fixres_tiny_resnet",

@@ -1,4 +1,4 @@
-"""Untrusted checkpoints (issue 7, item 2): no pickled code ever runs; mismatches are named, never half-loaded."""
+"""Untrusted checkpoints: no pickled code ever runs; mismatches are named, never half-loaded."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import assert_one_line_error, cli, save_tiny_checkpoint
 
-from _helpers_e import assert_one_line_error, cli, save_tiny_checkpoint
-from fixres.checkpoint import (load_state_dict, load_training_state, save_safetensors, save_training_state,
-                               unwrap_state_dict)
 from fixres.errors import FixresError, UsageError
-from fixres.models import load_model, load_weights_strict
-
+from fixres.io.checkpoint import (
+    load_state_dict,
+    load_training_state,
+    save_safetensors,
+    save_training_state,
+    unwrap_state_dict,
+)
+from fixres.models.loading import load_model, load_weights_strict
 
 
 class MarkerPayload:
@@ -117,7 +121,7 @@ def test_cli_refuses_code(capsys, tmp_path, image_folder, command, extra):
 
 def test_cli_subprocess_refuses_code(tmp_path, image_folder):
     """The same through the installed `fixres` script, in a fresh process."""
-    from _helpers_e import fixres_subprocess
+    from clirun import fixres_subprocess
     marker = tmp_path / "marker"
     path = write_evil(tmp_path / "evil.pt", marker, "nested")
     res = fixres_subprocess("eval", "--model", "fixres_tiny_resnet", "--checkpoint", path, "--data", image_folder,
@@ -263,7 +267,7 @@ def test_strict_load_is_all_or_nothing():
 
 
 def test_data_with_more_classes_than_the_model(image_folder):
-    from fixres.data import scan_folder
+    from fixres.data.folders import scan_folder
     with pytest.raises(UsageError, match="3 classes but the model outputs 2.*--num-classes"):
         scan_folder(image_folder, num_classes=2)
 

@@ -1,4 +1,4 @@
-"""Class sets and folder trees (issue 12, items 1, 6 and 9): one rule for mapping val onto training classes,
+"""Class sets and folder trees: one rule for mapping val onto training classes,
 links that would count a photo twice are skipped and named, unreadable folders are called unreadable."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from _helpers_e import assert_one_line_error, cli, save_tiny_checkpoint
+from clirun import assert_one_line_error, cli, save_tiny_checkpoint
 from badcorpus import write_folder_traps
 from conftest import write_image_folder
-from fixres.data import index_val_onto, missing_classes_warning, scan_folder
+
+from fixres.data.folders import index_val_onto, missing_classes_warning, scan_folder
 from fixres.errors import UsageError
 
 
@@ -85,7 +85,7 @@ def test_eval_class_map_refuses_an_unknown_val_class(capsys, tmp_path):
     assert_one_line_error(err, "zebra")
 
 
-# --------------------------------------------------------------------------- folder loops (12.6)
+# --------------------------------------------------------------------------- folder loops 
 
 
 def test_folder_traps_are_skipped_and_named(tmp_path, capsys):
@@ -105,7 +105,7 @@ def test_folder_traps_are_skipped_and_named(tmp_path, capsys):
 
 
 def test_val_link_to_parent_does_not_count_photos_again(tmp_path):
-    """``val/c -> ..`` (12.6): without the rule the train photos would be scored as class c."""
+    """``val/c -> ..`` : without the rule the train photos would be scored as class c."""
     root = _split(tmp_path / "d", val_classes=[0, 1])
     os.symlink("..", root / "val" / "class_2")
     train = scan_folder(root / "train")
@@ -122,7 +122,7 @@ def test_cli_symlink_loop_class_is_skipped_not_a_crash(capsys, tmp_path):
     assert "Traceback" not in err and "skipped" in err and "loop" in err
 
 
-# --------------------------------------------------------------------------- unreadable folders, .jfif (12.9)
+# --------------------------------------------------------------------------- unreadable folders, .jfif 
 
 
 def test_unreadable_class_folder_is_called_unreadable(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The command line: fast help, exit codes, one-line errors, --json (issue 2 item 2, issue 7 item 4)."""
+"""The command line: fast help, exit codes, one-line errors, --json."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import subprocess
 import sys
 
 import pytest
+from clirun import assert_one_line_error, cli, fixres_subprocess, save_tiny_checkpoint
 
-from _helpers_e import assert_one_line_error, cli, fixres_subprocess, save_tiny_checkpoint
-from fixres.cli import COMMANDS, _oom_message
+from fixres.cli.app import COMMANDS, _oom_message
 from fixres.errors import FixresError, UsageError
-
 
 # --------------------------------------------------------------------------- help is fast: no torch
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from fixres.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    code = "import sys; from fixres.cli.app import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -25,7 +24,7 @@ def test_help_does_not_import_torch():
 
 def test_subcommand_help_does_not_import_torch():
     code = ("import sys, io, contextlib\n"
-            "from fixres.cli import main, COMMANDS\n"
+            "from fixres.cli.app import main, COMMANDS\n"
             "codes = []\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    codes = [main([c, '--help']) for c in COMMANDS]\n"
@@ -38,10 +37,11 @@ def test_subcommand_help_does_not_import_torch():
 def test_every_flag_has_help_and_advertised_batch_defaults_are_the_library_ones():
     import re
 
-    from fixres import adaptation, evaluate, finetuning, pipeline, stats
-    from fixres.cli import build_parser
-    from fixres.commands import eval as eval_cmd
-    from fixres.commands import train as train_cmd
+    from fixres.cli import eval as eval_cmd
+    from fixres.cli import train as train_cmd
+    from fixres.cli.app import build_parser
+    from fixres.job import pipeline
+    from fixres.method import adaptation, evaluate, finetuning, stats
     library = {"eval": evaluate.DEFAULT_BATCH_SIZE, "sweep": evaluate.DEFAULT_BATCH_SIZE,
                "finetune": finetuning.DEFAULT_BATCH_SIZE, "fix": pipeline.DEFAULT_BATCH,
                "stats": stats.DEFAULT_BATCH_SIZE, "adapt": adaptation.DEFAULT_BATCH_SIZE,
@@ -118,7 +118,7 @@ def test_data_path_is_a_file(capsys, tmp_path):
 
 def test_no_arguments_runs_the_main_job(capsys, monkeypatch):
     """`fixres` alone runs `fixres fix` (the whole method on the embedded data set)."""
-    from fixres.commands import fix
+    from fixres.cli import fix
     monkeypatch.setattr(fix, "run", lambda args: ({"command": "fix"}, "fix ran"))
     code, out, err = cli(capsys)
     assert code == 0 and out.strip() == "fix ran"
@@ -140,7 +140,7 @@ def _raise(exc):
 
 
 def test_unexpected_error_is_one_line_exit_1(capsys, monkeypatch):
-    from fixres.commands import analyze
+    from fixres.cli import analyze
     monkeypatch.setattr(analyze, "run", _raise(ValueError("something odd\nsecond line")))
     code, _, err = cli(capsys, "analyze")
     assert code == 1
@@ -150,7 +150,7 @@ def test_unexpected_error_is_one_line_exit_1(capsys, monkeypatch):
 
 
 def test_fixres_error_exit_1_and_usage_error_exit_2(capsys, monkeypatch):
-    from fixres.commands import analyze
+    from fixres.cli import analyze
     monkeypatch.setattr(analyze, "run", _raise(FixresError("the run failed")))
     code, _, err = cli(capsys, "analyze")
     assert code == 1
@@ -162,7 +162,7 @@ def test_fixres_error_exit_1_and_usage_error_exit_2(capsys, monkeypatch):
 
 
 def test_multi_line_library_message_prints_as_one_line(capsys, monkeypatch):
-    from fixres.commands import analyze
+    from fixres.cli import analyze
     monkeypatch.setattr(analyze, "run", _raise(FixresError("first part\n  second part")))
     code, _, err = cli(capsys, "analyze")
     assert code == 1
@@ -177,7 +177,7 @@ def test_multi_line_library_message_prints_as_one_line(capsys, monkeypatch):
 ])
 def test_out_of_memory_suggests_batch_size(capsys, monkeypatch, exc):
     assert "--batch-size" in _oom_message(exc)
-    from fixres.commands import analyze
+    from fixres.cli import analyze
     monkeypatch.setattr(analyze, "run", _raise(exc))
     code, _, err = cli(capsys, "analyze")
     assert code == 1
@@ -185,7 +185,7 @@ def test_out_of_memory_suggests_batch_size(capsys, monkeypatch, exc):
 
 
 def test_wrapped_oom_still_suggests_batch_size(capsys, monkeypatch):
-    from fixres.commands import analyze
+    from fixres.cli import analyze
     monkeypatch.setattr(analyze, "run", _raise(FixresError("cannot trace Net at 64px: CUDA out of memory")))
     code, _, err = cli(capsys, "analyze")
     assert code == 1
@@ -204,7 +204,7 @@ def test_cuda_oom_error_class():
 
 
 def test_keyboard_interrupt_exit_130(capsys, monkeypatch):
-    from fixres.commands import analyze
+    from fixres.cli import analyze
     monkeypatch.setattr(analyze, "run", _raise(KeyboardInterrupt()))
     code, _, err = cli(capsys, "analyze")
     assert code == 130 and "interrupted" in err
@@ -216,7 +216,7 @@ def test_keyboard_interrupt_exit_130(capsys, monkeypatch):
 def test_cuda_where_none_exists_is_a_usage_error():
     import torch
 
-    from fixres.dist import resolve_device
+    from fixres.runtime.dist import resolve_device
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     with pytest.raises(UsageError, match="no CUDA GPU"):
@@ -227,7 +227,7 @@ def test_cuda_where_none_exists_is_a_usage_error():
 
 
 def test_unknown_model_name_suggests():
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     with pytest.raises(UsageError, match="unknown model 'resnet5O'.*did you mean"):
         load_model(model="resnet5O")
     with pytest.raises(UsageError, match="no model given"):
@@ -235,13 +235,13 @@ def test_unknown_model_name_suggests():
 
 
 def test_missing_checkpoint_is_a_usage_error(tmp_path):
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     with pytest.raises(UsageError, match="checkpoint not found"):
         load_model(model="fixres_tiny_resnet", checkpoint=str(tmp_path / "nope.safetensors"))
 
 
 def test_warn_stride():
-    from fixres.commands._args import warn_stride
+    from fixres.cli.args import warn_stride
     assert warn_stride(256, 32, quiet=True) is False
     assert warn_stride(250, 32, quiet=True) is True
     assert warn_stride(250, 1, quiet=True) is False

@@ -8,18 +8,16 @@ keeps the per-image arithmetic identical; what is under test is sharding and red
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
-from pathlib import Path
-
-import copy
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import VENV_BIN, write_image_folder
 
 SIZES = "32,48"
@@ -28,8 +26,8 @@ TIMEOUT_S = 180
 
 def _checkpoint(tmp_path: Path) -> Path:
     """A tiny model with a spread-out head, so predictions differ between images (saved: both runs load it)."""
-    from fixres.checkpoint import save_safetensors
-    from fixres.models import load_model
+    from fixres.io.checkpoint import save_safetensors
+    from fixres.models.loading import load_model
     torch.manual_seed(0)
     model = load_model(model="fixres_tiny_resnet", num_classes=3).model
     g = torch.Generator().manual_seed(3)
@@ -50,7 +48,7 @@ def test_torchrun_gives_single_process_counts(tmp_path, capsys, nproc):
     common = ["sweep", "--data", str(data), "--model", "fixres_tiny_resnet", "--checkpoint", str(ckpt),
               "--test-sizes", SIZES, "--ensemble", SIZES, "--no-amp", "--workers", "0", "-q", "--no-plot"]
 
-    from fixres.cli import main
+    from fixres.cli.app import main
     assert main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
     capsys.readouterr()
 
@@ -101,8 +99,8 @@ class _FakeCollectives:
 
 
 def _evaluate_as_ranks(model, samples, cfg, world_size: int, monkeypatch, **kw) -> list[dict]:
-    from fixres import dist as fdist
-    from fixres.evaluate import evaluate
+    from fixres.method.evaluate import evaluate
+    from fixres.runtime import dist as fdist
     fake = _FakeCollectives(world_size)
     monkeypatch.setattr(fdist, "all_gather_objects", fake.all_gather_objects)
     monkeypatch.setattr(fdist, "all_reduce_sum", fake.all_reduce_sum)
@@ -150,9 +148,9 @@ def test_gathered_results_are_put_back_in_single_process_order(tmp_path, tiny_mo
     """Two ranks hold interleaved shards (0, 2, 4, ... and 1, 3, 5, ...). The fold std assigns image i to fold
     i % 10, so with more images than folds it depends on the order: the gathered per-image results must be
     re-ordered into data-set order, or the std (and nothing else) silently changes."""
-    from fixres.data import scan_folder
-    from fixres.engine import Precision
-    from fixres.evaluate import evaluate, fold_std
+    from fixres.data.folders import scan_folder
+    from fixres.method.evaluate import evaluate, fold_std
+    from fixres.runtime.engine import Precision
     data = write_image_folder(tmp_path / "data", classes=3, per_class=17)
     samples = scan_folder(data).samples
     samples = [samples[i] for i in np.linspace(0, len(samples) - 1, n).round().astype(int)]

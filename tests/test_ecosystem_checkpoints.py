@@ -1,4 +1,4 @@
-"""Training checkpoints from the ecosystem load (issue 12, items 5 and 7): timm's train.py and torchvision's
+"""Training checkpoints from the ecosystem load: timm's train.py and torchvision's
 references/classification/train.py, each with its own default entry, ``--ema`` for the EMA copy, the
 pickled ``args`` Namespace allowed and nothing else; random bytes are "not a checkpoint"; NaN/inf
 weights are named in a warning, or refused with ``strict``.
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import assert_one_line_error, cli
 
-from _helpers_e import assert_one_line_error, cli
-from fixres.checkpoint import load_state_dict
 from fixres.errors import FixresError, UsageError
-from fixres.models import create_model, load_model
+from fixres.io.checkpoint import load_state_dict
+from fixres.models.loading import create_model, load_model
 
 MODEL = "fixres_tiny_resnet"
 NUM_CLASSES = 3

@@ -1,4 +1,4 @@
-"""Evaluation (issue 3): one-pass multi-view evaluation equals a naive per-size loop, fold std, skips, CLI."""
+"""Evaluation: one-pass multi-view evaluation equals a naive per-size loop, fold std, skips, CLI."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_image_folder
-from fixres.data import scan_folder
-from fixres.engine import Precision
+
+from fixres.data.folders import scan_folder
+from fixres.data.images import load_rgb
+from fixres.data.transforms import ten_crop_transform
+from fixres.data.transforms import test_transform as center_crop_transform
 from fixres.errors import UsageError
-from fixres.evaluate import _scores, evaluate, fold_std
-from fixres.images import load_rgb
-from fixres.transforms import ten_crop_transform
-from fixres.transforms import test_transform as center_crop_transform
+from fixres.method.evaluate import _scores, evaluate, fold_std
+from fixres.runtime.engine import Precision
 
 FP32 = Precision(False, None, False)
 
@@ -120,14 +120,14 @@ def test_one_pass_sweep_equals_naive_per_size_loops(image_folder, tiny_model):
 def test_each_image_is_decoded_once_for_all_sizes(image_folder, tiny_model, monkeypatch):
     """Photos this small need no JPEG reduction at any of these sizes: one decode serves them all
     (larger photos: one decode per distinct reduction, tests/test_reduced_decode.py)."""
-    import fixres.data
+    import fixres.data.folders
     calls = []
 
     def counting(path, **kw):  # kw: the reduced-decode plan (data.ImageDataset passes need=)
         calls.append(path)
         return load_rgb(path, **kw)
 
-    monkeypatch.setattr(fixres.data, "load_rgb", counting)
+    monkeypatch.setattr(fixres.data.folders, "load_rgb", counting)
     res = evaluate(tiny_model.model, scan_folder(image_folder), tiny_model.data_config,
                    test_sizes=[32, 40, 48, 64], crop_ratios=[0.875, 1.0], workers=0, progress=False)
     assert len(res["rows"]) == 8
@@ -189,15 +189,15 @@ def test_class_count_mismatch_names_the_flags(image_folder, tiny_model):
 # --------------------------------------------------------------------------- CLI
 
 def _cli(argv, capsys):
-    from fixres.cli import main
+    from fixres.cli.app import main
     code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def test_cli_sweep_writes_json_csv_png_and_marks_recommended_size(image_folder, tmp_path, capsys):
-    from fixres.analysis import recommend_test_size
-    from fixres.selection import best_size
+    from fixres.method.analysis import recommend_test_size
+    from fixres.method.selection import best_size
     out = tmp_path / "sweep"
     torch.manual_seed(0)
     code, stdout, stderr = _cli(["sweep", "--data", str(image_folder), "--model", "fixres_tiny_resnet", "--random-init",
@@ -232,7 +232,7 @@ def _assert_png(path, min_side: int = 100):
 
 def _library_numbers(folder, *, train_size, **kw) -> dict:
     """``evaluate`` on the model the CLI builds for ``--model fixres_tiny_resnet --random-init`` (same seed)."""
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     torch.manual_seed(0)
     bundle = load_model(model="fixres_tiny_resnet", num_classes=3, train_size=train_size)
     return evaluate(bundle.model, scan_folder(folder), bundle.data_config, workers=0, progress=False, **kw)
@@ -282,7 +282,7 @@ class _Overflowing(torch.nn.Module):
 
 
 def test_fp16_overflow_falls_back_to_fp32(image_folder, tiny_model):
-    from fixres.engine import inference_precision
+    from fixres.runtime.engine import inference_precision
     assert inference_precision(torch.device("cpu"), amp=False) == FP32
     index = scan_folder(image_folder)
     fp16 = Precision(True, torch.float16, True)
@@ -305,7 +305,7 @@ def test_fixed_input_size_model_is_evaluated_at_every_size_in_one_pass(image_fol
 
     import timm
 
-    from fixres.models import fit_input_size
+    from fixres.models.loading import fit_input_size
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
                             num_classes=3)

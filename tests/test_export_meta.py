@@ -1,8 +1,8 @@
-"""The export pair and its metadata (issue 11 item 8, issue 12 items 7-8, issue 13 item 3).
+"""The export pair and its metadata.
 
 ``model.safetensors`` and ``fixres.json`` appear together: a kill between the two writes never leaves
 a loader with stale metadata. A tampered ``fixres.json`` is refused with one line naming the field
-(one schema, ``fixres.meta``), and NaN/Infinity are never written into JSON.
+(one schema, ``fixres.io.meta``), and NaN/Infinity are never written into JSON.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import fixres.atomic
-import fixres.checkpoint
+import fixres.io.atomic
+import fixres.io.checkpoint
 from fixres.config import DataConfig
 from fixres.errors import FixresError, UsageError
-from fixres.exporting import export_model
-from fixres.meta import read_header_meta, read_meta_file
-from fixres.models import create_model, load_model
+from fixres.io.meta import read_header_meta, read_meta_file
+from fixres.models.export import export_model
+from fixres.models.loading import create_model, load_model
 
 MODEL = "fixres_tiny_resnet"
 
@@ -41,20 +41,20 @@ def _export(model, out: Path, test_size: int, **kw) -> Path:
 
 
 def _kill_when_writing(monkeypatch, name: str) -> None:
-    """Die as the file ``name`` is about to be written (every write goes through fixres.atomic)."""
-    real_path, real_text = fixres.atomic.atomic_path, fixres.atomic.write_text
+    """Die as the file ``name`` is about to be written (every write goes through fixres.io.atomic)."""
+    real_path, real_text = fixres.io.atomic.atomic_path, fixres.io.atomic.write_text
 
     def text(path, data):
         if Path(path).name == name:
             raise Killed
         return real_text(path, data)
-    monkeypatch.setattr(fixres.atomic, "write_text", text)
+    monkeypatch.setattr(fixres.io.atomic, "write_text", text)
     if name.endswith(".safetensors"):
         def path_ctx(path):
             if Path(path).name == name:
                 raise Killed
             return real_path(path)
-        monkeypatch.setattr(fixres.checkpoint, "atomic_path", path_ctx)
+        monkeypatch.setattr(fixres.io.checkpoint, "atomic_path", path_ctx)
 
 
 @pytest.mark.parametrize("killed_at", ["fixres.json", "model.safetensors"])
@@ -137,7 +137,7 @@ TAMPERED = {  # case -> the field the one-line error must name
 def _legacy_export(tmp_path: Path) -> Path:
     """An export whose safetensors header holds no complete metadata (as before this change, or written by
     hand beside third-party weights): fixres.json is all the loader has."""
-    from fixres.checkpoint import save_safetensors
+    from fixres.io.checkpoint import save_safetensors
     path = _export(_model(0), tmp_path / "x", test_size=64)
     save_safetensors(load_model(checkpoint=str(path)).model.state_dict(), path)  # no header metadata
     return path
@@ -168,7 +168,7 @@ def test_undecodable_or_non_finite_fixres_json(tmp_path, raw, phrase):
 
 
 def test_cli_reports_a_tampered_fixres_json_in_one_line(tmp_path, capsys, image_folder):
-    from _helpers_e import assert_one_line_error, cli
+    from clirun import assert_one_line_error, cli
     path = _legacy_export(tmp_path)
     meta_path = tmp_path / "x" / "fixres.json"
     meta_path.write_text(json.dumps(_edit(json.loads(meta_path.read_text()), "missing_mean")))
@@ -182,7 +182,7 @@ def test_cli_reports_a_tampered_fixres_json_in_one_line(tmp_path, capsys, image_
 
 def test_non_finite_values_are_never_written_as_json(tmp_path):
     with pytest.raises(FixresError, match="NaN or infinity"):
-        fixres.atomic.write_json(tmp_path / "r.json", {"loss": float("nan")})
+        fixres.io.atomic.write_json(tmp_path / "r.json", {"loss": float("nan")})
     assert not (tmp_path / "r.json").exists()
     cfg = DataConfig(train_size=32, std=(float("inf"), 1.0, 1.0))
     with pytest.raises(UsageError, match="std"):
@@ -194,10 +194,11 @@ def test_non_finite_values_are_never_written_as_json(tmp_path):
 
 def test_models_reads_export_metadata_from_meta_not_export():
     src = Path(__file__).resolve().parents[1] / "src" / "fixres"
-    imported = {node.module for node in ast.walk(ast.parse((src / "models.py").read_text()))
+    imported = {node.module for node in ast.walk(ast.parse((src / "models" / "loading.py").read_text()))
                 if isinstance(node, ast.ImportFrom)}
-    assert "fixres.exporting" not in imported and "fixres.meta" in imported
-    from fixres import exporting, meta
+    assert "fixres.models.export" not in imported and "fixres.io.meta" in imported
+    from fixres.io import meta
+    from fixres.models import export as exporting
     assert exporting.WEIGHTS_NAME == meta.WEIGHTS_NAME == "model.safetensors"  # old imports keep working
     assert exporting.META_NAME == meta.META_NAME == "fixres.json"
 

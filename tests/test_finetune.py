@@ -7,16 +7,16 @@ import math
 
 import pytest
 import torch
+from tinyruns import fp32, tiny_bundle, tiny_data  # noqa: F401
 
-from _helpers_b import fp32, tiny_bundle, tiny_data  # noqa: F401
-from fixres import loop
-from fixres.checkpoint import load_training_state, save_training_state
-from fixres.dist import DistEnv
-from fixres.engine import Precision
 from fixres.errors import UsageError
-from fixres.evaluate import evaluate_at
-from fixres.finetuning import FinetuneInterrupted, default_lr, finetune
-from fixres.structure import find_parts, select_parts
+from fixres.io.checkpoint import load_training_state, save_training_state
+from fixres.method import loop
+from fixres.method.evaluate import evaluate_at
+from fixres.method.finetuning import FinetuneInterrupted, default_lr, finetune
+from fixres.models.structure import find_parts, select_parts
+from fixres.runtime.dist import DistEnv
+from fixres.runtime.engine import Precision
 
 COMMON = dict(test_size=48, epochs=2, batch_size=4, workers=0, progress=False, seed=3,
               evaluate_before=False, evaluate_after=False)
@@ -77,7 +77,7 @@ def test_cached_and_uncached_give_the_same_weights(tmp_path):
 
 def test_fp16_autocast_scales_the_loss_and_still_learns(tmp_path):
     """fp16 autocast (CUDA without bf16) fine-tunes through a GradScaler; on this CPU the same path runs."""
-    from fixres.engine import Precision
+    from fixres.runtime.engine import Precision
     train, val = tiny_data(tmp_path / "d")
     bundle = tiny_bundle()
     before = _state(bundle.model)
@@ -145,7 +145,8 @@ def test_random_augmentation_uses_the_full_forward_and_reports_accuracy(tmp_path
 
 def test_suffix_runner_matches_forward_for_torchvision_resnet():
     import torchvision
-    from fixres.finetuning import build_suffix
+
+    from fixres.method.prefix import build_suffix
     model = torchvision.models.resnet18(num_classes=3).eval()
     parts = find_parts(model)
     sel = select_parts(model, parts, "classifier,bn")
@@ -194,7 +195,7 @@ def test_fp16_loss_scale_is_restored_on_resume(tmp_path):
 
 
 def test_resume_refuses_other_pre_processing_and_world_size(tmp_path):
-    """Issue 11.2: a state fine-tuned with other normalisation (or by another number of processes) is refused."""
+    """A state fine-tuned with other normalisation (or by another number of processes) is refused."""
     train, val = tiny_data(tmp_path / "d")
     bundle = tiny_bundle()
     kw = dict(out_dir=tmp_path / "o", precision=fp32(), **{**COMMON, "epochs": 1})
@@ -214,7 +215,7 @@ def test_resume_refuses_other_pre_processing_and_world_size(tmp_path):
 
 
 def test_resume_into_a_model_it_does_not_fit_is_a_clear_error(tmp_path):
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     train, val = tiny_data(tmp_path / "d")
     bundle = tiny_bundle()
     kw = dict(out_dir=tmp_path / "o", precision=fp32(), **{**COMMON, "epochs": 1})
@@ -225,7 +226,7 @@ def test_resume_into_a_model_it_does_not_fit_is_a_clear_error(tmp_path):
 
 
 def test_resume_measures_before_on_the_untouched_model(tmp_path):
-    """Issue 11.7: the first run saved no "before"; the resumed one measures it on the model as given,
+    """The first run saved no "before"; the resumed one measures it on the model as given,
     not on the model after the saved epoch's adaptation was loaded into it."""
     train, val = tiny_data(tmp_path / "d")
     kw = dict(out_dir=tmp_path / "o", precision=fp32(), **{**COMMON, "epochs": 3, "lr": 0.05})
@@ -246,7 +247,7 @@ def test_resume_measures_before_on_the_untouched_model(tmp_path):
 
 
 def test_finetune_timings_read_the_clock_after_synchronising_the_device(tmp_path, monkeypatch):
-    """Issue 11.6: forward/backward ms come from a clock read after the device synchronised."""
+    """Forward/backward ms come from a clock read after the device synchronised."""
     train, val = tiny_data(tmp_path / "d")
     events: list[str] = []
     ticks = iter(range(10_000))

@@ -15,15 +15,14 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import VENV_BIN, write_image_folder
 
 TIMEOUT_S = 180
 
 
 def _checkpoint(tmp_path):
-    from fixres.checkpoint import save_safetensors
-    from fixres.models import load_model
+    from fixres.io.checkpoint import save_safetensors
+    from fixres.models.loading import load_model
     torch.manual_seed(0)
     model = load_model(model="fixres_tiny_resnet", num_classes=3, train_size=32).model
     return save_safetensors(model.state_dict(), tmp_path / "tiny.safetensors")
@@ -44,7 +43,7 @@ def _torchrun(args, tmp_path):
 def test_two_process_finetune_matches_one_process(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from fixres.cli import main
+    from fixres.cli.app import main
     data = write_image_folder(tmp_path / "data", classes=3, per_class=4, seed=5)  # 12 images
     ckpt = _checkpoint(tmp_path)
     common = ["finetune", "--model", "fixres_tiny_resnet", "--checkpoint", str(ckpt), "--num-classes", "3",

@@ -1,4 +1,4 @@
-"""``fixres fix`` after fixing (issue 16): budgets pick among the fixed candidates, temperature scaling on the
+"""``fixres fix`` after fixing: budgets pick among the fixed candidates, temperature scaling on the
 held-out images, label-free mode, what the terminal shows (plan, noise, no "nothing to resume")."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_e import cli, save_tiny_checkpoint
+from clirun import cli, save_tiny_checkpoint
 from conftest import write_image_folder
 
-from fixres import pipeline
+from fixres.job import pipeline, plan
 
 USER = dict(model="fixres_tiny_resnet", train_size=32, test_sizes=[32, 48], finetune_epochs=1, workers=0,
             progress=False, batch_size=8, tune_schedule=False)
@@ -62,7 +62,7 @@ def test_scale_layer_divides_the_logits_exactly():
     layer = torch.nn.Linear(4, 3)
     x = torch.randn(5, 4)
     want = layer(x) / 2.5
-    from fixres.candidates import scale_layer
+    from fixres.job.candidates import scale_layer
     scale_layer(layer, 1 / 2.5)
     assert torch.allclose(layer(x), want, atol=1e-6)
 
@@ -79,7 +79,7 @@ def test_label_free_recalibrates_at_the_recommended_size(setup):
 
 
 def test_terminal_shows_plan_noise_and_no_resume_message_on_a_first_run(tmp_path, capsys):
-    """Issue 16.7: the planned steps with a time estimate before starting; the binomial SE and a noise verdict in
+    """The planned steps with a time estimate before starting; the binomial SE and a noise verdict in
     the summary; no "nothing to resume" when nothing was asked to resume."""
     write_image_folder(tmp_path / "data" / "train", per_class=6, seed=1)
     write_image_folder(tmp_path / "data" / "val", per_class=3, seed=2)
@@ -104,7 +104,7 @@ def test_fix_summary_lists_every_candidate_before_and_after(setup, capsys):
 
 
 def test_report_shows_candidates_frontier_reliability_and_ks(setup):
-    from fixres.report import write_report
+    from fixres.report.page import write_report
     run = setup["run"]
     summary = write_report(run)
     html = Path(summary["html"]).read_text()
@@ -133,8 +133,8 @@ def test_plan_estimate_reading_does_not_grow_with_the_candidate_size(augment):
     """Decoding a photo costs about the same whatever size it is resized to: only the network's share
     scales with the area (the demo's plan said 7.6 min for a 2.1-min run when reading scaled too)."""
     read = 0.002
-    small = pipeline.plan_estimates(_plan_context(candidates=[32], augment=augment), 0.0, read)
-    large = pipeline.plan_estimates(_plan_context(candidates=[128], augment=augment), 0.0, read)
+    small = plan.plan_estimates(_plan_context(candidates=[32], augment=augment), 0.0, read)
+    large = plan.plan_estimates(_plan_context(candidates=[128], augment=augment), 0.0, read)
     cached = augment == "test"
     reads = (100 if cached else 100 * 4) + 20 + 50
     assert small["select"] == pytest.approx(large["select"]) == pytest.approx(read * reads)
@@ -142,5 +142,5 @@ def test_plan_estimate_reading_does_not_grow_with_the_candidate_size(augment):
     grid = sum((100 if cached else 100 * 4 * f) + 20 for _ in (1, 10) for f in (1, 3))
     assert large["schedule"] == pytest.approx(read * grid)
     # The network's share does scale with the area: 4x the side, 16x the forward time.
-    fwd = pipeline.plan_estimates(_plan_context(candidates=[128]), 0.001, 0.0)["select"]
-    assert fwd == pytest.approx(16 * pipeline.plan_estimates(_plan_context(candidates=[32]), 0.001, 0.0)["select"])
+    fwd = plan.plan_estimates(_plan_context(candidates=[128]), 0.001, 0.0)["select"]
+    assert fwd == pytest.approx(16 * plan.plan_estimates(_plan_context(candidates=[32]), 0.001, 0.0)["select"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fixres import fixsize
 from fixres.errors import UsageError
+from fixres.job import fixsize
 
 
 def test_holdout_split_is_stratified_seeded_and_exact():

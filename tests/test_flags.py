@@ -1,4 +1,4 @@
-"""Numeric and path flags (issue 12, items 7 and 9): non-finite numbers, absurd sizes and ranges,
+"""Numeric and path flags: non-finite numbers, absurd sizes and ranges,
 and an --out that is a file are usage errors (exit 2, one line), never a NaN model or a crash."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from clirun import assert_one_line_error, cli
 
-from _helpers_e import assert_one_line_error, cli
-from fixres.commands import _args
+from fixres.cli import args as _args
 
 
 @pytest.mark.parametrize("argv,phrase", [

@@ -1,4 +1,4 @@
-"""Folding batch norms into convolutions for evaluation (fixres.fold): same outputs, fewer layers."""
+"""Folding batch norms into convolutions for evaluation (fixres.models.fold): same outputs, fewer layers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fixres.fold import fold_batchnorms
+from fixres.models.fold import fold_batchnorms
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -97,9 +97,9 @@ def test_timm_norm_act_layers_keep_their_activation():
 
 
 def test_evaluate_runs_the_folded_copy_with_the_same_predictions(tmp_path, monkeypatch):
-    from fixres import evaluate as ev
     from fixres.config import DataConfig
-    from fixres.engine import Precision
+    from fixres.method import evaluate as ev
+    from fixres.runtime.engine import Precision
 
     torch.manual_seed(0)
     model = _randomise_norms(Small())

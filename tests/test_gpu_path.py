@@ -1,4 +1,4 @@
-"""The CUDA data path (issue 15.4) without a GPU: pinned batches and non-blocking copies only on CUDA.
+"""The CUDA data path without a GPU: pinned batches and non-blocking copies only on CUDA.
 
 On the CPU nothing changes (no pinning: it needs a GPU driver and would only cost); on a CUDA device
 evaluation asks its DataLoader to pin, and ``data.Batch`` knows how to be pinned (a DataLoader passes
@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.utils.data._utils.pin_memory import pin_memory as dataloader_pin
 
-import fixres.evaluate as ev
-from fixres import dist as fdist
-from fixres import engine
-from fixres.data import Batch, Skipped, collate, pin_memory_for, scan_folder
-from fixres.engine import Precision
+import fixres.method.evaluate as ev
+from fixres.data.folders import Batch, Skipped, collate, pin_memory_for, scan_folder
+from fixres.runtime import dist as fdist
+from fixres.runtime import engine
+from fixres.runtime.engine import Precision
 
 FP32 = Precision(False, None, False)
 

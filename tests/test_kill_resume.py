@@ -1,4 +1,4 @@
-"""Kills mid-run (issue 7, item 3): SIGKILL a fine-tune and a training run mid-epoch, resume, and end with
+"""Kills mid-run: SIGKILL a fine-tune and a training run mid-epoch, resume, and end with
 exactly the weights of an uninterrupted run; nothing half-written is ever left under a final name.
 
 The killed and the resumed runs are real ``fixres`` subprocesses on a tiny generated data set (CPU, one
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from _helpers_e import FIXRES, save_tiny_checkpoint
+from clirun import FIXRES, save_tiny_checkpoint
 from conftest import write_image_folder
-from fixres.atomic import append_jsonl, atomic_path, read_jsonl, write_json, write_text
-from fixres.checkpoint import load_state_dict, load_training_state, save_safetensors
-from fixres.lock import LOCK_NAME
+
+from fixres.io.atomic import append_jsonl, atomic_path, read_jsonl, write_json, write_text
+from fixres.io.checkpoint import load_state_dict, load_training_state, save_safetensors
+from fixres.io.lock import LOCK_NAME
 
 #: Longest a tiny run may take on a loaded 2-core machine before the test gives up.
 RUN_TIMEOUT_S = 240
@@ -80,7 +80,7 @@ def test_read_jsonl_tolerates_a_torn_last_line(tmp_path):
 
 KILL_WRITER = r"""
 import os, signal, sys
-from fixres.atomic import atomic_path
+from fixres.io.atomic import atomic_path
 target, kind = sys.argv[1], sys.argv[2]
 if kind == "json":
     with atomic_path(target) as tmp:
@@ -91,7 +91,7 @@ if kind == "json":
 else:
     import torch
     import safetensors.torch as st
-    from fixres.checkpoint import save_safetensors
+    from fixres.io.checkpoint import save_safetensors
     real = st.save_file
     def save_then_die(tensors, path, metadata=None):
         real(tensors, path, metadata=metadata)
@@ -170,7 +170,7 @@ def _kill_mid_epoch(proc: subprocess.Popen, state_path: Path, log_jsonl: Path, l
 def _reference_run_in_process(argv: list) -> None:
     """The uninterrupted run, in this process on one thread (as the subprocesses run): it overlaps the
     resumed process's start-up instead of costing a third process on a shared machine."""
-    from fixres.cli import main
+    from fixres.cli.app import main
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,4 +1,4 @@
-"""One writer per output folder (issue 12.2): two runs sharing an --out never both write."""
+"""One writer per output folder: two runs sharing an --out never both write."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from fixres.lock import LOCK_NAME, FolderBusy, locked_folder, sibling_lock
+from fixres.io.lock import LOCK_NAME, FolderBusy, locked_folder, sibling_lock
 
 HOLDER = r"""
 import sys
-from fixres.lock import locked_folder
+from fixres.io.lock import locked_folder
 with locked_folder(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()  # hold the lock until the test closes our stdin
@@ -53,7 +53,7 @@ def holder(tmp_path):
 
 
 def test_a_second_process_gets_a_one_line_error_and_writes_nothing(holder, tmp_path, capsys):
-    from fixres.cli import main
+    from fixres.cli.app import main
     before = sorted(p.name for p in holder.iterdir())
     code = main(["eval", "--model", "fixres_tiny_resnet", "--random-init", "--data", str(tmp_path / "no-data"),
                  "--out", str(holder)])
@@ -77,7 +77,7 @@ def test_the_lock_dies_with_its_process(tmp_path):
 
 def test_only_rank_zero_of_a_torchrun_job_takes_the_lock(holder, tmp_path, monkeypatch):
     """The ranks of one job share their folder: rank 1 does not lock (rank 0 did, or failed first)."""
-    from fixres.cli import _output_lock, build_parser
+    from fixres.cli.app import _output_lock, build_parser
     args = build_parser().parse_args(["eval", "--model", "m", "--data", str(tmp_path), "--out", str(holder)])
     monkeypatch.setenv("RANK", "1")
     with _output_lock(args):
@@ -89,7 +89,7 @@ def test_only_rank_zero_of_a_torchrun_job_takes_the_lock(holder, tmp_path, monke
 
 
 def test_every_command_writing_to_out_takes_the_lock(holder, tmp_path):
-    from fixres.cli import COMMANDS, _output_lock, build_parser
+    from fixres.cli.app import COMMANDS, _output_lock, build_parser
     needs = {"fix": [], "analyze": ["--train-size", "64", "--plot"], "eval": ["--model", "m", "--data", "d"],
              "sweep": ["--model", "m", "--data", "d"], "finetune": ["--model", "m", "--data", "d"],
              "adapt": ["--model", "m", "--data", "d", "--method", "bn-recalibrate"],

@@ -1,4 +1,4 @@
-"""The shared training step (fixres.loop): global loss normalisation, a rank with an empty batch, resume checks.
+"""The shared training step (fixres.method.loop): global loss normalisation, a rank with an empty batch, resume checks.
 
 The collectives are faked in-process (a second rank that holds some images and some gradient), so
 these run in milliseconds; the 2-process torchrun tests in test_train_distributed.py and
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from fixres import loop
-from fixres.dist import DistEnv
-from fixres.engine import Precision
 from fixres.errors import UsageError
+from fixres.method import loop
+from fixres.runtime.dist import DistEnv
+from fixres.runtime.engine import Precision
 
 FP32 = Precision(False, None, False)
 #: This rank is rank 1 of 2; the collectives below are faked.
@@ -53,7 +53,7 @@ def _fake_second_rank(monkeypatch, *, images: int, grads: list[torch.Tensor] | N
 
 
 def test_empty_local_batch_runs_no_forward_and_takes_the_other_ranks_step(monkeypatch):
-    """Issue 11.5: a rank whose images were all unreadable leaves its batch-norm buffers alone and applies
+    """A rank whose images were all unreadable leaves its batch-norm buffers alone and applies
     exactly the step of the global batch (the other rank's images), momentum and weight decay included."""
     other_x, other_y = _batch(4, seed=1)
     ref = _model()
@@ -157,7 +157,7 @@ def test_a_state_that_does_not_fit_the_model_is_a_one_line_error():
 
 
 def test_every_clock_read_follows_a_device_synchronise(monkeypatch):
-    """CUDA runs kernels asynchronously: each timing read must wait for the device (issue 11.6)."""
+    """CUDA runs kernels asynchronously: each timing read must wait for the device."""
     events: list[str] = []
     ticks = iter(range(100))
     monkeypatch.setattr(loop, "synchronize", lambda device: events.append("sync"))

@@ -1,4 +1,4 @@
-"""Issue 14: FixRes for every timm family -- parts found by structure in CNNs, vision transformers,
+"""FixRes for every timm family -- parts found by structure in CNNs, vision transformers,
 ConvNeXt and Swin; input sizes through timm's own mechanisms; ViT exports that reload at their size.
 
 Tiny configurations, random initialisation, no downloads."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fixres.errors import FixresError
-from fixres.models import create_model, export_model_kwargs, fit_input_size, load_model, network_stride
-from fixres.structure import find_parts, select_parts
+from fixres.models.loading import create_model, export_model_kwargs, fit_input_size, load_model, network_stride
+from fixres.models.structure import find_parts, select_parts
 
 
 def _timm(name, **kw):
@@ -64,7 +64,7 @@ def test_transformer_norm_is_affine_only_and_bn_stats_is_refused():
 
 
 def test_conv2d_classifier_head_is_found():
-    """Issue 17: SqueezeNet classifies with a 1x1 Conv2d before its pooling: it is the classifier, and a
+    """SqueezeNet classifies with a 1x1 Conv2d before its pooling: it is the classifier, and a
     model with no norm at all adapts the classifier under the default parts (with a note), not an error."""
     import torchvision
     torch.manual_seed(0)
@@ -130,10 +130,10 @@ def test_fixed_size_model_follows_the_size_or_says_which_it_accepts():
 
 
 def test_vit_exported_at_s_reloads_and_evaluates_at_s_with_no_flags(tmp_path, capsys, image_folder):
-    from fixres.cli import main
-    from fixres.engine import precision_for
-    from fixres.evaluate import evaluate
-    from fixres.exporting import export_model
+    from fixres.cli.app import main
+    from fixres.method.evaluate import evaluate
+    from fixres.models.export import export_model
+    from fixres.runtime.engine import precision_for
     torch.manual_seed(0)
     bundle = load_model(model="fixres_tiny_vit", num_classes=3, train_size=64)
     assert network_stride(bundle.model) == 8 and find_parts(bundle.model).norms == ["norm"]
@@ -143,7 +143,7 @@ def test_vit_exported_at_s_reloads_and_evaluates_at_s_with_no_flags(tmp_path, ca
                  "--out", str(tmp_path / "ev"), "--json", "-q"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["test_size"] for r in result["rows"]] == [96] and result["train_size"] == 64
-    from fixres.data import scan_folder
+    from fixres.data.folders import scan_folder
     direct = evaluate(bundle.model, scan_folder(image_folder, class_map=["class_0", "class_1", "class_2"]),
                       bundle.data_config, test_sizes=[96], workers=0, progress=False,
                       precision=precision_for(torch.device("cpu"), amp=False))  # as --no-amp
@@ -153,8 +153,9 @@ def test_vit_exported_at_s_reloads_and_evaluates_at_s_with_no_flags(tmp_path, ca
 
 def test_builtin_convnext_finetunes_its_head_norm(tmp_path, split_folder):
     """The default parts on a LayerNorm model train the classifier and the LayerNorm's affine weights."""
-    from fixres.finetuning import finetune
-    from fixres.models import ModelSpec, load_for_adaptation
+    from fixres.method.finetuning import finetune
+    from fixres.method.inputs import load_for_adaptation
+    from fixres.models.loading import ModelSpec
     inputs = load_for_adaptation(ModelSpec(model="fixres_tiny_convnext", num_classes=3, train_size=32),
                                  split_folder, test_size=64)
     before = {k: v.clone() for k, v in inputs.bundle.model.state_dict().items()}
@@ -185,7 +186,7 @@ def test_cait_position_embedding_follows_the_size_and_its_export_reloads_there(t
     from timm.layers import resample_abs_pos_embed
 
     from fixres.config import DataConfig
-    from fixres.exporting import export_model
+    from fixres.models.export import export_model
     tiny = dict(depth=1, depth_token_only=1, embed_dim=32, num_heads=2)
     model = _timm("cait_xxs24_224", **tiny).eval()
     original = model.pos_embed.detach().clone()
@@ -206,7 +207,7 @@ def test_cait_position_embedding_follows_the_size_and_its_export_reloads_there(t
 def test_export_records_the_input_size_a_loader_must_set(tmp_path):
     """fixres.json says what to pass to timm.create_model to rebuild a fixed-size model moved to S."""
     from fixres.config import DataConfig
-    from fixres.exporting import export_model
+    from fixres.models.export import export_model
     beit = _timm("beit_base_patch16_224", depth=1, embed_dim=32, num_heads=2)
     fit_input_size(beit, 160)
     export_model(beit, tmp_path / "exp", model_name="beit_base_patch16_224", cfg=DataConfig(), test_size=160,
@@ -221,7 +222,8 @@ def test_export_records_the_input_size_a_loader_must_set(tmp_path):
 def test_adaptation_inputs_move_a_fixed_size_model_to_the_test_size(split_folder):
     """finetune/adapt start from load_for_adaptation: a torchvision ViT (fixed at 224, no way to change) is
     refused at 288 with a one-line error naming the size it accepts; at 224 it loads."""
-    from fixres.models import ModelSpec, load_for_adaptation
+    from fixres.method.inputs import load_for_adaptation
+    from fixres.models.loading import ModelSpec
     spec = ModelSpec(model="torchvision:vit_b_16", num_classes=3)
     with pytest.raises(FixresError, match="runs only at 224x224 px"):
         load_for_adaptation(spec, split_folder, test_size=288)
@@ -229,9 +231,9 @@ def test_adaptation_inputs_move_a_fixed_size_model_to_the_test_size(split_folder
 
 def test_eval_and_sweep_of_a_fixed_size_model_at_other_sizes(tmp_path, capsys, image_folder):
     """A CaiT export made at 224 evaluates at 256 (position embedding resampled) and sweeps 224,256 in one pass."""
-    from fixres.cli import main
+    from fixres.cli.app import main
     from fixres.config import DataConfig
-    from fixres.exporting import export_model
+    from fixres.models.export import export_model
     model = _timm("cait_xxs24_224", depth=1, depth_token_only=1, embed_dim=32, num_heads=2, num_classes=3)
     path = export_model(model, tmp_path / "exp", model_name="cait_xxs24_224", cfg=DataConfig(), test_size=224,
                         train_size=224, extra={"model_kwargs": dict(depth=1, depth_token_only=1, embed_dim=32,

@@ -1,4 +1,4 @@
-"""Models and their data configs (issue 3): EfficientNet-Lite registry weights on timm, name resolution,
+"""Models and their data configs: EfficientNet-Lite registry weights on timm, name resolution,
 ImageNet class order, and pre-processing identical to timm's own."""
 
 from __future__ import annotations
@@ -8,8 +8,16 @@ import torch
 
 from fixres.config import INCEPTION_MEAN, INCEPTION_STD
 from fixres.errors import FixresError, UsageError
-from fixres.models import (LITE_WEIGHTS, create_model, is_efficientnet_pytorch_layout, lite_weights_path,
-                           load_model, load_weights_strict, map_efficientnet_pytorch_keys, num_outputs)
+from fixres.models.loading import (
+    LITE_WEIGHTS,
+    create_model,
+    is_efficientnet_pytorch_layout,
+    lite_weights_path,
+    load_model,
+    load_weights_strict,
+    map_efficientnet_pytorch_keys,
+    num_outputs,
+)
 
 #: Input sizes at which logits must match the reference: the native one and an odd one (padding differs).
 ODD_SIZE = 97
@@ -92,7 +100,7 @@ def test_timm_and_torchvision_names_resolve():
 
 
 def test_network_stride_comes_from_the_model():
-    from fixres.models import load_model, network_stride
+    from fixres.models.loading import load_model, network_stride
     assert network_stride(create_model("resnet18")[0]) == 32
     assert network_stride(create_model("vit_tiny_patch16_224")[0]) == 16  # timm records 16 for patch-16 ViTs
     assert network_stride(create_model("torchvision:resnet18")[0]) == 32  # no feature_info: the CNN default
@@ -100,8 +108,9 @@ def test_network_stride_comes_from_the_model():
 
 
 def test_wnid_folders_use_imagenet_indices(tmp_path):
-    from fixres.data import scan_folder
     from PIL import Image
+
+    from fixres.data.folders import scan_folder
     for wnid in ("n01443537", "n15075141"):  # goldfish (1) and toilet tissue (999)
         (tmp_path / wnid).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / wnid / "a.png")
@@ -119,9 +128,9 @@ def test_preprocessing_equals_timms_own(shared_data, short):
     scaling to [0, 1] (x / 255 vs x * (1 / 255): 1 ulp; a one-pixel shift would differ by ~1e-2)."""
     from timm.data import create_transform, resolve_data_config
 
-    from fixres.data import scan_folder
-    from fixres.images import load_rgb
-    from fixres.transforms import test_transform as center_crop_transform
+    from fixres.data.folders import scan_folder
+    from fixres.data.images import load_rgb
+    from fixres.data.transforms import test_transform as center_crop_transform
     bundle = _lite(short)
     cfg = bundle.data_config
     timm_cfg = resolve_data_config({}, model=bundle.model)
@@ -136,9 +145,9 @@ def test_preprocessing_equals_timms_own(shared_data, short):
         assert (a - b).abs().max() <= FLOAT_ROUNDING, path
 
 
-# --------------------------------------------------------------------------- issue 11.3: no silent random weights
+# --------------------------------------------------------------------------- No silent random weights
 
-#: Commands that measure or adapt a given model: a bare --model must be refused (issue 11.3).
+#: Commands that measure or adapt a given model: a bare --model must be refused.
 _WEIGHTS_COMMANDS = {
     "eval": ["--test-size", "32"],
     "sweep": ["--test-sizes", "32"],
@@ -149,7 +158,7 @@ _WEIGHTS_COMMANDS = {
 
 
 def _main(capsys, *argv):
-    from fixres.cli import main
+    from fixres.cli.app import main
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -178,8 +187,8 @@ def test_random_init_is_explicit_and_exclusive(capsys, tmp_path, image_folder):
 
 def test_train_and_fix_still_build_random_weights():
     """train and fix train from scratch: no --random-init flag to ask for, and the spec allows it."""
-    from fixres.cli import build_parser
-    from fixres.commands._args import model_spec
+    from fixres.cli.app import build_parser
+    from fixres.cli.args import model_spec
     parser = build_parser()
     for command in ("train", "fix"):
         args = parser.parse_args([command, "--model", "fixres_tiny_resnet", "--data", "x", "--train-size", "32"])
@@ -226,7 +235,7 @@ def _fake_torchvision_cache(name: str, tmp_path) -> dict:
 
 
 def test_pretrained_torchvision_weights_come_from_the_cache_with_their_recipe(monkeypatch, tmp_path, split_folder):
-    """Issue 11.4: RegNetY-400MF IMAGENET1K_V2 (torchvision's new recipe): resize 232, crop 224, bilinear,
+    """RegNetY-400MF IMAGENET1K_V2 (torchvision's new recipe): resize 232, crop 224, bilinear,
     trained at 176 -- the train size fed to the analysis is 176, not the ImageNet default 224."""
     _offline(monkeypatch, tmp_path)
     sd = _fake_torchvision_cache("regnet_y_400mf", tmp_path)
@@ -236,8 +245,9 @@ def test_pretrained_torchvision_weights_come_from_the_cache_with_their_recipe(mo
     cfg = bundle.data_config
     assert (cfg.train_size, cfg.interpolation) == (176, "bilinear")
     assert cfg.crop_ratio == pytest.approx(224 / 232) and bundle.meta["test_size"] == 224
-    from fixres.analysis import recommend_test_size
-    from fixres.models import ModelSpec, load_for_adaptation
+    from fixres.method.analysis import recommend_test_size
+    from fixres.method.inputs import load_for_adaptation
+    from fixres.models.loading import ModelSpec
     inputs = load_for_adaptation(ModelSpec(model="torchvision:regnet_y_400mf", pretrained=True, num_classes=3),
                                  split_folder)
     assert inputs.cfg.train_size == 176 and num_outputs(inputs.bundle.model) == 3
@@ -247,7 +257,7 @@ def test_pretrained_torchvision_weights_come_from_the_cache_with_their_recipe(mo
 def test_torchvision_recipe_of_resnet50_v2_without_download():
     from torchvision.models import ResNet50_Weights
 
-    from fixres.models import torchvision_recipe
+    from fixres.models.loading import torchvision_recipe
     fields, test_size, note = torchvision_recipe(ResNet50_Weights.IMAGENET1K_V2)
     assert (fields["train_size"], test_size, fields["interpolation"]) == (176, 224, "bilinear")
     assert fields["crop_ratio"] == pytest.approx(224 / 232) and "176" in note
@@ -282,7 +292,7 @@ def os_touch(path):  # pragma: no cover - must never run
     open(path, "w").close()
 
 
-# --------------------------------------------------------------------------- issue 11.9: build once, copy cheaply
+# --------------------------------------------------------------------------- Build once, copy cheaply
 
 def _count_builds(monkeypatch) -> list:
     from timm.models.resnet import ResNet
@@ -298,8 +308,8 @@ def _count_builds(monkeypatch) -> list:
 
 
 def test_checkpoint_load_builds_the_model_once(monkeypatch, tmp_path):
-    from fixres.checkpoint import save_safetensors
-    from fixres.exporting import export_model
+    from fixres.io.checkpoint import save_safetensors
+    from fixres.models.export import export_model
     torch.manual_seed(0)
     bundle = load_model(model="fixres_tiny_resnet", num_classes=3, train_size=32)
     save_safetensors(bundle.model.state_dict(), tmp_path / "plain.safetensors")
@@ -332,7 +342,7 @@ def test_bundle_copy_is_independent_and_costs_no_build(monkeypatch, tiny_model):
     assert torch.equal(tiny_model.model.fc.bias, snapshot["fc.bias"])
 
 
-# --------------------------------------------------------------------------- issue 17: model-creation failures
+# --------------------------------------------------------------------------- Model-creation failures
 
 @pytest.mark.parametrize("name,phrase", [("resnet5O", "did you mean"), ("keras:resnet50", "unknown model library"),
                                          ("no_such_arch_at_all", "unknown model")])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixres import pipeline
+from fixres.job import fixsize, pipeline
 
 TINY = dict(classes=3, train_per_class=8, val_per_class=4, train_size=32, test_sizes=[32, 48, 64], train_epochs=1,
             finetune_epochs=1, workers=0, progress=False, batch_size=16, train_batch_size=8)
@@ -26,8 +26,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_fix_runs_every_step_and_exports_a_loadable_fixed_model(tiny_run):
-    from fixres.checkpoint import load_state_dict
-    from fixres.models import load_model
+    from fixres.io.checkpoint import load_state_dict
+    from fixres.models.loading import load_model
 
     run, result = tiny_run
     state = json.loads((run / "state.json").read_text())
@@ -96,7 +96,7 @@ def test_rerun_skips_finished_steps_and_continues_after_a_kill(tiny_run):
 
 
 def test_rerun_with_changed_interpolation_recomputes_exactly_the_affected_steps(tiny_run, capsys):
-    """Issue 11.2: a changed setting recomputes the steps that read it (and those downstream) and says
+    """A changed setting recomputes the steps that read it (and those downstream) and says
     which input changed; the steps that do not read it are kept; a rerun with nothing changed recomputes
     nothing."""
     run, first = tiny_run
@@ -122,7 +122,7 @@ def test_rerun_with_changed_interpolation_recomputes_exactly_the_affected_steps(
 
 
 def test_report_command_rebuilds_from_json(tiny_run, capsys):
-    from fixres.cli import main
+    from fixres.cli.app import main
     run, _ = tiny_run
     (run / "report" / "index.html").unlink()
     assert main(["report", str(run), "-q"]) == 0
@@ -132,8 +132,8 @@ def test_report_command_rebuilds_from_json(tiny_run, capsys):
 
 def test_choose_test_size_and_default_sizes():
     rows = [{"test_size": 64, "top1": 50.0}, {"test_size": 96, "top1": 58.0}, {"test_size": 128, "top1": 55.0}]
-    assert pipeline.choose_test_size(recommended=64, sweep_rows=rows, train_size=64)["test_size"] == 96
-    assert pipeline.choose_test_size(recommended=128, sweep_rows=rows, train_size=64)["test_size"] == 128
+    assert fixsize.choose_test_size(recommended=64, sweep_rows=rows, train_size=64)["test_size"] == 96
+    assert fixsize.choose_test_size(recommended=128, sweep_rows=rows, train_size=64)["test_size"] == 128
     assert pipeline.default_test_sizes(64) == [32, 64, 96, 128, 160, 192]
     assert pipeline.default_test_sizes(64, step=16)[:3] == [32, 48, 64]
     sizes = pipeline.default_test_sizes(224)

@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _helpers_e import save_tiny_checkpoint
+from clirun import save_tiny_checkpoint
 from conftest import REPO, write_image_folder
 
-from fixres import pipeline
 from fixres.errors import UsageError
+from fixres.job import context, pipeline
 
 USER = dict(model="fixres_tiny_resnet", train_size=32, test_sizes=[32, 48], finetune_epochs=1, workers=0,
             progress=False, batch_size=8)
@@ -27,8 +27,8 @@ def _data(root: Path, *, val_classes: int = 3) -> Path:
 
 @pytest.fixture(scope="module")
 def user_run(tmp_path_factory):
-    """A fix run of a given checkpoint; load_model is counted (issue 11.9: the model is built once)."""
-    import fixres.models as models
+    """A fix run of a given checkpoint; load_model is counted (the model is built once)."""
+    import fixres.models.loading as models
     tmp = tmp_path_factory.mktemp("user")
     data = _data(tmp / "data")
     ck = save_tiny_checkpoint(tmp / "tiny.safetensors")
@@ -41,7 +41,7 @@ def user_run(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(models, "load_model", counting)
-    mp.setattr(pipeline, "load_model", counting, raising=False)  # imported at module level there
+    mp.setattr(context, "load_model", counting)  # imported at module level there
     try:
         cfg = pipeline.FixConfig(checkpoint=str(ck), data=str(data), out=str(tmp / "run"), **USER)
         result = pipeline.run_fix(cfg)
@@ -55,13 +55,13 @@ def test_the_model_is_built_once(user_run):
 
 
 def test_test_size_is_chosen_on_held_out_training_images_not_on_val(user_run):
-    """Issues 11.11 and 16.1: every candidate is fixed at its own size, the size is chosen on a held-out part
+    """Every candidate is fixed at its own size, the size is chosen on a held-out part
     of train/ after fixing (never on val), and the fine-tuning never sees the held-out images."""
-    from fixres.data import scan_folder
+    from fixres.data.folders import scan_folder
     run = user_run["run"]
     assert (run / "select.json").is_file(), "no record of how the size was chosen"
-    from fixres.fixsize import holdout_split
-    from fixres.selection import best_row
+    from fixres.job.fixsize import holdout_split
+    from fixres.method.selection import best_row
     sel = json.loads((run / "select.json").read_text())
     train = scan_folder(user_run["data"] / "train")
     fit, held = holdout_split(train.samples, seed=0)
@@ -83,7 +83,7 @@ def test_test_size_is_chosen_on_held_out_training_images_not_on_val(user_run):
 
 
 def test_changed_checkpoint_file_recomputes_the_steps_that_read_it(user_run):
-    """Issue 11.2: the checkpoint is keyed by its content, not its name."""
+    """The checkpoint is keyed by its content, not its name."""
     run = user_run["run"]
     same = pipeline.run_fix(user_run["cfg"])
     assert same["recomputed"] == {}
@@ -97,12 +97,12 @@ def test_changed_checkpoint_file_recomputes_the_steps_that_read_it(user_run):
 
 
 def test_val_is_scored_under_the_training_classes_by_name(tmp_path):
-    """Issue 12.1: val/ without one of train's classes is mapped by name, not by its own sorted folders."""
+    """Val/ without one of train's classes is mapped by name, not by its own sorted folders."""
     import torch
 
-    from fixres.data import scan_folder
-    from fixres.evaluate import evaluate
-    from fixres.models import load_model
+    from fixres.data.folders import scan_folder
+    from fixres.method.evaluate import evaluate
+    from fixres.models.loading import load_model
     data = _data(tmp_path / "data")
     shutil.rmtree(data / "val" / "class_1")
     ck = save_tiny_checkpoint(tmp_path / "ck.safetensors", seed=3)
@@ -120,7 +120,7 @@ def test_val_is_scored_under_the_training_classes_by_name(tmp_path):
 
 
 def test_refused_data_set_leaves_nothing_behind(tmp_path):
-    """Issue 12.9: the data set is validated before anything is written to the run folder."""
+    """The data set is validated before anything is written to the run folder."""
     data = _data(tmp_path / "data")
     (data / "train" / "class_9").mkdir()  # an empty class folder is refused
     ck = save_tiny_checkpoint(tmp_path / "ck.safetensors")
@@ -137,9 +137,10 @@ def _long_functions(path: Path, limit: int = 80) -> list[str]:
 
 
 def test_fix_job_is_a_table_of_short_steps():
-    """Issue 13.2: one function per step and a table of steps; no function over 80 lines."""
-    files = [REPO / "src" / "fixres" / f for f in ("pipeline.py", "commands/fix.py", "candidates.py", "fixsize.py",
-                                                   "fingerprint.py", "runstate.py")]
+    """One function per step and a table of steps; no function over 80 lines."""
+    files = [REPO / "src" / "fixres" / f for f in ("job/pipeline.py", "job/steps.py", "job/keys.py", "job/context.py",
+                                                   "job/plan.py", "cli/fix.py", "job/candidates.py",
+                                                   "job/fixsize.py", "job/fingerprint.py", "job/runstate.py")]
     assert [f for p in files for f in _long_functions(p)] == []
     assert [s.name for s in pipeline.STEP_TABLE] == list(pipeline.STEPS)
     assert len({s.run for s in pipeline.STEP_TABLE}) == len(pipeline.STEP_TABLE)

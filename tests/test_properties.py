@@ -1,4 +1,4 @@
-"""Property tests (hypothesis, issue 7 item 5): crops inside the image, sizes as asked, monotone ratios."""
+"""Property tests (hypothesis): crops inside the image, sizes as asked, monotone ratios."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fixres import analysis
-from fixres import transforms as T
 from fixres.config import DataConfig
+from fixres.data import transforms as T
+from fixres.method import analysis
 
 CFG = DataConfig(train_size=32)
 

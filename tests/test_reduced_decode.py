@@ -1,4 +1,4 @@
-"""Reduced-size JPEG decoding (issue 15, item 1): decode only the pixels a size needs.
+"""Reduced-size JPEG decoding: decode only the pixels a size needs.
 
 Where no reduction applies the output is bit-identical to a full decode (same code path); where one
 applies, the decoded image keeps at least the needed shorter side, is the smallest power-of-two
@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fixres import images
-from fixres import transforms as T
 from fixres.config import DataConfig, resize_for
-from fixres.data import ImageDataset
-from fixres.images import jpeg_reduction, load_rgb
+from fixres.data import images
+from fixres.data import transforms as T
+from fixres.data.folders import ImageDataset
+from fixres.data.images import jpeg_reduction, load_rgb
 
 CFG = DataConfig(train_size=64, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 #: Mean absolute difference (normalised units, range 2) allowed between reduced and full decode.
@@ -113,7 +113,7 @@ def test_random_resized_crop_draws_first_then_decodes_what_the_crop_needs(tmp_pa
         sizes.append(img.size)
         return img
 
-    monkeypatch.setattr("fixres.data.load_rgb", spy)
+    monkeypatch.setattr("fixres.data.folders.load_rgb", spy)
     big_crop = T.train_transform(train_size=64, cfg=CFG, scale=(0.8, 1.0))
     for seed in range(4):
         full, reduced = _both(path, big_crop, seed=seed)
@@ -142,7 +142,7 @@ def test_sweep_decodes_once_per_distinct_reduction_and_each_view_equals_its_sing
         needs.append(need((1200, 900)) if need else None)
         return real(p, need=need)
 
-    monkeypatch.setattr("fixres.data.load_rgb", spy)
+    monkeypatch.setattr("fixres.data.folders.load_rgb", spy)
     sizes = (32, 64, 128)  # resize 37, 73 -> 1/8 of 900 = 112 suffices; 146 -> 1/4 (225)
     views = [T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in sizes]
     out = ImageDataset([(path, 0)], T.MultiView(views))[0][0]
@@ -211,15 +211,15 @@ def _sharp(tiny_model):
 
 
 def _eval(bundle, samples, sizes, **kw):
-    from fixres.engine import Precision
-    from fixres.evaluate import evaluate
+    from fixres.method.evaluate import evaluate
+    from fixres.runtime.engine import Precision
     return evaluate(bundle.model, samples, bundle.data_config, test_sizes=sizes, batch_size=4, workers=0,
                     precision=Precision(False, None, False), progress=False, keep_log_probs=True, **kw)
 
 
 @pytest.mark.parametrize("ten_crop", [False, True])
 def test_sweep_row_equals_evaluate_at_that_single_size(tmp_path, tiny_model, ten_crop):
-    """Issue 15: the one-pass sweep's row at S is exactly ``evaluate`` at S alone (top-1, loss, per image)."""
+    """The one-pass sweep's row at S is exactly ``evaluate`` at S alone (top-1, loss, per image)."""
     bundle, samples = _sharp(tiny_model), _photos(tmp_path)
     ratio = bundle.data_config.crop_ratio
     assert len({jpeg_reduction(300, resize_for(s, ratio)) for s in SWEEP}) >= 3  # the sizes need different decodes
@@ -314,7 +314,7 @@ def test_reduced_decode_stays_within_two_grey_levels_of_a_full_decode_on_real_ph
     Measured over all 1,000 photos: 1.58 grey levels with the exact box, 3.11 with a box recomputed
     from the rounded-up decoded size (the predictions of lite0 then differ on 47 vs 55 photos).
     """
-    from fixres.data import resolve_split, scan_folder
+    from fixres.data.folders import resolve_split, scan_folder
     index = scan_folder(resolve_split(shared_data / "imagenet-sample", "val"), num_classes=1000)
     samples = index.samples[::25]
     t = T.test_transform(test_size=128, crop_ratio=0.875, cfg=CFG)
@@ -330,9 +330,9 @@ def test_full_decode_flag_turns_reduced_decoding_off_from_the_cli(tmp_path, caps
     """``--full-decode``: every JPEG decoded at full size (bit-exact with torchvision's path)."""
     import json
 
-    from _helpers_e import cli, save_tiny_checkpoint
+    from clirun import cli, save_tiny_checkpoint
 
-    from fixres import evaluate as ev
+    from fixres.method import evaluate as ev
     for c in range(3):
         (tmp_path / "val" / f"c{c}").mkdir(parents=True)
         smooth_photo(tmp_path / "val" / f"c{c}" / "p.jpg", 320, 240, seed=c)

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakerun import fake_run_dir
 from PIL import Image
-
-from _helpers_d import fake_run_dir
 
 pytestmark = pytest.mark.browser
 
@@ -113,7 +112,7 @@ def test_probe_detects_broken_images_and_console_errors(browser, tmp_path):
 
 
 def test_report_renders_in_chromium(browser, tmp_path):
-    from fixres.report import write_report
+    from fixres.report.page import write_report
 
     run = fake_run_dir(tmp_path / "run")
     summary = write_report(run)
@@ -148,7 +147,7 @@ def test_report_renders_in_chromium(browser, tmp_path):
 
 def test_report_content_without_a_browser(tmp_path):
     """The page's numbers come from the run's JSON: headline, grid table and cost table."""
-    from fixres.report import summarize, write_report
+    from fixres.report.page import summarize, write_report
 
     run = fake_run_dir(tmp_path / "run")
     summary = write_report(run)
@@ -168,10 +167,11 @@ def test_report_content_without_a_browser(tmp_path):
 
 
 def test_hostile_report_runs_no_script_in_chromium(browser, tmp_path):
-    """Issue 11: a run folder written by someone else (payloads in names, paths, numbers and class names)
+    """A run folder written by someone else (payloads in names, paths, numbers and class names)
     renders in a real browser with no script run, no dialog, no element of the payloads."""
     from test_report_escaping import PAYLOADS, hostile_run_dir
-    from fixres.report import write_report
+
+    from fixres.report.page import write_report
 
     summary = write_report(hostile_run_dir(tmp_path / "run"))
     page = Path(summary["html"])

@@ -1,4 +1,4 @@
-"""The report is safe to open whoever wrote the run folder (issue 11 item 1, issue 12 items 4 and 9).
+"""The report is safe to open whoever wrote the run folder.
 
 Every value from the run's JSON (names, paths, numbers that are not numbers, class names) is escaped
 by the template; ``report/`` is never followed through a symbolic link; the page is valid UTF-8 even
@@ -15,10 +15,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from fakerun import fake_run_dir
 
-from _helpers_d import fake_run_dir
-from fixres.atomic import write_json
 from fixres.errors import UsageError
+from fixres.io.atomic import write_json
 
 #: Payloads a hostile run folder holds: a script, attribute breakers with event handlers, quotes.
 PAYLOADS = ("<script>document.body.setAttribute('data-pwned','script')</script>",
@@ -79,7 +79,7 @@ def parse(page: str) -> _Elements:
 
 
 def test_hostile_run_folder_renders_with_every_value_escaped(tmp_path):
-    from fixres.report import write_report
+    from fixres.report.page import write_report
     summary = write_report(hostile_run_dir(tmp_path / "run"))
     page = Path(summary["html"]).read_text(encoding="utf-8")
     found = parse(page)
@@ -90,6 +90,7 @@ def test_hostile_run_folder_renders_with_every_value_escaped(tmp_path):
     sources = [v for n, v in found.attrs if n == "src"]
     assert len(sources) == len(summary["figures"]) and all(v.startswith("data:image/png;base64,") for v in sources)
     import base64
+
     from PIL import Image
     for v in sources:  # each figure is a complete PNG of a real plot, not just a data: prefix
         with Image.open(io.BytesIO(base64.b64decode(v.split(",", 1)[1], validate=True))) as im:
@@ -106,7 +107,7 @@ def test_hostile_run_folder_renders_with_every_value_escaped(tmp_path):
 @pytest.mark.parametrize("field", ["ratio", "monte_carlo", "grid_sizes"])
 def test_numeric_fields_holding_markup_are_escaped(tmp_path, field):
     """The fields the old page wrote raw: the analysis ratio, the Monte Carlo mean, the grid sizes."""
-    from fixres.report import write_report
+    from fixres.report.page import write_report
     run = fake_run_dir(tmp_path / "run")
     if field == "ratio":
         _update(run / "analyse.json", ratio=PAYLOADS[1])
@@ -122,8 +123,9 @@ def test_numeric_fields_holding_markup_are_escaped(tmp_path, field):
 # --------------------------------------------------------------------------- the report folder
 
 def test_report_refuses_a_symlinked_report_folder(tmp_path, capsys):
-    from _helpers_e import assert_one_line_error, cli
-    from fixres.report import write_report
+    from clirun import assert_one_line_error, cli
+
+    from fixres.report.page import write_report
     run = fake_run_dir(tmp_path / "run")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -138,7 +140,7 @@ def test_report_refuses_a_symlinked_report_folder(tmp_path, capsys):
 
 
 def test_report_is_valid_utf8_with_undecodable_file_names(tmp_path):
-    from fixres.report import write_report
+    from fixres.report.page import write_report
     run = fake_run_dir(tmp_path / "run")
     bad_name = b"val/caf\xe9/\xff\xfe.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 file name on Linux
     _update(run / "sweep_before.json", skipped=[{"path": bad_name, "reason": "cannot identify image file"}])
@@ -153,7 +155,7 @@ FORMULAS = ["=HYPERLINK(\"http://evil\",\"x\")", "+1+cmd|' /C calc'!A0", "-2+3",
 
 
 def test_per_class_csv_neutralises_formula_class_names():
-    from fixres.commands.eval import per_class_csv, rows_csv
+    from fixres.cli.eval import per_class_csv, rows_csv
     names = FORMULAS + ["daisy", "rose-1"]
     n = len(names)
     result = {"per_class": {"classes": names, "n": [3] * n, "top1": {"224": [50.0] * n}}}
@@ -166,14 +168,14 @@ def test_per_class_csv_neutralises_formula_class_names():
     row = {"test_size": 224, "crop_ratio": 0.875, "resize": 256, "ten_crop": False, "top1": -1.5, "top1_std": 0.1,
            "top5": 90.0, "top5_std": 0.2, "loss": 1.0, "n": 10, "correct": 5}
     assert rows_csv({"rows": [row]}).splitlines()[1].split(",")[4] == "-1.5"  # a negative number is not text
-    from fixres.csvtext import safe_cell
+    from fixres.io.csvtext import safe_cell
     assert safe_cell("\r=1") == "'\r=1" and safe_cell(-1.5) == -1.5 and safe_cell("a=b") == "a=b"
 
 
 def test_fields_that_should_be_numbers_never_stop_the_report(tmp_path):
     """Text where numbers belong (sizes, accuracies, timings, CDF points, photo sizes) is shown escaped or
     left out of the figures, never a traceback; matplotlib's "$...$" maths never sees it either."""
-    from fixres.report import write_report
+    from fixres.report.page import write_report
     run = fake_run_dir(tmp_path / "run")
     hostile = "$\\frac{<b>}{" + PAYLOADS[1]
     _update(run / "run.json", train_size=hostile, timings={"train": hostile, "data": 3.0})

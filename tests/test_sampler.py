@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from fixres.errors import UsageError
-from fixres.sampler import RepeatedAugSampler
+from fixres.method.sampler import RepeatedAugSampler
 
 
 def _epoch(n, repeats, world, seed=0, epoch=0, **kw):
@@ -99,8 +99,8 @@ def test_bad_arguments_are_usage_errors():
 
 @pytest.mark.parametrize("n,world", [(30, 1), (30, 2), (31, 3)])
 def test_paper_len_factor_draws_twice_the_samples_in_groups_of_copies(n, world):
-    """Issue 11.10: the official RASampler(len_factor=2.0) epoch: ~2N samples, still split per rank."""
-    from fixres.sampler import PAPER_LEN_FACTOR
+    """The official RASampler(len_factor=2.0) epoch: ~2N samples, still split per rank."""
+    from fixres.method.sampler import PAPER_LEN_FACTOR
     repeats = 3
     per_rank = _epoch(n, repeats, world, len_factor=PAPER_LEN_FACTOR)
     assert PAPER_LEN_FACTOR == 2.0

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tinyruns import fp32, tiny_bundle, tiny_data  # noqa: F401
 
-from _helpers_b import fp32, tiny_bundle, tiny_data  # noqa: F401
-from fixres.hooks import capture, count_hooks, trace_calls
-from fixres.stats import activation_stats, plot_stats
+from fixres.method.stats import activation_stats
+from fixres.models.hooks import capture, count_hooks, trace_calls
+from fixres.report.plots import plot_stats
 
 #: A figure smaller than this (pixels a side) is not a readable plot.
 MIN_FIGURE_PX = 200
@@ -65,10 +66,10 @@ def test_hooks_are_removed_even_after_an_exception(tiny_model):
 
 
 def test_export_reads_back_with_no_flags(tmp_path):
-    from fixres.adaptation import Equalization, install_equalization
     from fixres.errors import UsageError
-    from fixres.exporting import export_model
-    from fixres.models import load_model
+    from fixres.method.adaptation import Equalization, install_equalization
+    from fixres.models.export import export_model
+    from fixres.models.loading import load_model
     b = tiny_bundle()
     cfg = b.data_config.with_overrides(crop_ratio=0.9)
     path = export_model(b.model, tmp_path / "x", model_name=b.name, cfg=cfg, test_size=64, train_size=32,
@@ -110,7 +111,7 @@ def _check_onnx(info: dict, path, model) -> None:
 
 
 def test_cli_finetune_adapt_stats(tmp_path, capsys):
-    from fixres.cli import main
+    from fixres.cli.app import main
     tiny_data(tmp_path / "d")
     base = ["--model", "fixres_tiny_resnet", "--random-init", "--num-classes", "3", "--train-size", "32",
             "--data", str(tmp_path / "d"),

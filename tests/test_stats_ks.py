@@ -1,5 +1,5 @@
-"""Pooled-activation distances (issue 16: KS between S and T) and models whose pooled features are
-negative or that have no batch-norm before the pooling (issue 14.5)."""
+"""Pooled-activation distances (KS between S and T) and models whose pooled features are
+negative or that have no batch-norm before the pooling."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from torch import nn
 
-from conftest import write_image_folder
-from fixres.data import scan_folder
-from fixres.engine import Precision
+from fixres.data.folders import scan_folder
 from fixres.errors import UsageError
-from fixres.stats import activation_stats, ks_distance
+from fixres.method.stats import activation_stats, ks_distance
+from fixres.runtime.engine import Precision
 
 FP32 = Precision(False, None, False)
 KW = dict(workers=0, progress=False, batch_size=8, precision=FP32)
@@ -73,8 +73,9 @@ def test_activation_stats_report_ks_to_the_train_size(tmp_path, tiny_model):
 
 
 def test_negative_pooled_features_are_kept_and_said(tmp_path, tiny_model, monkeypatch):
-    import fixres.plots
-    from fixres.stats import collect_pooled, plot_stats
+    import fixres.report.plots
+    from fixres.method.stats import collect_pooled
+    from fixres.report.plots import plot_stats
     samples = scan_folder(write_image_folder(tmp_path / "d")).samples
     model, cfg = _NoBN(), tiny_model.data_config
     res = activation_stats(model, samples, cfg, test_sizes=[32, 48], **KW)
@@ -89,14 +90,14 @@ def test_negative_pooled_features_are_kept_and_said(tmp_path, tiny_model, monkey
     i = np.searchsorted(x, 0.0, side="right") - 1
     assert cdf[i] == pytest.approx(np.mean(values <= x[i]))
     titles = []
-    monkeypatch.setattr(fixres.plots, "plot_activation_cdfs", lambda series, path, title: titles.append(title))
+    monkeypatch.setattr(fixres.report.plots, "plot_activation_cdfs", lambda series, path, title: titles.append(title))
     plot_stats(res, tmp_path / "cdf.png")
     assert "negative" in titles[0] and f"{100 * max(r['frac_negative'] for r in res['sizes']):.1f}%" in titles[0]
 
 
 @pytest.mark.parametrize("method, why", [("bn-recalibrate", "running statistics"), ("gaussian", "mean and std")])
 def test_batch_norm_methods_say_why_they_need_one(tmp_path, tiny_model, method, why):
-    from fixres.adaptation import adapt
+    from fixres.method.adaptation import adapt
     samples = scan_folder(write_image_folder(tmp_path / "d")).samples
     with pytest.raises(UsageError) as e:
         adapt(_NoBN(), samples, tiny_model.data_config, method=method, test_size=48, **KW)
@@ -106,7 +107,7 @@ def test_batch_norm_methods_say_why_they_need_one(tmp_path, tiny_model, method, 
 
 
 def test_frechet_refuses_features_that_are_not_non_negative(tmp_path, tiny_model):
-    from fixres.adaptation import adapt, fit_frechet
+    from fixres.method.adaptation import adapt, fit_frechet
     samples = scan_folder(write_image_folder(tmp_path / "d")).samples
     with pytest.raises(UsageError, match=r"frechet models non-negative pooled activations.*% of"):
         adapt(_NoBN(), samples, tiny_model.data_config, method="frechet", test_size=48, **KW)
@@ -117,7 +118,7 @@ def test_frechet_refuses_features_that_are_not_non_negative(tmp_path, tiny_model
 
 
 def test_stats_table_shows_negatives_and_ks():
-    from fixres.commands.stats import _table
+    from fixres.cli.stats import _table
     row = dict(test_size=64, frac_zero=0.0, frac_above_2=0.01, frac_negative=0.4, mean=0.1, ks_to_reference=0.25)
     lines = _table({"sizes": [row]}, {"sizes": [{**row, "ks_to_reference": 0.125}]}, 32)
     assert "< 0 %" in lines[0] and "KS to 32" in lines[0]
@@ -132,9 +133,9 @@ def test_cli_stats_compare_measures_ks_to_the_original_model_at_t(tmp_path, caps
     with itself, the numbers are the first model's own (0 at T)."""
     import json
 
-    from fixres.checkpoint import save_safetensors
-    from fixres.cli import main
-    from fixres.models import load_model
+    from fixres.cli.app import main
+    from fixres.io.checkpoint import save_safetensors
+    from fixres.models.loading import load_model
     data = write_image_folder(tmp_path / "d")
     torch.manual_seed(0)
     ck = save_safetensors(load_model(model="fixres_tiny_resnet", num_classes=3).model.state_dict(),
@@ -158,8 +159,8 @@ def test_fixed_input_size_model_stats_at_every_size(tmp_path, tiny_model):
 
     import timm
 
-    from fixres.models import fit_input_size
-    from fixres.stats import collect_pooled
+    from fixres.method.stats import collect_pooled
+    from fixres.models.loading import fit_input_size
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
                             num_classes=3)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fixres.errors import FixresError, UsageError
-from fixres.hooks import count_hooks
-from fixres.structure import find_classifier_name, find_parts, select_parts
+from fixres.models.hooks import count_hooks
+from fixres.models.structure import find_classifier_name, find_parts, select_parts
 
 
 def test_tiny_resnet_parts(tiny_model):
@@ -34,7 +34,7 @@ def test_timm_efficientnet_lite_and_torchvision_resnet():
 
 
 def test_convnext_norm_is_its_head_layernorm_and_bn_stats_is_refused():
-    """Issue 14: ConvNeXt's norm nearest the pooled vector is head.norm (a LayerNorm2d after the pooling):
+    """ConvNeXt's norm nearest the pooled vector is head.norm (a LayerNorm2d after the pooling):
     'norm' (and its alias 'bn') trains its affine weights; 'bn-stats' has no running statistics to re-estimate."""
     import timm
     model = timm.create_model("convnext_atto", num_classes=3)

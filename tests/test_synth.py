@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixres import synth
-from fixres.data import resolve_split, scan_folder
+from fixres.data import synth
+from fixres.data.folders import resolve_split, scan_folder
+from fixres.data.images import load_rgb
 from fixres.errors import UsageError
-from fixres.images import load_rgb
 
 SMALL = dict(classes=3, train_per_class=2, val_per_class=1, short_side=(64, 96), workers=0, progress=False)
 
@@ -111,7 +111,7 @@ def test_object_is_drawn_where_the_geometry_says(tmp_path):
 
 
 def test_cli_make_dataset(tmp_path, capsys):
-    from fixres.cli import main
+    from fixres.cli.app import main
     rc = main(["make-dataset", "--out", str(tmp_path / "d"), "--classes", "2", "--train-per-class", "1",
                "--val-per-class", "1", "--workers", "0", "-q", "--json"])
     assert rc == 0
@@ -124,7 +124,7 @@ def test_cli_make_dataset(tmp_path, capsys):
     assert sum(res["photo_sizes"].values()) == 4
 
 
-# --------------------------------------------------------------------------- --overwrite (issue 12, item 3)
+# --------------------------------------------------------------------------- --overwrite
 
 
 def _tree(root):
@@ -176,7 +176,7 @@ def test_overwrite_killed_midway_leaves_the_old_data_set(tmp_path, monkeypatch):
 
 
 def test_cli_make_dataset_overwrite_dot_is_refused(tmp_path, capsys, monkeypatch):
-    from _helpers_e import assert_one_line_error, cli
+    from clirun import assert_one_line_error, cli
     monkeypatch.chdir(tmp_path)
     args = ["make-dataset", "--classes", "2", "--train-per-class", "1", "--val-per-class", "1", "--workers", "0",
             "-q", "--out", "."]

@@ -1,4 +1,4 @@
-"""The frozen-prefix activation cache for token models (issue 14.5): ViT pools inside timm's forward_head, so
+"""The frozen-prefix activation cache for token models: ViT pools inside timm's forward_head, so
 the cut is in forward_features (``norm``, a last block) or at its output, and the suffix ends with forward_head.
 Cached and uncached fine-tuning must give the same adapted weights."""
 
@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinyruns import fp32, tiny_data  # noqa: F401
 
-from _helpers_b import fp32, tiny_data  # noqa: F401
-from fixres.finetuning import finetune
-from fixres.structure import find_parts
-from fixres.models import load_model
+from fixres.method.finetuning import finetune
+from fixres.models.loading import load_model
+from fixres.models.structure import find_parts
 
 COMMON = dict(test_size=48, epochs=2, batch_size=4, workers=0, progress=False, seed=3,
               evaluate_before=False, evaluate_after=False, augment="test")
@@ -77,7 +77,7 @@ def test_a_head_that_does_not_reproduce_the_forward_falls_back_uncached(tmp_path
 def test_head_plan_cuts_at_forward_features_output_when_only_the_head_is_adapted():
     """LeViT's case (its adapted heads run in forward_head only), on the tiny ViT: the cached activation is
     forward_features' output and the suffix is forward_head alone; it reproduces the full forward."""
-    from fixres.finetuning import _check_suffix, _features_modules, _trace_ndims, plan_head_suffix
+    from fixres.method.prefix import _check_suffix, _features_modules, _trace_ndims, plan_head_suffix
     model = _bundle("fixres_tiny_vit").model.eval()
     chain = find_parts(model).chain
     x = torch.randn(2, 3, 48, 48)

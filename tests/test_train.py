@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import VENV_BIN, write_image_folder
-from fixres import analysis
-from fixres.checkpoint import load_state_dict, load_training_state, save_safetensors
+
 from fixres.errors import UsageError
-from fixres.train import default_lr, lr_factor
+from fixres.io.checkpoint import load_state_dict, load_training_state, save_safetensors
+from fixres.method import analysis
+from fixres.method.train import default_lr, lr_factor
 
 #: One intra-op thread: bitwise-reproducible CPU kernels, and far faster on a busy 2-core machine.
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -33,7 +33,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _cli(argv: list) -> int:
-    from fixres.cli import main
+    from fixres.cli.app import main
     return main([str(a) for a in argv])
 
 
@@ -93,7 +93,7 @@ def test_cli_train_validates_at_train_and_recommended_size_and_exports(data, tmp
     assert result["hparams"]["lr"] == 0.05 and result["hparams"]["label_smoothing"] == 0.1
 
     # The export reloads with no other flag and computes what the trained model computes.
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     bundle = load_model(checkpoint=str(out / "model.safetensors"))
     assert bundle.name == "fixres_tiny_resnet" and bundle.data_config.train_size == 32
     assert list(bundle.data_config.class_names) == ["class_0", "class_1", "class_2"]
@@ -102,9 +102,9 @@ def test_cli_train_validates_at_train_and_recommended_size_and_exports(data, tmp
     for k, v in load_state_dict(out / "model.safetensors").items():
         assert torch.equal(v, state["model"][k])
     # The logged validation numbers are those the export scores on the same images (fixres eval's numbers).
-    from fixres.data import scan_folder
-    from fixres.engine import Precision
-    from fixres.evaluate import evaluate
+    from fixres.data.folders import scan_folder
+    from fixres.method.evaluate import evaluate
+    from fixres.runtime.engine import Precision
     res = evaluate(bundle.model.eval(), scan_folder(data / "val").samples, bundle.data_config, test_sizes=[32, rec],
                    crop_ratios=[0.875], batch_size=8, workers=0, progress=False,
                    precision=Precision(False, None, False))
@@ -112,13 +112,13 @@ def test_cli_train_validates_at_train_and_recommended_size_and_exports(data, tmp
 
     # An existing run is not overwritten by accident.
     with pytest.raises(UsageError, match="--resume"):
-        from fixres.train import train
+        from fixres.method.train import train
         train(bundle.model, [], [], bundle.data_config, train_size=32, epochs=1, batch_size=8, out_dir=out,
               model_name="x")
 
 
 def test_transfer_makes_a_new_head_and_trains_the_whole_network(tmp_path):
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     data = tmp_path / "data"
     write_image_folder(data / "train", classes=3, per_class=5, seed=4)  # + 1 broken = 16 = 2 full batches
     write_image_folder(data / "val", classes=3, per_class=1, seed=5)
@@ -128,8 +128,8 @@ def test_transfer_makes_a_new_head_and_trains_the_whole_network(tmp_path):
     pre = load_model(model="fixres_tiny_resnet", num_classes=5).model
     ck = save_safetensors(pre.state_dict(), tmp_path / "pretrained5.safetensors")
     out = tmp_path / "transfer"
-    from fixres.commands.train import TrainRunConfig, run_training
-    from fixres.dist import DistEnv
+    from fixres.cli.train import TrainRunConfig, run_training
+    from fixres.runtime.dist import DistEnv
     rc = TrainRunConfig(model="fixres_tiny_resnet", checkpoint=str(ck), weights=None, num_classes=None,
                         class_map=None, data=str(data), out=str(out), train_size=32, epochs=1, batch_size=8,
                         lr=0.05, schedule="step", step_epochs=30, warmup_epochs=0, label_smoothing=0.0,
@@ -157,7 +157,7 @@ def test_resume_refuses_other_hyper_parameters(data, tmp_path, capsys):
     assert _cli([*base, "--resume", "--batch-size", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "other settings: batch_size=8 (now 4)" in err
-    assert _cli([*base, "--resume", "--mean", "0.5,0.5,0.5"]) == 2  # other pre-processing (issue 11.2)
+    assert _cli([*base, "--resume", "--mean", "0.5,0.5,0.5"]) == 2  # other pre-processing
     assert "mean=[0.485, 0.456, 0.406] (now [0.5, 0.5, 0.5])" in capsys.readouterr().err
     assert _cli([*base, "--resume", "--epoch-length-factor", "1"]) == 2  # repeats 3: the paper's 2N by default
     assert "epoch_length_factor=2.0 (now 1.0)" in capsys.readouterr().err
@@ -218,14 +218,14 @@ def test_usage_errors_are_one_line(data, tmp_path, capsys):
 
 
 def _tiny(num_classes: int = 3):
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     torch.manual_seed(0)
     return load_model(model="fixres_tiny_resnet", num_classes=num_classes, train_size=32)
 
 
 def _train_kw(data, out, **kw):
-    from fixres.data import scan_folder
-    from fixres.engine import Precision
+    from fixres.data.folders import scan_folder
+    from fixres.runtime.engine import Precision
     return dict(train_samples=scan_folder(data / "train").samples, val_samples=[], train_size=32, epochs=1,
                 batch_size=8, out_dir=out, workers=0, progress=False, precision=Precision(False, None, False),
                 model_name="fixres_tiny_resnet", **kw)
@@ -242,7 +242,7 @@ def _train_kw(data, out, **kw):
     ({"optimizer": "adam"}, "unknown optimizer 'adam'; choose one of sgd, adamw"),
 ])
 def test_train_refuses_bad_arguments_before_writing(data, tmp_path, kw, message):
-    from fixres.train import train
+    from fixres.method.train import train
     bundle = _tiny()
     args = _train_kw(data, tmp_path / "o")
     args.update(kw)
@@ -253,8 +253,8 @@ def test_train_refuses_bad_arguments_before_writing(data, tmp_path, kw, message)
 
 
 def test_paper_epoch_length_is_the_default_only_with_repeated_augmentation(data, tmp_path):
-    """Issue 11.10: repeats 3 -> 2N samples an epoch (official RASampler len_factor=2); repeats 1 -> N."""
-    from fixres.train import train
+    """Repeats 3 -> 2N samples an epoch (official RASampler len_factor=2); repeats 1 -> N."""
+    from fixres.method.train import train
     res = train(_tiny().model, cfg=_tiny().data_config, repeats=1, **_train_kw(data, tmp_path / "r1"))
     assert res["hparams"]["epoch_length_factor"] == 1.0 and res["epochs"][0]["images"] == 24
     res = train(_tiny().model, cfg=_tiny().data_config, repeats=3, epoch_length_factor=0.5,
@@ -273,7 +273,7 @@ def test_help_documents_the_epoch_length_and_the_official_parts(capsys):
 
 
 def test_cosine_resume_with_another_epoch_count_is_refused(data, tmp_path):
-    from fixres.train import train
+    from fixres.method.train import train
     out = tmp_path / "cos"
     train(_tiny().model, cfg=_tiny().data_config, schedule="cosine", **_train_kw(data, out))
     with pytest.raises(UsageError, match=r"other settings: epochs=1 \(now 2\)"):
@@ -287,7 +287,7 @@ def test_cosine_resume_with_another_epoch_count_is_refused(data, tmp_path):
 
 
 def test_train_resume_into_a_model_it_does_not_fit_is_a_clear_error(data, tmp_path):
-    from fixres.train import train
+    from fixres.method.train import train
     out = tmp_path / "o"
     train(_tiny().model, cfg=_tiny().data_config, **_train_kw(data, out))
     five = _tiny(num_classes=5)
@@ -298,7 +298,7 @@ def test_train_resume_into_a_model_it_does_not_fit_is_a_clear_error(data, tmp_pa
 # --------------------------------------------------------------------------- model flags (through model_spec)
 
 def _nan_checkpoint(tmp_path: Path) -> tuple[Path, str]:
-    from fixres.models import load_model
+    from fixres.models.loading import load_model
     sd = load_model(model="fixres_tiny_resnet", num_classes=3).model.state_dict()
     sd["fc.bias"] = sd["fc.bias"].clone()
     sd["fc.bias"][0] = float("nan")
@@ -321,7 +321,7 @@ def test_train_strict_refuses_a_nan_checkpoint_and_warns_without(tmp_path, capsy
 
 def test_train_flags_reach_load_model(tmp_path, monkeypatch, data):
     """--ema/--strict/--pretrained go through commands._args.model_spec into load_model, like every command."""
-    import fixres.models as models
+    import fixres.models.loading as models
     seen = {}
     real = models.load_model
 
@@ -341,7 +341,7 @@ def test_train_flags_reach_load_model(tmp_path, monkeypatch, data):
 
 def test_adamw_trains_with_adam_moments_and_deits_default_rate(data, tmp_path):
     """--optimizer adamw (ViT/ConvNeXt recipes): AdamW's moment estimates in the saved state, lr 5e-4 x B/512."""
-    from fixres.train import train
+    from fixres.method.train import train
     res = train(_tiny().model, cfg=_tiny().data_config, repeats=1, optimizer="adamw",
                 **_train_kw(data, tmp_path / "adamw"))
     assert res["hparams"]["optimizer"] == "adamw" and res["hparams"]["lr"] == pytest.approx(5e-4 * 8 / 512)

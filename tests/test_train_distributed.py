@@ -40,9 +40,9 @@ def run_steps(data_dir: Path, out_dir: Path, env=None) -> dict:
     import torch
 
     from fixres.config import DataConfig
-    from fixres.data import scan_folder
-    from fixres.engine import precision_for
-    from fixres.train import train
+    from fixres.data.folders import scan_folder
+    from fixres.method.train import train
+    from fixres.runtime.engine import precision_for
 
     samples = scan_folder(data_dir).samples[:IMAGES]
     model = _tiny_model_without_bn()
@@ -65,7 +65,6 @@ def _worker_env() -> dict:
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tmp_path):
     import torch
-
     from conftest import VENV_BIN, write_image_folder
 
     data = write_image_folder(tmp_path / "data", classes=3, per_class=3, seed=3)
@@ -111,8 +110,8 @@ def run_blank_rank(data_dir: Path, out_dir: Path, env=None) -> dict:
     import torch
 
     from fixres.config import DataConfig
-    from fixres.engine import precision_for
-    from fixres.train import train
+    from fixres.method.train import train
+    from fixres.runtime.engine import precision_for
 
     photo = sorted(Path(data_dir).rglob("*.jpg"))[0]
     rank = 0 if env is None else env.rank
@@ -138,10 +137,9 @@ def run_blank_rank(data_dir: Path, out_dir: Path, env=None) -> dict:
 
 @pytest.mark.slow
 def test_a_rank_with_only_unreadable_images_contributes_nothing(tmp_path):
-    """Issue 11.5: the blank rank runs no forward (no batch-norm update) and the step is the mean over the
+    """The blank rank runs no forward (no batch-norm update) and the step is the mean over the
     images that exist: the 2-process result equals one process training on rank 0's batches alone."""
     import torch
-
     from conftest import VENV_BIN, write_image_folder
 
     data = write_image_folder(tmp_path / "data", classes=1, per_class=1, seed=4)
@@ -168,7 +166,7 @@ def test_a_rank_with_only_unreadable_images_contributes_nothing(tmp_path):
 
 
 if __name__ == "__main__":
-    from fixres import dist
+    from fixres.runtime import dist
     env = dist.init("cpu")
     try:
         if sys.argv[1] == "blank":

@@ -1,9 +1,9 @@
-"""What `fixres train` tells a user along the way (issue 16.7): what an epoch is when repeated augmentation
+"""What `fixres train` tells a user along the way: what an epoch is when repeated augmentation
 and full batches change it, no empty validation columns, and `fixres fix` as the next step."""
 
 from __future__ import annotations
 
-from _helpers_e import cli
+from clirun import cli
 from conftest import write_image_folder
 
 
@@ -32,7 +32,7 @@ def test_without_repeats_the_epoch_is_the_photos_and_the_remainder(capsys, tmp_p
 
 def test_epoch_line_without_validation_has_no_empty_columns():
     # `fixres fix` trains with no validation images (its sweep measures every size right after).
-    from fixres.train import _epoch_line
+    from fixres.method.train import _epoch_line
     record = {"epoch": 3, "train_loss": 1.25, "train_top1": 40.0, "images_per_s": 50.0, "forward_ms": 2.0,
               "backward_ms": 3.0, "val_top1_train_size": None, "val_top1_test_size": None}
     line = _epoch_line(record, 64, 80)

@@ -1,4 +1,4 @@
-"""Train/test geometry (issue 2, item 3): sizes, short-side resize, crop placement, determinism."""
+"""Train/test geometry: sizes, short-side resize, crop placement, determinism."""
 
 from __future__ import annotations
 
@@ -10,10 +10,19 @@ import torch
 from PIL import Image
 
 from fixres.config import DataConfig
+from fixres.data import transforms as T
+from fixres.data.transforms import (
+    AUGMENTATIONS,
+    TEST2_MAX_SHIFT,
+    MultiView,
+    ShiftedCenterCrop,
+    build_transform,
+    control_transform,
+    resize_for,
+    ten_crop_transform,
+    train_transform,
+)
 from fixres.errors import UsageError
-from fixres import transforms as T
-from fixres.transforms import (AUGMENTATIONS, TEST2_MAX_SHIFT, MultiView, ShiftedCenterCrop, build_transform,
-                               control_transform, resize_for, ten_crop_transform, train_transform)
 
 # Imported under other names: pytest would collect functions called test_* as tests.
 geometry_of = T.test_geometry
@@ -231,7 +240,7 @@ def test_test_geometry_resamples_with_the_configured_interpolation(name):
         assert all(tuple(c) in colours for c in got.reshape(-1, 3))
 
 
-# --------------------------------------------------------------------------- colour jitter (issue 11, item 12)
+# --------------------------------------------------------------------------- colour jitter
 
 
 def _op_names(t) -> list[str]:
@@ -271,7 +280,7 @@ def test_control_differs_from_train_da_in_the_crop_only(jitter):
 
 def test_finetune_with_train_da_uses_the_colour_jitter(capsys, tmp_path, monkeypatch, split_folder):
     """The CLI path: ``fixres finetune --augment train`` builds train DA with jitter."""
-    from _helpers_e import cli, save_tiny_checkpoint
+    from clirun import cli, save_tiny_checkpoint
     seen = []
     real = T.train_transform
 

@@ -10,15 +10,29 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from fixres.version import __version__  # noqa: F401 - re-exported
 
 #: Public names, each served from ``fixres.api`` on first access.
 __all__ = ["analyze", "sweep", "finetune", "adapt", "fix", "load", "export",
            "Analysis", "SizeResult", "SweepResult", "AdaptResult", "FixResult", "DataConfig", "ModelBundle"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve lazily below
-    from fixres.api import (AdaptResult, Analysis, DataConfig, FixResult, ModelBundle, SizeResult, SweepResult,
-                            adapt, analyze, export, finetune, fix, load, sweep)
+    from fixres.api import (
+        AdaptResult,
+        Analysis,
+        DataConfig,
+        FixResult,
+        ModelBundle,
+        SizeResult,
+        SweepResult,
+        adapt,
+        analyze,
+        export,
+        finetune,
+        fix,
+        load,
+        sweep,
+    )
 
 
 def __getattr__(name: str):

@@ -1,5 +1,5 @@
 """Allow ``python -m fixres``."""
 
-from fixres.cli import main
+from fixres.cli.app import main
 
 raise SystemExit(main())

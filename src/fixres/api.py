@@ -20,19 +20,19 @@ from typing import Any, Sequence, Union
 
 from torch import nn
 
-from fixres import adaptation as _adapt
-from fixres import analysis as _analysis
-from fixres import data as _data
-from fixres import evaluate as _evaluate
-from fixres import exporting as _export
-from fixres import finetuning as _finetune
-from fixres import pipeline as _pipeline
 from fixres.config import DEFAULT_PARTS, DataConfig
-from fixres.dist import DistEnv, resolve_device
-from fixres.engine import inference_precision, precision_for
+from fixres.data import folders as _data
 from fixres.errors import UsageError
-from fixres.models import LITE_WEIGHTS, ModelBundle, data_config_for, load_model
-from fixres.selection import best_row
+from fixres.job import pipeline as _pipeline
+from fixres.method import adaptation as _adapt
+from fixres.method import analysis as _analysis
+from fixres.method import evaluate as _evaluate
+from fixres.method import finetuning as _finetune
+from fixres.method.selection import best_row
+from fixres.models import export as _export
+from fixres.models.loading import LITE_WEIGHTS, ModelBundle, data_config_for, load_model
+from fixres.runtime.dist import DistEnv, resolve_device
+from fixres.runtime.engine import inference_precision, precision_for
 
 #: What the functions accept as a model: a module (its data config guessed from timm's metadata unless
 #: given), a bundle from ``fixres.load``, or a string: a checkpoint / export path, or a timm/torchvision name.
@@ -88,7 +88,7 @@ class SweepResult:
 
     @property
     def best(self) -> SizeResult:
-        """The most accurate size, by the project's one rule (``fixres.selection.best_row``: ties go to
+        """The most accurate size, by the project's one rule (``fixres.method.selection.best_row``: ties go to
         the size closest to the train size, then to the smaller one)."""
         row = best_row([r.raw for r in self.rows], train_size=self.train_size)
         return next(r for r in self.rows if r.raw is row)
@@ -168,7 +168,7 @@ def as_bundle(model: ModelLike, data_config: DataConfig | None = None) -> ModelB
 def as_index(data: DataLike, split: str = "val", *, classes: Sequence[str] | None = None) -> "_data.FolderIndex":
     """The images of ``split`` as a ``FolderIndex``: a folder (its ``split``/ subfolder when it has one),
     an index, (path, label) pairs, or a Dataset with ``.samples`` / ``.classes`` (torchvision ImageFolder).
-    ``classes`` maps a validation folder onto the training classes by name (one rule, ``fixres.data``)."""
+    ``classes`` maps a validation folder onto the training classes by name (one rule, ``fixres.data.folders``)."""
     if isinstance(data, _data.FolderIndex):
         return data
     if isinstance(data, (str, Path)):
@@ -275,7 +275,7 @@ def fix(model: str | None = None, data: str | Path | None = None, *, out: str | 
     """The whole method (``fixres fix``): analyse, sweep, fine-tune, statistics, export, report.
 
     ``model`` is a timm/torchvision name or a checkpoint path; with neither ``model`` nor ``data`` it runs
-    the embedded demo. ``settings`` are the fields of ``fixres.pipeline.FixConfig`` (``train_size``,
+    the embedded demo. ``settings`` are the fields of ``fixres.job.pipeline.FixConfig`` (``train_size``,
     ``test_sizes``, ``parts``, ``finetune_epochs``, ...).
     """
     if model is not None and Path(model).suffix in (".safetensors", ".pt", ".pth") or (

@@ -1,7 +1,7 @@
 """Typed configuration shared by the library: the data (pre-processing) config of a model.
 
 Run configs of each command are dataclasses too, built from argparse only at the CLI edge
-(``fixres.commands``); library functions take explicit arguments.
+(``fixres.cli``); library functions take explicit arguments.
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""``fixres analyze``: apparent object sizes and the recommended test (or train) size."""
+
+from __future__ import annotations
+
+from fixres.cli.args import crop_ratio, positive_int, warn_stride
+from fixres.config import DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE
+
+
+def add_parser(sub, parents):
+    p = sub.add_parser(
+        "analyze", parents=parents,
+        help="apparent object size ratio and the recommended test size (no model needed)",
+        description="Closed form of the paper's eq. (5) and a Monte-Carlo estimate that samples the real "
+                    "RandomResizedCrop; recommends the test size whose apparent object sizes match training.")
+    p.add_argument("--train-size", type=positive_int, default=DEFAULT_TRAIN_SIZE,
+                   help=f"training crop size T (default {DEFAULT_TRAIN_SIZE})")
+    p.add_argument("--crop-ratio", type=crop_ratio, default=0.875, help="test_size / resize (default 0.875 = 224/256)")
+    p.add_argument("--stride", type=positive_int, default=DEFAULT_STRIDE,
+                   help=f"round test sizes to this multiple (appendix B; default {DEFAULT_STRIDE})")
+    p.add_argument("--test-size", type=positive_int, default=None,
+                   help="also report the train size to use for this target test size")
+    p.add_argument("--image-sizes", default=None, metavar="WxH,...",
+                   help="photo sizes for the Monte-Carlo estimate (default 500x500, square)")
+    p.add_argument("--data", default=None, metavar="DIR", help="measure photo sizes from an ImageFolder tree")
+    p.add_argument("--samples", type=positive_int, default=100_000, help="Monte-Carlo samples")
+    p.add_argument("--seed", type=int, default=0, help="Monte-Carlo seed (default 0)")
+    p.add_argument("--plot", action="store_true", help="write the RoC-area histogram (figure 2) PNG to --out")
+    return p
+
+
+def run(args):
+    from pathlib import Path
+
+    from fixres.method import analysis
+
+    skipped: list[dict] | None = None
+    if args.data:
+        from fixres.data.folders import scan_folder
+        from fixres.data.images import probe_size
+        from fixres.errors import UsageError
+        index = scan_folder(args.data)
+        sizes, skipped = [], []
+        for path, _ in index.samples:
+            size, reason = probe_size(path)
+            if size is None:
+                skipped.append({"path": path, "reason": reason})
+            else:
+                sizes.append(size)
+        if not sizes:
+            raise UsageError(f"no readable image in {args.data} ({len(skipped)} files skipped, e.g. "
+                             f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']})")
+    elif args.image_sizes:
+        sizes = analysis.parse_image_sizes(args.image_sizes)
+    else:
+        sizes = [(500, 500)]
+    result = analysis.analyze(train_size=args.train_size, crop_ratio=args.crop_ratio, stride=args.stride,
+                              image_sizes=sizes, samples=args.samples, seed=args.seed,
+                              target_test_size=args.test_size)
+    mc = result.pop("_mc")
+    if args.test_size is not None:
+        warn_stride(args.test_size, args.stride, "--test-size", quiet=args.quiet)
+    if skipped is not None:
+        result["n_images"] = len(sizes)
+        result["skipped"] = skipped
+    if args.plot:
+        from fixres.report.plots import plot_roc_areas
+        out = Path(args.out or "runs/analyze")
+        result["plot"] = str(plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction,
+                                            out / "roc_areas.png", ratios=mc.ratios))
+    m = result["monte_carlo"]
+    lines = [
+        f"train {args.train_size}px, test resize {result['test_resize']} + crop {args.train_size}px "
+        f"(crop ratio {args.crop_ratio}):",
+        f"  objects look {result['ratio_closed_form']:.4f}x as large at test time (closed form, eq. 5; "
+        f"square photos, aspect 1)",
+        f"  Monte Carlo over {len(sizes)} photo size(s), real RandomResizedCrop: mean {m['mean']:.4f}, "
+        f"median {m['quantiles']['0.5']:.4f}, 5-95% {m['quantiles']['0.05']:.2f}-{m['quantiles']['0.95']:.2f}",
+        f"  (with the aspect ratio held at 1, as eq. 5 assumes: {m['mean_aspect1']:.4f}; RandomResizedCrop's "
+        f"aspect jitter rejects large crops more often, so objects look smaller still)",
+        f"  recommended test size: {result['recommended_test_size']}px "
+        f"(exact {result['recommended_test_size_exact']:.1f}, multiple of {args.stride}); "
+        f"Monte Carlo suggests {m['recommended_test_size']}px",
+    ]
+    if "for_test_size" in result:
+        inv = result["for_test_size"]
+        lines.append(f"  to test at {inv['test_size']}px, train at {inv['train_size']}px "
+                     f"(exact {inv['train_size_exact']:.1f})")
+    if skipped:
+        lines.append(f"  skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]['path']}: {skipped[0]['reason']}")
+    if "plot" in result:
+        lines.append(f"  RoC-area histogram: {result['plot']}")
+    return result, "\n".join(lines)

@@ -1,0 +1,263 @@
+"""``fixres eval``: evaluate a classifier at one test size and crop ratio (top-1, top-5, loss, per class).
+
+Also the CLI edge shared with ``fixres sweep``: the typed ``EvalConfig`` built from the flags,
+``run_evaluation`` (model + data + ``fixres.method.evaluate.evaluate``), the result files and the table.
+Under ``torchrun`` every rank evaluates its shard; only rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from fixres.cli.args import add_model_args, add_runtime_args, int_list, model_spec, positive_int, warn_stride
+from fixres.config import DEFAULT_FOLDS
+
+DEFAULT_OUT = "runs/eval"
+#: 10-crop testing feeds ten crops per image and view: keep the default batch's memory the same.
+TEN_CROP_BATCH_DIVISOR = 8
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``eval`` and ``sweep``: data, ensembles, 10-crop, folds, train size."""
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="ImageFolder tree (DIR/CLASS/IMAGE), or a root holding val/")
+    p.add_argument("--ensemble", type=int_list, action="append", default=None, metavar="S1,S2",
+                   help="also evaluate the averaged softmax over these test sizes (section 5.1); repeatable")
+    p.add_argument("--ten-crop", action="store_true", help="10-crop testing (4 corners + centre, and mirrors)")
+    p.add_argument("--folds", type=positive_int, default=DEFAULT_FOLDS,
+                   help="folds for the leave-one-fold-out std (section 5; default 10)")
+    p.add_argument("--train-size", type=positive_int, default=None,
+                   help="the model's train size (default: from its data config)")
+    p.add_argument("--no-per-class", action="store_true", help="leave per-class accuracy out of the results")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every JPEG at full size (default: only as large as each test size needs, "
+                        "faster at low sizes; the inputs then differ from a full decode by about 1-2 grey levels)")
+    p.add_argument("--calibrate-on", default=None, metavar="DIR",
+                   help="labelled held-out images (DIR/CLASS/IMAGE, not the evaluated ones) to fit temperature "
+                        "scaling on, per view: adds temperature, nll_scaled and ece_scaled to each row (top-1 is "
+                        "unchanged)")
+
+
+def add_parser(sub, parents):
+    p = sub.add_parser("eval", parents=parents, help="evaluate a classifier at one test size and crop ratio",
+                       description="Top-1, top-5, loss and per-class accuracy at one test size and crop ratio, "
+                                   "with the leave-one-fold-out std of section 5. Writes eval.json, eval.csv "
+                                   f"and per_class.csv to --out (default {DEFAULT_OUT}).")
+    p.add_argument("--test-size", type=positive_int, default=None, help="test size (default: the size a fixres export was fixed for, else the model's train size)")
+    add_eval_args(p)
+    add_model_args(p)
+    add_runtime_args(p, batch_default=64, batch_note="; 8 with --ten-crop")
+    return p
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything one evaluation run needs, typed (built from argparse here, at the CLI edge)."""
+
+    data: str
+    model: str | None = None
+    checkpoint: str | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    random_init: bool = False  # a bare --model is refused unless asked
+    ema: bool = False
+    strict: bool = False
+    num_classes: int | None = None
+    class_map: str | None = None
+    test_sizes: tuple[int, ...] | None = None   # None: the model's train size
+    crop_ratios: tuple[float, ...] | None = None  # None: the model's crop ratio
+    interpolation: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    train_size: int | None = None
+    ensembles: tuple[tuple[int, ...], ...] = ()
+    ten_crop: bool = False
+    folds: int = 10
+    per_class: bool = True
+    calibrate_on: str | None = None
+    reduced_decode: bool = True  # JPEGs decoded only as large as each view needs (--full-decode: off)
+    device: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    amp: bool = True
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
+    return EvalConfig(
+        data=args.data, model=args.model, checkpoint=args.checkpoint, weights=args.weights,
+        pretrained=args.pretrained, random_init=model_spec(args).random_init, ema=args.ema, strict=args.strict,
+        num_classes=args.num_classes, class_map=args.class_map,
+        test_sizes=tuple(test_sizes) if test_sizes else None,
+        crop_ratios=tuple(crop_ratios) if crop_ratios else None,
+        interpolation=args.interpolation, mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None, train_size=args.train_size,
+        ensembles=tuple(tuple(e) for e in (args.ensemble or ())), ten_crop=args.ten_crop, folds=args.folds,
+        per_class=not args.no_per_class, calibrate_on=args.calibrate_on, reduced_decode=not args.full_decode,
+        device=args.device, batch_size=args.batch_size, workers=args.workers,
+        amp=not args.no_amp, quiet=args.quiet)
+
+
+def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
+    """Load the model and data, evaluate, and return (result, env). Call ``dist.shutdown()`` afterwards."""
+    from fixres.data.folders import index_val_onto, read_class_map, resolve_split, scan_folder
+    from fixres.errors import UsageError
+    from fixres.method.evaluate import DEFAULT_BATCH_SIZE, evaluate
+    from fixres.models.loading import load_model, num_outputs
+    from fixres.runtime import dist
+    from fixres.runtime.engine import inference_precision
+    from fixres.runtime.progress import status
+
+    env = dist.init(cfg.device)
+    if cfg.mean is not None and len(cfg.mean) != 3 or cfg.std is not None and len(cfg.std) != 3:
+        raise UsageError("--mean and --std need three values each, e.g. 0.5,0.5,0.5")
+    bundle = load_model(model=cfg.model, checkpoint=cfg.checkpoint, weights=cfg.weights, pretrained=cfg.pretrained,
+                        random_init=cfg.random_init, num_classes=cfg.num_classes, train_size=cfg.train_size,
+                        ema=cfg.ema, strict=cfg.strict)
+    data_cfg = bundle.data_config.with_overrides(interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
+                                                 crop_ratio=cfg.crop_ratios[0] if cfg.crop_ratios else None)
+    n_out = num_outputs(bundle.model)
+    class_map = read_class_map(cfg.class_map) if cfg.class_map else None
+    if class_map is None and data_cfg.class_names and len(data_cfg.class_names) == n_out:
+        class_map = list(data_cfg.class_names)  # a fixres export knows its classes
+    val_root = resolve_split(cfg.data, "val")
+    # Known model classes: val folders are mapped onto them by name (an unknown one is an error).
+    index = (index_val_onto(val_root, class_map, num_classes=n_out) if class_map is not None
+             else scan_folder(val_root, num_classes=n_out))
+    # Sorted folder names are only meaningful when they are exactly the model's classes.
+    num_classes = index.num_classes if index.source == "sorted folders" else None
+    # A fixres export was fixed for its test size: that, not its train size, is where it should be evaluated.
+    # Likewise torchvision weights are evaluated at their own crop (ResNet-50 V2: trained at 176, tested at 224).
+    exported_size = (bundle.meta.get("export") or {}).get("test_size") or bundle.meta.get("test_size")
+    test_sizes = list(cfg.test_sizes or (int(exported_size or data_cfg.train_size),))
+    crop_ratios = list(cfg.crop_ratios or (data_cfg.crop_ratio,))
+    show = env.is_main and not cfg.quiet
+    warned = set()
+    for size in test_sizes + [s for e in cfg.ensembles for s in e]:
+        if size not in warned and env.is_main:
+            warn_stride(size, data_cfg.stride, "test size", quiet=cfg.quiet)
+            warned.add(size)
+    precision = inference_precision(env.device, cfg.amp)
+    batch_size = cfg.batch_size or (max(1, DEFAULT_BATCH_SIZE // TEN_CROP_BATCH_DIVISOR) if cfg.ten_crop
+                                    else DEFAULT_BATCH_SIZE)
+    status(f"fixres {label}: {bundle.name} ({bundle.source}) on {len(index)} images in {index.root} "
+           f"[{index.source}], {precision.describe()}, {env.world_size} process(es)", enabled=show)
+    eval_kw = dict(test_sizes=test_sizes, crop_ratios=crop_ratios, batch_size=batch_size, env=env,
+                   precision=precision, workers=cfg.workers, ensembles=cfg.ensembles, ten_crop=cfg.ten_crop,
+                   folds=cfg.folds, progress=show, num_classes=num_classes, reduced_decode=cfg.reduced_decode)
+    result = evaluate(bundle.model, index, data_cfg, per_class=cfg.per_class, keep_log_probs=bool(cfg.calibrate_on),
+                      **eval_kw)
+    if cfg.calibrate_on:
+        _temperature_scaled(result, bundle.model, data_cfg, cfg.calibrate_on, index, n_out, eval_kw)
+    result = {
+        "command": label,
+        "model": bundle.name, "model_source": bundle.source,
+        **({"weights": cfg.weights} if cfg.weights else {}),
+        **({"checkpoint": cfg.checkpoint} if cfg.checkpoint else {}),
+        "data": str(index.root), "class_index": index.source, "num_classes": index.num_classes,
+        "reduced_decode": cfg.reduced_decode, "train_size": data_cfg.train_size,
+        "data_config": {k: v for k, v in data_cfg.to_dict().items() if k != "class_names"},
+        **result,
+    }
+    return result, env
+
+
+def _temperature_scaled(result: dict, model, data_cfg, folder: str, index, n_out: int, eval_kw: dict) -> None:
+    """Fit a temperature per view on the held-out ``folder`` (its classes mapped onto the evaluated ones by name)."""
+    from fixres.data.folders import index_val_onto
+    from fixres.method.evaluate import evaluate, temperature_scale
+    held_index = index_val_onto(folder, list(index.classes), num_classes=n_out)
+    held = evaluate(model, held_index, data_cfg, per_class=False, keep_log_probs=True, **eval_kw)
+    temperature_scale(result, held)
+    result["temperature_fitted_on"]["data"] = str(held_index.root)
+    for key in ("_log_probs", "_labels"):
+        result.pop(key)
+
+
+def rows_csv(result: dict) -> str:
+    """One CSV line per view and per ensemble."""
+    from fixres.io.csvtext import csv_text
+    cols = ["test_size", "crop_ratio", "resize", "ten_crop", "top1", "top1_std", "top5", "top5_std", "loss", "n",
+            "correct"]
+    rows = [[r[c] for c in cols] for r in result["rows"]]
+    rows += [["+".join(map(str, e["test_sizes"])), "+".join(f"{c:g}" for c in e["crop_ratios"]), "", e["ten_crop"]]
+             + [e[c] for c in cols[4:]] for e in result.get("ensembles", [])]
+    return csv_text(cols, rows)
+
+
+def per_class_csv(result: dict) -> str:
+    """One CSV line per class; class names a spreadsheet would run as formulas are neutralised (fixres.io.csvtext)."""
+    from fixres.io.csvtext import csv_text
+    pc = result["per_class"]
+    keys = list(pc["top1"])
+    return csv_text(["class_index", "class", "n"] + [f"top1_{k}" for k in keys],
+                    ([c, name, pc["n"][c]] + ["" if pc["top1"][k][c] is None else pc["top1"][k][c] for k in keys]
+                     for c, name in enumerate(pc["classes"])))
+
+
+def _calibration_cells(r: dict, scaled: bool) -> str:
+    """NLL (= loss) and ECE, then the temperature-scaled ones when a temperature was fitted."""
+    cells = f" {r['loss']:>7.4f} {r.get('ece', float('nan')):>6.2f}"
+    if scaled:
+        cells += f"  {r['temperature']:>5.2f} {r['nll_scaled']:>7.4f} {r['ece_scaled']:>6.2f}"
+    return cells
+
+
+def format_table(result: dict) -> str:
+    """Human-readable result table: top-1, top-5, NLL and ECE (and temperature-scaled NLL, ECE) per view."""
+    scaled = "temperature_fitted_on" in result
+    lines = [f"{result['model']} on {result['n_images']} images of {result['data']} "
+             f"({len(result['skipped'])} skipped), {result['precision']}, "
+             f"{result['images_per_s']:.1f} images/s, {result['seconds']:.1f} s",
+             f"{'test_size':>9} {'crop':>6} {'resize':>6}  {'top-1 % (± fold std)':>21} {'top-5 %':>16} {'NLL':>7} "
+             f"{'ECE %':>6}" + (f"  {'T':>5} {'NLL@T':>7} {'ECE@T':>6}" if scaled else "")]
+    for r in result["rows"]:
+        lines.append(f"{r['test_size']:>9} {r['crop_ratio']:>6.3f} {r['resize']:>6}  {r['top1']:>12.2f} ± "
+                     f"{r['top1_std']:<5.2f}  {r['top5']:>8.2f} ± {r['top5_std']:<5.2f}"
+                     + _calibration_cells(r, scaled)
+                     + ("  (10-crop)" if r["ten_crop"] else ""))
+    for e in result.get("ensembles", []):
+        name = "+".join(map(str, e["test_sizes"]))
+        lines.append(f"{name:>9} {'ens.':>6} {'':>6}  {e['top1']:>12.2f} ± {e['top1_std']:<5.2f}  "
+                     f"{e['top5']:>8.2f} ± {e['top5_std']:<5.2f}" + _calibration_cells(e, scaled))
+    lines.append("NLL: mean cross-entropy; ECE: expected calibration error, 15 bins of top-1 confidence"
+                 + (f"; T: temperature fitted on {result['temperature_fitted_on']['n_images']} held-out images "
+                    f"({result['temperature_fitted_on'].get('data', '')}), top-1 unchanged" if scaled else ""))
+    if result["skipped"]:
+        s = result["skipped"][0]
+        lines.append(f"skipped {len(result['skipped'])} unreadable file(s), e.g. {s['path']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def write_results(result: dict, out_dir, stem: str) -> dict:
+    """Write STEM.json, STEM.csv (and per_class.csv) atomically; return their paths."""
+    from pathlib import Path
+
+    from fixres.io.atomic import write_json, write_text
+    out = Path(out_dir)
+    files = {"json": str(out / f"{stem}.json"), "csv": str(out / f"{stem}.csv")}
+    if "per_class" in result:
+        files["per_class_csv"] = str(out / "per_class.csv")
+        write_text(files["per_class_csv"], per_class_csv(result))
+    write_text(files["csv"], rows_csv(result))
+    write_json(files["json"], {**result, "files": files})
+    return files
+
+
+def run(args):
+    from fixres.runtime import dist
+
+    cfg = config_from_args(args, test_sizes=[args.test_size] if args.test_size else None,
+                           crop_ratios=[args.crop_ratio] if args.crop_ratio else None)
+    try:
+        result, env = run_evaluation(cfg, label="eval")
+        if not env.is_main:
+            return None
+        result["files"] = write_results(result, args.out or DEFAULT_OUT, "eval")
+        text = format_table(result) + f"\nresults: {result['files']['json']}"
+        result.pop("per_class", None)  # one number per class and view: in the files, not on stdout
+        return result, text
+    finally:
+        dist.shutdown()

@@ -1,0 +1,181 @@
+"""``fixres fix``: the whole method: analyse, sweep, fix at every candidate size, choose, statistics, export, report."""
+
+from __future__ import annotations
+
+from fixres.cli.args import (
+    add_dataset_size_args,
+    add_model_args,
+    add_runtime_args,
+    int_list,
+    positive_float,
+    positive_int,
+)
+from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS
+
+DESCRIPTION = """\
+The whole method on your model and data: analyse the apparent object sizes (recommended test size),
+sweep the test sizes, fix at every candidate size (fine-tuning the classifier and the batch-norm
+before pooling at that size, test-time augmentation, cached activations) and keep the one most
+accurate on a held-out part of the training images (never the validation images reported), measure
+the pooled-activation statistics before and after, export the fixed model and write an HTML report
+with every candidate before and after the fix, its cost and its calibration.
+
+With no arguments it runs on an embedded default: it generates a data set following the paper's
+imaging model (section 3.1) into RUN_DIR/data, trains a small built-in CNN on it at 64 px with
+RandomResizedCrop, then fixes it. Each step's result is written under the run folder (--out, default
+runs/fix); rerunning the same command after a kill continues where it stopped, and a rerun with
+other settings, another checkpoint file or changed photos recomputes exactly the steps that read
+them (and says which)."""
+
+
+def fraction(text: str) -> float:
+    """A share strictly between 0 and 1."""
+    import argparse
+    value = positive_float(text)
+    if not value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
+def add_parser(sub, parents):
+    p = sub.add_parser("fix", parents=parents, help="the whole method: analyse, sweep, fine-tune, report",
+                       description=DESCRIPTION)
+    add_model_args(p, random_ok=True, pretrained=False)  # fix trains from scratch when given no weights
+    g = p.add_argument_group("data and sizes")
+    g.add_argument("--data", default=None, metavar="DIR",
+                   help="ImageFolder with train/ and val/ (default: the embedded data set, generated)")
+    g.add_argument("--train-size", type=positive_int, default=None,
+                   help="size the model was (or is to be) trained at (default: the model's own; 64 embedded)")
+    g.add_argument("--test-sizes", type=int_list, default=None, metavar="SIZES",
+                   help="sizes to sweep, e.g. 64,96,128 or 48:224:16 (default: about T/2 to 3T in steps of 16)")
+    g.add_argument("--test-size", type=positive_int, default=None,
+                   help="fix at this size only (default: fix at every candidate size and keep the one most accurate "
+                        "after the fix on a held-out part of the training images, never on the validation images)")
+    s = p.add_argument_group("choosing the size after fixing")
+    s.add_argument("--candidates", type=int_list, default=None, metavar="SIZES",
+                   help="sizes to fix at and choose from (default: stride multiples from T/2 to 2T and the "
+                        "neighbours of the unrounded recommendation)")
+    s.add_argument("--select-budget", type=positive_float, default=60.0, metavar="MIN",
+                   help="cap on the estimated time of the candidate fixes, printed up front; the sizes farthest "
+                        "from the recommendation and T are dropped first (default 60 minutes)")
+    s.add_argument("--holdout", type=fraction, default=0.2, metavar="F",
+                   help="share of each training class held out to choose the size (default 0.2)")
+    s.add_argument("--max-test-size", type=positive_int, default=None, metavar="S",
+                   help="deploy at most at this size: the most accurate fixed size not above it")
+    s.add_argument("--budget-ms", type=positive_float, default=None, metavar="X",
+                   help="the most accurate fixed size whose latency (ms per image, batch 1, measured here) is <= X")
+    s.add_argument("--budget-gflops", type=positive_float, default=None, metavar="X",
+                   help="the most accurate fixed size needing <= X GFLOPs per image")
+    s.add_argument("--temperature-scale", action="store_true",
+                   help="fit a softmax temperature on the held-out images and fold it into the classifier")
+    s.add_argument("--label-free", action="store_true",
+                   help="no labels read: bn-recalibrate at the analysis' recommended size on the training images "
+                        "(reported on val when val has labels)")
+    f = p.add_argument_group("fine-tuning (paper defaults: classifier + bn, test DA)")
+    f.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help="what adapts: classifier, classifier,norm (default; 'bn' is the same), "
+                        "classifier,norm,last-stage, bn-stats or module names")
+    f.add_argument("--augment", choices=FINETUNE_AUGMENTATIONS, default="test",
+                   help="fine-tuning augmentation (test = the test pre-processing, cached)")
+    f.add_argument("--epochs", type=positive_int, default=10, help="fine-tuning epochs (default 10)")
+    f.add_argument("--lr", type=positive_float, default=None,
+                   help="fine-tuning learning rate (default: chosen on the held-out images from 1x and 10x the "
+                        "paper's 0.008 x batch / 512, and 1x / 3x --epochs)")
+    f.add_argument("--no-tune-schedule", action="store_true",
+                   help="fine-tune with --lr (the paper's rate by default) and --epochs as given, no grid")
+    t = p.add_argument_group("training (embedded default, or a model without weights)")
+    t.add_argument("--train-epochs", type=positive_int, default=30, help="training epochs (default 30)")
+    t.add_argument("--train-augment", choices=("train", "control"), default="train",
+                   help="train = RandomResizedCrop; control = resize + fixed-size random crop (appendix D)")
+    t.add_argument("--train-batch-size", type=positive_int, default=64, help="training batch (default 64)")
+    t.add_argument("--train-lr", type=positive_float, default=None, help="(default 0.1 x batch / 256)")
+    e = p.add_argument_group("embedded data set")
+    add_dataset_size_args(e)
+    p.add_argument("--restart", action="store_true", help="start the run folder over instead of resuming it")
+    add_runtime_args(p, batch_default=64)
+    return p
+
+
+def config_from_args(args):
+    from fixres.job.pipeline import DEFAULT_BATCH, DEFAULT_OUT, FixConfig
+    return FixConfig(
+        model=args.model, checkpoint=args.checkpoint, weights=args.weights, num_classes=args.num_classes,
+        class_map=args.class_map, data=args.data, out=args.out or str(DEFAULT_OUT), train_size=args.train_size,
+        test_sizes=args.test_sizes, test_size=args.test_size, parts=args.parts, augment=args.augment,
+        finetune_epochs=args.epochs, train_epochs=args.train_epochs, train_augment=args.train_augment,
+        train_batch_size=args.train_batch_size, train_lr=args.train_lr, batch_size=args.batch_size or DEFAULT_BATCH,
+        lr=args.lr, crop_ratio=args.crop_ratio, interpolation=args.interpolation, mean=args.mean, std=args.std,
+        device=args.device, amp=not args.no_amp, workers=args.workers, seed=args.seed, classes=args.classes,
+        train_per_class=args.train_per_class, val_per_class=args.val_per_class, restart=args.restart,
+        progress=not args.quiet, candidates=args.candidates, select_budget_min=args.select_budget,
+        holdout_fraction=args.holdout, max_test_size=args.max_test_size, budget_ms=args.budget_ms,
+        budget_gflops=args.budget_gflops, temperature_scale=args.temperature_scale, label_free=args.label_free,
+        tune_schedule=not args.no_tune_schedule)
+
+
+def _pm(top1, std) -> str:
+    return "n/a" if top1 is None else f"{top1:.1f}%" + ("" if std is None else f" ± {std:.1f}")
+
+
+def _noise_line(h: dict) -> str:
+    """The binomial standard error of the headline, and whether the fix's gain is within noise."""
+    from fixres.job.fixsize import binomial_se, within_noise
+    n, fixed, untuned = h.get("n_val"), h.get("top1_fixed"), h.get("top1_untuned_at_test_size")
+    if not n or fixed is None:
+        return "  noise: n/a"
+    line = f"  noise: binomial SE {binomial_se(fixed, n):.1f} points on {n} images"
+    if untuned is not None:
+        verdict = "within noise" if within_noise(fixed, untuned, n) else "beyond 2 SE of the difference"
+        line += f"; fixed vs untuned at {h['test_size']}px: {fixed - untuned:+.1f} points ({verdict})"
+    return line
+
+
+def _candidate_lines(run_dir: str, chosen: int) -> list[str]:
+    """The model's own table 5 (right): val top-1 before and after the fix at every candidate size."""
+    import json
+    from pathlib import Path
+    path = Path(run_dir) / "select.json"
+    if not path.is_file():
+        return []
+    sel = json.loads(path.read_text(encoding="utf-8"))
+    lines = ["  size   val before  val after  held-out after   ms/img  GFLOPs"]
+    for c in sel["candidates"]:
+        held = (c.get("holdout_after") or {}).get("top1")
+        lines.append(f"  {c['test_size']:>4}{'*' if c['test_size'] == chosen else ' '} "
+                     f"{_pm(c['val_before'].get('top1'), None):>11} {_pm(c['val_after']['top1'], None):>10} "
+                     f"{_pm(held, None):>15} {c.get('ms') or float('nan'):>8.2f} "
+                     f"{c.get('gflops') or float('nan'):>7.3f}")
+    if sel.get("dropped"):
+        lines.append(f"  (not fixed, over the time budget: {', '.join(map(str, sel['dropped']))}px)")
+    return lines
+
+
+def run(args):
+    from fixres.job.pipeline import run_fix
+    from fixres.runtime.dist import refuse_distributed
+    from fixres.runtime.progress import format_duration
+    refuse_distributed("fixres fix (run its steps, e.g. fixres train / finetune, under torchrun instead)")
+    result = run_fix(config_from_args(args))
+    h, choice = result["headline"], result["choice"]
+    lines = [
+        f"fixres fix: {h['model']} trained at {h['train_size']}px, fixed at {h['test_size']}px; "
+        f"{h['n_val']} validation images, ± = fold std",
+        f"  chosen: {choice.get('chosen_on', 'n/a')}",
+        *([f"  {choice['why_not_recommended']}"] if choice.get("why_not_recommended") else []),
+        f"  top-1 at the train size {h['train_size']}px:        "
+        f"{_pm(h['top1_at_train_size'], h['top1_at_train_size_std'])}",
+        f"  best untuned test size {h['best_untuned_test_size']}px:         "
+        f"{_pm(h['top1_best_untuned'], h['top1_best_untuned_std'])}",
+        f"  untuned at {h['test_size']}px:                     "
+        f"{_pm(h['top1_untuned_at_test_size'], h['top1_untuned_at_test_size_std'])}",
+        f"  after the fix at {h['test_size']}px:               {_pm(h['top1_fixed'], h['top1_fixed_std'])}",
+        _noise_line(h),
+        *_candidate_lines(result["run_dir"], int(h["test_size"] or 0)),
+        f"  time: {format_duration(h['seconds_total'])} in the steps "
+        f"({format_duration(result['seconds'])} in this call)",
+        f"  fixed model: {result['export']}/model.safetensors",
+        f"report: {result['report']}",
+    ]
+    for step, why in (result.get("recomputed") or {}).items():
+        lines.append(f"  recomputed {step}: " + ("changed " if " " not in why[0] else "") + ", ".join(why))
+    return result, "\n".join(lines)

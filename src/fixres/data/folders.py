@@ -1,0 +1,451 @@
+"""Data sets as ImageFolder trees: class indices, robust loading with counted skips, loaders.
+
+The class index must match the checkpoint: sorted folder names by default, a class-map file
+otherwise, and ImageNet wnid folders map onto the standard 1000 indices (so a subset of ImageNet
+classes still gets the right labels). A validation folder is always mapped onto the training (or
+model) classes by name (``index_val_onto``): one rule for every command. Unreadable files do not
+stop a run: each is skipped, counted and named (``Skipped``), and the numbers on the good files are
+unchanged. Folder links that would show a photo twice or under two classes (symlink loops, links to
+the data folder or above it, two class names for one folder) are skipped and named.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fixres.data.images import BadImage, image_size, is_image_file, load_rgb
+from fixres.data.transforms import decode_plan
+from fixres.errors import UsageError
+from fixres.runtime.progress import status
+
+WNID_PATTERN = re.compile(r"^n\d{8}$")
+IMAGENET_NUM_CLASSES = 1000
+#: Cap on DataLoader workers: decoding scales with cores, but past this we only burn memory.
+MAX_WORKERS = 8
+
+
+@dataclass
+class FolderIndex:
+    """An ImageFolder tree: class names in index order and (path, label) samples in sorted order."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    source: str = "sorted folders"
+    empty_classes: list[str] = field(default_factory=list)
+    #: (path, reason) of folder entries left out: symlink loops, links to the data folder or above it.
+    skipped_folders: list[tuple[str, str]] = field(default_factory=list)
+    #: Classes (of the training set / model) without a single image here (set by ``index_val_onto``).
+    missing_classes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ILSVRC-2012 wnids in standard index order (shipped with timm, no download)."""
+    from timm.data import ImageNetInfo
+    return list(ImageNetInfo().label_names())
+
+
+def read_class_map(path: str | os.PathLike) -> list[str]:
+    """A class map: JSON list of folder names (index order), JSON {folder: index}, or one name per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"class map not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"class map {p}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if isinstance(obj, dict):
+        inv: dict[int, str] = {}
+        for name, idx in obj.items():
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0 or idx in inv:
+                raise UsageError(f"class map {p}: index for {name!r} must be a unique non-negative integer")
+            inv[idx] = str(name)
+        if not inv:
+            raise UsageError(f"class map {p} is empty")
+        return [inv.get(i, f"<unused {i}>") for i in range(max(inv) + 1)]
+    if not isinstance(obj, list):
+        raise UsageError(f"class map {p}: expected a JSON list or object, or one name per line")
+    names = [str(x) for x in obj]
+    if not names:
+        raise UsageError(f"class map {p} is empty")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"class map {p}: {', '.join(duplicates[:5])} listed more than once")
+    return names
+
+
+def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = None,
+                num_classes: int | None = None, warn: bool = True) -> FolderIndex:
+    """Index an ImageFolder tree and decide each folder's class index.
+
+    ``class_map`` (names in index order) wins; else wnid folders use the ImageNet order when the
+    model has 1000 outputs (``num_classes``); else sorted folder names. Folder entries that are
+    skipped (loops, links upwards) are named on stderr unless ``warn`` is False.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise UsageError(f"data path is not a folder: {root}")
+    folders, skipped = _class_folders(root)
+    if not folders:
+        raise UsageError(f"{root} has no class folders (expected an ImageFolder tree: ROOT/CLASS/IMAGE)")
+    if class_map is not None:
+        classes, source = list(class_map), "class map"
+        unknown = [f for f in folders if f not in classes]
+        if unknown:
+            raise UsageError(f"folders not in the class map: {', '.join(unknown[:5])}"
+                             + (" ..." if len(unknown) > 5 else ""))
+    elif all(WNID_PATTERN.match(f) for f in folders) and num_classes in (None, IMAGENET_NUM_CLASSES):
+        classes, source = imagenet_wnids(), "ImageNet wnid order"
+    else:
+        classes, source = folders, "sorted folders"
+    if num_classes is not None and len(classes) > num_classes:
+        raise UsageError(f"the data has {len(classes)} classes but the model outputs {num_classes}; "
+                         "pass --num-classes to replace the head, or --class-map to map folders")
+    index = {name: i for i, name in enumerate(classes)}
+    walker = _FolderWalker(root, [root / f for f in folders])
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for folder in folders:
+        files = sorted(walker.image_files(root / folder))
+        if not files:
+            empty.append(folder)
+        samples.extend((f, index[folder]) for f in files)
+    skipped += walker.skipped
+    if walker.unreadable:
+        path, reason = walker.unreadable[0]
+        raise UsageError(f"cannot read folder {path} ({reason})"
+                         + (f" and {len(walker.unreadable) - 1} more" if len(walker.unreadable) > 1 else ""))
+    for path, reason in skipped:
+        status(f"fixres: warning: skipped {path}: {reason}", enabled=warn)
+    if not samples:
+        raise UsageError(f"{root} holds no image files ({', '.join(e.lstrip('.') for e in ('.jpg', '.png'))}, ...)")
+    if empty and source == "sorted folders" and class_map is None:
+        raise UsageError(f"empty class folder(s) in {root}: {', '.join(empty[:5])}; remove them or add images")
+    return FolderIndex(root=root, classes=classes, samples=samples, source=source, empty_classes=empty,
+                       skipped_folders=skipped)
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """True when real path ``path`` is ``folder`` or below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _class_folders(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Sorted class folder names under ``root``, and (path, reason) for folder entries left out.
+
+    A class entry that is a symlink loop, or links to ``root`` or a folder above it (``val/c -> ..``),
+    or to the same photos as another class (one folder inside the other), would count photos twice
+    or under two classes; it is left out and named instead.
+    """
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise UsageError(f"cannot read data folder {root} ({exc.strerror or type(exc).__name__})") from None
+    root_real = os.path.realpath(root)
+    kept: list[tuple[str, str, bool]] = []  # (name, real path, is a symlink)
+    skipped: list[tuple[str, str]] = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if not entry.is_dir():
+                continue
+            os.stat(entry.path)  # a symlink loop raises ELOOP here
+        except OSError as exc:
+            reason = "symlink loop" if exc.errno == errno.ELOOP else f"cannot read ({exc.strerror or exc})"
+            skipped.append((entry.path, reason))
+            continue
+        real = os.path.realpath(entry.path)
+        if _is_within(root_real, real):
+            skipped.append((entry.path, "links to the data folder or a folder above it"))
+            continue
+        kept.append((entry.name, real, entry.is_symlink()))
+    # Real folders first, then links in name order: a link into another class's photos is what goes.
+    names: list[str] = []
+    reals: dict[str, str] = {}
+    for name, real, _ in sorted(kept, key=lambda k: (k[2], k[0])):
+        other = next((n for n, r in reals.items() if _is_within(real, r) or _is_within(r, real)), None)
+        if other is not None:
+            skipped.append((str(root / name), f"holds the same photos as class folder {other!r}"))
+            continue
+        reals[name] = real
+        names.append(name)
+    return sorted(names), skipped
+
+
+class _FolderWalker:
+    """Image files below class folders, entering each real directory once across all classes.
+
+    A link inside a class folder back to the class itself (``cls/again -> cls``) would list every
+    image dozens of times; one to the data folder, a folder above it, or another class would put
+    photos under two classes. Such links are left out and named (``skipped``); folders that cannot
+    be read are collected in ``unreadable`` (the caller refuses: their photos would silently vanish).
+    Hidden files and folders (``.ipynb_checkpoints``, macOS ``._x.jpg``) are not part of the data set.
+    """
+
+    def __init__(self, root: Path, class_folders: Sequence[Path]) -> None:
+        self.skipped: list[tuple[str, str]] = []
+        self.unreadable: list[tuple[str, str]] = []
+        self.seen: set[tuple[int, int]] = set()
+        self.blocked: dict[tuple[int, int], str] = {}
+        real = Path(os.path.realpath(root))
+        for folder in (real, *real.parents):
+            self._block(folder, "links to the data folder or a folder above it")
+        for folder in class_folders:
+            self._block(folder, f"links to class folder {folder.name!r}")
+
+    def _block(self, folder: Path, reason: str) -> None:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return
+        self.blocked.setdefault((st.st_dev, st.st_ino), reason)
+
+    def _on_error(self, exc: OSError) -> None:
+        path = getattr(exc, "filename", None) or "?"
+        if exc.errno == errno.ELOOP:
+            self.skipped.append((str(path), "symlink loop"))
+        else:
+            self.unreadable.append((str(path), "unreadable: " + (exc.strerror or type(exc).__name__)))
+
+    def image_files(self, folder: Path) -> list[str]:
+        files: list[str] = []
+        for dirpath, dirnames, names in os.walk(folder, followlinks=True, onerror=self._on_error):
+            try:
+                st = os.stat(dirpath)
+            except OSError as exc:
+                self._on_error(exc)
+                dirnames[:] = []
+                continue
+            key = (st.st_dev, st.st_ino)
+            top = dirpath == str(folder)
+            reason = None if top else self.blocked.get(key) or ("symlink loop (a folder already indexed)"
+                                                                if key in self.seen else None)
+            if reason is not None or key in self.seen:
+                if reason is not None:
+                    self.skipped.append((dirpath, reason))
+                dirnames[:] = []
+                continue
+            self.seen.add(key)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            files.extend(os.path.join(dirpath, f) for f in names if is_image_file(f) and not f.startswith("."))
+        return files
+
+
+def index_val_onto(val_root: str | os.PathLike, train: FolderIndex | Sequence[str], *,
+                   num_classes: int | None = None, warn: bool = True) -> FolderIndex:
+    """Index a validation folder onto the training (or model) classes, by folder name.
+
+    One rule for every command: ``val/NAME`` gets the index of class ``NAME`` of ``train`` (a
+    training ``FolderIndex`` or class names in index order); a val class that is not among them is
+    an error naming it (its photos would be scored against a class the model never learned); a
+    training class without val images is allowed and listed in ``missing_classes`` (print
+    ``missing_classes_warning``). With a training index, "missing" means classes that have
+    training images, so an ImageNet-wnid subset is not reported as missing 990 classes.
+    """
+    if isinstance(train, FolderIndex):
+        classes = list(train.classes)
+        expected = [classes[i] for i in sorted({label for _, label in train.samples})]
+    else:
+        classes = [str(c) for c in train]
+        expected = [c for c in classes if not c.startswith("<unused ")]
+    root = Path(val_root)
+    if root.is_dir():
+        folders, _ = _class_folders(root)
+        known = set(classes)
+        unknown = [f for f in folders if f not in known]
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise UsageError(f"val class {shown} in {root} is not one of the {len(classes)} training/model "
+                             "classes; remove it or fix the class map")
+    index = scan_folder(root, class_map=classes, num_classes=num_classes, warn=warn)
+    present = {classes[label] for _, label in index.samples}
+    index.missing_classes = [c for c in expected if c not in present]
+    return index
+
+
+def missing_classes_warning(index: FolderIndex) -> str | None:
+    """One line naming the training classes with no validation images, or None when there are none."""
+    missing = index.missing_classes
+    if not missing:
+        return None
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return (f"{len(missing)} training class(es) have no images in {index.root}: {shown} "
+            "(accuracy is over the other classes)")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample that could not be loaded: reported as {path, reason}."""
+
+    index: int
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+class ImageDataset(Dataset):
+    """Samples of a ``FolderIndex`` through ``transform``; a bad file yields ``Skipped`` instead of raising.
+
+    With ``reduced_decode`` (default) a JPEG is decoded only as large as ``transform`` needs
+    (``transforms.decode_plan``: the resize side of test transforms, the drawn crop of train DA);
+    where no reduction applies the photo takes exactly the full-decode path. Views of a sweep that
+    need different reductions get one decode per distinct reduction, so each view's output is the
+    one a single-view transform would give.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, *,
+                 reduced_decode: bool = True) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.reduced_decode = reduced_decode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        plan = decode_plan(self.transform) if self.reduced_decode else None
+        try:
+            img = load_rgb(path, need=plan.need if plan is not None else None)
+            if plan is None:
+                return self.transform(img), label, i
+            # Views needing a coarser JPEG reduction than the first decode get their own (``FixedResizePlan``).
+            return plan.finish(img, reload=lambda short: load_rgb(path, need=lambda _size: short)), label, i
+        except BadImage as exc:
+            if plan is not None:
+                plan.abort()
+            return Skipped(i, path, str(exc))
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor | tuple[torch.Tensor, ...] | None
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[Skipped]
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def pin_memory(self) -> "Batch":
+        """This batch in page-locked memory (called by a DataLoader with ``pin_memory=True``).
+
+        Without this method the DataLoader's pinning would pass a dataclass through unpinned, and the
+        ``non_blocking`` host-to-GPU copies of ``engine.to_device`` would silently be synchronous.
+        """
+        inputs = self.inputs
+        if isinstance(inputs, tuple):
+            inputs = tuple(x.pin_memory() for x in inputs)
+        elif inputs is not None:
+            inputs = inputs.pin_memory()
+        return Batch(inputs, self.labels.pin_memory(), self.indices.pin_memory(), self.skipped)
+
+
+def pin_memory_for(device: torch.device) -> bool:
+    """Pin loader batches only for a CUDA device (page-locked memory lets the copy overlap compute);
+    on the CPU pinning would only cost (and needs a GPU driver)."""
+    return torch.device(device).type == "cuda"
+
+
+def collate(items: list) -> Batch:
+    """Stack the good samples, keep the skipped ones aside (a batch may end up empty)."""
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    if not good:
+        return Batch(None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), skipped)
+    xs, ys, idx = zip(*good)
+    if isinstance(xs[0], (tuple, list)):
+        inputs = tuple(torch.stack([x[k] for x in xs]) for k in range(len(xs[0])))
+    else:
+        inputs = torch.stack(xs)
+    return Batch(inputs, torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long), skipped)
+
+
+def default_workers(world_size: int = 1) -> int:
+    """DataLoader workers sized to the machine: the cores this process may use, shared across ranks."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(MAX_WORKERS, cores // max(1, world_size)))
+
+
+class IndexSampler(Sampler[int]):
+    """Yield a fixed list of indices (a rank's shard), in order."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self.indices = list(indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler | None = None, shuffle: bool = False,
+                workers: int | None = None, generator: torch.Generator | None = None,
+                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    if batch_size <= 0:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    workers = default_workers() if workers is None else workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+                      num_workers=workers, collate_fn=collate, generator=generator, drop_last=drop_last,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+SPLITS = ("train", "val")
+
+
+def resolve_split(root: str | os.PathLike, split: str) -> Path:
+    """Folder of ``split`` ("train" or "val") under ``root``.
+
+    A root holding ``train/`` and ``val/`` (as ImageNet and flowers17 are laid out) gives that
+    subfolder; a plain ImageFolder root is used as it is for either split.
+    """
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}")
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"data folder not found: {root}")
+    sub = root / split
+    if sub.is_dir():
+        return sub
+    if split == "train" and (root / "val").is_dir():
+        raise UsageError(f"{root} has val/ but no train/ folder")
+    return root
+
+
+def count_image_sizes(index: FolderIndex, limit: int | None = None) -> list[tuple[int, int]]:
+    """(width, height) of the data set's images from their headers (for ``fixres analyze --data``)."""
+    sizes = []
+    for path, _ in index.samples[:limit]:
+        s = image_size(path)
+        if s is not None:
+            sizes.append(s)
+    return sizes

@@ -1,0 +1,355 @@
+"""Selection after fixing: the model fixed at every candidate test size, scored where it is not reported.
+
+Paper table 5 (right): after the fix the best test size is not the best untuned one (ResNet-50 at
+224: 384 after the fix beats 288), and the fix pays most far from the train size. So each candidate
+size gets its own fix (fine-tuning from the same model before the fix, with the frozen-prefix
+cache: one prefix pass per size), is scored on the held-out training images (the choice) and on
+the validation images (the report: before and after, the model's own table-5 column), and its
+deployment cost is measured on the device at hand (ms per image at batch 1 and batch N, GFLOPs).
+Only the adapted tensors of each candidate are kept (``adapted.safetensors``): a candidate is
+restored by loading them over the model before the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fixres.data.folders import ImageDataset, make_loader
+from fixres.data.transforms import build_transform
+from fixres.io.atomic import write_json
+from fixres.io.checkpoint import load_state_dict, save_safetensors
+from fixres.job import fixsize
+from fixres.job.context import FixContext
+from fixres.method.adaptation import adapt
+from fixres.method.calibration import fit_temperature
+from fixres.method.evaluate import evaluate
+from fixres.method.finetuning import STATE_NAME as FT_STATE
+from fixres.method.finetuning import default_lr, finetune
+from fixres.models.structure import find_classifier_name
+from fixres.runtime.engine import autocast
+from fixres.runtime.progress import format_duration
+
+ADAPTED_NAME = "adapted.safetensors"
+RESULT_NAME = "candidate.json"
+#: Latency: warm-up calls, then the fastest of this many timed calls, at batch 1 and batch LATENCY_BATCH.
+LATENCY_WARMUP = 2
+LATENCY_REPEATS = 5
+LATENCY_BATCH = 16
+#: Share of a full forward that one cached fine-tuning epoch costs (only the adapted suffix runs,
+#: forward and backward); used for the time estimate printed before the candidates run.
+CACHED_EPOCH_SHARE = 0.2
+#: Fine-tuning schedules tried on the held-out images: the rate and the epochs times these.
+SCHEDULE_LR_FACTORS = (1.0, 10.0)
+SCHEDULE_EPOCH_FACTORS = (1, 3)
+#: Label-free adaptation (``fixres fix --label-free``): batch-norm statistics re-estimated at the new size.
+LABEL_FREE_METHOD = "bn-recalibrate"
+#: A random-augmentation epoch runs the whole network forward and backward: about three forwards.
+UNCACHED_EPOCH_SHARE = 3.0
+
+
+def adapted_keys(state: dict, modules: Sequence[str]) -> list[str]:
+    """State-dict keys of the adapted modules (their parameters and batch-norm buffers)."""
+    prefixes = tuple(f"{m}." for m in modules)
+    return [k for k in state if k.startswith(prefixes)]
+
+
+def save_adapted(model: nn.Module, modules: Sequence[str], path: Path) -> None:
+    state = model.state_dict()
+    save_safetensors({k: state[k].detach().cpu().contiguous() for k in adapted_keys(state, modules)}, path)
+
+
+def load_adapted(model: nn.Module, path: Path) -> None:
+    """Load a candidate's adapted tensors over the model (which holds the weights before the fix)."""
+    own = model.state_dict()
+    for k, v in load_state_dict(path).items():
+        own[k].copy_(v)
+
+
+def gflops(model: nn.Module, size: int, device) -> float | None:
+    """Forward GFLOPs of one image at ``size`` (torch's FLOP counter: multiply-adds count as 2)."""
+    x = torch.zeros(1, 3, size, size, device=device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(x)
+        return counter.get_total_flops() / 1e9
+    except Exception:  # noqa: BLE001 - an operator the counter does not know: cost unknown, not fatal
+        return None
+    finally:
+        model.train(was)
+
+
+def latency_ms(model: nn.Module, size: int, *, device, precision, batch: int) -> float:
+    """Fastest of LATENCY_REPEATS timed forwards at ``size`` and ``batch``, in wall ms per image (device
+    synchronised). The minimum, not the median: on a shared machine other processes only ever add time,
+    so the fastest call is the closest to the model's own cost."""
+    x = torch.randn(batch, 3, size, size, device=device)
+    model.eval()
+    times = []
+    with torch.inference_mode(), autocast(device, precision):
+        for i in range(LATENCY_WARMUP + LATENCY_REPEATS):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= LATENCY_WARMUP:
+                times.append((time.perf_counter() - t0) * 1000.0 / batch)
+    return min(times)
+
+
+def measure_cost(model: nn.Module, size: int, *, device, precision, batch: int = LATENCY_BATCH) -> dict:
+    """{"ms": per image at batch 1, "ms_batch": per image at batch N, "batch": N, "gflops"} at ``size``."""
+    return {"ms": latency_ms(model, size, device=device, precision=precision, batch=1),
+            "ms_batch": latency_ms(model, size, device=device, precision=precision, batch=batch), "batch": batch,
+            "gflops": gflops(model, size, device)}
+
+
+def predict(model: nn.Module, samples, cfg, size: int, *, batch_size: int, workers: int | None,
+            device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of ``model`` at ``size`` on ``samples`` (test pre-processing, fp32, skipped files left
+    out): for temperature fitting and paired per-image comparisons."""
+    loader = make_loader(ImageDataset(samples, build_transform("test", size=size, cfg=cfg)), batch_size=batch_size,
+                         workers=workers)
+    out, labels = [], []
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            if batch.inputs is not None:
+                out.append(model(batch.inputs.to(device)).float().cpu())
+                labels.append(batch.labels)
+    return torch.cat(out), torch.cat(labels)
+
+
+def estimate_seconds(size: int, *, seconds_per_pixel: float, n_fit: int, n_scored: int, epochs: int,
+                     cached: bool, read_s: float = 0.0) -> float:
+    """Rough time of one candidate: the prefix pass (or full epochs) over the fitting images, then
+    scoring the held-out and validation images; the network's share scaled by the image area.
+
+    ``read_s``: seconds to read and pre-process one image, which hardly depends on the size (decoding
+    dominates); 0 when it is already inside ``seconds_per_pixel`` (both taken from one sweep's time).
+    """
+    share = CACHED_EPOCH_SHARE if cached else UNCACHED_EPOCH_SHARE
+    passes = n_fit * ((1.0 if cached else 0.0) + share * epochs) + n_scored
+    reads = n_fit * (1 if cached else epochs) + n_scored
+    return seconds_per_pixel * size * size * passes + read_s * reads
+
+
+def fit_in_budget(sizes: Sequence[int], estimates: dict[int, float], budget_s: float | None,
+                  keep: Sequence[int]) -> list[int]:
+    """The sizes whose estimated total fits ``budget_s``: the ``keep`` sizes first, then the others
+    nearest to them; the rest are dropped (and reported as such by the caller)."""
+    if budget_s is None:
+        return sorted(sizes)
+    anchors = [k for k in keep if k in sizes] or list(sizes)[:1]
+    order = sorted(sizes, key=lambda s: (s not in anchors, min(abs(s - a) for a in anchors), s))
+    chosen, total = [], 0.0
+    for s in order:
+        if chosen and total + estimates[s] > budget_s:
+            continue
+        chosen.append(s)
+        total += estimates[s]
+    return sorted(chosen)
+
+
+def _public(result: dict) -> dict:
+    """A library result without its private (non-JSON) keys."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+# --------------------------------------------------------------------------- the steps of ``fixres fix`` that choose
+# the size after fixing (run by fixres.job.pipeline's table of steps, on its context)
+
+def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs: int, out_dir: Path) -> dict:
+    """Fine-tune ``model`` (the working copy) at ``size`` on the fitting images, resuming a killed attempt."""
+    c = x.config
+    return finetune(model, x.fit, [], x.cfg, test_size=size, parts=c.parts, augment=c.augment, epochs=epochs,
+                    lr=lr, batch_size=c.batch_size, cache=True, out_dir=out_dir,
+                    resume=(out_dir / FT_STATE).is_file(), env=x.env, precision=x.precision, seed=c.seed,
+                    workers=c.workers, progress=c.progress, evaluate_before=False,
+                    evaluate_after=False)  # scored below, on the images each score is for
+
+
+def _score(x: "FixContext", model, samples, size: int) -> dict:
+    """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision)."""
+    row = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False,
+                   **{**x.eval_kw(), "progress": False})["rows"][0]
+    return {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
+
+
+def run_schedule(x: "FixContext") -> None:
+    """The fine-tuning rate and length chosen on the held-out images from a small grid (cached)."""
+    c = x.config
+    size = schedule_size(x)
+    lr0 = c.lr or default_lr(c.batch_size)
+    rows = []
+    for lr_f in SCHEDULE_LR_FACTORS:
+        for ep_f in SCHEDULE_EPOCH_FACTORS:
+            lr, epochs = lr0 * lr_f, c.finetune_epochs * ep_f
+            model = x.work(holds=f"schedule {lr} {epochs}")
+            _finetune_at(x, model, size, lr=lr, epochs=epochs, out_dir=x.run_dir / "schedule" / f"lr{lr:g}_ep{epochs}")
+            rows.append({"lr": lr, "epochs": epochs, "test_size": size, **_score(x, model, x.holdout, size)})
+    # Most accurate on the held-out images; ties (common on few images) to the lower NLL, then the shorter run.
+    best = max(rows, key=lambda r: (r["top1"], -(r["nll"] if r["nll"] is not None else 0.0), -r["epochs"]))
+    write_json(x.run_dir / "schedule.json", {
+        "test_size": size, "rows": rows, "n_images": len(x.holdout), "lr": best["lr"], "epochs": best["epochs"],
+        "how": f"best of {len(rows)} (lr, epochs) pairs on {len(x.holdout)} {fixsize.HOLDOUT_METHOD} at {size}px "
+               "(top-1, ties to the lower NLL)"})
+
+
+def schedule_size(x: "FixContext") -> int:
+    """The size the schedule grid runs at: the candidate nearest the unrounded recommendation (upper on ties),
+    other than the train size when there is another: at T a fine-tuning schedule is judged on a model that
+    has nothing to adapt to, and the gentlest one always wins."""
+    exact = recommended_exact(x)
+    away = [s for s in x.candidates if s != x.cfg.train_size] or list(x.candidates)
+    return min(away, key=lambda s: (abs(s - exact), -s))
+
+
+def recommended_exact(x: "FixContext") -> float:
+    an = x.read("analyse")
+    mc = an.get("monte_carlo") or {}
+    return float(mc.get("recommended_test_size_exact") or an.get("recommended_test_size_exact")
+                 or an["recommended_test_size"])
+
+
+def run_select(x: "FixContext") -> None:
+    """Fix at every candidate size, score on the held-out training images and on val, measure cost."""
+    sizes, dropped, estimate = _planned_candidates(x)
+    before = {int(r["test_size"]): r for r in x.read("sweep_before")["rows"]}
+    held_before = _held_out_before(x, sizes)
+    rows = []
+    for size in sizes:
+        row = _fix_candidate(x, size)
+        cost = measure_cost(x.base(), size, device=x.env.device, precision=x.eval_precision)
+        b = before.get(size, {})
+        rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
+                     "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
+    write_json(x.run_dir / "select.json", {
+        "method": fixsize.HOLDOUT_METHOD if x.holdout else "recommendation", "n_holdout": len(x.holdout),
+        "n_val": x.read("sweep_before")["n_images"], "candidates": rows, "dropped": dropped,
+        "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule,
+        "recommended": int(x.read("analyse")["recommended_test_size"]), "recommended_exact": recommended_exact(x)})
+
+
+def _held_out_before(x: "FixContext", sizes: Sequence[int]) -> dict:
+    if not x.holdout:
+        return {}
+    rows = evaluate(x.base(), x.holdout, x.cfg, test_sizes=list(sizes), per_class=False,
+                    **{**x.eval_kw(), "progress": False})["rows"]
+    return {int(r["test_size"]): {k: r.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")} for r in rows}
+
+
+def _fix_candidate(x: "FixContext", size: int) -> dict:
+    """One candidate: fine-tuned from the model before the fix, its adapted tensors kept, scored (cached)."""
+    folder = x.run_dir / "candidates" / str(size)
+    if (folder / RESULT_NAME).is_file():  # finished before a kill, with the same inputs (else wiped)
+        return json.loads((folder / RESULT_NAME).read_text(encoding="utf-8"))
+    model = x.work(holds=f"candidate {size}")
+    ft = _finetune_at(x, model, size, lr=x.schedule.get("lr"), epochs=int(x.schedule["epochs"]), out_dir=folder)
+    save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / "adapted.safetensors")
+    row = {"holdout_after": _score(x, model, x.holdout, size) if x.holdout else None,
+           "val_after": _score(x, model, x.val_index, size), "finetune_s": (ft.get("timing") or {}).get("wall_s")}
+    write_json(folder / RESULT_NAME, row)
+    write_json(folder / "finetune_result.json", _public(ft))
+    return row
+
+
+def _planned_candidates(x: "FixContext") -> tuple[list[int], list[int], dict]:
+    """The candidates whose estimated time fits the budget (printed up front), the dropped ones, the estimate."""
+    sweep = x.read("sweep_before")
+    area = sweep["n_images"] * sum(s * s for s in x.test_sizes) or 1
+    per_pixel = float(sweep.get("seconds") or 0.0) / area  # seconds per image-pixel of a forward
+    n_scored = len(x.holdout) + int(sweep["n_images"])
+    est = {s: estimate_seconds(s, seconds_per_pixel=per_pixel, n_fit=len(x.fit), n_scored=n_scored,
+                               epochs=int(x.schedule["epochs"]), cached=x.config.augment == "test")
+           for s in x.candidates}
+    budget = None if x.config.select_budget_min is None else 60.0 * x.config.select_budget_min
+    keep = sorted({schedule_size(x), x.cfg.train_size})
+    sizes = fit_in_budget(x.candidates, est, budget, keep=keep)
+    dropped = [s for s in x.candidates if s not in sizes]
+    total = sum(est[s] for s in sizes)
+    x.say(f"  {len(sizes)} candidate sizes {','.join(map(str, sizes))}px, about {_dur(total)} (estimated from the "
+          f"sweep's speed)" + (f"; budget {x.config.select_budget_min:g} min" if budget else "")
+          + (f"; dropped {','.join(map(str, dropped))}px to fit it" if dropped else ""))
+    return sizes, dropped, {str(s): round(est[s], 1) for s in x.candidates}
+
+
+def _dur(seconds: float) -> str:
+    return format_duration(seconds)
+
+
+def choose_after_fixing(x: "FixContext") -> dict:
+    """The fixed size: the most accurate on the held-out images after the fix, within the deployment budget."""
+    c = x.config
+    sel = x.read("select")
+    rows = [{**r, "top1": (r["holdout_after"] or r["val_after"])["top1"]} for r in sel["candidates"]]
+    best = fixsize.choose_within_budget(rows, train_size=x.cfg.train_size, max_size=c.max_test_size,
+                                        budget_ms=c.budget_ms, budget_gflops=c.budget_gflops)
+    size = int(best["test_size"])
+    budgets = [f"{name} {v:g}" for name, v in (("max size", c.max_test_size), ("ms/image", c.budget_ms),
+                                                 ("GFLOPs", c.budget_gflops)) if v is not None]
+    n = sel["n_holdout"]
+    if c.test_size:
+        how = "given (--test-size)"
+    elif n:
+        how = (f"the most accurate after the fix on {n} {fixsize.HOLDOUT_METHOD} (not the validation images "
+               f"reported), among {len(rows)} candidates each fixed at its own size")
+    else:
+        how = "the only candidate (no training images to hold out)"
+    how += f", within the budget ({', '.join(budgets)})" if budgets else ""
+    return {"test_size": size, "method": sel["method"], "reason": "selected after fixing" if n else how,
+            "chosen_on": how, "recommended": sel["recommended"], "n_images": n,
+            "why_not_recommended": _why_not_recommended(size, sel, rows)}
+
+
+def _why_not_recommended(size: int, sel: dict, rows: list[dict]) -> str | None:
+    """One sentence when the chosen size differs from the analysis' recommendation."""
+    rec = int(sel["recommended"])
+    if size == rec:
+        return None
+    at = {int(r["test_size"]): r["top1"] for r in rows}
+    fixed_here = f"{at[size]:.1f}%" if size in at else "n/a"
+    fixed_rec = f"{at[rec]:.1f}%" if rec in at else "not measured"
+    return (f"The analysis recommends {rec}px from the apparent object sizes alone (exact "
+            f"{sel['recommended_exact']:.1f}px, rounded to the stride); after fixing, {size}px scored {fixed_here} on "
+            f"the held-out images against {fixed_rec} at {rec}px: the fix also changes how the classifier reads the "
+            "larger (or smaller) activations, which the geometry alone does not predict.")
+
+
+def label_free_adapt(x: "FixContext", model, test_size: int) -> dict:
+    """No label read: batch-norm statistics re-estimated at ``test_size`` on the training images."""
+    unlabeled = [(p, 0) for p, _ in x.train_index.samples]  # labels are never read; zeroed to make it plain
+    res = adapt(model, unlabeled, x.cfg, method=LABEL_FREE_METHOD, test_size=test_size,
+                batch_size=x.config.batch_size, env=x.env, precision=x.precision, workers=x.config.workers,
+                progress=x.config.progress)
+    res.pop("_pooled", None)
+    return {"method": LABEL_FREE_METHOD, "test_size": test_size, "parts": ["bn-stats"], "adapt": _public(res),
+            "n_unlabeled": len(unlabeled)}
+
+
+def temperature_scale(x: "FixContext", model, test_size: int) -> dict:
+    """Fit T on the held-out images' logits, then divide the classifier by T (same top-1, calibrated softmax)."""
+    logits, labels = predict(model, x.holdout, x.cfg, test_size, batch_size=x.config.batch_size,
+                             workers=x.config.workers, device=x.env.device)
+    t = float(fit_temperature(logits, labels))
+    head = model.get_submodule(find_classifier_name(model))
+    scale_layer(head, 1.0 / t)
+    return {"T": t, "fitted_on": f"{len(x.holdout)} {fixsize.HOLDOUT_METHOD}", "test_size": test_size}
+
+
+def scale_layer(layer, factor: float) -> None:
+    """Multiply a linear layer's weight and bias by ``factor`` (logits scale by it exactly)."""
+    with torch.no_grad():
+        layer.weight.mul_(factor)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.mul_(factor)

@@ -1,0 +1,291 @@
+"""The run's context of ``fixres fix``: its config (``FixConfig``), its defaults, and what the steps share.
+
+``FixContext`` holds the run folder and state, the indexed data with its held-out split, and the model,
+built once: the model before the fix (``base``) is only ever evaluated, and every fix works on one working
+copy of it (``work``), reset from it, so no third copy is ever in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fixres import config as config_vocab
+from fixres.data.folders import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
+from fixres.errors import FixresError
+from fixres.io.checkpoint import load_state_dict
+from fixres.job import fixsize
+from fixres.job.fingerprint import digest, file_digest, index_fingerprint
+from fixres.job.runstate import RunState
+from fixres.models.export import WEIGHTS_NAME
+from fixres.models.loading import load_model
+
+DEFAULT_OUT = Path("runs") / "fix"
+
+
+#: The embedded default: a small built-in CNN trained on the generated data at a low train size.
+DEFAULT_MODEL = "fixres_tiny_resnet"
+
+
+DEFAULT_TRAIN_SIZE = 64
+
+
+DEFAULT_TRAIN_EPOCHS = 30
+
+
+DEFAULT_TRAIN_BATCH = 64
+
+
+#: A short from-scratch run needs a higher rate than the paper's 0.1 x B/256 (0.025 at B=64) to converge.
+EMBEDDED_TRAIN_LR = 0.2
+
+
+#: Train the embedded model without repeated augmentation: on 2 cores every image-epoch counts.
+DEFAULT_TRAIN_REPEATS = 1
+
+
+DEFAULT_FINETUNE_EPOCHS = 10
+
+
+DEFAULT_BATCH = 64
+
+
+DEFAULT_PARTS = ",".join(config_vocab.DEFAULT_PARTS)
+
+
+#: Default sweep: multiples of the model's stride (appendix B: other sizes suffer border and round-off
+#: effects, visible as a saw-tooth in the curve) from SWEEP_LOW x T to SWEEP_HIGH x T.
+SWEEP_STEP = 32
+
+
+#: Images used for the activation statistics (CDFs converge long before the whole validation set).
+STATS_IMAGES = 250
+
+
+SWEEP_LOW = 0.5
+
+
+SWEEP_HIGH = 3.0
+
+
+MAX_SWEEP_SIZE = 512
+
+
+STEPS = ("data", "train", "analyse", "sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
+         "report")
+
+
+#: Default cap on the time the candidate fixes may take (estimated up front; farthest sizes dropped first).
+DEFAULT_SELECT_BUDGET_MIN = 60.0
+
+
+@dataclass
+class FixConfig:
+    """Everything ``fixres fix`` needs; None means "the embedded default" or "the model's own"."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    class_map: str | None = None
+    data: str | None = None
+    out: str = str(DEFAULT_OUT)
+    train_size: int | None = None
+    test_sizes: list[int] | None = None
+    test_size: int | None = None
+    parts: str = DEFAULT_PARTS
+    augment: str = "test"
+    finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS
+    train_epochs: int = DEFAULT_TRAIN_EPOCHS
+    train_augment: str = "train"
+    train_repeats: int = DEFAULT_TRAIN_REPEATS
+    train_lr: float | None = None
+    batch_size: int = DEFAULT_BATCH
+    train_batch_size: int = DEFAULT_TRAIN_BATCH
+    lr: float | None = None
+    crop_ratio: float | None = None
+    interpolation: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    device: str = "auto"
+    amp: bool = True
+    workers: int | None = None
+    seed: int = 0
+    holdout_fraction: float = fixsize.HOLDOUT_FRACTION
+    # choosing the size after fixing
+    candidates: list[int] | None = None
+    select_budget_min: float | None = DEFAULT_SELECT_BUDGET_MIN
+    max_test_size: int | None = None
+    budget_ms: float | None = None
+    budget_gflops: float | None = None
+    tune_schedule: bool = True
+    temperature_scale: bool = False
+    label_free: bool = False
+    # embedded data set
+    classes: int = config_vocab.DEFAULT_CLASSES
+    train_per_class: int = config_vocab.DEFAULT_TRAIN_PER_CLASS
+    val_per_class: int = config_vocab.DEFAULT_VAL_PER_CLASS
+    stats_sizes: list[int] | None = None
+    restart: bool = False
+    progress: bool = True
+
+    @property
+    def embedded(self) -> bool:
+        return self.data is None
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self.checkpoint or self.weights)
+
+    @property
+    def model_name(self) -> str | None:
+        return self.model or (None if self.has_weights else DEFAULT_MODEL)
+
+
+def default_test_sizes(train_size: int, *, step: int = SWEEP_STEP) -> list[int]:
+    """Multiples of ``step`` from about half to three times the train size (always including it)."""
+    lo = max(step, int(round(SWEEP_LOW * train_size / step)) * step)
+    hi = min(MAX_SWEEP_SIZE, max(lo, int(round(SWEEP_HIGH * train_size / step)) * step))
+    sizes = set(range(lo, hi + 1, step))
+    sizes.add(train_size)
+    return sorted(sizes)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def strip_private(result: dict, drop: Sequence[str] = ()) -> dict:
+    """JSON-ready copy without private keys and bulky per-image arrays."""
+    return {k: v for k, v in result.items() if not k.startswith("_") and k not in drop}
+
+
+@dataclass
+class FixContext:
+    """What the steps share: the config, the run folder and state, the data, the model (built once)."""
+
+    config: FixConfig
+    run_dir: Path
+    say: Callable[[str], None]
+    state: RunState | None = None
+    keys: dict = field(default_factory=dict)
+    data_root: Path | None = None
+    train_index: object = None
+    val_index: object = None
+    fit: list = field(default_factory=list)
+    holdout: list = field(default_factory=list)
+    fingerprints: dict = field(default_factory=dict)
+    bundle: object = None
+    cfg: object = None
+    env: object = None
+    precision: object = None
+    eval_precision: object = None
+    test_sizes: list[int] = field(default_factory=list)
+    candidates: list[int] = field(default_factory=list)
+    schedule: dict = field(default_factory=dict)
+    choice: dict = field(default_factory=dict)
+    _base_ready: bool = False
+    _work: object = None
+    _holds: str = ""  # what the working copy holds: "export" (the fixed model) or a candidate
+    _checkpoint_sha: str | None = None
+
+    # ---- data
+    def index_data(self, data_root: Path) -> None:
+        """Index train/ and val/ (val mapped onto the training classes by name); split off the held-out part."""
+        c = self.config
+        class_map = read_class_map(c.class_map) if c.class_map else None
+        train_root, val_root = resolve_split(data_root, "train"), resolve_split(data_root, "val")
+        self.train_index = scan_folder(train_root, class_map=class_map, num_classes=c.num_classes)
+        self.val_index = index_val_onto(val_root, self.train_index, num_classes=c.num_classes)
+        msg = missing_classes_warning(self.val_index)
+        if msg:
+            self.say("  warning: " + msg)
+        if train_root == val_root:
+            self.say("  note: the data has no train/ and val/ folders: fine-tuning and evaluation use the same images")
+        self.data_root = Path(data_root)
+        self.fit, self.holdout = fixsize.holdout_split(self.train_index.samples, fraction=c.holdout_fraction,
+                                                       seed=c.seed)
+        self.fingerprints = {"train_images": index_fingerprint(self.train_index.samples),
+                             "val_images": index_fingerprint(self.val_index.samples),
+                             "classes": digest(list(self.train_index.classes))}
+
+    # ---- the model, built once
+    @property
+    def needs_training(self) -> bool:
+        return not self.config.has_weights or bool(self.bundle.meta.get("new_head"))
+
+    def load_model(self) -> None:
+        c = self.config
+        num_classes = c.num_classes or (self.train_index.num_classes if not c.checkpoint else None)
+        self.bundle = load_model(model=c.model_name, checkpoint=c.checkpoint, weights=c.weights,
+                                 num_classes=num_classes,
+                                 train_size=c.train_size or (None if c.has_weights else DEFAULT_TRAIN_SIZE))
+        cfg = self.bundle.data_config.with_overrides(crop_ratio=c.crop_ratio, interpolation=c.interpolation,
+                                                     mean=c.mean, std=c.std)
+        self.cfg = cfg.with_overrides(num_classes=self.train_index.num_classes,
+                                      class_names=tuple(self.train_index.classes))
+
+    def base(self):
+        """The model before the fix (trained weights loaded when training ran in an earlier call)."""
+        if not self._base_ready:
+            if self.needs_training and "train" not in self.state.ran:
+                load_weights(self.bundle.model, self.run_dir / "train" / WEIGHTS_NAME)
+            self.bundle.model.eval()
+            self._base_ready = True
+        return self.bundle.model
+
+    def work(self, holds: str):
+        """The working copy (one deep copy of the model before the fix), reset to the weights before the fix
+        (copied from the model before the fix, which is only ever evaluated: no third copy in memory)."""
+        if self._work is None:
+            self._work = copy.deepcopy(self.base())
+        else:
+            self._work.load_state_dict(self.base().state_dict(), strict=True)
+        self._holds = holds
+        return self._work
+
+    def fixed(self):
+        """The fixed model: the working copy holding the exported weights."""
+        if self._holds != "export":
+            model = self.work("export")
+            load_weights(model, self.run_dir / "export" / WEIGHTS_NAME)
+        return self._work
+
+    def checkpoint_sha(self) -> str | None:
+        if self.config.checkpoint and self._checkpoint_sha is None:
+            self._checkpoint_sha = file_digest(self.config.checkpoint)
+        return self._checkpoint_sha
+
+    def read(self, step: str) -> dict:
+        return read_json(self.run_dir / f"{step}.json")
+
+    def eval_kw(self) -> dict:
+        c = self.config
+        return dict(batch_size=c.batch_size, env=self.env, precision=self.eval_precision, workers=c.workers,
+                    progress=c.progress)
+
+
+def load_weights(model, path: Path) -> None:
+    """Load a state dict saved by this run into an already built model (strict)."""
+    if not path.is_file():
+        raise FixresError(f"{path} is missing; rerun with --restart")
+    model.load_state_dict(load_state_dict(path), strict=True)
+
+
+def stats_sizes_of(x: FixContext) -> list[int]:
+    return sorted(set(x.config.stats_sizes or _stats_sizes(x.cfg.train_size, int(x.choice["test_size"]),
+                                                           x.test_sizes)))
+
+
+def tunes_schedule(x: FixContext) -> bool:
+    c = x.config
+    return c.tune_schedule and not c.label_free and bool(x.holdout) and c.lr is None
+
+
+def _stats_sizes(train_size: int, test_size: int, test_sizes: Sequence[int]) -> list[int]:
+    """Figure 3/4 sizes: half the train size, the train size, the fixed size and the largest swept."""
+    half = min(test_sizes, key=lambda s: abs(s - train_size // 2))
+    return [half, train_size, test_size, max(test_sizes)]

@@ -1,0 +1,109 @@
+"""What each step of ``fixres fix`` depends on: its key, every input its result reads.
+
+A step is recomputed exactly when its key changed (``fixres.job.runstate``), so a key must name every
+setting, content hash and fingerprint the step's result depends on, and the keys of the steps it reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fixres.job import candidates
+from fixres.job.context import STEPS, FixContext, stats_sizes_of
+
+
+def key_data(x: FixContext) -> dict:
+    c = x.config
+    if c.embedded:
+        return {"data": "embedded", "synth_classes": c.classes, "synth_train_per_class": c.train_per_class,
+                "synth_val_per_class": c.val_per_class, "synth_seed": c.seed}
+    return {"data": str(Path(c.data).resolve())}
+
+
+def _key_model(x: FixContext) -> dict:
+    """The model as given: its name, the checkpoint's content, registry weights, head and train size."""
+    c = x.config
+    return {"model": c.model_name, "checkpoint_sha256": x.checkpoint_sha(), "weights": c.weights,
+            "num_classes": c.num_classes, "train_size": x.cfg.train_size, "stride": x.cfg.stride,
+            "classes": x.fingerprints["classes"]}
+
+
+def _key_prep(x: FixContext) -> dict:
+    cfg = x.cfg
+    return {"crop_ratio": cfg.crop_ratio, "interpolation": cfg.interpolation, "mean": list(cfg.mean),
+            "std": list(cfg.std)}
+
+
+def _key_train_images(x: FixContext) -> dict:
+    return {"train_images": x.fingerprints["train_images"], "holdout_fraction": x.config.holdout_fraction,
+            "holdout_seed": x.config.seed}
+
+
+def _key_base(x: FixContext) -> dict:
+    """The model before the fix: the trained one (everything training read) or the one given."""
+    return x.keys["train"] if x.needs_training else _key_model(x)
+
+
+def _key_eval(x: FixContext) -> dict:
+    return {"test_sizes": x.test_sizes, "batch_size": x.config.batch_size,
+            "eval_precision": x.eval_precision.describe(), "val_images": x.fingerprints["val_images"]}
+
+
+def key_train(x: FixContext) -> dict:
+    c = x.config
+    return {**_key_model(x), **_key_prep(x), **_key_train_images(x), "train_epochs": c.train_epochs,
+            "train_augment": c.train_augment, "train_repeats": c.train_repeats, "train_lr": c.train_lr,
+            "train_batch_size": c.train_batch_size, "seed": c.seed, "precision": x.precision.describe()}
+
+
+def key_analyse(x: FixContext) -> dict:
+    return {"train_size": x.cfg.train_size, "stride": x.cfg.stride, "crop_ratio": x.cfg.crop_ratio,
+            "val_images": x.fingerprints["val_images"], "analysis_seed": x.config.seed}
+
+
+def key_sweep_before(x: FixContext) -> dict:
+    return {**_key_base(x), **_key_prep(x), **_key_eval(x)}
+
+
+def _key_finetuning(x: FixContext) -> dict:
+    c = x.config
+    return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "parts": c.parts, "augment": c.augment,
+            "batch_size": c.batch_size, "seed": c.seed, "precision": x.precision.describe(),
+            "eval_precision": x.eval_precision.describe()}
+
+
+def key_schedule(x: FixContext) -> dict:
+    grid = [list(candidates.SCHEDULE_LR_FACTORS), list(candidates.SCHEDULE_EPOCH_FACTORS)]
+    return {**_key_finetuning(x), "schedule_size": candidates.schedule_size(x),
+            "finetune_epochs": x.config.finetune_epochs, "lr": x.config.lr, "schedule_grid": grid}
+
+
+def key_select(x: FixContext) -> dict:
+    return {**_key_finetuning(x), "val_images": x.fingerprints["val_images"], "candidates": x.candidates,
+            "schedule_lr": x.schedule.get("lr"), "schedule_epochs": x.schedule.get("epochs"),
+            "select_budget_min": x.config.select_budget_min}
+
+
+def key_finetune(x: FixContext) -> dict:
+    c = x.config
+    if c.label_free:
+        return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "label_free": True,
+                "fix_test_size": x.choice["test_size"], "batch_size": c.batch_size,
+                "precision": x.precision.describe()}
+    return {**x.keys["select"], "fix_test_size": x.choice["test_size"], "temperature_scale": c.temperature_scale}
+
+
+def key_sweep_after(x: FixContext) -> dict:
+    return {**x.keys["finetune"], **_key_eval(x)}
+
+
+def key_stats(x: FixContext) -> dict:
+    return {**x.keys["finetune"], "stats_sizes": stats_sizes_of(x), "val_images": x.fingerprints["val_images"],
+            "batch_size": x.config.batch_size, "precision": x.precision.describe()}
+
+
+def key_report(x: FixContext) -> dict:
+    merged: dict = {}
+    for step in STEPS[:-1]:
+        merged.update(x.keys.get(step, {}))
+    return merged

@@ -1,0 +1,316 @@
+"""The main job, ``fixres fix``: analyse -> sweep -> fix at every candidate size -> choose -> statistics -> report.
+
+With a model (``--model/--checkpoint/--weights``) and data (``--data``) it fixes *that* model. With no
+arguments it first generates the embedded data set (``fixres.data.synth``) and trains a small built-in CNN
+on it at a low train size with RandomResizedCrop, so a newcomer sees the whole method on a laptop CPU.
+
+The job is a table of steps (``STEP_TABLE``): each row names a step's description, its key (what its result
+depends on, ``fixres.job.keys``) and its function (``fixres.job.steps``, ``fixres.job.candidates``); the run's
+config and shared state are ``fixres.job.context``, the printed plan ``fixres.job.plan``. Every step writes
+``RUN_DIR/<step>.json`` atomically and is recorded in ``state.json`` with its *key*: every input its
+result depends on (the settings it reads, the content hash of the checkpoint, a fingerprint of the
+data index, and the keys of the steps it reads from). A rerun recomputes exactly the steps whose key
+changed, and the steps downstream of them, and says which inputs changed; with nothing changed it
+recomputes nothing. A step killed half-way resumes (training and fine-tuning from their checkpoints)
+when its inputs are still the same, and starts over otherwise.
+
+  data          generate the embedded data set (or index the user's; validated before anything is written)
+  train         train at train_size on the fitting part of the training images (embedded default,
+                or a model without weights / with a new head)
+  analyse       apparent-size analysis on the data's photo sizes: the recommended test size (section 4.1)
+  sweep_before  top-1 (NLL, ECE) at every test size on the validation images, one pass (fold std)
+  schedule      fine-tuning rate and epochs chosen on the held-out images from a small grid
+  select        every candidate size fixed at its own size (classifier + bn, test DA, cached), scored on
+                a held-out part of the *training* images and on val, its cost measured (``fixres.job.candidates``)
+  finetune      the chosen candidate (most accurate on the held-out images within the deployment budget;
+                ``--label-free``: bn-recalibrate at the recommended size), exported (safetensors + fixres.json)
+  sweep_after   the fixed model at every test size
+  stats         pooled-activation statistics before and after (figures 3-4, KS distance to T)
+  report        HTML report with the figures, JSON summary
+
+The size is never chosen on the validation images the headline reports (``fixres.job.fixsize``); the model
+is built once, and every fix works on one copy of it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fixres.errors import UsageError
+from fixres.io.atomic import write_json
+from fixres.job import candidates, fixsize, keys, steps
+from fixres.job.context import (  # noqa: F401 - the job's config
+    DEFAULT_BATCH,
+    DEFAULT_OUT,
+    MAX_SWEEP_SIZE,
+    STEPS,
+    FixConfig,
+    FixContext,
+    default_test_sizes,
+    read_json,
+    stats_sizes_of,
+    tunes_schedule,
+)
+from fixres.job.plan import print_plan
+from fixres.job.runstate import NOT_RUN, RunState
+from fixres.report.page import REPORT_DIR, REPORT_JSON
+from fixres.runtime import dist, engine
+from fixres.runtime import progress as prog
+
+#: Working folders of steps: wiped when the step's inputs changed (their partial state would not fit).
+STEP_FOLDERS = {"train": ("train",), "schedule": ("schedule",), "select": ("candidates",),
+                "finetune": ("finetune", "export")}
+
+
+# --------------------------------------------------------------------------- step keys (what each result depends on)
+
+
+# --------------------------------------------------------------------------- the table of steps
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the job: what it does (for the header line), what its result depends on, how to run it."""
+
+    name: str
+    describe: Callable[[FixContext], str]
+    key: Callable[[FixContext], dict]
+    run: Callable[[FixContext], None]
+    applies: Callable[[FixContext], bool] = lambda x: True
+    skipped: str = ""  # said when the step does not apply
+    output: str | None = None  # result file checked before trusting a finished step (default <name>.json)
+
+
+def _describe_train(x: FixContext) -> str:
+    c = x.config
+    da = "RandomResizedCrop" if c.train_augment == "train" else c.train_augment
+    return f"{x.bundle.name} at {x.cfg.train_size}px, {c.train_epochs} epochs ({da}), {len(x.fit)} images"
+
+
+def _describe_select(x: FixContext) -> str:
+    where = (f"on {len(x.holdout)} held-out training images (not the validation images)" if x.holdout else
+             "(no held-out images)")
+    return f"fix at every candidate size {','.join(map(str, x.candidates))}px, choose {where}"
+
+
+def _describe_schedule(x: FixContext) -> str:
+    return (f"fine-tuning rate x{'/'.join(f'{f:g}' for f in candidates.SCHEDULE_LR_FACTORS)} and epochs "
+            f"x{'/'.join(map(str, candidates.SCHEDULE_EPOCH_FACTORS))} at {candidates.schedule_size(x)}px, chosen on "
+            f"{len(x.holdout)} held-out training images")
+
+
+
+
+def _describe_finetune(x: FixContext) -> str:
+    c = x.config
+    if c.label_free:
+        return (f"{candidates.LABEL_FREE_METHOD} at {x.choice['test_size']}px on unlabeled training images "
+                f"({x.choice['reason']})")
+    return (f"the candidate fixed at {x.choice['test_size']}px ({c.parts}, {x.schedule.get('epochs')} epochs, "
+            f"{c.augment} DA)" + (", temperature-scaled" if c.temperature_scale else "") + ", exported")
+
+
+STEP_TABLE: tuple[Step, ...] = (
+    Step("data", lambda x: "generating the embedded data set" if x.config.embedded else f"indexing {x.config.data}",
+         keys.key_data, steps.run_data),
+    Step("train", _describe_train, keys.key_train, steps.run_train, applies=lambda x: x.needs_training,
+         skipped="the model has its weights"),
+    Step("analyse", lambda x: "apparent object sizes on this data's photos", keys.key_analyse, steps.run_analyse),
+    Step("sweep_before", lambda x: f"top-1 at test sizes {','.join(map(str, x.test_sizes))}", keys.key_sweep_before,
+         steps.run_sweep_before),
+    Step("schedule", _describe_schedule, keys.key_schedule, candidates.run_schedule, applies=tunes_schedule,
+         skipped="fine-tuning rate and epochs as given"),
+    Step("select", _describe_select, keys.key_select, candidates.run_select, applies=lambda x: not x.config.label_free,
+         skipped="label-free: the size is the analysis' recommendation"),
+    Step("finetune", _describe_finetune, keys.key_finetune, steps.run_finetune),
+    Step("sweep_after", lambda x: "the fixed model at every test size", keys.key_sweep_after, steps.run_sweep_after),
+    Step("stats", lambda x: f"pooled activations at {','.join(map(str, stats_sizes_of(x)))}px, before and after",
+         keys.key_stats, steps.run_stats),
+    Step("report", lambda x: "writing the HTML report", keys.key_report, steps.run_report, output="report/report.json"),
+)
+assert tuple(s.name for s in STEP_TABLE) == STEPS
+
+
+def _execute(x: FixContext, i: int, step: Step, recomputed: dict) -> None:
+    """Run ``step`` when its key changed (or it never finished); say which inputs changed."""
+    n = len(STEP_TABLE)
+    if not step.applies(x):
+        x.say(f"[{i}/{n}] {step.name}: skipped ({step.skipped})")
+        x.state.forget(step.name)
+        _after_skipped(x, step.name)
+        return
+    key = step.key(x)
+    x.keys[step.name] = key
+    output = x.run_dir / (step.output or f"{step.name}.json")
+    why = x.state.stale(step.name, key, output)
+    if why is None and not (step.name == "report" and x.state.ran):
+        x.say(f"[{i}/{n}] {step.name}: {step.describe(x)} (done)")
+        _after_step(x, step.name)
+        return
+    x.say(f"[{i}/{n}] {step.name}: {step.describe(x)}")
+    why = why or ["an earlier step was recomputed"]
+    if why != [NOT_RUN]:
+        recomputed[step.name] = why
+        plain = len(why) == 1 and " " in why[0]  # a reason, not input names
+        x.say(f"  recomputing {step.name}: " + (why[0] if plain else "changed " + ", ".join(why)))
+    if not x.state.partial_matches(step.name, key):
+        for sub in STEP_FOLDERS.get(step.name, ()):  # a partial state of other inputs must not be resumed
+            shutil.rmtree(x.run_dir / sub, ignore_errors=True)
+    x.state.begin(step.name, key)
+    t0 = time.perf_counter()
+    step.run(x)
+    x.state.finish(step.name, key, time.perf_counter() - t0)
+    _after_step(x, step.name)
+
+
+def _after_step(x: FixContext, name: str) -> None:
+    """What later steps (and their keys) need from a step's result."""
+    if name == "analyse":
+        an = x.read("analyse")
+        mc = an.get("monte_carlo") or {}
+        x.say(f"  objects look {an['ratio']:.3f}x as large at test as in training (eq. 5"
+              + (f"; {mc['mean']:.3f} sampled on these photos" if mc.get("mean") else "")
+              + f"); recommended test size {an['recommended_test_size']}px")
+        x.candidates = _candidate_list(x)
+        # The sweep covers every candidate (their untuned accuracy) and the recommendation.
+        x.test_sizes = sorted(set(x.test_sizes) | set(x.candidates) | {int(an["recommended_test_size"])})
+    elif name in ("sweep_before", "sweep_after"):
+        x.say("  " + _curve_line(x.read(name)))
+    elif name == "schedule":
+        sched = x.read("schedule")
+        x.schedule = {"lr": sched["lr"], "epochs": sched["epochs"], "how": sched["how"]}
+        x.say(f"  fine-tuning schedule: lr {sched['lr']:g}, {sched['epochs']} epochs ({sched['how']})")
+    elif name == "select":
+        x.choice = candidates.choose_after_fixing(x)
+        x.say(f"  fixed size {x.choice['test_size']}px: {x.choice['chosen_on']}")
+
+
+def _after_skipped(x: FixContext, name: str) -> None:
+    c = x.config
+    if name == "schedule":
+        x.schedule = {"lr": c.lr, "epochs": c.finetune_epochs,
+                      "how": "given" if c.lr is not None or not c.tune_schedule else "default (no held-out images)"}
+    elif name == "select":  # label-free
+        rec = int(x.read("analyse")["recommended_test_size"])
+        size = c.test_size or rec
+        how = ("given (--test-size)" if c.test_size else
+               "the apparent-size recommendation: it needs no labels, and it is the size at which objects "
+               "look as large as in training (section 4.1)")
+        x.choice = {"test_size": size, "method": "label-free", "reason": how, "chosen_on": how, "recommended": rec,
+                    "n_images": 0, "why_not_recommended": None}
+
+
+def _candidate_list(x: FixContext) -> list[int]:
+    c = x.config
+    if c.test_size:
+        return [c.test_size]
+    if not x.holdout:  # nothing to choose on without looking at val: the analysis' recommendation only
+        return [int(x.read("analyse")["recommended_test_size"])]
+    if c.candidates:
+        return sorted(set(c.candidates))
+    sizes = fixsize.candidate_sizes(x.cfg.train_size, x.cfg.stride,
+                                    recommended_unrounded=candidates.recommended_exact(x))
+    return [s for s in sizes if s <= MAX_SWEEP_SIZE]
+
+
+# --------------------------------------------------------------------------- the job
+
+def run_fix(config: FixConfig) -> dict:
+    """Run (or resume) the whole method; returns the headline numbers, where the report is, and which
+    steps were recomputed because their inputs changed (``recomputed``: {step: [changed inputs]})."""
+    t_job = time.perf_counter()
+    x = FixContext(config=config, run_dir=Path(config.out),
+                   say=lambda msg: prog.status(msg, enabled=config.progress))
+    _check_config(config)
+    _setup_runtime(x)
+    if not config.embedded:  # a refused data set or model leaves no trace in the run folder
+        x.index_data(Path(config.data))
+        _build_model(x)
+    _prepare_folder(x)
+    recomputed: dict[str, list[str]] = {}
+    _execute(x, 1, STEP_TABLE[0], recomputed)
+    if config.embedded:
+        x.index_data(Path(x.read("data")["root"]))
+        _build_model(x)
+    if config.progress:
+        print_plan(x)
+    for i, step in enumerate(STEP_TABLE[1:], start=2):
+        _execute(x, i, step, recomputed)
+    write_json(x.run_dir / "run.json", steps.run_info(x, _threads()))  # every step's time, the report's included
+    summary = read_json(x.run_dir / REPORT_DIR / REPORT_JSON)
+    return {"run_dir": str(x.run_dir), "report": summary["html"], "headline": summary["headline"],
+            "export": str(x.run_dir / "export"), "choice": x.choice, "recomputed": recomputed,
+            "seconds": round(time.perf_counter() - t_job, 1)}
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _prepare_folder(x: FixContext) -> None:
+    """--restart wipes the step results and working folders; then open (or start) ``state.json``."""
+    run_dir = x.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file, not a folder")
+    if x.config.restart and run_dir.exists():
+        for step in STEPS + ("export", "run"):
+            (run_dir / f"{step}.json").unlink(missing_ok=True)
+        for sub in ("train", "finetune", "export", "report"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    x.state = RunState(run_dir, restart=x.config.restart)
+    done = [s for s in STEPS if x.state.record(s).get("done")]
+    if done:
+        x.say(f"fixres fix: resuming {run_dir} (done before: {', '.join(done)}; steps whose inputs changed are redone)")
+
+
+def _setup_runtime(x: FixContext) -> None:
+    """Device and precisions (a device that is not there is refused before anything is written)."""
+    c = x.config
+    x.env = dist.DistEnv(device=dist.resolve_device(c.device))
+    x.precision = engine.precision_for(x.env.device, amp=c.amp)
+    # every accuracy in the run is measured as `fixres eval` measures it (inference precision)
+    x.eval_precision = engine.inference_precision(x.env.device, c.amp)
+
+
+def _build_model(x: FixContext) -> None:
+    """The model, built once; the sizes to sweep follow from its train size and stride."""
+    torch.manual_seed(x.config.seed)  # a model built from scratch starts from the same weights every run
+    x.load_model()
+    c = x.config
+    x.test_sizes = sorted(set(c.test_sizes or default_test_sizes(x.cfg.train_size, step=x.cfg.stride)))
+
+
+
+
+
+
+
+
+
+
+def _check_config(config: FixConfig) -> None:
+    if config.augment not in ("test", "test2", "train"):
+        raise UsageError(f"unknown fine-tuning augmentation {config.augment!r}; choose test, test2 or train")
+    if config.train_augment not in ("train", "control"):
+        raise UsageError(f"unknown training augmentation {config.train_augment!r}; choose train or control")
+    if config.data is not None and not Path(config.data).exists():
+        raise UsageError(f"data folder not found: {config.data}")
+    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+        raise UsageError(f"checkpoint not found: {config.checkpoint}")
+
+
+
+
+def _curve_line(sweep: dict) -> str:
+    return "top-1: " + ", ".join(f"{r['test_size']}px {r['top1']:.1f}" for r in sorted(sweep["rows"],
+                                                                                        key=lambda r: r["test_size"]))
+
+
+
+

@@ -1,0 +1,74 @@
+"""The plan ``fixres fix`` prints before it starts: rough seconds per step from a timed probe.
+
+A forward at the train size and the time to read one photo are measured on a few training images; each
+step's cost is then estimated from the images it reads and the sizes it runs at.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fixres.data.images import load_rgb
+from fixres.data.transforms import build_transform
+from fixres.job import candidates, fixsize
+from fixres.job.candidates import estimate_seconds, latency_ms
+from fixres.job.context import STATS_IMAGES, FixContext, tunes_schedule
+from fixres.runtime.progress import format_duration
+
+#: Training images read, and the batch of the timed forwards, to estimate the time per image before the run
+#: starts (small: on a CPU a large model's probe must not cost minutes).
+PLAN_PROBE_IMAGES = 8
+
+
+PLAN_PROBE_BATCH = 4
+
+
+def probe_speed(x: FixContext) -> tuple[float, float]:
+    """(seconds per image of a forward at T, seconds per image to read and pre-process one), measured now."""
+    fwd = latency_ms(x.bundle.model, x.cfg.train_size, device=x.env.device, precision=x.eval_precision,
+                     batch=PLAN_PROBE_BATCH) / 1000.0
+    transform = build_transform("test", size=x.cfg.train_size, cfg=x.cfg)
+    probe = x.train_index.samples[:PLAN_PROBE_IMAGES]
+    t0 = time.perf_counter()
+    for path, _ in probe:
+        try:
+            transform(load_rgb(path))
+        except Exception:  # noqa: BLE001 - an unreadable probe image only makes the estimate rougher
+            pass
+    return fwd, (time.perf_counter() - t0) / max(1, len(probe))
+
+
+def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
+    """Rough seconds per step from a forward time at T and a read time per image (printed before starting)."""
+    c, t = x.config, x.cfg.train_size
+    n_fit, n_hold, n_val = len(x.fit), len(x.holdout), len(x.val_index.samples)
+    cands = c.candidates or ([c.test_size] if c.test_size else fixsize.candidate_sizes(t, x.cfg.stride))
+    area = lambda sizes: sum((s / t) ** 2 for s in sizes)  # noqa: E731
+    sweep = n_val * (load * len(x.test_sizes) + fwd * area(x.test_sizes))
+
+    def one(size: int, epochs: int, n_scored: int) -> float:  # reading costs the same at every size
+        return estimate_seconds(size, seconds_per_pixel=fwd / (t * t), read_s=load, n_fit=n_fit, n_scored=n_scored,
+                                epochs=epochs, cached=c.augment == "test")
+    # The grid runs at one size near the recommendation (not known yet): the middle candidate other than T.
+    away = sorted(s for s in cands if s != t) or [t]
+    grid = [one(away[len(away) // 2], c.finetune_epochs * f, n_hold)
+            for _ in candidates.SCHEDULE_LR_FACTORS for f in candidates.SCHEDULE_EPOCH_FACTORS]
+    est = {"train": c.train_epochs * n_fit * (3 * fwd + load) if x.needs_training else 0.0,
+           "sweep_before": sweep, "sweep_after": sweep,
+           "schedule": sum(grid) if tunes_schedule(x) else 0.0,
+           "select": 0.0 if c.label_free else sum(one(s, c.finetune_epochs, n_hold + n_val) for s in cands),
+           "stats": 2 * min(STATS_IMAGES, n_val) * (load + fwd) * 4}
+    return {k: v for k, v in est.items() if v > 0}
+
+
+def print_plan(x: FixContext) -> None:
+    """The steps ahead with rough times; steps finished before are marked (they are reused when their
+    inputs are unchanged, which only their keys, computed as the run goes, can tell)."""
+    fwd, load = probe_speed(x)
+    est = plan_estimates(x, fwd, load)
+    done = {k for k in est if x.state.record(k).get("done")}
+    todo = sum(v for k, v in est.items() if k not in done)
+    x.say(f"plan ({x.env.device}; rough estimates from a {1000 * fwd:.1f} ms/image forward at {x.cfg.train_size}px "
+          f"and {1000 * load:.0f} ms/image reading): "
+          + ", ".join(f"{k} " + ("done before" if k in done else f"~{format_duration(v)}") for k, v in est.items())
+          + f"; total ~{format_duration(todo)}" + (" for the steps not done before" if done else ""))

@@ -1,0 +1,166 @@
+"""The steps of ``fixres fix`` that are not the candidate fixes: data, train, analyse, sweeps, finetune, stats, report.
+
+Each ``run_*`` reads the run's context and writes its result atomically as ``RUN_DIR/<step>.json``; the
+candidate fixes and the fine-tuning schedule are ``fixres.job.candidates``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from fixres.data.folders import count_image_sizes
+from fixres.data.synth import make_dataset
+from fixres.io.atomic import write_json
+from fixres.job import candidates
+from fixres.job.candidates import load_adapted
+from fixres.job.context import EMBEDDED_TRAIN_LR, STATS_IMAGES, FixContext, read_json, stats_sizes_of, strip_private
+from fixres.method import analysis
+from fixres.method import stats as fstats
+from fixres.method.evaluate import evaluate
+from fixres.method.train import STATE_NAME as TRAIN_STATE
+from fixres.method.train import train
+from fixres.models.export import export_model
+from fixres.report.page import write_report
+
+#: Photo sizes read from the data set for the Monte-Carlo analysis and the figure-2 histogram.
+MAX_PHOTO_SIZES = 2000
+
+
+#: Monte-Carlo samples of the apparent-size analysis.
+ANALYSIS_SAMPLES = 50_000
+
+
+def run_data(x: FixContext) -> None:
+    c = x.config
+    if c.embedded:
+        made = make_dataset(x.run_dir / "data", classes=c.classes, train_per_class=c.train_per_class,
+                            val_per_class=c.val_per_class, seed=c.seed, progress=c.progress,
+                            overwrite=True)  # this step runs only when the data's settings changed
+        info = {"root": str(made["root"]), "embedded": True, "manifest": strip_private(made, ("config",)),
+                "synth_config": made.get("config")}
+    else:
+        info = {"root": str(c.data), "embedded": False}
+    write_json(x.run_dir / "data.json", info)
+
+
+def run_train(x: FixContext) -> None:
+    c = x.config
+    lr = c.train_lr or (EMBEDDED_TRAIN_LR if not (c.model or c.has_weights) else None)
+    train_dir = x.run_dir / "train"
+    # Trained on the fitting part only: the held-out images stay unseen for choosing the test size.
+    # No validation inside training: the sweep right after measures every size on all images.
+    result = train(x.bundle.model, x.fit, [], x.cfg, train_size=x.cfg.train_size, epochs=c.train_epochs,
+                   batch_size=c.train_batch_size, lr=lr, out_dir=train_dir, resume=(train_dir / TRAIN_STATE).is_file(),
+                   repeats=c.train_repeats, augment=c.train_augment, schedule="cosine", warmup_epochs=1,
+                   env=x.env, precision=x.precision, seed=c.seed, workers=c.workers, progress=c.progress,
+                   model_name=x.bundle.name)
+    result["batch_size"] = c.train_batch_size
+    write_json(x.run_dir / "train.json", strip_private(result))
+
+
+def run_analyse(x: FixContext) -> None:
+    cfg = x.cfg
+    sizes = count_image_sizes(x.val_index, limit=MAX_PHOTO_SIZES)
+    an = analysis.analyze(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,
+                          image_sizes=sizes or None, samples=ANALYSIS_SAMPLES, seed=x.config.seed)
+    an.pop("_mc", None)
+    an["recommended_test_size"] = (an.get("monte_carlo") or {}).get("recommended_test_size",
+                                                                     an["recommended_test_size"])
+    an["recommended_test_size_closed_form"] = analysis.recommend_test_size(
+        train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride)["test_size"]
+    an["image_sizes"] = sorted({tuple(s) for s in sizes})[:500]
+    write_json(x.run_dir / "analyse.json", an)
+
+
+def run_sweep_before(x: FixContext) -> None:
+    sweep = evaluate(x.base(), x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw())
+    write_json(x.run_dir / "sweep_before.json", strip_private(sweep))
+
+
+def run_finetune(x: FixContext) -> None:
+    """The chosen candidate (or, label-free, batch-norm recalibration at the recommended size), exported."""
+    test_size = int(x.choice["test_size"])
+    model = x.work(holds="export")
+    if x.config.label_free:
+        ft = candidates.label_free_adapt(x, model, test_size)
+    else:
+        folder = x.run_dir / "candidates" / str(test_size)
+        load_adapted(model, folder / "adapted.safetensors")
+        ft = read_json(folder / "finetune_result.json")
+        if x.config.temperature_scale and x.holdout:
+            ft["temperature"] = candidates.temperature_scale(x, model, test_size)
+    path = export_model(model, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
+                        train_size=x.cfg.train_size, class_names=list(x.train_index.classes))
+    write_json(x.run_dir / "export.json", {"path": str(path), "test_size": test_size,
+                                          "train_size": x.cfg.train_size})
+    write_json(x.run_dir / "finetune.json", {**ft, "choice": x.choice, "export_path": str(path)})
+
+
+def run_sweep_after(x: FixContext) -> None:
+    test_size = int(x.choice["test_size"])
+    fixed = x.fixed()
+    sweep = evaluate(fixed, x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw())
+    row = next(r for r in sweep["rows"] if r["test_size"] == test_size)
+    # Export again, now with the accuracy measured at the fixed size in the metadata.
+    export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
+                 train_size=x.cfg.train_size, class_names=list(x.train_index.classes),
+                 accuracy={"top1": row["top1"], "top1_std": row["top1_std"], "test_size": test_size, "n": row["n"]})
+    write_json(x.run_dir / "sweep_after.json", strip_private(sweep))
+
+
+def run_stats(x: FixContext) -> None:
+    """Figures 3-4; KS distance at each size to the pooled values of the model *before* the fix at T (the
+    distribution its classifier was trained on), for the model before and after the fix."""
+    sizes = stats_sizes_of(x)
+    stats: dict = {"sizes": sizes, "ks_reference": f"the model before the fix at {x.cfg.train_size}px"}
+    grid = reference = None
+    for label, model in (("before", x.base()), ("after", x.fixed())):
+        raw = _activation_stats(model, x.val_index.samples, x.cfg, sizes, env=x.env, precision=x.precision,
+                                batch_size=x.config.batch_size, workers=x.config.workers, grid=grid,
+                                reference=reference)
+        pooled = raw.pop("_pooled")
+        reference = pooled[x.cfg.train_size] if reference is None else reference
+        stats[label] = normalize_stats(raw)
+        stats[label]["pooled_from"] = raw.get("pooled_from")
+        first = next(iter(stats[label]["sizes"].values()), None)
+        grid = first["x"] if first and grid is None else grid  # same x axis before and after
+    write_json(x.run_dir / "stats.json", stats)
+
+
+def run_report(x: FixContext) -> None:
+    write_json(x.run_dir / "run.json", run_info(x, torch.get_num_threads()))
+    write_report(x.run_dir)
+
+
+def run_info(x: FixContext, threads: int) -> dict:
+    c = x.config
+    return {"model": x.bundle.name, "source": x.bundle.source, "train_size": x.cfg.train_size,
+            "test_size": int(x.choice["test_size"]), "test_sizes": x.test_sizes, "data": str(x.data_root),
+            "choice": x.choice, "config": strip_private(asdict(c), ("progress",)), "device": str(x.env.device),
+            "precision": x.precision.describe(), "started": x.state.state.get("started"),
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"), "timings": x.state.timings(),
+            "torch_threads": threads, "n_fit": len(x.fit), "n_holdout": len(x.holdout), "schedule": x.schedule,
+            "candidates": x.candidates, "label_free": c.label_free}
+
+
+def _activation_stats(model, samples, cfg, sizes, *, env, precision, batch_size, workers, grid=None,
+                      reference=None) -> dict:
+    """Pooled-activation CDFs per size (``fixres.method.stats``), on a given x grid when ``grid`` is set; KS distances
+    to ``reference`` (default: this model's values at the train size, also returned in ``_pooled``)."""
+    return fstats.activation_stats(model, samples, cfg, test_sizes=sizes, batch_size=batch_size, env=env,
+                                   precision=precision, workers=workers, progress=False, max_images=STATS_IMAGES,
+                                   grid=None if grid is None else np.asarray(grid, dtype=float),
+                                   reference=reference, keep_pooled=True)
+
+
+def normalize_stats(raw: dict) -> dict:
+    """A ``fixres.method.stats.activation_stats`` result as {"sizes": {size: {"x", "cdf", "zeros", "above_2"}}},
+    the shape the report reads."""
+    return {"sizes": {str(row["test_size"]): {"x": row["cdf_x"], "cdf": row["cdf"], "zeros": row["frac_zero"],
+                                              "above_2": row["frac_above_2"],
+                                              "ks_to_reference": row.get("ks_to_reference")}
+                      for row in raw["sizes"]}}

