@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clirun import assert_one_line_error, cli, save_tiny_checkpoint
 from badcorpus import bad_entries, good_entries, png_claiming_size, write_corpus
+from clirun import assert_one_line_error, cli, save_tiny_checkpoint
 from conftest import write_image_folder
 from PIL import Image
 

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from clirun import assert_one_line_error, cli, save_tiny_checkpoint
 from badcorpus import write_folder_traps
+from clirun import assert_one_line_error, cli, save_tiny_checkpoint
 from conftest import write_image_folder
 
 from fixres.data.folders import index_val_onto, missing_classes_warning, scan_folder

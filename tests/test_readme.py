@@ -61,7 +61,8 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     for i, block in enumerate(blocks("python")):
         exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)  # noqa: S102 - our README
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "64 0.95"  # the serving block: the export knows its test size and crop ratio
+    assert out[-2] == "[3, 64, 64] 0.95 bicubic"  # plain timm reads the fixed pre-processing
+    assert out[-1] == "64 True"  # the torchvision transform gives what timm gives
 
 
 @pytest.mark.parametrize("block", [b for b in blocks("bash") if not b.startswith(NEEDS)])

@@ -13,6 +13,7 @@ dict as ``.raw`` for anything not surfaced as a field.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,9 @@ class SizeResult:
                    top1=float(row["top1"]), top1_std=float(row.get("top1_std", 0.0)), top5=row.get("top5"),
                    loss=row.get("loss"), n=int(row.get("n", 0)), raw=row)
 
+    def __repr__(self) -> str:
+        return f"SizeResult({self.test_size}px: top-1 {self.top1:.1f} ± {self.top1_std:.1f} on {self.n} images)"
+
 
 @dataclass(frozen=True)
 class SweepResult:
@@ -99,6 +103,10 @@ class SweepResult:
                 return row
         raise KeyError(f"{test_size} was not measured (sizes: {', '.join(str(r.test_size) for r in self.rows)})")
 
+    def __repr__(self) -> str:
+        curve = ", ".join(f"{r.test_size}px {r.top1:.1f}" for r in self.rows)
+        return f"SweepResult({curve}; best {self.best.test_size}px; {self.n_images} images)"
+
 
 @dataclass(frozen=True)
 class AdaptResult:
@@ -111,6 +119,10 @@ class AdaptResult:
     after: SizeResult | None
     raw: dict = field(repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        change = (f": top-1 {self.before.top1:.1f} -> {self.after.top1:.1f}" if self.before and self.after else "")
+        return f"AdaptResult({self.method} at {self.test_size}px{change})"
+
 
 @dataclass(frozen=True)
 class FixResult:
@@ -122,6 +134,27 @@ class FixResult:
     test_size: int
     headline: dict
     raw: dict = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def bundle(self) -> ModelBundle:
+        """The fixed model with its pre-processing, loaded from the export once."""
+        return load(self.export)
+
+    @property
+    def model(self):
+        """The fixed ``nn.Module`` (eval mode), ready at ``test_size``."""
+        return self.bundle.model.eval()
+
+    @property
+    def transform(self):
+        """Its pre-processing at ``test_size`` as plain torchvision v2 ops."""
+        return self.bundle.transform
+
+    def __repr__(self) -> str:
+        h = self.headline or {}
+        after = h.get("top1_fixed")
+        return (f"FixResult(fixed at {self.test_size}px" + (f", top-1 {after:.1f}" if isinstance(after, (int, float))
+                                                             else "") + f", export {self.export})")
 
 
 # --------------------------------------------------------------------------- inputs

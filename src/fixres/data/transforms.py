@@ -122,6 +122,26 @@ def test_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.
                       + _to_tensor_normalized(cfg))
 
 
+def torchvision_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
+    """Test DA in plain torchvision v2 ops only, for serving without fixres: Resize, CenterCrop, ToImage,
+    ToDtype(float32, scale=True), Normalize. Same arithmetic as ``test_transform`` on a fully decoded photo
+    (``test_transform`` additionally decodes large JPEGs at a reduced size, which serving need not do)."""
+    return v2.Compose([test_geometry(test_size=test_size, crop_ratio=crop_ratio, cfg=cfg), v2.ToImage(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))])
+
+
+def torchvision_transform_code(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> str:
+    """The source of ``torchvision_transform`` for these settings, as a user would type it."""
+    mode = interpolation_mode(cfg.interpolation).name
+    return (f"v2.Compose([\n"
+            f"    v2.Resize({resize_for(test_size, crop_ratio)}, interpolation=InterpolationMode.{mode}, antialias=True),\n"
+            f"    v2.CenterCrop({test_size}),\n"
+            f"    v2.ToImage(),\n"
+            f"    v2.ToDtype(torch.float32, scale=True),\n"
+            f"    v2.Normalize(mean={[float(v) for v in cfg.mean]}, std={[float(v) for v in cfg.std]}),\n"
+            f"])")
+
+
 class ShiftedCenterCrop(torch.nn.Module):
     """Square crop centred vertically, shifted horizontally by a random fraction of the free margin."""
 

@@ -20,7 +20,12 @@ HASH_CHUNK = 1 << 20
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (hex)."""
+    """sha256 of a file's bytes (hex); of a folder checkpoint, over its files' names and bytes."""
+    if Path(path).is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in Path(path).iterdir() if p.is_file()):
+            h.update(f.name.encode() + b"\0" + file_digest(f).encode())
+        return h.hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(HASH_CHUNK), b""):

@@ -301,7 +301,7 @@ def _check_config(config: FixConfig) -> None:
         raise UsageError(f"unknown training augmentation {config.train_augment!r}; choose train or control")
     if config.data is not None and not Path(config.data).exists():
         raise UsageError(f"data folder not found: {config.data}")
-    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+    if config.checkpoint is not None and not Path(config.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {config.checkpoint}")
 
 

@@ -1,4 +1,5 @@
-"""Exporting a fixed model: ``model.safetensors`` plus ``fixres.json`` beside it (and optionally ONNX at S).
+"""Exporting a fixed model: ``model.safetensors`` plus ``fixres.json`` beside it, ``config.json`` for timm
+(``fixres.models.hub``), ``USAGE.md`` with timm and torchvision snippets, and optionally ONNX at S.
 
 What ``fixres.json`` holds, its schema and how it is read back live in ``fixres.io.meta`` (re-exported
 here: ``from fixres.models.export import WEIGHTS_NAME`` keeps working). ``models.load_model`` reads an export
@@ -19,16 +20,20 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fixres.config import DataConfig, validate_size
+from fixres.config import DataConfig, resize_for, validate_size
+from fixres.data.transforms import torchvision_transform_code
 from fixres.errors import FixresError, UsageError
-from fixres.io.atomic import atomic_path
+from fixres.io.atomic import atomic_path, write_text
 from fixres.io.checkpoint import save_safetensors
 from fixres.io.meta import META_NAME, ONNX_NAME, WEIGHTS_NAME, build_meta, header_metadata, read_export_meta, write_meta  # noqa: F401 - re-exported
 from fixres.models.hooks import kept_hook
+from fixres.models.hub import CONFIG_NAME, write_timm_config
 from fixres.models.loading import export_model_kwargs, num_outputs
 
 #: ONNX opset written (18: what torch's exporter produces natively, so no down-conversion pass runs).
 ONNX_OPSET = 18
+#: The generated serving notes beside an export (timm, torchvision and fixres snippets).
+USAGE_NAME = "USAGE.md"
 ONNX_EXAMPLE_BATCH = 2
 
 
@@ -65,7 +70,8 @@ def export_model(model: nn.Module, out_dir: str | Path, *, model_name: str, cfg:
     try:
         if onnx:  # exported first (it may fail), published only after the weights
             meta["onnx"] = _export_onnx(model, onnx_partial, test_size, final=out_dir / ONNX_NAME)
-        for companion in (META_NAME, ONNX_NAME):  # they describe the old weights: gone before those are replaced
+        for companion in (META_NAME, ONNX_NAME, CONFIG_NAME, USAGE_NAME):  # they describe the old weights: gone
+                                                                          # before those are replaced
             (out_dir / companion).unlink(missing_ok=True)
         path = save_safetensors(model.state_dict(), out_dir / WEIGHTS_NAME, metadata=header_metadata(meta))
         if onnx_partial.exists():
@@ -73,7 +79,31 @@ def export_model(model: nn.Module, out_dir: str | Path, *, model_name: str, cfg:
     finally:
         onnx_partial.unlink(missing_ok=True)
     write_meta(out_dir, meta)
+    timm_config = write_timm_config(out_dir, model, meta)
+    write_text(out_dir / USAGE_NAME, usage_text(meta, cfg, timm_ready=timm_config is not None))
     return path
+
+
+def usage_text(meta: dict, cfg: DataConfig, *, timm_ready: bool) -> str:
+    """USAGE.md of an export: how to run the fixed model with timm, with torchvision, and with fixres."""
+    size, crop = int(meta["test_size"]), float(meta["crop_ratio"])
+    lines = [f"# {meta['model']}, fixed at {size} px",
+             "",
+             f"Trained at {meta['train_size']} px and fixed at {size} px by fixres {meta['fixres_version']}: "
+             f"resize the shorter side to {resize_for(size, crop)} px ({meta['interpolation']}), centre-crop "
+             f"{size} px, normalise with mean {meta['mean']} and std {meta['std']}.",
+             ""]
+    if timm_ready:
+        lines += ["## timm", "", "```python", "import timm",
+                  'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True).eval()',
+                  "cfg = timm.data.resolve_data_config({}, model=model, use_test_size=True)",
+                  "transform = timm.data.create_transform(**cfg)", "```", ""]
+    lines += ["## torchvision", "", "```python", "import torch",
+              "from torchvision.transforms import InterpolationMode, v2", "",
+              "transform = " + torchvision_transform_code(test_size=size, crop_ratio=crop, cfg=cfg), "```", "",
+              "## fixres", "", "```python", "import fixres", 'bundle = fixres.load("PATH_TO_THIS_FOLDER")',
+              "model, transform = bundle.model.eval(), bundle.transform", "```", ""]
+    return "\n".join(lines)
 
 
 def _export_onnx(model: nn.Module, path: Path, test_size: int, *, final: Path) -> dict:

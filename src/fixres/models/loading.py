@@ -34,14 +34,18 @@ from fixres.config import (
     DEFAULT_INTERPOLATION,
     DEFAULT_STRIDE,
     DEFAULT_TRAIN_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     INCEPTION_MEAN,
     INCEPTION_STD,
     INTERPOLATION_NAMES,
     DataConfig,
 )
+from fixres.data.transforms import torchvision_transform
 from fixres.errors import FixresError, UsageError
 from fixres.io.checkpoint import load_state_dict
-from fixres.io.meta import read_export_meta  # validated fixres.json (one schema, fixres.io.meta)
+from fixres.io.meta import META_NAME, WEIGHTS_NAME, read_export_meta  # validated fixres.json (one schema)
+from fixres.models.hub import read_timm_folder
 from fixres.models.inputsize import export_model_kwargs, fit_input_size, fixed_input_size, size_kwargs  # noqa: F401 - the model API
 from fixres.models.pretrained import (
     require_cached,
@@ -78,6 +82,25 @@ class ModelBundle:
     name: str
     source: str
     meta: dict = field(default_factory=dict)
+
+    @property
+    def test_size(self) -> int:
+        """The size the model runs at: an export's fixed test size, else the train size."""
+        export = self.meta.get("export") or {}
+        return int(export.get("test_size") or self.meta.get("test_size") or self.data_config.train_size)
+
+    @property
+    def transform(self):
+        """Its pre-processing at ``test_size`` as plain torchvision v2 ops (serving needs no fixres)."""
+        return torchvision_transform(test_size=self.test_size, crop_ratio=self.data_config.crop_ratio,
+                                     cfg=self.data_config)
+
+    def __repr__(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters())
+        cfg = self.data_config
+        return (f"ModelBundle({self.name!r} from {self.source}, {params / 1e6:.2f}M parameters, "
+                f"{cfg.num_classes or '?'} classes, train {cfg.train_size}px, runs at {self.test_size}px, "
+                f"crop {cfg.crop_ratio:g}, {cfg.interpolation})")
 
     def copy(self) -> "ModelBundle":
         """An independent copy (module deep-copied, same data config): a fresh model before an adaptation
@@ -401,7 +424,16 @@ def _export_config(export: dict, cfg: DataConfig, train_size: int | None) -> Dat
 
 def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None,
                      train_size: int | None, *, ema: bool = False, strict: bool = False) -> ModelBundle:
-    """Build the model once, give it the checkpoint's number of classes, load strictly."""
+    """Build the model once, give it the checkpoint's number of classes, load strictly.
+
+    A folder is a fixres export (``fixres.json`` + ``model.safetensors``) or a timm / hub-style folder
+    (``config.json`` + weights, ``fixres.models.hub``)."""
+    folder = Path(checkpoint)
+    if folder.is_dir():
+        if (folder / META_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+            checkpoint = str(folder / WEIGHTS_NAME)
+        else:
+            return _load_timm_folder(folder, model, num_classes, train_size, ema=ema, strict=strict)
     export = read_export_meta(checkpoint)
     name = model or (export or {}).get("model")
     if not name:
@@ -413,6 +445,7 @@ def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None
     net, source = create_model(name, num_classes=num_classes, **((export or {}).get("model_kwargs") or {}))
     if is_efficientnet_pytorch_layout(sd) and hasattr(net, "blocks"):
         sd = map_efficientnet_pytorch_keys(sd, net)
+    sd = match_prefix(sd, net, source=str(checkpoint))
     stored = _checkpoint_classes(sd, net)
     if num_classes is None and stored is not None and stored != num_outputs(net):
         replace_classifier(net, stored)  # a new head is cheap; a second build is not
@@ -426,6 +459,45 @@ def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None
         cfg = _export_config(export, cfg, train_size)
         meta["export"] = export
     return ModelBundle(net, cfg, name, source, meta)
+
+
+def _load_timm_folder(folder: Path, model: str | None, num_classes: int | None, train_size: int | None, *,
+                      ema: bool, strict: bool) -> ModelBundle:
+    """A timm / hub-style folder: the architecture, classes and pre-processing from its config.json."""
+    config, weights = read_timm_folder(folder)
+    name = model or f"timm:{config['architecture']}"
+    pcfg = config.get("pretrained_cfg") or {}
+    num_classes = num_classes or config.get("num_classes") or pcfg.get("num_classes")
+    sd = load_state_dict(weights, ema=ema, strict=strict)
+    net, source = create_model(name, num_classes=num_classes, **(config.get("model_args") or {}))
+    load_weights_strict(net, match_prefix(sd, net, source=str(weights)), source=str(weights))
+    size = (pcfg.get("input_size") or [3, train_size or DEFAULT_TRAIN_SIZE])[-1]
+    interp = pcfg.get("interpolation", DEFAULT_INTERPOLATION)
+    labels = config.get("label_names") or pcfg.get("label_names")
+    cfg = DataConfig(mean=tuple(pcfg.get("mean", IMAGENET_MEAN)), std=tuple(pcfg.get("std", IMAGENET_STD)),
+                     interpolation=interp if interp in INTERPOLATION_NAMES else DEFAULT_INTERPOLATION,
+                     crop_ratio=float(pcfg.get("test_crop_pct") or pcfg.get("crop_pct") or DEFAULT_CROP_RATIO),
+                     train_size=int(train_size or size), stride=network_stride(net), num_classes=num_outputs(net),
+                     class_names=tuple(labels) if labels and len(labels) == num_outputs(net) else None)
+    test = (pcfg.get("test_input_size") or [size])[-1]
+    return ModelBundle(net, cfg, name, source, {"checkpoint": str(weights), "test_size": int(test),
+                                                "timm_config": config})
+
+
+def match_prefix(sd: dict[str, torch.Tensor], net: nn.Module, *, source: str) -> dict[str, torch.Tensor]:
+    """Strip the one key prefix under which ``sd`` holds exactly ``net``'s weights (a Lightning module's
+    ``model.`` / ``net.``, a wrapper's attribute); unchanged when the keys already fit or nothing fits."""
+    want = set(net.state_dict())
+    if set(sd) == want:
+        return sd
+    prefixes = sorted({k.split(".", 1)[0] + "." for k in sd if "." in k})
+    fits = [p for p in prefixes if {k[len(p):] for k in sd if k.startswith(p)} == want]
+    if len(fits) > 1:
+        raise UsageError(f"{source}: several models' weights fit this model, under the prefixes "
+                         f"{', '.join(fits)}; save the one you want on its own (its state_dict)")
+    if not fits:
+        return sd
+    return {k[len(fits[0]):]: v for k, v in sd.items() if k.startswith(fits[0])}
 
 
 def load_model(*, model: str | None = None, checkpoint: str | None = None, weights: str | None = None,
