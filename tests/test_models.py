@@ -3,6 +3,8 @@ ImageNet class order, and pre-processing identical to timm's own."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -380,3 +382,26 @@ def test_eval_of_torchvision_weights_defaults_to_their_own_test_size(capsys, mon
     res = json.loads(out)
     assert [r["test_size"] for r in res["rows"]] == [224] and res["train_size"] == 176
     assert res["data_config"]["crop_ratio"] == pytest.approx(224 / 232)
+
+
+def test_fix_pretrained_offline_and_not_cached_says_what_to_download(capsys, monkeypatch, tmp_path, split_folder):
+    _offline(monkeypatch, tmp_path)
+    code, _, err = _main(capsys, "fix", "--model", "resnet18", "--pretrained", "--data", split_folder,
+                         "--out", tmp_path / "run", "-q")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert "huggingface-cli download timm/resnet18.a1_in1k" in lines[0]
+
+
+def test_fix_pretrained_torchvision_weights_use_their_own_recipe(capsys, monkeypatch, tmp_path, split_folder):
+    """`fix --pretrained` on torchvision weights: their recipe (trained at 176, bilinear) is the run's T."""
+    _offline(monkeypatch, tmp_path)
+    _fake_torchvision_cache("regnet_y_400mf", tmp_path)
+    code, _, err = _main(capsys, "fix", "--model", "torchvision:regnet_y_400mf", "--pretrained", "--data",
+                         split_folder, "--test-size", "192", "--test-sizes", "176,192", "--train-epochs", "1",
+                         "--epochs", "1", "--batch-size", "8", "--train-batch-size", "8", "--workers", "0",
+                         "--out", tmp_path / "run", "-q")
+    assert code == 0, err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["train_size"] == 176 and run["config"]["pretrained"] is True
+    assert json.loads((tmp_path / "run" / "export" / "fixres.json").read_text())["interpolation"] == "bilinear"

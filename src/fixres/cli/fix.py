@@ -40,7 +40,7 @@ def fraction(text: str) -> float:
 def add_parser(sub, parents):
     p = sub.add_parser("fix", parents=parents, help="the whole method: analyse, sweep, fine-tune, report",
                        description=DESCRIPTION)
-    add_model_args(p, random_ok=True, pretrained=False)  # fix trains from scratch when given no weights
+    add_model_args(p, random_ok=True)  # fix trains from scratch when given no weights
     g = p.add_argument_group("data and sizes")
     g.add_argument("--data", default=None, metavar="DIR",
                    help="ImageFolder with train/ and val/ (default: the embedded data set, generated)")
@@ -99,7 +99,8 @@ def add_parser(sub, parents):
 def config_from_args(args):
     from fixres.job.pipeline import DEFAULT_BATCH, DEFAULT_OUT, FixConfig
     return FixConfig(
-        model=args.model, checkpoint=args.checkpoint, weights=args.weights, num_classes=args.num_classes,
+        model=args.model, checkpoint=args.checkpoint, weights=args.weights, pretrained=args.pretrained,
+        num_classes=args.num_classes,
         class_map=args.class_map, data=args.data, out=args.out or str(DEFAULT_OUT), train_size=args.train_size,
         test_sizes=args.test_sizes, test_size=args.test_size, parts=args.parts, augment=args.augment,
         finetune_epochs=args.epochs, train_epochs=args.train_epochs, train_augment=args.train_augment,

@@ -89,6 +89,8 @@ class FixConfig:
     model: str | None = None
     checkpoint: str | None = None
     weights: str | None = None
+    #: timm's or torchvision's own weights for ``model``, from their local caches
+    pretrained: bool = False
     num_classes: int | None = None
     class_map: str | None = None
     data: str | None = None
@@ -138,7 +140,7 @@ class FixConfig:
 
     @property
     def has_weights(self) -> bool:
-        return bool(self.checkpoint or self.weights)
+        return bool(self.checkpoint or self.weights or self.pretrained)
 
     @property
     def model_name(self) -> str | None:
@@ -221,7 +223,7 @@ class FixContext:
         c = self.config
         num_classes = c.num_classes or (self.train_index.num_classes if not c.checkpoint else None)
         self.bundle = load_model(model=c.model_name, checkpoint=c.checkpoint, weights=c.weights,
-                                 num_classes=num_classes,
+                                 pretrained=c.pretrained, num_classes=num_classes,
                                  train_size=c.train_size or (None if c.has_weights else DEFAULT_TRAIN_SIZE))
         cfg = self.bundle.data_config.with_overrides(crop_ratio=c.crop_ratio, interpolation=c.interpolation,
                                                      mean=c.mean, std=c.std)

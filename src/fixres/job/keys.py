@@ -24,6 +24,7 @@ def _key_model(x: FixContext) -> dict:
     """The model as given: its name, the checkpoint's content, registry weights, head and train size."""
     c = x.config
     return {"model": c.model_name, "checkpoint_sha256": x.checkpoint_sha(), "weights": c.weights,
+            "pretrained": c.pretrained,
             "num_classes": c.num_classes, "train_size": x.cfg.train_size, "stride": x.cfg.stride,
             "classes": x.fingerprints["classes"]}
 
