@@ -73,8 +73,7 @@ class NormalizedTensor:
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
-        self.v2 = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                              v2.Normalize(mean=list(mean), std=list(std))])
+        self.v2 = v2.Compose(plain_normalize(mean, std))
 
     def __call__(self, img):
         if not isinstance(img, Image.Image) or img.mode != "RGB" or self.mean.numel() != 3:
@@ -84,6 +83,11 @@ class NormalizedTensor:
 
     def __repr__(self) -> str:
         return f"NormalizedTensor(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+def plain_normalize(mean: Sequence[float], std: Sequence[float]) -> list:
+    """v2's ToImage + ToDtype(float32, scale=True) + Normalize: what ``NormalizedTensor`` computes, as plain ops."""
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
 def _to_tensor_normalized(cfg: DataConfig) -> list:
@@ -126,8 +130,8 @@ def torchvision_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig)
     """Test DA in plain torchvision v2 ops only, for serving without fixres: Resize, CenterCrop, ToImage,
     ToDtype(float32, scale=True), Normalize. Same arithmetic as ``test_transform`` on a fully decoded photo
     (``test_transform`` additionally decodes large JPEGs at a reduced size, which serving need not do)."""
-    return v2.Compose([test_geometry(test_size=test_size, crop_ratio=crop_ratio, cfg=cfg), v2.ToImage(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))])
+    return v2.Compose([test_geometry(test_size=test_size, crop_ratio=crop_ratio, cfg=cfg),
+                       *plain_normalize(cfg.mean, cfg.std)])
 
 
 def torchvision_transform_code(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> str:

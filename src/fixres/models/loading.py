@@ -275,13 +275,19 @@ def data_config_for(model: nn.Module, source: str, *, train_size: int | None = N
     stride = network_stride(model)
     if source == "timm" and getattr(model, "pretrained_cfg", None):
         from timm.data import resolve_model_data_config
-        cfg = resolve_model_data_config(model)
-        interp = cfg.get("interpolation", DEFAULT_INTERPOLATION)
-        return DataConfig(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                          interpolation=interp if interp in INTERPOLATION_NAMES else DEFAULT_INTERPOLATION,
-                          crop_ratio=float(cfg.get("crop_pct", DEFAULT_CROP_RATIO)),
-                          train_size=train_size or int(cfg["input_size"][-1]), stride=stride)
+        return timm_data_config(resolve_model_data_config(model), train_size=train_size, stride=stride)
     return DataConfig(train_size=train_size or DEFAULT_TRAIN_SIZE, stride=stride)
+
+
+def timm_data_config(cfg: dict, *, train_size: int | None, stride: int, **fields) -> DataConfig:
+    """A timm data config (``mean``, ``std``, ``interpolation``, ``crop_pct``, ``input_size``) as a DataConfig;
+    an interpolation fixres does not resample with (timm's "random", ...) becomes the default."""
+    interp = cfg.get("interpolation", DEFAULT_INTERPOLATION)
+    return DataConfig(mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
+                      interpolation=interp if interp in INTERPOLATION_NAMES else DEFAULT_INTERPOLATION,
+                      crop_ratio=float(cfg.get("crop_pct") or DEFAULT_CROP_RATIO),
+                      train_size=int(train_size or (cfg.get("input_size") or [DEFAULT_TRAIN_SIZE])[-1]),
+                      stride=stride, **fields)
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite registry weights
@@ -471,15 +477,12 @@ def _load_timm_folder(folder: Path, model: str | None, num_classes: int | None, 
     sd = load_state_dict(weights, ema=ema, strict=strict)
     net, source = create_model(name, num_classes=num_classes, **(config.get("model_args") or {}))
     load_weights_strict(net, match_prefix(sd, net, source=str(weights)), source=str(weights))
-    size = (pcfg.get("input_size") or [3, train_size or DEFAULT_TRAIN_SIZE])[-1]
-    interp = pcfg.get("interpolation", DEFAULT_INTERPOLATION)
     labels = config.get("label_names") or pcfg.get("label_names")
-    cfg = DataConfig(mean=tuple(pcfg.get("mean", IMAGENET_MEAN)), std=tuple(pcfg.get("std", IMAGENET_STD)),
-                     interpolation=interp if interp in INTERPOLATION_NAMES else DEFAULT_INTERPOLATION,
-                     crop_ratio=float(pcfg.get("test_crop_pct") or pcfg.get("crop_pct") or DEFAULT_CROP_RATIO),
-                     train_size=int(train_size or size), stride=network_stride(net), num_classes=num_outputs(net),
-                     class_names=tuple(labels) if labels and len(labels) == num_outputs(net) else None)
-    test = (pcfg.get("test_input_size") or [size])[-1]
+    # the crop it was fixed with: test_crop_pct where the folder has one
+    cfg = timm_data_config({**pcfg, "crop_pct": pcfg.get("test_crop_pct") or pcfg.get("crop_pct")},
+                           train_size=train_size, stride=network_stride(net), num_classes=num_outputs(net),
+                           class_names=tuple(labels) if labels and len(labels) == num_outputs(net) else None)
+    test = (pcfg.get("test_input_size") or pcfg.get("input_size") or [cfg.train_size])[-1]
     return ModelBundle(net, cfg, name, source, {"checkpoint": str(weights), "test_size": int(test),
                                                 "timm_config": config})
 
