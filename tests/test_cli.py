@@ -40,10 +40,10 @@ def test_every_flag_has_help_and_advertised_batch_defaults_are_the_library_ones(
     from fixres.cli import eval as eval_cmd
     from fixres.cli import train as train_cmd
     from fixres.cli.app import build_parser
-    from fixres.job import pipeline
+    from fixres.job import context
     from fixres.method import adaptation, evaluate, finetuning, stats
     library = {"eval": evaluate.DEFAULT_BATCH_SIZE, "sweep": evaluate.DEFAULT_BATCH_SIZE,
-               "finetune": finetuning.DEFAULT_BATCH_SIZE, "fix": pipeline.DEFAULT_BATCH,
+               "finetune": finetuning.DEFAULT_BATCH_SIZE, "fix": context.DEFAULT_BATCH,
                "stats": stats.DEFAULT_BATCH_SIZE, "adapt": adaptation.DEFAULT_BATCH_SIZE,
                "train": train_cmd.DEFAULT_BATCH_SIZE}
     assert evaluate.DEFAULT_BATCH_SIZE // eval_cmd.TEN_CROP_BATCH_DIVISOR == 8

@@ -97,7 +97,7 @@ def add_parser(sub, parents):
 
 
 def config_from_args(args):
-    from fixres.job.pipeline import DEFAULT_BATCH, DEFAULT_OUT, FixConfig
+    from fixres.job.context import DEFAULT_BATCH, DEFAULT_OUT, FixConfig
     return FixConfig(
         model=args.model, checkpoint=args.checkpoint, weights=args.weights, pretrained=args.pretrained,
         num_classes=args.num_classes,

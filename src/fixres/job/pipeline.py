@@ -45,9 +45,7 @@ import torch
 from fixres.errors import UsageError
 from fixres.io.atomic import write_json
 from fixres.job import candidates, fixsize, keys, steps
-from fixres.job.context import (  # noqa: F401 - the job's config
-    DEFAULT_BATCH,
-    DEFAULT_OUT,
+from fixres.job.context import (
     MAX_SWEEP_SIZE,
     STEPS,
     FixConfig,
