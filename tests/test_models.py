@@ -209,13 +209,19 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
 
-def test_pretrained_offline_and_not_cached_says_what_to_download(capsys, monkeypatch, tmp_path, image_folder):
-    _offline(monkeypatch, tmp_path)
-    code, _, err = _main(capsys, "eval", "--model", "resnet18", "--pretrained", "--data", image_folder,
-                         "--out", tmp_path / "o", "-q")
+def _download_line(capsys, tmp_path, command: str, data) -> str:
+    """``fixres COMMAND --model resnet18 --pretrained`` offline with empty caches: its one error line."""
+    code, _, err = _main(capsys, command, "--model", "resnet18", "--pretrained", "--data", data,
+                         "--out", tmp_path / command, "-q")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1, err
-    assert "huggingface-cli download timm/resnet18.a1_in1k" in lines[0] and str(tmp_path / "hf" / "hub") in lines[0]
+    return lines[0]
+
+
+def test_pretrained_offline_and_not_cached_says_what_to_download(capsys, monkeypatch, tmp_path, image_folder):
+    _offline(monkeypatch, tmp_path)
+    line = _download_line(capsys, tmp_path, "eval", image_folder)
+    assert "huggingface-cli download timm/resnet18.a1_in1k" in line and str(tmp_path / "hf" / "hub") in line
     with pytest.raises(FixresError) as info:
         load_model(model="torchvision:resnet18", pretrained=True)
     msg = str(info.value)
@@ -386,11 +392,8 @@ def test_eval_of_torchvision_weights_defaults_to_their_own_test_size(capsys, mon
 
 def test_fix_pretrained_offline_and_not_cached_says_what_to_download(capsys, monkeypatch, tmp_path, split_folder):
     _offline(monkeypatch, tmp_path)
-    code, _, err = _main(capsys, "fix", "--model", "resnet18", "--pretrained", "--data", split_folder,
-                         "--out", tmp_path / "run", "-q")
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 1 and len(lines) == 1, err
-    assert "huggingface-cli download timm/resnet18.a1_in1k" in lines[0]
+    line = _download_line(capsys, tmp_path, "fix", split_folder)
+    assert "huggingface-cli download timm/resnet18.a1_in1k" in line and str(tmp_path / "hf" / "hub") in line
 
 
 def test_fix_pretrained_torchvision_weights_use_their_own_recipe(capsys, monkeypatch, tmp_path, split_folder):

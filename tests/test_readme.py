@@ -61,8 +61,14 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     for i, block in enumerate(blocks("python")):
         exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)  # noqa: S102 - our README
     out = capsys.readouterr().out.splitlines()
+    # From Python: eq. 5, a sweep, a fine-tune, an export that reloads and scores what the fixed model scored
+    assert out[0] == "0.808, test at 160"
+    assert re.fullmatch(r"top-1 at 64 px: [\d.]+ -> [\d.]+", out[2])
+    assert (tmp_path / "fixed" / "model.safetensors").is_file() and (tmp_path / "fixed" / "fixres.json").is_file()
+    assert float(out[3]) == pytest.approx(float(out[2].split("->")[1]), abs=0.05)  # printed to 0.1 above
+    # Serving: plain timm reads the fixed pre-processing, and the torchvision transform gives what timm gives
     assert out[-2] == "[3, 64, 64] 0.95 bicubic"  # plain timm reads the fixed pre-processing
-    assert out[-1] == "64 True"  # the torchvision transform gives what timm gives
+    assert out[-1] == "64 True"
 
 
 @pytest.mark.parametrize("block", [b for b in blocks("bash") if not b.startswith(NEEDS)])

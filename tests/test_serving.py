@@ -117,19 +117,15 @@ def test_the_torchvision_transform_equals_fixres_test_transform(tmp_path):
     plain = T.torchvision_transform(test_size=48, crop_ratio=0.9, cfg=cfg)(img)
     ours = T.test_transform(test_size=48, crop_ratio=0.9, cfg=cfg)(img)
     assert plain.shape == (3, 48, 48) and torch.equal(plain, ours)
-    names = [type(t).__name__ for t in plain_ops(T.torchvision_transform(test_size=48, crop_ratio=0.9, cfg=cfg))]
+    names = [type(t).__name__ for t in T._flat_ops(T.torchvision_transform(test_size=48, crop_ratio=0.9, cfg=cfg))]
     assert names == ["Resize", "CenterCrop", "ToImage", "ToDtype", "Normalize"]  # torchvision only
-
-
-def plain_ops(t) -> list:
-    return [op for sub in t.transforms for op in (plain_ops(sub) if hasattr(sub, "transforms") else [sub])]
 
 
 def test_load_transform_and_fix_result_give_the_fixed_model(fixed_run):
     bundle = fixres.load(fixed_run)
     assert bundle.test_size == 48
     assert "runs at 48px" in repr(bundle) and len(repr(bundle)) < 200
-    sizes = [op.size for op in plain_ops(bundle.transform) if type(op).__name__ == "CenterCrop"]
+    sizes = [op.size for op in T._flat_ops(bundle.transform) if type(op).__name__ == "CenterCrop"]
     assert sizes == [(48, 48)]
 
 
