@@ -14,7 +14,7 @@ from conftest import write_image_folder
 from fixres.job import pipeline, plan
 
 USER = dict(model="fixres_tiny_resnet", train_size=32, test_sizes=[32, 48], finetune_epochs=1, workers=0,
-            progress=False, batch_size=8, tune_schedule=False)
+            progress=False, batch_size=8, tune_schedule=False, holdout_untouched=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_temperature_scaling_keeps_top1_and_is_fitted_on_held_out_images(setup):
     run = setup["run"]
     before = json.loads((run / "sweep_after.json").read_text())
     scaled = pipeline.run_fix(pipeline.FixConfig(**{**setup["cfg"], "temperature_scale": True}))
-    assert set(scaled["recomputed"]) == {"finetune", "sweep_after", "stats", "report"}
+    assert set(scaled["recomputed"]) == {"finetune", "sweep_after", "stats", "robustness", "report"}
     ft = json.loads((run / "finetune.json").read_text())
     t = ft["temperature"]["T"]
     assert t > 0 and "held-out" in ft["temperature"]["fitted_on"]
@@ -97,7 +97,8 @@ def test_terminal_shows_plan_noise_and_no_resume_message_on_a_first_run(tmp_path
 def test_fix_summary_lists_every_candidate_before_and_after(setup, capsys):
     code, out, _ = cli(capsys, "fix", "--model", "fixres_tiny_resnet", "--checkpoint", setup["ck"], "--data",
                        Path(setup["cfg"]["data"]), "--out", setup["run"], "--train-size", "32", "--test-sizes", "32,48",
-                       "--epochs", "1", "--workers", "0", "--batch-size", "8", "--no-tune-schedule")
+                       "--epochs", "1", "--workers", "0", "--batch-size", "8", "--no-tune-schedule",
+                       "--holdout-untouched")
     assert code == 0
     rows = [ln for ln in out.splitlines() if ln.strip()[:2] in ("32", "64")]
     assert len(rows) == 2 and sum("*" in r for r in rows) == 1
@@ -122,7 +123,8 @@ def test_report_shows_candidates_frontier_reliability_and_ks(setup):
 def _plan_context(*, candidates, augment="test", n_fit=100, n_hold=20, n_val=50, epochs=4, train_size=32):
     from types import SimpleNamespace
     config = SimpleNamespace(candidates=list(candidates), test_size=None, finetune_epochs=epochs, augment=augment,
-                             train_epochs=3, label_free=False, tune_schedule=True, lr=None)
+                             train_epochs=3, label_free=False, tune_schedule=True, lr=None, robustness=False,
+                             robustness_images=None)
     return SimpleNamespace(config=config, cfg=SimpleNamespace(train_size=train_size, stride=32),
                            fit=[0] * n_fit, holdout=[0] * n_hold, val_index=SimpleNamespace(samples=[0] * n_val),
                            test_sizes=[32, 64], needs_training=False)

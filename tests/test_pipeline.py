@@ -104,7 +104,7 @@ def test_rerun_with_changed_interpolation_recomputes_exactly_the_affected_steps(
     changed = pipeline.run_fix(pipeline.FixConfig(out=str(run), **{**TINY, "interpolation": "bicubic",
                                                                     "progress": True}))
     err = capsys.readouterr().err
-    redo = {"train", "sweep_before", "schedule", "select", "finetune", "sweep_after", "stats", "report"}
+    redo = {"train", "sweep_before", "schedule", "select", "finetune", "sweep_after", "stats", "robustness", "report"}
     assert set(changed["recomputed"]) == redo
     assert all("interpolation" in why for step, why in changed["recomputed"].items() if step != "report")
     assert "recomputing train: changed interpolation" in err and "recomputing sweep_after:" in err
@@ -134,7 +134,7 @@ def test_choose_test_size_and_default_sizes():
     rows = [{"test_size": 64, "top1": 50.0}, {"test_size": 96, "top1": 58.0}, {"test_size": 128, "top1": 55.0}]
     assert fixsize.choose_test_size(recommended=64, sweep_rows=rows, train_size=64)["test_size"] == 96
     assert fixsize.choose_test_size(recommended=128, sweep_rows=rows, train_size=64)["test_size"] == 128
-    assert pipeline.default_test_sizes(64) == [32, 64, 96, 128, 160, 192]
+    assert pipeline.default_test_sizes(64) == [32, 64, 96, 128]  # T/2 to 2T, the candidates' range
     assert pipeline.default_test_sizes(64, step=16)[:3] == [32, 48, 64]
     sizes = pipeline.default_test_sizes(224)
     assert 224 in sizes and 288 in sizes and all(s % 32 == 0 for s in sizes)

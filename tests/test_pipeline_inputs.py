@@ -43,7 +43,10 @@ def user_run(tmp_path_factory):
     mp.setattr(models, "load_model", counting)
     mp.setattr(context, "load_model", counting)  # imported at module level there
     try:
-        cfg = pipeline.FixConfig(checkpoint=str(ck), data=str(data), out=str(tmp / "run"), **USER)
+        # the user vouches that the checkpoint never trained on the held-out photos (the default for a given
+        # checkpoint, cross-selection on val, is tested in test_selection_rules)
+        cfg = pipeline.FixConfig(checkpoint=str(ck), data=str(data), out=str(tmp / "run"), holdout_untouched=True,
+                                 **USER)
         result = pipeline.run_fix(cfg)
     finally:
         mp.undo()
@@ -65,7 +68,7 @@ def test_test_size_is_chosen_on_held_out_training_images_not_on_val(user_run):
     sel = json.loads((run / "select.json").read_text())
     train = scan_folder(user_run["data"] / "train")
     fit, held = holdout_split(train.samples, seed=0)
-    assert sel["method"] == "held-out training images" and sel["n_holdout"] == len(held) > 0
+    assert sel["method"] == "held-out-untouched" and sel["n_holdout"] == len(held) > 0
     cands = sel["candidates"]
     assert [c["test_size"] for c in cands] == [32, 64] and all(c["holdout_after"]["n"] == len(held) for c in cands)
     assert all(c["val_after"]["n"] == c["val_before"]["n"] == 9 for c in cands)
@@ -91,7 +94,7 @@ def test_changed_checkpoint_file_recomputes_the_steps_that_read_it(user_run):
     save_tiny_checkpoint(user_run["ck"], seed=1)  # other weights under the same path
     again = pipeline.run_fix(user_run["cfg"])
     assert set(again["recomputed"]) == {"sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
-                                       "report"}
+                                       "robustness", "report"}
     assert all("checkpoint_sha256" in why for s, why in again["recomputed"].items() if s != "report")
     assert (run / "analyse.json").stat().st_mtime_ns == analyse_mtime
 

@@ -2,6 +2,8 @@
 
 Also the CLI edge shared with ``fixres sweep``: the typed ``EvalConfig`` built from the flags,
 ``run_evaluation`` (model + data + ``fixres.method.evaluate.evaluate``), the result files and the table.
+``--corruptions`` also measures the model on corrupted copies of the photos
+(``fixres.method.robustness.corruption_table``) and writes ``corruptions.json`` beside ``eval.json``.
 Under ``torchrun`` every rank evaluates its shard; only rank 0 writes files and prints.
 """
 
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Any
 
 from fixres.cli.args import add_model_args, add_runtime_args, int_list, model_spec, positive_int, warn_stride
 from fixres.config import DEFAULT_FOLDS
 
 DEFAULT_OUT = "runs/eval"
+CORRUPTIONS_JSON = "corruptions.json"
 #: 10-crop testing feeds ten crops per image and view: keep the default batch's memory the same.
 TEN_CROP_BATCH_DIVISOR = 8
 
@@ -46,6 +50,15 @@ def add_parser(sub, parents):
                                    f"and per_class.csv to --out (default {DEFAULT_OUT}).")
     p.add_argument("--test-size", type=positive_int, default=None, help="test size (default: the size a fixres export was fixed for, else the model's train size)")
     add_eval_args(p)
+    g = p.add_argument_group("robustness under corruptions")
+    g.add_argument("--corruptions", action="store_true",
+                   help="also evaluate on corrupted copies of the photos (gaussian_noise, gaussian_blur, jpeg, "
+                        "brightness_contrast at severities 1-3, made on the fly, centre crop at the test size); "
+                        f"prints the table and writes {CORRUPTIONS_JSON}")
+    g.add_argument("--corruption-images", type=positive_int, default=None, metavar="N",
+                   help="with --corruptions: a seeded, class-stratified subset of N photos (default: all)")
+    g.add_argument("--corruption-seed", type=int, default=0, metavar="SEED",
+                   help="seed of the noise and of the subset (default 0): the same seed gives the same photos")
     add_model_args(p)
     add_runtime_args(p, batch_default=64, batch_note="; 8 with --ten-crop")
     return p
@@ -100,11 +113,27 @@ def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
         amp=not args.no_amp, quiet=args.quiet)
 
 
-def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
-    """Load the model and data, evaluate, and return (result, env). Call ``dist.shutdown()`` afterwards."""
+@dataclass
+class Loaded:
+    """What an evaluation works on: the model bundle, its data config, the indexed photos, and how to run."""
+
+    bundle: Any
+    data_cfg: Any
+    index: Any
+    num_classes: int | None
+    test_sizes: list[int]
+    crop_ratios: list[float]
+    env: Any
+    precision: Any
+    batch_size: int
+    show: bool
+
+
+def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
+    """Load the model and index the data (call ``dist.shutdown()`` afterwards)."""
     from fixres.data.folders import index_val_onto, read_class_map, resolve_split, scan_folder
     from fixres.errors import UsageError
-    from fixres.method.evaluate import DEFAULT_BATCH_SIZE, evaluate
+    from fixres.method.evaluate import DEFAULT_BATCH_SIZE
     from fixres.models.loading import load_model, num_outputs
     from fixres.runtime import dist
     from fixres.runtime.engine import inference_precision
@@ -144,13 +173,25 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
                                     else DEFAULT_BATCH_SIZE)
     status(f"fixres {label}: {bundle.name} ({bundle.source}) on {len(index)} images in {index.root} "
            f"[{index.source}], {precision.describe()}, {env.world_size} process(es)", enabled=show)
-    eval_kw = dict(test_sizes=test_sizes, crop_ratios=crop_ratios, batch_size=batch_size, env=env,
-                   precision=precision, workers=cfg.workers, ensembles=cfg.ensembles, ten_crop=cfg.ten_crop,
-                   folds=cfg.folds, progress=show, num_classes=num_classes, reduced_decode=cfg.reduced_decode)
+    return Loaded(bundle, data_cfg, index, num_classes, test_sizes, crop_ratios, env, precision, batch_size, show)
+
+
+def run_evaluation(cfg: EvalConfig, *, label: str = "eval", loaded: Loaded | None = None):
+    """Load the model and data (unless ``loaded``), evaluate, and return (result, env). Call ``dist.shutdown()``
+    afterwards."""
+    from fixres.method.evaluate import evaluate
+    from fixres.models.loading import num_outputs
+
+    ld = loaded or load_evaluation(cfg, label=label)
+    bundle, data_cfg, index = ld.bundle, ld.data_cfg, ld.index
+    eval_kw = dict(test_sizes=ld.test_sizes, crop_ratios=ld.crop_ratios, batch_size=ld.batch_size, env=ld.env,
+                   precision=ld.precision, workers=cfg.workers, ensembles=cfg.ensembles, ten_crop=cfg.ten_crop,
+                   folds=cfg.folds, progress=ld.show, num_classes=ld.num_classes, reduced_decode=cfg.reduced_decode)
     result = evaluate(bundle.model, index, data_cfg, per_class=cfg.per_class, keep_log_probs=bool(cfg.calibrate_on),
                       **eval_kw)
     if cfg.calibrate_on:
-        _temperature_scaled(result, bundle.model, data_cfg, cfg.calibrate_on, index, n_out, eval_kw)
+        _temperature_scaled(result, bundle.model, data_cfg, cfg.calibrate_on, index, num_outputs(bundle.model),
+                            eval_kw)
     result = {
         "command": label,
         "model": bundle.name, "model_source": bundle.source,
@@ -161,7 +202,16 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval"):
         "data_config": {k: v for k, v in data_cfg.to_dict().items() if k != "class_names"},
         **result,
     }
-    return result, env
+    return result, ld.env
+
+
+def run_corruptions(ld: Loaded, *, images: int | None, seed: int, workers: int | None) -> dict:
+    """The model at each test size under every corruption and severity (``corruption_table``), one column per size."""
+    from fixres.method.robustness import corruption_table
+    columns = {f"{ld.bundle.name} at {size}px": (ld.bundle.model, size) for size in ld.test_sizes}
+    return corruption_table(columns, ld.index, ld.data_cfg, seed=seed, max_images=images, batch_size=ld.batch_size,
+                            env=ld.env, precision=ld.precision, workers=workers, progress=ld.show,
+                            num_classes=ld.num_classes)
 
 
 def _temperature_scaled(result: dict, model, data_cfg, folder: str, index, n_out: int, eval_kw: dict) -> None:
@@ -247,16 +297,31 @@ def write_results(result: dict, out_dir, stem: str) -> dict:
 
 
 def run(args):
+    from pathlib import Path
+
+    from fixres.io.atomic import write_json
+    from fixres.report.robustness import format_corruption_table
     from fixres.runtime import dist
 
     cfg = config_from_args(args, test_sizes=[args.test_size] if args.test_size else None,
                            crop_ratios=[args.crop_ratio] if args.crop_ratio else None)
     try:
-        result, env = run_evaluation(cfg, label="eval")
+        loaded = load_evaluation(cfg, label="eval")
+        result, env = run_evaluation(cfg, label="eval", loaded=loaded)
+        robust = (run_corruptions(loaded, images=args.corruption_images, seed=args.corruption_seed,
+                                  workers=cfg.workers) if args.corruptions else None)
         if not env.is_main:
             return None
-        result["files"] = write_results(result, args.out or DEFAULT_OUT, "eval")
+        out = args.out or DEFAULT_OUT
+        if robust is not None:
+            path = str(Path(out) / CORRUPTIONS_JSON)
+            write_json(path, robust)
+            result["corruptions"] = {"file": path, "n_images": robust["n_images"], "seed": robust["seed"],
+                                     "mean": robust["mean"]}
+        result["files"] = write_results(result, out, "eval")
         text = format_table(result) + f"\nresults: {result['files']['json']}"
+        if robust is not None:
+            text += "\n\n" + format_corruption_table(robust) + f"\ncorruptions: {result['corruptions']['file']}"
         result.pop("per_class", None)  # one number per class and view: in the files, not on stdout
         return result, text
     finally:

@@ -16,7 +16,8 @@ DESCRIPTION = """\
 The whole method on your model and data: analyse the apparent object sizes (recommended test size),
 sweep the test sizes, fix at every candidate size (fine-tuning the classifier and the batch-norm
 before pooling at that size, test-time augmentation, cached activations) and keep the one most
-accurate on a held-out part of the training images (never the validation images reported), measure
+accurate on photos the model never saw (held-out training photos when fix trains the model; for a
+model trained elsewhere, two-fold cross-selection on the validation photos, or --select-data), measure
 the pooled-activation statistics before and after, export the fixed model and write an HTML report
 with every candidate before and after the fix, its cost and its calibration.
 
@@ -47,10 +48,11 @@ def add_parser(sub, parents):
     g.add_argument("--train-size", type=positive_int, default=None,
                    help="size the model was (or is to be) trained at (default: the model's own; 64 embedded)")
     g.add_argument("--test-sizes", type=int_list, default=None, metavar="SIZES",
-                   help="sizes to sweep, e.g. 64,96,128 or 48:224:16 (default: about T/2 to 3T in steps of 16)")
+                   help="sizes to sweep, e.g. 64,96,128 or 48:224:16 (default: about T/2 to 2T, the candidates' "
+                        "range, in steps of the model's stride)")
     g.add_argument("--test-size", type=positive_int, default=None,
                    help="fix at this size only (default: fix at every candidate size and keep the one most accurate "
-                        "after the fix on a held-out part of the training images, never on the validation images)")
+                        "after the fix on photos the model never saw; see --select-data)")
     s = p.add_argument_group("choosing the size after fixing")
     s.add_argument("--candidates", type=int_list, default=None, metavar="SIZES",
                    help="sizes to fix at and choose from (default: stride multiples from T/2 to 2T and the "
@@ -59,7 +61,14 @@ def add_parser(sub, parents):
                    help="cap on the estimated time of the candidate fixes, printed up front; the sizes farthest "
                         "from the recommendation and T are dropped first (default 60 minutes)")
     s.add_argument("--holdout", type=fraction, default=0.2, metavar="F",
-                   help="share of each training class held out to choose the size (default 0.2)")
+                   help="share of each training class held out to choose the size when fix trains the model "
+                        "(default 0.2)")
+    s.add_argument("--select-data", default=None, metavar="DIR",
+                   help="a labelled folder (DIR/CLASS/IMAGE, photos the model never saw, not val) that chooses the "
+                        "size and the fine-tuning schedule (default for a given model: two-fold cross-selection on "
+                        "the validation photos; for a model fix trains: the held-out training photos)")
+    s.add_argument("--holdout-untouched", action="store_true",
+                   help="the given model never trained on the held-out training photos: choose on them")
     s.add_argument("--max-test-size", type=positive_int, default=None, metavar="S",
                    help="deploy at most at this size: the most accurate fixed size not above it")
     s.add_argument("--budget-ms", type=positive_float, default=None, metavar="X",
@@ -83,6 +92,12 @@ def add_parser(sub, parents):
                         "paper's 0.008 x batch / 512, and 1x / 3x --epochs)")
     f.add_argument("--no-tune-schedule", action="store_true",
                    help="fine-tune with --lr (the paper's rate by default) and --epochs as given, no grid")
+    r = p.add_argument_group("robustness (top-1 under corrupted photos, before and after the fix)")
+    r.add_argument("--no-robustness", action="store_true",
+                   help="skip the corruption table (Gaussian noise, blur, JPEG, contrast; 3 severities each)")
+    r.add_argument("--robustness-images", type=positive_int, default=400, metavar="N",
+                   help="validation photos evaluated under each corruption (a seeded class-stratified subset; "
+                        "default 400)")
     t = p.add_argument_group("training (embedded default, or a model without weights)")
     t.add_argument("--train-epochs", type=positive_int, default=30, help="training epochs (default 30)")
     t.add_argument("--train-augment", choices=("train", "control"), default="train",
@@ -109,9 +124,11 @@ def config_from_args(args):
         device=args.device, amp=not args.no_amp, workers=args.workers, seed=args.seed, classes=args.classes,
         train_per_class=args.train_per_class, val_per_class=args.val_per_class, restart=args.restart,
         progress=not args.quiet, candidates=args.candidates, select_budget_min=args.select_budget,
-        holdout_fraction=args.holdout, max_test_size=args.max_test_size, budget_ms=args.budget_ms,
+        holdout_fraction=args.holdout, select_data=args.select_data, holdout_untouched=args.holdout_untouched,
+        max_test_size=args.max_test_size, budget_ms=args.budget_ms,
         budget_gflops=args.budget_gflops, temperature_scale=args.temperature_scale, label_free=args.label_free,
-        tune_schedule=not args.no_tune_schedule)
+        tune_schedule=not args.no_tune_schedule, robustness=not args.no_robustness,
+        robustness_images=args.robustness_images)
 
 
 def _pm(top1, std) -> str:
@@ -122,13 +139,50 @@ def _noise_line(h: dict) -> str:
     """The binomial standard error of the headline, and whether the fix's gain is within noise."""
     from fixres.job.fixsize import binomial_se, within_noise
     n, fixed, untuned = h.get("n_val"), h.get("top1_fixed"), h.get("top1_untuned_at_test_size")
+    where = f"at {h['test_size']}px"
+    if h.get("top1_untuned_same_choice") is not None:
+        untuned, where = h["top1_untuned_same_choice"], "at the same cross-selected sizes"
     if not n or fixed is None:
         return "  noise: n/a"
     line = f"  noise: binomial SE {binomial_se(fixed, n):.1f} points on {n} images"
     if untuned is not None:
         verdict = "within noise" if within_noise(fixed, untuned, n) else "beyond 2 SE of the difference"
-        line += f"; fixed vs untuned at {h['test_size']}px: {fixed - untuned:+.1f} points ({verdict})"
+        line += f"; fixed vs untuned {where}: {fixed - untuned:+.1f} points ({verdict})"
     return line
+
+
+def _rule_lines(choice: dict, h: dict) -> list[str]:
+    """Which photos chose the size, and under cross-selection the pooled headline and the training-photo check."""
+    lines = [f"  rule: {choice['rule_text']}"] if choice.get("rule_text") else []
+    cross, seen = choice.get("cross"), choice.get("seen_check")
+    if cross:
+        line = (f"  cross-selected (half A chose {cross['size_half_a']}px, half B {cross['size_half_b']}px; each half "
+                f"scored at the other's choice): {_pm(cross['top1'], cross.get('top1_std'))} on {cross['n']} photos")
+        if cross.get("paired_vs_untuned"):
+            line += (f"; untuned at the same sizes {_pm(cross['untuned_top1'], None)} "
+                     f"(paired p {cross['paired_vs_untuned']['p']:.3g})")
+        lines.append(line)
+        if h.get("top1_fixed_all_val") is not None:
+            lines.append(f"  on all validation photos at the exported {h['test_size']}px: "
+                         f"{_pm(h['top1_fixed_all_val'], None)} (the size was chosen on them: optimistic)")
+    if seen and seen.get("seen_top1_at_train_size") is not None:
+        lines.append(f"  for comparison: {seen['n']} training photos (the model may have trained on them) score "
+                     f"{_pm(seen['seen_top1_at_train_size'], None)} at {h['train_size']}px against "
+                     f"{_pm(seen['val_top1_at_train_size'], None)} on val; choosing on them would pick "
+                     f"{seen['size_chosen_on_seen']}px")
+    return lines
+
+
+def _robustness_lines(run_dir: str) -> list[str]:
+    """The paired verdicts of the corruption table (robustness.json), when the step ran."""
+    import json
+    from pathlib import Path
+
+    from fixres.report.robustness import verdicts
+    path = Path(run_dir) / "robustness.json"
+    if not path.is_file():
+        return []
+    return ["  under corruptions: " + line for line in verdicts(json.loads(path.read_text(encoding="utf-8")))]
 
 
 def _candidate_lines(run_dir: str, chosen: int) -> list[str]:
@@ -139,9 +193,10 @@ def _candidate_lines(run_dir: str, chosen: int) -> list[str]:
     if not path.is_file():
         return []
     sel = json.loads(path.read_text(encoding="utf-8"))
-    lines = ["  size   val before  val after  held-out after   ms/img  GFLOPs"]
+    third = "train photos after" if sel.get("n_seen") else "held-out after"
+    lines = [f"  size   val before  val after  {third:>14}   ms/img  GFLOPs"]
     for c in sel["candidates"]:
-        held = (c.get("holdout_after") or {}).get("top1")
+        held = (c.get("holdout_after") or c.get("seen_after") or {}).get("top1")
         lines.append(f"  {c['test_size']:>4}{'*' if c['test_size'] == chosen else ' '} "
                      f"{_pm(c['val_before'].get('top1'), None):>11} {_pm(c['val_after']['top1'], None):>10} "
                      f"{_pm(held, None):>15} {c.get('ms') or float('nan'):>8.2f} "
@@ -162,6 +217,7 @@ def run(args):
         f"fixres fix: {h['model']} trained at {h['train_size']}px, fixed at {h['test_size']}px; "
         f"{h['n_val']} validation images, ± = fold std",
         f"  chosen: {choice.get('chosen_on', 'n/a')}",
+        *_rule_lines(choice, h),
         *([f"  {choice['why_not_recommended']}"] if choice.get("why_not_recommended") else []),
         f"  top-1 at the train size {h['train_size']}px:        "
         f"{_pm(h['top1_at_train_size'], h['top1_at_train_size_std'])}",
@@ -169,9 +225,12 @@ def run(args):
         f"{_pm(h['top1_best_untuned'], h['top1_best_untuned_std'])}",
         f"  untuned at {h['test_size']}px:                     "
         f"{_pm(h['top1_untuned_at_test_size'], h['top1_untuned_at_test_size_std'])}",
-        f"  after the fix at {h['test_size']}px:               {_pm(h['top1_fixed'], h['top1_fixed_std'])}",
+        (f"  after the fix, cross-selected:            {_pm(h['top1_fixed'], h['top1_fixed_std'])}"
+         if h.get("headline_rule") else
+         f"  after the fix at {h['test_size']}px:               {_pm(h['top1_fixed'], h['top1_fixed_std'])}"),
         _noise_line(h),
         *_candidate_lines(result["run_dir"], int(h["test_size"] or 0)),
+        *_robustness_lines(result["run_dir"]),
         f"  time: {format_duration(h['seconds_total'])} in the steps "
         f"({format_duration(result['seconds'])} in this call)",
         f"  fixed model: {result['export']}/model.safetensors",

@@ -316,24 +316,29 @@ class ImageDataset(Dataset):
     where no reduction applies the photo takes exactly the full-decode path. Views of a sweep that
     need different reductions get one decode per distinct reduction, so each view's output is the
     one a single-view transform would give.
+
+    ``corrupt``, if given, is called as ``corrupt(photo, i)`` on each decoded photo (``i``: the sample's
+    index here) before ``transform``, e.g. a ``data.corruptions.Corruption``; the photo is then always
+    decoded at full size, so the corruption happens to the photo as it was taken.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, *,
-                 reduced_decode: bool = True) -> None:
+                 reduced_decode: bool = True, corrupt: Callable | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.reduced_decode = reduced_decode
+        self.corrupt = corrupt
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        plan = decode_plan(self.transform) if self.reduced_decode else None
+        plan = decode_plan(self.transform) if self.reduced_decode and self.corrupt is None else None
         try:
             img = load_rgb(path, need=plan.need if plan is not None else None)
             if plan is None:
-                return self.transform(img), label, i
+                return self.transform(img if self.corrupt is None else self.corrupt(img, i)), label, i
             # Views needing a coarser JPEG reduction than the first decode get their own (``FixedResizePlan``).
             return plan.finish(img, reload=lambda short: load_rgb(path, need=lambda _size: short)), label, i
         except BadImage as exc:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,9 +28,10 @@ from fixres.io.atomic import write_json
 from fixres.io.checkpoint import load_state_dict, save_safetensors
 from fixres.job import fixsize
 from fixres.job.context import FixContext
+from fixres.job.fixsize import paired_test
 from fixres.method.adaptation import adapt
 from fixres.method.calibration import fit_temperature
-from fixres.method.evaluate import evaluate
+from fixres.method.evaluate import evaluate, fold_std
 from fixres.method.finetuning import STATE_NAME as FT_STATE
 from fixres.method.finetuning import default_lr, finetune
 from fixres.models.structure import find_classifier_name
@@ -179,11 +181,23 @@ def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs:
                     evaluate_after=False)  # scored below, on the images each score is for
 
 
-def _score(x: "FixContext", model, samples, size: int) -> dict:
-    """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision)."""
-    row = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False,
-                   **{**x.eval_kw(), "progress": False})["rows"][0]
-    return {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
+def _score(x: "FixContext", model, samples, size: int, *, outcomes: bool = False) -> dict:
+    """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision); with ``outcomes``
+    also every image's outcome (``fixsize.outcome_bits``), for cross-selection and paired tests."""
+    res = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False, keep_outcomes=outcomes,
+                   **{**x.eval_kw(), "progress": False})
+    row = res["rows"][0]
+    score = {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
+    if outcomes:
+        score["outcomes"] = outcomes_of(res, len(getattr(samples, "samples", samples)))[str(size)]
+    return score
+
+
+def outcomes_of(result: dict, n: int) -> dict[str, str]:
+    """{test size: per-image outcomes over the ``n`` evaluated images} of an ``evaluate(keep_outcomes=True)``
+    result (its rows and their outcome arrays are in the same order)."""
+    return {str(r["test_size"]): fixsize.outcome_bits(top1, result["_idx"], n)
+            for r, top1 in zip(result["rows"], result["_top1"].values())}
 
 
 def run_schedule(x: "FixContext") -> None:
@@ -202,7 +216,7 @@ def run_schedule(x: "FixContext") -> None:
     best = max(rows, key=lambda r: (r["top1"], -(r["nll"] if r["nll"] is not None else 0.0), -r["epochs"]))
     write_json(x.run_dir / "schedule.json", {
         "test_size": size, "rows": rows, "n_images": len(x.holdout), "lr": best["lr"], "epochs": best["epochs"],
-        "how": f"best of {len(rows)} (lr, epochs) pairs on {len(x.holdout)} {fixsize.HOLDOUT_METHOD} at {size}px "
+        "how": f"best of {len(rows)} (lr, epochs) pairs on {len(x.holdout)} {x.chooser_words} at {size}px "
                "(top-1, ties to the lower NLL)"})
 
 
@@ -226,25 +240,29 @@ def run_select(x: "FixContext") -> None:
     """Fix at every candidate size, score on the held-out training images and on val, measure cost."""
     sizes, dropped, estimate = _planned_candidates(x)
     before = {int(r["test_size"]): r for r in x.read("sweep_before")["rows"]}
-    held_before = _held_out_before(x, sizes)
+    held_before = _before_on(x, x.holdout, sizes)
+    seen_before = _before_on(x, x.seen, sizes)
     rows = []
     for size in sizes:
         row = _fix_candidate(x, size)
         cost = measure_cost(x.base(), size, device=x.env.device, precision=x.eval_precision)
         b = before.get(size, {})
-        rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
+        rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size),
+                     "seen_before": seen_before.get(size), **row,
                      "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
     write_json(x.run_dir / "select.json", {
-        "method": fixsize.HOLDOUT_METHOD if x.holdout else "recommendation", "n_holdout": len(x.holdout),
+        "method": x.rule if (x.holdout or len(sizes) > 1) else "recommendation", "rule": x.rule,
+        "rule_text": fixsize.SELECTION_RULES.get(x.rule), "n_holdout": len(x.holdout), "n_seen": len(x.seen),
         "n_val": x.read("sweep_before")["n_images"], "candidates": rows, "dropped": dropped,
         "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule,
         "recommended": int(x.read("analyse")["recommended_test_size"]), "recommended_exact": recommended_exact(x)})
 
 
-def _held_out_before(x: "FixContext", sizes: Sequence[int]) -> dict:
-    if not x.holdout:
+def _before_on(x: "FixContext", samples, sizes: Sequence[int]) -> dict:
+    """The model before the fix on ``samples`` at every size (one pass), {size: score}."""
+    if not samples:
         return {}
-    rows = evaluate(x.base(), x.holdout, x.cfg, test_sizes=list(sizes), per_class=False,
+    rows = evaluate(x.base(), samples, x.cfg, test_sizes=list(sizes), per_class=False,
                     **{**x.eval_kw(), "progress": False})["rows"]
     return {int(r["test_size"]): {k: r.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")} for r in rows}
 
@@ -258,7 +276,9 @@ def _fix_candidate(x: "FixContext", size: int) -> dict:
     ft = _finetune_at(x, model, size, lr=x.schedule.get("lr"), epochs=int(x.schedule["epochs"]), out_dir=folder)
     save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / "adapted.safetensors")
     row = {"holdout_after": _score(x, model, x.holdout, size) if x.holdout else None,
-           "val_after": _score(x, model, x.val_index, size), "finetune_s": (ft.get("timing") or {}).get("wall_s")}
+           "seen_after": _score(x, model, x.seen, size) if x.seen else None,
+           "val_after": _score(x, model, x.val_index, size, outcomes=x.rule == fixsize.RULE_CROSS),
+           "finetune_s": (ft.get("timing") or {}).get("wall_s")}
     write_json(folder / RESULT_NAME, row)
     write_json(folder / "finetune_result.json", _public(ft))
     return row
@@ -289,30 +309,86 @@ def _dur(seconds: float) -> str:
 
 
 def choose_after_fixing(x: "FixContext") -> dict:
-    """The fixed size: the most accurate on the held-out images after the fix, within the deployment budget."""
+    """The fixed size: the most accurate after the fix on the photos of the selection rule, within the
+    deployment budget; under cross-selection the size chosen on all validation photos is exported and the
+    headline is the pooled cross-selected result (``_cross_choice``)."""
     c = x.config
     sel = x.read("select")
+    rule = sel.get("rule") or x.rule
     rows = [{**r, "top1": (r["holdout_after"] or r["val_after"])["top1"]} for r in sel["candidates"]]
-    best = fixsize.choose_within_budget(rows, train_size=x.cfg.train_size, max_size=c.max_test_size,
-                                        budget_ms=c.budget_ms, budget_gflops=c.budget_gflops)
+    budget = dict(max_size=c.max_test_size, budget_ms=c.budget_ms, budget_gflops=c.budget_gflops)
+    best = fixsize.choose_within_budget(rows, train_size=x.cfg.train_size, **budget)
     size = int(best["test_size"])
     budgets = [f"{name} {v:g}" for name, v in (("max size", c.max_test_size), ("ms/image", c.budget_ms),
                                                  ("GFLOPs", c.budget_gflops)) if v is not None]
     n = sel["n_holdout"]
+    cross = None
     if c.test_size:
         how = "given (--test-size)"
     elif n:
-        how = (f"the most accurate after the fix on {n} {fixsize.HOLDOUT_METHOD} (not the validation images "
+        how = (f"the most accurate after the fix on {n} {x.chooser_words} (not the validation images "
                f"reported), among {len(rows)} candidates each fixed at its own size")
+    elif rule == fixsize.RULE_CROSS and len(rows) > 1:
+        cross = _cross_choice(x, sel, budget)
+        how = (f"two-fold cross-selection on the validation photos (the model was trained elsewhere: its training "
+               f"photos are not unseen): half A chose {cross['size_half_a']}px, half B {cross['size_half_b']}px; "
+               f"exported at {size}px, the choice on all validation photos, among {len(rows)} candidates")
     else:
         how = "the only candidate (no training images to hold out)"
     how += f", within the budget ({', '.join(budgets)})" if budgets else ""
-    return {"test_size": size, "method": sel["method"], "reason": "selected after fixing" if n else how,
-            "chosen_on": how, "recommended": sel["recommended"], "n_images": n,
-            "why_not_recommended": _why_not_recommended(size, sel, rows)}
+    return {"test_size": size, "method": sel["method"], "rule": rule, "rule_text": fixsize.SELECTION_RULES.get(rule),
+            "reason": "selected after fixing" if (n or cross) else how, "chosen_on": how,
+            "recommended": sel["recommended"], "n_images": n or (sel["n_val"] if cross else 0),
+            "why_not_recommended": _why_not_recommended(size, sel, rows, "the held-out images" if n else
+                                                        "all validation photos"), "cross": cross,
+            "seen_check": _seen_check(x, sel, rows, budget)}
 
 
-def _why_not_recommended(size: int, sel: dict, rows: list[dict]) -> str | None:
+def _cross_choice(x: "FixContext", sel: dict, budget: dict) -> dict:
+    """Each half of val reported by the size chosen on the other half; pooled top-1 (fold std) and paired
+    tests against the untuned model at the same sizes and at the train size, on the same photos."""
+    labels = [int(y) for _, y in x.val_index.samples]
+    halves = fixsize.stratified_halves(labels, seed=x.config.seed)
+    after = {int(r["test_size"]): fixsize.read_bits(r["val_after"]["outcomes"]) for r in sel["candidates"]}
+    costs = {int(r["test_size"]): {"ms": r.get("ms"), "gflops": r.get("gflops")} for r in sel["candidates"]}
+    res = fixsize.cross_select(after, halves, costs=costs, train_size=x.cfg.train_size, **budget)
+    before_bits = x.read("sweep_before").get("outcomes") or {}
+    before = {int(k): fixsize.read_bits(v) for k, v in before_bits.items()}
+    chosen = {0: res["size_half_a"], 1: res["size_half_b"]}
+    untuned = [before[chosen[1 - h]][i] if chosen[1 - h] in before else None for i, h in enumerate(halves)]
+    at_t = before.get(int(x.cfg.train_size))
+    known = [i for i, o in enumerate(res["pooled"]) if o is not None]
+    fixed = [bool(res["pooled"][i]) for i in known]
+    out = {"size_half_a": chosen[0], "size_half_b": chosen[1], "n": res["n"], "top1": res["top1"],
+           "top1_std": fold_std(np.array(fixed, dtype=bool)) if fixed else None,
+           "n_half_a": halves.count(0), "n_half_b": halves.count(1)}
+    if all(untuned[i] is not None for i in known):
+        u = [bool(untuned[i]) for i in known]
+        out["untuned_top1"] = 100.0 * sum(u) / len(u)
+        out["paired_vs_untuned"] = paired_test(fixed, u)
+    if at_t is not None and all(at_t[i] is not None for i in known):
+        t = [bool(at_t[i]) for i in known]
+        out["train_size_top1"] = 100.0 * sum(t) / len(t)
+        out["paired_vs_train_size"] = paired_test(fixed, t)
+    return out
+
+
+def _seen_check(x: "FixContext", sel: dict, rows: list[dict], budget: dict) -> dict | None:
+    """Under cross-selection: what choosing on training photos (the model's own, possibly memorised) would
+    have shown and chosen, beside the validation figures, so the difference between the rules is visible."""
+    seen = [r for r in sel["candidates"] if r.get("seen_after")]
+    if not seen:
+        return None
+    t = int(x.cfg.train_size)
+    at_t = next((r for r in sel["candidates"] if int(r["test_size"]) == t), None)
+    pick = fixsize.choose_within_budget([{**r, "top1": r["seen_after"]["top1"]} for r in seen],
+                                        train_size=t, **budget)
+    return {"n": sel.get("n_seen"), "size_chosen_on_seen": int(pick["test_size"]),
+            "seen_top1_at_train_size": ((at_t or {}).get("seen_before") or {}).get("top1"),
+            "val_top1_at_train_size": ((at_t or {}).get("val_before") or {}).get("top1")}
+
+
+def _why_not_recommended(size: int, sel: dict, rows: list[dict], where: str) -> str | None:
     """One sentence when the chosen size differs from the analysis' recommendation."""
     rec = int(sel["recommended"])
     if size == rec:
@@ -322,7 +398,7 @@ def _why_not_recommended(size: int, sel: dict, rows: list[dict]) -> str | None:
     fixed_rec = f"{at[rec]:.1f}%" if rec in at else "not measured"
     return (f"The analysis recommends {rec}px from the apparent object sizes alone (exact "
             f"{sel['recommended_exact']:.1f}px, rounded to the stride); after fixing, {size}px scored {fixed_here} on "
-            f"the held-out images against {fixed_rec} at {rec}px: the fix also changes how the classifier reads the "
+            f"{where} against {fixed_rec} at {rec}px: the fix also changes how the classifier reads the "
             "larger (or smaller) activations, which the geometry alone does not predict.")
 
 

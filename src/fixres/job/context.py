@@ -68,14 +68,21 @@ STATS_IMAGES = 250
 SWEEP_LOW = 0.5
 
 
-SWEEP_HIGH = 3.0
+#: Up to the largest candidate size (``fixsize.CANDIDATE_HIGH``): larger sizes are never chosen, and a
+#: size's forward costs its area: the sizes from 2 x T to 3 x T would cost twice all those up to 2 x T.
+SWEEP_HIGH = fixsize.CANDIDATE_HIGH
 
 
 MAX_SWEEP_SIZE = 512
 
 
 STEPS = ("data", "train", "analyse", "sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
-         "report")
+         "robustness", "report")
+
+
+#: Validation photos (a seeded, class-stratified subset) evaluated under every corruption x severity: each of
+#: the 12 conditions decodes them at full size, so the whole set would cost about 12 sweeps.
+ROBUSTNESS_IMAGES = 400
 
 
 #: Default cap on the time the candidate fixes may take (estimated up front; farthest sizes dropped first).
@@ -117,6 +124,10 @@ class FixConfig:
     workers: int | None = None
     seed: int = 0
     holdout_fraction: float = fixsize.HOLDOUT_FRACTION
+    #: a labelled folder that chooses the size (and the fine-tuning schedule) instead of the default rule
+    select_data: str | None = None
+    #: the user says the held-out training photos were never trained on: choose on them (a given model)
+    holdout_untouched: bool = False
     # choosing the size after fixing
     candidates: list[int] | None = None
     select_budget_min: float | None = DEFAULT_SELECT_BUDGET_MIN
@@ -131,6 +142,9 @@ class FixConfig:
     train_per_class: int = config_vocab.DEFAULT_TRAIN_PER_CLASS
     val_per_class: int = config_vocab.DEFAULT_VAL_PER_CLASS
     stats_sizes: list[int] | None = None
+    #: top-1 of the untuned and the fixed model under corruptions (noise, blur, JPEG, contrast)
+    robustness: bool = True
+    robustness_images: int | None = ROBUSTNESS_IMAGES
     restart: bool = False
     progress: bool = True
 
@@ -148,7 +162,7 @@ class FixConfig:
 
 
 def default_test_sizes(train_size: int, *, step: int = SWEEP_STEP) -> list[int]:
-    """Multiples of ``step`` from about half to three times the train size (always including it)."""
+    """Multiples of ``step`` from about SWEEP_LOW to SWEEP_HIGH times the train size (always including it)."""
     lo = max(step, int(round(SWEEP_LOW * train_size / step)) * step)
     hi = min(MAX_SWEEP_SIZE, max(lo, int(round(SWEEP_HIGH * train_size / step)) * step))
     sizes = set(range(lo, hi + 1, step))
@@ -178,7 +192,9 @@ class FixContext:
     train_index: object = None
     val_index: object = None
     fit: list = field(default_factory=list)
-    holdout: list = field(default_factory=list)
+    holdout: list = field(default_factory=list)  # the photos that choose (held-out or --select-data)
+    seen: list = field(default_factory=list)  # cross-selection: training photos shown for comparison only
+    rule: str = ""  # which photos choose the size (fixsize.SELECTION_RULES)
     fingerprints: dict = field(default_factory=dict)
     bundle: object = None
     cfg: object = None
@@ -196,7 +212,7 @@ class FixContext:
 
     # ---- data
     def index_data(self, data_root: Path) -> None:
-        """Index train/ and val/ (val mapped onto the training classes by name); split off the held-out part."""
+        """Index train/ and val/ (val mapped onto the training classes by name)."""
         c = self.config
         class_map = read_class_map(c.class_map) if c.class_map else None
         train_root, val_root = resolve_split(data_root, "train"), resolve_split(data_root, "val")
@@ -208,11 +224,34 @@ class FixContext:
         if train_root == val_root:
             self.say("  note: the data has no train/ and val/ folders: fine-tuning and evaluation use the same images")
         self.data_root = Path(data_root)
-        self.fit, self.holdout = fixsize.holdout_split(self.train_index.samples, fraction=c.holdout_fraction,
-                                                       seed=c.seed)
         self.fingerprints = {"train_images": index_fingerprint(self.train_index.samples),
                              "val_images": index_fingerprint(self.val_index.samples),
                              "classes": digest(list(self.train_index.classes))}
+
+    def assign_selection(self) -> None:
+        """Which photos choose the size (``fixsize.SELECTION_RULES``), once the model is known: held-out
+        training photos only when this run trains the model without them (or the user vouches for them)."""
+        c = self.config
+        every = [(str(p), int(y)) for p, y in self.train_index.samples]
+        if c.select_data:
+            self.rule = fixsize.RULE_SELECT_DATA
+            chooser = index_val_onto(c.select_data, self.train_index, num_classes=c.num_classes)
+            self.fit, self.holdout = every, [(str(p), int(y)) for p, y in chooser.samples]
+            self.fingerprints["select_images"] = index_fingerprint(chooser.samples)
+        elif self.needs_training or c.holdout_untouched:
+            self.rule = fixsize.RULE_HELD_OUT if self.needs_training else fixsize.RULE_UNTOUCHED
+            self.fit, self.holdout = fixsize.holdout_split(every, fraction=c.holdout_fraction, seed=c.seed)
+        else:
+            self.rule = fixsize.RULE_CROSS
+            self.fit, self.holdout = every, []
+            self.seen = fixsize.holdout_split(every, fraction=c.holdout_fraction, seed=c.seed)[1]
+
+    @property
+    def chooser_words(self) -> str:
+        """What the choosing photos are, in a sentence."""
+        if self.rule == fixsize.RULE_SELECT_DATA:
+            return f"photos of --select-data {self.config.select_data}"
+        return fixsize.HOLDOUT_METHOD
 
     # ---- the model, built once
     @property
@@ -284,7 +323,7 @@ def stats_sizes_of(x: FixContext) -> list[int]:
 
 def tunes_schedule(x: FixContext) -> bool:
     c = x.config
-    return c.tune_schedule and not c.label_free and bool(x.holdout) and c.lr is None
+    return c.tune_schedule and not c.label_free and bool(x.holdout) and c.lr is None  # never on the reported photos
 
 
 def _stats_sizes(train_size: int, test_size: int, test_sizes: Sequence[int]) -> list[int]:

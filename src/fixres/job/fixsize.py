@@ -6,6 +6,12 @@ the reported images flatters the result by the selection's own noise. Candidates
 multiples of the network stride around the train size plus the neighbours of the apparent-size
 recommendation (``candidate_sizes``). ``choose_within_budget`` picks the most accurate size whose
 deployment cost (size, ms per image, GFLOPs) fits a budget. Pure functions: no torch, no I/O.
+
+Which photos choose (``SELECTION_RULES``): a held-out part of the training photos is truly held out
+only when ``fix`` trained the model without it (or the user says the model never saw it). For a model
+trained elsewhere, on every training photo, those photos are memorised and would choose on flattering
+numbers; the default is then two-fold cross-selection on the validation photos (``cross_select``:
+choose on one half, report on the other, swap), or a separate labelled folder (``--select-data``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Mapping, Sequence
 
 from fixres.errors import UsageError
 from fixres.method.selection import best_row
+from fixres.method.significance import binomial_se, paired_test  # noqa: F401 - re-exported
 
 #: Share of every training class held out to choose the test size (never fitted, never reported).
 HOLDOUT_FRACTION = 0.2
@@ -25,6 +32,19 @@ MIN_CLASS_IMAGES_FOR_HOLDOUT = 2
 CANDIDATE_LOW = 0.5
 CANDIDATE_HIGH = 2.0
 HOLDOUT_METHOD = "held-out training images"
+#: Which photos choose the size; each is named in the terminal, run.json and the report.
+RULE_HELD_OUT = "held-out"              # fix trained the model without these training photos
+RULE_UNTOUCHED = "held-out-untouched"   # the user says the model never trained on the held-out photos
+RULE_SELECT_DATA = "select-data"        # a separate labelled folder
+RULE_CROSS = "cross-val"                # two-fold cross-selection on the validation photos
+SELECTION_RULES = {
+    RULE_HELD_OUT: "held-out training photos: fix trained the model without them",
+    RULE_UNTOUCHED: "held-out training photos: you said (--holdout-untouched) the model never trained on them",
+    RULE_SELECT_DATA: "a separate labelled folder (--select-data), not the validation photos reported",
+    RULE_CROSS: ("two-fold cross-selection on the validation photos: the model was trained elsewhere, maybe on "
+                 "every training photo, so held-out training photos would not be unseen; each half is reported by "
+                 "the size chosen on the other half"),
+}
 
 
 def holdout_split(samples: Sequence[Sequence], *, fraction: float = HOLDOUT_FRACTION, seed: int = 0
@@ -104,12 +124,6 @@ def choose_within_budget(rows: Sequence[Mapping], *, train_size: int | None = No
     return best_row(ok, train_size=train_size)
 
 
-def binomial_se(top1: float, n: int) -> float:
-    """Binomial standard error of an accuracy in percent measured on ``n`` images (points)."""
-    p = top1 / 100.0
-    return 100.0 * math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else float("nan")
-
-
 def within_noise(a: float, b: float, n: int, *, se_factor: float = 2.0) -> bool:
     """Whether two accuracies measured on n images each differ by less than ``se_factor`` standard errors
     of their difference (binomial, as if independent: a coarse rule for the terminal summary; a paired
@@ -117,14 +131,61 @@ def within_noise(a: float, b: float, n: int, *, se_factor: float = 2.0) -> bool:
     return abs(a - b) < se_factor * math.hypot(binomial_se(a, n), binomial_se(b, n))
 
 
-def paired_test(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
-    """Exact McNemar (sign) test of two classifiers on the same images: only the images on which they
-    disagree count; two-sided p of as uneven a split under "equally often right"."""
-    if len(a_correct) != len(b_correct):
-        raise UsageError("the paired test needs the same images for both")
-    only_a = sum(1 for a, b in zip(a_correct, b_correct) if a and not b)
-    only_b = sum(1 for a, b in zip(a_correct, b_correct) if b and not a)
-    n = only_a + only_b
-    k = min(only_a, only_b)
-    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
-    return {"only_a": only_a, "only_b": only_b, "p": p}
+def stratified_halves(labels: Sequence[int], *, seed: int = 0) -> list[int]:
+    """Half 0 or 1 for every image: each class split as evenly as it goes (seeded, odd counts alternate)."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    half = [0] * len(labels)
+    rng = random.Random(seed)
+    extra = 0  # which half gets the odd image of the next class with an odd count
+    for label in sorted(by_class):
+        idx = list(by_class[label])
+        rng.shuffle(idx)
+        k = len(idx) // 2 + (extra if len(idx) % 2 else 0)
+        extra ^= len(idx) % 2
+        for i in idx[k:]:
+            half[i] = 1
+    return half
+
+
+def cross_select(outcomes: Mapping[int, Sequence[bool | None]], halves: Sequence[int], *, costs: Mapping[int, Mapping],
+                 train_size: int | None = None, **budget) -> dict:
+    """Two-fold cross-selection: the size chosen on each half (``choose_within_budget`` on that half's top-1),
+    and every image scored by the size chosen on the *other* half, so no image reports a choice it made.
+
+    ``outcomes``: {size: per-image correct (None for an image that could not be read)}, images in the order of
+    ``halves``; ``costs``: {size: {"ms", "gflops"}} for the budget. Returns the size each half chose, the
+    pooled per-image outcomes and their top-1 (percent over the readable images).
+    """
+    chosen, pooled = {}, [None] * len(halves)
+    for h in (0, 1):
+        rows = [{"test_size": s, "top1": _top1(o, halves, h), **costs.get(s, {})} for s, o in outcomes.items()]
+        chosen[h] = int(choose_within_budget(rows, train_size=train_size, **budget)["test_size"])
+    for i, h in enumerate(halves):
+        pooled[i] = outcomes[chosen[1 - h]][i]  # half h is reported by the other half's choice
+    known = [o for o in pooled if o is not None]
+    return {"size_half_a": chosen[0], "size_half_b": chosen[1], "pooled": pooled, "n": len(known),
+            "top1": 100.0 * sum(known) / len(known) if known else float("nan")}
+
+
+def _top1(outcome: Sequence[bool | None], halves: Sequence[int], h: int) -> float:
+    known = [o for o, hh in zip(outcome, halves) if hh == h and o is not None]
+    return 100.0 * sum(known) / len(known) if known else float("nan")
+
+
+#: Per-image outcomes as text: one character per image of the evaluated list, in its order.
+CORRECT, WRONG, UNREAD = "1", "0", "."
+
+
+def outcome_bits(correct: Sequence[bool], idx: Sequence[int], n: int) -> str:
+    """Per-image outcomes (``correct[k]`` of image ``idx[k]``) as a string over all ``n`` images (UNREAD for
+    an image that was skipped): compact enough for a step's JSON, aligned with the image list."""
+    out = [UNREAD] * n
+    for i, ok in zip(idx, correct):
+        out[int(i)] = CORRECT if ok else WRONG
+    return "".join(out)
+
+
+def read_bits(bits: str) -> list[bool | None]:
+    return [None if b == UNREAD else b == CORRECT for b in bits]

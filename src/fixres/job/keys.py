@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
 from fixres.job import candidates
 from fixres.job.context import STEPS, FixContext, stats_sizes_of
 
@@ -36,8 +37,10 @@ def _key_prep(x: FixContext) -> dict:
 
 
 def _key_train_images(x: FixContext) -> dict:
+    """The fitting images and the photos that choose (the rule, and the --select-data folder's content)."""
     return {"train_images": x.fingerprints["train_images"], "holdout_fraction": x.config.holdout_fraction,
-            "holdout_seed": x.config.seed}
+            "holdout_seed": x.config.seed, "selection_rule": x.rule,
+            "select_images": x.fingerprints.get("select_images")}
 
 
 def _key_base(x: FixContext) -> dict:
@@ -108,3 +111,10 @@ def key_report(x: FixContext) -> dict:
     for step in STEPS[:-1]:
         merged.update(x.keys.get(step, {}))
     return merged
+
+
+def key_robustness(x: FixContext) -> dict:
+    c = x.config
+    return {**x.keys["finetune"], "val_images": x.fingerprints["val_images"], "corruptions": list(CORRUPTIONS),
+            "severities": list(SEVERITIES), "robustness_images": c.robustness_images, "corruption_seed": c.seed,
+            "batch_size": c.batch_size, "eval_precision": x.eval_precision.describe()}

@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
 from fixres.errors import UsageError
 from fixres.io.atomic import write_json
 from fixres.job import candidates, fixsize, keys, steps
@@ -58,6 +59,7 @@ from fixres.job.context import (
 from fixres.job.plan import print_plan
 from fixres.job.runstate import NOT_RUN, RunState
 from fixres.report.page import REPORT_DIR, REPORT_JSON
+from fixres.report.robustness import verdicts
 from fixres.runtime import dist, engine
 from fixres.runtime import progress as prog
 
@@ -80,7 +82,7 @@ class Step:
     key: Callable[[FixContext], dict]
     run: Callable[[FixContext], None]
     applies: Callable[[FixContext], bool] = lambda x: True
-    skipped: str = ""  # said when the step does not apply
+    skipped: str | Callable[[FixContext], str] = ""  # said when the step does not apply
     output: str | None = None  # result file checked before trusting a finished step (default <name>.json)
 
 
@@ -91,15 +93,20 @@ def _describe_train(x: FixContext) -> str:
 
 
 def _describe_select(x: FixContext) -> str:
-    where = (f"on {len(x.holdout)} held-out training images (not the validation images)" if x.holdout else
-             "(no held-out images)")
+    if x.holdout:
+        where = f"on {len(x.holdout)} {x.chooser_words} (not the validation images)"
+    elif x.rule == fixsize.RULE_CROSS and len(x.candidates) > 1:
+        where = (f"by two-fold cross-selection on the {len(x.val_index.samples)} validation photos (each half "
+                 "reported by the other's choice)")
+    else:
+        where = "(nothing to choose)"
     return f"fix at every candidate size {','.join(map(str, x.candidates))}px, choose {where}"
 
 
 def _describe_schedule(x: FixContext) -> str:
     return (f"fine-tuning rate x{'/'.join(f'{f:g}' for f in candidates.SCHEDULE_LR_FACTORS)} and epochs "
             f"x{'/'.join(map(str, candidates.SCHEDULE_EPOCH_FACTORS))} at {candidates.schedule_size(x)}px, chosen on "
-            f"{len(x.holdout)} held-out training images")
+            f"{len(x.holdout)} {x.chooser_words}")
 
 
 
@@ -113,6 +120,13 @@ def _describe_finetune(x: FixContext) -> str:
             f"{c.augment} DA)" + (", temperature-scaled" if c.temperature_scale else "") + ", exported")
 
 
+def _describe_robustness(x: FixContext) -> str:
+    n = len(x.val_index.samples)
+    m = min(n, x.config.robustness_images or n)
+    return (f"top-1 under {len(CORRUPTIONS)} corruptions x {len(SEVERITIES)} severities on {m} of the {n} "
+            "validation photos, fixed vs untuned")
+
+
 STEP_TABLE: tuple[Step, ...] = (
     Step("data", lambda x: "generating the embedded data set" if x.config.embedded else f"indexing {x.config.data}",
          keys.key_data, steps.run_data),
@@ -122,13 +136,16 @@ STEP_TABLE: tuple[Step, ...] = (
     Step("sweep_before", lambda x: f"top-1 at test sizes {','.join(map(str, x.test_sizes))}", keys.key_sweep_before,
          steps.run_sweep_before),
     Step("schedule", _describe_schedule, keys.key_schedule, candidates.run_schedule, applies=tunes_schedule,
-         skipped="fine-tuning rate and epochs as given"),
+         skipped=lambda x: _untuned_schedule_how(x) if x.config.tune_schedule and x.config.lr is None
+         else "fine-tuning rate and epochs as given"),
     Step("select", _describe_select, keys.key_select, candidates.run_select, applies=lambda x: not x.config.label_free,
          skipped="label-free: the size is the analysis' recommendation"),
     Step("finetune", _describe_finetune, keys.key_finetune, steps.run_finetune),
     Step("sweep_after", lambda x: "the fixed model at every test size", keys.key_sweep_after, steps.run_sweep_after),
     Step("stats", lambda x: f"pooled activations at {','.join(map(str, stats_sizes_of(x)))}px, before and after",
          keys.key_stats, steps.run_stats),
+    Step("robustness", _describe_robustness, keys.key_robustness, steps.run_robustness,
+         applies=lambda x: x.config.robustness, skipped="--no-robustness"),
     Step("report", lambda x: "writing the HTML report", keys.key_report, steps.run_report, output="report/report.json"),
 )
 assert tuple(s.name for s in STEP_TABLE) == STEPS
@@ -138,7 +155,7 @@ def _execute(x: FixContext, i: int, step: Step, recomputed: dict) -> None:
     """Run ``step`` when its key changed (or it never finished); say which inputs changed."""
     n = len(STEP_TABLE)
     if not step.applies(x):
-        x.say(f"[{i}/{n}] {step.name}: skipped ({step.skipped})")
+        x.say(f"[{i}/{n}] {step.name}: skipped ({step.skipped(x) if callable(step.skipped) else step.skipped})")
         x.state.forget(step.name)
         _after_skipped(x, step.name)
         return
@@ -183,6 +200,9 @@ def _after_step(x: FixContext, name: str) -> None:
         sched = x.read("schedule")
         x.schedule = {"lr": sched["lr"], "epochs": sched["epochs"], "how": sched["how"]}
         x.say(f"  fine-tuning schedule: lr {sched['lr']:g}, {sched['epochs']} epochs ({sched['how']})")
+    elif name == "robustness":
+        for line in verdicts(x.read("robustness")):
+            x.say("  " + line)
     elif name == "select":
         x.choice = candidates.choose_after_fixing(x)
         x.say(f"  fixed size {x.choice['test_size']}px: {x.choice['chosen_on']}")
@@ -191,8 +211,7 @@ def _after_step(x: FixContext, name: str) -> None:
 def _after_skipped(x: FixContext, name: str) -> None:
     c = x.config
     if name == "schedule":
-        x.schedule = {"lr": c.lr, "epochs": c.finetune_epochs,
-                      "how": "given" if c.lr is not None or not c.tune_schedule else "default (no held-out images)"}
+        x.schedule = {"lr": c.lr, "epochs": c.finetune_epochs, "how": _untuned_schedule_how(x)}
     elif name == "select":  # label-free
         rec = int(x.read("analyse")["recommended_test_size"])
         size = c.test_size or rec
@@ -203,11 +222,21 @@ def _after_skipped(x: FixContext, name: str) -> None:
                     "n_images": 0, "why_not_recommended": None}
 
 
+def _untuned_schedule_how(x: FixContext) -> str:
+    c = x.config
+    if c.lr is not None or not c.tune_schedule:
+        return "given"
+    if x.rule == fixsize.RULE_CROSS:
+        return ("the paper's default: a schedule tuned on the validation photos would be chosen on the photos "
+                "reported (give --select-data to tune it)")
+    return "default (no held-out images)"
+
+
 def _candidate_list(x: FixContext) -> list[int]:
     c = x.config
     if c.test_size:
         return [c.test_size]
-    if not x.holdout:  # nothing to choose on without looking at val: the analysis' recommendation only
+    if not x.holdout and x.rule != fixsize.RULE_CROSS:  # nothing to choose on: the recommendation only
         return [int(x.read("analyse")["recommended_test_size"])]
     if c.candidates:
         return sorted(set(c.candidates))
@@ -229,12 +258,14 @@ def run_fix(config: FixConfig) -> dict:
     if not config.embedded:  # a refused data set or model leaves no trace in the run folder
         x.index_data(Path(config.data))
         _build_model(x)
+        x.assign_selection()
     _prepare_folder(x)
     recomputed: dict[str, list[str]] = {}
     _execute(x, 1, STEP_TABLE[0], recomputed)
     if config.embedded:
         x.index_data(Path(x.read("data")["root"]))
         _build_model(x)
+        x.assign_selection()
     if config.progress:
         print_plan(x)
     for i, step in enumerate(STEP_TABLE[1:], start=2):
@@ -256,7 +287,7 @@ def _prepare_folder(x: FixContext) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a folder")
     if x.config.restart and run_dir.exists():
-        for step in STEPS + ("export", "run"):
+        for step in STEPS + ("export", "run"):  # robustness.json is a step's result too
             (run_dir / f"{step}.json").unlink(missing_ok=True)
         for sub in ("train", "finetune", "export", "report"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
@@ -299,6 +330,10 @@ def _check_config(config: FixConfig) -> None:
         raise UsageError(f"unknown training augmentation {config.train_augment!r}; choose train or control")
     if config.data is not None and not Path(config.data).exists():
         raise UsageError(f"data folder not found: {config.data}")
+    if config.select_data is not None and not Path(config.select_data).is_dir():
+        raise UsageError(f"--select-data folder not found: {config.select_data}")
+    if config.select_data is not None and config.holdout_untouched:
+        raise UsageError("--select-data and --holdout-untouched name two different photo sets to choose on: give one")
     if config.checkpoint is not None and not Path(config.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {config.checkpoint}")
 

@@ -21,6 +21,7 @@ from fixres.job.context import EMBEDDED_TRAIN_LR, STATS_IMAGES, FixContext, read
 from fixres.method import analysis
 from fixres.method import stats as fstats
 from fixres.method.evaluate import evaluate
+from fixres.method.robustness import corruption_table
 from fixres.method.train import STATE_NAME as TRAIN_STATE
 from fixres.method.train import train
 from fixres.models.export import export_model
@@ -77,7 +78,8 @@ def run_analyse(x: FixContext) -> None:
 
 
 def run_sweep_before(x: FixContext) -> None:
-    sweep = evaluate(x.base(), x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw())
+    sweep = evaluate(x.base(), x.val_index, x.cfg, test_sizes=x.test_sizes, keep_outcomes=True, **x.eval_kw())
+    sweep["outcomes"] = candidates.outcomes_of(sweep, len(x.val_index.samples))
     write_json(x.run_dir / "sweep_before.json", strip_private(sweep))
 
 
@@ -93,6 +95,9 @@ def run_finetune(x: FixContext) -> None:
         ft = read_json(folder / "finetune_result.json")
         if x.config.temperature_scale and x.holdout:
             ft["temperature"] = candidates.temperature_scale(x, model, test_size)
+        elif x.config.temperature_scale:
+            x.say("  temperature scaling skipped: it is fitted on photos that choose, and this rule has none "
+                  "(give --select-data, or --holdout-untouched)")
     path = export_model(model, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
                         train_size=x.cfg.train_size, class_names=list(x.train_index.classes))
     write_json(x.run_dir / "export.json", {"path": str(path), "test_size": test_size,
@@ -129,6 +134,26 @@ def run_stats(x: FixContext) -> None:
         first = next(iter(stats[label]["sizes"].values()), None)
         grid = first["x"] if first and grid is None else grid  # same x axis before and after
     write_json(x.run_dir / "stats.json", stats)
+
+
+def robustness_columns(x: FixContext) -> dict:
+    """{column: (model, size)}: the fixed model at S first (compared with each other column), then the model
+    before the fix at T and at S (what a user deploys without the fix, and the same size untuned)."""
+    t, s = int(x.cfg.train_size), int(x.choice["test_size"])
+    cols = {f"fixed at {s}px": (x.fixed(), s), f"untuned at {t}px": (x.base(), t)}
+    if s != t:
+        cols[f"untuned at {s}px"] = (x.base(), s)
+    return cols
+
+
+def run_robustness(x: FixContext) -> None:
+    """Top-1 under corruptions of the photos (noise, blur, JPEG, contrast; 3 severities, seeded), fixed vs
+    untuned, with a paired test per corruption: does the fix cost robustness on this model and data?"""
+    c = x.config
+    table = corruption_table(robustness_columns(x), x.val_index, x.cfg, seed=c.seed, max_images=c.robustness_images,
+                             batch_size=c.batch_size, env=x.env, precision=x.eval_precision, workers=c.workers,
+                             progress=c.progress)
+    write_json(x.run_dir / "robustness.json", table)
 
 
 def run_report(x: FixContext) -> None:

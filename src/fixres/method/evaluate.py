@@ -23,7 +23,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -345,7 +345,8 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
              env: fdist.DistEnv | None = None, precision: Precision | None = None, workers: int | None = None,
              ensembles: Sequence[Sequence] = (), ten_crop: bool = False, folds: int = DEFAULT_FOLDS,
              progress: bool = True, num_classes: int | None = None, class_names: Sequence[str] | None = None,
-             per_class: bool = True, keep_log_probs: bool = False, reduced_decode: bool = True) -> dict:
+             per_class: bool = True, keep_log_probs: bool = False, keep_outcomes: bool = False,
+             reduced_decode: bool = True, corrupt: Callable | None = None) -> dict:
     """Evaluate ``model`` on ``samples`` at every (test_size, crop_ratio) pair in one pass.
 
     ``samples``: a ``FolderIndex`` or a list of (path, label). ``crop_ratios`` defaults to the data
@@ -353,18 +354,19 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     are added if not requested). ``ten_crop``: each view is the average softmax of 10 crops.
     ``num_classes``: the data set's number of classes; it must equal the model's outputs.
 
-    Returns a JSON-ready dict: ``rows`` (one per view: test_size, crop_ratio, resize, top1, top1_std,
-    top5, top5_std, loss, nll (= loss, the mean cross-entropy), ece (percent, 15 bins of top-1
-    confidence, ``fixres.method.calibration``), n, correct, correct5), ``ensembles``, ``n_images``,
-    ``skipped`` ([{path, reason}]), ``reliability`` (per row key: reliability-diagram bins),
-    ``per_class`` (classes, count per class, top-1 per class for each view), timing.
-    Accuracies are in percent. The model is moved to the evaluation device (channels_last when the
-    precision says so) and returned to its previous train/eval mode. ``precision`` defaults to
-    ``inference_precision``; ``workers`` to ``data.default_workers``. ``keep_log_probs``: also
-    return ``_log_probs`` ({row key: array (images, classes)}, data-set order) and ``_labels``, not
-    JSON-ready (pop them before writing), e.g. for ``calibration.fit_temperature``.
-    ``reduced_decode``: decode JPEGs only as large as each view needs (``data.ImageDataset``); a
-    view's numbers are the same whether it is evaluated alone or in a sweep.
+    Returns a JSON-ready dict: ``rows`` (one per view: test_size, crop_ratio, resize, top1, top1_std, top5, top5_std,
+    loss, nll (= loss, the mean cross-entropy), ece (percent, 15 bins of top-1 confidence,
+    ``fixres.method.calibration``), n, correct, correct5), ``ensembles``, ``n_images``, ``skipped`` ([{path,
+    reason}]), ``reliability`` (per row key: reliability-diagram bins), ``per_class`` (classes, count per class, top-1
+    per class for each view), timing. Accuracies are in percent. The model is moved to the evaluation device
+    (channels_last when the precision says so) and returned to its previous train/eval mode. ``precision`` defaults to
+    ``inference_precision``; ``workers`` to ``data.default_workers``. ``keep_log_probs``: also return ``_log_probs``
+    ({row key: array (images, classes)}, data-set order) and ``_labels``, not
+    JSON-ready (pop them before writing), e.g. for ``calibration.fit_temperature``. ``keep_outcomes``:
+    also return ``_top1`` ({row key: bool array}) and ``_idx`` (each image's index in ``samples``),
+    data-set order, skipped images left out: for paired per-image comparisons.
+    ``reduced_decode``: decode JPEGs only as large as each view needs (``data.ImageDataset``); a view's numbers are
+    the same whether it is evaluated alone or in a sweep. ``corrupt``: ``corrupt(photo, i)`` on each full-size photo.
     """
     env = env or fdist.DistEnv()
     precision = precision or inference_precision(env.device)
@@ -375,7 +377,7 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     workers = default_workers(env.world_size) if workers is None else workers
     shard = fdist.shard_indices(len(plan.samples), env.rank, env.world_size)
     loader = make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform,
-                                      reduced_decode=reduced_decode),
+                                      reduced_decode=reduced_decode and corrupt is None, corrupt=corrupt),
                          batch_size=batch_size, sampler=IndexSampler(shard), workers=workers,
                          pin_memory=pin_memory_for(env.device))
     was_training = model.training
@@ -416,10 +418,20 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     }
     if per_class:
         result["per_class"] = _per_class(res, plan, n_out)
-    if keep_log_probs:
-        result["_log_probs"] = dict(zip(plan.row_keys, res.log_probs or []))
-        result["_labels"] = res.labels
+    result.update(_private_arrays(res, plan, keep_log_probs=keep_log_probs, keep_outcomes=keep_outcomes))
     return result
+
+
+def _private_arrays(res: _PerImage, plan: _Plan, *, keep_log_probs: bool, keep_outcomes: bool) -> dict:
+    """The per-image arrays a caller asked for (private keys: not JSON-ready)."""
+    out: dict = {}
+    if keep_log_probs:
+        out["_log_probs"] = dict(zip(plan.row_keys, res.log_probs or []))
+        out["_labels"] = res.labels
+    if keep_outcomes:
+        out["_top1"] = {key: res.top1[r].copy() for r, key in enumerate(plan.row_keys)}
+        out["_idx"] = res.idx.copy()
+    return out
 
 
 def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, batch_size: int,

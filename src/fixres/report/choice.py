@@ -36,7 +36,8 @@ def candidate_rows(select: dict, chosen: int | None) -> list[dict]:
                      "gain": None if gain is None else f"{gain:+.1f}",
                      "nll": f"{_num(b.get('nll'), 3)} → {_num(a.get('nll'), 3)}",
                      "ece": f"{_num(b.get('ece'))} → {_num(a.get('ece'))}",
-                     "held_out": _num((c.get("holdout_after") or {}).get("top1")), "ms": _num(c.get("ms"), 2),
+                     "held_out": _num((c.get("holdout_after") or c.get("seen_after") or {}).get("top1")),
+                     "ms": _num(c.get("ms"), 2),
                      "ms_batch": _num(c.get("ms_batch"), 2), "gflops": _num(c.get("gflops"), 3)})
     return rows
 
@@ -53,6 +54,31 @@ def calibration_sentence(select: dict, chosen: int | None) -> str | None:
             + ("restores calibration there." if better else "does not restore calibration there (see the "
                                                               "reliability diagram; --temperature-scale fits a "
                                                               "temperature on the held-out images)."))
+
+
+def cross_sentence(cross) -> str | None:
+    """The cross-selected headline in words (None without cross-selection)."""
+    if not isinstance(cross, dict) or cross.get("top1") is None:
+        return None
+    text = (f"Cross-selection: half A ({cross.get('n_half_a')} photos) chose {cross.get('size_half_a')} px, half B "
+            f"({cross.get('n_half_b')}) chose {cross.get('size_half_b')} px; scoring each half at the size the other "
+            f"chose gives {_num(cross['top1'])} % on {cross.get('n')} photos, the headline.")
+    paired = cross.get("paired_vs_untuned")
+    if isinstance(paired, dict) and cross.get("untuned_top1") is not None:
+        text += (f" The untuned model at the same sizes: {_num(cross['untuned_top1'])} % (paired test: "
+                 f"{paired.get('only_a')} photos right only after the fix, {paired.get('only_b')} only before, "
+                 f"p = {_num(paired.get('p'), 3)}).")
+    return text
+
+
+def seen_sentence(seen, train_size) -> str | None:
+    """Why the training photos did not choose: their score beside val's (None when not measured)."""
+    if not isinstance(seen, dict) or seen.get("seen_top1_at_train_size") is None:
+        return None
+    return (f"For comparison, {seen.get('n')} training photos (which this model may have been trained on) score "
+            f"{_num(seen['seen_top1_at_train_size'])} % at {train_size} px against "
+            f"{_num(seen.get('val_top1_at_train_size'))} % on the validation photos; choosing on them would have "
+            f"picked {seen.get('size_chosen_on_seen')} px. The table's held-out column shows them after the fix.")
 
 
 def ks_rows(stats: dict | None) -> list[dict]:
@@ -74,7 +100,10 @@ def sections(results: dict) -> list[dict]:
     choice = run.get("choice") or {}
     if select:
         chosen = choice.get("test_size")
-        notes = [f"Chosen: {choice.get('chosen_on', 'n/a')}.", choice.get("why_not_recommended"),
+        notes = [f"Chosen: {choice.get('chosen_on', 'n/a')}.",
+                 choice.get("rule_text") and f"Which photos chose: {choice['rule_text']}.",
+                 cross_sentence(choice.get("cross")), seen_sentence(choice.get("seen_check"), run.get("train_size")),
+                 choice.get("why_not_recommended"),
                  (run.get("schedule") or {}).get("how") and f"Fine-tuning schedule: lr {run['schedule'].get('lr')}, "
                  f"{run['schedule'].get('epochs')} epochs ({run['schedule']['how']}).",
                  calibration_sentence(select, chosen),

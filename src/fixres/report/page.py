@@ -2,7 +2,8 @@
 
 ``collect(run_dir)`` gathers the step results a run left under its folder (``analyse.json``,
 ``train.json``, ``sweep_before.json``, ``finetune.json``, ``sweep_after.json``, ``stats.json``,
-``export.json``, ``grid.json``, ``run.json``); ``summarize`` derives the headline (accuracy at the train
+``export.json``, ``grid.json``, ``run.json``; ``robustness.json``, top-1 under corruptions, gets a
+table of its own); ``summarize`` derives the headline (accuracy at the train
 size, at the best untuned test size, after the fix; time spent); ``write_report`` draws the figures and
 writes ``report/index.html`` with every image inline as a base64 data URI (no network, no external
 CSS or JavaScript), so the page can be mailed or opened from anywhere. ``fixres report RUN_DIR``
@@ -27,6 +28,7 @@ from fixres.method.analysis import monte_carlo_ratio
 from fixres.method.selection import best_row
 from fixres.report import choice as report_select
 from fixres.report import plots
+from fixres.report import robustness as report_robustness
 from fixres.runtime.progress import format_duration
 
 REPORT_DIR = "report"
@@ -34,7 +36,7 @@ REPORT_HTML = "index.html"
 REPORT_JSON = "report.json"
 #: Step result files a run folder may hold (missing ones leave their section out of the report).
 STEP_FILES = ("run", "analyse", "data", "train", "sweep_before", "finetune", "sweep_after", "stats", "export",
-              "grid", "select", "schedule")
+              "grid", "select", "schedule", "robustness")
 #: Points kept per CDF curve in the report (enough for a smooth line, small JSON).
 CDF_POINTS = 200
 
@@ -132,6 +134,12 @@ def summarize(results: dict) -> dict:
         "seconds_total": _seconds(run.get("timings")),
         "timings": run.get("timings") or {},
     }
+    cross = (run.get("choice") or {}).get("cross") if isinstance(run.get("choice"), dict) else None
+    if isinstance(cross, dict) and _number(cross.get("top1")) is not None:
+        # Cross-selection: the headline is every val photo scored by the size chosen on the other half.
+        head.update(headline_rule="cross-val", top1_fixed_all_val=head["top1_fixed"], top1_fixed=cross["top1"],
+                    top1_fixed_std=_number(cross.get("top1_std")),
+                    top1_untuned_same_choice=_number(cross.get("untuned_top1")))
     return head
 
 
@@ -431,7 +439,8 @@ def _cards(head: dict) -> list[dict]:
              head["top1_at_train_size_std"]),
         card(f"best untuned test size ({_fmt(head['best_untuned_test_size'])} px)", head["top1_best_untuned"],
              head["top1_best_untuned_std"]),
-        card(f"after the fix ({_fmt(head['test_size'])} px)", head["top1_fixed"], head["top1_fixed_std"], fix=True,
+        card(f"after the fix ({_fmt(head['test_size'])} px" + (", cross-selected" if head.get("headline_rule") else "")
+             + ")", head["top1_fixed"], head["top1_fixed_std"], fix=True,
              sub="untuned at this size: " + (_percent(head["top1_untuned_at_test_size"])
                                              if head["top1_untuned_at_test_size"] is not None else "n/a")),
         {"key": "time spent", "value": format_duration(head["seconds_total"]), "std": None, "sub": timings,
@@ -479,8 +488,17 @@ def _figure_sections(results: dict, figs: dict[str, Path], head: dict) -> list[d
     return sections
 
 
+def _robustness_sections(results: dict) -> list[dict]:
+    """``robustness.json`` (top-1 under corruptions, paired tests), as ``fixres.report.robustness`` reads it."""
+    part = report_robustness.section(results.get("robustness"))
+    if part is None:
+        return []
+    return [_section(part["title"], notes=[[n] for n in part["notes"]],
+                     tables=[_table(rows, cols) for rows, cols in part["tables"]])]
+
+
 def _table_sections(results: dict) -> list[dict]:
-    sections = []
+    sections = _robustness_sections(results)
     costs = cost_rows(results)
     if costs:
         sections.append(_section("Cost (table 7)", tables=[_table(costs, [
