@@ -146,3 +146,27 @@ def test_plan_estimate_reading_does_not_grow_with_the_candidate_size(augment):
     # The network's share does scale with the area: 4x the side, 16x the forward time.
     fwd = plan.plan_estimates(_plan_context(candidates=[128]), 0.001, 0.0)["select"]
     assert fwd == pytest.approx(16 * plan.plan_estimates(_plan_context(candidates=[32]), 0.001, 0.0)["select"])
+
+
+#: One measured run: lite0 transferred at 128 px on cats_vs_dogs (600 train / 800 val), default fix (cross-
+#: selection, 7 sweep sizes and 7 candidates from 64 to 256 px) on the 2-core dev box, 2026-12-04: the plan's
+#: probe (ms per image forward at T, ms to read one) and every step's measured seconds.
+MEASURED_RUN = {"fwd_s": 0.0105, "load_s": 0.004, "n_fit": 600, "n_seen": 120, "n_val": 800, "train_size": 128,
+                "sizes": [64, 96, 128, 160, 192, 224, 256], "epochs": 10,
+                "seconds": {"sweep_before": 194.8, "select": 522.9, "sweep_after": 204.1, "stats": 69.9}}
+
+
+def test_plan_total_is_within_1_5x_of_a_measured_run():
+    """The estimator pinned on a real run's timing table: an estimator change that misjudges the work by more
+    than half fails here, not on a user's machine an hour later."""
+    m = MEASURED_RUN
+    ctx = _plan_context(candidates=m["sizes"], n_fit=m["n_fit"], n_hold=0, n_val=m["n_val"], epochs=m["epochs"],
+                        train_size=m["train_size"])
+    ctx.test_sizes, ctx.seen = m["sizes"], [0] * m["n_seen"]
+    ctx.config.tune_schedule = False  # cross-selection: no schedule grid
+    est = plan.plan_estimates(ctx, m["fwd_s"], m["load_s"])
+    assert set(est) == set(m["seconds"])
+    total, measured = sum(est.values()), sum(m["seconds"].values())
+    assert measured / 1.5 <= total <= measured * 1.5, (est, m["seconds"])
+    for step, seconds in m["seconds"].items():  # and no step is off by more than 2x
+        assert seconds / 2 <= est[step] <= seconds * 2, (step, est[step], seconds)

@@ -10,7 +10,7 @@ from fixres.cli.args import (
     positive_float,
     positive_int,
 )
-from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS
+from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS, ROBUSTNESS_IMAGES
 
 DESCRIPTION = """\
 The whole method on your model and data: analyse the apparent object sizes (recommended test size),
@@ -95,9 +95,9 @@ def add_parser(sub, parents):
     r = p.add_argument_group("robustness (top-1 under corrupted photos, before and after the fix)")
     r.add_argument("--no-robustness", action="store_true",
                    help="skip the corruption table (Gaussian noise, blur, JPEG, contrast; 3 severities each)")
-    r.add_argument("--robustness-images", type=positive_int, default=400, metavar="N",
+    r.add_argument("--robustness-images", type=positive_int, default=ROBUSTNESS_IMAGES, metavar="N",
                    help="validation photos evaluated under each corruption (a seeded class-stratified subset; "
-                        "default 400)")
+                        f"default {ROBUSTNESS_IMAGES})")
     t = p.add_argument_group("training (embedded default, or a model without weights)")
     t.add_argument("--train-epochs", type=positive_int, default=30, help="training epochs (default 30)")
     t.add_argument("--train-augment", choices=("train", "control"), default="train",
@@ -225,7 +225,7 @@ def run(args):
         f"{_pm(h['top1_best_untuned'], h['top1_best_untuned_std'])}",
         f"  untuned at {h['test_size']}px:                     "
         f"{_pm(h['top1_untuned_at_test_size'], h['top1_untuned_at_test_size_std'])}",
-        (f"  after the fix, cross-selected:            {_pm(h['top1_fixed'], h['top1_fixed_std'])}"
+        (f"  after the fix, cross-selected:        {_pm(h['top1_fixed'], h['top1_fixed_std'])}"
          if h.get("headline_rule") else
          f"  after the fix at {h['test_size']}px:               {_pm(h['top1_fixed'], h['top1_fixed_std'])}"),
         _noise_line(h),

@@ -80,10 +80,6 @@ STEPS = ("data", "train", "analyse", "sweep_before", "schedule", "select", "fine
          "robustness", "report")
 
 
-#: Validation photos (a seeded, class-stratified subset) evaluated under every corruption x severity: each of
-#: the 12 conditions decodes them at full size, so the whole set would cost about 12 sweeps.
-ROBUSTNESS_IMAGES = 400
-
 
 #: Default cap on the time the candidate fixes may take (estimated up front; farthest sizes dropped first).
 DEFAULT_SELECT_BUDGET_MIN = 60.0
@@ -144,7 +140,7 @@ class FixConfig:
     stats_sizes: list[int] | None = None
     #: top-1 of the untuned and the fixed model under corruptions (noise, blur, JPEG, contrast)
     robustness: bool = True
-    robustness_images: int | None = ROBUSTNESS_IMAGES
+    robustness_images: int | None = config_vocab.ROBUSTNESS_IMAGES
     restart: bool = False
     progress: bool = True
 
