@@ -175,3 +175,26 @@ def test_no_robustness_skips_the_corruption_table(given, tmp_path):
     pipeline.run_fix(cfg)
     assert not (tmp_path / "run" / "robustness.json").exists()
     assert (tmp_path / "run" / "report" / "report.json").is_file()
+
+
+def test_the_curve_after_the_fix_reads_the_candidates_when_every_size_is_one(given, tmp_path, monkeypatch):
+    """Every swept size a candidate: the sweep after the fix is each size fixed at its own size, read from
+    the select step (the candidate at S is the exported model), with no new forward."""
+    from fixres.job import steps
+    from fixres.report.page import AFTER_EACH_FIXED
+    calls = []
+    real = steps.evaluate
+    monkeypatch.setattr(steps, "evaluate", lambda *a, **kw: calls.append(kw.get("test_sizes")) or real(*a, **kw))
+    cfg = pipeline.FixConfig(**{**given["cfg"].__dict__, "test_sizes": [32, 64], "out": str(tmp_path / "run"),
+                                "robustness": False})
+    result = pipeline.run_fix(cfg)
+    assert calls == [[32, 64]]  # the sweep before the fix only
+    after, sel = _read(tmp_path / "run", "sweep_after"), _read(tmp_path / "run", "select")
+    assert after["after"] == AFTER_EACH_FIXED and [r["test_size"] for r in after["rows"]] == [32, 64]
+    for r, c in zip(after["rows"], sel["candidates"]):
+        assert r["top1"] == c["val_after"]["top1"] and r["test_size"] == c["test_size"]
+    s = result["choice"]["test_size"]
+    meta = json.loads((tmp_path / "run" / "export" / "fixres.json").read_text())
+    assert meta["accuracy"]["top1"] == next(c["val_after"]["top1"] for c in sel["candidates"] if c["test_size"] == s)
+    html = Path(result["report"]).read_text(encoding="utf-8")
+    assert "each size at its own size" in html

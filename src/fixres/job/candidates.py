@@ -181,7 +181,7 @@ def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs:
                     evaluate_after=False)  # scored below, on the images each score is for
 
 
-def _score(x: "FixContext", model, samples, size: int, *, outcomes: bool = False) -> dict:
+def _score(x: "FixContext", model, samples, size: int, *, outcomes: bool = False, full: bool = False) -> dict:
     """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision); with ``outcomes``
     also every image's outcome (``fixsize.outcome_bits``), for cross-selection and paired tests."""
     res = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False, keep_outcomes=outcomes,
@@ -190,6 +190,9 @@ def _score(x: "FixContext", model, samples, size: int, *, outcomes: bool = False
     score = {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
     if outcomes:
         score["outcomes"] = outcomes_of(res, len(getattr(samples, "samples", samples)))[str(size)]
+    if full:  # the whole row and its reliability bins: the sweep after the fix reads them instead of re-running
+        score["row"] = row
+        score["reliability"] = next(iter(res["reliability"].values()), None)
     return score
 
 
@@ -277,7 +280,7 @@ def _fix_candidate(x: "FixContext", size: int) -> dict:
     save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / "adapted.safetensors")
     row = {"holdout_after": _score(x, model, x.holdout, size) if x.holdout else None,
            "seen_after": _score(x, model, x.seen, size) if x.seen else None,
-           "val_after": _score(x, model, x.val_index, size, outcomes=x.rule == fixsize.RULE_CROSS),
+           "val_after": _score(x, model, x.val_index, size, outcomes=x.rule == fixsize.RULE_CROSS, full=True),
            "finetune_s": (ft.get("timing") or {}).get("wall_s")}
     write_json(folder / RESULT_NAME, row)
     write_json(folder / "finetune_result.json", _public(ft))

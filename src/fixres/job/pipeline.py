@@ -141,7 +141,8 @@ STEP_TABLE: tuple[Step, ...] = (
     Step("select", _describe_select, keys.key_select, candidates.run_select, applies=lambda x: not x.config.label_free,
          skipped="label-free: the size is the analysis' recommendation"),
     Step("finetune", _describe_finetune, keys.key_finetune, steps.run_finetune),
-    Step("sweep_after", lambda x: "the fixed model at every test size", keys.key_sweep_after, steps.run_sweep_after),
+    Step("sweep_after", lambda x: "the fixed model at every test size (each size's own fix, read from the candidates "
+         "when every size was one)", keys.key_sweep_after, steps.run_sweep_after),
     Step("stats", lambda x: f"pooled activations at {','.join(map(str, stats_sizes_of(x)))}px, before and after",
          keys.key_stats, steps.run_stats),
     Step("robustness", _describe_robustness, keys.key_robustness, steps.run_robustness,

@@ -62,7 +62,9 @@ def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
     grid = [one(away[len(away) // 2], c.finetune_epochs * f, n_hold)
             for _ in candidates.SCHEDULE_LR_FACTORS for f in candidates.SCHEDULE_EPOCH_FACTORS]
     est = {"train": c.train_epochs * n_fit * (3 * fwd + load) if x.needs_training else 0.0,
-           "sweep_before": sweep, "sweep_after": sweep,
+           "sweep_before": sweep,
+           # every swept size a candidate: the curve after the fix is the candidates' scores (no forward)
+           "sweep_after": 0.0 if not c.label_free and set(x.test_sizes) <= set(cands) else sweep,
            "schedule": sum(grid) if tunes_schedule(x) else 0.0,
            "select": 0.0 if c.label_free else sum(one(s, c.finetune_epochs, n_hold + n_val + n_seen) for s in cands),
            "stats": 2 * min(STATS_IMAGES, n_val) * (len(stats) * load + fwd * area(stats)),

@@ -25,7 +25,7 @@ from fixres.method.robustness import corruption_table
 from fixres.method.train import STATE_NAME as TRAIN_STATE
 from fixres.method.train import train
 from fixres.models.export import export_model
-from fixres.report.page import write_report
+from fixres.report.page import AFTER_EACH_FIXED, AFTER_EXPORTED, write_report
 
 #: Photo sizes read from the data set for the Monte-Carlo analysis and the figure-2 histogram.
 MAX_PHOTO_SIZES = 2000
@@ -108,13 +108,35 @@ def run_finetune(x: FixContext) -> None:
 def run_sweep_after(x: FixContext) -> None:
     test_size = int(x.choice["test_size"])
     fixed = x.fixed()
-    sweep = evaluate(fixed, x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw())
+    sweep = _after_from_candidates(x)
+    if sweep is None:
+        sweep = {**evaluate(fixed, x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw()),
+                 "after": AFTER_EXPORTED}
     row = next(r for r in sweep["rows"] if r["test_size"] == test_size)
     # Export again, now with the accuracy measured at the fixed size in the metadata.
     export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
                  train_size=x.cfg.train_size, class_names=list(x.train_index.classes),
                  accuracy={"top1": row["top1"], "top1_std": row["top1_std"], "test_size": test_size, "n": row["n"]})
     write_json(x.run_dir / "sweep_after.json", strip_private(sweep))
+
+
+def _after_from_candidates(x: FixContext) -> dict | None:
+    """The curve after the fix without a forward: when every swept size is a candidate, each was fixed at its
+    own size and scored on val by the select step (the candidate at S *is* the exported model), so the
+    sweep's rows are theirs. None when a size is missing (then the exported model is evaluated)."""
+    path = x.run_dir / "select.json"
+    if x.config.label_free or not path.is_file():
+        return None
+    by_size = {int(c["test_size"]): c["val_after"] for c in read_json(path)["candidates"]}
+    if not all(s in by_size and by_size[s].get("row") for s in x.test_sizes):
+        return None
+    rows = [by_size[s]["row"] for s in x.test_sizes]
+    before = x.read("sweep_before")
+    return {"rows": rows, "ensembles": [], "n_images": before["n_images"], "n_samples": before.get("n_samples"),
+            "skipped": before.get("skipped", []), "folds": before.get("folds"), "seconds": 0.0,
+            "reliability": {f"{r['test_size']}@{r['crop_ratio']:g}": by_size[int(r["test_size"])]["reliability"]
+                            for r in rows},
+            "after": AFTER_EACH_FIXED, "precision": before.get("precision")}
 
 
 def run_stats(x: FixContext) -> None:

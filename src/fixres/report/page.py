@@ -35,6 +35,11 @@ REPORT_DIR = "report"
 REPORT_HTML = "index.html"
 REPORT_JSON = "report.json"
 #: Step result files a run folder may hold (missing ones leave their section out of the report).
+#: What the curve after the fix (``sweep_after.json``'s "after") is: every size fixed at its own size (the
+#: paper's table 5, right; read from the candidates of ``fixres fix``), or the exported model at every size.
+AFTER_EACH_FIXED = "each size fixed at its own size"
+AFTER_EXPORTED = "the exported model at every size"
+
 STEP_FILES = ("run", "analyse", "data", "train", "sweep_before", "finetune", "sweep_after", "stats", "export",
               "grid", "select", "schedule", "robustness")
 #: Points kept per CDF curve in the report (enough for a smooth line, small JSON).
@@ -235,10 +240,16 @@ def _grid_ok(block) -> bool:
         for row in matrix)
 
 
+def _after_label(sweep, test) -> str:
+    if isinstance(sweep, dict) and sweep.get("after") == AFTER_EACH_FIXED:
+        return "after the fix (each size fixed at its own size)"
+    return f"after the fix (adapted at {_plot_size(test)})"
+
+
 def _accuracy_figure(results: dict, head: dict, out_dir: Path) -> Path | None:
     train, test = _number(head["train_size"]), _number(head["test_size"])
     curves = [c for c in (_curve(results.get("sweep_before"), f"before the fix (trained at {_plot_size(train)})"),
-                          _curve(results.get("sweep_after"), f"after the fix (adapted at {_plot_size(test)})")) if c]
+                          _curve(results.get("sweep_after"), _after_label(results.get("sweep_after"), test))) if c]
     if not curves:
         return None
     marks = [(train, f"train size {_plot_size(train)}")] if train else []
@@ -462,7 +473,9 @@ def _figure_sections(results: dict, figs: dict[str, Path], head: dict) -> list[d
         sections.append(_section("Accuracy against test size", figures=[_figure(
             figs["accuracy"], "accuracy vs test size",
             "Top-1 before the fix (the model as trained) and after it (classifier and the batch-norm before "
-            "pooling fine-tuned at the fixed size with test-time augmentation). "
+            "pooling fine-tuned with test-time augmentation, "
+            + ("each size at its own size, as in the paper's table 5). " if
+               (results.get("sweep_after") or {}).get("after") == AFTER_EACH_FIXED else "at the fixed size). ")
             + (f"The apparent-size analysis recommends {rec} px. " if rec else "") + "Error bars: fold std.")]))
     grid = results.get("grid")
     if _grid_ok(grid):
