@@ -135,9 +135,10 @@ def _pm(top1, std) -> str:
     return "n/a" if top1 is None else f"{top1:.1f}%" + ("" if std is None else f" ± {std:.1f}")
 
 
-def _noise_line(h: dict) -> str:
+def _noise_line(h: dict, cross: dict | None = None) -> str:
     """The binomial standard error of the headline, and whether the fix's gain is within noise."""
     from fixres.job.fixsize import binomial_se, within_noise
+    from fixres.method.significance import ALPHA
     n, fixed, untuned = h.get("n_val"), h.get("top1_fixed"), h.get("top1_untuned_at_test_size")
     where = f"at {h['test_size']}px"
     if h.get("top1_untuned_same_choice") is not None:
@@ -145,7 +146,12 @@ def _noise_line(h: dict) -> str:
     if not n or fixed is None:
         return "  noise: n/a"
     line = f"  noise: binomial SE {binomial_se(fixed, n):.1f} points on {n} images"
-    if untuned is not None:
+    paired = (cross or {}).get("paired_vs_untuned") if h.get("top1_untuned_same_choice") is not None else None
+    if untuned is not None and paired:  # the same photos: the paired test is the finer rule
+        verdict = "beyond noise" if paired["p"] < ALPHA else "within noise"
+        line += (f"; fixed vs untuned {where}: {fixed - untuned:+.1f} points (paired p {paired['p']:.3g}: "
+                 f"{verdict})")
+    elif untuned is not None:
         verdict = "within noise" if within_noise(fixed, untuned, n) else "beyond 2 SE of the difference"
         line += f"; fixed vs untuned {where}: {fixed - untuned:+.1f} points ({verdict})"
     return line
@@ -228,7 +234,7 @@ def run(args):
         (f"  after the fix, cross-selected:        {_pm(h['top1_fixed'], h['top1_fixed_std'])}"
          if h.get("headline_rule") else
          f"  after the fix at {h['test_size']}px:               {_pm(h['top1_fixed'], h['top1_fixed_std'])}"),
-        _noise_line(h),
+        _noise_line(h, choice.get("cross")),
         *_candidate_lines(result["run_dir"], int(h["test_size"] or 0)),
         *_robustness_lines(result["run_dir"]),
         f"  time: {format_duration(h['seconds_total'])} in the steps "

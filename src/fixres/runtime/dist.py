@@ -7,6 +7,7 @@ exact counts across ranks, so K processes give exactly the single-process number
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,15 @@ def init(device: str = "auto") -> DistEnv:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a barrier first, so no rank tears gloo down while another is still
+    in its last collective (seen once as "terminate called without an active exception" at exit). Called
+    from a ``finally`` while an error propagates, it does not wait: the other ranks may never get there."""
     if tdist.is_available() and tdist.is_initialized():
+        if sys.exc_info()[0] is None:
+            try:
+                tdist.barrier()
+            except RuntimeError:  # a peer already gone: nothing left to wait for
+                pass
         tdist.destroy_process_group()
 
 
