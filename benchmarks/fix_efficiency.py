@@ -174,6 +174,10 @@ def count_other(name: str, doc: dict | None, n_fit: int, n_holdout: int) -> dict
     if name == "train":
         passes = sum(int(e.get("images", 0)) for e in doc.get("epochs") or [])
         return _count(train=passes, per=passes / max(1, n_fit), unit="fit", note="forward+backward at T")
+    if name == "robustness":
+        n, conditions, cols = int(doc.get("n_images") or 0), len(doc.get("rows") or []), len(doc.get("columns") or [])
+        return _count(full=n * conditions * cols, per=conditions * cols, unit="robustness photo",
+                      note=f"{n} photos x {conditions} conditions x {cols} columns, decoded at full size")
     if name == "finetune":
         if doc.get("temperature"):
             return _count(full=n_holdout, note="temperature fitted on the held-out images")
@@ -185,6 +189,7 @@ def count_other(name: str, doc: dict | None, n_fit: int, n_holdout: int) -> dict
 
 def count_steps(docs: dict, run_dir: Path) -> dict:
     """{step: counts} in step order; wall seconds and shares from run.json "timings"."""
+    from fixres.report.page import AFTER_EACH_FIXED
     run = docs["run"]
     n_fit, n_holdout = int(run["n_fit"]), int(run["n_holdout"])
     n_val = int((docs.get("sweep_before") or {}).get("n_images") or 0)
@@ -192,8 +197,10 @@ def count_steps(docs: dict, run_dir: Path) -> dict:
     timings = run.get("timings") or {}
     out = {}
     for name in ("data", "train", "analyse", "sweep_before", "schedule", "select", "finetune", "sweep_after",
-                 "stats", "report"):
-        if name in ("sweep_before", "sweep_after"):
+                 "stats", "robustness", "report"):
+        if name == "sweep_after" and (docs.get(name) or {}).get("after") == AFTER_EACH_FIXED:
+            c = _count(note="read from the candidates' scores (each size fixed at its own size): no forward")
+        elif name in ("sweep_before", "sweep_after"):
             c = count_sweep(docs.get(name))
         elif name == "select":
             c = count_select(docs.get(name), run_dir, n_fit, epochs)
@@ -311,7 +318,9 @@ def build_result(args, run_dir: Path, log: str | None, wall: float | None, fix_c
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "fix_command": fix_cmd,
             "run_dir": str(run_dir), "machine": {**machine(), "fix_torch_threads": run.get("torch_threads")},
             "counted_from": COUNTED_FROM, "model": run.get("model"), "device": run.get("device"),
-            "n_fit": run.get("n_fit"), "n_holdout": run.get("n_holdout"), "rule": unavoidable["rule"],
+            "n_fit": run.get("n_fit"), "n_holdout": run.get("n_holdout"),
+            # the run's own record of its rule (a run from before the rules existed chose on held-out photos)
+            "rule": (run.get("choice") or {}).get("rule") or (docs.get("select") or {}).get("method") or "n/a",
             "n_val": (docs.get("sweep_before") or {}).get("n_images"), "candidates": run.get("candidates"),
             "test_sizes": run.get("test_sizes"), "test_size": run.get("test_size"), "steps": steps,
             "total_steps_s": total, "process_wall_s": wall, "unavoidable": unavoidable,
