@@ -120,7 +120,7 @@ def count_sweep(sweep: dict | None) -> dict:
     if sweep is None:
         return _count(note="skipped")
     n, k = int(sweep["n_images"]), len(sweep["rows"])
-    return _count(full=n * k, per=float(k), unit="val", note=f"{n} val x {k} sizes")
+    return _count(full=n * k, per=float(k), unit="val image", note=f"{n} val x {k} sizes")
 
 
 def count_select(sel: dict | None, run_dir: Path, n_fit: int, epochs: int) -> dict:
@@ -139,7 +139,7 @@ def count_select(sel: dict | None, run_dir: Path, n_fit: int, epochs: int) -> di
         full += sum(int((row.get(k) or {}).get("n") or 0) for k in ("holdout_before", "seen_before"))
     probes = len(rows) * ((LATENCY_WARMUP + LATENCY_REPEATS) * (1 + LATENCY_BATCH) + 1)
     notes.add(f"{len(rows)} candidates; + {probes} synthetic latency/FLOP inputs not counted")
-    return _count(full=full, suffix=suffix, train=train, per=(full + train) / max(1, n_fit), unit="fit",
+    return _count(full=full, suffix=suffix, train=train, per=(full + train) / max(1, n_fit), unit="fit image",
                   note="; ".join(n for n in sorted(notes) if n))
 
 
@@ -154,7 +154,7 @@ def count_schedule(sched: dict | None, run_dir: Path, n_fit: int) -> dict:
         full, suffix, train = full + f + int(row.get("n") or 0), suffix + s, train + t
         notes.add(note)
     notes.add(f"{len(sched['rows'])} fine-tunings at {sched.get('test_size')}px + held-out scores")
-    return _count(full=full, suffix=suffix, train=train, per=(full + train) / max(1, n_fit), unit="fit",
+    return _count(full=full, suffix=suffix, train=train, per=(full + train) / max(1, n_fit), unit="fit image",
                   note="; ".join(n for n in sorted(notes) if n))
 
 
@@ -163,7 +163,7 @@ def count_stats(stats: dict | None, n_val: int) -> dict:
     if stats is None:
         return _count(note="skipped")
     n, k = min(STATS_IMAGES, n_val), len(stats["sizes"])
-    return _count(full=2 * k * n, per=2.0 * k * n / max(1, n_val), unit="val",
+    return _count(full=2 * k * n, per=2.0 * k * n / max(1, n_val), unit="val image",
                   note=f"{k} sizes x {n} images x 2 models (n assumed: min(STATS_IMAGES, n_val))")
 
 
@@ -173,7 +173,7 @@ def count_other(name: str, doc: dict | None, n_fit: int, n_holdout: int) -> dict
         return _count(note="skipped")
     if name == "train":
         passes = sum(int(e.get("images", 0)) for e in doc.get("epochs") or [])
-        return _count(train=passes, per=passes / max(1, n_fit), unit="fit", note="forward+backward at T")
+        return _count(train=passes, per=passes / max(1, n_fit), unit="fit image", note="forward+backward at T")
     if name == "robustness":
         n, conditions, cols = int(doc.get("n_images") or 0), len(doc.get("rows") or []), len(doc.get("columns") or [])
         return _count(full=n * conditions * cols, per=conditions * cols, unit="robustness photo",
@@ -355,10 +355,9 @@ def render(r: dict) -> str:
              "| step | wall s | images forwarded | forwards per image | share of total | counted as |",
              "|---|---:|---:|---:|---:|---|"]
     for name, c in r["steps"].items():
-        per = f"{c['per_image']:.2f} per {c['unit']} image" if c["per_image"] is not None else "—"
-        lines.append(f"| {name} | {_fmt(c['wall_s'])} | {_forwarded(c)} | {per} | "
-                     f"{_fmt(None if c['share'] is None else 100 * c['share'], '.1f')}{'%' if c['share'] is not None else ''} | "
-                     f"{c['note']} |")
+        per = f"{c['per_image']:.2f} per {c['unit']}" if c["per_image"] is not None else "—"
+        share = "—" if c["share"] is None else f"{100 * c['share']:.1f}%"
+        lines.append(f"| {name} | {_fmt(c['wall_s'])} | {_forwarded(c)} | {per} | {share} | {c['note']} |")
     u = r["unavoidable"]
     parts = ", ".join(f"{s}px {v:.2f} s" for s, v in u["candidates_s"].items())
     lines += ["", f"- {r['counted_from']}; 'suffix' = cached epochs (the adapted suffix only, forward+backward)",
@@ -392,8 +391,8 @@ def compare(a_path: str, b_path: str) -> str:
     def row(name, va, vb):
         ratio = vb / va if va and vb is not None else None
         lines.append(f"| {name} | {_fmt(va)} | {_fmt(vb)} | {_fmt(ratio)} |")
-    for name in a["steps"]:
-        row(name, a["steps"][name]["wall_s"], b["steps"].get(name, {}).get("wall_s"))
+    for name in dict.fromkeys([*a["steps"], *b["steps"]]):  # steps of either run, in order
+        row(name, a["steps"].get(name, {}).get("wall_s"), b["steps"].get(name, {}).get("wall_s"))
     row("**total**", a["total_steps_s"], b["total_steps_s"])
     row("unavoidable", a["unavoidable"]["total_s"], b["unavoidable"]["total_s"])
     lines.append(f"\nratio fix / unavoidable: {_fmt(a['ratio'])}x -> {_fmt(b['ratio'])}x ({la} -> {lb})")
