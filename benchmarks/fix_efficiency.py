@@ -137,6 +137,7 @@ def count_select(sel: dict | None, run_dir: Path, n_fit: int, epochs: int) -> di
         notes.add(note)
         full += sum(int((row.get(k) or {}).get("n") or 0) for k in ("val_after", "holdout_after", "seen_after"))
         full += sum(int((row.get(k) or {}).get("n") or 0) for k in ("holdout_before", "seen_before"))
+    full += int((sel.get("seen_before_at_train_size") or {}).get("n") or 0)  # the training photos at T, once
     probes = len(rows) * ((LATENCY_WARMUP + LATENCY_REPEATS) * (1 + LATENCY_BATCH) + 1)
     notes.add(f"{len(rows)} candidates; + {probes} synthetic latency/FLOP inputs not counted")
     return _count(full=full, suffix=suffix, train=train, per=(full + train) / max(1, n_fit), unit="fit image",

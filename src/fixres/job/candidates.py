@@ -244,18 +244,19 @@ def run_select(x: "FixContext") -> None:
     sizes, dropped, estimate = _planned_candidates(x)
     before = {int(r["test_size"]): r for r in x.read("sweep_before")["rows"]}
     held_before = _before_on(x, x.holdout, sizes)
-    seen_before = _before_on(x, x.seen, sizes)
+    t = int(x.cfg.train_size)  # the training photos' score before the fix is only shown at T
+    seen_at_t = _before_on(x, x.seen, [t]).get(t) if t in sizes else None
     rows = []
     for size in sizes:
         row = _fix_candidate(x, size)
         cost = measure_cost(x.base(), size, device=x.env.device, precision=x.eval_precision)
         b = before.get(size, {})
-        rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size),
-                     "seen_before": seen_before.get(size), **row,
+        rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
                      "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
     write_json(x.run_dir / "select.json", {
         "method": x.rule if (x.holdout or len(sizes) > 1) else "recommendation", "rule": x.rule,
         "rule_text": fixsize.SELECTION_RULES.get(x.rule), "n_holdout": len(x.holdout), "n_seen": len(x.seen),
+        "seen_before_at_train_size": seen_at_t,
         "n_val": x.read("sweep_before")["n_images"], "candidates": rows, "dropped": dropped,
         "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule,
         "recommended": int(x.read("analyse")["recommended_test_size"]), "recommended_exact": recommended_exact(x)})
@@ -342,7 +343,7 @@ def choose_after_fixing(x: "FixContext") -> dict:
     return {"test_size": size, "method": sel["method"], "rule": rule, "rule_text": fixsize.SELECTION_RULES.get(rule),
             "reason": "selected after fixing" if (n or cross) else how, "chosen_on": how,
             "recommended": sel["recommended"], "n_images": n or (sel["n_val"] if cross else 0),
-            "why_not_recommended": _why_not_recommended(size, sel, rows, "the held-out images" if n else
+            "why_not_recommended": _why_not_recommended(size, sel, rows, f"the {n} {x.chooser_words}" if n else
                                                         "all validation photos"), "cross": cross,
             "seen_check": _seen_check(x, sel, rows, budget)}
 
@@ -367,11 +368,11 @@ def _cross_choice(x: "FixContext", sel: dict, budget: dict) -> dict:
            "n_half_a": halves.count(0), "n_half_b": halves.count(1)}
     if all(untuned[i] is not None for i in known):
         u = [bool(untuned[i]) for i in known]
-        out["untuned_top1"] = 100.0 * sum(u) / len(u)
+        out["untuned_top1"] = fixsize.percent_correct(u)
         out["paired_vs_untuned"] = paired_test(fixed, u)
     if at_t is not None and all(at_t[i] is not None for i in known):
         t = [bool(at_t[i]) for i in known]
-        out["train_size_top1"] = 100.0 * sum(t) / len(t)
+        out["train_size_top1"] = fixsize.percent_correct(t)
         out["paired_vs_train_size"] = paired_test(fixed, t)
     return out
 
@@ -387,7 +388,7 @@ def _seen_check(x: "FixContext", sel: dict, rows: list[dict], budget: dict) -> d
     pick = fixsize.choose_within_budget([{**r, "top1": r["seen_after"]["top1"]} for r in seen],
                                         train_size=t, **budget)
     return {"n": sel.get("n_seen"), "size_chosen_on_seen": int(pick["test_size"]),
-            "seen_top1_at_train_size": ((at_t or {}).get("seen_before") or {}).get("top1"),
+            "seen_top1_at_train_size": (sel.get("seen_before_at_train_size") or {}).get("top1"),
             "val_top1_at_train_size": ((at_t or {}).get("val_before") or {}).get("top1")}
 
 

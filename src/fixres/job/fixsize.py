@@ -164,13 +164,17 @@ def cross_select(outcomes: Mapping[int, Sequence[bool | None]], halves: Sequence
         chosen[h] = int(choose_within_budget(rows, train_size=train_size, **budget)["test_size"])
     for i, h in enumerate(halves):
         pooled[i] = outcomes[chosen[1 - h]][i]  # half h is reported by the other half's choice
-    known = [o for o in pooled if o is not None]
-    return {"size_half_a": chosen[0], "size_half_b": chosen[1], "pooled": pooled, "n": len(known),
-            "top1": 100.0 * sum(known) / len(known) if known else float("nan")}
+    return {"size_half_a": chosen[0], "size_half_b": chosen[1], "pooled": pooled,
+            "n": sum(o is not None for o in pooled), "top1": percent_correct(pooled)}
 
 
 def _top1(outcome: Sequence[bool | None], halves: Sequence[int], h: int) -> float:
-    known = [o for o, hh in zip(outcome, halves) if hh == h and o is not None]
+    return percent_correct([o for o, hh in zip(outcome, halves) if hh == h])
+
+
+def percent_correct(outcomes: Sequence[bool | None]) -> float:
+    """Top-1 in percent over the images that were read (None: unread); NaN when none was."""
+    known = [o for o in outcomes if o is not None]
     return 100.0 * sum(known) / len(known) if known else float("nan")
 
 
