@@ -189,3 +189,50 @@ def test_cli_analyze_plot(capsys, tmp_path):
     with Image.open(png) as im:  # a decodable PNG of a real figure, not just the magic bytes
         assert im.format == "PNG" and min(im.size) >= 100
         im.load()
+
+
+# --------------------------------------------------------------------------- the training augmentation
+
+def test_cli_analyze_control_augmentation_ratio_one_recommends_train_size(capsys):
+    """Appendix D's control (resize + fixed-size random crop) keeps objects at their test-time size."""
+    code, out, _ = run_cli(capsys, "analyze", "--train-size", "224", "--train-augment", "control", "--json",
+                           "--samples", "5000", "--image-sizes", "500x375,375x500")
+    assert code == 0
+    res = json.loads(out)
+    assert res["ratio"] == 1.0 and res["ratio_closed_form"] == 1.0
+    assert res["recommended_test_size"] == 224 and res["train_augment"] == "control"
+    assert res["monte_carlo"]["mean"] == pytest.approx(1.0) and res["monte_carlo"]["recommended_test_size"] == 224
+    code, out, _ = run_cli(capsys, "analyze", "--train-augment", "control", "--samples", "2000", "--test-size", "288")
+    assert code == 0 and "1.0000x" in out and "train at 288px" in out
+
+
+def test_analysis_follows_the_train_scale_range():
+    # RandomResizedCrop over the whole photo (scale 1, 1) zooms in as the control does not: F = 1.
+    res = analysis.analyze(train_size=224, scale=(1.0, 1.0))
+    assert res["F"] == 1.0 and res["ratio"] == pytest.approx(256 / 224)
+    narrow = analysis.analyze(train_size=224, scale=(0.25, 1.0))
+    assert narrow["ratio"] == pytest.approx(analysis.scale_factor_F((0.25, 1.0)) * 256 / 224)
+    assert narrow["recommended_test_size"] < analysis.analyze(train_size=224)["recommended_test_size"]
+    with pytest.raises(UsageError, match="training augmentation"):
+        analysis.analyze(train_size=224, train_augment="mixup")
+
+
+def test_cli_analyze_train_scale_flag(capsys):
+    code, out, _ = run_cli(capsys, "analyze", "--train-scale", "0.25,1", "--json", "--samples", "2000")
+    assert code == 0 and json.loads(out)["train_scale"] == [0.25, 1.0]
+    code, _, err = run_cli(capsys, "analyze", "--train-scale", "0,1")
+    assert code == 2 and "0 < MIN <= MAX <= 1" in err
+    code, _, err = run_cli(capsys, "analyze", "--train-augment", "control", "--train-scale", "0.5,1")
+    assert code == 2 and "control" in err and "Traceback" not in err
+
+
+def test_the_analysis_step_is_keyed_on_the_train_augmentation():
+    from types import SimpleNamespace
+
+    from fixres.job import keys
+    cfg = SimpleNamespace(train_size=64, stride=32, crop_ratio=0.875)
+    x = SimpleNamespace(cfg=cfg, fingerprints={"val_images": "f"},
+                        config=SimpleNamespace(seed=0, train_augment="train"))
+    before = keys.key_analyse(x)
+    x.config.train_augment = "control"
+    assert keys.key_analyse(x) != before and keys.key_analyse(x)["train_augment"] == "control"

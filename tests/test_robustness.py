@@ -235,16 +235,44 @@ def test_paired_counts_are_consistent(table_setup):
     res = table_setup["result"]
     assert [(t["a"], t["b"]) for t in res["paired"][:2]] == [("a at 48px", "a at 32px"), ("b at 32px", "a at 32px")]
     assert len(res["paired"]) == 2 * 5  # two pairs x (clean + four corruptions)
+    assert res["correction"] == "holm"
     means = {m["corruption"]: m for m in res["mean"]}
     for t in res["paired"]:
-        n = 12 if t["corruption"] == "clean" else 36  # every (image, severity) pair
-        assert t["n"] == n and t["only_a"] + t["only_b"] <= n
-        assert t["difference"] == pytest.approx((t["only_a"] - t["only_b"]) * 100 / n)
+        trials = 12 if t["corruption"] == "clean" else 36  # every (image, severity) pair
+        assert t["n"] == 12 and t["n_trials"] == trials  # the photo is the unit
+        assert t["only_a"] + t["only_b"] <= 12
         assert t["difference"] == pytest.approx(means[t["corruption"]][t["a"]] - means[t["corruption"]][t["b"]])
-        assert t["p"] == significance.paired_test([True] * t["only_a"] + [False] * t["only_b"],
-                                                  [False] * t["only_a"] + [True] * t["only_b"])["p"]
+        assert t["p"] == significance.sign_p(t["only_a"], t["only_b"])
+        assert t["p"] <= t["p_holm"] <= 1.0
+    assert [t["p_holm"] for t in res["paired"]] == significance.holm([t["p"] for t in res["paired"]])
     # Two different random models disagree somewhere on 36 corrupted photos.
     assert any(t["only_a"] + t["only_b"] > 0 for t in res["paired"] if t["b"] == "a at 32px" and t["a"] == "b at 32px")
+
+
+def test_severities_of_one_photo_are_one_unit_of_evidence():
+    """Six photos a gets right at all three severities and b wrong, two the other way round: 18 vs 6 (image,
+    severity) pairs look beyond noise (p 0.02) when counted as independent; as 6 vs 2 photos they are not."""
+    idx = np.arange(10)
+    a_hits = np.array([True] * 6 + [False] * 2 + [True] * 2)
+    b_hits = np.array([False] * 6 + [True] * 2 + [True] * 2)
+    outcomes = {("jpeg", s): {"A": (idx, a_hits), "B": (idx, b_hits)} for s in (1, 2, 3)}
+    t = robustness._paired("jpeg", "A", "B", outcomes)
+    pooled = significance.paired_test(np.tile(a_hits, 3).tolist(), np.tile(b_hits, 3).tolist())
+    assert pooled["p"] < 0.05  # what an outcome-level test claims
+    assert (t["n"], t["n_trials"], t["only_a"], t["only_b"]) == (10, 30, 6, 2)
+    assert t["p"] == pytest.approx(0.2890625) and t["p"] > 0.05
+    assert t["difference"] == pytest.approx(40.0)
+
+
+def test_a_photo_right_more_often_counts_once_and_ties_carry_nothing():
+    t = significance.clustered_sign_test([3, 2, 1, 0, 2], [0, 2, 2, 0, 1])
+    assert (t["only_a"], t["only_b"]) == (2, 1) and t["p"] == 1.0
+
+
+def test_holm_step_down():
+    assert significance.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert significance.holm([0.2, 0.001]) == pytest.approx([0.2, 0.002])
+    assert significance.holm([]) == []
 
 
 def test_each_model_is_evaluated_once_per_condition(table_setup, monkeypatch):
@@ -290,7 +318,7 @@ def test_verdict_within_noise():
     res = _fake([("clean", 5, 3, 0.73), ("gaussian_noise", 10, 8, 0.8), ("gaussian_blur", 7, 9, 0.8),
                  ("jpeg", 4, 4, 1.0), ("brightness_contrast", 6, 5, 1.0)])
     text = report_robustness.verdict(res, "F", "U")
-    assert text.startswith("F vs U: within noise on 4 of 4 corruptions (paired p >= 0.05)")
+    assert text.startswith("F vs U: within noise on 4 of 4 corruptions (paired p >= 0.05)")  # an uncorrected file
     assert "clean photos: +0.2 points, p = 0.730" in text and "300 images" in text
     assert "higher" not in text and "lower" not in text
     assert report_robustness.verdicts(res) == [text]
@@ -304,6 +332,18 @@ def test_verdict_names_the_differences_and_their_direction():
     assert "F higher on gaussian_noise (+3.3 points, p < 0.001)" in text
     assert "F lower on jpeg (-1.7 points, p = 0.004)" in text
     assert "not corrected for 4 tests" in text
+
+
+def test_verdict_reads_the_holm_adjusted_p():
+    res = _fake([("gaussian_noise", 40, 10, 0.00002), ("gaussian_blur", 7, 9, 0.8), ("jpeg", 5, 20, 0.02),
+                 ("brightness_contrast", 6, 5, 1.0)])
+    for t, q in zip(res["paired"], significance.holm([t["p"] for t in res["paired"]])):
+        t["p_holm"] = q
+    text = report_robustness.verdict(res, "F", "U")
+    # jpeg's raw p 0.02 is not below 0.05 once adjusted for the four tests (0.06): within noise.
+    assert "within noise on 3 of 4 corruptions (Holm-adjusted paired p >= 0.05)" in text
+    assert "F higher on gaussian_noise (+3.3 points, p < 0.001)" in text
+    assert "jpeg" not in text and "not corrected" not in text
 
 
 def test_format_corruption_table(table_setup):

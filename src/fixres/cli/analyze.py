@@ -24,8 +24,25 @@ def add_parser(sub, parents):
     p.add_argument("--data", default=None, metavar="DIR", help="measure photo sizes from an ImageFolder tree")
     p.add_argument("--samples", type=positive_int, default=100_000, help="Monte-Carlo samples")
     p.add_argument("--seed", type=int, default=0, help="Monte-Carlo seed (default 0)")
+    p.add_argument("--train-augment", choices=("train", "control"), default="train",
+                   help="how the model was trained: train = RandomResizedCrop over --train-scale (default); "
+                        "control = resize + fixed-size random crop (appendix D: objects keep their size, ratio 1)")
+    p.add_argument("--train-scale", type=_scale_range, default=None, metavar="MIN,MAX",
+                   help="RandomResizedCrop's area range in training (default 0.08,1)")
     p.add_argument("--plot", action="store_true", help="write the RoC-area histogram (figure 2) PNG to --out")
     return p
+
+
+def _scale_range(text: str) -> tuple[float, float]:
+    import argparse
+    import math
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX, e.g. 0.08,1, got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= 1):
+        raise argparse.ArgumentTypeError(f"the scale range needs 0 < MIN <= MAX <= 1, got {text!r}")
+    return lo, hi
 
 
 def run(args):
@@ -53,9 +70,13 @@ def run(args):
         sizes = analysis.parse_image_sizes(args.image_sizes)
     else:
         sizes = [(500, 500)]
+    if args.train_scale is not None and args.train_augment != analysis.RRC_AUGMENT:
+        from fixres.errors import UsageError
+        raise UsageError("--train-scale is RandomResizedCrop's range; the control augmentation has none")
     result = analysis.analyze(train_size=args.train_size, crop_ratio=args.crop_ratio, stride=args.stride,
                               image_sizes=sizes, samples=args.samples, seed=args.seed,
-                              target_test_size=args.test_size)
+                              target_test_size=args.test_size, train_augment=args.train_augment,
+                              **({"scale": args.train_scale} if args.train_scale else {}))
     mc = result.pop("_mc")
     if args.test_size is not None:
         warn_stride(args.test_size, args.stride, "--test-size", quiet=args.quiet)
@@ -68,11 +89,14 @@ def run(args):
         result["plot"] = str(plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction,
                                             out / "roc_areas.png", ratios=mc.ratios))
     m = result["monte_carlo"]
+    trained = (f"RandomResizedCrop over {result['train_scale'][0]:g}-{result['train_scale'][1]:g} of the area"
+               if result["train_augment"] == analysis.RRC_AUGMENT else
+               f"control: resize {result['test_resize']} + random crop, no scale change")
     lines = [
-        f"train {args.train_size}px, test resize {result['test_resize']} + crop {args.train_size}px "
+        f"train {args.train_size}px ({trained}), test resize {result['test_resize']} + crop {args.train_size}px "
         f"(crop ratio {args.crop_ratio}):",
-        f"  objects look {result['ratio_closed_form']:.4f}x as large at test time (closed form, eq. 5; "
-        f"square photos, aspect 1)",
+        f"  objects look {result['ratio_closed_form']:.4f}x as large at test time (closed form"
+        + (", eq. 5; square photos, aspect 1)" if result["train_augment"] == analysis.RRC_AUGMENT else ")"),
         f"  Monte Carlo over {len(sizes)} photo size(s), real RandomResizedCrop: mean {m['mean']:.4f}, "
         f"median {m['quantiles']['0.5']:.4f}, 5-95% {m['quantiles']['0.05']:.2f}-{m['quantiles']['0.95']:.2f}",
         f"  (with the aspect ratio held at 1, as eq. 5 assumes: {m['mean_aspect1']:.4f}; RandomResizedCrop's "

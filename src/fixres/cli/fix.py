@@ -101,7 +101,8 @@ def add_parser(sub, parents):
     t = p.add_argument_group("training (embedded default, or a model without weights)")
     t.add_argument("--train-epochs", type=positive_int, default=30, help="training epochs (default 30)")
     t.add_argument("--train-augment", choices=("train", "control"), default="train",
-                   help="train = RandomResizedCrop; control = resize + fixed-size random crop (appendix D)")
+                   help="how the model was (or is) trained, which the analysis of object sizes follows: train = "
+                        "RandomResizedCrop; control = resize + fixed-size random crop (appendix D, ratio 1)")
     t.add_argument("--train-batch-size", type=positive_int, default=64, help="training batch (default 64)")
     t.add_argument("--train-lr", type=positive_float, default=None, help="(default 0.1 x batch / 256)")
     e = p.add_argument_group("embedded data set")

@@ -62,7 +62,8 @@ def key_train(x: FixContext) -> dict:
 
 def key_analyse(x: FixContext) -> dict:
     return {"train_size": x.cfg.train_size, "stride": x.cfg.stride, "crop_ratio": x.cfg.crop_ratio,
-            "val_images": x.fingerprints["val_images"], "analysis_seed": x.config.seed}
+            "train_augment": x.config.train_augment, "val_images": x.fingerprints["val_images"],
+            "analysis_seed": x.config.seed}
 
 
 def key_sweep_before(x: FixContext) -> dict:

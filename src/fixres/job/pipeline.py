@@ -189,7 +189,8 @@ def _after_step(x: FixContext, name: str) -> None:
     if name == "analyse":
         an = x.read("analyse")
         mc = an.get("monte_carlo") or {}
-        x.say(f"  objects look {an['ratio']:.3f}x as large at test as in training (eq. 5"
+        x.say(f"  objects look {an['ratio']:.3f}x as large at test as in training ("
+              + ("eq. 5" if an.get("train_augment", "train") == "train" else f"trained with {an['train_augment']}")
               + (f"; {mc['mean']:.3f} sampled on these photos" if mc.get("mean") else "")
               + f"); recommended test size {an['recommended_test_size']}px")
         x.candidates = _candidate_list(x)

@@ -67,12 +67,14 @@ def run_analyse(x: FixContext) -> None:
     cfg = x.cfg
     sizes = count_image_sizes(x.val_index, limit=MAX_PHOTO_SIZES)
     an = analysis.analyze(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,
-                          image_sizes=sizes or None, samples=ANALYSIS_SAMPLES, seed=x.config.seed)
+                          image_sizes=sizes or None, samples=ANALYSIS_SAMPLES, seed=x.config.seed,
+                          train_augment=x.config.train_augment)
     an.pop("_mc", None)
     an["recommended_test_size"] = (an.get("monte_carlo") or {}).get("recommended_test_size",
                                                                      an["recommended_test_size"])
     an["recommended_test_size_closed_form"] = analysis.recommend_test_size(
-        train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride)["test_size"]
+        train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,
+        train_augment=x.config.train_augment)["test_size"]
     an["image_sizes"] = sorted({tuple(s) for s in sizes})[:500]
     write_json(x.run_dir / "analyse.json", an)
 

@@ -5,9 +5,10 @@ answers with numbers: every column (a model at a test size) is evaluated on the 
 every corruption of ``fixres.data.corruptions`` at every severity, the same corrupted photo for every
 column (seeded per photo), each photo decoded at full size so that the rows differ only by the
 corruption. Each model is evaluated once per corruption and severity with all its test sizes in one
-pass (``evaluate``). Two columns are compared per corruption by the exact paired test
-(``significance.paired_test``) over every (image, severity) pair: only the photos one column gets
-right and the other wrong count. ``max_images`` bounds the time with a seeded, class-stratified
+pass (``evaluate``). Two columns are compared per corruption with the photo as the unit: each photo's
+hits are summed over the severities and an exact sign test runs on the per-photo differences
+(``significance.clustered_sign_test``); the table's p-values are then Holm-corrected together
+(``p_holm``), since a table of many tests finds a "difference" by chance otherwise. ``max_images`` bounds the time with a seeded, class-stratified
 subset of the photos (the same subset for every column).
 """
 
@@ -25,7 +26,7 @@ from fixres.data.corruptions import CORRUPTIONS, SEVERITIES, Corruption, corrupt
 from fixres.data.folders import FolderIndex
 from fixres.errors import UsageError
 from fixres.method.evaluate import DEFAULT_BATCH_SIZE, evaluate
-from fixres.method.significance import PERCENT, paired_test
+from fixres.method.significance import PERCENT, clustered_sign_test, holm
 from fixres.runtime import dist as fdist
 from fixres.runtime.engine import Precision
 from fixres.runtime.progress import status
@@ -33,6 +34,9 @@ from fixres.runtime.progress import status
 #: The row of the uncorrupted photos, and its severity in the rows.
 CLEAN = "clean"
 CLEAN_SEVERITY = 0
+#: How a compared pair is tested, and how the table's p-values are corrected (recorded in the result).
+PAIRED_TEST = "exact sign test per photo, hits summed over severities"
+CORRECTION = "holm"
 #: Row keys a column may not be named.
 RESERVED_KEYS = ("corruption", "severity", "n")
 
@@ -132,14 +136,16 @@ def corruption_table(models: Mapping[str, tuple[nn.Module, int]], samples, cfg: 
     ``models``: {column name: (model, test size)}, e.g. {"untuned at 128px": (base, 128), "fixed at 160px":
     (fixed, 160)}; columns sharing a model are evaluated in one pass. ``samples``: a ``FolderIndex`` or
     (path, label) pairs; ``max_images``: a seeded class-stratified subset of them (``stratified_subset``).
-    ``pairs``: (a, b) columns compared per corruption, pooled over its severities (default: the first
+    ``pairs``: (a, b) columns compared per corruption, per photo over its severities (default: the first
     column against each other one). Every row is decoded at full size (the clean one too).
 
     Returns a JSON-ready dict: ``columns`` (names, in order), ``test_sizes`` ({column: size}),
     ``crop_ratio``, ``corruptions``, ``severities``, ``parameters`` ({corruption: {severity: value}}),
     ``rows`` ([{corruption, severity, n, <column>: top-1 %}], the clean row first with severity 0),
     ``mean`` ([{corruption, n, <column>: mean top-1 % over its severities}], clean first), ``paired``
-    ([{corruption, a, b, n (image-severity pairs), only_a, only_b, p, difference (a - b, points)}]),
+    ([{corruption, a, b, n (photos), n_trials (image-severity pairs), only_a / only_b (photos a / b got right
+    more often), p (sign test per photo), p_holm (Holm-adjusted across the table), test, difference (a - b,
+    points)}]), ``correction``,
     ``n_images``, ``n_samples`` (before ``max_images``), ``max_images``, ``skipped``, ``seed``,
     ``decode`` ("full") and ``seconds``.
     """
@@ -173,7 +179,8 @@ def corruption_table(models: Mapping[str, tuple[nn.Module, int]], samples, cfg: 
         "corruptions": corruptions, "severities": severities,
         "parameters": {c: {str(s): parameter(c, s) for s in severities} for c in corruptions},
         "rows": rows, "mean": [_mean(kind, rows, names) for kind in kinds],
-        "paired": [_paired(kind, a, b, outcomes) for kind in kinds for a, b in pairs],
+        "paired": _with_holm([_paired(kind, a, b, outcomes) for kind in kinds for a, b in pairs]),
+        "correction": CORRECTION,
         "n_images": rows[0]["n"], "n_samples": len(all_samples), "max_images": max_images, "skipped": skipped,
         "seed": seed, "decode": "full", "seconds": time.perf_counter() - start,
     }
@@ -193,16 +200,30 @@ def _mean(kind: str, rows: Sequence[dict], columns: Sequence[str]) -> dict:
 
 
 def _paired(kind: str, a: str, b: str, outcomes: Mapping[tuple[str, int], dict]) -> dict:
-    """The paired test of columns a and b over every (image, severity) pair of corruption ``kind``."""
-    hits_a, hits_b = [], []
+    """The paired test of columns a and b on corruption ``kind``, the photo as the unit: each photo's hits are
+    summed over the severities (a photo that flips at one severity tends to flip at the next, so its
+    severities are not independent evidence) and the exact sign test runs on the per-photo differences."""
+    per_photo_a: dict[int, int] = {}
+    per_photo_b: dict[int, int] = {}
+    trials = 0
     for (name, _), outcome in outcomes.items():
         if name != kind:
             continue
         (idx_a, top_a), (idx_b, top_b) = outcome[a], outcome[b]
-        _, ia, ib = np.intersect1d(idx_a, idx_b, return_indices=True)
-        hits_a.append(top_a[ia])
-        hits_b.append(top_b[ib])
-    ha, hb = np.concatenate(hits_a), np.concatenate(hits_b)
-    test = paired_test(ha.tolist(), hb.tolist())
-    diff = (float(ha.mean()) - float(hb.mean())) * PERCENT if ha.size else None
-    return {"corruption": kind, "a": a, "b": b, "n": int(ha.size), **test, "difference": diff}
+        common, ia, ib = np.intersect1d(idx_a, idx_b, return_indices=True)
+        trials += int(common.size)
+        for photo, hit_a, hit_b in zip(common.tolist(), top_a[ia].tolist(), top_b[ib].tolist()):
+            per_photo_a[photo] = per_photo_a.get(photo, 0) + int(hit_a)
+            per_photo_b[photo] = per_photo_b.get(photo, 0) + int(hit_b)
+    photos = sorted(per_photo_a)
+    hits_a, hits_b = [per_photo_a[i] for i in photos], [per_photo_b[i] for i in photos]
+    test = clustered_sign_test(hits_a, hits_b)
+    diff = (sum(hits_a) - sum(hits_b)) / trials * PERCENT if trials else None
+    return {"corruption": kind, "a": a, "b": b, "n": len(photos), "n_trials": trials, **test,
+            "test": PAIRED_TEST, "difference": diff}
+
+
+def _with_holm(tests: list[dict]) -> list[dict]:
+    """Every test with ``p_holm``: its p adjusted by Holm's method across all the tests of the table."""
+    adjusted = holm([t["p"] for t in tests])
+    return [{**t, "p_holm": q} for t, q in zip(tests, adjusted)]

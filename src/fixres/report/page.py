@@ -24,7 +24,7 @@ from markupsafe import Markup
 
 from fixres.errors import UsageError
 from fixres.io.atomic import write_json, write_text
-from fixres.method.analysis import monte_carlo_ratio
+from fixres.method.analysis import RRC_AUGMENT, TRAIN_AUGMENTS, monte_carlo_ratio
 from fixres.method.selection import best_row
 from fixres.report import choice as report_select
 from fixres.report import plots
@@ -260,6 +260,12 @@ def _accuracy_figure(results: dict, head: dict, out_dir: Path) -> Path | None:
     return plots.plot_accuracy_curves(curves, out_dir / "accuracy_vs_test_size.png", marks=marks)
 
 
+def _train_crop_words(an: dict) -> str:
+    if an.get("train_augment") == "control":
+        return "the control augmentation (resize + fixed-size random crop)"
+    return "RandomResizedCrop"
+
+
 def _grid_figures(grid, out_dir: Path) -> dict[str, Path]:
     figs: dict[str, Path] = {}
     specs = (("grid", grid, "top1", "Top-1 (%), train x test size, no fine-tuning (table 5)"),
@@ -288,8 +294,10 @@ def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
     sizes = analyse.get("image_sizes")
     if isinstance(sizes, list) and sizes and all(_numbers(s) and len(s) == 2 for s in sizes) and train_size \
             and _number(analyse.get("crop_ratio")):
+        augment = analyse.get("train_augment") if analyse.get("train_augment") in TRAIN_AUGMENTS else RRC_AUGMENT
         mc = monte_carlo_ratio(train_size=int(train_size), crop_ratio=float(analyse["crop_ratio"]),
-                               image_sizes=[tuple(s) for s in analyse["image_sizes"]], samples=20_000, seed=0)
+                               image_sizes=[tuple(s) for s in analyse["image_sizes"]], samples=20_000, seed=0,
+                               train_augment=augment)
         figs["roc"] = plots.plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction, out_dir / "roc_areas.png",
                                            ratios=mc.ratios)
     panels = _cdf_panels(results.get("stats"))
@@ -490,9 +498,9 @@ def _figure_sections(results: dict, figs: dict[str, Path], head: dict) -> list[d
         mc = (an.get("monte_carlo") or {}).get("mean") if isinstance(an.get("monte_carlo"), dict) else None
         sections.append(_section("Regions of classification and apparent object size (figure 2)", figures=[_figure(
             figs["roc"], "RoC areas",
-            "RoC area as a fraction of the photo for RandomResizedCrop at training and the centre crop at test, "
+            f"RoC area as a fraction of the photo for {_train_crop_words(an)} at training and the centre crop at test, "
             f"sampled on this data set's photo sizes. Objects look {_num_text(an.get('ratio'), 3)}× as large at test "
-            "time as in training (closed form, eq. 5)" + (f"; Monte Carlo {_num_text(mc, 3)}" if mc is not None else "")
+            "time as in training (closed form)" + (f"; Monte Carlo {_num_text(mc, 3)}" if mc is not None else "")
             + ".")]))
     if "cdf" in figs:
         sections.append(_section("Pooled activations (figures 3 and 4)", figures=[_figure(

@@ -2,9 +2,10 @@
 
 Reads a ``fixres.method.robustness.corruption_table`` result (``corruptions.json`` of ``fixres eval
 --corruptions``, or ``robustness.json`` in a run folder: the same schema). The verdict says what the
-paired test shows and no more: "within noise" means no difference at paired p >= ``ALPHA`` on these
+paired test shows and no more: "within noise" means no difference at Holm-adjusted p >= ``ALPHA`` on these
 images (a few hundred images can hide a difference of a point or two); a difference is named with its
-direction and size, and its p is not corrected for the several corruptions tested. Every field is read
+direction, size and adjusted p. The test takes the photo as the unit (its hits summed over the severities);
+a result written before ``p_holm`` existed is read with its raw p and said to be uncorrected. Every field is read
 defensively (a broken file leaves the report's part out, never stops the report). Pure Python, no torch.
 """
 
@@ -59,9 +60,19 @@ def _tests(result: dict, a: str, b: str) -> list[dict]:
             and _num(t.get("p")) is not None and isinstance(t.get("corruption"), str)]
 
 
+def judged_p(t: dict) -> float | None:
+    """The p a verdict reads: Holm-adjusted where the result has it, else the raw p."""
+    adjusted = _num(t.get("p_holm"))
+    return adjusted if adjusted is not None else _num(t.get("p"))
+
+
+def corrected(result: dict) -> bool:
+    return any(_num(t.get("p_holm")) is not None for t in _dicts(result.get("paired")))
+
+
 def _difference(t: dict) -> str:
     d = _num(t.get("difference"))
-    return f"{t['corruption']} ({'n/a' if d is None else f'{d:+.1f}'} points, {p_text(t['p'])})"
+    return f"{t['corruption']} ({'n/a' if d is None else f'{d:+.1f}'} points, {p_text(judged_p(t))})"
 
 
 def verdict(result: dict, a: str, b: str, *, alpha: float = ALPHA) -> str:
@@ -71,21 +82,22 @@ def verdict(result: dict, a: str, b: str, *, alpha: float = ALPHA) -> str:
     corrupted = [t for t in tests if t["corruption"] != CLEAN]
     if not corrupted:
         return f"{a} vs {b}: no paired test under corruptions"
-    differ = [t for t in corrupted if _num(t["p"]) < alpha]
+    differ = [t for t in corrupted if judged_p(t) < alpha]
     higher = [t for t in differ if (_num(t.get("only_a")) or 0) > (_num(t.get("only_b")) or 0)]
     lower = [t for t in differ if t not in higher]
+    adjusted = corrected(result)
     text = (f"{a} vs {b}: within noise on {len(corrupted) - len(differ)} of {len(corrupted)} corruptions "
-            f"(paired p >= {alpha:g})")
+            f"({'Holm-adjusted ' if adjusted else ''}paired p >= {alpha:g})")
     if higher:
         text += f"; {a} higher on " + ", ".join(_difference(t) for t in higher)
     if lower:
         text += f"; {a} lower on " + ", ".join(_difference(t) for t in lower)
-    if differ:
+    if differ and not adjusted:
         text += f" (p not corrected for {len(corrupted)} tests)"
     clean = [t for t in tests if t["corruption"] == CLEAN]
     if clean:
         d = _num(clean[0].get("difference"))
-        text += f"; clean photos: {'n/a' if d is None else f'{d:+.1f}'} points, {p_text(clean[0]['p'])}"
+        text += f"; clean photos: {'n/a' if d is None else f'{d:+.1f}'} points, {p_text(judged_p(clean[0]))}"
     n = _num(result.get("n_images"))
     return text + (f"; {int(n)} images" if n is not None else "") + "."
 
@@ -93,6 +105,14 @@ def verdict(result: dict, a: str, b: str, *, alpha: float = ALPHA) -> str:
 def verdicts(result: dict, *, alpha: float = ALPHA) -> list[str]:
     """``verdict`` for every compared pair of the result (none when it has a single column)."""
     return [verdict(result, a, b, alpha=alpha) for a, b in _pairs(result)]
+
+
+def _test_heading(result: dict) -> str:
+    if corrected(result):
+        n = len(_dicts(result.get("paired")))
+        return (f"paired tests, photo as the unit (hits summed over severities; exact sign test): photos a got right "
+                f"more often / b more often, p, and p Holm-adjusted across the table's {n} tests")
+    return "paired tests over every (image, severity) pair, uncorrected: only a right / only b right"
 
 
 def format_corruption_table(result: dict) -> str:
@@ -112,13 +132,21 @@ def format_corruption_table(result: dict) -> str:
             lines.append(f"{r.get('corruption')!s:<24} " + " ".join(f"{_top1(r.get(c)):>{width}}" for c in cols))
     tests = _dicts(result.get("paired"))
     if tests:
-        lines.append("paired tests over every (image, severity) pair: only a right / only b right")
+        lines.append(_test_heading(result))
         lines += [f"  {t.get('corruption')!s:<20} {t.get('a')} vs {t.get('b')}: {t.get('only_a')} / "
-                  f"{t.get('only_b')}, {p_text(t.get('p'))}" for t in tests]
+                  f"{t.get('only_b')}, {p_text(t.get('p'))}"
+                  + (f", Holm {p_text(t.get('p_holm'))}" if _num(t.get("p_holm")) is not None else "") for t in tests]
     lines += verdicts(result)
     if len(cols) == 1:
         lines.append("one column, nothing to compare: the drop from the clean row is its robustness")
     return "\n".join(lines)
+
+
+def _p_note(result: dict) -> str:
+    if corrected(result):
+        return ("exact sign test with the photo as the unit (its hits summed over the severities), Holm-adjusted "
+                "across the table")
+    return "exact paired test over every (image, severity) pair, not corrected for the several tests"
 
 
 def section(result) -> dict | None:
@@ -131,7 +159,7 @@ def section(result) -> dict | None:
     pairs = _pairs(result)
     columns = [("corruption", "corruption")] + [(f"c{i}", f"{c} top-1 %") for i, c in enumerate(cols)]
     columns += [(f"p{j}", f"p: {a} vs {b}") for j, (a, b) in enumerate(pairs)]
-    p_of = {(t.get("corruption"), t.get("a"), t.get("b")): t.get("p") for t in _dicts(result.get("paired"))}
+    p_of = {(t.get("corruption"), t.get("a"), t.get("b")): judged_p(t) for t in _dicts(result.get("paired"))}
     rows = []
     for m in means:
         row = {"corruption": str(m.get("corruption")), **{f"c{i}": _top1(m.get(c)) for i, c in enumerate(cols)}}
@@ -142,5 +170,5 @@ def section(result) -> dict | None:
     sev = ", ".join(map(str, severities)) if isinstance(severities, list) else "each severity"
     notes = [(f"Top-1 on corrupted copies of {result.get('n_images')} validation photos (seed "
               f"{result.get('seed')}), each corruption applied to the photo before resizing, averaged over severities "
-              f"{sev}; p: exact paired test over every (image, severity) pair."), *verdicts(result)]
+              f"{sev}; p: {_p_note(result)}."), *verdicts(result)]
     return {"title": TITLE, "notes": notes, "tables": [(rows, columns)]}
