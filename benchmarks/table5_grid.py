@@ -171,7 +171,7 @@ def grid_json(results: dict) -> dict:
 
     ts, top1, std = table("train", "untuned")
     _, fixed, fixed_std = table("train", "fixed")
-    grid = {"train_sizes": ts, "test_sizes": test_sizes, "top1": top1, "top1_std": std,
+    grid = {"train_sizes": ts, "test_sizes": test_sizes, "top1": top1, "top1_std": std, "n": results["n_val"],
             "source": (f"benchmarks/table5_grid.py ({results['preset']}): {results['model']} trained "
                        f"{results['epochs']} epochs per train size, fine-tuned {results['finetune_epochs']} epochs, "
                        f"{results['n_val']} validation images")}

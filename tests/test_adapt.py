@@ -116,13 +116,14 @@ def test_frechet_adapt_equalizes_the_fitted_parameters(tmp_path):
 def test_gaussian_matches_pre_activation_moments_at_train_size(tmp_path):
     train, _ = tiny_data(tmp_path / "d")
     b = tiny_bundle()
-    name = "layer4.0.bn2"
-    mu_t, sd_t, _ = _channel_moments(b.model, train, b.data_config, 32, name)
-    mu_s, sd_s, _ = _channel_moments(b.model, train, b.data_config, 64, name)
+    # the last activation reads the residual sum (bn2 + shortcut): its input is what is matched
+    name = "layer4.0.act2"
+    mu_t, sd_t, _ = _channel_moments(b.model, train, b.data_config, 32, name, where="input")
+    mu_s, sd_s, _ = _channel_moments(b.model, train, b.data_config, 64, name, where="input")
     assert not torch.allclose(sd_t, sd_s, rtol=0.05)
     before = _state(b.model)
     res = adapt(b.model, train, b.data_config, method="gaussian", train_size=32, test_size=64, precision=fp32(), **KW)
-    mu_a, sd_a, _ = _channel_moments(b.model, train, b.data_config, 64, name)
+    mu_a, sd_a, _ = _channel_moments(b.model, train, b.data_config, 64, name, where="input")
     assert torch.allclose(mu_a, mu_t, atol=1e-4) and torch.allclose(sd_a, sd_t, rtol=1e-3, atol=1e-5)
     changed = {k for k in before if not torch.equal(before[k], _state(b.model)[k])}
     assert changed <= {f"{n}.{p}" for n in res["batchnorms"] for p in ("weight", "bias")}

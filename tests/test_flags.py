@@ -22,7 +22,7 @@ from fixres.cli import args as _args
     (["eval", "--mean", "nan,0,0"], "finite"),
     (["eval", "--mean", "0,-inf,0"], "finite"),
     (["eval", "--std", "inf,1,1"], "finite"),
-    (["eval", "--std", "0,1,1"], "> 0"),
+    (["eval", "--std", "0,1,1"], "at least 0.001"),
     (["eval", "--crop-ratio", "inf"], "finite"),
     (["analyze", "--crop-ratio", "1e-9"], "below"),
     (["sweep", "--crop-ratios", "0.875,1e-9"], "below"),

@@ -78,7 +78,7 @@ def test_the_lock_dies_with_its_process(tmp_path):
 def test_only_rank_zero_of_a_torchrun_job_takes_the_lock(holder, tmp_path, monkeypatch):
     """The ranks of one job share their folder: rank 1 does not lock (rank 0 did, or failed first)."""
     from fixres.cli.app import _output_lock, build_parser
-    args = build_parser().parse_args(["eval", "--model", "m", "--data", str(tmp_path), "--out", str(holder)])
+    args = build_parser().parse_args(["eval", "--model", "m", "--data", str(tmp_path / "data"), "--out", str(holder)])
     monkeypatch.setenv("RANK", "1")
     with _output_lock(args):
         pass

@@ -11,7 +11,7 @@ import torch
 from fixres.job import fixsize, pipeline
 
 TINY = dict(classes=3, train_per_class=8, val_per_class=4, train_size=32, test_sizes=[32, 48, 64], train_epochs=1,
-            finetune_epochs=1, workers=0, progress=False, batch_size=16, train_batch_size=8)
+            finetune_epochs=1, workers=0, progress=False, batch_size=16, train_batch_size=8, choose="best")
 
 
 def _mtimes(run: Path) -> dict[str, int]:
@@ -53,6 +53,12 @@ def test_fix_runs_every_step_and_exports_a_loadable_fixed_model(tiny_run):
     meta = json.loads((run / "export" / "fixres.json").read_text())
     assert meta["test_size"] == s and meta["train_size"] == 32
     assert meta["accuracy"]["top1"] == head["top1_fixed"]
+    # Chosen on held-out training photos: every validation photo reports it without bias, and says so.
+    assert meta["top1"] == head["top1_fixed"] and meta["top1_rule"] == fixsize.RULE_HELD_OUT
+    # The served model against the untuned one on the same validation photos: paired tests, not error bars.
+    paired = result["choice"]["paired_val"]
+    assert {"paired_vs_untuned", "paired_vs_train_size"} <= set(paired)
+    assert paired["untuned_top1"] == head["top1_untuned_at_test_size"]
     trained = load_state_dict(run / "train" / "model.safetensors")
     exported = load_state_dict(run / "export" / "model.safetensors")
     assert trained.keys() == exported.keys()

@@ -334,14 +334,15 @@ def test_full_decode_flag_turns_reduced_decoding_off_from_the_cli(tmp_path, caps
 
     from fixres.method import evaluate as ev
     for c in range(3):
-        (tmp_path / "val" / f"c{c}").mkdir(parents=True)
-        smooth_photo(tmp_path / "val" / f"c{c}" / "p.jpg", 320, 240, seed=c)
+        (tmp_path / "data" / "val" / f"c{c}").mkdir(parents=True)
+        smooth_photo(tmp_path / "data" / "val" / f"c{c}" / "p.jpg", 320, 240, seed=c)
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.safetensors")
     seen = []
     real = ev.evaluate
     monkeypatch.setattr(ev, "evaluate", lambda *a, **kw: seen.append(kw["reduced_decode"]) or real(*a, **kw))
     sizes = ["--test-size", "32"] if command == "eval" else ["--test-sizes", "32,64"]
-    base = [command, "--data", tmp_path, "--model", "fixres_tiny_resnet", "--checkpoint", ckpt, "--num-classes", "3",
+    base = [command, "--data", tmp_path / "data", "--model", "fixres_tiny_resnet", "--checkpoint", ckpt,
+            "--num-classes", "3",
             *sizes, "--workers", "0", "--quiet"]
     for flag, expect in (([], True), (["--full-decode"], False)):
         out = tmp_path / f"out{int(expect)}"

@@ -12,8 +12,10 @@ from conftest import write_image_folder
 
 from fixres.job import candidates, fixsize, pipeline
 
+# The rules' mechanics on a fixed model: the most accurate fixed size is served (``--choose best``); what the
+# default cheapest rule serves is tested in test_served_choice.py.
 USER = dict(model="fixres_tiny_resnet", train_size=32, test_sizes=[32, 48], finetune_epochs=1, workers=0,
-            progress=False, batch_size=8)
+            progress=False, batch_size=8, choose="best")
 
 
 def _data(root: Path) -> Path:
@@ -85,10 +87,10 @@ def test_the_cross_selected_headline_is_in_the_report_and_the_terminal(given, ca
     assert "Robustness under corruptions" in html
     code, out, _ = cli(capsys, "fix", "--checkpoint", given["ck"], "--data", given["data"], "--out", given["run"],
                        "--model", "fixres_tiny_resnet", "--train-size", "32", "--test-sizes", "32,48", "--epochs", "1",
-                       "--workers", "0", "--batch-size", "8")
+                       "--workers", "0", "--batch-size", "8", "--choose", "best")
     assert code == 0
     assert "rule: two-fold cross-selection on the validation photos" in out
-    assert "after the fix, cross-selected:" in out and "train photos after" in out
+    assert "served, cross-selected:" in out and "train photos after" in out
     assert "for comparison: 6 training photos (the model may have trained on them)" in out
     assert "under corruptions: fixed at" in out
 

@@ -30,6 +30,7 @@ from fixres.method import analysis as _analysis
 from fixres.method import evaluate as _evaluate
 from fixres.method import finetuning as _finetune
 from fixres.method.selection import best_row
+from fixres.method.significance import binomial_se
 from fixres.models import export as _export
 from fixres.models.loading import LITE_WEIGHTS, ModelBundle, data_config_for, load_model
 from fixres.runtime.dist import DistEnv, resolve_device
@@ -59,7 +60,9 @@ class Analysis:
 
 @dataclass(frozen=True)
 class SizeResult:
-    """Accuracy at one test size (percent; ``top1_std`` is the leave-one-fold-out std)."""
+    """Accuracy at one test size, in percent. ``top1_se`` is the error bar: the binomial standard error of
+    ``top1`` on ``n`` images (in points; computed from them when not given). ``top1_std`` is the fold std, the
+    leave-one-fold-out std of the paper's section 5, a fraction of the sampling noise."""
 
     test_size: int
     crop_ratio: float
@@ -69,15 +72,22 @@ class SizeResult:
     loss: float | None
     n: int
     raw: dict = field(repr=False, compare=False)
+    top1_se: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.top1_se is None and self.n:
+            object.__setattr__(self, "top1_se", binomial_se(self.top1, self.n))
 
     @classmethod
     def from_row(cls, row: dict, crop_ratio: float | None = None) -> "SizeResult":
         return cls(test_size=int(row["test_size"]), crop_ratio=float(row.get("crop_ratio", crop_ratio or 0.0)),
                    top1=float(row["top1"]), top1_std=float(row.get("top1_std", 0.0)), top5=row.get("top5"),
-                   loss=row.get("loss"), n=int(row.get("n", 0)), raw=row)
+                   loss=row.get("loss"), n=int(row.get("n", 0)), raw=row,
+                   top1_se=None if row.get("top1_se") is None else float(row["top1_se"]))
 
     def __repr__(self) -> str:
-        return f"SizeResult({self.test_size}px: top-1 {self.top1:.1f} ± {self.top1_std:.1f} on {self.n} images)"
+        se = "" if self.top1_se is None else f" ± {self.top1_se:.1f}"
+        return f"SizeResult({self.test_size}px: top-1 {self.top1:.1f}{se} (SE) on {self.n} images)"
 
 
 @dataclass(frozen=True)
@@ -241,7 +251,8 @@ def analyze(train_size: int, *, crop_ratio: float | None = None, stride: int | N
 def sweep(model: ModelLike, data: DataLike, test_sizes: Sequence[int], *, data_config: DataConfig | None = None,
           crop_ratio: float | None = None, batch_size: int = _evaluate.DEFAULT_BATCH_SIZE, device: str = "auto",
           amp: bool = True, workers: int | None = 0, progress: bool = False) -> SweepResult:
-    """Top-1 (with fold std), top-5 and loss at every test size, in one pass over the images."""
+    """Top-1 (± binomial standard error; the fold std too), top-5 and loss at every test size, in one pass over
+    the images."""
     bundle = as_bundle(model, data_config)
     index = as_index(data, "val", classes=bundle.data_config.class_names)
     env = _env(device)

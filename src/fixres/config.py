@@ -26,6 +26,18 @@ RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic")
+#: Largest train or test size (pixels) anything accepts: a batch of 64 photos at 2048 px is already 3 GB of
+#: fp32 input, and the paper's largest test size is 800; past this a typo reaches an out-of-memory kill.
+MAX_SIZE = 2048
+#: Seeds are non-negative and below 2**32, the range every generator (torch, numpy, random) takes alike.
+SEED_LIMIT = 2 ** 32
+#: Smallest crop ratio: resize = size / crop_ratio, so 0.05 already resizes to 20x the crop.
+MIN_CROP_RATIO = 0.05
+#: Normalisation values are in [0, 1] units: a mean or std past this magnitude is a unit mistake (0-255) or a
+#: typo, and its normalised pixels overflow float32 or lose every digit of the photo.
+MAX_RGB_VALUE = 10.0
+#: Smallest std: dividing by less magnifies one grey level (1/255) past 4, and 1e-45 turns pixels into infinity.
+MIN_STD = 1e-3
 #: Folds of the leave-one-fold-out standard deviation (paper, section 5).
 DEFAULT_FOLDS = 10
 #: What FixRes adapts by default (the paper): the classifier and the norm nearest the pooled vector (the
@@ -78,6 +90,8 @@ class DataConfig:
 def validate_size(size: int, name: str = "size") -> int:
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise UsageError(f"{name} must be a positive whole number of pixels, got {size!r}")
+    if size > MAX_SIZE:
+        raise UsageError(f"{name} {size} is over the largest supported size {MAX_SIZE} pixels")
     return size
 
 

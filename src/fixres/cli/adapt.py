@@ -7,6 +7,9 @@ from fixres.cli.finetune import add_data_args
 
 DEFAULT_OUT = "runs/adapt"
 METHODS = ("bn-recalibrate", "frechet", "gaussian")
+#: What a run writes to --out besides its export: all of one run's, or all as they were (``cli.app``).
+RESULT_FILES = ("adapt.json",)
+WRITES_EXPORT = True
 
 
 def add_parser(sub, parents):
@@ -39,7 +42,7 @@ def run(args):
     from fixres.io.atomic import write_json
     from fixres.method.adaptation import adapt
     from fixres.method.evaluate import evaluate_at
-    from fixres.models.export import export_model
+    from fixres.models.export import export_model, remove_export
     from fixres.runtime.dist import refuse_distributed
     from fixres.runtime.progress import status
     refuse_distributed("fixres adapt")
@@ -61,13 +64,17 @@ def run(args):
         result["export"] = str(export_model(bundle.model, out, model_name=bundle.name, cfg=cfg, test_size=test_size,
                                             train_size=cfg.train_size, class_names=list(cfg.class_names),
                                             accuracy=after, extra={"adaptation": {"method": args.method}}))
+    else:  # frechet exports nothing: a model another method left here would not be what adapt.json describes
+        result["removed"] = remove_export(out)
     write_json(out / "adapt.json", result)
     status(f"wrote {out / 'adapt.json'}", enabled=show and args.verbose)
     lines = [f"{bundle.name}: {args.method} from {cfg.train_size}px to {test_size}px on {res['images']} images "
              "(no labels)"]
     if before and after:
-        lines.append(f"  top-1 at {test_size}px: {before['top1']:.2f} ± {before['top1_std']:.2f}% before -> "
-                     f"{after['top1']:.2f} ± {after['top1_std']:.2f}% after")
+        from fixres.method.significance import binomial_se
+        lines.append(f"  top-1 at {test_size}px: {before['top1']:.2f} ± {binomial_se(before['top1'], before['n']):.2f}%"
+                     f" before -> {after['top1']:.2f} ± {binomial_se(after['top1'], after['n']):.2f}% after "
+                     "(± binomial standard error)")
         lines.append(f"  calibration: NLL {before['nll']:.4f} -> {after['nll']:.4f}, ECE (15 bins) "
                      f"{before['ece']:.2f}% -> {after['ece']:.2f}%")
     if "export" in result:

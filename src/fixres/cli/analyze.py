@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from fixres.cli.args import crop_ratio, positive_int, warn_stride
+from fixres.cli.args import bounded_int, crop_ratio, image_size, positive_int, seed, warn_stride
 from fixres.config import DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE
+
+#: Most Monte-Carlo samples: the estimate holds about a dozen float64 arrays of one value per sample, so ten
+#: million samples already take over a gigabyte (1e11 is an out-of-memory kill, not a better estimate).
+MAX_SAMPLES = 10_000_000
 
 
 def add_parser(sub, parents):
@@ -12,18 +16,19 @@ def add_parser(sub, parents):
         help="apparent object size ratio and the recommended test size (no model needed)",
         description="Closed form of the paper's eq. (5) and a Monte-Carlo estimate that samples the real "
                     "RandomResizedCrop; recommends the test size whose apparent object sizes match training.")
-    p.add_argument("--train-size", type=positive_int, default=DEFAULT_TRAIN_SIZE,
+    p.add_argument("--train-size", type=image_size, default=DEFAULT_TRAIN_SIZE,
                    help=f"training crop size T (default {DEFAULT_TRAIN_SIZE})")
     p.add_argument("--crop-ratio", type=crop_ratio, default=0.875, help="test_size / resize (default 0.875 = 224/256)")
     p.add_argument("--stride", type=positive_int, default=DEFAULT_STRIDE,
                    help=f"round test sizes to this multiple (appendix B; default {DEFAULT_STRIDE})")
-    p.add_argument("--test-size", type=positive_int, default=None,
+    p.add_argument("--test-size", type=image_size, default=None,
                    help="also report the train size to use for this target test size")
     p.add_argument("--image-sizes", default=None, metavar="WxH,...",
                    help="photo sizes for the Monte-Carlo estimate (default 500x500, square)")
     p.add_argument("--data", default=None, metavar="DIR", help="measure photo sizes from an ImageFolder tree")
-    p.add_argument("--samples", type=positive_int, default=100_000, help="Monte-Carlo samples")
-    p.add_argument("--seed", type=int, default=0, help="Monte-Carlo seed (default 0)")
+    p.add_argument("--samples", type=bounded_int(MAX_SAMPLES, "Monte-Carlo sample count"), default=100_000,
+                   help=f"Monte-Carlo samples (default 100000, at most {MAX_SAMPLES})")
+    p.add_argument("--seed", type=seed, default=0, help="Monte-Carlo seed (default 0; 0 to 2**32-1)")
     p.add_argument("--train-augment", choices=("train", "control"), default="train",
                    help="how the model was trained: train = RandomResizedCrop over --train-scale (default); "
                         "control = resize + fixed-size random crop (appendix D: objects keep their size, ratio 1)")

@@ -29,10 +29,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def out_folder(text: str) -> str:
-    """--out: a folder (new or existing); an existing regular file there is a usage error, not exit 1 later."""
+    """--out: a folder (new or existing); an existing regular file there, or above it (``afile/sub``), is a
+    usage error, not exit 1 later."""
     import os
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    above = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be a folder: {above!r} is a file")
     return text
 
 
@@ -105,23 +111,67 @@ def _oom_message(exc: BaseException) -> str | None:
 _OUT_DEFAULTS = {"fix": "runs/fix", "analyze": "runs/analyze", "make-dataset": "runs/data"}
 
 
+def _out_folder_of(args: argparse.Namespace) -> str | None:
+    """The folder this command writes to: --out, else the command's default."""
+    return args.out or getattr(args._module, "DEFAULT_OUT", None) or _OUT_DEFAULTS.get(args.command)
+
+
+def _refuse_out_inside_data(folder: str, data) -> None:
+    """An output folder inside --data: the next run would read this run's files as photos of a class."""
+    import os
+
+    from fixres.errors import UsageError
+    if not data or not os.path.isdir(data):
+        return
+    data_real, out_real = os.path.realpath(data), os.path.realpath(folder)
+    if out_real == data_real or out_real.startswith(data_real.rstrip(os.sep) + os.sep):
+        raise UsageError(f"the output folder {folder} is inside the data folder {data}: its files would be read "
+                         "as photos; choose an --out outside the data")
+
+
 def _output_lock(args: argparse.Namespace):
     """The exclusive lock of the folder this command writes to (``fixres.io.lock``): one run per --out.
 
     Rank 0 alone locks under torchrun (the ranks of one job share the folder). ``report`` writes below
     its RUN_DIR, not to --out; ``analyze`` writes only with --plot; a generated data set is replaced as
-    a whole, so its lock sits beside it.
+    a whole, so its lock sits beside it. A folder inside --data, or one that cannot be written (read-only,
+    no permission), is a usage error before anything runs.
     """
     import contextlib
 
+    from fixres.errors import UsageError
     from fixres.io import lock
     if args.command == "report" or (args.command == "analyze" and not getattr(args, "plot", False)):
         return contextlib.nullcontext()
-    folder = args.out or getattr(args._module, "DEFAULT_OUT", None) or _OUT_DEFAULTS.get(args.command)
+    folder = _out_folder_of(args)
     if folder is None or not lock.rank_is_main():
         return contextlib.nullcontext()
+    _refuse_out_inside_data(folder, getattr(args, "data", None))
     beside = lock.sibling_lock(folder) if args.command == "make-dataset" else None
-    return lock.locked_folder(folder, lock_path=beside)
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(lock.locked_folder(folder, lock_path=beside))
+    except OSError as exc:  # taking the lock is the first write: a read-only or unwritable --out fails here
+        raise UsageError(f"cannot write to the output folder {folder} ({exc.strerror or exc}); "
+                         "choose a folder you can write to with --out") from None
+    return stack
+
+
+def _result_files(args: argparse.Namespace):
+    """The command's result files (its ``RESULT_FILES``, and the export's files when ``WRITES_EXPORT``): all
+    of this run's, or all as they were when it fails (``fixres.io.atomic.all_or_none``)."""
+    import contextlib
+
+    from fixres.io import lock
+    from fixres.io.atomic import all_or_none
+    names = tuple(getattr(args._module, "RESULT_FILES", ()))
+    folder = _out_folder_of(args)
+    if getattr(args._module, "WRITES_EXPORT", False):
+        from fixres.models.export import EXPORT_FILES
+        names += EXPORT_FILES
+    if not names or folder is None or not lock.rank_is_main():
+        return contextlib.nullcontext()
+    return all_or_none(folder, names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with _output_lock(args):
+        with _output_lock(args), _result_files(args):
             result = args._module.run(args)
         if isinstance(result, tuple):
             emit(args, *result)
@@ -158,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI edge turns every failure into one line
         if args.verbose:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT: say where, as a usage error
+            where = f" writing {exc.filename}" if exc.filename else ""
+            say(f"fixres {args.command}: error: the disk is full{where}: free space there or choose another --out",
+                file=sys.stderr)
+            return 2
         msg = _oom_message(exc) or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         hint = "" if args.verbose else " (run with -v for the traceback)"
         say(f"fixres {args.command}: error: {msg}{hint}", file=sys.stderr)

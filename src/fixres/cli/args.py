@@ -11,17 +11,20 @@ from fixres.config import (
     DEFAULT_TRAIN_PER_CLASS,
     DEFAULT_VAL_PER_CLASS,
     INTERPOLATION_NAMES,
+    MAX_RGB_VALUE,
+    MAX_SIZE,
+    MIN_CROP_RATIO,
+    MIN_STD,
+    SEED_LIMIT,
     validate_crop_ratio,
 )
 from fixres.errors import UsageError
 
-#: Largest image size a size list may hold: past this, one resized photo is tens of megabytes and
-#: no network in the paper is evaluated there (the largest test size in its tables is 800).
-MAX_IMAGE_SIZE = 4096
+#: Largest image size a size flag or list may hold (``config.MAX_SIZE``): past this a batch no longer fits in
+#: memory, and no network in the paper is evaluated there (the largest test size in its tables is 800).
+MAX_IMAGE_SIZE = MAX_SIZE
 #: Most sizes one list may hold (a sweep of 128:384:8 is 33 sizes); more is a typo, not a protocol.
 MAX_SIZES = 64
-#: Smallest crop ratio: resize = size / crop_ratio, so 0.05 already resizes to 20x the crop.
-MIN_CROP_RATIO = 0.05
 
 
 def _finite(v: float, text: str) -> float:
@@ -60,6 +63,33 @@ def positive_float(text: str) -> float:
 
 def nonneg_float(text: str) -> float:
     return _number(text, float, positive=False)
+
+
+def image_size(text: str) -> int:
+    """A train or test size in pixels: a whole number in 1..MAX_IMAGE_SIZE."""
+    v = positive_int(text)
+    if v > MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"size {v} is over the largest supported size {MAX_IMAGE_SIZE}")
+    return v
+
+
+def seed(text: str) -> int:
+    """A random seed, the one rule of every command: a whole number in 0..2**32-1 (what numpy takes too)."""
+    v = _number(text, int, positive=False)
+    if v >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed must be below 2**32 ({SEED_LIMIT}), got {v}")
+    return v
+
+
+def bounded_int(limit: int, what: str):
+    """A positive whole number at most ``limit`` (``what`` names the limit in the message)."""
+    def parse(text: str) -> int:
+        v = positive_int(text)
+        if v > limit:
+            raise argparse.ArgumentTypeError(f"{v} is over the largest {what}, {limit}")
+        return v
+    parse.__name__ = f"at most {limit}"
+    return parse
 
 
 def crop_ratio(text: str) -> float:
@@ -132,14 +162,18 @@ def rgb_values(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected three numbers (R,G,B), got {len(values)} in {text!r}")
     for v in values:
         _finite(v, text)
+        if abs(v) > MAX_RGB_VALUE:
+            raise argparse.ArgumentTypeError(f"{v:g} in {text!r} is outside [-{MAX_RGB_VALUE:g}, {MAX_RGB_VALUE:g}]: "
+                                             "give values in [0, 1] units, e.g. 0.485,0.456,0.406")
     return values
 
 
 def rgb_std(text: str) -> list[float]:
-    """'0.229,0.224,0.225': three finite numbers > 0 (--std divides by them)."""
+    """'0.229,0.224,0.225': three finite numbers of at least MIN_STD (--std divides by them)."""
     values = rgb_values(text)
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"std values must be > 0, got {text!r}")
+    if any(v < MIN_STD for v in values):
+        raise argparse.ArgumentTypeError(f"std values must be at least {MIN_STD:g}, got {text!r} "
+                                         "(in [0, 1] units, e.g. 0.229,0.224,0.225)")
     return values
 
 
@@ -198,7 +232,8 @@ def model_spec(args: argparse.Namespace, *, checkpoint: str | None = None):
                      pretrained=bool(getattr(args, "pretrained", False)),
                      random_init=random_init or bool(getattr(args, "random_ok", True)),
                      num_classes=args.num_classes, train_size=getattr(args, "train_size", None),
-                     ema=bool(getattr(args, "ema", False)), strict=bool(getattr(args, "strict", False)))
+                     ema=bool(getattr(args, "ema", False)), strict=bool(getattr(args, "strict", False)),
+                     seed=getattr(args, "seed", None))
 
 
 def add_dataset_size_args(g) -> None:
@@ -220,7 +255,9 @@ def add_runtime_args(p: argparse.ArgumentParser, *, batch_default: int, batch_no
                    help=f"images per batch (default {batch_default}{batch_note})")
     g.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers (default: sized to the machine)")
     g.add_argument("--no-amp", action="store_true", help="fp32: no autocast, no channels_last")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same run")
+    g.add_argument("--seed", type=seed, default=0,
+                   help="random seed (default 0; 0 to 2**32-1): it seeds every random draw, the random "
+                        "initialisation included: same seed, same run, whatever --workers")
 
 
 def warn_stride(size: int, stride: int, flag: str = "size", *, quiet: bool = False) -> bool:

@@ -13,11 +13,22 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from fixres.cli.args import add_model_args, add_runtime_args, int_list, model_spec, positive_int, warn_stride
+from fixres.cli.args import (
+    add_model_args,
+    add_runtime_args,
+    image_size,
+    int_list,
+    model_spec,
+    positive_int,
+    seed,
+    warn_stride,
+)
 from fixres.config import DEFAULT_FOLDS
 
 DEFAULT_OUT = "runs/eval"
 CORRUPTIONS_JSON = "corruptions.json"
+#: What a run writes to --out: all of one run's, or, when it fails, all as they were (``cli.app``).
+RESULT_FILES = ("eval.json", "eval.csv", "per_class.csv", CORRUPTIONS_JSON)
 #: 10-crop testing feeds ten crops per image and view: keep the default batch's memory the same.
 TEN_CROP_BATCH_DIVISOR = 8
 
@@ -31,7 +42,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ten-crop", action="store_true", help="10-crop testing (4 corners + centre, and mirrors)")
     p.add_argument("--folds", type=positive_int, default=DEFAULT_FOLDS,
                    help="folds for the leave-one-fold-out std (section 5; default 10)")
-    p.add_argument("--train-size", type=positive_int, default=None,
+    p.add_argument("--train-size", type=image_size, default=None,
                    help="the model's train size (default: from its data config)")
     p.add_argument("--no-per-class", action="store_true", help="leave per-class accuracy out of the results")
     p.add_argument("--full-decode", action="store_true",
@@ -46,9 +57,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def add_parser(sub, parents):
     p = sub.add_parser("eval", parents=parents, help="evaluate a classifier at one test size and crop ratio",
                        description="Top-1, top-5, loss and per-class accuracy at one test size and crop ratio, "
-                                   "with the leave-one-fold-out std of section 5. Writes eval.json, eval.csv "
+                                   "± the binomial standard error (the leave-one-fold-out std of section 5 is "
+                                   "kept in eval.json as top1_std). Writes eval.json, eval.csv "
                                    f"and per_class.csv to --out (default {DEFAULT_OUT}).")
-    p.add_argument("--test-size", type=positive_int, default=None, help="test size (default: the size a fixres export was fixed for, else the model's train size)")
+    p.add_argument("--test-size", type=image_size, default=None, help="test size (default: the size a fixres export was fixed for, else the model's train size)")
     add_eval_args(p)
     g = p.add_argument_group("robustness under corruptions")
     g.add_argument("--corruptions", action="store_true",
@@ -57,7 +69,7 @@ def add_parser(sub, parents):
                         f"prints the table and writes {CORRUPTIONS_JSON}")
     g.add_argument("--corruption-images", type=positive_int, default=None, metavar="N",
                    help="with --corruptions: a seeded, class-stratified subset of N photos (default: all)")
-    g.add_argument("--corruption-seed", type=int, default=0, metavar="SEED",
+    g.add_argument("--corruption-seed", type=seed, default=0, metavar="SEED",
                    help="seed of the noise and of the subset (default 0): the same seed gives the same photos")
     add_model_args(p)
     add_runtime_args(p, batch_default=64, batch_note="; 8 with --ten-crop")
@@ -95,6 +107,7 @@ class EvalConfig:
     workers: int | None = None
     amp: bool = True
     quiet: bool = False
+    seed: int = 0  # seeds the random initialisation of --random-init (same seed, same numbers)
     extra: dict = field(default_factory=dict)
 
 
@@ -110,7 +123,7 @@ def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
         ensembles=tuple(tuple(e) for e in (args.ensemble or ())), ten_crop=args.ten_crop, folds=args.folds,
         per_class=not args.no_per_class, calibrate_on=args.calibrate_on, reduced_decode=not args.full_decode,
         device=args.device, batch_size=args.batch_size, workers=args.workers,
-        amp=not args.no_amp, quiet=args.quiet)
+        amp=not args.no_amp, quiet=args.quiet, seed=args.seed)
 
 
 @dataclass
@@ -129,11 +142,38 @@ class Loaded:
     show: bool
 
 
+def refuse_non_finite_outputs(model, size: int) -> None:
+    """Weights holding NaN or infinity (loaded with a warning, without --strict) give no numbers: one line naming
+    the first layer whose output is not finite, before any photo is read (not NaN rows and numpy warnings)."""
+    import torch
+
+    from fixres.errors import UsageError
+    from fixres.io.checkpoint import non_finite_tensors
+    from fixres.models.hooks import first_non_finite_output
+    bad = non_finite_tensors(model.state_dict())
+    if not bad:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, 3, size, size).normal_(generator=torch.Generator().manual_seed(0))
+        layer = first_non_finite_output(model, x)
+    except Exception:  # noqa: BLE001 - a probe that cannot run leaves the judgement to the evaluation itself
+        layer = None
+    finally:
+        model.train(was_training)
+    if layer is not None:
+        raise UsageError(f"the model's outputs are not numbers: {layer} is the first layer whose output holds NaN "
+                         f"or infinity (the weights hold it: {bad[0]}{' and more' if len(bad) > 1 else ''}); "
+                         "use another checkpoint (--strict refuses such weights when loading)")
+
+
 def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     """Load the model and index the data (call ``dist.shutdown()`` afterwards)."""
     from fixres.data.folders import index_val_onto, read_class_map, resolve_split, scan_folder
     from fixres.errors import UsageError
     from fixres.method.evaluate import DEFAULT_BATCH_SIZE
+    from fixres.method.loop import seed_everything
     from fixres.models.loading import load_model, num_outputs
     from fixres.runtime import dist
     from fixres.runtime.engine import inference_precision
@@ -142,6 +182,7 @@ def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     env = dist.init(cfg.device)
     if cfg.mean is not None and len(cfg.mean) != 3 or cfg.std is not None and len(cfg.std) != 3:
         raise UsageError("--mean and --std need three values each, e.g. 0.5,0.5,0.5")
+    seed_everything(cfg.seed)  # a random initialisation (and a new head) follows --seed, not the clock
     bundle = load_model(model=cfg.model, checkpoint=cfg.checkpoint, weights=cfg.weights, pretrained=cfg.pretrained,
                         random_init=cfg.random_init, num_classes=cfg.num_classes, train_size=cfg.train_size,
                         ema=cfg.ema, strict=cfg.strict)
@@ -162,6 +203,7 @@ def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     exported_size = (bundle.meta.get("export") or {}).get("test_size") or bundle.meta.get("test_size")
     test_sizes = list(cfg.test_sizes or (int(exported_size or data_cfg.train_size),))
     crop_ratios = list(cfg.crop_ratios or (data_cfg.crop_ratio,))
+    refuse_non_finite_outputs(bundle.model, test_sizes[0])
     show = env.is_main and not cfg.quiet
     warned = set()
     for size in test_sizes + [s for e in cfg.ensembles for s in e]:
@@ -229,11 +271,11 @@ def _temperature_scaled(result: dict, model, data_cfg, folder: str, index, n_out
 def rows_csv(result: dict) -> str:
     """One CSV line per view and per ensemble."""
     from fixres.io.csvtext import csv_text
-    cols = ["test_size", "crop_ratio", "resize", "ten_crop", "top1", "top1_std", "top5", "top5_std", "loss", "n",
-            "correct"]
-    rows = [[r[c] for c in cols] for r in result["rows"]]
+    cols = ["test_size", "crop_ratio", "resize", "ten_crop", "top1", "top1_se", "top1_std", "top5", "top5_se",
+            "top5_std", "loss", "n", "correct"]
+    rows = [[r.get(c) for c in cols] for r in result["rows"]]
     rows += [["+".join(map(str, e["test_sizes"])), "+".join(f"{c:g}" for c in e["crop_ratios"]), "", e["ten_crop"]]
-             + [e[c] for c in cols[4:]] for e in result.get("ensembles", [])]
+             + [e.get(c) for c in cols[4:]] for e in result.get("ensembles", [])]
     return csv_text(cols, rows)
 
 
@@ -261,18 +303,20 @@ def format_table(result: dict) -> str:
     lines = [f"{result['model']} on {result['n_images']} images of {result['data']} "
              f"({len(result['skipped'])} skipped), {result['precision']}, "
              f"{result['images_per_s']:.1f} images/s, {result['seconds']:.1f} s",
-             f"{'test_size':>9} {'crop':>6} {'resize':>6}  {'top-1 % (± fold std)':>21} {'top-5 %':>16} {'NLL':>7} "
+             f"{'test_size':>9} {'crop':>6} {'resize':>6}  {'top-1 % (± SE)':>21} {'top-5 % (± SE)':>16} {'NLL':>7} "
              f"{'ECE %':>6}" + (f"  {'T':>5} {'NLL@T':>7} {'ECE@T':>6}" if scaled else "")]
     for r in result["rows"]:
         lines.append(f"{r['test_size']:>9} {r['crop_ratio']:>6.3f} {r['resize']:>6}  {r['top1']:>12.2f} ± "
-                     f"{r['top1_std']:<5.2f}  {r['top5']:>8.2f} ± {r['top5_std']:<5.2f}"
+                     f"{r['top1_se']:<5.2f}  {r['top5']:>8.2f} ± {r['top5_se']:<5.2f}"
                      + _calibration_cells(r, scaled)
                      + ("  (10-crop)" if r["ten_crop"] else ""))
     for e in result.get("ensembles", []):
         name = "+".join(map(str, e["test_sizes"]))
-        lines.append(f"{name:>9} {'ens.':>6} {'':>6}  {e['top1']:>12.2f} ± {e['top1_std']:<5.2f}  "
-                     f"{e['top5']:>8.2f} ± {e['top5_std']:<5.2f}" + _calibration_cells(e, scaled))
-    lines.append("NLL: mean cross-entropy; ECE: expected calibration error, 15 bins of top-1 confidence"
+        lines.append(f"{name:>9} {'ens.':>6} {'':>6}  {e['top1']:>12.2f} ± {e['top1_se']:<5.2f}  "
+                     f"{e['top5']:>8.2f} ± {e['top5_se']:<5.2f}" + _calibration_cells(e, scaled))
+    # The fold std of section 5 measures far less than the sampling noise: it stays in the files, not as the ±.
+    lines.append("± binomial standard error (the fold std of section 5 is top1_std in the JSON); "
+                 "NLL: mean cross-entropy; ECE: expected calibration error, 15 bins of top-1 confidence"
                  + (f"; T: temperature fitted on {result['temperature_fitted_on']['n_images']} held-out images "
                     f"({result['temperature_fitted_on'].get('data', '')}), top-1 unchanged" if scaled else ""))
     if result["skipped"]:

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fixres.cli.args import add_model_args, add_runtime_args, positive_float, positive_int
+from fixres.cli.args import add_model_args, add_runtime_args, image_size, positive_float, positive_int
 from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS
 
 DEFAULT_OUT = "runs/finetune"
+#: What a run writes to --out besides its export: all of one run's, or all as they were (``cli.app``).
+RESULT_FILES = ("finetune.json",)
+WRITES_EXPORT = True
 PAPER_EPOCHS = 60
 
 
 def add_data_args(p, *, test_size_help: str) -> None:
     p.add_argument("--data", required=True, metavar="DIR",
                    help="ImageFolder root holding train/ and val/ (or one ImageFolder used for both)")
-    p.add_argument("--test-size", type=positive_int, default=None,
+    p.add_argument("--test-size", type=image_size, default=None,
                    help=test_size_help + " (default: the size fixres recommends for the train size, "
                         "`fixres analyze`)")
-    p.add_argument("--train-size", type=positive_int, default=None,
+    p.add_argument("--train-size", type=image_size, default=None,
                    help="the size the model was trained at (default: from its data config)")
 
 
@@ -150,8 +153,9 @@ def run(args):
     lines = [f"{bundle.name}: fine-tuned {', '.join(result['trainable']) or '(statistics only)'} at {test_size}px "
              f"({fc.epochs} epochs, {fc.augment} DA, cache: {'yes, ' + result['cache'].get('cut', '') if result['cache']['used'] else 'no'})"]
     if b and a:
-        lines.append(f"  top-1 at {test_size}px: {b['top1']:.2f} ± {b['top1_std']:.2f}% before -> "
-                     f"{a['top1']:.2f} ± {a['top1_std']:.2f}% after")
+        from fixres.method.significance import binomial_se
+        lines.append(f"  top-1 at {test_size}px: {b['top1']:.2f} ± {binomial_se(b['top1'], b['n']):.2f}% before -> "
+                     f"{a['top1']:.2f} ± {binomial_se(a['top1'], a['n']):.2f}% after (± binomial standard error)")
     fwd, bwd = t["ms_per_batch_forward"], t["ms_per_batch_backward"]
     if fwd:
         lines.append(f"  {fwd['mean']:.1f} ms/batch forward, {bwd['mean']:.1f} ms/batch backward; "

@@ -6,6 +6,7 @@ from fixres.cli.args import (
     add_dataset_size_args,
     add_model_args,
     add_runtime_args,
+    image_size,
     int_list,
     positive_float,
     positive_int,
@@ -45,12 +46,12 @@ def add_parser(sub, parents):
     g = p.add_argument_group("data and sizes")
     g.add_argument("--data", default=None, metavar="DIR",
                    help="ImageFolder with train/ and val/ (default: the embedded data set, generated)")
-    g.add_argument("--train-size", type=positive_int, default=None,
+    g.add_argument("--train-size", type=image_size, default=None,
                    help="size the model was (or is to be) trained at (default: the model's own; 64 embedded)")
     g.add_argument("--test-sizes", type=int_list, default=None, metavar="SIZES",
                    help="sizes to sweep, e.g. 64,96,128 or 48:224:16 (default: about T/2 to 2T, the candidates' "
                         "range, in steps of the model's stride)")
-    g.add_argument("--test-size", type=positive_int, default=None,
+    g.add_argument("--test-size", type=image_size, default=None,
                    help="fix at this size only (default: fix at every candidate size and keep the one most accurate "
                         "after the fix on photos the model never saw; see --select-data)")
     s = p.add_argument_group("choosing the size after fixing")
@@ -60,6 +61,11 @@ def add_parser(sub, parents):
     s.add_argument("--select-budget", type=positive_float, default=60.0, metavar="MIN",
                    help="cap on the estimated time of the candidate fixes, printed up front; the sizes farthest "
                         "from the recommendation and T are dropped first (default 60 minutes)")
+    s.add_argument("--choose", choices=("cheapest", "best"), default="cheapest",
+                   help="cheapest (default): serve the cheapest candidate (every size fixed, and the model as trained "
+                        "at every size) whose top-1 on the choosing photos is not below the best's beyond noise "
+                        "(exact paired test, p >= 0.05): 'serve it as trained' is a valid answer; best: the most "
+                        "accurate fixed size, whatever it costs")
     s.add_argument("--holdout", type=fraction, default=0.2, metavar="F",
                    help="share of each training class held out to choose the size when fix trains the model "
                         "(default 0.2)")
@@ -69,7 +75,7 @@ def add_parser(sub, parents):
                         "the validation photos; for a model fix trains: the held-out training photos)")
     s.add_argument("--holdout-untouched", action="store_true",
                    help="the given model never trained on the held-out training photos: choose on them")
-    s.add_argument("--max-test-size", type=positive_int, default=None, metavar="S",
+    s.add_argument("--max-test-size", type=image_size, default=None, metavar="S",
                    help="deploy at most at this size: the most accurate fixed size not above it")
     s.add_argument("--budget-ms", type=positive_float, default=None, metavar="X",
                    help="the most accurate fixed size whose latency (ms per image, batch 1, measured here) is <= X")
@@ -125,7 +131,8 @@ def config_from_args(args):
         device=args.device, amp=not args.no_amp, workers=args.workers, seed=args.seed, classes=args.classes,
         train_per_class=args.train_per_class, val_per_class=args.val_per_class, restart=args.restart,
         progress=not args.quiet, candidates=args.candidates, select_budget_min=args.select_budget,
-        holdout_fraction=args.holdout, select_data=args.select_data, holdout_untouched=args.holdout_untouched,
+        holdout_fraction=args.holdout, select_data=args.select_data, choose=args.choose,
+        holdout_untouched=args.holdout_untouched,
         max_test_size=args.max_test_size, budget_ms=args.budget_ms,
         budget_gflops=args.budget_gflops, temperature_scale=args.temperature_scale, label_free=args.label_free,
         tune_schedule=not args.no_tune_schedule, robustness=not args.no_robustness,
@@ -136,26 +143,34 @@ def _pm(top1, std) -> str:
     return "n/a" if top1 is None else f"{top1:.1f}%" + ("" if std is None else f" ± {std:.1f}")
 
 
-def _noise_line(h: dict, cross: dict | None = None) -> str:
-    """The binomial standard error of the headline, and whether the fix's gain is within noise."""
-    from fixres.job.fixsize import binomial_se, within_noise
+def _noise_line(h: dict, choice: dict) -> str:
+    """The binomial standard error of what is served, and the exact paired tests against the untuned model on
+    the same photos (at the same sizes, and at the train size)."""
+    from fixres.job.fixsize import binomial_se
     from fixres.method.significance import ALPHA
-    n, fixed, untuned = h.get("n_val"), h.get("top1_fixed"), h.get("top1_untuned_at_test_size")
-    where = f"at {h['test_size']}px"
-    if h.get("top1_untuned_same_choice") is not None:
-        untuned, where = h["top1_untuned_same_choice"], "at the same cross-selected sizes"
-    if not n or fixed is None:
+    n, served = h.get("n_val"), h.get("top1_served", h.get("top1_fixed"))
+    if not n or served is None:
         return "  noise: n/a"
-    line = f"  noise: binomial SE {binomial_se(fixed, n):.1f} points on {n} images"
-    paired = (cross or {}).get("paired_vs_untuned") if h.get("top1_untuned_same_choice") is not None else None
-    if untuned is not None and paired:  # the same photos: the paired test is the finer rule
-        verdict = "beyond noise" if paired["p"] < ALPHA else "within noise"
-        line += (f"; fixed vs untuned {where}: {fixed - untuned:+.1f} points (paired p {paired['p']:.3g}: "
-                 f"{verdict})")
-    elif untuned is not None:
-        verdict = "within noise" if within_noise(fixed, untuned, n) else "beyond 2 SE of the difference"
-        line += f"; fixed vs untuned {where}: {fixed - untuned:+.1f} points ({verdict})"
+    line = f"  noise: binomial SE {binomial_se(served, n):.1f} points on {n} images"
+    tests = choice.get("cross") or choice.get("paired_val") or {}
+    same = "at the same cross-selected sizes" if choice.get("cross") else f"at {h['test_size']}px"
+    for key, top1_key, where in (("paired_vs_untuned", "untuned_top1", f"untuned {same}"),
+                                 ("paired_vs_train_size", "train_size_top1", f"untuned at {h['train_size']}px")):
+        paired, other = tests.get(key), tests.get(top1_key)
+        if paired and other is not None:
+            verdict = "beyond noise" if paired["p"] < ALPHA else "within noise"
+            line += (f"; served vs {where}: {served - other:+.1f} points (paired p {paired['p']:.3g}: {verdict})")
     return line
+
+
+def _served_line(h: dict) -> str:
+    """The unbiased figure of what is served (cross-selected, or on validation photos that did not choose)."""
+    value = _pm(h.get("top1_served"), h.get("top1_served_se"))
+    if h.get("headline_rule"):
+        return f"  served, cross-selected:               {value}"
+    if h.get("served_kind") == "untuned":
+        return f"  served as trained at {h['test_size']}px:           {value}"
+    return f"  after the fix at {h['test_size']}px:               {value}"
 
 
 def _rule_lines(choice: dict, h: dict) -> list[str]:
@@ -163,8 +178,9 @@ def _rule_lines(choice: dict, h: dict) -> list[str]:
     lines = [f"  rule: {choice['rule_text']}"] if choice.get("rule_text") else []
     cross, seen = choice.get("cross"), choice.get("seen_check")
     if cross:
-        line = (f"  cross-selected (half A chose {cross['size_half_a']}px, half B {cross['size_half_b']}px; each half "
-                f"scored at the other's choice): {_pm(cross['top1'], cross.get('top1_std'))} on {cross['n']} photos")
+        line = (f"  cross-selected (half A chose {cross.get('half_a', cross['size_half_a'])}, half B "
+                f"{cross.get('half_b', cross['size_half_b'])}; each half scored by the other's choice): "
+                f"{_pm(cross['top1'], cross.get('top1_se'))} on {cross['n']} photos")
         if cross.get("paired_vs_untuned"):
             line += (f"; untuned at the same sizes {_pm(cross['untuned_top1'], None)} "
                      f"(paired p {cross['paired_vs_untuned']['p']:.3g})")
@@ -220,22 +236,23 @@ def run(args):
     refuse_distributed("fixres fix (run its steps, e.g. fixres train / finetune, under torchrun instead)")
     result = run_fix(config_from_args(args))
     h, choice = result["headline"], result["choice"]
+    untuned = h.get("served_kind") == "untuned"
     lines = [
-        f"fixres fix: {h['model']} trained at {h['train_size']}px, fixed at {h['test_size']}px; "
-        f"{h['n_val']} validation images, ± = fold std",
+        f"fixres fix: {h['model']} trained at {h['train_size']}px, served at {h['test_size']}px "
+        f"({'as trained' if untuned else 'fixed'}); {h['n_val']} validation images, ± = binomial standard error",
+        *([f"  served: {choice['served']}"] if choice.get("served") else []),
         f"  chosen: {choice.get('chosen_on', 'n/a')}",
         *_rule_lines(choice, h),
         *([f"  {choice['why_not_recommended']}"] if choice.get("why_not_recommended") else []),
         f"  top-1 at the train size {h['train_size']}px:        "
-        f"{_pm(h['top1_at_train_size'], h['top1_at_train_size_std'])}",
+        f"{_pm(h['top1_at_train_size'], h.get('top1_at_train_size_se'))}",
         f"  best untuned test size {h['best_untuned_test_size']}px:         "
-        f"{_pm(h['top1_best_untuned'], h['top1_best_untuned_std'])}",
+        f"{_pm(h['top1_best_untuned'], h.get('top1_best_untuned_se'))} (the best of {h.get('n_swept_sizes')} sizes "
+        "on these photos: optimistic)",
         f"  untuned at {h['test_size']}px:                     "
-        f"{_pm(h['top1_untuned_at_test_size'], h['top1_untuned_at_test_size_std'])}",
-        (f"  after the fix, cross-selected:        {_pm(h['top1_fixed'], h['top1_fixed_std'])}"
-         if h.get("headline_rule") else
-         f"  after the fix at {h['test_size']}px:               {_pm(h['top1_fixed'], h['top1_fixed_std'])}"),
-        _noise_line(h, choice.get("cross")),
+        f"{_pm(h['top1_untuned_at_test_size'], h.get('top1_untuned_at_test_size_se'))}",
+        _served_line(h),
+        _noise_line(h, choice),
         *_candidate_lines(result["run_dir"], int(h["test_size"] or 0)),
         *_robustness_lines(result["run_dir"]),
         f"  time: {format_duration(h['seconds_total'])} in the steps "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fixres.cli.args import add_dataset_size_args, nonneg_int
+from fixres.cli.args import add_dataset_size_args, nonneg_int, seed
 
 
 def add_parser(sub, parents):
@@ -14,7 +14,7 @@ def add_parser(sub, parents):
                     "photos of a few hundred pixels, 4:3, 3:4, 16:9 or square. Written as JPEG ImageFolder "
                     "OUT/train/CLASS and OUT/val/CLASS. The same seed gives byte-identical files.")
     add_dataset_size_args(p)
-    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="same seed, same bytes (default 0; 0 to 2**32-1)")
     p.add_argument("--workers", type=nonneg_int, default=None, help="processes drawing photos (default: cores)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is in --out")
     return p

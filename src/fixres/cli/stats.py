@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fixres.cli.args import add_model_args, add_runtime_args, int_list, model_spec, positive_int
+from fixres.cli.args import add_model_args, add_runtime_args, image_size, int_list, model_spec, positive_int
 
 DEFAULT_OUT = "runs/stats"
 
@@ -17,7 +17,7 @@ def add_parser(sub, parents):
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder tree (its val/ when present)")
     p.add_argument("--sizes", type=int_list, default=None,
                    help="test sizes, e.g. 64,128,224,448 (default: train size x 0.5, 1, 1.5, 2)")
-    p.add_argument("--train-size", type=positive_int, default=None,
+    p.add_argument("--train-size", type=image_size, default=None,
                    help="the size the model was trained at (default: from its data config)")
     p.add_argument("--compare", default=None, metavar="CHECKPOINT",
                    help="an adapted checkpoint (fixres export) to measure on the same axis")

@@ -1,7 +1,7 @@
 """``fixres sweep``: accuracy across test sizes (and crop ratios) in one pass over the data.
 
 Each image is decoded once and shown to the network at every size (section 3.3 / figure 5). Writes
-sweep.json, sweep.csv and accuracy_vs_test_size.png (error bars: leave-one-fold-out std) that marks
+sweep.json, sweep.csv and accuracy_vs_test_size.png (error bars: binomial standard error) that marks
 the train size and the test size ``fixres analyze`` recommends for it.
 """
 
@@ -11,13 +11,16 @@ from fixres.cli.args import add_model_args, add_runtime_args, float_list, int_li
 from fixres.cli.eval import add_eval_args
 
 DEFAULT_OUT = "runs/sweep"
+#: What a run writes to --out: all of one run's, or, when it fails, all as they were (``cli.app``).
+RESULT_FILES = ("sweep.json", "sweep.csv", "per_class.csv")
 DEFAULT_TEST_SIZES = "128,160,192,224,256,288,320,352,384"
 
 
 def add_parser(sub, parents):
     p = sub.add_parser("sweep", parents=parents, help="accuracy across test sizes (one pass over the data)",
                        description="Accuracy at many test sizes in ONE pass over the data (each image decoded "
-                                   "once), with the leave-one-fold-out std, multi-resolution ensembles and "
+                                   "once), ± the binomial standard error (the leave-one-fold-out std of section "
+                                   "5 is kept in sweep.json), multi-resolution ensembles and "
                                    "10-crop testing. Writes sweep.json, sweep.csv and accuracy_vs_test_size.png "
                                    f"to --out (default {DEFAULT_OUT}).")
     p.add_argument("--test-sizes", type=int_list, default=int_list(DEFAULT_TEST_SIZES), metavar="S1,S2,...",
@@ -52,7 +55,7 @@ def run(args):
         result["recommended_test_size"] = rec["test_size"]
         result["recommended_test_size_exact"] = rec["test_size_exact"]
         result["best"] = {"test_size": best["test_size"], "crop_ratio": best["crop_ratio"], "top1": best["top1"],
-                          "top1_std": best["top1_std"]}
+                          "top1_se": best["top1_se"], "top1_std": best["top1_std"]}
         out = Path(args.out or DEFAULT_OUT)
         if not args.no_plot:
             from fixres.report.plots import plot_accuracy_vs_size
@@ -72,7 +75,7 @@ def run(args):
         text = "\n".join([
             format_table(result),
             f"train size {train_size}: recommended test size {rec['test_size']} (analysis, crop ratio {ratio:g}); "
-            f"best measured {best['test_size']} at {best['top1']:.2f}% ± {best['top1_std']:.2f}",
+            f"best measured {best['test_size']} at {best['top1']:.2f}% ± {best['top1_se']:.2f} (SE)",
             f"results: {files['json']}" + (f", plot: {files['png']}" if "png" in files else ""),
         ])
         result.pop("per_class", None)  # one number per class and size: in the files, not on stdout

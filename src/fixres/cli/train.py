@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from fixres.cli.args import (
     add_model_args,
     add_runtime_args,
+    image_size,
     int_list,
     model_spec,
     nonneg_float,
@@ -19,6 +20,8 @@ from fixres.cli.args import (
 )
 
 DEFAULT_OUT = "runs/train"
+#: A run's export is all of one run's, or, when the run fails, as it was (``cli.app``).
+WRITES_EXPORT = True
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_EPOCHS = 10
 
@@ -44,7 +47,7 @@ def add_parser(sub, parents):
     add_runtime_args(p, batch_default=DEFAULT_BATCH_SIZE, batch_note=": the global batch under torchrun")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="ImageFolder root; ROOT/train and ROOT/val are used when present")
-    p.add_argument("--train-size", type=positive_int, required=True, help="training resolution T (pixels)")
+    p.add_argument("--train-size", type=image_size, required=True, help="training resolution T (pixels)")
     p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
                    help=f"epochs (default {DEFAULT_EPOCHS}; the paper trains ImageNet for 120)")
     p.add_argument("--lr", type=positive_float, default=None, help="base learning rate (default 0.1 x B / 256)")

@@ -6,7 +6,11 @@ classes still gets the right labels). A validation folder is always mapped onto 
 model) classes by name (``index_val_onto``): one rule for every command. Unreadable files do not
 stop a run: each is skipped, counted and named (``Skipped``), and the numbers on the good files are
 unchanged. Folder links that would show a photo twice or under two classes (symlink loops, links to
-the data folder or above it, two class names for one folder) are skipped and named.
+the data folder or above it, two class names for one folder) are skipped and named; a photo reached
+twice (a file link, a hard link) counts once, and one photo under two classes is an error naming both.
+A class folder whose photos all sit in subfolders is a level too high (a split folder read as a class)
+and is refused rather than flattened; a root whose only folders are ``train/``, ``val/``, ``test/`` is
+read as splits, ``test/`` standing in for a missing ``val/``.
 """
 
 from __future__ import annotations
@@ -118,6 +122,12 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
                              + (" ..." if len(unknown) > 5 else ""))
     elif all(WNID_PATTERN.match(f) for f in folders) and num_classes in (None, IMAGENET_NUM_CLASSES):
         classes, source = imagenet_wnids(), "ImageNet wnid order"
+        foreign = [f for f in folders if f not in set(classes)]
+        if foreign:  # wnid-shaped names that are not ImageNet classes: the ImageNet order cannot place them
+            raise UsageError(f"folder {foreign[0]!r}{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''} "
+                             f"looks like an ImageNet wnid but is not one of the {IMAGENET_NUM_CLASSES} ImageNet "
+                             "classes: pass --class-map FILE (folder names in class-index order), or --num-classes "
+                             "N for a new head")
     else:
         classes, source = folders, "sorted folders"
     if num_classes is not None and len(classes) > num_classes:
@@ -131,8 +141,13 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
         files = sorted(walker.image_files(root / folder))
         if not files:
             empty.append(folder)
+        _refuse_nested(root / folder, files)
         samples.extend((f, index[folder]) for f in files)
     skipped += walker.skipped
+    if walker.two_labels:
+        first, second = walker.two_labels[0]
+        raise UsageError(f"one photo under two classes: {first} and {second} are the same file; "
+                         "remove the link (or copy) from the class it does not belong to")
     if walker.unreadable:
         path, reason = walker.unreadable[0]
         raise UsageError(f"cannot read folder {path} ({reason})"
@@ -145,6 +160,17 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
         raise UsageError(f"empty class folder(s) in {root}: {', '.join(empty[:5])}; remove them or add images")
     return FolderIndex(root=root, classes=classes, samples=samples, source=source, empty_classes=empty,
                        skipped_folders=skipped)
+
+
+def _refuse_nested(folder: Path, files: Sequence[str]) -> None:
+    """A class folder with photos only in its subfolders (``ROOT/train/CLASS/x.jpg`` read with ``train`` as
+    a class) would merge several classes into one: refused, naming the folder."""
+    if not files or any(os.path.dirname(f) == str(folder) for f in files):
+        return
+    subs = sorted({os.path.relpath(f, folder).split(os.sep)[0] for f in files})
+    shown = ", ".join(subs[:3]) + (" ..." if len(subs) > 3 else "")
+    raise UsageError(f"class folder {folder} holds no photos of its own, only subfolders ({shown}): "
+                     "point --data at the folder whose subfolders are the classes")
 
 
 def _is_within(path: str, folder: str) -> bool:
@@ -203,11 +229,16 @@ class _FolderWalker:
     photos under two classes. Such links are left out and named (``skipped``); folders that cannot
     be read are collected in ``unreadable`` (the caller refuses: their photos would silently vanish).
     Hidden files and folders (``.ipynb_checkpoints``, macOS ``._x.jpg``) are not part of the data set.
+    A photo is one file (device, inode): reached again (a file link, a hard link) it counts once, and
+    reached from two classes it is collected in ``two_labels`` (the caller refuses).
     """
 
     def __init__(self, root: Path, class_folders: Sequence[Path]) -> None:
         self.skipped: list[tuple[str, str]] = []
         self.unreadable: list[tuple[str, str]] = []
+        self.two_labels: list[tuple[str, str]] = []
+        #: (device, inode) of each photo taken -> (its path, its class folder).
+        self.photos: dict[tuple[int, int], tuple[str, Path]] = {}
         self.seen: set[tuple[int, int]] = set()
         self.blocked: dict[tuple[int, int], str] = {}
         real = Path(os.path.realpath(root))
@@ -250,8 +281,41 @@ class _FolderWalker:
                 continue
             self.seen.add(key)
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            files.extend(os.path.join(dirpath, f) for f in names if is_image_file(f) and not f.startswith("."))
+            files.extend(self._photos(dirpath, st.st_dev, folder,
+                                      {f for f in names if is_image_file(f) and not f.startswith(".")}))
         return files
+
+    def _photos(self, dirpath: str, dev: int, folder: Path, wanted: set[str]) -> list[str]:
+        """The photos ``wanted`` of ``dirpath`` not already taken; plain files first, so a link is what goes.
+
+        The identity of a plain file comes from the directory listing (its inode) at no extra cost; only
+        file links are followed with a ``stat``.
+        """
+        if not wanted:
+            return []
+        try:
+            entries = sorted((e for e in os.scandir(dirpath) if e.name in wanted),
+                             key=lambda e: (e.is_symlink(), e.name))
+        except OSError as exc:
+            self._on_error(exc)
+            return []
+        kept = []
+        for entry in entries:
+            try:
+                st = os.stat(entry.path) if entry.is_symlink() else None
+            except OSError:
+                kept.append(entry.path)  # a dangling link: the loader names it as a bad file
+                continue
+            key = (st.st_dev, st.st_ino) if st is not None else (dev, entry.inode())
+            taken = self.photos.get(key)
+            if taken is None:
+                self.photos[key] = (entry.path, folder)
+                kept.append(entry.path)
+            elif taken[1] != folder:
+                self.two_labels.append((taken[0], entry.path))
+            else:
+                self.skipped.append((entry.path, f"the same photo as {taken[0]}"))
+        return kept
 
 
 def index_val_onto(val_root: str | os.PathLike, train: FolderIndex | Sequence[str], *,
@@ -425,13 +489,27 @@ def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler | None = 
 
 
 SPLITS = ("train", "val")
+#: Folder names that mark a root as a set of splits when they are its only folders.
+SPLIT_NAMES = ("train", "val", "test")
+#: Roots already told that their test/ folder is the evaluation split (said once per process).
+_TEST_AS_VAL_SAID: set[str] = set()
+
+
+def _only_splits(root: Path) -> bool:
+    """True when every (non-hidden) folder of ``root`` is named like a split: ``train/``, ``val/``, ``test/``."""
+    try:
+        names = {e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")}
+    except OSError:
+        return False
+    return bool(names) and names <= set(SPLIT_NAMES)
 
 
 def resolve_split(root: str | os.PathLike, split: str) -> Path:
     """Folder of ``split`` ("train" or "val") under ``root``.
 
     A root holding ``train/`` and ``val/`` (as ImageNet and flowers17 are laid out) gives that
-    subfolder; a plain ImageFolder root is used as it is for either split.
+    subfolder; a root whose only folders are ``train/`` and ``test/`` gives ``test/`` for "val" (said on
+    stderr once); a plain ImageFolder root is used as it is for either split.
     """
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}")
@@ -441,8 +519,14 @@ def resolve_split(root: str | os.PathLike, split: str) -> Path:
     sub = root / split
     if sub.is_dir():
         return sub
-    if split == "train" and (root / "val").is_dir():
-        raise UsageError(f"{root} has val/ but no train/ folder")
+    test_split = (root / "test").is_dir() and _only_splits(root)
+    if split == "val" and test_split:
+        if str(root) not in _TEST_AS_VAL_SAID:
+            _TEST_AS_VAL_SAID.add(str(root))
+            status(f"fixres: {root} has no val/ folder: its test/ folder is the evaluation split")
+        return root / "test"
+    if split == "train" and ((root / "val").is_dir() or test_split):
+        raise UsageError(f"{root} has {'val' if (root / 'val').is_dir() else 'test'}/ but no train/ folder")
     return root
 
 

@@ -19,10 +19,13 @@ Weights holding NaN or infinity are named in a warning, or refused with ``strict
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import struct
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -98,6 +101,26 @@ def _looks_like_torch_file(path: Path) -> bool:
     except OSError:
         return False
     return head == ZIP_MAGIC or (len(head) >= 2 and head[0] == PICKLE_PROTO and head[1] in PICKLE_PROTOCOLS)
+
+
+#: The pickle protocol torch.save writes by default, the one its weights-only loader is made for.
+TORCH_PICKLE_PROTOCOL = 2
+
+
+def _pickle_protocol(path: Path) -> int | None:
+    """The pickle protocol of a torch file's object pickle (``data.pkl`` in a zip file, the file itself in the
+    legacy format), from its PROTO opcode; None when it has none or cannot be read."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                head = z.open(name).read(2) if name else b""
+        else:
+            with open(path, "rb") as f:
+                head = f.read(2)
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return None
+    return head[1] if len(head) == 2 and head[0] == PICKLE_PROTO else None
 
 
 def _is_flat(obj) -> bool:
@@ -177,9 +200,26 @@ def save_training_state(state: dict, path: str | os.PathLike) -> Path:
     Loaded back with ``load_training_state`` (weights_only=True), so resuming never unpickles code.
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(state, str(tmp))
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, str(tmp))
+    except (OSError, RuntimeError) as exc:
+        if not disk_full(exc):
+            raise
+        raise UsageError(f"the disk is full: no space left writing {path} (in {path.parent}); free space there "
+                         "or choose another --out") from None
     return path
+
+
+#: What torch's zip writer says when a write comes back short (a full disk, or a quota reached).
+TORCH_WRITE_FAILURES = ("inline_container", "file write failed", "PytorchStreamWriter failed")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for want of space: ENOSPC/EDQUOT, or torch's zip writer failing."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in TORCH_WRITE_FAILURES)
 
 
 #: What torch's (legacy) loader raises on bytes that start like a pickle but are not one (random data).
@@ -197,10 +237,19 @@ def _torch_load_weights_only(path: Path, *, failure: str):
     if not _looks_like_torch_file(path):
         raise FixresError(f"{failure}: not a checkpoint (neither a torch file nor safetensors)")
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        # torch warns about a pickle protocol other than its own; the failure, if any, is said below in one line
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
         text = str(exc)
+        protocol = _pickle_protocol(path)
+        if protocol is not None and protocol > TORCH_PICKLE_PROTOCOL and not any(m in text for m in
+                                                                                CODE_REFUSAL_MARKERS):
+            raise FixresError(
+                f"{failure}: it is a pickle written with protocol {protocol} (torch.save(..., pickle_protocol="
+                f"{protocol})), which the safe loader cannot read; re-save it with torch.save's default protocol "
+                f"({TORCH_PICKLE_PROTOCOL}) or as safetensors") from None
         if any(marker in text for marker in CODE_REFUSAL_MARKERS):
             raise FixresError(
                 f"refused to load {path}: it contains pickled Python objects that could run code "

@@ -6,7 +6,9 @@ bus error. Every command that writes to ``--out`` takes this lock for its whole 
 a second run gets a one-line error naming the folder instead of writing.
 
 ``fcntl.flock`` is held by the open file, so the kernel releases it when the process dies (a
-SIGKILLed run never leaves a stale lock). The lock file is removed on release; a run that opened
+SIGKILLed run never leaves a stale lock). A forked child (a DataLoader worker) would share that open
+file and keep the lock after its parent is killed, until it notices and exits; so every forked child
+closes its copy of the held descriptors at once, and the lock lives exactly as long as its process. The lock file is removed on release; a run that opened
 the file just before it was removed sees another inode at the path and retries on the new file, so
 two runs can never both hold the lock. Under torchrun the ranks of one job share the folder: only
 rank 0 locks it; a second job's rank 0 fails before any of its ranks writes, and torchrun stops the
@@ -26,6 +28,21 @@ from fixres.errors import FixresError
 LOCK_NAME = ".fixres.lock"
 #: Attempts to lock a file that the holder removes between our open and our lock (a release race).
 ATTEMPTS = 5
+
+
+#: Descriptors of the locks this process holds (a forked child closes its copies: ``_drop_in_child``).
+_HELD: set[int] = set()
+
+
+def _drop_in_child() -> None:
+    """In a forked child: close the inherited lock descriptors, so no child keeps its parent's lock alive."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
 
 
 class FolderBusy(FixresError):
@@ -54,6 +71,7 @@ def _try_lock(path: Path) -> int | None:
         return None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD.add(fd)
     return fd
 
 
@@ -79,6 +97,7 @@ def locked_folder(folder: str | os.PathLike, *, lock_path: str | os.PathLike | N
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # while still held: whoever opened it meanwhile sees another inode and retries
+        _HELD.discard(fd)
         os.close(fd)
         if created:
             with contextlib.suppress(OSError):

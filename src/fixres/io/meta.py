@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fixres.config import INTERPOLATION_NAMES, DataConfig
+from fixres.config import INTERPOLATION_NAMES, MAX_RGB_VALUE, MAX_SIZE, MIN_CROP_RATIO, MIN_STD, DataConfig
 from fixres.errors import FixresError, UsageError
 from fixres.io.atomic import plain_json, write_json
 from fixres.version import __version__
@@ -60,8 +60,14 @@ def _positive_int(value: Any) -> str | None:
     return None if _whole(value) and value > 0 else "expected a whole number > 0"
 
 
+def _size(value: Any) -> str | None:
+    return None if _whole(value) and 0 < value <= MAX_SIZE else f"expected a whole number of pixels in 1..{MAX_SIZE}"
+
+
 def _unit_fraction(value: Any) -> str | None:
-    return None if _number(value) and 0 < value <= 1 else "expected a number in (0, 1]"
+    # A crop ratio of 1e-9 would resize to 1e9 times the crop (an OverflowError, or a photo larger than memory).
+    ok = _number(value) and MIN_CROP_RATIO <= value <= 1
+    return None if ok else f"expected a number in [{MIN_CROP_RATIO}, 1]"
 
 
 def _text(value: Any) -> str | None:
@@ -72,8 +78,10 @@ def _rgb(*, positive: bool) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if not (isinstance(value, list) and len(value) == RGB_CHANNELS and all(_number(v) for v in value)):
             return "expected a list of three finite numbers (R, G, B)"
-        if positive and not all(v > 0 for v in value):
-            return "expected three numbers > 0"
+        if not all(abs(v) <= MAX_RGB_VALUE for v in value):
+            return f"expected three numbers in [-{MAX_RGB_VALUE:g}, {MAX_RGB_VALUE:g}] ([0, 1] units)"
+        if positive and not all(v >= MIN_STD for v in value):
+            return f"expected three numbers of at least {MIN_STD:g}"
         return None
     return check
 
@@ -89,8 +97,8 @@ def _class_names(value: Any) -> str | None:
 
 
 def _input_size(value: Any) -> str | None:
-    ok = isinstance(value, list) and len(value) == 3 and all(_whole(v) and v > 0 for v in value)
-    return None if ok else "expected [channels, height, width], whole numbers > 0"
+    ok = isinstance(value, list) and len(value) == 3 and all(_whole(v) and 0 < v <= MAX_SIZE for v in value)
+    return None if ok else f"expected [channels, height, width], whole numbers in 1..{MAX_SIZE}"
 
 
 def _accuracy(value: Any) -> str | None:
@@ -112,8 +120,8 @@ FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
     "model": (False, _optional(_text)),
     "num_classes": (True, _positive_int),
     "class_names": (False, _class_names),
-    "train_size": (True, _positive_int),
-    "test_size": (True, _positive_int),
+    "train_size": (True, _size),
+    "test_size": (True, _size),
     "crop_ratio": (True, _unit_fraction),
     "mean": (True, _rgb(positive=False)),
     "std": (True, _rgb(positive=True)),

@@ -243,7 +243,7 @@ def run_select(x: "FixContext") -> None:
     """Fix at every candidate size, score on the held-out training images and on val, measure cost."""
     sizes, dropped, estimate = _planned_candidates(x)
     before = {int(r["test_size"]): r for r in x.read("sweep_before")["rows"]}
-    held_before = _before_on(x, x.holdout, sizes)
+    held_before = _before_on(x, x.holdout, sizes, outcomes=True)
     t = int(x.cfg.train_size)  # the training photos' score before the fix is only shown at T
     seen_at_t = _before_on(x, x.seen, [t]).get(t) if t in sizes else None
     rows = []
@@ -262,13 +262,17 @@ def run_select(x: "FixContext") -> None:
         "recommended": int(x.read("analyse")["recommended_test_size"]), "recommended_exact": recommended_exact(x)})
 
 
-def _before_on(x: "FixContext", samples, sizes: Sequence[int]) -> dict:
-    """The model before the fix on ``samples`` at every size (one pass), {size: score}."""
+def _before_on(x: "FixContext", samples, sizes: Sequence[int], *, outcomes: bool = False) -> dict:
+    """The model before the fix on ``samples`` at every size (one pass), {size: score}; with ``outcomes`` also
+    every photo's outcome (the untuned candidates of the choice are compared in pairs on them)."""
     if not samples:
         return {}
-    rows = evaluate(x.base(), samples, x.cfg, test_sizes=list(sizes), per_class=False,
-                    **{**x.eval_kw(), "progress": False})["rows"]
-    return {int(r["test_size"]): {k: r.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")} for r in rows}
+    res = evaluate(x.base(), samples, x.cfg, test_sizes=list(sizes), per_class=False, keep_outcomes=outcomes,
+                   **{**x.eval_kw(), "progress": False})
+    bits = outcomes_of(res, len(samples)) if outcomes else {}
+    return {int(r["test_size"]): {**{k: r.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")},
+                                  **({"outcomes": bits[str(r["test_size"])]} if outcomes else {})}
+            for r in res["rows"]}
 
 
 def _fix_candidate(x: "FixContext", size: int) -> dict:
@@ -279,9 +283,9 @@ def _fix_candidate(x: "FixContext", size: int) -> dict:
     model = x.work(holds=f"candidate {size}")
     ft = _finetune_at(x, model, size, lr=x.schedule.get("lr"), epochs=int(x.schedule["epochs"]), out_dir=folder)
     save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / "adapted.safetensors")
-    row = {"holdout_after": _score(x, model, x.holdout, size) if x.holdout else None,
+    row = {"holdout_after": _score(x, model, x.holdout, size, outcomes=True) if x.holdout else None,
            "seen_after": _score(x, model, x.seen, size) if x.seen else None,
-           "val_after": _score(x, model, x.val_index, size, outcomes=x.rule == fixsize.RULE_CROSS, full=True),
+           "val_after": _score(x, model, x.val_index, size, outcomes=True, full=True),
            "finetune_s": (ft.get("timing") or {}).get("wall_s")}
     write_json(folder / RESULT_NAME, row)
     write_json(folder / "finetune_result.json", _public(ft))
@@ -312,50 +316,106 @@ def _dur(seconds: float) -> str:
     return format_duration(seconds)
 
 
+def served_options(sel: dict, where: str) -> list[dict]:
+    """The candidates of the choice on the photos ``where`` (``holdout``: the choosing photos): every size fixed,
+    and the model as trained at every size, with costs, top-1 and per-photo outcomes."""
+    after, before = f"{where}_after", f"{where}_before"
+    options = []
+    for r in sel["candidates"]:
+        cost = {"test_size": int(r["test_size"]), "ms": r.get("ms"), "gflops": r.get("gflops")}
+        for kind, score in ((fixsize.FIXED, r.get(after)), (fixsize.UNTUNED, r.get(before))):
+            if score and score.get("top1") is not None:
+                bits = score.get("outcomes")
+                options.append({**cost, "kind": kind, "top1": score["top1"],
+                                "outcomes": fixsize.read_bits(bits) if bits else None})
+    return options
+
+
 def choose_after_fixing(x: "FixContext") -> dict:
-    """The fixed size: the most accurate after the fix on the photos of the selection rule, within the
-    deployment budget; under cross-selection the size chosen on all validation photos is exported and the
-    headline is the pooled cross-selected result (``_cross_choice``)."""
+    """What is served: among every candidate size fixed and the model as trained at every size, the cheapest
+    not worse than the best beyond noise on the photos of the selection rule (``fixsize.choose_served``;
+    ``--choose best``: the most accurate fixed one), within the deployment budget. Under cross-selection the
+    choice on all validation photos is exported and the headline is the pooled cross-selected result."""
     c = x.config
     sel = x.read("select")
     rule = sel.get("rule") or x.rule
-    rows = [{**r, "top1": (r["holdout_after"] or r["val_after"])["top1"]} for r in sel["candidates"]]
+    n = sel["n_holdout"]
     budget = dict(max_size=c.max_test_size, budget_ms=c.budget_ms, budget_gflops=c.budget_gflops)
-    best = fixsize.choose_within_budget(rows, train_size=x.cfg.train_size, **budget)
-    size = int(best["test_size"])
+    options = served_options(sel, "holdout") if n else _val_options(x, sel)
+    if c.test_size:  # a size given is fixed at that size: nothing else to choose
+        options = [o for o in options if o["kind"] == fixsize.FIXED]
+    served = fixsize.choose_served(options, mode=c.choose, train_size=x.cfg.train_size, **budget)
+    size, kind = int(served["option"]["test_size"]), served["option"]["kind"]
+    rows = [{**r, "top1": (r["holdout_after"] or r["val_after"])["top1"]} for r in sel["candidates"]]
     budgets = [f"{name} {v:g}" for name, v in (("max size", c.max_test_size), ("ms/image", c.budget_ms),
                                                  ("GFLOPs", c.budget_gflops)) if v is not None]
-    n = sel["n_holdout"]
     cross = None
     if c.test_size:
         how = "given (--test-size)"
     elif n:
-        how = (f"the most accurate after the fix on {n} {x.chooser_words} (not the validation images "
-               f"reported), among {len(rows)} candidates each fixed at its own size")
-    elif rule == fixsize.RULE_CROSS and len(rows) > 1:
+        how = (f"chosen on {n} {x.chooser_words} (not the validation images reported), among {len(options)} "
+               f"candidates: {len(rows)} sizes, each fixed at its own size and untuned")
+    elif rule == fixsize.RULE_CROSS and len(options) > 1:
         cross = _cross_choice(x, sel, budget)
         how = (f"two-fold cross-selection on the validation photos (the model was trained elsewhere: its training "
-               f"photos are not unseen): half A chose {cross['size_half_a']}px, half B {cross['size_half_b']}px; "
-               f"exported at {size}px, the choice on all validation photos, among {len(rows)} candidates")
+               f"photos are not unseen): half A chose {cross['half_a']}, half B {cross['half_b']}; exported: "
+               f"{size}px {kind}, the choice on all validation photos, among {len(options)} candidates")
     else:
         how = "the only candidate (no training images to hold out)"
     how += f", within the budget ({', '.join(budgets)})" if budgets else ""
-    return {"test_size": size, "method": sel["method"], "rule": rule, "rule_text": fixsize.SELECTION_RULES.get(rule),
+    return {"test_size": size, "kind": kind, "choose": c.choose, "served": fixsize.served_sentence(served),
+            "best": fixsize.option_name(served["best"]), "as_good": served["as_good"],
+            "p_vs_best": served["p_vs_best"], "cost_key": served["cost_key"], "alpha": served["alpha"],
+            "method": sel["method"], "rule": rule, "rule_text": fixsize.SELECTION_RULES.get(rule),
             "reason": "selected after fixing" if (n or cross) else how, "chosen_on": how,
             "recommended": sel["recommended"], "n_images": n or (sel["n_val"] if cross else 0),
             "why_not_recommended": _why_not_recommended(size, sel, rows, f"the {n} {x.chooser_words}" if n else
                                                         "all validation photos"), "cross": cross,
+            "paired_val": None if cross else _paired_on_val(x, sel, size, kind),
             "seen_check": _seen_check(x, sel, rows, budget)}
 
 
+def _paired_on_val(x: "FixContext", sel: dict, size: int, kind: str) -> dict | None:
+    """The served model against the untuned one at the same size and at the train size, photo by photo on the
+    validation photos (which did not choose under this rule): exact paired tests, not two error bars."""
+    options = {(o["kind"], int(o["test_size"])): o["outcomes"] for o in _val_options(x, sel)}
+    served = options.get((kind, size))
+    if served is None:
+        return None
+    out = {}
+    for name, key in (("untuned", (fixsize.UNTUNED, size)), ("train_size", (fixsize.UNTUNED, int(x.cfg.train_size)))):
+        other = options.get(key)
+        if other is None or key == (kind, size):
+            continue
+        both = [(a, b) for a, b in zip(served, other) if a is not None and b is not None]
+        out[f"{name}_top1"] = fixsize.percent_correct([b for _, b in both])
+        out[f"paired_vs_{name}"] = paired_test([a for a, _ in both], [b for _, b in both])
+    return out
+
+
+def _val_options(x: "FixContext", sel: dict) -> list[dict]:
+    """The candidates with their outcomes on every validation photo: fixed from the select step, untuned from
+    the sweep before the fix."""
+    before = x.read("sweep_before").get("outcomes") or {}
+    options = []
+    for r in sel["candidates"]:
+        cost = {"test_size": int(r["test_size"]), "ms": r.get("ms"), "gflops": r.get("gflops")}
+        fixed_bits, untuned_bits = (r.get("val_after") or {}).get("outcomes"), before.get(str(r["test_size"]))
+        for kind, bits in ((fixsize.FIXED, fixed_bits), (fixsize.UNTUNED, untuned_bits)):
+            if bits:
+                outcomes = fixsize.read_bits(bits)
+                options.append({**cost, "kind": kind, "outcomes": outcomes, "top1": fixsize.percent_correct(outcomes)})
+    return options
+
+
 def _cross_choice(x: "FixContext", sel: dict, budget: dict) -> dict:
-    """Each half of val reported by the size chosen on the other half; pooled top-1 (fold std) and paired
-    tests against the untuned model at the same sizes and at the train size, on the same photos."""
+    """Each half of val reported by the candidate chosen on the other half (the same rule as the export's);
+    pooled top-1 (binomial SE, fold std) and paired tests against the untuned model at the same sizes and at
+    the train size, on the same photos."""
     labels = [int(y) for _, y in x.val_index.samples]
     halves = fixsize.stratified_halves(labels, seed=x.config.seed)
-    after = {int(r["test_size"]): fixsize.read_bits(r["val_after"]["outcomes"]) for r in sel["candidates"]}
-    costs = {int(r["test_size"]): {"ms": r.get("ms"), "gflops": r.get("gflops")} for r in sel["candidates"]}
-    res = fixsize.cross_select(after, halves, costs=costs, train_size=x.cfg.train_size, **budget)
+    res = fixsize.cross_select_served(_val_options(x, sel), halves, mode=x.config.choose,
+                                      train_size=x.cfg.train_size, **budget)
     before_bits = x.read("sweep_before").get("outcomes") or {}
     before = {int(k): fixsize.read_bits(v) for k, v in before_bits.items()}
     chosen = {0: res["size_half_a"], 1: res["size_half_b"]}
@@ -363,7 +423,8 @@ def _cross_choice(x: "FixContext", sel: dict, budget: dict) -> dict:
     at_t = before.get(int(x.cfg.train_size))
     known = [i for i, o in enumerate(res["pooled"]) if o is not None]
     fixed = [bool(res["pooled"][i]) for i in known]
-    out = {"size_half_a": chosen[0], "size_half_b": chosen[1], "n": res["n"], "top1": res["top1"],
+    out = {"half_a": res["half_a"], "half_b": res["half_b"], "size_half_a": chosen[0], "size_half_b": chosen[1],
+           "n": res["n"], "top1": res["top1"], "top1_se": fixsize.binomial_se(res["top1"], res["n"]),
            "top1_std": fold_std(np.array(fixed, dtype=bool)) if fixed else None,
            "n_half_a": halves.count(0), "n_half_b": halves.count(1)}
     if all(untuned[i] is not None for i in known):

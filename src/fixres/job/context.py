@@ -8,14 +8,16 @@ copy of it (``work``), reset from it, so no third copy is ever in memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from fixres import config as config_vocab
 from fixres.data.folders import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
-from fixres.errors import FixresError
+from fixres.errors import FixresError, UsageError
 from fixres.io.checkpoint import load_state_dict
 from fixres.job import fixsize
 from fixres.job.fingerprint import digest, file_digest, index_fingerprint
@@ -126,6 +128,8 @@ class FixConfig:
     holdout_untouched: bool = False
     # choosing the size after fixing
     candidates: list[int] | None = None
+    #: what is served: the cheapest candidate not worse than the best beyond noise, or the most accurate fixed one
+    choose: str = fixsize.CHOOSE_CHEAPEST
     select_budget_min: float | None = DEFAULT_SELECT_BUDGET_MIN
     max_test_size: int | None = None
     budget_ms: float | None = None
@@ -191,6 +195,7 @@ class FixContext:
     holdout: list = field(default_factory=list)  # the photos that choose (held-out or --select-data)
     seen: list = field(default_factory=list)  # cross-selection: training photos shown for comparison only
     rule: str = ""  # which photos choose the size (fixsize.SELECTION_RULES)
+    split: dict | None = None  # how a data folder without train/ and val/ was split
     fingerprints: dict = field(default_factory=dict)
     bundle: object = None
     cfg: object = None
@@ -218,7 +223,12 @@ class FixContext:
         if msg:
             self.say("  warning: " + msg)
         if train_root == val_root:
-            self.say("  note: the data has no train/ and val/ folders: fine-tuning and evaluation use the same images")
+            self.train_index, self.val_index = split_one_folder(self.train_index, seed=c.seed)
+            self.split = {"val_share": VAL_SHARE_WITHOUT_SPLITS, "seed": c.seed, "n_train": len(self.train_index),
+                          "n_val": len(self.val_index), "val_photos": [p for p, _ in self.val_index.samples]}
+            self.say(f"  the data has no train/ and val/ folders: {len(self.val_index)} of its photos "
+                     f"({VAL_SHARE_WITHOUT_SPLITS:.0%} of every class, seed {c.seed}) are kept for validation, never "
+                     "fitted on or chosen on; the rest fine-tune")
         self.data_root = Path(data_root)
         self.fingerprints = {"train_images": index_fingerprint(self.train_index.samples),
                              "val_images": index_fingerprint(self.val_index.samples),
@@ -232,6 +242,10 @@ class FixContext:
         if c.select_data:
             self.rule = fixsize.RULE_SELECT_DATA
             chooser = index_val_onto(c.select_data, self.train_index, num_classes=c.num_classes)
+            refuse_shared_photos(chooser.samples, self.val_index.samples, "--select-data", "the validation photos "
+                                 "reported (a size chosen on them flatters the figure that reports it)")
+            refuse_shared_photos(chooser.samples, self.train_index.samples, "--select-data", "the training photos "
+                                 "the fix fine-tunes on")
             self.fit, self.holdout = every, [(str(p), int(y)) for p, y in chooser.samples]
             self.fingerprints["select_images"] = index_fingerprint(chooser.samples)
         elif self.needs_training or c.holdout_untouched:
@@ -303,6 +317,28 @@ class FixContext:
         c = self.config
         return dict(batch_size=c.batch_size, env=self.env, precision=self.eval_precision, workers=c.workers,
                     progress=c.progress)
+
+
+#: A data folder without train/ and val/ is split: this share of every class (seeded) is the validation set.
+VAL_SHARE_WITHOUT_SPLITS = 0.2
+
+
+def split_one_folder(index, *, seed: int):
+    """(train, val) indexes of one folder: a seeded, class-stratified share of the photos for validation, so no
+    reported photo is fitted on. Deterministic in (photos, seed): a rerun gets the same split."""
+    train, val = fixsize.holdout_split(index.samples, fraction=VAL_SHARE_WITHOUT_SPLITS, seed=seed)
+    if not val:
+        raise UsageError(f"{index.root} has no train/ and val/ folders and too few photos per class to keep some "
+                         "for validation: give it train/ and val/")
+    return dataclasses.replace(index, samples=train), dataclasses.replace(index, samples=val)
+
+
+def refuse_shared_photos(chooser, other, flag: str, what: str) -> None:
+    """One line when the photos given to choose on are (some of) ``other``: the same files, links resolved."""
+    mine = {os.path.realpath(p) for p, _ in chooser}
+    shared = [p for p, _ in other if os.path.realpath(p) in mine]
+    if shared:
+        raise UsageError(f"{flag} holds {len(shared)} of {what}, e.g. {shared[0]}: give a folder of other photos")
 
 
 def load_weights(model, path: Path) -> None:

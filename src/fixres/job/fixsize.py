@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 from fixres.errors import UsageError
 from fixres.method.selection import best_row
-from fixres.method.significance import binomial_se, paired_test  # noqa: F401 - re-exported
+from fixres.method.significance import ALPHA, binomial_se, paired_test  # noqa: F401 - re-exported
 
 #: Share of every training class held out to choose the test size (never fitted, never reported).
 HOLDOUT_FRACTION = 0.2
@@ -32,6 +32,12 @@ MIN_CLASS_IMAGES_FOR_HOLDOUT = 2
 CANDIDATE_LOW = 0.5
 CANDIDATE_HIGH = 2.0
 HOLDOUT_METHOD = "held-out training images"
+#: What is served: the model fixed at a size, or the model as trained evaluated at a size.
+FIXED, UNTUNED = "fixed", "untuned"
+#: How the served candidate is chosen: the cheapest not worse than the best beyond noise (the default), or the
+#: most accurate fixed candidate whatever it costs.
+CHOOSE_CHEAPEST, CHOOSE_BEST = "cheapest", "best"
+CHOOSE_MODES = (CHOOSE_CHEAPEST, CHOOSE_BEST)
 #: Which photos choose the size; each is named in the terminal, run.json and the report.
 RULE_HELD_OUT = "held-out"              # fix trained the model without these training photos
 RULE_UNTOUCHED = "held-out-untouched"   # the user says the model never trained on the held-out photos
@@ -193,3 +199,110 @@ def outcome_bits(correct: Sequence[bool], idx: Sequence[int], n: int) -> str:
 
 def read_bits(bits: str) -> list[bool | None]:
     return [None if b == UNREAD else b == CORRECT for b in bits]
+
+
+# --------------------------------------------------------------------------- a choice worth its cost
+
+def option_name(option: Mapping) -> str:
+    return f"{option['test_size']}px {option['kind']}"
+
+
+def _cost(option: Mapping, key: str) -> float:
+    return float(option[key]) if key != "test_size" else float(option["test_size"]) ** 2
+
+
+def cost_key(options: Sequence[Mapping]) -> str:
+    """What "cheaper" compares: GFLOPs where counted, else latency measured on this machine, else the pixel count.
+
+    The candidates are one architecture at several sizes, so GFLOPs order them as their latency does in
+    expectation, and exactly: a latency from a few timed calls is noisy (a tiny model has timed faster at 64 px
+    than at 32 px), and a choice that follows it would not be the same on a rerun with the same seed."""
+    for key in ("gflops", "ms"):
+        if options and all(isinstance(o.get(key), (int, float)) for o in options):
+            return key
+    return "test_size"
+
+
+def choose_served(options: Sequence[Mapping], *, mode: str = CHOOSE_CHEAPEST, alpha: float = ALPHA,
+                  train_size: int | None = None, **budget) -> dict:
+    """The candidate to serve among ``options`` (each: ``kind`` FIXED or UNTUNED, ``test_size``, ``top1`` on the
+    choosing photos, ``outcomes`` per photo on them (None: unread), costs ``ms`` / ``gflops``).
+
+    CHOOSE_CHEAPEST: the best is the most accurate option within budget; every option whose top-1 is not below
+    the best's beyond noise (top-1 at least the best's, or the exact paired test against the best at p >=
+    ``alpha``) is "as good"; the cheapest of those is served (ties: the untuned model, which needs no
+    fine-tuning, then the higher top-1). CHOOSE_BEST: the most accurate fixed option (the argmax).
+    Returns {"option", "best", "as_good" (names), "mode", "alpha", "cost_key", "p_vs_best"}.
+    """
+    if mode not in CHOOSE_MODES:
+        raise UsageError(f"unknown choice rule {mode!r}; choose {' or '.join(CHOOSE_MODES)}")
+    ok = [o for o in options if o.get("top1") is not None and within_budget(o, **budget)]
+    if mode == CHOOSE_BEST:
+        ok = [o for o in ok if o["kind"] == FIXED] or ok
+    if not ok:
+        choose_within_budget(options, train_size=train_size, **budget)  # raises the budget's one-line error
+        raise UsageError("no candidate has a measured top-1 to choose from")
+    best = min(ok, key=lambda o: (-float(o["top1"]), o["kind"] != FIXED,
+                                  abs(int(o["test_size"]) - int(train_size or o["test_size"])), int(o["test_size"])))
+    key = cost_key(ok)
+    out = {"best": dict(best), "mode": mode, "alpha": alpha, "cost_key": key, "p_vs_best": None}
+    if mode == CHOOSE_BEST:
+        return {**out, "option": dict(best), "as_good": [option_name(best)]}
+    as_good = []
+    for o in ok:
+        p = _p_against(o, best)
+        if float(o["top1"]) >= float(best["top1"]) or (p is not None and p >= alpha):
+            as_good.append((o, p))
+    pick, p = min(as_good, key=lambda op: (_cost(op[0], key), op[0]["kind"] != UNTUNED, -float(op[0]["top1"])))
+    return {**out, "option": dict(pick), "as_good": [option_name(o) for o, _ in as_good], "p_vs_best": p}
+
+
+def _p_against(option: Mapping, best: Mapping) -> float | None:
+    """The exact paired test of an option against the best on the photos both read (None without outcomes)."""
+    a, b = option.get("outcomes"), best.get("outcomes")
+    if option is best:
+        return 1.0
+    if a is None or b is None or len(a) != len(b):
+        return None
+    both = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    return paired_test([x for x, _ in both], [y for _, y in both])["p"]
+
+
+def served_sentence(choice: Mapping) -> str:
+    """One line on what is served and why: the cheapest candidate not worse than the best beyond noise."""
+    o, best = choice["option"], choice["best"]
+    unit = {"ms": "ms/image", "gflops": "GFLOPs", "test_size": "pixels"}[choice["cost_key"]]
+    if choice["mode"] == CHOOSE_BEST:
+        return f"serve {option_name(o)}: the most accurate fixed candidate on the choosing photos (--choose best)"
+    if o["kind"] == UNTUNED and option_name(o) != option_name(best):
+        return (f"nothing beats {o['test_size']} px untuned beyond noise (best: {option_name(best)}, "
+                f"{float(best['top1']) - float(o['top1']):+.1f} points, paired p {_p(choice['p_vs_best'])} >= "
+                f"{choice['alpha']:g}): serve it as trained, the cheapest such candidate by {unit}")
+    if option_name(o) == option_name(best):
+        return (f"serve {option_name(o)}: the most accurate candidate and the cheapest ({unit}) of the "
+                f"{len(choice['as_good'])} not worse than it beyond noise (paired p >= {choice['alpha']:g})")
+    return (f"serve {option_name(o)}: the cheapest candidate by {unit} not worse than the best ({option_name(best)}, "
+            f"{float(best['top1']) - float(o['top1']):+.1f} points, paired p {_p(choice['p_vs_best'])} >= "
+            f"{choice['alpha']:g})")
+
+
+def _p(p) -> str:
+    return "n/a" if p is None else f"{p:.3g}"
+
+
+def cross_select_served(options: Sequence[Mapping], halves: Sequence[int], *, mode: str = CHOOSE_CHEAPEST,
+                        train_size: int | None = None, **budget) -> dict:
+    """Two-fold cross-selection of ``choose_served``: each half chooses on its own photos, every photo is scored
+    by the candidate the *other* half chose. ``options`` carry per-photo ``outcomes`` over all the photos, in
+    the order of ``halves``. Returns the option each half chose (names), the pooled outcomes and top-1."""
+    chosen, pooled = {}, [None] * len(halves)
+    for h in (0, 1):
+        mine = [{**o, "outcomes": [x for x, hh in zip(o["outcomes"], halves) if hh == h],
+                 "top1": _top1(o["outcomes"], halves, h)} for o in options]
+        chosen[h] = choose_served(mine, mode=mode, train_size=train_size, **budget)["option"]
+    by_name = {option_name(o): o for o in options}
+    for i, h in enumerate(halves):
+        pooled[i] = by_name[option_name(chosen[1 - h])]["outcomes"][i]
+    return {"half_a": option_name(chosen[0]), "half_b": option_name(chosen[1]),
+            "size_half_a": int(chosen[0]["test_size"]), "size_half_b": int(chosen[1]["test_size"]),
+            "pooled": pooled, "n": sum(o is not None for o in pooled), "top1": percent_correct(pooled)}

@@ -95,7 +95,8 @@ def key_finetune(x: FixContext) -> dict:
         return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "label_free": True,
                 "fix_test_size": x.choice["test_size"], "batch_size": c.batch_size,
                 "precision": x.precision.describe()}
-    return {**x.keys["select"], "fix_test_size": x.choice["test_size"], "temperature_scale": c.temperature_scale}
+    return {**x.keys["select"], "fix_test_size": x.choice["test_size"], "served": x.choice.get("kind"),
+            "choose": c.choose, "temperature_scale": c.temperature_scale}
 
 
 def key_sweep_after(x: FixContext) -> dict:

@@ -207,7 +207,8 @@ def _after_step(x: FixContext, name: str) -> None:
             x.say("  " + line)
     elif name == "select":
         x.choice = candidates.choose_after_fixing(x)
-        x.say(f"  fixed size {x.choice['test_size']}px: {x.choice['chosen_on']}")
+        x.say(f"  served: {x.choice['served']}")
+        x.say(f"  chosen: {x.choice['chosen_on']}")
 
 
 def _after_skipped(x: FixContext, name: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from fixres.data.folders import count_image_sizes
 from fixres.data.synth import make_dataset
 from fixres.io.atomic import write_json
-from fixres.job import candidates
+from fixres.job import candidates, fixsize
 from fixres.job.candidates import load_adapted
 from fixres.job.context import EMBEDDED_TRAIN_LR, STATS_IMAGES, FixContext, read_json, stats_sizes_of, strip_private
 from fixres.method import analysis
@@ -86,15 +86,20 @@ def run_sweep_before(x: FixContext) -> None:
 
 
 def run_finetune(x: FixContext) -> None:
-    """The chosen candidate (or, label-free, batch-norm recalibration at the recommended size), exported."""
+    """The chosen candidate (or, label-free, batch-norm recalibration at the recommended size), exported; when
+    the choice is the model as trained at a size, that model is exported unchanged."""
     test_size = int(x.choice["test_size"])
     model = x.work(holds="export")
     if x.config.label_free:
         ft = candidates.label_free_adapt(x, model, test_size)
     else:
-        folder = x.run_dir / "candidates" / str(test_size)
-        load_adapted(model, folder / "adapted.safetensors")
-        ft = read_json(folder / "finetune_result.json")
+        if x.choice.get("kind") == fixsize.UNTUNED:
+            ft = {"test_size": test_size, "served": fixsize.UNTUNED, "parts": [], "epochs": 0, "trainable": [],
+                  "note": "served as trained: no candidate fixed beat it beyond noise, so nothing was fine-tuned"}
+        else:
+            folder = x.run_dir / "candidates" / str(test_size)
+            load_adapted(model, folder / "adapted.safetensors")
+            ft = read_json(folder / "finetune_result.json")
         if x.config.temperature_scale and x.holdout:
             ft["temperature"] = candidates.temperature_scale(x, model, test_size)
         elif x.config.temperature_scale:
@@ -114,12 +119,34 @@ def run_sweep_after(x: FixContext) -> None:
     if sweep is None:
         sweep = {**evaluate(fixed, x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw()),
                  "after": AFTER_EXPORTED}
-    row = next(r for r in sweep["rows"] if r["test_size"] == test_size)
-    # Export again, now with the accuracy measured at the fixed size in the metadata.
+    # Export again, now with the accuracy of what is served in the metadata: the unbiased estimate and its rule.
+    accuracy = served_accuracy(x, sweep)
     export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
-                 train_size=x.cfg.train_size, class_names=list(x.train_index.classes),
-                 accuracy={"top1": row["top1"], "top1_std": row["top1_std"], "test_size": test_size, "n": row["n"]})
+                 train_size=x.cfg.train_size, class_names=list(x.train_index.classes), accuracy=accuracy,
+                 extra={"top1": accuracy["top1"], "top1_rule": accuracy["top1_rule"]})
     write_json(x.run_dir / "sweep_after.json", strip_private(sweep))
+
+
+#: The size was not chosen on any labelled photos (given, or the analysis' recommendation): val is unbiased.
+UNCHOSEN_TEXT = "the size was not chosen on labelled photos, so every validation photo reports it without bias"
+
+
+def served_accuracy(x: FixContext, sweep_after: dict) -> dict:
+    """The served model's accuracy for ``fixres.json``: ``top1`` is unbiased (validation photos that did not
+    choose: the held-out rule's; under cross-selection the pooled estimate), ``top1_rule`` names how; the
+    figure on all validation photos at a size chosen on them is kept only as ``top1_all_val_optimistic``."""
+    test_size = int(x.choice["test_size"])
+    curve = x.read("sweep_before") if x.choice.get("kind") == fixsize.UNTUNED else sweep_after
+    row = next(r for r in curve["rows"] if r["test_size"] == test_size)
+    cross = x.choice.get("cross")
+    if cross:
+        return {"top1": cross["top1"], "top1_se": cross.get("top1_se"), "n": cross["n"],
+                "top1_rule": fixsize.RULE_CROSS, "top1_rule_text": fixsize.SELECTION_RULES[fixsize.RULE_CROSS],
+                "top1_all_val_optimistic": row["top1"], "test_size": test_size, "served": x.choice.get("kind")}
+    rule = ("given" if x.config.test_size else "label-free" if x.config.label_free else x.choice.get("rule") or x.rule)
+    return {"top1": row["top1"], "top1_se": fixsize.binomial_se(row["top1"], row["n"]), "top1_std": row["top1_std"],
+            "n": row["n"], "top1_rule": rule, "top1_rule_text": fixsize.SELECTION_RULES.get(rule, UNCHOSEN_TEXT),
+            "test_size": test_size, "served": x.choice.get("kind") or fixsize.FIXED}
 
 
 def _after_from_candidates(x: FixContext) -> dict | None:
@@ -164,6 +191,8 @@ def robustness_columns(x: FixContext) -> dict:
     """{column: (model, size)}: the fixed model at S first (compared with each other column), then the model
     before the fix at T and at S (what a user deploys without the fix, and the same size untuned)."""
     t, s = int(x.cfg.train_size), int(x.choice["test_size"])
+    if x.choice.get("kind") == fixsize.UNTUNED:  # served as trained: compared with the model at its train size
+        return {f"untuned at {s}px": (x.base(), s), **({f"untuned at {t}px": (x.base(), t)} if s != t else {})}
     cols = {f"fixed at {s}px": (x.fixed(), s), f"untuned at {t}px": (x.base(), t)}
     if s != t:
         cols[f"untuned at {s}px"] = (x.base(), s)
@@ -190,6 +219,7 @@ def run_info(x: FixContext, threads: int) -> dict:
     return {"model": x.bundle.name, "source": x.bundle.source, "train_size": x.cfg.train_size,
             "test_size": int(x.choice["test_size"]), "test_sizes": x.test_sizes, "data": str(x.data_root),
             "choice": x.choice, "config": strip_private(asdict(c), ("progress",)), "device": str(x.env.device),
+            "split": x.split,
             "precision": x.precision.describe(), "started": x.state.state.get("started"),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"), "timings": x.state.timings(),
             "torch_threads": threads, "n_fit": len(x.fit), "n_holdout": len(x.holdout), "schedule": x.schedule,

@@ -12,10 +12,13 @@ Three methods, none of which reads a label:
   hook (the map is not linear in the zeros), so it is not part of the weights; ``remove_equalization``
   takes it out.
 * ``gaussian`` (appendix A.2): the per-channel mean and std of the activations before the last ReLU
-  (the output of the batch-norm before pooling) at test_size are matched to those at train_size, by
-  an affine change of that batch-norm's weight and bias: exactly a per-channel affine map before the
-  activation, stored in the weights (exportable). In a ResNet the residual branch's batch-norm is
-  adjusted (the shortcut is summed after it).
+  at test_size are matched to those at train_size by a per-channel affine map before the activation,
+  stored in the weights (exportable). Where the last norm feeds the activation directly (EfficientNet's
+  BatchNormAct, DenseNet) that tensor is the norm's output and its weight and bias change. Where a
+  shortcut joins before the activation (a ResNet block: ``bn3 + shortcut``) it is the sum, found by
+  tracing (``fixres.models.residual``): the sum is read at the activation's input and the map is written
+  into every branch of it (the batch-norms ending them, and through an identity shortcut the previous
+  block's sum, its next convolution compensated).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fixres.errors import FixresError, UsageError
 from fixres.method.stats import DEFAULT_BATCH_SIZE, collect_pooled, forward_views, pooled_point
 from fixres.models.hooks import drop_kept_hook, keep_hook, kept_hook
 from fixres.models.loading import fit_input_size
+from fixres.models.residual import LastSum, apply_affine, find_last_sum
 from fixres.models.structure import ModelParts, find_parts
 from fixres.runtime.dist import DistEnv
 from fixres.runtime.engine import Precision, precision_for, prepare
@@ -161,8 +165,8 @@ def equalization_of(model: nn.Module) -> Equalization | None:
 _BN_NEED = {
     "bn-recalibrate": "it re-estimates the running statistics of the batch-norm before the global pooling "
                       "at the test size",
-    "gaussian": "it matches the per-channel mean and std at the output of the batch-norm before the global "
-                "pooling by changing that batch-norm's affine weights",
+    "gaussian": "it matches the per-channel mean and std before the last activation by changing the affine "
+                "weights of the batch-norm(s) that feed it",
 }
 
 
@@ -270,12 +274,54 @@ def _pre_activation_moments(model: nn.Module, bns: list[str], samples, cfg: Data
     return moments, images, skipped
 
 
+def _match(mu_t: torch.Tensor, sd_t: torch.Tensor, mu_s: torch.Tensor, sd_s: torch.Tensor):
+    """The per-channel (ratio, shift, ok) of the affine map taking the moments at S to those at T."""
+    ok = (sd_s > MIN_STD) & (sd_t > MIN_STD)
+    ratio = torch.where(ok, sd_t / sd_s.clamp_min(MIN_STD), torch.ones_like(sd_s))
+    return ratio, torch.where(ok, mu_t - mu_s * ratio, torch.zeros_like(mu_s)), ok
+
+
+def _gaussian_on_sum(model: nn.Module, last: LastSum, samples, cfg: DataConfig, *, train_size: int,
+                     test_size: int, env: DistEnv, precision: Precision, common: dict) -> dict:
+    """A.2 where a shortcut joins before the last activation: the sum that activation reads is matched."""
+    sizes = sorted({train_size, test_size})
+    moments = {s: _ChannelMoments() for s in sizes}
+    seen = [0]
+
+    def sink(size, _name, t):
+        # the activation may run several times per forward pass (torchvision's relu): only the sum's call
+        if seen[0] % last.calls_per_forward == last.occurrence:
+            moments[size].add(t.float())
+        seen[0] += 1
+
+    model.eval()
+    images, skipped = forward_views(model, samples, cfg, sizes, env=env, precision=precision,
+                                    hooks=([last.consumer], "input", sink), desc="pre-activation statistics",
+                                    **common)
+    if images == 0:
+        raise UsageError("gaussian: no readable image")
+    (mu_t, sd_t), (mu_s, sd_s) = moments[train_size].mean_std(), moments[test_size].mean_std()
+    ratio, shift, ok = _match(mu_t, sd_t, mu_s, sd_s)
+    apply_affine(model, last, ratio, shift)
+    change = {"std_ratio_mean": float(ratio.mean()), "mean_train_size": float(mu_t.mean()),
+              "mean_test_size": float(mu_s.mean()), "std_train_size": float(sd_t.mean()),
+              "std_test_size": float(sd_s.mean()), "channels_left": int((~ok).sum())}
+    return {"batchnorms": last.scale_bns, "measured_at": {last.consumer: "input of the last activation (the "
+                                                          "residual sum)"},
+            "residual_sum": last.to_dict(), "images": images, "change": {"sum": change}, "skipped": skipped}
+
+
 def _gaussian(model: nn.Module, parts: ModelParts, samples, cfg: DataConfig, *, train_size: int, test_size: int,
               env: DistEnv, precision: Precision, common: dict) -> dict:
     bns = _need_bns(parts, "gaussian")
     for n in bns:
         if model.get_submodule(n).weight is None or getattr(model.get_submodule(n), "running_var", None) is None:
             raise FixresError(f"gaussian: batch-norm {n} has no affine parameters or running statistics to adjust")
+    # What the last activation reads: the sum where a shortcut joins after the norm (ResNet), else the norm's output
+    last = find_last_sum(model, pooled_point(parts))
+    if last is not None:
+        return _gaussian_on_sum(model, last, samples, cfg, train_size=train_size, test_size=test_size, env=env,
+                                precision=precision, common=common)
     # the batch-norms' inputs are read; their outputs before the activation follow exactly (_bn_output_moments)
     moments, images, skipped = _pre_activation_moments(model, bns, samples, cfg, sorted({train_size, test_size}),
                                                        env=env, precision=precision, common=common)
@@ -285,9 +331,7 @@ def _gaussian(model: nn.Module, parts: ModelParts, samples, cfg: DataConfig, *, 
             bn = model.get_submodule(n)
             mu_t, sd_t = _bn_output_moments(bn, *moments[(n, train_size)].mean_std())
             mu_s, sd_s = _bn_output_moments(bn, *moments[(n, test_size)].mean_std())
-            ok = (sd_s > MIN_STD) & (sd_t > MIN_STD)
-            ratio = torch.where(ok, sd_t / sd_s.clamp_min(MIN_STD), torch.ones_like(sd_s))
-            shift = torch.where(ok, mu_t - mu_s * ratio, torch.zeros_like(mu_s))
+            ratio, shift, ok = _match(mu_t, sd_t, mu_s, sd_s)
             w, b = bn.weight, bn.bias
             w.copy_((w.double() * ratio).to(w.dtype))
             b.copy_((b.double() * ratio + shift).to(b.dtype))

@@ -7,7 +7,9 @@ far fewer decodes than K evaluations, and each of its rows equals the single-siz
 top-1, plus multi-resolution ensembles (averaged softmax over sizes, section 5.1) and optional
 10-crop testing. Significance follows section 5: the images are split into ``folds`` folds,
 accuracy is measured on all folds but one, leaving each out in turn, and the standard deviation of
-those accuracies is reported next to every figure (``fold_std``). Next to top-1, every row has its
+those accuracies is kept next to every figure (``fold_std``, ``top1_std``). That spread is far smaller
+than the sampling uncertainty of an accuracy, so the error bar shown (``top1_se``) is the binomial
+standard error (``fixres.method.significance.binomial_se``). Next to top-1, every row has its
 calibration (``fixres.method.calibration``): the NLL and the expected calibration error over 15 bins of
 top-1 confidence, and ``temperature_scale`` fits a temperature per view on held-out images.
 
@@ -34,6 +36,7 @@ from fixres.data.folders import FolderIndex, ImageDataset, IndexSampler, default
 from fixres.data.transforms import MultiView, resize_for, ten_crop_transform, test_transform
 from fixres.errors import FixresError, UsageError
 from fixres.method.calibration import apply_temperature, ece, fit_temperature, nll, reliability
+from fixres.method.significance import binomial_se
 from fixres.models.fold import fold_batchnorms
 from fixres.models.loading import fit_input_size, fixed_input_size, num_outputs
 from fixres.runtime import dist as fdist
@@ -323,8 +326,10 @@ def _check_coverage(res: _PerImage, counts: torch.Tensor, skipped: list, n_sampl
 def _summary(res: _PerImage, r: int, folds: int) -> dict:
     n = int(res.idx.size)
     loss = float(res.loss[r].sum() / n)
-    return {"top1": float(res.top1[r].sum()) * PERCENT / n, "top1_std": fold_std(res.top1[r], folds),
-            "top5": float(res.top5[r].sum()) * PERCENT / n, "top5_std": fold_std(res.top5[r], folds),
+    top1, top5 = float(res.top1[r].sum()) * PERCENT / n, float(res.top5[r].sum()) * PERCENT / n
+    # The error bar is the binomial standard error; the fold std (section 5) is kept under its own name.
+    return {"top1": top1, "top1_se": binomial_se(top1, n), "top1_std": fold_std(res.top1[r], folds),
+            "top5": top5, "top5_se": binomial_se(top5, n), "top5_std": fold_std(res.top5[r], folds),
             "loss": loss, "nll": loss, "ece": ece(res.conf[r], res.top1[r]) * PERCENT, "n": n,
             "correct": int(res.top1[r].sum()), "correct5": int(res.top5[r].sum())}
 
@@ -354,8 +359,8 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     are added if not requested). ``ten_crop``: each view is the average softmax of 10 crops.
     ``num_classes``: the data set's number of classes; it must equal the model's outputs.
 
-    Returns a JSON-ready dict: ``rows`` (one per view: test_size, crop_ratio, resize, top1, top1_std, top5, top5_std,
-    loss, nll (= loss, the mean cross-entropy), ece (percent, 15 bins of top-1 confidence,
+    Returns a JSON-ready dict: ``rows`` (one per view: test_size, crop_ratio, resize, top1, top1_se (the binomial
+    standard error, the error bar), top1_std (the leave-one-fold-out std of section 5), top5, top5_se, top5_std, loss, nll (= loss, the mean cross-entropy), ece (percent, 15 bins of top-1 confidence,
     ``fixres.method.calibration``), n, correct, correct5), ``ensembles``, ``n_images``, ``skipped`` ([{path,
     reason}]), ``reliability`` (per row key: reliability-diagram bins), ``per_class`` (classes, count per class, top-1
     per class for each view), timing. Accuracies are in percent. The model is moved to the evaluation device
@@ -436,16 +441,18 @@ def _private_arrays(res: _PerImage, plan: _Plan, *, keep_log_probs: bool, keep_o
 
 def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, batch_size: int,
                 env: fdist.DistEnv, precision: Precision, workers: int | None, progress: bool) -> dict:
-    """top-1 (fold std), top-5, loss, NLL and ECE of ``model`` at ``test_size``, at the data config's crop ratio.
+    """top-1 (binomial SE and fold std), top-5, loss, NLL and ECE of ``model`` at ``test_size``, at the data
+    config's crop ratio.
 
     Measured at the inference precision, so the number is the one ``fixres eval`` gives for the
-    export. Returns {test_size, top1, top1_std, top5, loss, nll, ece, n, skipped (a count)}.
+    export. Returns {test_size, top1, top1_se, top1_std, top5, loss, nll, ece, n, skipped (a count)}.
     """
     res = evaluate(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
                    batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
                    workers=workers, progress=progress, per_class=False)
     row = res["rows"][0]
-    return {"test_size": test_size, "top1": row["top1"], "top1_std": row["top1_std"], "top5": row["top5"],
+    return {"test_size": test_size, "top1": row["top1"], "top1_se": row["top1_se"], "top1_std": row["top1_std"],
+            "top5": row["top5"],
             "loss": row["loss"], "nll": row["nll"], "ece": row["ece"], "n": row["n"],
             "skipped": len(res["skipped"])}
 

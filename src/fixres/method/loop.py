@@ -259,6 +259,33 @@ def run_epoch(step: Stepper, run: Callable, batches: Iterable, *, pad_to: int = 
     return totals
 
 
+# --------------------------------------------------------------------------- divergence
+
+
+def diverged(loss: float | None, model: nn.Module | None) -> str | None:
+    """What is not finite after a step or an epoch: the loss, or (``model`` given) the first weight or statistic
+    in the model's order; None when everything is. Every rank gets the same answer (weights are equal, the loss
+    all-reduced)."""
+    if loss is not None and not np.isfinite(loss):
+        return f"the loss is {loss}"
+    floats = [(k, t) for k, t in (model.state_dict() if model is not None else {}).items() if t.is_floating_point()]
+    # One reduction and one device sync for the whole model; names are looked up only when something is wrong.
+    if not floats or bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
+        return None
+    name = next(k for k, t in floats if not bool(torch.isfinite(t).all()))
+    return f"the weights turned non-finite ({name} first)"
+
+
+def stop_if_diverged(loss: float | None, model: nn.Module | None, *, epoch: int, lr: float,
+                     what: str = "training") -> None:
+    """One line naming the epoch and the learning rate when the run went non-finite: a model of NaNs must not
+    be saved, exported or evaluated as if it were a result."""
+    cause = diverged(loss, model)
+    if cause is not None:
+        raise UsageError(f"{what} diverged in epoch {epoch + 1} at learning rate {lr:g}: {cause}; nothing of this "
+                         "epoch was saved: try a smaller --lr")
+
+
 # --------------------------------------------------------------------------- checkpoint state
 
 @dataclass(frozen=True)

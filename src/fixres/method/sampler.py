@@ -20,15 +20,26 @@ Hence a K-rank run and a one-process run with the same global batch see the same
 (Shuffling *after* repeating would instead give ~70% distinct images per epoch but put copies in
 different steps, which is not repeated augmentation any more.) ``repeats=1`` is a plain seeded
 distributed shuffle.
+
+**The augmentation draws.** With ``keyed=True`` the sampler yields (index, position) pairs, the
+position being the sample's place in the epoch's global list; ``SeededSamples`` seeds every random
+generator from (seed, epoch, position) just before it reads and augments that sample, and puts the
+generators back afterwards. A sample's crop and flip then depend on nothing else: not on which loader
+worker reads it, how many workers there are, or what the process drew before, so the same seed gives
+the same weights with 0, 1 or 8 workers, and a resume with other workers continues the same run. The
+repeated copies of an image sit at consecutive positions, so each still gets its own augmentation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 from typing import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from fixres.errors import UsageError
 
@@ -45,6 +56,13 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return (int(seed) * _SEED_STRIDE + int(epoch)) * 1009 + int(rank)
 
 
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of one sample's augmentation: a hash of (seed, epoch, position), below 2**32 (numpy's range).
+    A hash rather than arithmetic, so that no two (epoch, position) pairs of a run share a seed by accident."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(epoch)}:{int(position)}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
 class RepeatedAugSampler(Sampler[int]):
     """Indices of one rank for one epoch, each image repeated ``repeats`` times across ranks.
 
@@ -56,7 +74,7 @@ class RepeatedAugSampler(Sampler[int]):
 
     def __init__(self, n: int, repeats: int = DEFAULT_REPEATS, rank: int = 0, world_size: int = 1,
                  seed: int = 0, *, samples_per_epoch: int | None = None, shuffle: bool = True,
-                 len_factor: float = 1.0) -> None:
+                 len_factor: float = 1.0, keyed: bool = False) -> None:
         if n <= 0:
             raise UsageError("repeated-augmentation sampler needs at least one sample")
         if repeats < 1:
@@ -67,6 +85,7 @@ class RepeatedAugSampler(Sampler[int]):
             raise UsageError(f"len_factor must be a positive number, got {len_factor}")
         self.n, self.repeats, self.rank, self.world_size = int(n), int(repeats), int(rank), int(world_size)
         self.seed, self.shuffle, self.epoch, self.len_factor = int(seed), shuffle, 0, float(len_factor)
+        self.keyed = keyed  # yield (index, position in the epoch) for ``SeededSamples``
         total = math.ceil(self.len_factor * self.n) if samples_per_epoch is None else int(samples_per_epoch)
         if total <= 0:
             raise UsageError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
@@ -91,9 +110,43 @@ class RepeatedAugSampler(Sampler[int]):
             order += order[: self.total_size - len(order)]
         return order[: self.total_size]
 
-    def __iter__(self) -> Iterator[int]:
-        mine = self.global_order()[self.rank:self.total_size:self.world_size]
-        return iter(mine[: self.num_samples])
+    def __iter__(self) -> Iterator:
+        positions = range(self.rank, self.total_size, self.world_size)[: self.num_samples]
+        order = self.global_order()
+        if self.keyed:
+            return iter([(order[p], p) for p in positions])
+        return iter([order[p] for p in positions])
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class SeededSamples(Dataset):
+    """``dataset`` read through (index, position) keys, each sample's random draws seeded from (seed, epoch,
+    position) (``sample_seed``); the generators of the reading process are put back afterwards, so reading in
+    the training process (no workers) leaves its own random stream (dropout, drop-path) untouched.
+
+    Call ``set_epoch(e)`` before building the epoch's loader (its workers copy the dataset then)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, position = key
+        s = sample_seed(self.seed, self.epoch, position)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)

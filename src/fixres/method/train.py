@@ -19,9 +19,10 @@ the *global* batch (the paper's B), split evenly over ranks. The step itself (lo
 image count, summed gradients, a rank without readable images contributing nothing, synchronised
 timing, autocast + scaler) is ``fixres.method.loop``'s, shared with fine-tuning; batch-norm statistics are
 averaged over ranks after each epoch. After every epoch an atomic ``train_state.pt`` holds model,
-optimizer, scheduler, epoch, RNG states and the log; the sampler, loader and augmentation RNGs are
-reseeded from (seed, epoch, rank) at every epoch start, so a run killed and resumed with
-``resume=True`` ends with exactly the weights of an uninterrupted one (on CPU). ``log.jsonl`` gets
+optimizer, scheduler, epoch, RNG states and the log; the sampler and the model's RNGs are reseeded from (seed, epoch, rank) at
+every epoch start and each sample's augmentation from (seed, epoch, position)
+(``sampler.SeededSamples``), so a run killed and resumed with ``resume=True`` ends with exactly the
+weights of an uninterrupted one (on CPU), and the worker count changes nothing. ``log.jsonl`` gets
 one line per epoch, including measured milliseconds per batch of forward and of backward (table 7).
 """
 
@@ -45,7 +46,7 @@ from fixres.io.atomic import append_jsonl, write_text
 from fixres.method import analysis, loop
 from fixres.method.evaluate import evaluate
 from fixres.method.loop import LoopState, StateLayout, rng_state, seed_everything, set_rng_state  # noqa: F401 (API)
-from fixres.method.sampler import DEFAULT_REPEATS, PAPER_LEN_FACTOR, RepeatedAugSampler, epoch_seed
+from fixres.method.sampler import DEFAULT_REPEATS, PAPER_LEN_FACTOR, RepeatedAugSampler, SeededSamples, epoch_seed
 from fixres.models.export import META_NAME, export_model
 from fixres.runtime import dist, engine
 from fixres.runtime.progress import bar, status
@@ -177,7 +178,7 @@ class _Run:
     cfg: DataConfig
     hparams: dict
     out_dir: Path
-    dataset: ImageDataset
+    dataset: SeededSamples
     sampler: RepeatedAugSampler
     local_batch: int
     drop_last: bool
@@ -255,9 +256,11 @@ def _setup(model: nn.Module, train_samples: list, val_samples: list, cfg: DataCo
            env: dist.DistEnv, precision: engine.Precision, out_dir: Path, workers: int, progress: bool,
            max_steps: int | None, val_batch_size: int | None) -> _Run:
     transform = build_transform(hp["augment"], size=hp["train_size"], cfg=cfg, color_jitter=hp["color_jitter"])
-    dataset = ImageDataset(train_samples, engine.SingleThreaded(transform) if workers == 0 else transform)
+    images = ImageDataset(train_samples, engine.SingleThreaded(transform) if workers == 0 else transform)
+    # Each sample's augmentation is drawn from (seed, epoch, position): the same whatever the worker count.
+    dataset = SeededSamples(images, hp["seed"])
     sampler = RepeatedAugSampler(len(dataset), repeats=hp["repeats"], rank=env.rank, world_size=env.world_size,
-                                 seed=hp["seed"], len_factor=hp["epoch_length_factor"])
+                                 seed=hp["seed"], len_factor=hp["epoch_length_factor"], keyed=True)
     local_batch = hp["batch_size"] // env.world_size
     # Full batches only: every rank takes the same number of steps, and a size-1 batch would break
     # BatchNorm. Tiny data sets keep their one partial batch.
@@ -329,6 +332,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     # Everything random in this epoch follows from (seed, epoch, rank): resume == uninterrupted.
     seed_everything(epoch_seed(hp["seed"], epoch, env.rank))
     run.sampler.set_epoch(epoch)
+    run.dataset.set_epoch(epoch)
     gen = torch.Generator()
     gen.manual_seed(epoch_seed(hp["seed"], epoch, env.rank))
     loader = make_loader(run.dataset, batch_size=run.local_batch, sampler=run.sampler, workers=run.workers,
@@ -337,6 +341,8 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
                enabled=run.progress)
 
     def after_step(result: loop.StepResult, _totals) -> bool:
+        if not env.distributed and result.n:  # stop at the first NaN (ranks check together at the epoch's end)
+            loop.stop_if_diverged(result.loss_sum, None, epoch=epoch, lr=hp["lr"])
         run.scheduler.step()  # the schedule follows the position in the epoch, readable images or not
         run.step += 1
         pbar.update(run.local_batch * env.world_size)
@@ -353,6 +359,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
         pbar.close()
     loop.average_running_stats(loop.batch_norms(run.model), totals.forwards, env)
     record = _epoch_record(run, epoch, totals, time.perf_counter() - t0)
+    loop.stop_if_diverged(record["train_loss"], run.model, epoch=epoch, lr=hp["lr"])
     run.stopped_early = totals.stopped
     if not totals.stopped:
         _validate_into(run, record)

@@ -5,15 +5,16 @@ What ``fixres.json`` holds, its schema and how it is read back live in ``fixres.
 here: ``from fixres.models.export import WEIGHTS_NAME`` keeps working). ``models.load_model`` reads an export
 back (``fixres eval --checkpoint DIR/model.safetensors``).
 
-The pair appears together: the safetensors header carries the complete metadata, and the files are
-published in an order that never leaves a stale pair (old ``fixres.json`` and ``model.onnx`` removed
-first, then the weights replaced atomically, then ``fixres.json`` written atomically). A kill at any
-point leaves either the old export, or the new weights whose own header says what they are.
+An export is replaced as a whole or not at all: every file is written to a hidden staging folder inside
+the target folder, and only once all are complete are they swapped in by renames (``io.atomic.swap_in``:
+old files aside, new ones in, old ones removed). A failure while writing (a full disk) leaves the previous
+export complete and loadable; the safetensors header also carries the complete metadata.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +24,7 @@ from torch import nn
 from fixres.config import DataConfig, resize_for, validate_size
 from fixres.data.transforms import torchvision_transform_code
 from fixres.errors import FixresError, UsageError
-from fixres.io.atomic import atomic_path, write_text
+from fixres.io.atomic import atomic_path, remove_stale_folders, swap_in, write_text
 from fixres.io.checkpoint import save_safetensors
 from fixres.io.meta import META_NAME, ONNX_NAME, WEIGHTS_NAME, build_meta, header_metadata, read_export_meta, write_meta  # noqa: F401 - re-exported
 from fixres.models.hooks import kept_hook
@@ -35,6 +36,10 @@ ONNX_OPSET = 18
 #: The generated serving notes beside an export (timm, torchvision and fixres snippets).
 USAGE_NAME = "USAGE.md"
 ONNX_EXAMPLE_BATCH = 2
+#: Every file an export consists of: replaced together, removed together.
+EXPORT_FILES = (WEIGHTS_NAME, META_NAME, CONFIG_NAME, USAGE_NAME, ONNX_NAME)
+#: Prefix of the hidden folder an export is written to before it is swapped in.
+STAGING_PREFIX = ".export.partial-"
 
 
 def export_meta(*, model_name: str, cfg: DataConfig, test_size: int, train_size: int, num_classes: int,
@@ -66,22 +71,31 @@ def export_model(model: nn.Module, out_dir: str | Path, *, model_name: str, cfg:
         extra = {**(extra or {}), "model_kwargs": kwargs}
     meta = export_meta(model_name=model_name, cfg=cfg, test_size=test_size, train_size=train_size,
                        num_classes=num_outputs(model), class_names=class_names, accuracy=accuracy, extra=extra)
-    onnx_partial = out_dir / f".{ONNX_NAME}.partial"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_folders(out_dir, (STAGING_PREFIX,))  # what a killed export left: never published
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
     try:
-        if onnx:  # exported first (it may fail), published only after the weights
-            meta["onnx"] = _export_onnx(model, onnx_partial, test_size, final=out_dir / ONNX_NAME)
-        for companion in (META_NAME, ONNX_NAME, CONFIG_NAME, USAGE_NAME):  # they describe the old weights: gone
-                                                                          # before those are replaced
-            (out_dir / companion).unlink(missing_ok=True)
-        path = save_safetensors(model.state_dict(), out_dir / WEIGHTS_NAME, metadata=header_metadata(meta))
-        if onnx_partial.exists():
-            os.replace(onnx_partial, out_dir / ONNX_NAME)
+        if onnx:
+            meta["onnx"] = _export_onnx(model, staging / ONNX_NAME, test_size, final=out_dir / ONNX_NAME)
+        save_safetensors(model.state_dict(), staging / WEIGHTS_NAME, metadata=header_metadata(meta))
+        write_meta(staging, meta)
+        timm_config = write_timm_config(staging, model, meta)
+        write_text(staging / USAGE_NAME, usage_text(meta, cfg, timm_ready=timm_config is not None))
+        swap_in(staging, out_dir, EXPORT_FILES)  # only now does the old export go
     finally:
-        onnx_partial.unlink(missing_ok=True)
-    write_meta(out_dir, meta)
-    timm_config = write_timm_config(out_dir, model, meta)
-    write_text(out_dir / USAGE_NAME, usage_text(meta, cfg, timm_ready=timm_config is not None))
-    return path
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / WEIGHTS_NAME
+
+
+def remove_export(out_dir: str | Path) -> list[str]:
+    """Remove the export in ``out_dir``, all its files (a result that exports nothing replaces one); the names removed."""
+    removed = []
+    for name in EXPORT_FILES:
+        path = Path(out_dir) / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 def usage_text(meta: dict, cfg: DataConfig, *, timm_ready: bool) -> str:

@@ -190,3 +190,26 @@ def trace_calls(model: nn.Module, *, keep_tensors: bool = False) -> Iterator[lis
         regs.append((module, "forward", post(name)))
     with hooked(regs):
         yield calls
+
+
+def first_non_finite_output(model: nn.Module, x: torch.Tensor) -> str | None:
+    """The first layer, in the order the forward pass finishes them, whose output holds NaN or infinity on ``x``:
+    its name, "the input" when ``x`` already does, "the output" when only the final result does; None when every
+    output is finite. Each output is checked in its hook, before a later in-place op could overwrite it."""
+    if not bool(torch.isfinite(x).all()):
+        return "the input"
+    found: list[str] = []
+
+    def make(name):
+        def check(_mod, _args, out):
+            t = _first_tensor(out)
+            if not found and t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                found.append(name)
+        return check
+
+    leaves = [(m, "forward", make(n)) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    with hooked(leaves), torch.no_grad():
+        out = _first_tensor(model(x))
+    if found:
+        return found[0]
+    return None if out is None or bool(torch.isfinite(out).all()) else "the output"

@@ -129,9 +129,16 @@ class ModelSpec:
     train_size: int | None = None
     ema: bool = False  # a timm/torchvision training checkpoint's EMA weights (fixres.io.checkpoint)
     strict: bool = False  # refuse NaN/inf weights instead of warning
+    #: seeds torch before building, so random weights (--random-init, a new head) are the same every run;
+    #: None leaves the generator as the caller set it
+    seed: int | None = None
 
     def load(self) -> "ModelBundle":
-        return load_model(**asdict(self))
+        kwargs = asdict(self)
+        seed = kwargs.pop("seed")
+        if seed is not None:
+            torch.manual_seed(seed)
+        return load_model(**kwargs)
 
 
 def _builtin(name: str, num_classes: int) -> nn.Module:
@@ -365,6 +372,10 @@ def load_weights_strict(model: nn.Module, sd: dict[str, torch.Tensor], *, source
         head_bad = [m for m in mismatched if head and m[0].startswith(head + ".")]
         if head_bad and len(head_bad) == len(mismatched):
             k, got, want = head_bad[0]
+            if got[0] == want[0] and len(got) > 1:  # same classes, other input width: another architecture
+                raise FixresError(f"{source}: the classifier {k} reads {got[1]} features in the checkpoint but "
+                                  f"{want[1]} in the model (shape {list(got)} vs {list(want)}): the weights are "
+                                  "for another architecture or width; pass the --model they were trained as")
             raise FixresError(f"{source}: the classifier has {got[0]} classes in the checkpoint but the model "
                               f"was built with {want[0]}; pass --num-classes {got[0]} (or leave it out)")
         k, got, want = mismatched[0]

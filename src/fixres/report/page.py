@@ -62,6 +62,8 @@ def collect(run_dir: str | os.PathLike) -> dict:
         raise UsageError(f"run folder not found: {run_dir}")
     results = {name: _read(run_dir / f"{name}.json") for name in STEP_FILES}
     results = {k: v for k, v in results.items() if v is not None}
+    if "select" in results:
+        results["select"] = _clean_select(results["select"])
     if "sweep_before" not in results and "grid" not in results:
         raise UsageError(f"{run_dir} holds no results of a fixres fix run (no sweep_before.json or grid.json)")
     return results
@@ -74,6 +76,34 @@ def _number(v) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
         return float(v)
     return None
+
+
+#: Fields of ``select.json`` that hold text; every other field of it, and of its candidates, is a number.
+SELECT_TEXT = ("method", "rule", "rule_text", "dropped", "schedule")
+
+
+def _clean_select(select) -> dict:
+    """``select.json`` with every field that should be a number and is not (text, NaN, a list) as missing (None)
+    and candidates without a whole-number size left out: the choice's tables and figures then show a broken
+    number as n/a instead of stopping the report."""
+    if not isinstance(select, dict):
+        return {}
+
+    def numbers(block) -> dict:
+        return {k: _number(v) for k, v in block.items()} if isinstance(block, dict) else {}
+
+    clean = {k: (v if k in SELECT_TEXT else _number(v) if not isinstance(v, dict) else numbers(v))
+             for k, v in select.items() if k != "candidates"}
+    candidates = select.get("candidates") if isinstance(select.get("candidates"), list) else []
+    clean["candidates"] = [
+        {k: (numbers(v) if isinstance(v, dict) or k.endswith(("_before", "_after")) else _number(v))
+         for k, v in c.items()} | {"test_size": c["test_size"]}
+        for c in candidates if isinstance(c, dict) and _whole_size(c.get("test_size"))]
+    return clean
+
+
+def _whole_size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _numbers(values) -> bool:
@@ -111,11 +141,20 @@ def _curve(sweep: dict | None, label: str) -> dict | None:
     if not rows:
         return None
     return {"label": label, "test_sizes": [r["test_size"] for r in rows], "top1": [r["top1"] for r in rows],
-            "top1_std": [r.get("top1_std", 0.0) for r in rows]}
+            "top1_se": [_row_se(r) or 0.0 for r in rows]}
+
+
+def _row_se(row: dict | None) -> float | None:
+    """The error bar of a result row: its binomial standard error (from top-1 and n when a file lacks it)."""
+    if not row:
+        return None
+    return _number(row.get("top1_se")) if _number(row.get("top1_se")) is not None else _binomial_se(
+        row.get("top1"), row.get("n"))
 
 
 def summarize(results: dict) -> dict:
-    """The headline: top-1 at T, at the best untuned size, after the fix at S (with fold std), time spent."""
+    """The headline: top-1 at T, at the best untuned size, after the fix at S (each with its binomial standard
+    error, ``*_se``, and the fold std of section 5, ``*_std``), time spent."""
     run = results.get("run", {})
     train_size = run.get("train_size")
     chosen = run.get("test_size") or (results.get("finetune") or {}).get("test_size")
@@ -132,6 +171,8 @@ def summarize(results: dict) -> dict:
         "top1_at_train_size": at_t and at_t["top1"], "top1_at_train_size_std": at_t and at_t.get("top1_std"),
         "best_untuned_test_size": best and best["test_size"], "top1_best_untuned": best and best["top1"],
         "top1_best_untuned_std": best and best.get("top1_std"),
+        "top1_at_train_size_se": _row_se(at_t), "top1_best_untuned_se": _row_se(best),
+        "top1_untuned_at_test_size_se": _row_se(untuned_at_s), "top1_fixed_se": _row_se(fixed),
         "top1_untuned_at_test_size": untuned_at_s and untuned_at_s["top1"],
         "top1_untuned_at_test_size_std": untuned_at_s and untuned_at_s.get("top1_std"),
         "top1_fixed": fixed and fixed["top1"], "top1_fixed_std": fixed and fixed.get("top1_std"),
@@ -143,9 +184,28 @@ def summarize(results: dict) -> dict:
     if isinstance(cross, dict) and _number(cross.get("top1")) is not None:
         # Cross-selection: the headline is every val photo scored by the size chosen on the other half.
         head.update(headline_rule="cross-val", top1_fixed_all_val=head["top1_fixed"], top1_fixed=cross["top1"],
-                    top1_fixed_std=_number(cross.get("top1_std")),
+                    top1_fixed_std=_number(cross.get("top1_std")), top1_fixed_se=_row_se(cross),
                     top1_untuned_same_choice=_number(cross.get("untuned_top1")))
+    choice = run.get("choice") if isinstance(run.get("choice"), dict) else {}
+    head.update(_served(head, choice, cross if isinstance(cross, dict) else None))
+    # The best untuned size is the maximum over every swept size on these very photos: optimistic.
+    head["best_untuned_optimistic"] = True
+    head["n_swept_sizes"] = len(_rows(before)) if before else 0
     return head
+
+
+def _served(head: dict, choice: dict, cross: dict | None) -> dict:
+    """What is served and its unbiased top-1: the fixed model, or the model as trained at the chosen size (its
+    untuned figure); under cross-selection the pooled estimate, whichever each half chose."""
+    kind = choice.get("kind") if choice.get("kind") in ("fixed", "untuned") else "fixed"
+    if cross is not None and _number(cross.get("top1")) is not None:
+        top1, se = cross["top1"], head.get("top1_fixed_se")
+    elif kind == "untuned":
+        top1, se = head["top1_untuned_at_test_size"], head.get("top1_untuned_at_test_size_se")
+    else:
+        top1, se = head["top1_fixed"], head.get("top1_fixed_se")
+    return {"served_kind": kind, "served": choice.get("served") if isinstance(choice.get("served"), str) else None,
+            "top1_served": top1, "top1_served_se": se}
 
 
 def _ms(value) -> str | None:
@@ -280,6 +340,17 @@ def _grid_figures(grid, out_dir: Path) -> dict[str, Path]:
     return figs
 
 
+def _plottable_select(results: dict) -> dict:
+    """``results`` with only the candidates the accuracy-vs-cost figure can draw (both top-1 values present);
+    the table still lists them all."""
+    select = results.get("select")
+    if not select:
+        return results
+    drawn = [c for c in select.get("candidates") or []
+             if all((c.get(k) or {}).get("top1") is not None for k in ("val_before", "val_after"))]
+    return {**results, "select": {**select, "candidates": drawn}}
+
+
 def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
     """Write the report's PNGs; returns {figure name: path} for those the results allow."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +374,7 @@ def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
     panels = _cdf_panels(results.get("stats"))
     if panels:
         figs["cdf"] = plots.plot_activation_cdf_panels(panels, out_dir / "activation_cdfs.png")
-    figs.update(report_select.draw(results, out_dir))  # choosing the size after fixing (fixres.report.choice)
+    figs.update(report_select.draw(_plottable_select(results), out_dir))  # choosing the size after fixing (fixres.report.choice)
     return figs
 
 
@@ -346,7 +417,7 @@ TEMPLATE = """<!DOCTYPE html>
 <p class="sub">{{ para(subtitle) }}</p>
 <div class="cards">
 {% for c in cards %}<div class="card{% if c.fix %} fix{% endif %}"><div class="k">{{ c.key }}</div><div class="v">{{ c.value }}
-{%- if c.std is not none %} <span class="s">± {{ c.std }}</span>{% endif %}</div>
+{%- if c.se is not none %} <span class="s">± {{ c.se }}</span>{% endif %}</div>
 {%- if c.sub %}<div class="s">{{ c.sub }}</div>{% endif %}</div>
 {% endfor %}</div>
 <p class="note">{{ note }}</p>
@@ -413,15 +484,19 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> dict | None:
 
 
 def _grid_table(grid: dict, key: str = "top1") -> dict:
-    values, stds = grid[key], grid.get(f"{key}_std")
+    """Table 5's cells, ± the binomial standard error when the grid says on how many images (``n``); else the
+    fold std, and the corner cell says which."""
+    values, stds, n = grid[key], grid.get(f"{key}_std"), _number(grid.get("n"))
     rows = []
     for i, size in enumerate(grid["test_sizes"]):
         cells = [str(size)]
         for j in range(len(grid["train_sizes"])):
-            v, sd = values[i][j], stds[i][j] if stds else None
+            v = values[i][j]
+            sd = _binomial_se(v, n) if n else stds[i][j] if stds else None
             cells.append("" if v is None else _num_text(v) + ("" if sd is None else f" ±{_num_text(sd)}"))
         rows.append(cells)
-    return {"columns": ["test \\ train", *(str(t) for t in grid["train_sizes"])], "rows": rows}
+    corner = "test \\ train" + ("" if n or not stds else " (± fold std)")
+    return {"columns": [corner, *(str(t) for t in grid["train_sizes"])], "rows": rows}
 
 
 def _stats_table(stats: dict | None) -> dict | None:
@@ -447,31 +522,31 @@ def _classes(results: dict) -> list[str]:
 
 
 def _cards(head: dict) -> list[dict]:
-    def card(key, top1, std, *, sub="", fix=False):
+    def card(key, top1, se, *, sub="", fix=False):
         return {"key": key, "value": _percent(top1) if top1 is not None else "n/a",
-                "std": None if top1 is None or std is None else _num_text(std),
+                "se": None if top1 is None or se is None else _num_text(se),
                 "sub": sub, "fix": fix}
     timings = ", ".join(f"{k} {_num_text(v, 0)}s"
                         for k, v in head["timings"].items())
     return [
         card(f"top-1 at the train size ({_fmt(head['train_size'])} px)", head["top1_at_train_size"],
-             head["top1_at_train_size_std"]),
+             head["top1_at_train_size_se"]),
         card(f"best untuned test size ({_fmt(head['best_untuned_test_size'])} px)", head["top1_best_untuned"],
-             head["top1_best_untuned_std"]),
+             head["top1_best_untuned_se"]),
         card(f"after the fix ({_fmt(head['test_size'])} px" + (", cross-selected" if head.get("headline_rule") else "")
-             + ")", head["top1_fixed"], head["top1_fixed_std"], fix=True,
+             + ")", head["top1_fixed"], head["top1_fixed_se"], fix=True,
              sub="untuned at this size: " + (_percent(head["top1_untuned_at_test_size"])
                                              if head["top1_untuned_at_test_size"] is not None else "n/a")),
-        {"key": "time spent", "value": format_duration(head["seconds_total"]), "std": None, "sub": timings,
+        {"key": "time spent", "value": format_duration(head["seconds_total"]), "se": None, "sub": timings,
          "fix": False},
     ]
 
 
 def _note(head: dict) -> str:
-    se = _binomial_se(head["top1_fixed"], head["n_val"])
-    return ("± is the leave-one-fold-out standard deviation over 10 folds of the validation set (paper, section 5)"
-            + (f"; for comparison, the binomial standard error of one accuracy on {head['n_val']} images is "
-               f"about {se:.1f} points" if se is not None else "") + ".")
+    # The fold std of section 5 is a fraction of the sampling noise: it stays in report.json, not as the ±.
+    return ("± is the binomial standard error of each accuracy"
+            + (f" on {head['n_val']} validation images" if head.get("n_val") else "")
+            + "; the leave-one-fold-out std of the paper's section 5 (fold std) is kept in report.json as *_std.")
 
 
 def _figure_sections(results: dict, figs: dict[str, Path], head: dict) -> list[dict]:
@@ -484,7 +559,8 @@ def _figure_sections(results: dict, figs: dict[str, Path], head: dict) -> list[d
             "pooling fine-tuned with test-time augmentation, "
             + ("each size at its own size, as in the paper's table 5). " if
                (results.get("sweep_after") or {}).get("after") == AFTER_EACH_FIXED else "at the fixed size). ")
-            + (f"The apparent-size analysis recommends {rec} px. " if rec else "") + "Error bars: fold std.")]))
+            + (f"The apparent-size analysis recommends {rec} px. " if rec else "")
+            + "Error bars: ± binomial standard error.")]))
     grid = results.get("grid")
     if _grid_ok(grid):
         captions = (("grid", "No fine-tuning."), ("grid_fixed", "After the fix at each test size."),

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from fixres.io.atomic import atomic_path
+from fixres.method.significance import binomial_se
 
 FIG_DPI = 110
 
@@ -25,6 +26,20 @@ def _save(fig, path: str | Path) -> Path:
         fig.savefig(tmp, dpi=FIG_DPI, bbox_inches="tight", format="png")
     _pyplot().close(fig)
     return path
+
+
+def _se(row: dict, metric: str) -> float:
+    """The error bar of one result row: its binomial standard error, from the row's count when an older result
+    file lacks it (never the fold std, which is far smaller than the sampling noise)."""
+    if row.get(f"{metric}_se") is not None:
+        return float(row[f"{metric}_se"])
+    n = row.get("n")
+    return binomial_se(float(row[metric]), int(n)) if n else 0.0
+
+
+def _caption(ax, text: str) -> None:
+    """A line under the axes saying what the error bars are."""
+    ax.annotate(text, xy=(0.0, -0.2), xycoords="axes fraction", fontsize=7, color="0.3", va="top")
 
 
 def plot_roc_areas(train_area: np.ndarray, test_area: np.ndarray, path: str | Path,
@@ -56,9 +71,9 @@ def plot_roc_areas(train_area: np.ndarray, test_area: np.ndarray, path: str | Pa
 def plot_accuracy_vs_size(series: dict, path: str | Path, *, marks: Sequence[tuple[int, str]] = (),
                           ensembles: Sequence[dict] = (), title: str | None = None,
                           metric: str = "top1") -> Path:
-    """Figure 5 analogue: accuracy vs test size, one line per series, error bars = leave-one-fold-out std.
+    """Figure 5 analogue: accuracy vs test size, one line per series, error bars = binomial standard error.
 
-    ``series``: label -> result rows (dicts with test_size, ``metric`` and ``metric``_std), as
+    ``series``: label -> result rows (dicts with test_size, ``metric`` and ``metric``_se), as
     ``fixres.method.evaluate`` returns them. ``marks``: vertical lines (size, label), e.g. the train size
     and the recommended test size. ``ensembles``: ensemble rows, drawn as points at their largest size.
     """
@@ -70,18 +85,19 @@ def plot_accuracy_vs_size(series: dict, path: str | Path, *, marks: Sequence[tup
             continue
         xs = [r["test_size"] for r in rows]
         ys = [r[metric] for r in rows]
-        es = [r.get(f"{metric}_std", 0.0) for r in rows]
+        es = [_se(r, metric) for r in rows]
         ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, label=label)
     for ens in ensembles:
         x = max(ens["test_sizes"])
-        ax.errorbar([x], [ens[metric]], yerr=[ens.get(f"{metric}_std", 0.0)], marker="*", ms=10, capsize=3,
+        ax.errorbar([x], [ens[metric]], yerr=[_se(ens, metric)], marker="*", ms=10, capsize=3,
                     ls="none", label="ensemble " + "+".join(str(s) for s in ens["test_sizes"]))
     styles = ["--", ":", "-."]
     for i, (size, label) in enumerate(marks):
         ax.axvline(size, color="0.35", ls=styles[i % len(styles)], lw=1.2, label=f"{label} ({size})")
     ax.set_xlabel("test size (px)")
     ax.set_ylabel(f"{metric} accuracy (%)")
-    ax.set_title(title or "Accuracy vs test resolution (error bars: leave-one-fold-out std)")
+    ax.set_title(title or "Accuracy vs test resolution")
+    _caption(ax, "error bars: ± binomial standard error")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -89,9 +105,9 @@ def plot_accuracy_vs_size(series: dict, path: str | Path, *, marks: Sequence[tup
 
 def plot_accuracy_curves(curves: Sequence[dict], path: str | Path, *, train_size: int | None = None,
                          marks: Sequence[tuple[int, str]] = (), title: str = "Top-1 vs test size") -> Path:
-    """Figure 5 style: top-1 (%) against test size, one line per curve, fold-std error bars.
+    """Figure 5 style: top-1 (%) against test size, one line per curve, error bars = binomial standard error.
 
-    Each curve is {"label", "test_sizes", "top1", "top1_std" (optional)}; ``marks`` draws vertical
+    Each curve is {"label", "test_sizes", "top1", "top1_se" (optional)}; ``marks`` draws vertical
     lines (size, label), e.g. the train size and the recommended test size.
     """
     plt = _pyplot()
@@ -99,8 +115,8 @@ def plot_accuracy_curves(curves: Sequence[dict], path: str | Path, *, train_size
     for curve in curves:
         sizes = np.asarray(curve["test_sizes"], dtype=float)
         top1 = np.asarray(curve["top1"], dtype=float)
-        std = curve.get("top1_std")
-        ax.errorbar(sizes, top1, yerr=None if std is None else np.asarray(std, dtype=float), marker="o",
+        se = curve.get("top1_se")
+        ax.errorbar(sizes, top1, yerr=None if se is None else np.asarray(se, dtype=float), marker="o",
                     ms=4, capsize=3, lw=1.6, label=curve["label"], ls=curve.get("ls", "-"))
     styles = (":", "--", "-.")
     for k, (size, label) in enumerate(marks):
@@ -110,6 +126,8 @@ def plot_accuracy_curves(curves: Sequence[dict], path: str | Path, *, train_size
     ax.set_xlabel("test size (px)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title)
+    if any(curve.get("top1_se") is not None for curve in curves):
+        _caption(ax, "error bars: ± binomial standard error")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
