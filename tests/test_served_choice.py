@@ -86,7 +86,7 @@ def served_run(tmp_path_factory):
     ck = save_tiny_checkpoint(tmp / "tiny.safetensors")
     cfg = pipeline.FixConfig(checkpoint=str(ck), data=str(tmp / "data"), out=str(tmp / "run"),
                              model="fixres_tiny_resnet", train_size=32, test_sizes=[32, 48], finetune_epochs=1,
-                             workers=0, progress=False, batch_size=8, robustness=False)
+                             workers=0, progress=False, batch_size=8, robustness_images=6)
     return {"result": pipeline.run_fix(cfg), "run": tmp / "run"}
 
 
@@ -101,6 +101,35 @@ def test_the_model_as_trained_is_exported_when_nothing_beats_it(served_run):
     assert all(torch.equal(exported[k], given[k]) for k in given)  # nothing fine-tuned
     ft = json.loads((run / "finetune.json").read_text())
     assert ft["served"] == "untuned" and ft["epochs"] == 0
+
+
+def test_served_as_trained_still_compares_the_best_fixed_candidate_under_corruptions(served_run):
+    choice, run = served_run["result"]["choice"], served_run["run"]
+    robust = json.loads((run / "robustness.json").read_text())
+    f = choice["best_fixed_size"]
+    assert f in (32, 48) and robust["columns"][0] == f"fixed at {f}px"
+    assert "untuned at 32px" in robust["columns"]
+
+
+def test_fix_measures_on_fully_decoded_photos(tmp_path, monkeypatch):
+    """Every evaluation of fix decodes the photos at full size, as the export's serving transform does."""
+    from fixres.job import candidates, steps
+    seen = []
+    for module in (candidates, steps):
+        real = module.evaluate
+
+        def spy(*args, _real=real, **kw):
+            seen.append(kw.get("reduced_decode", True))
+            return _real(*args, **kw)
+        monkeypatch.setattr(module, "evaluate", spy)
+    write_image_folder(tmp_path / "data" / "train", per_class=4, seed=1)
+    write_image_folder(tmp_path / "data" / "val", per_class=3, seed=2)
+    ck = save_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    pipeline.run_fix(pipeline.FixConfig(checkpoint=str(ck), data=str(tmp_path / "data"), out=str(tmp_path / "run"),
+                                        model="fixres_tiny_resnet", train_size=32, test_sizes=[32, 48],
+                                        finetune_epochs=1, workers=0, progress=False, batch_size=8,
+                                        robustness=False))
+    assert len(seen) >= 3 and not any(seen)
 
 
 def test_the_export_states_the_unbiased_top1_and_its_rule(served_run):
@@ -164,3 +193,15 @@ def test_one_folder_without_splits_never_reports_a_photo_it_fitted_on(tmp_path):
     again = pipeline.run_fix(cfg)
     assert set(json.loads((tmp_path / "run" / "run.json").read_text())["split"]["val_photos"]) == val
     assert again["choice"]["test_size"] == 32
+
+
+@pytest.mark.parametrize("command", [["finetune", "--test-size", "48"], ["adapt", "--method", "bn-recalibrate"]])
+def test_finetune_and_adapt_on_one_folder_refuse_rather_than_report_fitted_photos(tmp_path, capsys, command):
+    from clirun import assert_one_line_error, cli
+    write_image_folder(tmp_path / "flat", per_class=4, seed=3)
+    ck = save_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    code, _, err = cli(capsys, *command, "--checkpoint", ck, "--model", "fixres_tiny_resnet", "--train-size", "32",
+                       "--data", tmp_path / "flat", "--workers", "0", "--out", tmp_path / "out")
+    assert code == 2
+    assert_one_line_error(err, "no train/ and val/ folders", "fitted on")
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -363,7 +363,10 @@ def choose_after_fixing(x: "FixContext") -> dict:
     else:
         how = "the only candidate (no training images to hold out)"
     how += f", within the budget ({', '.join(budgets)})" if budgets else ""
+    fixed = [o for o in options if o["kind"] == fixsize.FIXED]
+    best_fixed = min(fixed, key=lambda o: (-float(o["top1"]), int(o["test_size"]))) if fixed else None
     return {"test_size": size, "kind": kind, "choose": c.choose, "served": fixsize.served_sentence(served),
+            "best_fixed_size": int(best_fixed["test_size"]) if best_fixed else None,
             "best": fixsize.option_name(served["best"]), "as_good": served["as_good"],
             "p_vs_best": served["p_vs_best"], "cost_key": served["cost_key"], "alpha": served["alpha"],
             "method": sel["method"], "rule": rule, "rule_text": fixsize.SELECTION_RULES.get(rule),

@@ -314,11 +314,16 @@ class FixContext:
         return read_json(self.run_dir / f"{step}.json")
 
     def eval_kw(self) -> dict:
+        """How ``fix`` evaluates: every photo decoded at full size, as the export's serving transform (and a
+        timm or torchvision pipeline) decodes it, so the accuracy ``fix`` prints and exports is the one a user
+        reproduces; ``eval`` and ``sweep`` decode reduced by default, for speed."""
         c = self.config
         return dict(batch_size=c.batch_size, env=self.env, precision=self.eval_precision, workers=c.workers,
-                    progress=c.progress)
+                    progress=c.progress, reduced_decode=FIX_REDUCED_DECODE)
 
 
+#: ``fix`` measures on fully decoded photos (see ``FixContext.eval_kw``).
+FIX_REDUCED_DECODE = False
 #: A data folder without train/ and val/ is split: this share of every class (seeded) is the validation set.
 VAL_SHARE_WITHOUT_SPLITS = 0.2
 

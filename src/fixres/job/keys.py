@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
 from fixres.job import candidates
-from fixres.job.context import STEPS, FixContext, stats_sizes_of
+from fixres.job.context import FIX_REDUCED_DECODE, STEPS, FixContext, stats_sizes_of
 
 
 def key_data(x: FixContext) -> dict:
@@ -49,7 +49,7 @@ def _key_base(x: FixContext) -> dict:
 
 
 def _key_eval(x: FixContext) -> dict:
-    return {"test_sizes": x.test_sizes, "batch_size": x.config.batch_size,
+    return {"test_sizes": x.test_sizes, "batch_size": x.config.batch_size, "reduced_decode": FIX_REDUCED_DECODE,
             "eval_precision": x.eval_precision.describe(), "val_images": x.fingerprints["val_images"]}
 
 
@@ -74,7 +74,7 @@ def _key_finetuning(x: FixContext) -> dict:
     c = x.config
     return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "parts": c.parts, "augment": c.augment,
             "batch_size": c.batch_size, "seed": c.seed, "precision": x.precision.describe(),
-            "eval_precision": x.eval_precision.describe()}
+            "eval_precision": x.eval_precision.describe(), "reduced_decode": FIX_REDUCED_DECODE}
 
 
 def key_schedule(x: FixContext) -> dict:

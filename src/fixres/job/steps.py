@@ -189,10 +189,19 @@ def run_stats(x: FixContext) -> None:
 
 def robustness_columns(x: FixContext) -> dict:
     """{column: (model, size)}: the fixed model at S first (compared with each other column), then the model
-    before the fix at T and at S (what a user deploys without the fix, and the same size untuned)."""
+    before the fix at T and at S (what a user deploys without the fix, and the same size untuned). When the
+    model as trained is served, the most accurate fixed candidate takes the fixed column, so the table still
+    answers whether the fix costs robustness."""
     t, s = int(x.cfg.train_size), int(x.choice["test_size"])
-    if x.choice.get("kind") == fixsize.UNTUNED:  # served as trained: compared with the model at its train size
-        return {f"untuned at {s}px": (x.base(), s), **({f"untuned at {t}px": (x.base(), t)} if s != t else {})}
+    if x.choice.get("kind") == fixsize.UNTUNED:
+        f = x.choice.get("best_fixed_size")
+        if f is None:
+            return {f"untuned at {s}px": (x.base(), s), **({f"untuned at {t}px": (x.base(), t)} if s != t else {})}
+        model = x.work(holds=f"candidate {f}")
+        load_adapted(model, x.run_dir / "candidates" / str(f) / candidates.ADAPTED_NAME)
+        cols = {f"fixed at {f}px": (model, int(f)), f"untuned at {t}px": (x.base(), t)}
+        cols.update({f"untuned at {size}px": (x.base(), size) for size in (s, int(f)) if size != t})
+        return cols
     cols = {f"fixed at {s}px": (x.fixed(), s), f"untuned at {t}px": (x.base(), t)}
     if s != t:
         cols[f"untuned at {s}px"] = (x.base(), s)

@@ -48,6 +48,9 @@ def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[st
     if class_map is None and cfg.class_names and len(cfg.class_names) == n_out:
         class_map = list(cfg.class_names)
     train_dir, val_dir = resolve_split(data, "train"), resolve_split(data, "val")
+    if need_train and train_dir == val_dir:  # fitting and reporting on one folder reports fitted photos
+        raise UsageError(f"{data} has no train/ and val/ folders: the adaptation would be reported on the photos it "
+                         "fitted on; lay it out as train/ and val/ (fixres fix splits one folder itself)")
     train = scan_folder(train_dir, class_map=class_map, num_classes=n_out) if need_train else None
     classes = train.classes if train is not None else class_map
     val, warnings = None, []

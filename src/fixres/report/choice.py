@@ -60,9 +60,10 @@ def cross_sentence(cross) -> str | None:
     """The cross-selected headline in words (None without cross-selection)."""
     if not isinstance(cross, dict) or cross.get("top1") is None:
         return None
-    text = (f"Cross-selection: half A ({cross.get('n_half_a')} photos) chose {cross.get('size_half_a')} px, half B "
-            f"({cross.get('n_half_b')}) chose {cross.get('size_half_b')} px; scoring each half at the size the other "
-            f"chose gives {_num(cross['top1'])} % on {cross.get('n')} photos, the headline.")
+    a, b = cross.get("half_a") or f"{cross.get('size_half_a')} px", cross.get("half_b") or f"{cross.get('size_half_b')} px"
+    text = (f"Cross-selection: half A ({cross.get('n_half_a')} photos) chose {a}, half B ({cross.get('n_half_b')}) "
+            f"chose {b}; scoring each half by the candidate the other chose gives {_num(cross['top1'])} % on "
+            f"{cross.get('n')} photos, the headline.")
     paired = cross.get("paired_vs_untuned")
     if isinstance(paired, dict) and cross.get("untuned_top1") is not None:
         text += (f" The untuned model at the same sizes: {_num(cross['untuned_top1'])} % (paired test: "
@@ -100,7 +101,8 @@ def sections(results: dict) -> list[dict]:
     choice = run.get("choice") or {}
     if select:
         chosen = choice.get("test_size")
-        notes = [f"Chosen: {choice.get('chosen_on', 'n/a')}.",
+        served = choice.get("served") if isinstance(choice.get("served"), str) else None
+        notes = [served and f"Served: {served}.", f"Chosen: {choice.get('chosen_on', 'n/a')}.",
                  choice.get("rule_text") and f"Which photos chose: {choice['rule_text']}.",
                  cross_sentence(choice.get("cross")), seen_sentence(choice.get("seen_check"), run.get("train_size")),
                  choice.get("why_not_recommended"),

@@ -532,14 +532,21 @@ def _cards(head: dict) -> list[dict]:
         card(f"top-1 at the train size ({_fmt(head['train_size'])} px)", head["top1_at_train_size"],
              head["top1_at_train_size_se"]),
         card(f"best untuned test size ({_fmt(head['best_untuned_test_size'])} px)", head["top1_best_untuned"],
-             head["top1_best_untuned_se"]),
-        card(f"after the fix ({_fmt(head['test_size'])} px" + (", cross-selected" if head.get("headline_rule") else "")
-             + ")", head["top1_fixed"], head["top1_fixed_se"], fix=True,
+             head["top1_best_untuned_se"],
+             sub=f"optimistic: the best of {head.get('n_swept_sizes') or 'the swept'} sizes on these very photos"),
+        card(_served_key(head), head.get("top1_served", head["top1_fixed"]),
+             head.get("top1_served_se", head["top1_fixed_se"]), fix=True,
              sub="untuned at this size: " + (_percent(head["top1_untuned_at_test_size"])
                                              if head["top1_untuned_at_test_size"] is not None else "n/a")),
         {"key": "time spent", "value": format_duration(head["seconds_total"]), "se": None, "sub": timings,
          "fix": False},
     ]
+
+
+def _served_key(head: dict) -> str:
+    """The served model's card: fixed, or as trained, at its size (cross-selected when it was)."""
+    how = "served as trained" if head.get("served_kind") == "untuned" else "after the fix"
+    return f"{how} ({_fmt(head['test_size'])} px" + (", cross-selected" if head.get("headline_rule") else "") + ")"
 
 
 def _note(head: dict) -> str:
