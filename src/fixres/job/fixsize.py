@@ -230,8 +230,9 @@ def choose_served(options: Sequence[Mapping], *, mode: str = CHOOSE_CHEAPEST, al
 
     CHOOSE_CHEAPEST: the best is the most accurate option within budget; every option whose top-1 is not below
     the best's beyond noise (top-1 at least the best's, or the exact paired test against the best at p >=
-    ``alpha``) is "as good"; the cheapest of those is served (ties: the untuned model, which needs no
-    fine-tuning, then the higher top-1). CHOOSE_BEST: the most accurate fixed option (the argmax).
+    ``alpha``) is "as good"; the cheapest of those is served. Equal costs (the fixed and the untuned model at
+    one size) go to the higher top-1, the fine-tuning being already paid for, then to the untuned model.
+    CHOOSE_BEST: the most accurate fixed option (the argmax).
     Returns {"option", "best", "as_good" (names), "mode", "alpha", "cost_key", "p_vs_best"}.
     """
     if mode not in CHOOSE_MODES:
@@ -253,7 +254,7 @@ def choose_served(options: Sequence[Mapping], *, mode: str = CHOOSE_CHEAPEST, al
         p = _p_against(o, best)
         if float(o["top1"]) >= float(best["top1"]) or (p is not None and p >= alpha):
             as_good.append((o, p))
-    pick, p = min(as_good, key=lambda op: (_cost(op[0], key), op[0]["kind"] != UNTUNED, -float(op[0]["top1"])))
+    pick, p = min(as_good, key=lambda op: (_cost(op[0], key), -float(op[0]["top1"]), op[0]["kind"] != UNTUNED))
     return {**out, "option": dict(pick), "as_good": [option_name(o) for o, _ in as_good], "p_vs_best": p}
 
 

@@ -7,7 +7,7 @@ column (seeded per photo), each photo decoded at full size so that the rows diff
 corruption. Each model is evaluated once per corruption and severity with all its test sizes in one
 pass (``evaluate``). Two columns are compared per corruption with the photo as the unit: each photo's
 hits are summed over the severities and an exact sign test runs on the per-photo differences
-(``significance.clustered_sign_test``); the table's p-values are then Holm-corrected together
+(``significance.clustered_sign_test``); the p-values under corruptions are then Holm-corrected together
 (``p_holm``), since a table of many tests finds a "difference" by chance otherwise. ``max_images`` bounds the time with a seeded, class-stratified
 subset of the photos (the same subset for every column).
 """
@@ -224,6 +224,8 @@ def _paired(kind: str, a: str, b: str, outcomes: Mapping[tuple[str, int], dict])
 
 
 def _with_holm(tests: list[dict]) -> list[dict]:
-    """Every test with ``p_holm``: its p adjusted by Holm's method across all the tests of the table."""
-    adjusted = holm([t["p"] for t in tests])
-    return [{**t, "p_holm": q} for t, q in zip(tests, adjusted)]
+    """Every test with ``p_holm``: its p adjusted by Holm's method across the table's tests under corruptions (the
+    family of robustness claims); the clean photos' test answers another question and keeps its own p."""
+    family = [i for i, t in enumerate(tests) if t["corruption"] != CLEAN]
+    adjusted = dict(zip(family, holm([tests[i]["p"] for i in family])))
+    return [{**t, "p_holm": adjusted.get(i, t["p"])} for i, t in enumerate(tests)]

@@ -109,9 +109,9 @@ def verdicts(result: dict, *, alpha: float = ALPHA) -> list[str]:
 
 def _test_heading(result: dict) -> str:
     if corrected(result):
-        n = len(_dicts(result.get("paired")))
+        n = sum(t.get("corruption") != CLEAN for t in _dicts(result.get("paired")))
         return (f"paired tests, photo as the unit (hits summed over severities; exact sign test): photos a got right "
-                f"more often / b more often, p, and p Holm-adjusted across the table's {n} tests")
+                f"more often / b more often, p, and p Holm-adjusted across the table's {n} tests under corruptions")
     return "paired tests over every (image, severity) pair, uncorrected: only a right / only b right"
 
 
@@ -145,7 +145,7 @@ def format_corruption_table(result: dict) -> str:
 def _p_note(result: dict) -> str:
     if corrected(result):
         return ("exact sign test with the photo as the unit (its hits summed over the severities), Holm-adjusted "
-                "across the table")
+                "across the tests under corruptions")
     return "exact paired test over every (image, severity) pair, not corrected for the several tests"
 
 
