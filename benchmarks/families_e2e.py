@@ -10,9 +10,9 @@ pooled vector, fine-tuned at the test size ``fix`` chooses on held-out training 
 
 One recipe for both, not tuned on the validation images: AdamW (``fixres train --optimizer adamw``: how ViTs
 and ConvNeXts are trained), lr 1e-3 for a batch of 64, 2 warm-up epochs then half-cosine, weight decay 0.05,
-label smoothing 0.1, no repeated augmentation, RandomResizedCrop + flip at 64 px, fp32 (``--no-amp``: CPU bf16 autocast is slower
-here). Each model is trained and fixed in its own processes, exactly as a user would type it; the two models
-run side by side (``--serial``: one after the other).
+label smoothing 0.1, no repeated augmentation, RandomResizedCrop + flip at 64 px, fp32 (``--no-amp``: CPU bf16
+autocast is slower here). Each model is trained and fixed in its own processes, exactly as a user would type it; the
+two models run side by side (``--serial``: one after the other).
 
 Reported per model (from ``fix``'s headline): top-1 at 64 px, at the best untuned test size, and after the fix
 at the size ``fix`` chose, each with the std over validation folds (``fold_std``, as the report shows it) and
@@ -86,7 +86,8 @@ def run_model(model: str, data: Path, work: Path, *, epochs: int, warmup: float,
     log = work / f"{model}.log"
     train_dir = work / f"train_{model}"
     train_args = ["train", "--model", model, "--data", data, "--train-size", TRAIN_SIZE, "--epochs", epochs,
-                  "--batch-size", BATCH, "--optimizer", OPTIMIZER, "--lr", LR, "--schedule", "cosine", "--warmup-epochs", warmup,
+                  "--batch-size", BATCH, "--optimizer", OPTIMIZER, "--lr", LR, "--schedule", "cosine",
+                  "--warmup-epochs", warmup,
                   "--weight-decay", WEIGHT_DECAY, "--label-smoothing", LABEL_SMOOTHING, "--repeats", 1,
                   "--val-sizes", TRAIN_SIZE, "--no-amp", "--out", train_dir, "-q"]
     if (train_dir / "train_state.pt").is_file():

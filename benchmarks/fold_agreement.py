@@ -81,7 +81,8 @@ def main(argv=None) -> int:
                          "paired_sd_pt": 100.0 * (a_only + b_only) ** 0.5 / len(xs),
                          "images_per_s": statistics.median(speed[name]), "runs": speed[name]}
         ratios = [f / u for f, u in zip(speed["folded"], speed["unfolded"])]
-        row["speedup_median"], row["speedup_min"], row["speedup_max"] = statistics.median(ratios), min(ratios), max(ratios)
+        row["speedup_median"], row["speedup_min"], row["speedup_max"] = (statistics.median(ratios), min(ratios),
+                                                                          max(ratios))
         rows.append(row)
         u, f = row["unfolded"], row["folded"]
         print(f"{size}: top-1 fp32 {row['fp32_top1']:.1f} | bf16 unfolded {u['top1']:.1f} ({u['changed_vs_fp32']} "

@@ -157,7 +157,8 @@ def paired_top1(pred_a, pred_b, labels) -> dict:
     n = len(both)
     a_only = sum(1 for a, b, y in both if a == y and b != y)
     b_only = sum(1 for a, b, y in both if b == y and a != y)
-    return {"n": n, "a_correct": sum(1 for a, _, y in both if a == y), "b_correct": sum(1 for _, b, y in both if b == y),
+    return {"n": n, "a_correct": sum(1 for a, _, y in both if a == y),
+            "b_correct": sum(1 for _, b, y in both if b == y),
             "a_only": a_only, "b_only": b_only, "changed_predictions": sum(1 for a, b, _ in both if a != b),
             "diff_pt": 100.0 * (a_only - b_only) / n, "paired_sd_pt": 100.0 * (a_only + b_only) ** 0.5 / n}
 

@@ -65,7 +65,8 @@ _register(
            "            sum_gradients(self.params, self.env)", "            pass",
            (TL,), "ranks step on their own gradients"),
     Mutant("loop-step-without-images", "training step", "src/fixres/method/loop.py",
-           "        if n_global == 0:\n            return StepResult()", "        if False:\n            return StepResult()",
+           "        if n_global == 0:\n            return StepResult()",
+           "        if False:\n            return StepResult()",
            (TL,), "a global step with no image anywhere still steps (weight decay, momentum)"),
     Mutant("loop-unsynchronised-clock", "timing", "src/fixres/method/loop.py",
            "    synchronize(device)\n    return clock()", "    return clock()",
@@ -86,9 +87,11 @@ _register(
            (TF + "::test_fp16_loss_scale_is_restored_on_resume",), "fp16 loss scale restarts on resume"),
     Mutant("finetune-before-after-load", "resume", "src/fixres/method/finetuning.py",
            "    if t.before is None and evaluate_before and t.val_samples:",
-           "    if state is not None:\n        loop.load_weights(t.model, state.weights, t.state_path, complete=False)\n"
+           "    if state is not None:\n"
+           "        loop.load_weights(t.model, state.weights, t.state_path, complete=False)\n"
            "    if t.before is None and evaluate_before and t.val_samples:",
-           (TF + "::test_resume_measures_before_on_the_untouched_model",), "'before' measured on a half-adapted model "),
+           (TF + "::test_resume_measures_before_on_the_untouched_model",),
+           "'before' measured on a half-adapted model "),
     Mutant("train-epoch-length-n", "training recipe", "src/fixres/method/train.py",
            "return PAPER_LEN_FACTOR if repeats > 1 else 1.0", "return 1.0",
            (TT + "::test_paper_epoch_length_is_the_default_only_with_repeated_augmentation",
@@ -104,7 +107,8 @@ _register(
            ("tests/test_lock.py",), "two runs both hold the output folder "),
     Mutant("lock-rank1-too", "output folder", "src/fixres/io/lock.py",
            'return int(os.environ.get("RANK", "0")) == 0', "return True",
-           ("tests/test_lock.py::test_only_rank_zero_of_a_torchrun_job_takes_the_lock",), "rank 1 locks its own job out"),
+           ("tests/test_lock.py::test_only_rank_zero_of_a_torchrun_job_takes_the_lock",),
+           "rank 1 locks its own job out"),
 )
 
 # Fine-tuning modes: which modules adapt, which stay frozen (section 5: bn-stats, fc, ...).
@@ -114,8 +118,10 @@ _register(
            "    for name in sel.stats:\n        model.get_submodule(name).eval()",
            (TF + "::test_frozen_bit_identical_and_bn_stats_only_where_asked",), "bn-stats never re-estimated"),
     Mutant("finetune-frozen-in-train", "fine-tuning modes", "src/fixres/method/finetuning.py",
-           '    """Frozen modules in eval mode (and no gradient); adapted batch-norms in train mode."""\n    model.eval()',
-           '    """Frozen modules in eval mode (and no gradient); adapted batch-norms in train mode."""\n    model.train()',
+           '    """Frozen modules in eval mode (and no gradient); adapted batch-norms in train mode."""\n'
+           '    model.eval()',
+           '    """Frozen modules in eval mode (and no gradient); adapted batch-norms in train mode."""\n'
+           '    model.train()',
            (TF + "::test_frozen_bit_identical_and_bn_stats_only_where_asked",), "frozen BNs drift during fine-tuning"),
 )
 
@@ -176,7 +182,8 @@ _register(
     Mutant("eval-ties-optimistic", "evaluation", "src/fixres/method/evaluate.py",
            "rank = (logits > true).sum(1) + ((logits == true) & lower_index).sum(1)",
            "rank = (logits > true).sum(1)",
-           (TE + "::test_scores_break_ties_like_argmax_and_refuse_nan",), "a tie counts as a hit (constant logits 100 %)"),
+           (TE + "::test_scores_break_ties_like_argmax_and_refuse_nan",),
+           "a tie counts as a hit (constant logits 100 %)"),
     Mutant("eval-nonfinite-counted", "evaluation", "src/fixres/method/evaluate.py",
            "rank = torch.where(torch.isfinite(logits).all(1), rank, logits.shape[1])", "rank = rank",
            (TE + "::test_scores_break_ties_like_argmax_and_refuse_nan",), "a NaN row can count as right"),
@@ -247,7 +254,8 @@ _register(
            '    if False:\n        raise argparse.ArgumentTypeError(f"must be a finite number, got',
            (TFL,), "--lr inf, --mean nan accepted"),
     Mutant("flags-crop-ratio-inf", "arguments", "src/fixres/cli/args.py",
-           "        if not math.isfinite(v):\n            raise argparse.ArgumentTypeError(f\"must be a finite number in (0, 1]",
+           "        if not math.isfinite(v):\n"
+           "            raise argparse.ArgumentTypeError(f\"must be a finite number in (0, 1]",
            "        if False:\n            raise argparse.ArgumentTypeError(f\"must be a finite number in (0, 1]",
            (TFL,), "--crop-ratio inf accepted"),
     Mutant("flags-rgb-nan", "arguments", "src/fixres/cli/args.py",
@@ -281,7 +289,8 @@ def run_mutant(m: Mutant, tree: Path) -> dict:
     try:
         res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
                              cwd=tree, env=env, capture_output=True, text=True, timeout=MUTANT_TIMEOUT_S)
-        status = "survived" if res.returncode == 0 else ("killed" if res.returncode == 1 else f"error rc={res.returncode}")
+        status = ("survived" if res.returncode == 0
+                  else ("killed" if res.returncode == 1 else f"error rc={res.returncode}"))
         tail = (res.stdout.strip().splitlines() or [""])[-1]
     except subprocess.TimeoutExpired:
         status, tail = "killed", f"timeout after {MUTANT_TIMEOUT_S} s"

@@ -204,7 +204,8 @@ def format_tables(results: dict) -> str:
     block("Table 9 / appendix D control: resize + fixed-size random crop, no fine-tuning", "control", "untuned")
     lines.append("\nSummary (gain = best top-1 above T minus top-1 at T):")
     for r in results["summary"]:
-        line = (f"  {r['augment']:>7} T={r['train_size']}: at T {r['top1_at_T']:.1f} ± {r['std_at_T']:.1f}; best above T "
+        line = (f"  {r['augment']:>7} T={r['train_size']}: at T {r['top1_at_T']:.1f} ± {r['std_at_T']:.1f}; "
+                f"best above T "
                 f"{r['best_test_size_above_T']}: {r['top1_best_above_T']:.1f} ± {r['std_best_above_T']:.1f} "
                 f"(gain {r['gain_above_T']:+.1f})")
         if "top1_fixed_best" in r:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import signal
 import sys
 import tempfile
@@ -138,7 +137,7 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
     from fixres.method.evaluate import evaluate
     from fixres.method.finetuning import finetune
     from fixres.models.export import export_model
-    from fixres.models.loading import create_model, export_model_kwargs, fit_input_size, load_model, network_stride
+    from fixres.models.loading import create_model, fit_input_size, load_model, network_stride
     from fixres.models.structure import find_parts, select_parts
     row["step"] = "build"
     torch.manual_seed(0)
@@ -288,9 +287,11 @@ def main(argv=None) -> int:
     s = summary(rows, skipped)
     print(f"\npassed {s['passed']} of {s['families_tried']} families ({100 * (s['pass_fraction'] or 0):.1f} %), "
           f"{s['passed_at_one_size_only']} of them at their one fixed input size only (two sizes: "
-          f"{100 * (s['pass_fraction_two_sizes'] or 0):.1f} %); activation cache used in {s['cache_used']} of the passing ones")
+          f"{100 * (s['pass_fraction_two_sizes'] or 0):.1f} %); "
+          f"activation cache used in {s['cache_used']} of the passing ones")
     if skipped:
-        print(f"skipped (over {args.max_params:g} M parameters): " + ", ".join(f"{k} {v:.0f} M" for k, v in skipped.items()))
+        print(f"skipped (over {args.max_params:g} M parameters): "
+              + ", ".join(f"{k} {v:.0f} M" for k, v in skipped.items()))
     return 0
 
 

@@ -231,7 +231,8 @@ def render(r: dict) -> str:
             f"classes), {r['epochs']} epoch(s) each, batch {r['batch_size']}, seed {r['seed']}; S = {r['test_size']} "
             f"({r['test_size_from']}); evaluated at {r['precision']} on {r['n']} images")
     lines = [head, "",
-             "| model | val top-1 % | ± SE | paired p vs trained at S | train s | fix s | total s | cost / train at S |",
+             "| model | val top-1 % | ± SE | paired p vs trained at S "
+             "| train s | fix s | total s | cost / train at S |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         p = "(reference)" if row["p_vs_S"] is None else \
@@ -243,7 +244,8 @@ def render(r: dict) -> str:
     machine = (f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['torch_threads']} torch "
                f"thread(s){', ' + m['cuda'] if m['cuda'] else ''}; torch {m['torch']}; {m['date']}.")
     lines += ["", machine,
-              f"Command: `{r['command']}`" + (f" (resumed steps, times partial: {', '.join(resumed)})" if resumed else ""),
+              f"Command: `{r['command']}`"
+              + (f" (resumed steps, times partial: {', '.join(resumed)})" if resumed else ""),
               "", r["verdict"]]
     return "\n".join(lines)
 

@@ -41,7 +41,8 @@ def fake_run_dir(root: Path) -> Path:
     xs = [i / 20 for i in range(61)]
     stats = {}
     for state, shift in (("before", 0.0), ("after", 0.3)):
-        stats[state] = {"sizes": {str(s): {"x": xs, "cdf": [1 - math.exp(-(x + 0.05) * (1 + shift) * s / 64) for x in xs],
+        stats[state] = {"sizes": {str(s): {"x": xs,
+                                           "cdf": [1 - math.exp(-(x + 0.05) * (1 + shift) * s / 64) for x in xs],
                                            "zeros": 0.1 * 64 / s, "above_2": 0.02}
                                   for s in (64, 96, 128)}}
     write_json(root / "stats.json", stats)

@@ -148,6 +148,7 @@ def test_cli_sweep_calibrate_on_held_out_folder(tmp_path, capsys):
                             evaluate(b.model, scan_folder(held), b.data_config, **kw))
     for got, want in zip(saved["rows"], ref["rows"], strict=True):
         assert got["temperature"] == pytest.approx(want["temperature"], rel=1e-6)
-        assert (got["nll_scaled"], got["ece_scaled"]) == pytest.approx((want["nll_scaled"], want["ece_scaled"]), rel=1e-2)
+        assert (got["nll_scaled"], got["ece_scaled"]) == pytest.approx((want["nll_scaled"], want["ece_scaled"]),
+                                                                       rel=1e-2)
     assert "_log_probs" not in saved and saved["temperature_fitted_on"]["n_images"] == 12
     assert "NLL@T" in text and f"{saved['rows'][0]['temperature']:.2f}" in text

@@ -85,7 +85,7 @@ def test_eval_class_map_refuses_an_unknown_val_class(capsys, tmp_path):
     assert_one_line_error(err, "zebra")
 
 
-# --------------------------------------------------------------------------- folder loops 
+# --------------------------------------------------------------------------- folder loops
 
 
 def test_folder_traps_are_skipped_and_named(tmp_path, capsys):
@@ -122,7 +122,7 @@ def test_cli_symlink_loop_class_is_skipped_not_a_crash(capsys, tmp_path):
     assert "Traceback" not in err and "skipped" in err and "loop" in err
 
 
-# --------------------------------------------------------------------------- unreadable folders, .jfif 
+# --------------------------------------------------------------------------- unreadable folders, .jfif
 
 
 def test_unreadable_class_folder_is_called_unreadable(tmp_path, monkeypatch):

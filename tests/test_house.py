@@ -7,12 +7,16 @@
 - fixres modules imported at module level only (a function-level import of a sibling hides a cycle),
   except at the CLI edge, which imports lazily so that ``fixres --help`` never imports torch;
 - product words only: no process labels (issue numbers) in the code, the docs or the help texts.
+- ruff (configured in pyproject.toml) finds nothing in src, tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,7 +115,8 @@ def test_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
     tree = {"fixres.x": ast.parse("from fixres import y\n"), "fixres.y": ast.parse("import fixres.x\n"),
             "fixres": ast.parse("")}
-    assert find_cycle(import_graph(tree)) in (["fixres.x", "fixres.y", "fixres.x"], ["fixres.y", "fixres.x", "fixres.y"])
+    assert find_cycle(import_graph(tree)) in (["fixres.x", "fixres.y", "fixres.x"],
+                                              ["fixres.y", "fixres.x", "fixres.y"])
 
 
 def test_a_cycle_hidden_under_type_checking_is_found():
@@ -210,3 +215,17 @@ def test_product_words_only():
     assert not found, "process labels in product text:\n" + "\n".join(found)
     assert PROCESS_WORDS.search("see issue 16") and PROCESS_WORDS.search("grid (16.5)")
     assert not PROCESS_WORDS.search("section 4.2, table 5 (0.875)")
+
+
+def _ruff() -> str | None:
+    """The ruff next to this interpreter (the project's virtual environment), else the one on PATH."""
+    beside = Path(sys.executable).parent / "ruff"
+    return str(beside) if beside.is_file() else shutil.which("ruff")
+
+
+def test_ruff_is_clean():
+    ruff = _ruff()
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]' brings it)")
+    res = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, f"ruff check src tests benchmarks (exit {res.returncode}):\n{res.stdout}{res.stderr}"

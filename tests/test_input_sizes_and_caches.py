@@ -28,7 +28,8 @@ class _FixedSize(nn.Module):
         raise self.resize_error
 
 
-@pytest.mark.parametrize("error,shown", [(ValueError("window 7 does not divide 9\nlong trace"), "window 7 does not divide 9"),
+@pytest.mark.parametrize("error,shown", [(ValueError("window 7 does not divide 9\nlong trace"),
+                                          "window 7 does not divide 9"),
                                          (RuntimeError(""), "RuntimeError")])
 def test_a_failing_resize_is_one_line_naming_the_built_size(error, shown):
     with pytest.raises(FixresError) as info:

@@ -120,7 +120,8 @@ def test_timm_transformers_are_built_for_any_size_and_stride_is_the_patch():
 def test_fixed_size_model_follows_the_size_or_says_which_it_accepts():
     import torchvision
     beit = _timm("beit_base_patch16_224", depth=1, embed_dim=32, num_heads=2)
-    assert fit_input_size(beit, 160) == {"img_size": [160, 160]} and export_model_kwargs(beit) == {"img_size": [160, 160]}
+    assert fit_input_size(beit, 160) == {"img_size": [160, 160]}
+    assert export_model_kwargs(beit) == {"img_size": [160, 160]}
     with torch.no_grad():
         assert beit.eval()(torch.randn(1, 3, 160, 160)).shape == (1, 5)
     tv_vit = torchvision.models.vit_b_16(num_classes=3)

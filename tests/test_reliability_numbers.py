@@ -225,8 +225,8 @@ def test_broken_numbers_in_select_json_never_stop_the_report(tmp_path, capsys, w
 
 
 def test_a_nan_checkpoint_names_the_first_layer_whose_output_is_not_finite(tmp_path, capsys):
-    from fixres.io.checkpoint import save_safetensors
     from fixres.io.checkpoint import load_state_dict as read
+    from fixres.io.checkpoint import save_safetensors
     ck = save_tiny_checkpoint(tmp_path / "tiny.safetensors", num_classes=2)
     sd = read(str(ck))
     sd["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")

@@ -4,7 +4,6 @@ top-1 on the choosing photos is not below the best's beyond noise; its unbiased 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from clirun import save_tiny_checkpoint

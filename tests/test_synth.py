@@ -120,7 +120,8 @@ def test_cli_make_dataset(tmp_path, capsys):
     assert res["counts"] == {"train": 2, "val": 2} and res["config"]["classes"] == 2 and len(res["classes"]) == 2
     photos = sorted((tmp_path / "d").rglob("*.jpg"))
     assert len(photos) == 4
-    assert {p.parent.name for p in photos} == set(res["classes"]) and {p.parent.parent.name for p in photos} == {"train", "val"}
+    assert {p.parent.name for p in photos} == set(res["classes"])
+    assert {p.parent.parent.name for p in photos} == {"train", "val"}
     assert sum(res["photo_sizes"].values()) == 4
 
 

@@ -297,7 +297,8 @@ def test_finetune_with_train_da_uses_the_colour_jitter(capsys, tmp_path, monkeyp
     assert seen and all(seen), seen
 
 
-@pytest.mark.parametrize("mean,std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+@pytest.mark.parametrize("mean,std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                      ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
 def test_fused_normalisation_is_bit_identical_to_torchvisions_three_transforms(mean, std):
     """``NormalizedTensor`` replaces ToImage + ToDtype(scale) + Normalize for speed: same bits, any input."""
     from torchvision.transforms import v2

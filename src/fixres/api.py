@@ -302,7 +302,8 @@ def adapt(model: ModelLike, data: DataLike, test_size: int, *, method: str = "bn
 def _adapt_result(model: nn.Module, test_size: int, method: str, raw: dict) -> AdaptResult:
     def row(key: str) -> SizeResult | None:
         value = raw.get(key)
-        return SizeResult.from_row({"test_size": test_size, **value}) if isinstance(value, dict) and "top1" in value else None
+        return (SizeResult.from_row({"test_size": test_size, **value})
+                if isinstance(value, dict) and "top1" in value else None)
     return AdaptResult(model=model, test_size=test_size, method=method, before=row("before"), after=row("after"),
                        raw=raw)
 
@@ -315,7 +316,8 @@ def export(model: ModelLike, path: str | Path, *, test_size: int, data_config: D
                                      test_size=test_size, class_names=class_names))
 
 
-def fix(model: str | None = None, data: str | Path | None = None, *, out: str | Path = "runs/fix", **settings) -> FixResult:
+def fix(model: str | None = None, data: str | Path | None = None, *, out: str | Path = "runs/fix",
+        **settings) -> FixResult:
     """The whole method (``fixres fix``): analyse, sweep, fine-tune, statistics, export, report.
 
     ``model`` is a timm/torchvision name or a checkpoint path; with neither ``model`` nor ``data`` it runs

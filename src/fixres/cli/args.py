@@ -253,7 +253,8 @@ def add_runtime_args(p: argparse.ArgumentParser, *, batch_default: int, batch_no
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     g.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"images per batch (default {batch_default}{batch_note})")
-    g.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers (default: sized to the machine)")
+    g.add_argument("--workers", type=nonneg_int, default=None,
+                   help="DataLoader workers (default: sized to the machine)")
     g.add_argument("--no-amp", action="store_true", help="fp32: no autocast, no channels_last")
     g.add_argument("--seed", type=seed, default=0,
                    help="random seed (default 0; 0 to 2**32-1): it seeds every random draw, the random "

@@ -60,7 +60,8 @@ def add_parser(sub, parents):
                                    "± the binomial standard error (the leave-one-fold-out std of section 5 is "
                                    "kept in eval.json as top1_std). Writes eval.json, eval.csv "
                                    f"and per_class.csv to --out (default {DEFAULT_OUT}).")
-    p.add_argument("--test-size", type=image_size, default=None, help="test size (default: the size a fixres export was fixed for, else the model's train size)")
+    p.add_argument("--test-size", type=image_size, default=None,
+                   help="test size (default: the size a fixres export was fixed for, else the model's train size)")
     add_eval_args(p)
     g = p.add_argument_group("robustness under corruptions")
     g.add_argument("--corruptions", action="store_true",

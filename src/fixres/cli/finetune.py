@@ -32,7 +32,8 @@ def add_parser(sub, parents):
     p = sub.add_parser(
         "finetune", parents=parents, help="FixRes fine-tuning at the test resolution",
         description="Fine-tune the last layers of a classifier at the test resolution (paper section 4.2): "
-                    "the classifier and the norm nearest the pooled vector by default (a CNN's batch-norm before the global pooling). Defaults follow "
+                    "the classifier and the norm nearest the pooled vector by default (a CNN's batch-norm "
+                    "before the global pooling). Defaults follow "
                     "the paper: SGD with momentum 0.9, weight decay 1e-4, learning rate 0.008 for a batch of "
                     f"512 scaled linearly with --batch-size, {PAPER_EPOCHS} epochs with the rate divided by 10 "
                     "half-way, and the test-time augmentation (test DA). With test DA the frozen part of the "
@@ -44,7 +45,8 @@ def add_parser(sub, parents):
                    help="what adapts: classifier, norm (the norm nearest the pooled vector: a batch-norm's affine "
                         "+ statistics, a LayerNorm/GroupNorm/RMSNorm's affine; 'bn' is the same), bn-stats "
                         "(statistics only), last-stage (transformers: the last block), or module names; "
-                        "comma-separated (default classifier,norm: the paper's classifier,bn, section 4.2). Note: the official FixRes code "
+                        "comma-separated (default classifier,norm: the paper's classifier,bn, section 4.2). "
+                        "Note: the official FixRes code "
                         "trains only fc and re-estimates the statistics of the last batch-norm (layer4[2].bn3) "
                         "with its affine frozen, i.e. --parts classifier,bn-stats")
     p.add_argument("--augment", choices=FINETUNE_AUGMENTATIONS, default="test",
@@ -151,7 +153,8 @@ def run(args):
     b, a = result.get("before"), result.get("after")
     t = result["timing"]
     lines = [f"{bundle.name}: fine-tuned {', '.join(result['trainable']) or '(statistics only)'} at {test_size}px "
-             f"({fc.epochs} epochs, {fc.augment} DA, cache: {'yes, ' + result['cache'].get('cut', '') if result['cache']['used'] else 'no'})"]
+             f"({fc.epochs} epochs, {fc.augment} DA, "
+             f"cache: {'yes, ' + result['cache'].get('cut', '') if result['cache']['used'] else 'no'})"]
     if b and a:
         from fixres.method.significance import binomial_se
         lines.append(f"  top-1 at {test_size}px: {b['top1']:.2f} ± {binomial_se(b['top1'], b['n']):.2f}% before -> "

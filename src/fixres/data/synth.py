@@ -330,8 +330,8 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
         return None
 
 
-def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES, train_per_class: int = DEFAULT_TRAIN_PER_CLASS,
-                 val_per_class: int = DEFAULT_VAL_PER_CLASS,
+def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES,
+                 train_per_class: int = DEFAULT_TRAIN_PER_CLASS, val_per_class: int = DEFAULT_VAL_PER_CLASS,
                  seed: int = 0, short_side: tuple[int, int] = SHORT_SIDE, distance: tuple[float, float] = DISTANCE,
                  jpeg_quality: int = JPEG_QUALITY, overwrite: bool = False, workers: int | None = None,
                  progress: bool = True) -> dict:

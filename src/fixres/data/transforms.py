@@ -138,7 +138,8 @@ def torchvision_transform_code(*, test_size: int, crop_ratio: float, cfg: DataCo
     """The source of ``torchvision_transform`` for these settings, as a user would type it."""
     mode = interpolation_mode(cfg.interpolation).name
     return (f"v2.Compose([\n"
-            f"    v2.Resize({resize_for(test_size, crop_ratio)}, interpolation=InterpolationMode.{mode}, antialias=True),\n"
+            f"    v2.Resize({resize_for(test_size, crop_ratio)}, "
+            f"interpolation=InterpolationMode.{mode}, antialias=True),\n"
             f"    v2.CenterCrop({test_size}),\n"
             f"    v2.ToImage(),\n"
             f"    v2.ToDtype(torch.float32, scale=True),\n"
@@ -248,7 +249,8 @@ def ten_crop_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) ->
 # --------------------------------------------------------------------------- reduced-size decoding
 
 #: PIL resampling filters of the interpolation modes (the reduced crop path resizes with PIL directly).
-PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.Resampling.NEAREST, InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+                InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
                 InterpolationMode.BICUBIC: Image.Resampling.BICUBIC}
 
 

@@ -8,9 +8,9 @@ a second run gets a one-line error naming the folder instead of writing.
 ``fcntl.flock`` is held by the open file, so the kernel releases it when the process dies (a
 SIGKILLed run never leaves a stale lock). A forked child (a DataLoader worker) would share that open
 file and keep the lock after its parent is killed, until it notices and exits; so every forked child
-closes its copy of the held descriptors at once, and the lock lives exactly as long as its process. The lock file is removed on release; a run that opened
-the file just before it was removed sees another inode at the path and retries on the new file, so
-two runs can never both hold the lock. Under torchrun the ranks of one job share the folder: only
+closes its copy of the held descriptors at once, and the lock lives exactly as long as its process. The lock file is
+removed on release; a run that opened the file just before it was removed sees another inode at the path and retries on
+the new file, so two runs can never both hold the lock. Under torchrun the ranks of one job share the folder: only
 rank 0 locks it; a second job's rank 0 fails before any of its ranks writes, and torchrun stops the
 other ranks.
 """

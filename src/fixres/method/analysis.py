@@ -106,7 +106,8 @@ def recommend_train_size(*, test_size: int, crop_ratio: float = DEFAULT_CROP_RAT
 # --------------------------------------------------------------------------- Monte Carlo
 
 def sample_rrc_boxes(heights: np.ndarray, widths: np.ndarray, rng: np.random.Generator, *,
-                     scale: Sequence[float] = RRC_SCALE, ratio: Sequence[float] = RRC_RATIO) -> tuple[np.ndarray, np.ndarray]:
+                     scale: Sequence[float] = RRC_SCALE,
+                     ratio: Sequence[float] = RRC_RATIO) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised torchvision ``RandomResizedCrop.get_params``: RoC heights and widths, one per image.
 
     Each image gets up to ``RRC_ATTEMPTS`` tries of (area ~ U(scale) * H W, log aspect ~ U(log ratio));

@@ -3,10 +3,10 @@
 ``evaluate`` decodes each image once per distinct JPEG reduction its views need (one decode for
 photos or sizes where no reduction applies, 1-4 otherwise) and feeds every requested view, one per
 (test_size, crop_ratio) pair (``transforms.MultiView``), to the model; so a sweep of K sizes costs
-far fewer decodes than K evaluations, and each of its rows equals the single-size evaluation exactly. For every view it reports top-1, top-5, mean cross-entropy and per-class
-top-1, plus multi-resolution ensembles (averaged softmax over sizes, section 5.1) and optional
-10-crop testing. Significance follows section 5: the images are split into ``folds`` folds,
-accuracy is measured on all folds but one, leaving each out in turn, and the standard deviation of
+far fewer decodes than K evaluations, and each of its rows equals the single-size evaluation exactly. For every view
+it reports top-1, top-5, mean cross-entropy and per-class top-1, plus multi-resolution ensembles (averaged softmax over
+sizes, section 5.1) and optional 10-crop testing. Significance follows section 5: the images are split into ``folds``
+folds, accuracy is measured on all folds but one, leaving each out in turn, and the standard deviation of
 those accuracies is kept next to every figure (``fold_std``, ``top1_std``). That spread is far smaller
 than the sampling uncertainty of an accuracy, so the error bar shown (``top1_se``) is the binomial
 standard error (``fixres.method.significance.binomial_se``). Next to top-1, every row has its
@@ -360,15 +360,15 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     ``num_classes``: the data set's number of classes; it must equal the model's outputs.
 
     Returns a JSON-ready dict: ``rows`` (one per view: test_size, crop_ratio, resize, top1, top1_se (the binomial
-    standard error, the error bar), top1_std (the leave-one-fold-out std of section 5), top5, top5_se, top5_std, loss, nll (= loss, the mean cross-entropy), ece (percent, 15 bins of top-1 confidence,
-    ``fixres.method.calibration``), n, correct, correct5), ``ensembles``, ``n_images``, ``skipped`` ([{path,
-    reason}]), ``reliability`` (per row key: reliability-diagram bins), ``per_class`` (classes, count per class, top-1
-    per class for each view), timing. Accuracies are in percent. The model is moved to the evaluation device
-    (channels_last when the precision says so) and returned to its previous train/eval mode. ``precision`` defaults to
-    ``inference_precision``; ``workers`` to ``data.default_workers``. ``keep_log_probs``: also return ``_log_probs``
-    ({row key: array (images, classes)}, data-set order) and ``_labels``, not
-    JSON-ready (pop them before writing), e.g. for ``calibration.fit_temperature``. ``keep_outcomes``:
-    also return ``_top1`` ({row key: bool array}) and ``_idx`` (each image's index in ``samples``),
+    standard error, the error bar), top1_std (the leave-one-fold-out std of section 5), top5, top5_se, top5_std, loss,
+    nll (= loss, the mean cross-entropy), ece (percent, 15 bins of top-1 confidence, ``fixres.method.calibration``), n,
+    correct, correct5), ``ensembles``, ``n_images``, ``skipped`` ([{path, reason}]), ``reliability`` (per row key:
+    reliability-diagram bins), ``per_class`` (classes, count per class, top-1 per class for each view), timing.
+    Accuracies are in percent. The model is moved to the evaluation device (channels_last when the precision says so)
+    and returned to its previous train/eval mode. ``precision`` defaults to ``inference_precision``; ``workers`` to
+    ``data.default_workers``. ``keep_log_probs``: also return ``_log_probs`` ({row key: array (images, classes)},
+    data-set order) and ``_labels``, not JSON-ready (pop them before writing), e.g. for ``calibration.fit_temperature``.
+    ``keep_outcomes``: also return ``_top1`` ({row key: bool array}) and ``_idx`` (each image's index in ``samples``),
     data-set order, skipped images left out: for paired per-image comparisons.
     ``reduced_decode``: decode JPEGs only as large as each view needs (``data.ImageDataset``); a view's numbers are
     the same whether it is evaluated alone or in a sweep. ``corrupt``: ``corrupt(photo, i)`` on each full-size photo.

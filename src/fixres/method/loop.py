@@ -1,4 +1,5 @@
-"""One optimizer step and one epoch, shared by every training loop (``fixres.method.train``, ``fixres.method.finetuning``).
+"""One optimizer step and one epoch, shared by every training loop (``fixres.method.train``,
+``fixres.method.finetuning``).
 
 **A global step.** Each rank sums the loss of its own images and divides by the *global* image count
 of the step (an all-reduce of the counts); the gradients are then summed over ranks, so every step

@@ -8,8 +8,8 @@ corruption. Each model is evaluated once per corruption and severity with all it
 pass (``evaluate``). Two columns are compared per corruption with the photo as the unit: each photo's
 hits are summed over the severities and an exact sign test runs on the per-photo differences
 (``significance.clustered_sign_test``); the p-values under corruptions are then Holm-corrected together
-(``p_holm``), since a table of many tests finds a "difference" by chance otherwise. ``max_images`` bounds the time with a seeded, class-stratified
-subset of the photos (the same subset for every column).
+(``p_holm``), since a table of many tests finds a "difference" by chance otherwise. ``max_images`` bounds the time
+with a seeded, class-stratified subset of the photos (the same subset for every column).
 """
 
 from __future__ import annotations

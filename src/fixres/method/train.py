@@ -19,8 +19,8 @@ the *global* batch (the paper's B), split evenly over ranks. The step itself (lo
 image count, summed gradients, a rank without readable images contributing nothing, synchronised
 timing, autocast + scaler) is ``fixres.method.loop``'s, shared with fine-tuning; batch-norm statistics are
 averaged over ranks after each epoch. After every epoch an atomic ``train_state.pt`` holds model,
-optimizer, scheduler, epoch, RNG states and the log; the sampler and the model's RNGs are reseeded from (seed, epoch, rank) at
-every epoch start and each sample's augmentation from (seed, epoch, position)
+optimizer, scheduler, epoch, RNG states and the log; the sampler and the model's RNGs are reseeded from (seed, epoch,
+rank) at every epoch start and each sample's augmentation from (seed, epoch, position)
 (``sampler.SeededSamples``), so a run killed and resumed with ``resume=True`` ends with exactly the
 weights of an uninterrupted one (on CPU), and the worker count changes nothing. ``log.jsonl`` gets
 one line per epoch, including measured milliseconds per batch of forward and of backward (table 7).

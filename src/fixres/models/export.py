@@ -88,7 +88,8 @@ def export_model(model: nn.Module, out_dir: str | Path, *, model_name: str, cfg:
 
 
 def remove_export(out_dir: str | Path) -> list[str]:
-    """Remove the export in ``out_dir``, all its files (a result that exports nothing replaces one); the names removed."""
+    """Remove the export in ``out_dir``, all its files (a result that exports nothing replaces one); the names
+    removed."""
     removed = []
     for name in EXPORT_FILES:
         path = Path(out_dir) / name

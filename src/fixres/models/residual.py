@@ -74,7 +74,8 @@ def _trace(model: nn.Module, size: int) -> tuple[_Seen, torch.Tensor]:
                     c[3] = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
                     break
         return hook
-    regs = [r for n, m in model.named_modules() if m is not model for r in ((m, "pre", pre(n)), (m, "forward", post(n)))]
+    regs = [r for n, m in model.named_modules() if m is not model
+            for r in ((m, "pre", pre(n)), (m, "forward", post(n)))]
     p = next(model.parameters())
     x = torch.zeros(2, 3, size, size, device=p.device).normal_(generator=torch.Generator().manual_seed(0))
     with torch.enable_grad(), hooked(regs):
@@ -164,7 +165,8 @@ def find_last_sum(model: nn.Module, pooled: tuple[str, str], *, size: int = TRAC
     calls = sum(1 for c in seen.calls if c[0] == reader[0])
     top = [p for p in _parents(add) if id(p) in by_out and by_out[id(p)][0] in plan["bns"]]
     return LastSum(consumer=reader[0], occurrence=reader[1], calls_per_forward=calls,
-                   scale_bns=list(dict.fromkeys(plan["bns"])), shift_bn=by_out[id(top[0])][0] if top else plan["bns"][0],
+                   scale_bns=list(dict.fromkeys(plan["bns"])),
+                   shift_bn=by_out[id(top[0])][0] if top else plan["bns"][0],
                    divide_inputs=list(dict.fromkeys(plan["convs"])))
 
 

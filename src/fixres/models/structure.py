@@ -279,7 +279,8 @@ def _classifier(model: nn.Module, calls: list[Call], out: torch.Tensor) -> str:
 
 def _leaf_layer(head: Call, calls: list[Call], modules: dict) -> Call:
     """The layer that classifies inside a head module (LeViT's NormLinear: its Linear after a batch-norm)."""
-    inner = [c for c in calls if c.name.startswith(head.name + ".") and isinstance(modules[c.name], (nn.Linear, nn.Conv2d))]
+    inner = [c for c in calls
+             if c.name.startswith(head.name + ".") and isinstance(modules[c.name], (nn.Linear, nn.Conv2d))]
     return max(inner, key=lambda c: c.start) if inner else head
 
 

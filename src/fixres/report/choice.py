@@ -60,7 +60,8 @@ def cross_sentence(cross) -> str | None:
     """The cross-selected headline in words (None without cross-selection)."""
     if not isinstance(cross, dict) or cross.get("top1") is None:
         return None
-    a, b = cross.get("half_a") or f"{cross.get('size_half_a')} px", cross.get("half_b") or f"{cross.get('size_half_b')} px"
+    a, b = (cross.get("half_a") or f"{cross.get('size_half_a')} px",
+            cross.get("half_b") or f"{cross.get('size_half_b')} px")
     text = (f"Cross-selection: half A ({cross.get('n_half_a')} photos) chose {a}, half B ({cross.get('n_half_b')}) "
             f"chose {b}; scoring each half by the candidate the other chose gives {_num(cross['top1'])} % on "
             f"{cross.get('n')} photos, the headline.")

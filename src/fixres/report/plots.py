@@ -226,7 +226,8 @@ def plot_frechet_fit(values: np.ndarray, mu: float, sigma: float, xi: float, pat
 
 
 def plot_stats(result: dict, path, *, compare: dict | None = None, title: str | None = None):
-    """PNG of the CDFs (solid: ``result``; dashed: ``compare``, e.g. after adaptation) from a ``fixres.method.stats.activation_stats`` result."""
+    """PNG of the CDFs (solid: ``result``; dashed: ``compare``, e.g. after adaptation) from a
+    ``fixres.method.stats.activation_stats`` result."""
     series = [{"label": f"{r['test_size']}px", "x": r["cdf_x"], "cdf": r["cdf"], "style": "-"} for r in result["sizes"]]
     if compare is not None:
         series += [{"label": f"{r['test_size']}px (adapted)", "x": r["cdf_x"], "cdf": r["cdf"], "style": "--"}
