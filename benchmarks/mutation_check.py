@@ -206,8 +206,8 @@ _register(
            "SAFE_GLOBALS = (argparse.Namespace,)", "SAFE_GLOBALS = (argparse.Namespace, getattr)",
            (TEC,), "the allowlist holds more than argparse.Namespace"),
     Mutant("ckpt-allowlist-leaks", "checkpoint safety", "src/fixres/io/checkpoint.py",
-           "        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):",
-           "        torch.serialization.add_safe_globals(list(SAFE_GLOBALS))\n        if True:",
+           "        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():",
+           "        torch.serialization.add_safe_globals(list(SAFE_GLOBALS))\n        with warnings.catch_warnings():",
            (TEC + "::test_namespace_is_the_only_extra_type",), "the allowlist leaks into torch's global list"),
     Mutant("ckpt-no-namespace", "checkpoint safety", "src/fixres/io/checkpoint.py",
            "SAFE_GLOBALS = (argparse.Namespace,)", "SAFE_GLOBALS = ()",
@@ -217,9 +217,13 @@ _register(
 # Export: the weights and fixres.json appear together; the header carries the metadata.
 TX = "tests/test_export_meta.py"
 _register(
-    Mutant("export-stale-companion-kept", "export", "src/fixres/models/export.py",
-           "            (out_dir / companion).unlink(missing_ok=True)", "            pass",
-           (TX,), "a kill leaves new weights next to the old fixres.json"),
+    Mutant("export-published-before-complete", "export", "src/fixres/models/export.py",
+           "        write_text(staging / USAGE_NAME, usage_text(meta, cfg, timm_ready=timm_config is not None))\n"
+           "        swap_in(staging, out_dir, EXPORT_FILES)",
+           "        swap_in(staging, out_dir, EXPORT_FILES)\n"
+           "        write_text(out_dir / USAGE_NAME, usage_text(meta, cfg, timm_ready=timm_config is not None))",
+           ("tests/test_reliability_files.py::test_a_failed_export_leaves_the_previous_export_whole",),
+           "a failed export leaves half of a new export in place of the old one"),
     Mutant("export-no-header", "export", "src/fixres/models/export.py",
            "metadata=header_metadata(meta))", "metadata=None)",
            (TX,), "the weights file alone does not say what it is"),

@@ -360,7 +360,12 @@ def test_eval_skips_bad_files_and_matches_clean_run(capsys, mixed_folders, tiny_
 ])
 def test_no_readable_image_exit_2(capsys, tiny_ck, tmp_path, command, extra):
     """Three class folders of unusable files only: one line naming the problem, exit 2, no result file."""
-    root = _only_bad_folder(tmp_path / "bad", classes=3)
+    if command == "finetune":  # it fits on train/ and reports val/: both unusable
+        root = tmp_path / "bad"
+        _only_bad_folder(root / "train", classes=3)
+        _only_bad_folder(root / "val", classes=3)
+    else:
+        root = _only_bad_folder(tmp_path / "bad", classes=3)
     code, out, err = cli(capsys, command, "--model", "fixres_tiny_resnet", "--data", root, "--workers", "0",
                          "--out", tmp_path / "o", "-q", *extra,
                          *(["--checkpoint", tiny_ck] if command != "train" else []))
@@ -407,7 +412,12 @@ def _skipped_names(result) -> set[str]:
 @pytest.mark.parametrize("command", list(DATA_COMMANDS))
 def test_data_commands_skip_and_name_bad_files(capsys, mixed_folders, tiny_ck, tmp_path, command):
     clean, mixed, entries = mixed_folders
-    argv = [command, "--model", "fixres_tiny_resnet", "--data", mixed, "--workers", "0", "--batch-size", "4",
+    data = mixed
+    if command in ("finetune", "adapt"):  # they fit on train/ and report val/: the bad files are in both
+        data = tmp_path / "split"
+        shutil.copytree(mixed, data / "train")
+        shutil.copytree(mixed, data / "val")
+    argv = [command, "--model", "fixres_tiny_resnet", "--data", data, "--workers", "0", "--batch-size", "4",
             "--out", tmp_path / "out", "--json", "-q", *DATA_COMMANDS[command]]
     if command != "train":
         argv += ["--checkpoint", tiny_ck]

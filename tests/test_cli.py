@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from clirun import assert_one_line_error, cli, fixres_subprocess, save_tiny_checkpoint
+from conftest import write_image_folder
 
 from fixres.cli.app import COMMANDS, _oom_message
 from fixres.errors import FixresError, UsageError
@@ -311,7 +312,11 @@ def test_stride_warning(capsys, tiny_setup, command, flag, value):
     argv = _base(command, tiny_setup)
     argv[argv.index(flag) + 1] = value
     argv.remove("-q")  # -q silences the warning too
-    if command == "finetune":
+    if command == "finetune":  # it fits on train/ and reports val/
+        split = tiny_setup["out"].parent / "split"
+        write_image_folder(split / "train", per_class=4, seed=1)
+        write_image_folder(split / "val", per_class=2, seed=2)
+        argv[argv.index("--data") + 1] = split
         argv += ["--no-export"]
     code, out, err = cli(capsys, *argv, "--json")
     assert code == 0, err

@@ -44,7 +44,9 @@ def test_two_process_finetune_matches_one_process(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from fixres.cli.app import main
-    data = write_image_folder(tmp_path / "data", classes=3, per_class=4, seed=5)  # 12 images
+    data = tmp_path / "data"  # it fits on train/ (12 images) and reports val/
+    write_image_folder(data / "train", classes=3, per_class=4, seed=5)
+    write_image_folder(data / "val", classes=3, per_class=2, seed=9)
     ckpt = _checkpoint(tmp_path)
     common = ["finetune", "--model", "fixres_tiny_resnet", "--checkpoint", str(ckpt), "--num-classes", "3",
               "--train-size", "32", "--data", str(data), "--test-size", "48", "--parts", "classifier",
@@ -64,7 +66,7 @@ def test_two_process_finetune_matches_one_process(tmp_path, capsys):
     assert moved > 1e-2, "fine-tuning barely moved the classifier: the comparison would prove nothing"
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), f"{k}: {float((a[k] - b[k]).abs().max())}"
-    assert two["after"]["top1"] == one["after"]["top1"] and two["after"]["n"] == one["after"]["n"] == 12
+    assert two["after"]["top1"] == one["after"]["top1"] and two["after"]["n"] == one["after"]["n"] == 6  # val/
     # each rank spilled its own shard to its own folder (the memory-mapped file is removed at the end)
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("cache")) == \
         ["cache_rank0", "cache_rank1"]
@@ -73,8 +75,10 @@ def test_two_process_finetune_matches_one_process(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_process_finetune_uneven_shards_with_batch_norm(tmp_path):
-    data = write_image_folder(tmp_path / "data", classes=3, per_class=4, seed=6)
-    (data / "class_2" / "img_003.jpg").unlink()  # 11 images: shards of 6 and 5
+    data = tmp_path / "data"  # it fits on train/ and reports val/
+    write_image_folder(data / "train", classes=3, per_class=4, seed=6)
+    write_image_folder(data / "val", classes=3, per_class=2, seed=9)
+    (data / "train" / "class_2" / "img_003.jpg").unlink()  # 11 images: shards of 6 and 5
     ckpt = _checkpoint(tmp_path)
     proc = _torchrun(["finetune", "--model", "fixres_tiny_resnet", "--checkpoint", str(ckpt), "--num-classes", "3",
                       "--train-size", "32", "--data", str(data), "--test-size", "48", "--epochs", "2",

@@ -204,3 +204,15 @@ def test_finetune_and_adapt_on_one_folder_refuse_rather_than_report_fitted_photo
     assert code == 2
     assert_one_line_error(err, "no train/ and val/ folders", "fitted on")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_finetune_refuses_val_photos_that_are_training_photos_under_another_name(tmp_path, capsys):
+    from clirun import assert_one_line_error, cli
+    root = tmp_path / "data"
+    write_image_folder(root / "train", per_class=4, seed=3)
+    (root / "val").symlink_to(root / "train")  # the same photos, another path
+    ck = save_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    code, _, err = cli(capsys, "finetune", "--checkpoint", ck, "--model", "fixres_tiny_resnet", "--train-size", "32",
+                       "--data", root, "--workers", "0", "--test-size", "48", "--out", tmp_path / "out")
+    assert code == 2
+    assert_one_line_error(err, "validation photos are also training photos")

@@ -538,3 +538,10 @@ def count_image_sizes(index: FolderIndex, limit: int | None = None) -> list[tupl
         if s is not None:
             sizes.append(s)
     return sizes
+
+
+def shared_photos(samples: Sequence[tuple[str, int]], others: Sequence[tuple[str, int]]) -> list[str]:
+    """Paths of ``samples`` that are also among ``others``: the same file, links resolved (a photo that would be
+    reported after being fitted or chosen on)."""
+    theirs = {os.path.realpath(p) for p, _ in others}
+    return [p for p, _ in samples if os.path.realpath(p) in theirs]

@@ -10,13 +10,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from fixres import config as config_vocab
-from fixres.data.folders import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
+from fixres.data.folders import (
+    index_val_onto,
+    missing_classes_warning,
+    read_class_map,
+    resolve_split,
+    scan_folder,
+    shared_photos,
+)
 from fixres.errors import FixresError, UsageError
 from fixres.io.checkpoint import load_state_dict
 from fixres.job import fixsize
@@ -340,8 +346,7 @@ def split_one_folder(index, *, seed: int):
 
 def refuse_shared_photos(chooser, other, flag: str, what: str) -> None:
     """One line when the photos given to choose on are (some of) ``other``: the same files, links resolved."""
-    mine = {os.path.realpath(p) for p, _ in chooser}
-    shared = [p for p, _ in other if os.path.realpath(p) in mine]
+    shared = shared_photos(other, chooser)
     if shared:
         raise UsageError(f"{flag} holds {len(shared)} of {what}, e.g. {shared[0]}: give a folder of other photos")
 

@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fixres.config import DataConfig
-from fixres.data.folders import FolderIndex, index_val_onto, missing_classes_warning, resolve_split, scan_folder
+from fixres.data.folders import (
+    FolderIndex,
+    index_val_onto,
+    missing_classes_warning,
+    resolve_split,
+    scan_folder,
+    shared_photos,
+)
 from fixres.errors import UsageError
 from fixres.method.analysis import recommend_test_size
 from fixres.models.inputsize import fit_input_size
@@ -48,7 +55,7 @@ def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[st
     if class_map is None and cfg.class_names and len(cfg.class_names) == n_out:
         class_map = list(cfg.class_names)
     train_dir, val_dir = resolve_split(data, "train"), resolve_split(data, "val")
-    if need_train and train_dir == val_dir:  # fitting and reporting on one folder reports fitted photos
+    if need_train and train_dir == val_dir:  # no splits: fitting and reporting on one folder
         raise UsageError(f"{data} has no train/ and val/ folders: the adaptation would be reported on the photos it "
                          "fitted on; lay it out as train/ and val/ (fixres fix splits one folder itself)")
     train = scan_folder(train_dir, class_map=class_map, num_classes=n_out) if need_train else None
@@ -61,6 +68,10 @@ def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[st
             warnings.append(missing_classes_warning(val))
     if train is None and val is None:
         raise UsageError(f"{data}: no val/ folder to evaluate on")
+    shared = shared_photos(val.samples, train.samples) if train is not None and val is not None else []
+    if shared:
+        raise UsageError(f"{data}: {len(shared)} validation photos are also training photos (e.g. {shared[0]}): the "
+                         "adaptation would be reported on photos it fitted on")
     cfg = cfg.with_overrides(class_names=tuple((train or val).classes), num_classes=n_out)
     size = test_size or recommend_test_size(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio,
                                             stride=cfg.stride)["test_size"]

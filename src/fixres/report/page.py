@@ -630,7 +630,8 @@ def render_html(results: dict, figs: dict[str, Path]) -> str:
     run = results.get("run") or {}
     data = results.get("data") or {}
     classes = _classes(results)
-    subtitle = [f"trained at {_fmt(head['train_size'])} px, fixed for {_fmt(head['test_size'])} px · data ",
+    served = "served as trained at" if head.get("served_kind") == "untuned" else "fixed for"
+    subtitle = [f"trained at {_fmt(head['train_size'])} px, {served} {_fmt(head['test_size'])} px · data ",
                 {"code": str(data.get("root") or run.get("data"))}, f" ({_fmt(head['n_val'])} validation images)",
                 f" · classes: {', '.join(classes)}" if classes else "",
                 f" · {run.get('finished') or run.get('started') or ''}"]
