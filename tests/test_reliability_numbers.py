@@ -170,6 +170,18 @@ def test_a_diverging_training_stops_in_one_line_naming_the_epoch_and_the_lr(data
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
 
 
+def test_one_absurd_step_whose_loss_was_finite_still_stops_before_export(data, tmp_path, capsys):
+    """A single step at lr 1e30 leaves every weight finite but near 1e29: the step's loss was finite, the next
+    forward overflows. The probe forward after the epoch catches it; nothing is exported."""
+    out = tmp_path / "one_step"
+    code, _, err = cli(capsys, "train", "--model", "fixres_tiny_resnet", "--data", data, "--train-size", 32,
+                       "--epochs", 1, "--lr", "1e30", "--batch-size", 64, "--workers", 0, "--no-amp", "-q",
+                       "--out", out)
+    assert code == 2, err
+    assert_one_line_error(err, "diverged in epoch 1", "outputs are not finite")
+    assert not (out / "model.safetensors").exists()
+
+
 def test_a_diverging_finetune_stops_in_one_line(data, tmp_path, capsys):
     ck = save_tiny_checkpoint(tmp_path / "tiny.safetensors", num_classes=2)
     code, _, err = cli(capsys, "finetune", "--checkpoint", ck, "--model", "fixres_tiny_resnet", "--data", data,

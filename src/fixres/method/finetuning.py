@@ -425,6 +425,7 @@ def _tune_epoch(t: _Tune, epoch: int) -> None:
         getattr(t.times, name).extend(getattr(totals, name))
     loss_sum, hits, seen = totals.global_sums(env)
     loop.stop_if_diverged(loss_sum / seen if seen else None, t.model, epoch=epoch, lr=s["lr"], what="fine-tuning")
+    loop.stop_if_outputs_diverged(t.model, s["test_size"], epoch=epoch, lr=s["lr"], what="fine-tuning")
     record = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_top1": 100 * hits / max(1, seen),
               "lr": s["lr"] * LR_DECAY ** (epoch // decay_step(s["epochs"])), "images": int(seen),
               "seconds": round(time.perf_counter() - t_ep, 3), "cached": t.suffix is not None}

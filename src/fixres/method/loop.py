@@ -36,6 +36,7 @@ from torch import nn
 
 from fixres.errors import UsageError
 from fixres.io.checkpoint import load_training_state, save_training_state
+from fixres.models.hooks import first_non_finite_output
 from fixres.runtime import dist
 from fixres.runtime.engine import Precision, autocast
 
@@ -285,6 +286,28 @@ def stop_if_diverged(loss: float | None, model: nn.Module | None, *, epoch: int,
     if cause is not None:
         raise UsageError(f"{what} diverged in epoch {epoch + 1} at learning rate {lr:g}: {cause}; nothing of this "
                          "epoch was saved: try a smaller --lr")
+
+
+#: The probe that checks a model's outputs after an epoch: a few seeded random images at the loop's size.
+PROBE_IMAGES = 2
+PROBE_SEED = 0
+
+
+def stop_if_outputs_diverged(model: nn.Module, size: int, *, epoch: int, lr: float, what: str = "training") -> None:
+    """One line when the model's outputs are not finite on a seeded probe batch: a step at an absurd learning
+    rate can leave every weight finite yet around 1e29, so that the loss of the step was finite and the next
+    forward overflows; such a model must not be saved or exported either. Every rank gets the same answer."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = torch.randn(PROBE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(PROBE_SEED)).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        layer = first_non_finite_output(model, x)
+    finally:
+        model.train(was_training)
+    if layer is not None:
+        raise UsageError(f"{what} diverged in epoch {epoch + 1} at learning rate {lr:g}: the model's outputs are not "
+                         f"finite ({layer} first); nothing of this epoch was saved: try a smaller --lr")
 
 
 # --------------------------------------------------------------------------- checkpoint state

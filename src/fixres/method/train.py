@@ -360,6 +360,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     loop.average_running_stats(loop.batch_norms(run.model), totals.forwards, env)
     record = _epoch_record(run, epoch, totals, time.perf_counter() - t0)
     loop.stop_if_diverged(record["train_loss"], run.model, epoch=epoch, lr=hp["lr"])
+    loop.stop_if_outputs_diverged(run.model, hp["train_size"], epoch=epoch, lr=hp["lr"])
     run.stopped_early = totals.stopped
     if not totals.stopped:
         _validate_into(run, record)
