@@ -113,7 +113,7 @@ def test_cli_refuses_code(capsys, tmp_path, image_folder, command, extra):
     path = write_evil(tmp_path / "evil.pt", marker, "nested")
     code, out, err = cli(capsys, command, "--model", "fixres_tiny_resnet", "--checkpoint", path, "--data", image_folder,
                          "--workers", "0", "--out", tmp_path / "out", *extra)
-    assert code == 1
+    assert code == 2  # a checkpoint that cannot be used is bad input
     assert_one_line_error(err, "refused", "could run code")
     assert not marker.exists()
     assert not (tmp_path / "out" / "model.safetensors").exists()
@@ -126,7 +126,7 @@ def test_cli_subprocess_refuses_code(tmp_path, image_folder):
     path = write_evil(tmp_path / "evil.pt", marker, "nested")
     res = fixres_subprocess("eval", "--model", "fixres_tiny_resnet", "--checkpoint", path, "--data", image_folder,
                             "--test-size", "32", "--workers", "0", "--out", tmp_path / "out")
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert_one_line_error(res.stderr, "refused")
     assert not marker.exists()
 

@@ -196,7 +196,7 @@ def test_non_finite_weights_refused_when_strict(tmp_path, capsys, image_folder):
     assert all(name in str(info.value) for name in bad) and "\n" not in str(info.value)
     code, out, err = cli(capsys, "eval", "--model", MODEL, "--checkpoint", path, "--data", image_folder,
                          "--test-size", "32", "--workers", "0", "--strict", "--out", tmp_path / "o")
-    assert code == 1
+    assert code == 2
     assert_one_line_error(err, "NaN or infinity", "conv1.weight")
 
 

@@ -178,7 +178,7 @@ def test_cli_reports_a_tampered_fixres_json_in_one_line(tmp_path, capsys, image_
     meta_path.write_text(json.dumps(_edit(json.loads(meta_path.read_text()), "missing_mean")))
     code, _, err = cli(capsys, "eval", "--checkpoint", path, "--data", image_folder, "--workers", "0",
                        "--out", tmp_path / "o")
-    assert code == 1
+    assert code == 2
     assert_one_line_error(err, "mean", "missing")
 
 

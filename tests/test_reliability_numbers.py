@@ -269,7 +269,7 @@ def test_a_classifier_of_another_width_names_the_feature_width(tmp_path, capsys)
     val = write_image_folder(tmp_path / "val", classes=2, per_class=2)
     code, _, err = cli(capsys, "eval", "--checkpoint", tmp_path / "narrow.safetensors", "--model",
                        "fixres_tiny_resnet", "--data", val, "--workers", 0, "-q", "--out", tmp_path / "o")
-    assert code == 1
+    assert code == 2
     assert_one_line_error(err, "reads 7 features", "128 in the model", "--model")
 
 
@@ -288,7 +288,7 @@ def test_a_pickle_of_another_protocol_is_named_without_torch_warnings(tmp_path, 
     val = write_image_folder(tmp_path / "val", classes=2, per_class=2)
     code, _, err = cli(capsys, "eval", "--checkpoint", tmp_path / "p4.pt", "--model", "fixres_tiny_resnet",
                        "--data", val, "--workers", 0, "-q", "--out", tmp_path / "o")
-    assert code == 1
+    assert code == 2
     assert_one_line_error(err, "protocol 4", "re-save", "safetensors")
     assert "damaged" not in err and not [w for w in recwarn.list if "pickle protocol" in str(w.message)]
 

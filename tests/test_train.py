@@ -309,7 +309,7 @@ def test_train_strict_refuses_a_nan_checkpoint_and_warns_without(tmp_path, capsy
     ck, bad = _nan_checkpoint(tmp_path)
     common = ["train", "--model", "fixres_tiny_resnet", "--checkpoint", ck, "--data", data, "--train-size", 32,
               "--epochs", 1, "--batch-size", 8, "--workers", 0, "--no-amp", "-q", "--max-steps", 1]
-    assert _cli(common + ["--strict", "--out", tmp_path / "strict"]) == 1
+    assert _cli(common + ["--strict", "--out", tmp_path / "strict"]) == 2  # bad input
     err = capsys.readouterr().err
     assert bad in err and "NaN" in err and "Traceback" not in err
     assert not (tmp_path / "strict" / "model.safetensors").exists()

@@ -1,7 +1,8 @@
 """Error types that the CLI turns into one-line messages and exit codes.
 
-``UsageError`` is a mistake in what the user asked (exit 2); ``FixresError`` is a failure while
-doing it (exit 1). Library code raises these with a message a user can act on.
+``UsageError`` is a mistake in what the user asked or gave (exit 2): a flag, a path, a data folder, a
+checkpoint or export that cannot be used as it is; ``FixresError`` is a failure while doing it (exit 1).
+Library code raises these with a message a user can act on.
 """
 
 

@@ -2,10 +2,10 @@
 
 A checkpoint from a stranger must never run code: pickles are only ever opened with
 ``torch.load(weights_only=True)``, whose unpickler refuses anything but tensors and plain
-containers, and a refusal is reported as a one-line ``FixresError``. Exactly one more type is allowed:
-``argparse.Namespace``, which timm's ``train.py`` and torchvision's ``references/classification/train.py``
-both pickle as ``args`` (timm itself allowlists it the same way); it rebuilds a plain attribute bag and
-its values must still be tensors or plain containers.
+containers, and a refusal is reported as a one-line ``UsageError`` (bad input: exit 2). Exactly one
+more type is allowed: ``argparse.Namespace``, which timm's ``train.py`` and torchvision's
+``references/classification/train.py`` both pickle as ``args`` (timm itself allowlists it the same way);
+it rebuilds a plain attribute bag and its values must still be tensors or plain containers.
 
 Each format's own default is followed: torchvision's references store ``{'model', 'optimizer',
 'lr_scheduler', 'epoch', 'args'[, 'model_ema']}`` and timm's ``{'epoch', 'arch', 'state_dict',
@@ -31,7 +31,7 @@ from typing import Mapping
 
 import torch
 
-from fixres.errors import FixresError, UsageError
+from fixres.errors import UsageError
 from fixres.io.atomic import atomic_path
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -80,8 +80,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return dict(load_file(str(path), device="cpu"))
     except Exception as exc:  # noqa: BLE001
         text = str(exc).strip()
-        raise FixresError(f"cannot read safetensors file {path}: "
-                          f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+        raise UsageError(f"cannot read safetensors file {path}: "
+                         f"{text.splitlines()[0] if text else type(exc).__name__}") from None
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -137,7 +137,7 @@ def _select_weights(obj, *, source: str, ema: bool):
         return obj[found_ema[0]]
     if isinstance(obj, Mapping) and not _is_flat(obj) and found_ema and \
             not any(isinstance(obj.get(k), Mapping) for k in NESTING_KEYS):
-        raise FixresError(f"{source}: holds only EMA weights ({found_ema[0]}); pass --ema to load them")
+        raise UsageError(f"{source}: holds only EMA weights ({found_ema[0]}); pass --ema to load them")
     return obj
 
 
@@ -152,10 +152,10 @@ def unwrap_state_dict(obj, *, source: str = "checkpoint", ema: bool = False) -> 
             break
         obj = obj[key]
     if not (isinstance(obj, Mapping) and obj):
-        raise FixresError(f"{source}: no weights found (expected a state dict of tensors)")
+        raise UsageError(f"{source}: no weights found (expected a state dict of tensors)")
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
-        raise FixresError(f"{source}: no tensors found")
+        raise UsageError(f"{source}: no tensors found")
     if AVERAGED_COUNTER in sd and all(k.startswith("module.") for k in sd if k != AVERAGED_COUNTER):
         del sd[AVERAGED_COUNTER]
     for prefix in PREFIXES:
@@ -177,7 +177,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str, strict:
         more = f" and {len(bad) - NAMES_SHOWN} more" if len(bad) > NAMES_SHOWN else ""
         text = f"{source}: {len(bad)} tensor(s) hold NaN or infinity: {', '.join(bad[:NAMES_SHOWN])}{more}"
         if strict:
-            raise FixresError(f"{text} (refused under --strict)")
+            raise UsageError(f"{text} (refused under --strict)")
         print(f"fixres: warning: {text}; its outputs will not be numbers (--strict refuses such weights)",
               file=sys.stderr)
     return bad
@@ -229,13 +229,13 @@ CODE_REFUSAL_MARKERS = ("Unsupported global", "GLOBAL", "Unsupported class", "is
 
 
 def _torch_load_weights_only(path: Path, *, failure: str):
-    """``torch.load(weights_only=True)``; a refused pickle or a broken file becomes a one-line FixresError.
+    """``torch.load(weights_only=True)``; a refused pickle or a broken file becomes a one-line UsageError.
 
     ``weights_only=True`` is passed explicitly, so even TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the
     environment cannot turn the safe unpickler off. Only ``SAFE_GLOBALS`` are added, for this call alone.
     """
     if not _looks_like_torch_file(path):
-        raise FixresError(f"{failure}: not a checkpoint (neither a torch file nor safetensors)")
+        raise UsageError(f"{failure}: not a checkpoint (neither a torch file nor safetensors)")
     try:
         # torch warns about a pickle protocol other than its own; the failure, if any, is said below in one line
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
@@ -246,21 +246,21 @@ def _torch_load_weights_only(path: Path, *, failure: str):
         protocol = _pickle_protocol(path)
         if protocol is not None and protocol > TORCH_PICKLE_PROTOCOL and not any(m in text for m in
                                                                                 CODE_REFUSAL_MARKERS):
-            raise FixresError(
+            raise UsageError(
                 f"{failure}: it is a pickle written with protocol {protocol} (torch.save(..., pickle_protocol="
                 f"{protocol})), which the safe loader cannot read; re-save it with torch.save's default protocol "
                 f"({TORCH_PICKLE_PROTOCOL}) or as safetensors") from None
         if any(marker in text for marker in CODE_REFUSAL_MARKERS):
-            raise FixresError(
+            raise UsageError(
                 f"refused to load {path}: it contains pickled Python objects that could run code "
                 "(only tensors are accepted; convert it to safetensors where you trust it)") from None
         if ("Weights only load failed" in text or "WeightsUnpickler" in text
                 or isinstance(exc, BROKEN_PICKLE_ERRORS)):
-            raise FixresError(f"{failure}: not a checkpoint (a damaged or foreign pickle)") from None
+            raise UsageError(f"{failure}: not a checkpoint (a damaged or foreign pickle)") from None
         if "PytorchStreamReader" in text:
-            raise FixresError(f"{failure}: not a checkpoint (a damaged or truncated torch zip file)") from None
+            raise UsageError(f"{failure}: not a checkpoint (a damaged or truncated torch zip file)") from None
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise FixresError(f"{failure}: {first}") from None
+        raise UsageError(f"{failure}: {first}") from None
 
 
 def load_training_state(path: str | os.PathLike) -> dict:
@@ -270,5 +270,5 @@ def load_training_state(path: str | os.PathLike) -> dict:
         raise UsageError(f"nothing to resume: {path} does not exist")
     state = _torch_load_weights_only(path, failure=f"cannot resume from {path}")
     if not isinstance(state, dict):
-        raise FixresError(f"cannot resume from {path}: not a training state")
+        raise UsageError(f"cannot resume from {path}: not a training state")
     return state

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from fixres.config import INTERPOLATION_NAMES, MAX_RGB_VALUE, MAX_SIZE, MIN_CROP_RATIO, MIN_STD, DataConfig
-from fixres.errors import FixresError, UsageError
+from fixres.errors import UsageError
 from fixres.io.atomic import plain_json, write_json
 from fixres.version import __version__
 
@@ -42,8 +42,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 RGB_CHANNELS = 3
 
 
-class MetaError(FixresError):
-    """A fixres.json (or header) field that breaks the schema; the message names the field."""
+class MetaError(UsageError):
+    """A fixres.json (or header) field that breaks the schema; the message names the field (bad input: exit 2)."""
 
 
 # --------------------------------------------------------------------------- field checks

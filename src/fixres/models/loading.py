@@ -373,14 +373,14 @@ def load_weights_strict(model: nn.Module, sd: dict[str, torch.Tensor], *, source
         if head_bad and len(head_bad) == len(mismatched):
             k, got, want = head_bad[0]
             if got[0] == want[0] and len(got) > 1:  # same classes, other input width: another architecture
-                raise FixresError(f"{source}: the classifier {k} reads {got[1]} features in the checkpoint but "
-                                  f"{want[1]} in the model (shape {list(got)} vs {list(want)}): the weights are "
-                                  "for another architecture or width; pass the --model they were trained as")
-            raise FixresError(f"{source}: the classifier has {got[0]} classes in the checkpoint but the model "
-                              f"was built with {want[0]}; pass --num-classes {got[0]} (or leave it out)")
+                raise UsageError(f"{source}: the classifier {k} reads {got[1]} features in the checkpoint but "
+                                 f"{want[1]} in the model (shape {list(got)} vs {list(want)}): the weights are "
+                                 "for another architecture or width; pass the --model they were trained as")
+            raise UsageError(f"{source}: the classifier has {got[0]} classes in the checkpoint but the model "
+                             f"was built with {want[0]}; pass --num-classes {got[0]} (or leave it out)")
         k, got, want = mismatched[0]
-        raise FixresError(f"{source}: shape mismatch for {k}: checkpoint {list(got)} vs model {list(want)}"
-                          + (f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
+        raise UsageError(f"{source}: shape mismatch for {k}: checkpoint {list(got)} vs model {list(want)}"
+                         + (f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
     if missing or unexpected:
         parts = []
         if missing:
