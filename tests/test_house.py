@@ -229,3 +229,15 @@ def test_ruff_is_clean():
         pytest.skip("ruff is not installed (pip install -e '.[test]' brings it)")
     res = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, f"ruff check src tests benchmarks (exit {res.returncode}):\n{res.stdout}{res.stderr}"
+
+
+#: The README is a user's page: the lab notebook (dates, before/after, "new") lives in docs/results.md.
+README_MAX_LINES = 220
+LAB_WORDS = re.compile(r"\b(20\d\d-\d\d-\d\d|new|no longer|this round|before this round)\b", re.IGNORECASE)
+
+
+def test_readme_is_a_users_page():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) < README_MAX_LINES, f"README.md has {len(lines)} lines; move results to docs/results.md"
+    lab = [f"{i}: {ln}" for i, ln in enumerate(lines, 1) if LAB_WORDS.search(ln)]
+    assert lab == [], "lab-notebook words in README.md:\n" + "\n".join(lab)
