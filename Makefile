@@ -28,7 +28,7 @@ coverage: $(STAMP)
 
 # Plants one-line bugs one at a time and checks that the suite notices each.
 mutants: $(STAMP)
-	$(BIN)/python benchmarks/mutation_check.py
+	$(BIN)/python tools/mutation_check.py
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/table5_grid.py --quick

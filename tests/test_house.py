@@ -227,8 +227,9 @@ def test_ruff_is_clean():
     ruff = _ruff()
     if ruff is None:
         pytest.skip("ruff is not installed (pip install -e '.[test]' brings it)")
-    res = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, f"ruff check src tests benchmarks (exit {res.returncode}):\n{res.stdout}{res.stderr}"
+    folders = ["src", "tests", "benchmarks", "tools"]
+    res = subprocess.run([ruff, "check", *folders], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, f"ruff check {' '.join(folders)} (exit {res.returncode}):\n{res.stdout}{res.stderr}"
 
 
 #: The README is a user's page: the lab notebook (dates, before/after, "new") lives in docs/results.md.

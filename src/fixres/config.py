@@ -45,7 +45,8 @@ DEFAULT_FOLDS = 10
 DEFAULT_PARTS = ("classifier", "norm")
 #: Fine-tuning augmentations (section 5): test DA, test DA2, train DA.
 FINETUNE_AUGMENTATIONS = ("test", "test2", "train")
-#: The embedded data set's default size: classes and photos per class.
+#: The embedded data set's default size: classes and photos per class; the size its model is trained at.
+EMBEDDED_TRAIN_SIZE = 64
 DEFAULT_CLASSES = 10
 DEFAULT_TRAIN_PER_CLASS = 150
 DEFAULT_VAL_PER_CLASS = 50

@@ -38,9 +38,6 @@ DEFAULT_OUT = Path("runs") / "fix"
 DEFAULT_MODEL = "fixres_tiny_resnet"
 
 
-DEFAULT_TRAIN_SIZE = 64
-
-
 DEFAULT_TRAIN_EPOCHS = 30
 
 
@@ -279,7 +276,8 @@ class FixContext:
         num_classes = c.num_classes or (self.train_index.num_classes if not c.checkpoint else None)
         self.bundle = load_model(model=c.model_name, checkpoint=c.checkpoint, weights=c.weights,
                                  pretrained=c.pretrained, num_classes=num_classes,
-                                 train_size=c.train_size or (None if c.has_weights else DEFAULT_TRAIN_SIZE))
+                                 train_size=c.train_size or (
+                                     None if c.has_weights else config_vocab.EMBEDDED_TRAIN_SIZE))
         cfg = self.bundle.data_config.with_overrides(crop_ratio=c.crop_ratio, interpolation=c.interpolation,
                                                      mean=c.mean, std=c.std)
         self.cfg = cfg.with_overrides(num_classes=self.train_index.num_classes,

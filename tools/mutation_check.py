@@ -8,7 +8,7 @@ runs with that copy's ``src`` first on ``sys.path`` (subprocesses inherit it thr
 working tree is never touched. A snippet that no longer matches the code is reported as "stale", and
 counts as a failure of this check: the list must follow the code.
 
-    .venv/bin/python benchmarks/mutation_check.py [--only NAME ...] [--list]
+    .venv/bin/python tools/mutation_check.py [--only NAME ...] [--list]
 
 Exit status 0 when every mutant was killed, 1 otherwise.
 """
@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import REPO
+#: The repository root: this file lives in tools/.
+REPO = Path(__file__).resolve().parents[1]
 
 #: Wall-clock limit of one mutant's test run (a mutant that hangs the suite counts as killed by timeout).
 MUTANT_TIMEOUT_S = 600
