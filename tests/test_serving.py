@@ -200,6 +200,10 @@ def test_a_fix_result_holds_the_fixed_model_and_its_transform(fixed_run):
     result = FixResult(run_dir=fixed_run.parent, report=fixed_run.parent / "report" / "index.html", export=fixed_run,
                        test_size=48, headline={"top1_fixed": 55.5}, raw={})
     assert repr(result) == f"FixResult(fixed at 48px, top-1 55.5, export {fixed_run})"
+    served = FixResult(run_dir=fixed_run.parent, report=fixed_run.parent / "report" / "index.html", export=fixed_run,
+                       test_size=48, raw={}, headline={"top1_fixed": 55.5, "top1_served": 51.0,
+                                                       "served_kind": "untuned", "headline_rule": "cross-val"})
+    assert repr(served) == f"FixResult(served as trained at 48px, top-1 51.0 cross-selected, export {fixed_run})"
     assert not result.model.training
     assert torch.equal(_logits(result.model, 48), _logits(fixres.load(fixed_run).model, 48))
     assert result.transform(Image.new("RGB", (80, 60))).shape == (3, 48, 48)

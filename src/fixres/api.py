@@ -161,10 +161,13 @@ class FixResult:
         return self.bundle.transform
 
     def __repr__(self) -> str:
+        """What is served, at which size, with the run's unbiased top-1 (cross-selected where it was)."""
         h = self.headline or {}
-        after = h.get("top1_fixed")
-        return (f"FixResult(fixed at {self.test_size}px" + (f", top-1 {after:.1f}" if isinstance(after, (int, float))
-                                                             else "") + f", export {self.export})")
+        top1 = h.get("top1_served", h.get("top1_fixed"))
+        how = "served as trained" if h.get("served_kind") == "untuned" else "fixed"
+        shown = f", top-1 {top1:.1f}" if isinstance(top1, (int, float)) else ""
+        crossed = " cross-selected" if isinstance(top1, (int, float)) and h.get("headline_rule") else ""
+        return f"FixResult({how} at {self.test_size}px{shown}{crossed}, export {self.export})"
 
 
 # --------------------------------------------------------------------------- inputs
