@@ -316,19 +316,30 @@ def _dur(seconds: float) -> str:
     return format_duration(seconds)
 
 
-def served_options(sel: dict, where: str) -> list[dict]:
-    """The candidates of the choice on the photos ``where`` (``holdout``: the choosing photos): every size fixed,
-    and the model as trained at every size, with costs, top-1 and per-photo outcomes."""
-    after, before = f"{where}_after", f"{where}_before"
+def served_options(sel: dict, fixed_score, untuned_score, *, need_outcomes: bool = False) -> list[dict]:
+    """The candidates of the choice: every size fixed and the model as trained at every size, with costs, top-1
+    and per-photo outcomes. ``fixed_score(row)`` / ``untuned_score(row)`` give a candidate row's score ({top1,
+    outcomes}); with ``need_outcomes`` a score without per-photo outcomes is left out (cross-selection needs
+    them), else its top-1 stands alone (a result cached before outcomes were kept)."""
     options = []
     for r in sel["candidates"]:
         cost = {"test_size": int(r["test_size"]), "ms": r.get("ms"), "gflops": r.get("gflops")}
-        for kind, score in ((fixsize.FIXED, r.get(after)), (fixsize.UNTUNED, r.get(before))):
-            if score and score.get("top1") is not None:
-                bits = score.get("outcomes")
-                options.append({**cost, "kind": kind, "top1": score["top1"],
-                                "outcomes": fixsize.read_bits(bits) if bits else None})
+        for kind, score in ((fixsize.FIXED, fixed_score(r)), (fixsize.UNTUNED, untuned_score(r))):
+            bits = (score or {}).get("outcomes")
+            if bits:
+                outcomes = fixsize.read_bits(bits)
+                options.append({**cost, "kind": kind, "outcomes": outcomes, "top1": fixsize.percent_correct(outcomes)})
+            elif not need_outcomes and score and score.get("top1") is not None:
+                options.append({**cost, "kind": kind, "outcomes": None, "top1": score["top1"]})
     return options
+
+
+def _val_options(x: "FixContext", sel: dict) -> list[dict]:
+    """The candidates with their outcomes on every validation photo: fixed from the select step, untuned from
+    the sweep before the fix."""
+    before = x.read("sweep_before").get("outcomes") or {}
+    return served_options(sel, lambda r: r.get("val_after"), lambda r: {"outcomes": before.get(str(r["test_size"]))},
+                          need_outcomes=True)
 
 
 def choose_after_fixing(x: "FixContext") -> dict:
@@ -341,7 +352,9 @@ def choose_after_fixing(x: "FixContext") -> dict:
     rule = sel.get("rule") or x.rule
     n = sel["n_holdout"]
     budget = dict(max_size=c.max_test_size, budget_ms=c.budget_ms, budget_gflops=c.budget_gflops)
-    options = served_options(sel, "holdout") if n else _val_options(x, sel)
+    val_options = _val_options(x, sel)
+    options = served_options(sel, lambda r: r.get("holdout_after"), lambda r: r.get("holdout_before")) if n \
+        else val_options
     if c.test_size:  # a size given is fixed at that size: nothing else to choose
         options = [o for o in options if o["kind"] == fixsize.FIXED]
     served = fixsize.choose_served(options, mode=c.choose, train_size=x.cfg.train_size, **budget)
@@ -356,7 +369,7 @@ def choose_after_fixing(x: "FixContext") -> dict:
         how = (f"chosen on {n} {x.chooser_words} (not the validation images reported), among {len(options)} "
                f"candidates: {len(rows)} sizes, each fixed at its own size and untuned")
     elif rule == fixsize.RULE_CROSS and len(options) > 1:
-        cross = _cross_choice(x, sel, budget)
+        cross = _cross_choice(x, val_options, budget)
         how = (f"two-fold cross-selection on the validation photos (the model was trained elsewhere: its training "
                f"photos are not unseen): half A chose {cross['half_a']}, half B {cross['half_b']}; exported: "
                f"{size}px {kind}, the choice on all validation photos, among {len(options)} candidates")
@@ -374,14 +387,14 @@ def choose_after_fixing(x: "FixContext") -> dict:
             "recommended": sel["recommended"], "n_images": n or (sel["n_val"] if cross else 0),
             "why_not_recommended": _why_not_recommended(size, sel, rows, f"the {n} {x.chooser_words}" if n else
                                                         "all validation photos"), "cross": cross,
-            "paired_val": None if cross else _paired_on_val(x, sel, size, kind),
+            "paired_val": None if cross else _paired_on_val(x, val_options, size, kind),
             "seen_check": _seen_check(x, sel, rows, budget)}
 
 
-def _paired_on_val(x: "FixContext", sel: dict, size: int, kind: str) -> dict | None:
+def _paired_on_val(x: "FixContext", val_options: list[dict], size: int, kind: str) -> dict | None:
     """The served model against the untuned one at the same size and at the train size, photo by photo on the
     validation photos (which did not choose under this rule): exact paired tests, not two error bars."""
-    options = {(o["kind"], int(o["test_size"])): o["outcomes"] for o in _val_options(x, sel)}
+    options = {(o["kind"], int(o["test_size"])): o["outcomes"] for o in val_options}
     served = options.get((kind, size))
     if served is None:
         return None
@@ -390,34 +403,19 @@ def _paired_on_val(x: "FixContext", sel: dict, size: int, kind: str) -> dict | N
         other = options.get(key)
         if other is None or key == (kind, size):
             continue
-        both = [(a, b) for a, b in zip(served, other) if a is not None and b is not None]
-        out[f"{name}_top1"] = fixsize.percent_correct([b for _, b in both])
-        out[f"paired_vs_{name}"] = paired_test([a for a, _ in both], [b for _, b in both])
+        test = fixsize.paired_on_read(served, other)
+        out[f"{name}_top1"] = test.pop("b_top1")
+        out[f"paired_vs_{name}"] = test
     return out
 
 
-def _val_options(x: "FixContext", sel: dict) -> list[dict]:
-    """The candidates with their outcomes on every validation photo: fixed from the select step, untuned from
-    the sweep before the fix."""
-    before = x.read("sweep_before").get("outcomes") or {}
-    options = []
-    for r in sel["candidates"]:
-        cost = {"test_size": int(r["test_size"]), "ms": r.get("ms"), "gflops": r.get("gflops")}
-        fixed_bits, untuned_bits = (r.get("val_after") or {}).get("outcomes"), before.get(str(r["test_size"]))
-        for kind, bits in ((fixsize.FIXED, fixed_bits), (fixsize.UNTUNED, untuned_bits)):
-            if bits:
-                outcomes = fixsize.read_bits(bits)
-                options.append({**cost, "kind": kind, "outcomes": outcomes, "top1": fixsize.percent_correct(outcomes)})
-    return options
-
-
-def _cross_choice(x: "FixContext", sel: dict, budget: dict) -> dict:
+def _cross_choice(x: "FixContext", val_options: list[dict], budget: dict) -> dict:
     """Each half of val reported by the candidate chosen on the other half (the same rule as the export's);
     pooled top-1 (binomial SE, fold std) and paired tests against the untuned model at the same sizes and at
     the train size, on the same photos."""
     labels = [int(y) for _, y in x.val_index.samples]
     halves = fixsize.stratified_halves(labels, seed=x.config.seed)
-    res = fixsize.cross_select_served(_val_options(x, sel), halves, mode=x.config.choose,
+    res = fixsize.cross_select_served(val_options, halves, mode=x.config.choose,
                                       train_size=x.cfg.train_size, **budget)
     before_bits = x.read("sweep_before").get("outcomes") or {}
     before = {int(k): fixsize.read_bits(v) for k, v in before_bits.items()}

@@ -265,8 +265,14 @@ def _p_against(option: Mapping, best: Mapping) -> float | None:
         return 1.0
     if a is None or b is None or len(a) != len(b):
         return None
+    return paired_on_read(a, b)["p"]
+
+
+def paired_on_read(a: Sequence[bool | None], b: Sequence[bool | None]) -> dict:
+    """``paired_test`` of two per-photo outcome lists on the photos both read (None: unread), with b's top-1
+    there (``b_top1``)."""
     both = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-    return paired_test([x for x, _ in both], [y for _, y in both])["p"]
+    return {**paired_test([x for x, _ in both], [y for _, y in both]), "b_top1": percent_correct([y for _, y in both])}
 
 
 def served_sentence(choice: Mapping) -> str:
