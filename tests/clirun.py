@@ -10,6 +10,18 @@ from pathlib import Path
 VENV_BIN = Path(sys.executable).parent
 FIXRES = VENV_BIN / "fixres"
 
+#: (command, flags that make a valid invocation of each command taking a model and data, apart from the model,
+#: --data and --out)
+MODEL_COMMANDS = {
+    "eval": ["--test-size", "32"],
+    "sweep": ["--test-sizes", "32,48"],
+    "finetune": ["--test-size", "32", "--epochs", "1"],
+    "train": ["--train-size", "32", "--epochs", "1"],
+    "stats": ["--sizes", "32,48"],
+    "adapt": ["--method", "bn-recalibrate", "--test-size", "48"],
+    "fix": ["--test-size", "32", "--epochs", "1"],
+}
+
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
     """Run ``fixres ARGV`` in this process; returns (exit code, stdout, stderr)."""

@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import write_image_folder
-from tinyruns import fp32
+from tinyruns import fp32, tiny_bundle
 
 from fixres.data.folders import scan_folder
 from fixres.method.adaptation import adapt
 from fixres.method.stats import iterate_views, pooled_point
-from fixres.models.loading import load_model
 from fixres.models.residual import apply_affine, find_last_sum
 from fixres.models.structure import find_parts
 
@@ -25,16 +24,7 @@ READ_AT = {"resnet10t": ("layer4.0.act2", 0), "torchvision:resnet18": ("layer4.1
 
 
 def _bundle(name: str):
-    torch.manual_seed(0)
-    bundle = load_model(model=name, num_classes=3, train_size=T)
-    with torch.no_grad():  # random but not degenerate statistics (timm zero-inits the last norm of a block)
-        for m in bundle.model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-    return bundle
+    return tiny_bundle(0, train_size=T, model=name)
 
 
 def _moments(model, samples, cfg, size, name, call):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from clirun import assert_one_line_error, cli, fixres_subprocess, save_tiny_checkpoint
+from clirun import MODEL_COMMANDS, assert_one_line_error, cli, fixres_subprocess, save_tiny_checkpoint
 from conftest import write_image_folder
 
 from fixres.cli.app import COMMANDS, _oom_message
@@ -250,16 +250,7 @@ def test_warn_stride():
 
 # --------------------------------------------------------------------------- other commands (written in parallel)
 
-#: (command, extra flags that make a valid invocation apart from the bad one)
-MODEL_COMMANDS = {
-    "eval": ["--test-size", "32"],
-    "sweep": ["--test-sizes", "32,48"],
-    "finetune": ["--test-size", "32", "--epochs", "1"],
-    "train": ["--train-size", "32", "--epochs", "1"],
-    "stats": ["--sizes", "32,48"],
-    "adapt": ["--method", "bn-recalibrate", "--test-size", "48"],
-    "fix": ["--test-size", "32", "--epochs", "1"],
-}
+
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clirun import assert_one_line_error, cli, save_tiny_checkpoint
+from clirun import MODEL_COMMANDS, assert_one_line_error, cli, save_tiny_checkpoint
 from conftest import write_image_folder
 
 from fixres.errors import FixresError, UsageError
@@ -141,16 +141,7 @@ def test_adapt_frechet_removes_the_model_another_method_left(capsys, setup):
 # --------------------------------------------------------------------------- --out: outside the data, writable
 
 #: (command, flags that make a valid invocation apart from --data, --out and the model)
-COMMANDS_WITH_DATA = {
-    "eval": ["--test-size", "32"],
-    "sweep": ["--test-sizes", "32,48"],
-    "finetune": ["--test-size", "32", "--epochs", "1"],
-    "train": ["--train-size", "32", "--epochs", "1"],
-    "stats": ["--sizes", "32,48"],
-    "adapt": ["--method", "bn-recalibrate", "--test-size", "48"],
-    "fix": ["--test-size", "32", "--epochs", "1"],
-    "analyze": ["--plot"],
-}
+COMMANDS_WITH_DATA = {**MODEL_COMMANDS, "analyze": ["--plot"]}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS_WITH_DATA))

@@ -20,11 +20,12 @@ def tiny_data(root: Path, *, train_per_class: int = 6, val_per_class: int = 3):
     return scan_folder(root / "train"), scan_folder(root / "val")
 
 
-def tiny_bundle(seed: int = 0, *, train_size: int = 32):
-    """fixres_tiny_resnet with 3 classes and non-zero last batch-norm weights (timm zero-inits them)."""
+def tiny_bundle(seed: int = 0, *, train_size: int = 32, model: str = "fixres_tiny_resnet"):
+    """``model`` (fixres_tiny_resnet by default) with 3 classes and random but not degenerate batch-norm weights
+    and statistics (timm zero-inits the last norm of a block)."""
     from fixres.models.loading import load_model
     torch.manual_seed(seed)
-    bundle = load_model(model="fixres_tiny_resnet", num_classes=3, train_size=train_size)
+    bundle = load_model(model=model, num_classes=3, train_size=train_size)
     with torch.no_grad():
         for m in bundle.model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
