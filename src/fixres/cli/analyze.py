@@ -50,33 +50,38 @@ def _scale_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _photo_sizes(args) -> tuple[list[tuple[int, int]], list[dict] | None]:
+    """The photo sizes the Monte Carlo samples: read from --data's headers (with the files skipped), given by
+    --image-sizes, or one square 500 px photo."""
+    from pathlib import Path
+
+    from fixres.errors import UsageError
+    from fixres.method import analysis
+    if not args.data:
+        return (analysis.parse_image_sizes(args.image_sizes) if args.image_sizes else [(500, 500)]), None
+    from fixres.data.folders import scan_folder
+    from fixres.data.images import probe_size
+    sizes, skipped = [], []
+    for path, _ in scan_folder(args.data).samples:
+        size, reason = probe_size(path)
+        if size is None:
+            skipped.append({"path": path, "reason": reason})
+        else:
+            sizes.append(size)
+    if not sizes:
+        raise UsageError(f"no readable image in {args.data} ({len(skipped)} files skipped, e.g. "
+                         f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']})")
+    return sizes, skipped
+
+
 def run(args):
     from pathlib import Path
 
+    from fixres.errors import UsageError
     from fixres.method import analysis
 
-    skipped: list[dict] | None = None
-    if args.data:
-        from fixres.data.folders import scan_folder
-        from fixres.data.images import probe_size
-        from fixres.errors import UsageError
-        index = scan_folder(args.data)
-        sizes, skipped = [], []
-        for path, _ in index.samples:
-            size, reason = probe_size(path)
-            if size is None:
-                skipped.append({"path": path, "reason": reason})
-            else:
-                sizes.append(size)
-        if not sizes:
-            raise UsageError(f"no readable image in {args.data} ({len(skipped)} files skipped, e.g. "
-                             f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']})")
-    elif args.image_sizes:
-        sizes = analysis.parse_image_sizes(args.image_sizes)
-    else:
-        sizes = [(500, 500)]
+    sizes, skipped = _photo_sizes(args)
     if args.train_scale is not None and args.train_augment != analysis.RRC_AUGMENT:
-        from fixres.errors import UsageError
         raise UsageError("--train-scale is RandomResizedCrop's range; the control augmentation has none")
     result = analysis.analyze(train_size=args.train_size, crop_ratio=args.crop_ratio, stride=args.stride,
                               image_sizes=sizes, samples=args.samples, seed=args.seed,
@@ -93,16 +98,23 @@ def run(args):
         out = Path(args.out or "runs/analyze")
         result["plot"] = str(plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction,
                                             out / "roc_areas.png", ratios=mc.ratios))
+    return result, _summary(args, result, len(sizes), skipped)
+
+
+def _summary(args, result: dict, n_sizes: int, skipped: list[dict] | None) -> str:
+    """The terminal text: the ratio (closed form and Monte Carlo), the recommendation, the inverse, skips."""
+    from fixres.method import analysis
+
     m = result["monte_carlo"]
+    rrc = result["train_augment"] == analysis.RRC_AUGMENT
     trained = (f"RandomResizedCrop over {result['train_scale'][0]:g}-{result['train_scale'][1]:g} of the area"
-               if result["train_augment"] == analysis.RRC_AUGMENT else
-               f"control: resize {result['test_resize']} + random crop, no scale change")
+               if rrc else f"control: resize {result['test_resize']} + random crop, no scale change")
     lines = [
         f"train {args.train_size}px ({trained}), test resize {result['test_resize']} + crop {args.train_size}px "
         f"(crop ratio {args.crop_ratio}):",
         f"  objects look {result['ratio_closed_form']:.4f}x as large at test time (closed form"
-        + (", eq. 5; square photos, aspect 1)" if result["train_augment"] == analysis.RRC_AUGMENT else ")"),
-        f"  Monte Carlo over {len(sizes)} photo size(s), real RandomResizedCrop: mean {m['mean']:.4f}, "
+        + (", eq. 5; square photos, aspect 1)" if rrc else ")"),
+        f"  Monte Carlo over {n_sizes} photo size(s), real RandomResizedCrop: mean {m['mean']:.4f}, "
         f"median {m['quantiles']['0.5']:.4f}, 5-95% {m['quantiles']['0.05']:.2f}-{m['quantiles']['0.95']:.2f}",
         f"  (with the aspect ratio held at 1, as eq. 5 assumes: {m['mean_aspect1']:.4f}; RandomResizedCrop's "
         f"aspect jitter rejects large crops more often, so objects look smaller still)",
@@ -118,4 +130,4 @@ def run(args):
         lines.append(f"  skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]['path']}: {skipped[0]['reason']}")
     if "plot" in result:
         lines.append(f"  RoC-area histogram: {result['plot']}")
-    return result, "\n".join(lines)
+    return "\n".join(lines)

@@ -39,22 +39,9 @@ def fraction(text: str) -> float:
     return value
 
 
-def add_parser(sub, parents):
-    p = sub.add_parser("fix", parents=parents, help="the whole method: analyse, sweep, fine-tune, report",
-                       description=DESCRIPTION)
-    add_model_args(p, random_ok=True)  # fix trains from scratch when given no weights
-    g = p.add_argument_group("data and sizes")
-    g.add_argument("--data", default=None, metavar="DIR",
-                   help="ImageFolder with train/ and val/ (default: the embedded data set, generated)")
-    g.add_argument("--train-size", type=image_size, default=None,
-                   help="size the model was (or is to be) trained at (default: the model's own; 64 embedded)")
-    g.add_argument("--test-sizes", type=int_list, default=None, metavar="SIZES",
-                   help="sizes to sweep, e.g. 64,96,128 or 48:224:16 (default: about T/2 to 2T, the candidates' "
-                        "range, in steps of the model's stride)")
-    g.add_argument("--test-size", type=image_size, default=None,
-                   help="fix at this size only (default: fix at every candidate size and keep the one most accurate "
-                        "after the fix on photos the model never saw; see --select-data)")
-    s = p.add_argument_group("choosing the size after fixing")
+def _add_choice_args(p) -> None:
+    """The flags of choosing what is served: candidates, the rule, which photos choose, budgets."""
+    s = p.add_argument_group("choosing what is served after fixing")
     s.add_argument("--candidates", type=int_list, default=None, metavar="SIZES",
                    help="sizes to fix at and choose from (default: stride multiples from T/2 to 2T and the "
                         "neighbours of the unrounded recommendation)")
@@ -76,16 +63,35 @@ def add_parser(sub, parents):
     s.add_argument("--holdout-untouched", action="store_true",
                    help="the given model never trained on the held-out training photos: choose on them")
     s.add_argument("--max-test-size", type=image_size, default=None, metavar="S",
-                   help="deploy at most at this size: the most accurate fixed size not above it")
+                   help="serve at most at this size: the choice among the candidates not above it")
     s.add_argument("--budget-ms", type=positive_float, default=None, metavar="X",
-                   help="the most accurate fixed size whose latency (ms per image, batch 1, measured here) is <= X")
+                   help="serve a candidate whose latency (ms per image, batch 1, measured here) is <= X")
     s.add_argument("--budget-gflops", type=positive_float, default=None, metavar="X",
-                   help="the most accurate fixed size needing <= X GFLOPs per image")
+                   help="serve a candidate needing <= X GFLOPs per image")
     s.add_argument("--temperature-scale", action="store_true",
                    help="fit a softmax temperature on the held-out images and fold it into the classifier")
     s.add_argument("--label-free", action="store_true",
                    help="no labels read: bn-recalibrate at the analysis' recommended size on the training images "
                         "(reported on val when val has labels)")
+
+
+def add_parser(sub, parents):
+    p = sub.add_parser("fix", parents=parents, help="the whole method: analyse, sweep, fine-tune, report",
+                       description=DESCRIPTION)
+    add_model_args(p, random_ok=True)  # fix trains from scratch when given no weights
+    g = p.add_argument_group("data and sizes")
+    g.add_argument("--data", default=None, metavar="DIR",
+                   help="ImageFolder with train/ and val/ (default: the embedded data set, generated)")
+    g.add_argument("--train-size", type=image_size, default=None,
+                   help="size the model was (or is to be) trained at (default: the model's own; 64 embedded)")
+    g.add_argument("--test-sizes", type=int_list, default=None, metavar="SIZES",
+                   help="sizes to sweep, e.g. 64,96,128 or 48:224:16 (default: about T/2 to 2T, the candidates' "
+                        "range, in steps of the model's stride)")
+    g.add_argument("--test-size", type=image_size, default=None,
+                   help="fix at this size only (default: fix at every candidate size and serve the cheapest "
+                        "candidate, fixed or as trained, not worse than the best on photos the model never saw; see "
+                        "--choose and --select-data)")
+    _add_choice_args(p)
     f = p.add_argument_group("fine-tuning (paper defaults: classifier + bn, test DA)")
     f.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help="what adapts: classifier, classifier,norm (default; 'bn' is the same), "
