@@ -124,7 +124,7 @@ def count_sweep(sweep: dict | None) -> dict:
 
 
 def count_select(sel: dict | None, run_dir: Path, n_fit: int, epochs: int) -> dict:
-    from fixres.job.candidates import LATENCY_BATCH, LATENCY_REPEATS, LATENCY_WARMUP
+    from fixres.runtime.cost import LATENCY_BATCH, LATENCY_REPEATS, LATENCY_WARMUP
     if sel is None:
         return _count(note="skipped")
     full = suffix = train = 0

@@ -27,10 +27,10 @@ from _common import REPO
 
 sys.path.insert(0, str(REPO / "src"))
 
+from fixres.choosing.best import best_row
+from fixres.choosing.significance import binomial_se, paired_test
 from fixres.io.atomic import write_json  # noqa: E402
 from fixres.job import pipeline  # noqa: E402
-from fixres.job.fixsize import binomial_se, paired_test  # noqa: E402
-from fixres.method.selection import best_row  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -60,7 +60,8 @@ def _sizes(text: str | None) -> list[int] | None:
 def _per_image(run_dir: Path, config: pipeline.FixConfig, sizes: list[int]) -> dict[int, tuple[list, list]]:
     """Per validation image: correct before and after the fix at each candidate size (same images)."""
     from fixres.data.folders import index_val_onto, resolve_split, scan_folder
-    from fixres.job.candidates import load_adapted, predict
+    from fixres.job.candidates import load_adapted
+    from fixres.method.calibration import predict
     from fixres.models.loading import load_model
     data = json.loads((run_dir / "data.json").read_text())["root"]
     base_ck = run_dir / "train" / "model.safetensors" if (run_dir / "train").is_dir() else config.checkpoint

@@ -71,9 +71,9 @@ RESULT = "train_low_fix.json"
 def _significance():
     """(paired_test, binomial_se) from wherever they live now."""
     try:
-        from fixres.method.significance import binomial_se, paired_test
+        from fixres.choosing.significance import binomial_se, paired_test
     except ImportError:
-        from fixres.job.fixsize import binomial_se, paired_test
+        from fixres.choosing.significance import binomial_se, paired_test
     return paired_test, binomial_se
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fixres.method.significance import binomial_se
+from fixres.choosing.significance import binomial_se
 
 #: An accuracy where the two differ by a factor of three: 80 % on 1,000 photos, SE 1.26, fold std about 0.4.
 ROW = {"test_size": 224, "crop_ratio": 0.875, "resize": 256, "ten_crop": False, "top1": 80.0, "top1_se": 1.26,

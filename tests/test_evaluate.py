@@ -196,8 +196,8 @@ def _cli(argv, capsys):
 
 
 def test_cli_sweep_writes_json_csv_png_and_marks_recommended_size(image_folder, tmp_path, capsys):
+    from fixres.choosing.best import best_size
     from fixres.method.analysis import recommend_test_size
-    from fixres.method.selection import best_size
     out = tmp_path / "sweep"
     torch.manual_seed(0)
     code, stdout, stderr = _cli(["sweep", "--data", str(image_folder), "--model", "fixres_tiny_resnet", "--random-init",

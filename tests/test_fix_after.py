@@ -62,7 +62,7 @@ def test_scale_layer_divides_the_logits_exactly():
     layer = torch.nn.Linear(4, 3)
     x = torch.randn(5, 4)
     want = layer(x) / 2.5
-    from fixres.job.candidates import scale_layer
+    from fixres.method.calibration import scale_layer
     scale_layer(layer, 1 / 2.5)
     assert torch.allclose(layer(x), want, atol=1e-6)
 

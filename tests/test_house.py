@@ -27,7 +27,7 @@ PACKAGE = SRC / "fixres"
 MAX_FUNCTION_LINES = 80
 #: The rooms from the bottom up: a module may import its own room and the rooms before it, never after.
 #: ``core`` is the package's top-level vocabulary (``config``, ``errors``, ``version``).
-ROOMS = ("core", "runtime", "io", "data", "models", "method", "report", "job", "cli", "api")
+ROOMS = ("core", "runtime", "io", "data", "models", "choosing", "method", "report", "job", "cli", "api")
 #: Top-level modules and the room they belong to.
 TOP_LEVEL = {"fixres.config": "core", "fixres.errors": "core", "fixres.version": "core", "fixres.api": "api",
              "fixres": "api", "fixres.__main__": "cli"}

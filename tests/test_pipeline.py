@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixres.job import fixsize, pipeline
+from fixres.choosing.photos import RULE_HELD_OUT
+from fixres.choosing.serving import choose_test_size
+from fixres.job import pipeline
 
 TINY = dict(classes=3, train_per_class=8, val_per_class=4, train_size=32, test_sizes=[32, 48, 64], train_epochs=1,
             finetune_epochs=1, workers=0, progress=False, batch_size=16, train_batch_size=8, choose="best")
@@ -54,7 +56,7 @@ def test_fix_runs_every_step_and_exports_a_loadable_fixed_model(tiny_run):
     assert meta["test_size"] == s and meta["train_size"] == 32
     assert meta["accuracy"]["top1"] == head["top1_fixed"]
     # Chosen on held-out training photos: every validation photo reports it without bias, and says so.
-    assert meta["top1"] == head["top1_fixed"] and meta["top1_rule"] == fixsize.RULE_HELD_OUT
+    assert meta["top1"] == head["top1_fixed"] and meta["top1_rule"] == RULE_HELD_OUT
     # The served model against the untuned one on the same validation photos: paired tests, not error bars.
     paired = result["choice"]["paired_val"]
     assert {"paired_vs_untuned", "paired_vs_train_size"} <= set(paired)
@@ -138,8 +140,8 @@ def test_report_command_rebuilds_from_json(tiny_run, capsys):
 
 def test_choose_test_size_and_default_sizes():
     rows = [{"test_size": 64, "top1": 50.0}, {"test_size": 96, "top1": 58.0}, {"test_size": 128, "top1": 55.0}]
-    assert fixsize.choose_test_size(recommended=64, sweep_rows=rows, train_size=64)["test_size"] == 96
-    assert fixsize.choose_test_size(recommended=128, sweep_rows=rows, train_size=64)["test_size"] == 128
+    assert choose_test_size(recommended=64, sweep_rows=rows, train_size=64)["test_size"] == 96
+    assert choose_test_size(recommended=128, sweep_rows=rows, train_size=64)["test_size"] == 128
     assert pipeline.default_test_sizes(64) == [32, 64, 96, 128]  # T/2 to 2T, the candidates' range
     assert pipeline.default_test_sizes(64, step=16)[:3] == [32, 48, 64]
     sizes = pipeline.default_test_sizes(224)

@@ -63,8 +63,8 @@ def test_test_size_is_chosen_on_held_out_training_images_not_on_val(user_run):
     from fixres.data.folders import scan_folder
     run = user_run["run"]
     assert (run / "select.json").is_file(), "no record of how the size was chosen"
-    from fixres.job.fixsize import holdout_split
-    from fixres.method.selection import best_row
+    from fixres.choosing.best import best_row
+    from fixres.choosing.photos import holdout_split
     sel = json.loads((run / "select.json").read_text())
     train = scan_folder(user_run["data"] / "train")
     fit, held = holdout_split(train.samples, seed=0)
@@ -143,7 +143,7 @@ def test_fix_job_is_a_table_of_short_steps():
     """One function per step and a table of steps; no function over 80 lines."""
     files = [REPO / "src" / "fixres" / f for f in ("job/pipeline.py", "job/steps.py", "job/keys.py", "job/context.py",
                                                    "job/plan.py", "cli/fix.py", "job/candidates.py",
-                                                   "job/fixsize.py", "job/fingerprint.py", "job/runstate.py")]
+                                                   "choosing/serving.py", "job/fingerprint.py", "job/runstate.py")]
     assert [f for p in files for f in _long_functions(p)] == []
     assert [s.name for s in pipeline.STEP_TABLE] == list(pipeline.STEPS)
     assert len({s.run for s in pipeline.STEP_TABLE}) == len(pipeline.STEP_TABLE)

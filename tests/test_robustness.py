@@ -13,12 +13,13 @@ from conftest import write_image_folder
 from fakerun import fake_run_dir
 from PIL import Image
 
+from fixres.choosing import significance
+from fixres.choosing.significance import binomial_se, paired_test
 from fixres.data import corruptions as C
 from fixres.data import transforms
 from fixres.data.folders import ImageDataset, scan_folder
 from fixres.errors import UsageError
-from fixres.job import fixsize
-from fixres.method import robustness, significance
+from fixres.method import robustness
 from fixres.method.evaluate import evaluate
 from fixres.models.loading import load_model
 from fixres.report import robustness as report_robustness
@@ -169,7 +170,7 @@ def test_stratified_subset():
 # --------------------------------------------------------------------------- the paired test
 
 def test_paired_test_moved_and_exact_past_a_thousand_disagreements():
-    assert fixsize.paired_test is significance.paired_test and fixsize.binomial_se is significance.binomial_se
+    assert paired_test is significance.paired_test and binomial_se is significance.binomial_se
     res = significance.paired_test([True] * 700 + [False] * 600, [False] * 700 + [True] * 600)
     assert res["only_a"] == 700 and res["only_b"] == 600
     assert 0.004 < res["p"] < 0.008  # normal approximation: z = 100 / sqrt(1300) = 2.77, p = 0.0056

@@ -1,8 +1,8 @@
-"""The one best-size rule (fixres.method.selection): highest top-1, ties to the train size, then the smaller size."""
+"""The one best-size rule (fixres.choosing.best): highest top-1, ties to the train size, then the smaller size."""
 
 from __future__ import annotations
 
-from fixres.method.selection import best_row, best_size
+from fixres.choosing.best import best_row, best_size
 
 
 def _rows(pairs):

@@ -10,7 +10,17 @@ import pytest
 from clirun import assert_one_line_error, cli, save_tiny_checkpoint
 from conftest import write_image_folder
 
-from fixres.job import candidates, fixsize, pipeline
+from fixres.choosing.outcomes import outcome_bits, read_bits
+from fixres.choosing.photos import (
+    RULE_CROSS,
+    RULE_HELD_OUT,
+    RULE_SELECT_DATA,
+    RULE_UNTOUCHED,
+    holdout_split,
+    stratified_halves,
+)
+from fixres.choosing.serving import cross_select
+from fixres.job import candidates, pipeline
 
 # The rules' mechanics on a fixed model: the most accurate fixed size is served (``--choose best``); what the
 # default cheapest rule serves is tested in test_served_choice.py.
@@ -55,7 +65,7 @@ def _read(run: Path, name: str) -> dict:
 def test_a_given_checkpoint_is_not_chosen_on_its_training_photos(given):
     run, choice = given["run"], given["result"]["choice"]
     sel, info = _read(run, "select"), _read(run, "run")
-    assert choice["rule"] == sel["rule"] == fixsize.RULE_CROSS and "cross-selection" in choice["chosen_on"]
+    assert choice["rule"] == sel["rule"] == RULE_CROSS and "cross-selection" in choice["chosen_on"]
     assert sel["n_holdout"] == 0 and info["n_holdout"] == 0
     assert info["n_fit"] == 24  # fine-tuned on every training photo: none is held out for a choice
     cands = sel["candidates"]
@@ -63,10 +73,10 @@ def test_a_given_checkpoint_is_not_chosen_on_its_training_photos(given):
     assert all(c["holdout_after"] is None and c["seen_after"]["n"] == sel["n_seen"] > 0 for c in cands)
     # the rigged training photos would pick 64; the choice follows the validation halves only
     assert choice["seen_check"]["size_chosen_on_seen"] == 64
-    outcomes = {c["test_size"]: fixsize.read_bits(c["val_after"]["outcomes"]) for c in cands}
+    outcomes = {c["test_size"]: read_bits(c["val_after"]["outcomes"]) for c in cands}
     labels = [int(p.parent.name.split("_")[1]) for p in sorted((given["data"] / "val").rglob("*.jpg"))]
-    halves = fixsize.stratified_halves(labels, seed=0)
-    expect = fixsize.cross_select(outcomes, halves, costs={}, train_size=32)
+    halves = stratified_halves(labels, seed=0)
+    expect = cross_select(outcomes, halves, costs={}, train_size=32)
     assert (choice["cross"]["size_half_a"], choice["cross"]["size_half_b"]) == (expect["size_half_a"],
                                                                                 expect["size_half_b"])
     assert choice["cross"]["top1"] == pytest.approx(expect["top1"])
@@ -100,8 +110,8 @@ def test_holdout_untouched_chooses_on_the_held_out_training_photos(given):
                                 "out": str(given["tmp"] / "untouched")})
     result = pipeline.run_fix(cfg)
     sel = _read(Path(cfg.out), "select")
-    fit, held = fixsize.holdout_split(_train_samples(given["data"]), seed=0)
-    assert sel["rule"] == fixsize.RULE_UNTOUCHED and sel["n_holdout"] == len(held) > 0
+    fit, held = holdout_split(_train_samples(given["data"]), seed=0)
+    assert sel["rule"] == RULE_UNTOUCHED and sel["n_holdout"] == len(held) > 0
     assert all(c["holdout_after"]["n"] == len(held) and c["seen_after"] is None for c in sel["candidates"])
     best = max(sel["candidates"], key=lambda c: (c["holdout_after"]["top1"], -abs(c["test_size"] - 32)))
     assert result["choice"]["test_size"] == best["test_size"] and result["choice"]["cross"] is None
@@ -119,7 +129,7 @@ def test_select_data_chooses_the_size_and_the_schedule(given, tmp_path):
                                 "tune_schedule": True})
     result = pipeline.run_fix(cfg)
     sel, sched = _read(tmp_path / "run", "select"), _read(tmp_path / "run", "schedule")
-    assert sel["rule"] == fixsize.RULE_SELECT_DATA and sel["n_holdout"] == 6 == sched["n_images"]
+    assert sel["rule"] == RULE_SELECT_DATA and sel["n_holdout"] == 6 == sched["n_images"]
     assert all(c["holdout_after"]["n"] == 6 for c in sel["candidates"])
     assert "--select-data" in result["choice"]["chosen_on"] and "--select-data" in sched["how"]
     assert _read(tmp_path / "run", "run")["n_fit"] == 24  # every training photo fine-tunes
@@ -132,35 +142,35 @@ def test_a_model_fix_trains_is_chosen_on_the_photos_it_held_out_of_training(tmp_
                              batch_size=8, train_batch_size=8, tune_schedule=False)
     result = pipeline.run_fix(cfg)
     sel, train = _read(tmp_path / "run", "select"), _read(tmp_path / "run", "train")
-    fit, held = fixsize.holdout_split(_train_samples(data), seed=0)
-    assert sel["rule"] == result["choice"]["rule"] == fixsize.RULE_HELD_OUT
+    fit, held = holdout_split(_train_samples(data), seed=0)
+    assert sel["rule"] == result["choice"]["rule"] == RULE_HELD_OUT
     assert sel["n_holdout"] == len(held) and train["hparams"]["n_train"] == len(fit) == 24 - len(held)
 
 
 def test_stratified_halves_split_every_class_evenly_and_follow_the_seed():
     labels = [0] * 7 + [1] * 7 + [2] * 4
-    halves = fixsize.stratified_halves(labels, seed=0)
+    halves = stratified_halves(labels, seed=0)
     for c in (0, 1, 2):
         ones = sum(h for h, y in zip(halves, labels) if y == c)
         assert ones in ({3, 4} if c < 2 else {2})
     assert abs(halves.count(0) - halves.count(1)) <= 1  # odd classes alternate their extra image
-    assert fixsize.stratified_halves(labels, seed=0) == halves != fixsize.stratified_halves(labels, seed=1)
+    assert stratified_halves(labels, seed=0) == halves != stratified_halves(labels, seed=1)
 
 
 def test_cross_select_reports_each_half_at_the_other_halfs_choice():
     halves = [0, 0, 0, 0, 1, 1, 1, 1]
     outcomes = {32: [1, 1, 1, 0, 0, 0, 1, 0], 64: [0, 0, 1, 1, 1, 1, 1, 1]}  # A prefers 32, B prefers 64
-    res = fixsize.cross_select({s: [bool(v) for v in o] for s, o in outcomes.items()}, halves, costs={})
+    res = cross_select({s: [bool(v) for v in o] for s, o in outcomes.items()}, halves, costs={})
     assert (res["size_half_a"], res["size_half_b"]) == (32, 64)
     # half A is scored at 64 (B's choice): 0,0,1,1; half B at 32 (A's choice): 0,0,1,0
     assert res["pooled"] == [False, False, True, True, False, False, True, False] and res["top1"] == 37.5
-    unread = fixsize.cross_select({32: [None, True], 64: [None, False]}, [0, 1], costs={})
+    unread = cross_select({32: [None, True], 64: [None, False]}, [0, 1], costs={})
     assert unread["n"] == 1
 
 
 def test_outcome_bits_round_trip_with_unread_images():
-    bits = fixsize.outcome_bits([True, False, True], [0, 2, 3], 5)
-    assert bits == "1.01." and fixsize.read_bits(bits) == [True, None, False, True, None]
+    bits = outcome_bits([True, False, True], [0, 2, 3], 5)
+    assert bits == "1.01." and read_bits(bits) == [True, None, False, True, None]
 
 
 def test_select_data_flags_are_checked_before_anything_runs(tmp_path, capsys):

@@ -9,9 +9,10 @@ import pytest
 from clirun import save_tiny_checkpoint
 from conftest import write_image_folder
 
+from fixres.choosing.serving import choose_served, cross_select_served, option_name, served_sentence
+from fixres.choosing.significance import paired_test
 from fixres.errors import UsageError
-from fixres.job import fixsize, pipeline
-from fixres.method.significance import paired_test
+from fixres.job import pipeline
 
 
 def _option(kind, size, hits, n=100, gflops=None, ms=None):
@@ -24,15 +25,15 @@ def test_nothing_beats_the_model_as_trained_beyond_noise_so_it_is_served():
     # A fixed 96 px model one photo ahead of the untuned model at 64 px: noise, and 2.25x the cost.
     options = [_option("untuned", 64, 55), _option("fixed", 64, 55), _option("untuned", 96, 54),
                _option("fixed", 96, 56)]
-    choice = fixsize.choose_served(options, train_size=64)
-    assert fixsize.option_name(choice["best"]) == "96px fixed"
-    assert fixsize.option_name(choice["option"]) == "64px untuned"
+    choice = choose_served(options, train_size=64)
+    assert option_name(choice["best"]) == "96px fixed"
+    assert option_name(choice["option"]) == "64px untuned"
     assert choice["p_vs_best"] >= 0.05 and choice["cost_key"] == "gflops"
-    sentence = fixsize.served_sentence(choice)
+    sentence = served_sentence(choice)
     assert sentence.startswith("nothing beats 64 px untuned beyond noise") and "serve it as trained" in sentence
     # --choose best keeps the argmax among the fixed candidates.
-    best = fixsize.choose_served(options, mode="best", train_size=64)
-    assert fixsize.option_name(best["option"]) == "96px fixed"
+    best = choose_served(options, mode="best", train_size=64)
+    assert option_name(best["option"]) == "96px fixed"
 
 
 def test_a_fix_that_wins_beyond_noise_is_served():
@@ -40,28 +41,28 @@ def test_a_fix_that_wins_beyond_noise_is_served():
     untuned = _option("untuned", 64, 50)
     fixed = {**_option("fixed", 96, 70)}
     fixed["outcomes"] = [True] * 50 + [True] * 20 + [False] * 30
-    choice = fixsize.choose_served([untuned, fixed, _option("fixed", 64, 51)], train_size=64)
+    choice = choose_served([untuned, fixed, _option("fixed", 64, 51)], train_size=64)
     assert paired_test(untuned["outcomes"], fixed["outcomes"])["p"] < 0.05
-    assert fixsize.option_name(choice["option"]) == "96px fixed" and choice["as_good"] == ["96px fixed"]
-    assert fixsize.served_sentence(choice).startswith("serve 96px fixed: the most accurate candidate")
+    assert option_name(choice["option"]) == "96px fixed" and choice["as_good"] == ["96px fixed"]
+    assert served_sentence(choice).startswith("serve 96px fixed: the most accurate candidate")
 
 
 def test_equal_cost_goes_to_the_untuned_model_and_latency_is_used_without_gflops():
     a, b = _option("fixed", 64, 60), _option("untuned", 64, 60)
-    assert fixsize.choose_served([a, b], train_size=64)["option"]["kind"] == "untuned"
+    assert choose_served([a, b], train_size=64)["option"]["kind"] == "untuned"
     slow = {**_option("untuned", 64, 60, ms=5.0), "gflops": None}
     fast = {**_option("fixed", 96, 60, ms=2.0), "gflops": None}
-    choice = fixsize.choose_served([slow, fast], train_size=64)
-    assert choice["cost_key"] == "ms" and fixsize.option_name(choice["option"]) == "96px fixed"
+    choice = choose_served([slow, fast], train_size=64)
+    assert choice["cost_key"] == "ms" and option_name(choice["option"]) == "96px fixed"
 
 
 def test_budget_and_bad_mode():
     options = [_option("untuned", 64, 50), _option("fixed", 128, 90)]
-    assert fixsize.choose_served(options, max_size=100)["option"]["test_size"] == 64
+    assert choose_served(options, max_size=100)["option"]["test_size"] == 64
     with pytest.raises(UsageError, match="no candidate size fits the budget"):
-        fixsize.choose_served(options, max_size=32)
+        choose_served(options, max_size=32)
     with pytest.raises(UsageError, match="unknown choice rule"):
-        fixsize.choose_served(options, mode="fastest")
+        choose_served(options, mode="fastest")
 
 
 def test_cross_selection_applies_the_same_rule_on_each_half():
@@ -69,7 +70,7 @@ def test_cross_selection_applies_the_same_rule_on_each_half():
     halves = [i % 2 for i in range(n)]
     untuned = _option("untuned", 64, 20, n=n)
     fixed = _option("fixed", 96, 21, n=n)
-    res = fixsize.cross_select_served([untuned, fixed], halves, train_size=64)
+    res = cross_select_served([untuned, fixed], halves, train_size=64)
     assert res["half_a"] == res["half_b"] == "64px untuned"  # one photo ahead is noise on each half
     assert res["pooled"] == untuned["outcomes"] and res["top1"] == pytest.approx(50.0)
 

@@ -21,6 +21,8 @@ from typing import Any, Sequence, Union
 
 from torch import nn
 
+from fixres.choosing.best import best_row
+from fixres.choosing.significance import binomial_se
 from fixres.config import DEFAULT_PARTS, DataConfig
 from fixres.data import folders as _data
 from fixres.errors import UsageError
@@ -29,8 +31,6 @@ from fixres.method import adaptation as _adapt
 from fixres.method import analysis as _analysis
 from fixres.method import evaluate as _evaluate
 from fixres.method import finetuning as _finetune
-from fixres.method.selection import best_row
-from fixres.method.significance import binomial_se
 from fixres.models import export as _export
 from fixres.models.loading import LITE_WEIGHTS, ModelBundle, data_config_for, load_model
 from fixres.runtime.dist import DistEnv, resolve_device
@@ -102,7 +102,7 @@ class SweepResult:
 
     @property
     def best(self) -> SizeResult:
-        """The most accurate size, by the project's one rule (``fixres.method.selection.best_row``: ties go to
+        """The most accurate size, by the project's one rule (``fixres.choosing.best.best_row``: ties go to
         the size closest to the train size, then to the smaller one)."""
         row = best_row([r.raw for r in self.rows], train_size=self.train_size)
         return next(r for r in self.rows if r.raw is row)

@@ -71,7 +71,7 @@ def run(args):
     lines = [f"{bundle.name}: {args.method} from {cfg.train_size}px to {test_size}px on {res['images']} images "
              "(no labels)"]
     if before and after:
-        from fixres.method.significance import binomial_se
+        from fixres.choosing.significance import binomial_se
         lines.append(f"  top-1 at {test_size}px: {before['top1']:.2f} ± {binomial_se(before['top1'], before['n']):.2f}%"
                      f" before -> {after['top1']:.2f} ± {binomial_se(after['top1'], after['n']):.2f}% after "
                      "(± binomial standard error)")

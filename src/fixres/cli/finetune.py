@@ -156,7 +156,7 @@ def run(args):
              f"({fc.epochs} epochs, {fc.augment} DA, "
              f"cache: {'yes, ' + result['cache'].get('cut', '') if result['cache']['used'] else 'no'})"]
     if b and a:
-        from fixres.method.significance import binomial_se
+        from fixres.choosing.significance import binomial_se
         lines.append(f"  top-1 at {test_size}px: {b['top1']:.2f} ± {binomial_se(b['top1'], b['n']):.2f}% before -> "
                      f"{a['top1']:.2f} ± {binomial_se(a['top1'], a['n']):.2f}% after (± binomial standard error)")
     fwd, bwd = t["ms_per_batch_forward"], t["ms_per_batch_backward"]

@@ -152,8 +152,7 @@ def _pm(top1, std) -> str:
 def _noise_line(h: dict, choice: dict) -> str:
     """The binomial standard error of what is served, and the exact paired tests against the untuned model on
     the same photos (at the same sizes, and at the train size)."""
-    from fixres.job.fixsize import binomial_se
-    from fixres.method.significance import ALPHA
+    from fixres.choosing.significance import ALPHA, binomial_se
     n, served = h.get("n_val"), h.get("top1_served", h.get("top1_fixed"))
     if not n or served is None:
         return "  noise: n/a"

@@ -37,9 +37,9 @@ def add_parser(sub, parents):
 def run(args):
     from pathlib import Path
 
+    from fixres.choosing.best import best_row
     from fixres.cli.eval import config_from_args, format_table, run_evaluation, write_results
     from fixres.method.analysis import recommend_test_size
-    from fixres.method.selection import best_row
     from fixres.runtime import dist
 
     crop_ratios = args.crop_ratios or ([args.crop_ratio] if args.crop_ratio else None)

@@ -13,47 +13,44 @@ restored by loading them over the model before the fix.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from fixres.data.folders import ImageDataset, make_loader
-from fixres.data.transforms import build_transform
+from fixres.choosing.budget import estimate_seconds, fit_in_budget
+from fixres.choosing.outcomes import outcome_bits, paired_on_read, percent_correct, read_bits
+from fixres.choosing.photos import HOLDOUT_METHOD, RULE_CROSS, SELECTION_RULES, stratified_halves
+from fixres.choosing.serving import (
+    FIXED,
+    UNTUNED,
+    choose_served,
+    choose_within_budget,
+    cross_select_served,
+    option_name,
+    served_options,
+    served_sentence,
+)
+from fixres.choosing.significance import binomial_se, paired_test
 from fixres.io.atomic import write_json
 from fixres.io.checkpoint import load_state_dict, save_safetensors
-from fixres.job import fixsize
 from fixres.job.context import FixContext
-from fixres.job.fixsize import paired_test
 from fixres.method.adaptation import adapt
-from fixres.method.calibration import fit_temperature
+from fixres.method.calibration import temperature_scale_model
 from fixres.method.evaluate import evaluate, fold_std
 from fixres.method.finetuning import STATE_NAME as FT_STATE
 from fixres.method.finetuning import default_lr, finetune
-from fixres.models.structure import find_classifier_name
-from fixres.runtime.engine import autocast
+from fixres.runtime.cost import measure_cost
 from fixres.runtime.progress import format_duration
 
 ADAPTED_NAME = "adapted.safetensors"
 RESULT_NAME = "candidate.json"
-#: Latency: warm-up calls, then the fastest of this many timed calls, at batch 1 and batch LATENCY_BATCH.
-LATENCY_WARMUP = 2
-LATENCY_REPEATS = 5
-LATENCY_BATCH = 16
-#: Share of a full forward that one cached fine-tuning epoch costs (only the adapted suffix runs,
-#: forward and backward); used for the time estimate printed before the candidates run.
-CACHED_EPOCH_SHARE = 0.2
 #: Fine-tuning schedules tried on the held-out images: the rate and the epochs times these.
 SCHEDULE_LR_FACTORS = (1.0, 10.0)
 SCHEDULE_EPOCH_FACTORS = (1, 3)
 #: Label-free adaptation (``fixres fix --label-free``): batch-norm statistics re-estimated at the new size.
 LABEL_FREE_METHOD = "bn-recalibrate"
-#: A random-augmentation epoch runs the whole network forward and backward: about three forwards.
-UNCACHED_EPOCH_SHARE = 3.0
 
 
 def adapted_keys(state: dict, modules: Sequence[str]) -> list[str]:
@@ -72,95 +69,6 @@ def load_adapted(model: nn.Module, path: Path) -> None:
     own = model.state_dict()
     for k, v in load_state_dict(path).items():
         own[k].copy_(v)
-
-
-def gflops(model: nn.Module, size: int, device) -> float | None:
-    """Forward GFLOPs of one image at ``size`` (torch's FLOP counter: multiply-adds count as 2)."""
-    x = torch.zeros(1, 3, size, size, device=device)
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            model(x)
-        return counter.get_total_flops() / 1e9
-    except Exception:  # noqa: BLE001 - an operator the counter does not know: cost unknown, not fatal
-        return None
-    finally:
-        model.train(was)
-
-
-def latency_ms(model: nn.Module, size: int, *, device, precision, batch: int) -> float:
-    """Fastest of LATENCY_REPEATS timed forwards at ``size`` and ``batch``, in wall ms per image (device
-    synchronised). The minimum, not the median: on a shared machine other processes only ever add time,
-    so the fastest call is the closest to the model's own cost."""
-    x = torch.randn(batch, 3, size, size, device=device)
-    model.eval()
-    times = []
-    with torch.inference_mode(), autocast(device, precision):
-        for i in range(LATENCY_WARMUP + LATENCY_REPEATS):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= LATENCY_WARMUP:
-                times.append((time.perf_counter() - t0) * 1000.0 / batch)
-    return min(times)
-
-
-def measure_cost(model: nn.Module, size: int, *, device, precision, batch: int = LATENCY_BATCH) -> dict:
-    """{"ms": per image at batch 1, "ms_batch": per image at batch N, "batch": N, "gflops"} at ``size``."""
-    return {"ms": latency_ms(model, size, device=device, precision=precision, batch=1),
-            "ms_batch": latency_ms(model, size, device=device, precision=precision, batch=batch), "batch": batch,
-            "gflops": gflops(model, size, device)}
-
-
-def predict(model: nn.Module, samples, cfg, size: int, *, batch_size: int, workers: int | None,
-            device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of ``model`` at ``size`` on ``samples`` (test pre-processing, fp32, skipped files left
-    out): for temperature fitting and paired per-image comparisons."""
-    loader = make_loader(ImageDataset(samples, build_transform("test", size=size, cfg=cfg)), batch_size=batch_size,
-                         workers=workers)
-    out, labels = [], []
-    model.eval()
-    with torch.inference_mode():
-        for batch in loader:
-            if batch.inputs is not None:
-                out.append(model(batch.inputs.to(device)).float().cpu())
-                labels.append(batch.labels)
-    return torch.cat(out), torch.cat(labels)
-
-
-def estimate_seconds(size: int, *, seconds_per_pixel: float, n_fit: int, n_scored: int, epochs: int,
-                     cached: bool, read_s: float = 0.0) -> float:
-    """Rough time of one candidate: the prefix pass (or full epochs) over the fitting images, then
-    scoring the held-out and validation images; the network's share scaled by the image area.
-
-    ``read_s``: seconds to read and pre-process one image, which hardly depends on the size (decoding
-    dominates); 0 when it is already inside ``seconds_per_pixel`` (both taken from one sweep's time).
-    """
-    share = CACHED_EPOCH_SHARE if cached else UNCACHED_EPOCH_SHARE
-    passes = n_fit * ((1.0 if cached else 0.0) + share * epochs) + n_scored
-    reads = n_fit * (1 if cached else epochs) + n_scored
-    return seconds_per_pixel * size * size * passes + read_s * reads
-
-
-def fit_in_budget(sizes: Sequence[int], estimates: dict[int, float], budget_s: float | None,
-                  keep: Sequence[int]) -> list[int]:
-    """The sizes whose estimated total fits ``budget_s``: the ``keep`` sizes first, then the others
-    nearest to them; the rest are dropped (and reported as such by the caller)."""
-    if budget_s is None:
-        return sorted(sizes)
-    anchors = [k for k in keep if k in sizes] or list(sizes)[:1]
-    order = sorted(sizes, key=lambda s: (s not in anchors, min(abs(s - a) for a in anchors), s))
-    chosen, total = [], 0.0
-    for s in order:
-        if chosen and total + estimates[s] > budget_s:
-            continue
-        chosen.append(s)
-        total += estimates[s]
-    return sorted(chosen)
 
 
 def _public(result: dict) -> dict:
@@ -183,7 +91,7 @@ def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs:
 
 def _score(x: "FixContext", model, samples, size: int, *, outcomes: bool = False, full: bool = False) -> dict:
     """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision); with ``outcomes``
-    also every image's outcome (``fixsize.outcome_bits``), for cross-selection and paired tests."""
+    also every image's outcome (``outcome_bits``), for cross-selection and paired tests."""
     res = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False, keep_outcomes=outcomes,
                    **{**x.eval_kw(), "progress": False})
     row = res["rows"][0]
@@ -199,7 +107,7 @@ def _score(x: "FixContext", model, samples, size: int, *, outcomes: bool = False
 def outcomes_of(result: dict, n: int) -> dict[str, str]:
     """{test size: per-image outcomes over the ``n`` evaluated images} of an ``evaluate(keep_outcomes=True)``
     result (its rows and their outcome arrays are in the same order)."""
-    return {str(r["test_size"]): fixsize.outcome_bits(top1, result["_idx"], n)
+    return {str(r["test_size"]): outcome_bits(top1, result["_idx"], n)
             for r, top1 in zip(result["rows"], result["_top1"].values())}
 
 
@@ -255,7 +163,7 @@ def run_select(x: "FixContext") -> None:
                      "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
     write_json(x.run_dir / "select.json", {
         "method": x.rule if (x.holdout or len(sizes) > 1) else "recommendation", "rule": x.rule,
-        "rule_text": fixsize.SELECTION_RULES.get(x.rule), "n_holdout": len(x.holdout), "n_seen": len(x.seen),
+        "rule_text": SELECTION_RULES.get(x.rule), "n_holdout": len(x.holdout), "n_seen": len(x.seen),
         "seen_before_at_train_size": seen_at_t,
         "n_val": x.read("sweep_before")["n_images"], "candidates": rows, "dropped": dropped,
         "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule,
@@ -316,24 +224,6 @@ def _dur(seconds: float) -> str:
     return format_duration(seconds)
 
 
-def served_options(sel: dict, fixed_score, untuned_score, *, need_outcomes: bool = False) -> list[dict]:
-    """The candidates of the choice: every size fixed and the model as trained at every size, with costs, top-1
-    and per-photo outcomes. ``fixed_score(row)`` / ``untuned_score(row)`` give a candidate row's score ({top1,
-    outcomes}); with ``need_outcomes`` a score without per-photo outcomes is left out (cross-selection needs
-    them), else its top-1 stands alone (a result cached before outcomes were kept)."""
-    options = []
-    for r in sel["candidates"]:
-        cost = {"test_size": int(r["test_size"]), "ms": r.get("ms"), "gflops": r.get("gflops")}
-        for kind, score in ((fixsize.FIXED, fixed_score(r)), (fixsize.UNTUNED, untuned_score(r))):
-            bits = (score or {}).get("outcomes")
-            if bits:
-                outcomes = fixsize.read_bits(bits)
-                options.append({**cost, "kind": kind, "outcomes": outcomes, "top1": fixsize.percent_correct(outcomes)})
-            elif not need_outcomes and score and score.get("top1") is not None:
-                options.append({**cost, "kind": kind, "outcomes": None, "top1": score["top1"]})
-    return options
-
-
 def _val_options(x: "FixContext", sel: dict) -> list[dict]:
     """The candidates with their outcomes on every validation photo: fixed from the select step, untuned from
     the sweep before the fix."""
@@ -344,7 +234,7 @@ def _val_options(x: "FixContext", sel: dict) -> list[dict]:
 
 def choose_after_fixing(x: "FixContext") -> dict:
     """What is served: among every candidate size fixed and the model as trained at every size, the cheapest
-    not worse than the best beyond noise on the photos of the selection rule (``fixsize.choose_served``;
+    not worse than the best beyond noise on the photos of the selection rule (``choose_served``;
     ``--choose best``: the most accurate fixed one), within the deployment budget. Under cross-selection the
     choice on all validation photos is exported and the headline is the pooled cross-selected result."""
     c = x.config
@@ -356,8 +246,8 @@ def choose_after_fixing(x: "FixContext") -> dict:
     options = served_options(sel, lambda r: r.get("holdout_after"), lambda r: r.get("holdout_before")) if n \
         else val_options
     if c.test_size:  # a size given is fixed at that size: nothing else to choose
-        options = [o for o in options if o["kind"] == fixsize.FIXED]
-    served = fixsize.choose_served(options, mode=c.choose, train_size=x.cfg.train_size, **budget)
+        options = [o for o in options if o["kind"] == FIXED]
+    served = choose_served(options, mode=c.choose, train_size=x.cfg.train_size, **budget)
     size, kind = int(served["option"]["test_size"]), served["option"]["kind"]
     rows = [{**r, "top1": (r["holdout_after"] or r["val_after"])["top1"]} for r in sel["candidates"]]
     budgets = [f"{name} {v:g}" for name, v in (("max size", c.max_test_size), ("ms/image", c.budget_ms),
@@ -368,7 +258,7 @@ def choose_after_fixing(x: "FixContext") -> dict:
     elif n:
         how = (f"chosen on {n} {x.chooser_words} (not the validation images reported), among {len(options)} "
                f"candidates: {len(rows)} sizes, each fixed at its own size and untuned")
-    elif rule == fixsize.RULE_CROSS and len(options) > 1:
+    elif rule == RULE_CROSS and len(options) > 1:
         cross = _cross_choice(x, val_options, budget)
         how = (f"two-fold cross-selection on the validation photos (the model was trained elsewhere: its training "
                f"photos are not unseen): half A chose {cross['half_a']}, half B {cross['half_b']}; exported: "
@@ -376,13 +266,13 @@ def choose_after_fixing(x: "FixContext") -> dict:
     else:
         how = "the only candidate (no training images to hold out)"
     how += f", within the budget ({', '.join(budgets)})" if budgets else ""
-    fixed = [o for o in options if o["kind"] == fixsize.FIXED]
+    fixed = [o for o in options if o["kind"] == FIXED]
     best_fixed = min(fixed, key=lambda o: (-float(o["top1"]), int(o["test_size"]))) if fixed else None
-    return {"test_size": size, "kind": kind, "choose": c.choose, "served": fixsize.served_sentence(served),
+    return {"test_size": size, "kind": kind, "choose": c.choose, "served": served_sentence(served),
             "best_fixed_size": int(best_fixed["test_size"]) if best_fixed else None,
-            "best": fixsize.option_name(served["best"]), "as_good": served["as_good"],
+            "best": option_name(served["best"]), "as_good": served["as_good"],
             "p_vs_best": served["p_vs_best"], "cost_key": served["cost_key"], "alpha": served["alpha"],
-            "method": sel["method"], "rule": rule, "rule_text": fixsize.SELECTION_RULES.get(rule),
+            "method": sel["method"], "rule": rule, "rule_text": SELECTION_RULES.get(rule),
             "reason": "selected after fixing" if (n or cross) else how, "chosen_on": how,
             "recommended": sel["recommended"], "n_images": n or (sel["n_val"] if cross else 0),
             "why_not_recommended": _why_not_recommended(size, sel, rows, f"the {n} {x.chooser_words}" if n else
@@ -399,11 +289,11 @@ def _paired_on_val(x: "FixContext", val_options: list[dict], size: int, kind: st
     if served is None:
         return None
     out = {}
-    for name, key in (("untuned", (fixsize.UNTUNED, size)), ("train_size", (fixsize.UNTUNED, int(x.cfg.train_size)))):
+    for name, key in (("untuned", (UNTUNED, size)), ("train_size", (UNTUNED, int(x.cfg.train_size)))):
         other = options.get(key)
         if other is None or key == (kind, size):
             continue
-        test = fixsize.paired_on_read(served, other)
+        test = paired_on_read(served, other)
         out[f"{name}_top1"] = test.pop("b_top1")
         out[f"paired_vs_{name}"] = test
     return out
@@ -414,27 +304,27 @@ def _cross_choice(x: "FixContext", val_options: list[dict], budget: dict) -> dic
     pooled top-1 (binomial SE, fold std) and paired tests against the untuned model at the same sizes and at
     the train size, on the same photos."""
     labels = [int(y) for _, y in x.val_index.samples]
-    halves = fixsize.stratified_halves(labels, seed=x.config.seed)
-    res = fixsize.cross_select_served(val_options, halves, mode=x.config.choose,
+    halves = stratified_halves(labels, seed=x.config.seed)
+    res = cross_select_served(val_options, halves, mode=x.config.choose,
                                       train_size=x.cfg.train_size, **budget)
     before_bits = x.read("sweep_before").get("outcomes") or {}
-    before = {int(k): fixsize.read_bits(v) for k, v in before_bits.items()}
+    before = {int(k): read_bits(v) for k, v in before_bits.items()}
     chosen = {0: res["size_half_a"], 1: res["size_half_b"]}
     untuned = [before[chosen[1 - h]][i] if chosen[1 - h] in before else None for i, h in enumerate(halves)]
     at_t = before.get(int(x.cfg.train_size))
     known = [i for i, o in enumerate(res["pooled"]) if o is not None]
     fixed = [bool(res["pooled"][i]) for i in known]
     out = {"half_a": res["half_a"], "half_b": res["half_b"], "size_half_a": chosen[0], "size_half_b": chosen[1],
-           "n": res["n"], "top1": res["top1"], "top1_se": fixsize.binomial_se(res["top1"], res["n"]),
+           "n": res["n"], "top1": res["top1"], "top1_se": binomial_se(res["top1"], res["n"]),
            "top1_std": fold_std(np.array(fixed, dtype=bool)) if fixed else None,
            "n_half_a": halves.count(0), "n_half_b": halves.count(1)}
     if all(untuned[i] is not None for i in known):
         u = [bool(untuned[i]) for i in known]
-        out["untuned_top1"] = fixsize.percent_correct(u)
+        out["untuned_top1"] = percent_correct(u)
         out["paired_vs_untuned"] = paired_test(fixed, u)
     if at_t is not None and all(at_t[i] is not None for i in known):
         t = [bool(at_t[i]) for i in known]
-        out["train_size_top1"] = fixsize.percent_correct(t)
+        out["train_size_top1"] = percent_correct(t)
         out["paired_vs_train_size"] = paired_test(fixed, t)
     return out
 
@@ -447,7 +337,7 @@ def _seen_check(x: "FixContext", sel: dict, rows: list[dict], budget: dict) -> d
         return None
     t = int(x.cfg.train_size)
     at_t = next((r for r in sel["candidates"] if int(r["test_size"]) == t), None)
-    pick = fixsize.choose_within_budget([{**r, "top1": r["seen_after"]["top1"]} for r in seen],
+    pick = choose_within_budget([{**r, "top1": r["seen_after"]["top1"]} for r in seen],
                                         train_size=t, **budget)
     return {"n": sel.get("n_seen"), "size_chosen_on_seen": int(pick["test_size"]),
             "seen_top1_at_train_size": (sel.get("seen_before_at_train_size") or {}).get("top1"),
@@ -480,18 +370,9 @@ def label_free_adapt(x: "FixContext", model, test_size: int) -> dict:
 
 
 def temperature_scale(x: "FixContext", model, test_size: int) -> dict:
-    """Fit T on the held-out images' logits, then divide the classifier by T (same top-1, calibrated softmax)."""
-    logits, labels = predict(model, x.holdout, x.cfg, test_size, batch_size=x.config.batch_size,
-                             workers=x.config.workers, device=x.env.device)
-    t = float(fit_temperature(logits, labels))
-    head = model.get_submodule(find_classifier_name(model))
-    scale_layer(head, 1.0 / t)
-    return {"T": t, "fitted_on": f"{len(x.holdout)} {fixsize.HOLDOUT_METHOD}", "test_size": test_size}
+    """Fit T on the choosing photos' logits, then divide the classifier by T (same top-1, calibrated softmax)."""
+    t = temperature_scale_model(model, x.holdout, x.cfg, test_size, batch_size=x.config.batch_size,
+                                workers=x.config.workers, device=x.env.device)
+    return {"T": t, "fitted_on": f"{len(x.holdout)} {HOLDOUT_METHOD}", "test_size": test_size}
 
 
-def scale_layer(layer, factor: float) -> None:
-    """Multiply a linear layer's weight and bias by ``factor`` (logits scale by it exactly)."""
-    with torch.no_grad():
-        layer.weight.mul_(factor)
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.mul_(factor)

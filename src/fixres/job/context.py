@@ -15,6 +15,17 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fixres import config as config_vocab
+from fixres.choosing.budget import CANDIDATE_HIGH
+from fixres.choosing.photos import (
+    HOLDOUT_FRACTION,
+    HOLDOUT_METHOD,
+    RULE_CROSS,
+    RULE_HELD_OUT,
+    RULE_SELECT_DATA,
+    RULE_UNTOUCHED,
+    holdout_split,
+)
+from fixres.choosing.serving import CHOOSE_CHEAPEST
 from fixres.data.folders import (
     index_val_onto,
     missing_classes_warning,
@@ -25,7 +36,6 @@ from fixres.data.folders import (
 )
 from fixres.errors import FixresError, UsageError
 from fixres.io.checkpoint import load_state_dict
-from fixres.job import fixsize
 from fixres.job.fingerprint import digest, file_digest, index_fingerprint
 from fixres.job.runstate import RunState
 from fixres.models.export import WEIGHTS_NAME
@@ -73,9 +83,9 @@ STATS_IMAGES = 250
 SWEEP_LOW = 0.5
 
 
-#: Up to the largest candidate size (``fixsize.CANDIDATE_HIGH``): larger sizes are never chosen, and a
+#: Up to the largest candidate size (``CANDIDATE_HIGH``): larger sizes are never chosen, and a
 #: size's forward costs its area: the sizes from 2 x T to 3 x T would cost twice all those up to 2 x T.
-SWEEP_HIGH = fixsize.CANDIDATE_HIGH
+SWEEP_HIGH = CANDIDATE_HIGH
 
 
 MAX_SWEEP_SIZE = 512
@@ -124,7 +134,7 @@ class FixConfig:
     amp: bool = True
     workers: int | None = None
     seed: int = 0
-    holdout_fraction: float = fixsize.HOLDOUT_FRACTION
+    holdout_fraction: float = HOLDOUT_FRACTION
     #: a labelled folder that chooses the size (and the fine-tuning schedule) instead of the default rule
     select_data: str | None = None
     #: the user says the held-out training photos were never trained on: choose on them (a given model)
@@ -132,7 +142,7 @@ class FixConfig:
     # choosing the size after fixing
     candidates: list[int] | None = None
     #: what is served: the cheapest candidate not worse than the best beyond noise, or the most accurate fixed one
-    choose: str = fixsize.CHOOSE_CHEAPEST
+    choose: str = CHOOSE_CHEAPEST
     select_budget_min: float | None = DEFAULT_SELECT_BUDGET_MIN
     max_test_size: int | None = None
     budget_ms: float | None = None
@@ -197,7 +207,7 @@ class FixContext:
     fit: list = field(default_factory=list)
     holdout: list = field(default_factory=list)  # the photos that choose (held-out or --select-data)
     seen: list = field(default_factory=list)  # cross-selection: training photos shown for comparison only
-    rule: str = ""  # which photos choose the size (fixsize.SELECTION_RULES)
+    rule: str = ""  # which photos choose the size (SELECTION_RULES)
     split: dict | None = None  # how a data folder without train/ and val/ was split
     fingerprints: dict = field(default_factory=dict)
     bundle: object = None
@@ -238,12 +248,12 @@ class FixContext:
                              "classes": digest(list(self.train_index.classes))}
 
     def assign_selection(self) -> None:
-        """Which photos choose the size (``fixsize.SELECTION_RULES``), once the model is known: held-out
+        """Which photos choose the size (``SELECTION_RULES``), once the model is known: held-out
         training photos only when this run trains the model without them (or the user vouches for them)."""
         c = self.config
         every = [(str(p), int(y)) for p, y in self.train_index.samples]
         if c.select_data:
-            self.rule = fixsize.RULE_SELECT_DATA
+            self.rule = RULE_SELECT_DATA
             chooser = index_val_onto(c.select_data, self.train_index, num_classes=c.num_classes)
             refuse_shared_photos(chooser.samples, self.val_index.samples, "--select-data", "the validation photos "
                                  "reported (a size chosen on them flatters the figure that reports it)")
@@ -252,19 +262,19 @@ class FixContext:
             self.fit, self.holdout = every, [(str(p), int(y)) for p, y in chooser.samples]
             self.fingerprints["select_images"] = index_fingerprint(chooser.samples)
         elif self.needs_training or c.holdout_untouched:
-            self.rule = fixsize.RULE_HELD_OUT if self.needs_training else fixsize.RULE_UNTOUCHED
-            self.fit, self.holdout = fixsize.holdout_split(every, fraction=c.holdout_fraction, seed=c.seed)
+            self.rule = RULE_HELD_OUT if self.needs_training else RULE_UNTOUCHED
+            self.fit, self.holdout = holdout_split(every, fraction=c.holdout_fraction, seed=c.seed)
         else:
-            self.rule = fixsize.RULE_CROSS
+            self.rule = RULE_CROSS
             self.fit, self.holdout = every, []
-            self.seen = fixsize.holdout_split(every, fraction=c.holdout_fraction, seed=c.seed)[1]
+            self.seen = holdout_split(every, fraction=c.holdout_fraction, seed=c.seed)[1]
 
     @property
     def chooser_words(self) -> str:
         """What the choosing photos are, in a sentence."""
-        if self.rule == fixsize.RULE_SELECT_DATA:
+        if self.rule == RULE_SELECT_DATA:
             return f"photos of --select-data {self.config.select_data}"
-        return fixsize.HOLDOUT_METHOD
+        return HOLDOUT_METHOD
 
     # ---- the model, built once
     @property
@@ -335,7 +345,7 @@ VAL_SHARE_WITHOUT_SPLITS = 0.2
 def split_one_folder(index, *, seed: int):
     """(train, val) indexes of one folder: a seeded, class-stratified share of the photos for validation, so no
     reported photo is fitted on. Deterministic in (photos, seed): a rerun gets the same split."""
-    train, val = fixsize.holdout_split(index.samples, fraction=VAL_SHARE_WITHOUT_SPLITS, seed=seed)
+    train, val = holdout_split(index.samples, fraction=VAL_SHARE_WITHOUT_SPLITS, seed=seed)
     if not val:
         raise UsageError(f"{index.root} has no train/ and val/ folders and too few photos per class to keep some "
                          "for validation: give it train/ and val/")

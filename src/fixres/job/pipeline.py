@@ -28,7 +28,7 @@ when its inputs are still the same, and starts over otherwise.
   stats         pooled-activation statistics before and after (figures 3-4, KS distance to T)
   report        HTML report with the figures, JSON summary
 
-The size is never chosen on the validation images the headline reports (``fixres.job.fixsize``); the model
+The size is never chosen on the validation images the headline reports (``fixres.choosing``); the model
 is built once, and every fix works on one copy of it.
 """
 
@@ -42,10 +42,12 @@ from typing import Callable
 
 import torch
 
+from fixres.choosing.budget import candidate_sizes
+from fixres.choosing.photos import RULE_CROSS
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
 from fixres.errors import UsageError
 from fixres.io.atomic import write_json
-from fixres.job import candidates, fixsize, keys, steps
+from fixres.job import candidates, keys, steps
 from fixres.job.context import (
     MAX_SWEEP_SIZE,
     STEPS,
@@ -95,7 +97,7 @@ def _describe_train(x: FixContext) -> str:
 def _describe_select(x: FixContext) -> str:
     if x.holdout:
         where = f"on {len(x.holdout)} {x.chooser_words} (not the validation images)"
-    elif x.rule == fixsize.RULE_CROSS and len(x.candidates) > 1:
+    elif x.rule == RULE_CROSS and len(x.candidates) > 1:
         where = (f"by two-fold cross-selection on the {len(x.val_index.samples)} validation photos (each half "
                  "reported by the other's choice)")
     else:
@@ -229,7 +231,7 @@ def _untuned_schedule_how(x: FixContext) -> str:
     c = x.config
     if c.lr is not None or not c.tune_schedule:
         return "given"
-    if x.rule == fixsize.RULE_CROSS:
+    if x.rule == RULE_CROSS:
         return ("the paper's default: a schedule tuned on the validation photos would be chosen on the photos "
                 "reported (give --select-data to tune it)")
     return "default (no held-out images)"
@@ -239,11 +241,11 @@ def _candidate_list(x: FixContext) -> list[int]:
     c = x.config
     if c.test_size:
         return [c.test_size]
-    if not x.holdout and x.rule != fixsize.RULE_CROSS:  # nothing to choose on: the recommendation only
+    if not x.holdout and x.rule != RULE_CROSS:  # nothing to choose on: the recommendation only
         return [int(x.read("analyse")["recommended_test_size"])]
     if c.candidates:
         return sorted(set(c.candidates))
-    sizes = fixsize.candidate_sizes(x.cfg.train_size, x.cfg.stride,
+    sizes = candidate_sizes(x.cfg.train_size, x.cfg.stride,
                                     recommended_unrounded=candidates.recommended_exact(x))
     return [s for s in sizes if s <= MAX_SWEEP_SIZE]
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 
+from fixres.choosing.budget import candidate_sizes, estimate_seconds
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
 from fixres.data.images import load_rgb
 from fixres.data.transforms import build_transform
-from fixres.job import candidates, fixsize
-from fixres.job.candidates import estimate_seconds, latency_ms
+from fixres.job import candidates
 from fixres.job.context import STATS_IMAGES, FixContext, tunes_schedule
+from fixres.runtime.cost import latency_ms
 from fixres.runtime.progress import format_duration
 
 #: Training images read, and the batch of the timed forwards, to estimate the time per image before the run
@@ -47,7 +48,7 @@ def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
     """Rough seconds per step from a forward time at T and a read time per image (printed before starting)."""
     c, t = x.config, x.cfg.train_size
     n_fit, n_hold, n_val = len(x.fit), len(x.holdout), len(x.val_index.samples)
-    cands = c.candidates or ([c.test_size] if c.test_size else fixsize.candidate_sizes(t, x.cfg.stride))
+    cands = c.candidates or ([c.test_size] if c.test_size else candidate_sizes(t, x.cfg.stride))
     area = lambda sizes: sum((s / t) ** 2 for s in sizes)  # noqa: E731
     sweep = n_val * (load * len(x.test_sizes) + fwd * area(x.test_sizes))
     n_seen = len(getattr(x, "seen", ()))  # cross-selection: training photos scored for comparison

@@ -12,10 +12,13 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from fixres.choosing.photos import RULE_CROSS, SELECTION_RULES
+from fixres.choosing.serving import FIXED, UNTUNED
+from fixres.choosing.significance import binomial_se
 from fixres.data.folders import count_image_sizes
 from fixres.data.synth import make_dataset
 from fixres.io.atomic import write_json
-from fixres.job import candidates, fixsize
+from fixres.job import candidates
 from fixres.job.candidates import load_adapted
 from fixres.job.context import EMBEDDED_TRAIN_LR, STATS_IMAGES, FixContext, read_json, stats_sizes_of, strip_private
 from fixres.method import analysis
@@ -93,8 +96,8 @@ def run_finetune(x: FixContext) -> None:
     if x.config.label_free:
         ft = candidates.label_free_adapt(x, model, test_size)
     else:
-        if x.choice.get("kind") == fixsize.UNTUNED:
-            ft = {"test_size": test_size, "served": fixsize.UNTUNED, "parts": [], "epochs": 0, "trainable": [],
+        if x.choice.get("kind") == UNTUNED:
+            ft = {"test_size": test_size, "served": UNTUNED, "parts": [], "epochs": 0, "trainable": [],
                   "note": "served as trained: no candidate fixed beat it beyond noise, so nothing was fine-tuned"}
         else:
             folder = x.run_dir / "candidates" / str(test_size)
@@ -136,17 +139,17 @@ def served_accuracy(x: FixContext, sweep_after: dict) -> dict:
     choose: the held-out rule's; under cross-selection the pooled estimate), ``top1_rule`` names how; the
     figure on all validation photos at a size chosen on them is kept only as ``top1_all_val_optimistic``."""
     test_size = int(x.choice["test_size"])
-    curve = x.read("sweep_before") if x.choice.get("kind") == fixsize.UNTUNED else sweep_after
+    curve = x.read("sweep_before") if x.choice.get("kind") == UNTUNED else sweep_after
     row = next(r for r in curve["rows"] if r["test_size"] == test_size)
     cross = x.choice.get("cross")
     if cross:
         return {"top1": cross["top1"], "top1_se": cross.get("top1_se"), "n": cross["n"],
-                "top1_rule": fixsize.RULE_CROSS, "top1_rule_text": fixsize.SELECTION_RULES[fixsize.RULE_CROSS],
+                "top1_rule": RULE_CROSS, "top1_rule_text": SELECTION_RULES[RULE_CROSS],
                 "top1_all_val_optimistic": row["top1"], "test_size": test_size, "served": x.choice.get("kind")}
     rule = ("given" if x.config.test_size else "label-free" if x.config.label_free else x.choice.get("rule") or x.rule)
-    return {"top1": row["top1"], "top1_se": fixsize.binomial_se(row["top1"], row["n"]), "top1_std": row["top1_std"],
-            "n": row["n"], "top1_rule": rule, "top1_rule_text": fixsize.SELECTION_RULES.get(rule, UNCHOSEN_TEXT),
-            "test_size": test_size, "served": x.choice.get("kind") or fixsize.FIXED}
+    return {"top1": row["top1"], "top1_se": binomial_se(row["top1"], row["n"]), "top1_std": row["top1_std"],
+            "n": row["n"], "top1_rule": rule, "top1_rule_text": SELECTION_RULES.get(rule, UNCHOSEN_TEXT),
+            "test_size": test_size, "served": x.choice.get("kind") or FIXED}
 
 
 def _after_from_candidates(x: FixContext) -> dict | None:
@@ -193,7 +196,7 @@ def robustness_columns(x: FixContext) -> dict:
     model as trained is served, the most accurate fixed candidate takes the fixed column, so the table still
     answers whether the fix costs robustness."""
     t, s = int(x.cfg.train_size), int(x.choice["test_size"])
-    if x.choice.get("kind") == fixsize.UNTUNED:
+    if x.choice.get("kind") == UNTUNED:
         f = x.choice.get("best_fixed_size")
         if f is None:
             return {f"untuned at {s}px": (x.base(), s), **({f"untuned at {t}px": (x.base(), t)} if s != t else {})}

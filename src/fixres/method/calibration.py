@@ -12,7 +12,8 @@ negative log-likelihood (mean cross-entropy) and the expected calibration error 
   labelled images (LBFGS on log T, so T stays positive). Dividing by T keeps the order of the
   logits, so top-1 does not change; only the confidence does.
 
-Pure functions on numpy arrays and torch tensors; evaluation (``fixres.method.evaluate``) calls them.
+Pure functions on numpy arrays and torch tensors (evaluation, ``fixres.method.evaluate``, calls them), and
+``temperature_scale_model``: a model's classifier divided by the temperature fitted on labelled photos.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ import math
 
 import numpy as np
 import torch
+from torch import nn
 
+from fixres.data.folders import ImageDataset, make_loader
+from fixres.data.transforms import build_transform
 from fixres.errors import UsageError
+from fixres.models.structure import find_classifier_name
 
 #: The usual number of equal-width confidence bins for the ECE (Guo et al., 2017).
 ECE_BINS = 15
@@ -118,3 +123,37 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
 
 
 __all__ = ["ECE_BINS", "apply_temperature", "ece", "fit_temperature", "nll", "reliability"]
+
+
+def predict(model: nn.Module, samples, cfg, size: int, *, batch_size: int, workers: int | None,
+            device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of ``model`` at ``size`` on ``samples`` (test pre-processing, fp32, skipped files left
+    out): for temperature fitting and paired per-image comparisons."""
+    loader = make_loader(ImageDataset(samples, build_transform("test", size=size, cfg=cfg)), batch_size=batch_size,
+                         workers=workers)
+    out, labels = [], []
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            if batch.inputs is not None:
+                out.append(model(batch.inputs.to(device)).float().cpu())
+                labels.append(batch.labels)
+    return torch.cat(out), torch.cat(labels)
+
+
+def scale_layer(layer, factor: float) -> None:
+    """Multiply a linear layer's weight and bias by ``factor`` (logits scale by it exactly)."""
+    with torch.no_grad():
+        layer.weight.mul_(factor)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.mul_(factor)
+
+
+def temperature_scale_model(model: nn.Module, samples, cfg, size: int, *, batch_size: int, workers: int | None,
+                            device) -> float:
+    """Fit T on the logits of ``samples`` at ``size``, then divide the classifier by T (same top-1, calibrated
+    softmax); returns T."""
+    logits, labels = predict(model, samples, cfg, size, batch_size=batch_size, workers=workers, device=device)
+    t = float(fit_temperature(logits, labels))
+    scale_layer(model.get_submodule(find_classifier_name(model)), 1.0 / t)
+    return t

@@ -9,7 +9,7 @@ sizes, section 5.1) and optional 10-crop testing. Significance follows section 5
 folds, accuracy is measured on all folds but one, leaving each out in turn, and the standard deviation of
 those accuracies is kept next to every figure (``fold_std``, ``top1_std``). That spread is far smaller
 than the sampling uncertainty of an accuracy, so the error bar shown (``top1_se``) is the binomial
-standard error (``fixres.method.significance.binomial_se``). Next to top-1, every row has its
+standard error (``fixres.choosing.significance.binomial_se``). Next to top-1, every row has its
 calibration (``fixres.method.calibration``): the NLL and the expected calibration error over 15 bins of
 top-1 confidence, and ``temperature_scale`` fits a temperature per view on held-out images.
 
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fixres.choosing.significance import binomial_se
 from fixres.config import DEFAULT_FOLDS, DataConfig, validate_crop_ratio, validate_size
 from fixres.data.folders import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader, pin_memory_for
 from fixres.data.transforms import MultiView, resize_for, ten_crop_transform, test_transform
 from fixres.errors import FixresError, UsageError
 from fixres.method.calibration import apply_temperature, ece, fit_temperature, nll, reliability
-from fixres.method.significance import binomial_se
 from fixres.models.fold import fold_batchnorms
 from fixres.models.loading import fit_input_size, fixed_input_size, num_outputs
 from fixres.runtime import dist as fdist

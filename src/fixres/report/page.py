@@ -22,10 +22,10 @@ from pathlib import Path
 from jinja2 import Environment, StrictUndefined
 from markupsafe import Markup
 
+from fixres.choosing.best import best_row
 from fixres.errors import UsageError
 from fixres.io.atomic import write_json, write_text
 from fixres.method.analysis import RRC_AUGMENT, TRAIN_AUGMENTS, monte_carlo_ratio
-from fixres.method.selection import best_row
 from fixres.report import choice as report_select
 from fixres.report import plots
 from fixres.report import robustness as report_robustness

@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from fixres.choosing.significance import binomial_se
 from fixres.io.atomic import atomic_path
-from fixres.method.significance import binomial_se
 
 FIG_DPI = 110
 

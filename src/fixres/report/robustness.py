@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from fixres.method.significance import ALPHA
+from fixres.choosing.significance import ALPHA
 
 CLEAN = "clean"
 #: Below this p a value is printed as "< P_FLOOR".

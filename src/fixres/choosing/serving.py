@@ -1,80 +1,28 @@
-"""Choosing the test size to fix at, without looking at the images the result is reported on.
-
-The size is chosen on a *held-out part of the training data* (``holdout_split``: a stratified,
-seeded share of every class), never on the validation images the headline reports: choosing on
-the reported images flatters the result by the selection's own noise. Candidates are the
-multiples of the network stride around the train size plus the neighbours of the apparent-size
-recommendation (``candidate_sizes``). ``choose_within_budget`` picks the most accurate size whose
-deployment cost (size, ms per image, GFLOPs) fits a budget. Pure functions: no torch, no I/O.
-
-Which photos choose (``SELECTION_RULES``): a held-out part of the training photos is truly held out
-only when ``fix`` trained the model without it (or the user says the model never saw it). For a model
-trained elsewhere, on every training photo, those photos are memorised and would choose on flattering
-numbers; the default is then two-fold cross-selection on the validation photos (``cross_select``:
-choose on one half, report on the other, swap), or a separate labelled folder (``--select-data``).
+"""What is served: the cheapest candidate (a size fixed, or the model as trained at a size) not worse than the
+best beyond noise on the choosing photos, within the deployment budget (size, ms per image, GFLOPs); its
+two-fold cross-selected form; the sentence that says why.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from typing import Mapping, Sequence
 
+from fixres.choosing.best import best_row
+from fixres.choosing.outcomes import paired_on_read, percent_correct, read_bits
+from fixres.choosing.significance import ALPHA, binomial_se
 from fixres.errors import UsageError
-from fixres.method.selection import best_row
-from fixres.method.significance import ALPHA, binomial_se, paired_test  # noqa: F401 - re-exported
 
-#: Share of every training class held out to choose the test size (never fitted, never reported).
-HOLDOUT_FRACTION = 0.2
-#: A class needs at least this many training images before one of them is held out.
-MIN_CLASS_IMAGES_FOR_HOLDOUT = 2
-#: Default candidates for selection after fixing: stride multiples from CANDIDATE_LOW x T to CANDIDATE_HIGH x T.
-CANDIDATE_LOW = 0.5
-CANDIDATE_HIGH = 2.0
-HOLDOUT_METHOD = "held-out training images"
 #: What is served: the model fixed at a size, or the model as trained evaluated at a size.
 FIXED, UNTUNED = "fixed", "untuned"
+
+
 #: How the served candidate is chosen: the cheapest not worse than the best beyond noise (the default), or the
 #: most accurate fixed candidate whatever it costs.
 CHOOSE_CHEAPEST, CHOOSE_BEST = "cheapest", "best"
+
+
 CHOOSE_MODES = (CHOOSE_CHEAPEST, CHOOSE_BEST)
-#: Which photos choose the size; each is named in the terminal, run.json and the report.
-RULE_HELD_OUT = "held-out"              # fix trained the model without these training photos
-RULE_UNTOUCHED = "held-out-untouched"   # the user says the model never trained on the held-out photos
-RULE_SELECT_DATA = "select-data"        # a separate labelled folder
-RULE_CROSS = "cross-val"                # two-fold cross-selection on the validation photos
-SELECTION_RULES = {
-    RULE_HELD_OUT: "held-out training photos: fix trained the model without them",
-    RULE_UNTOUCHED: "held-out training photos: you said (--holdout-untouched) the model never trained on them",
-    RULE_SELECT_DATA: "a separate labelled folder (--select-data), not the validation photos reported",
-    RULE_CROSS: ("two-fold cross-selection on the validation photos: the model was trained elsewhere, maybe on "
-                 "every training photo, so held-out training photos would not be unseen; each half is reported by "
-                 "the size chosen on the other half"),
-}
-
-
-def holdout_split(samples: Sequence[Sequence], *, fraction: float = HOLDOUT_FRACTION, seed: int = 0
-                  ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """(fit, held_out): ``fraction`` of each class's images (at least one when the class has two), seeded.
-
-    Both lists keep the input order; together they are exactly the input.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise UsageError(f"the held-out fraction must be between 0 and 1, got {fraction}")
-    by_class: dict[int, list[int]] = {}
-    for i, (_, label) in enumerate(samples):
-        by_class.setdefault(int(label), []).append(i)
-    held: set[int] = set()
-    rng = random.Random(seed)
-    for label in sorted(by_class):
-        idx = by_class[label]
-        if len(idx) < MIN_CLASS_IMAGES_FOR_HOLDOUT:
-            continue
-        k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
-        held.update(rng.sample(idx, k))
-    fit = [(str(p), int(y)) for i, (p, y) in enumerate(samples) if i not in held]
-    out = [(str(p), int(y)) for i, (p, y) in enumerate(samples) if i in held]
-    return fit, out
 
 
 def choose_test_size(*, recommended: int, sweep_rows: Sequence[Mapping], train_size: int) -> dict:
@@ -86,20 +34,6 @@ def choose_test_size(*, recommended: int, sweep_rows: Sequence[Mapping], train_s
               "the best untuned test size" if chosen == best_size and chosen != int(recommended) else
               "both the recommendation and the best untuned size")
     return {"test_size": chosen, "recommended": int(recommended), "best_untuned": best_size, "reason": reason}
-
-
-def candidate_sizes(train_size: int, stride: int, *, recommended_unrounded: float | None = None,
-                    low: float = CANDIDATE_LOW, high: float = CANDIDATE_HIGH) -> list[int]:
-    """Stride multiples from about ``low`` x T to ``high`` x T, T itself, and the stride multiples
-    just below and above the unrounded recommendation (so a recommendation that rounds back to T
-    still puts its neighbours on the list)."""
-    lo = max(stride, int(round(low * train_size / stride)) * stride)
-    hi = max(lo, int(round(high * train_size / stride)) * stride)
-    sizes = set(range(lo, hi + 1, stride)) | {int(train_size)}
-    if recommended_unrounded:
-        below = max(stride, int(math.floor(recommended_unrounded / stride)) * stride)
-        sizes |= {below, below + stride}
-    return sorted(sizes)
 
 
 def within_budget(row: Mapping, *, max_size: int | None = None, budget_ms: float | None = None,
@@ -115,7 +49,7 @@ def within_budget(row: Mapping, *, max_size: int | None = None, budget_ms: float
 
 def choose_within_budget(rows: Sequence[Mapping], *, train_size: int | None = None, max_size: int | None = None,
                          budget_ms: float | None = None, budget_gflops: float | None = None) -> dict:
-    """The row with the highest ``score`` among those within budget (ties: ``fixres.method.selection``'s rule).
+    """The row with the highest ``score`` among those within budget (ties: ``fixres.choosing.best``'s rule).
 
     ``rows``: one per candidate size with ``test_size``, ``top1`` (the selection score) and the costs ``ms`` (per image)
     and ``gflops``. Raises UsageError naming the cheapest size when nothing fits.
@@ -135,24 +69,6 @@ def within_noise(a: float, b: float, n: int, *, se_factor: float = 2.0) -> bool:
     of their difference (binomial, as if independent: a coarse rule for the terminal summary; a paired
     test on the same images is the finer one)."""
     return abs(a - b) < se_factor * math.hypot(binomial_se(a, n), binomial_se(b, n))
-
-
-def stratified_halves(labels: Sequence[int], *, seed: int = 0) -> list[int]:
-    """Half 0 or 1 for every image: each class split as evenly as it goes (seeded, odd counts alternate)."""
-    by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(int(label), []).append(i)
-    half = [0] * len(labels)
-    rng = random.Random(seed)
-    extra = 0  # which half gets the odd image of the next class with an odd count
-    for label in sorted(by_class):
-        idx = list(by_class[label])
-        rng.shuffle(idx)
-        k = len(idx) // 2 + (extra if len(idx) % 2 else 0)
-        extra ^= len(idx) % 2
-        for i in idx[k:]:
-            half[i] = 1
-    return half
 
 
 def cross_select(outcomes: Mapping[int, Sequence[bool | None]], halves: Sequence[int], *, costs: Mapping[int, Mapping],
@@ -177,31 +93,6 @@ def cross_select(outcomes: Mapping[int, Sequence[bool | None]], halves: Sequence
 def _top1(outcome: Sequence[bool | None], halves: Sequence[int], h: int) -> float:
     return percent_correct([o for o, hh in zip(outcome, halves) if hh == h])
 
-
-def percent_correct(outcomes: Sequence[bool | None]) -> float:
-    """Top-1 in percent over the images that were read (None: unread); NaN when none was."""
-    known = [o for o in outcomes if o is not None]
-    return 100.0 * sum(known) / len(known) if known else float("nan")
-
-
-#: Per-image outcomes as text: one character per image of the evaluated list, in its order.
-CORRECT, WRONG, UNREAD = "1", "0", "."
-
-
-def outcome_bits(correct: Sequence[bool], idx: Sequence[int], n: int) -> str:
-    """Per-image outcomes (``correct[k]`` of image ``idx[k]``) as a string over all ``n`` images (UNREAD for
-    an image that was skipped): compact enough for a step's JSON, aligned with the image list."""
-    out = [UNREAD] * n
-    for i, ok in zip(idx, correct):
-        out[int(i)] = CORRECT if ok else WRONG
-    return "".join(out)
-
-
-def read_bits(bits: str) -> list[bool | None]:
-    return [None if b == UNREAD else b == CORRECT for b in bits]
-
-
-# --------------------------------------------------------------------------- a choice worth its cost
 
 def option_name(option: Mapping) -> str:
     return f"{option['test_size']}px {option['kind']}"
@@ -268,13 +159,6 @@ def _p_against(option: Mapping, best: Mapping) -> float | None:
     return paired_on_read(a, b)["p"]
 
 
-def paired_on_read(a: Sequence[bool | None], b: Sequence[bool | None]) -> dict:
-    """``paired_test`` of two per-photo outcome lists on the photos both read (None: unread), with b's top-1
-    there (``b_top1``)."""
-    both = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-    return {**paired_test([x for x, _ in both], [y for _, y in both]), "b_top1": percent_correct([y for _, y in both])}
-
-
 def served_sentence(choice: Mapping) -> str:
     """One line on what is served and why: the cheapest candidate not worse than the best beyond noise."""
     o, best = choice["option"], choice["best"]
@@ -313,3 +197,21 @@ def cross_select_served(options: Sequence[Mapping], halves: Sequence[int], *, mo
     return {"half_a": option_name(chosen[0]), "half_b": option_name(chosen[1]),
             "size_half_a": int(chosen[0]["test_size"]), "size_half_b": int(chosen[1]["test_size"]),
             "pooled": pooled, "n": sum(o is not None for o in pooled), "top1": percent_correct(pooled)}
+
+
+def served_options(sel: dict, fixed_score, untuned_score, *, need_outcomes: bool = False) -> list[dict]:
+    """The candidates of the choice: every size fixed and the model as trained at every size, with costs, top-1
+    and per-photo outcomes. ``fixed_score(row)`` / ``untuned_score(row)`` give a candidate row's score ({top1,
+    outcomes}); with ``need_outcomes`` a score without per-photo outcomes is left out (cross-selection needs
+    them), else its top-1 stands alone (a result cached before outcomes were kept)."""
+    options = []
+    for r in sel["candidates"]:
+        cost = {"test_size": int(r["test_size"]), "ms": r.get("ms"), "gflops": r.get("gflops")}
+        for kind, score in ((FIXED, fixed_score(r)), (UNTUNED, untuned_score(r))):
+            bits = (score or {}).get("outcomes")
+            if bits:
+                outcomes = read_bits(bits)
+                options.append({**cost, "kind": kind, "outcomes": outcomes, "top1": percent_correct(outcomes)})
+            elif not need_outcomes and score and score.get("top1") is not None:
+                options.append({**cost, "kind": kind, "outcomes": None, "top1": score["top1"]})
+    return options
