@@ -1,5 +1,8 @@
 """What the benchmark scripts share: where the repository and the real photos are, and the small
-generated data set their ``--quick`` modes use."""
+generated data set and tiny checkpoint their ``--quick`` modes use.
+
+The benchmarks never import the test suite: the generated folders are written here (the same generator as
+tests/helpers/folders.py), and the tiny checkpoint is made through the public API (``fixres.load``)."""
 
 from __future__ import annotations
 
@@ -36,10 +39,46 @@ def photos_and_weights(data: str | os.PathLike, weights: str):
         return None
 
 
+#: Colours that make generated classes separable by a tiny network.
+CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 40), (160, 50, 200)]
+
+
+def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 4, seed: int = 0,
+                       sizes=((48, 40), (40, 48), (56, 56), (64, 36))) -> Path:
+    """An ImageFolder of small JPEGs: class k is a noisy picture with a square of colour k in it (the test
+    suite's generator, so a --quick run sees the photos the tests use)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = sizes[(c + i) % len(sizes)]
+            arr = rng.integers(0, 80, size=(h, w, 3), dtype=np.uint8)
+            s = min(w, h) // 2
+            x0, y0 = rng.integers(0, w - s + 1), rng.integers(0, h - s + 1)
+            arr[y0:y0 + s, x0:x0 + s] = CLASS_COLOURS[c % len(CLASS_COLOURS)]
+            Image.fromarray(arr).save(folder / f"img_{i:03d}.jpg", quality=90)
+    return root
+
+
+def save_tiny_checkpoint(path: Path, *, num_classes: int = 3, seed: int = 0) -> Path:
+    """Random weights of ``fixres_tiny_resnet`` (train size 32, seeded) as a safetensors file, through the
+    public API: the checkpoint a --quick run fixes."""
+    import torch
+    from safetensors.torch import save_file
+
+    import fixres
+    torch.manual_seed(seed)
+    bundle = fixres.load("fixres_tiny_resnet", num_classes=num_classes, train_size=32, random_init=True)
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in bundle.model.state_dict().items()}, str(path))
+    return Path(path)
+
+
 def small_split(out: Path, *, val_per_class: int, classes: int = 3, train_per_class: int = 16) -> Path:
-    """OUT/data/{train,val}: the test suite's generated ImageFolder (coloured squares), for --quick runs."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import write_image_folder
+    """OUT/data/{train,val}: generated ImageFolders (coloured squares, :func:`write_image_folder`), for --quick
+    runs."""
     root = out / "data"
     if not root.is_dir():
         write_image_folder(root / "train", classes=classes, per_class=train_per_class, seed=1)

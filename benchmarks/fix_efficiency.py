@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, small_split
+from _common import REPO, save_tiny_checkpoint, small_split
 
 RESULT_NAME = "fix_efficiency.json"
 FIX_LOG = "fix.log"
@@ -427,8 +427,6 @@ def main(argv=None) -> int:
         log = Path(args.log).read_text(encoding="utf-8") if args.log else read_text_or_none(run_dir.parent / FIX_LOG)
     else:
         if args.quick:
-            sys.path.insert(0, str(REPO / "tests"))
-            from clirun import save_tiny_checkpoint
             args.data = small_split(out, val_per_class=QUICK_VAL_PER_CLASS, classes=QUICK_CLASSES,
                                     train_per_class=QUICK_TRAIN_PER_CLASS)
             args.checkpoint = save_tiny_checkpoint(out / "tiny.safetensors", num_classes=QUICK_CLASSES)

@@ -34,7 +34,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from _common import REPO
+from _common import REPO, write_image_folder
 
 sys.path.insert(0, str(REPO / "src"))
 
@@ -109,9 +109,6 @@ def _time_limit(seconds: int):
 
 
 def _data(root: Path) -> tuple[list, list]:
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import write_image_folder
-
     from fixres.data.folders import scan_folder
     write_image_folder(root / "train", classes=IMAGES, per_class=1, seed=1)
     write_image_folder(root / "val", classes=IMAGES, per_class=1, seed=2)

@@ -1,38 +1,11 @@
-"""Shared test fixtures: small generated ImageFolder trees, a tiny model, the optional real-photo folder."""
+"""The pytest fixtures and hooks every test folder shares; the factories they use live in tests/helpers/."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("FIXRES_SHARED_DATA", REPO.parent / "shared" / "data"))
-VENV_BIN = Path(sys.executable).parent
-
-#: Colours that make generated classes separable by a tiny network.
-CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 40), (160, 50, 200)]
-
-
-def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 4, seed: int = 0,
-                       sizes=((48, 40), (40, 48), (56, 56), (64, 36))) -> Path:
-    """An ImageFolder of small JPEGs: class k is a noisy picture with a square of colour k in it."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        folder = root / f"class_{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            w, h = sizes[(c + i) % len(sizes)]
-            arr = rng.integers(0, 80, size=(h, w, 3), dtype=np.uint8)
-            s = min(w, h) // 2
-            x0, y0 = rng.integers(0, w - s + 1), rng.integers(0, h - s + 1)
-            arr[y0:y0 + s, x0:x0 + s] = CLASS_COLOURS[c % len(CLASS_COLOURS)]
-            Image.fromarray(arr).save(folder / f"img_{i:03d}.jpg", quality=90)
-    return root
+from helpers import SHARED_DATA, tiny_resnet, write_image_folder
 
 
 @pytest.fixture(autouse=True)
@@ -66,11 +39,8 @@ def split_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_model():
-    import torch
-
-    from fixres.models.loading import load_model
-    torch.manual_seed(0)
-    return load_model(model="fixres_tiny_resnet", num_classes=3, train_size=32)
+    """``fixres_tiny_resnet`` with 3 classes, train size 32, seed 0."""
+    return tiny_resnet()
 
 
 @pytest.fixture

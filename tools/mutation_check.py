@@ -55,9 +55,9 @@ def _register(*mutants: Mutant) -> None:
 # One line each: a plausible slip, in the code that decides a number or guards a promise.
 
 # Training step, resume, fine-tuning modes, locks.
-TL = "tests/test_loop.py"
-TF = "tests/test_finetune.py"
-TT = "tests/test_train.py"
+TL = "tests/method/test_loop.py"
+TF = "tests/method/test_finetune.py"
+TT = "tests/method/test_train.py"
 _register(
     Mutant("loop-local-normalisation", "training step", "src/fixres/method/loop.py",
            "loss = self.loss_fn(logits.float(), y) / n_global", "loss = self.loss_fn(logits.float(), y) / n_local",
@@ -105,10 +105,10 @@ _register(
            (TT + "::test_train_refuses_bad_arguments_before_writing",), "batch size 0 accepted"),
     Mutant("lock-shared", "output folder", "src/fixres/io/lock.py",
            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)",
-           ("tests/test_lock.py",), "two runs both hold the output folder "),
+           ("tests/io/test_lock.py",), "two runs both hold the output folder "),
     Mutant("lock-rank1-too", "output folder", "src/fixres/io/lock.py",
            'return int(os.environ.get("RANK", "0")) == 0', "return True",
-           ("tests/test_lock.py::test_only_rank_zero_of_a_torchrun_job_takes_the_lock",),
+           ("tests/io/test_lock.py::test_only_rank_zero_of_a_torchrun_job_takes_the_lock",),
            "rank 1 locks its own job out"),
 )
 
@@ -127,7 +127,7 @@ _register(
 )
 
 # Analysis: eq. (5) and the recommended test size (section 4.1).
-TA = "tests/test_analysis.py"
+TA = "tests/method/test_analysis.py"
 _register(
     Mutant("analysis-F-mean-sigma", "analysis", "src/fixres/method/analysis.py",
            "(s_hi ** 3 - s_lo ** 3) / (s_hi ** 2 - s_lo ** 2)", "(s_hi ** 2 - s_lo ** 2) / (s_hi - s_lo)",
@@ -145,7 +145,7 @@ _register(
 )
 
 # Transforms: the one resize rule, the centre crop, interpolation, the paper's train DA.
-TTR, TP = "tests/test_transforms.py", "tests/test_properties.py"
+TTR, TP = "tests/data/test_transforms.py", "tests/data/test_properties.py"
 _register(
     Mutant("transforms-resize-is-crop", "transforms", "src/fixres/data/transforms.py",
            "        v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),\n"
@@ -174,7 +174,7 @@ _register(
 )
 
 # Evaluation: per-image outcomes, their order after the distributed gather, the fold std (section 5).
-TE, TDE = "tests/test_evaluate.py", "tests/test_distributed_eval.py"
+TE, TDE = "tests/method/test_evaluate.py", "tests/method/test_distributed_eval.py"
 _register(
     Mutant("eval-gather-not-reordered", "evaluation", "src/fixres/method/evaluate.py",
            'return merged.reordered(np.argsort(merged.idx, kind="stable"))', "return merged",
@@ -197,7 +197,7 @@ _register(
 )
 
 # Checkpoint safety: weights_only loading, and exactly one extra allowed type.
-TCS, TEC = "tests/test_checkpoints_security.py", "tests/test_ecosystem_checkpoints.py"
+TCS, TEC = "tests/io/test_checkpoints_security.py", "tests/io/test_ecosystem_checkpoints.py"
 _register(
     Mutant("ckpt-weights-only-off", "checkpoint safety", "src/fixres/io/checkpoint.py",
            'return torch.load(str(path), map_location="cpu", weights_only=True)',
@@ -216,14 +216,14 @@ _register(
 )
 
 # Export: the weights and fixres.json appear together; the header carries the metadata.
-TX = "tests/test_export_meta.py"
+TX = "tests/models/test_export_meta.py"
 _register(
     Mutant("export-published-before-complete", "export", "src/fixres/models/export.py",
            "        write_text(staging / USAGE_NAME, usage_text(meta, cfg, timm_ready=timm_config is not None))\n"
            "        swap_in(staging, out_dir, EXPORT_FILES)",
            "        swap_in(staging, out_dir, EXPORT_FILES)\n"
            "        write_text(out_dir / USAGE_NAME, usage_text(meta, cfg, timm_ready=timm_config is not None))",
-           ("tests/test_reliability_files.py::test_a_failed_export_leaves_the_previous_export_whole",),
+           ("tests/io/test_reliability_files.py::test_a_failed_export_leaves_the_previous_export_whole",),
            "a failed export leaves half of a new export in place of the old one"),
     Mutant("export-no-header", "export", "src/fixres/models/export.py",
            "metadata=header_metadata(meta))", "metadata=None)",
@@ -231,7 +231,7 @@ _register(
 )
 
 # Report: escaping by construction, CSV formulas, the report/ symlink.
-TR = "tests/test_report_escaping.py"
+TR = "tests/report/test_report_escaping.py"
 _register(
     Mutant("report-no-autoescape", "report", "src/fixres/report/page.py",
            "Environment(autoescape=True,", "Environment(autoescape=False,",
@@ -245,7 +245,7 @@ _register(
 )
 
 # The class-set rule and the non-finite flag parsers.
-TC, TFL = "tests/test_class_sets.py", "tests/test_flags.py"
+TC, TFL = "tests/data/test_class_sets.py", "tests/cli/test_flags.py"
 _register(
     Mutant("data-val-own-classes", "class sets", "src/fixres/data/folders.py",
            "index = scan_folder(root, class_map=classes, num_classes=num_classes, warn=warn)",
