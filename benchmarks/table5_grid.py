@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     if args.report_run:
         run = Path(args.report_run)
         write_json(run / "grid.json", grid)
-        from fixres.report.page import write_report
-        print(f"report: {write_report(run)['html']}")
+        from fixres.job.headline import write_run_report
+        print(f"report: {write_run_report(run)['html']}")
     return 0
 
 

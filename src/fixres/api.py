@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -23,9 +23,10 @@ from torch import nn
 
 from fixres.choosing.best import best_row
 from fixres.choosing.significance import binomial_se
-from fixres.config import DEFAULT_PARTS, DataConfig
+from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FINETUNE_EPOCHS, DEFAULT_PARTS, DataConfig, default_out
 from fixres.data import folders as _data
 from fixres.errors import UsageError
+from fixres.io.results import UNTUNED, FixRun
 from fixres.job import pipeline as _pipeline
 from fixres.method import adaptation as _adapt
 from fixres.method import analysis as _analysis
@@ -135,15 +136,9 @@ class AdaptResult:
 
 
 @dataclass(frozen=True)
-class FixResult:
-    """What ``fixres fix`` produced: the chosen test size, the headline numbers and where the files are."""
-
-    run_dir: Path
-    report: Path
-    export: Path
-    test_size: int
-    headline: dict
-    raw: dict = field(repr=False, compare=False)
+class FixResult(FixRun):
+    """What ``fixres fix`` produced (``fixres.io.results.FixRun``: what is served at which size and why, the
+    headline, where the files are, every step's result), with the fixed model loaded on demand."""
 
     @functools.cached_property
     def bundle(self) -> ModelBundle:
@@ -162,11 +157,11 @@ class FixResult:
 
     def __repr__(self) -> str:
         """What is served, at which size, with the run's unbiased top-1 (cross-selected where it was)."""
-        h = self.headline or {}
-        top1 = h.get("top1_served", h.get("top1_fixed"))
-        how = "served as trained" if h.get("served_kind") == "untuned" else "fixed"
+        h = self.headline
+        top1 = h.top1_served
+        how = "served as trained" if h.served_kind == UNTUNED else "fixed"
         shown = f", top-1 {top1:.1f}" if isinstance(top1, (int, float)) else ""
-        crossed = " cross-selected" if isinstance(top1, (int, float)) and h.get("headline_rule") else ""
+        crossed = " cross-selected" if isinstance(top1, (int, float)) and h.headline_rule else ""
         return f"FixResult({how} at {self.test_size}px{shown}{crossed}, export {self.export})"
 
 
@@ -252,7 +247,7 @@ def analyze(train_size: int, *, crop_ratio: float | None = None, stride: int | N
 
 
 def sweep(model: ModelLike, data: DataLike, test_sizes: Sequence[int], *, data_config: DataConfig | None = None,
-          crop_ratio: float | None = None, batch_size: int = _evaluate.DEFAULT_BATCH_SIZE, device: str = "auto",
+          crop_ratio: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
           amp: bool = True, workers: int | None = 0, progress: bool = False) -> SweepResult:
     """Top-1 (± binomial standard error; the fold std too), top-5 and loss at every test size, in one pass over
     the images."""
@@ -268,8 +263,8 @@ def sweep(model: ModelLike, data: DataLike, test_sizes: Sequence[int], *, data_c
 
 
 def finetune(model: ModelLike, data: DataLike, test_size: int, *, parts: str | Sequence[str] = DEFAULT_PARTS,
-             val: DataLike | None = None, data_config: DataConfig | None = None, epochs: int = _finetune.DEFAULT_EPOCHS,
-             lr: float | None = None, batch_size: int = _finetune.DEFAULT_BATCH_SIZE, augment: str = "test",
+             val: DataLike | None = None, data_config: DataConfig | None = None, epochs: int = DEFAULT_FINETUNE_EPOCHS,
+             lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, augment: str = "test",
              out_dir: str | Path | None = None, device: str = "auto", amp: bool = True, workers: int | None = 0,
              seed: int = 0, progress: bool = False) -> AdaptResult:
     """Fine-tune ``parts`` of the model (in place) at ``test_size`` on the training images of ``data``
@@ -319,7 +314,7 @@ def export(model: ModelLike, path: str | Path, *, test_size: int, data_config: D
                                      test_size=test_size, class_names=class_names))
 
 
-def fix(model: str | None = None, data: str | Path | None = None, *, out: str | Path = "runs/fix",
+def fix(model: str | None = None, data: str | Path | None = None, *, out: str | Path = default_out("fix"),
         **settings) -> FixResult:
     """The whole method (``fixres fix``): analyse, sweep, fine-tune, statistics, export, report.
 
@@ -333,7 +328,5 @@ def fix(model: str | None = None, data: str | Path | None = None, *, out: str | 
     elif model is not None:
         settings.setdefault("model", str(model))
     config = _pipeline.FixConfig(data=None if data is None else str(data), out=str(out), **settings)
-    raw = _pipeline.run_fix(config)
-    return FixResult(run_dir=Path(raw["run_dir"]), report=Path(raw["report"]), export=Path(raw["export"]),
-                     test_size=int((raw.get("choice") or {}).get("test_size") or raw["headline"].get("test_size")),
-                     headline=raw["headline"], raw=raw)
+    run = _pipeline.run_fix(config)
+    return FixResult(**{f.name: getattr(run, f.name) for f in fields(FixRun)})

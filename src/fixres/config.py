@@ -7,6 +7,7 @@ Run configs of each command are dataclasses too, built from argparse only at the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from fixres.errors import UsageError
 
@@ -50,6 +51,46 @@ EMBEDDED_TRAIN_SIZE = 64
 DEFAULT_CLASSES = 10
 DEFAULT_TRAIN_PER_CLASS = 150
 DEFAULT_VAL_PER_CLASS = 50
+
+
+# --------------------------------------------------------------------------- the defaults of every command
+
+#: Every command writes to runs/<command> unless given --out (``default_out``).
+RUNS_DIR = Path("runs")
+#: Images per batch of evaluation and fine-tuning (statistics and training from scratch use smaller ones).
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_STATS_BATCH_SIZE = 32
+DEFAULT_TRAIN_BATCH_SIZE = 32
+DEFAULT_TRAIN_EPOCHS = 10
+#: Fine-tuning at the test size (section 5: a few epochs of the classifier and the last norm suffice).
+DEFAULT_FINETUNE_EPOCHS = 10
+#: The frozen-prefix activation cache of fine-tuning is used when it fits in this many MB.
+DEFAULT_CACHE_BUDGET_MB = 2048
+#: Section 5: "With a Repeated Augmentation of 3".
+DEFAULT_REPEATS = 3
+#: Monte-Carlo samples of the apparent-size analysis, and points of an activation CDF.
+DEFAULT_ANALYSIS_SAMPLES = 100_000
+DEFAULT_CDF_POINTS = 200
+#: The sizes ``fixres sweep`` measures unless given.
+DEFAULT_SWEEP_SIZES = (128, 160, 192, 224, 256, 288, 320, 352, 384)
+#: Default cap on the time the candidate fixes of ``fixres fix`` may take (estimated up front; farthest sizes
+#: dropped first).
+DEFAULT_SELECT_BUDGET_MIN = 60.0
+#: ``fixres fix`` training a model (the embedded one, or a new head): batch size and no repeated augmentation
+#: (on 2 cores every image-epoch counts).
+FIX_TRAIN_BATCH_SIZE = 64
+FIX_TRAIN_REPEATS = 1
+#: The embedded default of ``fixres fix``: a small built-in CNN trained from scratch on the generated data at a low
+#: train size, for this many epochs, at a higher rate than the paper's 0.1 x B/256 (0.025 at B=64), which a short
+#: from-scratch run needs to converge.
+EMBEDDED_MODEL = "fixres_tiny_resnet"
+EMBEDDED_TRAIN_EPOCHS = 30
+EMBEDDED_TRAIN_LR = 0.2
+
+
+def default_out(command: str) -> str:
+    """Where ``fixres COMMAND`` writes unless given --out: runs/COMMAND (``make-dataset``: runs/data)."""
+    return str(RUNS_DIR / ("data" if command == "make-dataset" else command))
 
 
 @dataclass(frozen=True)

@@ -63,36 +63,36 @@ def _read(run: Path, name: str) -> dict:
 
 
 def test_a_given_checkpoint_is_not_chosen_on_its_training_photos(given):
-    run, choice = given["run"], given["result"]["choice"]
+    run, choice = given["run"], given["result"].choice
     sel, info = _read(run, "select"), _read(run, "run")
-    assert choice["rule"] == sel["rule"] == RULE_CROSS and "cross-selection" in choice["chosen_on"]
+    assert choice.rule == sel["rule"] == RULE_CROSS and "cross-selection" in choice.chosen_on
     assert sel["n_holdout"] == 0 and info["n_holdout"] == 0
     assert info["n_fit"] == 24  # fine-tuned on every training photo: none is held out for a choice
     cands = sel["candidates"]
     assert [c["test_size"] for c in cands] == [32, 64]
     assert all(c["holdout_after"] is None and c["seen_after"]["n"] == sel["n_seen"] > 0 for c in cands)
     # the rigged training photos would pick 64; the choice follows the validation halves only
-    assert choice["seen_check"]["size_chosen_on_seen"] == 64
+    assert choice.seen_check["size_chosen_on_seen"] == 64
     outcomes = {c["test_size"]: read_bits(c["val_after"]["outcomes"]) for c in cands}
     labels = [int(p.parent.name.split("_")[1]) for p in sorted((given["data"] / "val").rglob("*.jpg"))]
     halves = stratified_halves(labels, seed=0)
     expect = cross_select(outcomes, halves, costs={}, train_size=32)
-    assert (choice["cross"]["size_half_a"], choice["cross"]["size_half_b"]) == (expect["size_half_a"],
+    assert (choice.cross["size_half_a"], choice.cross["size_half_b"]) == (expect["size_half_a"],
                                                                                 expect["size_half_b"])
-    assert choice["cross"]["top1"] == pytest.approx(expect["top1"])
+    assert choice.cross["top1"] == pytest.approx(expect["top1"])
     full = {s: 100.0 * sum(o) / len(o) for s, o in outcomes.items()}
-    assert choice["test_size"] == max(full, key=lambda s: (full[s], -abs(s - 32), -s))  # exported: all of val
+    assert choice.test_size == max(full, key=lambda s: (full[s], -abs(s - 32), -s))  # exported: all of val
 
 
 def test_the_cross_selected_headline_is_in_the_report_and_the_terminal(given, capsys):
-    head = given["result"]["headline"]
-    assert head["headline_rule"] == "cross-val"
-    assert head["top1_fixed"] == pytest.approx(given["result"]["choice"]["cross"]["top1"])
-    html = Path(given["result"]["report"]).read_text(encoding="utf-8")
+    head = given["result"].headline
+    assert head.headline_rule == "cross-val"
+    assert head.top1_fixed == pytest.approx(given["result"].choice.cross["top1"])
+    html = Path(given["result"].report).read_text(encoding="utf-8")
     assert "Which photos chose: two-fold cross-selection" in html and "Cross-selection: half A" in html
     assert "choosing on them would have picked 64 px" in html
     robust = _read(given["run"], "robustness")  # the fixed model under corruptions, against the untuned one
-    size = given["result"]["choice"]["test_size"]
+    size = given["result"].choice.test_size
     assert robust["columns"][:2] == [f"fixed at {size}px", "untuned at 32px"] and len(robust["rows"]) == 13
     assert "Robustness under corruptions" in html
     code, out, _ = cli(capsys, "fix", "--checkpoint", given["ck"], "--data", given["data"], "--out", given["run"],
@@ -114,7 +114,7 @@ def test_holdout_untouched_chooses_on_the_held_out_training_photos(given):
     assert sel["rule"] == RULE_UNTOUCHED and sel["n_holdout"] == len(held) > 0
     assert all(c["holdout_after"]["n"] == len(held) and c["seen_after"] is None for c in sel["candidates"])
     best = max(sel["candidates"], key=lambda c: (c["holdout_after"]["top1"], -abs(c["test_size"] - 32)))
-    assert result["choice"]["test_size"] == best["test_size"] and result["choice"]["cross"] is None
+    assert result.choice.test_size == best["test_size"] and result.choice.cross is None
     assert _read(Path(cfg.out), "run")["n_fit"] == len(fit)
 
 
@@ -131,7 +131,7 @@ def test_select_data_chooses_the_size_and_the_schedule(given, tmp_path):
     sel, sched = _read(tmp_path / "run", "select"), _read(tmp_path / "run", "schedule")
     assert sel["rule"] == RULE_SELECT_DATA and sel["n_holdout"] == 6 == sched["n_images"]
     assert all(c["holdout_after"]["n"] == 6 for c in sel["candidates"])
-    assert "--select-data" in result["choice"]["chosen_on"] and "--select-data" in sched["how"]
+    assert "--select-data" in result.choice.chosen_on and "--select-data" in sched["how"]
     assert _read(tmp_path / "run", "run")["n_fit"] == 24  # every training photo fine-tunes
 
 
@@ -143,7 +143,7 @@ def test_a_model_fix_trains_is_chosen_on_the_photos_it_held_out_of_training(tmp_
     result = pipeline.run_fix(cfg)
     sel, train = _read(tmp_path / "run", "select"), _read(tmp_path / "run", "train")
     fit, held = holdout_split(_train_samples(data), seed=0)
-    assert sel["rule"] == result["choice"]["rule"] == RULE_HELD_OUT
+    assert sel["rule"] == result.choice.rule == RULE_HELD_OUT
     assert sel["n_holdout"] == len(held) and train["hparams"]["n_train"] == len(fit) == 24 - len(held)
 
 
@@ -205,8 +205,8 @@ def test_the_curve_after_the_fix_reads_the_candidates_when_every_size_is_one(giv
     assert after["after"] == AFTER_EACH_FIXED and [r["test_size"] for r in after["rows"]] == [32, 64]
     for r, c in zip(after["rows"], sel["candidates"]):
         assert r["top1"] == c["val_after"]["top1"] and r["test_size"] == c["test_size"]
-    s = result["choice"]["test_size"]
+    s = result.choice.test_size
     meta = json.loads((tmp_path / "run" / "export" / "fixres.json").read_text())
     assert meta["accuracy"]["top1"] == next(c["val_after"]["top1"] for c in sel["candidates"] if c["test_size"] == s)
-    html = Path(result["report"]).read_text(encoding="utf-8")
+    html = Path(result.report).read_text(encoding="utf-8")
     assert "each size at its own size" in html

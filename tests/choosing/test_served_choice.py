@@ -92,9 +92,9 @@ def served_run(tmp_path_factory):
 def test_the_model_as_trained_is_exported_when_nothing_beats_it(served_run):
     import torch
     from safetensors.torch import load_file
-    choice, run = served_run["result"]["choice"], served_run["run"]
-    assert choice["kind"] == "untuned" and choice["choose"] == "cheapest"
-    assert "serve it as trained" in choice["served"]
+    choice, run = served_run["result"].choice, served_run["run"]
+    assert choice.kind == "untuned" and choice.choose == "cheapest"
+    assert "serve it as trained" in choice.served
     exported = load_file(str(run / "export" / "model.safetensors"))
     given = load_file(str(run.parent / "tiny.safetensors"))
     assert all(torch.equal(exported[k], given[k]) for k in given)  # nothing fine-tuned
@@ -103,9 +103,9 @@ def test_the_model_as_trained_is_exported_when_nothing_beats_it(served_run):
 
 
 def test_served_as_trained_still_compares_the_best_fixed_candidate_under_corruptions(served_run):
-    choice, run = served_run["result"]["choice"], served_run["run"]
+    choice, run = served_run["result"].choice, served_run["run"]
     robust = json.loads((run / "robustness.json").read_text())
-    f = choice["best_fixed_size"]
+    f = choice.best_fixed_size
     assert f in (32, 48) and robust["columns"][0] == f"fixed at {f}px"
     assert "untuned at 32px" in robust["columns"]
 
@@ -134,13 +134,13 @@ def test_fix_measures_on_fully_decoded_photos(tmp_path, monkeypatch):
 def test_the_export_states_the_unbiased_top1_and_its_rule(served_run):
     run = served_run["run"]
     meta = json.loads((run / "export" / "fixres.json").read_text())
-    cross = served_run["result"]["choice"]["cross"]
+    cross = served_run["result"].choice.cross
     assert meta["top1_rule"] == "cross-val" and meta["top1"] == pytest.approx(cross["top1"])
     assert meta["accuracy"]["top1"] == meta["top1"]
     assert "top1_all_val_optimistic" in meta["accuracy"]  # the all-val figure only under a name that says so
-    head = served_run["result"]["headline"]
-    assert head["served_kind"] == "untuned" and head["top1_served"] == pytest.approx(cross["top1"])
-    assert head["best_untuned_optimistic"] is True
+    head = served_run["result"].headline
+    assert head.served_kind == "untuned" and head.top1_served == pytest.approx(cross["top1"])
+    assert head.best_untuned_optimistic is True
 
 
 def test_the_terminal_says_what_is_served_and_labels_the_maximum_optimistic(served_run, capsys):
@@ -191,7 +191,7 @@ def test_one_folder_without_splits_never_reports_a_photo_it_fitted_on(tmp_path):
     # The same seed gives the same split on a rerun.
     again = pipeline.run_fix(cfg)
     assert set(json.loads((tmp_path / "run" / "run.json").read_text())["split"]["val_photos"]) == val
-    assert again["choice"]["test_size"] == 32
+    assert again.choice.test_size == 32
 
 
 @pytest.mark.parametrize("command", [["finetune", "--test-size", "48"], ["adapt", "--method", "bn-recalibrate"]])

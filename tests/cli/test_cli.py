@@ -38,16 +38,14 @@ def test_subcommand_help_does_not_import_torch():
 def test_every_flag_has_help_and_advertised_batch_defaults_are_the_library_ones():
     import re
 
+    from fixres import config
     from fixres.cli import eval as eval_cmd
-    from fixres.cli import train as train_cmd
     from fixres.cli.app import build_parser
-    from fixres.job import context
-    from fixres.method import adaptation, evaluate, finetuning, stats
-    library = {"eval": evaluate.DEFAULT_BATCH_SIZE, "sweep": evaluate.DEFAULT_BATCH_SIZE,
-               "finetune": finetuning.DEFAULT_BATCH_SIZE, "fix": context.DEFAULT_BATCH,
-               "stats": stats.DEFAULT_BATCH_SIZE, "adapt": adaptation.DEFAULT_BATCH_SIZE,
-               "train": train_cmd.DEFAULT_BATCH_SIZE}
-    assert evaluate.DEFAULT_BATCH_SIZE // eval_cmd.TEN_CROP_BATCH_DIVISOR == 8
+    library = {"eval": config.DEFAULT_BATCH_SIZE, "sweep": config.DEFAULT_BATCH_SIZE,
+               "finetune": config.DEFAULT_BATCH_SIZE, "fix": config.DEFAULT_BATCH_SIZE,
+               "stats": config.DEFAULT_STATS_BATCH_SIZE, "adapt": config.DEFAULT_STATS_BATCH_SIZE,
+               "train": config.DEFAULT_TRAIN_BATCH_SIZE}
+    assert config.DEFAULT_BATCH_SIZE // eval_cmd.TEN_CROP_BATCH_DIVISOR == 8
     sub = next(a for a in build_parser()._actions if a.choices and "eval" in a.choices)
     for name, parser in sub.choices.items():
         for action in parser._actions:

@@ -36,9 +36,9 @@ def test_budget_reselects_among_the_fixed_candidates_without_refixing(setup):
     big, small = (next(c for c in sel["candidates"] if c["test_size"] == s) for s in (64, 32))
     assert big["gflops"] == pytest.approx(4 * small["gflops"], rel=0.05)  # a CNN's cost grows with the area
     capped = pipeline.run_fix(pipeline.FixConfig(**{**setup["cfg"], "max_test_size": 40}))
-    assert capped["choice"]["test_size"] == 32 and "max size 40" in capped["choice"]["chosen_on"]
-    assert "select" not in capped["recomputed"]  # the candidates are not fixed again for another budget
-    assert ("finetune" in capped["recomputed"]) == (setup["first"]["choice"]["test_size"] != 32)
+    assert capped.choice.test_size == 32 and "max size 40" in capped.choice.chosen_on
+    assert "select" not in capped.recomputed  # the candidates are not fixed again for another budget
+    assert ("finetune" in capped.recomputed) == (setup["first"].choice.test_size != 32)
     meta = json.loads((run / "export" / "fixres.json").read_text())
     assert meta["test_size"] == 32
 
@@ -47,7 +47,7 @@ def test_temperature_scaling_keeps_top1_and_is_fitted_on_held_out_images(setup):
     run = setup["run"]
     before = json.loads((run / "sweep_after.json").read_text())
     scaled = pipeline.run_fix(pipeline.FixConfig(**{**setup["cfg"], "temperature_scale": True}))
-    assert set(scaled["recomputed"]) == {"finetune", "sweep_after", "stats", "robustness", "report"}
+    assert set(scaled.recomputed) == {"finetune", "sweep_after", "stats", "robustness", "report"}
     ft = json.loads((run / "finetune.json").read_text())
     t = ft["temperature"]["T"]
     assert t > 0 and "held-out" in ft["temperature"]["fitted_on"]
@@ -71,11 +71,11 @@ def test_label_free_recalibrates_at_the_recommended_size(setup):
     out = setup["tmp"] / "label_free"
     res = pipeline.run_fix(pipeline.FixConfig(**{**setup["cfg"], "out": str(out), "label_free": True}))
     rec = json.loads((out / "analyse.json").read_text())["recommended_test_size"]
-    assert res["choice"]["test_size"] == rec and res["choice"]["method"] == "label-free"
+    assert res.choice.test_size == rec and res.choice.method == "label-free"
     assert not (out / "select.json").exists() and not (out / "schedule.json").exists()
     ft = json.loads((out / "finetune.json").read_text())
     assert ft["method"] == "bn-recalibrate" and ft["n_unlabeled"] == 24
-    assert res["headline"]["top1_fixed"] is not None  # reported on val, which has labels
+    assert res.headline.top1_fixed is not None  # reported on val, which has labels
 
 
 def test_terminal_shows_plan_noise_and_no_resume_message_on_a_first_run(tmp_path, capsys):
@@ -105,9 +105,9 @@ def test_fix_summary_lists_every_candidate_before_and_after(setup, capsys):
 
 
 def test_report_shows_candidates_frontier_reliability_and_ks(setup):
-    from fixres.report.page import write_report
+    from fixres.job.headline import write_run_report
     run = setup["run"]
-    summary = write_report(run)
+    summary = write_run_report(run)
     html = Path(summary["html"]).read_text()
     assert "Every candidate size, before and after the fix" in html and html.count("★ chosen") == 1
     assert "held-out training images" in html  # says how the size was chosen

@@ -41,12 +41,12 @@ def test_fix_runs_every_step_and_exports_a_loadable_fixed_model(tiny_run):
     assert [r["test_size"] for r in before["rows"]] == [32, 48, 64] == [r["test_size"] for r in after["rows"]]
     assert before["n_images"] == after["n_images"] == 12
 
-    head = result["headline"]
-    s = result["choice"]["test_size"]
-    assert s == head["test_size"] and s in (32, 48, 64)
-    assert head["top1_at_train_size"] == next(r["top1"] for r in before["rows"] if r["test_size"] == 32)
-    assert head["top1_fixed"] == next(r["top1"] for r in after["rows"] if r["test_size"] == s)
-    assert head["top1_best_untuned"] == max(r["top1"] for r in before["rows"])
+    head = result.headline
+    s = result.choice.test_size
+    assert s == head.test_size and s in (32, 48, 64)
+    assert head.top1_at_train_size == next(r["top1"] for r in before["rows"] if r["test_size"] == 32)
+    assert head.top1_fixed == next(r["top1"] for r in after["rows"] if r["test_size"] == s)
+    assert head.top1_best_untuned == max(r["top1"] for r in before["rows"])
 
     # The export reads back with no other flag; only the classifier and the pre-pool batch-norm changed.
     fixed = load_model(checkpoint=str(run / "export" / "model.safetensors"))
@@ -54,13 +54,13 @@ def test_fix_runs_every_step_and_exports_a_loadable_fixed_model(tiny_run):
                                                          ["manifest"]["classes"]))
     meta = json.loads((run / "export" / "fixres.json").read_text())
     assert meta["test_size"] == s and meta["train_size"] == 32
-    assert meta["accuracy"]["top1"] == head["top1_fixed"]
+    assert meta["accuracy"]["top1"] == head.top1_fixed
     # Chosen on held-out training photos: every validation photo reports it without bias, and says so.
-    assert meta["top1"] == head["top1_fixed"] and meta["top1_rule"] == RULE_HELD_OUT
+    assert meta["top1"] == head.top1_fixed and meta["top1_rule"] == RULE_HELD_OUT
     # The served model against the untuned one on the same validation photos: paired tests, not error bars.
-    paired = result["choice"]["paired_val"]
+    paired = result.choice.paired_val
     assert {"paired_vs_untuned", "paired_vs_train_size"} <= set(paired)
-    assert paired["untuned_top1"] == head["top1_untuned_at_test_size"]
+    assert paired["untuned_top1"] == head.top1_untuned_at_test_size
     trained = load_state_dict(run / "train" / "model.safetensors")
     exported = load_state_dict(run / "export" / "model.safetensors")
     assert trained.keys() == exported.keys()
@@ -77,7 +77,7 @@ def test_fix_runs_every_step_and_exports_a_loadable_fixed_model(tiny_run):
         assert sizes and all(len(v["x"]) == len(v["cdf"]) > 10 for v in sizes.values())
         assert all(0.0 <= v["zeros"] <= 1.0 for v in sizes.values())
 
-    html = Path(result["report"]).read_text()
+    html = Path(result.report).read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
 
 
@@ -87,7 +87,7 @@ def test_rerun_skips_finished_steps_and_continues_after_a_kill(tiny_run):
     stamps = _mtimes(run)
     again = pipeline.run_fix(cfg)
     assert _mtimes(run) == stamps  # nothing recomputed
-    assert again["headline"]["top1_fixed"] == first["headline"]["top1_fixed"]
+    assert again.headline.top1_fixed == first.headline.top1_fixed
 
     # As if killed after fine-tuning: the later steps are not recorded as done.
     state_path = run / "state.json"
@@ -100,7 +100,7 @@ def test_rerun_skips_finished_steps_and_continues_after_a_kill(tiny_run):
     for name in ("data.json", "train.json", "analyse.json", "sweep_before.json", "finetune.json"):
         assert now[name] == stamps[name], name
     assert now["sweep_after.json"] != stamps["sweep_after.json"]
-    assert resumed["headline"]["top1_fixed"] == first["headline"]["top1_fixed"]
+    assert resumed.headline.top1_fixed == first.headline.top1_fixed
 
 
 def test_rerun_with_changed_interpolation_recomputes_exactly_the_affected_steps(tiny_run, capsys):
@@ -113,8 +113,8 @@ def test_rerun_with_changed_interpolation_recomputes_exactly_the_affected_steps(
                                                                     "progress": True}))
     err = capsys.readouterr().err
     redo = {"train", "sweep_before", "schedule", "select", "finetune", "sweep_after", "stats", "robustness", "report"}
-    assert set(changed["recomputed"]) == redo
-    assert all("interpolation" in why for step, why in changed["recomputed"].items() if step != "report")
+    assert set(changed.recomputed) == redo
+    assert all("interpolation" in why for step, why in changed.recomputed.items() if step != "report")
     assert "recomputing train: changed interpolation" in err and "recomputing sweep_after:" in err
     now = _mtimes(run)
     assert now["data.json"] == stamps["data.json"] and now["analyse.json"] == stamps["analyse.json"]
@@ -122,11 +122,11 @@ def test_rerun_with_changed_interpolation_recomputes_exactly_the_affected_steps(
     assert json.loads((run / "export" / "fixres.json").read_text())["interpolation"] == "bicubic"
 
     again = pipeline.run_fix(pipeline.FixConfig(out=str(run), **{**TINY, "interpolation": "bicubic"}))
-    assert again["recomputed"] == {} and _mtimes(run) == now
+    assert again.recomputed == {} and _mtimes(run) == now
     # Back to the first settings: recomputed again, same numbers as the first run (deterministic).
     back = pipeline.run_fix(pipeline.FixConfig(out=str(run), **TINY))
-    assert set(back["recomputed"]) == redo
-    assert back["headline"]["top1_fixed"] == first["headline"]["top1_fixed"]
+    assert set(back.recomputed) == redo
+    assert back.headline.top1_fixed == first.headline.top1_fixed
 
 
 def test_report_command_rebuilds_from_json(tiny_run, capsys):

@@ -73,8 +73,8 @@ def test_test_size_is_chosen_on_held_out_training_images_not_on_val(user_run):
     assert all(c["val_after"]["n"] == c["val_before"]["n"] == 9 for c in cands)
     best = best_row([{"test_size": c["test_size"], "top1": c["holdout_after"]["top1"]} for c in cands],
                     train_size=32)["test_size"]
-    choice = user_run["result"]["choice"]
-    assert choice["test_size"] == best and "held-out training images" in choice["chosen_on"]
+    choice = user_run["result"].choice
+    assert choice.test_size == best and "held-out training images" in choice.chosen_on
     ft = json.loads((run / "finetune.json").read_text())
     assert ft["test_size"] == best
     assert json.loads((run / "run.json").read_text())["n_fit"] == len(fit) == len(train.samples) - len(held)
@@ -88,13 +88,13 @@ def test_changed_checkpoint_file_recomputes_the_steps_that_read_it(user_run):
     """The checkpoint is keyed by its content, not its name."""
     run = user_run["run"]
     same = pipeline.run_fix(user_run["cfg"])
-    assert same["recomputed"] == {}
+    assert same.recomputed == {}
     analyse_mtime = (run / "analyse.json").stat().st_mtime_ns
     save_tiny_checkpoint(user_run["ck"], seed=1)  # other weights under the same path
     again = pipeline.run_fix(user_run["cfg"])
-    assert set(again["recomputed"]) == {"sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
+    assert set(again.recomputed) == {"sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
                                        "robustness", "report"}
-    assert all("checkpoint_sha256" in why for s, why in again["recomputed"].items() if s != "report")
+    assert all("checkpoint_sha256" in why for s, why in again.recomputed.items() if s != "report")
     assert (run / "analyse.json").stat().st_mtime_ns == analyse_mtime
 
 

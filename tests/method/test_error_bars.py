@@ -103,6 +103,7 @@ def test_sweep_figure_draws_the_se(tmp_path, monkeypatch):
 def test_report_draws_and_captions_the_se(tmp_path, monkeypatch):
     from helpers import fake_run_dir
 
+    from fixres.job.headline import write_run_report
     from fixres.report import page, plots
     run = fake_run_dir(tmp_path / "run")
     curves_seen: list = []
@@ -113,7 +114,7 @@ def test_report_draws_and_captions_the_se(tmp_path, monkeypatch):
         return original(curves, path, **kw)
     monkeypatch.setattr(plots, "plot_accuracy_curves", record)
     seen = _errorbars(monkeypatch)
-    out = page.write_report(run)
+    out = write_run_report(run)
     before = json.loads((run / "sweep_before.json").read_text())["rows"]
     assert curves_seen and curves_seen[0]["top1_se"] == pytest.approx(
         [binomial_se(r["top1"], r["n"]) for r in before])

@@ -18,6 +18,7 @@ from fixres.data import corruptions as C
 from fixres.data import transforms
 from fixres.data.folders import ImageDataset, scan_folder
 from fixres.errors import UsageError
+from fixres.job.headline import headline_of
 from fixres.method import robustness
 from fixres.method.evaluate import evaluate
 from fixres.models.loading import load_model
@@ -397,7 +398,7 @@ def test_cli_eval_corruption_subset(capsys, tmp_path, image_folder):
 def test_report_shows_robustness_json(tmp_path, table_setup):
     run = fake_run_dir(tmp_path / "run")
     (run / "robustness.json").write_text(json.dumps(table_setup["result"]), encoding="utf-8")
-    html = render_html(collect(run), {})
+    html = _page(run)
     assert "Robustness under corruptions" in html
     assert "p: a at 48px vs a at 32px" in html and "b at 32px top-1 %" in html
     mean_blur = next(m for m in table_setup["result"]["mean"] if m["corruption"] == "gaussian_blur")
@@ -407,16 +408,21 @@ def test_report_shows_robustness_json(tmp_path, table_setup):
 
 def test_report_without_or_with_a_broken_robustness_json(tmp_path):
     run = fake_run_dir(tmp_path / "run")
-    html = render_html(collect(run), {})
+    html = _page(run)
     assert "Robustness under corruptions" not in html and "Cost (table 7)" in html
     for broken in ({"columns": "x", "mean": 3}, [1, 2], {"columns": ["F"], "mean": "x"}):
         (run / "robustness.json").write_text(json.dumps(broken), encoding="utf-8")
-        html = render_html(collect(run), {})
+        html = _page(run)
         assert "Robustness under corruptions" not in html and "Cost (table 7)" in html
     hostile = {"columns": ["F", 3], "n_images": "<i>n</i>", "mean": [{"corruption": "<b>x</b>", "F": "nan?"}, 7],
                "paired": [{"a": "F", "b": 1, "p": "?"}, {"a": "F", "b": "G", "corruption": "<b>x</b>", "p": None}]}
     (run / "robustness.json").write_text(json.dumps(hostile), encoding="utf-8")
-    html = render_html(collect(run), {})
+    html = _page(run)
     assert "Robustness under corruptions" in html and "Cost (table 7)" in html
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html and "<i>n</i>" not in html
     assert "F vs G: no paired test under corruptions" in html
+
+
+def _page(run) -> str:
+    documents = collect(run)
+    return render_html(documents, {}, headline_of(documents))

@@ -194,14 +194,23 @@ def test_a_folder_without_a_config_is_a_one_line_error(tmp_path, capsys, image_f
     assert code == 2 and "fixres.json or config.json" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_fix_result_holds_the_fixed_model_and_its_transform(fixed_run):
+def _fix_result(fixed_run, **headline):
+    from dataclasses import fields
+
     from fixres.api import FixResult
-    result = FixResult(run_dir=fixed_run.parent, report=fixed_run.parent / "report" / "index.html", export=fixed_run,
-                       test_size=48, headline={"top1_fixed": 55.5}, raw={})
+    from fixres.io.results import Choice, Headline
+    blank = {f.name: None for f in fields(Headline)} | {"timings": {}, "seconds_total": 0.0, "served_kind": "fixed",
+                                                       "n_swept_sizes": 0}
+    choice = Choice(test_size=48, kind=headline.get("served_kind", "fixed"), method="held-out", reason="",
+                    chosen_on="", recommended=48, n_images=0)
+    return FixResult(run_dir=fixed_run.parent, report=fixed_run.parent / "report" / "index.html", export=fixed_run,
+                     test_size=48, headline=Headline(**{**blank, **headline}), choice=choice)
+
+
+def test_a_fix_result_holds_the_fixed_model_and_its_transform(fixed_run):
+    result = _fix_result(fixed_run, top1_fixed=55.5, top1_served=55.5)
     assert repr(result) == f"FixResult(fixed at 48px, top-1 55.5, export {fixed_run})"
-    served = FixResult(run_dir=fixed_run.parent, report=fixed_run.parent / "report" / "index.html", export=fixed_run,
-                       test_size=48, raw={}, headline={"top1_fixed": 55.5, "top1_served": 51.0,
-                                                       "served_kind": "untuned", "headline_rule": "cross-val"})
+    served = _fix_result(fixed_run, top1_fixed=55.5, top1_served=51.0, served_kind="untuned", headline_rule="cross-val")
     assert repr(served) == f"FixResult(served as trained at 48px, top-1 51.0 cross-selected, export {fixed_run})"
     assert not result.model.training
     assert torch.equal(_logits(result.model, 48), _logits(fixres.load(fixed_run).model, 48))

@@ -112,10 +112,10 @@ def test_probe_detects_broken_images_and_console_errors(browser, tmp_path):
 
 
 def test_report_renders_in_chromium(browser, tmp_path):
-    from fixres.report.page import write_report
+    from fixres.job.headline import write_run_report
 
     run = fake_run_dir(tmp_path / "run")
-    summary = write_report(run)
+    summary = write_run_report(run)
     page = Path(summary["html"])
     text = page.read_text(encoding="utf-8")
     # Self-contained: no network, no external CSS or JavaScript.
@@ -147,10 +147,10 @@ def test_report_renders_in_chromium(browser, tmp_path):
 
 def test_report_content_without_a_browser(tmp_path):
     """The page's numbers come from the run's JSON: headline, grid table and cost table."""
-    from fixres.report.page import summarize, write_report
+    from fixres.job.headline import headline_of, write_run_report
 
     run = fake_run_dir(tmp_path / "run")
-    summary = write_report(run)
+    summary = write_run_report(run)
     head = summary["headline"]
     assert head["train_size"] == 64 and head["test_size"] == 96
     assert head["best_untuned_test_size"] in (80, 96)  # the fake curve peaks at 88
@@ -163,7 +163,7 @@ def test_report_content_without_a_browser(tmp_path):
     assert steps[0].startswith("train") and steps[1].startswith("fine-tune") and steps[-1] == "total"
     assert summary["cost"][1]["forward_ms"] == "3.1 ± 0.4"
     assert set(summary["figures"]) == {"accuracy", "grid", "roc", "cdf"}
-    assert summarize({"run": {}, "sweep_before": {"rows": []}})["top1_fixed"] is None
+    assert headline_of({"run": {}, "sweep_before": {"rows": []}}).top1_fixed is None
 
 
 def test_hostile_report_runs_no_script_in_chromium(browser, tmp_path):
@@ -171,9 +171,9 @@ def test_hostile_report_runs_no_script_in_chromium(browser, tmp_path):
     renders in a real browser with no script run, no dialog, no element of the payloads."""
     from helpers.runs import PAYLOADS, hostile_run_dir
 
-    from fixres.report.page import write_report
+    from fixres.job.headline import write_run_report
 
-    summary = write_report(hostile_run_dir(tmp_path / "run"))
+    summary = write_run_report(hostile_run_dir(tmp_path / "run"))
     page = Path(summary["html"])
     found, console = _probe(browser, page, tmp_path / "profile")
     assert found["pwned"] is None  # no payload's handler or script ran

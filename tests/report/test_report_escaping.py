@@ -46,8 +46,8 @@ def parse(page: str) -> _Elements:
 
 
 def test_hostile_run_folder_renders_with_every_value_escaped(tmp_path):
-    from fixres.report.page import write_report
-    summary = write_report(hostile_run_dir(tmp_path / "run"))
+    from fixres.job.headline import write_run_report
+    summary = write_run_report(hostile_run_dir(tmp_path / "run"))
     page = Path(summary["html"]).read_text(encoding="utf-8")
     found = parse(page)
     # No element the page did not build itself: no script, svg, iframe, and no event-handler attribute.
@@ -74,7 +74,7 @@ def test_hostile_run_folder_renders_with_every_value_escaped(tmp_path):
 @pytest.mark.parametrize("field", ["ratio", "monte_carlo", "grid_sizes"])
 def test_numeric_fields_holding_markup_are_escaped(tmp_path, field):
     """The fields the old page wrote raw: the analysis ratio, the Monte Carlo mean, the grid sizes."""
-    from fixres.report.page import write_report
+    from fixres.job.headline import write_run_report
     run = fake_run_dir(tmp_path / "run")
     if field == "ratio":
         update_json(run / "analyse.json", ratio=PAYLOADS[1])
@@ -83,7 +83,7 @@ def test_numeric_fields_holding_markup_are_escaped(tmp_path, field):
     else:
         grid = json.loads((run / "grid.json").read_text())
         update_json(run / "grid.json", test_sizes=[PAYLOADS[1], *grid["test_sizes"][1:]])
-    page = Path(write_report(run)["html"]).read_text(encoding="utf-8")
+    page = Path(write_run_report(run)["html"]).read_text(encoding="utf-8")
     assert "<img src=x" not in page and [n for n, _ in parse(page).attrs if n.startswith("on")] == []
 
 
@@ -92,13 +92,13 @@ def test_numeric_fields_holding_markup_are_escaped(tmp_path, field):
 def test_report_refuses_a_symlinked_report_folder(tmp_path, capsys):
     from helpers.cli import assert_one_line_error, cli
 
-    from fixres.report.page import write_report
+    from fixres.job.headline import write_run_report
     run = fake_run_dir(tmp_path / "run")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (run / "report").symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(UsageError, match="symbolic link"):
-        write_report(run)
+        write_run_report(run)
     code, out, err = cli(capsys, "report", run)
     assert code == 2
     assert_one_line_error(err, "symbolic link")
@@ -107,11 +107,11 @@ def test_report_refuses_a_symlinked_report_folder(tmp_path, capsys):
 
 
 def test_report_is_valid_utf8_with_undecodable_file_names(tmp_path):
-    from fixres.report.page import write_report
+    from fixres.job.headline import write_run_report
     run = fake_run_dir(tmp_path / "run")
     bad_name = b"val/caf\xe9/\xff\xfe.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 file name on Linux
     update_json(run / "sweep_before.json", skipped=[{"path": bad_name, "reason": "cannot identify image file"}])
-    raw = Path(write_report(run)["html"]).read_bytes()
+    raw = Path(write_run_report(run)["html"]).read_bytes()
     text = raw.decode("utf-8")  # strict: raises on the raw \xff bytes the old page held
     assert "val/caf\\xe9/\\xff\\xfe.jpg" in text
 
@@ -142,7 +142,7 @@ def test_per_class_csv_neutralises_formula_class_names():
 def test_fields_that_should_be_numbers_never_stop_the_report(tmp_path):
     """Text where numbers belong (sizes, accuracies, timings, CDF points, photo sizes) is shown escaped or
     left out of the figures, never a traceback; matplotlib's "$...$" maths never sees it either."""
-    from fixres.report.page import write_report
+    from fixres.job.headline import write_run_report
     run = fake_run_dir(tmp_path / "run")
     hostile = "$\\frac{<b>}{" + PAYLOADS[1]
     update_json(run / "run.json", train_size=hostile, timings={"train": hostile, "data": 3.0})
@@ -157,7 +157,7 @@ def test_fields_that_should_be_numbers_never_stop_the_report(tmp_path):
     stats["after"]["sizes"][hostile] = stats["after"]["sizes"]["64"]
     write_json(run / "stats.json", stats)
     update_json(run / "analyse.json", image_sizes=[[hostile, 3]], crop_ratio=hostile)
-    summary = write_report(run)
+    summary = write_run_report(run)
     page = Path(summary["html"]).read_text(encoding="utf-8")
     assert "<img src=x" not in page and [n for n, _ in parse(page).attrs if n.startswith("on")] == []
     assert hostile in "".join(parse(page).text)  # shown as text where it was a value

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fixres.cli.args import add_model_args, add_runtime_args, positive_int
 from fixres.cli.finetune import add_data_args
+from fixres.config import default_out
 
-DEFAULT_OUT = "runs/adapt"
 METHODS = ("bn-recalibrate", "frechet", "gaussian")
 #: What a run writes to --out besides its export: all of one run's, or all as they were (``cli.app``).
 RESULT_FILES = ("adapt.json",)
@@ -20,7 +20,8 @@ def add_parser(sub, parents):
                     "equalises the pooled activations with a fitted Frechet law (xi = 0.3); gaussian (appendix "
                     "A.2) matches the per-channel mean and std before the last ReLU to those at the train size. "
                     "Uses the images of --data/train (labels are not read), reports top-1 on --data/val before "
-                    f"and after, and exports the adapted model to --out (default {DEFAULT_OUT}; not for frechet, "
+                    f"and after, and exports the adapted model to --out (default {default_out('adapt')}; not for "
+                    "frechet, "
                     "which is a hook).")
     p.add_argument("--method", choices=METHODS, required=True,
                    help="bn-recalibrate: re-estimate the batch-norm statistics at the test size; frechet: "
@@ -47,7 +48,7 @@ def run(args):
     from fixres.runtime.progress import status
     refuse_distributed("fixres adapt")
     bundle, cfg, train, val, env, precision, test_size = adaptation_from_args(args)
-    out = Path(args.out or DEFAULT_OUT)
+    out = Path(args.out or default_out("adapt"))
     show = not args.quiet
     bs = args.batch_size or 32
     eval_kw = dict(test_size=test_size, batch_size=bs, env=env, precision=precision, workers=args.workers,

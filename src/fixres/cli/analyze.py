@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fixres.cli.args import bounded_int, crop_ratio, image_size, positive_int, seed, warn_stride
-from fixres.config import DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE
+from fixres.config import DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE, default_out
 
 #: Most Monte-Carlo samples: the estimate holds about a dozen float64 arrays of one value per sample, so ten
 #: million samples already take over a gigabyte (1e11 is an out-of-memory kill, not a better estimate).
@@ -95,7 +95,7 @@ def run(args):
         result["skipped"] = skipped
     if args.plot:
         from fixres.report.plots import plot_roc_areas
-        out = Path(args.out or "runs/analyze")
+        out = Path(args.out or default_out("analyze"))
         result["plot"] = str(plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction,
                                             out / "roc_areas.png", ratios=mc.ratios))
     return result, _summary(args, result, len(sizes), skipped)

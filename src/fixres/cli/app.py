@@ -80,8 +80,10 @@ def say(text: str, file=None) -> None:
         print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), file=stream)
 
 
-def emit(args: argparse.Namespace, result: dict, text: str | None = None) -> None:
-    """Print a result: JSON with --json, else the human text (nothing with -q)."""
+def emit(args: argparse.Namespace, result, text: str | None = None) -> None:
+    """Print a result (a dict, or a typed result with ``to_json``): JSON with --json, else the human text (nothing
+    with -q)."""
+    result = result.to_json() if hasattr(result, "to_json") else result
     if getattr(args, "json", False):
         clean = {k: v for k, v in result.items() if not k.startswith("_")}
         say(json.dumps(clean, indent=2, default=_jsonable))
@@ -107,13 +109,10 @@ def _oom_message(exc: BaseException) -> str | None:
     return None
 
 
-#: Where a command writes when --out is not given, for commands whose module has no DEFAULT_OUT.
-_OUT_DEFAULTS = {"fix": "runs/fix", "analyze": "runs/analyze", "make-dataset": "runs/data"}
-
-
 def _out_folder_of(args: argparse.Namespace) -> str | None:
     """The folder this command writes to: --out, else the command's default."""
-    return args.out or getattr(args._module, "DEFAULT_OUT", None) or _OUT_DEFAULTS.get(args.command)
+    from fixres.config import default_out
+    return args.out or default_out(args.command)
 
 
 def _refuse_out_inside_data(folder: str, data) -> None:

@@ -23,9 +23,8 @@ from fixres.cli.args import (
     seed,
     warn_stride,
 )
-from fixres.config import DEFAULT_FOLDS
+from fixres.config import DEFAULT_FOLDS, default_out
 
-DEFAULT_OUT = "runs/eval"
 CORRUPTIONS_JSON = "corruptions.json"
 #: What a run writes to --out: all of one run's, or, when it fails, all as they were (``cli.app``).
 RESULT_FILES = ("eval.json", "eval.csv", "per_class.csv", CORRUPTIONS_JSON)
@@ -59,7 +58,7 @@ def add_parser(sub, parents):
                        description="Top-1, top-5, loss and per-class accuracy at one test size and crop ratio, "
                                    "± the binomial standard error (the leave-one-fold-out std of section 5 is "
                                    "kept in eval.json as top1_std). Writes eval.json, eval.csv "
-                                   f"and per_class.csv to --out (default {DEFAULT_OUT}).")
+                                   f"and per_class.csv to --out (default {default_out('eval')}).")
     p.add_argument("--test-size", type=image_size, default=None,
                    help="test size (default: the size a fixres export was fixed for, else the model's train size)")
     add_eval_args(p)
@@ -171,9 +170,9 @@ def refuse_non_finite_outputs(model, size: int) -> None:
 
 def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     """Load the model and index the data (call ``dist.shutdown()`` afterwards)."""
+    from fixres.config import DEFAULT_BATCH_SIZE
     from fixres.data.folders import index_val_onto, read_class_map, resolve_split, scan_folder
     from fixres.errors import UsageError
-    from fixres.method.evaluate import DEFAULT_BATCH_SIZE
     from fixres.method.loop import seed_everything
     from fixres.models.loading import load_model, num_outputs
     from fixres.runtime import dist
@@ -357,7 +356,7 @@ def run(args):
                                   workers=cfg.workers) if args.corruptions else None)
         if not env.is_main:
             return None
-        out = args.out or DEFAULT_OUT
+        out = args.out or default_out("eval")
         if robust is not None:
             path = str(Path(out) / CORRUPTIONS_JSON)
             write_json(path, robust)

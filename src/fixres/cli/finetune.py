@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fixres.cli.args import add_model_args, add_runtime_args, image_size, positive_float, positive_int
-from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS
+from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS, default_out
 
-DEFAULT_OUT = "runs/finetune"
 #: What a run writes to --out besides its export: all of one run's, or all as they were (``cli.app``).
 RESULT_FILES = ("finetune.json",)
 WRITES_EXPORT = True
@@ -39,7 +38,7 @@ def add_parser(sub, parents):
                     "half-way, and the test-time augmentation (test DA). With test DA the frozen part of the "
                     "network runs once (activation cache); --resume continues an interrupted run. Writes "
                     "finetune.json, finetune_log.jsonl, finetune_state.pt and the fixed model "
-                    f"(model.safetensors + fixres.json) to --out (default {DEFAULT_OUT}).")
+                    f"(model.safetensors + fixres.json) to --out (default {default_out('finetune')}).")
     add_data_args(p, test_size_help="the resolution to fix the model for")
     p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help="what adapts: classifier, norm (the norm nearest the pooled vector: a batch-norm's affine "
@@ -116,7 +115,8 @@ def adaptation_from_args(args, *, need_train: bool = True):
 def run(args):
     from pathlib import Path
 
-    from fixres.method.finetuning import DEFAULT_BATCH_SIZE, finetune
+    from fixres.config import DEFAULT_BATCH_SIZE
+    from fixres.method.finetuning import finetune
     from fixres.models.export import export_model
     from fixres.runtime import dist
     from fixres.runtime.progress import status
@@ -126,7 +126,8 @@ def run(args):
                         augment=args.augment, epochs=args.epochs, lr=args.lr,
                         batch_size=args.batch_size or DEFAULT_BATCH_SIZE, cache=not args.no_cache,
                         cache_budget_mb=args.cache_budget_mb, resume=args.resume, epoch_eval=args.epoch_eval,
-                        export=not args.no_export, onnx=args.onnx, out=args.out or DEFAULT_OUT, device=args.device,
+                        export=not args.no_export, onnx=args.onnx, out=args.out or default_out("finetune"),
+                        device=args.device,
                         workers=args.workers, amp=not args.no_amp, seed=args.seed, quiet=args.quiet)
     show = not fc.quiet and env.is_main
     status(f"fixres finetune: {bundle.name} from {cfg.train_size}px to {test_size}px, parts {fc.parts}, "

@@ -125,14 +125,15 @@ def add_parser(sub, parents):
 
 
 def config_from_args(args):
-    from fixres.job.context import DEFAULT_BATCH, DEFAULT_OUT, FixConfig
+    from fixres.config import DEFAULT_BATCH_SIZE, default_out
+    from fixres.job.context import FixConfig
     return FixConfig(
         model=args.model, checkpoint=args.checkpoint, weights=args.weights, pretrained=args.pretrained,
-        num_classes=args.num_classes,
-        class_map=args.class_map, data=args.data, out=args.out or str(DEFAULT_OUT), train_size=args.train_size,
-        test_sizes=args.test_sizes, test_size=args.test_size, parts=args.parts, augment=args.augment,
-        finetune_epochs=args.epochs, train_epochs=args.train_epochs, train_augment=args.train_augment,
-        train_batch_size=args.train_batch_size, train_lr=args.train_lr, batch_size=args.batch_size or DEFAULT_BATCH,
+        num_classes=args.num_classes, class_map=args.class_map, data=args.data, out=args.out or default_out("fix"),
+        train_size=args.train_size, test_sizes=args.test_sizes, test_size=args.test_size, parts=args.parts,
+        augment=args.augment, finetune_epochs=args.epochs, train_epochs=args.train_epochs,
+        train_augment=args.train_augment, train_batch_size=args.train_batch_size, train_lr=args.train_lr,
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
         lr=args.lr, crop_ratio=args.crop_ratio, interpolation=args.interpolation, mean=args.mean, std=args.std,
         device=args.device, amp=not args.no_amp, workers=args.workers, seed=args.seed, classes=args.classes,
         train_per_class=args.train_per_class, val_per_class=args.val_per_class, restart=args.restart,
@@ -149,18 +150,18 @@ def _pm(top1, std) -> str:
     return "n/a" if top1 is None else f"{top1:.1f}%" + ("" if std is None else f" ± {std:.1f}")
 
 
-def _noise_line(h: dict, choice: dict) -> str:
+def _noise_line(h, choice) -> str:
     """The binomial standard error of what is served, and the exact paired tests against the untuned model on
     the same photos (at the same sizes, and at the train size)."""
     from fixres.choosing.significance import ALPHA, binomial_se
-    n, served = h.get("n_val"), h.get("top1_served", h.get("top1_fixed"))
+    n, served = h.n_val, h.top1_served
     if not n or served is None:
         return "  noise: n/a"
     line = f"  noise: binomial SE {binomial_se(served, n):.1f} points on {n} images"
-    tests = choice.get("cross") or choice.get("paired_val") or {}
-    same = "at the same cross-selected sizes" if choice.get("cross") else f"at {h['test_size']}px"
+    tests = choice.cross or choice.paired_val or {}
+    same = "at the same cross-selected sizes" if choice.cross else f"at {h.test_size}px"
     for key, top1_key, where in (("paired_vs_untuned", "untuned_top1", f"untuned {same}"),
-                                 ("paired_vs_train_size", "train_size_top1", f"untuned at {h['train_size']}px")):
+                                 ("paired_vs_train_size", "train_size_top1", f"untuned at {h.train_size}px")):
         paired, other = tests.get(key), tests.get(top1_key)
         if paired and other is not None:
             verdict = "beyond noise" if paired["p"] < ALPHA else "within noise"
@@ -168,20 +169,20 @@ def _noise_line(h: dict, choice: dict) -> str:
     return line
 
 
-def _served_line(h: dict) -> str:
+def _served_line(h) -> str:
     """The unbiased figure of what is served (cross-selected, or on validation photos that did not choose)."""
-    value = _pm(h.get("top1_served"), h.get("top1_served_se"))
-    if h.get("headline_rule"):
+    value = _pm(h.top1_served, h.top1_served_se)
+    if h.headline_rule:
         return f"  served, cross-selected:               {value}"
-    if h.get("served_kind") == "untuned":
-        return f"  served as trained at {h['test_size']}px:           {value}"
-    return f"  after the fix at {h['test_size']}px:               {value}"
+    if h.served_kind == "untuned":
+        return f"  served as trained at {h.test_size}px:           {value}"
+    return f"  after the fix at {h.test_size}px:               {value}"
 
 
-def _rule_lines(choice: dict, h: dict) -> list[str]:
+def _rule_lines(choice, h) -> list[str]:
     """Which photos chose the size, and under cross-selection the pooled headline and the training-photo check."""
-    lines = [f"  rule: {choice['rule_text']}"] if choice.get("rule_text") else []
-    cross, seen = choice.get("cross"), choice.get("seen_check")
+    lines = [f"  rule: {choice.rule_text}"] if choice.rule_text else []
+    cross, seen = choice.cross, choice.seen_check
     if cross:
         line = (f"  cross-selected (half A chose {cross.get('half_a', cross['size_half_a'])}, half B "
                 f"{cross.get('half_b', cross['size_half_b'])}; each half scored by the other's choice): "
@@ -190,37 +191,28 @@ def _rule_lines(choice: dict, h: dict) -> list[str]:
             line += (f"; untuned at the same sizes {_pm(cross['untuned_top1'], None)} "
                      f"(paired p {cross['paired_vs_untuned']['p']:.3g})")
         lines.append(line)
-        if h.get("top1_fixed_all_val") is not None:
-            lines.append(f"  on all validation photos at the exported {h['test_size']}px: "
-                         f"{_pm(h['top1_fixed_all_val'], None)} (the size was chosen on them: optimistic)")
+        if h.top1_fixed_all_val is not None:
+            lines.append(f"  on all validation photos at the exported {h.test_size}px: "
+                         f"{_pm(h.top1_fixed_all_val, None)} (the size was chosen on them: optimistic)")
     if seen and seen.get("seen_top1_at_train_size") is not None:
         lines.append(f"  for comparison: {seen['n']} training photos (the model may have trained on them) score "
-                     f"{_pm(seen['seen_top1_at_train_size'], None)} at {h['train_size']}px against "
+                     f"{_pm(seen['seen_top1_at_train_size'], None)} at {h.train_size}px against "
                      f"{_pm(seen['val_top1_at_train_size'], None)} on val; choosing on them would pick "
                      f"{seen['size_chosen_on_seen']}px")
     return lines
 
 
-def _robustness_lines(run_dir: str) -> list[str]:
-    """The paired verdicts of the corruption table (robustness.json), when the step ran."""
-    import json
-    from pathlib import Path
-
+def _robustness_lines(table: dict | None) -> list[str]:
+    """The paired verdicts of the corruption table, when the step ran."""
     from fixres.report.robustness import verdicts
-    path = Path(run_dir) / "robustness.json"
-    if not path.is_file():
-        return []
-    return ["  under corruptions: " + line for line in verdicts(json.loads(path.read_text(encoding="utf-8")))]
+    return ["  under corruptions: " + line for line in verdicts(table)] if table else []
 
 
-def _candidate_lines(run_dir: str, chosen: int) -> list[str]:
+def _candidate_lines(selected, chosen: int) -> list[str]:
     """The model's own table 5 (right): val top-1 before and after the fix at every candidate size."""
-    import json
-    from pathlib import Path
-    path = Path(run_dir) / "select.json"
-    if not path.is_file():
+    sel = selected.document if selected is not None else None
+    if not sel:
         return []
-    sel = json.loads(path.read_text(encoding="utf-8"))
     third = "train photos after" if sel.get("n_seen") else "held-out after"
     lines = [f"  size   val before  val after  {third:>14}   ms/img  GFLOPs"]
     for c in sel["candidates"]:
@@ -240,31 +232,29 @@ def run(args):
     from fixres.runtime.progress import format_duration
     refuse_distributed("fixres fix (run its steps, e.g. fixres train / finetune, under torchrun instead)")
     result = run_fix(config_from_args(args))
-    h, choice = result["headline"], result["choice"]
-    untuned = h.get("served_kind") == "untuned"
+    h, choice = result.headline, result.choice
+    untuned = h.served_kind == "untuned"
     lines = [
-        f"fixres fix: {h['model']} trained at {h['train_size']}px, served at {h['test_size']}px "
-        f"({'as trained' if untuned else 'fixed'}); {h['n_val']} validation images, ± = binomial standard error",
-        *([f"  served: {choice['served']}"] if choice.get("served") else []),
-        f"  chosen: {choice.get('chosen_on', 'n/a')}",
+        f"fixres fix: {h.model} trained at {h.train_size}px, served at {h.test_size}px "
+        f"({'as trained' if untuned else 'fixed'}); {h.n_val} validation images, ± = binomial standard error",
+        *([f"  served: {choice.served}"] if choice.served else []),
+        f"  chosen: {choice.chosen_on}",
         *_rule_lines(choice, h),
-        *([f"  {choice['why_not_recommended']}"] if choice.get("why_not_recommended") else []),
-        f"  top-1 at the train size {h['train_size']}px:        "
-        f"{_pm(h['top1_at_train_size'], h.get('top1_at_train_size_se'))}",
-        f"  best untuned test size {h['best_untuned_test_size']}px:         "
-        f"{_pm(h['top1_best_untuned'], h.get('top1_best_untuned_se'))} (the best of {h.get('n_swept_sizes')} sizes "
+        *([f"  {choice.why_not_recommended}"] if choice.why_not_recommended else []),
+        f"  top-1 at the train size {h.train_size}px:        {_pm(h.top1_at_train_size, h.top1_at_train_size_se)}",
+        f"  best untuned test size {h.best_untuned_test_size}px:         "
+        f"{_pm(h.top1_best_untuned, h.top1_best_untuned_se)} (the best of {h.n_swept_sizes} sizes "
         "on these photos: optimistic)",
-        f"  untuned at {h['test_size']}px:                     "
-        f"{_pm(h['top1_untuned_at_test_size'], h.get('top1_untuned_at_test_size_se'))}",
+        f"  untuned at {h.test_size}px:                     "
+        f"{_pm(h.top1_untuned_at_test_size, h.top1_untuned_at_test_size_se)}",
         _served_line(h),
         _noise_line(h, choice),
-        *_candidate_lines(result["run_dir"], int(h["test_size"] or 0)),
-        *_robustness_lines(result["run_dir"]),
-        f"  time: {format_duration(h['seconds_total'])} in the steps "
-        f"({format_duration(result['seconds'])} in this call)",
-        f"  fixed model: {result['export']}/model.safetensors",
-        f"report: {result['report']}",
+        *_candidate_lines(result.results.select, int(h.test_size or 0)),
+        *_robustness_lines(result.results.robustness),
+        f"  time: {format_duration(h.seconds_total)} in the steps ({format_duration(result.seconds)} in this call)",
+        f"  fixed model: {result.export}/model.safetensors",
+        f"report: {result.report}",
     ]
-    for step, why in (result.get("recomputed") or {}).items():
+    for step, why in result.recomputed.items():
         lines.append(f"  recomputed {step}: " + ("changed " if " " not in why[0] else "") + ", ".join(why))
     return result, "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fixres.cli.args import add_dataset_size_args, nonneg_int, seed
+from fixres.config import default_out
 
 
 def add_parser(sub, parents):
@@ -22,7 +23,7 @@ def add_parser(sub, parents):
 
 def run(args):
     from fixres.data.synth import make_dataset
-    out = args.out or "runs/data"
+    out = args.out or default_out("make-dataset")
     result = make_dataset(out, classes=args.classes, train_per_class=args.train_per_class,
                           val_per_class=args.val_per_class, seed=args.seed, overwrite=args.overwrite,
                           workers=args.workers, progress=not args.quiet)

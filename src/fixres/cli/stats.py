@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from fixres.cli.args import add_model_args, add_runtime_args, image_size, int_list, model_spec, positive_int
-
-DEFAULT_OUT = "runs/stats"
+from fixres.config import default_out
 
 
 def add_parser(sub, parents):
@@ -13,7 +12,7 @@ def add_parser(sub, parents):
         description="Measure the activations after the global pooling at several test sizes: their CDF, the "
                     "fraction of zeros and the fraction above 2 (section 3.2). With --compare, the same for a "
                     "second (adapted) checkpoint, drawn dashed (figure 4). Writes stats.json and "
-                    f"activation_cdf.png to --out (default {DEFAULT_OUT}).")
+                    f"activation_cdf.png to --out (default {default_out('stats')}).")
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder tree (its val/ when present)")
     p.add_argument("--sizes", type=int_list, default=None,
                    help="test sizes, e.g. 64,128,224,448 (default: train size x 0.5, 1, 1.5, 2)")
@@ -60,7 +59,7 @@ def run(args):
         # KS of the adapted model at each size to the ORIGINAL model at T: does the fix move toward it (fig. 4)?
         after = activation_stats(other.model, index, cfg, grid=before["sizes"][0]["cdf_x"], reference=reference,
                                  **kw)
-    out = Path(args.out or DEFAULT_OUT)
+    out = Path(args.out or default_out("stats"))
     png = plot_stats(before, out / "activation_cdf.png", compare=after,
                      title=f"{bundle.name}, trained at {t}px: pooled activations")
     result = {"command": "stats", "model": bundle.name, "train_size": t, "sizes": sizes, "before": before,

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from fixres.cli.args import add_model_args, add_runtime_args, float_list, int_list
 from fixres.cli.eval import add_eval_args
+from fixres.config import DEFAULT_SWEEP_SIZES, default_out
 
-DEFAULT_OUT = "runs/sweep"
 #: What a run writes to --out: all of one run's, or, when it fails, all as they were (``cli.app``).
 RESULT_FILES = ("sweep.json", "sweep.csv", "per_class.csv")
-DEFAULT_TEST_SIZES = "128,160,192,224,256,288,320,352,384"
 
 
 def add_parser(sub, parents):
@@ -22,9 +21,10 @@ def add_parser(sub, parents):
                                    "once), ± the binomial standard error (the leave-one-fold-out std of section "
                                    "5 is kept in sweep.json), multi-resolution ensembles and "
                                    "10-crop testing. Writes sweep.json, sweep.csv and accuracy_vs_test_size.png "
-                                   f"to --out (default {DEFAULT_OUT}).")
-    p.add_argument("--test-sizes", type=int_list, default=int_list(DEFAULT_TEST_SIZES), metavar="S1,S2,...",
-                   help=f"test sizes, e.g. 128,160,192 or 128:384:32 (default {DEFAULT_TEST_SIZES})")
+                                   f"to --out (default {default_out('sweep')}).")
+    sizes = ",".join(map(str, DEFAULT_SWEEP_SIZES))
+    p.add_argument("--test-sizes", type=int_list, default=list(DEFAULT_SWEEP_SIZES), metavar="S1,S2,...",
+                   help=f"test sizes, e.g. 128,160,192 or 128:384:32 (default {sizes})")
     p.add_argument("--crop-ratios", type=float_list, default=None, metavar="R1,R2",
                    help="crop ratios to sweep too (default: --crop-ratio, else the model's)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -56,7 +56,7 @@ def run(args):
         result["recommended_test_size_exact"] = rec["test_size_exact"]
         result["best"] = {"test_size": best["test_size"], "crop_ratio": best["crop_ratio"], "top1": best["top1"],
                           "top1_se": best["top1_se"], "top1_std": best["top1_std"]}
-        out = Path(args.out or DEFAULT_OUT)
+        out = Path(args.out or default_out("sweep"))
         if not args.no_plot:
             from fixres.report.plots import plot_accuracy_vs_size
             series: dict = {}

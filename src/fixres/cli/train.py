@@ -18,12 +18,10 @@ from fixres.cli.args import (
     positive_float,
     positive_int,
 )
+from fixres.config import DEFAULT_TRAIN_BATCH_SIZE, DEFAULT_TRAIN_EPOCHS, default_out
 
-DEFAULT_OUT = "runs/train"
 #: A run's export is all of one run's, or, when the run fails, as it was (``cli.app``).
 WRITES_EXPORT = True
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_EPOCHS = 10
 
 
 def _smoothing(text: str) -> float:
@@ -44,12 +42,12 @@ def add_parser(sub, parents):
                     "5.3). Validates each epoch at the train size and at the recommended test size. Under "
                     "torchrun it runs data-parallel; --resume continues an interrupted run exactly.")
     add_model_args(p, random_ok=True)  # train builds random weights on purpose; --pretrained: transfer
-    add_runtime_args(p, batch_default=DEFAULT_BATCH_SIZE, batch_note=": the global batch under torchrun")
+    add_runtime_args(p, batch_default=DEFAULT_TRAIN_BATCH_SIZE, batch_note=": the global batch under torchrun")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="ImageFolder root; ROOT/train and ROOT/val are used when present")
     p.add_argument("--train-size", type=image_size, required=True, help="training resolution T (pixels)")
-    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
-                   help=f"epochs (default {DEFAULT_EPOCHS}; the paper trains ImageNet for 120)")
+    p.add_argument("--epochs", type=positive_int, default=DEFAULT_TRAIN_EPOCHS,
+                   help=f"epochs (default {DEFAULT_TRAIN_EPOCHS}; the paper trains ImageNet for 120)")
     p.add_argument("--lr", type=positive_float, default=None, help="base learning rate (default 0.1 x B / 256)")
     p.add_argument("--schedule", choices=("step", "cosine"), default="step",
                    help="step: /10 every --step-epochs (paper); cosine: half-cosine to 0")
@@ -124,8 +122,9 @@ class TrainRunConfig:
     @classmethod
     def from_args(cls, args) -> "TrainRunConfig":
         return cls(model=args.model, checkpoint=args.checkpoint, weights=args.weights, num_classes=args.num_classes,
-                   class_map=args.class_map, data=args.data, out=args.out or DEFAULT_OUT,
-                   train_size=args.train_size, epochs=args.epochs, batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+                   class_map=args.class_map, data=args.data, out=args.out or default_out("train"),
+                   train_size=args.train_size, epochs=args.epochs,
+                   batch_size=args.batch_size or DEFAULT_TRAIN_BATCH_SIZE,
                    lr=args.lr, schedule=args.schedule, step_epochs=args.step_epochs,
                    warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, momentum=args.momentum,
                    weight_decay=args.weight_decay, repeats=args.repeats,

@@ -35,6 +35,7 @@ from fixres.choosing.serving import (
 from fixres.choosing.significance import binomial_se, paired_test
 from fixres.io.atomic import write_json
 from fixres.io.checkpoint import load_state_dict, save_safetensors
+from fixres.io.results import Choice
 from fixres.job.context import FixContext
 from fixres.method.adaptation import adapt
 from fixres.method.calibration import temperature_scale_model
@@ -111,7 +112,7 @@ def outcomes_of(result: dict, n: int) -> dict[str, str]:
             for r, top1 in zip(result["rows"], result["_top1"].values())}
 
 
-def run_schedule(x: "FixContext") -> None:
+def run_schedule(x: "FixContext") -> dict:
     """The fine-tuning rate and length chosen on the held-out images from a small grid (cached)."""
     c = x.config
     size = schedule_size(x)
@@ -125,10 +126,10 @@ def run_schedule(x: "FixContext") -> None:
             rows.append({"lr": lr, "epochs": epochs, "test_size": size, **_score(x, model, x.holdout, size)})
     # Most accurate on the held-out images; ties (common on few images) to the lower NLL, then the shorter run.
     best = max(rows, key=lambda r: (r["top1"], -(r["nll"] if r["nll"] is not None else 0.0), -r["epochs"]))
-    write_json(x.run_dir / "schedule.json", {
+    return {
         "test_size": size, "rows": rows, "n_images": len(x.holdout), "lr": best["lr"], "epochs": best["epochs"],
         "how": f"best of {len(rows)} (lr, epochs) pairs on {len(x.holdout)} {x.chooser_words} at {size}px "
-               "(top-1, ties to the lower NLL)"})
+               "(top-1, ties to the lower NLL)"}
 
 
 def schedule_size(x: "FixContext") -> int:
@@ -141,16 +142,13 @@ def schedule_size(x: "FixContext") -> int:
 
 
 def recommended_exact(x: "FixContext") -> float:
-    an = x.read("analyse")
-    mc = an.get("monte_carlo") or {}
-    return float(mc.get("recommended_test_size_exact") or an.get("recommended_test_size_exact")
-                 or an["recommended_test_size"])
+    return x.results.analyse.recommended_exact
 
 
-def run_select(x: "FixContext") -> None:
+def run_select(x: "FixContext") -> dict:
     """Fix at every candidate size, score on the held-out training images and on val, measure cost."""
     sizes, dropped, estimate = _planned_candidates(x)
-    before = {int(r["test_size"]): r for r in x.read("sweep_before")["rows"]}
+    before = {int(r["test_size"]): r for r in x.results.sweep_before.document["rows"]}
     held_before = _before_on(x, x.holdout, sizes, outcomes=True)
     t = int(x.cfg.train_size)  # the training photos' score before the fix is only shown at T
     seen_at_t = _before_on(x, x.seen, [t]).get(t) if t in sizes else None
@@ -161,13 +159,13 @@ def run_select(x: "FixContext") -> None:
         b = before.get(size, {})
         rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
                      "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
-    write_json(x.run_dir / "select.json", {
+    return {
         "method": x.rule if (x.holdout or len(sizes) > 1) else "recommendation", "rule": x.rule,
         "rule_text": SELECTION_RULES.get(x.rule), "n_holdout": len(x.holdout), "n_seen": len(x.seen),
         "seen_before_at_train_size": seen_at_t,
-        "n_val": x.read("sweep_before")["n_images"], "candidates": rows, "dropped": dropped,
-        "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule,
-        "recommended": int(x.read("analyse")["recommended_test_size"]), "recommended_exact": recommended_exact(x)})
+        "n_val": x.results.sweep_before.n_images, "candidates": rows, "dropped": dropped,
+        "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule.to_json(),
+        "recommended": x.results.analyse.recommended_test_size, "recommended_exact": recommended_exact(x)}
 
 
 def _before_on(x: "FixContext", samples, sizes: Sequence[int], *, outcomes: bool = False) -> dict:
@@ -189,7 +187,7 @@ def _fix_candidate(x: "FixContext", size: int) -> dict:
     if (folder / RESULT_NAME).is_file():  # finished before a kill, with the same inputs (else wiped)
         return json.loads((folder / RESULT_NAME).read_text(encoding="utf-8"))
     model = x.work(holds=f"candidate {size}")
-    ft = _finetune_at(x, model, size, lr=x.schedule.get("lr"), epochs=int(x.schedule["epochs"]), out_dir=folder)
+    ft = _finetune_at(x, model, size, lr=x.schedule.lr, epochs=x.schedule.epochs, out_dir=folder)
     save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / "adapted.safetensors")
     row = {"holdout_after": _score(x, model, x.holdout, size, outcomes=True) if x.holdout else None,
            "seen_after": _score(x, model, x.seen, size) if x.seen else None,
@@ -202,12 +200,12 @@ def _fix_candidate(x: "FixContext", size: int) -> dict:
 
 def _planned_candidates(x: "FixContext") -> tuple[list[int], list[int], dict]:
     """The candidates whose estimated time fits the budget (printed up front), the dropped ones, the estimate."""
-    sweep = x.read("sweep_before")
-    area = sweep["n_images"] * sum(s * s for s in x.test_sizes) or 1
-    per_pixel = float(sweep.get("seconds") or 0.0) / area  # seconds per image-pixel of a forward
-    n_scored = len(x.holdout) + int(sweep["n_images"])
+    sweep = x.results.sweep_before
+    area = sweep.n_images * sum(s * s for s in x.test_sizes) or 1
+    per_pixel = sweep.seconds / area  # seconds per image-pixel of a forward
+    n_scored = len(x.holdout) + sweep.n_images
     est = {s: estimate_seconds(s, seconds_per_pixel=per_pixel, n_fit=len(x.fit), n_scored=n_scored,
-                               epochs=int(x.schedule["epochs"]), cached=x.config.augment == "test")
+                               epochs=x.schedule.epochs, cached=x.config.augment == "test")
            for s in x.candidates}
     budget = None if x.config.select_budget_min is None else 60.0 * x.config.select_budget_min
     keep = sorted({schedule_size(x), x.cfg.train_size})
@@ -227,18 +225,17 @@ def _dur(seconds: float) -> str:
 def _val_options(x: "FixContext", sel: dict) -> list[dict]:
     """The candidates with their outcomes on every validation photo: fixed from the select step, untuned from
     the sweep before the fix."""
-    before = x.read("sweep_before").get("outcomes") or {}
+    before = x.results.sweep_before.outcomes
     return served_options(sel, lambda r: r.get("val_after"), lambda r: {"outcomes": before.get(str(r["test_size"]))},
                           need_outcomes=True)
 
 
-def choose_after_fixing(x: "FixContext") -> dict:
+def choose_after_fixing(x: "FixContext", sel: dict) -> Choice:
     """What is served: among every candidate size fixed and the model as trained at every size, the cheapest
     not worse than the best beyond noise on the photos of the selection rule (``choose_served``;
     ``--choose best``: the most accurate fixed one), within the deployment budget. Under cross-selection the
     choice on all validation photos is exported and the headline is the pooled cross-selected result."""
     c = x.config
-    sel = x.read("select")
     rule = sel.get("rule") or x.rule
     n = sel["n_holdout"]
     budget = dict(max_size=c.max_test_size, budget_ms=c.budget_ms, budget_gflops=c.budget_gflops)
@@ -268,17 +265,16 @@ def choose_after_fixing(x: "FixContext") -> dict:
     how += f", within the budget ({', '.join(budgets)})" if budgets else ""
     fixed = [o for o in options if o["kind"] == FIXED]
     best_fixed = min(fixed, key=lambda o: (-float(o["top1"]), int(o["test_size"]))) if fixed else None
-    return {"test_size": size, "kind": kind, "choose": c.choose, "served": served_sentence(served),
-            "best_fixed_size": int(best_fixed["test_size"]) if best_fixed else None,
-            "best": option_name(served["best"]), "as_good": served["as_good"],
-            "p_vs_best": served["p_vs_best"], "cost_key": served["cost_key"], "alpha": served["alpha"],
-            "method": sel["method"], "rule": rule, "rule_text": SELECTION_RULES.get(rule),
-            "reason": "selected after fixing" if (n or cross) else how, "chosen_on": how,
-            "recommended": sel["recommended"], "n_images": n or (sel["n_val"] if cross else 0),
-            "why_not_recommended": _why_not_recommended(size, sel, rows, f"the {n} {x.chooser_words}" if n else
-                                                        "all validation photos"), "cross": cross,
-            "paired_val": None if cross else _paired_on_val(x, val_options, size, kind),
-            "seen_check": _seen_check(x, sel, rows, budget)}
+    return Choice(test_size=size, kind=kind, choose=c.choose, served=served_sentence(served),
+                  best_fixed_size=int(best_fixed["test_size"]) if best_fixed else None,
+                  best=option_name(served["best"]), as_good=tuple(served["as_good"]), p_vs_best=served["p_vs_best"],
+                  cost_key=served["cost_key"], alpha=served["alpha"], method=sel["method"], rule=rule,
+                  rule_text=SELECTION_RULES.get(rule), reason="selected after fixing" if (n or cross) else how,
+                  chosen_on=how, recommended=sel["recommended"], n_images=n or (sel["n_val"] if cross else 0),
+                  why_not_recommended=_why_not_recommended(size, sel, rows, f"the {n} {x.chooser_words}" if n else
+                                                           "all validation photos"), cross=cross,
+                  paired_val=None if cross else _paired_on_val(x, val_options, size, kind),
+                  seen_check=_seen_check(x, sel, rows, budget))
 
 
 def _paired_on_val(x: "FixContext", val_options: list[dict], size: int, kind: str) -> dict | None:
@@ -307,8 +303,7 @@ def _cross_choice(x: "FixContext", val_options: list[dict], budget: dict) -> dic
     halves = stratified_halves(labels, seed=x.config.seed)
     res = cross_select_served(val_options, halves, mode=x.config.choose,
                                       train_size=x.cfg.train_size, **budget)
-    before_bits = x.read("sweep_before").get("outcomes") or {}
-    before = {int(k): read_bits(v) for k, v in before_bits.items()}
+    before = {int(k): read_bits(v) for k, v in x.results.sweep_before.outcomes.items()}
     chosen = {0: res["size_half_a"], 1: res["size_half_b"]}
     untuned = [before[chosen[1 - h]][i] if chosen[1 - h] in before else None for i, h in enumerate(halves)]
     at_t = before.get(int(x.cfg.train_size))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fixres import config as config_vocab
-from fixres.choosing.budget import CANDIDATE_HIGH
+from fixres.choosing.budget import CANDIDATE_HIGH, candidate_sizes
 from fixres.choosing.photos import (
     HOLDOUT_FRACTION,
     HOLDOUT_METHOD,
@@ -26,6 +26,17 @@ from fixres.choosing.photos import (
     holdout_split,
 )
 from fixres.choosing.serving import CHOOSE_CHEAPEST
+from fixres.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_FINETUNE_EPOCHS,
+    DEFAULT_PARTS,
+    DEFAULT_SELECT_BUDGET_MIN,
+    EMBEDDED_MODEL,
+    EMBEDDED_TRAIN_EPOCHS,
+    FIX_TRAIN_BATCH_SIZE,
+    FIX_TRAIN_REPEATS,
+    default_out,
+)
 from fixres.data.folders import (
     index_val_onto,
     missing_classes_warning,
@@ -36,40 +47,11 @@ from fixres.data.folders import (
 )
 from fixres.errors import FixresError, UsageError
 from fixres.io.checkpoint import load_state_dict
+from fixres.io.results import Choice, FixResults, Schedule
 from fixres.job.fingerprint import digest, file_digest, index_fingerprint
 from fixres.job.runstate import RunState
 from fixres.models.export import WEIGHTS_NAME
 from fixres.models.loading import load_model
-
-DEFAULT_OUT = Path("runs") / "fix"
-
-
-#: The embedded default: a small built-in CNN trained on the generated data at a low train size.
-DEFAULT_MODEL = "fixres_tiny_resnet"
-
-
-DEFAULT_TRAIN_EPOCHS = 30
-
-
-DEFAULT_TRAIN_BATCH = 64
-
-
-#: A short from-scratch run needs a higher rate than the paper's 0.1 x B/256 (0.025 at B=64) to converge.
-EMBEDDED_TRAIN_LR = 0.2
-
-
-#: Train the embedded model without repeated augmentation: on 2 cores every image-epoch counts.
-DEFAULT_TRAIN_REPEATS = 1
-
-
-DEFAULT_FINETUNE_EPOCHS = 10
-
-
-DEFAULT_BATCH = 64
-
-
-DEFAULT_PARTS = ",".join(config_vocab.DEFAULT_PARTS)
-
 
 #: Default sweep: multiples of the model's stride (appendix B: other sizes suffer border and round-off
 #: effects, visible as a saw-tooth in the curve) from SWEEP_LOW x T to SWEEP_HIGH x T.
@@ -96,8 +78,6 @@ STEPS = ("data", "train", "analyse", "sweep_before", "schedule", "select", "fine
 
 
 
-#: Default cap on the time the candidate fixes may take (estimated up front; farthest sizes dropped first).
-DEFAULT_SELECT_BUDGET_MIN = 60.0
 
 
 @dataclass
@@ -112,19 +92,19 @@ class FixConfig:
     num_classes: int | None = None
     class_map: str | None = None
     data: str | None = None
-    out: str = str(DEFAULT_OUT)
+    out: str = str(default_out("fix"))
     train_size: int | None = None
     test_sizes: list[int] | None = None
     test_size: int | None = None
-    parts: str = DEFAULT_PARTS
+    parts: str = ",".join(DEFAULT_PARTS)
     augment: str = "test"
     finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS
-    train_epochs: int = DEFAULT_TRAIN_EPOCHS
+    train_epochs: int = EMBEDDED_TRAIN_EPOCHS
     train_augment: str = "train"
-    train_repeats: int = DEFAULT_TRAIN_REPEATS
+    train_repeats: int = FIX_TRAIN_REPEATS
     train_lr: float | None = None
-    batch_size: int = DEFAULT_BATCH
-    train_batch_size: int = DEFAULT_TRAIN_BATCH
+    batch_size: int = DEFAULT_BATCH_SIZE
+    train_batch_size: int = FIX_TRAIN_BATCH_SIZE
     lr: float | None = None
     crop_ratio: float | None = None
     interpolation: str | None = None
@@ -171,7 +151,7 @@ class FixConfig:
 
     @property
     def model_name(self) -> str | None:
-        return self.model or (None if self.has_weights else DEFAULT_MODEL)
+        return self.model or (None if self.has_weights else EMBEDDED_MODEL)
 
 
 def default_test_sizes(train_size: int, *, step: int = SWEEP_STEP) -> list[int]:
@@ -215,10 +195,10 @@ class FixContext:
     env: object = None
     precision: object = None
     eval_precision: object = None
-    test_sizes: list[int] = field(default_factory=list)
-    candidates: list[int] = field(default_factory=list)
-    schedule: dict = field(default_factory=dict)
-    choice: dict = field(default_factory=dict)
+    #: the test sizes swept before the analysis adds its candidates and recommendation
+    swept_sizes: list[int] = field(default_factory=list)
+    #: every step's result, as the steps run or resume
+    results: FixResults = field(default_factory=FixResults)
     _base_ready: bool = False
     _work: object = None
     _holds: str = ""  # what the working copy holds: "export" (the fixed model) or a candidate
@@ -276,6 +256,39 @@ class FixContext:
             return f"photos of --select-data {self.config.select_data}"
         return HOLDOUT_METHOD
 
+    # ---- what the steps' results decide
+    @property
+    def candidates(self) -> list[int]:
+        """The sizes fixed and compared: given, or stride multiples around the train size and the recommendation."""
+        c, an = self.config, self.results.analyse
+        if an is None:
+            return []
+        if c.test_size:
+            return [c.test_size]
+        if not self.holdout and self.rule != RULE_CROSS:  # nothing to choose on: the recommendation only
+            return [an.recommended_test_size]
+        if c.candidates:
+            return sorted(set(c.candidates))
+        sizes = candidate_sizes(self.cfg.train_size, self.cfg.stride, recommended_unrounded=an.recommended_exact)
+        return [s for s in sizes if s <= MAX_SWEEP_SIZE]
+
+    @property
+    def test_sizes(self) -> list[int]:
+        """The sizes swept: the default or given ones, every candidate (their untuned accuracy) and the
+        recommendation, once the analysis ran."""
+        an = self.results.analyse
+        if an is None:
+            return list(self.swept_sizes)
+        return sorted(set(self.swept_sizes) | set(self.candidates) | {an.recommended_test_size})
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.results.schedule
+
+    @property
+    def choice(self) -> Choice:
+        return self.results.select.choice
+
     # ---- the model, built once
     @property
     def needs_training(self) -> bool:
@@ -324,9 +337,6 @@ class FixContext:
             self._checkpoint_sha = file_digest(self.config.checkpoint)
         return self._checkpoint_sha
 
-    def read(self, step: str) -> dict:
-        return read_json(self.run_dir / f"{step}.json")
-
     def eval_kw(self) -> dict:
         """How ``fix`` evaluates: every photo decoded at full size, as the export's serving transform (and a
         timm or torchvision pipeline) decodes it, so the accuracy ``fix`` prints and exports is the one a user
@@ -367,7 +377,7 @@ def load_weights(model, path: Path) -> None:
 
 
 def stats_sizes_of(x: FixContext) -> list[int]:
-    return sorted(set(x.config.stats_sizes or _stats_sizes(x.cfg.train_size, int(x.choice["test_size"]),
+    return sorted(set(x.config.stats_sizes or _stats_sizes(x.cfg.train_size, x.choice.test_size,
                                                            x.test_sizes)))
 
 

@@ -85,7 +85,7 @@ def key_schedule(x: FixContext) -> dict:
 
 def key_select(x: FixContext) -> dict:
     return {**_key_finetuning(x), "val_images": x.fingerprints["val_images"], "candidates": x.candidates,
-            "schedule_lr": x.schedule.get("lr"), "schedule_epochs": x.schedule.get("epochs"),
+            "schedule_lr": x.schedule.lr, "schedule_epochs": x.schedule.epochs,
             "select_budget_min": x.config.select_budget_min}
 
 
@@ -93,9 +93,9 @@ def key_finetune(x: FixContext) -> dict:
     c = x.config
     if c.label_free:
         return {**_key_base(x), **_key_prep(x), **_key_train_images(x), "label_free": True,
-                "fix_test_size": x.choice["test_size"], "batch_size": c.batch_size,
+                "fix_test_size": x.choice.test_size, "batch_size": c.batch_size,
                 "precision": x.precision.describe()}
-    return {**x.keys["select"], "fix_test_size": x.choice["test_size"], "served": x.choice.get("kind"),
+    return {**x.keys["select"], "fix_test_size": x.choice.test_size, "served": x.choice.kind,
             "choose": c.choose, "temperature_scale": c.temperature_scale}
 
 

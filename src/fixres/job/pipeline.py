@@ -38,29 +38,26 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from fixres.choosing.budget import candidate_sizes
 from fixres.choosing.photos import RULE_CROSS
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
 from fixres.errors import UsageError
-from fixres.io.atomic import write_json
+from fixres.io.atomic import plain_json, write_json
+from fixres.io.results import Analysis, Candidates, Choice, FixRun, Schedule, Sweep, read_document
 from fixres.job import candidates, keys, steps
 from fixres.job.context import (
-    MAX_SWEEP_SIZE,
     STEPS,
     FixConfig,
     FixContext,
     default_test_sizes,
-    read_json,
     stats_sizes_of,
     tunes_schedule,
 )
 from fixres.job.plan import print_plan
 from fixres.job.runstate import NOT_RUN, RunState
-from fixres.report.page import REPORT_DIR, REPORT_JSON
 from fixres.report.robustness import verdicts
 from fixres.runtime import dist, engine
 from fixres.runtime import progress as prog
@@ -77,15 +74,23 @@ STEP_FOLDERS = {"train": ("train",), "schedule": ("schedule",), "select": ("cand
 
 @dataclass(frozen=True)
 class Step:
-    """One step of the job: what it does (for the header line), what its result depends on, how to run it."""
+    """One step of the job: what it does (for the header line), what its result depends on, how to run it, how to
+    read its finished result back when a run resumes, and what it says about its result."""
 
     name: str
     describe: Callable[[FixContext], str]
     key: Callable[[FixContext], dict]
-    run: Callable[[FixContext], None]
+    run: Callable[[FixContext], Any]
+    #: the result of a finished step from its file (default: the document itself)
+    resume: Callable[[FixContext, dict], Any] = lambda x, doc: doc
+    #: lines said under the step's header about its result
+    announce: Callable[[FixContext, Any], list[str]] = lambda x, result: []
     applies: Callable[[FixContext], bool] = lambda x: True
     skipped: str | Callable[[FixContext], str] = ""  # said when the step does not apply
-    output: str | None = None  # result file checked before trusting a finished step (default <name>.json)
+    #: the result when the step does not apply (what later steps read instead)
+    skip: Callable[[FixContext], Any] = lambda x: None
+    #: the result file, written by the step itself (default: the pipeline writes <name>.json from the result)
+    output: str | None = None
 
 
 def _describe_train(x: FixContext) -> str:
@@ -116,9 +121,9 @@ def _describe_schedule(x: FixContext) -> str:
 def _describe_finetune(x: FixContext) -> str:
     c = x.config
     if c.label_free:
-        return (f"{candidates.LABEL_FREE_METHOD} at {x.choice['test_size']}px on unlabeled training images "
-                f"({x.choice['reason']})")
-    return (f"the candidate fixed at {x.choice['test_size']}px ({c.parts}, {x.schedule.get('epochs')} epochs, "
+        return (f"{candidates.LABEL_FREE_METHOD} at {x.choice.test_size}px on unlabeled training images "
+                f"({x.choice.reason})")
+    return (f"the candidate fixed at {x.choice.test_size}px ({c.parts}, {x.schedule.epochs} epochs, "
             f"{c.augment} DA)" + (", temperature-scaled" if c.temperature_scale else "") + ", exported")
 
 
@@ -129,49 +134,98 @@ def _describe_robustness(x: FixContext) -> str:
             "validation photos, fixed vs untuned")
 
 
+def _analysis_line(an: Analysis) -> str:
+    how = "eq. 5" if an.train_augment == "train" else f"trained with {an.train_augment}"
+    sampled = f"; {an.sampled_ratio:.3f} sampled on these photos" if an.sampled_ratio else ""
+    return (f"objects look {an.ratio:.3f}x as large at test as in training ({how}{sampled}); recommended test size "
+            f"{an.recommended_test_size}px")
+
+
+def _curve_lines(x: FixContext, sweep: Sweep) -> list[str]:
+    return ["top-1: " + ", ".join(f"{r.test_size}px {r.top1:.1f}" for r in sorted(sweep.rows,
+                                                                                 key=lambda r: r.test_size))]
+
+
+def _schedule_lines(x: FixContext, sched: Schedule) -> list[str]:
+    return [f"fine-tuning schedule: lr {sched.lr:g}, {sched.epochs} epochs ({sched.how})"]
+
+
+def _choice_lines(x: FixContext, selected: Candidates) -> list[str]:
+    return [f"served: {selected.choice.served}", f"chosen: {selected.choice.chosen_on}"]
+
+
+def _given_schedule(x: FixContext) -> Schedule:
+    return Schedule(lr=x.config.lr, epochs=x.config.finetune_epochs, how=_untuned_schedule_how(x))
+
+
+def _label_free_choice(x: FixContext) -> Candidates:
+    """Label-free: the given size, or the apparent-size recommendation (no labels read to choose it)."""
+    c = x.config
+    rec = x.results.analyse.recommended_test_size
+    how = ("given (--test-size)" if c.test_size else
+           "the apparent-size recommendation: it needs no labels, and it is the size at which objects "
+           "look as large as in training (section 4.1)")
+    return Candidates(None, Choice(test_size=c.test_size or rec, kind=None, method="label-free", reason=how,
+                                   chosen_on=how, recommended=rec, n_images=0))
+
+
 STEP_TABLE: tuple[Step, ...] = (
     Step("data", lambda x: "generating the embedded data set" if x.config.embedded else f"indexing {x.config.data}",
          keys.key_data, steps.run_data),
     Step("train", _describe_train, keys.key_train, steps.run_train, applies=lambda x: x.needs_training,
          skipped="the model has its weights"),
-    Step("analyse", lambda x: "apparent object sizes on this data's photos", keys.key_analyse, steps.run_analyse),
+    Step("analyse", lambda x: "apparent object sizes on this data's photos", keys.key_analyse, steps.run_analyse,
+         resume=lambda x, doc: Analysis.from_json(doc), announce=lambda x, an: [_analysis_line(an)]),
     Step("sweep_before", lambda x: f"top-1 at test sizes {','.join(map(str, x.test_sizes))}", keys.key_sweep_before,
-         steps.run_sweep_before),
+         steps.run_sweep_before, resume=lambda x, doc: Sweep.from_json(doc), announce=_curve_lines),
     Step("schedule", _describe_schedule, keys.key_schedule, candidates.run_schedule, applies=tunes_schedule,
+         resume=lambda x, doc: Schedule.from_json(doc), announce=_schedule_lines,
          skipped=lambda x: _untuned_schedule_how(x) if x.config.tune_schedule and x.config.lr is None
-         else "fine-tuning rate and epochs as given"),
+         else "fine-tuning rate and epochs as given", skip=_given_schedule),
     Step("select", _describe_select, keys.key_select, candidates.run_select, applies=lambda x: not x.config.label_free,
-         skipped="label-free: the size is the analysis' recommendation"),
+         resume=lambda x, doc: Candidates(doc, candidates.choose_after_fixing(x, doc)), announce=_choice_lines,
+         skipped="label-free: the size is the analysis' recommendation", skip=_label_free_choice),
     Step("finetune", _describe_finetune, keys.key_finetune, steps.run_finetune),
     Step("sweep_after", lambda x: "the fixed model at every test size (each size's own fix, read from the candidates "
-         "when every size was one)", keys.key_sweep_after, steps.run_sweep_after),
+         "when every size was one)", keys.key_sweep_after, steps.run_sweep_after,
+         resume=lambda x, doc: Sweep.from_json(doc), announce=_curve_lines),
     Step("stats", lambda x: f"pooled activations at {','.join(map(str, stats_sizes_of(x)))}px, before and after",
          keys.key_stats, steps.run_stats),
     Step("robustness", _describe_robustness, keys.key_robustness, steps.run_robustness,
-         applies=lambda x: x.config.robustness, skipped="--no-robustness"),
-    Step("report", lambda x: "writing the HTML report", keys.key_report, steps.run_report, output="report/report.json"),
+         applies=lambda x: x.config.robustness, skipped="--no-robustness",
+         announce=lambda x, table: verdicts(table)),
+    Step("report", lambda x: "writing the HTML report", keys.key_report, steps.run_report, output="report/report.json",
+         resume=steps.resume_report),
 )
 assert tuple(s.name for s in STEP_TABLE) == STEPS
 
 
 def _execute(x: FixContext, i: int, step: Step, recomputed: dict) -> None:
-    """Run ``step`` when its key changed (or it never finished); say which inputs changed."""
+    """Run ``step`` when its key changed (or it never finished), else read its result back; say which inputs
+    changed. Either way its result joins ``x.results`` for the steps after it."""
     n = len(STEP_TABLE)
     if not step.applies(x):
         x.say(f"[{i}/{n}] {step.name}: skipped ({step.skipped(x) if callable(step.skipped) else step.skipped})")
         x.state.forget(step.name)
-        _after_skipped(x, step.name)
+        setattr(x.results, step.name, step.skip(x))
         return
     key = step.key(x)
     x.keys[step.name] = key
     output = x.run_dir / (step.output or f"{step.name}.json")
     why = x.state.stale(step.name, key, output)
-    if why is None and not (step.name == "report" and x.state.ran):
+    document = read_document(output) if why is None else None
+    if document is not None and not (step.name == "report" and x.state.ran):
         x.say(f"[{i}/{n}] {step.name}: {step.describe(x)} (done)")
-        _after_step(x, step.name)
-        return
-    x.say(f"[{i}/{n}] {step.name}: {step.describe(x)}")
-    why = why or ["an earlier step was recomputed"]
+        result = step.resume(x, document)
+    else:
+        result = _recompute(x, i, step, key, why or ["an earlier step was recomputed"], recomputed)
+    setattr(x.results, step.name, result)
+    for line in step.announce(x, result):
+        x.say("  " + line)
+
+
+def _recompute(x: FixContext, i: int, step: Step, key: dict, why: list[str], recomputed: dict):
+    x.say(f"[{i}/{len(STEP_TABLE)}] {step.name}: {step.describe(x)}")
     if why != [NOT_RUN]:
         recomputed[step.name] = why
         plain = len(why) == 1 and " " in why[0]  # a reason, not input names
@@ -181,50 +235,13 @@ def _execute(x: FixContext, i: int, step: Step, recomputed: dict) -> None:
             shutil.rmtree(x.run_dir / sub, ignore_errors=True)
     x.state.begin(step.name, key)
     t0 = time.perf_counter()
-    step.run(x)
+    result = step.run(x)
+    # The result flows on as it would be read back: a fresh run and a resumed one see the same values.
+    document = plain_json(result if isinstance(result, dict) else result.to_json())
+    if step.output is None:
+        write_json(x.run_dir / f"{step.name}.json", document)
     x.state.finish(step.name, key, time.perf_counter() - t0)
-    _after_step(x, step.name)
-
-
-def _after_step(x: FixContext, name: str) -> None:
-    """What later steps (and their keys) need from a step's result."""
-    if name == "analyse":
-        an = x.read("analyse")
-        mc = an.get("monte_carlo") or {}
-        x.say(f"  objects look {an['ratio']:.3f}x as large at test as in training ("
-              + ("eq. 5" if an.get("train_augment", "train") == "train" else f"trained with {an['train_augment']}")
-              + (f"; {mc['mean']:.3f} sampled on these photos" if mc.get("mean") else "")
-              + f"); recommended test size {an['recommended_test_size']}px")
-        x.candidates = _candidate_list(x)
-        # The sweep covers every candidate (their untuned accuracy) and the recommendation.
-        x.test_sizes = sorted(set(x.test_sizes) | set(x.candidates) | {int(an["recommended_test_size"])})
-    elif name in ("sweep_before", "sweep_after"):
-        x.say("  " + _curve_line(x.read(name)))
-    elif name == "schedule":
-        sched = x.read("schedule")
-        x.schedule = {"lr": sched["lr"], "epochs": sched["epochs"], "how": sched["how"]}
-        x.say(f"  fine-tuning schedule: lr {sched['lr']:g}, {sched['epochs']} epochs ({sched['how']})")
-    elif name == "robustness":
-        for line in verdicts(x.read("robustness")):
-            x.say("  " + line)
-    elif name == "select":
-        x.choice = candidates.choose_after_fixing(x)
-        x.say(f"  served: {x.choice['served']}")
-        x.say(f"  chosen: {x.choice['chosen_on']}")
-
-
-def _after_skipped(x: FixContext, name: str) -> None:
-    c = x.config
-    if name == "schedule":
-        x.schedule = {"lr": c.lr, "epochs": c.finetune_epochs, "how": _untuned_schedule_how(x)}
-    elif name == "select":  # label-free
-        rec = int(x.read("analyse")["recommended_test_size"])
-        size = c.test_size or rec
-        how = ("given (--test-size)" if c.test_size else
-               "the apparent-size recommendation: it needs no labels, and it is the size at which objects "
-               "look as large as in training (section 4.1)")
-        x.choice = {"test_size": size, "method": "label-free", "reason": how, "chosen_on": how, "recommended": rec,
-                    "n_images": 0, "why_not_recommended": None}
+    return step.resume(x, document)
 
 
 def _untuned_schedule_how(x: FixContext) -> str:
@@ -237,24 +254,11 @@ def _untuned_schedule_how(x: FixContext) -> str:
     return "default (no held-out images)"
 
 
-def _candidate_list(x: FixContext) -> list[int]:
-    c = x.config
-    if c.test_size:
-        return [c.test_size]
-    if not x.holdout and x.rule != RULE_CROSS:  # nothing to choose on: the recommendation only
-        return [int(x.read("analyse")["recommended_test_size"])]
-    if c.candidates:
-        return sorted(set(c.candidates))
-    sizes = candidate_sizes(x.cfg.train_size, x.cfg.stride,
-                                    recommended_unrounded=candidates.recommended_exact(x))
-    return [s for s in sizes if s <= MAX_SWEEP_SIZE]
-
-
 # --------------------------------------------------------------------------- the job
 
-def run_fix(config: FixConfig) -> dict:
-    """Run (or resume) the whole method; returns the headline numbers, where the report is, and which
-    steps were recomputed because their inputs changed (``recomputed``: {step: [changed inputs]})."""
+def run_fix(config: FixConfig) -> FixRun:
+    """Run (or resume) the whole method; returns what is served, the headline numbers, where the report is, and
+    which steps were recomputed because their inputs changed."""
     t_job = time.perf_counter()
     x = FixContext(config=config, run_dir=Path(config.out),
                    say=lambda msg: prog.status(msg, enabled=config.progress))
@@ -268,7 +272,7 @@ def run_fix(config: FixConfig) -> dict:
     recomputed: dict[str, list[str]] = {}
     _execute(x, 1, STEP_TABLE[0], recomputed)
     if config.embedded:
-        x.index_data(Path(x.read("data")["root"]))
+        x.index_data(Path(x.results.data["root"]))
         _build_model(x)
         x.assign_selection()
     if config.progress:
@@ -276,10 +280,10 @@ def run_fix(config: FixConfig) -> dict:
     for i, step in enumerate(STEP_TABLE[1:], start=2):
         _execute(x, i, step, recomputed)
     write_json(x.run_dir / "run.json", steps.run_info(x, _threads()))  # every step's time, the report's included
-    summary = read_json(x.run_dir / REPORT_DIR / REPORT_JSON)
-    return {"run_dir": str(x.run_dir), "report": summary["html"], "headline": summary["headline"],
-            "export": str(x.run_dir / "export"), "choice": x.choice, "recomputed": recomputed,
-            "seconds": round(time.perf_counter() - t_job, 1)}
+    r = x.results
+    return FixRun(run_dir=x.run_dir, report=Path(r.report["html"]), export=x.run_dir / "export",
+                  test_size=x.choice.test_size, headline=r.headline, choice=x.choice, recomputed=recomputed,
+                  seconds=round(time.perf_counter() - t_job, 1), results=r)
 
 
 def _threads() -> int:
@@ -317,7 +321,7 @@ def _build_model(x: FixContext) -> None:
     torch.manual_seed(x.config.seed)  # a model built from scratch starts from the same weights every run
     x.load_model()
     c = x.config
-    x.test_sizes = sorted(set(c.test_sizes or default_test_sizes(x.cfg.train_size, step=x.cfg.stride)))
+    x.swept_sizes = sorted(set(c.test_sizes or default_test_sizes(x.cfg.train_size, step=x.cfg.stride)))
 
 
 
@@ -341,14 +345,3 @@ def _check_config(config: FixConfig) -> None:
         raise UsageError("--select-data and --holdout-untouched name two different photo sets to choose on: give one")
     if config.checkpoint is not None and not Path(config.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {config.checkpoint}")
-
-
-
-
-def _curve_line(sweep: dict) -> str:
-    return "top-1: " + ", ".join(f"{r['test_size']}px {r['top1']:.1f}" for r in sorted(sweep["rows"],
-                                                                                        key=lambda r: r["test_size"]))
-
-
-
-

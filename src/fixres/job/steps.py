@@ -14,13 +14,15 @@ import torch
 
 from fixres.choosing.photos import RULE_CROSS, SELECTION_RULES
 from fixres.choosing.serving import FIXED, UNTUNED
-from fixres.choosing.significance import binomial_se
+from fixres.config import EMBEDDED_TRAIN_LR
 from fixres.data.folders import count_image_sizes
 from fixres.data.synth import make_dataset
-from fixres.io.atomic import write_json
+from fixres.io.atomic import plain_json, write_json
+from fixres.io.results import Headline, Sweep
 from fixres.job import candidates
 from fixres.job.candidates import load_adapted
-from fixres.job.context import EMBEDDED_TRAIN_LR, STATS_IMAGES, FixContext, read_json, stats_sizes_of, strip_private
+from fixres.job.context import STATS_IMAGES, FixContext, read_json, stats_sizes_of, strip_private
+from fixres.job.headline import headline_of
 from fixres.method import analysis
 from fixres.method import stats as fstats
 from fixres.method.evaluate import evaluate
@@ -28,7 +30,7 @@ from fixres.method.robustness import corruption_table
 from fixres.method.train import STATE_NAME as TRAIN_STATE
 from fixres.method.train import train
 from fixres.models.export import export_model
-from fixres.report.page import AFTER_EACH_FIXED, AFTER_EXPORTED, write_report
+from fixres.report.page import AFTER_EACH_FIXED, AFTER_EXPORTED, clean_documents, write_report
 
 #: Photo sizes read from the data set for the Monte-Carlo analysis and the figure-2 histogram.
 MAX_PHOTO_SIZES = 2000
@@ -38,7 +40,7 @@ MAX_PHOTO_SIZES = 2000
 ANALYSIS_SAMPLES = 50_000
 
 
-def run_data(x: FixContext) -> None:
+def run_data(x: FixContext) -> dict:
     c = x.config
     if c.embedded:
         made = make_dataset(x.run_dir / "data", classes=c.classes, train_per_class=c.train_per_class,
@@ -48,10 +50,10 @@ def run_data(x: FixContext) -> None:
                 "synth_config": made.get("config")}
     else:
         info = {"root": str(c.data), "embedded": False}
-    write_json(x.run_dir / "data.json", info)
+    return info
 
 
-def run_train(x: FixContext) -> None:
+def run_train(x: FixContext) -> dict:
     c = x.config
     lr = c.train_lr or (EMBEDDED_TRAIN_LR if not (c.model or c.has_weights) else None)
     train_dir = x.run_dir / "train"
@@ -63,10 +65,10 @@ def run_train(x: FixContext) -> None:
                    env=x.env, precision=x.precision, seed=c.seed, workers=c.workers, progress=c.progress,
                    model_name=x.bundle.name)
     result["batch_size"] = c.train_batch_size
-    write_json(x.run_dir / "train.json", strip_private(result))
+    return strip_private(result)
 
 
-def run_analyse(x: FixContext) -> None:
+def run_analyse(x: FixContext) -> dict:
     cfg = x.cfg
     sizes = count_image_sizes(x.val_index, limit=MAX_PHOTO_SIZES)
     an = analysis.analyze(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,
@@ -78,25 +80,25 @@ def run_analyse(x: FixContext) -> None:
     an["recommended_test_size_closed_form"] = analysis.recommend_test_size(
         train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,
         train_augment=x.config.train_augment)["test_size"]
-    an["image_sizes"] = sorted({tuple(s) for s in sizes})[:500]
-    write_json(x.run_dir / "analyse.json", an)
+    an["image_sizes"] = [list(s) for s in sorted({tuple(s) for s in sizes})[:500]]
+    return an
 
 
-def run_sweep_before(x: FixContext) -> None:
+def run_sweep_before(x: FixContext) -> dict:
     sweep = evaluate(x.base(), x.val_index, x.cfg, test_sizes=x.test_sizes, keep_outcomes=True, **x.eval_kw())
     sweep["outcomes"] = candidates.outcomes_of(sweep, len(x.val_index.samples))
-    write_json(x.run_dir / "sweep_before.json", strip_private(sweep))
+    return strip_private(sweep)
 
 
-def run_finetune(x: FixContext) -> None:
+def run_finetune(x: FixContext) -> dict:
     """The chosen candidate (or, label-free, batch-norm recalibration at the recommended size), exported; when
     the choice is the model as trained at a size, that model is exported unchanged."""
-    test_size = int(x.choice["test_size"])
+    test_size = x.choice.test_size
     model = x.work(holds="export")
     if x.config.label_free:
         ft = candidates.label_free_adapt(x, model, test_size)
     else:
-        if x.choice.get("kind") == UNTUNED:
+        if x.choice.untuned:
             ft = {"test_size": test_size, "served": UNTUNED, "parts": [], "epochs": 0, "trainable": [],
                   "note": "served as trained: no candidate fixed beat it beyond noise, so nothing was fine-tuned"}
         else:
@@ -110,60 +112,60 @@ def run_finetune(x: FixContext) -> None:
                   "(give --select-data, or --holdout-untouched)")
     path = export_model(model, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
                         train_size=x.cfg.train_size, class_names=list(x.train_index.classes))
-    write_json(x.run_dir / "export.json", {"path": str(path), "test_size": test_size,
-                                          "train_size": x.cfg.train_size})
-    write_json(x.run_dir / "finetune.json", {**ft, "choice": x.choice, "export_path": str(path)})
+    x.results.export = {"path": str(path), "test_size": test_size, "train_size": x.cfg.train_size}
+    write_json(x.run_dir / "export.json", x.results.export)
+    return {**ft, "choice": x.choice.to_json(), "export_path": str(path)}
 
 
-def run_sweep_after(x: FixContext) -> None:
-    test_size = int(x.choice["test_size"])
+def run_sweep_after(x: FixContext) -> dict:
+    test_size = x.choice.test_size
     fixed = x.fixed()
     sweep = _after_from_candidates(x)
     if sweep is None:
         sweep = {**evaluate(fixed, x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw()),
                  "after": AFTER_EXPORTED}
-    # Export again, now with the accuracy of what is served in the metadata: the unbiased estimate and its rule.
-    accuracy = served_accuracy(x, sweep)
+    sweep = plain_json(strip_private(sweep))
+    # Export again, now with the accuracy of what is served in the metadata: the headline's unbiased estimate.
+    head = headline_of({**x.results.documents(), "sweep_after": sweep, "run": run_info(x, torch.get_num_threads())})
+    accuracy = served_accuracy(x, head, Sweep.from_json(sweep))
     export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
                  train_size=x.cfg.train_size, class_names=list(x.train_index.classes), accuracy=accuracy,
                  extra={"top1": accuracy["top1"], "top1_rule": accuracy["top1_rule"]})
-    write_json(x.run_dir / "sweep_after.json", strip_private(sweep))
+    return sweep
 
 
 #: The size was not chosen on any labelled photos (given, or the analysis' recommendation): val is unbiased.
 UNCHOSEN_TEXT = "the size was not chosen on labelled photos, so every validation photo reports it without bias"
 
 
-def served_accuracy(x: FixContext, sweep_after: dict) -> dict:
-    """The served model's accuracy for ``fixres.json``: ``top1`` is unbiased (validation photos that did not
-    choose: the held-out rule's; under cross-selection the pooled estimate), ``top1_rule`` names how; the
-    figure on all validation photos at a size chosen on them is kept only as ``top1_all_val_optimistic``."""
-    test_size = int(x.choice["test_size"])
-    curve = x.read("sweep_before") if x.choice.get("kind") == UNTUNED else sweep_after
-    row = next(r for r in curve["rows"] if r["test_size"] == test_size)
-    cross = x.choice.get("cross")
-    if cross:
-        return {"top1": cross["top1"], "top1_se": cross.get("top1_se"), "n": cross["n"],
-                "top1_rule": RULE_CROSS, "top1_rule_text": SELECTION_RULES[RULE_CROSS],
-                "top1_all_val_optimistic": row["top1"], "test_size": test_size, "served": x.choice.get("kind")}
-    rule = ("given" if x.config.test_size else "label-free" if x.config.label_free else x.choice.get("rule") or x.rule)
-    return {"top1": row["top1"], "top1_se": binomial_se(row["top1"], row["n"]), "top1_std": row["top1_std"],
-            "n": row["n"], "top1_rule": rule, "top1_rule_text": SELECTION_RULES.get(rule, UNCHOSEN_TEXT),
-            "test_size": test_size, "served": x.choice.get("kind") or FIXED}
+def served_accuracy(x: FixContext, head: Headline, sweep_after: Sweep) -> dict:
+    """The served model's accuracy for ``fixres.json``, from the headline: ``top1`` is unbiased (validation photos
+    that did not choose: the held-out rule's; under cross-selection the pooled estimate), ``top1_rule`` names how;
+    the figure on all validation photos at a size chosen on them is kept only as ``top1_all_val_optimistic``."""
+    choice = x.choice
+    row = (x.results.sweep_before if choice.untuned else sweep_after).at(choice.test_size)
+    served = {"top1": head.top1_served, "top1_se": head.top1_served_se, "test_size": choice.test_size}
+    if choice.cross:
+        return {**served, "n": choice.cross["n"], "top1_rule": RULE_CROSS,
+                "top1_rule_text": SELECTION_RULES[RULE_CROSS], "top1_all_val_optimistic": row.top1,
+                "served": choice.kind}
+    rule = "given" if x.config.test_size else "label-free" if x.config.label_free else choice.rule or x.rule
+    return {**served, "top1_std": row.top1_std, "n": row.n, "top1_rule": rule,
+            "top1_rule_text": SELECTION_RULES.get(rule, UNCHOSEN_TEXT), "served": choice.kind or FIXED}
 
 
 def _after_from_candidates(x: FixContext) -> dict | None:
     """The curve after the fix without a forward: when every swept size is a candidate, each was fixed at its
     own size and scored on val by the select step (the candidate at S *is* the exported model), so the
     sweep's rows are theirs. None when a size is missing (then the exported model is evaluated)."""
-    path = x.run_dir / "select.json"
-    if x.config.label_free or not path.is_file():
+    selected = x.results.select
+    if x.config.label_free or selected is None or selected.document is None:
         return None
-    by_size = {int(c["test_size"]): c["val_after"] for c in read_json(path)["candidates"]}
+    by_size = {int(c["test_size"]): c["val_after"] for c in selected.document["candidates"]}
     if not all(s in by_size and by_size[s].get("row") for s in x.test_sizes):
         return None
     rows = [by_size[s]["row"] for s in x.test_sizes]
-    before = x.read("sweep_before")
+    before = x.results.sweep_before.document
     return {"rows": rows, "ensembles": [], "n_images": before["n_images"], "n_samples": before.get("n_samples"),
             "skipped": before.get("skipped", []), "folds": before.get("folds"), "seconds": 0.0,
             "reliability": {f"{r['test_size']}@{r['crop_ratio']:g}": by_size[int(r["test_size"])]["reliability"]
@@ -171,7 +173,7 @@ def _after_from_candidates(x: FixContext) -> dict | None:
             "after": AFTER_EACH_FIXED, "precision": before.get("precision")}
 
 
-def run_stats(x: FixContext) -> None:
+def run_stats(x: FixContext) -> dict:
     """Figures 3-4; KS distance at each size to the pooled values of the model *before* the fix at T (the
     distribution its classifier was trained on), for the model before and after the fix."""
     sizes = stats_sizes_of(x)
@@ -187,7 +189,7 @@ def run_stats(x: FixContext) -> None:
         stats[label]["pooled_from"] = raw.get("pooled_from")
         first = next(iter(stats[label]["sizes"].values()), None)
         grid = first["x"] if first and grid is None else grid  # same x axis before and after
-    write_json(x.run_dir / "stats.json", stats)
+    return stats
 
 
 def robustness_columns(x: FixContext) -> dict:
@@ -195,9 +197,9 @@ def robustness_columns(x: FixContext) -> dict:
     before the fix at T and at S (what a user deploys without the fix, and the same size untuned). When the
     model as trained is served, the most accurate fixed candidate takes the fixed column, so the table still
     answers whether the fix costs robustness."""
-    t, s = int(x.cfg.train_size), int(x.choice["test_size"])
-    if x.choice.get("kind") == UNTUNED:
-        f = x.choice.get("best_fixed_size")
+    t, s = int(x.cfg.train_size), x.choice.test_size
+    if x.choice.untuned:
+        f = x.choice.best_fixed_size
         if f is None:
             return {f"untuned at {s}px": (x.base(), s), **({f"untuned at {t}px": (x.base(), t)} if s != t else {})}
         model = x.work(holds=f"candidate {f}")
@@ -211,30 +213,39 @@ def robustness_columns(x: FixContext) -> dict:
     return cols
 
 
-def run_robustness(x: FixContext) -> None:
+def run_robustness(x: FixContext) -> dict:
     """Top-1 under corruptions of the photos (noise, blur, JPEG, contrast; 3 severities, seeded), fixed vs
     untuned, with a paired test per corruption: does the fix cost robustness on this model and data?"""
     c = x.config
-    table = corruption_table(robustness_columns(x), x.val_index, x.cfg, seed=c.seed, max_images=c.robustness_images,
+    return corruption_table(robustness_columns(x), x.val_index, x.cfg, seed=c.seed, max_images=c.robustness_images,
                              batch_size=c.batch_size, env=x.env, precision=x.eval_precision, workers=c.workers,
                              progress=c.progress)
-    write_json(x.run_dir / "robustness.json", table)
 
 
-def run_report(x: FixContext) -> None:
-    write_json(x.run_dir / "run.json", run_info(x, torch.get_num_threads()))
-    write_report(x.run_dir)
+def run_report(x: FixContext) -> dict:
+    """The headline, computed once from the step results, and the page that renders it."""
+    info = run_info(x, torch.get_num_threads())
+    write_json(x.run_dir / "run.json", info)
+    documents = {**x.results.documents(), "run": plain_json(info)}
+    return write_report(x.run_dir, clean_documents(documents), headline_of(documents))
+
+
+def resume_report(x: FixContext, summary: dict) -> dict:
+    """The report's summary; its headline joins the run's results."""
+    x.results.headline = Headline.from_json(summary["headline"])
+    return summary
 
 
 def run_info(x: FixContext, threads: int) -> dict:
     c = x.config
     return {"model": x.bundle.name, "source": x.bundle.source, "train_size": x.cfg.train_size,
-            "test_size": int(x.choice["test_size"]), "test_sizes": x.test_sizes, "data": str(x.data_root),
-            "choice": x.choice, "config": strip_private(asdict(c), ("progress",)), "device": str(x.env.device),
-            "split": x.split,
+            "test_size": x.choice.test_size, "test_sizes": x.test_sizes, "data": str(x.data_root),
+            "choice": x.choice.to_json(), "config": strip_private(asdict(c), ("progress",)),
+            "device": str(x.env.device), "split": x.split,
             "precision": x.precision.describe(), "started": x.state.state.get("started"),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"), "timings": x.state.timings(),
-            "torch_threads": threads, "n_fit": len(x.fit), "n_holdout": len(x.holdout), "schedule": x.schedule,
+            "torch_threads": threads, "n_fit": len(x.fit), "n_holdout": len(x.holdout),
+            "schedule": x.schedule.to_json(),
             "candidates": x.candidates, "label_free": c.label_free}
 
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fixres.config import DataConfig, validate_size
+from fixres.config import DEFAULT_STATS_BATCH_SIZE, DataConfig, validate_size
 from fixres.errors import FixresError, UsageError
-from fixres.method.stats import DEFAULT_BATCH_SIZE, collect_pooled, forward_views, pooled_point
+from fixres.method.stats import collect_pooled, forward_views, pooled_point
 from fixres.models.hooks import drop_kept_hook, keep_hook, kept_hook
 from fixres.models.loading import fit_input_size
 from fixres.models.residual import LastSum, apply_affine, find_last_sum
@@ -344,7 +344,7 @@ def _gaussian(model: nn.Module, parts: ModelParts, samples, cfg: DataConfig, *, 
 
 
 def adapt(model: nn.Module, samples, cfg: DataConfig, *, method: str, train_size: int | None = None,
-          test_size: int, batch_size: int = DEFAULT_BATCH_SIZE, env: DistEnv | None = None,
+          test_size: int, batch_size: int = DEFAULT_STATS_BATCH_SIZE, env: DistEnv | None = None,
           precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
           progress: bool = True, xi: float = FRECHET_XI) -> dict:
     """Adapt ``model`` (in place) from ``train_size`` to ``test_size`` on unlabeled ``samples``.

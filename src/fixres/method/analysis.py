@@ -24,7 +24,15 @@ from typing import Sequence
 
 import numpy as np
 
-from fixres.config import DEFAULT_CROP_RATIO, DEFAULT_STRIDE, RRC_RATIO, RRC_SCALE, resize_for, validate_size
+from fixres.config import (
+    DEFAULT_ANALYSIS_SAMPLES,
+    DEFAULT_CROP_RATIO,
+    DEFAULT_STRIDE,
+    RRC_RATIO,
+    RRC_SCALE,
+    resize_for,
+    validate_size,
+)
 from fixres.errors import UsageError
 
 #: The training augmentations the analysis models: RandomResizedCrop (train DA) and appendix D's control.
@@ -33,7 +41,6 @@ CONTROL_AUGMENT = "control"
 TRAIN_AUGMENTS = (RRC_AUGMENT, CONTROL_AUGMENT)
 #: torchvision's RandomResizedCrop tries this many samples before its centre-crop fallback.
 RRC_ATTEMPTS = 10
-DEFAULT_SAMPLES = 100_000
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
@@ -157,7 +164,7 @@ class MonteCarloResult:
 
 
 def monte_carlo_ratio(*, train_size: int, test_size: int | None = None, crop_ratio: float = DEFAULT_CROP_RATIO,
-                      image_sizes: Sequence[tuple[int, int]] = ((500, 500),), samples: int = DEFAULT_SAMPLES,
+                      image_sizes: Sequence[tuple[int, int]] = ((500, 500),), samples: int = DEFAULT_ANALYSIS_SAMPLES,
                       seed: int = 0, scale: Sequence[float] = RRC_SCALE,
                       ratio: Sequence[float] = RRC_RATIO, train_augment: str = RRC_AUGMENT) -> MonteCarloResult:
     """Sample photos (uniformly from ``image_sizes``, given as (width, height)) and their train RoCs.
@@ -212,7 +219,7 @@ def parse_image_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def analyze(*, train_size: int, crop_ratio: float = DEFAULT_CROP_RATIO, stride: int = DEFAULT_STRIDE,
-            image_sizes: Sequence[tuple[int, int]] | None = None, samples: int = DEFAULT_SAMPLES,
+            image_sizes: Sequence[tuple[int, int]] | None = None, samples: int = DEFAULT_ANALYSIS_SAMPLES,
             seed: int = 0, target_test_size: int | None = None, train_augment: str = RRC_AUGMENT,
             scale: Sequence[float] = RRC_SCALE) -> dict:
     """Everything ``fixres analyze`` reports, as a JSON-ready dict; ``train_augment`` and ``scale`` say how the

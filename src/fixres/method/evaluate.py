@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fixres.choosing.significance import binomial_se
-from fixres.config import DEFAULT_FOLDS, DataConfig, validate_crop_ratio, validate_size
+from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FOLDS, DataConfig, validate_crop_ratio, validate_size
 from fixres.data.folders import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader, pin_memory_for
 from fixres.data.transforms import MultiView, resize_for, ten_crop_transform, test_transform
 from fixres.errors import FixresError, UsageError
@@ -43,8 +43,6 @@ from fixres.runtime import dist as fdist
 from fixres.runtime.engine import Precision, SingleThreaded, autocast, inference_precision, prepare, to_device
 from fixres.runtime.progress import bar
 
-#: Section 5: the validation images are split into 10 folds for the leave-one-fold-out std.
-DEFAULT_BATCH_SIZE = 64
 #: top-5 is the paper's second metric; with fewer classes it degrades to top-K with K = classes.
 TOP5 = 5
 PERCENT = 100.0

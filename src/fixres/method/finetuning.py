@@ -36,7 +36,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS, DataConfig, validate_size
+from fixres.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CACHE_BUDGET_MB,
+    DEFAULT_FINETUNE_EPOCHS,
+    DEFAULT_PARTS,
+    FINETUNE_AUGMENTATIONS,
+    DataConfig,
+    validate_size,
+)
 from fixres.data.folders import FolderIndex, default_workers
 from fixres.data.images import BadImage, load_rgb
 from fixres.data.transforms import build_transform
@@ -59,9 +67,6 @@ WEIGHT_DECAY = 1e-4
 #: Step decay: the rate is divided by LR_DECAY every ``epochs * DECAY_AT`` epochs (paper: 60 epochs, /10 at 30).
 LR_DECAY = 0.1
 DECAY_AT = 0.5
-DEFAULT_EPOCHS = 10
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_CACHE_BUDGET_MB = 2048
 #: Per-epoch seeds are seed * EPOCH_SEED_STRIDE + epoch: distinct for any run shorter than this many epochs.
 EPOCH_SEED_STRIDE = 100_003
 #: Seeds of ranks > 0 are offset by multiples of this, far from any seed a user would pick.
@@ -198,7 +203,7 @@ class _Tune:
 
 
 def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, test_size: int,
-             parts: str | Sequence[str] = DEFAULT_PARTS, augment: str = "test", epochs: int = DEFAULT_EPOCHS,
+             parts: str | Sequence[str] = DEFAULT_PARTS, augment: str = "test", epochs: int = DEFAULT_FINETUNE_EPOCHS,
              lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, cache: bool = True,
              out_dir: str | Path, resume: bool = False, env: DistEnv | None = None,
              precision: Precision | None = None, seed: int = 0, workers: int | None = None,

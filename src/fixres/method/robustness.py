@@ -22,11 +22,11 @@ import numpy as np
 from torch import nn
 
 from fixres.choosing.significance import PERCENT, clustered_sign_test, holm
-from fixres.config import DataConfig
+from fixres.config import DEFAULT_BATCH_SIZE, DataConfig
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES, Corruption, corruption_set, parameter
 from fixres.data.folders import FolderIndex
 from fixres.errors import UsageError
-from fixres.method.evaluate import DEFAULT_BATCH_SIZE, evaluate
+from fixres.method.evaluate import evaluate
 from fixres.runtime import dist as fdist
 from fixres.runtime.engine import Precision
 from fixres.runtime.progress import status

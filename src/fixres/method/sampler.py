@@ -41,10 +41,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from fixres.config import DEFAULT_REPEATS
 from fixres.errors import UsageError
 
-#: Section 5: "With a Repeated Augmentation of 3".
-DEFAULT_REPEATS = 3
 #: Epoch length of the official FixRes training code (``RASampler(..., len_factor=2.0)``): ~2N samples.
 PAPER_LEN_FACTOR = 2.0
 #: Mixes seed and epoch into one generator seed (a large odd constant keeps (seed, epoch) pairs apart).

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fixres.config import DataConfig, validate_size
+from fixres.config import DEFAULT_CDF_POINTS, DEFAULT_STATS_BATCH_SIZE, DataConfig, validate_size
 from fixres.data.folders import FolderIndex, ImageDataset, collate, default_workers
 from fixres.data.transforms import MultiView, build_transform
 from fixres.errors import UsageError
@@ -37,10 +37,8 @@ from fixres.runtime.engine import Precision, SingleThreaded, autocast, precision
 
 #: The paper's spread indicator: fraction of pooled activations above this value.
 ABOVE = 2.0
-DEFAULT_CDF_POINTS = 200
 #: The CDF's x range ends at this quantile of the largest size's values (the tail is a few outliers).
 CDF_QUANTILE = 0.999
-DEFAULT_BATCH_SIZE = 32
 
 
 
@@ -121,7 +119,7 @@ def pooled_point(parts: ModelParts) -> tuple[str, str]:
 
 
 def collect_pooled(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence[int],
-                   batch_size: int = DEFAULT_BATCH_SIZE, env: DistEnv | None = None,
+                   batch_size: int = DEFAULT_STATS_BATCH_SIZE, env: DistEnv | None = None,
                    precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
                    progress: bool = True, parts: ModelParts | None = None) -> tuple[dict[int, np.ndarray], list]:
     """Pooled activations {test_size: array (images, channels)} and the skipped files."""
@@ -179,7 +177,7 @@ def cdf_grid(arrays: Sequence[np.ndarray], points: int = DEFAULT_CDF_POINTS) -> 
 
 
 def activation_stats(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence[int],
-                     batch_size: int = DEFAULT_BATCH_SIZE, env: DistEnv | None = None,
+                     batch_size: int = DEFAULT_STATS_BATCH_SIZE, env: DistEnv | None = None,
                      precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
                      progress: bool = True, cdf_points: int = DEFAULT_CDF_POINTS,
                      grid: np.ndarray | None = None, reference_size: int | None = None,

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fixres.config import DataConfig
+from fixres.config import DEFAULT_REPEATS, DataConfig
 from fixres.data.folders import ImageDataset, default_workers, make_loader
 from fixres.data.transforms import build_transform
 from fixres.errors import FixresError, UsageError
@@ -46,7 +46,7 @@ from fixres.io.atomic import append_jsonl, write_text
 from fixres.method import analysis, loop
 from fixres.method.evaluate import evaluate
 from fixres.method.loop import LoopState, StateLayout, rng_state, seed_everything, set_rng_state  # noqa: F401 (API)
-from fixres.method.sampler import DEFAULT_REPEATS, PAPER_LEN_FACTOR, RepeatedAugSampler, SeededSamples, epoch_seed
+from fixres.method.sampler import PAPER_LEN_FACTOR, RepeatedAugSampler, SeededSamples, epoch_seed
 from fixres.models.export import META_NAME, export_model
 from fixres.runtime import dist, engine
 from fixres.runtime.progress import bar, status

@@ -3,8 +3,8 @@
 ``collect(run_dir)`` gathers the step results a run left under its folder (``analyse.json``,
 ``train.json``, ``sweep_before.json``, ``finetune.json``, ``sweep_after.json``, ``stats.json``,
 ``export.json``, ``grid.json``, ``run.json``; ``robustness.json``, top-1 under corruptions, gets a
-table of its own); ``summarize`` derives the headline (accuracy at the train
-size, at the best untuned test size, after the fix; time spent); ``write_report`` draws the figures and
+table of its own); the headline (``fixres.io.results.Headline``) is computed by the job and rendered here;
+``write_report`` draws the figures and
 writes ``report/index.html`` with every image inline as a base64 data URI (no network, no external
 CSS or JavaScript), so the page can be mailed or opened from anywhere. ``fixres report RUN_DIR``
 rebuilds it from the JSON alone.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import json
 import math
 import os
 from pathlib import Path
@@ -22,9 +21,9 @@ from pathlib import Path
 from jinja2 import Environment, StrictUndefined
 from markupsafe import Markup
 
-from fixres.choosing.best import best_row
 from fixres.errors import UsageError
 from fixres.io.atomic import write_json, write_text
+from fixres.io.results import Headline, read_documents
 from fixres.method.analysis import RRC_AUGMENT, TRAIN_AUGMENTS, monte_carlo_ratio
 from fixres.report import choice as report_select
 from fixres.report import plots
@@ -34,39 +33,31 @@ from fixres.runtime.progress import format_duration
 REPORT_DIR = "report"
 REPORT_HTML = "index.html"
 REPORT_JSON = "report.json"
-#: Step result files a run folder may hold (missing ones leave their section out of the report).
 #: What the curve after the fix (``sweep_after.json``'s "after") is: every size fixed at its own size (the
 #: paper's table 5, right; read from the candidates of ``fixres fix``), or the exported model at every size.
 AFTER_EACH_FIXED = "each size fixed at its own size"
 AFTER_EXPORTED = "the exported model at every size"
 
-STEP_FILES = ("run", "analyse", "data", "train", "sweep_before", "finetune", "sweep_after", "stats", "export",
-              "grid", "select", "schedule", "robustness")
 #: Points kept per CDF curve in the report (enough for a smooth line, small JSON).
 CDF_POINTS = 200
 
 
-def _read(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
-
-
 def collect(run_dir: str | os.PathLike) -> dict:
-    """Load every step result present in ``run_dir`` into one dict keyed by step name."""
+    """Every step document present in ``run_dir``, by step name, cleaned for the page (``clean_documents``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"run folder not found: {run_dir}")
-    results = {name: _read(run_dir / f"{name}.json") for name in STEP_FILES}
-    results = {k: v for k, v in results.items() if v is not None}
-    if "select" in results:
-        results["select"] = _clean_select(results["select"])
+    results = clean_documents(read_documents(run_dir))
     if "sweep_before" not in results and "grid" not in results:
         raise UsageError(f"{run_dir} holds no results of a fixres fix run (no sweep_before.json or grid.json)")
     return results
+
+
+def clean_documents(documents: dict) -> dict:
+    """The step documents with ``select.json``'s numbers checked (``_clean_select``)."""
+    if "select" in documents:
+        return {**documents, "select": _clean_select(documents["select"])}
+    return documents
 
 
 # --------------------------------------------------------------------------- numbers
@@ -110,7 +101,7 @@ def _numbers(values) -> bool:
     return isinstance(values, list) and bool(values) and all(_number(v) is not None for v in values)
 
 
-def _seconds(timings) -> float:
+def total_seconds(timings) -> float:
     return float(sum(n for n in map(_number, (timings or {}).values()) if n is not None))
 
 
@@ -120,92 +111,32 @@ def _size_items(per_size) -> list[tuple[int, object]]:
     return sorted(items, key=lambda kv: kv[0])
 
 
-def _rows(sweep: dict | None) -> list[dict]:
+def rows_of(sweep: dict | None) -> list[dict]:
     """A sweep's rows that have a numeric test size and top-1 (a broken or hostile row is left out)."""
     rows = (sweep or {}).get("rows") if isinstance(sweep, dict) else None
     return [r for r in rows or [] if isinstance(r, dict) and _number(r.get("test_size")) is not None
             and _number(r.get("top1")) is not None]
 
 
-def _row_at(sweep: dict | None, size) -> dict | None:
+def row_at(sweep: dict | None, size) -> dict | None:
     size = _number(size)
-    return next((row for row in _rows(sweep) if size is not None and _number(row["test_size"]) == size), None)
-
-
-def _best_row(sweep: dict | None, train_size: int | None = None) -> dict | None:
-    return best_row(_rows(sweep), train_size=train_size if _number(train_size) is not None else None)
+    return next((row for row in rows_of(sweep) if size is not None and _number(row["test_size"]) == size), None)
 
 
 def _curve(sweep: dict | None, label: str) -> dict | None:
-    rows = sorted(_rows(sweep), key=lambda r: r["test_size"])
+    rows = sorted(rows_of(sweep), key=lambda r: r["test_size"])
     if not rows:
         return None
     return {"label": label, "test_sizes": [r["test_size"] for r in rows], "top1": [r["top1"] for r in rows],
-            "top1_se": [_row_se(r) or 0.0 for r in rows]}
+            "top1_se": [row_se(r) or 0.0 for r in rows]}
 
 
-def _row_se(row: dict | None) -> float | None:
+def row_se(row: dict | None) -> float | None:
     """The error bar of a result row: its binomial standard error (from top-1 and n when a file lacks it)."""
     if not row:
         return None
     return _number(row.get("top1_se")) if _number(row.get("top1_se")) is not None else _binomial_se(
         row.get("top1"), row.get("n"))
-
-
-def summarize(results: dict) -> dict:
-    """The headline: top-1 at T, at the best untuned size, after the fix at S (each with its binomial standard
-    error, ``*_se``, and the fold std of section 5, ``*_std``), time spent."""
-    run = results.get("run", {})
-    train_size = run.get("train_size")
-    chosen = run.get("test_size") or (results.get("finetune") or {}).get("test_size")
-    before, after = results.get("sweep_before"), results.get("sweep_after")
-    at_t = _row_at(before, train_size)
-    best = _best_row(before, train_size)
-    fixed = _row_at(after, chosen)
-    untuned_at_s = _row_at(before, chosen)
-    head = {
-        "model": run.get("model"),
-        "train_size": train_size,
-        "test_size": chosen,
-        "recommended_test_size": (results.get("analyse") or {}).get("recommended_test_size"),
-        "top1_at_train_size": at_t and at_t["top1"], "top1_at_train_size_std": at_t and at_t.get("top1_std"),
-        "best_untuned_test_size": best and best["test_size"], "top1_best_untuned": best and best["top1"],
-        "top1_best_untuned_std": best and best.get("top1_std"),
-        "top1_at_train_size_se": _row_se(at_t), "top1_best_untuned_se": _row_se(best),
-        "top1_untuned_at_test_size_se": _row_se(untuned_at_s), "top1_fixed_se": _row_se(fixed),
-        "top1_untuned_at_test_size": untuned_at_s and untuned_at_s["top1"],
-        "top1_untuned_at_test_size_std": untuned_at_s and untuned_at_s.get("top1_std"),
-        "top1_fixed": fixed and fixed["top1"], "top1_fixed_std": fixed and fixed.get("top1_std"),
-        "n_val": (before or {}).get("n_images"),
-        "seconds_total": _seconds(run.get("timings")),
-        "timings": run.get("timings") or {},
-    }
-    cross = (run.get("choice") or {}).get("cross") if isinstance(run.get("choice"), dict) else None
-    if isinstance(cross, dict) and _number(cross.get("top1")) is not None:
-        # Cross-selection: the headline is every val photo scored by the size chosen on the other half.
-        head.update(headline_rule="cross-val", top1_fixed_all_val=head["top1_fixed"], top1_fixed=cross["top1"],
-                    top1_fixed_std=_number(cross.get("top1_std")), top1_fixed_se=_row_se(cross),
-                    top1_untuned_same_choice=_number(cross.get("untuned_top1")))
-    choice = run.get("choice") if isinstance(run.get("choice"), dict) else {}
-    head.update(_served(head, choice, cross if isinstance(cross, dict) else None))
-    # The best untuned size is the maximum over every swept size on these very photos: optimistic.
-    head["best_untuned_optimistic"] = True
-    head["n_swept_sizes"] = len(_rows(before)) if before else 0
-    return head
-
-
-def _served(head: dict, choice: dict, cross: dict | None) -> dict:
-    """What is served and its unbiased top-1: the fixed model, or the model as trained at the chosen size (its
-    untuned figure); under cross-selection the pooled estimate, whichever each half chose."""
-    kind = choice.get("kind") if choice.get("kind") in ("fixed", "untuned") else "fixed"
-    if cross is not None and _number(cross.get("top1")) is not None:
-        top1, se = cross["top1"], head.get("top1_fixed_se")
-    elif kind == "untuned":
-        top1, se = head["top1_untuned_at_test_size"], head.get("top1_untuned_at_test_size_se")
-    else:
-        top1, se = head["top1_fixed"], head.get("top1_fixed_se")
-    return {"served_kind": kind, "served": choice.get("served") if isinstance(choice.get("served"), str) else None,
-            "top1_served": top1, "top1_served_se": se}
 
 
 def _ms(value) -> str | None:
@@ -249,7 +180,7 @@ def cost_rows(results: dict) -> list[dict]:
         if step in timings:
             rows.append({"step": step.replace("_", " "), "seconds": timings[step]})
     if timings:
-        rows.append({"step": "total", "seconds": _seconds(timings)})
+        rows.append({"step": "total", "seconds": total_seconds(timings)})
     return rows
 
 
@@ -306,15 +237,15 @@ def _after_label(sweep, test) -> str:
     return f"after the fix (adapted at {_plot_size(test)})"
 
 
-def _accuracy_figure(results: dict, head: dict, out_dir: Path) -> Path | None:
-    train, test = _number(head["train_size"]), _number(head["test_size"])
+def _accuracy_figure(results: dict, head: Headline, out_dir: Path) -> Path | None:
+    train, test = _number(head.train_size), _number(head.test_size)
     curves = [c for c in (_curve(results.get("sweep_before"), f"before the fix (trained at {_plot_size(train)})"),
                           _curve(results.get("sweep_after"), _after_label(results.get("sweep_after"), test))) if c]
     if not curves:
         return None
     marks = [(train, f"train size {_plot_size(train)}")] if train else []
     marks += [(test, f"fixed test size {_plot_size(test)}")] if test else []
-    rec = _number(head.get("recommended_test_size"))
+    rec = _number(head.recommended_test_size)
     if rec and rec not in (test, train):
         marks.append((rec, f"recommended {_plot_size(rec)} (apparent size)"))
     return plots.plot_accuracy_curves(curves, out_dir / "accuracy_vs_test_size.png", marks=marks)
@@ -351,17 +282,16 @@ def _plottable_select(results: dict) -> dict:
     return {**results, "select": {**select, "candidates": drawn}}
 
 
-def draw_figures(results: dict, out_dir: Path) -> dict[str, Path]:
+def draw_figures(results: dict, head: Headline, out_dir: Path) -> dict[str, Path]:
     """Write the report's PNGs; returns {figure name: path} for those the results allow."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    head = summarize(results)
     figs: dict[str, Path] = {}
     accuracy = _accuracy_figure(results, head, out_dir)
     if accuracy is not None:
         figs["accuracy"] = accuracy
     figs.update(_grid_figures(results.get("grid"), out_dir))
     analyse = results.get("analyse") or {}
-    train_size = _number(head["train_size"])
+    train_size = _number(head.train_size)
     sizes = analyse.get("image_sizes")
     if isinstance(sizes, list) and sizes and all(_numbers(s) and len(s) == 2 for s in sizes) and train_size \
             and _number(analyse.get("crop_ratio")):
@@ -524,45 +454,44 @@ def _classes(results: dict) -> list[str]:
     return [str(n) for n in names] if isinstance(names, list) else [str(names)]
 
 
-def _cards(head: dict) -> list[dict]:
+def _cards(head: Headline) -> list[dict]:
     def card(key, top1, se, *, sub="", fix=False):
         return {"key": key, "value": _percent(top1) if top1 is not None else "n/a",
                 "se": None if top1 is None or se is None else _num_text(se),
                 "sub": sub, "fix": fix}
     timings = ", ".join(f"{k} {_num_text(v, 0)}s"
-                        for k, v in head["timings"].items())
+                        for k, v in head.timings.items())
     return [
-        card(f"top-1 at the train size ({_fmt(head['train_size'])} px)", head["top1_at_train_size"],
-             head["top1_at_train_size_se"]),
-        card(f"best untuned test size ({_fmt(head['best_untuned_test_size'])} px)", head["top1_best_untuned"],
-             head["top1_best_untuned_se"],
-             sub=f"optimistic: the best of {head.get('n_swept_sizes') or 'the swept'} sizes on these very photos"),
-        card(_served_key(head), head.get("top1_served", head["top1_fixed"]),
-             head.get("top1_served_se", head["top1_fixed_se"]), fix=True,
-             sub="untuned at this size: " + (_percent(head["top1_untuned_at_test_size"])
-                                             if head["top1_untuned_at_test_size"] is not None else "n/a")),
-        {"key": "time spent", "value": format_duration(head["seconds_total"]), "se": None, "sub": timings,
+        card(f"top-1 at the train size ({_fmt(head.train_size)} px)", head.top1_at_train_size,
+             head.top1_at_train_size_se),
+        card(f"best untuned test size ({_fmt(head.best_untuned_test_size)} px)", head.top1_best_untuned,
+             head.top1_best_untuned_se,
+             sub=f"optimistic: the best of {head.n_swept_sizes or 'the swept'} sizes on these very photos"),
+        card(_served_key(head), head.top1_served, head.top1_served_se, fix=True,
+             sub="untuned at this size: " + (_percent(head.top1_untuned_at_test_size)
+                                             if head.top1_untuned_at_test_size is not None else "n/a")),
+        {"key": "time spent", "value": format_duration(head.seconds_total), "se": None, "sub": timings,
          "fix": False},
     ]
 
 
-def _served_key(head: dict) -> str:
+def _served_key(head: Headline) -> str:
     """The served model's card: fixed, or as trained, at its size (cross-selected when it was)."""
-    how = "served as trained" if head.get("served_kind") == "untuned" else "after the fix"
-    return f"{how} ({_fmt(head['test_size'])} px" + (", cross-selected" if head.get("headline_rule") else "") + ")"
+    how = "served as trained" if head.served_kind == "untuned" else "after the fix"
+    return f"{how} ({_fmt(head.test_size)} px" + (", cross-selected" if head.headline_rule else "") + ")"
 
 
-def _note(head: dict) -> str:
+def _note(head: Headline) -> str:
     # The fold std of section 5 is a fraction of the sampling noise: it stays in report.json, not as the ±.
     return ("± is the binomial standard error of each accuracy"
-            + (f" on {head['n_val']} validation images" if head.get("n_val") else "")
+            + (f" on {head.n_val} validation images" if head.n_val else "")
             + "; the leave-one-fold-out std of the paper's section 5 (fold std) is kept in report.json as *_std.")
 
 
-def _figure_sections(results: dict, figs: dict[str, Path], head: dict) -> list[dict]:
+def _figure_sections(results: dict, figs: dict[str, Path], head: Headline) -> list[dict]:
     sections = []
     if "accuracy" in figs:
-        rec = head.get("recommended_test_size")
+        rec = head.recommended_test_size
         sections.append(_section("Accuracy against test size", figures=[_figure(
             figs["accuracy"], "accuracy vs test size",
             "Top-1 before the fix (the model as trained) and after it (classifier and the batch-norm before "
@@ -624,19 +553,18 @@ def _table_sections(results: dict) -> list[dict]:
     return sections
 
 
-def render_html(results: dict, figs: dict[str, Path]) -> str:
+def render_html(results: dict, figs: dict[str, Path], head: Headline) -> str:
     """The report page: every value from the run's files is escaped by the template (autoescape)."""
-    head = summarize(results)
     run = results.get("run") or {}
     data = results.get("data") or {}
     classes = _classes(results)
-    served = "served as trained at" if head.get("served_kind") == "untuned" else "fixed for"
-    subtitle = [f"trained at {_fmt(head['train_size'])} px, {served} {_fmt(head['test_size'])} px · data ",
-                {"code": str(data.get("root") or run.get("data"))}, f" ({_fmt(head['n_val'])} validation images)",
+    served = "served as trained at" if head.served_kind == "untuned" else "fixed for"
+    subtitle = [f"trained at {_fmt(head.train_size)} px, {served} {_fmt(head.test_size)} px · data ",
+                {"code": str(data.get("root") or run.get("data"))}, f" ({_fmt(head.n_val)} validation images)",
                 f" · classes: {', '.join(classes)}" if classes else "",
                 f" · {run.get('finished') or run.get('started') or ''}"]
     sections = _figure_sections(results, figs, head) + _selection_sections(results, figs) + _table_sections(results)
-    page = _PAGE.render(model=str(head["model"]), css=Markup(CSS), subtitle=subtitle, cards=_cards(head),
+    page = _PAGE.render(model=str(head.model), css=Markup(CSS), subtitle=subtitle, cards=_cards(head),
                         note=_note(head), sections=sections,
                         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
     return valid_utf8(page)
@@ -663,15 +591,15 @@ def report_folder(run_dir: Path) -> Path:
     return out
 
 
-def write_report(run_dir: str | os.PathLike, results: dict | None = None) -> dict:
-    """Draw the figures and write ``RUN_DIR/report/index.html`` and ``report.json``; returns their paths."""
+def write_report(run_dir: str | os.PathLike, results: dict, head: Headline) -> dict:
+    """Draw the figures and write ``RUN_DIR/report/index.html`` and ``report.json`` from the run's step documents
+    and its headline; returns their paths."""
     run_dir = Path(run_dir)
-    results = collect(run_dir) if results is None else results
     out = report_folder(run_dir)
-    figs = draw_figures(results, out)
+    figs = draw_figures(results, head, out)
     html_path = out / REPORT_HTML
-    write_text(html_path, render_html(results, figs))
-    summary = {"headline": summarize(results), "cost": cost_rows(results),
+    write_text(html_path, render_html(results, figs, head))
+    summary = {"headline": head.to_json(), "cost": cost_rows(results),
                "figures": {k: str(v) for k, v in figs.items()}, "html": str(html_path)}
     write_json(out / REPORT_JSON, summary)
     return summary
