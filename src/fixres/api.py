@@ -32,8 +32,9 @@ from fixres.method import adaptation as _adapt
 from fixres.method import analysis as _analysis
 from fixres.method import evaluate as _evaluate
 from fixres.method import finetuning as _finetune
+from fixres.method.inputs import index_split
 from fixres.models import export as _export
-from fixres.models.loading import LITE_WEIGHTS, ModelBundle, data_config_for, load_model
+from fixres.models.loading import LITE_WEIGHTS, ModelBundle, ModelSpec, data_config_for
 from fixres.runtime.dist import DistEnv, resolve_device
 from fixres.runtime.engine import inference_precision, precision_for
 
@@ -180,13 +181,13 @@ def load(path_or_name: str | Path, *, num_classes: int | None = None, train_size
     if path.is_dir():
         path = path / _export.WEIGHTS_NAME
     if path.is_file():
-        return load_model(checkpoint=str(path), num_classes=num_classes, train_size=train_size)
+        return ModelSpec(checkpoint=str(path), num_classes=num_classes, train_size=train_size).load()
     if any(sep in str(path_or_name) for sep in ("/", "\\")) or path.suffix in (".safetensors", ".pt", ".pth"):
         raise UsageError(f"checkpoint not found: {path_or_name}")
     if str(path_or_name) in LITE_WEIGHTS:
-        return load_model(weights=str(path_or_name), num_classes=num_classes, train_size=train_size)
-    return load_model(model=str(path_or_name), num_classes=num_classes, train_size=train_size, pretrained=pretrained,
-                      random_init=random_init)
+        return ModelSpec(weights=str(path_or_name), num_classes=num_classes, train_size=train_size).load()
+    return ModelSpec(model=str(path_or_name), num_classes=num_classes, train_size=train_size, pretrained=pretrained,
+                     random_init=random_init).load()
 
 
 def as_bundle(model: ModelLike, data_config: DataConfig | None = None) -> ModelBundle:
@@ -213,10 +214,7 @@ def as_index(data: DataLike, split: str = "val", *, classes: Sequence[str] | Non
     if isinstance(data, _data.FolderIndex):
         return data
     if isinstance(data, (str, Path)):
-        folder = _data.resolve_split(data, split)
-        if classes is not None:
-            return _data.index_val_onto(folder, list(classes))
-        return _data.scan_folder(folder)
+        return index_split(data, split, classes=list(classes) if classes is not None else None)
     samples = getattr(data, "samples", data)
     try:
         pairs = [(str(p), int(y)) for p, y in samples]

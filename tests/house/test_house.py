@@ -243,3 +243,61 @@ def test_readme_is_a_users_page():
     assert len(lines) < README_MAX_LINES, f"README.md has {len(lines)} lines; move results to docs/results.md"
     lab = [f"{i}: {ln}" for i, ln in enumerate(lines, 1) if LAB_WORDS.search(ln)]
     assert lab == [], "lab-notebook words in README.md:\n" + "\n".join(lab)
+
+
+def _calls_by_function(tree: ast.Module, prefix: str):
+    """(qualified function name, called name) for every call in a module's functions and methods."""
+    def visit(node, qual):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                yield from visit(child, f"{qual}.{child.name}")
+            elif isinstance(child, ast.Call):
+                f = child.func
+                owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else None
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                if name:
+                    yield qual, name, owner
+                yield from visit(child, qual)
+            else:
+                yield from visit(child, qual)
+    yield from visit(tree, prefix)
+
+
+#: The rooms above the method: the job, the CLI, the report and the API.
+UPPER_ROOMS = ("job", "cli", "report", "api")
+#: Reading a file back there: a step's JSON document, or any file's text.
+FILE_READS = {"read_document", "read_documents", "read_json", "read_text"}
+#: Where a step's result is read back from disk: resuming a finished step (and a killed candidate, and
+#: state.json itself), restoring a fixed candidate from the select step's folder, and ``fixres report``
+#: rebuilding a page from a run folder. Everywhere else results flow forward in memory.
+READ_BACK = {"fixres.job.pipeline._execute", "fixres.job.candidates._fix_candidate",
+             "fixres.job.candidates.restore_candidate", "fixres.job.runstate.RunState.__init__",
+             "fixres.report.page.collect"}
+
+
+def test_step_results_are_read_back_only_on_resume():
+    found = {qual for name, tree in _modules().items() if room_of(name) in UPPER_ROOMS
+             for qual, called, _ in _calls_by_function(tree, name) if called in FILE_READS}
+    assert found <= READ_BACK, f"files read back outside resume: {sorted(found - READ_BACK)}"
+    assert found, "the scan finds no reads at all: it no longer sees the calls"
+
+
+#: The one loader (model spec, class names, class-mapped splits) every command and the API go through.
+LOADER = "fixres.method.inputs"
+#: Loading a model or indexing a folder directly, which the loader owns.
+DIRECT_LOADING = {"scan_folder", "index_val_onto", "resolve_split", "load_model"}
+#: Modules that load a model or read a data folder.
+LOADING_MODULES = ("fixres.cli.eval", "fixres.cli.train", "fixres.cli.stats", "fixres.cli.analyze",
+                   "fixres.cli.finetune", "fixres.job.context", "fixres.api")
+
+
+def test_every_command_loads_through_the_one_loader():
+    modules = _modules()
+    direct = sorted(f"{qual} calls {called}" for name, tree in modules.items() if room_of(name) in UPPER_ROOMS
+                    for qual, called, owner in _calls_by_function(tree, name)
+                    if called in DIRECT_LOADING and owner not in ("self", "x"))
+    assert direct == [], f"load through {LOADER}: {direct}"
+    known = set(modules)
+    for name in LOADING_MODULES:
+        imported = set().union(*(_imported(n, known) for n in ast.walk(modules[name])))
+        assert LOADER in imported, f"{name} does not load through {LOADER}"

@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO, save_tiny_checkpoint, write_image_folder
 
 from fixres.errors import UsageError
-from fixres.job import context, pipeline
+from fixres.job import pipeline
 
 USER = dict(model="fixres_tiny_resnet", train_size=32, test_sizes=[32, 48], finetune_epochs=1, workers=0,
             progress=False, batch_size=8)
@@ -39,8 +39,7 @@ def user_run(tmp_path_factory):
         return real(**kw)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(models, "load_model", counting)
-    mp.setattr(context, "load_model", counting)  # imported at module level there
+    mp.setattr(models, "load_model", counting)  # every command builds its model through ModelSpec.load
     try:
         # the user vouches that the checkpoint never trained on the held-out photos (the default for a given
         # checkpoint, cross-selection on val, is tested in test_selection_rules)

@@ -59,10 +59,10 @@ def _photo_sizes(args) -> tuple[list[tuple[int, int]], list[dict] | None]:
     from fixres.method import analysis
     if not args.data:
         return (analysis.parse_image_sizes(args.image_sizes) if args.image_sizes else [(500, 500)]), None
-    from fixres.data.folders import scan_folder
     from fixres.data.images import probe_size
+    from fixres.method.inputs import index_folder
     sizes, skipped = [], []
-    for path, _ in scan_folder(args.data).samples:
+    for path, _ in index_folder(args.data).samples:
         size, reason = probe_size(path)
         if size is None:
             skipped.append({"path": path, "reason": reason})

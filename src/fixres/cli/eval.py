@@ -171,10 +171,11 @@ def refuse_non_finite_outputs(model, size: int) -> None:
 def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     """Load the model and index the data (call ``dist.shutdown()`` afterwards)."""
     from fixres.config import DEFAULT_BATCH_SIZE
-    from fixres.data.folders import index_val_onto, read_class_map, resolve_split, scan_folder
+    from fixres.data.folders import read_class_map
     from fixres.errors import UsageError
+    from fixres.method.inputs import class_names_for, index_split
     from fixres.method.loop import seed_everything
-    from fixres.models.loading import load_model, num_outputs
+    from fixres.models.loading import ModelSpec, num_outputs
     from fixres.runtime import dist
     from fixres.runtime.engine import inference_precision
     from fixres.runtime.progress import status
@@ -183,25 +184,20 @@ def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     if cfg.mean is not None and len(cfg.mean) != 3 or cfg.std is not None and len(cfg.std) != 3:
         raise UsageError("--mean and --std need three values each, e.g. 0.5,0.5,0.5")
     seed_everything(cfg.seed)  # a random initialisation (and a new head) follows --seed, not the clock
-    bundle = load_model(model=cfg.model, checkpoint=cfg.checkpoint, weights=cfg.weights, pretrained=cfg.pretrained,
-                        random_init=cfg.random_init, num_classes=cfg.num_classes, train_size=cfg.train_size,
-                        ema=cfg.ema, strict=cfg.strict)
+    bundle = ModelSpec(model=cfg.model, checkpoint=cfg.checkpoint, weights=cfg.weights, pretrained=cfg.pretrained,
+                       random_init=cfg.random_init, num_classes=cfg.num_classes, train_size=cfg.train_size,
+                       ema=cfg.ema, strict=cfg.strict).load()
     data_cfg = bundle.data_config.with_overrides(interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
                                                  crop_ratio=cfg.crop_ratios[0] if cfg.crop_ratios else None)
     n_out = num_outputs(bundle.model)
-    class_map = read_class_map(cfg.class_map) if cfg.class_map else None
-    if class_map is None and data_cfg.class_names and len(data_cfg.class_names) == n_out:
-        class_map = list(data_cfg.class_names)  # a fixres export knows its classes
-    val_root = resolve_split(cfg.data, "val")
-    # Known model classes: val folders are mapped onto them by name (an unknown one is an error).
-    index = (index_val_onto(val_root, class_map, num_classes=n_out) if class_map is not None
-             else scan_folder(val_root, num_classes=n_out))
+    # Known model classes (a class map, or an export's own): val folders are mapped onto them by name.
+    classes = class_names_for(bundle, data_cfg, read_class_map(cfg.class_map) if cfg.class_map else None)
+    index = index_split(cfg.data, "val", classes=classes, num_classes=n_out)
     # Sorted folder names are only meaningful when they are exactly the model's classes.
     num_classes = index.num_classes if index.source == "sorted folders" else None
     # A fixres export was fixed for its test size: that, not its train size, is where it should be evaluated.
     # Likewise torchvision weights are evaluated at their own crop (ResNet-50 V2: trained at 176, tested at 224).
-    exported_size = (bundle.meta.get("export") or {}).get("test_size") or bundle.meta.get("test_size")
-    test_sizes = list(cfg.test_sizes or (int(exported_size or data_cfg.train_size),))
+    test_sizes = list(cfg.test_sizes or (bundle.test_size,))
     crop_ratios = list(cfg.crop_ratios or (data_cfg.crop_ratio,))
     refuse_non_finite_outputs(bundle.model, test_sizes[0])
     show = env.is_main and not cfg.quiet
@@ -258,9 +254,9 @@ def run_corruptions(ld: Loaded, *, images: int | None, seed: int, workers: int |
 
 def _temperature_scaled(result: dict, model, data_cfg, folder: str, index, n_out: int, eval_kw: dict) -> None:
     """Fit a temperature per view on the held-out ``folder`` (its classes mapped onto the evaluated ones by name)."""
-    from fixres.data.folders import index_val_onto
     from fixres.method.evaluate import evaluate, temperature_scale
-    held_index = index_val_onto(folder, list(index.classes), num_classes=n_out)
+    from fixres.method.inputs import index_folder
+    held_index = index_folder(folder, classes=list(index.classes), num_classes=n_out)
     held = evaluate(model, held_index, data_cfg, per_class=False, keep_log_probs=True, **eval_kw)
     temperature_scale(result, held)
     result["temperature_fitted_on"]["data"] = str(held_index.root)

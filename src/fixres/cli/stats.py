@@ -29,8 +29,9 @@ def add_parser(sub, parents):
 def run(args):
     from pathlib import Path
 
-    from fixres.data.folders import resolve_split, scan_folder
+    from fixres.data.folders import read_class_map
     from fixres.io.atomic import write_json
+    from fixres.method.inputs import index_split
     from fixres.method.stats import activation_stats
     from fixres.report.plots import plot_stats
     from fixres.runtime import dist
@@ -41,9 +42,8 @@ def run(args):
     bundle = model_spec(args).load()
     cfg = bundle.data_config.with_overrides(interpolation=args.interpolation, mean=args.mean, std=args.std,
                                             crop_ratio=args.crop_ratio)
-    from fixres.data.folders import read_class_map
     class_map = read_class_map(args.class_map) if args.class_map else None  # labels are not used: only validated
-    index = scan_folder(resolve_split(args.data, "val"), class_map=class_map)
+    index = index_split(args.data, "val", class_map=class_map)
     t = cfg.train_size
     sizes = args.sizes or sorted({max(16, t // 2), t, (3 * t) // 2, 2 * t})
     precision = precision_for(env.device, not args.no_amp)

@@ -153,8 +153,9 @@ def run(args):
 def run_training(rc: TrainRunConfig, env) -> dict:
     import torch
 
-    from fixres.data.folders import index_val_onto, missing_classes_warning, read_class_map, resolve_split, scan_folder
+    from fixres.data.folders import missing_classes_warning, read_class_map
     from fixres.errors import UsageError
+    from fixres.method.inputs import index_train_val
     from fixres.method.train import train
     from fixres.models.loading import num_outputs, replace_classifier
     from fixres.runtime import engine
@@ -162,12 +163,11 @@ def run_training(rc: TrainRunConfig, env) -> dict:
 
     show = rc.progress and env.is_main
     class_map = read_class_map(rc.class_map) if rc.class_map else None
-    train_root = resolve_split(rc.data, "train")
-    val_root = resolve_split(rc.data, "val")
-    train_index = scan_folder(train_root, class_map=class_map, num_classes=rc.num_classes)
-    if val_root == train_root:
+    # val mapped onto train's classes by name
+    splits = index_train_val(rc.data, class_map=class_map, num_classes=rc.num_classes, warn=show)
+    train_index, val_index = splits.train, splits.val
+    if splits.one_folder:
         status(f"warning: {rc.data} has no val/ folder: validation uses the training images", enabled=show)
-    val_index = index_val_onto(val_root, train_index, warn=show)  # val mapped onto train's classes by name
     if missing_classes_warning(val_index):
         status(f"warning: {missing_classes_warning(val_index)}", enabled=show)
     num_classes = rc.num_classes or train_index.num_classes
@@ -199,7 +199,7 @@ def run_training(rc: TrainRunConfig, env) -> dict:
                    optimizer=rc.optimizer)
     result.update({"model": bundle.name, "source": bundle.source, "transfer": transfer,
                    "new_head": bundle.meta.get("new_head"), "num_classes": num_classes,
-                   "classes": train_index.classes, "train_dir": str(train_root), "val_dir": str(val_root),
+                   "classes": train_index.classes, "train_dir": str(train_index.root), "val_dir": str(val_index.root),
                    "device": str(env.device)})
     return result
 

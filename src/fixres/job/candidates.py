@@ -12,7 +12,6 @@ restored by loading them over the model before the fix.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +34,7 @@ from fixres.choosing.serving import (
 from fixres.choosing.significance import binomial_se, paired_test
 from fixres.io.atomic import write_json
 from fixres.io.checkpoint import load_state_dict, save_safetensors
-from fixres.io.results import Choice
+from fixres.io.results import Choice, read_document
 from fixres.job.context import FixContext
 from fixres.method.adaptation import adapt
 from fixres.method.calibration import temperature_scale_model
@@ -47,6 +46,8 @@ from fixres.runtime.progress import format_duration
 
 ADAPTED_NAME = "adapted.safetensors"
 RESULT_NAME = "candidate.json"
+#: A candidate's fine-tuning record, beside its adapted tensors.
+FINETUNE_RECORD = "finetune_result.json"
 #: Fine-tuning schedules tried on the held-out images: the rate and the epochs times these.
 SCHEDULE_LR_FACTORS = (1.0, 10.0)
 SCHEDULE_EPOCH_FACTORS = (1, 3)
@@ -181,20 +182,28 @@ def _before_on(x: "FixContext", samples, sizes: Sequence[int], *, outcomes: bool
             for r in res["rows"]}
 
 
+def restore_candidate(x: "FixContext", model, size: int) -> dict:
+    """The candidate fixed at ``size`` restored over ``model`` (which holds the weights before the fix) from the
+    select step's folder: its adapted tensors loaded; returns its fine-tuning record."""
+    folder = x.run_dir / "candidates" / str(size)
+    load_adapted(model, folder / ADAPTED_NAME)
+    return read_document(folder / FINETUNE_RECORD)
+
+
 def _fix_candidate(x: "FixContext", size: int) -> dict:
     """One candidate: fine-tuned from the model before the fix, its adapted tensors kept, scored (cached)."""
     folder = x.run_dir / "candidates" / str(size)
-    if (folder / RESULT_NAME).is_file():  # finished before a kill, with the same inputs (else wiped)
-        return json.loads((folder / RESULT_NAME).read_text(encoding="utf-8"))
+    if (folder / RESULT_NAME).is_file():  # finished before a kill, with the same inputs (else wiped): resumed
+        return read_document(folder / RESULT_NAME)
     model = x.work(holds=f"candidate {size}")
     ft = _finetune_at(x, model, size, lr=x.schedule.lr, epochs=x.schedule.epochs, out_dir=folder)
-    save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / "adapted.safetensors")
+    save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / ADAPTED_NAME)
     row = {"holdout_after": _score(x, model, x.holdout, size, outcomes=True) if x.holdout else None,
            "seen_after": _score(x, model, x.seen, size) if x.seen else None,
            "val_after": _score(x, model, x.val_index, size, outcomes=True, full=True),
            "finetune_s": (ft.get("timing") or {}).get("wall_s")}
     write_json(folder / RESULT_NAME, row)
-    write_json(folder / "finetune_result.json", _public(ft))
+    write_json(folder / FINETUNE_RECORD, _public(ft))
     return row
 
 

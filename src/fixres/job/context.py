@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,11 +37,8 @@ from fixres.config import (
     default_out,
 )
 from fixres.data.folders import (
-    index_val_onto,
     missing_classes_warning,
     read_class_map,
-    resolve_split,
-    scan_folder,
     shared_photos,
 )
 from fixres.errors import FixresError, UsageError
@@ -50,8 +46,9 @@ from fixres.io.checkpoint import load_state_dict
 from fixres.io.results import Choice, FixResults, Schedule
 from fixres.job.fingerprint import digest, file_digest, index_fingerprint
 from fixres.job.runstate import RunState
+from fixres.method.inputs import index_folder, index_train_val
 from fixres.models.export import WEIGHTS_NAME
-from fixres.models.loading import load_model
+from fixres.models.loading import ModelSpec
 
 #: Default sweep: multiples of the model's stride (appendix B: other sizes suffer border and round-off
 #: effects, visible as a saw-tooth in the curve) from SWEEP_LOW x T to SWEEP_HIGH x T.
@@ -163,10 +160,6 @@ def default_test_sizes(train_size: int, *, step: int = SWEEP_STEP) -> list[int]:
     return sorted(sizes)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def strip_private(result: dict, drop: Sequence[str] = ()) -> dict:
     """JSON-ready copy without private keys and bulky per-image arrays."""
     return {k: v for k, v in result.items() if not k.startswith("_") and k not in drop}
@@ -209,13 +202,12 @@ class FixContext:
         """Index train/ and val/ (val mapped onto the training classes by name)."""
         c = self.config
         class_map = read_class_map(c.class_map) if c.class_map else None
-        train_root, val_root = resolve_split(data_root, "train"), resolve_split(data_root, "val")
-        self.train_index = scan_folder(train_root, class_map=class_map, num_classes=c.num_classes)
-        self.val_index = index_val_onto(val_root, self.train_index, num_classes=c.num_classes)
+        splits = index_train_val(data_root, class_map=class_map, num_classes=c.num_classes)
+        self.train_index, self.val_index = splits.train, splits.val
         msg = missing_classes_warning(self.val_index)
         if msg:
             self.say("  warning: " + msg)
-        if train_root == val_root:
+        if splits.one_folder:
             self.train_index, self.val_index = split_one_folder(self.train_index, seed=c.seed)
             self.split = {"val_share": VAL_SHARE_WITHOUT_SPLITS, "seed": c.seed, "n_train": len(self.train_index),
                           "n_val": len(self.val_index), "val_photos": [p for p, _ in self.val_index.samples]}
@@ -234,7 +226,7 @@ class FixContext:
         every = [(str(p), int(y)) for p, y in self.train_index.samples]
         if c.select_data:
             self.rule = RULE_SELECT_DATA
-            chooser = index_val_onto(c.select_data, self.train_index, num_classes=c.num_classes)
+            chooser = index_folder(c.select_data, classes=self.train_index, num_classes=c.num_classes)
             refuse_shared_photos(chooser.samples, self.val_index.samples, "--select-data", "the validation photos "
                                  "reported (a size chosen on them flatters the figure that reports it)")
             refuse_shared_photos(chooser.samples, self.train_index.samples, "--select-data", "the training photos "
@@ -297,10 +289,10 @@ class FixContext:
     def load_model(self) -> None:
         c = self.config
         num_classes = c.num_classes or (self.train_index.num_classes if not c.checkpoint else None)
-        self.bundle = load_model(model=c.model_name, checkpoint=c.checkpoint, weights=c.weights,
-                                 pretrained=c.pretrained, num_classes=num_classes,
-                                 train_size=c.train_size or (
-                                     None if c.has_weights else config_vocab.EMBEDDED_TRAIN_SIZE))
+        self.bundle = ModelSpec(model=c.model_name, checkpoint=c.checkpoint, weights=c.weights,
+                                pretrained=c.pretrained, num_classes=num_classes,
+                                train_size=c.train_size or (None if c.has_weights
+                                                            else config_vocab.EMBEDDED_TRAIN_SIZE)).load()
         cfg = self.bundle.data_config.with_overrides(crop_ratio=c.crop_ratio, interpolation=c.interpolation,
                                                      mean=c.mean, std=c.std)
         self.cfg = cfg.with_overrides(num_classes=self.train_index.num_classes,

@@ -21,7 +21,7 @@ from fixres.io.atomic import plain_json, write_json
 from fixres.io.results import Headline, Sweep
 from fixres.job import candidates
 from fixres.job.candidates import load_adapted
-from fixres.job.context import STATS_IMAGES, FixContext, read_json, stats_sizes_of, strip_private
+from fixres.job.context import STATS_IMAGES, FixContext, stats_sizes_of, strip_private
 from fixres.job.headline import headline_of
 from fixres.method import analysis
 from fixres.method import stats as fstats
@@ -102,9 +102,7 @@ def run_finetune(x: FixContext) -> dict:
             ft = {"test_size": test_size, "served": UNTUNED, "parts": [], "epochs": 0, "trainable": [],
                   "note": "served as trained: no candidate fixed beat it beyond noise, so nothing was fine-tuned"}
         else:
-            folder = x.run_dir / "candidates" / str(test_size)
-            load_adapted(model, folder / "adapted.safetensors")
-            ft = read_json(folder / "finetune_result.json")
+            ft = candidates.restore_candidate(x, model, test_size)
         if x.config.temperature_scale and x.holdout:
             ft["temperature"] = candidates.temperature_scale(x, model, test_size)
         elif x.config.temperature_scale:

@@ -1,14 +1,18 @@
-"""What fine-tuning, label-free adaptation and statistics start from: a model, its data config, the splits.
+"""What every command starts from, loaded one way: a model, its data config, the class-mapped splits.
 
-``load_for_adaptation`` loads a model (``fixres.models.loading``) and indexes a data folder's train/ and val/
-splits onto the model's classes by the one class-set rule (``fixres.data.folders.index_val_onto``); the
-test size defaults to the one the apparent-size analysis recommends for the model's train size.
+The model comes from a ``fixres.models.loading.ModelSpec`` (its flags); its classes are a given class map,
+else an export's own class names when they match its outputs (``class_names_for``); a split is indexed onto
+known classes by name, the one class-set rule (``index_folder``, ``index_split``, ``index_train_val``); an
+export is evaluated at the size it was fixed for (``ModelBundle.test_size``). ``load_for_adaptation`` puts
+them together for fine-tuning, label-free adaptation and statistics; its test size defaults to the one the
+apparent-size analysis recommends for the model's train size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from fixres.config import DataConfig
 from fixres.data.folders import (
@@ -23,6 +27,49 @@ from fixres.errors import UsageError
 from fixres.method.analysis import recommend_test_size
 from fixres.models.inputsize import fit_input_size
 from fixres.models.loading import ModelBundle, ModelSpec, num_outputs
+
+
+def class_names_for(bundle: ModelBundle, cfg: DataConfig, class_map: list[str] | None) -> list[str] | None:
+    """The classes a data folder maps onto: the given class map, else a fixres export's own class names when
+    they are as many as the model's outputs; None when neither is known (then the folders' sorted names)."""
+    if class_map is None and cfg.class_names and len(cfg.class_names) == num_outputs(bundle.model):
+        return list(cfg.class_names)
+    return class_map
+
+
+def index_folder(folder: str | Path, *, classes: FolderIndex | Sequence[str] | None = None,
+                 class_map: list[str] | None = None, num_classes: int | None = None,
+                 warn: bool = True) -> FolderIndex:
+    """One folder of photos: mapped onto ``classes`` by folder name when they are known (a class the model never
+    learned is an error), else its folders in ``class_map`` order or sorted."""
+    if classes is not None:
+        return index_val_onto(folder, classes, num_classes=num_classes, warn=warn)
+    return scan_folder(folder, class_map=class_map, num_classes=num_classes, warn=warn)
+
+
+def index_split(data: str | Path, split: str, **kw) -> FolderIndex:
+    """The ``split`` ("train" or "val") of a data folder (``fixres.data.folders.resolve_split``), indexed as
+    ``index_folder`` does."""
+    return index_folder(resolve_split(data, split), **kw)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A data folder's training and validation photos, val mapped onto the training classes; ``one_folder``
+    when the folder has no train/ and val/ (both are then the same photos)."""
+
+    train: FolderIndex
+    val: FolderIndex
+    one_folder: bool
+
+
+def index_train_val(data: str | Path, *, class_map: list[str] | None = None, num_classes: int | None = None,
+                    warn: bool = True) -> Splits:
+    """train/ (in ``class_map`` order, else sorted) and val/ mapped onto its classes by name."""
+    train_root, val_root = resolve_split(data, "train"), resolve_split(data, "val")
+    train = index_folder(train_root, class_map=class_map, num_classes=num_classes)
+    val = index_folder(val_root, classes=train, num_classes=num_classes, warn=warn)
+    return Splits(train, val, one_folder=train_root == val_root)
 
 
 @dataclass
@@ -52,18 +99,17 @@ def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[st
     bundle = spec.load()
     cfg = bundle.data_config.with_overrides(**(overrides or {}))
     n_out = num_outputs(bundle.model)
-    if class_map is None and cfg.class_names and len(cfg.class_names) == n_out:
-        class_map = list(cfg.class_names)
+    class_map = class_names_for(bundle, cfg, class_map)
     train_dir, val_dir = resolve_split(data, "train"), resolve_split(data, "val")
     if need_train and train_dir == val_dir:  # no splits: fitting and reporting on one folder
         raise UsageError(f"{data} has no train/ and val/ folders: the adaptation would be reported on the photos it "
                          "fitted on; lay it out as train/ and val/ (fixres fix splits one folder itself)")
-    train = scan_folder(train_dir, class_map=class_map, num_classes=n_out) if need_train else None
+    train = index_folder(train_dir, class_map=class_map, num_classes=n_out) if need_train else None
     classes = train.classes if train is not None else class_map
     val, warnings = None, []
     if val_dir.is_dir():  # one rule: val is mapped onto the training (or model) classes by name
-        val = (index_val_onto(val_dir, train if train is not None else classes, num_classes=n_out)
-               if classes else scan_folder(val_dir, num_classes=n_out))
+        onto = (train if train is not None else classes) if classes else None
+        val = index_folder(val_dir, classes=onto, num_classes=n_out)
         if train is not None and missing_classes_warning(val):
             warnings.append(missing_classes_warning(val))
     if train is None and val is None:
