@@ -246,7 +246,7 @@ def plan_vs_measured(plan: dict | None, timings: dict) -> dict | None:
 # --------------------------------------------------------------------------- the unavoidable work, measured here
 
 def rebuild_context(run: dict, run_dir: Path, docs: dict):
-    """fix's context as ``FixContext.index_data`` / ``assign_selection`` build it, from the run's config."""
+    """fix's context as ``FixContext.index_data`` / ``assign_choosing_photos`` build it, from the run's config."""
     from fixres.job.context import FixConfig, FixContext, load_weights
     from fixres.models.export import WEIGHTS_NAME
     fields = {f.name for f in dataclasses.fields(FixConfig)}
@@ -254,7 +254,7 @@ def rebuild_context(run: dict, run_dir: Path, docs: dict):
     x = FixContext(config=config, run_dir=run_dir, say=lambda msg: print(msg, file=sys.stderr))
     x.index_data(Path(config.data or (docs.get("data") or {})["root"]))
     x.load_model()
-    x.assign_selection()
+    x.assign_choosing_photos()
     if x.needs_training:  # the model before the fix is the one fix trained
         load_weights(x.bundle.model, run_dir / "train" / WEIGHTS_NAME)
     x.bundle.model.eval()
@@ -275,7 +275,7 @@ def measure_unavoidable(run: dict, run_dir: Path, docs: dict) -> dict:
           "per_class": False, "precision": engine.inference_precision(env.device, x.config.amp)}
     sizes = [int(s) for s in run["test_sizes"]]
     t0 = time.perf_counter()
-    evaluate(x.bundle.model, x.val_index, x.cfg, test_sizes=sizes, **kw)
+    evaluate(x.bundle.model, x.val_index, x.data_config, test_sizes=sizes, **kw)
     sweep_s = time.perf_counter() - t0
     fit = set(x.fit)
     samples = list(x.fit) + [s for s in (x.holdout or x.seen) if s not in fit]
@@ -283,7 +283,7 @@ def measure_unavoidable(run: dict, run_dir: Path, docs: dict) -> dict:
     per = {}
     for size in cands:
         t0 = time.perf_counter()
-        evaluate(x.bundle.model, samples, x.cfg, test_sizes=[size], **kw)
+        evaluate(x.bundle.model, samples, x.data_config, test_sizes=[size], **kw)
         per[str(size)] = time.perf_counter() - t0
     return {"sweep_s": sweep_s, "sweep_images": len(x.val_index.samples), "sweep_sizes": sizes,
             "candidates_s": per, "candidate_images": len(samples), "total_s": sweep_s + sum(per.values()),

@@ -76,8 +76,8 @@ DEFAULT_SWEEP_SIZES = (128, 160, 192, 224, 256, 288, 320, 352, 384)
 #: Default cap on the time the candidate fixes of ``fixres fix`` may take (estimated up front; farthest sizes
 #: dropped first).
 DEFAULT_SELECT_BUDGET_MIN = 60.0
-#: ``fixres fix`` training a model (the embedded one, or a new head): batch size and no repeated augmentation
-#: (on 2 cores every image-epoch counts).
+#: ``fixres fix`` training a model (the embedded one, or a new head): batch size, and no repeated augmentation
+#: (a short from-scratch run gains more from distinct photos than from repeats of each).
 FIX_TRAIN_BATCH_SIZE = 64
 FIX_TRAIN_REPEATS = 1
 #: The embedded default of ``fixres fix``: a small built-in CNN trained from scratch on the generated data at a low
@@ -155,7 +155,6 @@ def resize_for(test_size: int, crop_ratio: float) -> int:
 
 
 #: Validation photos (a seeded, class-stratified subset) that ``fixres fix`` evaluates under every corruption x
-#: severity: each of the 13 conditions decodes them at full size for two models (400 EfficientNet-Lite0 photos
-#: took 5.1 minutes on 2 CPU cores); 200 keep the step near 2.5 minutes there, with 600 image-severity pairs
-#: per paired test.
+#: severity: each of the 13 conditions decodes them at full size for two models, so the step costs about 26 full
+#: evaluations of this many photos; 200 give 600 image-severity pairs per paired test.
 ROBUSTNESS_IMAGES = 200

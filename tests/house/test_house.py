@@ -233,6 +233,26 @@ def test_ruff_is_clean():
     assert res.returncode == 0, f"ruff check {' '.join(folders)} (exit {res.returncode}):\n{res.stdout}{res.stderr}"
 
 
+#: Lab-notebook words that do not belong in the code, its comments or its help: dates, development rounds and
+#: machines, measurement anecdotes (dated records live in docs/results.md).
+CODE_LAB_WORDS = re.compile(r"\b(20\d\d-\d\d-\d\d|this round|before this round|dev box|took [\d.]+ ?min)\b", re.I)
+
+
+def test_no_lab_notebook_in_code_comments_or_help():
+    found = []
+    for path in [*sorted(PACKAGE.rglob("*.py")), *sorted((ROOT / "tests").rglob("*.py")),
+                 *sorted((ROOT / "benchmarks").glob("*.py"))]:
+        if path == Path(__file__):
+            continue
+        in_package = PACKAGE in path.parents
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            text = line if in_package else line.split("#", 1)[1] if "#" in line else ""
+            if CODE_LAB_WORDS.search(text):
+                found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
+    assert not found, "lab-notebook words in code:\n" + "\n".join(found)
+    assert CODE_LAB_WORDS.search("# on the dev box, 2026-12-04") and not CODE_LAB_WORDS.search("# a new head")
+
+
 #: The README is a user's page: the lab notebook (dates, before/after, "new") lives in docs/results.md.
 README_MAX_LINES = 220
 LAB_WORDS = re.compile(r"\b(20\d\d-\d\d-\d\d|new|no longer|this round|before this round)\b", re.IGNORECASE)

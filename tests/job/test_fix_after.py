@@ -125,7 +125,7 @@ def _plan_context(*, candidates, augment="test", n_fit=100, n_hold=20, n_val=50,
     config = SimpleNamespace(candidates=list(candidates), test_size=None, finetune_epochs=epochs, augment=augment,
                              train_epochs=3, label_free=False, tune_schedule=True, lr=None, robustness=False,
                              robustness_images=None)
-    return SimpleNamespace(config=config, cfg=SimpleNamespace(train_size=train_size, stride=32),
+    return SimpleNamespace(config=config, data_config=SimpleNamespace(train_size=train_size, stride=32),
                            fit=[0] * n_fit, holdout=[0] * n_hold, val_index=SimpleNamespace(samples=[0] * n_val),
                            test_sizes=[32, 64], needs_training=False)
 
@@ -149,7 +149,7 @@ def test_plan_estimate_reading_does_not_grow_with_the_candidate_size(augment):
 
 
 #: One measured run: lite0 transferred at 128 px on cats_vs_dogs (600 train / 800 val), default fix (cross-
-#: selection, 7 sweep sizes and 7 candidates from 64 to 256 px) on the 2-core dev box, 2026-12-04: the plan's
+#: selection, 7 sweep sizes and 7 candidates from 64 to 256 px) on a 2-core CPU: the plan's
 #: probe (ms per image forward at T, ms to read one) and every step's measured seconds.
 MEASURED_RUN = {"fwd_s": 0.0105, "load_s": 0.004, "n_fit": 600, "n_seen": 120, "n_val": 800, "train_size": 128,
                 "sizes": [64, 96, 128, 160, 192, 224, 256], "epochs": 10,

@@ -39,7 +39,7 @@ RULE_SELECT_DATA = "select-data"        # a separate labelled folder
 RULE_CROSS = "cross-val"                # two-fold cross-selection on the validation photos
 
 
-SELECTION_RULES = {
+CHOOSING_RULES = {
     RULE_HELD_OUT: "held-out training photos: fix trained the model without them",
     RULE_UNTOUCHED: "held-out training photos: you said (--holdout-untouched) the model never trained on them",
     RULE_SELECT_DATA: "a separate labelled folder (--select-data), not the validation photos reported",

@@ -20,7 +20,7 @@ from torch import nn
 
 from fixres.choosing.budget import estimate_seconds, fit_in_budget
 from fixres.choosing.outcomes import outcome_bits, paired_on_read, percent_correct, read_bits
-from fixres.choosing.photos import HOLDOUT_METHOD, RULE_CROSS, SELECTION_RULES, stratified_halves
+from fixres.choosing.photos import CHOOSING_RULES, HOLDOUT_METHOD, RULE_CROSS, stratified_halves
 from fixres.choosing.serving import (
     FIXED,
     UNTUNED,
@@ -84,7 +84,7 @@ def _public(result: dict) -> dict:
 def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs: int, out_dir: Path) -> dict:
     """Fine-tune ``model`` (the working copy) at ``size`` on the fitting images, resuming a killed attempt."""
     c = x.config
-    return finetune(model, x.fit, [], x.cfg, test_size=size, parts=c.parts, augment=c.augment, epochs=epochs,
+    return finetune(model, x.fit, [], x.data_config, test_size=size, parts=c.parts, augment=c.augment, epochs=epochs,
                     lr=lr, batch_size=c.batch_size, cache=True, out_dir=out_dir,
                     resume=(out_dir / FT_STATE).is_file(), env=x.env, precision=x.precision, seed=c.seed,
                     workers=c.workers, progress=c.progress, evaluate_before=False,
@@ -94,7 +94,7 @@ def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs:
 def _score(x: "FixContext", model, samples, size: int, *, outcomes: bool = False, full: bool = False) -> dict:
     """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision); with ``outcomes``
     also every image's outcome (``outcome_bits``), for cross-selection and paired tests."""
-    res = evaluate(model, samples, x.cfg, test_sizes=[size], per_class=False, keep_outcomes=outcomes,
+    res = evaluate(model, samples, x.data_config, test_sizes=[size], per_class=False, keep_outcomes=outcomes,
                    **{**x.eval_kw(), "progress": False})
     row = res["rows"][0]
     score = {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
@@ -138,7 +138,7 @@ def schedule_size(x: "FixContext") -> int:
     other than the train size when there is another: at T a fine-tuning schedule is judged on a model that
     has nothing to adapt to, and the gentlest one always wins."""
     exact = recommended_exact(x)
-    away = [s for s in x.candidates if s != x.cfg.train_size] or list(x.candidates)
+    away = [s for s in x.candidates if s != x.data_config.train_size] or list(x.candidates)
     return min(away, key=lambda s: (abs(s - exact), -s))
 
 
@@ -151,7 +151,7 @@ def run_select(x: "FixContext") -> dict:
     sizes, dropped, estimate = _planned_candidates(x)
     before = {int(r["test_size"]): r for r in x.results.sweep_before.document["rows"]}
     held_before = _before_on(x, x.holdout, sizes, outcomes=True)
-    t = int(x.cfg.train_size)  # the training photos' score before the fix is only shown at T
+    t = int(x.data_config.train_size)  # the training photos' score before the fix is only shown at T
     seen_at_t = _before_on(x, x.seen, [t]).get(t) if t in sizes else None
     rows = []
     for size in sizes:
@@ -162,7 +162,7 @@ def run_select(x: "FixContext") -> dict:
                      "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
     return {
         "method": x.rule if (x.holdout or len(sizes) > 1) else "recommendation", "rule": x.rule,
-        "rule_text": SELECTION_RULES.get(x.rule), "n_holdout": len(x.holdout), "n_seen": len(x.seen),
+        "rule_text": CHOOSING_RULES.get(x.rule), "n_holdout": len(x.holdout), "n_seen": len(x.seen),
         "seen_before_at_train_size": seen_at_t,
         "n_val": x.results.sweep_before.n_images, "candidates": rows, "dropped": dropped,
         "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule.to_json(),
@@ -174,7 +174,7 @@ def _before_on(x: "FixContext", samples, sizes: Sequence[int], *, outcomes: bool
     every photo's outcome (the untuned candidates of the choice are compared in pairs on them)."""
     if not samples:
         return {}
-    res = evaluate(x.base(), samples, x.cfg, test_sizes=list(sizes), per_class=False, keep_outcomes=outcomes,
+    res = evaluate(x.base(), samples, x.data_config, test_sizes=list(sizes), per_class=False, keep_outcomes=outcomes,
                    **{**x.eval_kw(), "progress": False})
     bits = outcomes_of(res, len(samples)) if outcomes else {}
     return {int(r["test_size"]): {**{k: r.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")},
@@ -217,7 +217,7 @@ def _planned_candidates(x: "FixContext") -> tuple[list[int], list[int], dict]:
                                epochs=x.schedule.epochs, cached=x.config.augment == "test")
            for s in x.candidates}
     budget = None if x.config.select_budget_min is None else 60.0 * x.config.select_budget_min
-    keep = sorted({schedule_size(x), x.cfg.train_size})
+    keep = sorted({schedule_size(x), x.data_config.train_size})
     sizes = fit_in_budget(x.candidates, est, budget, keep=keep)
     dropped = [s for s in x.candidates if s not in sizes]
     total = sum(est[s] for s in sizes)
@@ -253,7 +253,7 @@ def choose_after_fixing(x: "FixContext", sel: dict) -> Choice:
         else val_options
     if c.test_size:  # a size given is fixed at that size: nothing else to choose
         options = [o for o in options if o["kind"] == FIXED]
-    served = choose_served(options, mode=c.choose, train_size=x.cfg.train_size, **budget)
+    served = choose_served(options, mode=c.choose, train_size=x.data_config.train_size, **budget)
     size, kind = int(served["option"]["test_size"]), served["option"]["kind"]
     rows = [{**r, "top1": (r["holdout_after"] or r["val_after"])["top1"]} for r in sel["candidates"]]
     budgets = [f"{name} {v:g}" for name, v in (("max size", c.max_test_size), ("ms/image", c.budget_ms),
@@ -278,7 +278,7 @@ def choose_after_fixing(x: "FixContext", sel: dict) -> Choice:
                   best_fixed_size=int(best_fixed["test_size"]) if best_fixed else None,
                   best=option_name(served["best"]), as_good=tuple(served["as_good"]), p_vs_best=served["p_vs_best"],
                   cost_key=served["cost_key"], alpha=served["alpha"], method=sel["method"], rule=rule,
-                  rule_text=SELECTION_RULES.get(rule), reason="selected after fixing" if (n or cross) else how,
+                  rule_text=CHOOSING_RULES.get(rule), reason="selected after fixing" if (n or cross) else how,
                   chosen_on=how, recommended=sel["recommended"], n_images=n or (sel["n_val"] if cross else 0),
                   why_not_recommended=_why_not_recommended(size, sel, rows, f"the {n} {x.chooser_words}" if n else
                                                            "all validation photos"), cross=cross,
@@ -294,7 +294,7 @@ def _paired_on_val(x: "FixContext", val_options: list[dict], size: int, kind: st
     if served is None:
         return None
     out = {}
-    for name, key in (("untuned", (UNTUNED, size)), ("train_size", (UNTUNED, int(x.cfg.train_size)))):
+    for name, key in (("untuned", (UNTUNED, size)), ("train_size", (UNTUNED, int(x.data_config.train_size)))):
         other = options.get(key)
         if other is None or key == (kind, size):
             continue
@@ -311,11 +311,11 @@ def _cross_choice(x: "FixContext", val_options: list[dict], budget: dict) -> dic
     labels = [int(y) for _, y in x.val_index.samples]
     halves = stratified_halves(labels, seed=x.config.seed)
     res = cross_select_served(val_options, halves, mode=x.config.choose,
-                                      train_size=x.cfg.train_size, **budget)
+                                      train_size=x.data_config.train_size, **budget)
     before = {int(k): read_bits(v) for k, v in x.results.sweep_before.outcomes.items()}
     chosen = {0: res["size_half_a"], 1: res["size_half_b"]}
     untuned = [before[chosen[1 - h]][i] if chosen[1 - h] in before else None for i, h in enumerate(halves)]
-    at_t = before.get(int(x.cfg.train_size))
+    at_t = before.get(int(x.data_config.train_size))
     known = [i for i, o in enumerate(res["pooled"]) if o is not None]
     fixed = [bool(res["pooled"][i]) for i in known]
     out = {"half_a": res["half_a"], "half_b": res["half_b"], "size_half_a": chosen[0], "size_half_b": chosen[1],
@@ -339,7 +339,7 @@ def _seen_check(x: "FixContext", sel: dict, rows: list[dict], budget: dict) -> d
     seen = [r for r in sel["candidates"] if r.get("seen_after")]
     if not seen:
         return None
-    t = int(x.cfg.train_size)
+    t = int(x.data_config.train_size)
     at_t = next((r for r in sel["candidates"] if int(r["test_size"]) == t), None)
     pick = choose_within_budget([{**r, "top1": r["seen_after"]["top1"]} for r in seen],
                                         train_size=t, **budget)
@@ -365,7 +365,7 @@ def _why_not_recommended(size: int, sel: dict, rows: list[dict], where: str) -> 
 def label_free_adapt(x: "FixContext", model, test_size: int) -> dict:
     """No label read: batch-norm statistics re-estimated at ``test_size`` on the training images."""
     unlabeled = [(p, 0) for p, _ in x.train_index.samples]  # labels are never read; zeroed to make it plain
-    res = adapt(model, unlabeled, x.cfg, method=LABEL_FREE_METHOD, test_size=test_size,
+    res = adapt(model, unlabeled, x.data_config, method=LABEL_FREE_METHOD, test_size=test_size,
                 batch_size=x.config.batch_size, env=x.env, precision=x.precision, workers=x.config.workers,
                 progress=x.config.progress)
     res.pop("_pooled", None)
@@ -375,7 +375,7 @@ def label_free_adapt(x: "FixContext", model, test_size: int) -> dict:
 
 def temperature_scale(x: "FixContext", model, test_size: int) -> dict:
     """Fit T on the choosing photos' logits, then divide the classifier by T (same top-1, calibrated softmax)."""
-    t = temperature_scale_model(model, x.holdout, x.cfg, test_size, batch_size=x.config.batch_size,
+    t = temperature_scale_model(model, x.holdout, x.data_config, test_size, batch_size=x.config.batch_size,
                                 workers=x.config.workers, device=x.env.device)
     return {"T": t, "fitted_on": f"{len(x.holdout)} {HOLDOUT_METHOD}", "test_size": test_size}
 

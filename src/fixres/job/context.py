@@ -180,11 +180,12 @@ class FixContext:
     fit: list = field(default_factory=list)
     holdout: list = field(default_factory=list)  # the photos that choose (held-out or --select-data)
     seen: list = field(default_factory=list)  # cross-selection: training photos shown for comparison only
-    rule: str = ""  # which photos choose the size (SELECTION_RULES)
+    rule: str = ""  # which photos choose the size (CHOOSING_RULES)
     split: dict | None = None  # how a data folder without train/ and val/ was split
     fingerprints: dict = field(default_factory=dict)
     bundle: object = None
-    cfg: object = None
+    #: the model's data config with the run's overrides, its classes and number of outputs
+    data_config: object = None
     env: object = None
     precision: object = None
     eval_precision: object = None
@@ -219,8 +220,8 @@ class FixContext:
                              "val_images": index_fingerprint(self.val_index.samples),
                              "classes": digest(list(self.train_index.classes))}
 
-    def assign_selection(self) -> None:
-        """Which photos choose the size (``SELECTION_RULES``), once the model is known: held-out
+    def assign_choosing_photos(self) -> None:
+        """Which photos choose the size (``CHOOSING_RULES``), once the model is known: held-out
         training photos only when this run trains the model without them (or the user vouches for them)."""
         c = self.config
         every = [(str(p), int(y)) for p, y in self.train_index.samples]
@@ -261,7 +262,8 @@ class FixContext:
             return [an.recommended_test_size]
         if c.candidates:
             return sorted(set(c.candidates))
-        sizes = candidate_sizes(self.cfg.train_size, self.cfg.stride, recommended_unrounded=an.recommended_exact)
+        dc = self.data_config
+        sizes = candidate_sizes(dc.train_size, dc.stride, recommended_unrounded=an.recommended_exact)
         return [s for s in sizes if s <= MAX_SWEEP_SIZE]
 
     @property
@@ -295,7 +297,7 @@ class FixContext:
                                                             else config_vocab.EMBEDDED_TRAIN_SIZE)).load()
         cfg = self.bundle.data_config.with_overrides(crop_ratio=c.crop_ratio, interpolation=c.interpolation,
                                                      mean=c.mean, std=c.std)
-        self.cfg = cfg.with_overrides(num_classes=self.train_index.num_classes,
+        self.data_config = cfg.with_overrides(num_classes=self.train_index.num_classes,
                                       class_names=tuple(self.train_index.classes))
 
     def base(self):
@@ -369,7 +371,7 @@ def load_weights(model, path: Path) -> None:
 
 
 def stats_sizes_of(x: FixContext) -> list[int]:
-    return sorted(set(x.config.stats_sizes or _stats_sizes(x.cfg.train_size, x.choice.test_size,
+    return sorted(set(x.config.stats_sizes or _stats_sizes(x.data_config.train_size, x.choice.test_size,
                                                            x.test_sizes)))
 
 

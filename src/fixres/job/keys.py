@@ -26,12 +26,12 @@ def _key_model(x: FixContext) -> dict:
     c = x.config
     return {"model": c.model_name, "checkpoint_sha256": x.checkpoint_sha(), "weights": c.weights,
             "pretrained": c.pretrained,
-            "num_classes": c.num_classes, "train_size": x.cfg.train_size, "stride": x.cfg.stride,
+            "num_classes": c.num_classes, "train_size": x.data_config.train_size, "stride": x.data_config.stride,
             "classes": x.fingerprints["classes"]}
 
 
 def _key_prep(x: FixContext) -> dict:
-    cfg = x.cfg
+    cfg = x.data_config
     return {"crop_ratio": cfg.crop_ratio, "interpolation": cfg.interpolation, "mean": list(cfg.mean),
             "std": list(cfg.std)}
 
@@ -61,7 +61,8 @@ def key_train(x: FixContext) -> dict:
 
 
 def key_analyse(x: FixContext) -> dict:
-    return {"train_size": x.cfg.train_size, "stride": x.cfg.stride, "crop_ratio": x.cfg.crop_ratio,
+    dc = x.data_config
+    return {"train_size": dc.train_size, "stride": dc.stride, "crop_ratio": dc.crop_ratio,
             "train_augment": x.config.train_augment, "val_images": x.fingerprints["val_images"],
             "analysis_seed": x.config.seed}
 

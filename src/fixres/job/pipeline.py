@@ -96,7 +96,7 @@ class Step:
 def _describe_train(x: FixContext) -> str:
     c = x.config
     da = "RandomResizedCrop" if c.train_augment == "train" else c.train_augment
-    return f"{x.bundle.name} at {x.cfg.train_size}px, {c.train_epochs} epochs ({da}), {len(x.fit)} images"
+    return f"{x.bundle.name} at {x.data_config.train_size}px, {c.train_epochs} epochs ({da}), {len(x.fit)} images"
 
 
 def _describe_select(x: FixContext) -> str:
@@ -267,14 +267,14 @@ def run_fix(config: FixConfig) -> FixRun:
     if not config.embedded:  # a refused data set or model leaves no trace in the run folder
         x.index_data(Path(config.data))
         _build_model(x)
-        x.assign_selection()
+        x.assign_choosing_photos()
     _prepare_folder(x)
     recomputed: dict[str, list[str]] = {}
     _execute(x, 1, STEP_TABLE[0], recomputed)
     if config.embedded:
         x.index_data(Path(x.results.data["root"]))
         _build_model(x)
-        x.assign_selection()
+        x.assign_choosing_photos()
     if config.progress:
         print_plan(x)
     for i, step in enumerate(STEP_TABLE[1:], start=2):
@@ -321,7 +321,7 @@ def _build_model(x: FixContext) -> None:
     torch.manual_seed(x.config.seed)  # a model built from scratch starts from the same weights every run
     x.load_model()
     c = x.config
-    x.swept_sizes = sorted(set(c.test_sizes or default_test_sizes(x.cfg.train_size, step=x.cfg.stride)))
+    x.swept_sizes = sorted(set(c.test_sizes or default_test_sizes(x.data_config.train_size, step=x.data_config.stride)))
 
 
 

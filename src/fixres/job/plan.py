@@ -31,9 +31,9 @@ LIKELY_APPARENT_RATIO = 0.8
 
 def probe_speed(x: FixContext) -> tuple[float, float]:
     """(seconds per image of a forward at T, seconds per image to read and pre-process one), measured now."""
-    fwd = latency_ms(x.bundle.model, x.cfg.train_size, device=x.env.device, precision=x.eval_precision,
+    fwd = latency_ms(x.bundle.model, x.data_config.train_size, device=x.env.device, precision=x.eval_precision,
                      batch=PLAN_PROBE_BATCH) / 1000.0
-    transform = build_transform("test", size=x.cfg.train_size, cfg=x.cfg)
+    transform = build_transform("test", size=x.data_config.train_size, cfg=x.data_config)
     probe = x.train_index.samples[:PLAN_PROBE_IMAGES]
     t0 = time.perf_counter()
     for path, _ in probe:
@@ -46,9 +46,9 @@ def probe_speed(x: FixContext) -> tuple[float, float]:
 
 def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
     """Rough seconds per step from a forward time at T and a read time per image (printed before starting)."""
-    c, t = x.config, x.cfg.train_size
+    c, t = x.config, x.data_config.train_size
     n_fit, n_hold, n_val = len(x.fit), len(x.holdout), len(x.val_index.samples)
-    cands = c.candidates or ([c.test_size] if c.test_size else candidate_sizes(t, x.cfg.stride))
+    cands = c.candidates or ([c.test_size] if c.test_size else candidate_sizes(t, x.data_config.stride))
     area = lambda sizes: sum((s / t) ** 2 for s in sizes)  # noqa: E731
     sweep = n_val * (load * len(x.test_sizes) + fwd * area(x.test_sizes))
     n_seen = len(getattr(x, "seen", ()))  # cross-selection: training photos scored for comparison
@@ -76,15 +76,14 @@ def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
 def _robustness_estimate(x: FixContext, fwd: float, load: float, area) -> float:
     """Every condition reads the subset at full size twice (model before and after) and runs the fixed size
     twice and T once; the fixed size is not known yet: the analysis' geometry puts it near T / 0.8. The
-    corruptions themselves (2-70 ms a photo) run in the loader workers, overlapped with the forwards: on
-    cats_vs_dogs this estimate said 4.7 min for 400 photos and the step took 5.1 min."""
+    corruptions themselves run in the loader workers, overlapped with the forwards, so they add no term."""
     c = x.config
     if not c.robustness:
         return 0.0
     n = len(x.val_index.samples)
     m = min(n, c.robustness_images or n)
     conditions = 1 + len(CORRUPTIONS) * len(SEVERITIES)
-    likely = x.cfg.train_size / LIKELY_APPARENT_RATIO
+    likely = x.data_config.train_size / LIKELY_APPARENT_RATIO
     return conditions * m * (2 * load + fwd * (1 + 2 * area([likely])))
 
 
@@ -95,7 +94,8 @@ def print_plan(x: FixContext) -> None:
     est = plan_estimates(x, fwd, load)
     done = {k for k in est if x.state.record(k).get("done")}
     todo = sum(v for k, v in est.items() if k not in done)
-    x.say(f"plan ({x.env.device}; rough estimates from a {1000 * fwd:.1f} ms/image forward at {x.cfg.train_size}px "
+    x.say(f"plan ({x.env.device}; rough estimates from a {1000 * fwd:.1f} ms/image forward at "
+          f"{x.data_config.train_size}px "
           f"and {1000 * load:.0f} ms/image reading): "
           + ", ".join(f"{k} " + ("done before" if k in done else f"~{format_duration(v)}") for k, v in est.items())
           + f"; total ~{format_duration(todo)}" + (" for the steps not done before" if done else ""))

@@ -12,7 +12,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from fixres.choosing.photos import RULE_CROSS, SELECTION_RULES
+from fixres.choosing.photos import CHOOSING_RULES, RULE_CROSS
 from fixres.choosing.serving import FIXED, UNTUNED
 from fixres.config import EMBEDDED_TRAIN_LR
 from fixres.data.folders import count_image_sizes
@@ -59,7 +59,7 @@ def run_train(x: FixContext) -> dict:
     train_dir = x.run_dir / "train"
     # Trained on the fitting part only: the held-out images stay unseen for choosing the test size.
     # No validation inside training: the sweep right after measures every size on all images.
-    result = train(x.bundle.model, x.fit, [], x.cfg, train_size=x.cfg.train_size, epochs=c.train_epochs,
+    result = train(x.bundle.model, x.fit, [], x.data_config, train_size=x.data_config.train_size, epochs=c.train_epochs,
                    batch_size=c.train_batch_size, lr=lr, out_dir=train_dir, resume=(train_dir / TRAIN_STATE).is_file(),
                    repeats=c.train_repeats, augment=c.train_augment, schedule="cosine", warmup_epochs=1,
                    env=x.env, precision=x.precision, seed=c.seed, workers=c.workers, progress=c.progress,
@@ -69,7 +69,7 @@ def run_train(x: FixContext) -> dict:
 
 
 def run_analyse(x: FixContext) -> dict:
-    cfg = x.cfg
+    cfg = x.data_config
     sizes = count_image_sizes(x.val_index, limit=MAX_PHOTO_SIZES)
     an = analysis.analyze(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,
                           image_sizes=sizes or None, samples=ANALYSIS_SAMPLES, seed=x.config.seed,
@@ -85,7 +85,7 @@ def run_analyse(x: FixContext) -> dict:
 
 
 def run_sweep_before(x: FixContext) -> dict:
-    sweep = evaluate(x.base(), x.val_index, x.cfg, test_sizes=x.test_sizes, keep_outcomes=True, **x.eval_kw())
+    sweep = evaluate(x.base(), x.val_index, x.data_config, test_sizes=x.test_sizes, keep_outcomes=True, **x.eval_kw())
     sweep["outcomes"] = candidates.outcomes_of(sweep, len(x.val_index.samples))
     return strip_private(sweep)
 
@@ -108,9 +108,9 @@ def run_finetune(x: FixContext) -> dict:
         elif x.config.temperature_scale:
             x.say("  temperature scaling skipped: it is fitted on photos that choose, and this rule has none "
                   "(give --select-data, or --holdout-untouched)")
-    path = export_model(model, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
-                        train_size=x.cfg.train_size, class_names=list(x.train_index.classes))
-    x.results.export = {"path": str(path), "test_size": test_size, "train_size": x.cfg.train_size}
+    path = export_model(model, x.run_dir / "export", model_name=x.bundle.name, cfg=x.data_config, test_size=test_size,
+                        train_size=x.data_config.train_size, class_names=list(x.train_index.classes))
+    x.results.export = {"path": str(path), "test_size": test_size, "train_size": x.data_config.train_size}
     write_json(x.run_dir / "export.json", x.results.export)
     return {**ft, "choice": x.choice.to_json(), "export_path": str(path)}
 
@@ -120,14 +120,14 @@ def run_sweep_after(x: FixContext) -> dict:
     fixed = x.fixed()
     sweep = _after_from_candidates(x)
     if sweep is None:
-        sweep = {**evaluate(fixed, x.val_index, x.cfg, test_sizes=x.test_sizes, **x.eval_kw()),
+        sweep = {**evaluate(fixed, x.val_index, x.data_config, test_sizes=x.test_sizes, **x.eval_kw()),
                  "after": AFTER_EXPORTED}
     sweep = plain_json(strip_private(sweep))
     # Export again, now with the accuracy of what is served in the metadata: the headline's unbiased estimate.
     head = headline_of({**x.results.documents(), "sweep_after": sweep, "run": run_info(x, torch.get_num_threads())})
     accuracy = served_accuracy(x, head, Sweep.from_json(sweep))
-    export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.cfg, test_size=test_size,
-                 train_size=x.cfg.train_size, class_names=list(x.train_index.classes), accuracy=accuracy,
+    export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.data_config, test_size=test_size,
+                 train_size=x.data_config.train_size, class_names=list(x.train_index.classes), accuracy=accuracy,
                  extra={"top1": accuracy["top1"], "top1_rule": accuracy["top1_rule"]})
     return sweep
 
@@ -145,11 +145,11 @@ def served_accuracy(x: FixContext, head: Headline, sweep_after: Sweep) -> dict:
     served = {"top1": head.top1_served, "top1_se": head.top1_served_se, "test_size": choice.test_size}
     if choice.cross:
         return {**served, "n": choice.cross["n"], "top1_rule": RULE_CROSS,
-                "top1_rule_text": SELECTION_RULES[RULE_CROSS], "top1_all_val_optimistic": row.top1,
+                "top1_rule_text": CHOOSING_RULES[RULE_CROSS], "top1_all_val_optimistic": row.top1,
                 "served": choice.kind}
     rule = "given" if x.config.test_size else "label-free" if x.config.label_free else choice.rule or x.rule
     return {**served, "top1_std": row.top1_std, "n": row.n, "top1_rule": rule,
-            "top1_rule_text": SELECTION_RULES.get(rule, UNCHOSEN_TEXT), "served": choice.kind or FIXED}
+            "top1_rule_text": CHOOSING_RULES.get(rule, UNCHOSEN_TEXT), "served": choice.kind or FIXED}
 
 
 def _after_from_candidates(x: FixContext) -> dict | None:
@@ -175,14 +175,14 @@ def run_stats(x: FixContext) -> dict:
     """Figures 3-4; KS distance at each size to the pooled values of the model *before* the fix at T (the
     distribution its classifier was trained on), for the model before and after the fix."""
     sizes = stats_sizes_of(x)
-    stats: dict = {"sizes": sizes, "ks_reference": f"the model before the fix at {x.cfg.train_size}px"}
+    stats: dict = {"sizes": sizes, "ks_reference": f"the model before the fix at {x.data_config.train_size}px"}
     grid = reference = None
     for label, model in (("before", x.base()), ("after", x.fixed())):
-        raw = _activation_stats(model, x.val_index.samples, x.cfg, sizes, env=x.env, precision=x.precision,
+        raw = _activation_stats(model, x.val_index.samples, x.data_config, sizes, env=x.env, precision=x.precision,
                                 batch_size=x.config.batch_size, workers=x.config.workers, grid=grid,
                                 reference=reference)
         pooled = raw.pop("_pooled")
-        reference = pooled[x.cfg.train_size] if reference is None else reference
+        reference = pooled[x.data_config.train_size] if reference is None else reference
         stats[label] = normalize_stats(raw)
         stats[label]["pooled_from"] = raw.get("pooled_from")
         first = next(iter(stats[label]["sizes"].values()), None)
@@ -195,7 +195,7 @@ def robustness_columns(x: FixContext) -> dict:
     before the fix at T and at S (what a user deploys without the fix, and the same size untuned). When the
     model as trained is served, the most accurate fixed candidate takes the fixed column, so the table still
     answers whether the fix costs robustness."""
-    t, s = int(x.cfg.train_size), x.choice.test_size
+    t, s = int(x.data_config.train_size), x.choice.test_size
     if x.choice.untuned:
         f = x.choice.best_fixed_size
         if f is None:
@@ -215,9 +215,9 @@ def run_robustness(x: FixContext) -> dict:
     """Top-1 under corruptions of the photos (noise, blur, JPEG, contrast; 3 severities, seeded), fixed vs
     untuned, with a paired test per corruption: does the fix cost robustness on this model and data?"""
     c = x.config
-    return corruption_table(robustness_columns(x), x.val_index, x.cfg, seed=c.seed, max_images=c.robustness_images,
-                             batch_size=c.batch_size, env=x.env, precision=x.eval_precision, workers=c.workers,
-                             progress=c.progress)
+    return corruption_table(robustness_columns(x), x.val_index, x.data_config, seed=c.seed,
+                            max_images=c.robustness_images, batch_size=c.batch_size, env=x.env,
+                            precision=x.eval_precision, workers=c.workers, progress=c.progress)
 
 
 def run_report(x: FixContext) -> dict:
@@ -236,7 +236,7 @@ def resume_report(x: FixContext, summary: dict) -> dict:
 
 def run_info(x: FixContext, threads: int) -> dict:
     c = x.config
-    return {"model": x.bundle.name, "source": x.bundle.source, "train_size": x.cfg.train_size,
+    return {"model": x.bundle.name, "source": x.bundle.source, "train_size": x.data_config.train_size,
             "test_size": x.choice.test_size, "test_sizes": x.test_sizes, "data": str(x.data_root),
             "choice": x.choice.to_json(), "config": strip_private(asdict(c), ("progress",)),
             "device": str(x.env.device), "split": x.split,
