@@ -93,7 +93,7 @@ _register(
            "    if t.before is None and evaluate_before and t.val_samples:",
            (TF + "::test_resume_measures_before_on_the_untouched_model",),
            "'before' measured on a half-adapted model "),
-    Mutant("train-epoch-length-n", "training recipe", "src/fixres/method/train.py",
+    Mutant("train-epoch-length-n", "training recipe", "src/fixres/method/trainrecipe.py",
            "return PAPER_LEN_FACTOR if repeats > 1 else 1.0", "return 1.0",
            (TT + "::test_paper_epoch_length_is_the_default_only_with_repeated_augmentation",
             TT + "::test_cli_train_validates_at_train_and_recommended_size_and_exports"), "N-sample epochs "),
@@ -114,11 +114,11 @@ _register(
 
 # Fine-tuning modes: which modules adapt, which stay frozen (section 5: bn-stats, fc, ...).
 _register(
-    Mutant("finetune-stats-not-train", "fine-tuning modes", "src/fixres/method/finetuning.py",
+    Mutant("finetune-stats-not-train", "fine-tuning modes", "src/fixres/method/tunerecipe.py",
            "    for name in sel.stats:\n        model.get_submodule(name).train()",
            "    for name in sel.stats:\n        model.get_submodule(name).eval()",
            (TF + "::test_frozen_bit_identical_and_bn_stats_only_where_asked",), "bn-stats never re-estimated"),
-    Mutant("finetune-frozen-in-train", "fine-tuning modes", "src/fixres/method/finetuning.py",
+    Mutant("finetune-frozen-in-train", "fine-tuning modes", "src/fixres/method/tunerecipe.py",
            '    """Frozen modules in eval mode (and no gradient); adapted batch-norms in train mode."""\n'
            '    model.eval()',
            '    """Frozen modules in eval mode (and no gradient); adapted batch-norms in train mode."""\n'
@@ -233,7 +233,7 @@ _register(
 # Report: escaping by construction, CSV formulas, the report/ symlink.
 TR = "tests/report/test_report_escaping.py"
 _register(
-    Mutant("report-no-autoescape", "report", "src/fixres/report/page.py",
+    Mutant("report-no-autoescape", "report", "src/fixres/report/html.py",
            "Environment(autoescape=True,", "Environment(autoescape=False,",
            (TR,), "values from run files reach the page raw (script injection)"),
     Mutant("report-csv-formula", "report", "src/fixres/io/csvtext.py",

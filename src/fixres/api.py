@@ -314,7 +314,7 @@ def export(model: ModelLike, path: str | Path, *, test_size: int, data_config: D
 
 def fix(model: str | None = None, data: str | Path | None = None, *, out: str | Path = default_out("fix"),
         **settings) -> FixResult:
-    """The whole method (``fixres fix``): analyse, sweep, fine-tune, statistics, export, report.
+    """The whole method (``fixres fix``): analyze, sweep, fine-tune, statistics, export, report.
 
     ``model`` is a timm/torchvision name or a checkpoint path; with neither ``model`` nor ``data`` it runs
     the embedded demo. ``settings`` are the fields of ``fixres.job.pipeline.FixConfig`` (``train_size``,

@@ -23,8 +23,9 @@ from PIL import Image
 
 from fixres.config import DataConfig
 from fixres.data import transforms as T
-from fixres.data.folders import ImageDataset, Skipped, collate, make_loader, scan_folder
+from fixres.data.folders import scan_folder
 from fixres.data.images import MAX_ASPECT_RATIO, BadImage, load_rgb, probe_size
+from fixres.data.loaders import ImageDataset, Skipped, collate, make_loader
 from fixres.errors import UsageError
 
 CFG = DataConfig(train_size=32)

@@ -15,8 +15,8 @@ from PIL import Image
 from fixres.config import DataConfig, resize_for
 from fixres.data import images
 from fixres.data import transforms as T
-from fixres.data.folders import ImageDataset
 from fixres.data.images import jpeg_reduction, load_rgb
+from fixres.data.loaders import ImageDataset
 
 CFG = DataConfig(train_size=64, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 #: Mean absolute difference (normalised units, range 2) allowed between reduced and full decode.
@@ -113,7 +113,7 @@ def test_random_resized_crop_draws_first_then_decodes_what_the_crop_needs(tmp_pa
         sizes.append(img.size)
         return img
 
-    monkeypatch.setattr("fixres.data.folders.load_rgb", spy)
+    monkeypatch.setattr("fixres.data.loaders.load_rgb", spy)
     big_crop = T.train_transform(train_size=64, cfg=CFG, scale=(0.8, 1.0))
     for seed in range(4):
         full, reduced = _both(path, big_crop, seed=seed)
@@ -142,7 +142,7 @@ def test_sweep_decodes_once_per_distinct_reduction_and_each_view_equals_its_sing
         needs.append(need((1200, 900)) if need else None)
         return real(p, need=need)
 
-    monkeypatch.setattr("fixres.data.folders.load_rgb", spy)
+    monkeypatch.setattr("fixres.data.loaders.load_rgb", spy)
     sizes = (32, 64, 128)  # resize 37, 73 -> 1/8 of 900 = 112 suffices; 146 -> 1/4 (225)
     views = [T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in sizes]
     out = ImageDataset([(path, 0)], T.MultiView(views))[0][0]

@@ -26,9 +26,9 @@ def fake_run_dir(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "run.json", {"model": "fixres_tiny_resnet", "train_size": 64, "test_size": 96,
                                    "data": str(root / "data"), "started": "2026-01-01 12:00",
-                                   "timings": {"data": 12.0, "train": 150.0, "analyse": 0.5, "sweep_before": 20.0,
+                                   "timings": {"data": 12.0, "train": 150.0, "analyze": 0.5, "sweep_before": 20.0,
                                                "finetune": 30.0, "sweep_after": 20.0, "stats": 8.0, "export": 0.2}})
-    write_json(root / "analyse.json", {"train_size": 64, "crop_ratio": 0.875, "ratio": 0.8, "recommended_test_size": 96,
+    write_json(root / "analyze.json", {"train_size": 64, "crop_ratio": 0.875, "ratio": 0.8, "recommended_test_size": 96,
                                        "image_sizes": [[320, 240], [240, 320], [356, 200], [256, 256]],
                                        "monte_carlo": {"mean": 0.77}})
     write_json(root / "sweep_before.json", {"rows": _rows(88, 60.0), "n_images": 500, "skipped": []})
@@ -79,7 +79,7 @@ def hostile_run_dir(root: Path) -> Path:
     update_json(run / "run.json", model=_payload(0), data=_payload(1), started=_payload(2),
                 timings={"data": 12.0, _payload(3): 1.0, "train": 150.0})
     write_json(run / "data.json", {"root": _payload(1), "manifest": {"classes": [_payload(i) for i in range(4)]}})
-    update_json(run / "analyse.json", ratio=_payload(2), monte_carlo={"mean": _payload(0)})
+    update_json(run / "analyze.json", ratio=_payload(2), monte_carlo={"mean": _payload(0)})
     grid = json.loads((run / "grid.json").read_text())
     update_json(run / "grid.json", train_sizes=[_payload(1), *grid["train_sizes"][1:]], source=_payload(3))
     update_json(run / "finetune.json", parts=[_payload(0), "bn"], augment=_payload(1))

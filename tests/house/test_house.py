@@ -3,7 +3,7 @@
 - the rooms (sub-packages) import downward only, in the order ARCHITECTURE.md draws them, and
   ARCHITECTURE.md lists every room and every module exactly as the folders hold them;
 - no import cycle among modules, counting the imports hidden under ``if TYPE_CHECKING:``;
-- no function over 80 lines;
+- no function over 60 lines and no module over 450;
 - fixres modules imported at module level only (a function-level import of a sibling hides a cycle),
   except at the CLI edge, which imports lazily so that ``fixres --help`` never imports torch;
 - product words only: no process labels (issue numbers) in the code, the docs or the help texts.
@@ -25,7 +25,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 PACKAGE = SRC / "fixres"
-MAX_FUNCTION_LINES = 80
+MAX_FUNCTION_LINES = 60
+#: No library module over this many lines: past it a module holds more than one concept.
+MAX_MODULE_LINES = 450
 #: The rooms from the bottom up: a module may import its own room and the rooms before it, never after.
 #: ``core`` is the package's top-level vocabulary (``config``, ``errors``, ``version``).
 ROOMS = ("core", "runtime", "io", "data", "models", "choosing", "method", "report", "job", "cli", "api")
@@ -179,6 +181,12 @@ def test_functions_fit_on_a_screen(name):
     long = [f"{f.name} ({f.end_lineno - f.lineno + 1} lines)" for f in _functions(_modules()[name])
             if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"{name}: over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+
+
+def test_modules_hold_one_concept_each():
+    long = {p.relative_to(SRC).as_posix(): n for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert long == {}, f"modules over {MAX_MODULE_LINES} lines: {long}"
 
 
 def test_sibling_modules_are_imported_at_module_level():

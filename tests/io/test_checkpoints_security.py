@@ -18,7 +18,8 @@ from fixres.io.checkpoint import (
     save_training_state,
     unwrap_state_dict,
 )
-from fixres.models.loading import load_model, load_weights_strict
+from fixres.models.loading import load_model
+from fixres.models.statedict import load_weights_strict
 
 
 class MarkerPayload:

@@ -70,7 +70,7 @@ def test_scale_layer_divides_the_logits_exactly():
 def test_label_free_recalibrates_at_the_recommended_size(setup):
     out = setup["tmp"] / "label_free"
     res = pipeline.run_fix(pipeline.FixConfig(**{**setup["cfg"], "out": str(out), "label_free": True}))
-    rec = json.loads((out / "analyse.json").read_text())["recommended_test_size"]
+    rec = json.loads((out / "analyze.json").read_text())["recommended_test_size"]
     assert res.choice.test_size == rec and res.choice.method == "label-free"
     assert not (out / "select.json").exists() and not (out / "schedule.json").exists()
     ft = json.loads((out / "finetune.json").read_text())

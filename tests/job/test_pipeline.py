@@ -34,7 +34,7 @@ def test_fix_runs_every_step_and_exports_a_loadable_fixed_model(tiny_run):
     run, result = tiny_run
     state = json.loads((run / "state.json").read_text())
     assert [s for s in pipeline.STEPS if state["steps"].get(s, {}).get("done")] == list(pipeline.STEPS)
-    for name in ("data", "train", "analyse", "sweep_before", "finetune", "sweep_after", "stats", "export", "run"):
+    for name in ("data", "train", "analyze", "sweep_before", "finetune", "sweep_after", "stats", "export", "run"):
         assert (run / f"{name}.json").is_file(), name
     before = json.loads((run / "sweep_before.json").read_text())
     after = json.loads((run / "sweep_after.json").read_text())
@@ -97,7 +97,7 @@ def test_rerun_skips_finished_steps_and_continues_after_a_kill(tiny_run):
     state_path.write_text(json.dumps(state))
     resumed = pipeline.run_fix(cfg)
     now = _mtimes(run)
-    for name in ("data.json", "train.json", "analyse.json", "sweep_before.json", "finetune.json"):
+    for name in ("data.json", "train.json", "analyze.json", "sweep_before.json", "finetune.json"):
         assert now[name] == stamps[name], name
     assert now["sweep_after.json"] != stamps["sweep_after.json"]
     assert resumed.headline.top1_fixed == first.headline.top1_fixed
@@ -117,7 +117,7 @@ def test_rerun_with_changed_interpolation_recomputes_exactly_the_affected_steps(
     assert all("interpolation" in why for step, why in changed.recomputed.items() if step != "report")
     assert "recomputing train: changed interpolation" in err and "recomputing sweep_after:" in err
     now = _mtimes(run)
-    assert now["data.json"] == stamps["data.json"] and now["analyse.json"] == stamps["analyse.json"]
+    assert now["data.json"] == stamps["data.json"] and now["analyze.json"] == stamps["analyze.json"]
     assert all(now[f"{s}.json"] != stamps[f"{s}.json"] for s in redo - {"report"})
     assert json.loads((run / "export" / "fixres.json").read_text())["interpolation"] == "bicubic"
 

@@ -88,13 +88,13 @@ def test_changed_checkpoint_file_recomputes_the_steps_that_read_it(user_run):
     run = user_run["run"]
     same = pipeline.run_fix(user_run["cfg"])
     assert same.recomputed == {}
-    analyse_mtime = (run / "analyse.json").stat().st_mtime_ns
+    analyze_mtime = (run / "analyze.json").stat().st_mtime_ns
     save_tiny_checkpoint(user_run["ck"], seed=1)  # other weights under the same path
     again = pipeline.run_fix(user_run["cfg"])
     assert set(again.recomputed) == {"sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
                                        "robustness", "report"}
     assert all("checkpoint_sha256" in why for s, why in again.recomputed.items() if s != "report")
-    assert (run / "analyse.json").stat().st_mtime_ns == analyse_mtime
+    assert (run / "analyze.json").stat().st_mtime_ns == analyze_mtime
 
 
 def test_val_is_scored_under_the_training_classes_by_name(tmp_path):

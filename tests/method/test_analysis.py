@@ -231,8 +231,8 @@ def test_the_analysis_step_is_keyed_on_the_train_augmentation():
 
     from fixres.job import keys
     cfg = SimpleNamespace(train_size=64, stride=32, crop_ratio=0.875)
-    x = SimpleNamespace(cfg=cfg, fingerprints={"val_images": "f"},
+    x = SimpleNamespace(data_config=cfg, fingerprints={"val_images": "f"},
                         config=SimpleNamespace(seed=0, train_augment="train"))
-    before = keys.key_analyse(x)
+    before = keys.key_analyze(x)
     x.config.train_augment = "control"
-    assert keys.key_analyse(x) != before and keys.key_analyse(x)["train_augment"] == "control"
+    assert keys.key_analyze(x) != before and keys.key_analyze(x)["train_augment"] == "control"

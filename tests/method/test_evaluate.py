@@ -120,14 +120,14 @@ def test_one_pass_sweep_equals_naive_per_size_loops(image_folder, tiny_model):
 def test_each_image_is_decoded_once_for_all_sizes(image_folder, tiny_model, monkeypatch):
     """Photos this small need no JPEG reduction at any of these sizes: one decode serves them all
     (larger photos: one decode per distinct reduction, tests/data/test_reduced_decode.py)."""
-    import fixres.data.folders
+    import fixres.data.loaders
     calls = []
 
     def counting(path, **kw):  # kw: the reduced-decode plan (data.ImageDataset passes need=)
         calls.append(path)
         return load_rgb(path, **kw)
 
-    monkeypatch.setattr(fixres.data.folders, "load_rgb", counting)
+    monkeypatch.setattr(fixres.data.loaders, "load_rgb", counting)
     res = evaluate(tiny_model.model, scan_folder(image_folder), tiny_model.data_config,
                    test_sizes=[32, 40, 48, 64], crop_ratios=[0.875, 1.0], workers=0, progress=False)
     assert len(res["rows"]) == 8

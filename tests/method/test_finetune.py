@@ -14,7 +14,8 @@ from fixres.io.checkpoint import load_training_state, save_training_state
 from fixres.method import loop
 from fixres.method.evaluate import evaluate_at
 from fixres.method.finetuning import FinetuneInterrupted, default_lr, finetune
-from fixres.models.structure import find_parts, select_parts
+from fixres.models.parts import select_parts
+from fixres.models.structure import find_parts
 from fixres.runtime.dist import DistEnv
 from fixres.runtime.engine import Precision
 

@@ -16,7 +16,8 @@ from fixres.choosing import significance
 from fixres.choosing.significance import binomial_se, paired_test
 from fixres.data import corruptions as C
 from fixres.data import transforms
-from fixres.data.folders import ImageDataset, scan_folder
+from fixres.data.folders import scan_folder
+from fixres.data.loaders import ImageDataset
 from fixres.errors import UsageError
 from fixres.job.headline import headline_of
 from fixres.method import robustness

@@ -17,7 +17,7 @@ from helpers.cli import VENV_BIN
 from fixres.errors import UsageError
 from fixres.io.checkpoint import load_state_dict, load_training_state, save_safetensors
 from fixres.method import analysis
-from fixres.method.train import default_lr, lr_factor
+from fixres.method.trainrecipe import default_lr, lr_factor
 
 #: One intra-op thread: bitwise-reproducible CPU kernels, and far faster on a busy 2-core machine.
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -12,7 +12,8 @@ import torch
 
 from fixres.errors import FixresError
 from fixres.models.loading import create_model, export_model_kwargs, fit_input_size, load_model, network_stride
-from fixres.models.structure import find_parts, select_parts
+from fixres.models.parts import select_parts
+from fixres.models.structure import find_parts
 
 
 def _timm(name, **kw):

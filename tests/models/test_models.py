@@ -10,16 +10,8 @@ import torch
 
 from fixres.config import INCEPTION_MEAN, INCEPTION_STD
 from fixres.errors import FixresError, UsageError
-from fixres.models.loading import (
-    LITE_WEIGHTS,
-    create_model,
-    is_efficientnet_pytorch_layout,
-    lite_weights_path,
-    load_model,
-    load_weights_strict,
-    map_efficientnet_pytorch_keys,
-    num_outputs,
-)
+from fixres.models.loading import LITE_WEIGHTS, create_model, lite_weights_path, load_model, num_outputs
+from fixres.models.statedict import is_efficientnet_pytorch_layout, load_weights_strict, map_efficientnet_pytorch_keys
 
 #: Input sizes at which logits must match the reference: the native one and an odd one (padding differs).
 ODD_SIZE = 97

@@ -8,7 +8,8 @@ from torch import nn
 
 from fixres.errors import FixresError, UsageError
 from fixres.models.hooks import count_hooks
-from fixres.models.structure import find_classifier_name, find_parts, select_parts
+from fixres.models.parts import select_parts
+from fixres.models.structure import find_classifier_name, find_parts
 
 
 def test_tiny_resnet_parts(tiny_model):

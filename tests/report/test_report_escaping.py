@@ -77,9 +77,9 @@ def test_numeric_fields_holding_markup_are_escaped(tmp_path, field):
     from fixres.job.headline import write_run_report
     run = fake_run_dir(tmp_path / "run")
     if field == "ratio":
-        update_json(run / "analyse.json", ratio=PAYLOADS[1])
+        update_json(run / "analyze.json", ratio=PAYLOADS[1])
     elif field == "monte_carlo":
-        update_json(run / "analyse.json", monte_carlo={"mean": PAYLOADS[1]})
+        update_json(run / "analyze.json", monte_carlo={"mean": PAYLOADS[1]})
     else:
         grid = json.loads((run / "grid.json").read_text())
         update_json(run / "grid.json", test_sizes=[PAYLOADS[1], *grid["test_sizes"][1:]])
@@ -156,7 +156,7 @@ def test_fields_that_should_be_numbers_never_stop_the_report(tmp_path):
     stats["before"]["sizes"]["64"]["x"][3] = hostile
     stats["after"]["sizes"][hostile] = stats["after"]["sizes"]["64"]
     write_json(run / "stats.json", stats)
-    update_json(run / "analyse.json", image_sizes=[[hostile, 3]], crop_ratio=hostile)
+    update_json(run / "analyze.json", image_sizes=[[hostile, 3]], crop_ratio=hostile)
     summary = write_run_report(run)
     page = Path(summary["html"]).read_text(encoding="utf-8")
     assert "<img src=x" not in page and [n for n, _ in parse(page).attrs if n.startswith("on")] == []

@@ -14,7 +14,8 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory as dataloader_pin
 
 import fixres.method.evaluate as ev
-from fixres.data.folders import Batch, Skipped, collate, pin_memory_for, scan_folder
+from fixres.data.folders import scan_folder
+from fixres.data.loaders import Batch, Skipped, collate, pin_memory_for
 from fixres.runtime import dist as fdist
 from fixres.runtime import engine
 from fixres.runtime.engine import Precision

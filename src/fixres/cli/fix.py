@@ -1,4 +1,4 @@
-"""``fixres fix``: the whole method: analyse, sweep, fix at every candidate size, choose, statistics, export, report."""
+"""``fixres fix``: the whole method: analyze, sweep, fix at every candidate size, choose, statistics, export, report."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fixres.cli.args import (
 from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS, ROBUSTNESS_IMAGES
 
 DESCRIPTION = """\
-The whole method on your model and data: analyse the apparent object sizes (recommended test size),
+The whole method on your model and data: analyze the apparent object sizes (recommended test size),
 sweep the test sizes, fix at every candidate size (fine-tuning the classifier and the batch-norm
 before pooling at that size, test-time augmentation, cached activations) and keep the one most
 accurate on photos the model never saw (held-out training photos when fix trains the model; for a
@@ -76,7 +76,7 @@ def _add_choice_args(p) -> None:
 
 
 def add_parser(sub, parents):
-    p = sub.add_parser("fix", parents=parents, help="the whole method: analyse, sweep, fine-tune, report",
+    p = sub.add_parser("fix", parents=parents, help="the whole method: analyze, sweep, fine-tune, report",
                        description=DESCRIPTION)
     add_model_args(p, random_ok=True)  # fix trains from scratch when given no weights
     g = p.add_argument_group("data and sizes")

@@ -1,16 +1,16 @@
-"""Data sets as ImageFolder trees: class indices, robust loading with counted skips, loaders.
+"""Data sets as ImageFolder trees: which photos there are and the class index of each.
 
 The class index must match the checkpoint: sorted folder names by default, a class-map file
 otherwise, and ImageNet wnid folders map onto the standard 1000 indices (so a subset of ImageNet
 classes still gets the right labels). A validation folder is always mapped onto the training (or
-model) classes by name (``index_val_onto``): one rule for every command. Unreadable files do not
-stop a run: each is skipped, counted and named (``Skipped``), and the numbers on the good files are
-unchanged. Folder links that would show a photo twice or under two classes (symlink loops, links to
-the data folder or above it, two class names for one folder) are skipped and named; a photo reached
-twice (a file link, a hard link) counts once, and one photo under two classes is an error naming both.
+model) classes by name (``index_val_onto``): one rule for every command. Folder links that would
+show a photo twice or under two classes (symlink loops, links to the data folder or above it, two class
+names for one folder) are skipped and named; a photo reached twice (a file link, a hard link) counts
+once, and one photo under two classes is an error naming both.
 A class folder whose photos all sit in subfolders is a level too high (a split folder read as a class)
 and is refused rather than flattened; a root whose only folders are ``train/``, ``val/``, ``test/`` is
-read as splits, ``test/`` standing in for a missing ``val/``.
+read as splits, ``test/`` standing in for a missing ``val/``. Reading the photos into batches, with
+unreadable files skipped and counted, is ``fixres.data.loaders``.
 """
 
 from __future__ import annotations
@@ -21,20 +21,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-
-from fixres.data.images import BadImage, image_size, is_image_file, load_rgb
-from fixres.data.transforms import decode_plan
+from fixres.data.images import image_size, is_image_file
 from fixres.errors import UsageError
 from fixres.runtime.progress import status
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
 IMAGENET_NUM_CLASSES = 1000
-#: Cap on DataLoader workers: decoding scales with cores, but past this we only burn memory.
-MAX_WORKERS = 8
 
 
 @dataclass
@@ -114,6 +108,32 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
     folders, skipped = _class_folders(root)
     if not folders:
         raise UsageError(f"{root} has no class folders (expected an ImageFolder tree: ROOT/CLASS/IMAGE)")
+    classes, source = _class_order(folders, class_map=class_map, num_classes=num_classes)
+    index = {name: i for i, name in enumerate(classes)}
+    walker = _FolderWalker(root, [root / f for f in folders])
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for folder in folders:
+        files = sorted(walker.image_files(root / folder))
+        if not files:
+            empty.append(folder)
+        _refuse_nested(root / folder, files)
+        samples.extend((f, index[folder]) for f in files)
+    skipped += walker.skipped
+    _refuse_walk_problems(walker)
+    for path, reason in skipped:
+        status(f"fixres: warning: skipped {path}: {reason}", enabled=warn)
+    if not samples:
+        raise UsageError(f"{root} holds no image files ({', '.join(e.lstrip('.') for e in ('.jpg', '.png'))}, ...)")
+    if empty and source == "sorted folders" and class_map is None:
+        raise UsageError(f"empty class folder(s) in {root}: {', '.join(empty[:5])}; remove them or add images")
+    return FolderIndex(root=root, classes=classes, samples=samples, source=source, empty_classes=empty,
+                       skipped_folders=skipped)
+
+
+def _class_order(folders: list[str], *, class_map: Sequence[str] | None,
+                 num_classes: int | None) -> tuple[list[str], str]:
+    """The class names in index order and where the order comes from (``scan_folder``'s rule)."""
     if class_map is not None:
         classes, source = list(class_map), "class map"
         unknown = [f for f in folders if f not in classes]
@@ -133,17 +153,11 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
     if num_classes is not None and len(classes) > num_classes:
         raise UsageError(f"the data has {len(classes)} classes but the model outputs {num_classes}; "
                          "pass --num-classes to replace the head, or --class-map to map folders")
-    index = {name: i for i, name in enumerate(classes)}
-    walker = _FolderWalker(root, [root / f for f in folders])
-    samples: list[tuple[str, int]] = []
-    empty: list[str] = []
-    for folder in folders:
-        files = sorted(walker.image_files(root / folder))
-        if not files:
-            empty.append(folder)
-        _refuse_nested(root / folder, files)
-        samples.extend((f, index[folder]) for f in files)
-    skipped += walker.skipped
+    return classes, source
+
+
+def _refuse_walk_problems(walker: _FolderWalker) -> None:
+    """One photo under two classes, or a folder that cannot be read (its photos would vanish): refused."""
     if walker.two_labels:
         first, second = walker.two_labels[0]
         raise UsageError(f"one photo under two classes: {first} and {second} are the same file; "
@@ -152,14 +166,6 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
         path, reason = walker.unreadable[0]
         raise UsageError(f"cannot read folder {path} ({reason})"
                          + (f" and {len(walker.unreadable) - 1} more" if len(walker.unreadable) > 1 else ""))
-    for path, reason in skipped:
-        status(f"fixres: warning: skipped {path}: {reason}", enabled=warn)
-    if not samples:
-        raise UsageError(f"{root} holds no image files ({', '.join(e.lstrip('.') for e in ('.jpg', '.png'))}, ...)")
-    if empty and source == "sorted folders" and class_map is None:
-        raise UsageError(f"empty class folder(s) in {root}: {', '.join(empty[:5])}; remove them or add images")
-    return FolderIndex(root=root, classes=classes, samples=samples, source=source, empty_classes=empty,
-                       skipped_folders=skipped)
 
 
 def _refuse_nested(folder: Path, files: Sequence[str]) -> None:
@@ -358,134 +364,6 @@ def missing_classes_warning(index: FolderIndex) -> str | None:
     shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
     return (f"{len(missing)} training class(es) have no images in {index.root}: {shown} "
             "(accuracy is over the other classes)")
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A sample that could not be loaded: reported as {path, reason}."""
-
-    index: int
-    path: str
-    reason: str
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "reason": self.reason}
-
-
-class ImageDataset(Dataset):
-    """Samples of a ``FolderIndex`` through ``transform``; a bad file yields ``Skipped`` instead of raising.
-
-    With ``reduced_decode`` (default) a JPEG is decoded only as large as ``transform`` needs
-    (``transforms.decode_plan``: the resize side of test transforms, the drawn crop of train DA);
-    where no reduction applies the photo takes exactly the full-decode path. Views of a sweep that
-    need different reductions get one decode per distinct reduction, so each view's output is the
-    one a single-view transform would give.
-
-    ``corrupt``, if given, is called as ``corrupt(photo, i)`` on each decoded photo (``i``: the sample's
-    index here) before ``transform``, e.g. a ``data.corruptions.Corruption``; the photo is then always
-    decoded at full size, so the corruption happens to the photo as it was taken.
-    """
-
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, *,
-                 reduced_decode: bool = True, corrupt: Callable | None = None) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-        self.reduced_decode = reduced_decode
-        self.corrupt = corrupt
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        plan = decode_plan(self.transform) if self.reduced_decode and self.corrupt is None else None
-        try:
-            img = load_rgb(path, need=plan.need if plan is not None else None)
-            if plan is None:
-                return self.transform(img if self.corrupt is None else self.corrupt(img, i)), label, i
-            # Views needing a coarser JPEG reduction than the first decode get their own (``FixedResizePlan``).
-            return plan.finish(img, reload=lambda short: load_rgb(path, need=lambda _size: short)), label, i
-        except BadImage as exc:
-            if plan is not None:
-                plan.abort()
-            return Skipped(i, path, str(exc))
-
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor | tuple[torch.Tensor, ...] | None
-    labels: torch.Tensor
-    indices: torch.Tensor
-    skipped: list[Skipped]
-
-    def __len__(self) -> int:
-        return int(self.labels.numel())
-
-    def pin_memory(self) -> "Batch":
-        """This batch in page-locked memory (called by a DataLoader with ``pin_memory=True``).
-
-        Without this method the DataLoader's pinning would pass a dataclass through unpinned, and the
-        ``non_blocking`` host-to-GPU copies of ``engine.to_device`` would silently be synchronous.
-        """
-        inputs = self.inputs
-        if isinstance(inputs, tuple):
-            inputs = tuple(x.pin_memory() for x in inputs)
-        elif inputs is not None:
-            inputs = inputs.pin_memory()
-        return Batch(inputs, self.labels.pin_memory(), self.indices.pin_memory(), self.skipped)
-
-
-def pin_memory_for(device: torch.device) -> bool:
-    """Pin loader batches only for a CUDA device (page-locked memory lets the copy overlap compute);
-    on the CPU pinning would only cost (and needs a GPU driver)."""
-    return torch.device(device).type == "cuda"
-
-
-def collate(items: list) -> Batch:
-    """Stack the good samples, keep the skipped ones aside (a batch may end up empty)."""
-    good = [it for it in items if not isinstance(it, Skipped)]
-    skipped = [it for it in items if isinstance(it, Skipped)]
-    if not good:
-        return Batch(None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), skipped)
-    xs, ys, idx = zip(*good)
-    if isinstance(xs[0], (tuple, list)):
-        inputs = tuple(torch.stack([x[k] for x in xs]) for k in range(len(xs[0])))
-    else:
-        inputs = torch.stack(xs)
-    return Batch(inputs, torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long), skipped)
-
-
-def default_workers(world_size: int = 1) -> int:
-    """DataLoader workers sized to the machine: the cores this process may use, shared across ranks."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(0, min(MAX_WORKERS, cores // max(1, world_size)))
-
-
-class IndexSampler(Sampler[int]):
-    """Yield a fixed list of indices (a rank's shard), in order."""
-
-    def __init__(self, indices: Sequence[int]) -> None:
-        self.indices = list(indices)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler | None = None, shuffle: bool = False,
-                workers: int | None = None, generator: torch.Generator | None = None,
-                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-    if batch_size <= 0:
-        raise UsageError(f"batch size must be positive, got {batch_size}")
-    workers = default_workers() if workers is None else workers
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
-                      num_workers=workers, collate_fn=collate, generator=generator, drop_last=drop_last,
-                      pin_memory=pin_memory, persistent_workers=False)
 
 
 SPLITS = ("train", "val")

@@ -361,28 +361,9 @@ def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES,
     counts = {"train": train_per_class, "val": val_per_class}
     jobs = [(cfg, split, label, str(tmp / split / name), per_class)
             for split, per_class in counts.items() for label, name in enumerate(names)]
-    fractions: list[float] = []
-    sizes: dict[str, int] = {}
     workers = _default_workers() if workers is None else workers
     with bar(classes * (train_per_class + val_per_class), "make-dataset", enabled=progress) as pbar:
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-            # spawn, not fork: the caller may hold torch's thread pools, which do not survive a fork.
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results = pool.map(_write_class, jobs)
-                for job, (fr_part, size_part) in zip(jobs, results):
-                    fractions.extend(fr_part)
-                    for key, n in size_part.items():
-                        sizes[key] = sizes.get(key, 0) + n
-                    pbar.update(job[-1])
-        else:
-            for job in jobs:
-                fr_part, size_part = _write_class(job)
-                fractions.extend(fr_part)
-                for key, n in size_part.items():
-                    sizes[key] = sizes.get(key, 0) + n
-                pbar.update(job[-1])
+        fractions, sizes = _write_classes(jobs, workers, pbar)
     fr = np.asarray(fractions)
     manifest = {
         "generator": "fixres.data.synth",
@@ -397,6 +378,32 @@ def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES,
     write_json(tmp / MANIFEST, manifest)
     _swap_in(tmp, out)
     return {**manifest, "root": shown, "reused": False, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _write_classes(jobs: list, workers: int, pbar) -> tuple[list[float], dict[str, int]]:
+    """Write every (split, class) folder of ``jobs`` (in ``workers`` processes when more than one); returns
+    the object fractions and photo-size counts of all of them, in the order of ``jobs``."""
+    fractions: list[float] = []
+    sizes: dict[str, int] = {}
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        # spawn, not fork: the caller may hold torch's thread pools, which do not survive a fork.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(_write_class, jobs)
+            for job, (fr_part, size_part) in zip(jobs, results):
+                fractions.extend(fr_part)
+                for key, n in size_part.items():
+                    sizes[key] = sizes.get(key, 0) + n
+                pbar.update(job[-1])
+    else:
+        for job in jobs:
+            fr_part, size_part = _write_class(job)
+            fractions.extend(fr_part)
+            for key, n in size_part.items():
+                sizes[key] = sizes.get(key, 0) + n
+            pbar.update(job[-1])
+    return fractions, sizes
 
 
 def _check_replaceable(out: Path, shown: str, existing: dict | None, overwrite: bool) -> None:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 #: Every step file a run folder may hold, in the order of the steps (``grid`` is the train x test grid's).
-STEP_FILES = ("run", "data", "train", "analyse", "sweep_before", "schedule", "select", "finetune", "export",
+STEP_FILES = ("run", "data", "train", "analyze", "sweep_before", "schedule", "select", "finetune", "export",
               "sweep_after", "stats", "robustness", "grid")
 #: What is served: the model fixed at a size, or the model as trained evaluated at a size.
 FIXED, UNTUNED = "fixed", "untuned"
@@ -58,7 +58,7 @@ class Analysis:
     train_augment: str
     #: the ratio sampled on these photos' sizes (None without photo sizes)
     sampled_ratio: float | None
-    #: analyse.json as written: the photo sizes, the sampled histogram and the closed form, for the report
+    #: analyze.json as written: the photo sizes, the sampled histogram and the closed form, for the report
     document: dict = field(repr=False, compare=False)
 
     @classmethod
@@ -268,7 +268,7 @@ class FixResults:
 
     data: dict | None = None
     train: dict | None = None
-    analyse: Analysis | None = None
+    analyze: Analysis | None = None
     sweep_before: Sweep | None = None
     schedule: Schedule | None = None
     select: Candidates | None = None

@@ -1,4 +1,4 @@
-"""Selection after fixing: the model fixed at every candidate test size, scored where it is not reported.
+"""Choosing after fixing: the model fixed at every candidate test size, scored where it is not reported.
 
 Paper table 5 (right): after the fix the best test size is not the best untuned one (ResNet-50 at
 224: 384 after the fix beats 288), and the fix pays most far from the train size. So each candidate
@@ -143,7 +143,7 @@ def schedule_size(x: "FixContext") -> int:
 
 
 def recommended_exact(x: "FixContext") -> float:
-    return x.results.analyse.recommended_exact
+    return x.results.analyze.recommended_exact
 
 
 def run_select(x: "FixContext") -> dict:
@@ -166,7 +166,7 @@ def run_select(x: "FixContext") -> dict:
         "seen_before_at_train_size": seen_at_t,
         "n_val": x.results.sweep_before.n_images, "candidates": rows, "dropped": dropped,
         "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule.to_json(),
-        "recommended": x.results.analyse.recommended_test_size, "recommended_exact": recommended_exact(x)}
+        "recommended": x.results.analyze.recommended_test_size, "recommended_exact": recommended_exact(x)}
 
 
 def _before_on(x: "FixContext", samples, sizes: Sequence[int], *, outcomes: bool = False) -> dict:

@@ -70,7 +70,7 @@ SWEEP_HIGH = CANDIDATE_HIGH
 MAX_SWEEP_SIZE = 512
 
 
-STEPS = ("data", "train", "analyse", "sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
+STEPS = ("data", "train", "analyze", "sweep_before", "schedule", "select", "finetune", "sweep_after", "stats",
          "robustness", "report")
 
 
@@ -253,7 +253,7 @@ class FixContext:
     @property
     def candidates(self) -> list[int]:
         """The sizes fixed and compared: given, or stride multiples around the train size and the recommendation."""
-        c, an = self.config, self.results.analyse
+        c, an = self.config, self.results.analyze
         if an is None:
             return []
         if c.test_size:
@@ -270,7 +270,7 @@ class FixContext:
     def test_sizes(self) -> list[int]:
         """The sizes swept: the default or given ones, every candidate (their untuned accuracy) and the
         recommendation, once the analysis ran."""
-        an = self.results.analyse
+        an = self.results.analyze
         if an is None:
             return list(self.swept_sizes)
         return sorted(set(self.swept_sizes) | set(self.candidates) | {an.recommended_test_size})

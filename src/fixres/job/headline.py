@@ -47,7 +47,7 @@ def headline_of(documents: dict) -> Headline:
         served = (fixed_figures["top1_fixed"], fixed_figures["top1_fixed_se"])
     return Headline(
         model=run.get("model"), train_size=train_size, test_size=chosen,
-        recommended_test_size=(documents.get("analyse") or {}).get("recommended_test_size"),
+        recommended_test_size=(documents.get("analyze") or {}).get("recommended_test_size"),
         top1_at_train_size=at_t and at_t["top1"], top1_at_train_size_std=at_t and at_t.get("top1_std"),
         top1_at_train_size_se=row_se(at_t),
         best_untuned_test_size=best and best["test_size"], top1_best_untuned=best and best["top1"],

@@ -60,7 +60,7 @@ def key_train(x: FixContext) -> dict:
             "train_batch_size": c.train_batch_size, "seed": c.seed, "precision": x.precision.describe()}
 
 
-def key_analyse(x: FixContext) -> dict:
+def key_analyze(x: FixContext) -> dict:
     dc = x.data_config
     return {"train_size": dc.train_size, "stride": dc.stride, "crop_ratio": dc.crop_ratio,
             "train_augment": x.config.train_augment, "val_images": x.fingerprints["val_images"],

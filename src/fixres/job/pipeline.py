@@ -1,4 +1,4 @@
-"""The main job, ``fixres fix``: analyse -> sweep -> fix at every candidate size -> choose -> statistics -> report.
+"""The main job, ``fixres fix``: analyze -> sweep -> fix at every candidate size -> choose -> statistics -> report.
 
 With a model (``--model/--checkpoint/--weights``) and data (``--data``) it fixes *that* model. With no
 arguments it first generates the embedded data set (``fixres.data.synth``) and trains a small built-in CNN
@@ -17,7 +17,7 @@ when its inputs are still the same, and starts over otherwise.
   data          generate the embedded data set (or index the user's; validated before anything is written)
   train         train at train_size on the fitting part of the training images (embedded default,
                 or a model without weights / with a new head)
-  analyse       apparent-size analysis on the data's photo sizes: the recommended test size (section 4.1)
+  analyze       apparent-size analysis on the data's photo sizes: the recommended test size (section 4.1)
   sweep_before  top-1 (NLL, ECE) at every test size on the validation images, one pass (fold std)
   schedule      fine-tuning rate and epochs chosen on the held-out images from a small grid
   select        every candidate size fixed at its own size (classifier + bn, test DA, cached), scored on
@@ -161,7 +161,7 @@ def _given_schedule(x: FixContext) -> Schedule:
 def _label_free_choice(x: FixContext) -> Candidates:
     """Label-free: the given size, or the apparent-size recommendation (no labels read to choose it)."""
     c = x.config
-    rec = x.results.analyse.recommended_test_size
+    rec = x.results.analyze.recommended_test_size
     how = ("given (--test-size)" if c.test_size else
            "the apparent-size recommendation: it needs no labels, and it is the size at which objects "
            "look as large as in training (section 4.1)")
@@ -174,7 +174,7 @@ STEP_TABLE: tuple[Step, ...] = (
          keys.key_data, steps.run_data),
     Step("train", _describe_train, keys.key_train, steps.run_train, applies=lambda x: x.needs_training,
          skipped="the model has its weights"),
-    Step("analyse", lambda x: "apparent object sizes on this data's photos", keys.key_analyse, steps.run_analyse,
+    Step("analyze", lambda x: "apparent object sizes on this data's photos", keys.key_analyze, steps.run_analyze,
          resume=lambda x, doc: Analysis.from_json(doc), announce=lambda x, an: [_analysis_line(an)]),
     Step("sweep_before", lambda x: f"top-1 at test sizes {','.join(map(str, x.test_sizes))}", keys.key_sweep_before,
          steps.run_sweep_before, resume=lambda x, doc: Sweep.from_json(doc), announce=_curve_lines),

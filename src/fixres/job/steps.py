@@ -1,4 +1,4 @@
-"""The steps of ``fixres fix`` that are not the candidate fixes: data, train, analyse, sweeps, finetune, stats, report.
+"""The steps of ``fixres fix`` that are not the candidate fixes: data, train, analyze, sweeps, finetune, stats, report.
 
 Each ``run_*`` reads the run's context and writes its result atomically as ``RUN_DIR/<step>.json``; the
 candidate fixes and the fine-tuning schedule are ``fixres.job.candidates``.
@@ -68,7 +68,7 @@ def run_train(x: FixContext) -> dict:
     return strip_private(result)
 
 
-def run_analyse(x: FixContext) -> dict:
+def run_analyze(x: FixContext) -> dict:
     cfg = x.data_config
     sizes = count_image_sizes(x.val_index, limit=MAX_PHOTO_SIZES)
     an = analysis.analyze(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fixres.data.folders import ImageDataset, make_loader
+from fixres.data.loaders import ImageDataset, make_loader
 from fixres.data.transforms import build_transform
 from fixres.errors import UsageError
 from fixres.models.structure import find_classifier_name

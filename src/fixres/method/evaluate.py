@@ -16,7 +16,8 @@ top-1 confidence, and ``temperature_scale`` fits a temperature per view on held-
 Counts are exact under torchrun: each rank takes a strided shard of the data set (no padding, no
 duplicates), counts are summed with ``all_reduce_sum`` and the per-image outcomes are gathered
 (``all_gather_objects``) and put back in data-set order, so fold std, loss and per-class numbers
-of K processes are those of a single process.
+of K processes are those of a single process. The request itself (views, ensembles, samples, the model's
+classes) is checked before any image is read (``fixres.method.views``).
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ import torch
 from torch import nn
 
 from fixres.choosing.significance import binomial_se
-from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FOLDS, DataConfig, validate_crop_ratio, validate_size
-from fixres.data.folders import FolderIndex, ImageDataset, IndexSampler, default_workers, make_loader, pin_memory_for
-from fixres.data.transforms import MultiView, resize_for, ten_crop_transform, test_transform
+from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FOLDS, DataConfig
+from fixres.data.loaders import ImageDataset, IndexSampler, default_workers, make_loader, pin_memory_for
+from fixres.data.transforms import MultiView, ten_crop_transform, test_transform
 from fixres.errors import FixresError, UsageError
 from fixres.method.calibration import apply_temperature, ece, fit_temperature, nll, reliability
+from fixres.method.views import _check_classes, _Plan, _plan
 from fixres.models.fold import fold_batchnorms
-from fixres.models.loading import fit_input_size, fixed_input_size, num_outputs
+from fixres.models.loading import fit_input_size, fixed_input_size
 from fixres.runtime import dist as fdist
 from fixres.runtime.engine import Precision, SingleThreaded, autocast, inference_precision, prepare, to_device
 from fixres.runtime.progress import bar
@@ -46,22 +48,6 @@ from fixres.runtime.progress import bar
 #: top-5 is the paper's second metric; with fewer classes it degrades to top-K with K = classes.
 TOP5 = 5
 PERCENT = 100.0
-
-
-@dataclass(frozen=True)
-class View:
-    """One way of showing an image to the network: a centre crop of ``test_size`` at ``crop_ratio``."""
-
-    test_size: int
-    crop_ratio: float
-
-    @property
-    def key(self) -> str:
-        return f"{self.test_size}@{self.crop_ratio:g}"
-
-    @property
-    def resize(self) -> int:
-        return resize_for(self.test_size, self.crop_ratio)
 
 
 def fold_std(correct: Sequence[bool] | np.ndarray, folds: int = DEFAULT_FOLDS) -> float:
@@ -85,48 +71,6 @@ def fold_std(correct: Sequence[bool] | np.ndarray, folds: int = DEFAULT_FOLDS) -
     return float(np.std(accs) * PERCENT)
 
 
-
-def _views(test_sizes: Iterable[int], crop_ratios: Iterable[float]) -> list[View]:
-    out: list[View] = []
-    for size in test_sizes:
-        validate_size(int(size), "test_size")
-        for ratio in crop_ratios:
-            v = View(int(size), float(validate_crop_ratio(ratio)))
-            if v not in out:
-                out.append(v)
-    return out
-
-
-def _ensemble_views(ensembles, default_ratio: float) -> list[tuple[View, ...]]:
-    """Ensembles as tuples of views: each member is a test size (at the first crop ratio) or a (size, ratio) pair."""
-    out = []
-    for ens in ensembles or ():
-        members = []
-        for m in ens:
-            v = View(int(m[0]), float(m[1])) if isinstance(m, (tuple, list)) else View(int(m), default_ratio)
-            validate_size(v.test_size, "ensemble test_size")
-            validate_crop_ratio(v.crop_ratio)
-            if v not in members:
-                members.append(v)
-        if len(members) < 2:
-            raise UsageError(f"an ensemble needs at least two different test sizes, got {list(ens)}")
-        out.append(tuple(members))
-    return out
-
-
-def _class_mismatch(n_data: int, n_model: int) -> UsageError:
-    return UsageError(f"the data has {n_data} classes but the model outputs {n_model}; pass --num-classes "
-                      f"{n_data} to give the model a new head (then fine-tune it), or --class-map FILE to map the "
-                      "folders onto the model's classes")
-
-
-def _model_outputs(model: nn.Module) -> int | None:
-    try:
-        return int(num_outputs(model))
-    except Exception:  # noqa: BLE001 - models without a findable head: checked on the first batch instead
-        return None
-
-
 def _scores(logits: torch.Tensor, labels: torch.Tensor, k5: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-image (top-1 hit, top-5 hit, cross-entropy) from log-probabilities.
 
@@ -139,56 +83,6 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor, k5: int) -> tuple[np.nda
     rank = (logits > true).sum(1) + ((logits == true) & lower_index).sum(1)
     rank = torch.where(torch.isfinite(logits).all(1), rank, logits.shape[1])
     return ((rank == 0).numpy(), (rank < k5).numpy(), (-true[:, 0]).double().numpy())
-
-
-@dataclass
-class _Plan:
-    """What ``evaluate`` was asked for, validated: the samples, the views and ensembles, the class count."""
-
-    samples: list
-    views: list[View]
-    ens_views: list[tuple[View, ...]]
-    class_names: Sequence[str] | None
-    num_classes: int | None
-    max_label: int
-
-    @property
-    def row_keys(self) -> list[str]:
-        return [v.key for v in self.views] + ["+".join(v.key for v in m) for m in self.ens_views]
-
-
-def _plan(model: nn.Module, samples, cfg: DataConfig, *, test_sizes, crop_ratios, ensembles, batch_size: int,
-          folds: int, num_classes: int | None, class_names) -> _Plan:
-    if batch_size <= 0:
-        raise UsageError(f"batch size must be positive, got {batch_size}")
-    if folds < 2:
-        raise UsageError(f"folds must be at least 2, got {folds}")
-    if isinstance(samples, FolderIndex):
-        class_names = class_names or samples.classes
-        samples = samples.samples
-    samples = list(samples)
-    if not samples:
-        raise UsageError("no images to evaluate")
-    test_sizes = list(test_sizes)
-    if not test_sizes:
-        raise UsageError("no test size given")
-    crop_ratios = [cfg.crop_ratio] if not crop_ratios else list(crop_ratios)
-    views = _views(test_sizes, crop_ratios)
-    ens_views = _ensemble_views(ensembles, float(crop_ratios[0]))
-    for members in ens_views:
-        views.extend(v for v in members if v not in views)
-    max_label = max(label for _, label in samples)
-    _check_classes(_model_outputs(model), num_classes, max_label)
-    return _Plan(samples, views, ens_views, class_names, num_classes, max_label)
-
-
-def _check_classes(n_out: int | None, num_classes: int | None, max_label: int) -> None:
-    if n_out is None:
-        return
-    if num_classes is not None and num_classes != n_out:
-        raise _class_mismatch(num_classes, n_out)
-    if max_label >= n_out:
-        raise _class_mismatch(max_label + 1, n_out)
 
 
 @dataclass
@@ -375,41 +269,16 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     precision = precision or inference_precision(env.device)
     plan = _plan(model, samples, cfg, test_sizes=test_sizes, crop_ratios=crop_ratios, ensembles=ensembles,
                  batch_size=batch_size, folds=folds, num_classes=num_classes, class_names=class_names)
-    build = ten_crop_transform if ten_crop else test_transform
-    transform = MultiView([build(test_size=v.test_size, crop_ratio=v.crop_ratio, cfg=cfg) for v in plan.views])
     workers = default_workers(env.world_size) if workers is None else workers
     shard = fdist.shard_indices(len(plan.samples), env.rank, env.world_size)
-    loader = make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform,
-                                      reduced_decode=reduced_decode and corrupt is None, corrupt=corrupt),
-                         batch_size=batch_size, sampler=IndexSampler(shard), workers=workers,
-                         pin_memory=pin_memory_for(env.device))
-    was_training = model.training
-    model = prepare(model, env.device, precision)
-    model.eval()
-    start = time.perf_counter()
-    # Batch norms folded into their convolutions (a copy; the same function, fewer layers to run).
-    at = modules_at_sizes(fold_batchnorms(model, plan.views[0].test_size)[0], [v.test_size for v in plan.views])
-    try:
-        local, skipped_local, n_out, fallbacks = _run_local(
-            [at[v.test_size] for v in plan.views], loader, plan, total=len(shard), ten_crop=ten_crop, env=env,
-            precision=precision, progress=progress, keep_log_probs=keep_log_probs)
-    finally:
-        model.train(was_training)
-    n_rows = len(plan.views) + len(plan.ens_views)
-    # Exact integer counts summed over ranks, and the per-image outcomes back in data-set order.
-    counts = fdist.all_reduce_sum(torch.tensor(
-        [[local.idx.size, int(local.top1[r].sum()), int(local.top5[r].sum())] for r in range(n_rows)]
-        + [[len(skipped_local), 0, 0]], dtype=torch.int64), env)
-    res = gather_in_order(local, env, n_rows)
-    skipped = sorted((s for g in fdist.all_gather_objects(skipped_local, env) for s in g), key=lambda s: s[0])
-    seconds = time.perf_counter() - start
+    loader = _loader(plan, cfg, shard, ten_crop=ten_crop, batch_size=batch_size, workers=workers, env=env,
+                     reduced_decode=reduced_decode, corrupt=corrupt)
+    res, counts, skipped, n_out, fallbacks, seconds = _one_pass(
+        model, plan, loader, total=len(shard), ten_crop=ten_crop, env=env, precision=precision, progress=progress,
+        keep_log_probs=keep_log_probs)
     _check_coverage(res, counts, skipped, len(plan.samples))
     n = int(res.idx.size)
-    rows = [{"test_size": v.test_size, "crop_ratio": v.crop_ratio, "resize": v.resize, "ten_crop": ten_crop,
-             **_summary(res, i, folds)} for i, v in enumerate(plan.views)]
-    ens_rows = [{"test_sizes": [v.test_size for v in m], "crop_ratios": [v.crop_ratio for v in m],
-                 "ten_crop": ten_crop, **_summary(res, len(plan.views) + j, folds)}
-                for j, m in enumerate(plan.ens_views)]
+    rows, ens_rows = _rows(res, plan, ten_crop=ten_crop, folds=folds)
     result = {
         "rows": rows, "ensembles": ens_rows, "n_images": n, "n_samples": len(plan.samples),
         "skipped": [{"path": p, "reason": why} for _, p, why in skipped], "folds": folds, "num_outputs": n_out,
@@ -423,6 +292,60 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
         result["per_class"] = _per_class(res, plan, n_out)
     result.update(_private_arrays(res, plan, keep_log_probs=keep_log_probs, keep_outcomes=keep_outcomes))
     return result
+
+
+def _loader(plan: _Plan, cfg: DataConfig, shard: Sequence[int], *, ten_crop: bool, batch_size: int, workers: int,
+            env: fdist.DistEnv, reduced_decode: bool, corrupt: Callable | None):
+    """This rank's loader over its ``shard``: every view of a photo from one decode per JPEG reduction it needs."""
+    build = ten_crop_transform if ten_crop else test_transform
+    transform = MultiView([build(test_size=v.test_size, crop_ratio=v.crop_ratio, cfg=cfg) for v in plan.views])
+    return make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform,
+                                    reduced_decode=reduced_decode and corrupt is None, corrupt=corrupt),
+                       batch_size=batch_size, sampler=IndexSampler(shard), workers=workers,
+                       pin_memory=pin_memory_for(env.device))
+
+
+def _one_pass(model: nn.Module, plan: _Plan, loader, *, total: int, ten_crop: bool, env: fdist.DistEnv,
+              precision: Precision, progress: bool, keep_log_probs: bool):
+    """The pass itself, timed: the model prepared for the device (and put back in its train/eval mode after),
+    every rank over its shard, then every rank's outcomes gathered (``_gathered``).
+
+    Returns (per-image outcomes, counts, skipped, number of outputs, fp32 retries, seconds)."""
+    was_training = model.training
+    model = prepare(model, env.device, precision)
+    model.eval()
+    start = time.perf_counter()
+    # Batch norms folded into their convolutions (a copy; the same function, fewer layers to run).
+    at = modules_at_sizes(fold_batchnorms(model, plan.views[0].test_size)[0], [v.test_size for v in plan.views])
+    try:
+        local, skipped_local, n_out, fallbacks = _run_local(
+            [at[v.test_size] for v in plan.views], loader, plan, total=total, ten_crop=ten_crop, env=env,
+            precision=precision, progress=progress, keep_log_probs=keep_log_probs)
+    finally:
+        model.train(was_training)
+    res, counts, skipped = _gathered(local, skipped_local, env, len(plan.views) + len(plan.ens_views))
+    return res, counts, skipped, n_out, fallbacks, time.perf_counter() - start
+
+
+def _gathered(local: _PerImage, skipped_local: list, env: fdist.DistEnv, n_rows: int):
+    """Exact integer counts summed over ranks, the per-image outcomes back in data-set order, and the skipped
+    files of every rank in data-set order: (outcomes, counts, skipped)."""
+    counts = fdist.all_reduce_sum(torch.tensor(
+        [[local.idx.size, int(local.top1[r].sum()), int(local.top5[r].sum())] for r in range(n_rows)]
+        + [[len(skipped_local), 0, 0]], dtype=torch.int64), env)
+    res = gather_in_order(local, env, n_rows)
+    skipped = sorted((s for g in fdist.all_gather_objects(skipped_local, env) for s in g), key=lambda s: s[0])
+    return res, counts, skipped
+
+
+def _rows(res: _PerImage, plan: _Plan, *, ten_crop: bool, folds: int) -> tuple[list[dict], list[dict]]:
+    """The result rows: one per view, one per ensemble (``_summary``)."""
+    rows = [{"test_size": v.test_size, "crop_ratio": v.crop_ratio, "resize": v.resize, "ten_crop": ten_crop,
+             **_summary(res, i, folds)} for i, v in enumerate(plan.views)]
+    ens_rows = [{"test_sizes": [v.test_size for v in m], "crop_ratios": [v.crop_ratio for v in m],
+                 "ten_crop": ten_crop, **_summary(res, len(plan.views) + j, folds)}
+                for j, m in enumerate(plan.ens_views)]
+    return rows, ens_rows
 
 
 def _private_arrays(res: _PerImage, plan: _Plan, *, keep_log_probs: bool, keep_outcomes: bool) -> dict:

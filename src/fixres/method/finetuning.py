@@ -6,7 +6,7 @@ the training images pre-processed at test_size ("test DA" by default, as in the 
 modules stay in eval mode; adapted batch-norms run in train mode, so their statistics are
 re-estimated at the new resolution. Defaults follow the paper: SGD, momentum 0.9, weight decay
 1e-4, learning rate 0.008 for a batch of 512 scaled linearly with the batch size, divided by 10
-half-way (the paper fine-tunes 60 epochs with the decay at 30).
+half-way (the paper fine-tunes 60 epochs with the decay at 30): ``fixres.method.tunerecipe``.
 
 **Frozen-prefix cache.** With the deterministic test DA, everything before the first adapted module
 computes the same activations every epoch: they are computed once and each epoch only runs the model
@@ -41,36 +41,46 @@ from fixres.config import (
     DEFAULT_CACHE_BUDGET_MB,
     DEFAULT_FINETUNE_EPOCHS,
     DEFAULT_PARTS,
-    FINETUNE_AUGMENTATIONS,
     DataConfig,
-    validate_size,
 )
-from fixres.data.folders import FolderIndex, default_workers
-from fixres.data.images import BadImage, load_rgb
+from fixres.data.folders import FolderIndex
+from fixres.data.loaders import default_workers
 from fixres.data.transforms import build_transform
 from fixres.errors import FixresError, UsageError
 from fixres.io.atomic import append_jsonl, write_json, write_text
 from fixres.method import loop
 from fixres.method.evaluate import evaluate_at
 from fixres.method.loop import seed_everything
-from fixres.method.prefix import PrefixCache, Suffix, build_suffix, cached_top1, fill_cache, image_loader
-from fixres.models.structure import Selection, find_parts, select_parts
+from fixres.method.prefix import (
+    PrefixCache,
+    Suffix,
+    _cache_folder,
+    _first_inputs,
+    build_suffix,
+    cached_top1,
+    fill_cache,
+    image_loader,
+)
+from fixres.method.tunerecipe import (
+    EPOCH_SEED_STRIDE,
+    LR_DECAY,
+    MOMENTUM,
+    PAPER_BATCH,
+    PAPER_LR,
+    RANK_SEED_STRIDE,
+    WEIGHT_DECAY,
+    _adapted_state,
+    _check_arguments,
+    _epoch_batches,
+    _set_modes,
+    decay_step,
+)
+from fixres.models.parts import AdaptedParts, select_parts
+from fixres.models.structure import find_parts
 from fixres.runtime import progress as prog
 from fixres.runtime.dist import DistEnv, all_gather_objects, all_reduce_sum_int, barrier, shard_indices
 from fixres.runtime.engine import Precision, precision_for, prepare, to_device
 
-#: The paper's fine-tuning rate (section 5): 0.008 for a batch of 512, scaled linearly.
-PAPER_LR = 0.008
-PAPER_BATCH = 512
-MOMENTUM = 0.9
-WEIGHT_DECAY = 1e-4
-#: Step decay: the rate is divided by LR_DECAY every ``epochs * DECAY_AT`` epochs (paper: 60 epochs, /10 at 30).
-LR_DECAY = 0.1
-DECAY_AT = 0.5
-#: Per-epoch seeds are seed * EPOCH_SEED_STRIDE + epoch: distinct for any run shorter than this many epochs.
-EPOCH_SEED_STRIDE = 100_003
-#: Seeds of ranks > 0 are offset by multiples of this, far from any seed a user would pick.
-RANK_SEED_STRIDE = 1_000_003
 STATE_NAME = "finetune_state.pt"
 LOG_NAME = "finetune_log.jsonl"
 RESULT_NAME = "finetune.json"
@@ -86,60 +96,7 @@ def default_lr(batch_size: int) -> float:
     return PAPER_LR * batch_size / PAPER_BATCH
 
 
-def decay_step(epochs: int) -> int:
-    return max(1, int(round(epochs * DECAY_AT)))
-
-
-# --------------------------------------------------------------------------- the activation cache
-
-
 # --------------------------------------------------------------------------- fine-tuning
-
-def _set_modes(model: nn.Module, sel: Selection) -> None:
-    """Frozen modules in eval mode (and no gradient); adapted batch-norms in train mode."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in sel.trainable:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    for name in sel.stats:
-        model.get_submodule(name).train()
-
-
-def _adapted_state(model: nn.Module, sel: Selection) -> dict[str, torch.Tensor]:
-    """State (parameters and buffers) of every adapted module: all that fine-tuning changes."""
-    sd = model.state_dict()
-    prefixes = tuple(n + "." for n in set(sel.trainable) | set(sel.stats))
-    return {k: v.detach().cpu().clone() for k, v in sd.items() if k.startswith(prefixes)}
-
-
-def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Epoch ``epoch``'s batches: a permutation fixed by (seed, epoch); no batch of one image (batch-norm)."""
-    g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches.pop()
-    return batches
-
-
-def _check_arguments(*, test_size: int, augment: str, epochs: int, batch_size: int, lr: float,
-                     env: DistEnv) -> None:
-    validate_size(test_size, "test_size")
-    if augment not in FINETUNE_AUGMENTATIONS:
-        raise UsageError(f"unknown fine-tuning augmentation {augment!r}; choose one of "
-                         f"{', '.join(FINETUNE_AUGMENTATIONS)}")
-    if epochs < 0:
-        raise UsageError(f"epochs must be >= 0, got {epochs}")
-    if batch_size <= 0:
-        raise UsageError(f"batch size must be positive, got {batch_size}")
-    if env.distributed and batch_size % env.world_size:
-        raise UsageError(f"the batch size ({batch_size}) is global: make it a multiple of the "
-                         f"{env.world_size} processes")
-    if not lr > 0:
-        raise UsageError(f"learning rate must be > 0, got {lr}")
-
 
 def _samples(samples) -> list:
     if isinstance(samples, FolderIndex):
@@ -155,7 +112,7 @@ class _Tune:
     env: DistEnv
     precision: Precision
     cfg: DataConfig
-    sel: Selection
+    sel: AdaptedParts
     chain: list[str]
     settings: dict
     out_dir: Path
@@ -482,20 +439,3 @@ def _result(t: _Tune, after: dict | None, *, t_start: float) -> dict:
         "skipped": t.skipped, "state_path": str(t.state_path), "log_path": str(t.log_path),
         "trainable_parameters": sum(p.numel() for n in sel.trainable for p in t.model.get_submodule(n).parameters()),
     }
-
-
-def _cache_folder(name: str, env: DistEnv) -> str:
-    return f"{name}_rank{env.rank}" if env.distributed else name
-
-
-def _first_inputs(samples, transform, device, count: int = 2) -> torch.Tensor | None:
-    """A few decoded inputs for checking the suffix runner (fp32)."""
-    xs = []
-    for path, _ in samples:
-        try:
-            xs.append(transform(load_rgb(path)))
-        except BadImage:
-            continue
-        if len(xs) == count:
-            break
-    return torch.stack(xs).to(device) if xs else None

