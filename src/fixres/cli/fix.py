@@ -208,19 +208,22 @@ def _robustness_lines(table: dict | None) -> list[str]:
     return ["  under corruptions: " + line for line in verdicts(table)] if table else []
 
 
+#: The terminal's candidate table: (column of ``fixres.report.choice.candidate_rows``, title, width).
+TERMINAL_COLUMNS = (("size", "size", 12), ("val_before", "val before", 11), ("val_after", "val after", 10),
+                    ("held_out", "{held} after", 19), ("ms", "ms/img", 8), ("gflops", "GFLOPs", 7))
+
+
 def _candidate_lines(selected, chosen: int) -> list[str]:
-    """The model's own table 5 (right): val top-1 before and after the fix at every candidate size."""
+    """The model's own table 5 (right): val top-1 before and after the fix at every candidate size (the rows the
+    report's table shows)."""
+    from fixres.report.choice import candidate_rows
     sel = selected.document if selected is not None else None
     if not sel:
         return []
-    third = "train photos after" if sel.get("n_seen") else "held-out after"
-    lines = [f"  size   val before  val after  {third:>14}   ms/img  GFLOPs"]
-    for c in sel["candidates"]:
-        held = (c.get("holdout_after") or c.get("seen_after") or {}).get("top1")
-        lines.append(f"  {c['test_size']:>4}{'*' if c['test_size'] == chosen else ' '} "
-                     f"{_pm(c['val_before'].get('top1'), None):>11} {_pm(c['val_after']['top1'], None):>10} "
-                     f"{_pm(held, None):>15} {c.get('ms') or float('nan'):>8.2f} "
-                     f"{c.get('gflops') or float('nan'):>7.3f}")
+    held = "train photos" if sel.get("n_seen") else "held-out"
+    rows = candidate_rows(sel, chosen)
+    lines = ["  " + " ".join(f"{title.format(held=held):>{w}}" for _, title, w in TERMINAL_COLUMNS)]
+    lines += ["  " + " ".join(f"{row[key]:>{w}}" for key, _, w in TERMINAL_COLUMNS) for row in rows]
     if sel.get("dropped"):
         lines.append(f"  (not fixed, over the time budget: {', '.join(map(str, sel['dropped']))}px)")
     return lines
