@@ -155,7 +155,7 @@ def test_random_corruption_never_crashes(corpus, tmp_path):
 def test_tiny_images_are_upsampled_to_test_size(tmp_path, w, h):
     p = tmp_path / "tiny.png"
     Image.new("RGB", (w, h), (10, 200, 30)).save(p)
-    x = T.test_transform(test_size=TEST_SIZE, crop_ratio=0.875, cfg=CFG)(load_rgb(p))
+    x = T.test_transform(T.geometry_for(TEST_SIZE, CFG, 0.875), CFG)(load_rgb(p))
     assert x.shape == (3, TEST_SIZE, TEST_SIZE)
     t = T.train_transform(train_size=24, cfg=CFG)(load_rgb(p))
     assert t.shape == (3, 24, 24)
@@ -180,7 +180,7 @@ def mixed_folders(tmp_path_factory):
 
 def _run_loader(root, batch_size=4, workers=0):
     index = scan_folder(root)
-    ds = ImageDataset(index.samples, T.test_transform(test_size=TEST_SIZE, crop_ratio=0.875, cfg=CFG))
+    ds = ImageDataset(index.samples, T.test_transform(T.geometry_for(TEST_SIZE, CFG, 0.875), CFG))
     loader = make_loader(ds, batch_size=batch_size, workers=workers)
     outputs, skipped = {}, []
     for batch in loader:

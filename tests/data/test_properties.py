@@ -41,7 +41,7 @@ def coordinate_image(w: int, h: int) -> Image.Image:
 @IMAGE_FAST
 @given(w=sides, h=sides, test_size=sizes, crop_ratio=crop_ratios)
 def test_test_transform_size_as_asked(w, h, test_size, crop_ratio):
-    x = T.test_transform(test_size=test_size, crop_ratio=crop_ratio, cfg=CFG)(coordinate_image(w, h))
+    x = T.test_transform(T.geometry_for(test_size, CFG, crop_ratio), CFG)(coordinate_image(w, h))
     assert x.shape == (3, test_size, test_size)
     assert torch.isfinite(x).all()
 
@@ -50,7 +50,7 @@ def test_test_transform_size_as_asked(w, h, test_size, crop_ratio):
 @given(w=st.integers(8, 200), h=st.integers(8, 200), test_size=st.integers(4, 64), crop_ratio=crop_ratios)
 def test_test_geometry_resize_then_inside_crop(w, h, test_size, crop_ratio):
     """Shorter side -> resize_for(); the crop lies inside the resized image, centred within a pixel."""
-    geo = T.test_geometry(test_size=test_size, crop_ratio=crop_ratio, cfg=CFG)
+    geo = T.resize_center_crop(T.geometry_for(test_size, CFG, crop_ratio))
     resized = geo.transforms[0](coordinate_image(w, h))
     resize = T.resize_for(test_size, crop_ratio)
     assert min(resized.size) == resize
@@ -105,7 +105,7 @@ def test_resize_for_bounds(test_size, crop_ratio):
     assert abs(r - test_size / crop_ratio) <= 0.5 + 1e-9 or r == test_size
     # One rule: analysis models exactly the resize the test transform applies (not a copy of the formula).
     assert analysis.resize_for is T.resize_for
-    resize_op = T.test_geometry(test_size=test_size, crop_ratio=crop_ratio, cfg=CFG).transforms[0]
+    resize_op = T.resize_center_crop(T.geometry_for(test_size, CFG, crop_ratio)).transforms[0]
     assert list(resize_op.size) == [r]
 
 

@@ -62,8 +62,8 @@ def test_no_reduction_applies_output_is_identical(tmp_path):
     small = smooth_photo(tmp_path / "small.jpg", 84, 70)  # shorter side 70 < 2 x resize 37 (and 73)
     png = tmp_path / "big.png"
     Image.open(smooth_photo(tmp_path / "big.jpg", 640, 480)).save(png)  # not a JPEG: never reduced
-    test = T.test_transform(test_size=64, crop_ratio=0.875, cfg=CFG)
-    sweep = T.MultiView([T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in (32, 64)])
+    test = T.test_transform(T.geometry_for(64, CFG, 0.875), CFG)
+    sweep = T.MultiView([T.test_transform(T.geometry_for(s, CFG, 0.875), CFG) for s in (32, 64)])
     train = T.train_transform(train_size=64, cfg=CFG, color_jitter=True)
     for path in (small, str(png)):
         for t in (test, train):
@@ -85,7 +85,7 @@ def test_reduced_decode_keeps_the_needed_side(tmp_path):
 def test_reduced_test_transform_is_close_to_full_decode(tmp_path, size):
     path = smooth_photo(tmp_path / "p.jpg", 800, 600)
     assert jpeg_reduction(600, resize_for(size, 0.875)) > 1  # a reduction really applies
-    full, reduced = _both(path, T.test_transform(test_size=size, crop_ratio=0.875, cfg=CFG))
+    full, reduced = _both(path, T.test_transform(T.geometry_for(size, CFG, 0.875), CFG))
     assert full.shape == reduced.shape == (3, size, size)
     assert (full - reduced).abs().mean() < CLOSE
 
@@ -97,7 +97,7 @@ def test_exif_rotated_photo_reduced_like_full(tmp_path):
     seen = []
     load_rgb(path, need=lambda size: seen.append(size) or 146)
     assert seen == [(600, 800)]  # the plan sees the upright size, as the transform will
-    full, reduced = _both(path, T.test_transform(test_size=64, crop_ratio=0.875, cfg=CFG))
+    full, reduced = _both(path, T.test_transform(T.geometry_for(64, CFG, 0.875), CFG))
     assert (full - reduced).abs().mean() < CLOSE
     full, reduced = _both(path, T.train_transform(train_size=32, cfg=CFG, scale=(0.9, 1.0)), seed=1)
     assert (full - reduced).abs().mean() < CLOSE
@@ -144,7 +144,7 @@ def test_sweep_decodes_once_per_distinct_reduction_and_each_view_equals_its_sing
 
     monkeypatch.setattr("fixres.data.loaders.load_rgb", spy)
     sizes = (32, 64, 128)  # resize 37, 73 -> 1/8 of 900 = 112 suffices; 146 -> 1/4 (225)
-    views = [T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in sizes]
+    views = [T.test_transform(T.geometry_for(s, CFG, 0.875), CFG) for s in sizes]
     out = ImageDataset([(path, 0)], T.MultiView(views))[0][0]
     assert needs == [resize_for(128, 0.875), resize_for(64, 0.875)]  # the finest decode first, then 1/8 once
     assert [x.shape[-1] for x in out] == list(sizes)
@@ -160,7 +160,7 @@ def test_sweep_off_vs_on_differs_only_in_views_that_are_reduced(tmp_path):
     sizes = (32, 64, 96, 128, 160)  # resize 37, 73, 110, 146, 183 on a 300 px side: 1/8, 1/4, 1/2, 1/2, 1
     for w, h, rot in ((400, 300, None), (300, 400, None), (400, 300, 6), (200, 150, None)):
         path = smooth_photo(tmp_path / f"{w}x{h}_{rot}.jpg", w, h, exif_orientation=rot, seed=w + h)
-        views = T.MultiView([T.test_transform(test_size=s, crop_ratio=0.875, cfg=CFG) for s in sizes])
+        views = T.MultiView([T.test_transform(T.geometry_for(s, CFG, 0.875), CFG) for s in sizes])
         full, reduced = _both(path, views)
         for s, a, b in zip(sizes, full, reduced):
             if jpeg_reduction(min(w, h), resize_for(s, 0.875)) == 1:
@@ -173,7 +173,7 @@ def test_box_resize_crop_matches_resize_then_crop(tmp_path):
     """The reduced path cuts resize + centre crop in one PIL resize: the same pixels within a few levels."""
     for w, h in ((300, 200), (200, 300), (257, 256)):
         img = Image.open(smooth_photo(tmp_path / f"{w}x{h}.jpg", w, h)).convert("RGB")
-        geo = T.test_geometry(test_size=96, crop_ratio=0.875, cfg=CFG)
+        geo = T.resize_center_crop(T.geometry_for(96, CFG, 0.875))
         a = np.asarray(geo(img), dtype=int)
         b = np.asarray(T._resize_box_crop(img, resize_for(96, 0.875), 96, T.interpolation_mode("bicubic")), dtype=int)
         assert a.shape == b.shape and np.abs(a - b).max() <= 4 and np.abs(a - b).mean() < 0.5
@@ -278,7 +278,7 @@ def test_reduced_centre_crop_box_is_the_full_photos_box_divided_by_the_reduction
     rounded-up size (which samples 0.3 % too tall and up to a pixel off at the far edge)."""
     path = smooth_photo(tmp_path / "p.jpg", 500, 375)
     boxes = _boxes(monkeypatch)
-    ImageDataset([(path, 0)], T.test_transform(test_size=128, crop_ratio=0.875, cfg=CFG))[0]
+    ImageDataset([(path, 0)], T.test_transform(T.geometry_for(128, CFG, 0.875), CFG))[0]
     (decoded, box), = boxes
     assert decoded == (250, 188)
     # torchvision on the full photo: resize the shorter side to 146 -> 194 x 146, crop 128 at (33, 9).
@@ -317,7 +317,7 @@ def test_reduced_decode_stays_within_two_grey_levels_of_a_full_decode_on_real_ph
     from fixres.data.folders import resolve_split, scan_folder
     index = scan_folder(resolve_split(shared_data / "imagenet-sample", "val"), num_classes=1000)
     samples = index.samples[::25]
-    t = T.test_transform(test_size=128, crop_ratio=0.875, cfg=CFG)
+    t = T.test_transform(T.geometry_for(128, CFG, 0.875), CFG)
     diffs = []
     for path, _ in samples:
         full, reduced = _both(path, t)

@@ -18,6 +18,7 @@ from fixres.data.transforms import (
     ShiftedCenterCrop,
     build_transform,
     control_transform,
+    geometry_for,
     resize_for,
     ten_crop_transform,
     train_transform,
@@ -25,7 +26,7 @@ from fixres.data.transforms import (
 from fixres.errors import UsageError
 
 # Imported under other names: pytest would collect functions called test_* as tests.
-geometry_of = T.test_geometry
+geometry_of = T.resize_center_crop
 da_test = T.test_transform
 da2_test = T.test2_transform
 
@@ -63,7 +64,7 @@ def test_resize_for_rejects_bad_values(bad):
 @pytest.mark.parametrize("w,h", [(100, 50), (50, 100), (64, 64), (300, 37)])
 def test_test_resize_sets_the_shorter_side(w, h):
     """Landscape and portrait photos: the SHORTER side becomes round(test_size / crop_ratio), aspect kept."""
-    geometry = geometry_of(test_size=32, crop_ratio=0.875, cfg=CFG)
+    geometry = geometry_of(geometry_for(32, CFG, 0.875))
     resize_step = geometry.transforms[0]
     out = resize_step(noise_image(w, h))
     short = resize_for(32, 0.875)
@@ -76,7 +77,7 @@ def test_test_resize_sets_the_shorter_side(w, h):
 @pytest.mark.parametrize("w,h", [(100, 50), (50, 100), (64, 64), (33, 200), (1, 1), (5, 3)])
 @pytest.mark.parametrize("test_size", [16, 32, 48])
 def test_test_transform_output_size(w, h, test_size):
-    x = da_test(test_size=test_size, crop_ratio=0.875, cfg=CFG)(noise_image(w, h))
+    x = da_test(geometry_for(test_size, CFG, 0.875), CFG)(noise_image(w, h))
     assert x.shape == (3, test_size, test_size)
     assert x.dtype == torch.float32
     assert torch.isfinite(x).all()
@@ -85,7 +86,7 @@ def test_test_transform_output_size(w, h, test_size):
 def test_center_crop_is_centred():
     """With crop_ratio 1 on a square, nothing is cut; on a wide image the crop takes the middle columns."""
     img = column_index_image(200, 50)
-    out = geometry_of(test_size=50, crop_ratio=1.0, cfg=CFG)(img)
+    out = geometry_of(geometry_for(50, CFG, 1.0))(img)
     arr = np.asarray(out)
     assert out.size == (50, 50)
     assert arr[0, 0, 0] == 75 and arr[0, -1, 0] == 124  # columns 75..124 of 200: the centre
@@ -94,7 +95,7 @@ def test_center_crop_is_centred():
 
 def test_test_transform_is_deterministic():
     img = noise_image(80, 60, seed=3)
-    t = da_test(test_size=32, crop_ratio=0.875, cfg=CFG)
+    t = da_test(geometry_for(32, CFG, 0.875), CFG)
     torch.manual_seed(0)
     a = t(img)
     torch.manual_seed(123)
@@ -107,9 +108,9 @@ def test_normalisation_uses_the_data_config():
     """A grey image equal to the config's mean normalises to ~0; mean/std come from the config, not defaults."""
     cfg = DataConfig(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), train_size=32)
     img = Image.new("RGB", (40, 40), (128, 128, 128))
-    x = da_test(test_size=16, crop_ratio=0.875, cfg=cfg)(img)
+    x = da_test(geometry_for(16, cfg, 0.875), cfg)(img)
     assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.25), atol=1e-5)
-    x_default = da_test(test_size=16, crop_ratio=0.875, cfg=CFG)(img)
+    x_default = da_test(geometry_for(16, CFG, 0.875), CFG)(img)
     assert not torch.allclose(x, x_default)
 
 
@@ -159,7 +160,7 @@ def test_test2_shift_is_bounded():
 
 
 def test_test2_transform_output():
-    t = da2_test(test_size=32, crop_ratio=0.875, cfg=CFG)
+    t = da2_test(geometry_for(32, CFG, 0.875), CFG)
     for img in (noise_image(90, 40), noise_image(40, 90), noise_image(1, 1)):
         assert t(img).shape == (3, 32, 32)
     torch.manual_seed(0)
@@ -170,12 +171,12 @@ def test_test2_transform_output():
 
 def test_control_and_ten_crop_shapes():
     img = noise_image(70, 50)
-    assert control_transform(train_size=24, crop_ratio=0.875, cfg=CFG)(img).shape == (3, 24, 24)
-    ten = ten_crop_transform(test_size=24, crop_ratio=0.875, cfg=CFG)(img)
+    assert control_transform(geometry_for(24, CFG, 0.875), CFG)(img).shape == (3, 24, 24)
+    ten = ten_crop_transform(geometry_for(24, CFG, 0.875), CFG)(img)
     assert ten.shape == (10, 3, 24, 24)
-    centre = da_test(test_size=24, crop_ratio=0.875, cfg=CFG)(img)
+    centre = da_test(geometry_for(24, CFG, 0.875), CFG)(img)
     assert torch.allclose(ten[4], centre, atol=1e-5)  # TenCrop order: 4 corners, centre, then mirrors
-    mirrored = da_test(test_size=24, crop_ratio=0.875, cfg=CFG)(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    mirrored = da_test(geometry_for(24, CFG, 0.875), CFG)(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     assert torch.allclose(ten[9], mirrored, atol=1e-5)  # the centre crop of the mirrored photo
 
 
@@ -184,9 +185,9 @@ def test_build_transform_names(augment):
     """Each name builds its own augmentation (the paper's train DA with jitter), with the same draws."""
     built = build_transform(augment, size=24, cfg=CFG)
     direct = {"train": lambda: train_transform(train_size=24, cfg=CFG, color_jitter=True),
-              "test": lambda: da_test(test_size=24, crop_ratio=CFG.crop_ratio, cfg=CFG),
-              "test2": lambda: da2_test(test_size=24, crop_ratio=CFG.crop_ratio, cfg=CFG),
-              "control": lambda: control_transform(train_size=24, crop_ratio=CFG.crop_ratio, cfg=CFG,
+              "test": lambda: da_test(geometry_for(24, CFG, CFG.crop_ratio), CFG),
+              "test2": lambda: da2_test(geometry_for(24, CFG, CFG.crop_ratio), CFG),
+              "control": lambda: control_transform(geometry_for(24, CFG, CFG.crop_ratio), CFG,
                                                    color_jitter=True)}[augment]()
     assert repr(built) == repr(direct)
     outs = []
@@ -203,13 +204,13 @@ def test_build_transform_unknown_name():
 
 
 def test_multiview_one_decode_many_sizes():
-    mv = MultiView([da_test(test_size=s, crop_ratio=0.875, cfg=CFG) for s in (16, 24, 32)])
+    mv = MultiView([da_test(geometry_for(s, CFG, 0.875), CFG) for s in (16, 24, 32)])
     views = mv(noise_image(50, 40))
     assert isinstance(views, tuple) and [v.shape[-1] for v in views] == [16, 24, 32]
 
 
 def test_one_pixel_image_is_upsampled_to_test_size():
-    x = da_test(test_size=32, crop_ratio=0.875, cfg=CFG)(Image.new("RGB", (1, 1), (255, 0, 0)))
+    x = da_test(geometry_for(32, CFG, 0.875), CFG)(Image.new("RGB", (1, 1), (255, 0, 0)))
     assert x.shape == (3, 32, 32)
     assert torch.allclose(x[0], x[0, 0, 0].expand(32, 32))  # a flat red field
 
@@ -219,7 +220,7 @@ def test_interpolation_names():
         DataConfig(interpolation="lanczos")
     for name in ("nearest", "bilinear", "bicubic"):
         cfg = DataConfig(interpolation=name, train_size=32)
-        assert da_test(test_size=16, crop_ratio=0.875, cfg=cfg)(noise_image(30, 20)).shape == (3, 16, 16)
+        assert da_test(geometry_for(16, cfg, 0.875), cfg)(noise_image(30, 20)).shape == (3, 16, 16)
 
 
 @pytest.mark.parametrize("name", ["nearest", "bilinear", "bicubic"])
@@ -228,11 +229,11 @@ def test_test_geometry_resamples_with_the_configured_interpolation(name):
     mode (and the three modes give three different images), not a fixed default."""
     img = noise_image(40, 30, seed=3)
     cfg = DataConfig(interpolation=name, train_size=32)
-    got = np.asarray(geometry_of(test_size=16, crop_ratio=0.8, cfg=cfg)(img))
+    got = np.asarray(geometry_of(geometry_for(16, cfg, 0.8))(img))
     from torchvision.transforms.v2 import functional as TF
     want = TF.center_crop(TF.resize(img, 20, interpolation=T.INTERPOLATIONS[name], antialias=True), 16)
     assert np.array_equal(got, np.asarray(want))
-    others = [np.asarray(geometry_of(test_size=16, crop_ratio=0.8, cfg=DataConfig(interpolation=o, train_size=32))(img))
+    others = [np.asarray(geometry_of(geometry_for(16, DataConfig(interpolation=o, train_size=32), 0.8))(img))
               for o in T.INTERPOLATIONS if o != name]
     assert all(not np.array_equal(got, o) for o in others)
     if name == "nearest":  # nearest copies input pixels: every output colour occurs in the photo
@@ -318,4 +319,4 @@ def test_fused_normalisation_is_bit_identical_to_torchvisions_three_transforms(m
     by_hand = v2.Compose([v2.Resize(18, interpolation=T.interpolation_mode(CFG.interpolation), antialias=True),
                           v2.CenterCrop(16), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                           v2.Normalize(list(CFG.mean), list(CFG.std))])
-    assert torch.equal(T.test_transform(test_size=16, crop_ratio=0.875, cfg=CFG)(rgb), by_hand(rgb))
+    assert torch.equal(T.test_transform(T.geometry_for(16, CFG, 0.875), CFG)(rgb), by_hand(rgb))

@@ -12,7 +12,7 @@ from helpers import write_image_folder
 
 from fixres.data.folders import scan_folder
 from fixres.data.images import load_rgb
-from fixres.data.transforms import ten_crop_transform
+from fixres.data.transforms import geometry_for, ten_crop_transform
 from fixres.data.transforms import test_transform as center_crop_transform
 from fixres.errors import UsageError
 from fixres.method.evaluate import _scores, evaluate, fold_std
@@ -101,7 +101,7 @@ def test_one_pass_sweep_equals_naive_per_size_loops(image_folder, tiny_model):
     assert res["n_images"] == 12 and res["skipped"] == []
     tops = set()
     for row in res["rows"]:
-        t = center_crop_transform(test_size=row["test_size"], crop_ratio=row["crop_ratio"], cfg=cfg)
+        t = center_crop_transform(geometry_for(row["test_size"], cfg, row["crop_ratio"]), cfg)
         c1, c5, loss, correct = _naive_numbers(*_naive_logp(bundle.model, index.samples, [t]))
         assert (row["correct"], row["correct5"], row["n"]) == (c1, c5, 12)
         assert row["top1"] == pytest.approx(100 * c1 / 12)
@@ -144,14 +144,14 @@ def test_ensemble_and_ten_crop_match_naive(image_folder, tiny_model):
     assert [r["test_size"] for r in res["rows"]] == [32, 48]
     (ens,) = res["ensembles"]
     assert ens["test_sizes"] == [32, 48]
-    members = [center_crop_transform(test_size=s, crop_ratio=cfg.crop_ratio, cfg=cfg) for s in (32, 48)]
+    members = [center_crop_transform(geometry_for(s, cfg, cfg.crop_ratio), cfg) for s in (32, 48)]
     c1, c5, loss, _ = _naive_numbers(*_naive_logp(bundle.model, index.samples, members))
     assert (ens["correct"], ens["correct5"]) == (c1, c5)
     assert ens["loss"] == pytest.approx(loss, rel=1e-5)
 
     res10 = evaluate(bundle.model, index, cfg, test_sizes=[32], ten_crop=True, batch_size=3, workers=0,
                      precision=FP32, progress=False)
-    t10 = ten_crop_transform(test_size=32, crop_ratio=cfg.crop_ratio, cfg=cfg)
+    t10 = ten_crop_transform(geometry_for(32, cfg, cfg.crop_ratio), cfg)
     c1, _, loss, _ = _naive_numbers(*_naive_logp(bundle.model, index.samples, [t10]))
     assert res10["rows"][0]["ten_crop"] is True
     assert res10["rows"][0]["correct"] == c1

@@ -141,7 +141,7 @@ def test_dataset_corrupts_the_full_size_photo(tmp_path):
     def corrupt(img, i):
         seen.append((img.size, i))
         return C.Corruption("jpeg", 3)(img, i)
-    plain_transform = transforms.test_transform(test_size=32, crop_ratio=cfg.crop_ratio, cfg=cfg)
+    plain_transform = transforms.test_transform(transforms.geometry_for(32, cfg, cfg.crop_ratio), cfg)
     ds = ImageDataset(index.samples, plain_transform, corrupt=corrupt)
     x, _, _ = ds[0]
     assert seen == [((256, 256), 0)] and x.shape == (3, 32, 32)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fixres.config import INCEPTION_MEAN, INCEPTION_STD
+from fixres.data.transforms import geometry_for
 from fixres.errors import FixresError, UsageError
 from fixres.models.loading import LITE_WEIGHTS, create_model, lite_weights_path, load_model, num_outputs
 from fixres.models.statedict import is_efficientnet_pytorch_layout, load_weights_strict, map_efficientnet_pytorch_keys
@@ -130,7 +131,7 @@ def test_preprocessing_equals_timms_own(shared_data, short):
     timm_cfg = resolve_data_config({}, model=bundle.model)
     assert timm_cfg["crop_pct"] == pytest.approx(cfg.crop_ratio) and timm_cfg["interpolation"] == cfg.interpolation
     reference = create_transform(**timm_cfg, is_training=False)
-    ours = center_crop_transform(test_size=cfg.train_size, crop_ratio=cfg.crop_ratio, cfg=cfg)
+    ours = center_crop_transform(geometry_for(cfg.train_size, cfg, cfg.crop_ratio), cfg)
     samples = scan_folder(shared_data / "imagenet-sample" / "val").samples
     for path, _ in samples[::250]:
         img = load_rgb(path)

@@ -114,10 +114,10 @@ def test_timm_crop_pct_reproduces_the_rounded_resize():
 def test_the_torchvision_transform_equals_fixres_test_transform(tmp_path):
     cfg = DataConfig(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bicubic", crop_ratio=0.9)
     img = Image.fromarray(torch.randint(0, 255, (75, 100, 3), dtype=torch.uint8).numpy())
-    plain = T.torchvision_transform(test_size=48, crop_ratio=0.9, cfg=cfg)(img)
-    ours = T.test_transform(test_size=48, crop_ratio=0.9, cfg=cfg)(img)
+    plain = T.torchvision_transform(T.geometry_for(48, cfg, 0.9), cfg)(img)
+    ours = T.test_transform(T.geometry_for(48, cfg, 0.9), cfg)(img)
     assert plain.shape == (3, 48, 48) and torch.equal(plain, ours)
-    names = [type(t).__name__ for t in T._flat_ops(T.torchvision_transform(test_size=48, crop_ratio=0.9, cfg=cfg))]
+    names = [type(t).__name__ for t in T._flat_ops(T.torchvision_transform(T.geometry_for(48, cfg, 0.9), cfg))]
     assert names == ["Resize", "CenterCrop", "ToImage", "ToDtype", "Normalize"]  # torchvision only
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -111,36 +112,50 @@ def _flip_jitter_normalized(cfg: DataConfig, color_jitter: bool) -> list:
     return ops + _to_tensor_normalized(cfg)
 
 
-def test_geometry(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
-    """Resize the shorter side to ``resize_for(test_size, crop_ratio)``, then CenterCrop(test_size); PIL out."""
-    return v2.Compose([
-        v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
-                  antialias=True),
-        v2.CenterCrop(test_size),
-    ])
+@dataclass(frozen=True)
+class Geometry:
+    """Where a view's pixels come from, resolved once: the shorter side resized to ``resize``, then a ``crop`` x
+    ``crop`` crop (centred at test; random for the control and test DA2), resampled with ``interpolation``."""
+
+    crop: int
+    resize: int
+    interpolation: str
+
+    def resize_op(self) -> v2.Resize:
+        return v2.Resize(self.resize, interpolation=interpolation_mode(self.interpolation), antialias=True)
 
 
-def test_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
-    """"test DA": deterministic resize + centre crop, then normalise."""
-    return v2.Compose([test_geometry(test_size=test_size, crop_ratio=crop_ratio, cfg=cfg)]
-                      + _to_tensor_normalized(cfg))
+def geometry_for(size: int, cfg: DataConfig, crop_ratio: float | None = None) -> Geometry:
+    """The geometry of a ``size`` view: resize ``resize_for(size, crop_ratio)`` (the data config's crop ratio unless
+    another is given), crop ``size``, the data config's interpolation."""
+    ratio = cfg.crop_ratio if crop_ratio is None else crop_ratio
+    return Geometry(crop=size, resize=resize_for(size, ratio), interpolation=cfg.interpolation)
 
 
-def torchvision_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> v2.Compose:
+def resize_center_crop(geometry: Geometry) -> v2.Compose:
+    """Resize the shorter side to ``geometry.resize``, then CenterCrop(``geometry.crop``); PIL out."""
+    return v2.Compose([geometry.resize_op(), v2.CenterCrop(geometry.crop)])
+
+
+def test_transform(geometry: Geometry, cfg: DataConfig) -> v2.Compose:
+    """"test DA": deterministic resize + centre crop, then normalise (``cfg``'s mean and std)."""
+    return v2.Compose([resize_center_crop(geometry)] + _to_tensor_normalized(cfg))
+
+
+def torchvision_transform(geometry: Geometry, cfg: DataConfig) -> v2.Compose:
     """Test DA in plain torchvision v2 ops only, for serving without fixres: Resize, CenterCrop, ToImage,
     ToDtype(float32, scale=True), Normalize. Same arithmetic as ``test_transform`` on a fully decoded photo
     (``test_transform`` additionally decodes large JPEGs at a reduced size, which serving need not do)."""
-    return v2.Compose([test_geometry(test_size=test_size, crop_ratio=crop_ratio, cfg=cfg),
-                       *plain_normalize(cfg.mean, cfg.std)])
+    return v2.Compose([resize_center_crop(geometry), *plain_normalize(cfg.mean, cfg.std)])
 
 
-def torchvision_transform_code(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> str:
+def torchvision_transform_code(geometry: Geometry, cfg: DataConfig) -> str:
     """The source of ``torchvision_transform`` for these settings, as a user would type it."""
-    mode = interpolation_mode(cfg.interpolation).name
+    mode = interpolation_mode(geometry.interpolation).name
     return (f"v2.Compose([\n"
-            f"    v2.Resize({resize_for(test_size, crop_ratio)}, "
+            f"    v2.Resize({geometry.resize}, "
             f"interpolation=InterpolationMode.{mode}, antialias=True),\n"
-            f"    v2.CenterCrop({test_size}),\n"
+            f"    v2.CenterCrop({geometry.crop}),\n"
             f"    v2.ToImage(),\n"
             f"    v2.ToDtype(torch.float32, scale=True),\n"
             f"    v2.Normalize(mean={[float(v) for v in cfg.mean]}, std={[float(v) for v in cfg.std]}),\n"
@@ -165,27 +180,20 @@ class ShiftedCenterCrop(torch.nn.Module):
         return TF.crop(img, top, left, self.size, self.size)
 
 
-def test2_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig,
-                    max_shift: float = TEST2_MAX_SHIFT) -> v2.Compose:
+def test2_transform(geometry: Geometry, cfg: DataConfig, *, max_shift: float = TEST2_MAX_SHIFT) -> v2.Compose:
     """"test DA2": test resize, randomly shifted centre crop, horizontal flip, mild colour jitter."""
     return v2.Compose([
-        v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
-                  antialias=True),
-        ShiftedCenterCrop(test_size, max_shift),
+        geometry.resize_op(),
+        ShiftedCenterCrop(geometry.crop, max_shift),
         v2.RandomHorizontalFlip(),
         v2.ColorJitter(TEST2_JITTER, TEST2_JITTER, TEST2_JITTER),
     ] + _to_tensor_normalized(cfg))
 
 
-def control_transform(*, train_size: int, crop_ratio: float, cfg: DataConfig,
-                      color_jitter: bool = False) -> v2.Compose:
+def control_transform(geometry: Geometry, cfg: DataConfig, *, color_jitter: bool = False) -> v2.Compose:
     """Appendix D control: resize the shorter side as at test time, then a fixed-size random crop;
     then exactly train DA's flip (+ jitter), so that only the crop differs from train DA."""
-    return v2.Compose([
-        v2.Resize(resize_for(train_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
-                  antialias=True),
-        v2.RandomCrop(train_size),
-    ] + _flip_jitter_normalized(cfg, color_jitter))
+    return v2.Compose([geometry.resize_op(), v2.RandomCrop(geometry.crop)] + _flip_jitter_normalized(cfg, color_jitter))
 
 
 #: The paper's train DA includes colour jitter (section 3: "random-resized crop, horizontal flip and
@@ -200,17 +208,17 @@ def build_transform(augment: str, *, size: int, cfg: DataConfig, crop_ratio: flo
     ``color_jitter`` applies to "train" and "control" alike; None means the paper's train DA
     (``PAPER_COLOR_JITTER``: with jitter), so fine-tuning with "train" matches the paper.
     """
-    crop_ratio = cfg.crop_ratio if crop_ratio is None else crop_ratio
     jitter = PAPER_COLOR_JITTER if color_jitter is None else bool(color_jitter)
     if augment == "train":
         return train_transform(train_size=size, cfg=cfg, color_jitter=jitter)
+    if augment not in AUGMENTATIONS:
+        raise UsageError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    geometry = geometry_for(size, cfg, crop_ratio)
     if augment == "test":
-        return test_transform(test_size=size, crop_ratio=crop_ratio, cfg=cfg)
+        return test_transform(geometry, cfg)
     if augment == "test2":
-        return test2_transform(test_size=size, crop_ratio=crop_ratio, cfg=cfg)
-    if augment == "control":
-        return control_transform(train_size=size, crop_ratio=crop_ratio, cfg=cfg, color_jitter=jitter)
-    raise UsageError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        return test2_transform(geometry, cfg)
+    return control_transform(geometry, cfg, color_jitter=jitter)
 
 
 class MultiView:
@@ -230,10 +238,9 @@ class TenCropStack:
     separate inputs, so a Lambda after TenCrop would see one crop at a time.
     """
 
-    def __init__(self, *, test_size: int, crop_ratio: float, cfg: DataConfig) -> None:
-        self.test_size = test_size
-        self.resize = v2.Resize(resize_for(test_size, crop_ratio), interpolation=interpolation_mode(cfg.interpolation),
-                                antialias=True)
+    def __init__(self, geometry: Geometry, cfg: DataConfig) -> None:
+        self.test_size = geometry.crop
+        self.resize = geometry.resize_op()
         self.normalize = NormalizedTensor(cfg.mean, cfg.std)
 
     def __call__(self, img):
@@ -241,9 +248,9 @@ class TenCropStack:
         return torch.stack([self.normalize(c) for c in crops])
 
 
-def ten_crop_transform(*, test_size: int, crop_ratio: float, cfg: DataConfig) -> TenCropStack:
+def ten_crop_transform(geometry: Geometry, cfg: DataConfig) -> TenCropStack:
     """10-crop testing: 4 corners + centre of the resized image, and their mirrors; output (10, C, S, S)."""
-    return TenCropStack(test_size=test_size, crop_ratio=crop_ratio, cfg=cfg)
+    return TenCropStack(geometry, cfg)
 
 
 # --------------------------------------------------------------------------- reduced-size decoding

@@ -35,7 +35,7 @@ from torch import nn
 from fixres.choosing.significance import binomial_se
 from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FOLDS, DataConfig
 from fixres.data.loaders import ImageDataset, IndexSampler, default_workers, make_loader, pin_memory_for
-from fixres.data.transforms import MultiView, ten_crop_transform, test_transform
+from fixres.data.transforms import MultiView, geometry_for, ten_crop_transform, test_transform
 from fixres.errors import FixresError, UsageError
 from fixres.method.calibration import apply_temperature, ece, fit_temperature, nll, reliability
 from fixres.method.views import _check_classes, _Plan, _plan
@@ -298,7 +298,7 @@ def _loader(plan: _Plan, cfg: DataConfig, shard: Sequence[int], *, ten_crop: boo
             env: fdist.DistEnv, reduced_decode: bool, corrupt: Callable | None):
     """This rank's loader over its ``shard``: every view of a photo from one decode per JPEG reduction it needs."""
     build = ten_crop_transform if ten_crop else test_transform
-    transform = MultiView([build(test_size=v.test_size, crop_ratio=v.crop_ratio, cfg=cfg) for v in plan.views])
+    transform = MultiView([build(geometry_for(v.test_size, cfg, v.crop_ratio), cfg) for v in plan.views])
     return make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform,
                                     reduced_decode=reduced_decode and corrupt is None, corrupt=corrupt),
                        batch_size=batch_size, sampler=IndexSampler(shard), workers=workers,

@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fixres.config import DataConfig, resize_for, validate_size
-from fixres.data.transforms import torchvision_transform_code
+from fixres.config import DataConfig, validate_size
+from fixres.data.transforms import geometry_for, torchvision_transform_code
 from fixres.errors import FixresError, UsageError
 from fixres.io.atomic import atomic_path, remove_stale_folders, swap_in, write_text
 from fixres.io.checkpoint import save_safetensors
@@ -101,11 +101,12 @@ def remove_export(out_dir: str | Path) -> list[str]:
 
 def usage_text(meta: dict, cfg: DataConfig, *, timm_ready: bool) -> str:
     """USAGE.md of an export: how to run the fixed model with timm, with torchvision, and with fixres."""
-    size, crop = int(meta["test_size"]), float(meta["crop_ratio"])
+    size = int(meta["test_size"])
+    geometry = geometry_for(size, cfg, float(meta["crop_ratio"]))
     lines = [f"# {meta['model']}, fixed at {size} px",
              "",
              f"Trained at {meta['train_size']} px and fixed at {size} px by fixres {meta['fixres_version']}: "
-             f"resize the shorter side to {resize_for(size, crop)} px ({meta['interpolation']}), centre-crop "
+             f"resize the shorter side to {geometry.resize} px ({meta['interpolation']}), centre-crop "
              f"{size} px, normalise with mean {meta['mean']} and std {meta['std']}.",
              ""]
     if timm_ready:
@@ -115,7 +116,7 @@ def usage_text(meta: dict, cfg: DataConfig, *, timm_ready: bool) -> str:
                   "transform = timm.data.create_transform(**cfg)", "```", ""]
     lines += ["## torchvision", "", "```python", "import torch",
               "from torchvision.transforms import InterpolationMode, v2", "",
-              "transform = " + torchvision_transform_code(test_size=size, crop_ratio=crop, cfg=cfg), "```", "",
+              "transform = " + torchvision_transform_code(geometry, cfg), "```", "",
               "## fixres", "", "```python", "import fixres", 'bundle = fixres.load("PATH_TO_THIS_FOLDER")',
               "model, transform = bundle.model.eval(), bundle.transform", "```", ""]
     return "\n".join(lines)

@@ -39,7 +39,7 @@ from fixres.config import (
     INTERPOLATION_NAMES,
     DataConfig,
 )
-from fixres.data.transforms import torchvision_transform
+from fixres.data.transforms import geometry_for, torchvision_transform
 from fixres.errors import FixresError, UsageError
 from fixres.io.checkpoint import load_state_dict
 from fixres.io.meta import META_NAME, WEIGHTS_NAME, read_export_meta  # validated fixres.json (one schema)
@@ -96,8 +96,7 @@ class ModelBundle:
     @property
     def transform(self):
         """Its pre-processing at ``test_size`` as plain torchvision v2 ops (serving needs no fixres)."""
-        return torchvision_transform(test_size=self.test_size, crop_ratio=self.data_config.crop_ratio,
-                                     cfg=self.data_config)
+        return torchvision_transform(geometry_for(self.test_size, self.data_config), self.data_config)
 
     def __repr__(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
