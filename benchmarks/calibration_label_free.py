@@ -1,13 +1,14 @@
 """Label-free bn-recalibrate on real ImageNet photos: top-1, NLL and ECE before and after.
 
 The registry EfficientNet-Lite0 (trained at 224) is adapted without labels to each test size S by
-re-estimating the batch-norm before its global pooling at S (``fixres.method.adaptation``, bn-recalibrate) on
+re-estimating the batch-norm before its global pooling at S (``fixres.adapt``, bn-recalibrate) on
 one half of ../shared/data/imagenet-sample (images 0, 2, 4, ...) and evaluated on the other half
 (1, 3, 5, ...), then the other way round; so every photo is scored once by a model that did not see
 it, and the pooled numbers cover all photos. "Before" is the untouched model on the same photos.
 
 Per size: top-1 with its binomial standard error, the paired change (photos the adaptation fixed
-and broke, on the same photos), NLL (mean cross-entropy) and ECE (15 bins, ``fixres.method.calibration``).
+and broke, on the same photos), NLL (mean cross-entropy) and ECE (15 equal-width bins of top-1 confidence, the
+definition of ``fixres eval``'s ECE column).
 One photo is 0.1 point of top-1 on 1,000 photos; these are probably ImageNet training photos, so
 absolute figures are high, the comparison before / after is what matters.
 
@@ -18,16 +19,17 @@ absolute figures are high, the comparison before / after is what matters.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
 from pathlib import Path
 
-from _common import REPO, shared_folder
+from _common import REPO, int_list, shared_folder, split_index, write_json
 
 DEFAULT_SIZES = "128,160,288,320"
 WEIGHTS = "efficientnet-lite0"
+#: Equal-width bins of top-1 confidence for the ECE (``fixres eval``'s).
+ECE_BINS = 15
 
 
 def _pooled(outcomes: list[tuple[list[int], dict]], n: int, key: str):
@@ -50,23 +52,51 @@ def sign_test_p(fixed: int, broken: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
+def nll(logp, labels) -> float:
+    """Negative log-likelihood of the labels: the mean cross-entropy, in nats (in float64)."""
+    import torch
+    return float(torch.nn.functional.cross_entropy(torch.from_numpy(logp).double(), torch.from_numpy(labels).long()))
+
+
+def ece(confidence, hit, bins: int = ECE_BINS) -> float:
+    """Expected calibration error (a fraction): over ``bins`` equal-width bins of top-1 confidence, (lo, hi] (the
+    first [0, hi]), the count-weighted mean of |accuracy - mean confidence|; non-finite confidences count in none."""
+    import numpy as np
+    conf, hit = np.asarray(confidence, np.float64).ravel(), np.asarray(hit, np.float64).ravel()
+    ok = np.isfinite(conf)
+    conf, hit = conf[ok], hit[ok]
+    if not conf.size:
+        return float("nan")
+    which = np.clip(np.searchsorted(np.linspace(0.0, 1.0, bins + 1), conf, side="left") - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    conf_sum = np.bincount(which, weights=conf, minlength=bins)
+    hit_sum = np.bincount(which, weights=hit, minlength=bins)
+    return float(sum(c * abs(h / c - s / c) for c, s, h in zip(count, conf_sum, hit_sum) if c) / conf.size)
+
+
 def _metrics(logp, labels) -> dict:
     import numpy as np
-    import torch
-
-    from fixres.method.calibration import ece, nll
     hit = logp.argmax(1) == labels
     p = hit.mean()
-    return {"top1": 100 * float(p), "se": 100 * math.sqrt(p * (1 - p) / hit.size),
-            "nll": nll(torch.from_numpy(logp), torch.from_numpy(labels)),
+    return {"top1": 100 * float(p), "se": 100 * math.sqrt(p * (1 - p) / hit.size), "nll": nll(logp, labels),
             "ece": 100 * ece(np.exp(logp.max(1)), hit), "confidence": 100 * float(np.exp(logp.max(1)).mean()),
             "hit": hit}
+
+
+def recalibrated(bundle, samples, size: int, kw: dict):
+    """A copy of the model with its batch-norm recalibrated at ``size`` on ``samples`` (no labels read), fp32."""
+    import fixres
+    copy_ = bundle.copy()
+    fixres.adapt(copy_, samples, size, method="bn-recalibrate", device="cpu", amp=False, batch_size=kw["batch_size"],
+                 workers=kw["workers"], progress=False)
+    return copy_.model
 
 
 def ks_rows(bundle, samples, halves, sizes, kw) -> list[dict]:
     """KS distance of the pooled activations at S to the ORIGINAL model's at T (224), before and after
     recalibrating on the other half: does the label-free fix bring them back toward T (figure 4)?"""
-    from fixres.method.adaptation import adapt
+    # Internal by design: the pooled activations themselves and their KS distance to those at the train size
+    # (fixres.method.stats, ``keep_pooled`` / ``reference``); ``fixres stats`` prints them, the API returns none.
     from fixres.method.stats import activation_stats
     cfg, train = bundle.data_config, bundle.data_config.train_size
     cal, ev = [samples[i] for i in halves[0]], [samples[i] for i in halves[1]]
@@ -74,8 +104,7 @@ def ks_rows(bundle, samples, halves, sizes, kw) -> list[dict]:
     reference = before.pop("_pooled")[train]
     rows = []
     for size, row in zip(sizes, before["sizes"]):
-        model = copy.deepcopy(bundle.model)
-        adapt(model, cal, cfg, method="bn-recalibrate", test_size=size, **kw)
+        model = recalibrated(bundle, cal, size, kw)
         after = activation_stats(model, ev, cfg, test_sizes=[size], reference=reference, **kw)["sizes"][0]
         rows.append({"test_size": size, "ks_before": row["ks_to_reference"], "ks_after": after["ks_to_reference"],
                      "frac_zero_before": row["frac_zero"], "frac_zero_after": after["frac_zero"],
@@ -101,23 +130,21 @@ def main(argv=None) -> int:
         return 0
     import numpy as np
 
-    from fixres.cli.args import int_list
-    from fixres.data.folders import resolve_split, scan_folder
-    from fixres.io.atomic import write_json
-    from fixres.method.adaptation import adapt
-    from fixres.method.evaluate import evaluate
-    from fixres.models.loading import load_model
+    import fixres
+
+    # The protocol is fp32 throughout; the two internal functions below (evaluate, activation_stats) take the
+    # precision as fixres.runtime.engine's Precision (the API's amp=False is the same fp32).
     from fixres.runtime.engine import Precision
 
     sizes = int_list(args.sizes)
     if args.ks:
         sizes = sorted(set(sizes) | {224})  # the reference size is measured in the same pass
-    samples = scan_folder(resolve_split(data, "val"), num_classes=1000).samples
+    samples = split_index(data, "val").samples
     if args.images and args.images < len(samples):
         samples = [samples[i] for i in np.linspace(0, len(samples) - 1, args.images).round().astype(int)]
     n = len(samples)
     halves = [list(range(0, n, 2)), list(range(1, n, 2))]
-    bundle = load_model(weights=WEIGHTS)
+    bundle = fixres.load(WEIGHTS)
     cfg = bundle.data_config
     fp32 = Precision(False, None, False)
     kw = dict(batch_size=args.batch_size, workers=args.workers, precision=fp32, progress=False)
@@ -130,14 +157,16 @@ def main(argv=None) -> int:
                                      "model's pooled values at its train size on the same photos"})
         print(f"results: {out}")
         return 0
+    # Internal by design: every photo's log-probabilities (``keep_log_probs``), pooled over the two halves before
+    # NLL and ECE are computed; fixres.sweep returns each size's totals only.
+    from fixres.method.evaluate import evaluate
     before = evaluate(bundle.model, samples, cfg, test_sizes=sizes, keep_log_probs=True, per_class=False, **kw)
     rows = []
     for size in sizes:
         key = f"{size}@{cfg.crop_ratio:g}"
         after = []
         for cal, ev in (halves, halves[::-1]):
-            model = copy.deepcopy(bundle.model)
-            adapt(model, [samples[i] for i in cal], cfg, method="bn-recalibrate", test_size=size, **kw)
+            model = recalibrated(bundle, [samples[i] for i in cal], size, kw)
             res = evaluate(model, [samples[i] for i in ev], cfg, test_sizes=[size], keep_log_probs=True,
                            per_class=False, **kw)
             after.append((ev, res))

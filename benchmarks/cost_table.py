@@ -28,6 +28,13 @@ import sys
 import time
 from pathlib import Path
 
+from _common import split_index
+
+# Internal by design: what this costs out is training itself (fixres.method.train: ms per batch at T and at S,
+# the paper's protocol) and fine-tuning with the frozen-prefix cache on or off (fixres.method.finetuning,
+# ``cache=``), with the embedded data set (fixres.data.synth) and the device and training precision both use
+# (fixres.runtime); the public API has no training function and always caches. They are imported where used.
+
 PAPER_TRAIN_EPOCHS = 120
 PAPER_FINETUNE_EPOCHS = 60
 
@@ -51,10 +58,10 @@ def _ms(stat) -> tuple[float | None, float | None]:
 def _train_run(model_name, train_s, val_s, classes, *, size, val_sizes, args, env, precision, out):
     import torch
 
+    import fixres
     from fixres.method.train import train
-    from fixres.models.loading import load_model
     torch.manual_seed(args.seed)
-    bundle = load_model(model=model_name, num_classes=len(classes), train_size=size)
+    bundle = fixres.load(model_name, num_classes=len(classes), train_size=size, random_init=True)
     cfg = bundle.data_config.with_overrides(num_classes=len(classes), class_names=tuple(classes))
     t0 = time.perf_counter()
     res = train(bundle.model, train_s, val_s, cfg, train_size=size, epochs=args.epochs, batch_size=args.batch_size,
@@ -68,9 +75,8 @@ def _train_run(model_name, train_s, val_s, classes, *, size, val_sizes, args, en
     bwd = [r["backward_ms"] for r in log if r.get("backward_ms") is not None]
     steps = sum(r["images"] for r in log) / max(1, len(log)) / (args.batch_size)
     # the final model's top-1 with the leave-one-fold-out std, measured as `fixres eval` does
-    from fixres.method.evaluate import evaluate
-    ev = evaluate(bundle.model, val_s, cfg, test_sizes=sorted(set(val_sizes)), env=env, workers=args.workers,
-                  progress=False, per_class=False)
+    ev = fixres.sweep(bundle.model, val_s, sorted(set(val_sizes)), data_config=cfg, device=str(env.device),
+                      workers=args.workers).raw
     return {"model": bundle.model, "cfg": cfg, "result": res, "wall_s": wall,
             "forward_ms": sum(fwd) / len(fwd), "forward_ms_std": log[-1].get("forward_ms_std"),
             "backward_ms": sum(bwd) / len(bwd), "backward_ms_std": log[-1].get("backward_ms_std"),
@@ -107,7 +113,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fixres.data.folders import resolve_split, scan_folder
     from fixres.runtime import dist, engine
     out = Path(args.out)
     if args.data:
@@ -118,8 +123,8 @@ def main(argv=None) -> int:
         kw = dict(classes=4, train_per_class=24, val_per_class=12) if args.quick else \
             dict(classes=10, train_per_class=80, val_per_class=30)
         make_dataset(root, progress=not args.quiet, overwrite=True, **kw)  # our own folder under --out
-    tr = scan_folder(resolve_split(root, "train"))
-    va = scan_folder(resolve_split(root, "val"), class_map=tr.classes)
+    tr = split_index(root, "train")
+    va = split_index(root, "val", classes=tr.classes)
     env = dist.DistEnv(device=dist.resolve_device("auto"))
     precision = engine.precision_for(env.device, amp=not args.no_amp)
 

@@ -2,7 +2,7 @@
 
 (a) one-pass sweep of 6 test sizes (each image decoded once) vs 6 separate evaluations:
     time ratio sweep / separate (target <= 0.85); the counts must agree exactly.
-(b) ``fixres eval`` (``fixres.method.evaluate.evaluate``: autocast + channels_last, default workers) vs a
+(b) ``fixres eval`` (``fixres.sweep``: autocast + channels_last, default workers) vs a
     plain fp32 loop (model.eval(), no channels_last, no autocast) on the same images and model, with
     the same DataLoader workers and batch size: images/s ratio (target >= 2.0), top-1 within 0.2 pt.
 (c) fidelity: the plain loop's pre-processing is timm's own ``resolve_data_config`` +
@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 
-from _common import REPO, SHARED, photos_and_weights, spread_sample
+from _common import REPO, SHARED, default_workers, photos_and_weights, split_index, spread_sample, write_json
 
 SWEEP_SIZES = (128, 160, 192, 224, 256, 288)
 TARGET_SWEEP_RATIO = 0.85
@@ -87,42 +87,40 @@ def main(argv=None) -> int:
     bundle, data = found
     import torch
 
-    from fixres.data.folders import default_workers, resolve_split, scan_folder
-    from fixres.io.atomic import write_json
-    from fixres.method.evaluate import evaluate
-    from fixres.runtime.engine import inference_precision
+    import fixres
     n_images = args.images or (QUICK_IMAGES if args.quick else FULL_IMAGES)
     repeats = args.repeats or (1 if args.quick else 2)
     workers = default_workers() if args.workers is None else args.workers
     skip = set(filter(None, args.skip.split(",")))
-    index = scan_folder(resolve_split(data, "val"), num_classes=1000)
-    samples = spread_sample(index.samples, n_images)
+    samples = spread_sample(split_index(data, "val").samples, n_images)
     model, cfg = bundle.model.eval(), bundle.data_config
-    device = torch.device("cpu")
-    amp, fp32 = inference_precision(device), inference_precision(device, amp=False)
     size = cfg.train_size
+    load_avg_start = os.getloadavg()
 
-    def fixres_eval(sizes, *, precision=amp, subset=samples):
-        return evaluate(model, subset, cfg, test_sizes=list(sizes), batch_size=args.batch_size, precision=precision,
-                        workers=workers, progress=False, per_class=False)
+    def fixres_eval(sizes, *, amp=True, subset=samples) -> dict:
+        """``fixres eval`` on the CPU: its precision (``amp``: autocast where the CPU runs it natively, else fp32),
+        the workers and batch of both sides; the library's JSON-ready result (``SweepResult.raw``)."""
+        return fixres.sweep(bundle, subset, list(sizes), batch_size=args.batch_size, device="cpu", amp=amp,
+                            workers=workers, progress=False).raw
 
-    result = {"model": bundle.name, "weights": args.weights, "n_images": len(samples), "repeats": repeats,
-              "workers": workers, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-              "precision": amp.describe(), "cpu_count": os.cpu_count(),
-              "load_avg_start": os.getloadavg()}
-    print(f"{bundle.name} on {len(samples)} images, batch {args.batch_size}, {workers} workers, "
-          f"{torch.get_num_threads()} threads, fixres precision: {amp.describe()}, load avg {os.getloadavg()[0]:.1f}",
-          flush=True)
     # Warm-up (untimed): oneDNN builds kernels per input shape and precision on first use, so run
     # every shape the timed runs will see (a full batch and the last, partial one) once.
     warm_sets = [samples[:args.batch_size]] + ([samples[:len(samples) % args.batch_size]]
                                                if len(samples) % args.batch_size else [])
+    precision = None  # fixres's precision, as its result names it
     for warm in warm_sets:
-        fixres_eval(SWEEP_SIZES, subset=warm)
+        precision = fixres_eval(SWEEP_SIZES, subset=warm)["precision"]
         if "c" not in skip:
-            fixres_eval([size], precision=fp32, subset=warm)
+            fixres_eval([size], amp=False, subset=warm)
         if "b" not in skip or "c" not in skip:
             plain_fp32_loop(model, warm, batch_size=args.batch_size, workers=0)
+    result = {"model": bundle.name, "weights": args.weights, "n_images": len(samples), "repeats": repeats,
+              "workers": workers, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+              "precision": precision, "cpu_count": os.cpu_count(),
+              "load_avg_start": load_avg_start}
+    print(f"{bundle.name} on {len(samples)} images, batch {args.batch_size}, {workers} workers, "
+          f"{torch.get_num_threads()} threads, fixres precision: {precision}, load avg {load_avg_start[0]:.1f}",
+          flush=True)
 
     if "a" not in skip:
         runs = []
@@ -175,7 +173,7 @@ def main(argv=None) -> int:
             "pass": statistics.median(speedups) >= TARGET_SPEEDUP and abs(top1_diff) <= TARGET_TOP1_PT}
         if "c" not in skip:
             ref = runs[0]["plain_fp32"]
-            res32 = fixres_eval([size], precision=fp32)["rows"][0]
+            res32 = fixres_eval([size], amp=False)["rows"][0]
             diff_amp = runs[0]["fixres"]["correct"] - ref["correct"]
             diff_fp32 = res32["correct"] - ref["correct"]
             result["c_timm_reference"] = {
@@ -184,7 +182,7 @@ def main(argv=None) -> int:
                 "fixres_fp32_correct": res32["correct"], "diff_images": diff_amp, "diff_images_fp32": diff_fp32,
                 "pass": abs(diff_amp) <= 1 and abs(diff_fp32) <= 1}
             print(f"(c) timm reference {ref['correct']}/{ref['n']}, fixres eval {runs[0]['fixres']['correct']} "
-                  f"({amp.describe()}), fixres eval --no-amp {res32['correct']}", flush=True)
+                  f"({precision}), fixres eval --no-amp {res32['correct']}", flush=True)
 
     result["load_avg_end"] = os.getloadavg()
     print("\n" + table(result))

@@ -30,16 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import REPO
-
-sys.path.insert(0, str(REPO / "src"))
+from _common import REPO, write_json
 
 RESULTS = REPO / "benchmarks" / "results"
 MODELS = ("fixres_tiny_vit", "fixres_tiny_convnext")
@@ -60,8 +57,7 @@ def _fixres(*args, log: Path) -> tuple[dict, float]:
     cmd = [sys.executable, "-m", "fixres", *map(str, args), "--json"]
     t0 = time.perf_counter()
     with open(log, "a") as err:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                              env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(REPO / "src")})
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)  # the installed fixres
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
@@ -130,7 +126,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--serial", action="store_true", help="one model after the other (default: side by side)")
     args = ap.parse_args(argv)
-    from fixres.io.atomic import write_json
     work = args.work / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"

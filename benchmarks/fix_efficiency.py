@@ -35,7 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, save_tiny_checkpoint, small_split
+from _common import REPO, save_tiny_checkpoint, small_split, write_json
+
+# Internal by design: the unavoidable work is measured on fix's own context, rebuilt from the run's config
+# (fixres.job.context: FixConfig, FixContext, its step names and stats sample size), so that the model, the
+# fitting images and the photos that choose are exactly the ones fix used; the API runs fix but does not
+# expose that context. It is imported where used, so --help and --compare stay light.
 
 RESULT_NAME = "fix_efficiency.json"
 FIX_LOG = "fix.log"
@@ -54,6 +59,13 @@ PLAN_PREFIX = "plan ("
 PLAN_ITEM = re.compile(r"(\w+) ~([\d.]+) (s|min)")
 PLAN_TOTAL = re.compile(r"total ~([\d.]+) (s|min)")
 SECONDS_PER = {"s": 1.0, "min": 60.0}
+#: What fix's sweep_after.json says in "after" when every size was fixed at its own size (its run format).
+AFTER_EACH_FIXED = "each size fixed at its own size"
+#: The weights file ``fixres train`` (and fix's train step) writes in its folder.
+WEIGHTS_NAME = "model.safetensors"
+#: fix's latency/FLOP probe per candidate (warm-up calls, then timed calls, at batch 1 and at this batch), one
+#: FLOP count beside it: synthetic inputs, named in the select step's note, not counted.
+LATENCY_WARMUP, LATENCY_REPEATS, LATENCY_BATCH = 2, 5, 16
 COUNTED_FROM = ("images and forwards are COUNTED from the run's JSONs (sweep_*.json n_images x rows; select.json "
                 "candidates with candidates/<size>/finetune_result.json; schedule.json rows with "
                 "schedule/lr*_ep*/finetune.json; stats.json sizes; train.json epochs), not measured")
@@ -124,7 +136,6 @@ def count_sweep(sweep: dict | None) -> dict:
 
 
 def count_select(sel: dict | None, run_dir: Path, n_fit: int, epochs: int) -> dict:
-    from fixres.runtime.cost import LATENCY_BATCH, LATENCY_REPEATS, LATENCY_WARMUP
     if sel is None:
         return _count(note="skipped")
     full = suffix = train = 0
@@ -169,7 +180,7 @@ def count_stats(stats: dict | None, n_val: int) -> dict:
 
 
 def count_other(name: str, doc: dict | None, n_fit: int, n_holdout: int) -> dict:
-    """data, train, analyse, finetune, report."""
+    """data, train, analyze, finetune, report."""
     if doc is None and name != "report":
         return _count(note="skipped")
     if name == "train":
@@ -185,19 +196,18 @@ def count_other(name: str, doc: dict | None, n_fit: int, n_holdout: int) -> dict
         if doc.get("n_unlabeled"):
             return _count(full=int(doc["n_unlabeled"]), note="label-free batch-norm recalibration")
         return _count(note="the chosen candidate's tensors loaded, exported")
-    return _count(note={"analyse": "photo headers only"}.get(name, ""))
+    return _count(note={"analyze": "photo headers only"}.get(name, ""))
 
 
 def count_steps(docs: dict, run_dir: Path) -> dict:
     """{step: counts} in step order; wall seconds and shares from run.json "timings"."""
-    from fixres.report.page import AFTER_EACH_FIXED
     run = docs["run"]
     n_fit, n_holdout = int(run["n_fit"]), int(run["n_holdout"])
     n_val = int((docs.get("sweep_before") or {}).get("n_images") or 0)
     epochs = int((run.get("schedule") or {}).get("epochs") or 1)
     timings = run.get("timings") or {}
     out = {}
-    for name in ("data", "train", "analyse", "sweep_before", "schedule", "select", "finetune", "sweep_after",
+    for name in ("data", "train", "analyze", "sweep_before", "schedule", "select", "finetune", "sweep_after",
                  "stats", "robustness", "report"):
         if name == "sweep_after" and (docs.get(name) or {}).get("after") == AFTER_EACH_FIXED:
             c = _count(note="read from the candidates' scores (each size fixed at its own size): no forward")
@@ -248,7 +258,6 @@ def plan_vs_measured(plan: dict | None, timings: dict) -> dict | None:
 def rebuild_context(run: dict, run_dir: Path, docs: dict):
     """fix's context as ``FixContext.index_data`` / ``assign_choosing_photos`` build it, from the run's config."""
     from fixres.job.context import FixConfig, FixContext, load_weights
-    from fixres.models.export import WEIGHTS_NAME
     fields = {f.name for f in dataclasses.fields(FixConfig)}
     config = FixConfig(**{k: v for k, v in (run.get("config") or {}).items() if k in fields}, progress=False)
     x = FixContext(config=config, run_dir=run_dir, say=lambda msg: print(msg, file=sys.stderr))
@@ -266,16 +275,15 @@ def measure_unavoidable(run: dict, run_dir: Path, docs: dict) -> dict:
     forward (upper bound on the frozen prefix) over the fitting images and the photos that choose."""
     import torch
 
-    from fixres.method.evaluate import evaluate
-    from fixres.runtime import dist, engine
+    import fixres
     torch.set_num_threads(int(run.get("torch_threads") or torch.get_num_threads()))
     x = rebuild_context(run, run_dir, docs)
-    env = dist.DistEnv(device=dist.resolve_device(x.config.device))
-    kw = {"batch_size": x.config.batch_size, "env": env, "workers": x.config.workers, "progress": False,
-          "per_class": False, "precision": engine.inference_precision(env.device, x.config.amp)}
+    # fix's device and inference precision (amp), batch and workers, as ``fixres eval`` runs them
+    kw = {"data_config": x.data_config, "batch_size": x.config.batch_size, "device": x.config.device,
+          "amp": x.config.amp, "workers": x.config.workers, "progress": False}
     sizes = [int(s) for s in run["test_sizes"]]
     t0 = time.perf_counter()
-    evaluate(x.bundle.model, x.val_index, x.data_config, test_sizes=sizes, **kw)
+    fixres.sweep(x.bundle, x.val_index, sizes, **kw)
     sweep_s = time.perf_counter() - t0
     fit = set(x.fit)
     samples = list(x.fit) + [s for s in (x.holdout or x.seen) if s not in fit]
@@ -283,7 +291,7 @@ def measure_unavoidable(run: dict, run_dir: Path, docs: dict) -> dict:
     per = {}
     for size in cands:
         t0 = time.perf_counter()
-        evaluate(x.bundle.model, samples, x.data_config, test_sizes=[size], **kw)
+        fixres.sweep(x.bundle, samples, [size], **kw)
         per[str(size)] = time.perf_counter() - t0
     return {"sweep_s": sweep_s, "sweep_images": len(x.val_index.samples), "sweep_sizes": sizes,
             "candidates_s": per, "candidate_images": len(samples), "total_s": sweep_s + sum(per.values()),
@@ -327,12 +335,6 @@ def build_result(args, run_dir: Path, log: str | None, wall: float | None, fix_c
             "total_steps_s": total, "process_wall_s": wall, "unavoidable": unavoidable,
             "ratio": total / u if u > 0 else None, "ratio_process": (wall / u) if wall and u > 0 else None,
             "plan": plan_vs_measured(parse_plan(log), run.get("timings") or {})}
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fmt(v, spec: str = ".2f", dash: str = "—") -> str:
@@ -438,7 +440,7 @@ def main(argv=None) -> int:
             return 0
         run_dir, log, wall, cmd = run_fix(args, out)
     result = build_result(args, run_dir, log, wall, cmd)
-    write_atomic(out / RESULT_NAME, result)
+    write_json(out / RESULT_NAME, result)
     print(render(result))
     print(f"\nresults: {out / RESULT_NAME}")
     return 0

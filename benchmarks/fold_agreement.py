@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, photos_and_weights, spread_sample
+from _common import REPO, SHARED, photos_and_weights, split_index, spread_sample, write_json
 
 BATCH = 50
 REPEATS = 3
@@ -49,12 +49,15 @@ def main(argv=None) -> int:
     bundle, data = found
     import torch
 
+    # Internal by design: what this measures is the batch-norm folding itself (fixres.models.fold), which the
+    # public API only ever applies inside fixres.sweep. Its inputs are the tensors fixres eval feeds the model
+    # (its loader, fixres.data.loaders, with its test pre-processing, fixres.data.transforms: reduced JPEG
+    # decode, fused normalisation), which no public function returns; the same tensors go to every variant.
     from fixres.data import transforms as T
-    from fixres.data.folders import ImageDataset, resolve_split, scan_folder
-    from fixres.io.atomic import write_json
+    from fixres.data.loaders import ImageDataset
     from fixres.models.fold import fold_batchnorms
     model, cfg = bundle.model.eval(), bundle.data_config
-    samples = spread_sample(scan_folder(resolve_split(data, "val"), num_classes=1000).samples, args.images)
+    samples = spread_sample(split_index(data, "val").samples, args.images)
     labels = torch.tensor([y for _, y in samples])
     folded, n_folded = fold_batchnorms(model, args.sizes[0])
     fast = {"unfolded": model.to(memory_format=torch.channels_last),
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
           flush=True)
     rows = []
     for size in args.sizes:
-        ds = ImageDataset(samples, T.test_transform(test_size=size, crop_ratio=cfg.crop_ratio, cfg=cfg))
+        ds = ImageDataset(samples, T.test_transform(T.geometry_for(size, cfg, cfg.crop_ratio), cfg))
         xs = torch.stack([ds[i][0] for i in range(len(ds))])
         ref, _ = predict(model.to(memory_format=torch.contiguous_format), xs, bf16=False)
         speed: dict[str, list[float]] = {"unfolded": [], "folded": []}

@@ -3,7 +3,7 @@
 For each eval size (default 128, 224, 384) and train size (default 128, 224) on one device:
   * loader alone: fixres's DataLoader (reduced JPEG decode, pinned batches on CUDA) including the
     non-blocking host-to-device copy, no network: the rate the loader can feed;
-  * end to end: ``fixres.method.evaluate.evaluate`` (inference precision, channels_last), and a training loop
+  * end to end: ``fixres.sweep`` (what ``fixres eval`` runs: inference precision, channels_last), and a training loop
     (SGD, the training precision of ``engine.precision_for``, fp16 with a GradScaler);
   * JPEG decode alone: PIL on the CPU (fixres's path) vs ``torchvision.io.decode_jpeg`` batched on the
     GPU (nvjpeg), full size, to tell whether GPU decoding would pay on this machine.
@@ -18,21 +18,20 @@ logic on the CPU, for a dry run; its numbers mean nothing). Called by ``benchmar
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
+from _common import default_workers, split_index
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import fixres
+from fixres.data.loaders import ImageDataset, make_loader, pin_memory_for
 
-from fixres.data.folders import ImageDataset, default_workers, make_loader, pin_memory_for, resolve_split, scan_folder  # noqa: E402
-from fixres.data.images import load_rgb  # noqa: E402
-from fixres.data.transforms import MultiView, test_transform, train_transform  # noqa: E402
-from fixres.method.evaluate import evaluate  # noqa: E402
-from fixres.models.loading import load_model  # noqa: E402
-from fixres.runtime import dist as fdist  # noqa: E402
-from fixres.runtime import engine  # noqa: E402
+# Internal by design: "loader alone" measures fixres's loader itself (fixres.data.loaders: reduced JPEG decode,
+# pinned batches; with the transforms it is built for, fixres.data.transforms), and the training loop and the
+# host-to-device copies run at fixres's own precisions and memory format (fixres.runtime.engine); the public API
+# runs them only inside its commands. End to end evaluation goes through the public fixres.sweep.
+from fixres.data.transforms import MultiView, geometry_for, test_transform, train_transform
+from fixres.runtime import engine
 
 SKIP_LINE = "gpu_throughput: no CUDA: skipped"
 #: Batches timed after the untimed warm-up batch (at most; fewer when the data runs out).
@@ -69,15 +68,13 @@ def eval_rates(bundle, samples, args, device) -> list[dict]:
     rows = []
     precision = engine.inference_precision(device)
     for size in args.eval_sizes:
-        t = MultiView([test_transform(test_size=size, crop_ratio=bundle.data_config.crop_ratio,
-                                      cfg=bundle.data_config)])
+        cfg = bundle.data_config
+        t = MultiView([test_transform(geometry_for(size, cfg), cfg)])
         alone = _rate(_loader(samples, t, args, device, shuffle=False), device,
                       lambda b: engine.to_device(b.inputs[0], device, precision))
-        env = fdist.DistEnv(device=device)
-        kw = dict(test_sizes=[size], batch_size=args.batch_size, env=env, workers=args.workers,
-                  progress=False, per_class=False)
-        evaluate(bundle.model, samples[: args.batch_size], bundle.data_config, **kw)  # warm-up at this size
-        res = evaluate(bundle.model, samples, bundle.data_config, **kw)
+        kw = dict(batch_size=args.batch_size, device=str(device), workers=args.workers, progress=False)
+        fixres.sweep(bundle, samples[: args.batch_size], [size], **kw)  # warm-up at this size
+        res = fixres.sweep(bundle, samples, [size], **kw).raw
         rows.append({"what": "eval", "size": size, "loader_alone": alone, "end_to_end": res["images_per_s"],
                      "top1": res["rows"][0]["top1"], "precision": res["precision"]})
     return rows
@@ -116,9 +113,10 @@ def decode_rates(samples, args, device) -> dict:
     """Full-size JPEG decode alone: PIL on the CPU (one process) vs torchvision's batched decode on ``device``."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
     paths = [p for p, _ in samples if p.lower().endswith((".jpg", ".jpeg"))]
+    photos = ImageDataset([(p, 0) for p in paths], lambda img: img, reduced_decode=False)  # full-size decode
     start = time.perf_counter()
-    for p in paths:
-        load_rgb(p)
+    for i in range(len(photos)):
+        photos[i]
     cpu = len(paths) / (time.perf_counter() - start)
     data = [read_file(p) for p in paths]
     decode_jpeg(data[: args.batch_size], mode=ImageReadMode.RGB, device=device)  # warm-up (nvjpeg init)
@@ -147,9 +145,9 @@ def main(argv=None) -> int:
         print(SKIP_LINE)
         return 0
     args.workers = default_workers() if args.workers is None else args.workers
-    val = scan_folder(resolve_split(args.data, "val"), warn=False)
-    train = scan_folder(resolve_split(args.data, "train"), warn=False)
-    bundle = load_model(model=args.model, num_classes=len(train.classes), random_init=True)
+    val = split_index(args.data, "val")
+    train = split_index(args.data, "train")
+    bundle = fixres.load(args.model, num_classes=len(train.classes), random_init=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run: numbers mean nothing)"
     print(f"gpu_throughput: {name}, {args.model}, batch {args.batch_size}, {args.workers} workers")
     rows = eval_rates(bundle, val.samples[: args.images], args, device)

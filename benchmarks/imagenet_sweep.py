@@ -3,7 +3,7 @@
 The paper (section 3.3, figure 5 left) shows that a network trained at one size is most accurate
 when tested at a larger one. Here the three EfficientNet-Lite registry checkpoints (trained at
 224/240/260) are swept over test sizes on ../shared/data/imagenet-sample (1000 photos, one per
-class), each in ONE pass over the data (``fixres.method.evaluate``), with the leave-one-fold-out std of
+class), each in ONE pass over the data (``fixres.sweep``), with the leave-one-fold-out std of
 section 5 as error bars and the recommended test size of ``fixres analyze`` marked per model.
 
 Prints a table, writes JSON and a PNG (--out folder, default benchmarks/results/).
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED
+from _common import REPO, SHARED, int_list, split_index, write_json
 
 FULL_SIZES = "128:384:32"
 QUICK_SIZES = "160,224,288"
@@ -44,41 +44,37 @@ def main(argv=None) -> int:
     if not data.is_dir():
         print(f"skipped: real photos not available ({data} is absent)")
         return 0
-    import torch
+    import fixres
 
-    from fixres.cli.args import int_list
-    from fixres.data.folders import resolve_split, scan_folder
-    from fixres.io.atomic import write_json
-    from fixres.method.analysis import recommend_test_size
-    from fixres.method.evaluate import evaluate
+    # Internal by design: the PNG is the report's own accuracy-vs-size figure (fixres.report.plots, the one
+    # ``fixres report`` draws); the public API returns the numbers but draws no figure.
     from fixres.report.plots import plot_accuracy_vs_size
-    from fixres.runtime.engine import inference_precision
 
     sizes = int_list(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES))
     n_images = args.images or (QUICK_IMAGES if args.quick else None)
-    index = scan_folder(resolve_split(data, "val"), num_classes=1000)
-    samples = index.samples
+    samples = split_index(data, "val").samples
     if n_images and n_images < len(samples):
         step = len(samples) / n_images
         samples = [samples[int(i * step)] for i in range(n_images)]
-    precision = inference_precision(torch.device("cpu"), amp=not args.no_amp)
     out = Path(args.out)
     name = "imagenet_sweep" + ("_quick" if args.quick else "")
-    result = {"n_images": len(samples), "sizes": sizes, "precision": precision.describe(), "models": {}}
+    # "precision": the CPU inference precision (fp32 with --no-amp), as the first sweep's result names it
+    result = {"n_images": len(samples), "sizes": sizes, "precision": None, "models": {}}
     series, marks = {}, []
-    from fixres.models.loading import load_model
     for short in args.models.split(","):
         weights = short if short.startswith("efficientnet-") else f"efficientnet-{short}"
         try:
-            bundle = load_model(weights=weights)
+            bundle = fixres.load(weights)
         except Exception as exc:  # noqa: BLE001 - registry package not installed
             print(f"skipped {weights}: {exc}")
             continue
         cfg = bundle.data_config
         t = time.perf_counter()
-        res = evaluate(bundle.model, samples, cfg, test_sizes=sizes, batch_size=args.batch_size,
-                       precision=precision, workers=args.workers, progress=True, per_class=False)
-        rec = recommend_test_size(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio, stride=cfg.stride)
+        res = fixres.sweep(bundle, samples, sizes, batch_size=args.batch_size, device="cpu", amp=not args.no_amp,
+                           workers=args.workers, progress=True).raw
+        result["precision"] = res["precision"]
+        rec = {"test_size": fixres.analyze(cfg.train_size, crop_ratio=cfg.crop_ratio,
+                                           stride=cfg.stride).recommended_test_size}
         best = max(res["rows"], key=lambda r: r["top1"])
         result["models"][weights] = {
             "arch": bundle.name, "train_size": cfg.train_size, "crop_ratio": cfg.crop_ratio,

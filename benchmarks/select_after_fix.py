@@ -23,14 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO
+from _common import REPO, binomial_se, paired_test, split_index, write_json
 
-sys.path.insert(0, str(REPO / "src"))
-
-from fixres.choosing.best import best_row
-from fixres.choosing.significance import binomial_se, paired_test
-from fixres.io.atomic import write_json  # noqa: E402
-from fixres.job import pipeline  # noqa: E402
+import fixres
 
 
 def _args() -> argparse.Namespace:
@@ -57,24 +52,40 @@ def _sizes(text: str | None) -> list[int] | None:
     return [int(v) for v in text.split(",")] if text else None
 
 
-def _per_image(run_dir: Path, config: pipeline.FixConfig, sizes: list[int]) -> dict[int, tuple[list, list]]:
+def _best_size(rows: list[dict], key: str) -> int:
+    """The most accurate size by ``key``, by the project's one rule (``fixres.SweepResult.best``: ties go to the
+    smaller size)."""
+    results = tuple(fixres.SizeResult.from_row({"test_size": r["test_size"], "top1": r[key]}) for r in rows)
+    return fixres.SweepResult(rows=results, n_images=0, skipped=0).best.test_size
+
+
+def _load_adapted(model, path: Path) -> None:
+    """A candidate's adapted tensors (fix's candidates/SIZE/adapted.safetensors) copied over the model before the
+    fix."""
+    from safetensors.torch import load_file
+    own = model.state_dict()
+    for k, v in load_file(str(path)).items():
+        own[k].copy_(v)
+
+
+def _per_image(run_dir: Path, a: argparse.Namespace, sizes: list[int]) -> dict[int, tuple[list, list]]:
     """Per validation image: correct before and after the fix at each candidate size (same images)."""
-    from fixres.data.folders import index_val_onto, resolve_split, scan_folder
-    from fixres.job.candidates import load_adapted
+    # Internal by design: the paired test needs every photo's prediction, before and after (fp32, the test
+    # pre-processing: fixres.method.calibration.predict); the API returns each size's totals only.
     from fixres.method.calibration import predict
-    from fixres.models.loading import load_model
     data = json.loads((run_dir / "data.json").read_text())["root"]
-    base_ck = run_dir / "train" / "model.safetensors" if (run_dir / "train").is_dir() else config.checkpoint
-    bundle = load_model(model=None if (run_dir / "train").is_dir() else config.model, checkpoint=str(base_ck))
+    # the model before the fix: the one fix trained, else the given checkpoint (its fixres.json names the model)
+    base_ck = run_dir / "train" / "model.safetensors" if (run_dir / "train").is_dir() else a.checkpoint
+    bundle = fixres.load(base_ck)
     run = json.loads((run_dir / "run.json").read_text())
     cfg = bundle.data_config.with_overrides(crop_ratio=run["config"].get("crop_ratio"))
-    train = scan_folder(resolve_split(data, "train"))
-    val = index_val_onto(resolve_split(data, "val"), train)
+    train = split_index(data, "train")
+    val = split_index(data, "val", classes=train.classes)
     out = {}
     for s in sizes:
         fixed = copy.deepcopy(bundle.model)
-        load_adapted(fixed, run_dir / "candidates" / str(s) / "adapted.safetensors")
-        kw = dict(batch_size=64, workers=config.workers, device="cpu")
+        _load_adapted(fixed, run_dir / "candidates" / str(s) / "adapted.safetensors")
+        kw = dict(batch_size=64, workers=a.workers, device="cpu")
         lb, y = predict(bundle.model, val.samples, cfg, s, **kw)
         la, _ = predict(fixed, val.samples, cfg, s, **kw)
         out[s] = ((lb.argmax(1) == y).tolist(), (la.argmax(1) == y).tolist())
@@ -99,8 +110,8 @@ def _table(sel: dict, paired: dict, choice: dict) -> tuple[list[dict], dict]:
                      "paired_top1_before": 100.0 * sum(paired[s][0]) / len(paired[s][0]) if s in paired else None,
                      "paired_top1_after": 100.0 * sum(paired[s][1]) / len(paired[s][1]) if s in paired else None,
                      "ms": c.get("ms"), "ms_batch": c.get("ms_batch"), "gflops": c.get("gflops")})
-    by_val = best_row([{"test_size": r["test_size"], "top1": r["val_after"]} for r in rows])["test_size"]
-    by_val_before = best_row([{"test_size": r["test_size"], "top1": r["val_before"]} for r in rows])["test_size"]
+    by_val = _best_size(rows, "val_after")
+    by_val_before = _best_size(rows, "val_before")
     summary = {"chosen_on_held_out": choice["test_size"], "would_choose_on_val": by_val,
                "best_untuned_on_val": by_val_before, "recommended": sel["recommended"],
                "recommended_exact": sel["recommended_exact"], "n_holdout": sel["n_holdout"],
@@ -133,23 +144,24 @@ def main() -> int:
     # --quick is the full run on the embedded data (the demo): its result is kept, not a smoke test
     name = "select_after_fix_embedded" if a.quick else f"select_after_fix_{Path(a.data).name}"
     run_dir = Path(a.run_dir or REPO / "runs" / ("select_after_fix_quick" if a.quick else name))
-    config = pipeline.FixConfig(out=str(run_dir), workers=a.workers, data=None if a.quick else a.data,
-                                checkpoint=None if a.quick else a.checkpoint, model=a.model,
-                                candidates=_sizes(a.candidates), test_sizes=_sizes(a.test_sizes),
-                                stats_sizes=_sizes(a.stats_sizes), lr=a.lr, tune_schedule=not a.no_tune_schedule,
-                                **({"finetune_epochs": a.finetune_epochs} if a.finetune_epochs else {}),
-                                **({"select_budget_min": a.select_budget} if a.select_budget else {}))
     t0 = time.perf_counter()
-    result = pipeline.run_fix(config)
+    # ``fixres fix`` through the API (with no data: the embedded demo): the model name (--model), the data, and
+    # the settings as FixConfig's fields
+    result = fixres.fix(a.model, None if a.quick else a.data, out=str(run_dir), workers=a.workers,
+                        checkpoint=None if a.quick else a.checkpoint,
+                        candidates=_sizes(a.candidates), test_sizes=_sizes(a.test_sizes),
+                        stats_sizes=_sizes(a.stats_sizes), lr=a.lr, tune_schedule=not a.no_tune_schedule,
+                        **({"finetune_epochs": a.finetune_epochs} if a.finetune_epochs else {}),
+                        **({"select_budget_min": a.select_budget} if a.select_budget else {}))
     wall = time.perf_counter() - t0
     sel = json.loads((run_dir / "select.json").read_text())
     sizes = [c["test_size"] for c in sel["candidates"]]
-    rows, summary = _table(sel, _per_image(run_dir, config, sizes), result["choice"])
+    rows, summary = _table(sel, _per_image(run_dir, a, sizes), result.choice.to_json())
     _print(rows, summary)
     run = json.loads((run_dir / "run.json").read_text())
     out = {"command": " ".join(sys.argv), "rows": rows, **summary, "fix_wall_s_this_call": round(wall, 1),
            "step_seconds": run.get("timings"), "device": run.get("device"), "torch_threads": run.get("torch_threads"),
-           "headline": result["headline"],
+           "headline": result.headline.to_json(),
            "noise": "± = leave-one-fold-out std over 10 folds; SE = binomial standard error of one accuracy; "
                     "p = exact two-sided McNemar (sign) test, fixed vs unfixed on the same validation images"}
     path = Path(a.out or REPO / "benchmarks" / "results" / f"{name}.json")

@@ -18,12 +18,10 @@ a ``grid.json`` that ``fixres report`` shows as heatmaps when copied into a run 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from _common import REPO, split_index, write_json
 
 FULL = dict(train_sizes=(64, 96, 128), test_sizes=(48, 64, 80, 96, 112, 128, 160, 192, 224), epochs=30,
             finetune_epochs=10, classes=10, train_per_class=150, val_per_class=50, fix_every=True)
@@ -59,13 +57,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from fixres.data.folders import resolve_split, scan_folder
+    import fixres
+
+    # Internal by design: the grid trains each network from scratch at T, plain and with appendix D's control
+    # augmentation (fixres.method.train), on the embedded data set (fixres.data.synth), and fixes it with the
+    # fine-tuning steps resumed from --out without the evaluation before (fixres.method.finetuning); the API has
+    # no training function, and its finetune always evaluates first and never resumes.
     from fixres.data.synth import make_dataset
-    from fixres.io.atomic import write_json
-    from fixres.method.evaluate import evaluate
     from fixres.method.finetuning import finetune
     from fixres.method.train import train
-    from fixres.models.loading import load_model
 
     preset = dict(QUICK if args.quick else FULL)
     if args.train_sizes:
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     data = make_dataset(out / "data", classes=preset["classes"], train_per_class=preset["train_per_class"],
                         val_per_class=preset["val_per_class"], seed=args.seed, progress=False)
     root = Path(data["root"])
-    tr = scan_folder(resolve_split(root, "train"))
-    va = scan_folder(resolve_split(root, "val"))
+    tr = split_index(root, "train")
+    va = split_index(root, "val")
     test_sizes = sorted(set(preset["test_sizes"]) | set(preset["train_sizes"]))
     augments = ("train",) if args.no_control else ("train", "control")
     results: dict = {"preset": "quick" if args.quick else "full", **{k: list(v) if isinstance(v, tuple) else v
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
             key = f"{augment}@{T}"
             t0 = time.perf_counter()
             torch.manual_seed(args.seed)
-            bundle = load_model(model=MODEL, num_classes=tr.num_classes, train_size=T)
+            bundle = fixres.load(MODEL, num_classes=tr.num_classes, train_size=T, random_init=True)
             cfg = bundle.data_config
             run_dir = out / key.replace("@", "_")
             tres = train(bundle.model, tr.samples, [], cfg, train_size=T, epochs=preset["epochs"],
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                          augment=augment, schedule="cosine", warmup_epochs=1, seed=args.seed, workers=args.workers,
                          progress=False, model_name=MODEL)
             t_train = time.perf_counter() - t0
-            sweep = evaluate(bundle.model, va, cfg, test_sizes=test_sizes, workers=args.workers, progress=False)
+            sweep = fixres.sweep(bundle, va, test_sizes, device="cpu", workers=args.workers).raw
             entry = {"train_s": t_train, "untuned": {r["test_size"]: [r["top1"], r["top1_std"]] for r in sweep["rows"]},
                      "forward_ms": tres.get("forward_ms"), "backward_ms": tres.get("backward_ms")}
             if augment == "train":
@@ -131,8 +131,10 @@ def main(argv=None) -> int:
     if args.report_run:
         run = Path(args.report_run)
         write_json(run / "grid.json", grid)
-        from fixres.job.headline import write_run_report
-        print(f"report: {write_run_report(run)['html']}")
+        import subprocess
+        import sys
+        # the run's report rebuilt with the heatmaps, by the installed command line (``fixres report RUN_DIR``)
+        subprocess.run([sys.executable, "-m", "fixres", "report", str(run)], check=True)
     return 0
 
 

@@ -27,16 +27,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import sys
 import tempfile
 import time
 import traceback
 import warnings
 from pathlib import Path
 
-from _common import REPO, write_image_folder
+from _common import REPO, split_index, write_image_folder, write_json
 
-sys.path.insert(0, str(REPO / "src"))
+# Internal by design: what this measures is the library's model handling on every timm family: the parts it
+# finds and adapts (fixres.models.structure, fixres.models.parts), its input sizes (fixres.models.loading:
+# create, stride, fixed / fitted input size), fine-tuning with the activation cache on and off
+# (fixres.method.finetuning, ``cache=``) and the export with the model's size arguments (fixres.models.export,
+# ``extra``); evaluation and the reload go through the public API. No public function reaches the others.
+# They are imported in _steps, so --help stays light.
 
 RESULTS = REPO / "benchmarks" / "results" / "timm_coverage.json"
 #: Families tried by default: the smallest variant's parameters, in millions (pnasnet5large is always in).
@@ -109,10 +113,9 @@ def _time_limit(seconds: int):
 
 
 def _data(root: Path) -> tuple[list, list]:
-    from fixres.data.folders import scan_folder
     write_image_folder(root / "train", classes=IMAGES, per_class=1, seed=1)
     write_image_folder(root / "val", classes=IMAGES, per_class=1, seed=2)
-    return scan_folder(root / "train").samples, scan_folder(root / "val").samples
+    return split_index(root / "train", "train").samples, split_index(root / "val", "val").samples
 
 
 def _sizes(model, native: bool) -> tuple[int, int]:
@@ -129,13 +132,13 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
     """Every step for one model, filling ``row`` (raises on the first failing step, named in row['step'])."""
     import torch
 
-    from fixres.config import DataConfig
+    import fixres
     from fixres.errors import FixresError
-    from fixres.method.evaluate import evaluate
     from fixres.method.finetuning import finetune
     from fixres.models.export import export_model
-    from fixres.models.loading import create_model, fit_input_size, load_model, network_stride
-    from fixres.models.structure import find_parts, select_parts
+    from fixres.models.loading import create_model, fit_input_size, network_stride
+    from fixres.models.parts import select_parts
+    from fixres.models.structure import find_parts
     row["step"] = "build"
     torch.manual_seed(0)
     model, _ = create_model(name, num_classes=NUM_CLASSES)
@@ -145,7 +148,7 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
     sel = select_parts(model, parts, "classifier,norm")
     row.update(norm=", ".join(f"{n} ({k})" for n, k in zip(parts.norms, parts.norm_kinds)) or "none",
                pooling=parts.pooling, trainable=sel.trainable, notes=sel.notes + parts.notes)
-    cfg = DataConfig(train_size=s1, stride=row["stride"])
+    cfg = fixres.DataConfig(train_size=s1, stride=row["stride"])
     try:
         fit_input_size(model, s2, name=name)
     except FixresError as exc:  # a fixed input size with no timm mechanism to change it: the one size only
@@ -161,14 +164,15 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
     row["step"] = f"fine-tune at {s2} (uncached)"
     finetune(model, train, val, cfg, test_size=s2, cache=False, out_dir=work / "ft_plain", **common)
     row["step"] = "evaluate"
+    bundle = fixres.ModelBundle(model, cfg, name, "timm", {})
     for size in sorted({s1, s2}):  # one size at a time: a fixed-size model follows each size
         fit_input_size(model, size, name=name)
-        evaluate(model, val, cfg, test_sizes=[size], workers=0, progress=False, per_class=False)
+        fixres.sweep(bundle, val, [size], device="cpu", workers=0)
     kwargs = fit_input_size(model, s2, name=name)
     row["step"] = "export and reload"
     path = export_model(model, work / "export", model_name=name, cfg=cfg, test_size=s2, train_size=s1,
                         extra={"model_kwargs": kwargs} if kwargs else None)
-    back = load_model(checkpoint=str(path)).model.eval()
+    back = fixres.load(path).model.eval()
     x = torch.randn(2, 3, s2, s2, generator=torch.Generator().manual_seed(0))
     model = model.to(memory_format=torch.contiguous_format)  # fine-tuning may leave it channels_last
     with torch.no_grad():
@@ -230,7 +234,6 @@ def summary(rows: list[dict], skipped: dict) -> dict:
 
 
 def _save(path: Path, chosen: dict, max_params: float, keep: dict, skipped: dict) -> None:
-    from fixres.io.atomic import write_json
     write_json(path, {"smallest": chosen, "max_params_m": max_params, "sizes": FLEX_SIZES,
                       "rows": list(keep.values()), "summary": summary(list(keep.values()), skipped)})
 
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     import json
 
-    import fixres.method.evaluate  # noqa: F401 - imported before the loop: a broken tree fails here, not per model
+    import fixres.api  # noqa: F401 - imported before the loop: a broken tree fails here, not per model
     import fixres.method.finetuning  # noqa: F401
     import fixres.models.export  # noqa: F401
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}

@@ -5,7 +5,7 @@ The peer is what timm's ``validate.py`` does with its best CPU flags (``--amp --
 the same crop_pct and interpolation, no prefetcher on CPU), the model in channels_last, and
 ``torch.autocast(bfloat16)`` around the forward. (``validate.py`` itself is a script of timm's
 repository, not part of the installed package, so its loop is rebuilt here from the same parts.)
-fixres runs ``fixres.method.evaluate.evaluate`` at its default precision. Same images, same weights, the
+fixres runs ``fixres.sweep`` (what ``fixres eval`` runs) at its default precision. Same images, same weights, the
 same DataLoader workers and batch size.
 
 (a) one test size at a time (128 and 224): images/s of each, interleaved repeats (the two sides
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, photos_and_weights, spread_sample
+from _common import REPO, SHARED, default_workers, photos_and_weights, split_index, spread_sample, write_json
 
 SIZES = (128, 224)
 SWEEP_SIZES = (128, 160, 192, 224, 256, 288)
@@ -89,40 +89,40 @@ def main(argv=None) -> int:
     if found is None:
         return 0
     bundle, data = found
-    import torch
-
-    from fixres.data.folders import default_workers, resolve_split, scan_folder
-    from fixres.io.atomic import write_json
-    from fixres.method.evaluate import evaluate
-    from fixres.runtime.engine import inference_precision
+    import fixres
     n_images = args.images or (QUICK_IMAGES if args.quick else FULL_IMAGES)
     repeats = args.repeats or (2 if args.quick else 3)
     workers = default_workers() if args.workers is None else args.workers
-    root = resolve_split(data, "val")
-    samples = spread_sample(scan_folder(root, num_classes=1000).samples, n_images)
+    index = split_index(data, "val")
+    root = index.root
+    samples = spread_sample(index.samples, n_images)
     model, cfg = bundle.model.eval(), bundle.data_config
-    precision = inference_precision(torch.device("cpu"))
 
-    def fixres(sizes):
+    def fixres_eval(sizes, subset=samples, workers=workers) -> dict:
+        """``fixres eval`` on the CPU at its default precision: the library's JSON-ready result."""
+        return fixres.sweep(bundle, subset, list(sizes), batch_size=args.batch_size, device="cpu",
+                            workers=workers, progress=False).raw
+
+    def fixres_timed(sizes):
         t = time.perf_counter()
-        res = evaluate(model, samples, cfg, test_sizes=list(sizes), batch_size=args.batch_size, precision=precision,
-                       workers=workers, progress=False, per_class=False)
+        res = fixres_eval(sizes)
         return time.perf_counter() - t, res
 
     def timm(size):
         return timm_run(model, root, samples, size=size, crop_pct=cfg.crop_ratio, interpolation=cfg.interpolation,
                         mean=cfg.mean, std=cfg.std, batch_size=args.batch_size, workers=workers)
 
+    load_avg_start = os.getloadavg()
+    warm = samples[:args.batch_size]
+    # untimed: kernels for every shape, both sides; it also names fixres's precision
+    precision = fixres_eval(SWEEP_SIZES, subset=warm, workers=0)["precision"]
     print(f"{bundle.name} on {len(samples)} images, batch {args.batch_size}, {workers} workers, "
-          f"fixres {precision.describe()} vs timm bf16 autocast + channels_last, load avg {os.getloadavg()[0]:.1f}",
+          f"fixres {precision} vs timm bf16 autocast + channels_last, load avg {load_avg_start[0]:.1f}",
           flush=True)
     result = {"model": bundle.name, "n_images": len(samples), "repeats": repeats, "workers": workers,
-              "batch_size": args.batch_size, "fixres_precision": precision.describe(), "cpu_count": os.cpu_count(),
-              "load_avg_start": os.getloadavg(), "command": "benchmarks/timm_validate.py"
+              "batch_size": args.batch_size, "fixres_precision": precision, "cpu_count": os.cpu_count(),
+              "load_avg_start": load_avg_start, "command": "benchmarks/timm_validate.py"
               + (" --quick" if args.quick else ""), "rows": []}
-    warm = samples[:args.batch_size]
-    evaluate(model, warm, cfg, test_sizes=list(SWEEP_SIZES), batch_size=args.batch_size, precision=precision,
-             workers=0, progress=False, per_class=False)  # untimed: kernels for every shape, both sides
     for size in SWEEP_SIZES:
         timm_run(model, root, warm, size=size, crop_pct=cfg.crop_ratio, interpolation=cfg.interpolation,
                  mean=cfg.mean, std=cfg.std, batch_size=args.batch_size, workers=0)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         for r in range(repeats):
             for side in (("fixres", "timm") if r % 2 == 0 else ("timm", "fixres")):
                 if side == "fixres":
-                    seconds, res = fixres([size])
+                    seconds, res = fixres_timed([size])
                     fx.append(len(samples) / seconds)
                     top["fixres"] = res["rows"][0]["top1"]
                 else:
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         for r in range(repeats):
             for side in (("fixres", "timm") if r % 2 == 0 else ("timm", "fixres")):
                 if side == "fixres":
-                    seconds, res = fixres(SWEEP_SIZES)
+                    seconds, res = fixres_timed(SWEEP_SIZES)
                     fx.append(seconds)
                     top["fixres"] = [row["top1"] for row in res["rows"]]
                 else:

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import photos_and_weights, shared_folder, small_split
+from _common import binomial_se, paired_test, photos_and_weights, shared_folder, small_split, split_index, write_json
 
 DEFAULT_DATA = "cats_vs_dogs"
 DEFAULT_OUT = "runs/train_low_fix"
@@ -68,21 +68,6 @@ TIMINGS = "timings.json"
 RESULT = "train_low_fix.json"
 
 
-def _significance():
-    """(paired_test, binomial_se) from wherever they live now."""
-    try:
-        from fixres.choosing.significance import binomial_se, paired_test
-    except ImportError:
-        from fixres.choosing.significance import binomial_se, paired_test
-    return paired_test, binomial_se
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _resolve_data(args) -> Path | None:
     """The photo folder (or the generated one in --quick); None after saying why there is nothing to measure."""
     out = Path(args.out)
@@ -96,8 +81,7 @@ def _resolve_data(args) -> Path | None:
 
 
 def _classes(root: Path) -> list[str]:
-    from fixres.data.folders import resolve_split, scan_folder
-    return list(scan_folder(resolve_split(root, "train")).classes)
+    return list(split_index(root, "train").classes)
 
 
 class Steps:
@@ -122,7 +106,7 @@ class Steps:
         if proc.returncode:
             raise SystemExit(f"{name} failed (exit {proc.returncode}): {shlex.join(cmd)}")
         self.timings[name] = {"wall_s": wall, "command": shlex.join(["fixres", *cli_args]), "resumed": resumed}
-        _write_json_atomic(self.timings_path, self.timings)
+        write_json(self.timings_path, self.timings)
         return wall
 
     def _runtime_flags(self) -> list[str]:
@@ -159,22 +143,25 @@ class Steps:
 
 def _outcomes(checkpoint: Path, samples, sizes: list[int], workers) -> tuple[dict, str]:
     """{size: {image index: right?}} of one checkpoint on ``samples`` (one pass), and the precision used."""
-    from fixres.method.evaluate import View, evaluate
-    from fixres.models.loading import load_model
-    bundle = load_model(checkpoint=str(checkpoint))
+    import fixres
+
+    # Internal by design: the paired test needs every photo's outcome (``keep_outcomes``: right or not, per
+    # image index) from the one-pass evaluation fixres eval runs; fixres.sweep returns each size's totals only.
+    from fixres.method.evaluate import evaluate
+    bundle = fixres.load(checkpoint)
     cfg = bundle.data_config
     ev = evaluate(bundle.model, samples, cfg, test_sizes=sizes, crop_ratios=[cfg.crop_ratio], keep_outcomes=True,
                   per_class=False, progress=False, workers=workers)
     idx = [int(i) for i in ev["_idx"]]
-    per_size = {s: dict(zip(idx, (bool(b) for b in ev["_top1"][View(s, cfg.crop_ratio).key]))) for s in sizes}
+    by_size = dict(zip((int(r["test_size"]) for r in ev["rows"]), ev["_top1"].values()))  # one row per view, in order
+    per_size = {s: dict(zip(idx, (bool(b) for b in by_size[s]))) for s in sizes}
     return per_size, ev["precision"]
 
 
 def _evaluate_all(root: Path, t: int, s: int, paths: dict, workers) -> tuple[dict, int, str]:
     """Per-image outcomes of the four rows on the same validation images (those every evaluation read)."""
-    from fixres.data.folders import index_val_onto, resolve_split, scan_folder
-    train_index = scan_folder(resolve_split(root, "train"))
-    val = index_val_onto(resolve_split(root, "val"), train_index)  # the one class-set rule, as `fixres fix`
+    train_index = split_index(root, "train")
+    val = split_index(root, "val", classes=train_index.classes)  # the one class-set rule, as `fixres fix`
     low, precision = _outcomes(paths["train_t"], val.samples, sorted({t, s}), workers)
     fixed, _ = _outcomes(paths["fixed"], val.samples, [s], workers)
     high, _ = _outcomes(paths["train_s"], val.samples, [s], workers)
@@ -184,7 +171,6 @@ def _evaluate_all(root: Path, t: int, s: int, paths: dict, workers) -> tuple[dic
 
 
 def _rows(outcomes: dict, n: int, t: int, s: int, wall: dict) -> list[dict]:
-    paired_test, binomial_se = _significance()
     labels = {"T@T": f"trained at {t}, tested at {t}", "T@S": f"trained at {t}, tested at {s} (no fix)",
               "T+fix@S": f"trained at {t} + fixed at {s}", "S@S": f"trained at {s}, tested at {s}"}
     reference = outcomes["S@S"]
@@ -311,17 +297,16 @@ def main(argv=None) -> int:
     outcomes, n, precision = _evaluate_all(root, t, s, {"train_t": ckpt_t, "fixed": fixed, "train_s": ckpt_s},
                                            workers)
     rows = _rows(outcomes, n, t, s, {"train_t": wall_t, "fix": wall_fix, "train_s": wall_s})
-    from fixres.data.folders import resolve_split, scan_folder
     result = {"model": QUICK_MODEL if args.quick else f"{WEIGHTS} (registry weights, new head)",
               "data": str(root), "data_name": "generated (--quick)" if args.quick else root.name,
-              "classes": len(classes), "n_train": len(scan_folder(resolve_split(root, "train"))),
-              "n_val": len(scan_folder(resolve_split(root, "val"), class_map=classes)), "n": n,
+              "classes": len(classes), "n_train": len(split_index(root, "train")),
+              "n_val": len(split_index(root, "val", classes=classes)), "n": n,
               "train_size": t, "test_size": s, "test_size_from": "--test-size" if args.test_size else "chosen by fix",
               "epochs": args.epochs, "batch_size": BATCH_SIZE, "seed": SEED, "precision": precision, "rows": rows,
               "timings": steps.timings, "machine": _machine(),
               "command": shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["main", *argv])}
     result["verdict"] = verdict(rows, t, s)
-    _write_json_atomic(out / RESULT, result)
+    write_json(out / RESULT, result)
     print(render(result))
     print(f"results: {out / RESULT}", file=sys.stderr)
     return 0

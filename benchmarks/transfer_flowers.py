@@ -2,12 +2,12 @@
 
 (1) EfficientNet-Lite0 with its registry ImageNet weights gets a new 17-class head; (2) it is trained
 on flowers17/train at 128 px (``fixres.method.train.train``, train DA); (3) it is evaluated on flowers17/val at
-several test sizes (one pass, ``fixres.method.evaluate``), and at the size fixres recommends for 128 px
-(``analysis.recommend_test_size``) it is compared, on copies of the same trained model, with:
+several test sizes (one pass, ``fixres.sweep``), and at the size fixres recommends for 128 px
+(``fixres.analyze``) it is compared, on copies of the same trained model, with:
 
   * fine-tuned at S (``fixres.method.finetuning``, test DA): classifier + batch-norm (the paper), batch-norm
     statistics only, classifier only (table 6);
-  * label-free (``fixres.method.adaptation``): bn-recalibrate, frechet (appendix A.1), gaussian (appendix A.2).
+  * label-free (``fixres.adapt``): bn-recalibrate, frechet (appendix A.1), gaussian (appendix A.2).
 
 Every accuracy comes with the leave-one-fold-out std of section 5 (10 folds). Results go to
 --out/transfer_flowers.json and a table on stdout.
@@ -32,7 +32,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import shared_folder, small_split
+from _common import shared_folder, small_split, split_index
+
+# Internal by design: the paper's transfer protocol trains the network (fixres.method.train; the API has no
+# training function) with only the parts ``--trainable`` names (found by fixres.models.structure), fine-tunes
+# the table-6 variants without the evaluation before (fixres.method.finetuning; fixres.finetune always evaluates
+# first), all at fixres's training precision on the CPU (fixres.runtime.engine.precision_for), whose amp flag
+# also sets the evaluations' precision. Sizes, the analysis, the label-free methods and every evaluation go
+# through the public API. They are imported where used, so --help stays light.
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log (a line torn by a kill is left out)."""
+    records = []
+    for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _freeze_for(model, trainable: str) -> list[str]:
@@ -77,21 +95,17 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fixres.data.folders import resolve_split, scan_folder
-    from fixres.method import analysis
-    from fixres.method.adaptation import adapt
-    from fixres.method.evaluate import evaluate, evaluate_at
+    import fixres
     from fixres.method.finetuning import finetune
     from fixres.method.train import train
-    from fixres.models.loading import load_model, load_weights_strict
-    from fixres.runtime.engine import inference_precision, precision_for
+    from fixres.runtime.engine import precision_for
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fixres_transfer_"))
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         torch.set_num_threads(1)
         root = small_split(out, val_per_class=8)
-        model_kw = dict(model="fixres_tiny_resnet", num_classes=3, train_size=48)
+        model_kw = dict(name="fixres_tiny_resnet", num_classes=3, train_size=48, random_init=True)
         train_size, sizes, workers = 48, [48, 64, 96], 0
         test_size = args.test_size or 64
         epochs, trainable = min(args.epochs, 3), "all"
@@ -99,16 +113,17 @@ def main(argv=None) -> int:
         root = shared_folder("flowers17")
         if root is None:
             return 0
-        model_kw = dict(weights="efficientnet-lite0", num_classes=17, train_size=args.train_size)
+        model_kw = dict(name="efficientnet-lite0", num_classes=17, train_size=args.train_size)
         train_size, workers, epochs, trainable = args.train_size, args.workers, args.epochs, args.trainable
         test_size = args.test_size
-    train_idx = scan_folder(resolve_split(root, "train"))
-    val_idx = scan_folder(resolve_split(root, "val"), class_map=train_idx.classes)
+    train_idx = split_index(root, "train")
+    val_idx = split_index(root, "val", classes=train_idx.classes)
     torch.manual_seed(0)
-    bundle = load_model(**model_kw)
+    weights = model_kw["name"] if not model_kw.get("random_init") else None  # the registry weights, if any
+    bundle = fixres.load(model_kw.pop("name"), **model_kw)
     cfg = bundle.data_config
     if test_size is None:
-        test_size = analysis.recommend_test_size(train_size=train_size, crop_ratio=cfg.crop_ratio)["test_size"]
+        test_size = fixres.analyze(train_size, crop_ratio=cfg.crop_ratio).recommended_test_size
     if test_size not in sizes:
         sizes = sorted(sizes + [test_size])
     device = torch.device("cpu")
@@ -116,13 +131,18 @@ def main(argv=None) -> int:
     timings: dict[str, float] = {}
     note = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
+    def at(m, sizes_: list[int]):
+        """``m`` on val at ``sizes_`` in one pass (batch 64) at the inference precision, as ``fixres eval``."""
+        return fixres.sweep(fixres.ModelBundle(m, cfg, bundle.name, bundle.source, {}), val_idx.samples, sizes_,
+                            batch_size=64, device="cpu", amp=precision.amp, workers=workers)
+
     # (2) transfer: train at train_size (reuse a finished run in --out)
     model = bundle.model
     trained_path = out / "train" / "model.safetensors"
     t0 = time.perf_counter()
     if trained_path.is_file():
-        from fixres.io.checkpoint import load_state_dict
-        load_weights_strict(model, load_state_dict(trained_path), source=str(trained_path))
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(str(trained_path)), strict=True)
         train_res = json.loads((out / "train_result.json").read_text()) if (out / "train_result.json").is_file() else {}
         note(f"reusing the model trained at {train_size}px in {trained_path}")
     else:
@@ -135,8 +155,7 @@ def main(argv=None) -> int:
                           workers=workers, progress=False, model_name=bundle.name)
         for p in model.parameters():
             p.requires_grad_(True)
-        from fixres.io.atomic import read_jsonl
-        log = train_res.get("log") or train_res.get("epochs_log") or read_jsonl(out / "train" / "log.jsonl")
+        log = train_res.get("log") or train_res.get("epochs_log") or _read_jsonl(out / "train" / "log.jsonl")
         train_res = {"trainable": trained, "epochs": epochs, "schedule": args.schedule,
                      "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size,
                      "log": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in log]}
@@ -146,11 +165,9 @@ def main(argv=None) -> int:
     # (3) sweep, one pass
     t0 = time.perf_counter()
     model.eval()
-    sweep = evaluate(model, val_idx.samples, cfg, test_sizes=sizes, batch_size=64,
-                     precision=inference_precision(device, precision.amp),  # as `fixres eval` and evaluate_at
-                     workers=workers, progress=False, per_class=False)
+    sweep = at(model, sizes)
     timings["sweep_s"] = round(time.perf_counter() - t0, 1)
-    rows = {int(r["test_size"]): {"top1": r["top1"], "top1_std": r["top1_std"]} for r in sweep["rows"]}
+    rows = {r.test_size: {"top1": r.top1, "top1_std": r.top1_std} for r in sweep.rows}
     note("sweep: " + ", ".join(f"{s}px {r['top1']:.2f}" for s, r in rows.items()))
     trained_state = copy.deepcopy(model.state_dict())
     results = {"train_size_at_train_size": rows[train_size], "unfixed_at_S": rows[test_size]}
@@ -177,15 +194,15 @@ def main(argv=None) -> int:
     for method in ("bn-recalibrate", "frechet", "gaussian"):
         t0 = time.perf_counter()
         m = fresh()
-        info = adapt(m, train_idx.samples, cfg, method=method, train_size=train_size, test_size=test_size,
-                     precision=precision, workers=workers, max_images=args.adapt_images, progress=False)
-        ev = evaluate_at(m, val_idx.samples, cfg, test_size=test_size, batch_size=64, env=_env(),
-                         precision=precision, workers=workers, progress=False)
+        info = fixres.adapt(fixres.ModelBundle(m, cfg, bundle.name, bundle.source, {}), train_idx.samples,
+                            test_size, method=method, train_size=train_size, device="cpu",  # amp: precision_for(cpu)
+                            workers=workers, max_images=args.adapt_images, progress=False).raw
+        ev = at(m, [test_size]).rows[0]
         timings[method + "_s"] = round(time.perf_counter() - t0, 1)
-        results[method] = {"top1": ev["top1"], "top1_std": ev["top1_std"], "images": info["images"]}
-        note(f"{method}: {ev['top1']:.2f} ± {ev['top1_std']:.2f} ({timings[method + '_s']} s)")
+        results[method] = {"top1": ev.top1, "top1_std": ev.top1_std, "images": info["images"]}
+        note(f"{method}: {ev.top1:.2f} ± {ev.top1_std:.2f} ({timings[method + '_s']} s)")
 
-    result = {"model": bundle.name, "weights": model_kw.get("weights"), "data": str(root),
+    result = {"model": bundle.name, "weights": weights, "data": str(root),
               "train_images": len(train_idx), "val_images": len(val_idx), "train_size": train_size,
               "test_size": test_size, "trainable": train_res.get("trainable"), "epochs": train_res.get("epochs"),
               "ft_epochs": args.ft_epochs, "precision": precision.describe(), "sweep": rows, "results": results,
@@ -209,11 +226,6 @@ def main(argv=None) -> int:
     print("  seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     print(f"  results: {out / 'transfer_flowers.json'}")
     return 0
-
-
-def _env():
-    from fixres.runtime.dist import DistEnv
-    return DistEnv()
 
 
 if __name__ == "__main__":
