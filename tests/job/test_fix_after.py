@@ -101,7 +101,7 @@ def test_fix_summary_lists_every_candidate_before_and_after(setup, capsys):
                        "--holdout-untouched")
     assert code == 0
     rows = [ln for ln in out.splitlines() if ln.strip()[:2] in ("32", "64")]
-    assert len(rows) == 2 and sum("*" in r for r in rows) == 1
+    assert len(rows) == 2 and sum("★ chosen" in r for r in rows) == 1
 
 
 def test_report_shows_candidates_frontier_reliability_and_ks(setup):
