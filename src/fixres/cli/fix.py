@@ -216,7 +216,7 @@ TERMINAL_COLUMNS = (("size", "size", 12), ("val_before", "val before", 11), ("va
 def _candidate_lines(selected, chosen: int) -> list[str]:
     """The model's own table 5 (right): val top-1 before and after the fix at every candidate size (the rows the
     report's table shows)."""
-    from fixres.report.choice import candidate_rows
+    from fixres.report.choice import OVERLAP_NOTE, candidate_rows
     sel = selected.document if selected is not None else None
     if not sel:
         return []
@@ -224,6 +224,8 @@ def _candidate_lines(selected, chosen: int) -> list[str]:
     rows = candidate_rows(sel, chosen)
     lines = ["  " + " ".join(f"{title.format(held=held):>{w}}" for _, title, w in TERMINAL_COLUMNS)]
     lines += ["  " + " ".join(f"{row[key]:>{w}}" for key, _, w in TERMINAL_COLUMNS) for row in rows]
+    if any(c.get("ms_overlaps") for c in sel["candidates"]):
+        lines.append(f"  ({OVERLAP_NOTE})")
     if sel.get("dropped"):
         lines.append(f"  (not fixed, over the time budget: {', '.join(map(str, sel['dropped']))}px)")
     return lines

@@ -41,7 +41,7 @@ from fixres.method.calibration import temperature_scale_model
 from fixres.method.evaluate import evaluate, fold_std
 from fixres.method.finetuning import STATE_NAME as FT_STATE
 from fixres.method.finetuning import default_lr, finetune
-from fixres.runtime.cost import measure_cost
+from fixres.runtime.cost import measure_costs
 from fixres.runtime.progress import format_duration
 
 ADAPTED_NAME = "adapted.safetensors"
@@ -153,10 +153,12 @@ def run_select(x: "FixContext") -> dict:
     held_before = _before_on(x, x.holdout, sizes, outcomes=True)
     t = int(x.data_config.train_size)  # the training photos' score before the fix is only shown at T
     seen_at_t = _before_on(x, x.seen, [t]).get(t) if t in sizes else None
+    # The cost of a size does not depend on the fix: every size timed together, interleaved, on the model before it.
+    costs = measure_costs(x.base(), sizes, device=x.env.device, precision=x.eval_precision)
     rows = []
     for size in sizes:
         row = _fix_candidate(x, size)
-        cost = measure_cost(x.base(), size, device=x.env.device, precision=x.eval_precision)
+        cost = costs[size]
         b = before.get(size, {})
         rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
                      "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})

@@ -22,6 +22,12 @@ CANDIDATE_COLUMNS = [("size", "test size (px)"), ("val_before", "val top-1 befor
                      ("ms_batch", "ms/image (batch N)"), ("gflops", "GFLOPs")]
 
 
+#: Marks a latency whose spread over the timing rounds overlaps a neighbouring size's (``fixres.runtime.cost``).
+OVERLAP_MARK = " ~"
+OVERLAP_NOTE = ("~ after a latency: its fastest-to-slowest spread over the interleaved timing rounds overlaps a "
+                "neighbouring size's, so their order is within timing noise (GFLOPs order them exactly).")
+
+
 def _num(v, digits: int = 1) -> str:
     return "n/a" if v is None else f"{float(v):.{digits}f}"
 
@@ -37,7 +43,7 @@ def candidate_rows(select: dict, chosen: int | None) -> list[dict]:
                      "nll": f"{_num(b.get('nll'), 3)} → {_num(a.get('nll'), 3)}",
                      "ece": f"{_num(b.get('ece'))} → {_num(a.get('ece'))}",
                      "held_out": _num((c.get("holdout_after") or c.get("seen_after") or {}).get("top1")),
-                     "ms": _num(c.get("ms"), 2),
+                     "ms": _num(c.get("ms"), 2) + (OVERLAP_MARK if c.get("ms_overlaps") else ""),
                      "ms_batch": _num(c.get("ms_batch"), 2), "gflops": _num(c.get("gflops"), 3)})
     return rows
 
@@ -111,7 +117,8 @@ def sections(results: dict) -> list[dict]:
                  f"{run['schedule'].get('epochs')} epochs ({run['schedule']['how']}).",
                  calibration_sentence(select, chosen),
                  f"Not fixed (over the time budget): {', '.join(map(str, select['dropped']))} px."
-                 if select.get("dropped") else None]
+                 if select.get("dropped") else None,
+                 OVERLAP_NOTE if any(c.get("ms_overlaps") for c in select.get("candidates") or []) else None]
         out.append({"title": "Every candidate size, before and after the fix (table 5, right column)",
                     "notes": [n for n in notes if n],
                     "figures": [("frontier", "Top-1 on the validation images against the cost of serving each size "

@@ -96,7 +96,7 @@ def _clean_select(select) -> dict:
     candidates = select.get("candidates") if isinstance(select.get("candidates"), list) else []
     clean["candidates"] = [
         {k: (numbers(v) if isinstance(v, dict) or k.endswith(("_before", "_after")) else _number(v))
-         for k, v in c.items()} | {"test_size": c["test_size"]}
+         for k, v in c.items()} | {"test_size": c["test_size"], "ms_overlaps": c.get("ms_overlaps") is True}
         for c in candidates if isinstance(c, dict) and _whole_size(c.get("test_size"))]
     return clean
 
