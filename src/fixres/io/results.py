@@ -204,6 +204,80 @@ class Candidates:
         return self.document
 
 
+# --------------------------------------------------------------------------- robustness under corruptions
+
+#: The uncorrupted photos' row of a robustness table.
+CLEAN = "clean"
+
+
+def _dicts(v) -> list[dict]:
+    return [x for x in v if isinstance(x, dict)] if isinstance(v, list) else []
+
+
+def _text(v) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _count(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Column ``a`` against column ``b`` under one corruption: photos each got right more often, the exact test's
+    p, Holm-adjusted ``p_holm`` (None in a result written before the correction), the difference in points."""
+
+    corruption: str
+    a: str
+    b: str
+    only_a: int | None
+    only_b: int | None
+    p: float | None
+    p_holm: float | None
+    difference: float | None
+
+    @property
+    def judged_p(self) -> float | None:
+        """The p a verdict reads: Holm-adjusted where the result has it, else the raw p."""
+        return self.p_holm if self.p_holm is not None else self.p
+
+
+@dataclass(frozen=True)
+class RobustnessTable:
+    """Top-1 under corruptions per column (``fixres.method.robustness.corruption_table``: robustness.json of a run,
+    corruptions.json of ``fixres eval --corruptions``), read defensively: a field that is not what the schema says
+    is missing, and a test without a corruption, both columns or a p is left out."""
+
+    columns: tuple[str, ...]
+    #: {"corruption", "severity", column: top-1} per corruption and severity; ``mean``: per corruption
+    rows: tuple[dict, ...]
+    mean: tuple[dict, ...]
+    paired: tuple[PairedTest, ...]
+    n_images: float | None
+    seed: object
+    seconds: float | None
+    severities: tuple | None
+
+    @classmethod
+    def from_json(cls, doc) -> "RobustnessTable":
+        doc = doc if isinstance(doc, dict) else {}
+        cols = doc.get("columns")
+        tests = tuple(PairedTest(corruption=t["corruption"], a=t["a"], b=t["b"], only_a=_count(t.get("only_a")),
+                                 only_b=_count(t.get("only_b")), p=number(t.get("p")),
+                                 p_holm=number(t.get("p_holm")), difference=number(t.get("difference")))
+                      for t in _dicts(doc.get("paired"))
+                      if all(_text(t.get(k)) is not None for k in ("corruption", "a", "b")))
+        severities = doc.get("severities")
+        return cls(columns=tuple(c for c in cols if isinstance(c, str)) if isinstance(cols, list) else (),
+                   rows=tuple(_dicts(doc.get("rows"))), mean=tuple(_dicts(doc.get("mean"))), paired=tests,
+                   n_images=number(doc.get("n_images")), seed=doc.get("seed"), seconds=number(doc.get("seconds")),
+                   severities=tuple(severities) if isinstance(severities, list) else None)
+
+    @property
+    def corrected(self) -> bool:
+        return any(t.p_holm is not None for t in self.paired)
+
+
 # --------------------------------------------------------------------------- the headline
 
 @dataclass(frozen=True)
