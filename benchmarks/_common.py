@@ -10,13 +10,17 @@ public API (``fixres.load``)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
+
+# Internal on purpose: what a benchmark shares with the product is the product's own code: its noise statistics
+# (standard errors, p-values), its loader's worker count, its atomic JSON writer and its size-list parser.
+from fixres.choosing.significance import binomial_se, paired_test, sign_p  # noqa: F401
+from fixres.cli.args import int_list  # noqa: F401
+from fixres.data.loaders import default_workers  # noqa: F401
+from fixres.io.atomic import write_json  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 #: Real photos (see its README); FIXRES_SHARED_DATA points elsewhere.
@@ -104,53 +108,6 @@ def spread_sample(samples, n: int) -> list:
 
 # --------------------------------------------------------------------------- helpers every benchmark shares
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (a temporary file beside ``path``, then ``os.replace``): a reader
-    sees the old file or the new one, never half of one. numpy values and paths are stored as plain JSON;
-    NaN or infinity is refused (JSON cannot hold it)."""
-    def plain(value: Any) -> Any:
-        if hasattr(value, "tolist"):
-            return value.tolist()
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-    path = Path(path)
-    try:
-        text = json.dumps(obj, indent=2, default=plain, allow_nan=False) + "\n"
-    except ValueError:
-        raise ValueError(f"refusing to write {path}: it holds NaN or infinity, which JSON cannot store") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; give it the mode a plain open() would
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def int_list(text: str) -> list[int]:
-    """Test sizes as the command line writes them: '128,160,192' or '128:384:32' (start:stop:step, inclusive)."""
-    text = text.strip()
-    try:
-        if ":" in text:
-            start, stop, step = (int(v) for v in text.split(":"))
-            values = list(range(start, stop + 1, step)) if step > 0 else []
-        else:
-            values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected sizes like 128,160,192 or 128:384:32, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive sizes like 128,160,192 or 128:384:32, got {text!r}")
-    return values
-
-
 def split_index(data: str | os.PathLike, split: str = "val", *, classes: Sequence[str] | None = None):
     """The photos of ``split`` ("train" or "val": the root's train/ or val/ folder, else the root itself) as a
     ``FolderIndex`` (``.samples``: (path, label) pairs; ``.classes``), indexed as every fixres command indexes a
@@ -158,9 +115,3 @@ def split_index(data: str | os.PathLike, split: str = "val", *, classes: Sequenc
     validation folder mapped onto ``classes`` (the training classes) by name when they are given."""
     from fixres.api import as_index
     return as_index(Path(data), split, classes=list(classes) if classes is not None else None)
-
-
-# Internal on purpose: a benchmark's workers, standard errors and p-values are the ones the product uses and
-# prints (fixres.data.loaders picks the workers; fixres.choosing.significance is the noise statistics).
-from fixres.choosing.significance import binomial_se, paired_test, sign_p  # noqa: E402, F401
-from fixres.data.loaders import default_workers  # noqa: E402, F401
