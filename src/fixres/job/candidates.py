@@ -44,6 +44,8 @@ from fixres.method.finetuning import default_lr, finetune
 from fixres.runtime.cost import measure_costs
 from fixres.runtime.progress import format_duration
 
+#: The select step's working folder: one subfolder per candidate size.
+CANDIDATES_DIR = "candidates"
 ADAPTED_NAME = "adapted.safetensors"
 RESULT_NAME = "candidate.json"
 #: A candidate's fine-tuning record, beside its adapted tensors.
@@ -184,17 +186,26 @@ def _before_on(x: "FixContext", samples, sizes: Sequence[int], *, outcomes: bool
             for r in res["rows"]}
 
 
+def candidate_folder(x: "FixContext", size: int) -> Path:
+    """Where the select step keeps the candidate fixed at ``size``: its adapted tensors, its records."""
+    return x.run_dir / CANDIDATES_DIR / str(size)
+
+
+def load_candidate(x: "FixContext", model, size: int) -> None:
+    """The candidate fixed at ``size`` over ``model`` (which holds the weights before the fix)."""
+    load_adapted(model, candidate_folder(x, size) / ADAPTED_NAME)
+
+
 def restore_candidate(x: "FixContext", model, size: int) -> dict:
-    """The candidate fixed at ``size`` restored over ``model`` (which holds the weights before the fix) from the
-    select step's folder: its adapted tensors loaded; returns its fine-tuning record."""
-    folder = x.run_dir / "candidates" / str(size)
-    load_adapted(model, folder / ADAPTED_NAME)
-    return read_document(folder / FINETUNE_RECORD)
+    """The candidate fixed at ``size`` restored over ``model`` from the select step's folder; returns its
+    fine-tuning record."""
+    load_candidate(x, model, size)
+    return read_document(candidate_folder(x, size) / FINETUNE_RECORD)
 
 
 def _fix_candidate(x: "FixContext", size: int) -> dict:
     """One candidate: fine-tuned from the model before the fix, its adapted tensors kept, scored (cached)."""
-    folder = x.run_dir / "candidates" / str(size)
+    folder = candidate_folder(x, size)
     if (folder / RESULT_NAME).is_file():  # finished before a kill, with the same inputs (else wiped): resumed
         return read_document(folder / RESULT_NAME)
     model = x.work(holds=f"candidate {size}")

@@ -6,8 +6,9 @@ on it at a low train size with RandomResizedCrop, so a newcomer sees the whole m
 
 The job is a table of steps (``STEP_TABLE``): each row names a step's description, its key (what its result
 depends on, ``fixres.job.keys``) and its function (``fixres.job.steps``, ``fixres.job.candidates``); the run's
-config and shared state are ``fixres.job.context``, the printed plan ``fixres.job.plan``. Every step writes
-``RUN_DIR/<step>.json`` atomically and is recorded in ``state.json`` with its *key*: every input its
+config and shared state are ``fixres.job.context``, the printed plan ``fixres.job.plan``. Every step returns its
+result; the pipeline writes it as ``RUN_DIR/<step>.json`` (the schema: ``fixres.io.results``), hands it on in
+``FixContext.results``, and records the step in ``state.json`` with its *key*: every input its
 result depends on (the settings it reads, the content hash of the checkpoint, a fingerprint of the
 data index, and the keys of the steps it reads from). A rerun recomputes exactly the steps whose key
 changed, and the steps downstream of them, and says which inputs changed; with nothing changed it
@@ -63,7 +64,7 @@ from fixres.runtime import dist, engine
 from fixres.runtime import progress as prog
 
 #: Working folders of steps: wiped when the step's inputs changed (their partial state would not fit).
-STEP_FOLDERS = {"train": ("train",), "schedule": ("schedule",), "select": ("candidates",),
+STEP_FOLDERS = {"train": ("train",), "schedule": ("schedule",), "select": (candidates.CANDIDATES_DIR,),
                 "finetune": ("finetune", "export")}
 
 
@@ -214,6 +215,8 @@ def _execute(x: FixContext, i: int, step: Step, recomputed: dict) -> None:
     output = x.run_dir / (step.output or f"{step.name}.json")
     why = x.state.stale(step.name, key, output)
     document = read_document(output) if why is None else None
+    if why is None and document is None:
+        why = ["its result file could not be read"]
     if document is not None and not (step.name == "report" and x.state.ran):
         x.say(f"[{i}/{n}] {step.name}: {step.describe(x)} (done)")
         result = step.resume(x, document)

@@ -1,7 +1,7 @@
 """The steps of ``fixres fix`` that are not the candidate fixes: data, train, analyze, sweeps, finetune, stats, report.
 
-Each ``run_*`` reads the run's context and writes its result atomically as ``RUN_DIR/<step>.json``; the
-candidate fixes and the fine-tuning schedule are ``fixres.job.candidates``.
+Each ``run_*`` reads the run's context and returns its result, which the pipeline (``fixres.job.pipeline``)
+writes as ``RUN_DIR/<step>.json``; the candidate fixes and the fine-tuning schedule are ``fixres.job.candidates``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from fixres.data.synth import make_dataset
 from fixres.io.atomic import plain_json, write_json
 from fixres.io.results import Headline, Sweep
 from fixres.job import candidates
-from fixres.job.candidates import load_adapted
 from fixres.job.context import STATS_IMAGES, FixContext, stats_sizes_of, strip_private
 from fixres.job.headline import headline_of
 from fixres.method import analysis
@@ -201,7 +200,7 @@ def robustness_columns(x: FixContext) -> dict:
         if f is None:
             return {f"untuned at {s}px": (x.base(), s), **({f"untuned at {t}px": (x.base(), t)} if s != t else {})}
         model = x.work(holds=f"candidate {f}")
-        load_adapted(model, x.run_dir / "candidates" / str(f) / candidates.ADAPTED_NAME)
+        candidates.load_candidate(x, model, f)
         cols = {f"fixed at {f}px": (model, int(f)), f"untuned at {t}px": (x.base(), t)}
         cols.update({f"untuned at {size}px": (x.base(), size) for size in (s, int(f)) if size != t})
         return cols
