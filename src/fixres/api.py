@@ -26,7 +26,8 @@ from fixres.choosing.significance import binomial_se
 from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FINETUNE_EPOCHS, DEFAULT_PARTS, DataConfig, default_out
 from fixres.data import folders as _data
 from fixres.errors import UsageError
-from fixres.io.results import UNTUNED, FixRun
+from fixres.io.results import FixRun
+from fixres.io.served import UNTUNED
 from fixres.job import pipeline as _pipeline
 from fixres.method import adaptation as _adapt
 from fixres.method import analysis as _analysis

@@ -72,14 +72,14 @@ def test_a_given_checkpoint_is_not_chosen_on_its_training_photos(given):
     assert [c["test_size"] for c in cands] == [32, 64]
     assert all(c["holdout_after"] is None and c["seen_after"]["n"] == sel["n_seen"] > 0 for c in cands)
     # the rigged training photos would pick 64; the choice follows the validation halves only
-    assert choice.seen_check["size_chosen_on_seen"] == 64
+    assert choice.seen_check.size_chosen_on_seen == 64
     outcomes = {c["test_size"]: read_bits(c["val_after"]["outcomes"]) for c in cands}
     labels = [int(p.parent.name.split("_")[1]) for p in sorted((given["data"] / "val").rglob("*.jpg"))]
     halves = stratified_halves(labels, seed=0)
     expect = cross_select(outcomes, halves, costs={}, train_size=32)
-    assert (choice.cross["size_half_a"], choice.cross["size_half_b"]) == (expect["size_half_a"],
+    assert (choice.cross.size_half_a, choice.cross.size_half_b) == (expect["size_half_a"],
                                                                                 expect["size_half_b"])
-    assert choice.cross["top1"] == pytest.approx(expect["top1"])
+    assert choice.cross.top1 == pytest.approx(expect["top1"])
     full = {s: 100.0 * sum(o) / len(o) for s, o in outcomes.items()}
     assert choice.test_size == max(full, key=lambda s: (full[s], -abs(s - 32), -s))  # exported: all of val
 
@@ -87,7 +87,7 @@ def test_a_given_checkpoint_is_not_chosen_on_its_training_photos(given):
 def test_the_cross_selected_headline_is_in_the_report_and_the_terminal(given, capsys):
     head = given["result"].headline
     assert head.headline_rule == "cross-val"
-    assert head.top1_fixed == pytest.approx(given["result"].choice.cross["top1"])
+    assert head.top1_fixed == pytest.approx(given["result"].choice.cross.top1)
     html = Path(given["result"].report).read_text(encoding="utf-8")
     assert "Which photos chose: two-fold cross-selection" in html and "Cross-selection: half A" in html
     assert "choosing on them would have picked 64 px" in html

@@ -135,11 +135,11 @@ def test_the_export_states_the_unbiased_top1_and_its_rule(served_run):
     run = served_run["run"]
     meta = json.loads((run / "export" / "fixres.json").read_text())
     cross = served_run["result"].choice.cross
-    assert meta["top1_rule"] == "cross-val" and meta["top1"] == pytest.approx(cross["top1"])
+    assert meta["top1_rule"] == "cross-val" and meta["top1"] == pytest.approx(cross.top1)
     assert meta["accuracy"]["top1"] == meta["top1"]
     assert "top1_all_val_optimistic" in meta["accuracy"]  # the all-val figure only under a name that says so
     head = served_run["result"].headline
-    assert head.served_kind == "untuned" and head.top1_served == pytest.approx(cross["top1"])
+    assert head.served_kind == "untuned" and head.top1_served == pytest.approx(cross.top1)
     assert head.best_untuned_optimistic is True
 
 

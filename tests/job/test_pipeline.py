@@ -59,8 +59,8 @@ def test_fix_runs_every_step_and_exports_a_loadable_fixed_model(tiny_run):
     assert meta["top1"] == head.top1_fixed and meta["top1_rule"] == RULE_HELD_OUT
     # The served model against the untuned one on the same validation photos: paired tests, not error bars.
     paired = result.choice.paired_val
-    assert {"paired_vs_untuned", "paired_vs_train_size"} <= set(paired)
-    assert paired["untuned_top1"] == head.top1_untuned_at_test_size
+    assert paired.paired_vs_untuned is not None and paired.paired_vs_train_size is not None
+    assert paired.untuned_top1 == head.top1_untuned_at_test_size
     trained = load_state_dict(run / "train" / "model.safetensors")
     exported = load_state_dict(run / "export" / "model.safetensors")
     assert trained.keys() == exported.keys()

@@ -51,7 +51,7 @@ def test_an_interrupted_step_resumes_only_with_the_same_inputs(tmp_path):
     assert not reopened.partial_matches("finetune", {**KEY, "interpolation": "bicubic"})
     assert not reopened.partial_matches("train", KEY)
     reopened.forget("finetune")
-    assert RunState(tmp_path).record("finetune") == {}
+    assert RunState(tmp_path).record("finetune") is None
 
 
 @pytest.mark.parametrize("content", [b'{"version": 2, "steps": {"train": ', b"\xff\xfe not utf-8", b"[1, 2, 3]",
@@ -59,16 +59,17 @@ def test_an_interrupted_step_resumes_only_with_the_same_inputs(tmp_path):
 def test_a_corrupt_state_file_starts_the_run_over(tmp_path, content):
     (tmp_path / STATE_NAME).write_bytes(content)
     state = RunState(tmp_path)
-    assert not state.old_format and state.state["steps"] == {} and state.state["version"] == STATE_VERSION
+    assert not state.old_format and state.steps == {}
     assert state.stale("train", KEY, None) == [NOT_RUN]
     state.begin("train", KEY)  # and the next write replaces it with a valid one
-    assert json.loads((tmp_path / STATE_NAME).read_text())["steps"]["train"]["done"] is False
+    written = json.loads((tmp_path / STATE_NAME).read_text())
+    assert written["steps"]["train"]["done"] is False and written["version"] == STATE_VERSION
 
 
 def test_an_older_state_file_is_named_as_such(tmp_path):
     (tmp_path / STATE_NAME).write_text(json.dumps({"version": STATE_VERSION - 1, "steps": {"train": {"done": True}}}))
     state = RunState(tmp_path)
-    assert state.old_format and state.state["steps"] == {}
+    assert state.old_format and state.steps == {}
     assert state.stale("train", KEY, None) == [OLD_STATE]
 
 
@@ -76,4 +77,4 @@ def test_restart_ignores_a_valid_state_file(tmp_path):
     out = tmp_path / "train.json"
     _finished(tmp_path, out)
     state = RunState(tmp_path, restart=True)
-    assert state.state["steps"] == {} and state.stale("train", KEY, out) == [NOT_RUN]
+    assert state.steps == {} and state.stale("train", KEY, out) == [NOT_RUN]

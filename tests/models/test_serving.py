@@ -198,7 +198,8 @@ def _fix_result(fixed_run, **headline):
     from dataclasses import fields
 
     from fixres.api import FixResult
-    from fixres.io.results import Choice, Headline
+    from fixres.io.results import Headline
+    from fixres.io.served import Choice
     blank = {f.name: None for f in fields(Headline)} | {"timings": {}, "seconds_total": 0.0, "served_kind": "fixed",
                                                        "n_swept_sizes": 0}
     choice = Choice(test_size=48, kind=headline.get("served_kind", "fixed"), method="held-out", reason="",

@@ -12,10 +12,7 @@ from fixres.choosing.best import best_row
 from fixres.choosing.outcomes import paired_on_read, percent_correct, read_bits
 from fixres.choosing.significance import ALPHA, binomial_se
 from fixres.errors import UsageError
-
-#: What is served: the model fixed at a size, or the model as trained evaluated at a size.
-FIXED, UNTUNED = "fixed", "untuned"
-
+from fixres.io.served import FIXED, UNTUNED
 
 #: How the served candidate is chosen: the cheapest not worse than the best beyond noise (the default), or the
 #: most accurate fixed candidate whatever it costs.

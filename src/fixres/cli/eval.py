@@ -306,7 +306,7 @@ def format_table(result: dict) -> str:
                      f"{r['top1_se']:<5.2f}  {r['top5']:>8.2f} ± {r['top5_se']:<5.2f}"
                      + _calibration_cells(r, scaled)
                      + ("  (10-crop)" if r["ten_crop"] else ""))
-    for e in result.get("ensembles", []):
+    for e in result["ensembles"]:
         name = "+".join(map(str, e["test_sizes"]))
         lines.append(f"{name:>9} {'ens.':>6} {'':>6}  {e['top1']:>12.2f} ± {e['top1_se']:<5.2f}  "
                      f"{e['top5']:>8.2f} ± {e['top5_se']:<5.2f}" + _calibration_cells(e, scaled))

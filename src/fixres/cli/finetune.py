@@ -151,7 +151,7 @@ def run(args):
                             extra={"adaptation": {"method": "finetune", "parts": result["parts"],
                                                   "augment": fc.augment, "epochs": fc.epochs}}, onnx=fc.onnx)
         result["export"] = str(path)
-    b, a = result.get("before"), result.get("after")
+    b, a = result["before"], result["after"]
     t = result["timing"]
     lines = [f"{bundle.name}: fine-tuned {', '.join(result['trainable']) or '(statistics only)'} at {test_size}px "
              f"({fc.epochs} epochs, {fc.augment} DA, "

@@ -158,14 +158,14 @@ def _noise_line(h, choice) -> str:
     if not n or served is None:
         return "  noise: n/a"
     line = f"  noise: binomial SE {binomial_se(served, n):.1f} points on {n} images"
-    tests = choice.cross or choice.paired_val or {}
+    tests = choice.cross or choice.paired_val
     same = "at the same cross-selected sizes" if choice.cross else f"at {h.test_size}px"
-    for key, top1_key, where in (("paired_vs_untuned", "untuned_top1", f"untuned {same}"),
-                                 ("paired_vs_train_size", "train_size_top1", f"untuned at {h.train_size}px")):
-        paired, other = tests.get(key), tests.get(top1_key)
-        if paired and other is not None:
-            verdict = "beyond noise" if paired["p"] < ALPHA else "within noise"
-            line += (f"; served vs {where}: {served - other:+.1f} points (paired p {paired['p']:.3g}: {verdict})")
+    for paired, other, where in (
+            (tests and tests.paired_vs_untuned, tests and tests.untuned_top1, f"untuned {same}"),
+            (tests and tests.paired_vs_train_size, tests and tests.train_size_top1, f"untuned at {h.train_size}px")):
+        if paired and paired.p is not None and other is not None:
+            verdict = "beyond noise" if paired.p < ALPHA else "within noise"
+            line += (f"; served vs {where}: {served - other:+.1f} points (paired p {paired.p:.3g}: {verdict})")
     return line
 
 
@@ -184,21 +184,21 @@ def _rule_lines(choice, h) -> list[str]:
     lines = [f"  rule: {choice.rule_text}"] if choice.rule_text else []
     cross, seen = choice.cross, choice.seen_check
     if cross:
-        line = (f"  cross-selected (half A chose {cross.get('half_a', cross['size_half_a'])}, half B "
-                f"{cross.get('half_b', cross['size_half_b'])}; each half scored by the other's choice): "
-                f"{_pm(cross['top1'], cross.get('top1_se'))} on {cross['n']} photos")
-        if cross.get("paired_vs_untuned"):
-            line += (f"; untuned at the same sizes {_pm(cross['untuned_top1'], None)} "
-                     f"(paired p {cross['paired_vs_untuned']['p']:.3g})")
+        line = (f"  cross-selected (half A chose {cross.half_a or cross.size_half_a}, half B "
+                f"{cross.half_b or cross.size_half_b}; each half scored by the other's choice): "
+                f"{_pm(cross.top1, cross.top1_se)} on {cross.n} photos")
+        if cross.paired_vs_untuned and cross.paired_vs_untuned.p is not None:
+            line += (f"; untuned at the same sizes {_pm(cross.untuned_top1, None)} "
+                     f"(paired p {cross.paired_vs_untuned.p:.3g})")
         lines.append(line)
         if h.top1_fixed_all_val is not None:
             lines.append(f"  on all validation photos at the exported {h.test_size}px: "
                          f"{_pm(h.top1_fixed_all_val, None)} (the size was chosen on them: optimistic)")
-    if seen and seen.get("seen_top1_at_train_size") is not None:
-        lines.append(f"  for comparison: {seen['n']} training photos (the model may have trained on them) score "
-                     f"{_pm(seen['seen_top1_at_train_size'], None)} at {h.train_size}px against "
-                     f"{_pm(seen['val_top1_at_train_size'], None)} on val; choosing on them would pick "
-                     f"{seen['size_chosen_on_seen']}px")
+    if seen and seen.seen_top1_at_train_size is not None:
+        lines.append(f"  for comparison: {seen.n} training photos (the model may have trained on them) score "
+                     f"{_pm(seen.seen_top1_at_train_size, None)} at {h.train_size}px against "
+                     f"{_pm(seen.val_top1_at_train_size, None)} on val; choosing on them would pick "
+                     f"{seen.size_chosen_on_seen}px")
     return lines
 
 
@@ -217,17 +217,17 @@ def _candidate_lines(selected, chosen: int) -> list[str]:
     """The model's own table 5 (right): val top-1 before and after the fix at every candidate size (the rows the
     report's table shows)."""
     from fixres.report.choice import OVERLAP_NOTE, candidate_rows
-    sel = selected.document if selected is not None else None
-    if not sel:
+    table = selected.table if selected is not None else None
+    if not table:
         return []
-    held = "train photos" if sel.get("n_seen") else "held-out"
-    rows = candidate_rows(sel, chosen)
+    held = "train photos" if table.n_seen else "held-out"
+    rows = candidate_rows(table, chosen)
     lines = ["  " + " ".join(f"{title.format(held=held):>{w}}" for _, title, w in TERMINAL_COLUMNS)]
     lines += ["  " + " ".join(f"{row[key]:>{w}}" for key, _, w in TERMINAL_COLUMNS) for row in rows]
-    if any(c.get("ms_overlaps") for c in sel["candidates"]):
+    if any(c.ms_overlaps for c in table.candidates):
         lines.append(f"  ({OVERLAP_NOTE})")
-    if sel.get("dropped"):
-        lines.append(f"  (not fixed, over the time budget: {', '.join(map(str, sel['dropped']))}px)")
+    if table.dropped:
+        lines.append(f"  (not fixed, over the time budget: {', '.join(map(str, table.dropped))}px)")
     return lines
 
 

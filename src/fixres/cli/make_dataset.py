@@ -28,7 +28,8 @@ def run(args):
                           val_per_class=args.val_per_class, seed=args.seed, overwrite=args.overwrite,
                           workers=args.workers, progress=not args.quiet)
     fr = result["object_fraction"]
-    verb = "reused" if result.get("reused") else f"generated in {result.get('seconds', 0):.1f}s"
+    # make_dataset writes "reused" always and "seconds" whenever it generated
+    verb = "reused" if result["reused"] else f"generated in {result['seconds']:.1f}s"
     text = (f"{result['root']}: {result['counts']['train']} train + {result['counts']['val']} val photos, "
             f"{len(result['classes'])} classes ({verb})\n"
             f"  apparent object size r / sqrt(HW): median {fr['quantiles']['0.5']:.2f}, "

@@ -73,7 +73,7 @@ def run(args):
 
 def _table(before: dict, after: dict | None, train_size: int) -> list[str]:
     """Zeros, > 2, negatives (when any), mean and the KS distance to the pooled values at T, per size."""
-    negative = any(r["frac_negative"] > 0 for r in before["sizes"] + (after or {}).get("sizes", []))
+    negative = any(r["frac_negative"] > 0 for r in before["sizes"] + (after["sizes"] if after else []))
     neg_head = f" {'< 0 %':>7}" if negative else ""
     lines = [f"  {'test_size':>9} {'zeros %':>8} {'> 2 %':>7}{neg_head} {'mean':>7} {f'KS to {train_size}':>9}"
              + ("   adapted: zeros %  > 2 %  KS to " + str(train_size) if after else "")]

@@ -198,7 +198,7 @@ def run_training(rc: TrainRunConfig, env) -> dict:
                    model_name=bundle.name, max_steps=rc.max_steps, epoch_length_factor=rc.epoch_length_factor,
                    optimizer=rc.optimizer)
     result.update({"model": bundle.name, "source": bundle.source, "transfer": transfer,
-                   "new_head": bundle.meta.get("new_head"), "num_classes": num_classes,
+                   "new_head": bundle.new_head, "num_classes": num_classes,
                    "classes": train_index.classes, "train_dir": str(train_index.root), "val_dir": str(val_index.root),
                    "device": str(env.device)})
     return result
@@ -223,26 +223,26 @@ def _load(rc: TrainRunConfig, num_classes: int):
 def summary_text(r: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{v:.1f}%"
-    f = r["final"]
+    f = r["final"]  # train() writes every key of "final", None where unknown
     h = r["hparams"]
-    lines = [f"trained {r['model']} at {r['train_size']}px for {f.get('epoch')} epoch(s) "
+    lines = [f"trained {r['model']} at {r['train_size']}px for {f['epoch']} epoch(s) "
              f"({'transfer' if r['transfer'] else 'from scratch'}; batch {h['batch_size']}, lr {h['lr']:.4g}, "
-             f"{h['schedule']} schedule, repeats {h['repeats']}, epoch {h.get('epoch_length_factor', 1):g}N samples, "
+             f"{h['schedule']} schedule, repeats {h['repeats']}, epoch {h['epoch_length_factor']:g}N samples, "
              f"{h['precision']}) in {r['wall_s']:.0f} s"
-             + (f" (resumed after epoch {r['resumed_from']})" if r.get("resumed_from") else "")]
-    if f.get("val_top1"):
-        lines.append(f"  val top-1: {pct(f.get('val_top1_train_size'))} at the train size {r['train_size']}px, "
-                     f"{pct(f.get('val_top1_test_size'))} at the recommended test size {r['test_size']}px")
+             + (f" (resumed after epoch {r['resumed_from']})" if r["resumed_from"] else "")]
+    if f["val_top1"]:
+        lines.append(f"  val top-1: {pct(f['val_top1_train_size'])} at the train size {r['train_size']}px, "
+                     f"{pct(f['val_top1_test_size'])} at the recommended test size {r['test_size']}px")
         others = {k: v for k, v in f["val_top1"].items() if int(k) not in (r["train_size"], r["test_size"])}
         if others:
             lines.append("  also: " + ", ".join(f"{pct(v)} at {k}px" for k, v in others.items()))
-    if r.get("forward_ms") is not None:
+    if r["forward_ms"] is not None:
         lines.append(f"  per batch of {h['batch_size'] // h['world_size']}: forward {r['forward_ms']:.1f} ms, "
                      f"backward {r['backward_ms']:.1f} ms; {r['images_per_s'] or 0:.1f} images/s")
     if r["skipped"]:
         lines.append(f"  skipped {len(r['skipped'])} unreadable image(s), e.g. {r['skipped'][0]['path']}")
-    if r.get("model_path"):
-        lines.append(f"  weights: {r['model_path']} (+ {r.get('meta_path')}); log: {r['out_dir']}/log.jsonl")
+    if "model_path" in r:  # written with "meta_path" when the run exported its model (not when stopped early)
+        lines.append(f"  weights: {r['model_path']} (+ {r['meta_path']}); log: {r['out_dir']}/log.jsonl")
         lines.append(f"  next: fixres fix --checkpoint {r['model_path']} --data DATA --train-size {r['train_size']} "
                      "(chooses the test size after fixing and writes a report; or fixres finetune for one size)")
     return "\n".join(lines)

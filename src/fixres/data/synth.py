@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from fixres.config import DEFAULT_CLASSES, DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL_PER_CLASS
 from fixres.errors import UsageError
+from fixres.io import schema
 from fixres.io.atomic import write_json
 from fixres.runtime.progress import bar
 
@@ -111,12 +112,8 @@ def class_names(classes: int) -> list[str]:
 # --------------------------------------------------------------------------- shapes and textures
 
 def _star(points: int, inner: float) -> list[tuple[float, float]]:
-    out = []
-    for i in range(2 * points):
-        rad = 1.0 if i % 2 == 0 else inner
-        a = math.pi * i / points - math.pi / 2
-        out.append((rad * math.cos(a), rad * math.sin(a)))
-    return out
+    radii_angles = [(1.0 if i % 2 == 0 else inner, math.pi * i / points - math.pi / 2) for i in range(2 * points)]
+    return [(rad * math.cos(a), rad * math.sin(a)) for rad, a in radii_angles]
 
 
 def _regular(n: int, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
@@ -298,10 +295,8 @@ def photo_bytes(cfg: SynthConfig, split: str, label: int, i: int) -> tuple[bytes
 # --------------------------------------------------------------------------- the data set
 
 def _default_workers() -> int:
-    try:
-        return max(1, min(4, len(os.sched_getaffinity(0))))
-    except AttributeError:
-        return max(1, min(4, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
 def _write_class(job) -> tuple[list[float], dict[str, int]]:
@@ -318,6 +313,14 @@ def _write_class(job) -> tuple[list[float], dict[str, int]]:
         key = f"{geom['width']}x{geom['height']}"
         sizes[key] = sizes.get(key, 0) + 1
     return fractions, sizes
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    """What decides whether a folder's manifest is this data set: who wrote it, which drawing, which settings."""
+    generator: str | None = None
+    generator_version: int | None = None
+    config: dict | None = None
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
@@ -347,10 +350,11 @@ def make_dataset(out: str | os.PathLike, *, classes: int = DEFAULT_CLASSES,
     shown = str(out)
     out = Path(os.path.abspath(out))  # "." has no name to put a sibling next to
     existing = read_manifest(out)
-    if (existing is not None and existing.get("config") == cfg.to_dict()
-            and existing.get("generator_version") == GENERATOR_VERSION and not overwrite):
+    head = schema.parse_or_none(ManifestHead, existing)
+    same = head is not None and (head.config, head.generator_version) == (cfg.to_dict(), GENERATOR_VERSION)
+    if same and not overwrite:
         return {**existing, "root": shown, "reused": True}
-    _check_replaceable(out, shown, existing, overwrite)
+    _check_replaceable(out, shown, head, overwrite)
 
     start = time.perf_counter()
     names = class_names(classes)
@@ -385,28 +389,25 @@ def _write_classes(jobs: list, workers: int, pbar) -> tuple[list[float], dict[st
     the object fractions and photo-size counts of all of them, in the order of ``jobs``."""
     fractions: list[float] = []
     sizes: dict[str, int] = {}
+    def collect(results) -> None:
+        for job, (fr_part, size_part) in zip(jobs, results):
+            fractions.extend(fr_part)
+            for key, n in size_part.items():
+                sizes[key] = sizes.get(key, 0) + n
+            pbar.update(job[-1])
+
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         # spawn, not fork: the caller may hold torch's thread pools, which do not survive a fork.
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = pool.map(_write_class, jobs)
-            for job, (fr_part, size_part) in zip(jobs, results):
-                fractions.extend(fr_part)
-                for key, n in size_part.items():
-                    sizes[key] = sizes.get(key, 0) + n
-                pbar.update(job[-1])
+            collect(pool.map(_write_class, jobs))
     else:
-        for job in jobs:
-            fr_part, size_part = _write_class(job)
-            fractions.extend(fr_part)
-            for key, n in size_part.items():
-                sizes[key] = sizes.get(key, 0) + n
-            pbar.update(job[-1])
+        collect(map(_write_class, jobs))
     return fractions, sizes
 
 
-def _check_replaceable(out: Path, shown: str, existing: dict | None, overwrite: bool) -> None:
+def _check_replaceable(out: Path, shown: str, head: ManifestHead | None, overwrite: bool) -> None:
     """Refuse to generate over anything but an empty folder or (with ``overwrite``) an older data set.
 
     ``--overwrite`` replaces only a folder that holds a fixres data set (its manifest), never the
@@ -423,7 +424,7 @@ def _check_replaceable(out: Path, shown: str, existing: dict | None, overwrite: 
     real = os.path.realpath(out)
     if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
         raise UsageError(f"--overwrite refuses {shown}: it is the current directory or a folder above it")
-    if existing is None or existing.get("generator") != "fixres.data.synth":
+    if head is None or head.generator != "fixres.data.synth":
         raise UsageError(f"--overwrite refuses {shown}: it is not a fixres data set (no {MANIFEST} from "
                          "make-dataset); choose an empty or new --out")
 

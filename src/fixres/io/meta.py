@@ -12,7 +12,8 @@ writing the weights and ``fixres.json`` leaves no stale pair a loader would trus
 and a ``fixres.json`` that disagrees with it is named in a warning).
 
 Every field is checked against one schema (``FIELDS``) with a one-line error naming the field, so a
-truncated, hand-edited or hostile file is refused instead of raising KeyError/TypeError later. This
+truncated, hand-edited or hostile file is refused instead of raising KeyError/TypeError later. A document
+that passed is read once into ``ExportMeta`` (``parse_export_meta``), which code uses by attribute. This
 module imports neither ``fixres.models.loading`` nor ``fixres.models.export``: both import it (no cycle).
 """
 
@@ -22,12 +23,14 @@ import json
 import math
 import numbers
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from fixres.config import INTERPOLATION_NAMES, MAX_RGB_VALUE, MAX_SIZE, MIN_CROP_RATIO, MIN_STD, DataConfig
 from fixres.errors import UsageError
 from fixres.io.atomic import plain_json, write_json
+from fixres.io.schema import parse, parse_or_none
 from fixres.version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
@@ -134,6 +137,42 @@ FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
 }
 
 
+
+@dataclass(frozen=True)
+class ExportMeta:
+    """``fixres.json`` typed (the ``FIELDS`` schema plus ``model_kwargs``), read from a validated document."""
+
+    num_classes: int
+    train_size: int
+    test_size: int
+    crop_ratio: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    format: str | None = None
+    fixres_version: str | None = None
+    model: str | None = None
+    class_names: tuple[str, ...] | None = None
+    accuracy: object = None
+    input_size: tuple[int, ...] | None = None
+    test_input_size: tuple[int, ...] | None = None
+    crop_pct: float | None = None
+    test_crop_pct: float | None = None
+    #: what ``create_model`` needs to rebuild the model as exported (e.g. the fixed input size it was moved to)
+    model_kwargs: dict[str, object] = field(default_factory=dict)
+
+
+def parse_export_meta(meta: Mapping[str, Any]) -> ExportMeta:
+    """A document ``validate_meta`` accepted (``read_export_meta``'s result) as an ``ExportMeta``."""
+    return parse(ExportMeta, dict(meta))
+
+
+@dataclass(frozen=True)
+class _SafetensorsHeader:
+    """The part of a safetensors header fixres reads: its string metadata (``__metadata__``)."""
+
+    metadata: dict[str, str] = field(default_factory=dict, metadata={"json": "__metadata__"})
+
 def _non_finite_field(obj: Any, where: str = "") -> str | None:
     """Path of the first NaN/inf number inside ``obj`` (JSON cannot hold them), else None."""
     if isinstance(obj, numbers.Real) and not math.isfinite(obj):  # numbers.Real: numpy scalars too
@@ -161,13 +200,15 @@ def validate_meta(meta: Any, *, source: str) -> dict:
         problem = check(meta[name])
         if problem:
             raise MetaError(f"{source}: field {name!r}: {problem}, got {_short(meta[name])}")
-    names = meta.get("class_names")
-    if names is not None and len(names) != meta["num_classes"]:
+    typed = parse_export_meta(meta)  # every field read above is of its type now
+    names = typed.class_names
+    if names is not None and len(names) != typed.num_classes:
         raise MetaError(f"{source}: field 'class_names' has {len(names)} names but 'num_classes' is "
-                        f"{meta['num_classes']}")
-    for key, size in (("input_size", "train_size"), ("test_input_size", "test_size")):
-        if meta.get(key) is not None and meta[key][-1] != meta[size]:
-            raise MetaError(f"{source}: field {key!r} {meta[key]} disagrees with {size!r} {meta[size]}")
+                        f"{typed.num_classes}")
+    for key, shape, size, value in (("input_size", typed.input_size, "train_size", typed.train_size),
+                                    ("test_input_size", typed.test_input_size, "test_size", typed.test_size)):
+        if shape is not None and shape[-1] != value:
+            raise MetaError(f"{source}: field {key!r} {list(shape)} disagrees with {size!r} {value}")
     return meta
 
 
@@ -265,8 +306,9 @@ def read_header_meta(weights: str | Path) -> dict | None:
             header = json.loads((first + f.read(length - 1)).decode("utf-8"))
     except (OSError, ValueError):
         return None  # not a safetensors file: the weights loader says so
-    text = (header.get("__metadata__") or {}).get(HEADER_KEY) if isinstance(header, dict) else None
-    if not isinstance(text, str):
+    typed = parse_or_none(_SafetensorsHeader, header)
+    text = typed.metadata.get(HEADER_KEY) if typed is not None else None
+    if text is None:
         return None
     value = _parse_json(text.encode("utf-8"), f"{weights} (header)")
     return value if isinstance(value, dict) else None

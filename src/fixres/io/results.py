@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from fixres.io.schema import SchemaError, dump, parse
+from fixres.io.served import Candidates, Choice
 
 #: Every step file a run folder may hold, in the order of the steps (``grid`` is the train x test grid's).
 STEP_FILES = ("run", "data", "train", "analyze", "sweep_before", "schedule", "select", "finetune", "export",
               "sweep_after", "stats", "robustness", "grid")
-#: What is served: the model fixed at a size, or the model as trained evaluated at a size.
-FIXED, UNTUNED = "fixed", "untuned"
 
 
 def number(v) -> float | None:
@@ -48,6 +49,29 @@ def read_documents(run_dir: Path) -> dict[str, dict]:
 # --------------------------------------------------------------------------- the analysis (eq. 5)
 
 @dataclass(frozen=True)
+class MonteCarlo:
+    """The apparent-size ratio sampled on the photos' own sizes."""
+
+    mean: float | None = None
+    recommended_test_size: int | None = None
+    recommended_test_size_exact: float | None = None
+
+
+@dataclass(frozen=True)
+class AnalysisDocument:
+    """analyze.json as the report reads it: every field may be missing or broken."""
+
+    ratio: float | None = None
+    recommended_test_size: int | None = None
+    recommended_test_size_exact: float | None = None
+    train_augment: str = "train"
+    crop_ratio: float | None = None
+    #: [width, height] per photo (a photo whose size is not two numbers is left out)
+    image_sizes: tuple[tuple[float, ...], ...] = ()
+    monte_carlo: MonteCarlo | None = None
+
+
+@dataclass(frozen=True)
 class Analysis:
     """Apparent object size at test relative to training on this data's photos, and the test size it implies."""
 
@@ -63,12 +87,13 @@ class Analysis:
 
     @classmethod
     def from_json(cls, doc: dict) -> "Analysis":
-        mc = doc.get("monte_carlo") or {}
-        exact = mc.get("recommended_test_size_exact") or doc.get("recommended_test_size_exact")
-        return cls(ratio=float(doc["ratio"]), recommended_test_size=int(doc["recommended_test_size"]),
-                   recommended_exact=float(exact or doc["recommended_test_size"]),
-                   train_augment=str(doc.get("train_augment", "train")), sampled_ratio=number(mc.get("mean")),
-                   document=doc)
+        an = parse(AnalysisDocument, doc)
+        if an.ratio is None or an.recommended_test_size is None:
+            raise SchemaError("analyze.json: no ratio or recommended test size")
+        mc = an.monte_carlo or MonteCarlo()
+        exact = mc.recommended_test_size_exact or an.recommended_test_size_exact or an.recommended_test_size
+        return cls(ratio=an.ratio, recommended_test_size=an.recommended_test_size, recommended_exact=exact,
+                   train_augment=an.train_augment, sampled_ratio=mc.mean, document=doc)
 
     def to_json(self) -> dict:
         return self.document
@@ -82,39 +107,75 @@ class SweepRow:
 
     test_size: int
     top1: float
-    top1_std: float | None
-    n: int
+    top1_std: float | None = None
+    n: int = 0
     nll: float | None = None
     ece: float | None = None
+    top1_se: float | None = None
 
     @classmethod
     def from_json(cls, row: dict) -> "SweepRow":
-        return cls(test_size=int(row["test_size"]), top1=float(row["top1"]), top1_std=number(row.get("top1_std")),
-                   n=int(row.get("n") or 0), nll=number(row.get("nll")), ece=number(row.get("ece")))
+        return parse(cls, row)
+
+    @property
+    def se(self) -> float | None:
+        """The error bar: the binomial standard error (from top-1 and n where a file lacks it)."""
+        return self.top1_se if self.top1_se is not None else binomial_se_of(self.top1, self.n)
+
+
+def binomial_se_of(top1: float | None, n: int | None) -> float | None:
+    """The binomial standard error (points) of a top-1 (percent) on ``n`` photos; None without both."""
+    if top1 is None or not n:
+        return None
+    p = top1 / 100.0
+    return 100.0 * max(p * (1 - p) / n, 0.0) ** 0.5
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Confidence against accuracy in bins (a reliability diagram)."""
+
+    confidence: tuple[float | None, ...] = ()
+    accuracy: tuple[float | None, ...] = ()
+    count: tuple[int | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that could not be read, and why."""
+
+    path: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
 class Sweep:
     """A model at every swept test size on the validation photos, and every photo's outcome per size."""
 
-    rows: tuple[SweepRow, ...]
-    n_images: int
-    seconds: float
+    rows: tuple[SweepRow, ...] = ()
+    n_images: int = 0
+    seconds: float = 0.0
     #: {size: per-photo outcomes as text} (``fixres.choosing.outcomes``); empty when not kept
-    outcomes: dict[str, str]
-    document: dict = field(repr=False, compare=False)
+    outcomes: dict[str, str] = field(default_factory=dict)
+    skipped: tuple[Skipped, ...] = ()
+    #: what the curve after the fix is (``fixres.report.page.AFTER_EACH_FIXED`` / ``AFTER_EXPORTED``)
+    after: str | None = None
+    #: {"<size>" or "<size>@<crop>": bins} at the sizes measured
+    reliability: dict[str, Reliability] = field(default_factory=dict)
+    document: dict = field(default_factory=dict, repr=False, compare=False, metadata={"transient": True})
 
     @classmethod
     def from_json(cls, doc: dict) -> "Sweep":
-        return cls(rows=tuple(SweepRow.from_json(r) for r in doc.get("rows") or ()),
-                   n_images=int(doc.get("n_images") or 0), seconds=float(doc.get("seconds") or 0.0),
-                   outcomes=dict(doc.get("outcomes") or {}), document=doc)
+        return parse(cls, doc, document=doc)
 
     def to_json(self) -> dict:
         return self.document
 
-    def at(self, test_size: int) -> SweepRow | None:
-        return next((r for r in self.rows if r.test_size == int(test_size)), None)
+    def at(self, test_size: int | None) -> SweepRow | None:
+        return None if test_size is None else next((r for r in self.rows if r.test_size == int(test_size)), None)
+
+    def reliability_at(self, test_size: int | None) -> Reliability | None:
+        return next((r for k, r in self.reliability.items() if k.split("@")[0] == str(test_size)), None)
 
     @property
     def sizes(self) -> list[int]:
@@ -131,151 +192,15 @@ class Schedule:
     epochs: int
     how: str
     #: schedule.json when the grid ran (its rows), else None
-    document: dict | None = field(default=None, repr=False, compare=False)
+    document: dict | None = field(default=None, repr=False, compare=False, metadata={"transient": True})
 
     @classmethod
     def from_json(cls, doc: dict) -> "Schedule":
-        return cls(lr=number(doc.get("lr")), epochs=int(doc["epochs"]), how=str(doc["how"]), document=doc)
+        return parse(cls, doc, document=doc)
 
     def to_json(self) -> dict:
         return self.document if self.document is not None else {"lr": self.lr, "epochs": self.epochs,
                                                                   "how": self.how}
-
-
-# --------------------------------------------------------------------------- what is served
-
-@dataclass(frozen=True)
-class Choice:
-    """The size served and what is served at it (the model fixed there, or as trained), and why."""
-
-    test_size: int
-    #: FIXED or UNTUNED; None for a label-free adaptation (always the adapted model)
-    kind: str | None
-    method: str
-    reason: str
-    chosen_on: str
-    recommended: int
-    n_images: int
-    why_not_recommended: str | None = None
-    #: the sentence on what is served and why (``fixres.choosing.serving.served_sentence``)
-    served: str | None = None
-    choose: str | None = None
-    rule: str | None = None
-    rule_text: str | None = None
-    best_fixed_size: int | None = None
-    best: str | None = None
-    as_good: tuple[str, ...] = ()
-    p_vs_best: float | None = None
-    cost_key: str | None = None
-    alpha: float | None = None
-    #: two-fold cross-selection on the validation photos: each half's choice, the pooled top-1 and paired tests
-    cross: dict | None = None
-    #: the served model against the untuned one on validation photos that did not choose (paired tests)
-    paired_val: dict | None = None
-    #: under cross-selection, what choosing on the training photos would have shown
-    seen_check: dict | None = None
-
-    @property
-    def untuned(self) -> bool:
-        return self.kind == UNTUNED
-
-    @classmethod
-    def from_json(cls, doc: dict) -> "Choice":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in doc.items() if k in known}
-        values["as_good"] = tuple(values.get("as_good") or ())
-        return cls(**values)
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out["as_good"] = list(self.as_good)
-        return out
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """Every candidate size fixed at its own size, scored and costed (select.json; None when the size needs no
-    choosing: label-free), and the choice made on them."""
-
-    document: dict | None
-    choice: Choice
-
-    def to_json(self) -> dict | None:
-        return self.document
-
-
-# --------------------------------------------------------------------------- robustness under corruptions
-
-#: The uncorrupted photos' row of a robustness table.
-CLEAN = "clean"
-
-
-def _dicts(v) -> list[dict]:
-    return [x for x in v if isinstance(x, dict)] if isinstance(v, list) else []
-
-
-def _text(v) -> str | None:
-    return v if isinstance(v, str) else None
-
-
-def _count(v) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """Column ``a`` against column ``b`` under one corruption: photos each got right more often, the exact test's
-    p, Holm-adjusted ``p_holm`` (None in a result written before the correction), the difference in points."""
-
-    corruption: str
-    a: str
-    b: str
-    only_a: int | None
-    only_b: int | None
-    p: float | None
-    p_holm: float | None
-    difference: float | None
-
-    @property
-    def judged_p(self) -> float | None:
-        """The p a verdict reads: Holm-adjusted where the result has it, else the raw p."""
-        return self.p_holm if self.p_holm is not None else self.p
-
-
-@dataclass(frozen=True)
-class RobustnessTable:
-    """Top-1 under corruptions per column (``fixres.method.robustness.corruption_table``: robustness.json of a run,
-    corruptions.json of ``fixres eval --corruptions``), read defensively: a field that is not what the schema says
-    is missing, and a test without a corruption, both columns or a p is left out."""
-
-    columns: tuple[str, ...]
-    #: {"corruption", "severity", column: top-1} per corruption and severity; ``mean``: per corruption
-    rows: tuple[dict, ...]
-    mean: tuple[dict, ...]
-    paired: tuple[PairedTest, ...]
-    n_images: float | None
-    seed: object
-    seconds: float | None
-    severities: tuple | None
-
-    @classmethod
-    def from_json(cls, doc) -> "RobustnessTable":
-        doc = doc if isinstance(doc, dict) else {}
-        cols = doc.get("columns")
-        tests = tuple(PairedTest(corruption=t["corruption"], a=t["a"], b=t["b"], only_a=_count(t.get("only_a")),
-                                 only_b=_count(t.get("only_b")), p=number(t.get("p")),
-                                 p_holm=number(t.get("p_holm")), difference=number(t.get("difference")))
-                      for t in _dicts(doc.get("paired"))
-                      if all(_text(t.get(k)) is not None for k in ("corruption", "a", "b")))
-        severities = doc.get("severities")
-        return cls(columns=tuple(c for c in cols if isinstance(c, str)) if isinstance(cols, list) else (),
-                   rows=tuple(_dicts(doc.get("rows"))), mean=tuple(_dicts(doc.get("mean"))), paired=tests,
-                   n_images=number(doc.get("n_images")), seed=doc.get("seed"), seconds=number(doc.get("seconds")),
-                   severities=tuple(severities) if isinstance(severities, list) else None)
-
-    @property
-    def corrected(self) -> bool:
-        return any(t.p_holm is not None for t in self.paired)
 
 
 # --------------------------------------------------------------------------- the headline
@@ -322,7 +247,7 @@ class Headline:
     CROSS_ONLY = ("headline_rule", "top1_fixed_all_val", "top1_untuned_same_choice")
 
     def to_json(self) -> dict:
-        out = asdict(self)
+        out = dump(self)
         if self.headline_rule is None:
             for key in self.CROSS_ONLY:
                 out.pop(key)
@@ -330,8 +255,7 @@ class Headline:
 
     @classmethod
     def from_json(cls, doc: dict) -> "Headline":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in known})
+        return parse(cls, doc)
 
 
 # --------------------------------------------------------------------------- the run

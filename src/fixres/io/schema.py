@@ -30,6 +30,16 @@ def _hints(cls: type) -> dict[str, object]:
     return typing.get_type_hints(cls)
 
 
+def _key(f: dataclasses.Field) -> str:
+    """The JSON name of a field: its own, or the one ``metadata={"json": ...}`` gives."""
+    return f.metadata["json"] if "json" in f.metadata else f.name
+
+
+def _transient(f: dataclasses.Field) -> bool:
+    """A field held in memory only (``metadata={"transient": True}``): never read from or written to JSON."""
+    return bool(f.metadata["transient"]) if "transient" in f.metadata else False
+
+
 def _scalar(tp, value):
     if tp is bool:
         return value if isinstance(value, bool) else _MISSING
@@ -91,16 +101,17 @@ def read_value(tp, value):
     return _scalar(tp, value)
 
 
-def parse(cls, doc):
-    """The result type ``cls`` read from the JSON object ``doc`` (see the module's rules)."""
+def parse(cls, doc, **given):
+    """The result type ``cls`` read from the JSON object ``doc`` (see the module's rules); ``given`` fields are
+    set as they are (a field marked ``transient``, such as the document itself, is never read from it)."""
     if not isinstance(doc, dict):
         raise SchemaError(f"{cls.__name__}: expected a JSON object, got {type(doc).__name__}")
     hints = _hints(cls)
-    values = {}
+    values = dict(given)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.name in given or _transient(f):
             continue
-        key = f.metadata.get("json", f.name)
+        key = _key(f)
         got = read_value(hints[f.name], doc[key]) if key in doc else _MISSING
         if got is not _MISSING:
             values[f.name] = got
@@ -121,8 +132,7 @@ def dump(value):
     """A result type (or any value holding them) as JSON-ready data: tuples as lists, result types as objects
     keyed by their fields' JSON names."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.metadata.get("json", f.name): dump(getattr(value, f.name))
-                for f in dataclasses.fields(value) if not f.metadata.get("transient")}
+        return {_key(f): dump(getattr(value, f.name)) for f in dataclasses.fields(value) if not _transient(f)}
     if isinstance(value, (list, tuple)):
         return [dump(v) for v in value]
     if isinstance(value, dict):

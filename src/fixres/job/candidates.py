@@ -34,7 +34,9 @@ from fixres.choosing.serving import (
 from fixres.choosing.significance import binomial_se, paired_test
 from fixres.io.atomic import write_json
 from fixres.io.checkpoint import load_state_dict, save_safetensors
-from fixres.io.results import Choice, read_document
+from fixres.io.results import read_document
+from fixres.io.schema import parse, parse_or_none
+from fixres.io.served import Choice, CrossSelection, PairedOnVal, SeenCheck
 from fixres.job.context import FixContext
 from fixres.method.adaptation import adapt
 from fixres.method.calibration import temperature_scale_model
@@ -294,9 +296,10 @@ def choose_after_fixing(x: "FixContext", sel: dict) -> Choice:
                   rule_text=CHOOSING_RULES.get(rule), reason="selected after fixing" if (n or cross) else how,
                   chosen_on=how, recommended=sel["recommended"], n_images=n or (sel["n_val"] if cross else 0),
                   why_not_recommended=_why_not_recommended(size, sel, rows, f"the {n} {x.chooser_words}" if n else
-                                                           "all validation photos"), cross=cross,
-                  paired_val=None if cross else _paired_on_val(x, val_options, size, kind),
-                  seen_check=_seen_check(x, sel, rows, budget))
+                                                           "all validation photos"),
+                  cross=None if cross is None else parse(CrossSelection, cross),
+                  paired_val=None if cross else parse_or_none(PairedOnVal, _paired_on_val(x, val_options, size, kind)),
+                  seen_check=parse_or_none(SeenCheck, _seen_check(x, sel, rows, budget)))
 
 
 def _paired_on_val(x: "FixContext", val_options: list[dict], size: int, kind: str) -> dict | None:

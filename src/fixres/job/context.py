@@ -43,7 +43,8 @@ from fixres.data.folders import (
 )
 from fixres.errors import FixresError, UsageError
 from fixres.io.checkpoint import load_state_dict
-from fixres.io.results import Choice, FixResults, Schedule
+from fixres.io.results import FixResults, Schedule
+from fixres.io.served import Choice
 from fixres.job.fingerprint import digest, file_digest, index_fingerprint
 from fixres.job.runstate import RunState
 from fixres.method.inputs import index_folder, index_train_val
@@ -286,7 +287,7 @@ class FixContext:
     # ---- the model, built once
     @property
     def needs_training(self) -> bool:
-        return not self.config.has_weights or bool(self.bundle.meta.get("new_head"))
+        return not self.config.has_weights or bool(self.bundle.new_head)
 
     def load_model(self) -> None:
         c = self.config

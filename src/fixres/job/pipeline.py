@@ -47,7 +47,8 @@ from fixres.choosing.photos import RULE_CROSS
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
 from fixres.errors import UsageError
 from fixres.io.atomic import plain_json, write_json
-from fixres.io.results import Analysis, Candidates, Choice, FixRun, Schedule, Sweep, read_document
+from fixres.io.results import Analysis, FixRun, Schedule, Sweep, read_document
+from fixres.io.served import Candidates, Choice
 from fixres.job import candidates, keys, steps
 from fixres.job.context import (
     STEPS,
@@ -305,7 +306,7 @@ def _prepare_folder(x: FixContext) -> None:
             shutil.rmtree(run_dir / sub, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     x.state = RunState(run_dir, restart=x.config.restart)
-    done = [s for s in STEPS if x.state.record(s).get("done")]
+    done = [s for s in STEPS if x.state.done(s)]
     if done:
         x.say(f"fixres fix: resuming {run_dir} (done before: {', '.join(done)}; steps whose inputs changed are redone)")
 

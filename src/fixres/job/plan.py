@@ -92,7 +92,7 @@ def print_plan(x: FixContext) -> None:
     inputs are unchanged, which only their keys, computed as the run goes, can tell)."""
     fwd, load = probe_speed(x)
     est = plan_estimates(x, fwd, load)
-    done = {k for k in est if x.state.record(k).get("done")}
+    done = {k for k in est if x.state.done(k)}
     todo = sum(v for k, v in est.items() if k not in done)
     x.say(f"plan ({x.env.device}; rough estimates from a {1000 * fwd:.1f} ms/image forward at "
           f"{x.data_config.train_size}px "

@@ -18,6 +18,7 @@ from fixres.config import EMBEDDED_TRAIN_LR
 from fixres.data.folders import count_image_sizes
 from fixres.data.synth import make_dataset
 from fixres.io.atomic import plain_json, write_json
+from fixres.io.documents import RunDocuments
 from fixres.io.results import Headline, Sweep
 from fixres.job import candidates
 from fixres.job.context import STATS_IMAGES, FixContext, stats_sizes_of, strip_private
@@ -29,7 +30,7 @@ from fixres.method.robustness import corruption_table
 from fixres.method.train import STATE_NAME as TRAIN_STATE
 from fixres.method.train import train
 from fixres.models.export import export_model
-from fixres.report.page import AFTER_EACH_FIXED, AFTER_EXPORTED, clean_documents, write_report
+from fixres.report.page import AFTER_EACH_FIXED, AFTER_EXPORTED, write_report
 
 #: Photo sizes read from the data set for the Monte-Carlo analysis and the figure-2 histogram.
 MAX_PHOTO_SIZES = 2000
@@ -143,7 +144,7 @@ def served_accuracy(x: FixContext, head: Headline, sweep_after: Sweep) -> dict:
     row = (x.results.sweep_before if choice.untuned else sweep_after).at(choice.test_size)
     served = {"top1": head.top1_served, "top1_se": head.top1_served_se, "test_size": choice.test_size}
     if choice.cross:
-        return {**served, "n": choice.cross["n"], "top1_rule": RULE_CROSS,
+        return {**served, "n": choice.cross.n, "top1_rule": RULE_CROSS,
                 "top1_rule_text": CHOOSING_RULES[RULE_CROSS], "top1_all_val_optimistic": row.top1,
                 "served": choice.kind}
     rule = "given" if x.config.test_size else "label-free" if x.config.label_free else choice.rule or x.rule
@@ -223,8 +224,8 @@ def run_report(x: FixContext) -> dict:
     """The headline, computed once from the step results, and the page that renders it."""
     info = run_info(x, torch.get_num_threads())
     write_json(x.run_dir / "run.json", info)
-    documents = {**x.results.documents(), "run": plain_json(info)}
-    return write_report(x.run_dir, clean_documents(documents), headline_of(documents))
+    docs = RunDocuments.of({**x.results.documents(), "run": plain_json(info)})
+    return write_report(x.run_dir, docs, headline_of(docs))
 
 
 def resume_report(x: FixContext, summary: dict) -> dict:
@@ -239,7 +240,7 @@ def run_info(x: FixContext, threads: int) -> dict:
             "test_size": x.choice.test_size, "test_sizes": x.test_sizes, "data": str(x.data_root),
             "choice": x.choice.to_json(), "config": strip_private(asdict(c), ("progress",)),
             "device": str(x.env.device), "split": x.split,
-            "precision": x.precision.describe(), "started": x.state.state.get("started"),
+            "precision": x.precision.describe(), "started": x.state.started,
             "finished": _dt.datetime.now().isoformat(timespec="seconds"), "timings": x.state.timings(),
             "torch_threads": threads, "n_fit": len(x.fit), "n_holdout": len(x.holdout),
             "schedule": x.schedule.to_json(),

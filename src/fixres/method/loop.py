@@ -35,6 +35,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from fixres.errors import UsageError
+from fixres.io import schema
 from fixres.io.checkpoint import load_training_state, save_training_state
 from fixres.models.hooks import first_non_finite_output
 from fixres.runtime import dist
@@ -343,9 +344,28 @@ class LoopState:
     @classmethod
     def load(cls, path: Path, layout: StateLayout) -> "LoopState":
         raw = load_training_state(path)
-        return cls(epoch=int(raw["epoch"]), weights=raw[layout.weights], settings=dict(raw.get(layout.settings) or {}),
-                   log=list(raw.get("log") or []), optimizer=raw.get("optimizer"), scheduler=raw.get("scheduler"),
-                   scaler=raw.get("scaler"), rng=raw.get("rng"), before=raw.get("before"))
+        try:
+            saved = schema.parse(SavedFields, raw)
+        except schema.SchemaError as exc:
+            raise UsageError(f"cannot resume from {path}: not a training state ({exc})") from None
+        return cls(epoch=saved.epoch, weights=raw[layout.weights], settings=dict(raw.get(layout.settings) or {}),
+                   log=saved.log, optimizer=saved.optimizer, scheduler=saved.scheduler, scaler=saved.scaler,
+                   rng=saved.rng, before=saved.before)
+
+
+@dataclass
+class SavedFields:
+    """A state file's fields under the names every loop's file shares (the weights and the settings are under
+    the names of the loop's ``StateLayout``). Each part a loop saves is a dict or None: a part of another type
+    reads as None, as a part never saved."""
+
+    epoch: int
+    log: list[dict] = field(default_factory=list)
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    rng: dict | None = None
+    before: dict | None = None
 
 
 def _plain(v):

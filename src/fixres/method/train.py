@@ -29,7 +29,6 @@ one line per epoch, including measured milliseconds per batch of forward and of 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from fixres.config import DEFAULT_REPEATS, DataConfig
 from fixres.data.loaders import ImageDataset, default_workers, make_loader
 from fixres.data.transforms import build_transform
 from fixres.errors import FixresError, UsageError
+from fixres.io import schema
 from fixres.io.atomic import append_jsonl, write_text
 from fixres.method import analysis, loop
 from fixres.method.evaluate import evaluate
@@ -50,18 +50,18 @@ from fixres.method.sampler import RepeatedAugSampler, SeededSamples, epoch_seed
 from fixres.method.trainrecipe import (
     MOMENTUM,
     OPTIMIZERS,
-    SCHEDULES,
     STEP_EPOCHS,
     WEIGHT_DECAY,
+    check_arguments,
     default_epoch_length_factor,
     default_lr,
     lr_factor,
+    make_optimizer,
 )
 from fixres.models.export import META_NAME, export_model
 from fixres.runtime import dist, engine
 from fixres.runtime.progress import bar, status
 
-TRAIN_AUGMENTS = ("train", "control", "test", "test2")
 STATE_NAME = "train_state.pt"
 LOG_NAME = "log.jsonl"
 STATE_LAYOUT = StateLayout(weights="model", settings="hparams")
@@ -88,12 +88,12 @@ def _validate(model: nn.Module, samples, cfg: DataConfig, *, sizes: Sequence[int
     finally:
         model.train(was_training)
     top1 = {int(r["test_size"]): float(r["top1"]) for r in res["rows"]}
-    loss = {int(r["test_size"]): (None if r.get("loss") is None else float(r["loss"])) for r in res["rows"]}
-    return {"top1": top1, "loss": loss, "n": int(res.get("n_images", 0)), "skipped": res.get("skipped", [])}
+    # evaluate() writes every one of these keys
+    loss = {int(r["test_size"]): (None if r["loss"] is None else float(r["loss"])) for r in res["rows"]}
+    return {"top1": top1, "loss": loss, "n": int(res["n_images"]), "skipped": res["skipped"]}
 
 
 # --------------------------------------------------------------------------- output
-
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -113,24 +113,34 @@ def write_final_model(model: nn.Module, out_dir: Path, *, model_name: str, cfg: 
     return path, path.with_name(META_NAME)
 
 
-def _check_arguments(*, augment: str, schedule: str, epochs: int, batch_size: int, env: dist.DistEnv,
-                     label_smoothing: float, epoch_length_factor: float | None, out_dir: Path,
-                     resume: bool) -> None:
-    if augment not in TRAIN_AUGMENTS:
-        raise UsageError(f"unknown training augmentation {augment!r}; choose one of {', '.join(TRAIN_AUGMENTS)}")
-    if schedule not in SCHEDULES:
-        raise UsageError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if epochs <= 0:
-        raise UsageError(f"epochs must be positive, got {epochs}")
-    if batch_size <= 0 or batch_size % env.world_size:
-        raise UsageError(f"--batch-size {batch_size} (global) must be a positive multiple of the "
-                         f"{env.world_size} processes")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise UsageError(f"label smoothing must be in [0, 1), got {label_smoothing}")
-    if epoch_length_factor is not None and not (math.isfinite(epoch_length_factor) and epoch_length_factor > 0):
-        raise UsageError(f"the epoch length factor must be a positive number, got {epoch_length_factor}")
-    if (out_dir / STATE_NAME).exists() and not resume:
-        raise UsageError(f"{out_dir / STATE_NAME} exists: pass --resume to continue that run, or choose another --out")
+@dataclass
+class EpochRecord:
+    """One epoch's row of ``log.jsonl`` and of the state's log: what it trained, at what speed (ms per batch and
+    their std, table 7), and its validation (the ``val_`` fields: top-1 per size, keyed by the size as text)."""
+    epoch: int
+    step: int = 0
+    lr: float | None = None
+    train_loss: float | None = None
+    train_top1: float | None = None
+    images: int = 0
+    seconds: float = 0.0
+    images_per_s: float | None = None
+    forward_ms: float | None = None
+    forward_ms_std: float | None = None
+    backward_ms: float | None = None
+    backward_ms_std: float | None = None
+    optimizer_ms: float | None = None
+    optimizer_ms_std: float | None = None
+    local_batch: int | None = None
+    val_top1: dict[str, float] | None = None
+    val_top1_train_size: float | None = None
+    val_top1_test_size: float | None = None
+    val_n: int | None = None
+
+    def to_dict(self) -> dict:
+        """The row as written: an epoch that was not validated has no ``val_`` key at all."""
+        row = schema.dump(self)
+        return row if self.val_top1 is not None else {k: v for k, v in row.items() if not k.startswith("val_")}
 
 
 @dataclass
@@ -155,7 +165,7 @@ class _Run:
     max_steps: int | None
     val_samples: list
     val_batch_size: int
-    log: list[dict] = field(default_factory=list)
+    log: list[EpochRecord] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     step: int = 0
     stopped_early: bool = False
@@ -183,9 +193,9 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
     env = env or dist.DistEnv()
     precision = precision or engine.precision_for(env.device, amp=True)
     out_dir = Path(out_dir)
-    _check_arguments(augment=augment, schedule=schedule, epochs=epochs, batch_size=batch_size, env=env,
-                     label_smoothing=label_smoothing, epoch_length_factor=epoch_length_factor, out_dir=out_dir,
-                     resume=resume)
+    check_arguments(augment=augment, schedule=schedule, epochs=epochs, batch_size=batch_size,
+                    world_size=env.world_size, label_smoothing=label_smoothing,
+                    epoch_length_factor=epoch_length_factor, state_path=out_dir / STATE_NAME, resume=resume)
     train_samples, val_samples = list(train_samples), list(val_samples or [])
     test_size = analysis.recommend_test_size(train_size=train_size, crop_ratio=cfg.crop_ratio,
                                              stride=cfg.stride)["test_size"]
@@ -207,7 +217,8 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
     if optimizer != "sgd":  # only when not the default: states written before the option still resume
         hparams["optimizer"] = optimizer
     run = _setup(model, train_samples, val_samples, cfg, hparams, env=env, precision=precision, out_dir=out_dir,
-                 workers=workers, progress=progress, max_steps=max_steps, val_batch_size=val_batch_size)
+                 workers=workers, progress=progress, max_steps=max_steps, val_batch_size=val_batch_size,
+                 optimizer_name=optimizer)
     resumed_from = _resume(run, resume)
     status(epoch_description(len(train_samples), run), enabled=run.progress)
     wall0 = time.perf_counter()
@@ -219,7 +230,7 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
 
 def _setup(model: nn.Module, train_samples: list, val_samples: list, cfg: DataConfig, hp: dict, *,
            env: dist.DistEnv, precision: engine.Precision, out_dir: Path, workers: int, progress: bool,
-           max_steps: int | None, val_batch_size: int | None) -> _Run:
+           max_steps: int | None, val_batch_size: int | None, optimizer_name: str) -> _Run:
     transform = build_transform(hp["augment"], size=hp["train_size"], cfg=cfg, color_jitter=hp["color_jitter"])
     images = ImageDataset(train_samples, engine.SingleThreaded(transform) if workers == 0 else transform)
     # Each sample's augmentation is drawn from (seed, epoch, position): the same whatever the worker count.
@@ -234,10 +245,8 @@ def _setup(model: nn.Module, train_samples: list, val_samples: list, cfg: DataCo
     model = engine.prepare(model, env.device, precision)
     loop.broadcast_state(model, env)
     params = [p for p in model.parameters() if p.requires_grad]
-    if hp.get("optimizer") == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    else:
-        optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    optimizer = make_optimizer(optimizer_name, params, lr=hp["lr"], momentum=hp["momentum"],
+                               weight_decay=hp["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, steps_per_epoch=steps_per_epoch, epochs=hp["epochs"], schedule=hp["schedule"],
         warmup_epochs=hp["warmup_epochs"], step_epochs=hp["step_epochs"]))
@@ -270,10 +279,10 @@ def _resume(run: _Run, resume: bool) -> int | None:
         run.stepper.scaler.load_state_dict(state.scaler)
     if state.rng:
         set_rng_state(state.rng)
-    run.log, run.step = list(state.log), state.epoch * run.steps_per_epoch
+    run.log, run.step = [schema.parse(EpochRecord, r) for r in state.log], state.epoch * run.steps_per_epoch
     if run.env.is_main:
         # The checkpoint is the truth: drop log lines of an epoch that never reached its checkpoint.
-        write_text(log_path, "".join(json.dumps(r) + "\n" for r in run.log))
+        write_text(log_path, "".join(json.dumps(r.to_dict()) + "\n" for r in run.log))
     status(f"resuming {run.out_dir} after epoch {state.epoch}/{run.hparams['epochs']}", enabled=run.progress)
     dist.barrier(run.env)
     return state.epoch
@@ -324,7 +333,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
         pbar.close()
     loop.average_running_stats(loop.batch_norms(run.model), totals.forwards, env)
     record = _epoch_record(run, epoch, totals, time.perf_counter() - t0)
-    loop.stop_if_diverged(record["train_loss"], run.model, epoch=epoch, lr=hp["lr"])
+    loop.stop_if_diverged(record.train_loss, run.model, epoch=epoch, lr=hp["lr"])
     loop.stop_if_outputs_diverged(run.model, hp["train_size"], epoch=epoch, lr=hp["lr"])
     run.stopped_early = totals.stopped
     if not totals.stopped:
@@ -335,40 +344,41 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     return totals.stopped
 
 
-def _epoch_record(run: _Run, epoch: int, totals: loop.EpochTotals, seconds: float) -> dict:
+def _epoch_record(run: _Run, epoch: int, totals: loop.EpochTotals, seconds: float) -> EpochRecord:
     loss_sum, hits, seen = totals.global_sums(run.env)
-    record = {"epoch": epoch + 1, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
-              "train_loss": loss_sum / seen if seen else None, "train_top1": 100.0 * hits / seen if seen else None,
-              "images": seen, "seconds": seconds, "images_per_s": seen / seconds if seconds > 0 else None}
-    for name, values in (("forward_ms", totals.forward_ms), ("backward_ms", totals.backward_ms),
-                         ("optimizer_ms", totals.optimizer_ms)):
-        record[name], record[name + "_std"] = loop.mean_std(values)
-    record["local_batch"] = run.local_batch
-    return record
+    (fwd, fwd_std), (bwd, bwd_std), (opt, opt_std) = map(
+        loop.mean_std, (totals.forward_ms, totals.backward_ms, totals.optimizer_ms))
+    return EpochRecord(
+        epoch=epoch + 1, step=run.step, lr=run.scheduler.get_last_lr()[0],
+        train_loss=loss_sum / seen if seen else None, train_top1=100.0 * hits / seen if seen else None,
+        images=seen, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else None,
+        forward_ms=fwd, forward_ms_std=fwd_std, backward_ms=bwd, backward_ms_std=bwd_std, optimizer_ms=opt,
+        optimizer_ms_std=opt_std, local_batch=run.local_batch)
 
 
-def _validate_into(run: _Run, record: dict) -> None:
+def _validate_into(run: _Run, record: EpochRecord) -> None:
     if not run.val_samples:
         return
     hp = run.hparams
     val = _validate(run.model, run.val_samples, run.cfg, sizes=hp["val_sizes"], batch_size=run.val_batch_size,
                     env=run.env, precision=run.precision, workers=run.workers, progress=False)
-    record["val_top1"] = {str(k): v for k, v in val["top1"].items()}
-    record["val_top1_train_size"] = val["top1"].get(hp["train_size"])
-    record["val_top1_test_size"] = val["top1"].get(hp["test_size"])
-    record["val_n"] = val["n"]
+    record.val_top1 = {str(k): v for k, v in val["top1"].items()}
+    record.val_top1_train_size = val["top1"].get(hp["train_size"])
+    record.val_top1_test_size = val["top1"].get(hp["test_size"])
+    record.val_n = val["n"]
     for item in val["skipped"]:
         run.skipped[item["path"]] = item["reason"]
 
 
-def _save_epoch(run: _Run, epoch: int, record: dict) -> None:
+def _save_epoch(run: _Run, epoch: int, record: EpochRecord) -> None:
     if run.env.is_main:
         opt = run.stepper.optimizer
-        LoopState(epoch=epoch + 1, weights=_cpu_state_dict(run.model), settings=run.hparams, log=run.log,
+        LoopState(epoch=epoch + 1, weights=_cpu_state_dict(run.model), settings=run.hparams,
+                  log=[r.to_dict() for r in run.log],
                   optimizer=opt.state_dict(), scheduler=run.scheduler.state_dict(),
                   scaler=run.stepper.scaler.state_dict(), rng=rng_state()).save(run.out_dir / STATE_NAME,
                                                                                  STATE_LAYOUT)
-        append_jsonl(run.out_dir / LOG_NAME, record)
+        append_jsonl(run.out_dir / LOG_NAME, record.to_dict())
         status(_epoch_line(record, run.hparams["train_size"], run.hparams["test_size"]), enabled=run.progress)
     dist.barrier(run.env)
 
@@ -378,24 +388,24 @@ def _finish(run: _Run, *, resumed_from: int | None, wall_s: float, model_name: s
     for part in dist.all_gather_objects(run.skipped, run.env):
         all_skipped.update(part)
     log, hp = run.log, run.hparams
-    last = log[-1] if log else {}
+    last = log[-1] if log else None
     train_size, test_size = hp["train_size"], hp["test_size"]
     result = {
-        "out_dir": str(run.out_dir), "epochs": log, "hparams": hp, "train_size": train_size,
+        "out_dir": str(run.out_dir), "epochs": [r.to_dict() for r in log], "hparams": hp, "train_size": train_size,
         "test_size": test_size, "resumed_from": resumed_from, "wall_s": wall_s,
-        "final": {k: last.get(k) for k in ("epoch", "val_top1", "val_top1_train_size", "val_top1_test_size",
-                                           "train_top1", "train_loss")},
-        "forward_ms": loop.mean_std([r["forward_ms"] for r in log if r.get("forward_ms") is not None])[0],
-        "backward_ms": loop.mean_std([r["backward_ms"] for r in log if r.get("backward_ms") is not None])[0],
-        "images_per_s": last.get("images_per_s"),
+        "final": {k: getattr(last, k) if last else None
+                  for k in ("epoch", "val_top1", "val_top1_train_size", "val_top1_test_size", "train_top1",
+                            "train_loss")},
+        "forward_ms": loop.mean_std([r.forward_ms for r in log if r.forward_ms is not None])[0],
+        "backward_ms": loop.mean_std([r.backward_ms for r in log if r.backward_ms is not None])[0],
+        "images_per_s": last.images_per_s if last else None,
         "skipped": [{"path": p, "reason": r} for p, r in sorted(all_skipped.items())],
         "stopped_early": run.stopped_early,
     }
     if not run.stopped_early and run.env.is_main:
         acc = None
-        if last.get("val_top1"):
-            acc = {"top1": last["val_top1"], "train_size": train_size, "test_size": test_size,
-                   "n": last.get("val_n")}
+        if last and last.val_top1:
+            acc = {"top1": last.val_top1, "train_size": train_size, "test_size": test_size, "n": last.val_n}
         path, meta = write_final_model(run.model, run.out_dir, model_name=model_name or _guess_name(run.model),
                                        cfg=run.cfg, train_size=train_size, test_size=test_size, accuracy=acc)
         result["model_path"], result["meta_path"] = str(path), str(meta)
@@ -425,14 +435,16 @@ def epoch_description(n_images: int, run: "_Run") -> str:
     return "; ".join(parts)
 
 
-def _epoch_line(r: dict, train_size: int, test_size: int) -> str:
+def _epoch_line(r: EpochRecord | dict, train_size: int, test_size: int) -> str:
+    """The status line of an epoch (a row as written reads as an ``EpochRecord``)."""
     def pct(v):
         return "-" if v is None else f"{v:.1f}%"
-    loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
+    r = schema.parse(EpochRecord, r) if isinstance(r, dict) else r
+    loss = "-" if r.train_loss is None else f"{r.train_loss:.3f}"
     val = ""
-    if r.get("val_top1_train_size") is not None or r.get("val_top1_test_size") is not None:
-        val = (f"val top-1 {pct(r.get('val_top1_train_size'))} @{train_size}px, "
-               f"{pct(r.get('val_top1_test_size'))} @{test_size}px, ")
-    return (f"epoch {r['epoch']}: loss {loss}, train top-1 {pct(r['train_top1'])}, {val}"
-            f"{r['images_per_s'] or 0:.1f} img/s, fwd {r['forward_ms'] or 0:.1f} ms + bwd "
-            f"{r['backward_ms'] or 0:.1f} ms per batch")
+    if r.val_top1_train_size is not None or r.val_top1_test_size is not None:
+        val = (f"val top-1 {pct(r.val_top1_train_size)} @{train_size}px, "
+               f"{pct(r.val_top1_test_size)} @{test_size}px, ")
+    return (f"epoch {r.epoch}: loss {loss}, train top-1 {pct(r.train_top1)}, {val}"
+            f"{r.images_per_s or 0:.1f} img/s, fwd {r.forward_ms or 0:.1f} ms + bwd "
+            f"{r.backward_ms or 0:.1f} ms per batch")

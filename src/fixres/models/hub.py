@@ -25,6 +25,8 @@ from torch import nn
 from fixres.config import resize_for
 from fixres.errors import UsageError
 from fixres.io.atomic import write_json
+from fixres.io.meta import parse_export_meta
+from fixres.models.timmcfg import TimmConfig, model_pretrained_view, read_timm_config
 
 CONFIG_NAME = "config.json"
 #: Added to the resize when choosing a crop_pct, so that timm's floor lands on it despite float rounding.
@@ -67,23 +69,23 @@ def timm_crop_pct(test_size: int, crop_ratio: float) -> float:
 
 def timm_config(model: nn.Module, meta: dict, *, architecture: str, model_args: dict) -> dict:
     """The ``config.json`` of an export whose ``fixres.json`` is ``meta``."""
-    size = [3, int(meta["test_size"]), int(meta["test_size"])]
-    own = getattr(model, "pretrained_cfg", None) or {}
-    args = {**model_args, **{k: list(v) if isinstance(v, tuple) else v for k, v in
-                             (meta.get("model_kwargs") or {}).items()}}
-    fixed = "img_size" in (meta.get("model_kwargs") or {})
-    crop = timm_crop_pct(int(meta["test_size"]), float(meta["crop_ratio"]))
+    export = parse_export_meta(meta)
+    size = [3, export.test_size, export.test_size]
+    own = model_pretrained_view(model)
+    args = {**model_args, **{k: list(v) if isinstance(v, tuple) else v for k, v in export.model_kwargs.items()}}
+    fixed = "img_size" in export.model_kwargs
+    crop = timm_crop_pct(export.test_size, export.crop_ratio)
     pretrained_cfg = {
         "input_size": size, "test_input_size": size, "fixed_input_size": fixed,
         "crop_pct": crop, "test_crop_pct": crop, "crop_mode": "center",
-        "interpolation": meta["interpolation"], "mean": list(meta["mean"]), "std": list(meta["std"]),
-        "num_classes": int(meta["num_classes"]),
-        "first_conv": own.get("first_conv"), "classifier": own.get("classifier"),
+        "interpolation": export.interpolation, "mean": list(export.mean), "std": list(export.std),
+        "num_classes": export.num_classes,
+        "first_conv": own.first_conv, "classifier": own.classifier,
     }
-    config = {"architecture": architecture, "num_classes": int(meta["num_classes"]),
+    config = {"architecture": architecture, "num_classes": export.num_classes,
               "pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if v is not None}}
-    if meta.get("class_names"):
-        config["label_names"] = list(meta["class_names"])
+    if export.class_names:
+        config["label_names"] = list(export.class_names)
     if args:
         config["model_args"] = args
     return config
@@ -99,8 +101,9 @@ def write_timm_config(out_dir: str | Path, model: nn.Module, meta: dict) -> Path
     return path
 
 
-def read_timm_folder(folder: str | Path) -> tuple[dict, Path]:
-    """(config.json, weights file) of a timm / hub-style folder, or a one-line error saying what is missing."""
+def read_timm_folder(folder: str | Path) -> tuple[dict, TimmConfig, Path]:
+    """(config.json as read, the same typed, weights file) of a timm / hub-style folder, or a one-line error
+    saying what is missing."""
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     try:
@@ -109,9 +112,10 @@ def read_timm_folder(folder: str | Path) -> tuple[dict, Path]:
         raise UsageError(f"{folder}: a folder checkpoint needs fixres.json or config.json beside its weights") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{config_path}: not a readable config.json ({exc})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+    typed = read_timm_config(config)
+    if typed is None:
         raise UsageError(f"{config_path}: names no timm architecture (an 'architecture' field)")
     weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     if weights is None:
         raise UsageError(f"{folder}: no weights file ({', '.join(WEIGHT_FILES)})")
-    return config, weights
+    return config, typed, weights

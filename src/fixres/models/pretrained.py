@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fixres.errors import FixresError, UsageError
+from fixres.io.schema import parse
 
 #: Train sizes of torchvision recipes, keyed by the anchor of ``weights.meta["recipe"]``: the weights'
 #: metadata gives the test transform (resize, crop) but not the RandomResizedCrop size. TorchVision's new
@@ -31,16 +33,38 @@ TORCHVISION_RECIPE_TRAIN_SIZES = {
 _TRUE_VALUES = ("1", "on", "yes", "true")
 
 
+@dataclass(frozen=True)
+class HubEnvironment:
+    """The Hugging Face hub variables of the environment ('' where unset), as huggingface_hub reads them."""
+
+    offline: str = field(default="", metadata={"json": "HF_HUB_OFFLINE"})
+    hub_cache: str = field(default="", metadata={"json": "HF_HUB_CACHE"})
+    home: str = field(default="", metadata={"json": "HF_HOME"})
+
+
+@dataclass(frozen=True)
+class TorchvisionMeta:
+    """The key of a torchvision weights' ``meta`` read here: the link to its training recipe."""
+
+    recipe: str = ""
+
+
+def hub_environment() -> HubEnvironment:
+    """The hub variables, read now (not at import: a caller or test may set them in between)."""
+    return parse(HubEnvironment, dict(os.environ))
+
+
 def is_offline() -> bool:
     """The machine was declared offline (HF_HUB_OFFLINE, read now: fixres applies it to torchvision too)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_VALUES
+    return hub_environment().offline.strip().lower() in _TRUE_VALUES
 
 
 def _hf_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
+    env = hub_environment()
+    if env.hub_cache:
+        return Path(env.hub_cache)
+    if env.home:
+        return Path(env.home) / "hub"
     from huggingface_hub import constants
     return Path(constants.HF_HUB_CACHE)
 
@@ -111,7 +135,7 @@ def torchvision_recipe(weights) -> tuple[dict, int, str]:
     """(DataConfig fields, test size, note) of torchvision ``weights``: its transforms() and its recipe."""
     t = weights.transforms()
     crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
-    anchor = str(weights.meta.get("recipe", "")).rpartition("#")[2]
+    anchor = parse(TorchvisionMeta, weights.meta).recipe.rpartition("#")[2]
     train = TORCHVISION_RECIPE_TRAIN_SIZES.get(anchor)
     note = (f"trained at {train} (torchvision recipe {anchor})" if train else
             f"train size taken as the weights' crop size {crop} (the recipe's train crop is not in the metadata)")

@@ -39,6 +39,7 @@ from torch import nn
 from fixres.errors import FixresError
 from fixres.models.hooks import Call, trace_calls
 from fixres.models.inputsize import native_size
+from fixres.models.timmcfg import model_pretrained_view
 
 #: Trace input size: large enough that every classic CNN keeps a spatial map > 1x1 before pooling.
 TRACE_SIZE = 64
@@ -243,7 +244,7 @@ def _trace(model: nn.Module, input_size: int, in_chans: int):
 def _trace_at_some_size(model: nn.Module, input_size: int | None, in_chans: int):
     kind = type(model).__name__
     sizes = [input_size] if input_size else [native_size(model) or TRACE_SIZE]
-    cfg_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0, 0, 0))[-1]
+    cfg_size = (model_pretrained_view(model).input_size or (0,))[-1]
     if not input_size:  # e.g. models too deep for a 64 px trace, fixed-size torchvision models
         sizes += [s for s in (int(cfg_size or 0), *FALLBACK_TRACE_SIZES) if s and s not in sizes]
     error = ""
@@ -376,6 +377,7 @@ def find_parts(model: nn.Module, *, input_size: int | None = None, in_chans: int
     was_training = model.training
     model.eval()
     modules = dict(model.named_modules())
+    calls: list[Call] = []  # what the finally below releases, also when tracing itself fails
     try:
         calls, out, x, _ = _trace_at_some_size(model, input_size, in_chans)
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -398,7 +400,7 @@ def find_parts(model: nn.Module, *, input_size: int | None = None, in_chans: int
         chain = [c.name for c in sorted((c for c in calls if "." not in c.name), key=lambda c: c.start)]
     finally:
         model.train(was_training)
-        for c in locals().get("calls") or []:  # drop the traced graph (it holds activations)
+        for c in calls:  # drop the traced graph (it holds activations)
             c.input = c.output = c.in_grad_fn = c.out_grad_fn = None
     parts = _parts(model, classifier=classifier, pool=pool, clf_call=clf_call, norms=norms, pooling=pooling,
                    last_stage=last_stage, chain=chain, checked=checked)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fixres.io.documents import RunDocuments, StatsInfo
+from fixres.io.results import Reliability
+from fixres.io.served import CandidateRow, CandidateTable, CrossSelection, SeenCheck
 from fixres.report.plots import _pyplot, _save
 
 #: Columns of the candidate table: (key in the row, title).
@@ -32,102 +35,106 @@ def _num(v, digits: int = 1) -> str:
     return "n/a" if v is None else f"{float(v):.{digits}f}"
 
 
-def candidate_rows(select: dict, chosen: int | None) -> list[dict]:
+def candidate_rows(table: CandidateTable, chosen: int | None) -> list[dict]:
     rows = []
-    for c in select.get("candidates") or []:
-        b, a = c.get("val_before") or {}, c.get("val_after") or {}
-        gain = None if b.get("top1") is None or a.get("top1") is None else a["top1"] - b["top1"]
-        rows.append({"size": f"{c['test_size']}" + (" ★ chosen" if c["test_size"] == chosen else ""),
-                     "val_before": _num(b.get("top1")), "val_after": _num(a.get("top1")),
+    for c in table.candidates:
+        b, a = c.val_before, c.val_after
+        gain = None if b.top1 is None or a.top1 is None else a.top1 - b.top1
+        rows.append({"size": f"{c.test_size}" + (" ★ chosen" if c.test_size == chosen else ""),
+                     "val_before": _num(b.top1), "val_after": _num(a.top1),
                      "gain": None if gain is None else f"{gain:+.1f}",
-                     "nll": f"{_num(b.get('nll'), 3)} → {_num(a.get('nll'), 3)}",
-                     "ece": f"{_num(b.get('ece'))} → {_num(a.get('ece'))}",
-                     "held_out": _num((c.get("holdout_after") or c.get("seen_after") or {}).get("top1")),
-                     "ms": _num(c.get("ms"), 2) + (OVERLAP_MARK if c.get("ms_overlaps") else ""),
-                     "ms_batch": _num(c.get("ms_batch"), 2), "gflops": _num(c.get("gflops"), 3)})
+                     "nll": f"{_num(b.nll, 3)} → {_num(a.nll, 3)}", "ece": f"{_num(b.ece)} → {_num(a.ece)}",
+                     "held_out": _num(c.held_out.top1),
+                     "ms": _num(c.ms, 2) + (OVERLAP_MARK if c.ms_overlaps else ""),
+                     "ms_batch": _num(c.ms_batch, 2), "gflops": _num(c.gflops, 3)})
     return rows
 
 
-def calibration_sentence(select: dict, chosen: int | None) -> str | None:
+def calibration_sentence(table: CandidateTable, chosen: int | None) -> str | None:
     """Whether the fix restores calibration at the fixed size (ECE and NLL before vs after)."""
-    c = next((c for c in select.get("candidates") or [] if c["test_size"] == chosen), None)
-    if not c or (c.get("val_before") or {}).get("ece") is None or (c.get("val_after") or {}).get("ece") is None:
+    c = table.at(chosen)
+    if c is None or c.val_before.ece is None or c.val_after.ece is None:
         return None
-    b, a = c["val_before"], c["val_after"]
-    better = a["ece"] < b["ece"] and (a.get("nll") or 0) <= (b.get("nll") or 0)
-    return (f"At {chosen} px the fix moves ECE from {b['ece']:.1f} % to {a['ece']:.1f} % and NLL from "
-            f"{_num(b.get('nll'), 3)} to {_num(a.get('nll'), 3)}: it "
+    b, a = c.val_before, c.val_after
+    better = a.ece < b.ece and (a.nll or 0) <= (b.nll or 0)
+    return (f"At {chosen} px the fix moves ECE from {b.ece:.1f} % to {a.ece:.1f} % and NLL from "
+            f"{_num(b.nll, 3)} to {_num(a.nll, 3)}: it "
             + ("restores calibration there." if better else "does not restore calibration there (see the "
                                                               "reliability diagram; --temperature-scale fits a "
                                                               "temperature on the held-out images)."))
 
 
-def cross_sentence(cross) -> str | None:
+def cross_sentence(cross: CrossSelection | None) -> str | None:
     """The cross-selected headline in words (None without cross-selection)."""
-    if not isinstance(cross, dict) or cross.get("top1") is None:
+    if cross is None or cross.top1 is None:
         return None
-    a, b = (cross.get("half_a") or f"{cross.get('size_half_a')} px",
-            cross.get("half_b") or f"{cross.get('size_half_b')} px")
-    text = (f"Cross-selection: half A ({cross.get('n_half_a')} photos) chose {a}, half B ({cross.get('n_half_b')}) "
-            f"chose {b}; scoring each half by the candidate the other chose gives {_num(cross['top1'])} % on "
-            f"{cross.get('n')} photos, the headline.")
-    paired = cross.get("paired_vs_untuned")
-    if isinstance(paired, dict) and cross.get("untuned_top1") is not None:
-        text += (f" The untuned model at the same sizes: {_num(cross['untuned_top1'])} % (paired test: "
-                 f"{paired.get('only_a')} photos right only after the fix, {paired.get('only_b')} only before, "
-                 f"p = {_num(paired.get('p'), 3)}).")
+    a, b = cross.half_a or f"{cross.size_half_a} px", cross.half_b or f"{cross.size_half_b} px"
+    text = (f"Cross-selection: half A ({cross.n_half_a} photos) chose {a}, half B ({cross.n_half_b}) "
+            f"chose {b}; scoring each half by the candidate the other chose gives {_num(cross.top1)} % on "
+            f"{cross.n} photos, the headline.")
+    paired = cross.paired_vs_untuned
+    if paired is not None and cross.untuned_top1 is not None:
+        text += (f" The untuned model at the same sizes: {_num(cross.untuned_top1)} % (paired test: "
+                 f"{paired.only_a} photos right only after the fix, {paired.only_b} only before, "
+                 f"p = {_num(paired.p, 3)}).")
     return text
 
 
-def seen_sentence(seen, train_size) -> str | None:
+def seen_sentence(seen: SeenCheck | None, train_size) -> str | None:
     """Why the training photos did not choose: their score beside val's (None when not measured)."""
-    if not isinstance(seen, dict) or seen.get("seen_top1_at_train_size") is None:
+    if seen is None or seen.seen_top1_at_train_size is None:
         return None
-    return (f"For comparison, {seen.get('n')} training photos (which this model may have been trained on) score "
-            f"{_num(seen['seen_top1_at_train_size'])} % at {train_size} px against "
-            f"{_num(seen.get('val_top1_at_train_size'))} % on the validation photos; choosing on them would have "
-            f"picked {seen.get('size_chosen_on_seen')} px. The table's held-out column shows them after the fix.")
+    return (f"For comparison, {seen.n} training photos (which this model may have been trained on) score "
+            f"{_num(seen.seen_top1_at_train_size)} % at {train_size} px against "
+            f"{_num(seen.val_top1_at_train_size)} % on the validation photos; choosing on them would have "
+            f"picked {seen.size_chosen_on_seen} px. The table's held-out column shows them after the fix.")
 
 
-def ks_rows(stats: dict | None) -> list[dict]:
+def ks_rows(stats: StatsInfo | None) -> list[dict]:
     """Per size: KS distance of the pooled activations to those at the train size, before and after."""
+    before = dict(stats.before.items()) if stats and stats.before else {}
+    after = dict(stats.after.items()) if stats and stats.after else {}
     rows = []
-    before = ((stats or {}).get("before") or {}).get("sizes") or {}
-    after = ((stats or {}).get("after") or {}).get("sizes") or {}
-    for size in sorted(before, key=lambda s: int(s)):
-        kb, ka = (before.get(size) or {}).get("ks_to_reference"), (after.get(size) or {}).get("ks_to_reference")
+    for size, s in sorted(before.items()):
+        kb, ka = s.ks_to_reference, after[size].ks_to_reference if size in after else None
         if kb is not None or ka is not None:
             rows.append({"size": str(size), "before": _num(kb, 3), "after": _num(ka, 3)})
     return rows
 
 
-def sections(results: dict) -> list[dict]:
+def _notes(docs: RunDocuments, table: CandidateTable) -> list[str]:
+    run = docs.run
+    choice, schedule = run.choice, run.schedule
+    chosen = choice.test_size if choice else None
+    notes = [cross_sentence(choice.cross), seen_sentence(choice.seen_check, run.train_size),
+             choice.why_not_recommended] if choice else []
+    if choice:
+        notes[:0] = [choice.served and f"Served: {choice.served}.", f"Chosen: {choice.chosen_on}.",
+                     choice.rule_text and f"Which photos chose: {choice.rule_text}."]
+    else:
+        notes.append("Chosen: n/a.")
+    notes += [schedule and f"Fine-tuning schedule: lr {schedule.lr}, {schedule.epochs} epochs ({schedule.how}).",
+              calibration_sentence(table, chosen),
+              f"Not fixed (over the time budget): {', '.join(map(str, table.dropped))} px." if table.dropped else None,
+              OVERLAP_NOTE if any(c.ms_overlaps for c in table.candidates) else None]
+    return [n for n in notes if n]
+
+
+def sections(docs: RunDocuments) -> list[dict]:
     """[{title, notes: [str], figures: [(figure name, caption)], tables: [(rows, columns)]}]."""
-    select, run = results.get("select"), results.get("run") or {}
     out = []
-    choice = run.get("choice") or {}
-    if select:
-        chosen = choice.get("test_size")
-        served = choice.get("served") if isinstance(choice.get("served"), str) else None
-        notes = [served and f"Served: {served}.", f"Chosen: {choice.get('chosen_on', 'n/a')}.",
-                 choice.get("rule_text") and f"Which photos chose: {choice['rule_text']}.",
-                 cross_sentence(choice.get("cross")), seen_sentence(choice.get("seen_check"), run.get("train_size")),
-                 choice.get("why_not_recommended"),
-                 (run.get("schedule") or {}).get("how") and f"Fine-tuning schedule: lr {run['schedule'].get('lr')}, "
-                 f"{run['schedule'].get('epochs')} epochs ({run['schedule']['how']}).",
-                 calibration_sentence(select, chosen),
-                 f"Not fixed (over the time budget): {', '.join(map(str, select['dropped']))} px."
-                 if select.get("dropped") else None,
-                 OVERLAP_NOTE if any(c.get("ms_overlaps") for c in select.get("candidates") or []) else None]
+    table = docs.select
+    if table is not None:
+        chosen = docs.run.choice.test_size if docs.run.choice else None
         out.append({"title": "Every candidate size, before and after the fix (table 5, right column)",
-                    "notes": [n for n in notes if n],
+                    "notes": _notes(docs, table),
                     "figures": [("frontier", "Top-1 on the validation images against the cost of serving each size "
                                  "(ms per image at batch 1 on the device this ran on, and GFLOPs), before and after "
                                  "the fix; the chosen size is circled."),
                                 ("reliability", f"Reliability at {chosen} px before and after the fix: accuracy "
-                                 "against confidence in 15 bins (the diagonal is perfect calibration).")],
-                    "tables": [(candidate_rows(select, chosen), CANDIDATE_COLUMNS)]})
-    ks = ks_rows(results.get("stats"))
+                                 "against confidence, binned by confidence (the diagonal is perfect calibration).")],
+                    "tables": [(candidate_rows(table, chosen), CANDIDATE_COLUMNS)]})
+    ks = ks_rows(docs.stats)
     if ks:
         out.append({"title": "Pooled activations: distance to the train size (figure 4)",
                     "notes": ["Kolmogorov-Smirnov distance between the pooled-activation distribution at each size "
@@ -137,31 +144,33 @@ def sections(results: dict) -> list[dict]:
     return out
 
 
-def draw(results: dict, out_dir: Path) -> dict[str, Path]:
+def draw(docs: RunDocuments, out_dir: Path) -> dict[str, Path]:
     figs = {}
-    select, run = results.get("select"), results.get("run") or {}
-    chosen = (run.get("choice") or {}).get("test_size")
-    if select and select.get("candidates"):
-        figs["frontier"] = _frontier(select["candidates"], chosen, out_dir / "accuracy_vs_cost.png")
-        rel = _reliability_pair(results, chosen)
+    chosen = docs.run.choice.test_size if docs.run.choice else None
+    # the frontier draws the candidates with both top-1 values; the table lists them all
+    drawn = [c for c in docs.select.candidates if c.val_before.top1 is not None and c.val_after.top1 is not None] \
+        if docs.select else []
+    if drawn:
+        figs["frontier"] = _frontier(drawn, chosen, out_dir / "accuracy_vs_cost.png")
+        rel = _reliability_pair(docs, chosen)
         if rel:
             figs["reliability"] = _reliability(rel, chosen, out_dir / "reliability.png")
     return figs
 
 
-def _frontier(cands: list[dict], chosen, path: Path) -> Path:
+def _frontier(cands: list[CandidateRow], chosen, path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((axes[0], "ms", "ms per image (batch 1)"), (axes[1], "gflops", "GFLOPs per image")):
-        pts = sorted((c for c in cands if c.get(key) is not None), key=lambda c: c[key])  # a frontier reads by cost
-        x = [c[key] for c in pts]
-        for which, style in (("val_before", "o--"), ("val_after", "s-")):
-            ax.plot(x, [c[which]["top1"] for c in pts], style, label=which.replace("val_", "") + " the fix")
+        pts = sorted((c for c in cands if getattr(c, key) is not None), key=lambda c: getattr(c, key))
+        x = [getattr(c, key) for c in pts]  # a frontier reads by cost
+        ax.plot(x, [c.val_before.top1 for c in pts], "o--", label="before the fix")
+        ax.plot(x, [c.val_after.top1 for c in pts], "s-", label="after the fix")
         for c in pts:
-            ax.annotate(str(c["test_size"]), (c[key], c["val_after"]["top1"]), fontsize=7,
+            ax.annotate(str(c.test_size), (getattr(c, key), c.val_after.top1), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
-            if c["test_size"] == chosen:
-                ax.plot([c[key]], [c["val_after"]["top1"]], "o", ms=14, mfc="none", mec="tab:green")
+            if c.test_size == chosen:
+                ax.plot([getattr(c, key)], [c.val_after.top1], "o", ms=14, mfc="none", mec="tab:green")
         ax.set_xlabel(label)
         ax.set_ylabel("val top-1 (%)")
         ax.legend(fontsize=8)
@@ -170,15 +179,10 @@ def _frontier(cands: list[dict], chosen, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _reliability_pair(results: dict, size) -> dict | None:
-    pair = {}
-    for label, step in (("before", "sweep_before"), ("after", "sweep_after")):
-        rel = (results.get(step) or {}).get("reliability") or {}
-        key = next((k for k in rel if str(k).split("@")[0] == str(size)), None)
-        if key is None:
-            return None
-        pair[label] = rel[key]
-    return pair
+def _reliability_pair(docs: RunDocuments, size) -> dict[str, Reliability] | None:
+    pair = {label: sweep.reliability_at(size) if sweep else None
+            for label, sweep in (("before", docs.sweep_before), ("after", docs.sweep_after))}
+    return pair if all(pair.values()) else None
 
 
 def _reliability(pair: dict, size, path: Path) -> Path:
@@ -187,7 +191,7 @@ def _reliability(pair: dict, size, path: Path) -> Path:
     ax.plot([0, 1], [0, 1], ":", color="grey")
     for label, style in (("before", "o--"), ("after", "s-")):
         r = pair[label]
-        pts = [(c, a) for c, a, n in zip(r["confidence"], r["accuracy"], r["count"]) if n and c is not None]
+        pts = [(c, a) for c, a, n in zip(r.confidence, r.accuracy, r.count) if n and c is not None]
         ax.plot([c for c, _ in pts], [a for _, a in pts], style, label=f"{label} the fix")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")

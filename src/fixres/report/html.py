@@ -17,7 +17,8 @@ from pathlib import Path
 
 from jinja2 import Environment, StrictUndefined
 
-from fixres.io.results import Headline
+from fixres.io.documents import Grid, MeanStd, StatsInfo
+from fixres.io.results import Headline, binomial_se_of
 from fixres.runtime.progress import format_duration
 
 # --------------------------------------------------------------------------- the template
@@ -100,29 +101,11 @@ def _percent(v) -> str:
     return _num_text(v, 1, "%")
 
 
-def _ms(value) -> str | None:
-    """'12.3 ± 1.2' from a number or a {"mean", "std"} dict (ms per batch)."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        if value.get("mean") is None:
-            return None
-        return f"{_num_text(value['mean'])} ± {_num_text(value.get('std') or 0.0)}"
-    return _num_text(value)
-
-
-def _size_items(per_size) -> list[tuple[int, object]]:
-    """(size, value) pairs of a {size: ...} block, sorted, skipping keys that are not whole numbers."""
-    items = [(int(k), v) for k, v in (per_size or {}).items() if str(k).isdigit()]
-    return sorted(items, key=lambda kv: kv[0])
-
-
-def _binomial_se(top1, n) -> float | None:
-    top1, n = _number(top1), _number(n)
-    if top1 is None or not n:
-        return None
-    p = top1 / 100.0
-    return 100.0 * max(p * (1 - p) / n, 0.0) ** 0.5
+def _ms(value: float | MeanStd | None) -> str | None:
+    """'12.3 ± 1.2' from a number or a mean and std (ms per batch)."""
+    if isinstance(value, MeanStd):
+        return None if value.mean is None else f"{_num_text(value.mean)} ± {_num_text(value.std or 0.0)}"
+    return None if value is None else _num_text(value)
 
 
 # --------------------------------------------------------------------------- figures, tables, sections
@@ -149,32 +132,31 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> dict | None:
             "rows": [[cell(k, r.get(k)) for k, _ in columns] for r in rows]}
 
 
-def _grid_table(grid: dict, key: str = "top1") -> dict:
+def _grid_table(grid: Grid) -> dict:
     """Table 5's cells, ± the binomial standard error when the grid says on how many images (``n``); else the
     fold std, and the corner cell says which."""
-    values, stds, n = grid[key], grid.get(f"{key}_std"), _number(grid.get("n"))
+    stds = grid.top1_std if grid.complete(grid.top1_std) else None
+    n = grid.n
     rows = []
-    for i, size in enumerate(grid["test_sizes"]):
+    for i, size in enumerate(grid.test_sizes):
         cells = [str(size)]
-        for j in range(len(grid["train_sizes"])):
-            v = values[i][j]
-            sd = _binomial_se(v, n) if n else stds[i][j] if stds else None
+        for j in range(len(grid.train_sizes)):
+            v = grid.top1[i][j]
+            sd = binomial_se_of(v, n) if n else stds[i][j] if stds else None
             cells.append("" if v is None else _num_text(v) + ("" if sd is None else f" ±{_num_text(sd)}"))
         rows.append(cells)
     corner = "test \\ train" + ("" if n or not stds else " (± fold std)")
-    return {"columns": [corner, *(str(t) for t in grid["train_sizes"])], "rows": rows}
+    return {"columns": [corner, *(str(t) for t in grid.train_sizes)], "rows": rows}
 
 
-def _stats_table(stats: dict | None) -> dict | None:
+def _stats_table(stats: StatsInfo | None) -> dict | None:
     rows = []
-    for state in ("before", "after"):
-        block = (stats or {}).get(state) or {}
-        for size, s in _size_items(block.get("sizes", block)):
-            if isinstance(s, dict) and ("zeros" in s or "above_2" in s):
-                zeros, above = _number(s.get("zeros")), _number(s.get("above_2"))
+    for state, block in (("before", stats and stats.before), ("after", stats and stats.after)):
+        for size, s in block.items() if block else ():
+            if s.zeros is not None or s.above_2 is not None:
                 rows.append({"state": state, "test size": size,
-                             "zeros %": None if zeros is None else 100 * zeros,
-                             "above 2 %": None if above is None else 100 * above})
+                             "zeros %": None if s.zeros is None else 100 * s.zeros,
+                             "above 2 %": None if s.above_2 is None else 100 * s.above_2})
     return _table(rows, [("state", "state"), ("test size", "test size"), ("zeros %", "fraction of zeros (%)"),
                          ("above 2 %", "fraction above 2 (%)")])
 

@@ -14,6 +14,7 @@ rebuilds it from the JSON alone. The template, its cell text, tables and headlin
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from markupsafe import Markup
 
 from fixres.errors import UsageError
 from fixres.io.atomic import write_json, write_text
-from fixres.io.results import Headline, read_documents
+from fixres.io.documents import FinetuneInfo, Grid, RunDocuments, StatsInfo, TrainInfo
+from fixres.io.results import AnalysisDocument, Headline, Sweep, read_documents
+from fixres.io.schema import dump
 from fixres.method.analysis import RRC_AUGMENT, TRAIN_AUGMENTS, monte_carlo_ratio
 from fixres.report import choice as report_select
 from fixres.report import plots
@@ -29,7 +32,6 @@ from fixres.report import robustness as report_robustness
 from fixres.report.html import (
     _PAGE,
     CSS,
-    _binomial_se,
     _cards,
     _figure,
     _fmt,
@@ -39,7 +41,6 @@ from fixres.report.html import (
     _num_text,
     _number,
     _section,
-    _size_items,
     _stats_table,
     _table,
     valid_utf8,
@@ -53,153 +54,82 @@ REPORT_JSON = "report.json"
 AFTER_EACH_FIXED = "each size fixed at its own size"
 AFTER_EXPORTED = "the exported model at every size"
 
-#: Points kept per CDF curve in the report (enough for a smooth line, small JSON).
-CDF_POINTS = 200
+#: Photo boxes sampled for the regions-of-classification figure (figure 2).
+ROC_SAMPLES = 20_000
+#: Unreadable files listed on the page (the run's sweep_before.json keeps them all).
+SKIPPED_SHOWN = 20
 
 
-def collect(run_dir: str | os.PathLike) -> dict:
-    """Every step document present in ``run_dir``, by step name, cleaned for the page (``clean_documents``)."""
+def collect(run_dir: str | os.PathLike) -> RunDocuments:
+    """Every step document present in ``run_dir``, read as types (``fixres.io.documents.RunDocuments``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"run folder not found: {run_dir}")
-    results = clean_documents(read_documents(run_dir))
-    if "sweep_before" not in results and "grid" not in results:
+    documents = read_documents(run_dir)
+    if "sweep_before" not in documents and "grid" not in documents:
         raise UsageError(f"{run_dir} holds no results of a fixres fix run (no sweep_before.json or grid.json)")
-    return results
-
-
-def clean_documents(documents: dict) -> dict:
-    """The step documents with ``select.json``'s numbers checked (``_clean_select``)."""
-    if "select" in documents:
-        return {**documents, "select": _clean_select(documents["select"])}
-    return documents
+    return RunDocuments.of(documents)
 
 
 # --------------------------------------------------------------------------- numbers
 
-#: Fields of ``select.json`` that hold text; every other field of it, and of its candidates, is a number.
-SELECT_TEXT = ("method", "rule", "rule_text", "dropped", "schedule")
-
-
-def _clean_select(select) -> dict:
-    """``select.json`` with every field that should be a number and is not (text, NaN, a list) as missing (None)
-    and candidates without a whole-number size left out: the choice's tables and figures then show a broken
-    number as n/a instead of stopping the report."""
-    if not isinstance(select, dict):
-        return {}
-
-    def numbers(block) -> dict:
-        return {k: _number(v) for k, v in block.items()} if isinstance(block, dict) else {}
-
-    clean = {k: (v if k in SELECT_TEXT else _number(v) if not isinstance(v, dict) else numbers(v))
-             for k, v in select.items() if k != "candidates"}
-    candidates = select.get("candidates") if isinstance(select.get("candidates"), list) else []
-    clean["candidates"] = [
-        {k: (numbers(v) if isinstance(v, dict) or k.endswith(("_before", "_after")) else _number(v))
-         for k, v in c.items()} | {"test_size": c["test_size"], "ms_overlaps": c.get("ms_overlaps") is True}
-        for c in candidates if isinstance(c, dict) and _whole_size(c.get("test_size"))]
-    return clean
-
-
-def _whole_size(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
 def _numbers(values) -> bool:
-    return isinstance(values, list) and bool(values) and all(_number(v) is not None for v in values)
+    return isinstance(values, (list, tuple)) and bool(values) and all(_number(v) is not None for v in values)
 
 
-def total_seconds(timings) -> float:
-    return float(sum(n for n in map(_number, (timings or {}).values()) if n is not None))
-
-
-def rows_of(sweep: dict | None) -> list[dict]:
-    """A sweep's rows that have a numeric test size and top-1 (a broken or hostile row is left out)."""
-    rows = (sweep or {}).get("rows") if isinstance(sweep, dict) else None
-    return [r for r in rows or [] if isinstance(r, dict) and _number(r.get("test_size")) is not None
-            and _number(r.get("top1")) is not None]
-
-
-def row_at(sweep: dict | None, size) -> dict | None:
-    size = _number(size)
-    return next((row for row in rows_of(sweep) if size is not None and _number(row["test_size"]) == size), None)
-
-
-def _curve(sweep: dict | None, label: str) -> dict | None:
-    rows = sorted(rows_of(sweep), key=lambda r: r["test_size"])
+def _curve(sweep: Sweep | None, label: str) -> dict | None:
+    rows = sorted(sweep.rows, key=lambda r: r.test_size) if sweep else []
     if not rows:
         return None
-    return {"label": label, "test_sizes": [r["test_size"] for r in rows], "top1": [r["top1"] for r in rows],
-            "top1_se": [row_se(r) or 0.0 for r in rows]}
+    return {"label": label, "test_sizes": [r.test_size for r in rows], "top1": [r.top1 for r in rows],
+            "top1_se": [r.se or 0.0 for r in rows]}
 
 
-def row_se(row: dict | None) -> float | None:
-    """The error bar of a result row: its binomial standard error (from top-1 and n when a file lacks it)."""
-    if not row:
-        return None
-    return _number(row.get("top1_se")) if _number(row.get("top1_se")) is not None else _binomial_se(
-        row.get("top1"), row.get("n"))
+def _train_cost(docs: RunDocuments) -> dict:
+    run, train = docs.run, docs.train or TrainInfo()
+    hp = train.hparams
+    return {"step": f"train ({hp.augment or 'train'} DA)", "size": train.train_size or run.train_size,
+            "batch_size": hp.batch_size or train.batch_size, "forward_ms": _ms(train.forward_ms),
+            "backward_ms": _ms(train.backward_ms), "epochs": train.n_epochs,
+            "seconds": run.timings["train"] if "train" in run.timings else train.wall_s}
 
 
-def cost_rows(results: dict) -> list[dict]:
+def _finetune_cost(docs: RunDocuments) -> dict:
+    run, ft = docs.run, docs.finetune or FinetuneInfo()
+    return {"step": f"fine-tune ({','.join(ft.parts)}, {ft.augment} DA" + (", cached" if ft.cached else "") + ")",
+            "size": ft.test_size or run.test_size, "batch_size": ft.batch_size,
+            "forward_ms": _ms(ft.timing.ms_per_batch_forward or ft.forward_ms),
+            "backward_ms": _ms(ft.timing.ms_per_batch_backward or ft.backward_ms), "epochs": ft.epochs,
+            "seconds": run.timings["finetune"] if "finetune" in run.timings else ft.timing.wall_s}
+
+
+def cost_rows(docs: RunDocuments) -> list[dict]:
     """Table 7: time per batch of training and fine-tuning (forward, backward), wall seconds per step."""
+    timings = docs.run.timings
     rows = []
-    run = results.get("run") or {}
-    timings = run.get("timings") or {}
-    train = results.get("train") or {}
-    ft = results.get("finetune") or {}
-    if train or "train" in timings:
-        hp = train.get("hparams") or {}
-        epochs = train.get("epochs")
-        rows.append({"step": f"train ({hp.get('augment', 'train')} DA)", "size": train.get("train_size",
-                                                                                        run.get("train_size")),
-                     "batch_size": hp.get("batch_size", train.get("batch_size")),
-                     "forward_ms": _ms(train.get("forward_ms")), "backward_ms": _ms(train.get("backward_ms")),
-                     "epochs": len(epochs) if isinstance(epochs, list) else epochs,
-                     "seconds": timings.get("train", train.get("wall_s"))})
-    if ft or "finetune" in timings:
-        timing = ft.get("timing") or {}
-        cache = ft.get("cache") or {}
-        used = cache.get("used") if isinstance(cache, dict) else cache
-        rows.append({"step": "fine-tune (" + ",".join(ft.get("parts") or ["classifier", "bn"]) + ", "
-                             + f"{ft.get('augment', 'test')} DA" + (", cached" if used else "") + ")",
-                     "size": ft.get("test_size", run.get("test_size")), "batch_size": ft.get("batch_size"),
-                     "forward_ms": _ms(timing.get("ms_per_batch_forward", ft.get("forward_ms"))),
-                     "backward_ms": _ms(timing.get("ms_per_batch_backward", ft.get("backward_ms"))),
-                     "epochs": ft.get("epochs"), "seconds": timings.get("finetune", timing.get("wall_s"))})
-    for step in ("data", "analyze", "sweep_before", "sweep_after", "stats", "report"):
-        if step in timings:
-            rows.append({"step": step.replace("_", " "), "seconds": timings[step]})
+    if docs.train is not None or "train" in timings:
+        rows.append(_train_cost(docs))
+    if docs.finetune is not None or "finetune" in timings:
+        rows.append(_finetune_cost(docs))
+    rows += [{"step": step.replace("_", " "), "seconds": timings[step]}
+             for step in ("data", "analyze", "sweep_before", "sweep_after", "stats", "report") if step in timings]
     if timings:
-        rows.append({"step": "total", "seconds": total_seconds(timings)})
+        rows.append({"step": "total", "seconds": docs.run.total_seconds})
     return rows
 
 
-def _cdf_panels(stats: dict | None) -> list[dict]:
-    """Turn helper stats ({"before"/"after": {"sizes": {size: {"x", "cdf", ...}}}}) into plot panels."""
-    if not stats:
-        return []
+def _cdf_panels(stats: StatsInfo | None) -> list[dict]:
+    """The pooled activations' CDFs per size, before and after the fix, as plot panels."""
     panels = []
-    for state in ("before", "after"):
-        block = stats.get(state)
-        if not block:
-            continue
-        per_size = block.get("sizes", block)
+    for state, block in (("before", stats and stats.before), ("after", stats and stats.after)):
         curves = []
-        for size, s in _size_items(per_size):
-            if not isinstance(s, dict):
+        for size, s in block.items() if block else ():
+            if not (_numbers(s.x) and _numbers(s.cdf) and len(s.x) == len(s.cdf)):
                 continue
-            x = s.get("x") or s.get("cdf_x") or s.get("values")
-            y = s.get("cdf") or s.get("cdf_y") or s.get("p")
-            if not (_numbers(x) and _numbers(y) and len(x) == len(y)):
-                continue
-            label = f"test {size}"
-            if _number(s.get("zeros")) is not None:
-                label += f" (zeros {100 * _number(s['zeros']):.1f}%)"
-            curves.append({"label": label, "x": x, "cdf": y})
+            zeros = f" (zeros {100 * s.zeros:.1f}%)" if s.zeros is not None else ""
+            curves.append({"label": f"test {size}{zeros}", "x": list(s.x), "cdf": list(s.cdf)})
         if curves:
-            title = {"before": "before the fix", "after": "after the fix"}[state]
-            panels.append({"title": title, "curves": curves})
+            panels.append({"title": f"{state} the fix", "curves": curves})
     return panels
 
 
@@ -211,27 +141,16 @@ def _plot_size(v) -> str:
     return f"{n:g}" if n is not None else "?"
 
 
-def _grid_ok(block) -> bool:
-    """A grid block with size lists and a test x train matrix of numbers (or nulls)."""
-    if not (isinstance(block, dict) and isinstance(block.get("train_sizes"), list) and block["train_sizes"]
-            and isinstance(block.get("test_sizes"), list) and isinstance(block.get("top1"), list)):
-        return False
-    cols, matrix = len(block["train_sizes"]), block["top1"]
-    return len(matrix) == len(block["test_sizes"]) and all(
-        isinstance(row, list) and len(row) == cols and all(v is None or _number(v) is not None for v in row)
-        for row in matrix)
-
-
-def _after_label(sweep, test) -> str:
-    if isinstance(sweep, dict) and sweep.get("after") == AFTER_EACH_FIXED:
+def _after_label(sweep: Sweep | None, test) -> str:
+    if sweep is not None and sweep.after == AFTER_EACH_FIXED:
         return "after the fix (each size fixed at its own size)"
     return f"after the fix (adapted at {_plot_size(test)})"
 
 
-def _accuracy_figure(results: dict, head: Headline, out_dir: Path) -> Path | None:
+def _accuracy_figure(docs: RunDocuments, head: Headline, out_dir: Path) -> Path | None:
     train, test = _number(head.train_size), _number(head.test_size)
-    curves = [c for c in (_curve(results.get("sweep_before"), f"before the fix (trained at {_plot_size(train)})"),
-                          _curve(results.get("sweep_after"), _after_label(results.get("sweep_after"), test))) if c]
+    curves = [c for c in (_curve(docs.sweep_before, f"before the fix (trained at {_plot_size(train)})"),
+                          _curve(docs.sweep_after, _after_label(docs.sweep_after, test))) if c]
     if not curves:
         return None
     marks = [(train, f"train size {_plot_size(train)}")] if train else []
@@ -242,156 +161,152 @@ def _accuracy_figure(results: dict, head: Headline, out_dir: Path) -> Path | Non
     return plots.plot_accuracy_curves(curves, out_dir / "accuracy_vs_test_size.png", marks=marks)
 
 
-def _train_crop_words(an: dict) -> str:
-    if an.get("train_augment") == "control":
+def _train_crop_words(an: AnalysisDocument) -> str:
+    if an.train_augment == "control":
         return "the control augmentation (resize + fixed-size random crop)"
     return "RandomResizedCrop"
 
 
-def _grid_figures(grid, out_dir: Path) -> dict[str, Path]:
+def _grid_figures(grid: Grid | None, out_dir: Path) -> dict[str, Path]:
     figs: dict[str, Path] = {}
-    specs = (("grid", grid, "top1", "Top-1 (%), train x test size, no fine-tuning (table 5)"),
-             ("grid_fixed", grid, "top1_fixed", "Top-1 (%), train x test size, after the fix (table 5, right)"),
-             ("grid_control", (grid or {}).get("control") if isinstance(grid, dict) else None, "top1",
+    if grid is None:
+        return figs
+    specs = (("grid", grid, grid.top1, "Top-1 (%), train x test size, no fine-tuning (table 5)"),
+             ("grid_fixed", grid, grid.top1_fixed, "Top-1 (%), train x test size, after the fix (table 5, right)"),
+             ("grid_control", grid.control, grid.control and grid.control.top1,
               "Control (appendix D): resize + fixed-size random crop"))
-    for name, block, key, title in specs:
-        if isinstance(block, dict) and _grid_ok({**block, "top1": block.get(key)}):
-            figs[name] = plots.plot_grid_heatmap([_plot_size(s) for s in block["train_sizes"]],
-                                                 [_plot_size(s) for s in block["test_sizes"]], block[key],
+    for name, block, matrix, title in specs:
+        if block is not None and block.complete(matrix):
+            figs[name] = plots.plot_grid_heatmap([_plot_size(s) for s in block.train_sizes],
+                                                 [_plot_size(s) for s in block.test_sizes],
+                                                 [[math.nan if v is None else v for v in row] for row in matrix],
                                                  out_dir / f"grid_heatmap{name[4:]}.png", title=title)
     return figs
 
 
-def _plottable_select(results: dict) -> dict:
-    """``results`` with only the candidates the accuracy-vs-cost figure can draw (both top-1 values present);
-    the table still lists them all."""
-    select = results.get("select")
-    if not select:
-        return results
-    drawn = [c for c in select.get("candidates") or []
-             if all((c.get(k) or {}).get("top1") is not None for k in ("val_before", "val_after"))]
-    return {**results, "select": {**select, "candidates": drawn}}
+def _roc_figure(docs: RunDocuments, head: Headline, out_dir: Path) -> Path | None:
+    an, train_size = docs.analyze, _number(head.train_size)
+    sizes = [s for s in an.image_sizes if len(s) == 2] if an else []
+    if not (sizes and train_size and an.crop_ratio):
+        return None
+    augment = an.train_augment if an.train_augment in TRAIN_AUGMENTS else RRC_AUGMENT
+    mc = monte_carlo_ratio(train_size=int(train_size), crop_ratio=an.crop_ratio, image_sizes=sizes,
+                           samples=ROC_SAMPLES, seed=0, train_augment=augment)
+    return plots.plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction, out_dir / "roc_areas.png",
+                                ratios=mc.ratios)
 
 
-def draw_figures(results: dict, head: Headline, out_dir: Path) -> dict[str, Path]:
+def draw_figures(docs: RunDocuments, head: Headline, out_dir: Path) -> dict[str, Path]:
     """Write the report's PNGs; returns {figure name: path} for those the results allow."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figs: dict[str, Path] = {}
-    accuracy = _accuracy_figure(results, head, out_dir)
+    accuracy = _accuracy_figure(docs, head, out_dir)
     if accuracy is not None:
         figs["accuracy"] = accuracy
-    figs.update(_grid_figures(results.get("grid"), out_dir))
-    analyze = results.get("analyze") or {}
-    train_size = _number(head.train_size)
-    sizes = analyze.get("image_sizes")
-    if isinstance(sizes, list) and sizes and all(_numbers(s) and len(s) == 2 for s in sizes) and train_size \
-            and _number(analyze.get("crop_ratio")):
-        augment = analyze.get("train_augment") if analyze.get("train_augment") in TRAIN_AUGMENTS else RRC_AUGMENT
-        mc = monte_carlo_ratio(train_size=int(train_size), crop_ratio=float(analyze["crop_ratio"]),
-                               image_sizes=[tuple(s) for s in analyze["image_sizes"]], samples=20_000, seed=0,
-                               train_augment=augment)
-        figs["roc"] = plots.plot_roc_areas(mc.train_area_fraction, mc.test_area_fraction, out_dir / "roc_areas.png",
-                                           ratios=mc.ratios)
-    panels = _cdf_panels(results.get("stats"))
+    figs.update(_grid_figures(docs.grid, out_dir))
+    roc = _roc_figure(docs, head, out_dir)
+    if roc is not None:
+        figs["roc"] = roc
+    panels = _cdf_panels(docs.stats)
     if panels:
         figs["cdf"] = plots.plot_activation_cdf_panels(panels, out_dir / "activation_cdfs.png")
     # choosing the size after fixing (fixres.report.choice)
-    figs.update(report_select.draw(_plottable_select(results), out_dir))
+    figs.update(report_select.draw(docs, out_dir))
     return figs
 
 
-def _selection_sections(results: dict, figs: dict[str, Path]) -> list[dict]:
+def _selection_sections(docs: RunDocuments, figs: dict[str, Path]) -> list[dict]:
     """``fixres.report.choice``'s plain sections (candidates, frontier, reliability, KS) as page sections."""
     return [_section(s["title"], notes=[[n] for n in s["notes"]],
                      figures=[_figure(figs[k], k, cap) for k, cap in s["figures"] if k in figs],
                      tables=[_table(rows, cols) for rows, cols in s["tables"]])
-            for s in report_select.sections(results)]
+            for s in report_select.sections(docs)]
 
 
 # --------------------------------------------------------------------------- the page's sections
 
-def _classes(results: dict) -> list[str]:
-    data = results.get("data") or {}
-    names = data.get("classes") or (data.get("manifest") or {}).get("classes") or []
-    return [str(n) for n in names] if isinstance(names, list) else [str(names)]
+def _accuracy_section(docs: RunDocuments, figs: dict[str, Path], head: Headline) -> dict:
+    rec = head.recommended_test_size
+    each = docs.sweep_after is not None and docs.sweep_after.after == AFTER_EACH_FIXED
+    return _section("Accuracy against test size", figures=[_figure(
+        figs["accuracy"], "accuracy vs test size",
+        "Top-1 before the fix (the model as trained) and after it (classifier and the batch-norm before "
+        "pooling fine-tuned with test-time augmentation, "
+        + ("each size at its own size, as in the paper's table 5). " if each else "at the fixed size). ")
+        + (f"The apparent-size analysis recommends {rec} px. " if rec else "")
+        + "Error bars: ± binomial standard error.")])
 
 
-def _figure_sections(results: dict, figs: dict[str, Path], head: Headline) -> list[dict]:
+def _roc_section(an: AnalysisDocument, figs: dict[str, Path]) -> dict:
+    mc = an.monte_carlo.mean if an.monte_carlo else None
+    return _section("Regions of classification and apparent object size (figure 2)", figures=[_figure(
+        figs["roc"], "RoC areas",
+        f"RoC area as a fraction of the photo for {_train_crop_words(an)} at training and the centre crop at test, "
+        f"sampled on this data set's photo sizes. Objects look {_num_text(an.ratio, 3)}× as large at test "
+        "time as in training (closed form)" + (f"; Monte Carlo {_num_text(mc, 3)}" if mc is not None else "")
+        + ".")])
+
+
+def _figure_sections(docs: RunDocuments, figs: dict[str, Path], head: Headline) -> list[dict]:
     sections = []
     if "accuracy" in figs:
-        rec = head.recommended_test_size
-        sections.append(_section("Accuracy against test size", figures=[_figure(
-            figs["accuracy"], "accuracy vs test size",
-            "Top-1 before the fix (the model as trained) and after it (classifier and the batch-norm before "
-            "pooling fine-tuned with test-time augmentation, "
-            + ("each size at its own size, as in the paper's table 5). " if
-               (results.get("sweep_after") or {}).get("after") == AFTER_EACH_FIXED else "at the fixed size). ")
-            + (f"The apparent-size analysis recommends {rec} px. " if rec else "")
-            + "Error bars: ± binomial standard error.")]))
-    grid = results.get("grid")
-    if _grid_ok(grid):
+        sections.append(_accuracy_section(docs, figs, head))
+    grid = docs.grid
+    if grid is not None and grid.complete(grid.top1):
         captions = (("grid", "No fine-tuning."), ("grid_fixed", "After the fix at each test size."),
                     ("grid_control", "Appendix D control: trained with a resize and a fixed-size random crop "
                                      "instead of RandomResizedCrop."))
         sections.append(_section(
-            "Train × test size (table 5)", notes=[[f"From {grid['source']}."]] if grid.get("source") else [],
+            "Train × test size (table 5)", notes=[[f"From {grid.source}."]] if grid.source else [],
             figures=[_figure(figs[k], k, cap) for k, cap in captions if k in figs], tables=[_grid_table(grid)]))
-    if "roc" in figs:
-        an = results.get("analyze") or {}
-        mc = (an.get("monte_carlo") or {}).get("mean") if isinstance(an.get("monte_carlo"), dict) else None
-        sections.append(_section("Regions of classification and apparent object size (figure 2)", figures=[_figure(
-            figs["roc"], "RoC areas",
-            f"RoC area as a fraction of the photo for {_train_crop_words(an)} at training and the centre crop at test, "
-            f"sampled on this data set's photo sizes. Objects look {_num_text(an.get('ratio'), 3)}× as large at test "
-            "time as in training (closed form)" + (f"; Monte Carlo {_num_text(mc, 3)}" if mc is not None else "")
-            + ".")]))
+    if "roc" in figs and docs.analyze is not None:
+        sections.append(_roc_section(docs.analyze, figs))
     if "cdf" in figs:
         sections.append(_section("Pooled activations (figures 3 and 4)", figures=[_figure(
             figs["cdf"], "activation CDFs", "CDF of the globally pooled activations at several test sizes, before "
-            "and after the fix.")], tables=[_stats_table(results.get("stats"))]))
+            "and after the fix.")], tables=[_stats_table(docs.stats)]))
     return sections
 
 
-def _robustness_sections(results: dict) -> list[dict]:
+def _robustness_sections(docs: RunDocuments) -> list[dict]:
     """``robustness.json`` (top-1 under corruptions, paired tests), as ``fixres.report.robustness`` reads it."""
-    part = report_robustness.section(results.get("robustness"))
+    part = report_robustness.section(docs.robustness)
     if part is None:
         return []
     return [_section(part["title"], notes=[[n] for n in part["notes"]],
                      tables=[_table(rows, cols) for rows, cols in part["tables"]])]
 
 
-def _table_sections(results: dict) -> list[dict]:
-    sections = _robustness_sections(results)
-    costs = cost_rows(results)
+def _table_sections(docs: RunDocuments) -> list[dict]:
+    sections = _robustness_sections(docs)
+    costs = cost_rows(docs)
     if costs:
         sections.append(_section("Cost (table 7)", tables=[_table(costs, [
             ("step", "step"), ("size", "size (px)"), ("batch_size", "batch"), ("forward_ms", "forward ms/batch"),
             ("backward_ms", "backward ms/batch"), ("epochs", "epochs"), ("seconds", "wall s")])]))
-    path = (results.get("export") or {}).get("path")
+    path = docs.export.path if docs.export else None
     if path:
         sections.append(_section("Fixed model", notes=[[
-            "Exported to ", {"code": str(path)}, "; evaluate it with ",
+            "Exported to ", {"code": path}, "; evaluate it with ",
             {"code": f"fixres eval --checkpoint {path} --data DIR"}, " (no other flag needed)."]]))
-    skipped = (results.get("sweep_before") or {}).get("skipped") or []
+    skipped = docs.sweep_before.skipped if docs.sweep_before else ()
     if skipped:
         sections.append(_section("Skipped files", notes=[[f"{len(skipped)} unreadable file(s) were skipped:"]],
-                                 tables=[_table([s for s in skipped[:20] if isinstance(s, dict)],
+                                 tables=[_table([dump(s) for s in skipped[:SKIPPED_SHOWN]],
                                                 [("path", "path"), ("reason", "reason")])]))
     return sections
 
 
-def render_html(results: dict, figs: dict[str, Path], head: Headline) -> str:
+def render_html(docs: RunDocuments, figs: dict[str, Path], head: Headline) -> str:
     """The report page: every value from the run's files is escaped by the template (autoescape)."""
-    run = results.get("run") or {}
-    data = results.get("data") or {}
-    classes = _classes(results)
+    run = docs.run
+    classes = docs.data.class_names
     served = "served as trained at" if head.served_kind == "untuned" else "fixed for"
     subtitle = [f"trained at {_fmt(head.train_size)} px, {served} {_fmt(head.test_size)} px · data ",
-                {"code": str(data.get("root") or run.get("data"))}, f" ({_fmt(head.n_val)} validation images)",
+                {"code": str(docs.data.root or run.data)}, f" ({_fmt(head.n_val)} validation images)",
                 f" · classes: {', '.join(classes)}" if classes else "",
-                f" · {run.get('finished') or run.get('started') or ''}"]
-    sections = _figure_sections(results, figs, head) + _selection_sections(results, figs) + _table_sections(results)
+                f" · {run.finished or run.started or ''}"]
+    sections = _figure_sections(docs, figs, head) + _selection_sections(docs, figs) + _table_sections(docs)
     page = _PAGE.render(model=str(head.model), css=Markup(CSS), subtitle=subtitle, cards=_cards(head),
                         note=_note(head), sections=sections,
                         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
@@ -409,15 +324,15 @@ def report_folder(run_dir: Path) -> Path:
     return out
 
 
-def write_report(run_dir: str | os.PathLike, results: dict, head: Headline) -> dict:
+def write_report(run_dir: str | os.PathLike, docs: RunDocuments, head: Headline) -> dict:
     """Draw the figures and write ``RUN_DIR/report/index.html`` and ``report.json`` from the run's step documents
     and its headline; returns their paths."""
     run_dir = Path(run_dir)
     out = report_folder(run_dir)
-    figs = draw_figures(results, head, out)
+    figs = draw_figures(docs, head, out)
     html_path = out / REPORT_HTML
-    write_text(html_path, render_html(results, figs, head))
-    summary = {"headline": head.to_json(), "cost": cost_rows(results),
+    write_text(html_path, render_html(docs, figs, head))
+    summary = {"headline": head.to_json(), "cost": cost_rows(docs),
                "figures": {k: str(v) for k, v in figs.items()}, "html": str(html_path)}
     write_json(out / REPORT_JSON, summary)
     return summary

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from fixres.choosing.significance import ALPHA
-from fixres.io.results import CLEAN, PairedTest, RobustnessTable
+from fixres.io.documents import CLEAN, PairedTest, RobustnessTable
 
 #: Below this p a value is printed as "< P_FLOOR".
 P_FLOOR = 0.001

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as tdist
@@ -50,25 +51,47 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def launched_by_torchrun() -> bool:
-    """torchrun (and torch.distributed.run) always export these; a plain ``python`` run does not."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+#: What torchrun (and torch.distributed.run) always export; a plain ``python`` run does not.
+TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started: torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) read in one place,
+    one plain process where it set nothing. Read when asked, not at import: the environment is the caller's."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    by_torchrun: bool = False
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "Launch":
+        def number(key: str, default: int) -> int:
+            return int(environ[key]) if key in environ else default
+        return cls(rank=number("RANK", 0), world_size=number("WORLD_SIZE", 1), local_rank=number("LOCAL_RANK", 0),
+                   by_torchrun=launched_by_torchrun(environ))
+
+
+def launched_by_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
+    """torchrun (and torch.distributed.run) always export ``TORCHRUN_KEYS``; a plain ``python`` run does not."""
+    return all(k in environ for k in TORCHRUN_KEYS)
 
 
 def refuse_distributed(command: str) -> None:
     """Commands that estimate statistics on one process's view of the data do not run under torchrun."""
-    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # The size is read only under torchrun: a plain run's own RANK or WORLD_SIZE, whatever they hold, is not ours.
+    if launched_by_torchrun() and Launch.from_environ().world_size > 1:
         raise UsageError(f"{command} runs in one process; run it without torchrun")
 
 
 def init(device: str = "auto") -> DistEnv:
     """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or run as one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launch = Launch.from_environ()
+    world, rank, local_rank = launch.world_size, launch.rank, launch.local_rank
     dev = resolve_device(device, local_rank)
     backend = None
-    if world > 1 or launched_by_torchrun():
+    if world > 1 or launch.by_torchrun:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if not tdist.is_initialized():
             if dev.type == "cuda":
