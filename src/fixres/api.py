@@ -3,8 +3,8 @@
 
 The CLI is a thin layer over the same library functions; this module adds no method of its own. It
 turns the inputs people hold in a notebook into what the library takes (a ``ModelBundle`` with its
-data config, a ``FolderIndex``) and the library's JSON-ready dicts into dataclasses, keeping the full
-dict as ``.raw`` for anything not surfaced as a field.
+data config, a ``FolderIndex``) and returns the library's own result types (``fixres.io.evaluation``,
+``fixres.io.results``); ``to_json()`` gives the JSON a command would write.
 
     >>> import fixres
     >>> fixres.analyze(train_size=224).recommended_test_size
@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 from torch import nn
 
 from fixres.choosing.best import best_row
-from fixres.choosing.significance import binomial_se
 from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FINETUNE_EPOCHS, DEFAULT_PARTS, DataConfig, default_out
 from fixres.data import folders as _data
 from fixres.errors import UsageError
-from fixres.io.results import FixRun
+from fixres.io.evaluation import EvalResult, ViewScore
+from fixres.io.results import AnalysisDocument, FixRun
+from fixres.io.schema import parse
 from fixres.io.served import UNTUNED
 from fixres.job import pipeline as _pipeline
 from fixres.method import adaptation as _adapt
@@ -36,6 +37,7 @@ from fixres.method import finetuning as _finetune
 from fixres.method.inputs import index_split
 from fixres.models import export as _export
 from fixres.models.loading import LITE_WEIGHTS, ModelBundle, ModelSpec, data_config_for
+from fixres.models.timmcfg import model_pretrained_view
 from fixres.runtime.dist import DistEnv, resolve_device
 from fixres.runtime.engine import inference_precision, precision_for
 
@@ -51,70 +53,52 @@ DataLike = Union[str, Path, "_data.FolderIndex", Sequence, Any]
 
 @dataclass(frozen=True)
 class Analysis:
-    """Apparent object size at test time relative to training (eq. 5), and the test size it implies."""
+    """Apparent object size at test time relative to training (eq. 5), and the test size it implies; with photo
+    sizes, the ratio sampled on them (``sampled_ratio``, Monte Carlo)."""
 
     train_size: int
     crop_ratio: float
     ratio: float
     recommended_test_size: int
     recommended_test_size_exact: float
-    raw: dict = field(repr=False, compare=False)
+    sampled_ratio: float | None = None
 
 
-@dataclass(frozen=True)
-class SizeResult:
-    """Accuracy at one test size, in percent. ``top1_se`` is the error bar: the binomial standard error of
-    ``top1`` on ``n`` images (in points; computed from them when not given). ``top1_std`` is the fold std, the
-    leave-one-fold-out std of the paper's section 5, a fraction of the sampling noise."""
-
-    test_size: int
-    crop_ratio: float
-    top1: float
-    top1_std: float
-    top5: float | None
-    loss: float | None
-    n: int
-    raw: dict = field(repr=False, compare=False)
-    top1_se: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.top1_se is None and self.n:
-            object.__setattr__(self, "top1_se", binomial_se(self.top1, self.n))
+@dataclass(frozen=True, repr=False)
+class SizeResult(ViewScore):
+    """Accuracy at one test size, in percent (``fixres.io.evaluation.ViewScore``): ``top1_se`` is the error bar,
+    the binomial standard error of ``top1`` on ``n`` images; ``top1_std`` is the fold std, the leave-one-fold-out
+    std of the paper's section 5, a fraction of the sampling noise."""
 
     @classmethod
-    def from_row(cls, row: dict, crop_ratio: float | None = None) -> "SizeResult":
-        return cls(test_size=int(row["test_size"]), crop_ratio=float(row.get("crop_ratio", crop_ratio or 0.0)),
-                   top1=float(row["top1"]), top1_std=float(row.get("top1_std", 0.0)), top5=row.get("top5"),
-                   loss=row.get("loss"), n=int(row.get("n", 0)), raw=row,
-                   top1_se=None if row.get("top1_se") is None else float(row["top1_se"]))
+    def of(cls, row: ViewScore) -> "SizeResult":
+        """``row`` with its error bar filled in where the row lacks it."""
+        return cls(**{**{f.name: getattr(row, f.name) for f in fields(ViewScore)}, "top1_se": row.se})
 
-    def __repr__(self) -> str:
-        se = "" if self.top1_se is None else f" ± {self.top1_se:.1f}"
-        return f"SizeResult({self.test_size}px: top-1 {self.top1:.1f}{se} (SE) on {self.n} images)"
+    @classmethod
+    def from_row(cls, row: dict) -> "SizeResult":
+        """A row as a command writes it (``eval.json``, ``sweep.json``)."""
+        return cls.of(parse(ViewScore, row))
 
 
 @dataclass(frozen=True)
-class SweepResult:
-    """Every test size measured in one pass over the images."""
+class SweepResult(EvalResult):
+    """Every test size measured in one pass over the images (``fixres.io.evaluation.EvalResult``), with the train
+    size the best size's ties are broken toward."""
 
-    rows: tuple[SizeResult, ...]
-    n_images: int
-    skipped: int
     train_size: int | None = None
-    raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def best(self) -> SizeResult:
         """The most accurate size, by the project's one rule (``fixres.choosing.best.best_row``: ties go to
         the size closest to the train size, then to the smaller one)."""
-        row = best_row([r.raw for r in self.rows], train_size=self.train_size)
-        return next(r for r in self.rows if r.raw is row)
+        return best_row(self.rows, train_size=self.train_size)
 
     def at(self, test_size: int) -> SizeResult:
-        for row in self.rows:
-            if row.test_size == test_size:
-                return row
-        raise KeyError(f"{test_size} was not measured (sizes: {', '.join(str(r.test_size) for r in self.rows)})")
+        row = super().at(test_size)
+        if row is None:
+            raise KeyError(f"{test_size} was not measured (sizes: {', '.join(str(r.test_size) for r in self.rows)})")
+        return row
 
     def __repr__(self) -> str:
         curve = ", ".join(f"{r.test_size}px {r.top1:.1f}" for r in self.rows)
@@ -130,7 +114,6 @@ class AdaptResult:
     method: str
     before: SizeResult | None
     after: SizeResult | None
-    raw: dict = field(repr=False, compare=False)
 
     def __repr__(self) -> str:
         change = (f": top-1 {self.before.top1:.1f} -> {self.after.top1:.1f}" if self.before and self.after else "")
@@ -197,7 +180,7 @@ def as_bundle(model: ModelLike, data_config: DataConfig | None = None) -> ModelB
         bundle = model
     elif isinstance(model, nn.Module):
         source = "timm" if getattr(model, "pretrained_cfg", None) else "module"
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__.lower()
+        name = model_pretrained_view(model).architecture or type(model).__name__.lower()
         bundle = ModelBundle(model, data_config_for(model, source), name, source, {})
     elif isinstance(model, (str, Path)):
         bundle = load(model)
@@ -237,12 +220,13 @@ def analyze(train_size: int, *, crop_ratio: float | None = None, stride: int | N
     """Apparent object size ratio (closed form; Monte Carlo over ``image_sizes`` when given) and the
     test size it recommends, rounded to the network stride (appendix B)."""
     defaults = DataConfig(train_size=train_size)
-    raw = _analysis.analyze(train_size=train_size, crop_ratio=crop_ratio or defaults.crop_ratio,
-                            stride=stride or defaults.stride, image_sizes=image_sizes, seed=seed)
-    raw.pop("_mc", None)
-    return Analysis(train_size=train_size, crop_ratio=float(raw["crop_ratio"]), ratio=float(raw["ratio"]),
-                    recommended_test_size=int(raw["recommended_test_size"]),
-                    recommended_test_size_exact=float(raw["recommended_test_size_exact"]), raw=raw)
+    found = _analysis.analyze(train_size=train_size, crop_ratio=crop_ratio or defaults.crop_ratio,
+                              stride=stride or defaults.stride, image_sizes=image_sizes, seed=seed)
+    doc = parse(AnalysisDocument, found)
+    return Analysis(train_size=train_size, crop_ratio=doc.crop_ratio, ratio=doc.ratio,
+                    recommended_test_size=doc.recommended_test_size,
+                    recommended_test_size_exact=doc.recommended_test_size_exact,
+                    sampled_ratio=doc.monte_carlo.mean if doc.monte_carlo else None)
 
 
 def sweep(model: ModelLike, data: DataLike, test_sizes: Sequence[int], *, data_config: DataConfig | None = None,
@@ -253,12 +237,13 @@ def sweep(model: ModelLike, data: DataLike, test_sizes: Sequence[int], *, data_c
     bundle = as_bundle(model, data_config)
     index = as_index(data, "val", classes=bundle.data_config.class_names)
     env = _env(device)
-    raw = _evaluate.evaluate(bundle.model, index, bundle.data_config, test_sizes=list(test_sizes),
-                             crop_ratios=[crop_ratio] if crop_ratio else None, batch_size=batch_size, env=env,
-                             precision=inference_precision(env.device, amp), workers=workers, progress=progress)
-    rows = tuple(SizeResult.from_row(r) for r in raw["rows"])
-    return SweepResult(rows=rows, n_images=int(raw["n_images"]), skipped=len(raw["skipped"]),
-                       train_size=bundle.data_config.train_size, raw=raw)
+    result = _evaluate.evaluate(bundle.model, index, bundle.data_config, test_sizes=list(test_sizes),
+                                crop_ratios=[crop_ratio] if crop_ratio else None, batch_size=batch_size, env=env,
+                                precision=inference_precision(env.device, amp), workers=workers, progress=progress)
+    values = {f.name: getattr(result, f.name) for f in fields(EvalResult)}
+    return SweepResult(**{**values, "rows": tuple(SizeResult.of(r) for r in result.rows),
+                          "ensembles": tuple(SizeResult.of(r) for r in result.ensembles)},
+                       train_size=bundle.data_config.train_size)
 
 
 def finetune(model: ModelLike, data: DataLike, test_size: int, *, parts: str | Sequence[str] = DEFAULT_PARTS,
@@ -296,13 +281,22 @@ def adapt(model: ModelLike, data: DataLike, test_size: int, *, method: str = "bn
     return _adapt_result(bundle.model, test_size, method, raw)
 
 
-def _adapt_result(model: nn.Module, test_size: int, method: str, raw: dict) -> AdaptResult:
-    def row(key: str) -> SizeResult | None:
-        value = raw.get(key)
-        return (SizeResult.from_row({"test_size": test_size, **value})
-                if isinstance(value, dict) and "top1" in value else None)
-    return AdaptResult(model=model, test_size=test_size, method=method, before=row("before"), after=row("after"),
-                       raw=raw)
+def _adapt_result(model: nn.Module, test_size: int, method: str, record: dict) -> AdaptResult:
+    """The adaptation's record (its scores before and after, where measured, and its timing) as a result."""
+    done = parse(AdaptRecord, record)
+    return AdaptResult(model=model, test_size=test_size, method=method,
+                       before=done.before and SizeResult.of(replace(done.before,
+                                                                    test_size=done.before.test_size or test_size)),
+                       after=done.after and SizeResult.of(replace(done.after,
+                                                                  test_size=done.after.test_size or test_size)))
+
+
+@dataclass(frozen=True)
+class AdaptRecord:
+    """What an adaptation (fine-tuning or label-free) returns that the API surfaces: its scores before and after."""
+
+    before: ViewScore | None = None
+    after: ViewScore | None = None
 
 
 def export(model: ModelLike, path: str | Path, *, test_size: int, data_config: DataConfig | None = None,

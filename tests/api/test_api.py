@@ -44,7 +44,7 @@ def test_analyze_matches_the_closed_form():
     a = fixres.analyze(train_size=224)
     assert a.ratio == pytest.approx(closed_form_ratio(train_size=224, crop_ratio=0.875))
     assert a.recommended_test_size == 288
-    assert a.raw["train_size"] == 224
+    assert a.train_size == 224
 
 
 def test_sweep_of_a_plain_module_equals_the_library(tiny_model, data_root):
@@ -57,7 +57,7 @@ def test_sweep_of_a_plain_module_equals_the_library(tiny_model, data_root):
                    workers=0, progress=False,
                    precision=inference_precision(torch.device("cpu"), amp=False))
     assert [r.test_size for r in result.rows] == [32, 48]
-    assert [r.top1 for r in result.rows] == [r["top1"] for r in raw["rows"]]
+    assert [r.top1 for r in result.rows] == [r.top1 for r in raw.rows]
     assert result.n_images == 12
     assert result.best.top1 == max(r.top1 for r in result.rows)
     assert result.at(48).test_size == 48

@@ -224,20 +224,20 @@ def test_sweep_row_equals_evaluate_at_that_single_size(tmp_path, tiny_model, ten
     ratio = bundle.data_config.crop_ratio
     assert len({jpeg_reduction(300, resize_for(s, ratio)) for s in SWEEP}) >= 3  # the sizes need different decodes
     sweep = _eval(bundle, samples, list(SWEEP), ten_crop=ten_crop, ensembles=[(32, 160), (64, 96)])
-    for row in sweep["rows"]:
-        alone = _eval(bundle, samples, [row["test_size"]], ten_crop=ten_crop)
-        (one,) = alone["rows"]
+    for row in sweep.rows:
+        alone = _eval(bundle, samples, [row.test_size], ten_crop=ten_crop)
+        (one,) = alone.rows
         for key in ("top1", "top5", "loss", "correct", "correct5", "n", "ece"):
-            assert row[key] == one[key], (row["test_size"], key)
-        key = f"{row['test_size']}@{ratio:g}"
-        assert np.array_equal(sweep["_log_probs"][key], alone["_log_probs"][key]), row["test_size"]
+            assert getattr(row, key) == getattr(one, key), (row.test_size, key)
+        key = f"{row.test_size}@{ratio:g}"
+        assert np.array_equal(sweep.arrays.log_probs[key], alone.arrays.log_probs[key]), row.test_size
     # an ensemble row is the average softmax of the members' single-size evaluations
-    for ens, members in zip(sweep["ensembles"], ((32, 160), (64, 96))):
-        lps = torch.stack([torch.from_numpy(sweep["_log_probs"][f"{m}@{ratio:g}"]) for m in members])
+    for ens, members in zip(sweep.ensembles, ((32, 160), (64, 96))):
+        lps = torch.stack([torch.from_numpy(sweep.arrays.log_probs[f"{m}@{ratio:g}"]) for m in members])
         avg = lps.logsumexp(0) - np.log(len(members))
         labels = torch.tensor([label for _, label in samples])
-        assert ens["correct"] == int((avg.argmax(1) == labels).sum())
-        assert ens["loss"] == pytest.approx(float(-avg.gather(1, labels[:, None]).double().mean()), rel=1e-6)
+        assert ens.correct == int((avg.argmax(1) == labels).sum())
+        assert ens.loss == pytest.approx(float(-avg.gather(1, labels[:, None]).double().mean()), rel=1e-6)
 
 
 def test_reduced_decode_off_vs_on_differs_only_where_a_reduction_applies(tmp_path, tiny_model):
@@ -249,7 +249,7 @@ def test_reduced_decode_off_vs_on_differs_only_where_a_reduction_applies(tmp_pat
     shorts = [min(Image.open(p).size) for p, _ in samples]
     for s in SWEEP:
         key = f"{s}@{ratio:g}"
-        a, b = on["_log_probs"][key], off["_log_probs"][key]
+        a, b = on.arrays.log_probs[key], off.arrays.log_probs[key]
         for i, short in enumerate(shorts):
             if jpeg_reduction(short, resize_for(s, ratio)) == 1:
                 assert np.array_equal(a[i], b[i]), (s, i)

@@ -310,6 +310,18 @@ def test_step_results_are_read_back_only_on_resume():
     assert found, "the scan finds no reads at all: it no longer sees the calls"
 
 
+#: Results are types read once at the boundary (fixres.io.schema.parse); a dict lookup by key is the exception.
+MAX_DICT_LOOKUPS = 60
+DICT_LOOKUP = '.get("'
+
+
+def test_results_are_read_as_types_not_dict_lookups():
+    counts = {path.relative_to(SRC).as_posix(): path.read_text().count(DICT_LOOKUP) for path in PACKAGE.rglob("*.py")}
+    total = sum(counts.values())
+    worst = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+    assert total < MAX_DICT_LOOKUPS, f"{total} {DICT_LOOKUP} lookups in src (most: {worst})"
+
+
 #: The one loader (model spec, class names, class-mapped splits) every command and the API go through.
 LOADER = "fixres.method.inputs"
 #: Loading a model or indexing a folder directly, which the loader owns.

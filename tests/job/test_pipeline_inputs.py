@@ -117,7 +117,7 @@ def test_val_is_scored_under_the_training_classes_by_name(tmp_path):
     torch.manual_seed(0)
     val = scan_folder(data / "val", class_map=scan_folder(data / "train").classes)  # by name
     want = evaluate(bundle.model, val, bundle.data_config, test_sizes=[32], workers=0, progress=False, batch_size=8)
-    assert before["rows"][0]["top1"] == want["rows"][0]["top1"]
+    assert before["rows"][0]["top1"] == want.rows[0].top1
 
 
 def test_refused_data_set_leaves_nothing_behind(tmp_path):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from fixres.errors import UsageError
+from fixres.io.evaluation import FittedOn, PhotoArrays
+from fixres.io.schema import dump
 from fixres.method.calibration import ECE_BINS, apply_temperature, ece, fit_temperature, nll, reliability
 
 
@@ -88,14 +91,15 @@ def test_eval_rows_carry_nll_and_ece_of_their_own_predictions(image_folder, tiny
     res = evaluate(tiny_model.model, scan_folder(image_folder), tiny_model.data_config, test_sizes=[32, 48],
                    ensembles=[(32, 48)], workers=0, progress=False, precision=Precision(False, None, False),
                    keep_log_probs=True, batch_size=5)
-    labels = torch.from_numpy(res["_labels"])
-    for row, (key, lp) in zip(res["rows"] + res["ensembles"], res["_log_probs"].items(), strict=True):
+    labels = torch.from_numpy(res.arrays.labels)
+    for row, (key, lp) in zip(res.rows + res.ensembles, res.arrays.log_probs.items(), strict=True):
         lp = torch.from_numpy(lp)
         conf, hit = lp.max(1).values.exp().numpy(), (lp.argmax(1) == labels).numpy()
-        assert row["nll"] == row["loss"] == pytest.approx(nll(lp, labels), rel=1e-6)
-        assert row["ece"] == pytest.approx(100 * ece(conf, hit), rel=1e-9)
-        assert res["reliability"][key] == reliability(conf, hit)
-        assert sum(res["reliability"][key]["count"]) == row["n"] == 12
+        assert row.label == key
+        assert row.nll == row.loss == pytest.approx(nll(lp, labels), rel=1e-6)
+        assert row.ece == pytest.approx(100 * ece(conf, hit), rel=1e-9)
+        assert dump(res.reliability[key]) == reliability(conf, hit)
+        assert sum(res.reliability[key].count) == row.n == 12
 
 
 def test_temperature_scale_fits_on_held_out_and_keeps_top1(tmp_path, tiny_model):
@@ -112,17 +116,16 @@ def test_temperature_scale_fits_on_held_out_and_keeps_top1(tmp_path, tiny_model)
                     **kw)
     res = evaluate(tiny_model.model, scan_folder(write_image_folder(tmp_path / "v", seed=6)), tiny_model.data_config,
                    **kw)
-    before = [dict(r) for r in res["rows"] + res["ensembles"]]
-    temperature_scale(res, held)
-    labels = torch.from_numpy(res["_labels"])
-    for row, old, key in zip(res["rows"] + res["ensembles"], before, res["_log_probs"]):
-        t = fit_temperature(torch.from_numpy(held["_log_probs"][key]), torch.from_numpy(held["_labels"]))
-        assert row["temperature"] == t and t > 1
-        assert row["nll_scaled"] == pytest.approx(nll(torch.from_numpy(res["_log_probs"][key]).double() / t, labels))
-        assert {k: row[k] for k in old} == old  # top-1 and every measured number unchanged
-    assert res["temperature_fitted_on"] == {"n_images": 12}
+    scaled = temperature_scale(res, held)
+    labels = torch.from_numpy(res.arrays.labels)
+    for row, old, key in zip(scaled.rows + scaled.ensembles, res.rows + res.ensembles, res.arrays.log_probs):
+        t = fit_temperature(torch.from_numpy(held.arrays.log_probs[key]), torch.from_numpy(held.arrays.labels))
+        assert row.temperature == t and t > 1
+        assert row.nll_scaled == pytest.approx(nll(torch.from_numpy(res.arrays.log_probs[key]).double() / t, labels))
+        assert replace(row, temperature=None, nll_scaled=None, ece_scaled=None) == old  # every measured number kept
+    assert scaled.temperature_fitted_on == FittedOn(n_images=12)
     with pytest.raises(UsageError, match="keep_log_probs"):
-        temperature_scale({"rows": []}, held)
+        temperature_scale(replace(res, arrays=PhotoArrays()), held)
 
 
 def test_cli_sweep_calibrate_on_held_out_folder(tmp_path, capsys):
@@ -146,7 +149,7 @@ def test_cli_sweep_calibrate_on_held_out_folder(tmp_path, capsys):
     kw = dict(test_sizes=[32, 48], workers=0, progress=False, keep_log_probs=True)
     ref = temperature_scale(evaluate(b.model, scan_folder(val), b.data_config, **kw),
                             evaluate(b.model, scan_folder(held), b.data_config, **kw))
-    for got, want in zip(saved["rows"], ref["rows"], strict=True):
+    for got, want in zip(saved["rows"], ref.to_json()["rows"], strict=True):
         assert got["temperature"] == pytest.approx(want["temperature"], rel=1e-6)
         assert (got["nll_scaled"], got["ece_scaled"]) == pytest.approx((want["nll_scaled"], want["ece_scaled"]),
                                                                        rel=1e-2)

@@ -161,16 +161,16 @@ def test_gathered_results_are_put_back_in_single_process_order(tmp_path, tiny_mo
     one = evaluate(copy.deepcopy(model), samples, tiny_model.data_config, **kw)
     ranks = _evaluate_as_ranks(model, samples, tiny_model.data_config, 2, monkeypatch, **kw)
     for two in ranks:  # every rank returns the full, identical result
-        assert two["n_images"] == n and two["world_size"] == 2
-        assert np.array_equal(two["_labels"], one["_labels"])
-        for a, b in zip(one["rows"] + one["ensembles"], two["rows"] + two["ensembles"], strict=True):
+        assert two.n_images == n and two.world_size == 2
+        assert np.array_equal(two.arrays.labels, one.arrays.labels)
+        for a, b in zip(one.rows + one.ensembles, two.rows + two.ensembles, strict=True):
             for key in ("correct", "correct5", "n", "top1", "top1_std", "top5", "top5_std"):
-                assert a[key] == b[key], key
+                assert getattr(a, key) == getattr(b, key), key
             # other batch compositions: the same per-image arithmetic up to float rounding
-            assert (a["loss"], a["ece"]) == pytest.approx((b["loss"], b["ece"]), rel=1e-5)
-        assert two["per_class"] == one["per_class"]
+            assert (a.loss, a.ece) == pytest.approx((b.loss, b.ece), rel=1e-5)
+        assert two.per_class == one.per_class
     # the premise: in the interleaved (un-re-ordered) order the fold std is a different number
-    hits = {key: lp.argmax(1) == one["_labels"] for key, lp in one["_log_probs"].items()}
-    assert [fold_std(h) for h in hits.values()] == [r["top1_std"] for r in one["rows"] + one["ensembles"]]
+    hits = {key: lp.argmax(1) == one.arrays.labels for key, lp in one.arrays.log_probs.items()}
+    assert [fold_std(h) for h in hits.values()] == [r.top1_std for r in one.rows + one.ensembles]
     assert any(fold_std(np.concatenate([h[0::2], h[1::2]])) != fold_std(h) for h in hits.values())
     assert all(0 < h.sum() < n for h in hits.values())

@@ -97,24 +97,24 @@ def test_one_pass_sweep_equals_naive_per_size_loops(image_folder, tiny_model):
     sizes, ratios = [32, 48], [0.875, 1.0]
     res = evaluate(bundle.model, index, cfg, test_sizes=sizes, crop_ratios=ratios, batch_size=5, workers=0,
                    precision=FP32, progress=False, num_classes=3)
-    assert [(r["test_size"], r["crop_ratio"]) for r in res["rows"]] == [(s, c) for s in sizes for c in ratios]
-    assert res["n_images"] == 12 and res["skipped"] == []
+    assert [(r.test_size, r.crop_ratio) for r in res.rows] == [(s, c) for s in sizes for c in ratios]
+    assert res.n_images == 12 and res.skipped == ()
     tops = set()
-    for row in res["rows"]:
-        t = center_crop_transform(geometry_for(row["test_size"], cfg, row["crop_ratio"]), cfg)
+    for row in res.rows:
+        t = center_crop_transform(geometry_for(row.test_size, cfg, row.crop_ratio), cfg)
         c1, c5, loss, correct = _naive_numbers(*_naive_logp(bundle.model, index.samples, [t]))
-        assert (row["correct"], row["correct5"], row["n"]) == (c1, c5, 12)
-        assert row["top1"] == pytest.approx(100 * c1 / 12)
-        assert row["loss"] == pytest.approx(loss, rel=1e-5)
-        assert row["top1_std"] == pytest.approx(fold_std(correct))
-        tops.add(row["correct"])
+        assert (row.correct, row.correct5, row.n) == (c1, c5, 12)
+        assert row.top1 == pytest.approx(100 * c1 / 12)
+        assert row.loss == pytest.approx(loss, rel=1e-5)
+        assert row.top1_std == pytest.approx(fold_std(correct))
+        tops.add(row.correct)
     assert len(tops) > 1 or 0 < next(iter(tops)) < 12, "the model should not be trivially right or wrong"
     # per-class accuracies weighted by class counts give back top-1
-    pc = res["per_class"]
-    assert pc["classes"] == ["class_0", "class_1", "class_2"] and pc["n"] == [4, 4, 4]
-    for row in res["rows"]:
-        per = pc["top1"][f"{row['test_size']}@{row['crop_ratio']:g}"]
-        assert sum(a * n for a, n in zip(per, pc["n"])) / 12 == pytest.approx(row["top1"])
+    pc = res.per_class
+    assert pc.classes == ("class_0", "class_1", "class_2") and pc.n == (4, 4, 4)
+    for row in res.rows:
+        per = pc.top1[f"{row.test_size}@{row.crop_ratio:g}"]
+        assert sum(a * n for a, n in zip(per, pc.n)) / 12 == pytest.approx(row.top1)
 
 
 def test_each_image_is_decoded_once_for_all_sizes(image_folder, tiny_model, monkeypatch):
@@ -130,7 +130,7 @@ def test_each_image_is_decoded_once_for_all_sizes(image_folder, tiny_model, monk
     monkeypatch.setattr(fixres.data.loaders, "load_rgb", counting)
     res = evaluate(tiny_model.model, scan_folder(image_folder), tiny_model.data_config,
                    test_sizes=[32, 40, 48, 64], crop_ratios=[0.875, 1.0], workers=0, progress=False)
-    assert len(res["rows"]) == 8
+    assert len(res.rows) == 8
     assert sorted(calls) == sorted(p for p, _ in scan_folder(image_folder).samples)
 
 
@@ -141,21 +141,21 @@ def test_ensemble_and_ten_crop_match_naive(image_folder, tiny_model):
     res = evaluate(bundle.model, index, cfg, test_sizes=[32], ensembles=[(32, 48)], batch_size=4, workers=0,
                    precision=FP32, progress=False)
     # the ensemble's member 48 is evaluated too, though not asked for
-    assert [r["test_size"] for r in res["rows"]] == [32, 48]
-    (ens,) = res["ensembles"]
-    assert ens["test_sizes"] == [32, 48]
+    assert [r.test_size for r in res.rows] == [32, 48]
+    (ens,) = res.ensembles
+    assert ens.test_sizes == (32, 48)
     members = [center_crop_transform(geometry_for(s, cfg, cfg.crop_ratio), cfg) for s in (32, 48)]
     c1, c5, loss, _ = _naive_numbers(*_naive_logp(bundle.model, index.samples, members))
-    assert (ens["correct"], ens["correct5"]) == (c1, c5)
-    assert ens["loss"] == pytest.approx(loss, rel=1e-5)
+    assert (ens.correct, ens.correct5) == (c1, c5)
+    assert ens.loss == pytest.approx(loss, rel=1e-5)
 
     res10 = evaluate(bundle.model, index, cfg, test_sizes=[32], ten_crop=True, batch_size=3, workers=0,
                      precision=FP32, progress=False)
     t10 = ten_crop_transform(geometry_for(32, cfg, cfg.crop_ratio), cfg)
     c1, _, loss, _ = _naive_numbers(*_naive_logp(bundle.model, index.samples, [t10]))
-    assert res10["rows"][0]["ten_crop"] is True
-    assert res10["rows"][0]["correct"] == c1
-    assert res10["rows"][0]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert res10.rows[0].ten_crop is True
+    assert res10.rows[0].correct == c1
+    assert res10.rows[0].loss == pytest.approx(loss, rel=1e-5)
 
 
 def test_unreadable_files_are_counted_not_fatal(tmp_path, tiny_model):
@@ -166,11 +166,11 @@ def test_unreadable_files_are_counted_not_fatal(tmp_path, tiny_model):
     (root / "class_2" / "zz_empty.png").write_bytes(b"")
     res = evaluate(tiny_model.model, scan_folder(root), tiny_model.data_config, test_sizes=[32], workers=0,
                    precision=FP32, progress=False, batch_size=5)
-    assert res["n_images"] == 12 and res["n_samples"] == 14
-    assert [Path(s["path"]).name for s in res["skipped"]] == ["zz_broken.jpg", "zz_empty.png"]
-    assert "empty" in res["skipped"][1]["reason"]
-    assert res["rows"][0]["correct"] == clean["rows"][0]["correct"]
-    assert res["rows"][0]["loss"] == pytest.approx(clean["rows"][0]["loss"], rel=1e-6)
+    assert res.n_images == 12 and res.n_samples == 14
+    assert [Path(s.path).name for s in res.skipped] == ["zz_broken.jpg", "zz_empty.png"]
+    assert "empty" in res.skipped[1].reason
+    assert res.rows[0].correct == clean.rows[0].correct
+    assert res.rows[0].loss == pytest.approx(clean.rows[0].loss, rel=1e-6)
 
 
 def test_class_count_mismatch_names_the_flags(image_folder, tiny_model):
@@ -231,11 +231,12 @@ def _assert_png(path, min_side: int = 100):
 
 
 def _library_numbers(folder, *, train_size, **kw) -> dict:
-    """``evaluate`` on the model the CLI builds for ``--model fixres_tiny_resnet --random-init`` (same seed)."""
+    """``evaluate`` on the model the CLI builds for ``--model fixres_tiny_resnet --random-init`` (same seed), as the
+    JSON the CLI writes."""
     from fixres.models.loading import load_model
     torch.manual_seed(0)
     bundle = load_model(model="fixres_tiny_resnet", num_classes=3, train_size=train_size)
-    return evaluate(bundle.model, scan_folder(folder), bundle.data_config, workers=0, progress=False, **kw)
+    return evaluate(bundle.model, scan_folder(folder), bundle.data_config, workers=0, progress=False, **kw).to_json()
 
 
 def _numbers(row) -> tuple:
@@ -292,9 +293,9 @@ def test_fp16_overflow_falls_back_to_fp32(image_folder, tiny_model):
     kw = dict(test_sizes=[32], batch_size=5, workers=0, progress=False)
     res16 = evaluate(model, index, tiny_model.data_config, precision=fp16, **kw)
     res32 = evaluate(model, index, tiny_model.data_config, precision=FP32, **kw)
-    assert res16["fp32_fallback_batches"] == 3 and res32["fp32_fallback_batches"] == 0
-    assert res16["rows"][0]["correct"] == res32["rows"][0]["correct"]
-    assert res16["rows"][0]["loss"] == pytest.approx(res32["rows"][0]["loss"], rel=1e-6)
+    assert res16.fp32_fallback_batches == 3 and res32.fp32_fallback_batches == 0
+    assert res16.rows[0].correct == res32.rows[0].correct
+    assert res16.rows[0].loss == pytest.approx(res32.rows[0].loss, rel=1e-6)
 
 
 def test_fixed_input_size_model_is_evaluated_at_every_size_in_one_pass(image_folder, tiny_model):
@@ -317,10 +318,10 @@ def test_fixed_input_size_model_is_evaluated_at_every_size_in_one_pass(image_fol
     moved = copy.deepcopy(vit)
     assert fit_input_size(moved, 48) == {"img_size": [48, 48]}
     alone = evaluate(moved, index, cfg, test_sizes=[48], **kw)
-    assert (res["rows"][1]["correct"], res["rows"][1]["loss"]) == (alone["rows"][0]["correct"],
-                                                                   pytest.approx(alone["rows"][0]["loss"], rel=1e-6))
-    assert res["rows"][0]["loss"] == pytest.approx(evaluate(vit, index, cfg, test_sizes=[32], **kw)["rows"][0]["loss"])
-    assert res["rows"][0]["loss"] != pytest.approx(res["rows"][1]["loss"])
+    assert (res.rows[1].correct, res.rows[1].loss) == (alone.rows[0].correct,
+                                                     pytest.approx(alone.rows[0].loss, rel=1e-6))
+    assert res.rows[0].loss == pytest.approx(evaluate(vit, index, cfg, test_sizes=[32], **kw).rows[0].loss)
+    assert res.rows[0].loss != pytest.approx(res.rows[1].loss)
     assert torch.equal(vit.pos_embed, pos_embed)  # the caller's model is untouched
     with pytest.raises(AssertionError, match="doesn.t match model"):  # timm: it still runs at 32 only
         vit(torch.zeros(1, 3, 48, 48))

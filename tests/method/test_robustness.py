@@ -218,10 +218,10 @@ def test_clean_row_is_a_plain_evaluate(table_setup):
     s = table_setup
     for model, name_32, sizes in ((s["a"], "a at 32px", [32, 48]), (s["b"], "b at 32px", [32])):
         plain = evaluate(model, s["index"], s["cfg"], test_sizes=sizes, workers=0, progress=False, per_class=False)
-        assert s["result"]["rows"][0][name_32] == pytest.approx(plain["rows"][0]["top1"])
+        assert s["result"]["rows"][0][name_32] == pytest.approx(plain.rows[0].top1)
     plain48 = evaluate(s["a"], s["index"], s["cfg"], test_sizes=[48], workers=0, progress=False, per_class=False,
                        reduced_decode=False)
-    assert s["result"]["rows"][0]["a at 48px"] == pytest.approx(plain48["rows"][0]["top1"])
+    assert s["result"]["rows"][0]["a at 48px"] == pytest.approx(plain48.rows[0].top1)
 
 
 def test_a_corrupted_row_is_evaluate_with_that_corruption(table_setup):
@@ -230,7 +230,7 @@ def test_a_corrupted_row_is_evaluate_with_that_corruption(table_setup):
     res = evaluate(s["a"], s["index"], s["cfg"], test_sizes=[32], workers=0, progress=False, per_class=False,
                    corrupt=corrupt)
     row = next(r for r in s["result"]["rows"] if (r["corruption"], r["severity"]) == ("gaussian_blur", 3))
-    assert row["a at 32px"] == pytest.approx(res["rows"][0]["top1"])
+    assert row["a at 32px"] == pytest.approx(res.rows[0].top1)
 
 
 def test_paired_counts_are_consistent(table_setup):

@@ -109,7 +109,7 @@ def test_cli_train_validates_at_train_and_recommended_size_and_exports(data, tmp
     res = evaluate(bundle.model.eval(), scan_folder(data / "val").samples, bundle.data_config, test_sizes=[32, rec],
                    crop_ratios=[0.875], batch_size=8, workers=0, progress=False,
                    precision=Precision(False, None, False))
-    assert {str(row["test_size"]): row["top1"] for row in res["rows"]} == pytest.approx(log[-1]["val_top1"])
+    assert {str(row.test_size): row.top1 for row in res.rows} == pytest.approx(log[-1]["val_top1"])
 
     # An existing run is not overwritten by accident.
     with pytest.raises(UsageError, match="--resume"):

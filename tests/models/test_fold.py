@@ -119,8 +119,8 @@ def test_evaluate_runs_the_folded_copy_with_the_same_predictions(tmp_path, monke
     monkeypatch.setattr(ev, "fold_batchnorms", lambda m, size, **kw: (m, 0))
     b = ev.evaluate(model, images, cfg, test_sizes=[16, 24], precision=fp32, workers=0, progress=False)
     assert seen == [2]
-    for ra, rb in zip(a["rows"], b["rows"]):
-        assert ra["correct"] == rb["correct"] and ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    for ra, rb in zip(a.rows, b.rows):
+        assert ra.correct == rb.correct and ra.loss == pytest.approx(rb.loss, rel=1e-5)
     assert isinstance(model.b1, nn.BatchNorm2d)
 
 

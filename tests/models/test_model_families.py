@@ -149,8 +149,8 @@ def test_vit_exported_at_s_reloads_and_evaluates_at_s_with_no_flags(tmp_path, ca
     direct = evaluate(bundle.model, scan_folder(image_folder, class_map=["class_0", "class_1", "class_2"]),
                       bundle.data_config, test_sizes=[96], workers=0, progress=False,
                       precision=precision_for(torch.device("cpu"), amp=False))  # as --no-amp
-    assert result["rows"][0]["top1"] == pytest.approx(direct["rows"][0]["top1"])
-    assert result["rows"][0]["loss"] == pytest.approx(direct["rows"][0]["loss"], rel=1e-4)
+    assert result["rows"][0]["top1"] == pytest.approx(direct.rows[0].top1)
+    assert result["rows"][0]["loss"] == pytest.approx(direct.rows[0].loss, rel=1e-4)
 
 
 def test_builtin_convnext_finetunes_its_head_norm(tmp_path, split_folder):

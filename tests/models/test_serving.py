@@ -220,13 +220,11 @@ def test_a_fix_result_holds_the_fixed_model_and_its_transform(fixed_run):
 
 def test_results_print_short():
     from fixres.api import AdaptResult, SizeResult, SweepResult
-    a = SizeResult(test_size=64, crop_ratio=0.875, top1=71.25, top1_std=0.5, top5=None, loss=None, n=340,
-                   raw={"test_size": 64, "top1": 71.25})
-    b = SizeResult(test_size=96, crop_ratio=0.875, top1=73.0, top1_std=0.4, top5=None, loss=None, n=340,
-                   raw={"test_size": 96, "top1": 73.0})
+    a = SizeResult(test_size=64, crop_ratio=0.875, top1=71.25, top1_std=0.5, top5=None, loss=None, n=340)
+    b = SizeResult(test_size=96, crop_ratio=0.875, top1=73.0, top1_std=0.4, top5=None, loss=None, n=340)
     # ± is the binomial standard error of 71.25 % on 340 images, not the fold std (0.5)
     assert repr(a) == "SizeResult(64px: top-1 71.2 ± 2.5 (SE) on 340 images)"
-    assert repr(SweepResult(rows=(a, b), n_images=340, skipped=0, train_size=64)) == \
+    assert repr(SweepResult(rows=(a, b), n_images=340, train_size=64)) == \
         "SweepResult(64px 71.2, 96px 73.0; best 96px; 340 images)"
-    assert repr(AdaptResult(model=torch.nn.Linear(2, 2), test_size=96, method="finetune", before=a, after=b,
-                            raw={})) == "AdaptResult(finetune at 96px: top-1 71.2 -> 73.0)"
+    assert repr(AdaptResult(model=torch.nn.Linear(2, 2), test_size=96, method="finetune", before=a,
+                            after=b)) == "AdaptResult(finetune at 96px: top-1 71.2 -> 73.0)"

@@ -45,7 +45,7 @@ def test_cpu_evaluation_does_not_pin(image_folder, tiny_model, monkeypatch):
     res = ev.evaluate(tiny_model.model, scan_folder(image_folder), tiny_model.data_config, test_sizes=[32],
                       workers=0, precision=FP32, progress=False)
     assert [kw["pin_memory"] for kw in seen] == [False]
-    assert res["n_images"] == 12
+    assert res.n_images == 12
 
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
@@ -62,7 +62,7 @@ def test_cuda_device_selects_the_pinned_loader(image_folder, tiny_model, monkeyp
                       workers=0, precision=FP32, progress=False, env=env)
     assert [kw["pin_memory"] for kw in seen] == [False, True]
     assert set(moved) == {"cpu", "cuda"} and moved.count("cuda") == moved.count("cpu") > 0
-    assert res["rows"][0]["correct"] == cpu["rows"][0]["correct"] and res["rows"][0]["loss"] == cpu["rows"][0]["loss"]
+    assert res.rows[0].correct == cpu.rows[0].correct and res.rows[0].loss == cpu.rows[0].loss
 
 
 def test_batch_is_pinned_by_the_dataloader_tensor_by_tensor(monkeypatch):

@@ -1,7 +1,7 @@
 """The best measured test size: one rule for the sweep, the fix pipeline and the report.
 
 Given result rows (dicts with ``test_size`` and ``top1``, as ``fixres.method.evaluate`` writes them, or results
-with those attributes, as ``fixres.io.results.SweepRow``), the
+with those attributes, as ``fixres.io.evaluation.ViewScore``), the
 best is the row with the highest top-1. Ties (common on a few hundred images, where one image is
 0.2-0.3 points) go to the size closest to the train size, then to the smaller size: the cheaper
 and less extrapolated choice when the measurement cannot tell them apart. Pure Python, no torch,

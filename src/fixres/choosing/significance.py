@@ -15,16 +15,15 @@ import math
 from collections.abc import Sequence
 
 from fixres.errors import UsageError
+from fixres.io.evaluation import binomial_se_of
 
-PERCENT = 100.0
 #: Below this p the paired test calls two classifiers different (two-sided).
 ALPHA = 0.05
 
 
 def binomial_se(top1: float, n: int) -> float:
-    """Binomial standard error of an accuracy in percent measured on ``n`` images (points)."""
-    p = top1 / PERCENT
-    return PERCENT * math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else float("nan")
+    """Binomial standard error of an accuracy in percent measured on ``n`` images (points); NaN without images."""
+    return binomial_se_of(top1, n) if n else float("nan")
 
 
 def paired_test(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:

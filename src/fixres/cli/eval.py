@@ -10,7 +10,7 @@ Under ``torchrun`` every rank evaluates its shard; only rank 0 writes files and 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fixres.cli.args import (
@@ -24,6 +24,7 @@ from fixres.cli.args import (
     warn_stride,
 )
 from fixres.config import DEFAULT_FOLDS, default_out
+from fixres.io.evaluation import EvalResult
 
 CORRUPTIONS_JSON = "corruptions.json"
 #: What a run writes to --out: all of one run's, or, when it fails, all as they were (``cli.app``).
@@ -228,8 +229,8 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval", loaded: Loaded | Non
     result = evaluate(bundle.model, index, data_cfg, per_class=cfg.per_class, keep_log_probs=bool(cfg.calibrate_on),
                       **eval_kw)
     if cfg.calibrate_on:
-        _temperature_scaled(result, bundle.model, data_cfg, cfg.calibrate_on, index, num_outputs(bundle.model),
-                            eval_kw)
+        result = _temperature_scaled(result, bundle.model, data_cfg, cfg.calibrate_on, index,
+                                     num_outputs(bundle.model), eval_kw)
     result = {
         "command": label,
         "model": bundle.name, "model_source": bundle.source,
@@ -238,7 +239,7 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval", loaded: Loaded | Non
         "data": str(index.root), "class_index": index.source, "num_classes": index.num_classes,
         "reduced_decode": cfg.reduced_decode, "train_size": data_cfg.train_size,
         "data_config": {k: v for k, v in data_cfg.to_dict().items() if k != "class_names"},
-        **result,
+        **result.to_json(),
     }
     return result, ld.env
 
@@ -252,16 +253,15 @@ def run_corruptions(ld: Loaded, *, images: int | None, seed: int, workers: int |
                             num_classes=ld.num_classes)
 
 
-def _temperature_scaled(result: dict, model, data_cfg, folder: str, index, n_out: int, eval_kw: dict) -> None:
+def _temperature_scaled(result: EvalResult, model, data_cfg, folder: str, index, n_out: int,
+                        eval_kw: dict) -> EvalResult:
     """Fit a temperature per view on the held-out ``folder`` (its classes mapped onto the evaluated ones by name)."""
     from fixres.method.evaluate import evaluate, temperature_scale
     from fixres.method.inputs import index_folder
     held_index = index_folder(folder, classes=list(index.classes), num_classes=n_out)
     held = evaluate(model, held_index, data_cfg, per_class=False, keep_log_probs=True, **eval_kw)
-    temperature_scale(result, held)
-    result["temperature_fitted_on"]["data"] = str(held_index.root)
-    for key in ("_log_probs", "_labels"):
-        result.pop(key)
+    scaled = temperature_scale(result, held)
+    return replace(scaled, temperature_fitted_on=replace(scaled.temperature_fitted_on, data=str(held_index.root)))
 
 
 def rows_csv(result: dict) -> str:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fixres.io.evaluation import EvalResult
 from fixres.io.schema import SchemaError, dump, parse
 from fixres.io.served import Candidates, Choice
 
@@ -102,66 +103,14 @@ class Analysis:
 # --------------------------------------------------------------------------- a sweep over test sizes
 
 @dataclass(frozen=True)
-class SweepRow:
-    """Top-1 at one test size (percent) on ``n`` photos, its fold std, NLL and ECE."""
+class Sweep(EvalResult):
+    """A model at every swept test size on the validation photos (``fixres.method.evaluate``'s result), with every
+    photo's outcome per size, and what the curve is (after the fix: each size fixed at its own, or the export)."""
 
-    test_size: int
-    top1: float
-    top1_std: float | None = None
-    n: int = 0
-    nll: float | None = None
-    ece: float | None = None
-    top1_se: float | None = None
-
-    @classmethod
-    def from_json(cls, row: dict) -> "SweepRow":
-        return parse(cls, row)
-
-    @property
-    def se(self) -> float | None:
-        """The error bar: the binomial standard error (from top-1 and n where a file lacks it)."""
-        return self.top1_se if self.top1_se is not None else binomial_se_of(self.top1, self.n)
-
-
-def binomial_se_of(top1: float | None, n: int | None) -> float | None:
-    """The binomial standard error (points) of a top-1 (percent) on ``n`` photos; None without both."""
-    if top1 is None or not n:
-        return None
-    p = top1 / 100.0
-    return 100.0 * max(p * (1 - p) / n, 0.0) ** 0.5
-
-
-@dataclass(frozen=True)
-class Reliability:
-    """Confidence against accuracy in bins (a reliability diagram)."""
-
-    confidence: tuple[float | None, ...] = ()
-    accuracy: tuple[float | None, ...] = ()
-    count: tuple[int | None, ...] = ()
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A file that could not be read, and why."""
-
-    path: str | None = None
-    reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """A model at every swept test size on the validation photos, and every photo's outcome per size."""
-
-    rows: tuple[SweepRow, ...] = ()
-    n_images: int = 0
-    seconds: float = 0.0
     #: {size: per-photo outcomes as text} (``fixres.choosing.outcomes``); empty when not kept
     outcomes: dict[str, str] = field(default_factory=dict)
-    skipped: tuple[Skipped, ...] = ()
     #: what the curve after the fix is (``fixres.report.page.AFTER_EACH_FIXED`` / ``AFTER_EXPORTED``)
     after: str | None = None
-    #: {"<size>" or "<size>@<crop>": bins} at the sizes measured
-    reliability: dict[str, Reliability] = field(default_factory=dict)
     document: dict = field(default_factory=dict, repr=False, compare=False, metadata={"transient": True})
 
     @classmethod
@@ -170,16 +119,6 @@ class Sweep:
 
     def to_json(self) -> dict:
         return self.document
-
-    def at(self, test_size: int | None) -> SweepRow | None:
-        return None if test_size is None else next((r for r in self.rows if r.test_size == int(test_size)), None)
-
-    def reliability_at(self, test_size: int | None) -> Reliability | None:
-        return next((r for k, r in self.reliability.items() if k.split("@")[0] == str(test_size)), None)
-
-    @property
-    def sizes(self) -> list[int]:
-        return [r.test_size for r in self.rows]
 
 
 # --------------------------------------------------------------------------- the fine-tuning schedule

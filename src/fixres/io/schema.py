@@ -128,13 +128,15 @@ def parse_or_none(cls, doc):
         return None
 
 
-def dump(value):
+def dump(value, *, omit_none: bool = False):
     """A result type (or any value holding them) as JSON-ready data: tuples as lists, result types as objects
-    keyed by their fields' JSON names."""
+    keyed by their fields' JSON names; with ``omit_none``, a result type's fields that are None are left out
+    (a document that holds only what was measured)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {_key(f): dump(getattr(value, f.name)) for f in dataclasses.fields(value) if not _transient(f)}
+        pairs = ((_key(f), getattr(value, f.name)) for f in dataclasses.fields(value) if not _transient(f))
+        return {k: dump(v, omit_none=omit_none) for k, v in pairs if not (omit_none and v is None)}
     if isinstance(value, (list, tuple)):
-        return [dump(v) for v in value]
+        return [dump(v, omit_none=omit_none) for v in value]
     if isinstance(value, dict):
-        return {k: dump(v) for k, v in value.items()}
+        return {k: dump(v, omit_none=omit_none) for k, v in value.items()}
     return value

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fixres.io.evaluation import Reliability, ViewScore
 from fixres.io.schema import dump, parse
 
 #: What is served: the model fixed at a size, or the model as trained evaluated at a size.
@@ -112,6 +113,9 @@ class Score:
     nll: float | None = None
     ece: float | None = None
     n: int | None = None
+    #: on the validation photos after the fix: the whole evaluation row and its reliability bins
+    row: ViewScore | None = None
+    reliability: Reliability | None = None
 
 
 @dataclass(frozen=True)

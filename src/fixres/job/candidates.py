@@ -34,8 +34,9 @@ from fixres.choosing.serving import (
 from fixres.choosing.significance import binomial_se, paired_test
 from fixres.io.atomic import write_json
 from fixres.io.checkpoint import load_state_dict, save_safetensors
+from fixres.io.evaluation import EvalResult, ViewScore
 from fixres.io.results import read_document
-from fixres.io.schema import parse, parse_or_none
+from fixres.io.schema import dump, parse, parse_or_none
 from fixres.io.served import Choice, CrossSelection, PairedOnVal, SeenCheck
 from fixres.job.context import FixContext
 from fixres.method.adaptation import adapt
@@ -100,21 +101,29 @@ def _score(x: "FixContext", model, samples, size: int, *, outcomes: bool = False
     also every image's outcome (``outcome_bits``), for cross-selection and paired tests."""
     res = evaluate(model, samples, x.data_config, test_sizes=[size], per_class=False, keep_outcomes=outcomes,
                    **{**x.eval_kw(), "progress": False})
-    row = res["rows"][0]
-    score = {k: row.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}
+    row = res.rows[0]
+    score = score_fields(row)
     if outcomes:
         score["outcomes"] = outcomes_of(res, len(getattr(samples, "samples", samples)))[str(size)]
     if full:  # the whole row and its reliability bins: the sweep after the fix reads them instead of re-running
-        score["row"] = row
-        score["reliability"] = next(iter(res["reliability"].values()), None)
+        score["row"] = dump(row)
+        score["reliability"] = dump(res.reliability_at(size))
     return score
 
 
-def outcomes_of(result: dict, n: int) -> dict[str, str]:
+#: What a candidate's score on a set of photos keeps of an evaluation row.
+SCORE_FIELDS = ("top1", "top1_std", "nll", "ece", "n")
+
+
+def score_fields(row: ViewScore | None) -> dict:
+    """A row's score (``SCORE_FIELDS``; all None without a row)."""
+    return {k: None if row is None else getattr(row, k) for k in SCORE_FIELDS}
+
+
+def outcomes_of(result: EvalResult, n: int) -> dict[str, str]:
     """{test size: per-image outcomes over the ``n`` evaluated images} of an ``evaluate(keep_outcomes=True)``
-    result (its rows and their outcome arrays are in the same order)."""
-    return {str(r["test_size"]): outcome_bits(top1, result["_idx"], n)
-            for r, top1 in zip(result["rows"], result["_top1"].values())}
+    result."""
+    return {str(r.test_size): outcome_bits(result.hits_at(r), result.arrays.idx, n) for r in result.rows}
 
 
 def run_schedule(x: "FixContext") -> dict:
@@ -153,7 +162,7 @@ def recommended_exact(x: "FixContext") -> float:
 def run_select(x: "FixContext") -> dict:
     """Fix at every candidate size, score on the held-out training images and on val, measure cost."""
     sizes, dropped, estimate = _planned_candidates(x)
-    before = {int(r["test_size"]): r for r in x.results.sweep_before.document["rows"]}
+    before = x.results.sweep_before
     held_before = _before_on(x, x.holdout, sizes, outcomes=True)
     t = int(x.data_config.train_size)  # the training photos' score before the fix is only shown at T
     seen_at_t = _before_on(x, x.seen, [t]).get(t) if t in sizes else None
@@ -163,9 +172,8 @@ def run_select(x: "FixContext") -> dict:
     for size in sizes:
         row = _fix_candidate(x, size)
         cost = costs[size]
-        b = before.get(size, {})
         rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
-                     "val_before": {k: b.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")}})
+                     "val_before": score_fields(before.at(size))})
     return {
         "method": x.rule if (x.holdout or len(sizes) > 1) else "recommendation", "rule": x.rule,
         "rule_text": CHOOSING_RULES.get(x.rule), "n_holdout": len(x.holdout), "n_seen": len(x.seen),
@@ -183,9 +191,8 @@ def _before_on(x: "FixContext", samples, sizes: Sequence[int], *, outcomes: bool
     res = evaluate(x.base(), samples, x.data_config, test_sizes=list(sizes), per_class=False, keep_outcomes=outcomes,
                    **{**x.eval_kw(), "progress": False})
     bits = outcomes_of(res, len(samples)) if outcomes else {}
-    return {int(r["test_size"]): {**{k: r.get(k) for k in ("top1", "top1_std", "nll", "ece", "n")},
-                                  **({"outcomes": bits[str(r["test_size"])]} if outcomes else {})}
-            for r in res["rows"]}
+    return {r.test_size: {**score_fields(r), **({"outcomes": bits[str(r.test_size)]} if outcomes else {})}
+            for r in res.rows}
 
 
 def candidate_folder(x: "FixContext", size: int) -> Path:

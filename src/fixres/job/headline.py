@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from fixres.choosing.best import best_row
 from fixres.io.documents import RunDocuments
-from fixres.io.results import Headline, SweepRow, binomial_se_of
+from fixres.io.evaluation import ViewScore, binomial_se_of
+from fixres.io.results import Headline
 from fixres.io.served import FIXED, UNTUNED
 from fixres.report.page import collect, write_report
 
@@ -19,7 +20,7 @@ from fixres.report.page import collect, write_report
 CROSS_RULE = "cross-val"
 
 
-def _figures(row: SweepRow | None) -> tuple[float | None, float | None, float | None]:
+def _figures(row: ViewScore | None) -> tuple[float | None, float | None, float | None]:
     """(top-1, fold std, binomial SE) of a sweep row; Nones without it."""
     return (None, None, None) if row is None else (row.top1, row.top1_std, row.se)
 

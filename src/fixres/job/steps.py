@@ -7,7 +7,7 @@ writes as ``RUN_DIR/<step>.json``; the candidate fixes and the fine-tuning sched
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from fixres.data.folders import count_image_sizes
 from fixres.data.synth import make_dataset
 from fixres.io.atomic import plain_json, write_json
 from fixres.io.documents import RunDocuments
+from fixres.io.evaluation import EvalResult
 from fixres.io.results import Headline, Sweep
 from fixres.job import candidates
 from fixres.job.context import STATS_IMAGES, FixContext, stats_sizes_of, strip_private
@@ -86,8 +87,7 @@ def run_analyze(x: FixContext) -> dict:
 
 def run_sweep_before(x: FixContext) -> dict:
     sweep = evaluate(x.base(), x.val_index, x.data_config, test_sizes=x.test_sizes, keep_outcomes=True, **x.eval_kw())
-    sweep["outcomes"] = candidates.outcomes_of(sweep, len(x.val_index.samples))
-    return strip_private(sweep)
+    return {**sweep.to_json(), "outcomes": candidates.outcomes_of(sweep, len(x.val_index.samples))}
 
 
 def run_finetune(x: FixContext) -> dict:
@@ -120,11 +120,14 @@ def run_sweep_after(x: FixContext) -> dict:
     fixed = x.fixed()
     sweep = _after_from_candidates(x)
     if sweep is None:
-        sweep = {**evaluate(fixed, x.val_index, x.data_config, test_sizes=x.test_sizes, **x.eval_kw()),
+        sweep = {**evaluate(fixed, x.val_index, x.data_config, test_sizes=x.test_sizes, **x.eval_kw()).to_json(),
                  "after": AFTER_EXPORTED}
-    sweep = plain_json(strip_private(sweep))
+    sweep = plain_json(sweep)
     # Export again, now with the accuracy of what is served in the metadata: the headline's unbiased estimate.
+    # The headline is computed here, once: the served accuracy goes into the export's metadata now, and the
+    # report adds the run's timings to the same object.
     head = headline_of({**x.results.documents(), "sweep_after": sweep, "run": run_info(x, torch.get_num_threads())})
+    x.results.headline = head
     accuracy = served_accuracy(x, head, Sweep.from_json(sweep))
     export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.data_config, test_size=test_size,
                  train_size=x.data_config.train_size, class_names=list(x.train_index.classes), accuracy=accuracy,
@@ -159,16 +162,16 @@ def _after_from_candidates(x: FixContext) -> dict | None:
     selected = x.results.select
     if x.config.label_free or selected is None or selected.document is None:
         return None
-    by_size = {int(c["test_size"]): c["val_after"] for c in selected.document["candidates"]}
-    if not all(s in by_size and by_size[s].get("row") for s in x.test_sizes):
+    scored = {c.test_size: c.val_after for c in selected.table.candidates}
+    if not all(s in scored and scored[s].row is not None for s in x.test_sizes):
         return None
-    rows = [by_size[s]["row"] for s in x.test_sizes]
-    before = x.results.sweep_before.document
-    return {"rows": rows, "ensembles": [], "n_images": before["n_images"], "n_samples": before.get("n_samples"),
-            "skipped": before.get("skipped", []), "folds": before.get("folds"), "seconds": 0.0,
-            "reliability": {f"{r['test_size']}@{r['crop_ratio']:g}": by_size[int(r["test_size"])]["reliability"]
-                            for r in rows},
-            "after": AFTER_EACH_FIXED, "precision": before.get("precision")}
+    rows = [scored[s].row for s in x.test_sizes]
+    before = x.results.sweep_before
+    after = EvalResult(rows=tuple(rows), n_images=before.n_images, n_samples=before.n_samples,
+                       skipped=before.skipped, folds=before.folds, precision=before.precision,
+                       reliability={r.label: scored[r.test_size].reliability for r in rows
+                                    if scored[r.test_size].reliability is not None})
+    return {**after.to_json(), "after": AFTER_EACH_FIXED}
 
 
 def run_stats(x: FixContext) -> dict:
@@ -221,11 +224,16 @@ def run_robustness(x: FixContext) -> dict:
 
 
 def run_report(x: FixContext) -> dict:
-    """The headline, computed once from the step results, and the page that renders it."""
+    """The page that renders the headline (computed with the curve after the fix), with the run's timings."""
     info = run_info(x, torch.get_num_threads())
     write_json(x.run_dir / "run.json", info)
     docs = RunDocuments.of({**x.results.documents(), "run": plain_json(info)})
-    return write_report(x.run_dir, docs, headline_of(docs))
+    head = x.results.headline
+    if head is None:  # the curve after the fix was read back on resume: the headline comes from the documents
+        head = headline_of(docs)
+    else:
+        head = replace(head, seconds_total=docs.run.total_seconds, timings=dict(docs.run.timings))
+    return write_report(x.run_dir, docs, head)
 
 
 def resume_report(x: FixContext, summary: dict) -> dict:

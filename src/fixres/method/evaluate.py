@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -37,6 +37,8 @@ from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FOLDS, DataConfig
 from fixres.data.loaders import ImageDataset, IndexSampler, default_workers, make_loader, pin_memory_for
 from fixres.data.transforms import MultiView, geometry_for, ten_crop_transform, test_transform
 from fixres.errors import FixresError, UsageError
+from fixres.io.evaluation import PERCENT, EvalResult, FittedOn, PhotoArrays
+from fixres.io.schema import parse
 from fixres.method.calibration import apply_temperature, ece, fit_temperature, nll, reliability
 from fixres.method.views import _check_classes, _Plan, _plan
 from fixres.models.fold import fold_batchnorms
@@ -47,7 +49,6 @@ from fixres.runtime.progress import bar
 
 #: top-5 is the paper's second metric; with fewer classes it degrades to top-K with K = classes.
 TOP5 = 5
-PERCENT = 100.0
 
 
 def fold_std(correct: Sequence[bool] | np.ndarray, folds: int = DEFAULT_FOLDS) -> float:
@@ -243,7 +244,7 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
              ensembles: Sequence[Sequence] = (), ten_crop: bool = False, folds: int = DEFAULT_FOLDS,
              progress: bool = True, num_classes: int | None = None, class_names: Sequence[str] | None = None,
              per_class: bool = True, keep_log_probs: bool = False, keep_outcomes: bool = False,
-             reduced_decode: bool = True, corrupt: Callable | None = None) -> dict:
+             reduced_decode: bool = True, corrupt: Callable | None = None) -> EvalResult:
     """Evaluate ``model`` on ``samples`` at every (test_size, crop_ratio) pair in one pass.
 
     ``samples``: a ``FolderIndex`` or a list of (path, label). ``crop_ratios`` defaults to the data
@@ -251,17 +252,16 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     are added if not requested). ``ten_crop``: each view is the average softmax of 10 crops.
     ``num_classes``: the data set's number of classes; it must equal the model's outputs.
 
-    Returns a JSON-ready dict: ``rows`` (one per view: test_size, crop_ratio, resize, top1, top1_se (the binomial
-    standard error, the error bar), top1_std (the leave-one-fold-out std of section 5), top5, top5_se, top5_std, loss,
-    nll (= loss, the mean cross-entropy), ece (percent, 15 bins of top-1 confidence, ``fixres.method.calibration``), n,
-    correct, correct5), ``ensembles``, ``n_images``, ``skipped`` ([{path, reason}]), ``reliability`` (per row key:
-    reliability-diagram bins), ``per_class`` (classes, count per class, top-1 per class for each view), timing.
+    Returns an ``EvalResult`` (``fixres.io.evaluation``): ``rows`` (a ``ViewScore`` per view: top-1 with its binomial
+    standard error, the error bar, and its fold std, the leave-one-fold-out std of section 5; top-5, loss = NLL, ECE
+    in percent over 15 bins of top-1 confidence, ``fixres.method.calibration``; n, correct), ``ensembles``,
+    ``n_images``, ``skipped``, ``reliability`` (per view: reliability-diagram bins), ``per_class``, timing.
     Accuracies are in percent. The model is moved to the evaluation device (channels_last when the precision says so)
     and returned to its previous train/eval mode. ``precision`` defaults to ``inference_precision``; ``workers`` to
-    ``data.default_workers``. ``keep_log_probs``: also return ``_log_probs`` ({row key: array (images, classes)},
-    data-set order) and ``_labels``, not JSON-ready (pop them before writing), e.g. for ``calibration.fit_temperature``.
-    ``keep_outcomes``: also return ``_top1`` ({row key: bool array}) and ``_idx`` (each image's index in ``samples``),
-    data-set order, skipped images left out: for paired per-image comparisons.
+    ``data.default_workers``. ``keep_log_probs``: also keep ``arrays.log_probs`` ({view: array (images, classes)},
+    data-set order) and ``arrays.labels``, e.g. for ``calibration.fit_temperature``. ``keep_outcomes``: also keep
+    ``arrays.hits`` ({view: bool array}) and ``arrays.idx`` (each image's index in ``samples``), data-set order,
+    skipped images left out: for paired per-image comparisons. The arrays are never written.
     ``reduced_decode``: decode JPEGs only as large as each view needs (``data.ImageDataset``); a view's numbers are
     the same whether it is evaluated alone or in a sweep. ``corrupt``: ``corrupt(photo, i)`` on each full-size photo.
     """
@@ -290,8 +290,8 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     }
     if per_class:
         result["per_class"] = _per_class(res, plan, n_out)
-    result.update(_private_arrays(res, plan, keep_log_probs=keep_log_probs, keep_outcomes=keep_outcomes))
-    return result
+    return parse(EvalResult, result,
+                 arrays=_photo_arrays(res, plan, keep_log_probs=keep_log_probs, keep_outcomes=keep_outcomes))
 
 
 def _loader(plan: _Plan, cfg: DataConfig, shard: Sequence[int], *, ten_crop: bool, batch_size: int, workers: int,
@@ -348,16 +348,13 @@ def _rows(res: _PerImage, plan: _Plan, *, ten_crop: bool, folds: int) -> tuple[l
     return rows, ens_rows
 
 
-def _private_arrays(res: _PerImage, plan: _Plan, *, keep_log_probs: bool, keep_outcomes: bool) -> dict:
-    """The per-image arrays a caller asked for (private keys: not JSON-ready)."""
-    out: dict = {}
-    if keep_log_probs:
-        out["_log_probs"] = dict(zip(plan.row_keys, res.log_probs or []))
-        out["_labels"] = res.labels
-    if keep_outcomes:
-        out["_top1"] = {key: res.top1[r].copy() for r, key in enumerate(plan.row_keys)}
-        out["_idx"] = res.idx.copy()
-    return out
+def _photo_arrays(res: _PerImage, plan: _Plan, *, keep_log_probs: bool, keep_outcomes: bool) -> PhotoArrays:
+    """The per-photo arrays a caller asked for (kept in memory, never written)."""
+    return PhotoArrays(
+        idx=res.idx.copy() if keep_outcomes else None,
+        hits={key: res.top1[r].copy() for r, key in enumerate(plan.row_keys)} if keep_outcomes else None,
+        log_probs=dict(zip(plan.row_keys, res.log_probs or [])) if keep_log_probs else None,
+        labels=res.labels if keep_log_probs else None)
 
 
 def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, batch_size: int,
@@ -371,41 +368,35 @@ def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, b
     res = evaluate(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
                    batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
                    workers=workers, progress=progress, per_class=False)
-    row = res["rows"][0]
-    return {"test_size": test_size, "top1": row["top1"], "top1_se": row["top1_se"], "top1_std": row["top1_std"],
-            "top5": row["top5"],
-            "loss": row["loss"], "nll": row["nll"], "ece": row["ece"], "n": row["n"],
-            "skipped": len(res["skipped"])}
+    row = res.rows[0]
+    return {"test_size": test_size, "top1": row.top1, "top1_se": row.top1_se, "top1_std": row.top1_std,
+            "top5": row.top5, "loss": row.loss, "nll": row.nll, "ece": row.ece, "n": row.n,
+            "skipped": len(res.skipped)}
 
 
-def temperature_scale(result: dict, held_out: dict) -> dict:
+def temperature_scale(result: EvalResult, held_out: EvalResult) -> EvalResult:
     """Temperature scaling of every row of ``result``, each fitted on the same row of ``held_out``.
 
     Both are ``evaluate(..., keep_log_probs=True)`` results with the same views: ``held_out`` on labelled
-    images the reported numbers do not use (e.g. a held-out part of the training data). Adds to each
-    row and ensemble row of ``result``: ``temperature`` (``calibration.fit_temperature``), and the NLL
-    and ECE (percent) after dividing the logits by it, ``nll_scaled`` and ``ece_scaled``. Top-1 is
-    unchanged by construction (the order of the logits is kept). Returns ``result``.
+    images the reported numbers do not use (e.g. a held-out part of the training data). Each row and ensemble
+    row of the returned result gains ``temperature`` (``calibration.fit_temperature``), and the NLL and ECE
+    (percent) after dividing the logits by it, ``nll_scaled`` and ``ece_scaled``. Top-1 is unchanged by
+    construction (the order of the logits is kept).
     """
     for res, name in ((result, "result"), (held_out, "held_out")):
-        if "_log_probs" not in res:
+        if res.arrays.log_probs is None:
             raise UsageError(f"temperature_scale: {name} was evaluated without keep_log_probs=True")
-    labels = torch.from_numpy(result["_labels"])
-    held_labels = torch.from_numpy(held_out["_labels"])
-    for row, key in zip(result["rows"] + result["ensembles"], result["_log_probs"], strict=True):
-        if key not in held_out["_log_probs"]:
+    labels = torch.from_numpy(result.arrays.labels)
+    held_labels = torch.from_numpy(held_out.arrays.labels)
+    scaled_rows = []
+    for row in result.rows + result.ensembles:
+        key = row.label
+        if key not in held_out.arrays.log_probs:
             raise UsageError(f"temperature_scale: the held-out result has no view {key}")
-        t = fit_temperature(torch.from_numpy(held_out["_log_probs"][key]), held_labels)
-        scaled = torch.log_softmax(apply_temperature(torch.from_numpy(result["_log_probs"][key]).double(), t), 1)
+        t = fit_temperature(torch.from_numpy(held_out.arrays.log_probs[key]), held_labels)
+        scaled = torch.log_softmax(apply_temperature(torch.from_numpy(result.arrays.log_probs[key]).double(), t), 1)
         hit = _scores(scaled, labels, 1)[0]
-        row.update(temperature=t, nll_scaled=nll(scaled, labels),
-                   ece_scaled=ece(scaled.max(1).values.exp().numpy(), hit) * PERCENT)
-    result["temperature_fitted_on"] = {"n_images": held_out["n_images"]}
-    return result
-
-
-def row_label(row: dict) -> str:
-    """Short label of a result row: '224@0.875', or '384+352' for an ensemble."""
-    if "test_sizes" in row:
-        return "+".join(str(s) for s in row["test_sizes"])
-    return f"{row['test_size']}@{row['crop_ratio']:g}"
+        scaled_rows.append(replace(row, temperature=t, nll_scaled=nll(scaled, labels),
+                                   ece_scaled=ece(scaled.max(1).values.exp().numpy(), hit) * PERCENT))
+    n = len(result.rows)
+    return result.with_rows(scaled_rows[:n], scaled_rows[n:], temperature_fitted_on=FittedOn(held_out.n_images))

@@ -21,11 +21,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from torch import nn
 
-from fixres.choosing.significance import PERCENT, clustered_sign_test, holm
+from fixres.choosing.significance import clustered_sign_test, holm
 from fixres.config import DEFAULT_BATCH_SIZE, DataConfig
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES, Corruption, corruption_set, parameter
 from fixres.data.folders import FolderIndex
 from fixres.errors import UsageError
+from fixres.io.evaluation import PERCENT
 from fixres.method.evaluate import evaluate
 from fixres.runtime import dist as fdist
 from fixres.runtime.engine import Precision
@@ -118,10 +119,9 @@ def _evaluate_condition(groups, samples, cfg: DataConfig, corrupt, eval_kw: dict
     for model, sizes in groups:
         res = evaluate(model, samples, cfg, test_sizes=sorted(set(sizes.values())), crop_ratios=[cfg.crop_ratio],
                        per_class=False, keep_outcomes=True, reduced_decode=False, corrupt=corrupt, **eval_kw)
-        skipped = max(skipped, len(res["skipped"]))
+        skipped = max(skipped, len(res.skipped))
         for name, size in sizes.items():
-            key = f"{size}@{cfg.crop_ratio:g}"
-            out[name] = (np.asarray(res["_idx"]), np.asarray(res["_top1"][key], dtype=bool))
+            out[name] = (np.asarray(res.arrays.idx), np.asarray(res.hits_at(res.at(size)), dtype=bool))
     return out, skipped
 
 

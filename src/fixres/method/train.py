@@ -59,6 +59,7 @@ from fixres.method.trainrecipe import (
     make_optimizer,
 )
 from fixres.models.export import META_NAME, export_model
+from fixres.models.timmcfg import model_pretrained_view
 from fixres.runtime import dist, engine
 from fixres.runtime.progress import bar, status
 
@@ -87,10 +88,8 @@ def _validate(model: nn.Module, samples, cfg: DataConfig, *, sizes: Sequence[int
                        num_classes=cfg.num_classes, per_class=False)
     finally:
         model.train(was_training)
-    top1 = {int(r["test_size"]): float(r["top1"]) for r in res["rows"]}
-    # evaluate() writes every one of these keys
-    loss = {int(r["test_size"]): (None if r["loss"] is None else float(r["loss"])) for r in res["rows"]}
-    return {"top1": top1, "loss": loss, "n": int(res["n_images"]), "skipped": res["skipped"]}
+    return {"top1": {r.test_size: r.top1 for r in res.rows}, "loss": {r.test_size: r.loss for r in res.rows},
+            "n": res.n_images, "skipped": [schema.dump(s) for s in res.skipped]}
 
 
 # --------------------------------------------------------------------------- output
@@ -413,8 +412,7 @@ def _finish(run: _Run, *, resumed_from: int | None, wall_s: float, model_name: s
     return result
 
 def _guess_name(model: nn.Module) -> str:
-    cfg = getattr(_unwrap(model), "pretrained_cfg", None) or {}
-    name = cfg.get("architecture")
+    name = model_pretrained_view(_unwrap(model)).architecture
     if not name:
         raise FixresError("train(): pass model_name= (the model's timm/torchvision name) for the export metadata")
     return name

@@ -41,6 +41,8 @@ class PretrainedView:
     #: a module name, or several (timm lists e.g. a distilled model's two heads): kept as timm wrote them
     first_conv: object = None
     classifier: object = None
+    #: the timm model name the config was made for
+    architecture: str | None = None
 
 
 @dataclass(frozen=True)

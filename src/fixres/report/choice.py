@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fixres.io.documents import RunDocuments, StatsInfo
-from fixres.io.results import Reliability
+from fixres.io.evaluation import Reliability
 from fixres.io.served import CandidateRow, CandidateTable, CrossSelection, SeenCheck
 from fixres.report.plots import _pyplot, _save
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from jinja2 import Environment, StrictUndefined
 
 from fixres.io.documents import Grid, MeanStd, StatsInfo
-from fixres.io.results import Headline, binomial_se_of
+from fixres.io.evaluation import binomial_se_of
+from fixres.io.results import Headline
 from fixres.runtime.progress import format_duration
 
 # --------------------------------------------------------------------------- the template
