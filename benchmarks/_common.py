@@ -3,10 +3,12 @@ set and tiny checkpoint their ``--quick`` modes use, and the small helpers every
 JSON write, the size-list argument, the folder index, the default DataLoader workers, the noise statistics).
 
 The benchmarks run against the installed package (``pip install -e .``: nothing puts src/ on the path) and
-use its public API (``import fixres``); a benchmark that measures a library internal by design imports that
-one module and says why beside the import. They never import the test suite: the generated folders are
-written here (the same generator as tests/helpers/folders.py), and the tiny checkpoint is made through the
-public API (``fixres.load``)."""
+use its public API (``import fixres``). A benchmark that measures a library internal by design imports that
+one module (``fixres.<room>.<module>``) and names it in its docstring on a line ``Internal: fixres.x.y``
+saying why the public API does not serve (tests/house/test_benchmarks.py checks both). What several of them
+need beyond the public API is re-exported here, each group saying who needs it and why. They never import
+the test suite: the generated folders are written here (the same generator as tests/helpers/folders.py),
+and the tiny checkpoint is made through the public API (``fixres.load``)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,39 @@ from pathlib import Path
 from typing import Sequence
 
 # Internal on purpose: what a benchmark shares with the product is the product's own code: its noise statistics
-# (standard errors, p-values), its loader's worker count, its atomic JSON writer and its size-list parser.
+# (standard errors, p-values), its loader's worker count, its atomic JSON writer, its size-list parser and the
+# coloured-square folders its tests and quick runs share. Beside them, the library pieces the benchmarks need
+# beyond the public API and their one documented internal, kept in this one place so that a change inside the
+# library is followed here, not in every script (who uses each, in brackets):
+# - FixresError (fixres.errors), the library's error base class, which ``fixres`` does not export [timm_coverage];
+# - fixres's loader and the pre-processing fixres eval and training feed the model (fixres.data.loaders,
+#   fixres.data.transforms), whose tensors no public function returns [loader_speed, gpu_throughput's
+#   loader-alone rate, fold_agreement's inputs];
+# - the device and the precision fixres runs at (fixres.runtime), which ``finetune`` and the training take
+#   [cost_table, transfer_flowers, calibration_label_free's fp32];
+# - ``finetune`` (fixres.method.finetuning) with the switches ``fixres.finetune`` keeps fixed (the activation
+#   cache on or off, no evaluation before, resuming from its folder, a given device and precision), returning
+#   its full record (cache, timings) [cost_table, table5_grid, timm_coverage, transfer_flowers];
+# - the parts FixRes finds in a network and adapts (fixres.models.structure, fixres.models.parts)
+#   [timm_coverage per family, transfer_flowers for the layers --trainable trains];
+# - the embedded data set generated in process (fixres.data.synth: what ``fixres make-dataset`` writes)
+#   [cost_table, table5_grid];
+# - the pooled activations and their KS distance to a reference (fixres.method.stats: ``fixres stats`` prints
+#   them, the API returns none) [calibration_label_free --ks].
 from fixres.choosing.significance import binomial_se, paired_test, sign_p  # noqa: F401
 from fixres.cli.args import int_list  # noqa: F401
-from fixres.data.loaders import default_workers  # noqa: F401
+from fixres.data.loaders import ImageDataset, default_workers, make_loader, pin_memory_for  # noqa: F401
+from fixres.data.squares import write_image_folder  # noqa: F401
+from fixres.data.synth import make_dataset  # noqa: F401
+from fixres.data.transforms import MultiView, geometry_for, test_transform, train_transform  # noqa: F401
+from fixres.errors import FixresError  # noqa: F401
 from fixres.io.atomic import write_json  # noqa: F401
+from fixres.method.finetuning import finetune  # noqa: F401
+from fixres.method.stats import activation_stats  # noqa: F401
+from fixres.models.parts import select_parts  # noqa: F401
+from fixres.models.structure import find_parts  # noqa: F401
+from fixres.runtime.dist import DistEnv, resolve_device  # noqa: F401
+from fixres.runtime.engine import precision_for  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 #: Real photos (see its README); FIXRES_SHARED_DATA points elsewhere.
@@ -49,30 +79,6 @@ def photos_and_weights(data: str | os.PathLike, weights: str):
     except Exception as exc:  # noqa: BLE001 - registry weights not installed
         print(f"skipped: {exc}")
         return None
-
-
-#: Colours that make generated classes separable by a tiny network.
-CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 40), (160, 50, 200)]
-
-
-def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 4, seed: int = 0,
-                       sizes=((48, 40), (40, 48), (56, 56), (64, 36))) -> Path:
-    """An ImageFolder of small JPEGs: class k is a noisy picture with a square of colour k in it (the test
-    suite's generator, so a --quick run sees the photos the tests use)."""
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        folder = root / f"class_{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            w, h = sizes[(c + i) % len(sizes)]
-            arr = rng.integers(0, 80, size=(h, w, 3), dtype=np.uint8)
-            s = min(w, h) // 2
-            x0, y0 = rng.integers(0, w - s + 1), rng.integers(0, h - s + 1)
-            arr[y0:y0 + s, x0:x0 + s] = CLASS_COLOURS[c % len(CLASS_COLOURS)]
-            Image.fromarray(arr).save(folder / f"img_{i:03d}.jpg", quality=90)
-    return root
 
 
 def save_tiny_checkpoint(path: Path, *, num_classes: int = 3, seed: int = 0) -> Path:

@@ -14,6 +14,11 @@ absolute figures are high, the comparison before / after is what matters.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_label_free.py [--sizes 128,160,288,320]
         [--images N] [--out benchmarks/results]
+
+Internal: fixres.method.evaluate - every photo's log-probabilities (``keep_log_probs``), pooled over the two
+halves before NLL and ECE are computed; ``fixres.sweep`` returns each size's totals only. The adaptation goes
+through the public ``fixres.adapt``; the fp32 precision and, for --ks, the pooled activations come from
+benchmarks/_common.py.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, int_list, shared_folder, split_index, write_json
+from _common import REPO, activation_stats, int_list, precision_for, shared_folder, split_index, write_json
+
+from fixres.method.evaluate import evaluate
 
 DEFAULT_SIZES = "128,160,288,320"
 WEIGHTS = "efficientnet-lite0"
@@ -32,15 +39,15 @@ WEIGHTS = "efficientnet-lite0"
 ECE_BINS = 15
 
 
-def _pooled(outcomes: list[tuple[list[int], dict]], n: int, key: str):
+def _pooled(outcomes: list[tuple[list[int], object]], n: int, key: str):
     """Per-photo (log-probs, labels) put back in data-set order from evaluations of index subsets."""
     import numpy as np
     logp, labels = None, np.zeros(n, np.int64)
     for idx, res in outcomes:
-        lp = res["_log_probs"][key]
+        lp = res.arrays.log_probs[key]
         logp = np.zeros((n, lp.shape[1]), np.float32) if logp is None else logp
         logp[idx] = lp
-        labels[idx] = res["_labels"]
+        labels[idx] = res.arrays.labels
     return logp, labels
 
 
@@ -95,9 +102,8 @@ def recalibrated(bundle, samples, size: int, kw: dict):
 def ks_rows(bundle, samples, halves, sizes, kw) -> list[dict]:
     """KS distance of the pooled activations at S to the ORIGINAL model's at T (224), before and after
     recalibrating on the other half: does the label-free fix bring them back toward T (figure 4)?"""
-    # Internal by design: the pooled activations themselves and their KS distance to those at the train size
-    # (fixres.method.stats, ``keep_pooled`` / ``reference``); ``fixres stats`` prints them, the API returns none.
-    from fixres.method.stats import activation_stats
+    # the pooled activations themselves (``keep_pooled``) and their KS distance to the model's at the train size
+    # (``reference``)
     cfg, train = bundle.data_config, bundle.data_config.train_size
     cal, ev = [samples[i] for i in halves[0]], [samples[i] for i in halves[1]]
     before = activation_stats(bundle.model, ev, cfg, test_sizes=sizes, keep_pooled=True, **kw)
@@ -129,12 +135,9 @@ def main(argv=None) -> int:
     if data is None:
         return 0
     import numpy as np
+    import torch
 
     import fixres
-
-    # The protocol is fp32 throughout; the two internal functions below (evaluate, activation_stats) take the
-    # precision as fixres.runtime.engine's Precision (the API's amp=False is the same fp32).
-    from fixres.runtime.engine import Precision
 
     sizes = int_list(args.sizes)
     if args.ks:
@@ -146,7 +149,9 @@ def main(argv=None) -> int:
     halves = [list(range(0, n, 2)), list(range(1, n, 2))]
     bundle = fixres.load(WEIGHTS)
     cfg = bundle.data_config
-    fp32 = Precision(False, None, False)
+    # The protocol is fp32 throughout: evaluate and activation_stats take the precision itself (plain fp32, the
+    # same as the API's amp=False)
+    fp32 = precision_for(torch.device("cpu"), amp=False)
     kw = dict(batch_size=args.batch_size, workers=args.workers, precision=fp32, progress=False)
     t0 = time.perf_counter()
     if args.ks:
@@ -157,9 +162,7 @@ def main(argv=None) -> int:
                                      "model's pooled values at its train size on the same photos"})
         print(f"results: {out}")
         return 0
-    # Internal by design: every photo's log-probabilities (``keep_log_probs``), pooled over the two halves before
-    # NLL and ECE are computed; fixres.sweep returns each size's totals only.
-    from fixres.method.evaluate import evaluate
+    # every photo's log-probabilities (``keep_log_probs``), pooled over the two halves before NLL and ECE
     before = evaluate(bundle.model, samples, cfg, test_sizes=sizes, keep_log_probs=True, per_class=False, **kw)
     rows = []
     for size in sizes:

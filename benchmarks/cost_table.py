@@ -18,6 +18,12 @@ Usage:
   python benchmarks/cost_table.py                # synthetic 10 x 80 images, T:S = 64:96, 20 + 3 epochs: ~10 min
   python benchmarks/cost_table.py --data DIR --model fixres_small_resnet --pairs 64:96,96:128 --epochs 8
 With no --data, the embedded synthetic data set (``fixres.data.synth``) is generated under --out.
+
+Internal: fixres.method.train - what this costs out is training itself (ms per batch at T and at S, the
+paper's protocol); the public API has no training function. Evaluation goes through the public API
+(``fixres.load``, ``fixres.sweep``); fine-tuning with the frozen-prefix cache on or off (``--ft-cache``;
+fixres.finetune always caches), the embedded data set, and the device and training precision both use come
+from benchmarks/_common.py.
 """
 
 from __future__ import annotations
@@ -28,12 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import split_index
+from _common import DistEnv, finetune, make_dataset, precision_for, resolve_device, split_index
 
-# Internal by design: what this costs out is training itself (fixres.method.train: ms per batch at T and at S,
-# the paper's protocol) and fine-tuning with the frozen-prefix cache on or off (fixres.method.finetuning,
-# ``cache=``), with the embedded data set (fixres.data.synth) and the device and training precision both use
-# (fixres.runtime); the public API has no training function and always caches. They are imported where used.
+from fixres.method.train import train
 
 PAPER_TRAIN_EPOCHS = 120
 PAPER_FINETUNE_EPOCHS = 60
@@ -59,7 +62,6 @@ def _train_run(model_name, train_s, val_s, classes, *, size, val_sizes, args, en
     import torch
 
     import fixres
-    from fixres.method.train import train
     torch.manual_seed(args.seed)
     bundle = fixres.load(model_name, num_classes=len(classes), train_size=size, random_init=True)
     cfg = bundle.data_config.with_overrides(num_classes=len(classes), class_names=tuple(classes))
@@ -76,7 +78,7 @@ def _train_run(model_name, train_s, val_s, classes, *, size, val_sizes, args, en
     steps = sum(r["images"] for r in log) / max(1, len(log)) / (args.batch_size)
     # the final model's top-1 with the leave-one-fold-out std, measured as `fixres eval` does
     ev = fixres.sweep(bundle.model, val_s, sorted(set(val_sizes)), data_config=cfg, device=str(env.device),
-                      workers=args.workers).raw
+                      workers=args.workers).to_json()
     return {"model": bundle.model, "cfg": cfg, "result": res, "wall_s": wall,
             "forward_ms": sum(fwd) / len(fwd), "forward_ms_std": log[-1].get("forward_ms_std"),
             "backward_ms": sum(bwd) / len(bwd), "backward_ms_std": log[-1].get("backward_ms_std"),
@@ -113,20 +115,18 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fixres.runtime import dist, engine
     out = Path(args.out)
     if args.data:
         root = Path(args.data)
     else:
-        from fixres.data.synth import make_dataset
         root = out / "data"
         kw = dict(classes=4, train_per_class=24, val_per_class=12) if args.quick else \
             dict(classes=10, train_per_class=80, val_per_class=30)
         make_dataset(root, progress=not args.quiet, overwrite=True, **kw)  # our own folder under --out
     tr = split_index(root, "train")
     va = split_index(root, "val", classes=tr.classes)
-    env = dist.DistEnv(device=dist.resolve_device("auto"))
-    precision = engine.precision_for(env.device, amp=not args.no_amp)
+    env = DistEnv(device=resolve_device("auto"))
+    precision = precision_for(env.device, amp=not args.no_amp)
 
     import shutil
     for old in list(out.glob("train_*")) + list(out.glob("fix_*")):
@@ -138,7 +138,6 @@ def main(argv=None) -> int:
         runs[size] = _train_run(args.model, tr.samples, va.samples, tr.classes, size=size, val_sizes=val_for[size],
                                 args=args, env=env, precision=precision, out=out / f"train_{size}")
 
-    from fixres.method.finetuning import finetune
     rows = []
     for t, s in args.pairs:
         rt, rs = runs[t], runs[s]

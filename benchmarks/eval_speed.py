@@ -99,9 +99,9 @@ def main(argv=None) -> int:
 
     def fixres_eval(sizes, *, amp=True, subset=samples) -> dict:
         """``fixres eval`` on the CPU: its precision (``amp``: autocast where the CPU runs it natively, else fp32),
-        the workers and batch of both sides; the library's JSON-ready result (``SweepResult.raw``)."""
+        the workers and batch of both sides; the library's JSON-ready result (``SweepResult.to_json()``)."""
         return fixres.sweep(bundle, subset, list(sizes), batch_size=args.batch_size, device="cpu", amp=amp,
-                            workers=workers, progress=False).raw
+                            workers=workers, progress=False).to_json()
 
     # Warm-up (untimed): oneDNN builds kernels per input shape and precision on first use, so run
     # every shape the timed runs will see (a full batch and the last, partial one) once.

@@ -11,6 +11,9 @@ Usage:
   python benchmarks/finetune_cache.py --per-class 20  # a flowers17 subset (20 train images per class)
   python benchmarks/finetune_cache.py --quick         # tiny model on generated images, a few seconds
 The flowers17 run needs ../shared/data/flowers17 (or $FIXRES_SHARED_DATA); it stops with a message if absent.
+
+Internal: fixres.method.finetuning - what this measures is the frozen-prefix activation cache, switched on
+and off (``cache=``), and its timings; fixres.finetune always uses the cache and evaluates before tuning.
 """
 
 from __future__ import annotations
@@ -56,9 +59,6 @@ def main(argv=None) -> int:
     import torch
 
     import fixres
-
-    # Internal by design: what this measures is the frozen-prefix activation cache, switched on and off
-    # (``cache=``), and its timings; fixres.finetune always uses the cache and evaluates before tuning.
     from fixres.method.finetuning import finetune
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fixres_cache_bench_"))

@@ -18,6 +18,11 @@ Usage:
   python benchmarks/fix_efficiency.py --compare A/fix_efficiency.json B/fix_efficiency.json
 Writes OUT/fix_efficiency.json (and, when it runs fix, OUT/fix/ and OUT/fix.log). Without --data (or with
 --data absent) it says so and measures nothing.
+
+Internal: fixres.job.context - the unavoidable work is measured on fix's own context, rebuilt from the run's
+config (``FixConfig``, ``FixContext``, its step names and stats sample size), so that the model, the fitting
+images and the photos that choose are exactly the ones fix used; the public API runs fix (``fixres.fix``) but
+does not expose that context.
 """
 
 from __future__ import annotations
@@ -37,10 +42,7 @@ from pathlib import Path
 
 from _common import REPO, save_tiny_checkpoint, small_split, write_json
 
-# Internal by design: the unavoidable work is measured on fix's own context, rebuilt from the run's config
-# (fixres.job.context: FixConfig, FixContext, its step names and stats sample size), so that the model, the
-# fitting images and the photos that choose are exactly the ones fix used; the API runs fix but does not
-# expose that context. It is imported where used, so --help and --compare stay light.
+from fixres.job.context import STATS_IMAGES, STEPS, FixConfig, FixContext, load_weights
 
 RESULT_NAME = "fix_efficiency.json"
 FIX_LOG = "fix.log"
@@ -102,7 +104,6 @@ def read_json(path: Path) -> dict | None:
 
 def read_run(run_dir: Path) -> dict:
     """Every step's JSON of a finished run ({step: dict or None}), run.json under "run"."""
-    from fixres.job.context import STEPS
     run = read_json(run_dir / "run.json")
     if run is None:
         raise SystemExit(f"{run_dir} holds no run.json: not a finished fix run")
@@ -171,7 +172,6 @@ def count_schedule(sched: dict | None, run_dir: Path, n_fit: int) -> dict:
 
 
 def count_stats(stats: dict | None, n_val: int) -> dict:
-    from fixres.job.context import STATS_IMAGES
     if stats is None:
         return _count(note="skipped")
     n, k = min(STATS_IMAGES, n_val), len(stats["sizes"])
@@ -257,7 +257,6 @@ def plan_vs_measured(plan: dict | None, timings: dict) -> dict | None:
 
 def rebuild_context(run: dict, run_dir: Path, docs: dict):
     """fix's context as ``FixContext.index_data`` / ``assign_choosing_photos`` build it, from the run's config."""
-    from fixres.job.context import FixConfig, FixContext, load_weights
     fields = {f.name for f in dataclasses.fields(FixConfig)}
     config = FixConfig(**{k: v for k, v in (run.get("config") or {}).items() if k in fields}, progress=False)
     x = FixContext(config=config, run_dir=run_dir, say=lambda msg: print(msg, file=sys.stderr))

@@ -7,6 +7,11 @@ prediction differs from the reference, the paired difference with its sd, and fo
 the two bf16 variants measured side by side (alternating, median of repeats).
 
     .venv/bin/python benchmarks/fold_agreement.py [--images N] [--sizes 128 224 288]
+
+Internal: fixres.models.fold - what this measures is the batch-norm folding itself, which the public API only
+ever applies inside ``fixres.sweep``. Its inputs are the tensors fixres eval feeds the model (fixres's loader
+with its test pre-processing: reduced JPEG decode, fused normalisation, from benchmarks/_common.py), which no
+public function returns; the same tensors go to every variant.
 """
 
 from __future__ import annotations
@@ -17,7 +22,19 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, photos_and_weights, split_index, spread_sample, write_json
+from _common import (
+    REPO,
+    SHARED,
+    ImageDataset,
+    geometry_for,
+    photos_and_weights,
+    split_index,
+    spread_sample,
+    test_transform,
+    write_json,
+)
+
+from fixres.models.fold import fold_batchnorms
 
 BATCH = 50
 REPEATS = 3
@@ -49,13 +66,6 @@ def main(argv=None) -> int:
     bundle, data = found
     import torch
 
-    # Internal by design: what this measures is the batch-norm folding itself (fixres.models.fold), which the
-    # public API only ever applies inside fixres.sweep. Its inputs are the tensors fixres eval feeds the model
-    # (its loader, fixres.data.loaders, with its test pre-processing, fixres.data.transforms: reduced JPEG
-    # decode, fused normalisation), which no public function returns; the same tensors go to every variant.
-    from fixres.data import transforms as T
-    from fixres.data.loaders import ImageDataset
-    from fixres.models.fold import fold_batchnorms
     model, cfg = bundle.model.eval(), bundle.data_config
     samples = spread_sample(split_index(data, "val").samples, args.images)
     labels = torch.tensor([y for _, y in samples])
@@ -66,7 +76,7 @@ def main(argv=None) -> int:
           flush=True)
     rows = []
     for size in args.sizes:
-        ds = ImageDataset(samples, T.test_transform(T.geometry_for(size, cfg, cfg.crop_ratio), cfg))
+        ds = ImageDataset(samples, test_transform(geometry_for(size, cfg, cfg.crop_ratio), cfg))
         xs = torch.stack([ds[i][0] for i in range(len(ds))])
         ref, _ = predict(model.to(memory_format=torch.contiguous_format), xs, bf16=False)
         speed: dict[str, list[float]] = {"unfolded": [], "folded": []}

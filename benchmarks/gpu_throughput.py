@@ -13,6 +13,11 @@ On a machine without CUDA it prints "no CUDA: skipped" and exits 0 (``--device c
 logic on the CPU, for a dry run; its numbers mean nothing). Called by ``benchmarks/gpu_smoke.sh``.
 
     .venv/bin/python benchmarks/gpu_throughput.py --data DIR [--model resnet50] [--images 512]
+
+Internal: fixres.runtime.engine - the training loop and the host-to-device copies run at fixres's own
+precisions and memory format (``precision_for``, ``inference_precision``, ``prepare``, ``to_device``,
+``autocast``), which the public API applies only inside its commands. End to end evaluation goes through the
+public ``fixres.sweep``; fixres's loader and its transforms ("loader alone") come from benchmarks/_common.py.
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ import argparse
 import time
 
 import torch
-from _common import default_workers, split_index
+from _common import (
+    ImageDataset,
+    MultiView,
+    default_workers,
+    geometry_for,
+    make_loader,
+    pin_memory_for,
+    split_index,
+    test_transform,
+    train_transform,
+)
 
 import fixres
-from fixres.data.loaders import ImageDataset, make_loader, pin_memory_for
-
-# Internal by design: "loader alone" measures fixres's loader itself (fixres.data.loaders: reduced JPEG decode,
-# pinned batches; with the transforms it is built for, fixres.data.transforms), and the training loop and the
-# host-to-device copies run at fixres's own precisions and memory format (fixres.runtime.engine); the public API
-# runs them only inside its commands. End to end evaluation goes through the public fixres.sweep.
-from fixres.data.transforms import MultiView, geometry_for, test_transform, train_transform
 from fixres.runtime import engine
 
 SKIP_LINE = "gpu_throughput: no CUDA: skipped"
@@ -74,7 +82,7 @@ def eval_rates(bundle, samples, args, device) -> list[dict]:
                       lambda b: engine.to_device(b.inputs[0], device, precision))
         kw = dict(batch_size=args.batch_size, device=str(device), workers=args.workers, progress=False)
         fixres.sweep(bundle, samples[: args.batch_size], [size], **kw)  # warm-up at this size
-        res = fixres.sweep(bundle, samples, [size], **kw).raw
+        res = fixres.sweep(bundle, samples, [size], **kw).to_json()
         rows.append({"what": "eval", "size": size, "loader_alone": alone, "end_to_end": res["images_per_s"],
                      "top1": res["rows"][0]["top1"], "precision": res["precision"]})
     return rows

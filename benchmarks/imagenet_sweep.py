@@ -10,6 +10,9 @@ Prints a table, writes JSON and a PNG (--out folder, default benchmarks/results/
 ``--quick``: 200 images, sizes 160,224,288. Skips cleanly without the photos or the weights.
 
     .venv/bin/python benchmarks/imagenet_sweep.py [--quick] [--models lite0,lite1] [--sizes 128:384:32]
+
+Internal: fixres.report.plots - the PNG is the report's own accuracy-vs-size figure (the one ``fixres report``
+draws); the public API returns the numbers but draws no figure.
 """
 
 from __future__ import annotations
@@ -45,9 +48,6 @@ def main(argv=None) -> int:
         print(f"skipped: real photos not available ({data} is absent)")
         return 0
     import fixres
-
-    # Internal by design: the PNG is the report's own accuracy-vs-size figure (fixres.report.plots, the one
-    # ``fixres report`` draws); the public API returns the numbers but draws no figure.
     from fixres.report.plots import plot_accuracy_vs_size
 
     sizes = int_list(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES))
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         cfg = bundle.data_config
         t = time.perf_counter()
         res = fixres.sweep(bundle, samples, sizes, batch_size=args.batch_size, device="cpu", amp=not args.no_amp,
-                           workers=args.workers, progress=True).raw
+                           workers=args.workers, progress=True).to_json()
         result["precision"] = res["precision"]
         rec = {"test_size": fixres.analyze(cfg.train_size, crop_ratio=cfg.crop_ratio,
                                            stride=cfg.stride).recommended_test_size}

@@ -22,6 +22,11 @@ Needs ../shared/data/imagenet-sample (or FIXRES_SHARED_DATA) and the efficientne
 weights; prints a table and writes JSON (--out; default benchmarks/results/loader_speed[_quick].json).
 
     .venv/bin/python benchmarks/loader_speed.py [--quick] [--images N] [--repeats R]
+
+Internal: fixres.data.transforms - what this measures is fixres's loader with the transforms it is built for
+(one box resize for resize + crop, one fused normalisation), and the torchvision side mirrors their
+parameters (interpolation mode, jitter strength); the public API runs them only inside its commands and
+returns no tensors. The loader itself, ``fixres.data.loaders.ImageDataset``, comes from benchmarks/_common.py.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, photos_and_weights, split_index, spread_sample, write_json
+from _common import REPO, SHARED, ImageDataset, photos_and_weights, split_index, spread_sample, write_json
+
+from fixres.data import transforms as T
 
 EVAL_SIZES = (128, 160, 224, 288)
 TRAIN_SIZES = (128, 224)
@@ -49,11 +56,6 @@ SEED = 0
 #: RandomResizedCrop's area fraction and aspect ratio: PyTorch's defaults, the paper's and fixres's train DA.
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-# Internal by design: what this measures is fixres's loader, ``fixres.data.loaders.ImageDataset`` (reduced JPEG
-# decoding) with the transforms it is built for (``fixres.data.transforms``: one box resize for resize + crop,
-# one fused normalisation); the public API runs them only inside its commands and returns no tensors. They are
-# imported where used, so --help stays light.
 
 
 def torchvision_folder(root: Path, samples, transform):
@@ -73,7 +75,6 @@ def torchvision_transform(kind: str, size: int, cfg):
     import torch
     from torchvision.transforms import v2
 
-    from fixres.data import transforms as T
     mode = T.interpolation_mode(cfg.interpolation)
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
     if kind == "eval":
@@ -88,7 +89,6 @@ def check_same_computation(samples, fixres_t, tv_t) -> None:
     """Both sides give equal tensors on the first photo no reduction applies to (same random state)."""
     import torch
 
-    from fixres.data.loaders import ImageDataset
     for path, _ in samples:
         torch.manual_seed(SEED)
         a = ImageDataset([(path, 0)], fixres_t, reduced_decode=False)[0]
@@ -191,8 +191,6 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(1)  # per core: one thread, no workers, both sides alike
 
-    from fixres.data import transforms as T
-    from fixres.data.loaders import ImageDataset
     n_images = args.images or (QUICK_IMAGES if args.quick else FULL_IMAGES)
     repeats = args.repeats or (2 if args.quick else 4)
     index = split_index(data, "val")

@@ -12,6 +12,9 @@ optimistic, leaky choice the held-out split avoids).
 
 Writes benchmarks/results/select_after_fix_embedded.json (--quick) or select_after_fix_DATA.json, and the run
 folder runs/select_after_fix_embedded (its report holds the frontier and reliability PNGs).
+
+Internal: fixres.method.calibration - the paired test needs every photo's prediction, before and after (fp32,
+the test pre-processing: ``predict``); the public API returns each size's totals only.
 """
 
 from __future__ import annotations
@@ -70,8 +73,6 @@ def _load_adapted(model, path: Path) -> None:
 
 def _per_image(run_dir: Path, a: argparse.Namespace, sizes: list[int]) -> dict[int, tuple[list, list]]:
     """Per validation image: correct before and after the fix at each candidate size (same images)."""
-    # Internal by design: the paired test needs every photo's prediction, before and after (fp32, the test
-    # pre-processing: fixres.method.calibration.predict); the API returns each size's totals only.
     from fixres.method.calibration import predict
     data = json.loads((run_dir / "data.json").read_text())["root"]
     # the model before the fix: the one fix trained, else the given checkpoint (its fixres.json names the model)

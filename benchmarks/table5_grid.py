@@ -13,6 +13,12 @@ a ``grid.json`` that ``fixres report`` shows as heatmaps when copied into a run 
 
     python benchmarks/table5_grid.py --quick          # train 64, 96 (+ control): ~13 CPU-minutes
     python benchmarks/table5_grid.py                  # train 64, 96, 128, fix at every size >= T
+
+Internal: fixres.method.train - the grid trains each network from scratch at T, plain and with appendix D's
+control augmentation; the public API has no training function. Building and evaluating go through the public
+API (``fixres.load``, ``fixres.sweep``); the embedded data set and the fix (fine-tuning resumed from --out
+without the evaluation before: fixres.finetune always evaluates first and never resumes) come from
+benchmarks/_common.py.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import REPO, split_index, write_json
+from _common import REPO, finetune, make_dataset, split_index, write_json
+
+from fixres.method.train import train
 
 FULL = dict(train_sizes=(64, 96, 128), test_sizes=(48, 64, 80, 96, 112, 128, 160, 192, 224), epochs=30,
             finetune_epochs=10, classes=10, train_per_class=150, val_per_class=50, fix_every=True)
@@ -59,14 +67,6 @@ def main(argv=None) -> int:
 
     import fixres
 
-    # Internal by design: the grid trains each network from scratch at T, plain and with appendix D's control
-    # augmentation (fixres.method.train), on the embedded data set (fixres.data.synth), and fixes it with the
-    # fine-tuning steps resumed from --out without the evaluation before (fixres.method.finetuning); the API has
-    # no training function, and its finetune always evaluates first and never resumes.
-    from fixres.data.synth import make_dataset
-    from fixres.method.finetuning import finetune
-    from fixres.method.train import train
-
     preset = dict(QUICK if args.quick else FULL)
     if args.train_sizes:
         preset["train_sizes"] = tuple(int(s) for s in args.train_sizes.split(","))
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                          augment=augment, schedule="cosine", warmup_epochs=1, seed=args.seed, workers=args.workers,
                          progress=False, model_name=MODEL)
             t_train = time.perf_counter() - t0
-            sweep = fixres.sweep(bundle, va, test_sizes, device="cpu", workers=args.workers).raw
+            sweep = fixres.sweep(bundle, va, test_sizes, device="cpu", workers=args.workers).to_json()
             entry = {"train_s": t_train, "untuned": {r["test_size"]: [r["top1"], r["top1_std"]] for r in sweep["rows"]},
                      "forward_ms": tres.get("forward_ms"), "backward_ms": tres.get("backward_ms")}
             if augment == "train":

@@ -20,6 +20,14 @@ model with a fixed input size runs at its own size and one stride above it, thro
 
 Results go to benchmarks/results/timm_coverage.json (written after every model, so a killed run resumes:
 models already measured are not run again unless --rerun).
+
+Building, evaluating, exporting and reloading go through the public API (``fixres.load``, ``fixres.sweep``,
+``fixres.export``); the parts found and adapted, and fine-tuning with the activation cache on and off, come
+from benchmarks/_common.py.
+
+Internal: fixres.models.loading - the input sizes measured per family (the network stride, a fixed input size,
+and moving a fixed-size model to a test size, whose keywords the row records); no public function exposes
+them.
 """
 
 from __future__ import annotations
@@ -33,14 +41,10 @@ import traceback
 import warnings
 from pathlib import Path
 
-from _common import REPO, split_index, write_image_folder, write_json
+from _common import REPO, FixresError, find_parts, finetune, select_parts, split_index, write_image_folder, write_json
 
-# Internal by design: what this measures is the library's model handling on every timm family: the parts it
-# finds and adapts (fixres.models.structure, fixres.models.parts), its input sizes (fixres.models.loading:
-# create, stride, fixed / fitted input size), fine-tuning with the activation cache on and off
-# (fixres.method.finetuning, ``cache=``) and the export with the model's size arguments (fixres.models.export,
-# ``extra``); evaluation and the reload go through the public API. No public function reaches the others.
-# They are imported in _steps, so --help stays light.
+import fixres
+from fixres.models.loading import fit_input_size, fixed_input_size, network_stride
 
 RESULTS = REPO / "benchmarks" / "results" / "timm_coverage.json"
 #: Families tried by default: the smallest variant's parameters, in millions (pnasnet5large is always in).
@@ -121,7 +125,6 @@ def _data(root: Path) -> tuple[list, list]:
 def _sizes(model, native: bool) -> tuple[int, int]:
     """Flexible models: FLEX_SIZES, or (``native``) their own size and one stride above; fixed-size models:
     their size and one stride above."""
-    from fixres.models.loading import fixed_input_size, network_stride
     fixed = fixed_input_size(model)
     if not fixed and native:
         fixed = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
@@ -132,16 +135,9 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
     """Every step for one model, filling ``row`` (raises on the first failing step, named in row['step'])."""
     import torch
 
-    import fixres
-    from fixres.errors import FixresError
-    from fixres.method.finetuning import finetune
-    from fixres.models.export import export_model
-    from fixres.models.loading import create_model, fit_input_size, network_stride
-    from fixres.models.parts import select_parts
-    from fixres.models.structure import find_parts
     row["step"] = "build"
     torch.manual_seed(0)
-    model, _ = create_model(name, num_classes=NUM_CLASSES)
+    model = fixres.load(name, num_classes=NUM_CLASSES, random_init=True).model
     s1, s2 = _sizes(model, native)
     row.update(sizes=[s1, s2], stride=network_stride(model), step="find parts")
     parts = find_parts(model)
@@ -170,8 +166,9 @@ def _steps(name: str, train, val, work: Path, row: dict, native: bool = False) -
         fixres.sweep(bundle, val, [size], device="cpu", workers=0)
     kwargs = fit_input_size(model, s2, name=name)
     row["step"] = "export and reload"
-    path = export_model(model, work / "export", model_name=name, cfg=cfg, test_size=s2, train_size=s1,
-                        extra={"model_kwargs": kwargs} if kwargs else None)
+    # the export records what rebuilds the model at s2 (fixres.json "model_kwargs": the kwargs above) and the
+    # train size s1 (cfg's)
+    path = fixres.export(model, work / "export", test_size=s2, data_config=cfg, model_name=name)
     back = fixres.load(path).model.eval()
     x = torch.randn(2, 3, s2, s2, generator=torch.Generator().manual_seed(0))
     model = model.to(memory_format=torch.contiguous_format)  # fine-tuning may leave it channels_last
@@ -253,9 +250,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     import json
 
-    import fixres.api  # noqa: F401 - imported before the loop: a broken tree fails here, not per model
-    import fixres.method.finetuning  # noqa: F401
-    import fixres.models.export  # noqa: F401
+    from fixres import export, load  # noqa: F401 - imported before the loop: a broken tree fails here, not per model
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     families = QUICK_FAMILIES if args.quick else (args.families.split(",") if args.families else None)
     chosen = {f: tuple(v) for f, v in (old.get("smallest") or {}).items() if not v[0].startswith("test_")}

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     def fixres_eval(sizes, subset=samples, workers=workers) -> dict:
         """``fixres eval`` on the CPU at its default precision: the library's JSON-ready result."""
         return fixres.sweep(bundle, subset, list(sizes), batch_size=args.batch_size, device="cpu",
-                            workers=workers, progress=False).raw
+                            workers=workers, progress=False).to_json()
 
     def fixres_timed(sizes):
         t = time.perf_counter()

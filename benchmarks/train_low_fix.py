@@ -21,6 +21,10 @@ Usage:
   python benchmarks/train_low_fix.py --data flowers17 --epochs 5 --out runs/train_low_fix_flowers
   python benchmarks/train_low_fix.py --resume                # continue a killed run: done steps are skipped
 Without registry weights or the shared photos (../shared/data, FIXRES_SHARED_DATA) it says so and measures nothing.
+
+Internal: fixres.method.evaluate - the paired test needs every photo's outcome (``keep_outcomes``: right or
+not, per image index) from the one-pass evaluation fixres eval runs; ``fixres.sweep`` returns each size's
+totals only.
 """
 
 from __future__ import annotations
@@ -144,18 +148,14 @@ class Steps:
 def _outcomes(checkpoint: Path, samples, sizes: list[int], workers) -> tuple[dict, str]:
     """{size: {image index: right?}} of one checkpoint on ``samples`` (one pass), and the precision used."""
     import fixres
-
-    # Internal by design: the paired test needs every photo's outcome (``keep_outcomes``: right or not, per
-    # image index) from the one-pass evaluation fixres eval runs; fixres.sweep returns each size's totals only.
     from fixres.method.evaluate import evaluate
     bundle = fixres.load(checkpoint)
     cfg = bundle.data_config
     ev = evaluate(bundle.model, samples, cfg, test_sizes=sizes, crop_ratios=[cfg.crop_ratio], keep_outcomes=True,
                   per_class=False, progress=False, workers=workers)
-    idx = [int(i) for i in ev["_idx"]]
-    by_size = dict(zip((int(r["test_size"]) for r in ev["rows"]), ev["_top1"].values()))  # one row per view, in order
-    per_size = {s: dict(zip(idx, (bool(b) for b in by_size[s]))) for s in sizes}
-    return per_size, ev["precision"]
+    idx = [int(i) for i in ev.arrays.idx]
+    per_size = {s: dict(zip(idx, (bool(b) for b in ev.hits_at(ev.at(s))))) for s in sizes}
+    return per_size, ev.precision
 
 
 def _evaluate_all(root: Path, t: int, s: int, paths: dict, workers) -> tuple[dict, int, str]:

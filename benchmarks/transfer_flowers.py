@@ -5,8 +5,9 @@ on flowers17/train at 128 px (``fixres.method.train.train``, train DA); (3) it i
 several test sizes (one pass, ``fixres.sweep``), and at the size fixres recommends for 128 px
 (``fixres.analyze``) it is compared, on copies of the same trained model, with:
 
-  * fine-tuned at S (``fixres.method.finetuning``, test DA): classifier + batch-norm (the paper), batch-norm
-    statistics only, classifier only (table 6);
+  * fine-tuned at S (``fixres.method.finetuning.finetune``, through benchmarks/_common.py, test DA, no
+    evaluation before): classifier + batch-norm (the paper), batch-norm statistics only, classifier only
+    (table 6);
   * label-free (``fixres.adapt``): bn-recalibrate, frechet (appendix A.1), gaussian (appendix A.2).
 
 Every accuracy comes with the leave-one-fold-out std of section 5 (10 folds). Results go to
@@ -20,6 +21,12 @@ The trained model is kept in --out/train and reused by a later run with the same
 Usage:
   python benchmarks/transfer_flowers.py --quick                    # tiny model, generated images
   python benchmarks/transfer_flowers.py --epochs 2 --trainable last --out runs/transfer
+
+Internal: fixres.method.train - the paper's transfer protocol trains the network, with only the parts
+``--trainable`` names, at fixres's training precision on the CPU; the public API has no training function.
+Sizes, the analysis, the label-free methods and every evaluation go through the public API; fine-tuning
+without the evaluation before (fixres.finetune always evaluates first), the parts and the precision come
+from benchmarks/_common.py.
 """
 
 from __future__ import annotations
@@ -32,14 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import shared_folder, small_split, split_index
+from _common import find_parts, finetune, precision_for, shared_folder, small_split, split_index
 
-# Internal by design: the paper's transfer protocol trains the network (fixres.method.train; the API has no
-# training function) with only the parts ``--trainable`` names (found by fixres.models.structure), fine-tunes
-# the table-6 variants without the evaluation before (fixres.method.finetuning; fixres.finetune always evaluates
-# first), all at fixres's training precision on the CPU (fixres.runtime.engine.precision_for), whose amp flag
-# also sets the evaluations' precision. Sizes, the analysis, the label-free methods and every evaluation go
-# through the public API. They are imported where used, so --help stays light.
+from fixres.method.train import train
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -55,7 +57,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _freeze_for(model, trainable: str) -> list[str]:
     """requires_grad only on what ``trainable`` names; returns the trained module names."""
-    from fixres.models.structure import find_parts
     if trainable == "all":
         return ["(all)"]
     parts = find_parts(model)
@@ -96,9 +97,6 @@ def main(argv=None) -> int:
     import torch
 
     import fixres
-    from fixres.method.finetuning import finetune
-    from fixres.method.train import train
-    from fixres.runtime.engine import precision_for
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fixres_transfer_"))
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -127,7 +125,7 @@ def main(argv=None) -> int:
     if test_size not in sizes:
         sizes = sorted(sizes + [test_size])
     device = torch.device("cpu")
-    precision = precision_for(device)
+    precision = precision_for(device)  # its amp flag also sets the evaluations' precision
     timings: dict[str, float] = {}
     note = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -196,10 +194,10 @@ def main(argv=None) -> int:
         m = fresh()
         info = fixres.adapt(fixres.ModelBundle(m, cfg, bundle.name, bundle.source, {}), train_idx.samples,
                             test_size, method=method, train_size=train_size, device="cpu",  # amp: precision_for(cpu)
-                            workers=workers, max_images=args.adapt_images, progress=False).raw
+                            workers=workers, max_images=args.adapt_images, progress=False)
         ev = at(m, [test_size]).rows[0]
         timings[method + "_s"] = round(time.perf_counter() - t0, 1)
-        results[method] = {"top1": ev.top1, "top1_std": ev.top1_std, "images": info["images"]}
+        results[method] = {"top1": ev.top1, "top1_std": ev.top1_std, "images": info.images}
         note(f"{method}: {ev.top1:.2f} ± {ev.top1_std:.2f} ({timings[method + '_s']} s)")
 
     result = {"model": bundle.name, "weights": weights, "data": str(root),
