@@ -114,6 +114,8 @@ class AdaptResult:
     method: str
     before: SizeResult | None
     after: SizeResult | None
+    #: the photos a label-free adaptation read (None for a fine-tuning)
+    images: int | None = None
 
     def __repr__(self) -> str:
         change = (f": top-1 {self.before.top1:.1f} -> {self.after.top1:.1f}" if self.before and self.after else "")
@@ -288,7 +290,8 @@ def _adapt_result(model: nn.Module, test_size: int, method: str, record: dict) -
                        before=done.before and SizeResult.of(replace(done.before,
                                                                     test_size=done.before.test_size or test_size)),
                        after=done.after and SizeResult.of(replace(done.after,
-                                                                  test_size=done.after.test_size or test_size)))
+                                                                  test_size=done.after.test_size or test_size)),
+                       images=done.images)
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,7 @@ class AdaptRecord:
 
     before: ViewScore | None = None
     after: ViewScore | None = None
+    images: int | None = None
 
 
 def export(model: ModelLike, path: str | Path, *, test_size: int, data_config: DataConfig | None = None,

@@ -100,3 +100,9 @@ def test_registry_weights_load_by_their_short_name():
     bundle = fixres.load("efficientnet-lite0")
     assert bundle.data_config.train_size == 224
     assert bundle.data_config.mean == (0.5, 0.5, 0.5)
+
+
+def test_label_free_adaptation_says_how_many_photos_it_read(tiny_model, data_root):
+    result = fixres.adapt(tiny_model, data_root, 48, method="bn-recalibrate", amp=False)
+    assert (result.method, result.test_size, result.images) == ("bn-recalibrate", 48, 18)  # train/: 3 x 6 photos
+    assert result.model is tiny_model.model and repr(result) == "AdaptResult(bn-recalibrate at 48px)"
