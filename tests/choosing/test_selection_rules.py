@@ -44,8 +44,8 @@ def given(tmp_path_factory):
     real = candidates._score
     mp = pytest.MonkeyPatch()
 
-    def rigged(x, model, samples, size, **kw):
-        score = real(x, model, samples, size, **kw)
+    def rigged(x, model, name, samples, size, **kw):
+        score = real(x, model, name, samples, size, **kw)
         if samples is x.seen:  # the training photos: memorised, they would flatter the largest size
             score["top1"] = 100.0 if size == max(x.candidates) else 0.0
         return score
@@ -193,10 +193,17 @@ def test_the_curve_after_the_fix_reads_the_candidates_when_every_size_is_one(giv
     """Every swept size a candidate: the sweep after the fix is each size fixed at its own size, read from
     the select step (the candidate at S is the exported model), with no new forward."""
     from fixres.job import steps
+    from fixres.method import cutcache
     from fixres.report.page import AFTER_EACH_FIXED
     calls = []
-    real = steps.evaluate
-    monkeypatch.setattr(steps, "evaluate", lambda *a, **kw: calls.append(kw.get("test_sizes")) or real(*a, **kw))
+    for module in (steps, cutcache):  # the sweep before the fix runs through the cut cache's recording
+        real = module.evaluate
+
+        def spy(model, samples, *a, _real=real, **kw):
+            if getattr(samples, "root", None) is not None:  # val (the choosing photos are lists)
+                calls.append(kw.get("test_sizes"))
+            return _real(model, samples, *a, **kw)
+        monkeypatch.setattr(module, "evaluate", spy)
     cfg = pipeline.FixConfig(**{**given["cfg"].__dict__, "test_sizes": [32, 64], "out": str(tmp_path / "run"),
                                 "robustness": False})
     result = pipeline.run_fix(cfg)

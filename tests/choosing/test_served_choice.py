@@ -113,8 +113,9 @@ def test_served_as_trained_still_compares_the_best_fixed_candidate_under_corrupt
 def test_fix_measures_on_fully_decoded_photos(tmp_path, monkeypatch):
     """Every evaluation of fix decodes the photos at full size, as the export's serving transform does."""
     from fixres.job import candidates, steps
+    from fixres.method import cutcache
     seen = []
-    for module in (candidates, steps):
+    for module in (candidates, steps, cutcache):
         real = module.evaluate
 
         def spy(*args, _real=real, **kw):

@@ -38,7 +38,7 @@ from fixres.io.evaluation import EvalResult, ViewScore
 from fixres.io.results import read_document
 from fixres.io.schema import dump, parse, parse_or_none
 from fixres.io.served import Choice, CrossSelection, PairedOnVal, SeenCheck
-from fixres.job.context import FixContext
+from fixres.job.context import HOLDOUT, SEEN, VAL, FixContext
 from fixres.method.adaptation import adapt
 from fixres.method.calibration import temperature_scale_model
 from fixres.method.evaluate import evaluate, fold_std
@@ -96,11 +96,16 @@ def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs:
                     evaluate_after=False)  # scored below, on the images each score is for
 
 
-def _score(x: "FixContext", model, samples, size: int, *, outcomes: bool = False, full: bool = False) -> dict:
-    """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision); with ``outcomes``
-    also every image's outcome (``outcome_bits``), for cross-selection and paired tests."""
-    res = evaluate(model, samples, x.data_config, test_sizes=[size], per_class=False, keep_outcomes=outcomes,
-                   **{**x.eval_kw(), "progress": False})
+def _score(x: "FixContext", model, name: str, samples, size: int, *, outcomes: bool = False,
+           full: bool = False) -> dict:
+    """top-1, its fold std, NLL and ECE of ``model`` at ``size`` (inference precision) on the photos ``name``;
+    with ``outcomes`` also every image's outcome (``outcome_bits``), for cross-selection and paired tests. Run
+    from the activations at the cut where the model before the fix recorded them on these photos at this size."""
+    kw = {**x.eval_kw(), "progress": False}
+    res = x.cut_cache().score(model, name, samples, x.data_config, size, keep_outcomes=outcomes, **kw)
+    if res is None:
+        res = evaluate(model, samples, x.data_config, test_sizes=[size], per_class=False, keep_outcomes=outcomes,
+                       **kw)
     row = res.rows[0]
     score = score_fields(row)
     if outcomes:
@@ -136,8 +141,10 @@ def run_schedule(x: "FixContext") -> dict:
         for ep_f in SCHEDULE_EPOCH_FACTORS:
             lr, epochs = lr0 * lr_f, c.finetune_epochs * ep_f
             model = x.work(holds=f"schedule {lr} {epochs}")
+            if not rows:  # the held-out photos' activations at the cut, recorded once for the whole grid
+                _before_on(x, HOLDOUT, x.holdout, [size])
             _finetune_at(x, model, size, lr=lr, epochs=epochs, out_dir=x.run_dir / "schedule" / f"lr{lr:g}_ep{epochs}")
-            rows.append({"lr": lr, "epochs": epochs, "test_size": size, **_score(x, model, x.holdout, size)})
+            rows.append({"lr": lr, "epochs": epochs, "test_size": size, **_score(x, model, HOLDOUT, x.holdout, size)})
     # Most accurate on the held-out images; ties (common on few images) to the lower NLL, then the shorter run.
     best = max(rows, key=lambda r: (r["top1"], -(r["nll"] if r["nll"] is not None else 0.0), -r["epochs"]))
     return {
@@ -163,9 +170,10 @@ def run_select(x: "FixContext") -> dict:
     """Fix at every candidate size, score on the held-out training images and on val, measure cost."""
     sizes, dropped, estimate = _planned_candidates(x)
     before = x.results.sweep_before
-    held_before = _before_on(x, x.holdout, sizes, outcomes=True)
+    held_before = _before_on(x, HOLDOUT, x.holdout, sizes, outcomes=True)
     t = int(x.data_config.train_size)  # the training photos' score before the fix is only shown at T
-    seen_at_t = _before_on(x, x.seen, [t]).get(t) if t in sizes else None
+    seen_before = _before_on(x, SEEN, x.seen, sizes)  # every size: each candidate is scored from it
+    seen_at_t = seen_before.get(t) if t in sizes else None
     # The cost of a size does not depend on the fix: every size timed together, interleaved, on the model before it.
     costs = measure_costs(x.base(), sizes, device=x.env.device, precision=x.eval_precision)
     rows = []
@@ -183,13 +191,14 @@ def run_select(x: "FixContext") -> dict:
         "recommended": x.results.analyze.recommended_test_size, "recommended_exact": recommended_exact(x)}
 
 
-def _before_on(x: "FixContext", samples, sizes: Sequence[int], *, outcomes: bool = False) -> dict:
-    """The model before the fix on ``samples`` at every size (one pass), {size: score}; with ``outcomes`` also
-    every photo's outcome (the untuned candidates of the choice are compared in pairs on them)."""
+def _before_on(x: "FixContext", name: str, samples, sizes: Sequence[int], *, outcomes: bool = False) -> dict:
+    """The model before the fix on the photos ``name`` at every size (one pass, recording the activations at the
+    cut), {size: score}; with ``outcomes`` also every photo's outcome (the untuned candidates of the choice are
+    compared in pairs on them)."""
     if not samples:
         return {}
-    res = evaluate(x.base(), samples, x.data_config, test_sizes=list(sizes), per_class=False, keep_outcomes=outcomes,
-                   **{**x.eval_kw(), "progress": False})
+    res = x.cut_cache().evaluate(x.base(), name, samples, x.data_config, test_sizes=list(sizes), per_class=False,
+                                 keep_outcomes=outcomes, **{**x.eval_kw(), "progress": False})
     bits = outcomes_of(res, len(samples)) if outcomes else {}
     return {r.test_size: {**score_fields(r), **({"outcomes": bits[str(r.test_size)]} if outcomes else {})}
             for r in res.rows}
@@ -220,9 +229,9 @@ def _fix_candidate(x: "FixContext", size: int) -> dict:
     model = x.work(holds=f"candidate {size}")
     ft = _finetune_at(x, model, size, lr=x.schedule.lr, epochs=x.schedule.epochs, out_dir=folder)
     save_adapted(model, list(ft["trainable"]) + list(ft.get("stats_modules") or ()), folder / ADAPTED_NAME)
-    row = {"holdout_after": _score(x, model, x.holdout, size, outcomes=True) if x.holdout else None,
-           "seen_after": _score(x, model, x.seen, size) if x.seen else None,
-           "val_after": _score(x, model, x.val_index, size, outcomes=True, full=True),
+    row = {"holdout_after": _score(x, model, HOLDOUT, x.holdout, size, outcomes=True) if x.holdout else None,
+           "seen_after": _score(x, model, SEEN, x.seen, size) if x.seen else None,
+           "val_after": _score(x, model, VAL, x.val_index, size, outcomes=True, full=True),
            "finetune_s": (ft.get("timing") or {}).get("wall_s")}
     write_json(folder / RESULT_NAME, row)
     write_json(folder / FINETUNE_RECORD, _public(ft))

@@ -27,6 +27,7 @@ from fixres.choosing.photos import (
 from fixres.choosing.serving import CHOOSE_CHEAPEST
 from fixres.config import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_CACHE_BUDGET_MB,
     DEFAULT_FINETUNE_EPOCHS,
     DEFAULT_PARTS,
     DEFAULT_SELECT_BUDGET_MIN,
@@ -47,6 +48,7 @@ from fixres.io.results import FixResults, Schedule
 from fixres.io.served import Choice
 from fixres.job.fingerprint import digest, file_digest, index_fingerprint
 from fixres.job.runstate import RunState
+from fixres.method.cutcache import CutCache
 from fixres.method.inputs import index_folder, index_train_val
 from fixres.models.export import WEIGHTS_NAME
 from fixres.models.loading import ModelSpec
@@ -198,6 +200,7 @@ class FixContext:
     _work: object = None
     _holds: str = ""  # what the working copy holds: "export" (the fixed model) or a candidate
     _checkpoint_sha: str | None = None
+    _cut_cache: CutCache | None = None
 
     # ---- data
     def index_data(self, data_root: Path) -> None:
@@ -327,6 +330,20 @@ class FixContext:
             load_weights(model, self.run_dir / "export" / WEIGHTS_NAME)
         return self._work
 
+    def cut_cache(self) -> CutCache:
+        """The activations at the fix's cut (``fixres.method.cutcache``): recorded while the model before the fix is
+        evaluated on a set of photos, replayed when a fixed model is scored on the same photos at one size."""
+        if self._cut_cache is None:
+            self._cut_cache = CutCache.for_model(self.base(), self.config.parts, folder=self.run_dir / CUT_CACHE_DIR,
+                                                 budget_mb=DEFAULT_CACHE_BUDGET_MB)
+        return self._cut_cache
+
+    def close_cut_cache(self) -> None:
+        """Free the recorded activations (and their files)."""
+        if self._cut_cache is not None:
+            self._cut_cache.close()
+            self._cut_cache = None
+
     def checkpoint_sha(self) -> str | None:
         if self.config.checkpoint and self._checkpoint_sha is None:
             self._checkpoint_sha = file_digest(self.config.checkpoint)
@@ -341,6 +358,10 @@ class FixContext:
                     progress=c.progress, reduced_decode=FIX_REDUCED_DECODE)
 
 
+#: Where the activations at the cut go when they outgrow memory (under the run folder).
+CUT_CACHE_DIR = "cache/cut"
+#: The photo sets the model before the fix records activations on, and the fixed models are scored on.
+VAL, HOLDOUT, SEEN = "val", "holdout", "seen"
 #: ``fix`` measures on fully decoded photos (see ``FixContext.eval_kw``).
 FIX_REDUCED_DECODE = False
 #: A data folder without train/ and val/ is split: this share of every class (seeded) is the validation set.

@@ -281,8 +281,11 @@ def run_fix(config: FixConfig) -> FixRun:
         x.assign_choosing_photos()
     if config.progress:
         print_plan(x)
-    for i, step in enumerate(STEP_TABLE[1:], start=2):
-        _execute(x, i, step, recomputed)
+    try:
+        for i, step in enumerate(STEP_TABLE[1:], start=2):
+            _execute(x, i, step, recomputed)
+    finally:
+        x.close_cut_cache()
     write_json(x.run_dir / "run.json", steps.run_info(x, _threads()))  # every step's time, the report's included
     r = x.results
     return FixRun(run_dir=x.run_dir, report=Path(r.report["html"]), export=x.run_dir / "export",

@@ -22,7 +22,7 @@ from fixres.io.documents import RunDocuments
 from fixres.io.evaluation import EvalResult
 from fixres.io.results import Headline, Sweep
 from fixres.job import candidates
-from fixres.job.context import STATS_IMAGES, FixContext, stats_sizes_of, strip_private
+from fixres.job.context import STATS_IMAGES, VAL, FixContext, stats_sizes_of, strip_private
 from fixres.job.headline import headline_of
 from fixres.method import analysis
 from fixres.method import stats as fstats
@@ -86,7 +86,8 @@ def run_analyze(x: FixContext) -> dict:
 
 
 def run_sweep_before(x: FixContext) -> dict:
-    sweep = evaluate(x.base(), x.val_index, x.data_config, test_sizes=x.test_sizes, keep_outcomes=True, **x.eval_kw())
+    sweep = x.cut_cache().evaluate(x.base(), VAL, x.val_index, x.data_config, test_sizes=x.test_sizes,
+                                   keep_outcomes=True, **x.eval_kw())
     return {**sweep.to_json(), "outcomes": candidates.outcomes_of(sweep, len(x.val_index.samples))}
 
 
@@ -220,7 +221,8 @@ def run_robustness(x: FixContext) -> dict:
     c = x.config
     return corruption_table(robustness_columns(x), x.val_index, x.data_config, seed=c.seed,
                             max_images=c.robustness_images, batch_size=c.batch_size, env=x.env,
-                            precision=x.eval_precision, workers=c.workers, progress=c.progress)
+                            precision=x.eval_precision, workers=c.workers, progress=c.progress,
+                            cut_cache=x.cut_cache())
 
 
 def run_report(x: FixContext) -> dict:

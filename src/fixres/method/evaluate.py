@@ -22,6 +22,7 @@ classes) is checked before any image is read (``fixres.method.views``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -87,7 +88,7 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor, k5: int) -> tuple[np.nda
 
 
 @dataclass
-class _PerImage:
+class PerImage:
     """Per-image outcomes, one row per view and ensemble: top-1/top-5 hits, cross-entropy, top-1 confidence."""
 
     idx: np.ndarray
@@ -99,7 +100,7 @@ class _PerImage:
     log_probs: list | None = None  # per row, (images, classes) float32, when asked for
 
     @classmethod
-    def concat(cls, parts: Sequence["_PerImage"], n_rows: int) -> "_PerImage":
+    def concat(cls, parts: Sequence["PerImage"], n_rows: int) -> "PerImage":
         def cat(name, dtype, axis):
             arrays = [getattr(p, name) for p in parts]
             if arrays:
@@ -110,20 +111,20 @@ class _PerImage:
         return cls(cat("idx", np.int64, 0), cat("labels", np.int64, 0), cat("top1", bool, 1), cat("top5", bool, 1),
                    cat("loss", np.float64, 1), cat("conf", np.float64, 1), lps)
 
-    def reordered(self, order: np.ndarray) -> "_PerImage":
+    def reordered(self, order: np.ndarray) -> "PerImage":
         lps = [lp[order] for lp in self.log_probs] if self.log_probs is not None else None
-        return _PerImage(self.idx[order], self.labels[order], self.top1[:, order], self.top5[:, order],
+        return PerImage(self.idx[order], self.labels[order], self.top1[:, order], self.top5[:, order],
                          self.loss[:, order], self.conf[:, order], lps)
 
 
-def gather_in_order(local: _PerImage, env: fdist.DistEnv, n_rows: int) -> _PerImage:
+def gather_in_order(local: PerImage, env: fdist.DistEnv, n_rows: int) -> PerImage:
     """Every rank's per-image outcomes, back in data-set order (the single-process order).
 
     Ranks hold strided shards, so the gathered concatenation is interleaved; the fold std assigns
     image ``i`` to fold ``i % folds``, so it is only the single-process number after this re-ordering.
     """
     gathered = fdist.all_gather_objects(local, env)
-    merged = _PerImage.concat(gathered, n_rows)
+    merged = PerImage.concat(gathered, n_rows)
     return merged.reordered(np.argsort(merged.idx, kind="stable"))
 
 
@@ -141,10 +142,14 @@ def modules_at_sizes(model: nn.Module, sizes: Iterable[int]) -> dict[int, nn.Mod
 
 
 def _forward_views(models: Sequence[nn.Module], inputs: tuple, b: int, *, ten_crop: bool, env: fdist.DistEnv,
-                   precision: Precision) -> tuple[list[torch.Tensor], int]:
-    """Log-probabilities of every view of one batch (fp32 on the CPU) and the number of fp32 retries."""
+                   precision: Precision, on_view: Callable[[int], None] | None = None
+                   ) -> tuple[list[torch.Tensor], int]:
+    """Log-probabilities of every view of one batch (fp32 on the CPU) and the number of fp32 retries;
+    ``on_view(i)`` is told which view runs next."""
     logps, fallbacks = [], 0
-    for x, model in zip(inputs, models, strict=True):
+    for i, (x, model) in enumerate(zip(inputs, models, strict=True)):
+        if on_view is not None:
+            on_view(i)
         if ten_crop:
             x = x.reshape(-1, *x.shape[-3:])
         x = to_device(x, env.device, precision)
@@ -164,7 +169,8 @@ def _forward_views(models: Sequence[nn.Module], inputs: tuple, b: int, *, ten_cr
     return logps, fallbacks
 
 
-def _batch_outcomes(logps: list[torch.Tensor], plan: _Plan, batch, keep_log_probs: bool) -> _PerImage:
+def batch_outcomes(logps: list[torch.Tensor], plan: _Plan, batch, keep_log_probs: bool) -> PerImage:
+    """Per-image outcomes of one batch (``batch.indices``, ``batch.labels``) from each view's log-probabilities."""
     pos = {v: i for i, v in enumerate(plan.views)}
     for members in plan.ens_views:
         # Section 5.1: classify at several resolutions and average the class probabilities.
@@ -173,16 +179,16 @@ def _batch_outcomes(logps: list[torch.Tensor], plan: _Plan, batch, keep_log_prob
     k5 = min(TOP5, logps[0].shape[1])
     scores = [_scores(lp, batch.labels, k5) for lp in logps]
     conf = np.stack([lp.max(1).values.exp().double().numpy() for lp in logps])
-    return _PerImage(batch.indices.numpy().astype(np.int64), batch.labels.numpy().astype(np.int64),
+    return PerImage(batch.indices.numpy().astype(np.int64), batch.labels.numpy().astype(np.int64),
                      np.stack([s[0] for s in scores]), np.stack([s[1] for s in scores]),
                      np.stack([s[2] for s in scores]), conf,
                      [lp.numpy() for lp in logps] if keep_log_probs else None)
 
 
 def _run_local(models: Sequence[nn.Module], loader, plan: _Plan, *, total: int, ten_crop: bool,
-               env: fdist.DistEnv, precision: Precision, progress: bool, keep_log_probs: bool):
+               env: fdist.DistEnv, precision: Precision, progress: bool, keep_log_probs: bool, record=None):
     """This rank's pass over its shard: (per-image outcomes, skipped, number of outputs, fp32 retries)."""
-    parts: list[_PerImage] = []
+    parts: list[PerImage] = []
     skipped: list[tuple[int, str, str]] = []
     n_out, fallbacks = None, 0
     n_views = len(plan.views)
@@ -193,17 +199,19 @@ def _run_local(models: Sequence[nn.Module], loader, plan: _Plan, *, total: int, 
             if batch.inputs is not None:
                 inputs = batch.inputs if isinstance(batch.inputs, tuple) else (batch.inputs,)
                 logps, retries = _forward_views(models, inputs, len(batch.labels), ten_crop=ten_crop, env=env,
-                                                precision=precision)
+                                                precision=precision, on_view=record.view if record else None)
                 fallbacks += retries
+                if record is not None:
+                    record.batch_done(batch.indices, batch.labels)
                 if n_out is None:
                     n_out = logps[0].shape[1]
                     _check_classes(n_out, plan.num_classes, plan.max_label)
-                parts.append(_batch_outcomes(logps, plan, batch, keep_log_probs))
+                parts.append(batch_outcomes(logps, plan, batch, keep_log_probs))
             pbar.update(len(batch.skipped) + (0 if batch.inputs is None else len(batch.labels)))
-    return _PerImage.concat(parts, n_views + len(plan.ens_views)), skipped, n_out, fallbacks
+    return PerImage.concat(parts, n_views + len(plan.ens_views)), skipped, n_out, fallbacks
 
 
-def _check_coverage(res: _PerImage, counts: torch.Tensor, skipped: list, n_samples: int) -> None:
+def _check_coverage(res: PerImage, counts: torch.Tensor, skipped: list, n_samples: int) -> None:
     n, n_rows = int(res.idx.size), res.top1.shape[0]
     if np.unique(res.idx).size != n or n + len(skipped) != n_samples:
         raise FixresError(f"internal error: ranks covered {n} + {len(skipped)} skipped of {n_samples} images")
@@ -216,7 +224,7 @@ def _check_coverage(res: _PerImage, counts: torch.Tensor, skipped: list, n_sampl
         raise UsageError(f"no image could be read: all {len(skipped)} were skipped{first}")
 
 
-def _summary(res: _PerImage, r: int, folds: int) -> dict:
+def _summary(res: PerImage, r: int, folds: int) -> dict:
     n = int(res.idx.size)
     loss = float(res.loss[r].sum() / n)
     top1, top5 = float(res.top1[r].sum()) * PERCENT / n, float(res.top5[r].sum()) * PERCENT / n
@@ -227,7 +235,7 @@ def _summary(res: _PerImage, r: int, folds: int) -> dict:
             "correct": int(res.top1[r].sum()), "correct5": int(res.top5[r].sum())}
 
 
-def _per_class(res: _PerImage, plan: _Plan, n_out: int | None) -> dict:
+def _per_class(res: PerImage, plan: _Plan, n_out: int | None) -> dict:
     n_cls = max(int(n_out or 0), int(res.labels.max()) + 1)
     per_n = np.bincount(res.labels, minlength=n_cls)
     names = list(plan.class_names) if plan.class_names is not None and len(plan.class_names) >= n_cls else None
@@ -244,7 +252,7 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
              ensembles: Sequence[Sequence] = (), ten_crop: bool = False, folds: int = DEFAULT_FOLDS,
              progress: bool = True, num_classes: int | None = None, class_names: Sequence[str] | None = None,
              per_class: bool = True, keep_log_probs: bool = False, keep_outcomes: bool = False,
-             reduced_decode: bool = True, corrupt: Callable | None = None) -> EvalResult:
+             reduced_decode: bool = True, corrupt: Callable | None = None, record=None) -> EvalResult:
     """Evaluate ``model`` on ``samples`` at every (test_size, crop_ratio) pair in one pass.
 
     ``samples``: a ``FolderIndex`` or a list of (path, label). ``crop_ratios`` defaults to the data
@@ -264,6 +272,8 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     skipped images left out: for paired per-image comparisons. The arrays are never written.
     ``reduced_decode``: decode JPEGs only as large as each view needs (``data.ImageDataset``); a view's numbers are
     the same whether it is evaluated alone or in a sweep. ``corrupt``: ``corrupt(photo, i)`` on each full-size photo.
+    ``record``: a recorder of the activations entering a cut point (``fixres.method.cutcache.CutRecorder``), filled
+    during the pass; one process, single crops.
     """
     env = env or fdist.DistEnv()
     precision = precision or inference_precision(env.device)
@@ -273,16 +283,29 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     shard = fdist.shard_indices(len(plan.samples), env.rank, env.world_size)
     loader = _loader(plan, cfg, shard, ten_crop=ten_crop, batch_size=batch_size, workers=workers, env=env,
                      reduced_decode=reduced_decode, corrupt=corrupt)
+    if record is not None and (env.distributed or ten_crop):
+        raise UsageError("evaluate: activations are recorded in one process, on single crops")
     res, counts, skipped, n_out, fallbacks, seconds = _one_pass(
         model, plan, loader, total=len(shard), ten_crop=ten_crop, env=env, precision=precision, progress=progress,
-        keep_log_probs=keep_log_probs)
+        keep_log_probs=keep_log_probs, record=record)
     _check_coverage(res, counts, skipped, len(plan.samples))
+    return assemble(res, plan, [{"path": p, "reason": why} for _, p, why in skipped], n_out=n_out,
+                    fallbacks=fdist.all_reduce_sum_int(fallbacks, env), seconds=seconds, env=env, precision=precision,
+                    batch_size=batch_size, workers=workers, ten_crop=ten_crop, folds=folds, per_class=per_class,
+                    keep_log_probs=keep_log_probs, keep_outcomes=keep_outcomes)
+
+
+def assemble(res: PerImage, plan: _Plan, skipped: list[dict], *, n_out: int | None, fallbacks: int, seconds: float,
+             env: fdist.DistEnv, precision: Precision, batch_size: int, workers: int, ten_crop: bool, folds: int,
+             per_class: bool, keep_log_probs: bool, keep_outcomes: bool) -> EvalResult:
+    """The ``EvalResult`` of per-image outcomes in data-set order (from a pass over the photos, or from the
+    activations at a cut, ``fixres.method.cutcache``): the rows, their reliability, per-class top-1, the arrays."""
     n = int(res.idx.size)
     rows, ens_rows = _rows(res, plan, ten_crop=ten_crop, folds=folds)
     result = {
         "rows": rows, "ensembles": ens_rows, "n_images": n, "n_samples": len(plan.samples),
-        "skipped": [{"path": p, "reason": why} for _, p, why in skipped], "folds": folds, "num_outputs": n_out,
-        "precision": precision.describe(), "fp32_fallback_batches": fdist.all_reduce_sum_int(fallbacks, env),
+        "skipped": skipped, "folds": folds, "num_outputs": n_out,
+        "precision": precision.describe(), "fp32_fallback_batches": fallbacks,
         "device": str(env.device), "world_size": env.world_size, "backend": env.backend,
         "batch_size": batch_size, "workers": workers, "seconds": seconds,
         "images_per_s": (n + len(skipped)) / seconds if seconds > 0 else float("nan"),
@@ -306,7 +329,7 @@ def _loader(plan: _Plan, cfg: DataConfig, shard: Sequence[int], *, ten_crop: boo
 
 
 def _one_pass(model: nn.Module, plan: _Plan, loader, *, total: int, ten_crop: bool, env: fdist.DistEnv,
-              precision: Precision, progress: bool, keep_log_probs: bool):
+              precision: Precision, progress: bool, keep_log_probs: bool, record=None):
     """The pass itself, timed: the model prepared for the device (and put back in its train/eval mode after),
     every rank over its shard, then every rank's outcomes gathered (``_gathered``).
 
@@ -315,19 +338,23 @@ def _one_pass(model: nn.Module, plan: _Plan, loader, *, total: int, ten_crop: bo
     model = prepare(model, env.device, precision)
     model.eval()
     start = time.perf_counter()
-    # Batch norms folded into their convolutions (a copy; the same function, fewer layers to run).
-    at = modules_at_sizes(fold_batchnorms(model, plan.views[0].test_size)[0], [v.test_size for v in plan.views])
+    # Batch norms folded into their convolutions (a copy; the same function, fewer layers to run); the modules
+    # after a recorded cut are kept, so the activation entering the cut is the unfolded model's.
+    folded = fold_batchnorms(model, plan.views[0].test_size, keep=record.keep if record is not None else ())[0]
+    at = modules_at_sizes(folded, [v.test_size for v in plan.views])
+    models = [at[v.test_size] for v in plan.views]
     try:
-        local, skipped_local, n_out, fallbacks = _run_local(
-            [at[v.test_size] for v in plan.views], loader, plan, total=total, ten_crop=ten_crop, env=env,
-            precision=precision, progress=progress, keep_log_probs=keep_log_probs)
+        with record.attached(models) if record is not None else contextlib.nullcontext():
+            local, skipped_local, n_out, fallbacks = _run_local(
+                models, loader, plan, total=total, ten_crop=ten_crop, env=env, precision=precision,
+                progress=progress, keep_log_probs=keep_log_probs, record=record)
     finally:
         model.train(was_training)
     res, counts, skipped = _gathered(local, skipped_local, env, len(plan.views) + len(plan.ens_views))
     return res, counts, skipped, n_out, fallbacks, time.perf_counter() - start
 
 
-def _gathered(local: _PerImage, skipped_local: list, env: fdist.DistEnv, n_rows: int):
+def _gathered(local: PerImage, skipped_local: list, env: fdist.DistEnv, n_rows: int):
     """Exact integer counts summed over ranks, the per-image outcomes back in data-set order, and the skipped
     files of every rank in data-set order: (outcomes, counts, skipped)."""
     counts = fdist.all_reduce_sum(torch.tensor(
@@ -338,7 +365,7 @@ def _gathered(local: _PerImage, skipped_local: list, env: fdist.DistEnv, n_rows:
     return res, counts, skipped
 
 
-def _rows(res: _PerImage, plan: _Plan, *, ten_crop: bool, folds: int) -> tuple[list[dict], list[dict]]:
+def _rows(res: PerImage, plan: _Plan, *, ten_crop: bool, folds: int) -> tuple[list[dict], list[dict]]:
     """The result rows: one per view, one per ensemble (``_summary``)."""
     rows = [{"test_size": v.test_size, "crop_ratio": v.crop_ratio, "resize": v.resize, "ten_crop": ten_crop,
              **_summary(res, i, folds)} for i, v in enumerate(plan.views)]
@@ -348,7 +375,7 @@ def _rows(res: _PerImage, plan: _Plan, *, ten_crop: bool, folds: int) -> tuple[l
     return rows, ens_rows
 
 
-def _photo_arrays(res: _PerImage, plan: _Plan, *, keep_log_probs: bool, keep_outcomes: bool) -> PhotoArrays:
+def _photo_arrays(res: PerImage, plan: _Plan, *, keep_log_probs: bool, keep_outcomes: bool) -> PhotoArrays:
     """The per-photo arrays a caller asked for (kept in memory, never written)."""
     return PhotoArrays(
         idx=res.idx.copy() if keep_outcomes else None,

@@ -112,16 +112,35 @@ def _groups(columns: Mapping[str, tuple[nn.Module, int]]) -> list[tuple[nn.Modul
     return list(groups.values())
 
 
-def _evaluate_condition(groups, samples, cfg: DataConfig, corrupt, eval_kw: dict) -> tuple[dict, int]:
-    """{column: (image indices, bool array of top-1 hits)} under one corruption (None: clean), and the skips."""
+def _evaluate_condition(groups, samples, cfg: DataConfig, corrupt, eval_kw: dict, cut_cache=None,
+                        key: str = "") -> tuple[dict, int]:
+    """{column: (image indices, bool array of top-1 hits)} under one corruption (None: clean), and the skips.
+
+    With ``cut_cache`` (``fixres.method.cutcache.CutCache``) the model with the most sizes runs first and records
+    its activations at the cut as ``key``; a model that differs from it only after the cut is then scored from
+    them (the fixed model against the model before the fix at the same size: one prefix pass for both)."""
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     skipped = 0
-    for model, sizes in groups:
-        res = evaluate(model, samples, cfg, test_sizes=sorted(set(sizes.values())), crop_ratios=[cfg.crop_ratio],
-                       per_class=False, keep_outcomes=True, reduced_decode=False, corrupt=corrupt, **eval_kw)
-        skipped = max(skipped, len(res.skipped))
+    kw = dict(per_class=False, keep_outcomes=True, reduced_decode=False, corrupt=corrupt, **eval_kw)
+    for model, sizes in sorted(groups, key=lambda g: -len(set(g[1].values()))):
+        wanted = sorted(set(sizes.values()))
+        scored = {}
+        if cut_cache is not None:
+            for size in wanted:
+                got = cut_cache.score(model, key, samples, cfg, size, **kw)
+                if got is not None:
+                    scored[size] = got
+        missing = [size for size in wanted if size not in scored]
+        if missing:
+            res = (cut_cache.evaluate(model, key, samples, cfg, test_sizes=missing, **kw) if cut_cache is not None
+                   else evaluate(model, samples, cfg, test_sizes=missing, crop_ratios=[cfg.crop_ratio], **kw))
+            scored.update({size: res for size in missing})
         for name, size in sizes.items():
+            res = scored[size]
+            skipped = max(skipped, len(res.skipped))
             out[name] = (np.asarray(res.arrays.idx), np.asarray(res.hits_at(res.at(size)), dtype=bool))
+    if cut_cache is not None:
+        cut_cache.forget(key)
     return out, skipped
 
 
@@ -130,14 +149,15 @@ def corruption_table(models: Mapping[str, tuple[nn.Module, int]], samples, cfg: 
                      pairs: Sequence[tuple[str, str]] | None = None, seed: int = 0, max_images: int | None = None,
                      batch_size: int = DEFAULT_BATCH_SIZE, env: fdist.DistEnv | None = None,
                      precision: Precision | None = None, workers: int | None = None, progress: bool = True,
-                     num_classes: int | None = None) -> dict:
+                     num_classes: int | None = None, cut_cache=None) -> dict:
     """Top-1 of every column on the clean photos and on every corruption x severity; paired tests per corruption.
 
     ``models``: {column name: (model, test size)}, e.g. {"untuned at 128px": (base, 128), "fixed at 160px":
     (fixed, 160)}; columns sharing a model are evaluated in one pass. ``samples``: a ``FolderIndex`` or
     (path, label) pairs; ``max_images``: a seeded class-stratified subset of them (``stratified_subset``).
     ``pairs``: (a, b) columns compared per corruption, per photo over its severities (default: the first
-    column against each other one). Every row is decoded at full size (the clean one too).
+    column against each other one). Every row is decoded at full size (the clean one too). ``cut_cache``: see
+    ``_evaluate_condition``.
 
     Returns a JSON-ready dict: ``columns`` (names, in order), ``test_sizes`` ({column: size}),
     ``crop_ratio``, ``corruptions``, ``severities``, ``parameters`` ({corruption: {severity: value}}),
@@ -163,14 +183,13 @@ def corruption_table(models: Mapping[str, tuple[nn.Module, int]], samples, cfg: 
     env = env or fdist.DistEnv()
     eval_kw = {"batch_size": batch_size, "env": env, "precision": precision, "workers": workers,
                "progress": progress, "num_classes": num_classes}
-    groups = _groups(columns)
-    outcomes: dict[tuple[str, int], dict] = {}
-    skipped = 0
+    groups, outcomes, skipped = _groups(columns), {}, 0
     for k, (name, severity) in enumerate(conditions):
         status(f"robustness: {name}{'' if name == CLEAN else f' {severity}'} ({k + 1}/{len(conditions)}) on "
                f"{len(subset)} images", enabled=progress and env.is_main)
         corrupt = None if name == CLEAN else AtIndex(Corruption(name, severity, seed), chosen)
-        outcomes[(name, severity)], skips = _evaluate_condition(groups, subset, cfg, corrupt, eval_kw)
+        outcomes[(name, severity)], skips = _evaluate_condition(groups, subset, cfg, corrupt, eval_kw, cut_cache,
+                                                                f"corrupted {name} {severity} seed {seed}")
         skipped = max(skipped, skips)
     rows = [_row(name, severity, outcomes[(name, severity)], names) for name, severity in conditions]
     kinds = [CLEAN, *corruptions]

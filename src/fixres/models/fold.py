@@ -19,6 +19,7 @@ that observe activations) the original model is used unchanged.
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -98,11 +99,14 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def fold_batchnorms(model: nn.Module, probe_size: int, *, in_chans: int = 3) -> tuple[nn.Module, int]:
+def fold_batchnorms(model: nn.Module, probe_size: int, *, in_chans: int = 3,
+                    keep: Sequence[str] = ()) -> tuple[nn.Module, int]:
     """(a copy of eval-mode ``model`` with its conv -> batch norm pairs folded, number folded).
 
-    ``probe_size``: a side the model accepts (the evaluation size). Returns ``(model, 0)`` itself
-    when nothing can be folded, the model is training or has hooks, or the check fails.
+    ``probe_size``: a side the model accepts (the evaluation size). ``keep``: module names (and everything
+    under them) left as they are, e.g. the modules after a cut whose input must stay what the unfolded model
+    feeds them. Returns ``(model, 0)`` itself when nothing can be folded, the model is training or has hooks,
+    or the check fails.
     """
     if model.training or _has_hooks(model):
         return model, 0
@@ -122,7 +126,12 @@ def fold_batchnorms(model: nn.Module, probe_size: int, *, in_chans: int = 3) -> 
     except (RuntimeError, MemoryError):  # no room for a second copy (a large model on a small GPU)
         return model, 0
     n = 0
+    def kept(name: str) -> bool:
+        return any(name == k or name.startswith(k + ".") for k in keep)
+
     for conv_name, bn_name in pairs:
+        if kept(conv_name) or kept(bn_name):
+            continue
         rest = _replacement(folded.get_submodule(bn_name))
         if rest is not None and _fold_pair(folded.get_submodule(conv_name), folded.get_submodule(bn_name)):
             _set(folded, bn_name, rest)

@@ -1,0 +1,247 @@
+"""Activations at the fix's cut, computed once per (photos, size, decode) and shared by every model that differs
+from the one they were computed on only after the cut.
+
+The fix changes only the modules after a cut (the last norm and the classifier, or the last stage:
+``fixres.models.parts``); everything before it computes the same activations for the model before the fix and
+for every fixed candidate. ``CutCache.evaluate`` evaluates the model before the fix as ``evaluate`` does and keeps,
+per photo and view, the activation entering the cut (``CutRecorder``; in memory within a budget, else in fp16
+on disk). ``CutCache.score`` then scores a fixed model on the same photos at one size by running only the modules
+after the cut (``fixres.method.prefix.Suffix``), once that runner has reproduced the model's full forward on a
+few photos. It answers None, and the caller evaluates in full, when nothing was recorded for those photos at
+that size, or the photos, crop, decode or the weights before the cut differ from the recorded ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fixres.config import DEFAULT_FOLDS, DataConfig
+from fixres.data.transforms import geometry_for, test_transform
+from fixres.io.evaluation import EvalResult
+from fixres.method.evaluate import PerImage, assemble, batch_outcomes, evaluate
+from fixres.method.prefix import PrefixCache, Suffix, _first_inputs, build_suffix
+from fixres.method.views import _plan
+from fixres.models.parts import select_parts
+from fixres.models.structure import find_parts
+from fixres.runtime.dist import DistEnv
+from fixres.runtime.engine import Precision, autocast
+
+#: Bytes per megabyte, for budgets given in MB.
+MB = 2 ** 20
+
+
+def photos_digest(samples) -> str:
+    """Which photos, in which order, with which labels."""
+    h = hashlib.blake2b(digest_size=16)
+    for path, label in getattr(samples, "samples", samples):
+        h.update(f"{path}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+def prefix_digest(model: nn.Module, after: Sequence[str]) -> str:
+    """The weights and buffers of ``model`` outside the modules ``after`` the cut: what the cached activations
+    depend on."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        if any(name.startswith(m + ".") for m in after):
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class CutRecorder:
+    """The activation entering the module ``cut`` for every photo and view of one ``evaluate`` pass (``record=``).
+
+    ``keep``: the modules from the cut on, which the pass must run unfolded (``fold_batchnorms(keep=...)``)."""
+
+    def __init__(self, cut: str, keep: Sequence[str], n: int, views: int, *, budget_bytes: int, folder: Path):
+        self.cut, self.keep, self.n = cut, tuple(keep), n
+        self.stores: list[PrefixCache | None] = [None] * views
+        self.budget_bytes, self.folder = budget_bytes, folder
+        self._view = 0
+        self._current: dict[int, torch.Tensor] = {}
+
+    def view(self, i: int) -> None:
+        self._view = i
+
+    @contextlib.contextmanager
+    def attached(self, models: Sequence[nn.Module]):
+        handles = [m.get_submodule(self.cut).register_forward_pre_hook(self._hook)
+                   for m in {id(m): m for m in models}.values()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, module, args) -> None:
+        self._current[self._view] = args[0].detach()
+
+    def batch_done(self, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        for v, act in self._current.items():
+            if self.stores[v] is None:
+                self.stores[v] = PrefixCache(self.n, tuple(act.shape[1:]), torch.float32,
+                                             budget_bytes=max(0, self.budget_bytes - self.bytes),
+                                             folder=self.folder / f"view{v}")
+            self.stores[v].put(indices, act.float(), labels)
+        self._current.clear()
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.stores if s is not None)
+
+
+@dataclass
+class _Entry:
+    """What was recorded for one set of photos at one size."""
+
+    store: PrefixCache
+    photos: str
+    prefix: str
+    crop_ratio: float
+    reduced_decode: bool
+    skipped: list[dict]
+    n_samples: int
+
+
+@dataclass
+class CutCache:
+    """A run's activations at the cut (see the module): ``evaluate`` records, ``score`` replays."""
+
+    chain: list[str]
+    first: list[str]
+    folder: Path
+    budget_bytes: int
+    cut: str | None = None
+    after: tuple[str, ...] = ()
+    reason: str = "nothing recorded yet"
+    entries: dict[tuple[str, int], _Entry] = field(default_factory=dict)
+    replayed: int = 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module, parts, *, folder: Path, budget_mb: float) -> "CutCache":
+        structure = find_parts(model)
+        selected = select_parts(model, structure, parts)
+        return cls(chain=list(structure.chain), first=list(selected.first), folder=Path(folder),
+                   budget_bytes=int(budget_mb * MB))
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.store.bytes for e in self.entries.values())
+
+    def forget(self, name: str) -> None:
+        """Drop what was recorded for the photos ``name``."""
+        for key in [k for k in self.entries if k[0] == name]:
+            self.entries.pop(key).store.close()
+
+    def close(self) -> None:
+        for entry in self.entries.values():
+            entry.store.close()
+        self.entries.clear()
+
+    def _suffix(self, model: nn.Module, samples, cfg: DataConfig, size: int, device) -> Suffix | None:
+        """The verified runner of ``model`` from the cut, at ``size``; None (with ``reason``) when there is none."""
+        sample = _first_inputs(getattr(samples, "samples", samples),
+                               test_transform(geometry_for(size, cfg, cfg.crop_ratio), cfg), device)
+        if sample is None:
+            self.reason = "no readable photo"
+            return None
+        suffix, why = build_suffix(model, self.chain, self.first, sample)
+        if suffix is None or suffix.head is not None or suffix.from_features:
+            self.reason = why if suffix is None else "the cut is inside timm's forward_head"
+            return None
+        if self.cut is not None and suffix.cut != self.cut:
+            self.reason = f"the cut moved from {self.cut} to {suffix.cut}"
+            return None
+        return suffix
+
+    def evaluate(self, model: nn.Module, name: str, samples, cfg: DataConfig, *, test_sizes: Sequence[int],
+                 env: DistEnv, **kw) -> EvalResult:
+        """``evaluate(model, samples, cfg, test_sizes=...)`` at the data config's crop, recording the activations
+        at the cut as ``name`` (when one process runs it and the model has a cut a runner reproduces)."""
+        recorder = None
+        if not env.distributed and samples:
+            suffix = self._suffix(model, samples, cfg, int(test_sizes[0]), env.device)
+            if suffix is not None:
+                self.cut, self.after = suffix.cut, tuple(n for n, _, _ in suffix.steps)
+                recorder = CutRecorder(self.cut, self.after, len(getattr(samples, "samples", samples)),
+                                       len(test_sizes), budget_bytes=max(0, self.budget_bytes - self.bytes),
+                                       folder=self.folder / name)
+        elif env.distributed:
+            self.reason = "recorded in one process only"
+        result = evaluate(model, samples, cfg, test_sizes=list(test_sizes), crop_ratios=[cfg.crop_ratio], env=env,
+                          record=recorder, **kw)
+        if recorder is not None:
+            digest, prefix = photos_digest(samples), prefix_digest(model, self.after)
+            skipped = [{"path": s.path, "reason": s.reason} for s in result.skipped]
+            for size, store in zip((r.test_size for r in result.rows), recorder.stores):
+                if store is not None:
+                    if (name, int(size)) in self.entries:
+                        self.entries[(name, int(size))].store.close()
+                    self.entries[(name, int(size))] = _Entry(store, digest, prefix, cfg.crop_ratio,
+                                                             kw.get("reduced_decode", True), skipped,
+                                                             len(getattr(samples, "samples", samples)))
+            self.reason = f"cut at {self.cut}"
+        return result
+
+    def score(self, model: nn.Module, name: str, samples, cfg: DataConfig, size: int, *, env: DistEnv,
+              precision: Precision, batch_size: int, workers: int | None = None, reduced_decode: bool = True,
+              keep_outcomes: bool = False, **_ignored) -> EvalResult | None:
+        """``model`` on ``samples`` at ``size`` from the recorded activations, as ``evaluate`` would give it (one
+        view at the data config's crop, no per-class table); None when they cannot stand for its forward."""
+        entry = self.entries.get((name, int(size)))
+        if entry is None or env.distributed:
+            return None
+        if (entry.photos != photos_digest(samples) or entry.crop_ratio != cfg.crop_ratio
+                or entry.reduced_decode != reduced_decode or entry.prefix != prefix_digest(model, self.after)):
+            return None
+        suffix = self._suffix(model, samples, cfg, size, env.device)
+        if suffix is None:
+            return None
+        start = time.perf_counter()
+        plan = _plan(model, samples, cfg, test_sizes=[size], crop_ratios=[cfg.crop_ratio], ensembles=(),
+                     batch_size=batch_size, folds=DEFAULT_FOLDS, num_classes=None, class_names=None)
+        res, n_out = _replay(model, suffix, entry.store, plan, batch_size=batch_size, device=env.device,
+                             precision=precision)
+        self.replayed += 1
+        return assemble(res, plan, entry.skipped, n_out=n_out, fallbacks=0, seconds=time.perf_counter() - start,
+                        env=env, precision=precision, batch_size=batch_size, workers=workers or 0, ten_crop=False,
+                        folds=DEFAULT_FOLDS, per_class=False, keep_log_probs=False, keep_outcomes=keep_outcomes)
+
+
+@dataclass
+class _Rows:
+    indices: torch.Tensor
+    labels: torch.Tensor
+
+
+def _replay(model: nn.Module, suffix: Suffix, store: PrefixCache, plan, *, batch_size: int, device,
+            precision: Precision) -> tuple[PerImage, int | None]:
+    """Per-image outcomes of the suffix on every recorded photo, in data-set order."""
+    rows = torch.nonzero(store.valid).flatten()
+    parts, n_out = [], None
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for i in range(0, rows.numel(), batch_size):
+                idx = rows[i:i + batch_size]
+                x, y = store.get(idx)
+                with autocast(device, precision):
+                    logits = suffix(x.to(device))
+                logp = torch.log_softmax(logits.float().cpu(), 1)
+                n_out = logp.shape[1]
+                parts.append(batch_outcomes([logp], plan, _Rows(idx, y), keep_log_probs=False))
+    finally:
+        model.train(was)
+    return PerImage.concat(parts, 1), n_out
+
