@@ -40,8 +40,10 @@ def _fix(tmp_path, name: str, monkeypatch, *, replay: bool) -> tuple[dict, list]
 def test_candidates_scored_from_the_cut_equal_full_forwards(tmp_path, monkeypatch):
     cached, answers = _fix(tmp_path, "cached", monkeypatch, replay=True)
     full, _ = _fix(tmp_path, "full", monkeypatch, replay=False)
-    assert answers and all(answers), "every candidate score should come from the recorded activations"
+    assert answers and all(answers), "every fixed model should be scored from the recorded activations"
     assert not list((tmp_path / "cached").rglob("prefix_cache.f16")), "the recorded activations outlive the run"
+    assert cached["scored_from_cut"]["replayed"] > 0 and cached["scored_from_cut"]["cut"]
+    assert full["scored_from_cut"]["replayed"] == 0
     for a, b in zip(cached["candidates"], full["candidates"], strict=True):
         for key in SCORES:
             got, want = a[key], b[key]

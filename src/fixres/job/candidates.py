@@ -182,13 +182,15 @@ def run_select(x: "FixContext") -> dict:
         cost = costs[size]
         rows.append({"test_size": size, **cost, "holdout_before": held_before.get(size), **row,
                      "val_before": score_fields(before.at(size))})
+    x.say("  " + x.cut_cache().describe())
     return {
         "method": x.rule if (x.holdout or len(sizes) > 1) else "recommendation", "rule": x.rule,
         "rule_text": CHOOSING_RULES.get(x.rule), "n_holdout": len(x.holdout), "n_seen": len(x.seen),
         "seen_before_at_train_size": seen_at_t,
         "n_val": x.results.sweep_before.n_images, "candidates": rows, "dropped": dropped,
         "estimate_s": estimate, "budget_min": x.config.select_budget_min, "schedule": x.schedule.to_json(),
-        "recommended": x.results.analyze.recommended_test_size, "recommended_exact": recommended_exact(x)}
+        "recommended": x.results.analyze.recommended_test_size, "recommended_exact": recommended_exact(x),
+        "scored_from_cut": x.cut_cache().summary()}
 
 
 def _before_on(x: "FixContext", name: str, samples, sizes: Sequence[int], *, outcomes: bool = False) -> dict:

@@ -138,6 +138,20 @@ class CutCache:
     def bytes(self) -> int:
         return sum(e.store.bytes for e in self.entries.values())
 
+    def summary(self) -> dict:
+        """How the fixed models were scored: the cut, how many scores ran from it, the memory it holds now."""
+        on_disk = any(e.store.on_disk for e in self.entries.values())
+        return {"cut": self.cut, "replayed": self.replayed, "reason": self.reason,
+                "megabytes": round(self.bytes / MB, 1), "on_disk": on_disk}
+
+    def describe(self) -> str:
+        """One line for the terminal: where the scores came from."""
+        if not self.replayed:
+            return f"fixed models scored by full forwards ({self.reason})"
+        where = "fp16 on disk" if any(e.store.on_disk for e in self.entries.values()) else "in memory"
+        return (f"{self.replayed} fixed-model scores ran only the modules after {self.cut}, on the activations "
+                f"the model before the fix left there ({self.bytes / MB:.0f} MB, {where})")
+
     def forget(self, name: str) -> None:
         """Drop what was recorded for the photos ``name``."""
         for key in [k for k in self.entries if k[0] == name]:

@@ -125,7 +125,7 @@ def _evaluate_condition(groups, samples, cfg: DataConfig, corrupt, eval_kw: dict
     for model, sizes in sorted(groups, key=lambda g: -len(set(g[1].values()))):
         wanted = sorted(set(sizes.values()))
         scored = {}
-        if cut_cache is not None:
+        if cut_cache is not None and out:  # the first model records; the others may run from it
             for size in wanted:
                 got = cut_cache.score(model, key, samples, cfg, size, **kw)
                 if got is not None:
