@@ -107,3 +107,16 @@ def test_corruption_table_shares_one_prefix_pass_and_gives_the_same_table(image_
     assert cache.replayed - replayed_before == 1 + 2 * 2  # the fixed column, clean and each corruption x severity
     assert [k for k in cache.entries if k[0] != "val"] == []  # each condition's activations dropped after it
     assert shared["rows"] == plain["rows"] and shared["paired"] == plain["paired"]
+
+
+def test_a_cached_step_costs_a_share_of_a_forward(image_folder, tiny_model):
+    from fixres.data.transforms import geometry_for, test_transform
+    from fixres.method.prefix import cached_step_share, first_inputs
+    model, cfg = _varied(tiny_model), tiny_model.data_config
+    cache = CutCache.for_model(model, "classifier,norm", folder=image_folder / "cut", budget_mb=1.0)
+    batch = first_inputs(scan_folder(image_folder).samples, test_transform(geometry_for(32, cfg, cfg.crop_ratio), cfg),
+                         "cpu", count=8)
+    share = cached_step_share(model, cache.chain, cache.first, batch)
+    assert share is not None and 0.0 < share < 1.0  # the norm and the classifier: a fraction of the whole network
+    assert all(not p.grad_fn and p.grad is None for p in model.parameters())  # the model is left as it was
+    assert cached_step_share(model, cache.chain, ["no_such_module"], batch) is None

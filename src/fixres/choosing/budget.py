@@ -37,14 +37,16 @@ UNCACHED_EPOCH_SHARE = 3.0
 
 
 def estimate_seconds(size: int, *, seconds_per_pixel: float, n_fit: int, n_scored: int, epochs: int,
-                     cached: bool, read_s: float = 0.0) -> float:
+                     cached: bool, read_s: float = 0.0, cached_share: float | None = None) -> float:
     """Rough time of one candidate: the prefix pass (or full epochs) over the fitting images, then
     scoring the held-out and validation images; the network's share scaled by the image area.
 
     ``read_s``: seconds to read and pre-process one image, which hardly depends on the size (decoding
     dominates); 0 when it is already inside ``seconds_per_pixel`` (both taken from one sweep's time).
+    ``cached_share``: a cached epoch's share of a full forward measured on this model
+    (``fixres.method.prefix.cached_step_share``), else ``CACHED_EPOCH_SHARE``.
     """
-    share = CACHED_EPOCH_SHARE if cached else UNCACHED_EPOCH_SHARE
+    share = (cached_share if cached_share is not None else CACHED_EPOCH_SHARE) if cached else UNCACHED_EPOCH_SHARE
     passes = n_fit * ((1.0 if cached else 0.0) + share * epochs) + n_scored
     reads = n_fit * (1 if cached else epochs) + n_scored
     return seconds_per_pixel * size * size * passes + read_s * reads

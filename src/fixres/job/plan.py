@@ -7,13 +7,18 @@ step's cost is then estimated from the images it reads and the sizes it runs at.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+
+import torch
 
 from fixres.choosing.budget import candidate_sizes, estimate_seconds
-from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
+from fixres.data.corruptions import CORRUPTIONS, SEVERITIES, Corruption
 from fixres.data.images import load_rgb
 from fixres.data.transforms import build_transform
 from fixres.job import candidates
 from fixres.job.context import STATS_IMAGES, FixContext, tunes_schedule
+from fixres.method.prefix import cached_step_share
+from fixres.models.fold import fold_batchnorms
 from fixres.runtime.cost import latency_ms
 from fixres.runtime.progress import format_duration
 
@@ -29,54 +34,99 @@ PLAN_PROBE_BATCH = 4
 LIKELY_APPARENT_RATIO = 0.8
 
 
-def probe_speed(x: FixContext) -> tuple[float, float]:
-    """(seconds per image of a forward at T, seconds per image to read and pre-process one), measured now."""
-    fwd = latency_ms(x.bundle.model, x.data_config.train_size, device=x.env.device, precision=x.eval_precision,
+@dataclass(frozen=True)
+class Probe:
+    """What the plan's estimates scale, measured on a few training photos before the run: seconds per image of a
+    forward at T (batch norms folded, as evaluations run), to read and pre-process one photo, to corrupt one
+    (the robustness step's average corruption), and a cached fine-tuning step's share of a forward (None when
+    the fine-tuning will run whole epochs)."""
+
+    fwd_s: float
+    load_s: float
+    corrupt_s: float = 0.0
+    cached_share: float | None = None
+
+
+def probe_speed(x: FixContext) -> Probe:
+    """The plan's ``Probe``, measured now."""
+    model = x.base()
+    # evaluations fold the batch norms into their convolutions: the probe times the model they run
+    folded = fold_batchnorms(model, x.data_config.train_size)[0]
+    fwd = latency_ms(folded, x.data_config.train_size, device=x.env.device, precision=x.eval_precision,
                      batch=PLAN_PROBE_BATCH) / 1000.0
     transform = build_transform("test", size=x.data_config.train_size, cfg=x.data_config)
     probe = x.train_index.samples[:PLAN_PROBE_IMAGES]
+    photos, inputs = [], []
     t0 = time.perf_counter()
     for path, _ in probe:
         try:
-            transform(load_rgb(path))
+            photos.append(load_rgb(path))
+            inputs.append(transform(photos[-1]))
         except Exception:  # noqa: BLE001 - an unreadable probe image only makes the estimate rougher
             pass
-    return fwd, (time.perf_counter() - t0) / max(1, len(probe))
+    load = (time.perf_counter() - t0) / max(1, len(probe))
+    share = None
+    if inputs and x.config.augment == "test":
+        cut = x.cut_cache()
+        share = cached_step_share(model, cut.chain, cut.first, torch.stack(inputs).to(x.env.device))
+    return Probe(fwd, load, _corrupt_seconds(photos) if x.config.robustness else 0.0, share)
 
 
-def plan_estimates(x: FixContext, fwd: float, load: float) -> dict[str, float]:
-    """Rough seconds per step from a forward time at T and a read time per image (printed before starting)."""
+def _corrupt_seconds(photos) -> float:
+    """Seconds to corrupt one photo, averaged over the corruptions at their middle severity."""
+    if not photos:
+        return 0.0
+    severity = SEVERITIES[len(SEVERITIES) // 2]
+    t0 = time.perf_counter()
+    for name in CORRUPTIONS:
+        for i, photo in enumerate(photos):
+            Corruption(name, severity)(photo, i)
+    return (time.perf_counter() - t0) / (len(photos) * len(CORRUPTIONS))
+
+
+def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float | None = None,
+                   corrupt: float = 0.0) -> dict[str, float]:
+    """Rough seconds per step from a forward time at T, a read time per photo (one decode serves every size of
+    a pass), a cached fine-tuning step's share of a forward and a corruption's time per photo (``Probe``)."""
     c, t = x.config, x.data_config.train_size
     n_fit, n_hold, n_val = len(x.fit), len(x.holdout), len(x.val_index.samples)
     cands = c.candidates or ([c.test_size] if c.test_size else candidate_sizes(t, x.data_config.stride))
     area = lambda sizes: sum((s / t) ** 2 for s in sizes)  # noqa: E731
-    sweep = n_val * (load * len(x.test_sizes) + fwd * area(x.test_sizes))
+    sweep = n_val * (load + fwd * area(x.test_sizes))
     n_seen = len(getattr(x, "seen", ()))  # cross-selection: training photos scored for comparison
     # the statistics' sizes (T/2, T, the fixed size, the largest swept): the fixed size is not known yet
     stats = [t / 2, t, t / LIKELY_APPARENT_RATIO, max(x.test_sizes)]
 
     def one(size: int, epochs: int, n_scored: int) -> float:  # reading costs the same at every size
         return estimate_seconds(size, seconds_per_pixel=fwd / (t * t), read_s=load, n_fit=n_fit, n_scored=n_scored,
-                                epochs=epochs, cached=c.augment == "test")
-    # The grid runs at one size near the recommendation (not known yet): the middle candidate other than T.
+                                epochs=epochs, cached=c.augment == "test", cached_share=cached_share)
+    def before_pass(n: int, sizes) -> float:  # the model before the fix, recording its activations at the cut
+        return n * (load + fwd * area(sizes))
+    # The grid runs at one size near the recommendation (not known yet): the middle candidate other than T. Its
+    # fine-tunings are scored from the held-out photos' activations at the cut, recorded in one pass.
     away = sorted(s for s in cands if s != t) or [t]
-    grid = [one(away[len(away) // 2], c.finetune_epochs * f, n_hold)
+    grid = [one(away[len(away) // 2], c.finetune_epochs * f, 0)
             for _ in candidates.SCHEDULE_LR_FACTORS for f in candidates.SCHEDULE_EPOCH_FACTORS]
+    grid.append(before_pass(n_hold, [away[len(away) // 2]]))
+    # Each candidate is scored on the photos that choose, the training photos shown and val from the activations
+    # the model before the fix recorded at the cut (val's in the sweep before the fix).
+    select = sum(one(s, c.finetune_epochs, 0) for s in cands) + before_pass(n_hold + n_seen, cands)
     est = {"train": c.train_epochs * n_fit * (3 * fwd + load) if x.needs_training else 0.0,
            "sweep_before": sweep,
            # every swept size a candidate: the curve after the fix is the candidates' scores (no forward)
            "sweep_after": 0.0 if not c.label_free and set(x.test_sizes) <= set(cands) else sweep,
            "schedule": sum(grid) if tunes_schedule(x) else 0.0,
-           "select": 0.0 if c.label_free else sum(one(s, c.finetune_epochs, n_hold + n_val + n_seen) for s in cands),
+           "select": 0.0 if c.label_free else select,
            "stats": 2 * min(STATS_IMAGES, n_val) * (len(stats) * load + fwd * area(stats)),
-           "robustness": _robustness_estimate(x, fwd, load, area)}
+           "robustness": _robustness_estimate(x, fwd, load + corrupt, area)}
     return {k: v for k, v in est.items() if v > 0}
 
 
 def _robustness_estimate(x: FixContext, fwd: float, load: float, area) -> float:
-    """Every condition reads the subset at full size twice (model before and after) and runs the fixed size
-    twice and T once; the fixed size is not known yet: the analysis' geometry puts it near T / 0.8. The
-    corruptions themselves run in the loader workers, overlapped with the forwards, so they add no term."""
+    """Every condition reads the subset at full size once and runs the model before the fix at T and at the fixed
+    size (the fixed model is scored from its activations at the cut); the fixed size is not known yet: the
+    analysis' geometry puts it near T / 0.8. ``load`` is a photo's read and corruption (on two cores the loader
+    workers overlap little with the forwards)."""
     c = x.config
     if not c.robustness:
         return 0.0
@@ -84,14 +134,15 @@ def _robustness_estimate(x: FixContext, fwd: float, load: float, area) -> float:
     m = min(n, c.robustness_images or n)
     conditions = 1 + len(CORRUPTIONS) * len(SEVERITIES)
     likely = x.data_config.train_size / LIKELY_APPARENT_RATIO
-    return conditions * m * (2 * load + fwd * (1 + 2 * area([likely])))
+    return conditions * m * (load + fwd * (1 + area([likely])))
 
 
 def print_plan(x: FixContext) -> None:
     """The steps ahead with rough times; steps finished before are marked (they are reused when their
     inputs are unchanged, which only their keys, computed as the run goes, can tell)."""
-    fwd, load = probe_speed(x)
-    est = plan_estimates(x, fwd, load)
+    p = probe_speed(x)
+    fwd, load = p.fwd_s, p.load_s
+    est = plan_estimates(x, fwd, load, p.cached_share, p.corrupt_s)
     done = {k for k in est if x.state.done(k)}
     todo = sum(v for k, v in est.items() if k not in done)
     x.say(f"plan ({x.env.device}; rough estimates from a {1000 * fwd:.1f} ms/image forward at "

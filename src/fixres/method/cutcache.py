@@ -27,7 +27,7 @@ from fixres.config import DEFAULT_FOLDS, DataConfig
 from fixres.data.transforms import geometry_for, test_transform
 from fixres.io.evaluation import EvalResult
 from fixres.method.evaluate import PerImage, assemble, batch_outcomes, evaluate
-from fixres.method.prefix import PrefixCache, Suffix, _first_inputs, build_suffix
+from fixres.method.prefix import PrefixCache, Suffix, build_suffix, first_inputs
 from fixres.method.views import _plan
 from fixres.models.parts import select_parts
 from fixres.models.structure import find_parts
@@ -164,7 +164,7 @@ class CutCache:
 
     def _suffix(self, model: nn.Module, samples, cfg: DataConfig, size: int, device) -> Suffix | None:
         """The verified runner of ``model`` from the cut, at ``size``; None (with ``reason``) when there is none."""
-        sample = _first_inputs(getattr(samples, "samples", samples),
+        sample = first_inputs(getattr(samples, "samples", samples),
                                test_transform(geometry_for(size, cfg, cfg.crop_ratio), cfg), device)
         if sample is None:
             self.reason = "no readable photo"

@@ -55,10 +55,10 @@ from fixres.method.prefix import (
     PrefixCache,
     Suffix,
     _cache_folder,
-    _first_inputs,
     build_suffix,
     cached_top1,
     fill_cache,
+    first_inputs,
     image_loader,
 )
 from fixres.method.tunerecipe import (
@@ -299,7 +299,7 @@ def _build_cache(t: _Tune, *, enabled: bool, budget_mb: float) -> None:
         t.cache_info["reason"] = f"augmentation {t.settings['augment']!r} is random: full forward each epoch"
         return
     t0 = time.perf_counter()
-    sample = _first_inputs(t.full_train, t.transform, t.env.device)  # the same on every rank
+    sample = first_inputs(t.full_train, t.transform, t.env.device)  # the same on every rank
     if sample is None:
         t.cache_info["reason"] = "no readable sample image"
     else:

@@ -15,6 +15,7 @@ the modules ``forward_features`` runs (ViT ``norm``) or at its output, and the s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -92,7 +93,7 @@ def plan_suffix(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[
     return Suffix(cut=steps[0], steps=[(n, model.get_submodule(n), ndims[n]) for n in steps])
 
 
-def _capture_cut(model: nn.Module, suffix: Suffix, x: torch.Tensor) -> torch.Tensor:
+def capture_cut(model: nn.Module, suffix: Suffix, x: torch.Tensor) -> torch.Tensor:
     """Run the model's own forward up to the cut point and return the activation entering it."""
     if suffix.from_features:
         return model.forward_features(x)
@@ -151,7 +152,7 @@ def _features_modules(model: nn.Module, chain: Sequence[str], sample: torch.Tens
 def _check_suffix(model: nn.Module, suffix: Suffix, sample: torch.Tensor, full: torch.Tensor) -> str | None:
     """None when the suffix reproduces the full forward on ``sample``, else why not."""
     try:
-        part = suffix(_capture_cut(model, suffix, sample))
+        part = suffix(capture_cut(model, suffix, sample))
     except Exception as exc:  # noqa: BLE001 - e.g. a cell that takes two inputs (NASNet): no cut, no cache
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if part.shape != full.shape or not torch.allclose(part, full, rtol=SUFFIX_RTOL, atol=SUFFIX_ATOL):
@@ -257,7 +258,7 @@ def fill_cache(model, suffix, samples, transform, *, batch_size, workers, device
                     continue
                 x = to_device(batch.inputs, device, precision)
                 with autocast(device, precision):
-                    a = _capture_cut(model, suffix, x)
+                    a = capture_cut(model, suffix, x)
                 if cache is None:
                     cache = PrefixCache(n, tuple(a.shape[1:]), a.dtype, budget_bytes=budget_bytes, folder=folder)
                 cache.put(batch.indices, a, batch.labels)
@@ -284,7 +285,7 @@ def _cache_folder(name: str, env: DistEnv) -> str:
     return f"{name}_rank{env.rank}" if env.distributed else name
 
 
-def _first_inputs(samples, transform, device, count: int = 2) -> torch.Tensor | None:
+def first_inputs(samples, transform, device, count: int = 2) -> torch.Tensor | None:
     """A few decoded inputs for checking the suffix runner (fp32)."""
     xs = []
     for path, _ in samples:
@@ -295,3 +296,49 @@ def _first_inputs(samples, transform, device, count: int = 2) -> torch.Tensor | 
         if len(xs) == count:
             break
     return torch.stack(xs).to(device) if xs else None
+
+
+#: Timed repeats (after one warm-up) of each side of ``cached_step_share``.
+SHARE_REPEATS = 3
+
+
+def _median_seconds(fn: Callable[[], object]) -> float:
+    fn()
+    times = []
+    for _ in range(SHARE_REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def cached_step_share(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[str], batch: torch.Tensor
+                      ) -> float | None:
+    """Seconds of one cached fine-tuning step (the modules after the cut, forward and backward) per second of a
+    full forward of the same ``batch``, measured now; None when no cut reproduces the model (the fine-tuning then
+    runs whole epochs)."""
+    suffix, _ = build_suffix(model, chain, first_adapted, batch)
+    if suffix is None:
+        return None
+    was = model.training
+    model.eval()
+    params = [p for _, module, _ in suffix.steps for p in module.parameters()]
+    if not params:  # the cut at forward_features' output: the head's parameters are not the chain's
+        return None
+    grads = [p.requires_grad for p in params]
+    try:
+        with torch.no_grad():
+            acts = capture_cut(model, suffix, batch)
+            full = _median_seconds(lambda: model(batch))
+        for p in params:
+            p.requires_grad_(True)
+
+        def step() -> None:
+            suffix(acts).float().sum().backward()
+        tail = _median_seconds(step)
+    finally:
+        for p, g in zip(params, grads):
+            p.requires_grad_(g)
+            p.grad = None
+        model.train(was)
+    return tail / full if full > 0 else None
