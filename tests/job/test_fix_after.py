@@ -94,6 +94,17 @@ def test_terminal_shows_plan_noise_and_no_resume_message_on_a_first_run(tmp_path
     assert "\r" not in err  # no progress bar redraws when stderr is not a terminal
 
 
+def test_the_plan_of_a_run_that_trains_is_printed_before_the_training(tmp_path, capsys):
+    """The plan probes the model as built: a run that trains has no trained weights yet when it prints."""
+    from fixres.job import pipeline
+    pipeline.run_fix(pipeline.FixConfig(out=str(tmp_path / "run"), classes=3, train_per_class=6, val_per_class=3,
+                                        train_size=32, test_sizes=[32, 48], train_epochs=1, finetune_epochs=1,
+                                        workers=0, batch_size=8, train_batch_size=8, robustness=False,
+                                        progress=True))
+    err = capsys.readouterr().err
+    assert "plan (" in err and err.index("plan (") < err.index("] train:")
+
+
 def test_fix_summary_lists_every_candidate_before_and_after(setup, capsys):
     code, out, _ = cli(capsys, "fix", "--model", "fixres_tiny_resnet", "--checkpoint", setup["ck"], "--data",
                        Path(setup["cfg"]["data"]), "--out", setup["run"], "--train-size", "32", "--test-sizes", "32,48",

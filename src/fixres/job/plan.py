@@ -19,6 +19,8 @@ from fixres.job import candidates
 from fixres.job.context import STATS_IMAGES, FixContext, tunes_schedule
 from fixres.method.prefix import cached_step_share
 from fixres.models.fold import fold_batchnorms
+from fixres.models.parts import select_parts
+from fixres.models.structure import find_parts
 from fixres.runtime.cost import latency_ms
 from fixres.runtime.progress import format_duration
 
@@ -49,11 +51,16 @@ class Probe:
 
 def probe_speed(x: FixContext) -> Probe:
     """The plan's ``Probe``, measured now."""
-    model = x.base()
-    # evaluations fold the batch norms into their convolutions: the probe times the model they run
-    folded = fold_batchnorms(model, x.data_config.train_size)[0]
-    fwd = latency_ms(folded, x.data_config.train_size, device=x.env.device, precision=x.eval_precision,
-                     batch=PLAN_PROBE_BATCH) / 1000.0
+    # The model as built: the plan runs before any training, and weights do not change what a forward costs.
+    model = x.bundle.model
+    was = model.training
+    model.eval()
+    try:  # evaluations fold the batch norms into their convolutions: the probe times the model they run
+        folded = fold_batchnorms(model, x.data_config.train_size)[0]
+        fwd = latency_ms(folded, x.data_config.train_size, device=x.env.device, precision=x.eval_precision,
+                         batch=PLAN_PROBE_BATCH) / 1000.0
+    finally:
+        model.train(was)
     transform = build_transform("test", size=x.data_config.train_size, cfg=x.data_config)
     probe = x.train_index.samples[:PLAN_PROBE_IMAGES]
     photos, inputs = [], []
@@ -67,8 +74,9 @@ def probe_speed(x: FixContext) -> Probe:
     load = (time.perf_counter() - t0) / max(1, len(probe))
     share = None
     if inputs and x.config.augment == "test":
-        cut = x.cut_cache()
-        share = cached_step_share(model, cut.chain, cut.first, torch.stack(inputs).to(x.env.device))
+        structure = find_parts(model)
+        first = select_parts(model, structure, x.config.parts).first
+        share = cached_step_share(model, structure.chain, first, torch.stack(inputs).to(x.env.device))
     return Probe(fwd, load, _corrupt_seconds(photos) if x.config.robustness else 0.0, share)
 
 
