@@ -26,7 +26,8 @@ from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FINETUNE_EPOCHS, DEFAULT_P
 from fixres.data import folders as _data
 from fixres.errors import UsageError
 from fixres.io.evaluation import EvalResult, ViewScore
-from fixres.io.results import AnalysisDocument, FixRun
+from fixres.io.results import AnalysisDocument
+from fixres.io.run import FixRun
 from fixres.io.schema import parse
 from fixres.io.served import UNTUNED
 from fixres.job import pipeline as _pipeline

@@ -202,8 +202,8 @@ def _rule_lines(choice, h) -> list[str]:
     return lines
 
 
-def _robustness_lines(table: dict | None) -> list[str]:
-    """The paired verdicts of the corruption table, when the step ran."""
+def _robustness_lines(table) -> list[str]:
+    """The paired verdicts of the corruption table (``fixres.io.documents.RobustnessTable``), when the step ran."""
     from fixres.report.robustness import verdicts
     return ["  under corruptions: " + line for line in verdicts(table)] if table else []
 

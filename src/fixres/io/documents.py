@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fixres.io.results import AnalysisDocument, Schedule, Sweep
-from fixres.io.schema import parse, parse_or_none
+from fixres.io.results import AnalysisDocument, Headline, Schedule, Sweep
+from fixres.io.schema import KeptDocument, parse, parse_or_none
 from fixres.io.served import CandidateTable, Choice
 
 
@@ -55,7 +55,7 @@ class Manifest:
 
 
 @dataclass(frozen=True)
-class DataInfo:
+class DataInfo(KeptDocument):
     """data.json: where the photos are and their classes."""
 
     root: str | None = None
@@ -74,7 +74,7 @@ class TrainHparams:
 
 
 @dataclass(frozen=True)
-class TrainInfo:
+class TrainInfo(KeptDocument):
     """train.json: how the model was trained and what a batch cost."""
 
     #: one record per epoch (or their number)
@@ -104,7 +104,7 @@ class CacheUse:
 
 
 @dataclass(frozen=True)
-class FinetuneInfo:
+class FinetuneInfo(KeptDocument):
     """finetune.json: what the fix fine-tuned, at which size, and what a batch cost."""
 
     test_size: int | None = None
@@ -145,7 +145,7 @@ class StatsBlock:
 
 
 @dataclass(frozen=True)
-class StatsInfo:
+class StatsInfo(KeptDocument):
     """stats.json: the pooled activations before and after the fix."""
 
     before: StatsBlock | None = None
@@ -201,7 +201,7 @@ class PairedTest:
 
 
 @dataclass(frozen=True)
-class RobustnessTable:
+class RobustnessTable(KeptDocument):
     """Top-1 under corruptions per column (``fixres.method.robustness.corruption_table``: robustness.json of a run,
     corruptions.json of ``fixres eval --corruptions``), read defensively: a field that is not what the schema says
     is missing, and a test without a corruption, both columns or a p is left out."""
@@ -218,11 +218,20 @@ class RobustnessTable:
 
     @classmethod
     def from_json(cls, doc) -> "RobustnessTable":
-        return parse(cls, doc if isinstance(doc, dict) else {})
+        return parse(cls, doc, document=doc) if isinstance(doc, dict) else cls()
 
     @property
     def corrected(self) -> bool:
         return any(t.p_holm is not None for t in self.paired)
+
+
+@dataclass(frozen=True)
+class ReportInfo(KeptDocument):
+    """report/report.json: the page, its figures, and the headline it renders."""
+
+    html: str | None = None
+    figures: dict[str, str] = field(default_factory=dict)
+    headline: Headline | None = None
 
 
 @dataclass(frozen=True)

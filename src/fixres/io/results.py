@@ -16,7 +16,6 @@ from pathlib import Path
 
 from fixres.io.evaluation import EvalResult
 from fixres.io.schema import SchemaError, dump, parse
-from fixres.io.served import Candidates, Choice
 
 #: Every step file a run folder may hold, in the order of the steps (``grid`` is the train x test grid's).
 STEP_FILES = ("run", "data", "train", "analyze", "sweep_before", "schedule", "select", "finetune", "export",
@@ -195,57 +194,3 @@ class Headline:
     @classmethod
     def from_json(cls, doc: dict) -> "Headline":
         return parse(cls, doc)
-
-
-# --------------------------------------------------------------------------- the run
-
-@dataclass
-class FixResults:
-    """Every step's result of one run, filled as the steps run (or, resuming, as their files are read)."""
-
-    data: dict | None = None
-    train: dict | None = None
-    analyze: Analysis | None = None
-    sweep_before: Sweep | None = None
-    schedule: Schedule | None = None
-    select: Candidates | None = None
-    finetune: dict | None = None
-    #: export.json: where the fixed model was written
-    export: dict | None = None
-    sweep_after: Sweep | None = None
-    stats: dict | None = None
-    robustness: dict | None = None
-    headline: Headline | None = None
-    report: dict | None = None
-
-    def documents(self) -> dict[str, dict]:
-        """The step results present, as the JSON documents their files hold, by step name."""
-        out = {}
-        for name in STEP_FILES:
-            value = getattr(self, name, None)
-            doc = value if isinstance(value, dict) or value is None else value.to_json()
-            if doc is not None:
-                out[name] = doc
-        return out
-
-
-@dataclass(frozen=True)
-class FixRun:
-    """What ``fixres fix`` produced: what is served at which size and why, the headline numbers, where the files
-    are, which steps were recomputed because their inputs changed ({step: [changed inputs]}), and every step's
-    result."""
-
-    run_dir: Path
-    report: Path
-    export: Path
-    test_size: int
-    headline: Headline
-    choice: Choice
-    recomputed: dict = field(default_factory=dict)
-    seconds: float = 0.0
-    results: FixResults | None = field(default=None, repr=False, compare=False)
-
-    def to_json(self) -> dict:
-        return {"run_dir": str(self.run_dir), "report": str(self.report), "export": str(self.export),
-                "test_size": self.test_size, "headline": self.headline.to_json(), "choice": self.choice.to_json(),
-                "recomputed": self.recomputed, "seconds": self.seconds}

@@ -140,3 +140,20 @@ def dump(value, *, omit_none: bool = False):
     if isinstance(value, dict):
         return {k: dump(v, omit_none=omit_none) for k, v in value.items()}
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptDocument:
+    """A result type that keeps the JSON document it was read from and writes that document back whole
+    (``to_json``): what a resumed run hands on is exactly what a fresh one did, fields the type leaves out
+    included."""
+
+    document: dict | None = dataclasses.field(default=None, repr=False, compare=False,
+                                              metadata={"transient": True})
+
+    @classmethod
+    def from_json(cls, doc: dict):
+        return parse(cls, doc, document=doc)
+
+    def to_json(self) -> dict | None:
+        return self.document

@@ -44,7 +44,8 @@ from fixres.data.folders import (
 )
 from fixres.errors import FixresError, UsageError
 from fixres.io.checkpoint import load_state_dict
-from fixres.io.results import FixResults, Schedule
+from fixres.io.results import Schedule
+from fixres.io.run import FixResults
 from fixres.io.served import Choice
 from fixres.job.fingerprint import digest, file_digest, index_fingerprint
 from fixres.job.runstate import RunState

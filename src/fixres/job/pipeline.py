@@ -47,7 +47,9 @@ from fixres.choosing.photos import RULE_CROSS
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
 from fixres.errors import UsageError
 from fixres.io.atomic import plain_json, write_json
-from fixres.io.results import Analysis, FixRun, Schedule, Sweep, read_document
+from fixres.io.documents import DataInfo, FinetuneInfo, RobustnessTable, StatsInfo, TrainInfo
+from fixres.io.results import Analysis, Schedule, Sweep, read_document
+from fixres.io.run import FixRun
 from fixres.io.served import Candidates, Choice
 from fixres.job import candidates, keys, steps
 from fixres.job.context import (
@@ -173,8 +175,9 @@ def _label_free_choice(x: FixContext) -> Candidates:
 
 STEP_TABLE: tuple[Step, ...] = (
     Step("data", lambda x: "generating the embedded data set" if x.config.embedded else f"indexing {x.config.data}",
-         keys.key_data, steps.run_data),
+         keys.key_data, steps.run_data, resume=lambda x, doc: DataInfo.from_json(doc)),
     Step("train", _describe_train, keys.key_train, steps.run_train, applies=lambda x: x.needs_training,
+         resume=lambda x, doc: TrainInfo.from_json(doc),
          skipped="the model has its weights"),
     Step("analyze", lambda x: "apparent object sizes on this data's photos", keys.key_analyze, steps.run_analyze,
          resume=lambda x, doc: Analysis.from_json(doc), announce=lambda x, an: [_analysis_line(an)]),
@@ -187,14 +190,16 @@ STEP_TABLE: tuple[Step, ...] = (
     Step("select", _describe_select, keys.key_select, candidates.run_select, applies=lambda x: not x.config.label_free,
          resume=lambda x, doc: Candidates(doc, candidates.choose_after_fixing(x, doc)), announce=_choice_lines,
          skipped="label-free: the size is the analysis' recommendation", skip=_label_free_choice),
-    Step("finetune", _describe_finetune, keys.key_finetune, steps.run_finetune),
+    Step("finetune", _describe_finetune, keys.key_finetune, steps.run_finetune,
+         resume=lambda x, doc: FinetuneInfo.from_json(doc)),
     Step("sweep_after", lambda x: "the fixed model at every test size (each size's own fix, read from the candidates "
          "when every size was one)", keys.key_sweep_after, steps.run_sweep_after,
          resume=lambda x, doc: Sweep.from_json(doc), announce=_curve_lines),
     Step("stats", lambda x: f"pooled activations at {','.join(map(str, stats_sizes_of(x)))}px, before and after",
-         keys.key_stats, steps.run_stats),
+         keys.key_stats, steps.run_stats, resume=lambda x, doc: StatsInfo.from_json(doc)),
     Step("robustness", _describe_robustness, keys.key_robustness, steps.run_robustness,
          applies=lambda x: x.config.robustness, skipped="--no-robustness",
+         resume=lambda x, doc: RobustnessTable.from_json(doc),
          announce=lambda x, table: verdicts(table)),
     Step("report", lambda x: "writing the HTML report", keys.key_report, steps.run_report, output="report/report.json",
          resume=steps.resume_report),
@@ -276,7 +281,7 @@ def run_fix(config: FixConfig) -> FixRun:
     recomputed: dict[str, list[str]] = {}
     _execute(x, 1, STEP_TABLE[0], recomputed)
     if config.embedded:
-        x.index_data(Path(x.results.data["root"]))
+        x.index_data(Path(x.results.data.root))
         _build_model(x)
         x.assign_choosing_photos()
     if config.progress:
@@ -288,7 +293,7 @@ def run_fix(config: FixConfig) -> FixRun:
         x.close_cut_cache()
     write_json(x.run_dir / "run.json", steps.run_info(x, _threads()))  # every step's time, the report's included
     r = x.results
-    return FixRun(run_dir=x.run_dir, report=Path(r.report["html"]), export=x.run_dir / "export",
+    return FixRun(run_dir=x.run_dir, report=Path(r.report.html), export=x.run_dir / "export",
                   test_size=x.choice.test_size, headline=r.headline, choice=x.choice, recomputed=recomputed,
                   seconds=round(time.perf_counter() - t_job, 1), results=r)
 

@@ -18,7 +18,7 @@ from fixres.config import EMBEDDED_TRAIN_LR
 from fixres.data.folders import count_image_sizes
 from fixres.data.synth import make_dataset
 from fixres.io.atomic import plain_json, write_json
-from fixres.io.documents import RunDocuments
+from fixres.io.documents import ReportInfo, RunDocuments
 from fixres.io.evaluation import EvalResult
 from fixres.io.results import Headline, Sweep
 from fixres.job import candidates
@@ -238,10 +238,11 @@ def run_report(x: FixContext) -> dict:
     return write_report(x.run_dir, docs, head)
 
 
-def resume_report(x: FixContext, summary: dict) -> dict:
+def resume_report(x: FixContext, summary: dict) -> ReportInfo:
     """The report's summary; its headline joins the run's results."""
-    x.results.headline = Headline.from_json(summary["headline"])
-    return summary
+    info = ReportInfo.from_json(summary)
+    x.results.headline = info.headline
+    return info
 
 
 def run_info(x: FixContext, threads: int) -> dict:
