@@ -119,7 +119,8 @@ def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float |
     # Each candidate is scored on the photos that choose, the training photos shown and val from the activations
     # the model before the fix recorded at the cut (val's in the sweep before the fix).
     select = sum(one(s, c.finetune_epochs, 0) for s in cands) + before_pass(n_hold + n_seen, cands)
-    est = {"train": c.train_epochs * n_fit * (3 * fwd + load) if x.needs_training else 0.0,
+    # training: a forward and its backward (about 3 forwards) per photo, the loader workers reading meanwhile
+    est = {"train": c.train_epochs * n_fit * max(3 * fwd, load) if x.needs_training else 0.0,
            "sweep_before": sweep,
            # every swept size a candidate: the curve after the fix is the candidates' scores (no forward)
            "sweep_after": 0.0 if not c.label_free and set(x.test_sizes) <= set(cands) else sweep,
