@@ -36,7 +36,9 @@ from typing import Sequence
 # - the embedded data set generated in process (fixres.data.synth: what ``fixres make-dataset`` writes)
 #   [cost_table, table5_grid];
 # - the pooled activations and their KS distance to a reference (fixres.method.stats: ``fixres stats`` prints
-#   them, the API returns none) [calibration_label_free --ks].
+#   them, the API returns none) [calibration_label_free --ks];
+# - top-1 under corruptions, one pass per condition (fixres.method.robustness: what ``fix``'s robustness step
+#   runs), at the precision ``fix`` evaluates at (fixres.runtime.engine) [fix_efficiency's unavoidable work].
 from fixres.choosing.significance import binomial_se, paired_test, sign_p  # noqa: F401
 from fixres.cli.args import int_list  # noqa: F401
 from fixres.data.loaders import ImageDataset, default_workers, make_loader, pin_memory_for  # noqa: F401
@@ -46,11 +48,12 @@ from fixres.data.transforms import MultiView, geometry_for, test_transform, trai
 from fixres.errors import FixresError  # noqa: F401
 from fixres.io.atomic import write_json  # noqa: F401
 from fixres.method.finetuning import finetune  # noqa: F401
+from fixres.method.robustness import corruption_table  # noqa: F401
 from fixres.method.stats import activation_stats  # noqa: F401
 from fixres.models.parts import select_parts  # noqa: F401
 from fixres.models.structure import find_parts  # noqa: F401
 from fixres.runtime.dist import DistEnv, resolve_device  # noqa: F401
-from fixres.runtime.engine import precision_for  # noqa: F401
+from fixres.runtime.engine import inference_precision, precision_for  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 #: Real photos (see its README); FIXRES_SHARED_DATA points elsewhere.

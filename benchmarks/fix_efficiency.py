@@ -40,7 +40,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, save_tiny_checkpoint, small_split, write_json
+from _common import (
+    REPO,
+    DistEnv,
+    corruption_table,
+    inference_precision,
+    resolve_device,
+    save_tiny_checkpoint,
+    small_split,
+    write_json,
+)
 
 from fixres.job.context import STATS_IMAGES, STEPS, FixConfig, FixContext, load_weights
 
@@ -292,11 +301,31 @@ def measure_unavoidable(run: dict, run_dir: Path, docs: dict) -> dict:
         t0 = time.perf_counter()
         fixres.sweep(x.bundle, samples, [size], **kw)
         per[str(size)] = time.perf_counter() - t0
+    corrupted = measure_corrupted(x, docs.get("robustness"))
     return {"sweep_s": sweep_s, "sweep_images": len(x.val_index.samples), "sweep_sizes": sizes,
-            "candidates_s": per, "candidate_images": len(samples), "total_s": sweep_s + sum(per.values()),
+            "candidates_s": per, "candidate_images": len(samples), **corrupted,
+            "total_s": sweep_s + sum(per.values()) + corrupted["corrupted_s"],
             "rule": x.rule, "n_fit": len(x.fit), "n_chooser": len(x.holdout or x.seen),
             "how": "(a) evaluate(model before the fix, val, every sweep size); (b) per candidate evaluate(model, "
-                   "fit + choosing photos not in fit, [size]): full forward, an upper bound on the frozen prefix"}
+                   "fit + choosing photos not in fit, [size]): full forward, an upper bound on the frozen prefix; "
+                   "(c) the robustness step's photos under every corruption and severity, one pass of the model "
+                   "before the fix at each size the table shows: full forwards, an upper bound on the prefix"}
+
+
+def measure_corrupted(x, table: dict | None) -> dict:
+    """(c) one prefix pass per (corrupted photo, size): the model before the fix at every distinct size of the
+    robustness table, in one pass per condition over the same photos, decoded and corrupted as the step did."""
+    if not table:
+        return {"corrupted_s": 0.0, "corrupted_sizes": [], "corrupted_images": 0, "corrupted_conditions": 0}
+    sizes = sorted({int(s) for s in (table.get("test_sizes") or {}).values()})
+    c = x.config
+    env = DistEnv(device=resolve_device(c.device))
+    t0 = time.perf_counter()
+    corruption_table({f"{s}px": (x.bundle.model, s) for s in sizes}, x.val_index, x.data_config, seed=c.seed,
+                     max_images=c.robustness_images, batch_size=c.batch_size, env=env,
+                     precision=inference_precision(env.device, c.amp), workers=c.workers, progress=False)
+    return {"corrupted_s": time.perf_counter() - t0, "corrupted_sizes": sizes,
+            "corrupted_images": int(table.get("n_images") or 0), "corrupted_conditions": len(table.get("rows") or [])}
 
 
 # --------------------------------------------------------------------------- the result and its rendering
@@ -367,7 +396,10 @@ def render(r: dict) -> str:
               + (f"; process wall {r['process_wall_s']:.2f} s" if r.get("process_wall_s") else ""),
               (f"- unavoidable work: {u['total_s']:.2f} s = (a) sweep {u['sweep_s']:.2f} s ({u['sweep_images']} val "
                f"x {len(u['sweep_sizes'])} sizes) + (b) {u['candidate_images']} fit+choosing images per candidate: "
-               f"{parts} [{u['how']}]"),
+               f"{parts}"
+               + (f" + (c) {u['corrupted_images']} photos x {u['corrupted_conditions']} conditions at "
+                  f"{u['corrupted_sizes']}: {u['corrupted_s']:.2f} s" if u.get("corrupted_s") else "")
+               + f" [{u['how']}]"),
               f"- ratio fix / unavoidable: {_fmt(r['ratio'])}x"
               + (f" (process wall: {r['ratio_process']:.2f}x)" if r.get("ratio_process") else "")]
     p = r.get("plan")
