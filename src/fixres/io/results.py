@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fixres.io.evaluation import EvalResult
-from fixres.io.schema import SchemaError, dump, parse
+from fixres.io.schema import KeptDocument, SchemaError, dump, parse
 
 #: Every step file a run folder may hold, in the order of the steps (``grid`` is the train x test grid's).
 STEP_FILES = ("run", "data", "train", "analyze", "sweep_before", "schedule", "select", "finetune", "export",
@@ -102,7 +102,7 @@ class Analysis:
 # --------------------------------------------------------------------------- a sweep over test sizes
 
 @dataclass(frozen=True)
-class Sweep(EvalResult):
+class Sweep(KeptDocument, EvalResult):
     """A model at every swept test size on the validation photos (``fixres.method.evaluate``'s result), with every
     photo's outcome per size, and what the curve is (after the fix: each size fixed at its own, or the export)."""
 
@@ -110,14 +110,6 @@ class Sweep(EvalResult):
     outcomes: dict[str, str] = field(default_factory=dict)
     #: what the curve after the fix is (``fixres.report.page.AFTER_EACH_FIXED`` / ``AFTER_EXPORTED``)
     after: str | None = None
-    document: dict = field(default_factory=dict, repr=False, compare=False, metadata={"transient": True})
-
-    @classmethod
-    def from_json(cls, doc: dict) -> "Sweep":
-        return parse(cls, doc, document=doc)
-
-    def to_json(self) -> dict:
-        return self.document
 
 
 # --------------------------------------------------------------------------- the fine-tuning schedule

@@ -17,10 +17,8 @@ from fixres.data.images import load_rgb
 from fixres.data.transforms import build_transform
 from fixres.job import candidates
 from fixres.job.context import STATS_IMAGES, FixContext, tunes_schedule
-from fixres.method.prefix import cached_step_share
+from fixres.method.prefix import adapted_cut, cached_step_share
 from fixres.models.fold import fold_batchnorms
-from fixres.models.parts import select_parts
-from fixres.models.structure import find_parts
 from fixres.runtime.cost import latency_ms
 from fixres.runtime.progress import format_duration
 
@@ -74,9 +72,8 @@ def probe_speed(x: FixContext) -> Probe:
     load = (time.perf_counter() - t0) / max(1, len(probe))
     share = None
     if inputs and x.config.augment == "test":
-        structure = find_parts(model)
-        first = select_parts(model, structure, x.config.parts).first
-        share = cached_step_share(model, structure.chain, first, torch.stack(inputs).to(x.env.device))
+        chain, first = adapted_cut(model, x.config.parts)
+        share = cached_step_share(model, chain, first, torch.stack(inputs).to(x.env.device))
     return Probe(fwd, load, _corrupt_seconds(photos) if x.config.robustness else 0.0, share)
 
 

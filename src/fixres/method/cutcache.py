@@ -27,12 +27,10 @@ from fixres.config import DEFAULT_FOLDS, DataConfig
 from fixres.data.transforms import geometry_for, test_transform
 from fixres.io.evaluation import EvalResult
 from fixres.method.evaluate import PerImage, assemble, batch_outcomes, evaluate
-from fixres.method.prefix import PrefixCache, Suffix, build_suffix, first_inputs
+from fixres.method.prefix import PrefixCache, Suffix, adapted_cut, build_suffix, first_inputs, replay
 from fixres.method.views import _plan
-from fixres.models.parts import select_parts
-from fixres.models.structure import find_parts
 from fixres.runtime.dist import DistEnv
-from fixres.runtime.engine import Precision, autocast
+from fixres.runtime.engine import Precision
 
 #: Bytes per megabyte, for budgets given in MB.
 MB = 2 ** 20
@@ -129,10 +127,8 @@ class CutCache:
 
     @classmethod
     def for_model(cls, model: nn.Module, parts, *, folder: Path, budget_mb: float) -> "CutCache":
-        structure = find_parts(model)
-        selected = select_parts(model, structure, parts)
-        return cls(chain=list(structure.chain), first=list(selected.first), folder=Path(folder),
-                   budget_bytes=int(budget_mb * MB))
+        chain, first = adapted_cut(model, parts)
+        return cls(chain=chain, first=first, folder=Path(folder), budget_bytes=int(budget_mb * MB))
 
     @property
     def bytes(self) -> int:
@@ -140,17 +136,17 @@ class CutCache:
 
     def summary(self) -> dict:
         """How the fixed models were scored: the cut, how many scores ran from it, the memory it holds now."""
-        on_disk = any(e.store.on_disk for e in self.entries.values())
         return {"cut": self.cut, "replayed": self.replayed, "reason": self.reason,
-                "megabytes": round(self.bytes / MB, 1), "on_disk": on_disk}
+                "megabytes": round(self.bytes / MB, 1), "on_disk": any(e.store.on_disk for e in self.entries.values())}
 
     def describe(self) -> str:
-        """One line for the terminal: where the scores came from."""
-        if not self.replayed:
-            return f"fixed models scored by full forwards ({self.reason})"
-        where = "fp16 on disk" if any(e.store.on_disk for e in self.entries.values()) else "in memory"
-        return (f"{self.replayed} fixed-model scores ran only the modules after {self.cut}, on the activations "
-                f"the model before the fix left there ({self.bytes / MB:.0f} MB, {where})")
+        """One line for the terminal: where the scores came from (``summary``)."""
+        s = self.summary()
+        if not s["replayed"]:
+            return f"fixed models scored by full forwards ({s['reason']})"
+        return (f"{s['replayed']} fixed-model scores ran only the modules after {s['cut']}, on the activations "
+                f"the model before the fix left there ({self.bytes / MB:.0f} MB, "
+                f"{'fp16 on disk' if s['on_disk'] else 'in memory'})")
 
     def forget(self, name: str) -> None:
         """Drop what was recorded for the photos ``name``."""
@@ -241,18 +237,13 @@ class _Rows:
 def _replay(model: nn.Module, suffix: Suffix, store: PrefixCache, plan, *, batch_size: int, device,
             precision: Precision) -> tuple[PerImage, int | None]:
     """Per-image outcomes of the suffix on every recorded photo, in data-set order."""
-    rows = torch.nonzero(store.valid).flatten()
     parts, n_out = [], None
     was = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for i in range(0, rows.numel(), batch_size):
-                idx = rows[i:i + batch_size]
-                x, y = store.get(idx)
-                with autocast(device, precision):
-                    logits = suffix(x.to(device))
-                logp = torch.log_softmax(logits.float().cpu(), 1)
+            for idx, y, logits in replay(suffix, store, batch_size=batch_size, device=device, precision=precision):
+                logp = torch.log_softmax(logits, 1)
                 n_out = logp.shape[1]
                 parts.append(batch_outcomes([logp], plan, _Rows(idx, y), keep_log_probs=False))
     finally:

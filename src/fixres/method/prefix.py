@@ -29,6 +29,8 @@ from fixres.data.images import BadImage, load_rgb
 from fixres.data.loaders import ImageDataset, collate
 from fixres.errors import FixresError
 from fixres.models.hooks import hooked, trace_calls
+from fixres.models.parts import select_parts
+from fixres.models.structure import find_parts
 from fixres.runtime import progress as prog
 from fixres.runtime.dist import DistEnv
 from fixres.runtime.engine import SingleThreaded, autocast, to_device
@@ -267,8 +269,9 @@ def fill_cache(model, suffix, samples, transform, *, batch_size, workers, device
     return cache, skipped
 
 
-def cached_top1(suffix: Suffix, cache: PrefixCache, *, batch_size: int, device, precision) -> float:
-    hits = total = 0
+def replay(suffix: Suffix, cache: PrefixCache, *, batch_size: int, device, precision):
+    """(row indices, labels, fp32 logits on the CPU) of the suffix on every cached row, in row order, a batch at
+    a time."""
     rows = torch.nonzero(cache.valid).flatten()
     with torch.no_grad():
         for i in range(0, rows.numel(), batch_size):
@@ -276,9 +279,22 @@ def cached_top1(suffix: Suffix, cache: PrefixCache, *, batch_size: int, device, 
             x, y = cache.get(idx)
             with autocast(device, precision):
                 logits = suffix(x.to(device))
-            hits += int((logits.float().argmax(1).cpu() == y).sum())
-            total += idx.numel()
+            yield idx, y, logits.float().cpu()
+
+
+def cached_top1(suffix: Suffix, cache: PrefixCache, *, batch_size: int, device, precision) -> float:
+    hits = total = 0
+    for idx, y, logits in replay(suffix, cache, batch_size=batch_size, device=device, precision=precision):
+        hits += int((logits.argmax(1) == y).sum())
+        total += idx.numel()
     return 100.0 * hits / max(1, total)
+
+
+def adapted_cut(model: nn.Module, parts) -> tuple[list[str], list[str]]:
+    """(the model's chain of modules, the first of the modules ``parts`` adapts): where a cut can go
+    (``build_suffix``)."""
+    structure = find_parts(model)
+    return list(structure.chain), list(select_parts(model, structure, parts).first)
 
 
 def _cache_folder(name: str, env: DistEnv) -> str:
