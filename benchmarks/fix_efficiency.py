@@ -184,8 +184,10 @@ def count_stats(stats: dict | None, n_val: int) -> dict:
     if stats is None:
         return _count(note="skipped")
     n, k = min(STATS_IMAGES, n_val), len(stats["sizes"])
-    return _count(full=2 * k * n, per=2.0 * k * n / max(1, n_val), unit="val image",
-                  note=f"{k} sizes x {n} images x 2 models (n assumed: min(STATS_IMAGES, n_val))")
+    replayed = sum(bool((stats.get(m) or {}).get("replayed_from_cut")) for m in ("before", "after"))
+    return _count(full=(2 - replayed) * k * n, suffix=replayed * k * n, per=2.0 * k * n / max(1, n_val),
+                  unit="val image", note=f"{k} sizes x {n} images x 2 models (n assumed: min(STATS_IMAGES, n_val))"
+                  + (f"; {replayed} of them from the activations at the cut" if replayed else ""))
 
 
 def count_other(name: str, doc: dict | None, n_fit: int, n_holdout: int) -> dict:

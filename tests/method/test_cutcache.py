@@ -120,3 +120,33 @@ def test_a_cached_step_costs_a_share_of_a_forward(image_folder, tiny_model):
     assert share is not None and 0.0 < share < 1.0  # the norm and the classifier: a fraction of the whole network
     assert all(not p.grad_fn and p.grad is None for p in model.parameters())  # the model is left as it was
     assert cached_step_share(model, cache.chain, ["no_such_module"], batch) is None
+
+
+def test_pooled_values_replayed_from_the_cut_equal_a_hooked_forward(image_folder, tiny_model, tmp_path):
+    from fixres.method import stats
+    from fixres.models.structure import find_parts
+    model, cfg, index = _varied(tiny_model), tiny_model.data_config, scan_folder(image_folder)
+    cache, _ = _recorded(model, index, cfg, tmp_path)
+    fixed = _fixed(model, cache)
+    point = stats.pooled_point(find_parts(fixed))
+    rows = stats.spread_rows(len(index.samples), 7)
+    kw = dict(env=DistEnv(), precision=FP32, batch_size=5)
+    got = cache.pooled(fixed, "val", index, cfg, SIZES, rows=rows, point=point, **kw)
+    want, skipped = stats.collect_pooled(fixed, index, cfg, test_sizes=SIZES, batch_size=5, precision=FP32, workers=0,
+                                         max_images=7, progress=False)
+    assert got is not None and len(rows) == 7
+    for size in SIZES:
+        assert got[0][size].shape == want[size].shape
+        assert np.allclose(got[0][size], want[size], atol=1e-5)
+    assert got[1] == skipped
+    # the statistics read them as they read a forward's
+    a = stats.activation_stats(fixed, index, cfg, test_sizes=SIZES, pooled=got, reference_size=SIZES[0])
+    b = stats.activation_stats(fixed, index, cfg, test_sizes=SIZES, max_images=7, workers=0, precision=FP32,
+                               progress=False, reference_size=SIZES[0])
+    assert [r["frac_zero"] for r in a["sizes"]] == pytest.approx([r["frac_zero"] for r in b["sizes"]])
+    assert a["n_images"] == b["n_images"] == 7
+    assert cache.pooled(fixed, "val", index, cfg, [64], rows=rows, point=point, **kw) is None  # not recorded
+    other = copy.deepcopy(model)
+    with torch.no_grad():  # a weight before the cut changed
+        next(p for n, p in other.named_parameters() if not any(n.startswith(a + ".") for a in cache.after)).add_(0.1)
+    assert cache.pooled(other, "val", index, cfg, SIZES, rows=rows, point=point, **kw) is None

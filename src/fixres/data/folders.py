@@ -142,7 +142,8 @@ def _class_order(folders: list[str], *, class_map: Sequence[str] | None,
                              + (" ..." if len(unknown) > 5 else ""))
     elif all(WNID_PATTERN.match(f) for f in folders) and num_classes in (None, IMAGENET_NUM_CLASSES):
         classes, source = imagenet_wnids(), "ImageNet wnid order"
-        foreign = [f for f in folders if f not in set(classes)]
+        known = set(classes)
+        foreign = [f for f in folders if f not in known]
         if foreign:  # wnid-shaped names that are not ImageNet classes: the ImageNet order cannot place them
             raise UsageError(f"folder {foreign[0]!r}{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''} "
                              f"looks like an ImageNet wnid but is not one of the {IMAGENET_NUM_CLASSES} ImageNet "
@@ -217,8 +218,10 @@ def _class_folders(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     # Real folders first, then links in name order: a link into another class's photos is what goes.
     names: list[str] = []
     reals: dict[str, str] = {}
-    for name, real, _ in sorted(kept, key=lambda k: (k[2], k[0])):
-        other = next((n for n, r in reals.items() if _is_within(real, r) or _is_within(r, real)), None)
+    for name, real, link in sorted(kept, key=lambda k: (k[2], k[0])):
+        # Two real folders side by side never hold each other's photos: only a link is compared with the others.
+        other = None if not link else next((n for n, r in reals.items() if _is_within(real, r) or _is_within(r, real)),
+                                           None)
         if other is not None:
             skipped.append((str(root / name), f"holds the same photos as class folder {other!r}"))
             continue

@@ -32,6 +32,8 @@ PLAN_PROBE_BATCH = 4
 
 #: Objects look about 0.8x as large at test time with the default crops (eq. 5): the fix lands near T / 0.8.
 LIKELY_APPARENT_RATIO = 0.8
+#: Whether the model as trained or a fixed one will be served is only known after the choice: even odds.
+UNTUNED_SERVED_ODDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,10 @@ def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float |
     sweep = n_val * (load + fwd * area(x.test_sizes))
     n_seen = len(getattr(x, "seen", ()))  # cross-selection: training photos scored for comparison
     # the statistics' sizes (T/2, T, the fixed size, the largest swept): the fixed size is not known yet
-    stats = [t / 2, t, t / LIKELY_APPARENT_RATIO, max(x.test_sizes)]
+    stats = c.stats_sizes or [t / 2, t, t / LIKELY_APPARENT_RATIO, max(x.test_sizes)]
+    # ... replayed from the validation photos' activations at the cut where they were all swept (one process)
+    stats_replayed = (cached_share is not None and not x.env.distributed
+                      and (not c.stats_sizes or set(c.stats_sizes) <= set(x.test_sizes)))
 
     def one(size: int, epochs: int, n_scored: int) -> float:  # reading costs the same at every size
         return estimate_seconds(size, seconds_per_pixel=fwd / (t * t), read_s=load, n_fit=n_fit, n_scored=n_scored,
@@ -123,7 +128,8 @@ def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float |
            "sweep_after": 0.0 if not c.label_free and set(x.test_sizes) <= set(cands) else sweep,
            "schedule": sum(grid) if tunes_schedule(x) else 0.0,
            "select": 0.0 if c.label_free else select,
-           "stats": 2 * min(STATS_IMAGES, n_val) * (len(stats) * load + fwd * area(stats)),
+           "stats": 2 * min(STATS_IMAGES, n_val) * (fwd * area(stats) * cached_share if stats_replayed
+                                                    else len(stats) * load + fwd * area(stats)),
            "robustness": _robustness_estimate(x, fwd, load + corrupt, area)}
     return {k: v for k, v in est.items() if v > 0}
 
@@ -131,8 +137,9 @@ def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float |
 def _robustness_estimate(x: FixContext, fwd: float, load: float, area) -> float:
     """Every condition reads the subset at full size once and runs the model before the fix at T and at the fixed
     size (the fixed model is scored from its activations at the cut); the fixed size is not known yet: the
-    analysis' geometry puts it near T / 0.8. ``load`` is a photo's read and corruption (on two cores the loader
-    workers overlap little with the forwards)."""
+    analysis' geometry puts it near T / 0.8. Where the model as trained is served, the table also shows the best
+    fixed size, often the largest candidate, one pass more (``UNTUNED_SERVED_ODDS``). ``load`` is a photo's read
+    and corruption (on two cores the loader workers overlap little with the forwards)."""
     c = x.config
     if not c.robustness:
         return 0.0
@@ -140,7 +147,8 @@ def _robustness_estimate(x: FixContext, fwd: float, load: float, area) -> float:
     m = min(n, c.robustness_images or n)
     conditions = 1 + len(CORRUPTIONS) * len(SEVERITIES)
     likely = x.data_config.train_size / LIKELY_APPARENT_RATIO
-    return conditions * m * (load + fwd * (1 + area([likely])))
+    largest = max(c.candidates or x.test_sizes)
+    return conditions * m * (load + fwd * (1 + area([likely]) + UNTUNED_SERVED_ODDS * area([largest])))
 
 
 def print_plan(x: FixContext) -> None:

@@ -31,6 +31,7 @@ from fixres.method.robustness import corruption_table
 from fixres.method.train import STATE_NAME as TRAIN_STATE
 from fixres.method.train import train
 from fixres.models.export import export_model
+from fixres.models.structure import find_parts
 from fixres.report.page import AFTER_EACH_FIXED, AFTER_EXPORTED, write_report
 
 #: Photo sizes read from the data set for the Monte-Carlo analysis and the figure-2 histogram.
@@ -182,13 +183,15 @@ def run_stats(x: FixContext) -> dict:
     stats: dict = {"sizes": sizes, "ks_reference": f"the model before the fix at {x.data_config.train_size}px"}
     grid = reference = None
     for label, model in (("before", x.base()), ("after", x.fixed())):
+        replayed = _pooled_from_cut(x, model, sizes, reference)
         raw = _activation_stats(model, x.val_index.samples, x.data_config, sizes, env=x.env, precision=x.precision,
                                 batch_size=x.config.batch_size, workers=x.config.workers, grid=grid,
-                                reference=reference)
+                                reference=reference, pooled=replayed)
         pooled = raw.pop("_pooled")
         reference = pooled[x.data_config.train_size] if reference is None else reference
         stats[label] = normalize_stats(raw)
         stats[label]["pooled_from"] = raw.get("pooled_from")
+        stats[label]["replayed_from_cut"] = replayed is not None
         first = next(iter(stats[label]["sizes"].values()), None)
         grid = first["x"] if first and grid is None else grid  # same x axis before and after
     return stats
@@ -258,14 +261,26 @@ def run_info(x: FixContext, threads: int) -> dict:
             "candidates": x.candidates, "label_free": c.label_free}
 
 
+def _pooled_from_cut(x: FixContext, model, sizes, reference) -> tuple[dict, list] | None:
+    """The pooled values the statistics read, replayed from the activations the model before the fix left at the
+    cut on the validation photos (only the modules after it run); None where they were not recorded."""
+    samples = x.val_index.samples
+    kw = x.eval_kw()
+    return x.cut_cache().pooled(model, VAL, x.val_index, x.data_config,
+                                fstats.measured_sizes(x.data_config, sizes, reference=reference),
+                                rows=fstats.spread_rows(len(samples), STATS_IMAGES),
+                                point=fstats.pooled_point(find_parts(model)), env=x.env, precision=kw["precision"],
+                                batch_size=kw["batch_size"], reduced_decode=kw["reduced_decode"])
+
+
 def _activation_stats(model, samples, cfg, sizes, *, env, precision, batch_size, workers, grid=None,
-                      reference=None) -> dict:
+                      reference=None, pooled=None) -> dict:
     """Pooled-activation CDFs per size (``fixres.method.stats``), on a given x grid when ``grid`` is set; KS distances
     to ``reference`` (default: this model's values at the train size, also returned in ``_pooled``)."""
     return fstats.activation_stats(model, samples, cfg, test_sizes=sizes, batch_size=batch_size, env=env,
                                    precision=precision, workers=workers, progress=False, max_images=STATS_IMAGES,
                                    grid=None if grid is None else np.asarray(grid, dtype=float),
-                                   reference=reference, keep_pooled=True)
+                                   reference=reference, keep_pooled=True, pooled=pooled)
 
 
 def normalize_stats(raw: dict) -> dict:

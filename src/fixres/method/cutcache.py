@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,7 @@ from fixres.io.evaluation import EvalResult
 from fixres.method.evaluate import PerImage, assemble, batch_outcomes, evaluate
 from fixres.method.prefix import PrefixCache, Suffix, adapted_cut, build_suffix, first_inputs, replay
 from fixres.method.views import _plan
+from fixres.models.hooks import capture
 from fixres.runtime.dist import DistEnv
 from fixres.runtime.engine import Precision
 
@@ -226,6 +228,47 @@ class CutCache:
         return assemble(res, plan, entry.skipped, n_out=n_out, fallbacks=0, seconds=time.perf_counter() - start,
                         env=env, precision=precision, batch_size=batch_size, workers=workers or 0, ten_crop=False,
                         folds=DEFAULT_FOLDS, per_class=False, keep_log_probs=False, keep_outcomes=keep_outcomes)
+
+    def pooled(self, model: nn.Module, name: str, samples, cfg: DataConfig, sizes: Sequence[int], *,
+               rows: Sequence[int], point: tuple[str, str], env: DistEnv, precision: Precision, batch_size: int,
+               reduced_decode: bool = True) -> tuple[dict[int, np.ndarray], list[dict]] | None:
+        """({size: the values at ``point`` (module name, "input" | "output") of ``model``, one row per readable
+        photo among ``rows`` of ``samples``, in their order}, the unreadable ones among them) from the recorded
+        activations, as a forward with a hook there would give them (``method.stats.collect_pooled``); None when
+        a size was not recorded for these photos or the record cannot stand for ``model``'s forward."""
+        if env.distributed:
+            return None
+        entries = [self.entries.get((name, int(s))) for s in sizes]
+        if any(e is None or e.photos != photos_digest(samples) or e.crop_ratio != cfg.crop_ratio
+               or e.reduced_decode != reduced_decode for e in entries):
+            return None
+        if entries and entries[0].prefix != prefix_digest(model, self.after):
+            return None
+        wanted = torch.zeros(entries[0].n_samples if entries else 0, dtype=torch.bool)
+        wanted[torch.as_tensor(list(rows), dtype=torch.long)] = True
+        out: dict[int, np.ndarray] = {}
+        for size, entry in zip(sizes, entries):
+            suffix = self._suffix(model, samples, cfg, int(size), env.device)
+            if suffix is None:
+                return None
+            seen: list[torch.Tensor] = []
+            values: list[torch.Tensor] = []
+            was = model.training
+            model.eval()
+            try:
+                with capture(model, [point[0]], where=point[1], fn=lambda _n, t: seen.append(t.float().cpu())):
+                    for idx, _y, _logits in replay(suffix, entry.store, batch_size=batch_size, device=env.device,
+                                                   precision=precision):
+                        if len(seen) != 1:  # the point is not (or not once) among the modules after the cut
+                            return None
+                        values.append(seen.pop()[wanted[idx]])
+            finally:
+                model.train(was)
+            out[int(size)] = torch.cat(values).flatten(1).numpy() if values else np.zeros((0, 0), np.float32)
+        paths = {str(getattr(samples, "samples", samples)[i][0]) for i in rows}
+        skipped = [s for s in (entries[0].skipped if entries else []) if s["path"] in paths]
+        self.replayed += 1
+        return out, skipped
 
 
 @dataclass

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from fixres.data.images import BadImage, load_rgb
 from fixres.data.loaders import ImageDataset, collate
 from fixres.errors import FixresError
+from fixres.models.fold import fold_batchnorms
 from fixres.models.hooks import hooked, trace_calls
 from fixres.models.parts import select_parts
 from fixres.models.structure import find_parts
@@ -105,7 +106,8 @@ def capture_cut(model: nn.Module, suffix: Suffix, x: torch.Tensor) -> torch.Tens
         box.append(args[0])
         raise _StopForward
 
-    with hooked([(suffix.steps[0][1], "pre", hook)]):
+    # By name: ``model`` may be a copy of the one the suffix was planned on (``frozen_prefix``).
+    with hooked([(model.get_submodule(suffix.cut), "pre", hook)]):
         try:
             model(x)
         except _StopForward:
@@ -244,11 +246,21 @@ def image_loader(samples, transform, batches: list[list[int]], workers: int) -> 
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate, persistent_workers=False)
 
 
+def frozen_prefix(model: nn.Module, suffix: Suffix, size: int) -> nn.Module:
+    """The eval-mode ``model`` to record the activation entering the cut with: a copy with the batch norms before
+    the cut folded into their convolutions (the same function, fewer layers to run; the prefix is frozen), the
+    modules from the cut on left as they are, or ``model`` itself where nothing folds."""
+    if suffix.from_features:
+        return model
+    return fold_batchnorms(model, size, keep=[name for name, _, _ in suffix.steps])[0]
+
+
 def fill_cache(model, suffix, samples, transform, *, batch_size, workers, device, precision, budget_bytes,
                 folder, progress, desc) -> tuple[PrefixCache | None, list[dict]]:
     n = len(samples)
     batches = [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
     cache = None
+    prefix_model = None
     skipped: list[dict] = []
     bar = prog.bar(n, desc, enabled=progress)
     try:
@@ -259,8 +271,10 @@ def fill_cache(model, suffix, samples, transform, *, batch_size, workers, device
                 if batch.inputs is None:
                     continue
                 x = to_device(batch.inputs, device, precision)
+                if prefix_model is None:
+                    prefix_model = frozen_prefix(model, suffix, x.shape[-1])
                 with autocast(device, precision):
-                    a = capture_cut(model, suffix, x)
+                    a = capture_cut(prefix_model, suffix, x)
                 if cache is None:
                     cache = PrefixCache(n, tuple(a.shape[1:]), a.dtype, budget_bytes=budget_bytes, folder=folder)
                 cache.put(batch.indices, a, batch.labels)

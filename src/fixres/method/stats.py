@@ -49,11 +49,15 @@ def _samples(samples, max_images: int | None, seed: int = 0) -> list[tuple[str, 
     samples = list(samples)
     if not samples:
         raise UsageError("no images given")
-    if max_images is not None and len(samples) > max_images:
-        # an evenly spread subset keeps every class represented (samples are sorted by class)
-        idx = np.linspace(0, len(samples) - 1, max_images).round().astype(int)
-        samples = [samples[i] for i in idx]
-    return samples
+    return [samples[i] for i in spread_rows(len(samples), max_images)]
+
+
+def spread_rows(n: int, max_images: int | None) -> list[int]:
+    """The rows of ``n`` samples that are measured: all, or ``max_images`` evenly spread ones (samples are sorted
+    by class, so every class stays represented)."""
+    if max_images is None or n <= max_images:
+        return list(range(n))
+    return [int(i) for i in np.linspace(0, n - 1, max_images).round().astype(int)]
 
 
 def iterate_views(samples, cfg: DataConfig, sizes: Sequence[int], *, batch_size: int, workers: int | None,
@@ -177,12 +181,22 @@ def cdf_grid(arrays: Sequence[np.ndarray], points: int = DEFAULT_CDF_POINTS) -> 
     return np.linspace(lo, max(hi, lo + 1e-6), points)
 
 
+def measured_sizes(cfg: DataConfig, test_sizes: Sequence[int], reference_size: int | None = None,
+                   reference: np.ndarray | None = None) -> list[int]:
+    """The sizes ``activation_stats`` reads pooled values at: ``test_sizes``, and the reference size unless the
+    reference values are given."""
+    sizes = [int(s) for s in test_sizes]
+    ref_size = int(reference_size or cfg.train_size)
+    return sizes + ([ref_size] if reference is None and ref_size not in sizes else [])
+
+
 def activation_stats(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence[int],
                      batch_size: int = DEFAULT_STATS_BATCH_SIZE, env: DistEnv | None = None,
                      precision: Precision | None = None, workers: int | None = None, max_images: int | None = None,
                      progress: bool = True, cdf_points: int = DEFAULT_CDF_POINTS,
                      grid: np.ndarray | None = None, reference_size: int | None = None,
-                     reference: np.ndarray | None = None, keep_pooled: bool = False) -> dict:
+                     reference: np.ndarray | None = None, keep_pooled: bool = False,
+                     pooled: tuple[dict[int, np.ndarray], list] | None = None) -> dict:
     """Per test size: CDF points of the pooled activations, fraction of zeros, fraction above 2 (figure 3).
 
     Returns {"sizes": [{"test_size", "cdf_x", "cdf", "frac_zero", "frac_above_2", "frac_negative", "mean",
@@ -192,15 +206,19 @@ def activation_stats(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: 
     ``reference_size`` (default: the train size, measured in the same pass), or to ``reference``
     when given (e.g. the values of the model before a fix at its train size, to see whether the
     fix brings the activations at S toward them). ``keep_pooled``: also return ``_pooled``
-    ({size: values}, not JSON: pop it).
+    ({size: values}, not JSON: pop it). ``pooled``: ({size: values}, skipped files) already read at every size of
+    ``measured_sizes`` (e.g. replayed from the activations at a cut, ``CutCache.pooled``): no forward runs.
     """
     parts = find_parts(model)
     sizes = [validate_size(int(s), "test_size") for s in test_sizes]
     ref_size = validate_size(int(reference_size or cfg.train_size), "reference_size")
-    measured = sizes + ([ref_size] if reference is None and ref_size not in sizes else [])
-    pooled, skipped = collect_pooled(model, samples, cfg, test_sizes=measured, batch_size=batch_size, env=env,
-                                     precision=precision, workers=workers, max_images=max_images,
-                                     progress=progress, parts=parts)
+    if pooled is None:
+        pooled = collect_pooled(model, samples, cfg, test_sizes=measured_sizes(cfg, sizes, reference_size, reference),
+                                batch_size=batch_size, env=env, precision=precision, workers=workers,
+                                max_images=max_images, progress=progress, parts=parts)
+    pooled, skipped = pooled
+    if not any(len(pooled[s]) for s in sizes):
+        raise UsageError("no readable image to measure activations on")
     ref_values = pooled[ref_size] if reference is None else np.asarray(reference)
     grid = cdf_grid([pooled[s] for s in sizes], cdf_points) if grid is None else np.asarray(grid)
     rows = [{"test_size": s, **summarize(pooled[s], grid), "ks_to_reference": ks_distance(pooled[s], ref_values)}
@@ -214,5 +232,5 @@ def activation_stats(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: 
     return out
 
 
-__all__ = ["activation_stats", "collect_pooled", "forward_views", "iterate_views", "ks_distance", "summarize",
-           "cdf_grid", "pooled_point"]
+__all__ = ["activation_stats", "collect_pooled", "measured_sizes", "spread_rows", "forward_views", "iterate_views",
+           "ks_distance", "summarize", "cdf_grid", "pooled_point"]
