@@ -38,7 +38,16 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, default_workers, photos_and_weights, split_index, spread_sample, write_json
+from _common import (
+    REPO,
+    SHARED,
+    default_workers,
+    photos_and_weights,
+    precision_for,
+    split_index,
+    spread_sample,
+    write_json,
+)
 
 SIZES = (128, 224)
 SWEEP_SIZES = (128, 160, 192, 224, 256, 288)
@@ -74,7 +83,7 @@ def timm_run(model, root: Path, samples, *, size: int, crop_pct: float, interpol
             "images_per_s": seen / seconds}
 
 
-#: validate.py's summary line: " * Acc@1 88.400 (11.600) Acc@5 ..."
+#: validate.py's summary line: " * Acc@1 TOP1 (ERROR) Acc@5 ..."
 TIMM_ACC_LINE = re.compile(r"\*\s*Acc@1\s+([\d.]+)")
 
 
@@ -204,7 +213,6 @@ def main(argv=None) -> int:
               "load_avg_start": load_avg_start, "command": " ".join(["benchmarks/timm_validate.py",
                                                         *(sys.argv[1:] if argv is None else argv)]), "rows": []}
     if args.timm_repo:
-        from fixres.runtime.engine import precision_for
         result["rows"] += processes(args, bundle, data, len(index.samples), precision_for(torch.device("cpu")),
                                     workers, sizes, repeats, Path(args.out or REPO / "runs" / "timm_validate").parent
                                     / "timm_validate_processes")

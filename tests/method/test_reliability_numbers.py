@@ -67,7 +67,7 @@ def test_repeated_copies_of_a_photo_get_their_own_augmentation():
     first = [d for i, d in draws if i == draws[0][0]]
     assert len(first) == 3 and len(set(first)) == 3
     before = torch.get_rng_state()
-    ds.set_epoch(1)
+    sampler.set_epoch(1)
     assert [ds[key] for key in sampler] != draws  # another epoch, other draws
     assert torch.equal(torch.get_rng_state(), before)  # the reader's own stream is left as it was
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import shlex
 import sys
 import traceback
 
@@ -19,6 +21,13 @@ from fixres.version import __version__
 
 #: Subcommands, in the order ``fixres --help`` lists them.
 COMMANDS = ("fix", "analyze", "eval", "sweep", "finetune", "adapt", "stats", "train", "make-dataset", "report")
+#: Subcommands that only run forwards over photos the DataLoader workers read. Their OpenMP threads sleep when a
+#: parallel region ends instead of spinning (``OMP_WAIT_POLICY``): on a CPU the workers decode on the same cores,
+#: and spinning threads would take the workers' time. Training keeps the default: its backward runs many short
+#: regions, for which waking a sleeping thread costs more than it saves.
+FORWARD_ONLY_COMMANDS = ("eval", "sweep", "stats")
+#: Read by OpenMP once, when torch loads it: set before any subcommand imports torch; a user's own setting wins.
+OPENMP_WAIT = ("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -31,7 +40,6 @@ class OneLineParser(argparse.ArgumentParser):
 def out_folder(text: str) -> str:
     """--out: a folder (new or existing); an existing regular file there, or above it (``afile/sub``), is a
     usage error, not exit 1 later."""
-    import os
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
     above = os.path.dirname(os.path.abspath(text))
@@ -117,8 +125,6 @@ def _out_folder_of(args: argparse.Namespace) -> str | None:
 
 def _refuse_out_inside_data(folder: str, data) -> None:
     """An output folder inside --data: the next run would read this run's files as photos of a class."""
-    import os
-
     from fixres.errors import UsageError
     if not data or not os.path.isdir(data):
         return
@@ -185,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in FORWARD_ONLY_COMMANDS:
+        os.environ.setdefault(*OPENMP_WAIT)
+    args._invocation = shlex.join(["fixres", *argv])  # what an export's model card says made it
     try:
         with _output_lock(args), _result_files(args):
             result = args._module.run(args)

@@ -143,10 +143,12 @@ class IndexSampler(Sampler[int]):
 
 def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler | None = None, shuffle: bool = False,
                 workers: int | None = None, generator: torch.Generator | None = None,
-                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+                drop_last: bool = False, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    """``persistent``: the workers live from one pass over the loader to the next (a training run's epochs), so no
+    epoch waits for them to start."""
     if batch_size <= 0:
         raise UsageError(f"batch size must be positive, got {batch_size}")
     workers = default_workers() if workers is None else workers
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
                       num_workers=workers, collate_fn=collate, generator=generator, drop_last=drop_last,
-                      pin_memory=pin_memory, persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=persistent and workers > 0)

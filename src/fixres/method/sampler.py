@@ -21,12 +21,13 @@ Hence a K-rank run and a one-process run with the same global batch see the same
 different steps, which is not repeated augmentation any more.) ``repeats=1`` is a plain seeded
 distributed shuffle.
 
-**The augmentation draws.** With ``keyed=True`` the sampler yields (index, position) pairs, the
+**The augmentation draws.** With ``keyed=True`` the sampler yields (index, position, epoch) keys, the
 position being the sample's place in the epoch's global list; ``SeededSamples`` seeds every random
-generator from (seed, epoch, position) just before it reads and augments that sample, and puts the
-generators back afterwards. A sample's crop and flip then depend on nothing else: not on which loader
-worker reads it, how many workers there are, or what the process drew before, so the same seed gives
-the same weights with 0, 1 or 8 workers, and a resume with other workers continues the same run. The
+generator from (seed, epoch, position) just before it reads and augments that sample (and, in the
+training process itself, puts the generators back afterwards). A sample's crop and flip then depend on
+nothing else: not on which loader worker reads it, how many workers there are, or what the process drew
+before, so the same seed gives the same weights with 0, 1 or 8 workers, and a resume with other workers
+continues the same run. The key carries the epoch, so the loader's workers can live across epochs. The
 repeated copies of an image sit at consecutive positions, so each still gets its own augmentation.
 """
 
@@ -39,7 +40,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from fixres.config import DEFAULT_REPEATS
 from fixres.errors import UsageError
@@ -84,7 +85,7 @@ class RepeatedAugSampler(Sampler[int]):
             raise UsageError(f"len_factor must be a positive number, got {len_factor}")
         self.n, self.repeats, self.rank, self.world_size = int(n), int(repeats), int(rank), int(world_size)
         self.seed, self.shuffle, self.epoch, self.len_factor = int(seed), shuffle, 0, float(len_factor)
-        self.keyed = keyed  # yield (index, position in the epoch) for ``SeededSamples``
+        self.keyed = keyed  # yield (index, position in the epoch, epoch) for ``SeededSamples``
         total = math.ceil(self.len_factor * self.n) if samples_per_epoch is None else int(samples_per_epoch)
         if total <= 0:
             raise UsageError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
@@ -113,7 +114,7 @@ class RepeatedAugSampler(Sampler[int]):
         positions = range(self.rank, self.total_size, self.world_size)[: self.num_samples]
         order = self.global_order()
         if self.keyed:
-            return iter([(order[p], p) for p in positions])
+            return iter([(order[p], p, self.epoch) for p in positions])
         return iter([order[p] for p in positions])
 
     def __len__(self) -> int:
@@ -121,31 +122,34 @@ class RepeatedAugSampler(Sampler[int]):
 
 
 class SeededSamples(Dataset):
-    """``dataset`` read through (index, position) keys, each sample's random draws seeded from (seed, epoch,
-    position) (``sample_seed``); the generators of the reading process are put back afterwards, so reading in
-    the training process (no workers) leaves its own random stream (dropout, drop-path) untouched.
-
-    Call ``set_epoch(e)`` before building the epoch's loader (its workers copy the dataset then)."""
+    """``dataset`` read through (index, position, epoch) keys, each sample's random draws seeded from (seed, epoch,
+    position) (``sample_seed``). In the training process itself (no loader workers) its generators are put back
+    afterwards, so that reading leaves its own random stream (dropout, drop-path) untouched; a loader worker draws
+    nothing else, and skips that."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.dataset, self.seed = dataset, int(seed)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, position = key
-        s = sample_seed(self.seed, self.epoch, position)
+        index, position, epoch = key
+        s = sample_seed(self.seed, epoch, position)
+        if get_worker_info() is not None:
+            _seed_all(s)
+            return self.dataset[index]
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s)
+            _seed_all(s)
             try:
                 return self.dataset[index]
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)

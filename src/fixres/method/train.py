@@ -36,6 +36,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from fixres.config import DEFAULT_REPEATS, DataConfig
 from fixres.data.loaders import ImageDataset, default_workers, make_loader
@@ -168,6 +169,7 @@ class _Run:
     skipped: dict[str, str] = field(default_factory=dict)
     step: int = 0
     stopped_early: bool = False
+    loader: DataLoader | None = None
 
 
 def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, train_size: int, epochs: int,
@@ -224,6 +226,7 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
     for epoch in range(resumed_from or 0, epochs):
         if _train_epoch(run, epoch):
             break
+    run.loader = None  # its workers end with it
     return _finish(run, resumed_from=resumed_from, wall_s=time.perf_counter() - wall0, model_name=model_name)
 
 
@@ -305,11 +308,10 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     # Everything random in this epoch follows from (seed, epoch, rank): resume == uninterrupted.
     seed_everything(epoch_seed(hp["seed"], epoch, env.rank))
     run.sampler.set_epoch(epoch)
-    run.dataset.set_epoch(epoch)
-    gen = torch.Generator()
-    gen.manual_seed(epoch_seed(hp["seed"], epoch, env.rank))
-    loader = make_loader(run.dataset, batch_size=run.local_batch, sampler=run.sampler, workers=run.workers,
-                         generator=gen, drop_last=run.drop_last, pin_memory=env.device.type == "cuda")
+    if run.loader is None:  # one loader for the run: the sampler's keys carry the epoch to its workers
+        run.loader = make_loader(run.dataset, batch_size=run.local_batch, sampler=run.sampler, workers=run.workers,
+                                 generator=torch.Generator().manual_seed(epoch_seed(hp["seed"], epoch, env.rank)),
+                                 drop_last=run.drop_last, pin_memory=env.device.type == "cuda", persistent=True)
     pbar = bar(run.steps_per_epoch * hp["batch_size"], f"epoch {epoch + 1}/{hp['epochs']} @{hp['train_size']}px",
                enabled=run.progress)
 
@@ -326,7 +328,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     run.model.train()
     t0 = time.perf_counter()
     try:
-        totals = loop.run_epoch(run.stepper, run.model, _device_batches(loader, run), pad_to=run.steps_per_epoch,
+        totals = loop.run_epoch(run.stepper, run.model, _device_batches(run.loader, run), pad_to=run.steps_per_epoch,
                                 on_step=after_step)
     finally:
         pbar.close()
