@@ -21,7 +21,7 @@ from helpers.cli import MODEL_COMMANDS, assert_one_line_error, cli
 from fixres.errors import FixresError, UsageError
 
 #: The files of an export (``fixres.models.EXPORT``), spelled out so the tests read on their own.
-EXPORT = ("model.safetensors", "fixres.json", "config.json", "USAGE.md", "model.onnx")
+EXPORT = ("model.safetensors", "fixres.json", "config.json", "USAGE.md", "README.md", "model.onnx")
 
 
 def _no_space(*_args, **_kwargs):

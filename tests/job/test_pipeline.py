@@ -57,6 +57,10 @@ def test_fix_runs_every_step_and_exports_a_loadable_fixed_model(tiny_run):
     assert meta["accuracy"]["top1"] == head.top1_fixed
     # Chosen on held-out training photos: every validation photo reports it without bias, and says so.
     assert meta["top1"] == head.top1_fixed and meta["top1_rule"] == RULE_HELD_OUT
+    # The model card beside it says the same figure, its rule and the photos it was measured on.
+    card = (run / "export" / "README.md").read_text()
+    assert f"fixed at {s} px" in card and f"{head.top1_fixed:.1f} %" in card
+    assert meta["accuracy"]["top1_rule_text"] in card and str(run / "data" / "val") in card
     # The served model against the untuned one on the same validation photos: paired tests, not error bars.
     paired = result.choice.paired_val
     assert paired.paired_vs_untuned is not None and paired.paired_vs_train_size is not None

@@ -226,8 +226,8 @@ def test_onnx_without_the_package_is_skipped_and_said(tmp_path, monkeypatch):
     meta = read_meta_file(tmp_path / "x" / "fixres.json")
     assert meta["onnx"]["written"] is False and "pip install 'fixres[onnx]'" in meta["onnx"]["reason"]
     names = {p.name for p in (tmp_path / "x").iterdir()}
-    assert {"fixres.json", "model.safetensors", "USAGE.md"} <= names <= {"fixres.json", "model.safetensors",
-                                                                          "USAGE.md", "config.json"}
+    assert {"fixres.json", "model.safetensors", "USAGE.md", "README.md"} <= names <= {
+        "fixres.json", "model.safetensors", "USAGE.md", "README.md", "config.json"}
 
 
 def test_a_failing_onnx_export_is_one_line_and_leaves_the_old_export(tmp_path, monkeypatch):
@@ -245,3 +245,46 @@ def test_a_failing_onnx_export_is_one_line_and_leaves_the_old_export(tmp_path, m
     assert model.training  # the mode it came in with
     assert {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()} == before  # nothing partial, nothing lost
     assert load_model(checkpoint=str(old)).meta["export"]["test_size"] == 64
+
+
+def _front_matter(text: str) -> dict:
+    yaml = pytest.importorskip("yaml")
+    assert text.startswith("---\n")
+    head, _, _ = text[4:].partition("\n---\n")
+    return yaml.safe_load(head)
+
+
+def test_every_export_has_a_model_card_the_hub_reads(tmp_path):
+    from fixres.models.card import CardFacts
+    accuracy = {"top1": 91.25, "top1_se": 1.4, "n": 400, "test_size": 64,
+                "top1_rule_text": "two-fold cross-selection on the validation photos"}
+    _export(_model(0), tmp_path / "x", test_size=64, accuracy=accuracy,
+            card=CardFacts(data="/photos/val", command="fixres fix --data /photos", license="apache-2.0"))
+    text = (tmp_path / "x" / "README.md").read_text()
+    front = _front_matter(text)
+    assert front["license"] == "apache-2.0" and front["pipeline_tag"] == "image-classification"
+    assert "fixres" in front["tags"] and front["library_name"] in ("timm", "pytorch")
+    assert front["library_name"] == ("timm" if (tmp_path / "x" / "config.json").is_file() else "pytorch")
+    assert "fixed at 64 px" in text and "Trained at 32 px" in text
+    assert "91.2 %" in text and "± 1.4" in text and "400 photos of `/photos/val`" in text
+    assert "two-fold cross-selection" in text and "fixres fix --data /photos" in text
+    assert "resize" in text and "crop ratio 0.875" in text
+
+
+def test_a_card_without_facts_says_what_it_does_not_know(tmp_path):
+    _export(_model(0), tmp_path / "y", test_size=48, accuracy={"top1": 50.0, "n": 100})
+    text = (tmp_path / "y" / "README.md").read_text()
+    assert _front_matter(text)["license"] == "unknown"
+    assert "± 5.0 (binomial standard error)" in text  # computed from top-1 and n
+    assert "nothing was chosen on these photos" in text and "How it was made" not in text
+    _export(_model(0), tmp_path / "z", test_size=48)
+    assert "Not measured" in (tmp_path / "z" / "README.md").read_text()
+    # a training run's validation: one figure per size, the exported size's is the one quoted
+    _export(_model(0), tmp_path / "t", test_size=48, accuracy={"top1": {"32": 40.0, "48": 60.0}, "n": 10})
+    assert "Top-1 **60.0 %** ± 15.5" in (tmp_path / "t" / "README.md").read_text()
+
+
+def test_a_name_that_is_not_plain_yaml_stays_a_string(tmp_path):
+    from fixres.models.card import front_matter
+    front = _front_matter(front_matter(library="timm", license="cc-by-4.0: see: #1", tags=["a: b", "- c"]) + "\n")
+    assert front["license"] == "cc-by-4.0: see: #1" and front["tags"] == ["a: b", "- c"]

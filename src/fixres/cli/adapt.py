@@ -43,6 +43,7 @@ def run(args):
     from fixres.io.atomic import write_json
     from fixres.method.adaptation import adapt
     from fixres.method.evaluate import evaluate_at
+    from fixres.models.card import CardFacts
     from fixres.models.export import export_model, remove_export
     from fixres.runtime.dist import refuse_distributed
     from fixres.runtime.progress import status
@@ -64,7 +65,9 @@ def run(args):
     if args.method != "frechet":
         result["export"] = str(export_model(bundle.model, out, model_name=bundle.name, cfg=cfg, test_size=test_size,
                                             train_size=cfg.train_size, class_names=list(cfg.class_names),
-                                            accuracy=after, extra={"adaptation": {"method": args.method}}))
+                                            accuracy=after, extra={"adaptation": {"method": args.method}},
+                                            card=CardFacts(data=str(val.root) if do_eval else None,
+                                                           command=getattr(args, "_invocation", None))))
     else:  # frechet exports nothing: a model another method left here would not be what adapt.json describes
         result["removed"] = remove_export(out)
     write_json(out / "adapt.json", result)

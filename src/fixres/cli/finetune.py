@@ -117,6 +117,7 @@ def run(args):
 
     from fixres.config import DEFAULT_BATCH_SIZE
     from fixres.method.finetuning import finetune
+    from fixres.models.card import CardFacts
     from fixres.models.export import export_model
     from fixres.runtime import dist
     from fixres.runtime.progress import status
@@ -149,7 +150,8 @@ def run(args):
         path = export_model(bundle.model, fc.out, model_name=bundle.name, cfg=cfg, test_size=test_size,
                             train_size=cfg.train_size, class_names=list(cfg.class_names), accuracy=result["after"],
                             extra={"adaptation": {"method": "finetune", "parts": result["parts"],
-                                                  "augment": fc.augment, "epochs": fc.epochs}}, onnx=fc.onnx)
+                                                  "augment": fc.augment, "epochs": fc.epochs}}, onnx=fc.onnx,
+                            card=CardFacts(data=str(Path(fc.data)), command=getattr(args, "_invocation", None)))
         result["export"] = str(path)
     b, a = result["before"], result["after"]
     t = result["timing"]

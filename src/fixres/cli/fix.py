@@ -120,6 +120,9 @@ def add_parser(sub, parents):
     e = p.add_argument_group("embedded data set")
     add_dataset_size_args(e)
     p.add_argument("--restart", action="store_true", help="start the run folder over instead of resuming it")
+    p.add_argument("--license", default="unknown", metavar="ID",
+                   help="the weights' licence for the export's model card (README.md), e.g. apache-2.0 (default: "
+                        "unknown)")
     add_runtime_args(p, batch_default=64)
     return p
 
@@ -143,7 +146,7 @@ def config_from_args(args):
         max_test_size=args.max_test_size, budget_ms=args.budget_ms,
         budget_gflops=args.budget_gflops, temperature_scale=args.temperature_scale, label_free=args.label_free,
         tune_schedule=not args.no_tune_schedule, robustness=not args.no_robustness,
-        robustness_images=args.robustness_images)
+        robustness_images=args.robustness_images, command=getattr(args, "_invocation", None), license=args.license)
 
 
 def _pm(top1, std) -> str:

@@ -51,6 +51,7 @@ from fixres.job.fingerprint import digest, file_digest, index_fingerprint
 from fixres.job.runstate import RunState
 from fixres.method.cutcache import CutCache
 from fixres.method.inputs import index_folder, index_train_val
+from fixres.models.card import UNKNOWN_LICENSE
 from fixres.models.export import WEIGHTS_NAME
 from fixres.models.loading import ModelSpec
 
@@ -141,6 +142,9 @@ class FixConfig:
     robustness_images: int | None = config_vocab.ROBUSTNESS_IMAGES
     restart: bool = False
     progress: bool = True
+    #: what the export's model card says: the command that made it, the licence of the weights
+    command: str | None = None
+    license: str = UNKNOWN_LICENSE
 
     @property
     def embedded(self) -> bool:

@@ -30,6 +30,7 @@ from fixres.method.evaluate import evaluate
 from fixres.method.robustness import corruption_table
 from fixres.method.train import STATE_NAME as TRAIN_STATE
 from fixres.method.train import train
+from fixres.models.card import CardFacts
 from fixres.models.export import export_model
 from fixres.models.structure import find_parts
 from fixres.report.page import AFTER_EACH_FIXED, AFTER_EXPORTED, write_report
@@ -111,7 +112,8 @@ def run_finetune(x: FixContext) -> dict:
             x.say("  temperature scaling skipped: it is fitted on photos that choose, and this rule has none "
                   "(give --select-data, or --holdout-untouched)")
     path = export_model(model, x.run_dir / "export", model_name=x.bundle.name, cfg=x.data_config, test_size=test_size,
-                        train_size=x.data_config.train_size, class_names=list(x.train_index.classes))
+                        train_size=x.data_config.train_size, class_names=list(x.train_index.classes),
+                        card=CardFacts(command=x.config.command, license=x.config.license))
     x.results.export = {"path": str(path), "test_size": test_size, "train_size": x.data_config.train_size}
     write_json(x.run_dir / "export.json", x.results.export)
     return {**ft, "choice": x.choice.to_json(), "export_path": str(path)}
@@ -133,7 +135,8 @@ def run_sweep_after(x: FixContext) -> dict:
     accuracy = served_accuracy(x, head, Sweep.from_json(sweep))
     export_model(fixed, x.run_dir / "export", model_name=x.bundle.name, cfg=x.data_config, test_size=test_size,
                  train_size=x.data_config.train_size, class_names=list(x.train_index.classes), accuracy=accuracy,
-                 extra={"top1": accuracy["top1"], "top1_rule": accuracy["top1_rule"]})
+                 extra={"top1": accuracy["top1"], "top1_rule": accuracy["top1_rule"]},
+                 card=CardFacts(data=str(x.val_index.root), command=x.config.command, license=x.config.license))
     return sweep
 
 

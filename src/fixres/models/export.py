@@ -1,5 +1,6 @@
 """Exporting a fixed model: ``model.safetensors`` plus ``fixres.json`` beside it, ``config.json`` for timm
-(``fixres.models.hub``), ``USAGE.md`` with timm and torchvision snippets, and optionally ONNX at S.
+(``fixres.models.hub``), ``USAGE.md`` with timm and torchvision snippets, ``README.md``, the model card the
+Hugging Face hub renders (``fixres.models.card``), and optionally ONNX at S.
 
 What ``fixres.json`` holds, its schema and how it is read back live in ``fixres.io.meta`` (re-exported
 here: ``from fixres.models.export import WEIGHTS_NAME`` keeps working). ``models.load_model`` reads an export
@@ -27,6 +28,7 @@ from fixres.errors import FixresError, UsageError
 from fixres.io.atomic import atomic_path, remove_stale_folders, swap_in, write_text
 from fixres.io.checkpoint import save_safetensors
 from fixres.io.meta import META_NAME, ONNX_NAME, WEIGHTS_NAME, build_meta, header_metadata, read_export_meta, write_meta  # noqa: F401 - re-exported
+from fixres.models.card import CARD_NAME, CardFacts, card_text
 from fixres.models.hooks import kept_hook
 from fixres.models.hub import CONFIG_NAME, write_timm_config
 from fixres.models.loading import export_model_kwargs, num_outputs
@@ -37,7 +39,7 @@ ONNX_OPSET = 18
 USAGE_NAME = "USAGE.md"
 ONNX_EXAMPLE_BATCH = 2
 #: Every file an export consists of: replaced together, removed together.
-EXPORT_FILES = (WEIGHTS_NAME, META_NAME, CONFIG_NAME, USAGE_NAME, ONNX_NAME)
+EXPORT_FILES = (WEIGHTS_NAME, META_NAME, CONFIG_NAME, USAGE_NAME, CARD_NAME, ONNX_NAME)
 #: Prefix of the hidden folder an export is written to before it is swapped in.
 STAGING_PREFIX = ".export.partial-"
 
@@ -53,11 +55,13 @@ def export_meta(*, model_name: str, cfg: DataConfig, test_size: int, train_size:
 
 def export_model(model: nn.Module, out_dir: str | Path, *, model_name: str, cfg: DataConfig, test_size: int,
                  train_size: int | None = None, class_names: Sequence[str] | None = None,
-                 accuracy: dict | float | None = None, extra: dict | None = None, onnx: bool = False) -> Path:
+                 accuracy: dict | float | None = None, extra: dict | None = None, onnx: bool = False,
+                 card: CardFacts | None = None) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/fixres.json``; returns the safetensors path.
 
     ``onnx=True`` also writes ``model.onnx`` at test_size when the ``onnx`` package is installed
-    (otherwise the result's ``onnx`` entry in fixres.json says why it was skipped).
+    (otherwise the result's ``onnx`` entry in fixres.json says why it was skipped). ``card``: what the model card
+    says beyond the metadata (the photos the accuracy was measured on, the command, the licence).
     """
     kept = kept_hook(model)
     if kept is not None:  # e.g. the Frechet equalisation: a map after the pooling the weights cannot carry
@@ -81,6 +85,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, model_name: str, cfg:
         write_meta(staging, meta)
         timm_config = write_timm_config(staging, model, meta)
         write_text(staging / USAGE_NAME, usage_text(meta, cfg, timm_ready=timm_config is not None))
+        write_text(staging / CARD_NAME, card_text(meta, cfg, card, timm_ready=timm_config is not None))
         swap_in(staging, out_dir, EXPORT_FILES)  # only now does the old export go
     finally:
         shutil.rmtree(staging, ignore_errors=True)
