@@ -63,6 +63,9 @@ def add_parser(sub, parents):
     p.add_argument("--test-size", type=image_size, default=None,
                    help="test size (default: the size a fixres export was fixed for, else the model's train size)")
     add_eval_args(p)
+    p.add_argument("--latency-on", choices=("torch", "onnxruntime"), default="torch",
+                   help="onnxruntime: also time the model at the test size in ONNX Runtime on this CPU (exported to "
+                        "ONNX), beside eager PyTorch, at batch 1 and batch N (pip install 'fixres[onnxruntime]')")
     g = p.add_argument_group("robustness under corruptions")
     g.add_argument("--corruptions", action="store_true",
                    help="also evaluate on corrupted copies of the photos (gaussian_noise, gaussian_blur, jpeg, "
@@ -336,6 +339,16 @@ def write_results(result: dict, out_dir, stem: str) -> dict:
     return files
 
 
+def runtime_latency(ld: Loaded) -> dict:
+    """{test size: ms per image at batch 1 and N} in ONNX Runtime on this CPU, PyTorch's beside them."""
+    from fixres.models.onnxrt import ONNXRUNTIME, on_runtime, onnxruntime_costs
+    from fixres.runtime.cost import measure_costs
+    sizes = sorted({int(s) for s in ld.test_sizes})
+    model = ld.bundle.model.eval()
+    torch_costs = measure_costs(model, sizes, device=ld.env.device, precision=ld.precision)
+    return {str(s): row for s, row in on_runtime(torch_costs, onnxruntime_costs(model, sizes), ONNXRUNTIME).items()}
+
+
 def run(args):
     from pathlib import Path
 
@@ -352,6 +365,8 @@ def run(args):
                                   workers=cfg.workers) if args.corruptions else None)
         if not env.is_main:
             return None
+        if args.latency_on == "onnxruntime":
+            result["latency"] = runtime_latency(loaded)
         out = args.out or default_out("eval")
         if robust is not None:
             path = str(Path(out) / CORRUPTIONS_JSON)
@@ -362,6 +377,11 @@ def run(args):
         text = format_table(result) + f"\nresults: {result['files']['json']}"
         if robust is not None:
             text += "\n\n" + format_corruption_table(robust) + f"\ncorruptions: {result['corruptions']['file']}"
+        if "latency" in result:
+            text += "\n" + "\n".join(f"latency at {s} px: {row['ms']:.2f} ms/image in {row['latency_on']}, "
+                                     f"{row['ms_torch']:.2f} in PyTorch (batch 1; batch {row['batch']}: "
+                                     f"{row['ms_batch']:.2f} and {row['ms_batch_torch']:.2f})"
+                                     for s, row in result["latency"].items())
         result.pop("per_class", None)  # one number per class and view: in the files, not on stdout
         return result, text
     finally:

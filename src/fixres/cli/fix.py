@@ -66,6 +66,10 @@ def _add_choice_args(p) -> None:
                    help="serve at most at this size: the choice among the candidates not above it")
     s.add_argument("--budget-ms", type=positive_float, default=None, metavar="X",
                    help="serve a candidate whose latency (ms per image, batch 1, measured here) is <= X")
+    s.add_argument("--latency-on", choices=("torch", "onnxruntime"), default="torch",
+                   help="the runtime the candidates' latency (--budget-ms, the frontier) is timed on: eager PyTorch "
+                        "(default) or ONNX Runtime on this CPU, each size exported to ONNX (pip install "
+                        "'fixres[onnxruntime]')")
     s.add_argument("--budget-gflops", type=positive_float, default=None, metavar="X",
                    help="serve a candidate needing <= X GFLOPs per image")
     s.add_argument("--temperature-scale", action="store_true",
@@ -143,7 +147,7 @@ def config_from_args(args):
         progress=not args.quiet, candidates=args.candidates, select_budget_min=args.select_budget,
         holdout_fraction=args.holdout, select_data=args.select_data, choose=args.choose,
         holdout_untouched=args.holdout_untouched,
-        max_test_size=args.max_test_size, budget_ms=args.budget_ms,
+        max_test_size=args.max_test_size, budget_ms=args.budget_ms, latency_on=args.latency_on,
         budget_gflops=args.budget_gflops, temperature_scale=args.temperature_scale, label_free=args.label_free,
         tune_schedule=not args.no_tune_schedule, robustness=not args.no_robustness,
         robustness_images=args.robustness_images, command=getattr(args, "_invocation", None), license=args.license)
@@ -219,14 +223,18 @@ TERMINAL_COLUMNS = (("size", "size", 12), ("val_before", "val before", 11), ("va
 def _candidate_lines(selected, chosen: int) -> list[str]:
     """The model's own table 5 (right): val top-1 before and after the fix at every candidate size (the rows the
     report's table shows)."""
-    from fixres.report.choice import OVERLAP_NOTE, candidate_rows
+    from fixres.report.choice import OVERLAP_NOTE, candidate_rows, latency_runtime
     table = selected.table if selected is not None else None
     if not table:
         return []
     held = "train photos" if table.n_seen else "held-out"
     rows = candidate_rows(table, chosen)
-    lines = ["  " + " ".join(f"{title.format(held=held):>{w}}" for _, title, w in TERMINAL_COLUMNS)]
-    lines += ["  " + " ".join(f"{row[key]:>{w}}" for key, _, w in TERMINAL_COLUMNS) for row in rows]
+    runtime = latency_runtime(table)
+    columns = TERMINAL_COLUMNS + ((("ms_torch", "ms torch", 8),) if runtime else ())
+    lines = ["  " + " ".join(f"{title.format(held=held):>{w}}" for _, title, w in columns)]
+    lines += ["  " + " ".join(f"{row[key]:>{w}}" for key, _, w in columns) for row in rows]
+    if runtime:
+        lines.append(f"  (ms/img: timed in {runtime} on this CPU; ms torch: eager PyTorch)")
     if any(c.ms_overlaps for c in table.candidates):
         lines.append(f"  ({OVERLAP_NOTE})")
     if table.dropped:

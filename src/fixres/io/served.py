@@ -122,7 +122,7 @@ class Score:
 class CandidateRow:
     """One candidate size of the choice: scored before and after its own fix, on val and the held-out photos,
     and its cost (ms per photo at batch 1 and batch N, GFLOPs; ``ms_overlaps``: within timing noise of a
-    neighbour)."""
+    neighbour). ``latency_on``: the runtime the ms were read on when not PyTorch (then PyTorch's are ``ms_torch``)."""
 
     test_size: int
     val_before: Score = Score()
@@ -133,6 +133,8 @@ class CandidateRow:
     ms_batch: float | None = None
     gflops: float | None = None
     ms_overlaps: bool = False
+    latency_on: str | None = None
+    ms_torch: float | None = None
 
     @property
     def held_out(self) -> Score:

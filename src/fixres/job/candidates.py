@@ -44,6 +44,7 @@ from fixres.method.calibration import temperature_scale_model
 from fixres.method.evaluate import evaluate, fold_std
 from fixres.method.finetuning import STATE_NAME as FT_STATE
 from fixres.method.finetuning import default_lr, finetune
+from fixres.models.onnxrt import ONNXRUNTIME, on_runtime, onnxruntime_costs
 from fixres.runtime.cost import measure_costs
 from fixres.runtime.progress import format_duration
 
@@ -176,6 +177,9 @@ def run_select(x: "FixContext") -> dict:
     seen_at_t = seen_before.get(t) if t in sizes else None
     # The cost of a size does not depend on the fix: every size timed together, interleaved, on the model before it.
     costs = measure_costs(x.base(), sizes, device=x.env.device, precision=x.eval_precision)
+    if x.config.latency_on == ONNXRUNTIME:
+        x.say(f"  timing {len(sizes)} sizes in ONNX Runtime (one ONNX export per size)")
+        costs = on_runtime(costs, onnxruntime_costs(x.base(), sizes), ONNXRUNTIME)
     rows = []
     for size in sizes:
         row = _fix_candidate(x, size)
@@ -245,9 +249,11 @@ def _planned_candidates(x: "FixContext") -> tuple[list[int], list[int], dict]:
     sweep = x.results.sweep_before
     area = sweep.n_images * sum(s * s for s in x.test_sizes) or 1
     per_pixel = sweep.seconds / area  # seconds per image-pixel of a forward
-    n_scored = len(x.holdout) + sweep.n_images
+    # where the model before the fix recorded val at the cut, every score replays the modules after it only
+    n_scored = len(x.holdout) + (0 if x.cut_cache().cut is not None else sweep.n_images)
     est = {s: estimate_seconds(s, seconds_per_pixel=per_pixel, n_fit=len(x.fit), n_scored=n_scored,
-                               epochs=x.schedule.epochs, cached=x.config.augment == "test")
+                               epochs=x.schedule.epochs, cached=x.config.augment == "test",
+                               cached_share=x.cached_share)
            for s in x.candidates}
     budget = None if x.config.select_budget_min is None else 60.0 * x.config.select_budget_min
     keep = sorted({schedule_size(x), x.data_config.train_size})

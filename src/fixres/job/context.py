@@ -54,6 +54,7 @@ from fixres.method.inputs import index_folder, index_train_val
 from fixres.models.card import UNKNOWN_LICENSE
 from fixres.models.export import WEIGHTS_NAME
 from fixres.models.loading import ModelSpec
+from fixres.models.onnxrt import TORCH
 
 #: Default sweep: multiples of the model's stride (appendix B: other sizes suffer border and round-off
 #: effects, visible as a saw-tooth in the curve) from SWEEP_LOW x T to SWEEP_HIGH x T.
@@ -128,6 +129,8 @@ class FixConfig:
     select_budget_min: float | None = DEFAULT_SELECT_BUDGET_MIN
     max_test_size: int | None = None
     budget_ms: float | None = None
+    #: the runtime the candidates' latency is read on (the budget in ms and the frontier use it)
+    latency_on: str = TORCH
     budget_gflops: float | None = None
     tune_schedule: bool = True
     temperature_scale: bool = False
@@ -206,6 +209,8 @@ class FixContext:
     _holds: str = ""  # what the working copy holds: "export" (the fixed model) or a candidate
     _checkpoint_sha: str | None = None
     _cut_cache: CutCache | None = None
+    #: the plan's measured cached fine-tuning step's share of a forward (``job.plan.Probe``), when it printed
+    cached_share: float | None = None
 
     # ---- data
     def index_data(self, data_root: Path) -> None:

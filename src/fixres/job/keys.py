@@ -11,6 +11,7 @@ from pathlib import Path
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
 from fixres.job import candidates
 from fixres.job.context import FIX_REDUCED_DECODE, STEPS, FixContext, stats_sizes_of
+from fixres.models.onnxrt import TORCH
 
 
 def key_data(x: FixContext) -> dict:
@@ -87,7 +88,9 @@ def key_schedule(x: FixContext) -> dict:
 def key_select(x: FixContext) -> dict:
     return {**_key_finetuning(x), "val_images": x.fingerprints["val_images"], "candidates": x.candidates,
             "schedule_lr": x.schedule.lr, "schedule_epochs": x.schedule.epochs,
-            "select_budget_min": x.config.select_budget_min}
+            "select_budget_min": x.config.select_budget_min,
+            # the runtime that timed the candidates (keyed only when not PyTorch: runs timed there stay valid)
+            **({"latency_on": x.config.latency_on} if x.config.latency_on != TORCH else {})}
 
 
 def key_finetune(x: FixContext) -> dict:

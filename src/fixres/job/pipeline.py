@@ -284,8 +284,7 @@ def run_fix(config: FixConfig) -> FixRun:
         x.index_data(Path(x.results.data.root))
         _build_model(x)
         x.assign_choosing_photos()
-    if config.progress:
-        print_plan(x)
+    print_plan(x)  # said only with progress; its probe also serves the select step's own estimate
     try:
         for i, step in enumerate(STEP_TABLE[1:], start=2):
             _execute(x, i, step, recomputed)

@@ -155,6 +155,7 @@ def print_plan(x: FixContext) -> None:
     """The steps ahead with rough times; steps finished before are marked (they are reused when their
     inputs are unchanged, which only their keys, computed as the run goes, can tell)."""
     p = probe_speed(x)
+    x.cached_share = p.cached_share  # the select step's own estimate reads it too
     fwd, load = p.fwd_s, p.load_s
     est = plan_estimates(x, fwd, load, p.cached_share, p.corrupt_s)
     done = {k for k in est if x.state.done(k)}

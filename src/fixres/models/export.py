@@ -129,23 +129,29 @@ def usage_text(meta: dict, cfg: DataConfig, *, timm_ready: bool) -> str:
 
 def _export_onnx(model: nn.Module, path: Path, test_size: int, *, final: Path) -> dict:
     try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401 - torch's exporter needs it
+        write_onnx(model, path, test_size)
     except ImportError:
         return {"written": False, "reason": "the onnx and onnxscript packages are not installed "
                                             "(pip install 'fixres[onnx]')"}
+    return {"written": True, "path": str(final), "input_size": [1, 3, test_size, test_size], "opset": ONNX_OPSET}
+
+
+def write_onnx(model: nn.Module, path: Path, size: int) -> None:
+    """``model`` as ONNX at ``size`` (input "input", output "logits", any batch), written atomically; ImportError
+    without the onnx packages, one-line FixresError when the exporter fails."""
+    import onnx  # noqa: F401
+    import onnxscript  # noqa: F401 - torch's exporter needs it
     was = model.training
     model.eval()
     p = next(model.parameters())
     # two images: an example batch of 1 would make the exporter specialise the batch axis to 1
-    x = torch.zeros(ONNX_EXAMPLE_BATCH, 3, test_size, test_size, device=p.device, dtype=p.dtype)
+    x = torch.zeros(ONNX_EXAMPLE_BATCH, 3, size, size, device=p.device, dtype=p.dtype)
     try:
         with atomic_path(path) as tmp, torch.no_grad():
             torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
                               dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=ONNX_OPSET,
-                              external_data=False)
+                              external_data=False, verbose=False)
     except Exception as exc:  # noqa: BLE001 - exporter failures are many and model-specific
         raise FixresError(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
     finally:
         model.train(was)
-    return {"written": True, "path": str(final), "input_size": [1, 3, test_size, test_size], "opset": ONNX_OPSET}

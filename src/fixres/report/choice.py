@@ -46,8 +46,24 @@ def candidate_rows(table: CandidateTable, chosen: int | None) -> list[dict]:
                      "nll": f"{_num(b.nll, 3)} → {_num(a.nll, 3)}", "ece": f"{_num(b.ece)} → {_num(a.ece)}",
                      "held_out": _num(c.held_out.top1),
                      "ms": _num(c.ms, 2) + (OVERLAP_MARK if c.ms_overlaps else ""),
-                     "ms_batch": _num(c.ms_batch, 2), "gflops": _num(c.gflops, 3)})
+                     "ms_batch": _num(c.ms_batch, 2), "gflops": _num(c.gflops, 3), "ms_torch": _num(c.ms_torch, 2)})
     return rows
+
+
+def latency_runtime(table: CandidateTable) -> str | None:
+    """The runtime the candidates' ms were read on, when not PyTorch (``--latency-on``)."""
+    return next((c.latency_on for c in table.candidates if c.latency_on), None)
+
+
+def candidate_columns(table: CandidateTable) -> list[tuple[str, str]]:
+    """``CANDIDATE_COLUMNS``, naming the runtime that timed the latency and with PyTorch's beside it when another
+    runtime did."""
+    runtime = latency_runtime(table)
+    if runtime is None:
+        return CANDIDATE_COLUMNS
+    cols = [(k, f"{t}, {runtime}" if k in ("ms", "ms_batch") else t) for k, t in CANDIDATE_COLUMNS]
+    at = next(i for i, (k, _) in enumerate(cols) if k == "ms_batch") + 1
+    return cols[:at] + [("ms_torch", "ms/image (batch 1), PyTorch")] + cols[at:]
 
 
 def calibration_sentence(table: CandidateTable, chosen: int | None) -> str | None:
@@ -133,7 +149,7 @@ def sections(docs: RunDocuments) -> list[dict]:
                                  "the fix; the chosen size is circled."),
                                 ("reliability", f"Reliability at {chosen} px before and after the fix: accuracy "
                                  "against confidence, binned by confidence (the diagonal is perfect calibration).")],
-                    "tables": [(candidate_rows(table, chosen), CANDIDATE_COLUMNS)]})
+                    "tables": [(candidate_rows(table, chosen), candidate_columns(table))]})
     ks = ks_rows(docs.stats)
     if ks:
         out.append({"title": "Pooled activations: distance to the train size (figure 4)",
@@ -161,7 +177,9 @@ def draw(docs: RunDocuments, out_dir: Path) -> dict[str, Path]:
 def _frontier(cands: list[CandidateRow], chosen, path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, label in ((axes[0], "ms", "ms per image (batch 1)"), (axes[1], "gflops", "GFLOPs per image")):
+    runtime = next((c.latency_on for c in cands if c.latency_on), "PyTorch")
+    for ax, key, label in ((axes[0], "ms", f"ms per image (batch 1, {runtime})"),
+                           (axes[1], "gflops", "GFLOPs per image")):
         pts = sorted((c for c in cands if getattr(c, key) is not None), key=lambda c: getattr(c, key))
         x = [getattr(c, key) for c in pts]  # a frontier reads by cost
         ax.plot(x, [c.val_before.top1 for c in pts], "o--", label="before the fix")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,34 +40,36 @@ def gflops(model: nn.Module, size: int, device) -> float | None:
         model.train(was)
 
 
-def _timed_ms(model: nn.Module, x: torch.Tensor, device) -> float:
-    """Wall ms per image of one forward of the batch ``x`` (device synchronised)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) * 1000.0 / x.shape[0]
+def interleaved_ms(calls: Mapping[int, Callable[[], object]], *, batch: int, rounds: int = LATENCY_REPEATS,
+                   sync: Callable[[], None] = lambda: None) -> dict[int, list[float]]:
+    """{size: ms per image of each round} of ``calls`` ({size: one forward of a batch of ``batch``}, on any
+    runtime): every size warmed up (LATENCY_WARMUP calls), then ``rounds`` rounds that time each size once, in
+    ascending order on even rounds and descending on odd ones, so neither end of the list always runs right after
+    a warm-up or right before a slow spell. ``sync`` waits for queued work (a GPU's) before each clock read."""
+    order = sorted(calls)
+    times: dict[int, list[float]] = {s: [] for s in order}
+    for s in order:
+        for _ in range(LATENCY_WARMUP):
+            calls[s]()
+    for r in range(rounds):
+        for s in (order if r % 2 == 0 else order[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            calls[s]()
+            sync()
+            times[s].append((time.perf_counter() - t0) * 1000.0 / batch)
+    return times
 
 
 def latencies_ms(model: nn.Module, sizes: Sequence[int], *, device, precision, batch: int,
                  rounds: int = LATENCY_REPEATS) -> dict[int, list[float]]:
-    """{size: ms per image of each round}: every size warmed up (LATENCY_WARMUP calls), then ``rounds`` rounds
-    that time each size once, in ascending order on even rounds and descending on odd ones, so neither end of
-    the list always runs right after a warm-up or right before a slow spell."""
+    """{size: ms per image of each round} of ``model`` in PyTorch (``interleaved_ms``)."""
     inputs = {int(s): torch.randn(batch, 3, int(s), int(s), device=device) for s in sizes}
-    order = sorted(inputs)
-    times: dict[int, list[float]] = {s: [] for s in order}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     model.eval()
     with torch.inference_mode(), autocast(device, precision):
-        for s in order:
-            for _ in range(LATENCY_WARMUP):
-                model(inputs[s])
-        for r in range(rounds):
-            for s in (order if r % 2 == 0 else order[::-1]):
-                times[s].append(_timed_ms(model, inputs[s], device))
-    return times
+        return interleaved_ms({s: (lambda x=x: model(x)) for s, x in inputs.items()}, batch=batch, rounds=rounds,
+                              sync=sync)
 
 
 def latency_ms(model: nn.Module, size: int, *, device, precision, batch: int) -> float:
@@ -93,7 +95,13 @@ def measure_costs(model: nn.Module, sizes: Sequence[int], *, device, precision,
     the batch-1 spread overlaps a neighbouring size's (``overlapping``), and the GFLOPs of one image."""
     one = latencies_ms(model, sizes, device=device, precision=precision, batch=1)
     many = latencies_ms(model, sizes, device=device, precision=precision, batch=batch)
+    return {s: {**row, "gflops": gflops(model, s, device)} for s, row in latency_table(one, many, batch).items()}
+
+
+def latency_table(one: Mapping[int, list[float]], many: Mapping[int, list[float]], batch: int) -> dict[int, dict]:
+    """{size: {"ms", "ms_spread", "ms_overlaps", "ms_batch", "ms_batch_spread", "batch"}} from the rounds at
+    batch 1 (``one``) and at batch ``batch`` (``many``)."""
     flags = overlapping({s: (min(v), max(v)) for s, v in one.items()})
     return {s: {"ms": statistics.median(one[s]), "ms_spread": [min(one[s]), max(one[s])], "ms_overlaps": flags[s],
                 "ms_batch": statistics.median(many[s]), "ms_batch_spread": [min(many[s]), max(many[s])],
-                "batch": batch, "gflops": gflops(model, s, device)} for s in one}
+                "batch": batch} for s in one}
