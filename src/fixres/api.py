@@ -14,6 +14,8 @@ data config, a ``FolderIndex``) and returns the library's own result types (``fi
 from __future__ import annotations
 
 import functools
+import itertools
+import os
 import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -24,6 +26,7 @@ from torch import nn
 from fixres.choosing.best import best_row
 from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FINETUNE_EPOCHS, DEFAULT_PARTS, DataConfig, default_out
 from fixres.data import folders as _data
+from fixres.data import given as _given
 from fixres.errors import UsageError
 from fixres.io.evaluation import EvalResult, ViewScore
 from fixres.io.results import AnalysisDocument
@@ -196,18 +199,29 @@ def as_bundle(model: ModelLike, data_config: DataConfig | None = None) -> ModelB
 
 def as_index(data: DataLike, split: str = "val", *, classes: Sequence[str] | None = None) -> "_data.FolderIndex":
     """The images of ``split`` as a ``FolderIndex``: a folder (its ``split``/ subfolder when it has one),
-    an index, (path, label) pairs, or a Dataset with ``.samples`` / ``.classes`` (torchvision ImageFolder).
+    an index, (path, label) pairs, or a Dataset with ``.samples`` / ``.classes`` (torchvision ImageFolder); a
+    map-style Dataset or any iterable of (PIL image, label) is written once to a temporary folder of lossless
+    PNGs (``fixres.data.given``: JPEG's reduced decoding then cannot apply, as no JPEG file is known).
     ``classes`` maps a validation folder onto the training classes by name (one rule, ``fixres.data.folders``)."""
     if isinstance(data, _data.FolderIndex):
         return data
     if isinstance(data, (str, Path)):
         return index_split(data, split, classes=list(classes) if classes is not None else None)
-    samples = getattr(data, "samples", data)
+    samples = getattr(data, "samples", None)
     try:
+        if samples is None:  # pairs, a map-style Dataset or any iterable: of (path, label) or (PIL image, label)
+            items = (data[i] for i in range(len(data))) if hasattr(data, "__getitem__") and hasattr(data, "__len__") \
+                else iter(data)
+            first = next(items, None)
+            if isinstance(first, (tuple, list)) and first and not isinstance(first[0], (str, os.PathLike)):
+                # images, or anything else write_given names in one line (a tensor: the dataset's transform)
+                return _given.write_given(itertools.chain([first], items), classes=getattr(data, "classes", None))
+            samples = [] if first is None else itertools.chain([first], items)
         pairs = [(str(p), int(y)) for p, y in samples]
     except (TypeError, ValueError):
-        raise TypeError("data must be a folder, a FolderIndex, (path, label) pairs or a Dataset with .samples "
-                        f"(such as torchvision's ImageFolder), not {type(data).__name__}") from None
+        raise TypeError("data must be a folder, a FolderIndex, (path, label) pairs, (PIL image, label) pairs, or a "
+                        "Dataset of either or with .samples (such as torchvision's ImageFolder), not "
+                        f"{type(data).__name__}") from None
     names = list(getattr(data, "classes", None) or [str(i) for i in range(max((y for _, y in pairs), default=-1) + 1)])
     return _data.FolderIndex(root=Path(getattr(data, "root", ".")), classes=names, samples=pairs, source="given")
 

@@ -106,3 +106,48 @@ def test_label_free_adaptation_says_how_many_photos_it_read(tiny_model, data_roo
     result = fixres.adapt(tiny_model, data_root, 48, method="bn-recalibrate", amp=False)
     assert (result.method, result.test_size, result.images) == ("bn-recalibrate", 48, 18)  # train/: 3 x 6 photos
     assert result.model is tiny_model.model and repr(result) == "AdaptResult(bn-recalibrate at 48px)"
+
+
+def _photos(root: Path) -> list:
+    """The (PIL image, label) pairs of an ImageFolder, in its order."""
+    from PIL import Image
+
+    from fixres.data.folders import scan_folder
+    out = []
+    for path, label in scan_folder(root).samples:
+        with Image.open(path) as im:
+            out.append((im.convert("RGB"), label))
+    return out
+
+
+def test_images_given_in_memory_score_as_the_same_photos_in_a_folder(tiny_model, data_root):
+    photos = _photos(data_root / "val")
+
+    class MapStyle(torch.utils.data.Dataset):  # a map-style Dataset without .samples
+        classes = ["a", "b", "c"]
+
+        def __len__(self):
+            return len(photos)
+
+        def __getitem__(self, i):
+            return photos[i]
+
+    # the generated photos are PNGs: a full decode either way, so the numbers are the same bit for bit
+    want = fixres.sweep(tiny_model, data_root, test_sizes=[32, 48], amp=False)
+    for given in (photos, MapStyle(), (p for p in photos)):
+        got = fixres.sweep(tiny_model, given, test_sizes=[32, 48], amp=False)
+        assert [(r.test_size, r.correct, r.loss) for r in got.rows] == [(r.test_size, r.correct, r.loss)
+                                                                      for r in want.rows]
+        assert got.n_images == 12
+
+
+def test_a_dataset_with_its_transform_still_attached_is_one_clear_line(tiny_model):
+    from fixres.errors import UsageError
+    with pytest.raises(UsageError, match="expected a PIL image, got Tensor"):
+        fixres.sweep(tiny_model, [(torch.zeros(3, 8, 8), 0), (torch.zeros(3, 8, 8), 1)], test_sizes=[32])
+
+
+def test_finetune_takes_images_given_in_memory(tiny_model, data_root):
+    train, val = _photos(data_root / "train"), _photos(data_root / "val")
+    res = fixres.finetune(tiny_model, train, 48, val=val, epochs=1, amp=False)
+    assert res.after is not None and res.after.n == 12
