@@ -22,12 +22,16 @@ from fixres.models.fold import fold_batchnorms
 from fixres.runtime.cost import latency_ms
 from fixres.runtime.progress import format_duration
 
-#: Training images read, and the batch of the timed forwards, to estimate the time per image before the run
-#: starts (small: on a CPU a large model's probe must not cost minutes).
+#: Training images read to estimate the time per image before the run starts (few: on a CPU a large model's
+#: probe must not cost minutes).
 PLAN_PROBE_IMAGES = 8
-
-
+#: The batch the forward is timed on: a few images' per-image time stands for the run's loops better than a large
+#: batch alone, as those loops share the cores with the loader workers decoding (docs/results.md, the plan).
 PLAN_PROBE_BATCH = 4
+#: The batch a cached fine-tuning step's share of a forward is timed on (the probe images repeated), or the run's
+#: batch when smaller: on a few images both are per-call overhead, and on a small network the share then reads
+#: 2-3x what the fine-tuning's batches cost.
+SHARE_PROBE_BATCH = 32
 
 
 #: Objects look about 0.8x as large at test time with the default crops (eq. 5): the fix lands near T / 0.8.
@@ -75,7 +79,8 @@ def probe_speed(x: FixContext) -> Probe:
     share = None
     if inputs and x.config.augment == "test":
         chain, first = adapted_cut(model, x.config.parts)
-        share = cached_step_share(model, chain, first, torch.stack(inputs).to(x.env.device))
+        repeated = [inputs[i % len(inputs)] for i in range(min(SHARE_PROBE_BATCH, x.config.batch_size))]
+        share = cached_step_share(model, chain, first, torch.stack(repeated).to(x.env.device))
     return Probe(fwd, load, _corrupt_seconds(photos) if x.config.robustness else 0.0, share)
 
 
