@@ -28,9 +28,9 @@ PLAN_PROBE_IMAGES = 8
 #: The batch the forward is timed on: a few images' per-image time stands for the run's loops better than a large
 #: batch alone, as those loops share the cores with the loader workers decoding (docs/results.md, the plan).
 PLAN_PROBE_BATCH = 4
-#: The batch a cached fine-tuning step's share of a forward is timed on (the probe images repeated), or the run's
-#: batch when smaller: on a few images both are per-call overhead, and on a small network the share then reads
-#: 2-3x what the fine-tuning's batches cost.
+#: The batch a cached fine-tuning step is timed on (the probe images repeated), or the run's batch when smaller:
+#: on a few images it is per-call overhead, and on a small network it then reads 2-3x what the fine-tuning's
+#: batches cost. Its time per image is taken as a share of the forward timed on ``PLAN_PROBE_BATCH``.
 SHARE_PROBE_BATCH = 32
 
 
@@ -44,8 +44,8 @@ UNTUNED_SERVED_ODDS = 0.5
 class Probe:
     """What the plan's estimates scale, measured on a few training photos before the run: seconds per image of a
     forward at T (batch norms folded, as evaluations run), to read and pre-process one photo, to corrupt one
-    (the robustness step's average corruption), and a cached fine-tuning step's share of a forward (None when
-    the fine-tuning will run whole epochs)."""
+    (the robustness step's average corruption), and a cached fine-tuning step's time per image on the run's batch
+    as a share of that forward (None when the fine-tuning will run whole epochs)."""
 
     fwd_s: float
     load_s: float
@@ -80,7 +80,8 @@ def probe_speed(x: FixContext) -> Probe:
     if inputs and x.config.augment == "test":
         chain, first = adapted_cut(model, x.config.parts)
         repeated = [inputs[i % len(inputs)] for i in range(min(SHARE_PROBE_BATCH, x.config.batch_size))]
-        share = cached_step_share(model, chain, first, torch.stack(repeated).to(x.env.device))
+        # per second of the forward timed above, which the estimates scale: a step's cost on the run's batch
+        share = cached_step_share(model, chain, first, torch.stack(repeated).to(x.env.device), relative_to=fwd)
     return Probe(fwd, load, _corrupt_seconds(photos) if x.config.robustness else 0.0, share)
 
 

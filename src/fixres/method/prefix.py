@@ -342,11 +342,12 @@ def _median_seconds(fn: Callable[[], object]) -> float:
     return float(np.median(times))
 
 
-def cached_step_share(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[str], batch: torch.Tensor
-                      ) -> float | None:
+def cached_step_share(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[str], batch: torch.Tensor,
+                      *, relative_to: float | None = None) -> float | None:
     """Seconds of one cached fine-tuning step (the modules after the cut, forward and backward) per second of a
-    full forward of the same ``batch``, measured now; None when no cut reproduces the model (the fine-tuning then
-    runs whole epochs)."""
+    full forward of the same ``batch``, measured now, or, with ``relative_to``, per ``relative_to`` seconds (a
+    forward's time per image measured elsewhere); None when no cut reproduces the model (the fine-tuning then runs
+    whole epochs)."""
     suffix, _ = build_suffix(model, chain, first_adapted, batch)
     if suffix is None:
         return None
@@ -371,4 +372,6 @@ def cached_step_share(model: nn.Module, chain: Sequence[str], first_adapted: Seq
             p.requires_grad_(g)
             p.grad = None
         model.train(was)
+    if relative_to is not None:
+        return tail / batch.shape[0] / relative_to if relative_to > 0 else None
     return tail / full if full > 0 else None
