@@ -341,12 +341,10 @@ def write_results(result: dict, out_dir, stem: str) -> dict:
 
 def runtime_latency(ld: Loaded) -> dict:
     """{test size: ms per image at batch 1 and N} in ONNX Runtime on this CPU, PyTorch's beside them."""
-    from fixres.models.onnxrt import ONNXRUNTIME, on_runtime, onnxruntime_costs
-    from fixres.runtime.cost import measure_costs
-    sizes = sorted({int(s) for s in ld.test_sizes})
-    model = ld.bundle.model.eval()
-    torch_costs = measure_costs(model, sizes, device=ld.env.device, precision=ld.precision)
-    return {str(s): row for s, row in on_runtime(torch_costs, onnxruntime_costs(model, sizes), ONNXRUNTIME).items()}
+    from fixres.models.onnxrt import ONNXRUNTIME, costs_on
+    costs = costs_on(ld.bundle.model.eval(), sorted({int(s) for s in ld.test_sizes}), runtime=ONNXRUNTIME,
+                     device=ld.env.device, precision=ld.precision)
+    return {str(s): row for s, row in costs.items()}
 
 
 def run(args):

@@ -44,8 +44,7 @@ from fixres.method.calibration import temperature_scale_model
 from fixres.method.evaluate import evaluate, fold_std
 from fixres.method.finetuning import STATE_NAME as FT_STATE
 from fixres.method.finetuning import default_lr, finetune
-from fixres.models.onnxrt import ONNXRUNTIME, on_runtime, onnxruntime_costs
-from fixres.runtime.cost import measure_costs
+from fixres.models.onnxrt import ONNXRUNTIME, costs_on
 from fixres.runtime.progress import format_duration
 
 #: The select step's working folder: one subfolder per candidate size.
@@ -176,10 +175,9 @@ def run_select(x: "FixContext") -> dict:
     seen_before = _before_on(x, SEEN, x.seen, sizes)  # every size: each candidate is scored from it
     seen_at_t = seen_before.get(t) if t in sizes else None
     # The cost of a size does not depend on the fix: every size timed together, interleaved, on the model before it.
-    costs = measure_costs(x.base(), sizes, device=x.env.device, precision=x.eval_precision)
     if x.config.latency_on == ONNXRUNTIME:
         x.say(f"  timing {len(sizes)} sizes in ONNX Runtime (one ONNX export per size)")
-        costs = on_runtime(costs, onnxruntime_costs(x.base(), sizes), ONNXRUNTIME)
+    costs = costs_on(x.base(), sizes, runtime=x.config.latency_on, device=x.env.device, precision=x.eval_precision)
     rows = []
     for size in sizes:
         row = _fix_candidate(x, size)

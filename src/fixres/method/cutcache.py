@@ -205,16 +205,25 @@ class CutCache:
             self.reason = f"cut at {self.cut}"
         return result
 
-    def score(self, model: nn.Module, name: str, samples, cfg: DataConfig, size: int, *, env: DistEnv,
-              precision: Precision, batch_size: int, workers: int | None = None, reduced_decode: bool = True,
-              keep_outcomes: bool = False, **_ignored) -> EvalResult | None:
-        """``model`` on ``samples`` at ``size`` from the recorded activations, as ``evaluate`` would give it (one
-        view at the data config's crop, no per-class table); None when they cannot stand for its forward."""
+    def _recorded(self, model: nn.Module, name: str, samples, cfg: DataConfig, size: int, *, env: DistEnv,
+                  reduced_decode: bool) -> _Entry | None:
+        """What was recorded for the photos ``name`` at ``size``, where it stands for ``model``'s forward on
+        ``samples`` (the same photos, crop, decode and weights before the cut, in one process); else None."""
         entry = self.entries.get((name, int(size)))
         if entry is None or env.distributed:
             return None
         if (entry.photos != photos_digest(samples) or entry.crop_ratio != cfg.crop_ratio
                 or entry.reduced_decode != reduced_decode or entry.prefix != prefix_digest(model, self.after)):
+            return None
+        return entry
+
+    def score(self, model: nn.Module, name: str, samples, cfg: DataConfig, size: int, *, env: DistEnv,
+              precision: Precision, batch_size: int, workers: int | None = None, reduced_decode: bool = True,
+              keep_outcomes: bool = False, **_ignored) -> EvalResult | None:
+        """``model`` on ``samples`` at ``size`` from the recorded activations, as ``evaluate`` would give it (one
+        view at the data config's crop, no per-class table); None when they cannot stand for its forward."""
+        entry = self._recorded(model, name, samples, cfg, size, env=env, reduced_decode=reduced_decode)
+        if entry is None:
             return None
         suffix = self._suffix(model, samples, cfg, size, env.device)
         if suffix is None:
@@ -236,13 +245,9 @@ class CutCache:
         photo among ``rows`` of ``samples``, in their order}, the unreadable ones among them) from the recorded
         activations, as a forward with a hook there would give them (``method.stats.collect_pooled``); None when
         a size was not recorded for these photos or the record cannot stand for ``model``'s forward."""
-        if env.distributed:
-            return None
-        entries = [self.entries.get((name, int(s))) for s in sizes]
-        if any(e is None or e.photos != photos_digest(samples) or e.crop_ratio != cfg.crop_ratio
-               or e.reduced_decode != reduced_decode for e in entries):
-            return None
-        if entries and entries[0].prefix != prefix_digest(model, self.after):
+        entries = [self._recorded(model, name, samples, cfg, s, env=env, reduced_decode=reduced_decode)
+                   for s in sizes]
+        if any(e is None for e in entries):
             return None
         wanted = torch.zeros(entries[0].n_samples if entries else 0, dtype=torch.bool)
         wanted[torch.as_tensor(list(rows), dtype=torch.long)] = True

@@ -19,7 +19,7 @@ from torch import nn
 
 from fixres.errors import UsageError
 from fixres.models.export import write_onnx
-from fixres.runtime.cost import LATENCY_BATCH, interleaved_ms, latency_table
+from fixres.runtime.cost import LATENCY_BATCH, interleaved_ms, latency_table, measure_costs
 
 #: The runtimes a latency can be read on: eager PyTorch as the model runs here, or ONNX Runtime.
 TORCH, ONNXRUNTIME = "torch", "onnxruntime"
@@ -65,3 +65,10 @@ def on_runtime(costs: dict[int, dict], runtime_costs: dict[int, dict], runtime: 
     ``ms_batch_torch``; ``latency_on`` names the runtime."""
     return {s: {**row, **runtime_costs[s], "ms_torch": row["ms"], "ms_batch_torch": row["ms_batch"],
                 "latency_on": runtime} for s, row in costs.items()}
+
+
+def costs_on(model: nn.Module, sizes: Sequence[int], *, runtime: str, device, precision) -> dict[int, dict]:
+    """``runtime.cost.measure_costs`` of ``model`` at ``sizes``, its latency read on ``runtime`` (``on_runtime``)
+    when that is not PyTorch."""
+    costs = measure_costs(model, sizes, device=device, precision=precision)
+    return costs if runtime == TORCH else on_runtime(costs, onnxruntime_costs(model, sizes), runtime)
