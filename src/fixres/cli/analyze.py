@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fixres.cli.args import bounded_int, crop_ratio, image_size, positive_int, seed, warn_stride
+from fixres.cli.args import add_data_layout_args, bounded_int, crop_ratio, image_size, positive_int, seed, warn_stride
 from fixres.config import DEFAULT_STRIDE, DEFAULT_TRAIN_SIZE, default_out
 
 #: Most Monte-Carlo samples: the estimate holds about a dozen float64 arrays of one value per sample, so ten
@@ -25,7 +25,9 @@ def add_parser(sub, parents):
                    help="also report the train size to use for this target test size")
     p.add_argument("--image-sizes", default=None, metavar="WxH,...",
                    help="photo sizes for the Monte-Carlo estimate (default 500x500, square)")
-    p.add_argument("--data", default=None, metavar="DIR", help="measure photo sizes from an ImageFolder tree")
+    p.add_argument("--data", default=None, metavar="DIR", help="measure photo sizes from an "
+                   "ImageFolder tree, WebDataset shards or hf:PATH")
+    add_data_layout_args(p)
     p.add_argument("--samples", type=bounded_int(MAX_SAMPLES, "Monte-Carlo sample count"), default=100_000,
                    help=f"Monte-Carlo samples (default 100000, at most {MAX_SAMPLES})")
     p.add_argument("--seed", type=seed, default=0, help="Monte-Carlo seed (default 0; 0 to 2**32-1)")

@@ -179,6 +179,14 @@ def _result_files(args: argparse.Namespace):
     return all_or_none(folder, names)
 
 
+def _name_columns(args: argparse.Namespace) -> None:
+    """--image-column/--label-column written into the --data value, so the run's data is one value throughout."""
+    image, label = getattr(args, "image_column", None), getattr(args, "label_column", None)
+    if image is not None or label is not None:
+        from fixres.data.layouts import with_columns
+        args.data = with_columns(args.data or "", image=image, label=label)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -195,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(*OPENMP_WAIT)
     args._invocation = shlex.join(["fixres", *argv])  # what an export's model card says made it
     try:
+        _name_columns(args)
         with _output_lock(args), _result_files(args):
             result = args._module.run(args)
         if isinstance(result, tuple):

@@ -211,6 +211,7 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False, 
                    help="replace the classifier head with this many outputs (a new data set)")
     g.add_argument("--class-map", default=None, metavar="FILE",
                    help="folder names in class-index order (JSON list/object, or one per line)")
+    add_data_layout_args(p)
     d = p.add_argument_group("pre-processing (default: the model's own data config)")
     d.add_argument("--crop-ratio", type=crop_ratio, default=None, help="test_size / resize (default 0.875)")
     d.add_argument("--interpolation", choices=INTERPOLATION_NAMES, default=None,
@@ -219,6 +220,15 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False, 
                    help="normalisation mean per channel, in [0, 1] units")
     d.add_argument("--std", type=rgb_std, default=None, metavar="R,G,B",
                    help="normalisation std per channel, in [0, 1] units")
+
+
+def add_data_layout_args(p: argparse.ArgumentParser) -> None:
+    """--image-column/--label-column: the columns of a Hugging Face dataset (``--data hf:PATH``)."""
+    g = p.add_argument_group("data layout (--data: an ImageFolder tree, WebDataset shards, or hf:PATH)")
+    g.add_argument("--image-column", default=None, metavar="NAME",
+                   help="the image column of an hf:PATH dataset (default: the column of type Image)")
+    g.add_argument("--label-column", default=None, metavar="NAME",
+                   help="the label column of an hf:PATH dataset (default: the column of type ClassLabel)")
 
 
 def model_spec(args: argparse.Namespace, *, checkpoint: str | None = None):

@@ -36,7 +36,9 @@ TEN_CROP_BATCH_DIVISOR = 8
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``eval`` and ``sweep``: data, ensembles, 10-crop, folds, train size."""
     p.add_argument("--data", required=True, metavar="DIR",
-                   help="ImageFolder tree (DIR/CLASS/IMAGE), or a root holding val/")
+                   help="ImageFolder tree (DIR/CLASS/IMAGE) or a root holding val/; WebDataset shards"
+                        " ('DIR/val-{000..009}.tar', or a folder of train-*.tar and val-*.tar); or "
+                        "hf:PATH, a Hugging Face dataset on disk")
     p.add_argument("--ensemble", type=int_list, action="append", default=None, metavar="S1,S2",
                    help="also evaluate the averaged softmax over these test sizes (section 5.1); repeatable")
     p.add_argument("--ten-crop", action="store_true", help="10-crop testing (4 corners + centre, and mirrors)")

@@ -19,7 +19,9 @@ PAPER_EPOCHS = 60
 
 def add_data_args(p, *, test_size_help: str) -> None:
     p.add_argument("--data", required=True, metavar="DIR",
-                   help="ImageFolder root holding train/ and val/ (or one ImageFolder used for both)")
+                   help="ImageFolder root holding train/ and val/ (or one ImageFolder used for both);"
+                        " a folder of train-*.tar and val-*.tar shards; or hf:PATH, a Hugging Face "
+                        "dataset on disk")
     p.add_argument("--test-size", type=image_size, default=None,
                    help=test_size_help + " (default: the size fixres recommends for the train size, "
                         "`fixres analyze`)")

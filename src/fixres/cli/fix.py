@@ -85,7 +85,8 @@ def add_parser(sub, parents):
     add_model_args(p, random_ok=True)  # fix trains from scratch when given no weights
     g = p.add_argument_group("data and sizes")
     g.add_argument("--data", default=None, metavar="DIR",
-                   help="ImageFolder with train/ and val/ (default: the embedded data set, generated)")
+                   help="ImageFolder with train/ and val/, a folder of train-*.tar and val-*.tar "
+                        "shards, or hf:PATH (default: the embedded data set, generated)")
     g.add_argument("--train-size", type=image_size, default=None,
                    help="size the model was (or is to be) trained at (default: the model's own; 64 embedded)")
     g.add_argument("--test-sizes", type=int_list, default=None, metavar="SIZES",

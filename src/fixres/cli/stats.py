@@ -13,7 +13,8 @@ def add_parser(sub, parents):
                     "fraction of zeros and the fraction above 2 (section 3.2). With --compare, the same for a "
                     "second (adapted) checkpoint, drawn dashed (figure 4). Writes stats.json and "
                     f"activation_cdf.png to --out (default {default_out('stats')}).")
-    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder tree (its val/ when present)")
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder tree (its val/ when "
+                   "present), WebDataset shards, or hf:PATH")
     p.add_argument("--sizes", type=int_list, default=None,
                    help="test sizes, e.g. 64,128,224,448 (default: train size x 0.5, 1, 1.5, 2)")
     p.add_argument("--train-size", type=image_size, default=None,

@@ -44,7 +44,8 @@ def add_parser(sub, parents):
     add_model_args(p, random_ok=True)  # train builds random weights on purpose; --pretrained: transfer
     add_runtime_args(p, batch_default=DEFAULT_TRAIN_BATCH_SIZE, batch_note=": the global batch under torchrun")
     p.add_argument("--data", required=True, metavar="DIR",
-                   help="ImageFolder root; ROOT/train and ROOT/val are used when present")
+                   help="ImageFolder root (ROOT/train and ROOT/val when present), a folder of "
+                        "train-*.tar and val-*.tar shards, or hf:PATH")
     p.add_argument("--train-size", type=image_size, required=True, help="training resolution T (pixels)")
     p.add_argument("--epochs", type=positive_int, default=DEFAULT_TRAIN_EPOCHS,
                    help=f"epochs (default {DEFAULT_TRAIN_EPOCHS}; the paper trains ImageNet for 120)")

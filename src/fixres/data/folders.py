@@ -108,7 +108,7 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
     folders, skipped = _class_folders(root)
     if not folders:
         raise UsageError(f"{root} has no class folders (expected an ImageFolder tree: ROOT/CLASS/IMAGE)")
-    classes, source = _class_order(folders, class_map=class_map, num_classes=num_classes)
+    classes, source = class_order(folders, class_map=class_map, num_classes=num_classes)
     index = {name: i for i, name in enumerate(classes)}
     walker = _FolderWalker(root, [root / f for f in folders])
     samples: list[tuple[str, int]] = []
@@ -131,7 +131,7 @@ def scan_folder(root: str | os.PathLike, *, class_map: Sequence[str] | None = No
                        skipped_folders=skipped)
 
 
-def _class_order(folders: list[str], *, class_map: Sequence[str] | None,
+def class_order(folders: list[str], *, class_map: Sequence[str] | None,
                  num_classes: int | None) -> tuple[list[str], str]:
     """The class names in index order and where the order comes from (``scan_folder``'s rule)."""
     if class_map is not None:

@@ -9,12 +9,14 @@ and name skips instead of crashing.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
-from pathlib import Path
 from typing import Callable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fixres.data.sources import open_photo
 
 #: Decompression-bomb guard: refuse images above this many pixels (about 16k x 11k).
 MAX_IMAGE_PIXELS = 178_956_970
@@ -116,6 +118,18 @@ def _draft_for(img: Image.Image, need: Callable[[tuple[int, int]], int | None]) 
         img.draft(img.mode, (w // k, h // k))
 
 
+def _opened(path: str | os.PathLike) -> str | io.BytesIO:
+    """The photo ``path`` names (a file, a shard member, a dataset row) ready for ``Image.open``, or ``BadImage``."""
+    try:
+        source = open_photo(path)
+        empty = os.stat(source).st_size == 0 if isinstance(source, str) else not source.getbuffer().nbytes
+    except OSError as exc:
+        raise BadImage(f"cannot read: {exc.strerror or exc}") from None
+    if empty:
+        raise BadImage("empty file")
+    return source
+
+
 def load_rgb(path: str | os.PathLike, *, need: Callable[[tuple[int, int]], int | None] | None = None) -> Image.Image:
     """Decode ``path`` into an upright RGB PIL image, or raise ``BadImage(reason)``.
 
@@ -124,19 +138,14 @@ def load_rgb(path: str | os.PathLike, *, need: Callable[[tuple[int, int]], int |
     at the largest power-of-two reduction that keeps it (``jpeg_reduction``). Other formats are
     decoded in full without asking.
     """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise BadImage("empty file")
-    except OSError as exc:
-        raise BadImage(f"cannot read: {exc.strerror or exc}") from None
+    source = _opened(path)
     try:
         with warnings.catch_warnings():
             # A corrupt EXIF block or TIFF tag only warns; the image either decodes or is skipped, so
             # per-file warnings would just flood the log. The bomb warning becomes an error (a skip).
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if getattr(img, "is_animated", False):
                     img.seek(0)  # animated GIF/WebP: the first frame
                 if need is not None:
@@ -174,11 +183,13 @@ def probe_size(path: str | os.PathLike) -> tuple[tuple[int, int] | None, str | N
     so ``fixres analyze --data`` never feeds a bomb's claimed size into the statistics.
     """
     try:
-        if Path(path).stat().st_size == 0:
-            return None, "empty file"
+        source = _opened(path)
+    except BadImage as exc:
+        return None, str(exc)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 try:
                     orientation = img.getexif().get(0x0112, 1)

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from fixres.data.sources import is_member, photo_stat, read_member
+
 #: Bytes read per chunk while hashing a file (large checkpoints are streamed, never loaded whole).
 HASH_CHUNK = 1 << 20
 #: Bytes hashed at each end of a photo for the data fingerprint (the whole file when at most twice this).
@@ -40,9 +42,14 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def content_sample(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a file's first and last ``SAMPLE_BLOCK`` bytes, of all of it when small; "" if unreadable."""
+    """sha256 (hex) of a photo's first and last ``SAMPLE_BLOCK`` bytes, of all of it when small; "" if unreadable.
+    A photo inside a container (``fixres.data.sources``) is hashed the same way over its own bytes."""
     h = hashlib.sha256()
     try:
+        if is_member(os.fspath(path)):  # a shard member or a dataset row: its bytes, read from the container
+            data = read_member(os.fspath(path))
+            h.update(data if len(data) <= 2 * SAMPLE_BLOCK else data[:SAMPLE_BLOCK] + data[-SAMPLE_BLOCK:])
+            return h.hexdigest()
         with open(path, "rb") as f:
             head = f.read(2 * SAMPLE_BLOCK + 1)
             h.update(head[:SAMPLE_BLOCK] if len(head) > 2 * SAMPLE_BLOCK else head)
@@ -60,8 +67,7 @@ def index_fingerprint(samples: Iterable[Sequence]) -> str:
     h = hashlib.sha256()
     for path, label in samples:
         try:
-            st = os.stat(path)
-            size, mtime = st.st_size, st.st_mtime_ns
+            size, mtime = photo_stat(path)
         except OSError:
             size, mtime = -1, -1
         content = content_sample(path) if size >= 0 else ""

@@ -15,14 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from fixres.config import DataConfig
-from fixres.data.folders import (
-    FolderIndex,
-    index_val_onto,
-    missing_classes_warning,
-    resolve_split,
-    scan_folder,
-    shared_photos,
-)
+from fixres.data.folders import FolderIndex, missing_classes_warning, shared_photos
+from fixres.data.layouts import Location, exists, index_location, resolve_split
 from fixres.errors import UsageError
 from fixres.method.analysis import recommend_test_size
 from fixres.models.inputsize import fit_input_size
@@ -37,19 +31,17 @@ def class_names_for(bundle: ModelBundle, cfg: DataConfig, class_map: list[str] |
     return class_map
 
 
-def index_folder(folder: str | Path, *, classes: FolderIndex | Sequence[str] | None = None,
+def index_folder(folder: str | Path | Location, *, classes: FolderIndex | Sequence[str] | None = None,
                  class_map: list[str] | None = None, num_classes: int | None = None,
                  warn: bool = True) -> FolderIndex:
-    """One folder of photos: mapped onto ``classes`` by folder name when they are known (a class the model never
-    learned is an error), else its folders in ``class_map`` order or sorted."""
-    if classes is not None:
-        return index_val_onto(folder, classes, num_classes=num_classes, warn=warn)
-    return scan_folder(folder, class_map=class_map, num_classes=num_classes, warn=warn)
+    """One split's photos, in any layout (``fixres.data.layouts``): mapped onto ``classes`` by class name when they
+    are known (a class the model never learned is an error), else in ``class_map`` order or the layout's own."""
+    return index_location(folder, classes=classes, class_map=class_map, num_classes=num_classes, warn=warn)
 
 
 def index_split(data: str | Path, split: str, **kw) -> FolderIndex:
-    """The ``split`` ("train" or "val") of a data folder (``fixres.data.folders.resolve_split``), indexed as
-    ``index_folder`` does."""
+    """The ``split`` ("train" or "val") of a data folder, shards or dataset (``fixres.data.layouts.resolve_split``),
+    indexed as ``index_folder`` does."""
     return index_folder(resolve_split(data, split), **kw)
 
 
@@ -107,7 +99,7 @@ def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[st
     train = index_folder(train_dir, class_map=class_map, num_classes=n_out) if need_train else None
     classes = train.classes if train is not None else class_map
     val, warnings = None, []
-    if val_dir.is_dir():  # one rule: val is mapped onto the training (or model) classes by name
+    if exists(val_dir):  # one rule: val is mapped onto the training (or model) classes by name
         onto = (train if train is not None else classes) if classes else None
         val = index_folder(val_dir, classes=onto, num_classes=n_out)
         if train is not None and missing_classes_warning(val):

@@ -1,0 +1,140 @@
+"""The three layouts ``--data`` names, one way in: an ImageFolder tree, WebDataset shards, a Hugging Face dataset.
+
+``resolve_split`` finds a split (``train`` or ``val``) in any of them, ``index_location`` indexes it into a
+``FolderIndex`` whose samples name each photo by its reference (``fixres.data.sources``), and the one class-set
+rule holds for all three: an evaluation split is mapped onto the training (or model) classes by name
+(``map_onto``). Everything downstream (loading, decoding, skipping, scoring, sharding over ranks) sees a
+``FolderIndex`` and does not know the layout.
+
+A Hugging Face dataset's image and label columns may be named in the ``--data`` value itself,
+``hf:PATH?image=COLUMN&label=COLUMN`` (what ``--image-column`` / ``--label-column`` write), so a run's data is
+one value wherever it is recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import parse_qs
+
+from fixres.data.folders import FolderIndex, class_order, index_val_onto, scan_folder
+from fixres.data.folders import resolve_split as resolve_folder_split
+from fixres.data.hfsets import find_columns, hf_root, is_hf, open_splits, split_for
+from fixres.data.shards import ShardSplit, index_shards, is_shards, resolve_shards
+from fixres.data.sources import row_ref
+from fixres.errors import UsageError
+
+#: What a ``--data`` value's query may name, and the column it names.
+COLUMN_KEYS = ("image", "label")
+
+
+@dataclass(frozen=True)
+class HfSplit:
+    """One split of a Hugging Face dataset on disk and the columns named for it (None: found by type)."""
+
+    spec: str
+    root: str
+    split: str
+    image: str | None = None
+    label: str | None = None
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+Location = Path | ShardSplit | HfSplit
+
+
+def with_columns(data: str, *, image: str | None, label: str | None) -> str:
+    """``hf:PATH`` with its columns named (``--image-column`` / ``--label-column``); refused for other layouts."""
+    if image is None and label is None:
+        return data
+    if not is_hf(data):
+        raise UsageError("--image-column and --label-column name columns of a Hugging Face dataset (--data hf:PATH)")
+    query = "&".join(f"{k}={v}" for k, v in zip(COLUMN_KEYS, (image, label)) if v)
+    return f"{data}{'&' if '?' in data else '?'}{query}"
+
+
+def _hf_split(data: str, split: str) -> HfSplit:
+    path, _, query = data.partition("?")
+    named = {k: v[-1] for k, v in parse_qs(query).items()}
+    unknown = sorted(set(named) - set(COLUMN_KEYS))
+    if unknown:
+        raise UsageError(f"--data {data}: unknown setting {unknown[0]!r} (known: {', '.join(COLUMN_KEYS)})")
+    root = hf_root(path)
+    return HfSplit(data, root, split_for(open_splits(root), split, root), named.get("image"), named.get("label"))
+
+
+def resolve_split(data: str | os.PathLike, split: str) -> Location:
+    """Where ``split`` ("train" or "val") of ``data`` is, in whichever layout ``data`` has."""
+    text = os.fspath(data)
+    if is_hf(text):
+        return _hf_split(text, split)
+    if is_shards(text):
+        return resolve_shards(text, split)
+    return resolve_folder_split(data, split)
+
+
+def exists(location: Location) -> bool:
+    """True when the split is there to be read (a folder split may be a missing val/)."""
+    return location.is_dir() if isinstance(location, Path) else True
+
+
+def _index_hf(location: HfSplit, *, class_map: Sequence[str] | None, num_classes: int | None) -> FolderIndex:
+    ds = open_splits(location.root)[location.split]
+    columns = find_columns(ds, image=location.image, label=location.label, where=location.spec)
+    values = ds[columns.label]
+    if any(v is None for v in values):
+        raise UsageError(f"{location.spec}: {sum(v is None for v in values)} rows have no label")
+    if columns.classes is not None or all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        classes = list(class_map) if class_map is not None else (
+            columns.classes or [str(k) for k in range(max(values) + 1)])
+        labels, source = [int(v) for v in values], "class map" if class_map is not None else "dataset's label names"
+        if max(labels) >= len(classes) or min(labels) < 0:
+            raise UsageError(f"{location.spec}: label {max(labels)} is past the {len(classes)} classes")
+    else:
+        classes, source = class_order(sorted({str(v) for v in values}), class_map=class_map, num_classes=num_classes)
+        at = {name: i for i, name in enumerate(classes)}
+        labels = [at[str(v)] for v in values]
+    if num_classes is not None and len(classes) > num_classes:
+        raise UsageError(f"the data has {len(classes)} classes but the model outputs {num_classes}; "
+                         "pass --num-classes to replace the head, or --class-map to map the classes")
+    samples = [(row_ref(location.root, location.split, columns.image, row), y) for row, y in enumerate(labels)]
+    return FolderIndex(root=Path(location.spec), classes=classes, samples=samples, source=f"{source} (Hugging Face)")
+
+
+def map_onto(index: FolderIndex, train: FolderIndex | Sequence[str]) -> FolderIndex:
+    """``index`` relabelled onto ``train``'s classes by name (``index_val_onto``'s rule, for any layout)."""
+    classes = list(train.classes) if isinstance(train, FolderIndex) else [str(c) for c in train]
+    at = {name: i for i, name in enumerate(classes)}
+    unknown = [c for c in index.classes if c not in at and any(y == index.classes.index(c) for _, y in index.samples)]
+    if unknown:
+        raise UsageError(f"val class {unknown[0]!r} in {index.root} is not one of the {len(classes)} training/model "
+                         "classes; remove it or fix the class map")
+    samples = [(ref, at[index.classes[y]]) for ref, y in index.samples]
+    expected = ([classes[i] for i in sorted({y for _, y in train.samples})] if isinstance(train, FolderIndex)
+                else [c for c in classes if not c.startswith("<unused ")])
+    present = {classes[y] for _, y in samples}
+    return FolderIndex(root=index.root, classes=classes, samples=samples, source=index.source,
+                       skipped_folders=index.skipped_folders, missing_classes=[c for c in expected if c not in present])
+
+
+def index_location(location: Location, *, classes: FolderIndex | Sequence[str] | None = None,
+                   class_map: Sequence[str] | None = None, num_classes: int | None = None,
+                   warn: bool = True) -> FolderIndex:
+    """The photos of one split: mapped onto ``classes`` by name when they are known, else in ``class_map`` order,
+    else the layout's own order (sorted folders, class numbers, the dataset's label names)."""
+    if not isinstance(location, (ShardSplit, HfSplit)):  # a path: a folder, or shards and datasets named as paths
+        text = os.fspath(location)
+        location = resolve_split(text, "val") if is_hf(text) or is_shards(text) else Path(text)
+    if isinstance(location, Path):
+        if classes is not None:
+            return index_val_onto(location, classes, num_classes=num_classes, warn=warn)
+        return scan_folder(location, class_map=class_map, num_classes=num_classes, warn=warn)
+    if isinstance(location, ShardSplit):
+        own = index_shards(location, class_map=class_map, num_classes=num_classes, warn=warn)
+    else:
+        own = _index_hf(location, class_map=class_map, num_classes=num_classes)
+    return map_onto(own, classes) if classes is not None else own
