@@ -139,14 +139,15 @@ def test_finetune_gives_the_folders_weights(capsys, tmp_path, layouts, name):
 
 def test_fix_gives_the_folders_choice_and_figures(tmp_path, capsys, layouts):
     results = {}
-    for layout in ("folder", "shards"):
-        code, _, err = cli(capsys, "fix", "--data", layouts[layout], "--checkpoint", layouts["ckpt"], *MODEL,
+    for layout in ("folder", "shards", "hf"):
+        code, _, err = cli(capsys, "fix", "--data", _layout(layouts, layout), "--checkpoint", layouts["ckpt"], *MODEL,
                            "--train-size", "32", "--test-sizes", "32,48", "--epochs", "1", "--batch-size", "8",
                            "--no-robustness", "--out", tmp_path / layout)
         assert code == 0, err
         results[layout] = json.loads((tmp_path / layout / "export" / "fixres.json").read_text())
-    assert results["shards"]["accuracy"] == results["folder"]["accuracy"]
-    assert results["shards"]["test_size"] == results["folder"]["test_size"]
+    for layout in ("shards", "hf"):
+        assert results[layout]["accuracy"] == results["folder"]["accuracy"]
+        assert results[layout]["test_size"] == results["folder"]["test_size"]
 
 
 def test_torchrun_scores_every_sample_of_unequal_shards_once(tmp_path, capsys, layouts):
@@ -244,3 +245,16 @@ def test_analyze_reads_photo_sizes_from_shards(capsys, layouts):
     code, out, err = cli(capsys, "analyze", "--train-size", "32", "--data", layouts["shards"], "--json")
     assert code == 0, err
     assert json.loads(out)["monte_carlo"]["image_sizes_used"] == 3 * 4
+
+
+def test_a_photo_changed_inside_a_shard_changes_the_runs_fingerprint(tmp_path, layouts):
+    from fixres.job.fingerprint import index_fingerprint
+    samples = scan_folder(Path(layouts["folder"]) / "val").samples
+    write_shards(tmp_path, "val", samples)
+    before = index_fingerprint(index_shards(resolve_shards(tmp_path, "val"), warn=False).samples)
+    edited = tmp_path / "edited.jpg"
+    edited.write_bytes(Path(samples[0][0]).read_bytes()[:-2] + b"\xff\xd9")  # same size, other bytes
+    write_shards(tmp_path, "val", [(str(edited), samples[0][1])] + samples[1:])
+    renamed = [(p.replace("edited", "img_000"), y) for p, y in
+               index_shards(resolve_shards(tmp_path, "val"), warn=False).samples]
+    assert index_fingerprint(renamed) != before

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 from fixres.data.folders import FolderIndex, class_order, index_val_onto, scan_folder
 from fixres.data.folders import resolve_split as resolve_folder_split
-from fixres.data.hfsets import find_columns, hf_root, is_hf, open_splits, split_for
+from fixres.data.hfsets import HF_PREFIX, find_columns, hf_root, is_hf, open_splits, split_for
 from fixres.data.shards import ShardSplit, index_shards, is_shards, resolve_shards
 from fixres.data.sources import row_ref
 from fixres.errors import UsageError
@@ -75,6 +75,27 @@ def resolve_split(data: str | os.PathLike, split: str) -> Location:
     if is_shards(text):
         return resolve_shards(text, split)
     return resolve_folder_split(data, split)
+
+
+def require(data: str | os.PathLike, what: str = "data folder") -> None:
+    """One line when ``data`` names nothing there: a missing folder, a shard, a dataset folder."""
+    text = os.fspath(data)
+    if is_hf(text):
+        if not os.path.isdir(hf_root(text.partition("?")[0])):
+            raise UsageError(f"Hugging Face dataset folder not found: {text}")
+    elif is_shards(text):
+        resolve_shards(text, "val")
+    elif not os.path.exists(text):
+        raise UsageError(f"{what} not found: {text}")
+
+
+def canonical(data: str | os.PathLike) -> str:
+    """``data`` as one absolute value, the same from any working folder (a run's key)."""
+    text = os.fspath(data)
+    if is_hf(text):
+        path, mark, query = text.partition("?")
+        return f"{HF_PREFIX}{hf_root(path)}{mark}{query}"
+    return str(Path(text).resolve())
 
 
 def exists(location: Location) -> bool:

@@ -25,7 +25,7 @@ from typing import Sequence
 
 from fixres.data.folders import FolderIndex, class_order
 from fixres.data.images import is_image_file
-from fixres.data.sources import PhotoUnreadable, member_ref, tar_members
+from fixres.data.sources import PhotoUnreadable, keep_members, member_ref, scan_members
 from fixres.errors import UsageError
 from fixres.runtime.progress import status
 
@@ -118,24 +118,25 @@ def _key_of(member: str) -> tuple[str, str]:
 def _samples_of(shard: str) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
     """(key, image member ref, class text) of each complete sample of ``shard``, and (ref, reason) left out."""
     try:
-        members = tar_members(shard)
+        members = scan_members(shard)
     except PhotoUnreadable as exc:
         raise UsageError(str(exc)) from None
     keys: dict[str, dict[str, str]] = {}
     for name in members:
         key, suffix = _key_of(name)
         keys.setdefault(key, {})[suffix.lower()] = name
-    kept, left = [], []
-    for key, parts in keys.items():
-        image = next((parts[s] for s in sorted(parts) if is_image_file("x" + s)), None)
-        if image is None or CLASS_SUFFIX not in parts:
-            left.append((member_ref(shard, key), "no image member" if image is None else "no .cls member"))
-            continue
-        with open(shard, "rb") as f:
+    kept, left, photos = [], [], []
+    with open(shard, "rb") as f:
+        for key, parts in keys.items():
+            image = next((parts[s] for s in sorted(parts) if is_image_file("x" + s)), None)
+            if image is None or CLASS_SUFFIX not in parts:
+                left.append((member_ref(shard, key), "no image member" if image is None else "no .cls member"))
+                continue
             offset, size = members[parts[CLASS_SUFFIX]]
             f.seek(offset)
-            text = f.read(size).decode("utf-8", "replace").strip()
-        kept.append((key, member_ref(shard, image), text))
+            kept.append((key, member_ref(shard, image), f.read(size).decode("utf-8", "replace").strip()))
+            photos.append(image)
+    keep_members(shard, {name: members[name] for name in photos})
     return kept, left
 
 

@@ -44,20 +44,31 @@ def row_ref(root: str, split: str, column: str, row: int) -> str:
     return f"{HF_PREFIX}{root}{MEMBER_SEP}{split}/{column}/{row}"
 
 
+def scan_members(shard: str) -> dict[str, tuple[int, int]]:
+    """{member name: (data offset, size)} of the regular files of tar ``shard``, read from its headers now."""
+    table = {}
+    try:
+        with tarfile.open(shard, mode="r:") as tar:  # uncompressed: members are read in place by offset
+            for info in tar:
+                if info.isfile():
+                    table[info.name] = (info.offset_data, info.size)
+    except (OSError, tarfile.TarError) as exc:
+        raise PhotoUnreadable(f"cannot read shard {shard}: {exc}") from None
+    return table
+
+
 def tar_members(shard: str) -> dict[str, tuple[int, int]]:
-    """{member name: (data offset, size)} of the regular files of tar ``shard``, read from its headers once."""
+    """The offsets of ``shard``'s photos: as its indexer kept them (``keep_members``), else read from its headers."""
     table = _TAR_MEMBERS.get(shard)
     if table is None:
-        table = {}
-        try:
-            with tarfile.open(shard, mode="r:") as tar:  # uncompressed: members are read in place by offset
-                for info in tar:
-                    if info.isfile():
-                        table[info.name] = (info.offset_data, info.size)
-        except (OSError, tarfile.TarError) as exc:
-            raise PhotoUnreadable(f"cannot read shard {shard}: {exc}") from None
-        _TAR_MEMBERS[shard] = table
+        table = _TAR_MEMBERS[shard] = scan_members(shard)
     return table
+
+
+def keep_members(shard: str, table: dict[str, tuple[int, int]]) -> None:
+    """Keep ``table`` (the photos' offsets, as just indexed) as ``shard``'s: only the photos are read again, and the
+    table is copied into every loader worker, so class labels and metadata are left out of it."""
+    _TAR_MEMBERS[shard] = table
 
 
 def read_member(ref: str, *, limit: int | None = None) -> bytes:

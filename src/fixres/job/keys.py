@@ -6,9 +6,8 @@ setting, content hash and fingerprint the step's result depends on, and the keys
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
+from fixres.data.layouts import canonical
 from fixres.job import candidates
 from fixres.job.context import FIX_REDUCED_DECODE, STEPS, FixContext, stats_sizes_of
 from fixres.models.onnxrt import TORCH
@@ -19,7 +18,7 @@ def key_data(x: FixContext) -> dict:
     if c.embedded:
         return {"data": "embedded", "synth_classes": c.classes, "synth_train_per_class": c.train_per_class,
                 "synth_val_per_class": c.val_per_class, "synth_seed": c.seed}
-    return {"data": str(Path(c.data).resolve())}
+    return {"data": canonical(c.data)}
 
 
 def _key_model(x: FixContext) -> dict:

@@ -45,6 +45,7 @@ import torch
 
 from fixres.choosing.photos import RULE_CROSS
 from fixres.data.corruptions import CORRUPTIONS, SEVERITIES
+from fixres.data.layouts import require
 from fixres.errors import UsageError
 from fixres.io.atomic import plain_json, write_json
 from fixres.io.documents import DataInfo, FinetuneInfo, RobustnessTable, StatsInfo, TrainInfo
@@ -348,10 +349,10 @@ def _check_config(config: FixConfig) -> None:
         raise UsageError(f"unknown fine-tuning augmentation {config.augment!r}; choose test, test2 or train")
     if config.train_augment not in ("train", "control"):
         raise UsageError(f"unknown training augmentation {config.train_augment!r}; choose train or control")
-    if config.data is not None and not Path(config.data).exists():
-        raise UsageError(f"data folder not found: {config.data}")
-    if config.select_data is not None and not Path(config.select_data).is_dir():
-        raise UsageError(f"--select-data folder not found: {config.select_data}")
+    if config.data is not None:
+        require(config.data)
+    if config.select_data is not None:
+        require(config.select_data, "--select-data folder")
     if config.select_data is not None and config.holdout_untouched:
         raise UsageError("--select-data and --holdout-untouched name two different photo sets to choose on: give one")
     if config.checkpoint is not None and not Path(config.checkpoint).exists():
