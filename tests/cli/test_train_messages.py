@@ -1,5 +1,5 @@
 """What `fixres train` tells a user along the way: what an epoch is when repeated augmentation
-and full batches change it, no empty validation columns, and `fixres fix` as the next step."""
+and full batches change it, no empty validation columns, `fixres fix` as the next step, and the model card."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def test_epoch_is_explained_with_repeated_augmentation_and_the_dropped_remainder
             "(repeated augmentation), so about 6 distinct photos; 2 left over after the last full batch of 4 "
             "are not used") in err
     assert "next: fixres fix --checkpoint" in out and "--train-size 32" in out
+
+
+def test_the_model_card_says_the_command_and_the_photos(capsys, tmp_path):
+    code, _, err = _train(capsys, tmp_path, "--repeats", "1")
+    assert code == 0, err
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "fixres train --model fixres_tiny_resnet" in card and str(tmp_path / "d") in card
 
 
 def test_without_repeats_the_epoch_is_the_photos_and_the_remainder(capsys, tmp_path):

@@ -116,6 +116,8 @@ class TrainRunConfig:
     overrides: dict
     epoch_length_factor: float | None = None  # None: the paper's (2 with repeated augmentation)
     optimizer: str = "sgd"
+    #: the command line, for the model card beside the export
+    command: str | None = None
     #: fixres.models.loading.ModelSpec from the model flags (--ema, --strict, --pretrained ...); None: built from
     #: model/checkpoint/weights alone
     spec: object = None
@@ -135,7 +137,7 @@ class TrainRunConfig:
                    progress=not args.quiet,
                    overrides={"crop_ratio": args.crop_ratio, "interpolation": args.interpolation,
                               "mean": args.mean, "std": args.std},
-                   spec=model_spec(args), optimizer=args.optimizer)
+                   spec=model_spec(args), optimizer=args.optimizer, command=getattr(args, "_invocation", None))
 
 
 def run(args):
@@ -198,6 +200,10 @@ def run_training(rc: TrainRunConfig, env) -> dict:
                    step_epochs=rc.step_epochs, momentum=rc.momentum, weight_decay=rc.weight_decay,
                    model_name=bundle.name, max_steps=rc.max_steps, epoch_length_factor=rc.epoch_length_factor,
                    optimizer=rc.optimizer)
+    if result.get("model_path"):  # written by rank 0 alone; the card says what only this command knows
+        from fixres.models.card import CardFacts
+        from fixres.models.export import write_card
+        write_card(rc.out, data_cfg, CardFacts(data=str(val_index.root), command=rc.command))
     result.update({"model": bundle.name, "source": bundle.source, "transfer": transfer,
                    "new_head": bundle.new_head, "num_classes": num_classes,
                    "classes": train_index.classes, "train_dir": str(train_index.root), "val_dir": str(val_index.root),

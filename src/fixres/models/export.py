@@ -27,7 +27,16 @@ from fixres.data.transforms import geometry_for, torchvision_transform_code
 from fixres.errors import FixresError, UsageError
 from fixres.io.atomic import atomic_path, remove_stale_folders, swap_in, write_text
 from fixres.io.checkpoint import save_safetensors
-from fixres.io.meta import META_NAME, ONNX_NAME, WEIGHTS_NAME, build_meta, header_metadata, read_export_meta, write_meta  # noqa: F401 - re-exported
+from fixres.io.meta import (  # noqa: F401 - re-exported
+    META_NAME,
+    ONNX_NAME,
+    WEIGHTS_NAME,
+    build_meta,
+    header_metadata,
+    read_export_meta,
+    read_meta_file,
+    write_meta,
+)
 from fixres.models.card import CARD_NAME, CardFacts, card_text
 from fixres.models.hooks import kept_hook
 from fixres.models.hub import CONFIG_NAME, write_timm_config
@@ -90,6 +99,16 @@ def export_model(model: nn.Module, out_dir: str | Path, *, model_name: str, cfg:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / WEIGHTS_NAME
+
+
+def write_card(out_dir: str | Path, cfg: DataConfig, card: CardFacts) -> Path:
+    """Rewrite the model card of the export in ``out_dir`` with ``card`` (what only the caller knows: the data,
+    the command), from the export's own ``fixres.json``; the rest of the export is left as it is."""
+    out_dir = Path(out_dir)
+    meta = read_meta_file(out_dir / META_NAME)
+    path = out_dir / CARD_NAME
+    write_text(path, card_text(meta, cfg, card, timm_ready=(out_dir / CONFIG_NAME).is_file()))
+    return path
 
 
 def remove_export(out_dir: str | Path) -> list[str]:
