@@ -149,12 +149,14 @@ def test_plan_estimate_reading_does_not_grow_with_the_candidate_size(augment):
     small = plan.plan_estimates(_plan_context(candidates=[32], augment=augment), 0.0, read)
     large = plan.plan_estimates(_plan_context(candidates=[128], augment=augment), 0.0, read)
     cached = augment == "test"
-    # the fitting photos per fine-tuning; the held-out ones once, by the model before the fix (recording its
+    # the fitting photos per fine-tuning, but not for the candidate at the schedule grid's size when cached (the
+    # grid's cache is handed to it); the held-out ones once, by the model before the fix (recording its
     # activations at the cut, from which every candidate is scored, on val too)
-    reads = (100 if cached else 100 * 4) + 20
+    reads = (0 if cached else 100 * 4) + 20
     assert small["select"] == pytest.approx(large["select"]) == pytest.approx(read * reads)
-    # The schedule grid: 2 rates x epochs x1 and x3, each fine-tune reading the fitting images; held-out read once.
-    grid = sum((100 if cached else 100 * 4 * f) for _ in (1, 10) for f in (1, 3)) + 20
+    # The schedule grid: 2 rates x epochs x1 and x3; cached, the first fine-tuning reads the fitting images and
+    # hands its cache to the others; held-out read once.
+    grid = (100 if cached else sum(100 * 4 * f for _ in (1, 10) for f in (1, 3))) + 20
     assert large["schedule"] == pytest.approx(read * grid)
     # The network's share does scale with the area: 4x the side, 16x the forward time.
     fwd = plan.plan_estimates(_plan_context(candidates=[128]), 0.001, 0.0)["select"]

@@ -262,3 +262,49 @@ def test_finetune_timings_read_the_clock_after_synchronising_the_device(tmp_path
     assert all(events[i - 1] == "sync cpu" for i in reads)
     assert res["timing"]["ms_per_batch_forward"] == {"mean": 1000.0, "std": 0.0}
     assert res["timing"]["ms_per_batch_backward"] == {"mean": 1000.0, "std": 0.0}
+
+
+@pytest.mark.parametrize("budget_mb", [None, 0.001])  # the handed-over cache in memory, and in fp16 on disk
+def test_a_cache_handed_to_the_next_fine_tuning_gives_its_weights(tmp_path, budget_mb):
+    from fixres.method.cutcache import FitCaches
+    train, val = tiny_data(tmp_path / "d")
+    shared = FitCaches(budget_bytes=1 << 30)
+    kw = dict(precision=fp32(), **COMMON, **({"cache_budget_mb": budget_mb} if budget_mb else {}))
+    first = tiny_bundle()
+    finetune(first.model, train, val, first.data_config, out_dir=tmp_path / "a", shared=shared, **kw)
+    states = []
+    for folder, given in (("b", shared), ("c", None)):  # the same fine-tuning, handed the cache and filling its own
+        bundle = tiny_bundle()
+        finetune(bundle.model, train, val, bundle.data_config, out_dir=tmp_path / folder, shared=given,
+                 **{**kw, "lr": 0.05})
+        states.append(_state(bundle.model))
+    assert shared.reused == 1 and len(shared.entries) == 1
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    other = tiny_bundle()
+    with torch.no_grad():
+        other.model.conv1.weight.mul_(1.5)  # another model before the cut: its activations differ
+    finetune(other.model, train, val, other.data_config, out_dir=tmp_path / "d2", shared=shared, **kw)
+    assert shared.reused == 1 and len(shared.entries) == (2 if budget_mb is None else 1)  # one on disk at a time
+    shared.close()
+    assert not list(tmp_path.rglob("prefix_cache.f16"))
+
+
+def test_handed_over_caches_keep_one_on_disk_and_memory_within_budget():
+    from fixres.method.cutcache import FitCaches
+
+    class Cache:
+        def __init__(self, on_disk, size=10):
+            self.on_disk, self.bytes, self.closed = on_disk, size, False
+
+        def close(self):
+            self.closed = True
+
+    class Tune:  # what FitCaches keys on: one distinct key per call
+        def __init__(self, k):
+            self.k = k
+    shared = FitCaches(budget_bytes=25)
+    shared._key = lambda tune: tune.k
+    made = [Cache(False), Cache(True), Cache(False), Cache(True), Cache(False)]
+    for k, cache in enumerate(made):
+        shared.keep(Tune(k), cache, [])
+    assert [c.closed for c in made] == [True, True, False, False, False]

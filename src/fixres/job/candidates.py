@@ -93,7 +93,7 @@ def _finetune_at(x: "FixContext", model, size: int, *, lr: float | None, epochs:
                     lr=lr, batch_size=c.batch_size, cache=True, out_dir=out_dir,
                     resume=(out_dir / FT_STATE).is_file(), env=x.env, precision=x.precision, seed=c.seed,
                     workers=c.workers, progress=c.progress, evaluate_before=False,
-                    evaluate_after=False)  # scored below, on the images each score is for
+                    evaluate_after=False, shared=x.fit_caches())  # scored below, on the images each score is for
 
 
 def _score(x: "FixContext", model, name: str, samples, size: int, *, outcomes: bool = False,
@@ -249,9 +249,11 @@ def _planned_candidates(x: "FixContext") -> tuple[list[int], list[int], dict]:
     per_pixel = sweep.seconds / area  # seconds per image-pixel of a forward
     # where the model before the fix recorded val at the cut, every score replays the modules after it only
     n_scored = len(x.holdout) + (0 if x.cut_cache().cut is not None else sweep.n_images)
+    cached, held = x.config.augment == "test", x.fit_caches().sizes()  # held: no prefix pass over the fitting photos
     est = {s: estimate_seconds(s, seconds_per_pixel=per_pixel, n_fit=len(x.fit), n_scored=n_scored,
-                               epochs=x.schedule.epochs, cached=x.config.augment == "test",
-                               cached_share=x.cached_share)
+                               epochs=x.schedule.epochs, cached=cached, cached_share=x.cached_share)
+           - (estimate_seconds(s, seconds_per_pixel=per_pixel, n_fit=len(x.fit), n_scored=0, epochs=0, cached=True)
+              if cached and s in held else 0.0)
            for s in x.candidates}
     budget = None if x.config.select_budget_min is None else 60.0 * x.config.select_budget_min
     keep = sorted({schedule_size(x), x.data_config.train_size})

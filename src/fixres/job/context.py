@@ -49,7 +49,7 @@ from fixres.io.run import FixResults
 from fixres.io.served import Choice
 from fixres.job.fingerprint import digest, file_digest, index_fingerprint
 from fixres.job.runstate import RunState
-from fixres.method.cutcache import CutCache
+from fixres.method.cutcache import MB, CutCache, FitCaches
 from fixres.method.inputs import index_folder, index_train_val
 from fixres.models.card import UNKNOWN_LICENSE
 from fixres.models.export import WEIGHTS_NAME
@@ -209,6 +209,7 @@ class FixContext:
     _holds: str = ""  # what the working copy holds: "export" (the fixed model) or a candidate
     _checkpoint_sha: str | None = None
     _cut_cache: CutCache | None = None
+    _fit_caches: FitCaches | None = None
     #: the plan's measured cached fine-tuning step's share of a forward (``job.plan.Probe``), when it printed
     cached_share: float | None = None
 
@@ -348,11 +349,21 @@ class FixContext:
                                                  budget_mb=DEFAULT_CACHE_BUDGET_MB)
         return self._cut_cache
 
+    def fit_caches(self) -> FitCaches:
+        """The fitting photos' activations at the cut, filled by the first fine-tuning at a size and handed to the
+        next ones there (``fixres.method.cutcache.FitCaches``)."""
+        if self._fit_caches is None:
+            self._fit_caches = FitCaches(budget_bytes=int(DEFAULT_CACHE_BUDGET_MB * MB))
+        return self._fit_caches
+
     def close_cut_cache(self) -> None:
         """Free the recorded activations (and their files)."""
         if self._cut_cache is not None:
             self._cut_cache.close()
             self._cut_cache = None
+        if self._fit_caches is not None:
+            self._fit_caches.close()
+            self._fit_caches = None
 
     def checkpoint_sha(self) -> str | None:
         if self.config.checkpoint and self._checkpoint_sha is None:

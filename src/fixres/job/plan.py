@@ -120,19 +120,25 @@ def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float |
         return n * (load + fwd * area(sizes))
     # The grid runs at one size near the recommendation (not known yet): the middle candidate other than T. Its
     # fine-tunings are scored from the held-out photos' activations at the cut, recorded in one pass.
+    # A cached fine-tuning hands its fitting photos' activations to the next one at its size (``FitCaches``): the
+    # grid makes one prefix pass, and the candidate at the grid's size none.
     away = sorted(s for s in cands if s != t) or [t]
-    grid = [one(away[len(away) // 2], c.finetune_epochs * f, 0)
+    at = away[len(away) // 2]
+    shared_pass = one(at, 0, 0) if c.augment == "test" else 0.0
+    tuned = tunes_schedule(x)
+    grid = [one(at, c.finetune_epochs * f, 0)
             for _ in candidates.SCHEDULE_LR_FACTORS for f in candidates.SCHEDULE_EPOCH_FACTORS]
-    grid.append(before_pass(n_hold, [away[len(away) // 2]]))
+    grid.append(before_pass(n_hold, [at]) - (len(grid) - 1) * shared_pass)
     # Each candidate is scored on the photos that choose, the training photos shown and val from the activations
     # the model before the fix recorded at the cut (val's in the sweep before the fix).
-    select = sum(one(s, c.finetune_epochs, 0) for s in cands) + before_pass(n_hold + n_seen, cands)
+    select = (sum(one(s, c.finetune_epochs, 0) for s in cands) + before_pass(n_hold + n_seen, cands)
+              - (shared_pass if tuned and at in cands else 0.0))
     # training: a forward and its backward (about 3 forwards) per photo, the loader workers reading meanwhile
     est = {"train": c.train_epochs * n_fit * max(3 * fwd, load) if x.needs_training else 0.0,
            "sweep_before": sweep,
            # every swept size a candidate: the curve after the fix is the candidates' scores (no forward)
            "sweep_after": 0.0 if not c.label_free and set(x.test_sizes) <= set(cands) else sweep,
-           "schedule": sum(grid) if tunes_schedule(x) else 0.0,
+           "schedule": sum(grid) if tuned else 0.0,
            "select": 0.0 if c.label_free else select,
            "stats": 2 * min(STATS_IMAGES, n_val) * (fwd * area(stats) * cached_share if stats_replayed
                                                     else len(stats) * load + fwd * area(stats)),

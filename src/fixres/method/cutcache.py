@@ -298,3 +298,56 @@ def _replay(model: nn.Module, suffix: Suffix, store: PrefixCache, plan, *, batch
         model.train(was)
     return PerImage.concat(parts, 1), n_out
 
+
+
+class FitCaches:
+    """The fitting photos' activations at the cut, kept across the fine-tunings of one run.
+
+    Every fine-tuning of ``fixres fix`` (the schedule grid's and each candidate's) starts from the model before
+    the fix on the same fitting photos, so at one size its frozen-prefix cache holds the same activations: it is
+    filled once and handed to the next fine-tuning at that size (``finetune(shared=...)``). An entry is keyed on
+    the photos, the size and pre-processing, the precision, the cut and the weights before it, so a cache is only
+    handed to a fine-tuning it stands for. In-memory entries beyond ``budget_bytes`` are dropped, oldest first, and one
+cache on disk is kept at a time (one of ImageNet's fitting photos at one size is tens of gigabytes).
+    """
+
+    def __init__(self, *, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.entries: dict[tuple, tuple[PrefixCache, list[dict]]] = {}
+        self.reused = 0
+
+    @staticmethod
+    def _key(tune) -> tuple:
+        cfg, suffix = tune.cfg, tune.suffix
+        return (int(tune.settings["test_size"]), suffix.cut, photos_digest(tune.train_samples),
+                prefix_digest(tune.model, [n for n, _, _ in suffix.steps]), tuple(cfg.mean), tuple(cfg.std),
+                cfg.interpolation, cfg.crop_ratio, str(tune.precision), tune.env.rank)
+
+    def lookup(self, tune) -> tuple[PrefixCache, list[dict]] | None:
+        """The cache a fine-tuning (``method.finetuning``'s run) would fill, when one was filled before."""
+        hit = self.entries.get(self._key(tune))
+        self.reused += hit is not None
+        return (hit[0], list(hit[1])) if hit is not None else None
+
+    def keep(self, tune, cache: PrefixCache, skipped: list[dict]) -> None:
+        self.entries[self._key(tune)] = (cache, list(skipped))
+        while len(self.entries) > 1:
+            caches = [c for c, _ in self.entries.values()]
+            disk_over = sum(c.on_disk for c in caches) > 1
+            if not disk_over and sum(c.bytes for c in caches if not c.on_disk) <= self.budget_bytes:
+                break
+            # the oldest of the kind over its limit: never the cache just kept, the newest
+            oldest = next(k for k, (c, _) in self.entries.items() if c.on_disk == disk_over)
+            self.entries.pop(oldest)[0].close()
+
+    def sizes(self) -> set[int]:
+        """The sizes a cache is held for (whatever photos and weights: the caller knows they are its own)."""
+        return {key[0] for key in self.entries}
+
+    def holds(self, cache: PrefixCache) -> bool:
+        return any(c is cache for c, _ in self.entries.values())
+
+    def close(self) -> None:
+        for cache, _ in self.entries.values():
+            cache.close()
+        self.entries.clear()

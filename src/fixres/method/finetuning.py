@@ -136,6 +136,7 @@ class _Tune:
     train_cache: PrefixCache | None = None
     val_cache: PrefixCache | None = None
     cache_info: dict = field(default_factory=lambda: {"used": False, "reason": ""})
+    shared: object = None  # method.cutcache.FitCaches
     skipped: list[dict] = field(default_factory=list)
     t_cache: float = 0.0
     t_epochs: float = 0.0
@@ -166,14 +167,15 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
              precision: Precision | None = None, seed: int = 0, workers: int | None = None,
              progress: bool = True, evaluate_before: bool = True, evaluate_after: bool = True,
              epoch_eval: bool = False, cache_budget_mb: float = DEFAULT_CACHE_BUDGET_MB,
-             stop_after_batches: int | None = None) -> dict:
+             stop_after_batches: int | None = None, shared=None) -> dict:
     """Fine-tune the ``parts`` of ``model`` at ``test_size`` on ``train_samples``; evaluate on ``val_samples``.
 
     Leaves the adapted weights in ``model`` (eval mode). Writes ``out_dir/finetune_state.pt`` after
     every epoch (``resume=True`` continues from it, and refuses a state written with other settings),
     ``out_dir/finetune_log.jsonl`` (one line per epoch) and ``out_dir/finetune.json`` (the result).
     ``stop_after_batches`` raises ``FinetuneInterrupted`` after that many batches of this call (to
-    test resuming).
+    test resuming). ``shared`` (a ``method.cutcache.FitCaches``) hands over the frozen-prefix cache of an earlier
+    fine-tuning of the same photos, size and weights before the cut, and keeps this one's for later ones.
 
     Returns before/after accuracy at test_size (top-1 with fold std), the per-epoch log, timing (ms
     per batch forward and backward, wall seconds) and whether the activation cache was used.
@@ -188,6 +190,7 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
                epoch_eval=epoch_eval, stop_after_batches=stop_after_batches,
                settings={"test_size": test_size, "augment": augment, "epochs": epochs, "lr": lr,
                          "batch_size": batch_size, "seed": seed})
+    t.shared = shared
     grad_flags = [p.requires_grad for p in t.model.parameters()]
     state = _resume(t, resume, evaluate_before=evaluate_before)
     _make_optimizer(t, state)
@@ -199,7 +202,7 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
             _tune_epoch(t, epoch)
     finally:
         for c in (t.train_cache, t.val_cache):
-            if c is not None:
+            if c is not None and not (shared is not None and shared.holds(c)):
                 c.close()
         # also after an interruption: the caller gets the model back as it gave it, in eval mode
         t.model.eval()
@@ -316,9 +319,12 @@ def _fill_caches(t: _Tune, *, budget_bytes: int) -> None:
     t.model.eval()  # the prefix is frozen: eval mode throughout while filling
     kw = dict(batch_size=t.settings["batch_size"], workers=t.workers, device=t.env.device, precision=t.precision,
               budget_bytes=budget_bytes, progress=t.progress)
-    t.train_cache, t.skipped = fill_cache(t.model, t.suffix, t.train_samples, t.transform,
-                                           folder=t.out_dir / _cache_folder("cache", t.env),
-                                           desc=f"caching activations at {t.suffix.cut}", **kw)
+    hit = t.shared.lookup(t) if t.shared is not None else None
+    t.train_cache, t.skipped = hit or fill_cache(t.model, t.suffix, t.train_samples, t.transform,
+                                                 folder=t.out_dir / _cache_folder("cache", t.env),
+                                                 desc=f"caching activations at {t.suffix.cut}", **kw)
+    if t.shared is not None and hit is None and t.train_cache is not None:
+        t.shared.keep(t, t.train_cache, t.skipped)
     if t.epoch_eval and t.val_samples and not t.env.distributed:
         t.val_cache, _ = fill_cache(t.model, t.suffix, t.val_samples,
                                      build_transform("test", size=t.settings["test_size"], cfg=t.cfg),
