@@ -28,10 +28,11 @@ PLAN_PROBE_IMAGES = 8
 #: The batch the forward is timed on: a few images' per-image time stands for the run's loops better than a large
 #: batch alone, as those loops share the cores with the loader workers decoding (docs/results.md, the plan).
 PLAN_PROBE_BATCH = 4
-#: The batch a cached fine-tuning step is timed on (the probe images repeated), or the run's batch when smaller:
-#: on a few images it is per-call overhead, and on a small network it then reads 2-3x what the fine-tuning's
-#: batches cost. Its time per image is taken as a share of the forward timed on ``PLAN_PROBE_BATCH``.
-SHARE_PROBE_BATCH = 32
+#: The most images a cached fine-tuning step is timed on (the probe images repeated to the run's batch): on a few
+#: images it is per-call overhead, and on a small network it then reads 2-3x what the fine-tuning's batches cost.
+#: It is timed at the size the schedule grid fine-tunes at, where most cached epochs run, and its time per image
+#: taken as a share of the forward timed on ``PLAN_PROBE_BATCH``, scaled to that size.
+SHARE_PROBE_BATCH = 128
 
 
 #: Objects look about 0.8x as large at test time with the default crops (eq. 5): the fix lands near T / 0.8.
@@ -77,11 +78,15 @@ def probe_speed(x: FixContext) -> Probe:
             pass
     load = (time.perf_counter() - t0) / max(1, len(probe))
     share = None
-    if inputs and x.config.augment == "test":
+    if photos and x.config.augment == "test":
         chain, first = adapted_cut(model, x.config.parts)
-        repeated = [inputs[i % len(inputs)] for i in range(min(SHARE_PROBE_BATCH, x.config.batch_size))]
-        # per second of the forward timed above, which the estimates scale: a step's cost on the run's batch
-        share = cached_step_share(model, chain, first, torch.stack(repeated).to(x.env.device), relative_to=fwd)
+        size = grid_size(x)
+        at_size = build_transform("test", size=size, cfg=x.data_config)
+        repeated = [at_size(photos[i % len(photos)]) for i in range(min(SHARE_PROBE_BATCH, x.config.batch_size))]
+        # per second of the forward timed above scaled to that size, as the estimates scale it: a step's cost on
+        # the run's batch
+        share = cached_step_share(model, chain, first, torch.stack(repeated).to(x.env.device),
+                                  relative_to=fwd * (size / x.data_config.train_size) ** 2)
     return Probe(fwd, load, _corrupt_seconds(photos) if x.config.robustness else 0.0, share)
 
 
@@ -97,13 +102,27 @@ def _corrupt_seconds(photos) -> float:
     return (time.perf_counter() - t0) / (len(photos) * len(CORRUPTIONS))
 
 
+def _candidates(x: FixContext) -> list[int]:
+    c = x.config
+    return c.candidates or ([c.test_size] if c.test_size else candidate_sizes(x.data_config.train_size,
+                                                                               x.data_config.stride))
+
+
+def grid_size(x: FixContext) -> int:
+    """The size the schedule grid will fine-tune at, as far as it is known before the run: the middle candidate
+    other than T (the recommendation it is nearest to comes later)."""
+    t = x.data_config.train_size
+    away = sorted(s for s in _candidates(x) if s != t) or [t]
+    return away[len(away) // 2]
+
+
 def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float | None = None,
                    corrupt: float = 0.0) -> dict[str, float]:
     """Rough seconds per step from a forward time at T, a read time per photo (one decode serves every size of
     a pass), a cached fine-tuning step's share of a forward and a corruption's time per photo (``Probe``)."""
     c, t = x.config, x.data_config.train_size
     n_fit, n_hold, n_val = len(x.fit), len(x.holdout), len(x.val_index.samples)
-    cands = c.candidates or ([c.test_size] if c.test_size else candidate_sizes(t, x.data_config.stride))
+    cands = _candidates(x)
     area = lambda sizes: sum((s / t) ** 2 for s in sizes)  # noqa: E731
     sweep = n_val * (load + fwd * area(x.test_sizes))
     n_seen = len(getattr(x, "seen", ()))  # cross-selection: training photos scored for comparison
@@ -122,8 +141,7 @@ def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float |
     # fine-tunings are scored from the held-out photos' activations at the cut, recorded in one pass.
     # A cached fine-tuning hands its fitting photos' activations to the next one at its size (``FitCaches``): the
     # grid makes one prefix pass, and the candidate at the grid's size none.
-    away = sorted(s for s in cands if s != t) or [t]
-    at = away[len(away) // 2]
+    at = grid_size(x)
     shared_pass = one(at, 0, 0) if c.augment == "test" else 0.0
     tuned = tunes_schedule(x)
     grid = [one(at, c.finetune_epochs * f, 0)
