@@ -163,6 +163,15 @@ def test_plan_estimate_reading_does_not_grow_with_the_candidate_size(augment):
     assert fwd == pytest.approx(16 * plan.plan_estimates(_plan_context(candidates=[32]), 0.001, 0.0)["select"])
 
 
+def test_the_plan_trains_at_the_timed_step_when_there_is_one():
+    ctx = _plan_context(candidates=[48])
+    ctx.needs_training = True
+    timed = plan.plan_estimates(ctx, 0.001, 0.0, train_share=2.0)["train"]
+    assumed = plan.plan_estimates(ctx, 0.001, 0.0)["train"]
+    assert timed == pytest.approx(3 * 100 * 0.002)  # 3 epochs of 100 fitting photos, a step of two forwards each
+    assert assumed == pytest.approx(3 * 100 * 0.001 * plan.TRAIN_FORWARDS)
+
+
 #: One measured run: lite0 transferred at 128 px on cats_vs_dogs (600 train / 800 val), default fix (cross-
 #: selection, 7 sweep sizes and 7 candidates from 64 to 256 px) on a 2-core CPU with native bf16: the plan's
 #: probe (a forward at T with the batch norms folded, reading one photo, a cached fine-tuning step's share of a

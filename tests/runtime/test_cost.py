@@ -1,8 +1,10 @@
-"""What a forward costs: sizes timed in interleaved rounds after a warm-up, median and spread, overlaps flagged."""
+"""What a forward costs: sizes timed in interleaved rounds after a warm-up, median and spread, overlaps flagged; what
+a training step costs, timed on a copy."""
 
 from __future__ import annotations
 
 import torch
+from helpers import tiny_bundle
 from torch import nn
 
 from fixres.runtime import cost
@@ -47,3 +49,11 @@ def test_measured_costs_report_the_median_inside_its_spread_and_gflops_grow_with
         assert c["ms_batch_spread"][0] <= c["ms_batch"] <= c["ms_batch_spread"][1]
         assert c["batch"] == 2 and isinstance(c["ms_overlaps"], bool)
     assert costs[32]["gflops"] > 3.5 * costs[16]["gflops"]
+
+
+def test_a_timed_training_step_leaves_the_model_as_it_was():
+    model = tiny_bundle().model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = cost.train_step_seconds(model, torch.randn(4, 3, 32, 32), device=torch.device("cpu"), precision=FP32)
+    assert seconds > 0 and not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN statistics

@@ -19,7 +19,7 @@ from fixres.job import candidates
 from fixres.job.context import STATS_IMAGES, FixContext, tunes_schedule
 from fixres.method.prefix import adapted_cut, cached_step_share
 from fixres.models.fold import fold_batchnorms
-from fixres.runtime.cost import latency_ms
+from fixres.runtime.cost import latency_ms, train_step_seconds
 from fixres.runtime.progress import format_duration
 
 #: Training images read to estimate the time per image before the run starts (few: on a CPU a large model's
@@ -33,8 +33,13 @@ PLAN_PROBE_BATCH = 4
 #: It is timed at the size the schedule grid fine-tunes at, where most cached epochs run, and its time per image
 #: taken as a share of the forward timed on ``PLAN_PROBE_BATCH``, scaled to that size.
 SHARE_PROBE_BATCH = 128
+#: The most images a training step is timed on (the probe images repeated to the run's training batch): a large
+#: model's step on a CPU takes seconds, and past a few dozen images its cost per image hardly falls.
+TRAIN_PROBE_BATCH = 32
 
 
+#: A training step per photo in forwards (the forward and its backward, about twice its cost), when not timed.
+TRAIN_FORWARDS = 3
 #: Objects look about 0.8x as large at test time with the default crops (eq. 5): the fix lands near T / 0.8.
 LIKELY_APPARENT_RATIO = 0.8
 #: Whether the model as trained or a fixed one will be served is only known after the choice: even odds.
@@ -52,6 +57,8 @@ class Probe:
     load_s: float
     corrupt_s: float = 0.0
     cached_share: float | None = None
+    #: seconds of a training step per image at T, per second of that forward (None when the run does not train)
+    train_share: float | None = None
 
 
 def probe_speed(x: FixContext) -> Probe:
@@ -87,7 +94,12 @@ def probe_speed(x: FixContext) -> Probe:
         # the run's batch
         share = cached_step_share(model, chain, first, torch.stack(repeated).to(x.env.device),
                                   relative_to=fwd * (size / x.data_config.train_size) ** 2)
-    return Probe(fwd, load, _corrupt_seconds(photos) if x.config.robustness else 0.0, share)
+    train = None
+    if inputs and x.needs_training:
+        repeated = [inputs[i % len(inputs)] for i in range(min(TRAIN_PROBE_BATCH, x.config.train_batch_size))]
+        step = train_step_seconds(model, torch.stack(repeated), device=x.env.device, precision=x.precision)
+        train = step / len(repeated) / fwd if fwd > 0 else None
+    return Probe(fwd, load, _corrupt_seconds(photos) if x.config.robustness else 0.0, share, train)
 
 
 def _corrupt_seconds(photos) -> float:
@@ -117,7 +129,7 @@ def grid_size(x: FixContext) -> int:
 
 
 def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float | None = None,
-                   corrupt: float = 0.0) -> dict[str, float]:
+                   corrupt: float = 0.0, train_share: float | None = None) -> dict[str, float]:
     """Rough seconds per step from a forward time at T, a read time per photo (one decode serves every size of
     a pass), a cached fine-tuning step's share of a forward and a corruption's time per photo (``Probe``)."""
     c, t = x.config, x.data_config.train_size
@@ -151,8 +163,10 @@ def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float |
     # the model before the fix recorded at the cut (val's in the sweep before the fix).
     select = (sum(one(s, c.finetune_epochs, 0) for s in cands) + before_pass(n_hold + n_seen, cands)
               - (shared_pass if tuned and at in cands else 0.0))
-    # training: a forward and its backward (about 3 forwards) per photo, the loader workers reading meanwhile
-    est = {"train": c.train_epochs * n_fit * max(3 * fwd, load) if x.needs_training else 0.0,
+    # training: a step per photo (as timed, else a forward and its backward: about 3 forwards), the loader workers
+    # reading meanwhile
+    step = fwd * (train_share if train_share is not None else TRAIN_FORWARDS)
+    est = {"train": c.train_epochs * n_fit * max(step, load) if x.needs_training else 0.0,
            "sweep_before": sweep,
            # every swept size a candidate: the curve after the fix is the candidates' scores (no forward)
            "sweep_after": 0.0 if not c.label_free and set(x.test_sizes) <= set(cands) else sweep,
@@ -187,7 +201,7 @@ def print_plan(x: FixContext) -> None:
     p = probe_speed(x)
     x.cached_share = p.cached_share  # the select step's own estimate reads it too
     fwd, load = p.fwd_s, p.load_s
-    est = plan_estimates(x, fwd, load, p.cached_share, p.corrupt_s)
+    est = plan_estimates(x, fwd, load, p.cached_share, p.corrupt_s, p.train_share)
     done = {k for k in est if x.state.done(k)}
     todo = sum(v for k, v in est.items() if k not in done)
     x.say(f"plan ({x.env.device}; rough estimates from a {1000 * fwd:.1f} ms/image forward at "

@@ -9,6 +9,7 @@ within timing noise."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Callable, Mapping, Sequence
@@ -17,12 +18,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fixres.runtime.engine import autocast
+from fixres.runtime.engine import autocast, prepare, to_device
 
 #: Latency: warm-up calls per size, then this many interleaved rounds, at batch 1 and batch LATENCY_BATCH.
 LATENCY_WARMUP = 2
 LATENCY_REPEATS = 5
 LATENCY_BATCH = 16
+#: A training step: timed this many times after one warm-up step, the median taken.
+TRAIN_STEP_REPEATS = 2
 
 
 def gflops(model: nn.Module, size: int, device) -> float | None:
@@ -105,3 +108,27 @@ def latency_table(one: Mapping[int, list[float]], many: Mapping[int, list[float]
     return {s: {"ms": statistics.median(one[s]), "ms_spread": [min(one[s]), max(one[s])], "ms_overlaps": flags[s],
                 "ms_batch": statistics.median(many[s]), "ms_batch_spread": [min(many[s]), max(many[s])],
                 "batch": batch} for s in one}
+
+
+def train_step_seconds(model: nn.Module, batch: torch.Tensor, *, device, precision) -> float:
+    """Median seconds of one training step of a copy of ``model`` on ``batch``: the forward in train mode at
+    ``precision`` (channels_last where it applies), a cross-entropy loss, its backward and an SGD step with momentum.
+    ``model`` itself is left as it is."""
+    net = prepare(copy.deepcopy(model), device, precision).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)  # the step's cost, not its effect
+    x = to_device(batch, device, precision)
+    labels = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            logits = net(x)
+        nn.functional.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+    step()
+    times = []
+    for _ in range(TRAIN_STEP_REPEATS):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
