@@ -6,6 +6,7 @@ step's cost is then estimated from the images it reads and the sizes it runs at.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -76,6 +77,9 @@ def probe_speed(x: FixContext) -> Probe:
     transform = build_transform("test", size=x.data_config.train_size, cfg=x.data_config)
     probe = x.train_index.samples[:PLAN_PROBE_IMAGES]
     photos, inputs = [], []
+    for path, _ in probe[:1]:  # the first decode of a run pays one-off start-up (codecs, file cache): untimed
+        with contextlib.suppress(Exception):
+            transform(load_rgb(path))
     t0 = time.perf_counter()
     for path, _ in probe:
         try:
@@ -163,10 +167,11 @@ def plan_estimates(x: FixContext, fwd: float, load: float, cached_share: float |
     # the model before the fix recorded at the cut (val's in the sweep before the fix).
     select = (sum(one(s, c.finetune_epochs, 0) for s in cands) + before_pass(n_hold + n_seen, cands)
               - (shared_pass if tuned and at in cands else 0.0))
-    # training: a step per photo (as timed, else a forward and its backward: about 3 forwards), the loader workers
-    # reading meanwhile
+    # training: a step per photo (as timed, else a forward and its backward: about 3 forwards) and a read; the loader
+    # workers read while a GPU computes, but on a CPU they take the cores the step runs on
     step = fwd * (train_share if train_share is not None else TRAIN_FORWARDS)
-    est = {"train": c.train_epochs * n_fit * max(step, load) if x.needs_training else 0.0,
+    per_photo = max(step, load) if x.env.device.type == "cuda" else step + load
+    est = {"train": c.train_epochs * n_fit * per_photo if x.needs_training else 0.0,
            "sweep_before": sweep,
            # every swept size a candidate: the curve after the fix is the candidates' scores (no forward)
            "sweep_after": 0.0 if not c.label_free and set(x.test_sizes) <= set(cands) else sweep,
