@@ -97,7 +97,7 @@ def probe_speed(x: FixContext) -> Probe:
         # per second of the forward timed above scaled to that size, as the estimates scale it: a step's cost on
         # the run's batch
         share = cached_step_share(model, chain, first, torch.stack(repeated).to(x.env.device),
-                                  relative_to=fwd * (size / x.data_config.train_size) ** 2)
+                                  relative_to=fwd * (size / x.data_config.train_size) ** 2, precision=x.precision)
     train = None
     if inputs and x.needs_training:
         repeated = [inputs[i % len(inputs)] for i in range(min(TRAIN_PROBE_BATCH, x.config.train_batch_size))]

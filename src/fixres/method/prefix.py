@@ -34,7 +34,7 @@ from fixres.models.parts import select_parts
 from fixres.models.structure import find_parts
 from fixres.runtime import progress as prog
 from fixres.runtime.dist import DistEnv
-from fixres.runtime.engine import SingleThreaded, autocast, to_device
+from fixres.runtime.engine import Precision, SingleThreaded, autocast, to_device
 
 #: Relative tolerance when checking the suffix runner against the full forward (fp32).
 SUFFIX_RTOL = 1e-4
@@ -343,14 +343,16 @@ def _median_seconds(fn: Callable[[], object]) -> float:
 
 
 def cached_step_share(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[str], batch: torch.Tensor,
-                      *, relative_to: float | None = None) -> float | None:
+                      *, relative_to: float | None = None, precision: Precision | None = None) -> float | None:
     """Seconds of one cached fine-tuning step (the modules after the cut, forward and backward) per second of a
     full forward of the same ``batch``, measured now, or, with ``relative_to``, per ``relative_to`` seconds (a
     forward's time per image measured elsewhere); None when no cut reproduces the model (the fine-tuning then runs
-    whole epochs)."""
+    whole epochs). ``precision``: the fine-tuning's, under which the activations are recorded and the step runs
+    (default fp32)."""
     suffix, _ = build_suffix(model, chain, first_adapted, batch)
     if suffix is None:
         return None
+    precision = precision or Precision(amp=False, dtype=None, channels_last=False)
     was = model.training
     model.eval()
     params = [p for _, module, _ in suffix.steps for p in module.parameters()]
@@ -358,14 +360,16 @@ def cached_step_share(model: nn.Module, chain: Sequence[str], first_adapted: Seq
         return None
     grads = [p.requires_grad for p in params]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(batch.device, precision):
             acts = capture_cut(model, suffix, batch)
             full = _median_seconds(lambda: model(batch))
         for p in params:
             p.requires_grad_(True)
 
         def step() -> None:
-            suffix(acts).float().sum().backward()
+            with autocast(batch.device, precision):
+                out = suffix(acts)
+            out.float().sum().backward()
         tail = _median_seconds(step)
     finally:
         for p, g in zip(params, grads):
