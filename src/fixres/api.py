@@ -27,6 +27,7 @@ from fixres.choosing.best import best_row
 from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FINETUNE_EPOCHS, DEFAULT_PARTS, DataConfig, default_out
 from fixres.data import folders as _data
 from fixres.data import given as _given
+from fixres.data import hfsets as _hfsets
 from fixres.errors import UsageError
 from fixres.io.evaluation import EvalResult, ViewScore
 from fixres.io.results import AnalysisDocument
@@ -201,12 +202,16 @@ def as_index(data: DataLike, split: str = "val", *, classes: Sequence[str] | Non
     """The images of ``split`` as a ``FolderIndex``: a folder (its ``split``/ subfolder when it has one),
     an index, (path, label) pairs, or a Dataset with ``.samples`` / ``.classes`` (torchvision ImageFolder); a
     map-style Dataset or any iterable of (PIL image, label) is written once to a temporary folder of lossless
-    PNGs (``fixres.data.given``: JPEG's reduced decoding then cannot apply, as no JPEG file is known).
+    PNGs (``fixres.data.given``: JPEG's reduced decoding then cannot apply, as no JPEG file is known); a Hugging
+    Face ``datasets`` Dataset (or a DatasetDict's ``split``) as its rows' encoded images, so JPEGs stay JPEGs.
     ``classes`` maps a validation folder onto the training classes by name (one rule, ``fixres.data.folders``)."""
     if isinstance(data, _data.FolderIndex):
         return data
     if isinstance(data, (str, Path)):
         return index_split(data, split, classes=list(classes) if classes is not None else None)
+    if _hfsets.is_dataset(data):  # its rows' encoded bytes, written as files: a JPEG row is decoded as a JPEG file
+        rows, names = _hfsets.encoded_rows(data, split)
+        return _given.write_given(rows, classes=names)
     samples = getattr(data, "samples", None)
     try:
         if samples is None:  # pairs, a map-style Dataset or any iterable: of (path, label) or (PIL image, label)

@@ -258,3 +258,18 @@ def test_a_photo_changed_inside_a_shard_changes_the_runs_fingerprint(tmp_path, l
     renamed = [(p.replace("edited", "img_000"), y) for p, y in
                index_shards(resolve_shards(tmp_path, "val"), warn=False).samples]
     assert index_fingerprint(renamed) != before
+
+
+def test_a_hugging_face_dataset_given_in_python_scores_as_its_folder(layouts):
+    datasets = pytest.importorskip("datasets")
+    import fixres
+    from fixres.io.checkpoint import load_state_dict
+    root = Path(_layout(layouts, "hf")[len("hf:"):])
+    given = datasets.load_from_disk(str(root))  # a DatasetDict: its validation split is evaluated
+    model = fixres.load("fixres_tiny_resnet", num_classes=3, random_init=True)
+    model.model.load_state_dict(load_state_dict(layouts["ckpt"]))
+    ours = fixres.sweep(model, given, test_sizes=[32, 48], amp=False)
+    folder = fixres.sweep(model, layouts["folder"], test_sizes=[32, 48], amp=False)
+    assert [(r.test_size, r.correct, r.loss) for r in ours.rows] == \
+        [(r.test_size, r.correct, r.loss) for r in folder.rows]
+    assert len(ours.skipped) == len(folder.skipped) == 1  # the unreadable row is a counted skip, as its file

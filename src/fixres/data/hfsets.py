@@ -115,6 +115,38 @@ def find_columns(ds, *, image: str | None = None, label: str | None = None, wher
     return Columns(image, label, list(names) if names else None)
 
 
+def is_dataset(data) -> bool:
+    """True for a ``datasets.Dataset`` or ``DatasetDict`` object (duck-typed: ``datasets`` need not be imported)."""
+    return all(hasattr(data, a) for a in ("features", "cast_column", "column_names")) or (
+        hasattr(data, "keys") and hasattr(data, "values") and bool(list(data.keys()))
+        and all(is_dataset(v) for v in data.values()))
+
+
+def encoded_rows(data, split: str) -> tuple[list[tuple[bytes, int]], list[str]]:
+    """((the image's encoded bytes, class index) per row, class names) of a ``datasets`` object given in Python: a
+    Dataset, or a DatasetDict's ``split``; the columns found by feature type, the labels' names from ``ClassLabel``
+    (else their numbers, or text labels in sorted order)."""
+    datasets = _datasets()
+    ds = data[split_for(dict(data), split, "the DatasetDict given")] if not hasattr(data, "features") else data
+    columns = find_columns(ds, where="the dataset given")
+    if isinstance(ds.features[columns.image], datasets.Image):
+        ds = ds.cast_column(columns.image, datasets.Image(decode=False))
+    labels = ds[columns.label]
+    names = columns.classes or ([str(k) for k in range(max(labels) + 1)] if all(isinstance(v, int) for v in labels)
+                                else sorted({str(v) for v in labels}))
+    at = {name: i for i, name in enumerate(names)}
+    rows = []
+    for value, label in zip(ds[columns.image], labels):
+        if isinstance(value, dict):
+            data_bytes = value.get("bytes")
+            if data_bytes is None and value.get("path"):
+                with open(value["path"], "rb") as f:
+                    data_bytes = f.read()
+            value = data_bytes or b""
+        rows.append((bytes(value), int(label) if isinstance(label, int) else at[str(label)]))
+    return rows, names
+
+
 def _opened(root: str, split: str):
     ds = _OPEN.get((root, split))
     if ds is None:
