@@ -273,3 +273,12 @@ def test_a_hugging_face_dataset_given_in_python_scores_as_its_folder(layouts):
     assert [(r.test_size, r.correct, r.loss) for r in ours.rows] == \
         [(r.test_size, r.correct, r.loss) for r in folder.rows]
     assert len(ours.skipped) == len(folder.skipped) == 1  # the unreadable row is a counted skip, as its file
+
+
+def test_val_count_refuses_a_missing_shard(capsys, tmp_path, layouts):
+    two = os.path.join(layouts["shards"], "val-{000000..000001}.tar")  # the third shard left out
+    code, _, err = cli(capsys, "eval", "--data", two, "--checkpoint", layouts["ckpt"], *MODEL, "--test-size", "32",
+                       "--val-count", "13", "--out", tmp_path / "o")
+    assert code == 2 and "--val-count 13" in err and "missing" in err, err
+    assert _eval(capsys, layouts, "shards", tmp_path / "all", "eval", "--test-size", "32", "--val-count",
+                 "13")["n_samples"] == 13

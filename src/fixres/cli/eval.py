@@ -39,6 +39,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="ImageFolder tree (DIR/CLASS/IMAGE) or a root holding val/; WebDataset shards"
                         " ('DIR/val-{000..009}.tar', or a folder of train-*.tar and val-*.tar); or "
                         "hf:PATH, a Hugging Face dataset on disk")
+    p.add_argument("--val-count", type=positive_int, default=None, metavar="N",
+                   help="the number of photos the data must hold (ImageNet val: 50000): a missing shard or folder "
+                        "is an error, not a smaller denominator")
     p.add_argument("--ensemble", type=int_list, action="append", default=None, metavar="S1,S2",
                    help="also evaluate the averaged softmax over these test sizes (section 5.1); repeatable")
     p.add_argument("--ten-crop", action="store_true", help="10-crop testing (4 corners + centre, and mirrors)")
@@ -114,6 +117,7 @@ class EvalConfig:
     amp: bool = True
     quiet: bool = False
     seed: int = 0  # seeds the random initialisation of --random-init (same seed, same numbers)
+    val_count: int | None = None  # the photos the data must hold (--val-count)
     extra: dict = field(default_factory=dict)
 
 
@@ -129,7 +133,7 @@ def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
         ensembles=tuple(tuple(e) for e in (args.ensemble or ())), ten_crop=args.ten_crop, folds=args.folds,
         per_class=not args.no_per_class, calibrate_on=args.calibrate_on, reduced_decode=not args.full_decode,
         device=args.device, batch_size=args.batch_size, workers=args.workers,
-        amp=not args.no_amp, quiet=args.quiet, seed=args.seed)
+        amp=not args.no_amp, quiet=args.quiet, seed=args.seed, val_count=args.val_count)
 
 
 @dataclass
@@ -199,6 +203,9 @@ def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     # Known model classes (a class map, or an export's own): val folders are mapped onto them by name.
     classes = class_names_for(bundle, data_cfg, read_class_map(cfg.class_map) if cfg.class_map else None)
     index = index_split(cfg.data, "val", classes=classes, num_classes=n_out)
+    if cfg.val_count is not None and len(index) != cfg.val_count:
+        raise UsageError(f"--val-count {cfg.val_count}: {cfg.data} holds {len(index)} photos (a shard or folder "
+                         f"{'missing' if len(index) < cfg.val_count else 'too many'}?)")
     # Sorted folder names are only meaningful when they are exactly the model's classes.
     num_classes = index.num_classes if index.source == "sorted folders" else None
     # A fixres export was fixed for its test size: that, not its train size, is where it should be evaluated.
