@@ -15,7 +15,6 @@ the modules ``forward_features`` runs (ViT ``norm``) or at its output, and the s
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ from fixres.models.hooks import hooked, trace_calls
 from fixres.models.parts import select_parts
 from fixres.models.structure import find_parts
 from fixres.runtime import progress as prog
+from fixres.runtime.cost import median_seconds
 from fixres.runtime.dist import DistEnv
 from fixres.runtime.engine import Precision, SingleThreaded, autocast, to_device
 
@@ -333,13 +333,7 @@ SHARE_REPEATS = 3
 
 
 def _median_seconds(fn: Callable[[], object]) -> float:
-    fn()
-    times = []
-    for _ in range(SHARE_REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return median_seconds(fn, repeats=SHARE_REPEATS)
 
 
 def cached_step_share(model: nn.Module, chain: Sequence[str], first_adapted: Sequence[str], batch: torch.Tensor,

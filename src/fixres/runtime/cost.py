@@ -125,10 +125,15 @@ def train_step_seconds(model: nn.Module, batch: torch.Tensor, *, device, precisi
             logits = net(x)
         nn.functional.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
-    step()
+    return median_seconds(step, repeats=TRAIN_STEP_REPEATS)
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn``, after one untimed warm-up call."""
+    fn()
     times = []
-    for _ in range(TRAIN_STEP_REPEATS):
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        step()
+        fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
