@@ -151,10 +151,15 @@ def class_order(folders: list[str], *, class_map: Sequence[str] | None,
                              "N for a new head")
     else:
         classes, source = folders, "sorted folders"
+    refuse_more_classes(classes, num_classes)
+    return classes, source
+
+
+def refuse_more_classes(classes: Sequence[str], num_classes: int | None) -> None:
+    """More classes in the data than the model has outputs: one line saying how to go on."""
     if num_classes is not None and len(classes) > num_classes:
         raise UsageError(f"the data has {len(classes)} classes but the model outputs {num_classes}; "
                          "pass --num-classes to replace the head, or --class-map to map folders")
-    return classes, source
 
 
 def _refuse_walk_problems(walker: _FolderWalker) -> None:
@@ -338,12 +343,7 @@ def index_val_onto(val_root: str | os.PathLike, train: FolderIndex | Sequence[st
     ``missing_classes_warning``). With a training index, "missing" means classes that have
     training images, so an ImageNet-wnid subset is not reported as missing 990 classes.
     """
-    if isinstance(train, FolderIndex):
-        classes = list(train.classes)
-        expected = [classes[i] for i in sorted({label for _, label in train.samples})]
-    else:
-        classes = [str(c) for c in train]
-        expected = [c for c in classes if not c.startswith("<unused ")]
+    classes = training_classes(train)
     root = Path(val_root)
     if root.is_dir():
         folders, _ = _class_folders(root)
@@ -354,9 +354,23 @@ def index_val_onto(val_root: str | os.PathLike, train: FolderIndex | Sequence[st
             raise UsageError(f"val class {shown} in {root} is not one of the {len(classes)} training/model "
                              "classes; remove it or fix the class map")
     index = scan_folder(root, class_map=classes, num_classes=num_classes, warn=warn)
-    present = {classes[label] for _, label in index.samples}
-    index.missing_classes = [c for c in expected if c not in present]
+    index.missing_classes = classes_without_photos(index, train)
     return index
+
+
+def training_classes(train: FolderIndex | Sequence[str]) -> list[str]:
+    """The class names a validation set is mapped onto: a training index's, or the names given."""
+    return list(train.classes) if isinstance(train, FolderIndex) else [str(c) for c in train]
+
+
+def classes_without_photos(index: FolderIndex, train: FolderIndex | Sequence[str]) -> list[str]:
+    """The classes of ``train`` that ``index`` (mapped onto them) has no photo of: with a training index, those that
+    have training photos (an ImageNet-wnid subset is not missing 990 classes); else every named class."""
+    classes = training_classes(train)
+    expected = ([classes[i] for i in sorted({label for _, label in train.samples})] if isinstance(train, FolderIndex)
+                else [c for c in classes if not c.startswith("<unused ")])
+    present = {classes[label] for _, label in index.samples}
+    return [c for c in expected if c not in present]
 
 
 def missing_classes_warning(index: FolderIndex) -> str | None:

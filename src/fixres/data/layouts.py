@@ -19,9 +19,16 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import parse_qs
 
-from fixres.data.folders import FolderIndex, class_order, index_val_onto, scan_folder
+from fixres.data.folders import (
+    FolderIndex,
+    classes_without_photos,
+    index_val_onto,
+    scan_folder,
+    training_classes,
+)
 from fixres.data.folders import resolve_split as resolve_folder_split
 from fixres.data.hfsets import HF_PREFIX, find_columns, hf_root, is_hf, open_splits, split_for
+from fixres.data.labels import label_classes
 from fixres.data.shards import ShardSplit, index_shards, is_shards, resolve_shards
 from fixres.data.sources import row_ref
 from fixres.errors import UsageError
@@ -106,40 +113,29 @@ def exists(location: Location) -> bool:
 def _index_hf(location: HfSplit, *, class_map: Sequence[str] | None, num_classes: int | None) -> FolderIndex:
     ds = open_splits(location.root)[location.split]
     columns = find_columns(ds, image=location.image, label=location.label, where=location.spec)
-    values = ds[columns.label]
+    values = list(ds[columns.label])
     if any(v is None for v in values):
         raise UsageError(f"{location.spec}: {sum(v is None for v in values)} rows have no label")
-    if columns.classes is not None or all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        classes = list(class_map) if class_map is not None else (
-            columns.classes or [str(k) for k in range(max(values) + 1)])
-        labels, source = [int(v) for v in values], "class map" if class_map is not None else "dataset's label names"
-        if max(labels) >= len(classes) or min(labels) < 0:
-            raise UsageError(f"{location.spec}: label {max(labels)} is past the {len(classes)} classes")
-    else:
-        classes, source = class_order(sorted({str(v) for v in values}), class_map=class_map, num_classes=num_classes)
-        at = {name: i for i, name in enumerate(classes)}
-        labels = [at[str(v)] for v in values]
-    if num_classes is not None and len(classes) > num_classes:
-        raise UsageError(f"the data has {len(classes)} classes but the model outputs {num_classes}; "
-                         "pass --num-classes to replace the head, or --class-map to map the classes")
+    classes, labels, source = label_classes(values, names=columns.classes, class_map=class_map,
+                                            num_classes=num_classes, where=location.spec)
     samples = [(row_ref(location.root, location.split, columns.image, row), y) for row, y in enumerate(labels)]
     return FolderIndex(root=Path(location.spec), classes=classes, samples=samples, source=f"{source} (Hugging Face)")
 
 
 def map_onto(index: FolderIndex, train: FolderIndex | Sequence[str]) -> FolderIndex:
     """``index`` relabelled onto ``train``'s classes by name (``index_val_onto``'s rule, for any layout)."""
-    classes = list(train.classes) if isinstance(train, FolderIndex) else [str(c) for c in train]
+    classes = training_classes(train)
     at = {name: i for i, name in enumerate(classes)}
-    unknown = [c for c in index.classes if c not in at and any(y == index.classes.index(c) for _, y in index.samples)]
+    used = {index.classes[y] for _, y in index.samples}
+    unknown = [c for c in index.classes if c in used and c not in at]
     if unknown:
         raise UsageError(f"val class {unknown[0]!r} in {index.root} is not one of the {len(classes)} training/model "
                          "classes; remove it or fix the class map")
-    samples = [(ref, at[index.classes[y]]) for ref, y in index.samples]
-    expected = ([classes[i] for i in sorted({y for _, y in train.samples})] if isinstance(train, FolderIndex)
-                else [c for c in classes if not c.startswith("<unused ")])
-    present = {classes[y] for _, y in samples}
-    return FolderIndex(root=index.root, classes=classes, samples=samples, source=index.source,
-                       skipped_folders=index.skipped_folders, missing_classes=[c for c in expected if c not in present])
+    mapped = FolderIndex(root=index.root, classes=classes, samples=[(ref, at[index.classes[y]]) for ref, y in
+                                                                    index.samples],
+                         source=index.source, skipped_folders=index.skipped_folders)
+    mapped.missing_classes = classes_without_photos(mapped, train)
+    return mapped
 
 
 def index_location(location: Location, *, classes: FolderIndex | Sequence[str] | None = None,

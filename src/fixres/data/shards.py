@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from fixres.data.folders import FolderIndex, class_order
+from fixres.data.folders import FolderIndex
 from fixres.data.images import is_image_file
+from fixres.data.labels import label_classes
 from fixres.data.sources import PhotoUnreadable, keep_members, member_ref, scan_members
 from fixres.errors import UsageError
 from fixres.runtime.progress import status
@@ -153,20 +154,8 @@ def index_shards(split: ShardSplit, *, class_map: Sequence[str] | None = None, n
     if not rows:
         raise UsageError(f"{split.spec} holds no samples with an image and a .cls member")
     numbered = all(text.isdigit() for _, _, text in rows)
-    if numbered and class_map is None:
-        classes = [str(k) for k in range(max(int(t) for _, _, t in rows) + 1)]
-        source = "class numbers"
-    elif numbered:
-        classes, source = list(class_map), "class map"
-    else:
-        classes, source = class_order(sorted({t for _, _, t in rows}), class_map=class_map, num_classes=num_classes)
-    if num_classes is not None and len(classes) > num_classes:
-        raise UsageError(f"the data has {len(classes)} classes but the model outputs {num_classes}; "
-                         "pass --num-classes to replace the head, or --class-map to map the classes")
-    index = {name: i for i, name in enumerate(classes)}
-    labels = [int(t) if numbered else index[t] for _, _, t in rows]
-    if numbered and max(labels) >= len(classes):
-        raise UsageError(f"class {max(labels)} in {split.spec} is past the {len(classes)} classes of the class map")
+    classes, labels, source = label_classes([int(t) if numbered else t for _, _, t in rows], class_map=class_map,
+                                            num_classes=num_classes, where=split.spec)
     order = sorted(range(len(rows)), key=lambda i: (labels[i], rows[i][0]))
     for ref, reason in left[:5]:
         status(f"fixres: warning: left out {ref}: {reason}", enabled=warn)

@@ -4,7 +4,7 @@ Every sample of a ``FolderIndex`` is named by one string, its *reference*, which
 per-photo outcomes show. A file is its path. A member of a WebDataset shard is ``SHARD.tar::MEMBER`` and a row
 of a Hugging Face dataset is ``hf:ROOT::SPLIT/COLUMN/ROW``. ``open_photo`` gives the photo as a path or an
 in-memory file that PIL opens, so the decode (reduced JPEG decode included) and the counted skips of
-``fixres.data.images`` are the same whatever the layout. ``photo_stat`` and ``read_member`` stand for a
+``fixres.data.images`` are the same whatever the layout. ``read_member`` and ``container_mtime`` stand for a
 photo in a run's fingerprint.
 
 A shard member is read by seeking to its offset: the offsets of a shard are read once per process from its
@@ -71,8 +71,8 @@ def keep_members(shard: str, table: dict[str, tuple[int, int]]) -> None:
     _TAR_MEMBERS[shard] = table
 
 
-def read_member(ref: str, *, limit: int | None = None) -> bytes:
-    """The bytes of the photo ``ref`` names inside a container (the first ``limit`` bytes when given)."""
+def read_member(ref: str) -> bytes:
+    """The bytes of the photo ``ref`` names inside a container."""
     container, inner = ref.rsplit(MEMBER_SEP, 1)
     if container.startswith(HF_PREFIX):
         split, column, row = inner.rsplit("/", 2)
@@ -82,11 +82,11 @@ def read_member(ref: str, *, limit: int | None = None) -> bytes:
                 data = f.read()
         if data is None:
             raise PhotoUnreadable("the row has no image")
-        return data if limit is None else data[:limit]
+        return data
     offset, size = _member_entry(container, inner)
     with open(container, "rb") as f:
         f.seek(offset)
-        return f.read(size if limit is None else min(size, limit))
+        return f.read(size)
 
 
 def _member_entry(shard: str, member: str) -> tuple[int, int]:
@@ -102,14 +102,7 @@ def open_photo(ref: str | os.PathLike) -> str | io.BytesIO:
     return io.BytesIO(read_member(ref)) if is_member(ref) else ref
 
 
-def photo_stat(ref: str | os.PathLike) -> tuple[int, int]:
-    """(size in bytes, mtime_ns) of the photo; for a container member, its size and the container's mtime."""
-    ref = os.fspath(ref)
-    if not is_member(ref):
-        st = os.stat(ref)
-        return st.st_size, st.st_mtime_ns
+def container_mtime(ref: str) -> int:
+    """mtime_ns of the file or folder holding the photo ``ref`` names inside it (a shard, a dataset's folder)."""
     container = ref.rsplit(MEMBER_SEP, 1)[0]
-    if container.startswith(HF_PREFIX):
-        root = container[len(HF_PREFIX):]
-        return len(read_member(ref)), os.stat(root).st_mtime_ns
-    return _member_entry(container, ref.rsplit(MEMBER_SEP, 1)[1])[1], os.stat(container).st_mtime_ns
+    return os.stat(container[len(HF_PREFIX):] if container.startswith(HF_PREFIX) else container).st_mtime_ns

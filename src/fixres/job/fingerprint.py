@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from fixres.data.sources import is_member, photo_stat, read_member
+from fixres.data.sources import container_mtime, is_member, read_member
 
 #: Bytes read per chunk while hashing a file (large checkpoints are streamed, never loaded whole).
 HASH_CHUNK = 1 << 20
@@ -41,15 +41,19 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _ends_digest(data: bytes) -> str:
+    h = hashlib.sha256()
+    h.update(data if len(data) <= 2 * SAMPLE_BLOCK else data[:SAMPLE_BLOCK] + data[-SAMPLE_BLOCK:])
+    return h.hexdigest()
+
+
 def content_sample(path: str | os.PathLike) -> str:
     """sha256 (hex) of a photo's first and last ``SAMPLE_BLOCK`` bytes, of all of it when small; "" if unreadable.
     A photo inside a container (``fixres.data.sources``) is hashed the same way over its own bytes."""
     h = hashlib.sha256()
     try:
         if is_member(os.fspath(path)):  # a shard member or a dataset row: its bytes, read from the container
-            data = read_member(os.fspath(path))
-            h.update(data if len(data) <= 2 * SAMPLE_BLOCK else data[:SAMPLE_BLOCK] + data[-SAMPLE_BLOCK:])
-            return h.hexdigest()
+            return _ends_digest(read_member(os.fspath(path)))
         with open(path, "rb") as f:
             head = f.read(2 * SAMPLE_BLOCK + 1)
             h.update(head[:SAMPLE_BLOCK] if len(head) > 2 * SAMPLE_BLOCK else head)
@@ -61,16 +65,26 @@ def content_sample(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _photo_facts(path: str | os.PathLike) -> tuple[int, int, str]:
+    """(size, mtime_ns, ``content_sample``) of a photo, a container's photo read once for all three; (-1, -1, "")
+    when it cannot be read. A container's photo has the container's mtime."""
+    ref = os.fspath(path)
+    try:
+        if is_member(ref):
+            data = read_member(ref)
+            return len(data), container_mtime(ref), _ends_digest(data)
+        st = os.stat(ref)
+    except OSError:
+        return -1, -1, ""
+    return st.st_size, st.st_mtime_ns, content_sample(ref)
+
+
 def index_fingerprint(samples: Iterable[Sequence]) -> str:
     """sha256 over (path, size, mtime_ns, label, ``content_sample``) of every sample; a missing file counts
     as size -1."""
     h = hashlib.sha256()
     for path, label in samples:
-        try:
-            size, mtime = photo_stat(path)
-        except OSError:
-            size, mtime = -1, -1
-        content = content_sample(path) if size >= 0 else ""
+        size, mtime, content = _photo_facts(path)
         h.update(f"{path}\0{size}\0{mtime}\0{label}\0{content}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
