@@ -1,5 +1,6 @@
-"""``fixres eval`` on the same photos in the three data layouts: an ImageFolder tree, WebDataset shards, a
-Hugging Face dataset saved to disk.
+"""``fixres eval`` on the same photos in the three data layouts: an ImageFolder tree, WebDataset shards (indexed,
+streamed from the files with ``--stream``, and streamed from ``pipe:cat`` commands), a Hugging Face dataset saved
+to disk.
 
 The photos of ``--data`` (its val/ split) are written once to a scratch folder as a folder of links to the
 originals, as ``--shards`` tar shards of unequal size (key ``CLASS/STEM``, ``.cls`` the class index), and as a
@@ -29,15 +30,16 @@ from pathlib import Path
 
 from _common import REPO, SHARED, split_index, spread_sample, write_json
 
-LAYOUTS = ("folder", "shards", "hf")
+LAYOUTS = ("folder", "shards", "stream", "pipe", "hf")
 QUICK_IMAGES = 100
 WEIGHTS = "efficientnet-lite0"
 #: Shard sizes are unequal on purpose: the share of the photos each shard holds, before the last takes the rest.
 SHARD_SHARES = (0.15, 0.2, 0.3)
 
 
-def write_layouts(samples, classes, scratch: Path) -> dict[str, str]:
-    """The photos as a folder of links, as tar shards and as a saved Hugging Face dataset; their --data values."""
+def write_layouts(samples, classes, scratch: Path) -> dict[str, list[str]]:
+    """The photos as a folder of links, as tar shards and as a saved Hugging Face dataset; the --data flags of
+    each layout."""
     folder = scratch / "folder"
     for path, y in samples:
         link = folder / classes[y] / Path(path).name
@@ -61,17 +63,20 @@ def write_layouts(samples, classes, scratch: Path) -> dict[str, str]:
     val = datasets.Dataset.from_dict({"image": [{"bytes": Path(p).read_bytes(), "path": None} for p, _ in samples],
                                       "label": [y for _, y in samples]}, features=feats)
     datasets.DatasetDict({"validation": val}).save_to_disk(str(scratch / "hf"))
-    return {"folder": str(folder), "shards": str(shards), "hf": f"hf:{scratch / 'hf'}"}
+    pipe = f"pipe:cat {shards}/val-{{{0:06d}..{len(cuts) - 2:06d}}}.tar"
+    return {"folder": ["--data", str(folder)], "shards": ["--data", str(shards)],
+            "stream": ["--data", str(shards), "--stream"], "pipe": ["--data", pipe],
+            "hf": ["--data", f"hf:{scratch / 'hf'}"]}
 
 
-def run_eval(data: str, size: int, out: Path, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "fixres", "eval", "--data", data, "--weights", WEIGHTS, "--test-size", str(size),
+def run_eval(data: list[str], size: int, out: Path, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "fixres", "eval", *data, "--weights", WEIGHTS, "--test-size", str(size),
            "-q", "--out", str(out)]
     t = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - t
     if done.returncode != 0:
-        raise SystemExit(f"fixres eval --data {data} failed (exit {done.returncode}): {done.stderr[-600:]}")
+        raise SystemExit(f"fixres eval {' '.join(data)} failed (exit {done.returncode}): {done.stderr[-600:]}")
     result = json.loads((out / "eval.json").read_text())
     return {"wall_s": wall, "images_per_s": result["images_per_s"], "top1": result["rows"][0]["top1"],
             "correct": result["rows"][0]["correct"], "n": result["rows"][0]["n"]}

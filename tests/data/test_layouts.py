@@ -7,7 +7,6 @@ split, as a ``save_to_disk`` dataset and as a folder of parquet files; every com
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -18,39 +17,17 @@ import pytest
 import torch
 from helpers import write_image_folder
 from helpers.cli import VENV_BIN, cli
+from helpers.layouts import BROKEN, CLASSES, add_members, spread_checkpoint, write_shards
 
 from fixres.data.folders import scan_folder
 from fixres.data.layouts import resolve_split
 from fixres.data.shards import expand_braces, index_shards, resolve_shards
 
-CLASSES = ["class_0", "class_1", "class_2"]
-BROKEN = b"not an image at all"
-#: Samples per shard: unequal, so ranks and shards never line up.
-SHARD_CUTS = (0.2, 0.7)
 TIMEOUT_S = 180
 
 
 def _ordered(index):
     return [(Path(p), y) for p, y in index.samples]
-
-
-def write_shards(folder: Path, split: str, samples, *, names: bool = False) -> list[Path]:
-    """``samples`` (path, label) as 3 tar shards ``SPLIT-00000K.tar`` of unequal size; keys ``CLASS/STEM``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    n = len(samples)
-    cuts = [0, int(n * SHARD_CUTS[0]), int(n * SHARD_CUTS[1]), n]
-    shards = []
-    for k in range(3):
-        shards.append(folder / f"{split}-{k:06d}.tar")
-        with tarfile.open(shards[-1], "w") as tar:
-            for path, y in samples[cuts[k]:cuts[k + 1]]:
-                key = f"{Path(path).parent.name}/{Path(path).stem}"
-                label = CLASSES[y] if names else str(y)
-                for suffix, data in ((Path(path).suffix, Path(path).read_bytes()), (".cls", label.encode())):
-                    info = tarfile.TarInfo(key + suffix)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return shards
 
 
 def _write_hf(root: Path, splits: dict) -> tuple[Path, Path]:
@@ -82,19 +59,8 @@ def layouts(tmp_path_factory) -> dict:
         found.update({"hf": f"hf:{hf}", "parquet": f"hf:{parquet}"})
     except pytest.skip.Exception:
         pass
-    found["ckpt"] = str(_checkpoint(root))
+    found["ckpt"] = str(spread_checkpoint(root))
     return found
-
-
-def _checkpoint(root: Path) -> Path:
-    """A tiny model with a spread-out head, so predictions differ between photos."""
-    from fixres.io.checkpoint import save_safetensors
-    from fixres.models.loading import load_model
-    torch.manual_seed(0)
-    model = load_model(model="fixres_tiny_resnet", num_classes=3).model
-    with torch.no_grad():
-        model.fc.weight.mul_(20.0)
-    return save_safetensors(model.state_dict(), root / "tiny.safetensors")
 
 
 def _layout(layouts, name):
@@ -201,10 +167,7 @@ def test_class_names_in_cls_map_onto_the_training_classes(tmp_path, layouts):
 
 def test_a_sample_without_its_class_is_left_out_and_named(tmp_path, capsys):
     with tarfile.open(tmp_path / "x.tar", "w") as tar:
-        for name, data in (("a.jpg", b"x"), ("a.cls", b"0"), ("b.jpg", b"y")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        add_members(tar, [("a.jpg", b"x"), ("a.cls", b"0"), ("b.jpg", b"y")])
     index = index_shards(resolve_shards(tmp_path / "x.tar", "val"))
     assert len(index.samples) == 1 and index.skipped_folders == [(f"{tmp_path / 'x.tar'}::b", "no .cls member")]
     assert "left out" in capsys.readouterr().err

@@ -42,6 +42,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-count", type=positive_int, default=None, metavar="N",
                    help="the number of photos the data must hold (ImageNet val: 50000): a missing shard or folder "
                         "is an error, not a smaller denominator")
+    p.add_argument("--stream", action="store_true",
+                   help="read WebDataset shards front to back, split by shard over processes and loader workers, "
+                        "with no index of the photos (implied by 'pipe:CMD', e.g. 'pipe:aws s3 cp "
+                        "s3://B/val-{000..063}.tar -'); class names in .cls need --class-map")
     p.add_argument("--ensemble", type=int_list, action="append", default=None, metavar="S1,S2",
                    help="also evaluate the averaged softmax over these test sizes (section 5.1); repeatable")
     p.add_argument("--ten-crop", action="store_true", help="10-crop testing (4 corners + centre, and mirrors)")
@@ -118,10 +122,12 @@ class EvalConfig:
     quiet: bool = False
     seed: int = 0  # seeds the random initialisation of --random-init (same seed, same numbers)
     val_count: int | None = None  # the photos the data must hold (--val-count)
+    stream: bool = False  # shards read front to back, not indexed (--stream, or a pipe: value)
     extra: dict = field(default_factory=dict)
 
 
 def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
+    from fixres.data.streams import is_stream
     return EvalConfig(
         data=args.data, model=args.model, checkpoint=args.checkpoint, weights=args.weights,
         pretrained=args.pretrained, random_init=model_spec(args).random_init, ema=args.ema, strict=args.strict,
@@ -133,7 +139,8 @@ def config_from_args(args, *, test_sizes, crop_ratios) -> EvalConfig:
         ensembles=tuple(tuple(e) for e in (args.ensemble or ())), ten_crop=args.ten_crop, folds=args.folds,
         per_class=not args.no_per_class, calibrate_on=args.calibrate_on, reduced_decode=not args.full_decode,
         device=args.device, batch_size=args.batch_size, workers=args.workers,
-        amp=not args.no_amp, quiet=args.quiet, seed=args.seed, val_count=args.val_count)
+        amp=not args.no_amp, quiet=args.quiet, seed=args.seed, val_count=args.val_count,
+        stream=args.stream or is_stream(args.data))
 
 
 @dataclass
@@ -182,6 +189,7 @@ def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     """Load the model and index the data (call ``dist.shutdown()`` afterwards)."""
     from fixres.config import DEFAULT_BATCH_SIZE
     from fixres.data.folders import read_class_map
+    from fixres.data.streams import open_stream
     from fixres.errors import UsageError
     from fixres.method.inputs import class_names_for, index_split
     from fixres.method.loop import seed_everything
@@ -202,8 +210,11 @@ def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     n_out = num_outputs(bundle.model)
     # Known model classes (a class map, or an export's own): val folders are mapped onto them by name.
     classes = class_names_for(bundle, data_cfg, read_class_map(cfg.class_map) if cfg.class_map else None)
-    index = index_split(cfg.data, "val", classes=classes, num_classes=n_out)
-    if cfg.val_count is not None and len(index) != cfg.val_count:
+    if cfg.stream:
+        index = open_stream(cfg.data, classes=classes, num_classes=n_out)
+    else:
+        index = index_split(cfg.data, "val", classes=classes, num_classes=n_out)
+    if cfg.val_count is not None and not cfg.stream and len(index) != cfg.val_count:
         raise UsageError(f"--val-count {cfg.val_count}: {cfg.data} holds {len(index)} photos (a shard or folder "
                          f"{'missing' if len(index) < cfg.val_count else 'too many'}?)")
     # Sorted folder names are only meaningful when they are exactly the model's classes.
@@ -222,7 +233,8 @@ def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     precision = inference_precision(env.device, cfg.amp)
     batch_size = cfg.batch_size or (max(1, DEFAULT_BATCH_SIZE // TEN_CROP_BATCH_DIVISOR) if cfg.ten_crop
                                     else DEFAULT_BATCH_SIZE)
-    status(f"fixres {label}: {bundle.name} ({bundle.source}) on {len(index)} images in {index.root} "
+    photos = f"{len(index.shards)} streamed shard(s)" if cfg.stream else f"{len(index)} images"
+    status(f"fixres {label}: {bundle.name} ({bundle.source}) on {photos} in {index.root} "
            f"[{index.source}], {precision.describe()}, {env.world_size} process(es)", enabled=show)
     return Loaded(bundle, data_cfg, index, num_classes, test_sizes, crop_ratios, env, precision, batch_size, show)
 
@@ -231,6 +243,7 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval", loaded: Loaded | Non
     """Load the model and data (unless ``loaded``), evaluate, and return (result, env). Call ``dist.shutdown()``
     afterwards."""
     from fixres.method.evaluate import evaluate
+    from fixres.method.streaming import evaluate_stream
     from fixres.models.loading import num_outputs
 
     ld = loaded or load_evaluation(cfg, label=label)
@@ -238,8 +251,12 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval", loaded: Loaded | Non
     eval_kw = dict(test_sizes=ld.test_sizes, crop_ratios=ld.crop_ratios, batch_size=ld.batch_size, env=ld.env,
                    precision=ld.precision, workers=cfg.workers, ensembles=cfg.ensembles, ten_crop=cfg.ten_crop,
                    folds=cfg.folds, progress=ld.show, num_classes=ld.num_classes, reduced_decode=cfg.reduced_decode)
-    result = evaluate(bundle.model, index, data_cfg, per_class=cfg.per_class, keep_log_probs=bool(cfg.calibrate_on),
-                      **eval_kw)
+    result = (evaluate_stream if cfg.stream else evaluate)(bundle.model, index, data_cfg, per_class=cfg.per_class,
+                                                          keep_log_probs=bool(cfg.calibrate_on), **eval_kw)
+    if cfg.val_count is not None and result.n_samples != cfg.val_count:
+        from fixres.errors import UsageError
+        raise UsageError(f"--val-count {cfg.val_count}: the shards of {cfg.data} held {result.n_samples} photos "
+                         f"(a shard {'missing' if result.n_samples < cfg.val_count else 'too many'}?)")
     if cfg.calibrate_on:
         result = _temperature_scaled(result, bundle.model, data_cfg, cfg.calibrate_on, index,
                                      num_outputs(bundle.model), eval_kw)
@@ -366,6 +383,10 @@ def run(args):
     cfg = config_from_args(args, test_sizes=[args.test_size] if args.test_size else None,
                            crop_ratios=[args.crop_ratio] if args.crop_ratio else None)
     try:
+        if cfg.stream and args.corruptions:
+            from fixres.errors import UsageError
+            raise UsageError("--corruptions draws its photos by position: it needs the shards indexed "
+                             "(leave out --stream; a pipe: value cannot be indexed)")
         loaded = load_evaluation(cfg, label="eval")
         result, env = run_evaluation(cfg, label="eval", loaded=loaded)
         robust = (run_corruptions(loaded, images=args.corruption_images, seed=args.corruption_seed,

@@ -118,10 +118,11 @@ def _draft_for(img: Image.Image, need: Callable[[tuple[int, int]], int | None]) 
         img.draft(img.mode, (w // k, h // k))
 
 
-def _opened(path: str | os.PathLike) -> str | io.BytesIO:
-    """The photo ``path`` names (a file, a shard member, a dataset row) ready for ``Image.open``, or ``BadImage``."""
+def _opened(path: str | os.PathLike | bytes) -> str | io.BytesIO:
+    """The photo ``path`` names (a file, a shard member, a dataset row), or its bytes as read from a stream, ready
+    for ``Image.open``, or ``BadImage``."""
     try:
-        source = open_photo(path)
+        source = io.BytesIO(path) if isinstance(path, bytes) else open_photo(path)
         empty = os.stat(source).st_size == 0 if isinstance(source, str) else not source.getbuffer().nbytes
     except OSError as exc:
         raise BadImage(f"cannot read: {exc.strerror or exc}") from None
@@ -130,8 +131,9 @@ def _opened(path: str | os.PathLike) -> str | io.BytesIO:
     return source
 
 
-def load_rgb(path: str | os.PathLike, *, need: Callable[[tuple[int, int]], int | None] | None = None) -> Image.Image:
-    """Decode ``path`` into an upright RGB PIL image, or raise ``BadImage(reason)``.
+def load_rgb(path: str | os.PathLike | bytes, *,
+             need: Callable[[tuple[int, int]], int | None] | None = None) -> Image.Image:
+    """Decode ``path`` (a photo's reference, or its bytes) into an upright RGB PIL image, or raise ``BadImage(reason)``.
 
     ``need``, if given, is called for a JPEG with the upright (width, height) from the header and
     returns the shorter side the decoded image must keep (None: full size); the JPEG is then decoded

@@ -31,6 +31,7 @@ from fixres.data.hfsets import HF_PREFIX, find_columns, hf_root, is_hf, open_spl
 from fixres.data.labels import label_classes
 from fixres.data.shards import ShardSplit, index_shards, is_shards, resolve_shards
 from fixres.data.sources import row_ref
+from fixres.data.streams import is_stream
 from fixres.errors import UsageError
 
 #: What a ``--data`` value's query may name, and the column it names.
@@ -77,6 +78,9 @@ def _hf_split(data: str, split: str) -> HfSplit:
 def resolve_split(data: str | os.PathLike, split: str) -> Location:
     """Where ``split`` ("train" or "val") of ``data`` is, in whichever layout ``data`` has."""
     text = os.fspath(data)
+    if is_stream(text):
+        raise UsageError(f"{text.split()[0]}...: shards written by a command can only be streamed, which fixres eval "
+                         "and sweep do; the other commands read photos by position: copy the shards to a disk")
     if is_hf(text):
         return _hf_split(text, split)
     if is_shards(text):
@@ -87,6 +91,8 @@ def resolve_split(data: str | os.PathLike, split: str) -> Location:
 def require(data: str | os.PathLike, what: str = "data folder") -> None:
     """One line when ``data`` names nothing there: a missing folder, a shard, a dataset folder."""
     text = os.fspath(data)
+    if is_stream(text):
+        resolve_split(text, "val")
     if is_hf(text):
         if not os.path.isdir(hf_root(text.partition("?")[0])):
             raise UsageError(f"Hugging Face dataset folder not found: {text}")

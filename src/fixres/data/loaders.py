@@ -10,7 +10,7 @@ batches go to page-locked memory only for a CUDA device (``pin_memory_for``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -62,17 +62,25 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        plan = decode_plan(self.transform) if self.reduced_decode and self.corrupt is None else None
-        try:
-            img = load_rgb(path, need=plan.need if plan is not None else None)
-            if plan is None:
-                return self.transform(img if self.corrupt is None else self.corrupt(img, i)), label, i
-            # Views needing a coarser JPEG reduction than the first decode get their own (``FixedResizePlan``).
-            return plan.finish(img, reload=lambda short: load_rgb(path, need=lambda _size: short)), label, i
-        except BadImage as exc:
-            if plan is not None:
-                plan.abort()
-            return Skipped(i, path, str(exc))
+        return load_item(path, path, label, i, self.transform, reduced_decode=self.reduced_decode,
+                         corrupt=self.corrupt)
+
+
+def load_item(source: str | bytes, ref: str, label: int, i: int, transform: Callable, *, reduced_decode: bool,
+              corrupt: Callable | None = None):
+    """(transformed photo, label, i), or ``Skipped``: the photo ``source`` (a reference, or its bytes) decoded as
+    ``ImageDataset`` says, ``ref`` naming it in a skip."""
+    plan = decode_plan(transform) if reduced_decode and corrupt is None else None
+    try:
+        img = load_rgb(source, need=plan.need if plan is not None else None)
+        if plan is None:
+            return transform(img if corrupt is None else corrupt(img, i)), label, i
+        # Views needing a coarser JPEG reduction than the first decode get their own (``FixedResizePlan``).
+        return plan.finish(img, reload=lambda short: load_rgb(source, need=lambda _size: short)), label, i
+    except BadImage as exc:
+        if plan is not None:
+            plan.abort()
+        return Skipped(i, ref, str(exc))
 
 
 @dataclass
@@ -81,6 +89,7 @@ class Batch:
     labels: torch.Tensor
     indices: torch.Tensor
     skipped: list[Skipped]
+    ends: list = field(default_factory=list)  # what a streamed source says of the shards it finished
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -96,7 +105,7 @@ class Batch:
             inputs = tuple(x.pin_memory() for x in inputs)
         elif inputs is not None:
             inputs = inputs.pin_memory()
-        return Batch(inputs, self.labels.pin_memory(), self.indices.pin_memory(), self.skipped)
+        return Batch(inputs, self.labels.pin_memory(), self.indices.pin_memory(), self.skipped, self.ends)
 
 
 def pin_memory_for(device: torch.device) -> bool:
@@ -143,12 +152,13 @@ class IndexSampler(Sampler[int]):
 
 def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler | None = None, shuffle: bool = False,
                 workers: int | None = None, generator: torch.Generator | None = None,
-                drop_last: bool = False, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+                drop_last: bool = False, pin_memory: bool = False, persistent: bool = False,
+                collate_fn: Callable[[list], Batch] = collate) -> DataLoader:
     """``persistent``: the workers live from one pass over the loader to the next (a training run's epochs), so no
     epoch waits for them to start."""
     if batch_size <= 0:
         raise UsageError(f"batch size must be positive, got {batch_size}")
     workers = default_workers() if workers is None else workers
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
-                      num_workers=workers, collate_fn=collate, generator=generator, drop_last=drop_last,
+                      num_workers=workers, collate_fn=collate_fn, generator=generator, drop_last=drop_last,
                       pin_memory=pin_memory, persistent_workers=persistent and workers > 0)

@@ -109,7 +109,7 @@ def resolve_shards(data: str | os.PathLike, split: str) -> ShardSplit:
     return ShardSplit(os.path.join(spec, ""), tuple(os.path.join(os.path.abspath(spec), n) for n in chosen))
 
 
-def _key_of(member: str) -> tuple[str, str]:
+def key_of(member: str) -> tuple[str, str]:
     """(key, suffix): the member name up to the first dot of its file name, and the rest."""
     folder, name = os.path.split(member)
     stem, dot, rest = name.partition(".")
@@ -124,7 +124,7 @@ def _samples_of(shard: str) -> tuple[list[tuple[str, str, str]], list[tuple[str,
         raise UsageError(str(exc)) from None
     keys: dict[str, dict[str, str]] = {}
     for name in members:
-        key, suffix = _key_of(name)
+        key, suffix = key_of(name)
         keys.setdefault(key, {})[suffix.lower()] = name
     kept, left, photos = [], [], []
     with open(shard, "rb") as f:

@@ -36,6 +36,7 @@ from torch import nn
 from fixres.choosing.significance import binomial_se
 from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FOLDS, DataConfig
 from fixres.data.loaders import ImageDataset, IndexSampler, default_workers, make_loader, pin_memory_for
+from fixres.data.streams import ShardStream
 from fixres.data.transforms import MultiView, geometry_for, ten_crop_transform, test_transform
 from fixres.errors import FixresError, UsageError
 from fixres.io.evaluation import PERCENT, EvalResult, FittedOn, PhotoArrays
@@ -255,9 +256,9 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
              reduced_decode: bool = True, corrupt: Callable | None = None, record=None) -> EvalResult:
     """Evaluate ``model`` on ``samples`` at every (test_size, crop_ratio) pair in one pass.
 
-    ``samples``: a ``FolderIndex`` or a list of (path, label). ``crop_ratios`` defaults to the data
-    config's. ``ensembles``: e.g. ``[(384, 352)]``, averaged softmax over those sizes (their views
-    are added if not requested). ``ten_crop``: each view is the average softmax of 10 crops.
+    ``samples``: a ``FolderIndex`` or a list of (path, label) (streamed shards: ``fixres.method.streaming``).
+    ``crop_ratios`` defaults to the data config's. ``ensembles``: e.g. ``[(384, 352)]``, averaged softmax over
+    those sizes (their views are added if not requested). ``ten_crop``: each view is the average softmax of 10 crops.
     ``num_classes``: the data set's number of classes; it must equal the model's outputs.
 
     Returns an ``EvalResult`` (``fixres.io.evaluation``): ``rows`` (a ``ViewScore`` per view: top-1 with its binomial
@@ -277,6 +278,9 @@ def evaluate(model: nn.Module, samples, cfg: DataConfig, *, test_sizes: Sequence
     """
     env = env or fdist.DistEnv()
     precision = precision or inference_precision(env.device)
+    if isinstance(samples, ShardStream):
+        raise UsageError("streamed shards are read once, front to back: evaluate them with "
+                         "fixres.method.streaming.evaluate_stream")
     plan = _plan(model, samples, cfg, test_sizes=test_sizes, crop_ratios=crop_ratios, ensembles=ensembles,
                  batch_size=batch_size, folds=folds, num_classes=num_classes, class_names=class_names)
     workers = default_workers(env.world_size) if workers is None else workers
@@ -320,12 +324,18 @@ def assemble(res: PerImage, plan: _Plan, skipped: list[dict], *, n_out: int | No
 def _loader(plan: _Plan, cfg: DataConfig, shard: Sequence[int], *, ten_crop: bool, batch_size: int, workers: int,
             env: fdist.DistEnv, reduced_decode: bool, corrupt: Callable | None):
     """This rank's loader over its ``shard``: every view of a photo from one decode per JPEG reduction it needs."""
-    build = ten_crop_transform if ten_crop else test_transform
-    transform = MultiView([build(geometry_for(v.test_size, cfg, v.crop_ratio), cfg) for v in plan.views])
-    return make_loader(ImageDataset(plan.samples, SingleThreaded(transform) if workers == 0 else transform,
+    return make_loader(ImageDataset(plan.samples, views_transform(plan, cfg, ten_crop=ten_crop, workers=workers),
                                     reduced_decode=reduced_decode and corrupt is None, corrupt=corrupt),
                        batch_size=batch_size, sampler=IndexSampler(shard), workers=workers,
                        pin_memory=pin_memory_for(env.device))
+
+
+def views_transform(plan: _Plan, cfg: DataConfig, *, ten_crop: bool, workers: int) -> Callable:
+    """Every view of ``plan`` from one photo (``transforms.MultiView``); single-threaded when it runs in the main
+    process."""
+    build = ten_crop_transform if ten_crop else test_transform
+    transform = MultiView([build(geometry_for(v.test_size, cfg, v.crop_ratio), cfg) for v in plan.views])
+    return SingleThreaded(transform) if workers == 0 else transform
 
 
 def _one_pass(model: nn.Module, plan: _Plan, loader, *, total: int, ten_crop: bool, env: fdist.DistEnv,

@@ -95,16 +95,26 @@ class _Plan:
 
 def _plan(model: nn.Module, samples, cfg: DataConfig, *, test_sizes, crop_ratios, ensembles, batch_size: int,
           folds: int, num_classes: int | None, class_names) -> _Plan:
-    if batch_size <= 0:
-        raise UsageError(f"batch size must be positive, got {batch_size}")
-    if folds < 2:
-        raise UsageError(f"folds must be at least 2, got {folds}")
+    views, ens_views = _request(cfg, test_sizes=test_sizes, crop_ratios=crop_ratios, ensembles=ensembles,
+                                batch_size=batch_size, folds=folds)
     if isinstance(samples, FolderIndex):
         class_names = class_names or samples.classes
         samples = samples.samples
     samples = list(samples)
     if not samples:
         raise UsageError("no images to evaluate")
+    max_label = max(label for _, label in samples)
+    _check_classes(_model_outputs(model), num_classes, max_label)
+    return _Plan(samples, views, ens_views, class_names, num_classes, max_label)
+
+
+def _request(cfg: DataConfig, *, test_sizes, crop_ratios, ensembles, batch_size: int,
+             folds: int) -> tuple[list[View], list[tuple[View, ...]]]:
+    """The views and ensembles asked for, checked, with the views each ensemble needs added."""
+    if batch_size <= 0:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    if folds < 2:
+        raise UsageError(f"folds must be at least 2, got {folds}")
     test_sizes = list(test_sizes)
     if not test_sizes:
         raise UsageError("no test size given")
@@ -113,9 +123,7 @@ def _plan(model: nn.Module, samples, cfg: DataConfig, *, test_sizes, crop_ratios
     ens_views = _ensemble_views(ensembles, float(crop_ratios[0]))
     for members in ens_views:
         views.extend(v for v in members if v not in views)
-    max_label = max(label for _, label in samples)
-    _check_classes(_model_outputs(model), num_classes, max_label)
-    return _Plan(samples, views, ens_views, class_names, num_classes, max_label)
+    return views, ens_views
 
 
 def _check_classes(n_out: int | None, num_classes: int | None, max_label: int) -> None:
