@@ -478,3 +478,25 @@ def test_class_maps_read(tmp_path):
     assert read_class_map(tmp_path / "a.json") == ["dog", "<unused 1>", "cat"]
     (tmp_path / "b.txt").write_text("# classes\ndog\n\ncat\n")
     assert read_class_map(tmp_path / "b.txt") == ["dog", "cat"]
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Each item is the priority (niceness) of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        import os
+        return torch.zeros(1), os.nice(0), i
+
+
+def test_loader_workers_run_below_the_process_they_feed():
+    import os
+
+    from fixres.data.loaders import WORKER_NICENESS
+    ours = os.nice(0)
+    in_workers = make_loader(_Niceness(), batch_size=2, workers=1)
+    in_process = make_loader(_Niceness(), batch_size=2, workers=0)
+    assert next(iter(in_workers)).labels.tolist() == [min(19, ours + WORKER_NICENESS)] * 2
+    assert next(iter(in_process)).labels.tolist() == [ours] * 2

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fixres.data.images import BadImage, load_rgb
-from fixres.data.loaders import ImageDataset, collate
+from fixres.data.loaders import ImageDataset, collate, yield_to_compute
 from fixres.errors import FixresError
 from fixres.models.fold import fold_batchnorms
 from fixres.models.hooks import hooked, trace_calls
@@ -243,7 +243,8 @@ class PrefixCache:
 
 def image_loader(samples, transform, batches: list[list[int]], workers: int) -> DataLoader:
     ds = ImageDataset(samples, SingleThreaded(transform) if workers == 0 else transform)
-    return DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate, persistent_workers=False)
+    return DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate, persistent_workers=False,
+                      worker_init_fn=yield_to_compute)
 
 
 def frozen_prefix(model: nn.Module, suffix: Suffix, size: int) -> nn.Module:
