@@ -134,3 +134,62 @@ def _images(tmp_path, n: int = 10) -> list[tuple[str, int]]:
         Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(p)
         out.append((str(p), i % 5))
     return out
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [(3, 2, 1), (5, 2, 1), (3, 1, 1), (4, 2, 1), (3, 3, 1),
+                                                      (3, 2, 2), (1, 2, 1), (7, 4, 1)])
+def test_same_padding_without_the_padded_copy_gives_the_padded_convolution(kernel, stride, dilation):
+    import torch.nn.functional as F
+
+    from fixres.models.samepad import same_conv2d, same_pads
+    g = torch.Generator().manual_seed(kernel * 10 + stride)
+    w, b = torch.randn(6, 3, kernel, kernel, generator=g), torch.randn(6, generator=g)
+    for h, wd in ((16, 16), (17, 15), (5, 9), (2, 3), (1, 1), (31, 30)):
+        x = torch.randn(2, 3, h, wd, generator=g)
+        (top, bottom), (left, right) = (same_pads(h, kernel, stride, dilation), same_pads(wd, kernel, stride, dilation))
+        want = F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride, 0, dilation)
+        got = same_conv2d(x, w, b, (stride, stride), (dilation, dilation), 1)
+        assert got.shape == want.shape == (2, 6, -(-h // stride), -(-wd // stride))
+        assert torch.allclose(got, want, atol=1e-5), (h, wd)
+
+
+class BeforeHeavy(nn.Conv2d):
+    """Pads its input with a zero before (not after), to "same" size: not TensorFlow's "same" padding."""
+
+    def forward(self, x):
+        return self._conv_forward(nn.functional.pad(x, (1, 0, 1, 0)), self.weight, self.bias)
+
+
+class TfSame(nn.Module):
+    """timm's TensorFlow-"same" stride-2 convolutions (padding their inputs on every call) feeding batch norms, one of
+    them under a name kept as it is, and a convolution padding more before than after (not "same")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import Conv2dSame
+        self.c1, self.b1 = Conv2dSame(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = Conv2dSame(8, 8, 5, stride=2, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.kept = Conv2dSame(8, 8, 3, stride=2)
+        self.odd = BeforeHeavy(8, 8, 3, stride=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.kept(torch.relu(self.b2(self.c2(x))))
+        x = self.odd(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_the_evaluation_copy_computes_same_padding_without_padding():
+    from timm.layers import Conv2dSame
+
+    from fixres.models.samepad import SameConv2d
+    model = _randomise_norms(TfSame())
+    folded, n = fold_batchnorms(model, 64, keep=["kept"])
+    assert n == 2
+    assert isinstance(folded.c1, SameConv2d) and isinstance(folded.c2, SameConv2d)
+    assert type(folded.kept) is Conv2dSame and type(folded.odd) is BeforeHeavy
+    assert type(model.c1) is Conv2dSame  # the caller's model is left as it was
+    x = torch.randn(3, 3, 57, 57, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)

@@ -13,7 +13,8 @@ convolution produced and which tensor each batch norm read. A norm with extra be
 replaced by those parts; a norm subclass with any other extra behaviour is left as it is. The
 folded copy is kept only if its fp32 outputs on the probe equal the original's within
 ``FOLD_RTOL``; otherwise (a convolution output that something else also reads, a model with hooks
-that observe activations) the original model is used unchanged.
+that observe activations) the original model is used unchanged. The copy's convolutions with TensorFlow's
+"same" padding are also computed without padding their inputs first (``fixres.models.samepad``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from fixres.models.samepad import unpad_same_convs
 
 #: Relative tolerance (of the largest output magnitude) for the folded copy's outputs on the probe.
 FOLD_RTOL = 1e-4
@@ -136,7 +139,9 @@ def fold_batchnorms(model: nn.Module, probe_size: int, *, in_chans: int = 3,
         if rest is not None and _fold_pair(folded.get_submodule(conv_name), folded.get_submodule(bn_name)):
             _set(folded, bn_name, rest)
             n += 1
-    if n == 0:
+    # The copy is the evaluation's: its "same"-padded convolutions also skip padding their inputs (``samepad``).
+    unpadded = unpad_same_convs(folded, probe, kept=kept)
+    if n == 0 and unpadded == 0:
         return model, 0
     with torch.no_grad():
         want, got = model(probe), folded(probe)
