@@ -97,11 +97,6 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     return True
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def fold_batchnorms(model: nn.Module, probe_size: int, *, in_chans: int = 3,
                     keep: Sequence[str] = ()) -> tuple[nn.Module, int]:
     """(a copy of eval-mode ``model`` with its conv -> batch norm pairs folded, number folded).
@@ -137,7 +132,7 @@ def fold_batchnorms(model: nn.Module, probe_size: int, *, in_chans: int = 3,
             continue
         rest = _replacement(folded.get_submodule(bn_name))
         if rest is not None and _fold_pair(folded.get_submodule(conv_name), folded.get_submodule(bn_name)):
-            _set(folded, bn_name, rest)
+            folded.set_submodule(bn_name, rest)
             n += 1
     # The copy is the evaluation's: its "same"-padded convolutions also skip padding their inputs (``samepad``).
     unpadded = unpad_same_convs(folded, probe, kept=kept)

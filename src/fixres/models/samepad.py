@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fixres.models.hooks import hooked
+
 #: Relative tolerance (of the largest output magnitude) for a layer's outputs computed without the padded copy.
 SAME_RTOL = 1e-5
 
@@ -88,25 +90,21 @@ def unpad_same_convs(model: nn.Module, probe: torch.Tensor, *, kept: Callable[[s
     module as it is. Returns how many were replaced."""
     calls: dict[str, int] = {}
     same: set[str] = set()
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and type(m) is not SameConv2d and not kept(name):
-            def hook(mod, args, out, name=name):
-                calls[name] = calls.get(name, 0) + 1
-                if _pads_same(mod, tuple(args[0].shape[-2:]), tuple(out.shape[-2:])):
-                    mine = same_conv2d(args[0], mod.weight, mod.bias, mod.stride, mod.dilation, mod.groups)
-                    if mine.shape == out.shape and (mine - out).abs().max() <= SAME_RTOL * max(
-                            float(out.abs().max()), 1.0):
-                        same.add(name)
-            handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def hook(name: str):
+        def record(mod, args, out):
+            calls[name] = calls.get(name, 0) + 1
+            if _pads_same(mod, tuple(args[0].shape[-2:]), tuple(out.shape[-2:])):
+                mine = same_conv2d(args[0], mod.weight, mod.bias, mod.stride, mod.dilation, mod.groups)
+                if mine.shape == out.shape and (mine - out).abs().max() <= SAME_RTOL * max(float(out.abs().max()), 1.0):
+                    same.add(name)
+        return record
+
+    convs = [(m, "forward", hook(name)) for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and type(m) is not SameConv2d and not kept(name)]
+    with hooked(convs), torch.no_grad():
+        model(probe)
     replaced = [name for name in same if calls[name] == 1]
     for name in replaced:
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, SameConv2d.sharing(model.get_submodule(name)))
+        model.set_submodule(name, SameConv2d.sharing(model.get_submodule(name)))
     return len(replaced)
