@@ -26,10 +26,6 @@ from fixres.data.shards import expand_braces, index_shards, resolve_shards
 TIMEOUT_S = 180
 
 
-def _ordered(index):
-    return [(Path(p), y) for p, y in index.samples]
-
-
 def _write_hf(root: Path, splits: dict) -> tuple[Path, Path]:
     datasets = pytest.importorskip("datasets")
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})

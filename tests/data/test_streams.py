@@ -121,7 +121,7 @@ def _truncated(tmp_path: Path, shards) -> str:
     ("pipe:cat MISSING.tar", [], "the command exited with status 1"),
     ("pipe:exit 3", [], "exited with status 3"),
     ("NAMED", [], ".cls holding class names needs their order: --class-map FILE"),
-    ("PIPE", ["--val-count", "12"], "--val-count 12: the shards of"),
+    ("PIPE", ["--val-count", "12"], "holds 13 photos (a shard or folder too many?)"),
     ("PIPE", ["--corruptions"], "--corruptions draws its photos by position"),
     ("CUT", [], "ends without its end marker"),
 ])

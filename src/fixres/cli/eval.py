@@ -185,6 +185,14 @@ def refuse_non_finite_outputs(model, size: int) -> None:
                          "use another checkpoint (--strict refuses such weights when loading)")
 
 
+def refuse_count(cfg: EvalConfig, held: int) -> None:
+    """One line when the data held other than ``--val-count`` photos (a shard or folder missing, or one too many)."""
+    from fixres.errors import UsageError
+    if cfg.val_count is not None and held != cfg.val_count:
+        raise UsageError(f"--val-count {cfg.val_count}: {cfg.data} holds {held} photos (a shard or folder "
+                         f"{'missing' if held < cfg.val_count else 'too many'}?)")
+
+
 def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
     """Load the model and index the data (call ``dist.shutdown()`` afterwards)."""
     from fixres.config import DEFAULT_BATCH_SIZE
@@ -214,9 +222,8 @@ def load_evaluation(cfg: EvalConfig, *, label: str = "eval") -> Loaded:
         index = open_stream(cfg.data, classes=classes, num_classes=n_out)
     else:
         index = index_split(cfg.data, "val", classes=classes, num_classes=n_out)
-    if cfg.val_count is not None and not cfg.stream and len(index) != cfg.val_count:
-        raise UsageError(f"--val-count {cfg.val_count}: {cfg.data} holds {len(index)} photos (a shard or folder "
-                         f"{'missing' if len(index) < cfg.val_count else 'too many'}?)")
+    if not cfg.stream:  # indexed photos are counted before any is read; streamed ones once all are
+        refuse_count(cfg, len(index))
     # Sorted folder names are only meaningful when they are exactly the model's classes.
     num_classes = index.num_classes if index.source == "sorted folders" else None
     # A fixres export was fixed for its test size: that, not its train size, is where it should be evaluated.
@@ -253,10 +260,7 @@ def run_evaluation(cfg: EvalConfig, *, label: str = "eval", loaded: Loaded | Non
                    folds=cfg.folds, progress=ld.show, num_classes=ld.num_classes, reduced_decode=cfg.reduced_decode)
     result = (evaluate_stream if cfg.stream else evaluate)(bundle.model, index, data_cfg, per_class=cfg.per_class,
                                                           keep_log_probs=bool(cfg.calibrate_on), **eval_kw)
-    if cfg.val_count is not None and result.n_samples != cfg.val_count:
-        from fixres.errors import UsageError
-        raise UsageError(f"--val-count {cfg.val_count}: the shards of {cfg.data} held {result.n_samples} photos "
-                         f"(a shard {'missing' if result.n_samples < cfg.val_count else 'too many'}?)")
+    refuse_count(cfg, result.n_samples)
     if cfg.calibrate_on:
         result = _temperature_scaled(result, bundle.model, data_cfg, cfg.calibrate_on, index,
                                      num_outputs(bundle.model), eval_kw)

@@ -37,6 +37,8 @@ CLASS_SUFFIX = ".cls"
 SPLIT_PREFIXES = {"train": ("train",), "val": ("val", "validation", "test")}
 #: A numeric brace range, ``{000000..000127}``: zero-padded to the width of its first bound.
 BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+#: Samples left out (no image or no class) named one by one before the rest are counted.
+LEFT_OUT_NAMED = 5
 BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 
@@ -141,6 +143,15 @@ def _samples_of(shard: str) -> tuple[list[tuple[str, str, str]], list[tuple[str,
     return kept, left
 
 
+def say_left_out(left: Sequence[tuple[str, str]], *, enabled: bool) -> None:
+    """Warn of the samples left out (no image or no class): the first few by name, the rest counted."""
+    for ref, reason in left[:LEFT_OUT_NAMED]:
+        status(f"fixres: warning: left out {ref}: {reason}", enabled=enabled)
+    if len(left) > LEFT_OUT_NAMED:
+        status(f"fixres: warning: left out {len(left) - LEFT_OUT_NAMED} more samples without an image or a class",
+               enabled=enabled)
+
+
 def index_shards(split: ShardSplit, *, class_map: Sequence[str] | None = None, num_classes: int | None = None,
                  warn: bool = True) -> FolderIndex:
     """The samples of ``split``'s shards as a ``FolderIndex`` (labels from ``.cls``, classes as the module says)."""
@@ -157,9 +168,6 @@ def index_shards(split: ShardSplit, *, class_map: Sequence[str] | None = None, n
     classes, labels, source = label_classes([int(t) if numbered else t for _, _, t in rows], class_map=class_map,
                                             num_classes=num_classes, where=split.spec)
     order = sorted(range(len(rows)), key=lambda i: (labels[i], rows[i][0]))
-    for ref, reason in left[:5]:
-        status(f"fixres: warning: left out {ref}: {reason}", enabled=warn)
-    if len(left) > 5:
-        status(f"fixres: warning: left out {len(left) - 5} more samples without an image or a class", enabled=warn)
+    say_left_out(left, enabled=warn)
     return FolderIndex(root=Path(split.spec), classes=classes, samples=[(rows[i][1], labels[i]) for i in order],
                        source=f"{source} (shards)", skipped_folders=left)

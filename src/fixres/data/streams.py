@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fixres.data.images import is_image_file
-from fixres.data.loaders import Skipped, collate, load_item
+from fixres.data.loaders import collate, load_item
 from fixres.data.shards import CLASS_SUFFIX, expand_braces, key_of, resolve_shards
 from fixres.data.sources import member_ref
 from fixres.errors import UsageError
@@ -250,7 +250,3 @@ class StreamOrder:
                 for pos, (key, label) in enumerate(e.entries)]
         return {i: place for place, (_, _, i) in enumerate(sorted(read))}
 
-
-def in_order(skipped: Sequence[Skipped], positions: dict[int, int]) -> list[Skipped]:
-    """``skipped`` with their indexes moved to ``positions``, in that order."""
-    return sorted((Skipped(positions[s.index], s.path, s.reason) for s in skipped), key=lambda s: s.index)

@@ -26,7 +26,7 @@ from torch import nn
 
 from fixres.config import DEFAULT_CDF_POINTS, DEFAULT_STATS_BATCH_SIZE, DataConfig, validate_size
 from fixres.data.folders import FolderIndex
-from fixres.data.loaders import ImageDataset, collate, default_workers, yield_to_compute
+from fixres.data.loaders import ImageDataset, default_workers, make_loader
 from fixres.data.transforms import MultiView, build_transform
 from fixres.errors import UsageError
 from fixres.method.evaluate import modules_at_sizes
@@ -64,13 +64,11 @@ def iterate_views(samples, cfg: DataConfig, sizes: Sequence[int], *, batch_size:
                   progress: bool = True, desc: str = "images", max_images: int | None = None
                   ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor, list]]:
     """Batches of (views at each size with the test pre-processing, labels, skipped): one decode per image."""
-    from torch.utils.data import DataLoader
     samples = _samples(samples, max_images)
     workers = default_workers() if workers is None else workers
     views = MultiView([build_transform("test", size=s, cfg=cfg) for s in sizes])
     ds = ImageDataset(samples, SingleThreaded(views) if workers == 0 else views)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                        worker_init_fn=yield_to_compute)
+    loader = make_loader(ds, batch_size=batch_size, workers=workers)
     bar = prog.bar(len(samples), desc, enabled=progress)
     try:
         for batch in loader:

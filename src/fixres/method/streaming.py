@@ -18,16 +18,13 @@ from torch import nn
 
 from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FOLDS, DataConfig
 from fixres.data.loaders import default_workers, make_loader, pin_memory_for
+from fixres.data.shards import say_left_out
 from fixres.data.streams import ShardStream, StreamedShards, StreamOrder, stream_collate
 from fixres.io.evaluation import EvalResult
 from fixres.method.evaluate import _check_coverage, _one_pass, assemble, views_transform
 from fixres.method.views import _check_classes, _model_outputs, _Plan, _request
 from fixres.runtime import dist as fdist
 from fixres.runtime.engine import Precision, inference_precision
-from fixres.runtime.progress import status
-
-#: Samples left out (no image or no class) named one by one before the rest are counted.
-LEFT_OUT_NAMED = 5
 
 
 class _Reading:
@@ -66,7 +63,7 @@ def evaluate_stream(model: nn.Module, stream: ShardStream, cfg: DataConfig, *, t
         keep_log_probs=keep_log_probs)
     order = StreamOrder(stream, [e for ends in fdist.all_gather_objects(reading.ends, env) for e in ends])
     order.check()
-    _say_left_out(order.left, enabled=progress and env.is_main)
+    say_left_out(order.left, enabled=progress and env.is_main)
     at = order.positions()
     res.idx = np.array([at[int(i)] for i in res.idx], dtype=np.int64)
     res = res.reordered(np.argsort(res.idx, kind="stable"))
@@ -78,10 +75,3 @@ def evaluate_stream(model: nn.Module, stream: ShardStream, cfg: DataConfig, *, t
                     batch_size=batch_size, workers=workers, ten_crop=ten_crop, folds=folds, per_class=per_class,
                     keep_log_probs=keep_log_probs, keep_outcomes=False)
 
-
-def _say_left_out(left: list[tuple[str, str]], *, enabled: bool) -> None:
-    for ref, reason in left[:LEFT_OUT_NAMED]:
-        status(f"fixres: warning: left out {ref}: {reason}", enabled=enabled)
-    if len(left) > LEFT_OUT_NAMED:
-        status(f"fixres: warning: left out {len(left) - LEFT_OUT_NAMED} more samples without an image or a class",
-               enabled=enabled)
