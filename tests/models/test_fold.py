@@ -143,15 +143,21 @@ def test_same_padding_without_the_padded_copy_gives_the_padded_convolution(kerne
 
     from fixres.models.samepad import same_conv2d, same_pads
     g = torch.Generator().manual_seed(kernel * 10 + stride)
-    w, b = torch.randn(6, 3, kernel, kernel, generator=g), torch.randn(6, generator=g)
-    for h, wd in ((16, 16), (17, 15), (5, 9), (2, 3), (1, 1), (31, 30)):
-        x = torch.randn(2, 3, h, wd, generator=g)
-        (top, bottom), (left, right) = (same_pads(h, kernel, stride, dilation), same_pads(wd, kernel, stride, dilation))
-        want = F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride, 0, dilation)
-        got = same_conv2d(x, w, b, (stride, stride), (dilation, dilation), 1)
-        assert got.shape == want.shape == (2, 6, -(-h // stride), -(-wd // stride))
-        assert torch.allclose(got, want, atol=1e-5), (h, wd)
-
+    # (3 -> 6) channels: a stem whose input is smaller than its output at stride 1 (the input is padded) and larger
+    # at stride 2; (8 -> 2): always larger (the last row and column computed apart), in either memory layout.
+    for cin, cout, layout in ((3, 6, torch.contiguous_format), (8, 2, torch.contiguous_format),
+                              (8, 2, torch.channels_last)):
+        w, b = torch.randn(cout, cin, kernel, kernel, generator=g), torch.randn(cout, generator=g)
+        for h, wd in ((16, 16), (17, 15), (5, 9), (2, 3), (1, 1), (31, 30)):
+            x = torch.randn(2, cin, h, wd, generator=g).contiguous(memory_format=layout)
+            (top, bottom), (left, right) = (same_pads(h, kernel, stride, dilation),
+                                            same_pads(wd, kernel, stride, dilation))
+            want = F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride, 0, dilation)
+            got = same_conv2d(x, w, b, (stride, stride), (dilation, dilation), 1)
+            assert got.shape == want.shape == (2, cout, -(-h // stride), -(-wd // stride))
+            assert torch.allclose(got, want, atol=1e-5), (cin, h, wd, layout)
+            if layout is torch.channels_last and min(got.shape[-2:]) > 1:
+                assert got.is_contiguous(memory_format=torch.channels_last)
 
 class BeforeHeavy(nn.Conv2d):
     """Pads its input with a zero before (not after), to "same" size: not TensorFlow's "same" padding."""

@@ -7,7 +7,9 @@ convolution pads symmetrically only, so such a layer usually pads its whole inpu
 activation on every call (at 224 px on a CPU, the padding of lite0's stride-2 layers takes longer than their
 convolutions). ``same_conv2d`` computes the same outputs as a convolution with the symmetric padding ``before``
 and, where one output row or column is still missing, that row or column from the input's last few rows or
-columns alone: the same sums over the same values, without the copy.
+columns alone, written into the full-size output: the same sums over the same values, copying the (strided,
+smaller) output once instead of the input. Where the input is the smaller of the two (a stem reading three
+colour channels), the input is padded as before.
 
 ``unpad_same_convs`` finds such layers by what they do, not by their class: in a probe pass, a convolution with
 more outputs than its own ``padding`` gives, as many as "same" padding gives, and whose outputs ``same_conv2d``
@@ -46,18 +48,26 @@ def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     oh, ow = math.ceil(ih / stride[0]), math.ceil(iw / stride[1])
     span_h, span_w = (kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1
     last_row, last_col = (oh - 1) * stride[0] - top, (ow - 1) * stride[1] - left
-    if min(last_row, last_col) < 0 or ih + 2 * top < span_h or iw + 2 * left < span_w:
-        # An input about one window in size: nothing to save, and the symmetric convolution has no output.
+    if (min(last_row, last_col) < 0 or ih + 2 * top < span_h or iw + 2 * left < span_w
+            or x.shape[1] * ih * iw <= weight.shape[0] * oh * ow):
+        # An input about one window in size (the symmetric convolution has no output), or one smaller than the
+        # output (a stem from a few colour channels): padding the input copies the least.
         return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
     out = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
-    if out.shape[-1] < ow:  # the last column: its window overhangs the input's right edge by one more zero
+    h, w = out.shape[-2:]
+    if (h, w) == (oh, ow):
+        return out
+    # One copy of the output into its full size, the missing last column and row written in place.
+    layout = torch.channels_last if out.dim() == 4 and not out.is_contiguous() else torch.contiguous_format
+    full = torch.empty((*out.shape[:-2], oh, ow), dtype=out.dtype, device=out.device, memory_format=layout)
+    full[..., :h, :w] = out
+    if w < ow:  # the last column: its window overhangs the input's right edge by one more zero
         tail = F.pad(x[..., last_col:], (0, span_w - (iw - last_col)))
-        out = torch.cat([out, F.conv2d(tail, weight, bias, stride, (top, 0), dilation, groups)], dim=-1)
-    if out.shape[-2] < oh:  # the last row, every column of it
+        full[..., :h, w:] = F.conv2d(tail, weight, bias, stride, (top, 0), dilation, groups)
+    if h < oh:  # the last row, every column of it
         tail = F.pad(x[..., last_row:, :], (left, right, 0, span_h - (ih - last_row)))
-        out = torch.cat([out, F.conv2d(tail, weight, bias, stride, 0, dilation, groups)], dim=-2)
-    return out
-
+        full[..., h:, :] = F.conv2d(tail, weight, bias, stride, 0, dilation, groups)
+    return full
 
 class SameConv2d(nn.Conv2d):
     """A convolution with "same" padding (``same_conv2d``), holding another convolution's weights."""
