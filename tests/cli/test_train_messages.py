@@ -39,10 +39,10 @@ def test_without_repeats_the_epoch_is_the_photos_and_the_remainder(capsys, tmp_p
 
 def test_epoch_line_without_validation_has_no_empty_columns():
     # `fixres fix` trains with no validation images (its sweep measures every size right after).
-    from fixres.method.train import _epoch_line
+    from fixres.method.trainlog import epoch_line
     record = {"epoch": 3, "train_loss": 1.25, "train_top1": 40.0, "images_per_s": 50.0, "forward_ms": 2.0,
               "backward_ms": 3.0, "val_top1_train_size": None, "val_top1_test_size": None}
-    line = _epoch_line(record, 64, 80)
+    line = epoch_line(record, 64, 80)
     assert line == "epoch 3: loss 1.250, train top-1 40.0%, 50.0 img/s, fwd 2.0 ms + bwd 3.0 ms per batch"
     record.update(val_top1_train_size=50.0, val_top1_test_size=55.5)
-    assert "val top-1 50.0% @64px, 55.5% @80px, " in _epoch_line(record, 64, 80)
+    assert "val top-1 50.0% @64px, 55.5% @80px, " in epoch_line(record, 64, 80)

@@ -10,7 +10,8 @@ from fixres.errors import UsageError
 from fixres.io import schema
 from fixres.io.checkpoint import save_training_state
 from fixres.method import loop
-from fixres.method.train import STATE_LAYOUT, EpochRecord, _epoch_line
+from fixres.method.train import STATE_LAYOUT, EpochRecord
+from fixres.method.trainlog import epoch_line
 
 TRAINED = {"epoch": 2, "step": 12, "lr": 0.05, "train_loss": 1.5, "train_top1": 40.0, "images": 48, "seconds": 2.0,
            "images_per_s": 24.0, "forward_ms": 3.0, "forward_ms_std": 0.5, "backward_ms": 4.0, "backward_ms_std": 0.5,
@@ -33,8 +34,8 @@ def test_an_epoch_without_validation_has_no_val_keys():
 
 
 def test_the_epoch_line_reads_a_record_as_it_reads_a_row():
-    assert _epoch_line(schema.parse(EpochRecord, VALIDATED), 32, 48) == _epoch_line(dict(VALIDATED), 32, 48)
-    assert "val top-1 50.0% @32px, 55.5% @48px, " in _epoch_line(dict(VALIDATED), 32, 48)
+    assert epoch_line(schema.parse(EpochRecord, VALIDATED), 32, 48) == epoch_line(dict(VALIDATED), 32, 48)
+    assert "val top-1 50.0% @32px, 55.5% @48px, " in epoch_line(dict(VALIDATED), 32, 48)
 
 
 def test_a_saved_state_reads_back_with_its_parts(tmp_path):

@@ -48,6 +48,7 @@ from fixres.method import analysis, loop
 from fixres.method.evaluate import evaluate
 from fixres.method.loop import LoopState, StateLayout, rng_state, seed_everything, set_rng_state  # noqa: F401 (API)
 from fixres.method.sampler import RepeatedAugSampler, SeededSamples, epoch_seed
+from fixres.method.trainlog import EpochRecord, epoch_line
 from fixres.method.trainrecipe import (
     MOMENTUM,
     OPTIMIZERS,
@@ -111,36 +112,6 @@ def write_final_model(model: nn.Module, out_dir: Path, *, model_name: str, cfg: 
                              train_size=train_size, class_names=list(cfg.class_names or []) or None,
                              accuracy=accuracy))
     return path, path.with_name(META_NAME)
-
-
-@dataclass
-class EpochRecord:
-    """One epoch's row of ``log.jsonl`` and of the state's log: what it trained, at what speed (ms per batch and
-    their std, table 7), and its validation (the ``val_`` fields: top-1 per size, keyed by the size as text)."""
-    epoch: int
-    step: int = 0
-    lr: float | None = None
-    train_loss: float | None = None
-    train_top1: float | None = None
-    images: int = 0
-    seconds: float = 0.0
-    images_per_s: float | None = None
-    forward_ms: float | None = None
-    forward_ms_std: float | None = None
-    backward_ms: float | None = None
-    backward_ms_std: float | None = None
-    optimizer_ms: float | None = None
-    optimizer_ms_std: float | None = None
-    local_batch: int | None = None
-    val_top1: dict[str, float] | None = None
-    val_top1_train_size: float | None = None
-    val_top1_test_size: float | None = None
-    val_n: int | None = None
-
-    def to_dict(self) -> dict:
-        """The row as written: an epoch that was not validated has no ``val_`` key at all."""
-        row = schema.dump(self)
-        return row if self.val_top1 is not None else {k: v for k, v in row.items() if not k.startswith("val_")}
 
 
 @dataclass
@@ -380,7 +351,7 @@ def _save_epoch(run: _Run, epoch: int, record: EpochRecord) -> None:
                   scaler=run.stepper.scaler.state_dict(), rng=rng_state()).save(run.out_dir / STATE_NAME,
                                                                                  STATE_LAYOUT)
         append_jsonl(run.out_dir / LOG_NAME, record.to_dict())
-        status(_epoch_line(record, run.hparams["train_size"], run.hparams["test_size"]), enabled=run.progress)
+        status(epoch_line(record, run.hparams["train_size"], run.hparams["test_size"]), enabled=run.progress)
     dist.barrier(run.env)
 
 
@@ -433,18 +404,3 @@ def epoch_description(n_images: int, run: "_Run") -> str:
     if used < drawn:
         parts.append(f"{drawn - used} left over after the last full batch of {hp['batch_size']} are not used")
     return "; ".join(parts)
-
-
-def _epoch_line(r: EpochRecord | dict, train_size: int, test_size: int) -> str:
-    """The status line of an epoch (a row as written reads as an ``EpochRecord``)."""
-    def pct(v):
-        return "-" if v is None else f"{v:.1f}%"
-    r = schema.parse(EpochRecord, r) if isinstance(r, dict) else r
-    loss = "-" if r.train_loss is None else f"{r.train_loss:.3f}"
-    val = ""
-    if r.val_top1_train_size is not None or r.val_top1_test_size is not None:
-        val = (f"val top-1 {pct(r.val_top1_train_size)} @{train_size}px, "
-               f"{pct(r.val_top1_test_size)} @{test_size}px, ")
-    return (f"epoch {r.epoch}: loss {loss}, train top-1 {pct(r.train_top1)}, {val}"
-            f"{r.images_per_s or 0:.1f} img/s, fwd {r.forward_ms or 0:.1f} ms + bwd "
-            f"{r.backward_ms or 0:.1f} ms per batch")
