@@ -45,7 +45,15 @@ def add_parser(sub, parents):
     add_runtime_args(p, batch_default=DEFAULT_TRAIN_BATCH_SIZE, batch_note=": the global batch under torchrun")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="ImageFolder root (ROOT/train and ROOT/val when present), a folder of "
-                        "train-*.tar and val-*.tar shards, or hf:PATH")
+                        "train-*.tar and val-*.tar shards, or hf:PATH; with --stream, shards or 'pipe:CMD'")
+    p.add_argument("--stream", action="store_true",
+                   help="read WebDataset shards front to back, no index of the photos (implied by 'pipe:CMD', e.g. "
+                        "'pipe:aws s3 cp s3://B/train-{000..127}.tar -'): each epoch the shards in a seeded order, "
+                        "split by shard over processes, through a shuffle buffer; needs --num-classes or "
+                        "--class-map")
+    p.add_argument("--val-data", default=None, metavar="SHARDS",
+                   help="with --stream: the validation shards (a 'pipe:' value, or local shards; default: the "
+                        "val-*.tar shards beside local training shards, none beside a 'pipe:' value)")
     p.add_argument("--train-size", type=image_size, required=True, help="training resolution T (pixels)")
     p.add_argument("--epochs", type=positive_int, default=DEFAULT_TRAIN_EPOCHS,
                    help=f"epochs (default {DEFAULT_TRAIN_EPOCHS}; the paper trains ImageNet for 120)")
@@ -115,6 +123,8 @@ class TrainRunConfig:
     progress: bool
     overrides: dict
     epoch_length_factor: float | None = None  # None: the paper's (2 with repeated augmentation)
+    stream: bool = False  # shards read front to back, not indexed (--stream, or a pipe: value)
+    val_data: str | None = None  # with stream: the validation shards
     optimizer: str = "sgd"
     #: the command line, for the model card beside the export
     command: str | None = None
@@ -124,6 +134,7 @@ class TrainRunConfig:
 
     @classmethod
     def from_args(cls, args) -> "TrainRunConfig":
+        from fixres.data.streams import is_stream
         return cls(model=args.model, checkpoint=args.checkpoint, weights=args.weights, num_classes=args.num_classes,
                    class_map=args.class_map, data=args.data, out=args.out or default_out("train"),
                    train_size=args.train_size, epochs=args.epochs,
@@ -137,12 +148,18 @@ class TrainRunConfig:
                    progress=not args.quiet,
                    overrides={"crop_ratio": args.crop_ratio, "interpolation": args.interpolation,
                               "mean": args.mean, "std": args.std},
-                   spec=model_spec(args), optimizer=args.optimizer, command=getattr(args, "_invocation", None))
+                   spec=model_spec(args), optimizer=args.optimizer, command=getattr(args, "_invocation", None),
+                   stream=args.stream or is_stream(args.data) or is_stream(args.val_data or ""),
+                   val_data=args.val_data)
 
 
 def run(args):
+    from fixres.errors import UsageError
     from fixres.runtime import dist
     cfg = TrainRunConfig.from_args(args)
+    if cfg.val_data and not cfg.stream:
+        raise UsageError("--val-data names streamed validation shards: add --stream (indexed data finds its val "
+                         "split in --data)")
     env = dist.init(cfg.device)
     try:
         result = run_training(cfg, env)
@@ -156,23 +173,14 @@ def run(args):
 def run_training(rc: TrainRunConfig, env) -> dict:
     import torch
 
-    from fixres.data.folders import missing_classes_warning, read_class_map
     from fixres.errors import UsageError
-    from fixres.method.inputs import index_train_val
     from fixres.method.train import train
     from fixres.models.loading import num_outputs, replace_classifier
     from fixres.runtime import engine
     from fixres.runtime.progress import status
 
     show = rc.progress and env.is_main
-    class_map = read_class_map(rc.class_map) if rc.class_map else None
-    # val mapped onto train's classes by name
-    splits = index_train_val(rc.data, class_map=class_map, num_classes=rc.num_classes, warn=show)
-    train_index, val_index = splits.train, splits.val
-    if splits.one_folder:
-        status(f"warning: {rc.data} has no val/ folder: validation uses the training images", enabled=show)
-    if missing_classes_warning(val_index):
-        status(f"warning: {missing_classes_warning(val_index)}", enabled=show)
+    train_index, val_index = _splits(rc, show)
     num_classes = rc.num_classes or train_index.num_classes
 
     # The new head's initial weights come from the seed: every rank and every resume builds the same model.
@@ -189,10 +197,12 @@ def run_training(rc: TrainRunConfig, env) -> dict:
         train_size=rc.train_size, num_classes=num_classes, class_names=tuple(train_index.classes))
     precision = engine.precision_for(env.device, amp=rc.amp)
     status(f"training {bundle.name} ({'transfer from ' + source if transfer else 'from scratch'}"
-           f"{', new head' if 'new_head' in bundle.meta else ''}) on {len(train_index)} images of "
+           f"{', new head' if 'new_head' in bundle.meta else ''}) on "
+           f"{f'{len(train_index.shards)} streamed shard(s)' if rc.stream else f'{len(train_index)} images'} of "
            f"{num_classes} classes at {rc.train_size}px, {env.world_size} process(es) on {env.device}, "
            f"{precision.describe()}", enabled=show)
-    result = train(bundle.model, train_index.samples, val_index.samples, data_cfg, train_size=rc.train_size,
+    result = train(bundle.model, train_index if rc.stream else train_index.samples,
+                   val_index if rc.stream else val_index.samples, data_cfg, train_size=rc.train_size,
                    epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr, out_dir=rc.out, resume=rc.resume,
                    repeats=rc.repeats, augment=rc.augment, color_jitter=rc.color_jitter, schedule=rc.schedule,
                    warmup_epochs=rc.warmup_epochs, label_smoothing=rc.label_smoothing, val_sizes=rc.val_sizes,
@@ -203,12 +213,44 @@ def run_training(rc: TrainRunConfig, env) -> dict:
     if result.get("model_path"):  # written by rank 0 alone; the card says what only this command knows
         from fixres.models.card import CardFacts
         from fixres.models.export import write_card
-        write_card(rc.out, data_cfg, CardFacts(data=str(val_index.root), command=rc.command))
+        write_card(rc.out, data_cfg, CardFacts(data=str(val_index.root if val_index else train_index.root),
+                                               command=rc.command))
     result.update({"model": bundle.name, "source": bundle.source, "transfer": transfer,
                    "new_head": bundle.new_head, "num_classes": num_classes,
-                   "classes": train_index.classes, "train_dir": str(train_index.root), "val_dir": str(val_index.root),
+                   "classes": list(train_index.classes), "train_dir": str(train_index.root),
+                   "val_dir": str(val_index.root) if val_index else None,
                    "device": str(env.device)})
     return result
+
+
+def _splits(rc: TrainRunConfig, show: bool):
+    """(training photos, validation photos): indexed, val mapped onto train's classes by name; or streamed."""
+    from fixres.data.folders import missing_classes_warning, read_class_map
+    from fixres.method.inputs import index_train_val
+    from fixres.runtime.progress import status
+    class_map = read_class_map(rc.class_map) if rc.class_map else None
+    if rc.stream:
+        return _streams(rc, class_map)
+    splits = index_train_val(rc.data, class_map=class_map, num_classes=rc.num_classes, warn=show)
+    if splits.one_folder:
+        status(f"warning: {rc.data} has no val/ folder: validation uses the training images", enabled=show)
+    if missing_classes_warning(splits.val):
+        status(f"warning: {missing_classes_warning(splits.val)}", enabled=show)
+    return splits.train, splits.val
+
+
+def _streams(rc: TrainRunConfig, class_map):
+    """(training shards, validation shards or None) to stream, their classes from the class map or
+    ``--num-classes``."""
+    from fixres.data.streams import is_stream, open_stream
+    from fixres.errors import UsageError
+    if class_map is None and rc.num_classes is None:
+        raise UsageError("streamed training reads no class list: give --num-classes N (.cls holding numbers) or "
+                         "--class-map FILE")
+    def opened(data: str, split: str):
+        return open_stream(data, classes=class_map, num_classes=rc.num_classes or 0, split=split)
+    val = rc.val_data or (None if is_stream(rc.data) else rc.data)
+    return opened(rc.data, "train"), opened(val, "val") if val else None
 
 
 def _load(rc: TrainRunConfig, num_classes: int):

@@ -79,8 +79,8 @@ def resolve_split(data: str | os.PathLike, split: str) -> Location:
     """Where ``split`` ("train" or "val") of ``data`` is, in whichever layout ``data`` has."""
     text = os.fspath(data)
     if is_stream(text):
-        raise UsageError(f"{text.split()[0]}...: shards written by a command can only be streamed, which fixres eval "
-                         "and sweep do; the other commands read photos by position: copy the shards to a disk")
+        raise UsageError(f"{text.split()[0]}...: shards written by a command can only be streamed, which fixres eval, "
+                         "sweep and train do; the other commands read photos by position: copy the shards to a disk")
     if is_hf(text):
         return _hf_split(text, split)
     if is_shards(text):

@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fixres.data.images import is_image_file
 from fixres.data.loaders import collate, load_item
 from fixres.data.shards import CLASS_SUFFIX, expand_braces, key_of, resolve_shards
-from fixres.data.sources import member_ref
+from fixres.data.sources import PhotoUnreadable, member_ref, scan_members
 from fixres.errors import UsageError
 
 #: A shard named by the command that writes it to standard output (webdataset's convention).
@@ -67,11 +67,11 @@ class ShardStream:
         return len(self.classes)
 
 
-def open_stream(data: str, *, classes: Sequence[str] | None, num_classes: int) -> ShardStream:
-    """The shards ``data`` names (a ``pipe:`` value, or local shards as ``--data`` names them, their val split),
+def open_stream(data: str, *, classes: Sequence[str] | None, num_classes: int, split: str = "val") -> ShardStream:
+    """The shards ``data`` names (a ``pipe:`` value, or local shards as ``--data`` names them, their ``split``),
     their classes named by ``classes`` (a class map, an export's names) or numbered up to ``num_classes``."""
     spec = os.fspath(data)
-    shards = tuple(expand_braces(spec)) if is_stream(spec) else resolve_shards(spec, "val").shards
+    shards = tuple(expand_braces(spec)) if is_stream(spec) else resolve_shards(spec, split).shards
     if classes is not None:
         return ShardStream(spec, shards, tuple(classes), "class map (streamed shards)")
     return ShardStream(spec, shards, tuple(str(k) for k in range(num_classes)))
@@ -161,6 +161,66 @@ def samples_in(stream: BinaryIO) -> Iterator[tuple[str, dict[str, tuple[str, byt
         yield key, parts
 
 
+@dataclass(frozen=True)
+class Photo:
+    """One sample of a streamed shard: its key, the reference naming it, and its image's bytes and class; or, for a
+    sample left out (no image, or no class), ``data`` None and the ``reason``."""
+
+    key: str
+    ref: str
+    data: bytes | None = None
+    label: int = -1
+    reason: str | None = None
+
+
+def class_of(text: str, at: dict[str, int], stream: ShardStream) -> int:
+    """The class index a ``.cls`` member's text names (a number, or a name of ``stream.classes``: ``at``)."""
+    label = int(text) if text.isdigit() else at.get(text)
+    if label is None:
+        raise ShardError(f"class {text!r} is not one of the {len(at)} classes"
+                         + ("" if stream.source.startswith("class map") else
+                            "; .cls holding class names needs their order: --class-map FILE"))
+    if label >= len(at):
+        raise ShardError(f"class {label} is outside the model's {len(at)} classes")
+    return label
+
+
+def _image_suffix(suffixes) -> str | None:
+    return next((suffix for suffix in sorted(suffixes) if is_image_file("x" + suffix)), None)
+
+
+def labelled_photos(shard: str, stream: ShardStream, at: dict[str, int]) -> Iterator[Photo]:
+    """Every sample of ``shard``, front to back, as a ``Photo`` (``ShardError``: the shard ends early, a class is
+    not in ``stream``'s; ``at``: its classes' indices by name)."""
+    with opened(shard) as f:
+        for key, parts in samples_in(f):
+            image = _image_suffix(parts)
+            if image is None or CLASS_SUFFIX not in parts:
+                yield Photo(key, member_ref(shard, key), reason="no image member" if image is None else
+                            "no .cls member")
+                continue
+            label = class_of(parts[CLASS_SUFFIX][1].decode("utf-8", "replace").strip(), at, stream)
+            name, data = parts[image]
+            yield Photo(key, member_ref(shard, name), data, label)
+
+
+def count_photos(shard: str) -> int:
+    """The samples of ``shard`` with an image and a class: from the tar headers of a local file, from the bytes of
+    a ``pipe:`` command's output."""
+    if is_stream(shard):
+        with opened(shard) as f:
+            return sum(1 for _, parts in samples_in(f) if _image_suffix(parts) and CLASS_SUFFIX in parts)
+    try:
+        names = scan_members(shard)
+    except PhotoUnreadable as exc:
+        raise ShardError(str(exc)) from None
+    suffixes: dict[str, set[str]] = {}
+    for name in names:
+        key, suffix = key_of(name)
+        suffixes.setdefault(key, set()).add(suffix.lower())
+    return sum(1 for found in suffixes.values() if _image_suffix(found) and CLASS_SUFFIX in found)
+
+
 class StreamedShards(IterableDataset):
     """The samples of ``stream``'s shards that this rank and loader worker read, each as ``load_item`` gives it,
     each shard followed by its ``ShardEnd``."""
@@ -177,33 +237,19 @@ class StreamedShards(IterableDataset):
         for s in shards_for(len(self.stream.shards), self.rank, self.world_size, worker, workers):
             yield from self._shard(s)
 
-    def _label(self, text: str) -> int:
-        label = int(text) if text.isdigit() else self._at.get(text)
-        if label is None:
-            raise ShardError(f"class {text!r} is not one of the {len(self._at)} classes"
-                             + ("" if self.stream.source.startswith("class map") else
-                                "; .cls holding class names needs their order: --class-map FILE"))
-        if label >= len(self._at):
-            raise ShardError(f"class {label} is outside the model's {len(self._at)} classes")
-        return label
-
     def _shard(self, s: int):
         shard = self.stream.shards[s]
         entries: list[tuple[str, int]] = []
         left: list[tuple[str, str]] = []
         try:
-            with opened(shard) as f:
-                for key, parts in samples_in(f):
-                    image = next((suffix for suffix in sorted(parts) if is_image_file("x" + suffix)), None)
-                    if image is None or CLASS_SUFFIX not in parts:
-                        left.append((member_ref(shard, key), "no image member" if image is None else "no .cls member"))
-                        continue
-                    label = self._label(parts[CLASS_SUFFIX][1].decode("utf-8", "replace").strip())
-                    i = s * SHARD_STRIDE + len(entries)
-                    entries.append((key, label))
-                    name, data = parts[image]
-                    yield load_item(data, member_ref(shard, name), label, i, self.transform,
-                                    reduced_decode=self.reduced_decode)
+            for photo in labelled_photos(shard, self.stream, self._at):
+                if photo.data is None:
+                    left.append((photo.ref, photo.reason))
+                    continue
+                i = s * SHARD_STRIDE + len(entries)
+                entries.append((photo.key, photo.label))
+                yield load_item(photo.data, photo.ref, photo.label, i, self.transform,
+                                reduced_decode=self.reduced_decode)
         except ShardError as exc:
             said = str(exc)
             yield ShardEnd(s, tuple(entries), tuple(left), said if shard in said else f"shard {shard}: {said}")

@@ -4,7 +4,8 @@
 linear warm-up as options, label smoothing as an option; ``optimizer="adamw"`` for the recipes vision
 transformers and ConvNeXts are trained with; ``fixres.method.trainrecipe``) on RandomResizedCrop inputs of side
 ``train_size`` ("train DA"; ``augment="control"`` is appendix D's resize + fixed-size random crop),
-with repeated augmentation (``fixres.method.sampler``). As in the official code (``RASampler(len_factor=2.0)``),
+with repeated augmentation (``fixres.method.sampler``; streamed shards in ``fixres.method.shardepochs``'
+order). As in the official code (``RASampler(len_factor=2.0)``),
 an epoch with repeated augmentation draws about 2N samples (``epoch_length_factor``, default
 ``PAPER_LEN_FACTOR`` when ``repeats > 1``, else 1), so the 30-epoch decay step keeps the paper's
 schedule. Each epoch it validates at ``train_size`` and at the test size that
@@ -36,10 +37,11 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from fixres.config import DEFAULT_REPEATS, DataConfig
-from fixres.data.loaders import ImageDataset, default_workers, make_loader
+from fixres.data.loaders import default_workers, make_loader
+from fixres.data.streams import ShardStream
 from fixres.data.transforms import build_transform
 from fixres.errors import FixresError, UsageError
 from fixres.io import schema
@@ -47,7 +49,9 @@ from fixres.io.atomic import append_jsonl, write_text
 from fixres.method import analysis, loop
 from fixres.method.evaluate import evaluate
 from fixres.method.loop import LoopState, StateLayout, rng_state, seed_everything, set_rng_state  # noqa: F401 (API)
-from fixres.method.sampler import RepeatedAugSampler, SeededSamples, epoch_seed
+from fixres.method.sampler import SeededSamples, epoch_seed
+from fixres.method.shardepochs import count_stream, training_order
+from fixres.method.streaming import evaluate_stream
 from fixres.method.trainlog import EpochRecord, epoch_line
 from fixres.method.trainrecipe import (
     MOMENTUM,
@@ -72,7 +76,7 @@ STATE_LAYOUT = StateLayout(weights="model", settings="hparams")
 #: a state written before a key existed is not checked on it.
 RESUME_KEYS = ("train_size", "batch_size", "repeats", "augment", "color_jitter", "schedule", "warmup_epochs",
                "step_epochs", "label_smoothing", "seed", "lr", "epoch_length_factor", "world_size",
-               "mean", "std", "interpolation", "crop_ratio")
+               "mean", "std", "interpolation", "crop_ratio", "stream")
 
 
 # --------------------------------------------------------------------------- validation
@@ -84,7 +88,8 @@ def _validate(model: nn.Module, samples, cfg: DataConfig, *, sizes: Sequence[int
     was_training = model.training
     model.eval()
     try:
-        res = evaluate(model, samples, cfg, test_sizes=list(sizes), crop_ratios=[cfg.crop_ratio],
+        res = (evaluate_stream if isinstance(samples, ShardStream) else evaluate)(
+            model, samples, cfg, test_sizes=list(sizes), crop_ratios=[cfg.crop_ratio],
                        batch_size=batch_size, env=env, precision=engine.inference_precision(env.device, precision.amp),
                        workers=workers, progress=progress,
                        num_classes=cfg.num_classes, per_class=False)
@@ -125,7 +130,7 @@ class _Run:
     hparams: dict
     out_dir: Path
     dataset: SeededSamples
-    sampler: RepeatedAugSampler
+    sampler: Sampler  # sampler.RepeatedAugSampler, or shardepochs.ShardEpochs for streamed shards
     local_batch: int
     drop_last: bool
     steps_per_epoch: int
@@ -168,7 +173,9 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
     check_arguments(augment=augment, schedule=schedule, epochs=epochs, batch_size=batch_size,
                     world_size=env.world_size, label_smoothing=label_smoothing,
                     epoch_length_factor=epoch_length_factor, state_path=out_dir / STATE_NAME, resume=resume)
-    train_samples, val_samples = list(train_samples), list(val_samples or [])
+    streamed = isinstance(train_samples, ShardStream)
+    train_samples = train_samples if streamed else list(train_samples)
+    val_samples = val_samples if isinstance(val_samples, ShardStream) else list(val_samples or [])
     test_size = analysis.recommend_test_size(train_size=train_size, crop_ratio=cfg.crop_ratio,
                                              stride=cfg.stride)["test_size"]
     if workers is None:  # in-process loading under a CPU torchrun: the ranks already use the cores
@@ -182,17 +189,19 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
                "weight_decay": weight_decay, "world_size": env.world_size, "backend": env.backend,
                "precision": precision.describe(), "test_size": test_size,
                "val_sizes": sorted(set(val_sizes or [train_size, test_size])), "epoch_length_factor": factor,
-               "n_train": len(train_samples), "n_val": len(val_samples), "mean": list(cfg.mean),
+               "n_train": count_stream(train_samples, env) if streamed else len(train_samples),
+               "n_val": None if isinstance(val_samples, ShardStream) else len(val_samples), "mean": list(cfg.mean),
                "std": list(cfg.std), "interpolation": cfg.interpolation, "crop_ratio": cfg.crop_ratio}
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if optimizer != "sgd":  # only when not the default: states written before the option still resume
         hparams["optimizer"] = optimizer
+    hparams["stream"] = streamed  # streamed shards are read in another order than the same photos indexed
     run = _setup(model, train_samples, val_samples, cfg, hparams, env=env, precision=precision, out_dir=out_dir,
                  workers=workers, progress=progress, max_steps=max_steps, val_batch_size=val_batch_size,
                  optimizer_name=optimizer)
     resumed_from = _resume(run, resume)
-    status(epoch_description(len(train_samples), run), enabled=run.progress)
+    status(epoch_description(hparams["n_train"], run), enabled=run.progress)
     wall0 = time.perf_counter()
     for epoch in range(resumed_from or 0, epochs):
         if _train_epoch(run, epoch):
@@ -205,11 +214,9 @@ def _setup(model: nn.Module, train_samples: list, val_samples: list, cfg: DataCo
            env: dist.DistEnv, precision: engine.Precision, out_dir: Path, workers: int, progress: bool,
            max_steps: int | None, val_batch_size: int | None, optimizer_name: str) -> _Run:
     transform = build_transform(hp["augment"], size=hp["train_size"], cfg=cfg, color_jitter=hp["color_jitter"])
-    images = ImageDataset(train_samples, engine.SingleThreaded(transform) if workers == 0 else transform)
     # Each sample's augmentation is drawn from (seed, epoch, position): the same whatever the worker count.
-    dataset = SeededSamples(images, hp["seed"])
-    sampler = RepeatedAugSampler(len(dataset), repeats=hp["repeats"], rank=env.rank, world_size=env.world_size,
-                                 seed=hp["seed"], len_factor=hp["epoch_length_factor"], keyed=True)
+    dataset, sampler = training_order(train_samples, hp["n_train"], engine.SingleThreaded(transform)
+                                      if workers == 0 else transform, hp, env)
     local_batch = hp["batch_size"] // env.world_size
     # Full batches only: every rank takes the same number of steps, and a size-1 batch would break
     # BatchNorm. Tiny data sets keep their one partial batch.
