@@ -124,3 +124,22 @@ def split_index(data: str | os.PathLike, split: str = "val", *, classes: Sequenc
     validation folder mapped onto ``classes`` (the training classes) by name when they are given."""
     from fixres.api import as_index
     return as_index(Path(data), split, classes=list(classes) if classes is not None else None)
+
+
+def write_tar_shards(samples, classes: Sequence[str], folder: Path, split: str, shares: Sequence[float]) -> int:
+    """``samples`` (path, label) as tar shards ``FOLDER/SPLIT-00000K.tar`` of unequal size (each of ``shares`` of
+    the photos, the last shard the rest; keys ``CLASS/STEM``, ``.cls`` the class index); returns how many."""
+    import io
+    import tarfile
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(samples)
+    cuts = [0] + [int(n * sum(shares[:k + 1])) for k in range(len(shares))] + [n]
+    for k in range(len(cuts) - 1):
+        with tarfile.open(folder / f"{split}-{k:06d}.tar", "w") as tar:
+            for path, y in samples[cuts[k]:cuts[k + 1]]:
+                key = f"{classes[y]}/{Path(path).stem}"
+                for suffix, data in ((Path(path).suffix, Path(path).read_bytes()), (".cls", str(y).encode())):
+                    info = tarfile.TarInfo(key + suffix)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return len(cuts) - 1

@@ -17,18 +17,16 @@ median of the rounds, with its spread), and the numbers are the same (top-1 equa
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, split_index, spread_sample, write_json
+from _common import REPO, SHARED, split_index, spread_sample, write_json, write_tar_shards
 
 LAYOUTS = ("folder", "shards", "stream", "pipe", "hf")
 QUICK_IMAGES = 100
@@ -46,24 +44,14 @@ def write_layouts(samples, classes, scratch: Path) -> dict[str, list[str]]:
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.abspath(path))
     shards = scratch / "shards"
-    shards.mkdir()
-    n = len(samples)
-    cuts = [0] + [int(n * sum(SHARD_SHARES[:k + 1])) for k in range(len(SHARD_SHARES))] + [n]
-    for k in range(len(cuts) - 1):
-        with tarfile.open(shards / f"val-{k:06d}.tar", "w") as tar:
-            for path, y in samples[cuts[k]:cuts[k + 1]]:
-                key = f"{classes[y]}/{Path(path).stem}"
-                for suffix, data in ((Path(path).suffix, Path(path).read_bytes()), (".cls", str(y).encode())):
-                    info = tarfile.TarInfo(key + suffix)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+    n_shards = write_tar_shards(samples, classes, shards, "val", SHARD_SHARES)
     import datasets
     datasets.disable_progress_bars()
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classes))})
     val = datasets.Dataset.from_dict({"image": [{"bytes": Path(p).read_bytes(), "path": None} for p, _ in samples],
                                       "label": [y for _, y in samples]}, features=feats)
     datasets.DatasetDict({"validation": val}).save_to_disk(str(scratch / "hf"))
-    pipe = f"pipe:cat {shards}/val-{{{0:06d}..{len(cuts) - 2:06d}}}.tar"
+    pipe = f"pipe:cat {shards}/val-{{{0:06d}..{n_shards - 1:06d}}}.tar"
     return {"folder": ["--data", str(folder)], "shards": ["--data", str(shards)],
             "stream": ["--data", str(shards), "--stream"], "pipe": ["--data", pipe],
             "hf": ["--data", f"hf:{scratch / 'hf'}"]}
