@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,36 @@ def test_an_epoch_is_the_indexed_count_in_groups_of_copies_dealt_by_shard(shards
     assert sorted(positions) == list(range(2 * len(ranks[0])))
 
 
+def test_reading_ahead_gives_the_same_items_raises_their_error_and_stops_with_its_taker():
+    from fixres.errors import UsageError
+    from fixres.method.shardepochs import read_ahead
+    assert list(read_ahead(iter(range(50)), 3)) == list(range(50))
+
+    def failing():
+        yield from range(4)
+        raise UsageError("shard x: cut short")
+    got = []
+    with pytest.raises(UsageError, match="cut short"):
+        for item in read_ahead(failing(), 2):
+            got.append(item)
+    assert got == [0, 1, 2, 3]  # every item read before the error, then the error itself
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()  # what ends a pipe: command
+    taken = read_ahead(endless(), 4)
+    assert [next(taken) for _ in range(10)] == list(range(10))
+    taken.close()
+    assert closed.wait(5) and not any(t.name == "fixres-shard-reader" for t in threading.enumerate())
+
+
 def test_same_seed_same_weights_whatever_the_worker_count_and_resume_continues_the_run(shards, tmp_path):
     base, res = _train(shards["stream"], tmp_path / "w0", workers=0)
     other, _ = _train(shards["stream"], tmp_path / "w2", workers=2)
@@ -102,13 +133,24 @@ def test_cli_trains_on_a_pipe_and_validates_on_streamed_val(capsys, tmp_path, sh
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["val_n"] == 6 and log[0]["step"] == 2 * TRAIN_PHOTOS // 4  # full batches of the 2N samples
     assert (out / "model.safetensors").exists()
+    # The count given: the same training without the counting pass (one read of each shard fewer).
+    def reads(*count) -> int:
+        calls = tmp_path / f"calls{len(count)}"
+        value = "pipe:echo >> " + str(calls) + "; cat " + shards["pipe"].split("cat ", 1)[1]
+        code, _, err = cli(capsys, "train", "--model", "fixres_tiny_resnet", "--num-classes", "3", "--data", value,
+                           *count, "--train-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                           "--no-amp", "-q", "--out", tmp_path / f"run{len(count)}")
+        assert code == 0, err
+        return len(calls.read_text().splitlines())
+    assert reads() - reads("--train-count", str(TRAIN_PHOTOS)) == 3
 
 
 @pytest.mark.parametrize("extra, says", [
     (["--data", "pipe:false"], "exited with status 1"),
     (["--data", "{dir}", "--stream"], "give --num-classes N"),
     (["--data", "{dir}", "--stream", "--num-classes", "2"], "class 2 is outside the model's 2 classes"),
-    (["--data", "{root}/folder", "--val-data", "{dir}"], "--val-data names streamed validation shards"),
+    (["--data", "{root}/folder", "--val-data", "{dir}"], "--val-data is for streamed shards"),
+    (["--data", "{root}/folder", "--train-count", "9"], "--train-count is for streamed shards"),
     (["--data", "{dir}/train-000000.tar", "--num-classes", "3", "--stream", "--resume-check"], None),
 ])
 def test_streams_that_cannot_train_get_one_line(capsys, tmp_path, shards, extra, says):

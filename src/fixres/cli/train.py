@@ -51,6 +51,10 @@ def add_parser(sub, parents):
                         "'pipe:aws s3 cp s3://B/train-{000..127}.tar -'): each epoch the shards in a seeded order, "
                         "split by shard over processes, through a shuffle buffer; needs --num-classes or "
                         "--class-map")
+    p.add_argument("--train-count", type=positive_int, default=None, metavar="N",
+                   help="with --stream: the photos the training shards hold (ImageNet: 1281167), which sets the "
+                        "epoch's length without a first pass counting them (for a 'pipe:' value, a whole extra "
+                        "download)")
     p.add_argument("--val-data", default=None, metavar="SHARDS",
                    help="with --stream: the validation shards (a 'pipe:' value, or local shards; default: the "
                         "val-*.tar shards beside local training shards, none beside a 'pipe:' value)")
@@ -125,6 +129,7 @@ class TrainRunConfig:
     epoch_length_factor: float | None = None  # None: the paper's (2 with repeated augmentation)
     stream: bool = False  # shards read front to back, not indexed (--stream, or a pipe: value)
     val_data: str | None = None  # with stream: the validation shards
+    train_count: int | None = None  # with stream: the photos the training shards hold (no counting pass)
     optimizer: str = "sgd"
     #: the command line, for the model card beside the export
     command: str | None = None
@@ -150,16 +155,16 @@ class TrainRunConfig:
                               "mean": args.mean, "std": args.std},
                    spec=model_spec(args), optimizer=args.optimizer, command=getattr(args, "_invocation", None),
                    stream=args.stream or is_stream(args.data) or is_stream(args.val_data or ""),
-                   val_data=args.val_data)
+                   val_data=args.val_data, train_count=args.train_count)
 
 
 def run(args):
     from fixres.errors import UsageError
     from fixres.runtime import dist
     cfg = TrainRunConfig.from_args(args)
-    if cfg.val_data and not cfg.stream:
-        raise UsageError("--val-data names streamed validation shards: add --stream (indexed data finds its val "
-                         "split in --data)")
+    if (cfg.val_data or cfg.train_count) and not cfg.stream:
+        raise UsageError(f"{'--val-data' if cfg.val_data else '--train-count'} is for streamed shards: add --stream "
+                         "(indexed data finds its val split in --data, and counts its photos)")
     env = dist.init(cfg.device)
     try:
         result = run_training(cfg, env)
@@ -242,6 +247,8 @@ def _splits(rc: TrainRunConfig, show: bool):
 def _streams(rc: TrainRunConfig, class_map):
     """(training shards, validation shards or None) to stream, their classes from the class map or
     ``--num-classes``."""
+    from dataclasses import replace
+
     from fixres.data.streams import is_stream, open_stream
     from fixres.errors import UsageError
     if class_map is None and rc.num_classes is None:
@@ -250,7 +257,7 @@ def _streams(rc: TrainRunConfig, class_map):
     def opened(data: str, split: str):
         return open_stream(data, classes=class_map, num_classes=rc.num_classes or 0, split=split)
     val = rc.val_data or (None if is_stream(rc.data) else rc.data)
-    return opened(rc.data, "train"), opened(val, "val") if val else None
+    return replace(opened(rc.data, "train"), count=rc.train_count), opened(val, "val") if val else None
 
 
 def _load(rc: TrainRunConfig, num_classes: int):

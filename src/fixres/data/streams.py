@@ -57,6 +57,8 @@ class ShardStream:
     shards: tuple[str, ...]
     classes: tuple[str, ...]
     source: str = "class numbers (streamed shards)"
+    #: the photos the shards hold, when the user says so (``train --train-count``): no counting pass then
+    count: int | None = None
 
     @property
     def root(self) -> str:

@@ -4,7 +4,8 @@
 evaluation does: no list of the photos is built, only one count per shard. An epoch (``ShardEpochs``):
 
 * the shards in an order drawn from (seed, epoch), dealt to the ranks in turn (rank r reads shards r, r + W, ...);
-* each rank reads its shards' bytes in the training process itself (no decode there), through a shuffle buffer of
+* each rank reads its shards' bytes in the training process itself (no decode there; in a thread, ``read_ahead``,
+  so the reading overlaps the training steps), through a shuffle buffer of
   ``buffer`` photos drawn from (seed, epoch, rank), each photo repeated ``repeats`` times consecutively (repeated
   augmentation, as one process of the indexed sampler repeats it), until it has the indexed sampler's count,
   ``ceil(len_factor * n / world_size)``; a rank whose shards run out reads them again from the first;
@@ -14,14 +15,17 @@ evaluation does: no list of the photos is built, only one count per shard. An ep
 
 The order depends on nothing else: the same weights with 0, 1 or 8 loader workers, and a run resumed at an epoch's
 end continues the same run. ``n`` comes from a first pass counting the photos (``streams.count_photos``: the tar
-headers of local shards, the bytes of a ``pipe:`` command's), summed over the ranks.
+headers of local shards, the bytes of a ``pipe:`` command's), summed over the ranks, or from the user
+(``ShardStream.count``: ``--train-count``), which spares a ``pipe:`` value that extra download.
 """
 
 from __future__ import annotations
 
 import math
+import queue
 import random
 import tarfile
+import threading
 from typing import Callable, Iterator
 
 import torch
@@ -35,10 +39,16 @@ from fixres.runtime import dist
 
 #: Photos held in a rank's shuffle buffer (their encoded bytes: about 110 kB each for ImageNet's JPEGs).
 DEFAULT_SHUFFLE_BUFFER = 1000
+#: Photos the reading thread holds ready ahead of the loader's requests.
+READ_AHEAD = 256
+#: Seconds between the reading thread's checks that its reader has stopped asking.
+_POLL_S = 0.1
 
 
 def count_stream(stream: ShardStream, env: dist.DistEnv) -> int:
-    """The photos of ``stream``'s shards, each rank counting every W-th shard."""
+    """The photos of ``stream``'s shards (its ``count`` when given), each rank counting every W-th shard."""
+    if stream.count is not None:
+        return stream.count
     try:
         mine = sum(count_photos(s) for s in stream.shards[env.rank::env.world_size])
     except (ShardError, OSError, tarfile.TarError, EOFError) as exc:
@@ -107,13 +117,62 @@ class ShardEpochs(Sampler):
 
     def __iter__(self) -> Iterator:
         emitted = 0
-        for data, label, ref in self._shuffled():
+        for data, label, ref in read_ahead(self._shuffled(), READ_AHEAD):
             for _ in range(self.repeats):
                 if emitted == self.num_samples:
                     return
                 position = emitted * self.world_size + self.rank  # the indexed sampler's dealing
                 yield (data, label, ref, position), position, self.epoch
                 emitted += 1
+
+
+class _Failed:
+    """An exception raised while reading ahead, to be raised again where the items are taken."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def read_ahead(items: Iterator, depth: int) -> Iterator:
+    """``items``, the same in the same order, produced by a thread up to ``depth`` ahead: reading the shards (a
+    file, a command's output from object storage) overlaps the training steps instead of delaying them. An
+    exception raised while reading is raised here; when the taker stops, the thread stops and closes ``items``
+    (ending a ``pipe:`` command)."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, done = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the taker, which raises it
+            put(_Failed(exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="fixres-shard-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class StreamedPhotos(Dataset):
