@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tarfile
 import threading
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from helpers import tiny_resnet, write_image_folder
 from helpers.cli import VENV_BIN, cli
-from helpers.layouts import BROKEN, write_shards
+from helpers.layouts import BROKEN, add_members, write_shards
 
 from fixres.data.folders import scan_folder
 from fixres.data.streams import ShardStream, count_photos
@@ -31,7 +32,10 @@ def shards(tmp_path_factory) -> dict:
     write_image_folder(root / "folder" / "train", per_class=6, seed=1)
     (root / "folder" / "train" / "class_2" / "img_zzz.jpg").write_bytes(BROKEN)
     write_image_folder(root / "folder" / "val", per_class=2, seed=2)
-    write_shards(root / "shards", "train", scan_folder(root / "folder" / "train").samples)
+    train = write_shards(root / "shards", "train", scan_folder(root / "folder" / "train").samples)
+    with tarfile.open(train[0], "a") as tar:  # a sample without its class: left out, and said
+        add_members(tar, [("class_0/orphan.jpg", Path(scan_folder(root / "folder" / "train").samples[0][0])
+                                                 .read_bytes())])
     write_shards(root / "shards", "val", scan_folder(root / "folder" / "val").samples)
     stream = ShardStream(str(root / "shards"), tuple(str(p) for p in sorted((root / "shards").glob("train-*"))),
                          ("0", "1", "2"))
@@ -113,7 +117,9 @@ def test_same_seed_same_weights_whatever_the_worker_count_and_resume_continues_t
     other, _ = _train(shards["stream"], tmp_path / "w2", workers=2)
     assert all(torch.equal(base[k], other[k]) for k in base), "another worker count gave other weights"
     assert res["hparams"]["n_train"] == TRAIN_PHOTOS and res["hparams"]["stream"]
-    assert [s["reason"] for s in res["skipped"]] and "img_zzz" in res["skipped"][0]["path"]
+    skipped = {s["path"].split("::")[1]: s["reason"] for s in res["skipped"]}
+    assert skipped.keys() == {"class_2/img_zzz.jpg", "class_0/orphan"} and skipped["class_0/orphan"] == \
+        "no .cls member", skipped
     # One epoch, then a resume to two: the weights of the uninterrupted run.
     _train(shards["stream"], tmp_path / "r", epochs=1)
     resumed, res = _train(shards["stream"], tmp_path / "r", resume=True)

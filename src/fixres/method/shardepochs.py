@@ -72,6 +72,8 @@ class ShardEpochs(Sampler):
         self.seed, self.buffer, self.epoch = int(seed), max(1, min(int(buffer), math.ceil(n / world_size))), 0
         self.num_samples = math.ceil(math.ceil(len_factor * self.n) / world_size)
         self._at = {name: i for i, name in enumerate(stream.classes)}
+        #: {reference: reason} of the samples left out as read (no image, or no class), for the run's skips
+        self.left_out: dict[str, str] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -93,9 +95,11 @@ class ShardEpochs(Sampler):
             for shard in shards:
                 try:
                     for photo in labelled_photos(shard, self.stream, self._at):
-                        if photo.data is not None:
-                            read += 1
-                            yield photo.data, photo.label, photo.ref
+                        if photo.data is None:
+                            self.left_out[photo.ref] = photo.reason
+                            continue
+                        read += 1
+                        yield photo.data, photo.label, photo.ref
                 except (ShardError, OSError, tarfile.TarError, EOFError) as exc:
                     said = str(exc)
                     raise UsageError(said if shard in said else f"cannot read shard {shard} to its end: {said}") \

@@ -311,6 +311,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     finally:
         pbar.close()
     loop.average_running_stats(loop.batch_norms(run.model), totals.forwards, env)
+    run.skipped.update(getattr(run.sampler, "left_out", {}))  # streamed samples without an image or a class
     record = _epoch_record(run, epoch, totals, time.perf_counter() - t0)
     loop.stop_if_diverged(record.train_loss, run.model, epoch=epoch, lr=hp["lr"])
     loop.stop_if_outputs_diverged(run.model, hp["train_size"], epoch=epoch, lr=hp["lr"])
