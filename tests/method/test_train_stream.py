@@ -18,6 +18,7 @@ from helpers.layouts import BROKEN, add_members, write_shards
 
 from fixres.data.folders import scan_folder
 from fixres.data.streams import ShardStream, count_photos
+from fixres.errors import UsageError
 from fixres.method.shardepochs import ShardEpochs
 from fixres.runtime.engine import Precision
 
@@ -73,6 +74,8 @@ def test_an_epoch_is_the_indexed_count_in_groups_of_copies_dealt_by_shard(shards
     refs = [r for r, _ in keys]
     assert all(refs[i] == refs[i + 1] == refs[i + 2] for i in range(0, len(refs) - 2, 3))  # consecutive copies
     assert keys == _keys(one, 0) and keys != _keys(one, 1)  # seeded by (seed, epoch)
+    wider = ShardEpochs(stream, TRAIN_PHOTOS, repeats=3, rank=0, world_size=1, seed=0, len_factor=2.0, buffer=16)
+    assert _keys(wider, 0) != keys  # another buffer, another order
     # Two ranks: the shards split between them, positions dealt as the indexed sampler deals them.
     ranks = [ShardEpochs(stream, TRAIN_PHOTOS, repeats=1, rank=r, world_size=2, seed=0, len_factor=1.0)
              for r in range(2)]
@@ -83,7 +86,6 @@ def test_an_epoch_is_the_indexed_count_in_groups_of_copies_dealt_by_shard(shards
 
 
 def test_reading_ahead_gives_the_same_items_raises_their_error_and_stops_with_its_taker():
-    from fixres.errors import UsageError
     from fixres.method.shardepochs import read_ahead
     assert list(read_ahead(iter(range(50)), 3)) == list(range(50))
 
@@ -123,7 +125,9 @@ def test_same_seed_same_weights_whatever_the_worker_count_and_resume_continues_t
     # One epoch, then a resume to two: the weights of the uninterrupted run.
     _train(shards["stream"], tmp_path / "r", epochs=1)
     resumed, res = _train(shards["stream"], tmp_path / "r", resume=True)
-    assert res["resumed_from"] == 1
+    assert res["resumed_from"] == 1 and res["hparams"]["shuffle_buffer"] == 1000
+    with pytest.raises(UsageError, match="shuffle_buffer=1000 \\(now 8\\)"):  # another order: not the same run
+        _train(shards["stream"], tmp_path / "r", resume=True, shuffle_buffer=8)
     assert all(torch.equal(base[k], resumed[k]) for k in base), "the resumed run differs"
     moved, _ = _train(shards["stream"], tmp_path / "s4", seed=4)
     assert any(not torch.equal(base[k], moved[k]) for k in base if base[k].is_floating_point())
@@ -157,6 +161,7 @@ def test_cli_trains_on_a_pipe_and_validates_on_streamed_val(capsys, tmp_path, sh
     (["--data", "{dir}", "--stream", "--num-classes", "2"], "class 2 is outside the model's 2 classes"),
     (["--data", "{root}/folder", "--val-data", "{dir}"], "--val-data is for streamed shards"),
     (["--data", "{root}/folder", "--train-count", "9"], "--train-count is for streamed shards"),
+    (["--data", "{root}/folder", "--shuffle-buffer", "9"], "--shuffle-buffer is for streamed shards"),
     (["--data", "{dir}/train-000000.tar", "--num-classes", "3", "--stream", "--resume-check"], None),
 ])
 def test_streams_that_cannot_train_get_one_line(capsys, tmp_path, shards, extra, says):

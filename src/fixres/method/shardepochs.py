@@ -200,5 +200,6 @@ def training_order(samples, n: int, transform: Callable, hp: dict, env: dist.Dis
     common = dict(repeats=hp["repeats"], rank=env.rank, world_size=env.world_size, seed=hp["seed"],
                   len_factor=hp["epoch_length_factor"])
     if isinstance(samples, ShardStream):
-        return SeededSamples(StreamedPhotos(n, transform), hp["seed"]), ShardEpochs(samples, n, **common)
+        return (SeededSamples(StreamedPhotos(n, transform), hp["seed"]),
+                ShardEpochs(samples, n, buffer=hp.get("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER), **common))
     return SeededSamples(ImageDataset(samples, transform), hp["seed"]), RepeatedAugSampler(n, keyed=True, **common)

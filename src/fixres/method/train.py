@@ -50,7 +50,7 @@ from fixres.method import analysis, loop
 from fixres.method.evaluate import evaluate
 from fixres.method.loop import LoopState, StateLayout, rng_state, seed_everything, set_rng_state  # noqa: F401 (API)
 from fixres.method.sampler import SeededSamples, epoch_seed
-from fixres.method.shardepochs import count_stream, training_order
+from fixres.method.shardepochs import DEFAULT_SHUFFLE_BUFFER, count_stream, training_order
 from fixres.method.streaming import evaluate_stream
 from fixres.method.trainlog import EpochRecord, epoch_line
 from fixres.method.trainrecipe import (
@@ -76,7 +76,7 @@ STATE_LAYOUT = StateLayout(weights="model", settings="hparams")
 #: a state written before a key existed is not checked on it.
 RESUME_KEYS = ("train_size", "batch_size", "repeats", "augment", "color_jitter", "schedule", "warmup_epochs",
                "step_epochs", "label_smoothing", "seed", "lr", "epoch_length_factor", "world_size",
-               "mean", "std", "interpolation", "crop_ratio", "stream")
+               "mean", "std", "interpolation", "crop_ratio", "stream", "shuffle_buffer")
 
 
 # --------------------------------------------------------------------------- validation
@@ -155,7 +155,8 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
           seed: int = 0, workers: int | None = None, progress: bool = True, step_epochs: int = STEP_EPOCHS,
           momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY, model_name: str | None = None,
           max_steps: int | None = None, val_batch_size: int | None = None,
-          epoch_length_factor: float | None = None, optimizer: str = "sgd") -> dict:
+          epoch_length_factor: float | None = None, optimizer: str = "sgd",
+          shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> dict:
     """Train ``model`` at ``train_size`` for ``epochs``; return the per-epoch log and timings.
 
     ``optimizer``: "sgd" (the paper; ``momentum``) or "adamw" (``momentum`` unused).
@@ -173,9 +174,7 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
     check_arguments(augment=augment, schedule=schedule, epochs=epochs, batch_size=batch_size,
                     world_size=env.world_size, label_smoothing=label_smoothing,
                     epoch_length_factor=epoch_length_factor, state_path=out_dir / STATE_NAME, resume=resume)
-    streamed = isinstance(train_samples, ShardStream)
-    train_samples = train_samples if streamed else list(train_samples)
-    val_samples = val_samples if isinstance(val_samples, ShardStream) else list(val_samples or [])
+    train_samples, val_samples, photos = _photos(train_samples, val_samples, env, shuffle_buffer)
     test_size = analysis.recommend_test_size(train_size=train_size, crop_ratio=cfg.crop_ratio,
                                              stride=cfg.stride)["test_size"]
     if workers is None:  # in-process loading under a CPU torchrun: the ranks already use the cores
@@ -189,14 +188,12 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
                "weight_decay": weight_decay, "world_size": env.world_size, "backend": env.backend,
                "precision": precision.describe(), "test_size": test_size,
                "val_sizes": sorted(set(val_sizes or [train_size, test_size])), "epoch_length_factor": factor,
-               "n_train": count_stream(train_samples, env) if streamed else len(train_samples),
-               "n_val": None if isinstance(val_samples, ShardStream) else len(val_samples), "mean": list(cfg.mean),
+               **photos, "mean": list(cfg.mean),
                "std": list(cfg.std), "interpolation": cfg.interpolation, "crop_ratio": cfg.crop_ratio}
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if optimizer != "sgd":  # only when not the default: states written before the option still resume
         hparams["optimizer"] = optimizer
-    hparams["stream"] = streamed  # streamed shards are read in another order than the same photos indexed
     run = _setup(model, train_samples, val_samples, cfg, hparams, env=env, precision=precision, out_dir=out_dir,
                  workers=workers, progress=progress, max_steps=max_steps, val_batch_size=val_batch_size,
                  optimizer_name=optimizer)
@@ -208,6 +205,20 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
             break
     run.loader = None  # its workers end with it
     return _finish(run, resumed_from=resumed_from, wall_s=time.perf_counter() - wall0, model_name=model_name)
+
+
+def _photos(train_samples, val_samples, env: dist.DistEnv, shuffle_buffer: int) -> tuple[object, object, dict]:
+    """(training photos, validation photos, their settings): ``ShardStream``s kept as they are (the training one
+    counted), anything else as a list."""
+    streamed = isinstance(train_samples, ShardStream)
+    train_samples = train_samples if streamed else list(train_samples)
+    val_samples = val_samples if isinstance(val_samples, ShardStream) else list(val_samples or [])
+    settings = {"n_train": count_stream(train_samples, env) if streamed else len(train_samples),
+                "n_val": None if isinstance(val_samples, ShardStream) else len(val_samples),
+                "stream": streamed}  # streamed shards are read in another order than the same photos indexed
+    if streamed:
+        settings["shuffle_buffer"] = int(shuffle_buffer)
+    return train_samples, val_samples, settings
 
 
 def _setup(model: nn.Module, train_samples: list, val_samples: list, cfg: DataConfig, hp: dict, *,
