@@ -77,6 +77,17 @@ def test_class_names_in_cls_stream_with_the_class_map(capsys, tmp_path, shards):
     assert named["rows"] == indexed["rows"] and named["per_class"]["classes"] == CLASSES
 
 
+def test_temperature_scaling_of_a_stream_equals_the_indexed_shards(capsys, tmp_path, shards):
+    """The held-out folder's classes map onto the stream's by name (the class map's): the streamed rows, the
+    temperature and the scaled NLL and ECE included, equal the indexed shards'."""
+    held = write_image_folder(tmp_path / "held", per_class=3, seed=7)
+    common = ["--class-map", shards["classes"], "--workers", "0", "--test-size", "40", "--calibrate-on", str(held)]
+    indexed = _run(capsys, shards, tmp_path / "i", "--data", shards["named"], *common)
+    streamed = _run(capsys, shards, tmp_path / "s", "--data", shards["named"], "--stream", *common)
+    assert "temperature" in indexed["rows"][0] and indexed["rows"][0]["nll_scaled"] is not None
+    assert streamed["rows"] == indexed["rows"]
+
+
 def test_torchrun_streams_each_shard_on_one_rank_and_counts_every_photo_once(tmp_path, capsys, shards):
     torchrun = VENV_BIN / "torchrun"
     if not torchrun.exists():
