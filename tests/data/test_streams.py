@@ -86,6 +86,10 @@ def test_temperature_scaling_of_a_stream_equals_the_indexed_shards(capsys, tmp_p
     streamed = _run(capsys, shards, tmp_path / "s", "--data", shards["named"], "--stream", *common)
     assert "temperature" in indexed["rows"][0] and indexed["rows"][0]["nll_scaled"] is not None
     assert streamed["rows"] == indexed["rows"]
+    # Numbered classes cannot be matched to the held-out folder's names: one line saying what to add.
+    code, _, err = cli(capsys, "eval", "--checkpoint", shards["ckpt"], *MODEL, "--data", shards["dir"], "--stream",
+                       "--workers", "0", "--test-size", "40", "--calibrate-on", str(held), "--out", tmp_path / "n")
+    assert code == 2 and "name them with --class-map" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_torchrun_streams_each_shard_on_one_rank_and_counts_every_photo_once(tmp_path, capsys, shards):

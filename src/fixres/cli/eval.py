@@ -289,8 +289,12 @@ def run_corruptions(ld: Loaded, *, images: int | None, seed: int, workers: int |
 def _temperature_scaled(result: EvalResult, model, data_cfg, folder: str, index, n_out: int,
                         eval_kw: dict) -> EvalResult:
     """Fit a temperature per view on the held-out ``folder`` (its classes mapped onto the evaluated ones by name)."""
+    from fixres.errors import UsageError
     from fixres.method.evaluate import evaluate, temperature_scale
     from fixres.method.inputs import index_folder
+    if getattr(index, "source", "").startswith("class numbers"):  # shards or rows labelled by number alone
+        raise UsageError("--calibrate-on matches the held-out folder's class folders by name, and the data numbers "
+                         "its classes: name them with --class-map FILE")
     held_index = index_folder(folder, classes=list(index.classes), num_classes=n_out)
     held = evaluate(model, held_index, data_cfg, per_class=False, keep_log_probs=True, **eval_kw)
     scaled = temperature_scale(result, held)
