@@ -292,7 +292,7 @@ def _temperature_scaled(result: EvalResult, model, data_cfg, folder: str, index,
     from fixres.errors import UsageError
     from fixres.method.evaluate import evaluate, temperature_scale
     from fixres.method.inputs import index_folder
-    if getattr(index, "source", "").startswith("class numbers"):  # shards or rows labelled by number alone
+    if index.source.startswith("class numbers"):  # shards or rows labelled by number alone
         raise UsageError("--calibrate-on matches the held-out folder's class folders by name, and the data numbers "
                          "its classes: name them with --class-map FILE")
     held_index = index_folder(folder, classes=list(index.classes), num_classes=n_out)

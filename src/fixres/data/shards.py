@@ -118,23 +118,42 @@ def key_of(member: str) -> tuple[str, str]:
     return os.path.join(folder, stem), dot + rest
 
 
+def image_suffix(suffixes) -> str | None:
+    """The suffix of a sample's image member, given its members' (lower-case) suffixes: the first image suffix in
+    sorted order; None without one."""
+    return next((suffix for suffix in sorted(suffixes) if is_image_file("x" + suffix)), None)
+
+
+def left_out_reason(suffixes) -> str | None:
+    """Why a sample with these member suffixes is left out (no image, or no class), or None when it is complete."""
+    if image_suffix(suffixes) is None:
+        return "no image member"
+    return None if CLASS_SUFFIX in suffixes else "no .cls member"
+
+
+def members_by_key(names) -> dict[str, dict[str, str]]:
+    """{key: {lower-case suffix: member name}} of a shard's member names (a sample is the members sharing a key)."""
+    keys: dict[str, dict[str, str]] = {}
+    for name in names:
+        key, suffix = key_of(name)
+        keys.setdefault(key, {})[suffix.lower()] = name
+    return keys
+
+
 def _samples_of(shard: str) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
     """(key, image member ref, class text) of each complete sample of ``shard``, and (ref, reason) left out."""
     try:
         members = scan_members(shard)
     except PhotoUnreadable as exc:
         raise UsageError(str(exc)) from None
-    keys: dict[str, dict[str, str]] = {}
-    for name in members:
-        key, suffix = key_of(name)
-        keys.setdefault(key, {})[suffix.lower()] = name
     kept, left, photos = [], [], []
     with open(shard, "rb") as f:
-        for key, parts in keys.items():
-            image = next((parts[s] for s in sorted(parts) if is_image_file("x" + s)), None)
-            if image is None or CLASS_SUFFIX not in parts:
-                left.append((member_ref(shard, key), "no image member" if image is None else "no .cls member"))
+        for key, parts in members_by_key(members).items():
+            reason = left_out_reason(parts)
+            if reason is not None:
+                left.append((member_ref(shard, key), reason))
                 continue
+            image = parts[image_suffix(parts)]
             offset, size = members[parts[CLASS_SUFFIX]]
             f.seek(offset)
             kept.append((key, member_ref(shard, image), f.read(size).decode("utf-8", "replace").strip()))

@@ -18,6 +18,7 @@ an export's own names), class names.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import tarfile
@@ -26,9 +27,16 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fixres.data.images import is_image_file
 from fixres.data.loaders import collate, load_item
-from fixres.data.shards import CLASS_SUFFIX, expand_braces, key_of, resolve_shards
+from fixres.data.shards import (
+    CLASS_SUFFIX,
+    expand_braces,
+    image_suffix,
+    key_of,
+    left_out_reason,
+    members_by_key,
+    resolve_shards,
+)
 from fixres.data.sources import PhotoUnreadable, member_ref, scan_members
 from fixres.errors import UsageError
 
@@ -68,6 +76,11 @@ class ShardStream:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @functools.cached_property
+    def class_index(self) -> dict[str, int]:
+        """{class name: index} of ``classes``."""
+        return {name: i for i, name in enumerate(self.classes)}
+
 
 def open_stream(data: str, *, classes: Sequence[str] | None, num_classes: int, split: str = "val") -> ShardStream:
     """The shards ``data`` names (a ``pipe:`` value, or local shards as ``--data`` names them, their ``split``),
@@ -97,6 +110,10 @@ class ShardEnd:
 
 class ShardError(Exception):
     """A shard that cannot be read to its end, or holds a class outside the class list."""
+
+
+#: What reading a shard to its end may raise: its own failures, and the file's or the archive's.
+SHARD_READ_ERRORS = (ShardError, OSError, tarfile.TarError, EOFError)
 
 
 @contextlib.contextmanager
@@ -175,8 +192,9 @@ class Photo:
     reason: str | None = None
 
 
-def class_of(text: str, at: dict[str, int], stream: ShardStream) -> int:
-    """The class index a ``.cls`` member's text names (a number, or a name of ``stream.classes``: ``at``)."""
+def class_of(text: str, stream: ShardStream) -> int:
+    """The class index a ``.cls`` member's text names in ``stream`` (a number, or one of its class names)."""
+    at = stream.class_index
     label = int(text) if text.isdigit() else at.get(text)
     if label is None:
         raise ShardError(f"class {text!r} is not one of the {len(at)} classes"
@@ -187,22 +205,17 @@ def class_of(text: str, at: dict[str, int], stream: ShardStream) -> int:
     return label
 
 
-def _image_suffix(suffixes) -> str | None:
-    return next((suffix for suffix in sorted(suffixes) if is_image_file("x" + suffix)), None)
-
-
-def labelled_photos(shard: str, stream: ShardStream, at: dict[str, int]) -> Iterator[Photo]:
-    """Every sample of ``shard``, front to back, as a ``Photo`` (``ShardError``: the shard ends early, a class is
-    not in ``stream``'s; ``at``: its classes' indices by name)."""
+def labelled_photos(shard: str, stream: ShardStream) -> Iterator[Photo]:
+    """Every sample of ``shard``, front to back, as a ``Photo`` (``ShardError``: the shard ends early, or a class is
+    not one of ``stream``'s)."""
     with opened(shard) as f:
         for key, parts in samples_in(f):
-            image = _image_suffix(parts)
-            if image is None or CLASS_SUFFIX not in parts:
-                yield Photo(key, member_ref(shard, key), reason="no image member" if image is None else
-                            "no .cls member")
+            reason = left_out_reason(parts)
+            if reason is not None:
+                yield Photo(key, member_ref(shard, key), reason=reason)
                 continue
-            label = class_of(parts[CLASS_SUFFIX][1].decode("utf-8", "replace").strip(), at, stream)
-            name, data = parts[image]
+            label = class_of(parts[CLASS_SUFFIX][1].decode("utf-8", "replace").strip(), stream)
+            name, data = parts[image_suffix(parts)]
             yield Photo(key, member_ref(shard, name), data, label)
 
 
@@ -211,16 +224,20 @@ def count_photos(shard: str) -> int:
     a ``pipe:`` command's output."""
     if is_stream(shard):
         with opened(shard) as f:
-            return sum(1 for _, parts in samples_in(f) if _image_suffix(parts) and CLASS_SUFFIX in parts)
+            return sum(1 for _, parts in samples_in(f) if left_out_reason(parts) is None)
     try:
         names = scan_members(shard)
     except PhotoUnreadable as exc:
         raise ShardError(str(exc)) from None
-    suffixes: dict[str, set[str]] = {}
-    for name in names:
-        key, suffix = key_of(name)
-        suffixes.setdefault(key, set()).add(suffix.lower())
-    return sum(1 for found in suffixes.values() if _image_suffix(found) and CLASS_SUFFIX in found)
+    return sum(1 for parts in members_by_key(names).values() if left_out_reason(parts) is None)
+
+
+def shard_failure(shard: str, exc: BaseException) -> str:
+    """The one line saying why ``shard`` could not be read to its end (``exc``: a ``ShardError`` or a read error)."""
+    said = str(exc)
+    if isinstance(exc, ShardError):
+        return said if shard in said else f"shard {shard}: {said}"
+    return f"cannot read shard {shard} to its end: {said}"
 
 
 class StreamedShards(IterableDataset):
@@ -231,7 +248,6 @@ class StreamedShards(IterableDataset):
                  reduced_decode: bool = True) -> None:
         self.stream, self.transform, self.reduced_decode = stream, transform, reduced_decode
         self.rank, self.world_size = rank, world_size
-        self._at = {name: i for i, name in enumerate(stream.classes)}
 
     def __iter__(self):
         info = get_worker_info()
@@ -244,7 +260,7 @@ class StreamedShards(IterableDataset):
         entries: list[tuple[str, int]] = []
         left: list[tuple[str, str]] = []
         try:
-            for photo in labelled_photos(shard, self.stream, self._at):
+            for photo in labelled_photos(shard, self.stream):
                 if photo.data is None:
                     left.append((photo.ref, photo.reason))
                     continue
@@ -252,12 +268,8 @@ class StreamedShards(IterableDataset):
                 entries.append((photo.key, photo.label))
                 yield load_item(photo.data, photo.ref, photo.label, i, self.transform,
                                 reduced_decode=self.reduced_decode)
-        except ShardError as exc:
-            said = str(exc)
-            yield ShardEnd(s, tuple(entries), tuple(left), said if shard in said else f"shard {shard}: {said}")
-            return
-        except (OSError, tarfile.TarError, EOFError) as exc:
-            yield ShardEnd(s, tuple(entries), tuple(left), f"cannot read shard {shard} to its end: {exc}")
+        except SHARD_READ_ERRORS as exc:
+            yield ShardEnd(s, tuple(entries), tuple(left), shard_failure(shard, exc))
             return
         yield ShardEnd(s, tuple(entries), tuple(left))
 

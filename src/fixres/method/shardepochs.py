@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import queue
 import random
-import tarfile
 import threading
 from typing import Callable, Iterator
 
@@ -32,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from fixres.data.loaders import ImageDataset, load_item
-from fixres.data.streams import ShardError, ShardStream, count_photos, labelled_photos
+from fixres.data.streams import SHARD_READ_ERRORS, ShardStream, count_photos, labelled_photos, shard_failure
 from fixres.errors import UsageError
 from fixres.method.sampler import RepeatedAugSampler, SeededSamples, epoch_seed
 from fixres.runtime import dist
@@ -51,7 +50,7 @@ def count_stream(stream: ShardStream, env: dist.DistEnv) -> int:
         return stream.count
     try:
         mine = sum(count_photos(s) for s in stream.shards[env.rank::env.world_size])
-    except (ShardError, OSError, tarfile.TarError, EOFError) as exc:
+    except SHARD_READ_ERRORS as exc:
         raise UsageError(f"cannot count the photos of {stream.spec}: {exc}") from None
     return dist.all_reduce_sum_int(mine, env)
 
@@ -71,7 +70,6 @@ class ShardEpochs(Sampler):
         # A buffer larger than a rank's share would hold copies of the same photos.
         self.seed, self.buffer, self.epoch = int(seed), max(1, min(int(buffer), math.ceil(n / world_size))), 0
         self.num_samples = math.ceil(math.ceil(len_factor * self.n) / world_size)
-        self._at = {name: i for i, name in enumerate(stream.classes)}
         #: {reference: reason} of the samples left out as read (no image, or no class), for the run's skips
         self.left_out: dict[str, str] = {}
 
@@ -94,16 +92,14 @@ class ShardEpochs(Sampler):
             read = 0
             for shard in shards:
                 try:
-                    for photo in labelled_photos(shard, self.stream, self._at):
+                    for photo in labelled_photos(shard, self.stream):
                         if photo.data is None:
                             self.left_out[photo.ref] = photo.reason
                             continue
                         read += 1
                         yield photo.data, photo.label, photo.ref
-                except (ShardError, OSError, tarfile.TarError, EOFError) as exc:
-                    said = str(exc)
-                    raise UsageError(said if shard in said else f"cannot read shard {shard} to its end: {said}") \
-                        from None
+                except SHARD_READ_ERRORS as exc:
+                    raise UsageError(shard_failure(shard, exc)) from None
             if read == 0:
                 raise UsageError(f"{self.stream.spec}: this process's shards hold no photo with a class")
 
