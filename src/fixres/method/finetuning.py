@@ -9,8 +9,9 @@ re-estimated at the new resolution. Defaults follow the paper: SGD, momentum 0.9
 half-way (the paper fine-tunes 60 epochs with the decay at 30): ``fixres.method.tunerecipe``.
 
 **Frozen-prefix cache.** With the deterministic test DA, everything before the first adapted module
-computes the same activations every epoch: they are computed once and each epoch only runs the model
-from the cut on (``fixres.method.prefix``). Random augmentations (test2, train) always use the full forward.
+computes the same activations every epoch: they are computed once (``fixres.method.tunecache``) and each epoch
+only runs the model from the cut on (``fixres.method.prefix``). Random augmentations (test2, train) always use
+the full forward.
 
 The step (loss over the global image count, summed gradients under torchrun, a rank without images
 contributing nothing, device-synchronised timing, autocast + scaler) is ``fixres.method.loop``'s, shared
@@ -51,16 +52,8 @@ from fixres.io.atomic import append_jsonl, write_json, write_text
 from fixres.method import loop
 from fixres.method.evaluate import evaluate_at
 from fixres.method.loop import seed_everything
-from fixres.method.prefix import (
-    PrefixCache,
-    Suffix,
-    _cache_folder,
-    build_suffix,
-    cached_top1,
-    fill_cache,
-    first_inputs,
-    image_loader,
-)
+from fixres.method.prefix import PrefixCache, Suffix, cached_top1, image_loader
+from fixres.method.tunecache import build_cache
 from fixres.method.tunerecipe import (
     EPOCH_SEED_STRIDE,
     LR_DECAY,
@@ -78,7 +71,7 @@ from fixres.method.tunerecipe import (
 from fixres.models.parts import AdaptedParts, select_parts
 from fixres.models.structure import find_parts
 from fixres.runtime import progress as prog
-from fixres.runtime.dist import DistEnv, all_gather_objects, all_reduce_sum_int, barrier, shard_indices
+from fixres.runtime.dist import DistEnv, all_gather_objects, barrier, shard_indices
 from fixres.runtime.engine import Precision, precision_for, prepare, to_device
 
 STATE_NAME = "finetune_state.pt"
@@ -197,7 +190,7 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     t0 = time.perf_counter()
     try:
         if epochs > t.start_epoch:
-            _build_cache(t, enabled=cache, budget_mb=cache_budget_mb)
+            build_cache(t, enabled=cache, budget_mb=cache_budget_mb)
         for epoch in range(t.start_epoch, epochs):
             _tune_epoch(t, epoch)
     finally:
@@ -291,54 +284,6 @@ def _make_optimizer(t: _Tune, state: loop.LoopState | None) -> None:
         t.scheduler.load_state_dict(state.scheduler)
     if state.scaler and t.stepper.scaler.is_enabled():
         t.stepper.scaler.load_state_dict(state.scaler)
-
-
-def _build_cache(t: _Tune, *, enabled: bool, budget_mb: float) -> None:
-    """The frozen-prefix cache (see the module docstring); sets t.suffix / t.train_cache / t.cache_info."""
-    if not enabled:
-        t.cache_info["reason"] = "disabled"
-        return
-    if t.settings["augment"] != "test":
-        t.cache_info["reason"] = f"augmentation {t.settings['augment']!r} is random: full forward each epoch"
-        return
-    t0 = time.perf_counter()
-    sample = first_inputs(t.full_train, t.transform, t.env.device)  # the same on every rank
-    if sample is None:
-        t.cache_info["reason"] = "no readable sample image"
-    else:
-        t.suffix, t.cache_info["reason"] = build_suffix(t.model, t.chain, t.sel.first, sample)
-    if t.suffix is not None:
-        _fill_caches(t, budget_bytes=int(budget_mb * 2 ** 20))
-    _set_modes(t.model, t.sel)
-    t.t_cache = time.perf_counter() - t0
-    t.cache_info["build_s"] = round(t.t_cache, 3)
-    t.status(f"activation cache: {'used, ' if t.suffix is not None else 'not used: '}{t.cache_info['reason']}")
-
-
-def _fill_caches(t: _Tune, *, budget_bytes: int) -> None:
-    t.model.eval()  # the prefix is frozen: eval mode throughout while filling
-    kw = dict(batch_size=t.settings["batch_size"], workers=t.workers, device=t.env.device, precision=t.precision,
-              budget_bytes=budget_bytes, progress=t.progress)
-    hit = t.shared.lookup(t) if t.shared is not None else None
-    t.train_cache, t.skipped = hit or fill_cache(t.model, t.suffix, t.train_samples, t.transform,
-                                                 folder=t.out_dir / _cache_folder("cache", t.env),
-                                                 desc=f"caching activations at {t.suffix.cut}", **kw)
-    if t.shared is not None and hit is None and t.train_cache is not None:
-        t.shared.keep(t, t.train_cache, t.skipped)
-    if t.epoch_eval and t.val_samples and not t.env.distributed:
-        t.val_cache, _ = fill_cache(t.model, t.suffix, t.val_samples,
-                                     build_transform("test", size=t.settings["test_size"], cfg=t.cfg),
-                                     folder=t.out_dir / "cache_val", desc="caching validation activations", **kw)
-    if t.env.distributed and all_reduce_sum_int(int(t.train_cache is None), t.env):
-        if t.train_cache is not None:  # all ranks must take the same path
-            t.train_cache.close()
-            t.train_cache = None
-    if t.train_cache is None:
-        t.suffix = None
-        t.cache_info["reason"] = "no readable training image"
-    else:
-        t.cache_info.update(used=True, cut=t.suffix.cut, bytes=t.train_cache.bytes, on_disk=t.train_cache.on_disk,
-                            shape=list(t.train_cache.shape))
 
 
 def _batches(t: _Tune, batches: list[list[int]], epoch: int, pbar):
