@@ -31,6 +31,24 @@ def write_shards(folder: Path, split: str, samples, *, names: bool = False) -> l
     return shards
 
 
+def training_shards(root: Path) -> Path:
+    """``root/shards``: train shards of 6 photos per class plus one unreadable photo, the first shard also holding
+    a sample without its class, and val shards of 2 per class (the photos also kept as folders in
+    ``root/folder``)."""
+    from helpers.folders import write_image_folder
+
+    from fixres.data.folders import scan_folder
+    write_image_folder(root / "folder" / "train", per_class=6, seed=1)
+    (root / "folder" / "train" / "class_2" / "img_zzz.jpg").write_bytes(BROKEN)
+    write_image_folder(root / "folder" / "val", per_class=2, seed=2)
+    photos = scan_folder(root / "folder" / "train").samples
+    train = write_shards(root / "shards", "train", photos)
+    with tarfile.open(train[0], "a") as tar:  # a sample without its class: left out, and said
+        add_members(tar, [("class_0/orphan.jpg", Path(photos[0][0]).read_bytes())])
+    write_shards(root / "shards", "val", scan_folder(root / "folder" / "val").samples)
+    return root / "shards"
+
+
 def add_members(tar: tarfile.TarFile, members) -> None:
     """(name, bytes) pairs as regular files of ``tar``."""
     for name, data in members:

@@ -141,7 +141,7 @@ def test_cli_adapt_reports_top1_nll_and_ece_before_and_after(tmp_path, capsys):
     import json
 
     from fixres.cli.app import main
-    from fixres.method.evaluate import evaluate_at
+    from fixres.method.streaming import evaluate_at
     from fixres.models.loading import load_model
     from fixres.runtime.dist import DistEnv
     train, val = tiny_data(tmp_path / "d")

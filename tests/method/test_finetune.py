@@ -12,8 +12,8 @@ from helpers import fp32, tiny_bundle, tiny_data  # noqa: F401
 from fixres.errors import UsageError
 from fixres.io.checkpoint import load_training_state, save_training_state
 from fixres.method import loop
-from fixres.method.evaluate import evaluate_at
 from fixres.method.finetuning import FinetuneInterrupted, default_lr, finetune
+from fixres.method.streaming import evaluate_at
 from fixres.models.parts import select_parts
 from fixres.models.structure import find_parts
 from fixres.runtime.dist import DistEnv

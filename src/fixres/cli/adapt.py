@@ -42,7 +42,7 @@ def run(args):
     from fixres.cli.finetune import adaptation_from_args
     from fixres.io.atomic import write_json
     from fixres.method.adaptation import adapt
-    from fixres.method.evaluate import evaluate_at
+    from fixres.method.streaming import evaluate_at
     from fixres.models.card import CardFacts
     from fixres.models.export import export_model, remove_export
     from fixres.runtime.dist import refuse_distributed

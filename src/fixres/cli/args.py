@@ -271,6 +271,32 @@ def add_runtime_args(p: argparse.ArgumentParser, *, batch_default: int, batch_no
                         "initialisation included: same seed, same run, whatever --workers")
 
 
+def add_stream_args(p: argparse.ArgumentParser, *, stream_help: str) -> None:
+    """--stream and the flags only streamed training shards take (--train-count, --shuffle-buffer, --val-data);
+    ``streamed_only`` refuses the latter without --stream."""
+    p.add_argument("--stream", action="store_true", help=stream_help)
+    p.add_argument("--train-count", type=positive_int, default=None, metavar="N",
+                   help="with --stream: the photos the training shards hold (ImageNet: 1281167), which sets the "
+                        "epoch's length without a first pass counting them (for a 'pipe:' value, a whole extra "
+                        "download)")
+    p.add_argument("--shuffle-buffer", type=positive_int, default=None, metavar="N",
+                   help="with --stream: photos each process mixes before handing one on (default 1000; their "
+                        "bytes are held in memory, about 110 kB each for ImageNet; larger mixes shards written "
+                        "in class order better)")
+    p.add_argument("--val-data", default=None, metavar="SHARDS",
+                   help="with --stream: the validation shards (a 'pipe:' value, or local shards; default: the "
+                        "val-*.tar shards beside local training shards, none beside a 'pipe:' value)")
+
+
+def streamed_only(args: argparse.Namespace, stream: bool) -> None:
+    """One line when a flag only streamed shards take is given without ``stream``."""
+    given = [flag for flag, v in (("--val-data", args.val_data), ("--train-count", args.train_count),
+                                  ("--shuffle-buffer", args.shuffle_buffer)) if v]
+    if given and not stream:
+        raise UsageError(f"{given[0]} is for streamed shards: add --stream (indexed data finds its val "
+                         "split in --data, counts its photos and shuffles them whole)")
+
+
 def warn_stride(size: int, stride: int, flag: str = "size", *, quiet: bool = False) -> bool:
     """Warn (one line on stderr) when ``size`` is not a multiple of the network ``stride``.
 

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fixres.cli.args import add_model_args, add_runtime_args, image_size, positive_float, positive_int
+from fixres.cli.args import (
+    add_model_args,
+    add_runtime_args,
+    add_stream_args,
+    image_size,
+    positive_float,
+    positive_int,
+    streamed_only,
+)
 from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS, default_out
 
 #: What a run writes to --out besides its export: all of one run's, or all as they were (``cli.app``).
@@ -17,11 +25,11 @@ WRITES_EXPORT = True
 PAPER_EPOCHS = 60
 
 
-def add_data_args(p, *, test_size_help: str) -> None:
+def add_data_args(p, *, test_size_help: str, streams: bool = False) -> None:
     p.add_argument("--data", required=True, metavar="DIR",
                    help="ImageFolder root holding train/ and val/ (or one ImageFolder used for both);"
                         " a folder of train-*.tar and val-*.tar shards; or hf:PATH, a Hugging Face "
-                        "dataset on disk")
+                        "dataset on disk" + ("; with --stream, shards or 'pipe:CMD'" if streams else ""))
     p.add_argument("--test-size", type=image_size, default=None,
                    help=test_size_help + " (default: the size fixres recommends for the train size, "
                         "`fixres analyze`)")
@@ -41,7 +49,10 @@ def add_parser(sub, parents):
                     "network runs once (activation cache); --resume continues an interrupted run. Writes "
                     "finetune.json, finetune_log.jsonl, finetune_state.pt and the fixed model "
                     f"(model.safetensors + fixres.json) to --out (default {default_out('finetune')}).")
-    add_data_args(p, test_size_help="the resolution to fix the model for")
+    add_data_args(p, test_size_help="the resolution to fix the model for", streams=True)
+    add_stream_args(p, stream_help="read the training shards front to back, no index of the photos (implied by "
+                                   "'pipe:CMD'): once into the activation cache with test DA (the same batches as "
+                                   "the shards indexed), else each epoch as train --stream reads them")
     p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help="what adapts: classifier, norm (the norm nearest the pooled vector: a batch-norm's affine "
                         "+ statistics, a LayerNorm/GroupNorm/RMSNorm's affine; 'bn' is the same), bn-stats "
@@ -89,6 +100,8 @@ class FinetuneConfig:
     amp: bool
     seed: int
     quiet: bool
+    stream: bool = False  # training shards read front to back (--stream, or a pipe: value)
+    shuffle_buffer: int | None = None  # with stream, no cache: photos each process mixes (None: the default)
 
 
 def adaptation_from_args(args, *, need_train: bool = True):
@@ -102,16 +115,28 @@ def adaptation_from_args(args, *, need_train: bool = True):
     from fixres.runtime.progress import status
 
     spec = model_spec(args)
+    stream = _stream_request(args)
     env = dist.init(args.device)
     inputs = load_for_adaptation(spec, args.data, class_map=read_class_map(args.class_map) if args.class_map else None,
                                  overrides=dict(interpolation=args.interpolation, mean=args.mean, std=args.std,
                                                 crop_ratio=args.crop_ratio),
-                                 test_size=args.test_size, need_train=need_train)
+                                 test_size=args.test_size, need_train=need_train, stream=stream)
     for line in inputs.warnings:
         status(f"warning: {line}", enabled=env.is_main and not args.quiet)
     warn_stride(inputs.test_size, inputs.cfg.stride, "test size", quiet=args.quiet or not env.is_main)
     precision = precision_for(env.device, not args.no_amp)
     return inputs.bundle, inputs.cfg, inputs.train, inputs.val, env, precision, inputs.test_size
+
+
+def _stream_request(args):
+    """The ``StreamRequest`` of a command taking --stream (implied by a ``pipe:`` value), else None."""
+    from fixres.data.streams import is_stream
+    from fixres.method.inputs import StreamRequest
+    if not hasattr(args, "stream"):
+        return None
+    stream = args.stream or is_stream(args.data) or is_stream(args.val_data or "")
+    streamed_only(args, stream)
+    return StreamRequest(val_data=args.val_data, train_count=args.train_count) if stream else None
 
 
 def run(args):
@@ -131,38 +156,48 @@ def run(args):
                         cache_budget_mb=args.cache_budget_mb, resume=args.resume, epoch_eval=args.epoch_eval,
                         export=not args.no_export, onnx=args.onnx, out=args.out or default_out("finetune"),
                         device=args.device,
-                        workers=args.workers, amp=not args.no_amp, seed=args.seed, quiet=args.quiet)
+                        workers=args.workers, amp=not args.no_amp, seed=args.seed, quiet=args.quiet,
+                        stream=_stream_request(args) is not None, shuffle_buffer=args.shuffle_buffer)
     show = not fc.quiet and env.is_main
     status(f"fixres finetune: {bundle.name} from {cfg.train_size}px to {test_size}px, parts {fc.parts}, "
-           f"{fc.augment} DA, {fc.epochs} epochs, {len(train)} training images, {precision.describe()}", enabled=show)
-    if val is None or val.root == train.root:
+           f"{fc.augment} DA, {fc.epochs} epochs, "
+           f"{f'{len(train.shards)} training shards, streamed' if fc.stream else f'{len(train)} training images'}, "
+           f"{precision.describe()}", enabled=show)
+    if val is None or (val.shards == train.shards if fc.stream else val.root == train.root):
         status("warning: no separate val/ folder: accuracy is measured on the training images", enabled=show)
     try:
         result = finetune(bundle.model, train, val if val is not None else train, cfg, test_size=test_size,
                           parts=fc.parts, augment=fc.augment, epochs=fc.epochs, lr=fc.lr, batch_size=fc.batch_size,
                           cache=fc.cache, out_dir=fc.out, resume=fc.resume, env=env, precision=precision,
                           seed=fc.seed, workers=fc.workers, progress=show, epoch_eval=fc.epoch_eval,
-                          cache_budget_mb=fc.cache_budget_mb)
+                          cache_budget_mb=fc.cache_budget_mb,
+                          **({"shuffle_buffer": fc.shuffle_buffer} if fc.shuffle_buffer else {}))
     finally:
         dist.shutdown()
     if not env.is_main:  # under torchrun, rank 0 exports and reports
         return None
-    result = {"command": "finetune", "model": bundle.name, "data": str(Path(fc.data)), **result}
+    data = fc.data if fc.stream else str(Path(fc.data))  # a pipe: command is not a path
+    result = {"command": "finetune", "model": bundle.name, "data": data, **result}
     if fc.export:
         path = export_model(bundle.model, fc.out, model_name=bundle.name, cfg=cfg, test_size=test_size,
                             train_size=cfg.train_size, class_names=list(cfg.class_names), accuracy=result["after"],
                             extra={"adaptation": {"method": "finetune", "parts": result["parts"],
                                                   "augment": fc.augment, "epochs": fc.epochs}}, onnx=fc.onnx,
-                            card=CardFacts(data=str(Path(fc.data)), command=getattr(args, "_invocation", None)))
+                            card=CardFacts(data=data, command=getattr(args, "_invocation", None)))
         result["export"] = str(path)
-    b, a = result["before"], result["after"]
+    return result, _summary(result, bundle.name, fc)
+
+
+def _summary(result: dict, name: str, fc: FinetuneConfig) -> str:
+    """The lines ``fixres finetune`` prints: what was fine-tuned, top-1 before and after, the time."""
+    b, a, size = result["before"], result["after"], result["test_size"]
     t = result["timing"]
-    lines = [f"{bundle.name}: fine-tuned {', '.join(result['trainable']) or '(statistics only)'} at {test_size}px "
+    lines = [f"{name}: fine-tuned {', '.join(result['trainable']) or '(statistics only)'} at {size}px "
              f"({fc.epochs} epochs, {fc.augment} DA, "
              f"cache: {'yes, ' + result['cache'].get('cut', '') if result['cache']['used'] else 'no'})"]
     if b and a:
         from fixres.choosing.significance import binomial_se
-        lines.append(f"  top-1 at {test_size}px: {b['top1']:.2f} ± {binomial_se(b['top1'], b['n']):.2f}% before -> "
+        lines.append(f"  top-1 at {size}px: {b['top1']:.2f} ± {binomial_se(b['top1'], b['n']):.2f}% before -> "
                      f"{a['top1']:.2f} ± {binomial_se(a['top1'], a['n']):.2f}% after (± binomial standard error)")
     fwd, bwd = t["ms_per_batch_forward"], t["ms_per_batch_backward"]
     if fwd:
@@ -170,4 +205,4 @@ def run(args):
                      f"fine-tuning {t['finetune_s']:.1f} s, total {t['wall_s']:.1f} s")
     if "export" in result:
         lines.append(f"  fixed model: {result['export']} (fixres eval --checkpoint {result['export']} --data ...)")
-    return result, "\n".join(lines)
+    return "\n".join(lines)

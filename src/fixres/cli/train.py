@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from fixres.cli.args import (
     add_model_args,
     add_runtime_args,
+    add_stream_args,
     image_size,
     int_list,
     model_spec,
@@ -17,6 +18,7 @@ from fixres.cli.args import (
     nonneg_int,
     positive_float,
     positive_int,
+    streamed_only,
 )
 from fixres.config import DEFAULT_TRAIN_BATCH_SIZE, DEFAULT_TRAIN_EPOCHS, default_out
 
@@ -46,22 +48,10 @@ def add_parser(sub, parents):
     p.add_argument("--data", required=True, metavar="DIR",
                    help="ImageFolder root (ROOT/train and ROOT/val when present), a folder of "
                         "train-*.tar and val-*.tar shards, or hf:PATH; with --stream, shards or 'pipe:CMD'")
-    p.add_argument("--stream", action="store_true",
-                   help="read WebDataset shards front to back, no index of the photos (implied by 'pipe:CMD', e.g. "
-                        "'pipe:aws s3 cp s3://B/train-{000..127}.tar -'): each epoch the shards in a seeded order, "
-                        "split by shard over processes, through a shuffle buffer; needs --num-classes or "
-                        "--class-map")
-    p.add_argument("--train-count", type=positive_int, default=None, metavar="N",
-                   help="with --stream: the photos the training shards hold (ImageNet: 1281167), which sets the "
-                        "epoch's length without a first pass counting them (for a 'pipe:' value, a whole extra "
-                        "download)")
-    p.add_argument("--shuffle-buffer", type=positive_int, default=None, metavar="N",
-                   help="with --stream: photos each process mixes before handing one on (default 1000; their "
-                        "bytes are held in memory, about 110 kB each for ImageNet; larger mixes shards written "
-                        "in class order better)")
-    p.add_argument("--val-data", default=None, metavar="SHARDS",
-                   help="with --stream: the validation shards (a 'pipe:' value, or local shards; default: the "
-                        "val-*.tar shards beside local training shards, none beside a 'pipe:' value)")
+    add_stream_args(p, stream_help="read WebDataset shards front to back, no index of the photos (implied by "
+                                   "'pipe:CMD', e.g. 'pipe:aws s3 cp s3://B/train-{000..127}.tar -'): each epoch the "
+                                   "shards in a seeded order, split by shard over processes, through a shuffle "
+                                   "buffer; needs --num-classes or --class-map")
     p.add_argument("--train-size", type=image_size, required=True, help="training resolution T (pixels)")
     p.add_argument("--epochs", type=positive_int, default=DEFAULT_TRAIN_EPOCHS,
                    help=f"epochs (default {DEFAULT_TRAIN_EPOCHS}; the paper trains ImageNet for 120)")
@@ -164,14 +154,9 @@ class TrainRunConfig:
 
 
 def run(args):
-    from fixres.errors import UsageError
     from fixres.runtime import dist
     cfg = TrainRunConfig.from_args(args)
-    streamed_only = [flag for flag, v in (("--val-data", cfg.val_data), ("--train-count", cfg.train_count),
-                                          ("--shuffle-buffer", cfg.shuffle_buffer)) if v]
-    if streamed_only and not cfg.stream:
-        raise UsageError(f"{streamed_only[0]} is for streamed shards: add --stream (indexed data finds its val "
-                         "split in --data, counts its photos and shuffles them whole)")
+    streamed_only(args, cfg.stream)
     env = dist.init(cfg.device)
     try:
         result = run_training(cfg, env)

@@ -394,23 +394,6 @@ def _photo_arrays(res: PerImage, plan: _Plan, *, keep_log_probs: bool, keep_outc
         labels=res.labels if keep_log_probs else None)
 
 
-def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, batch_size: int,
-                env: fdist.DistEnv, precision: Precision, workers: int | None, progress: bool) -> dict:
-    """top-1 (binomial SE and fold std), top-5, loss, NLL and ECE of ``model`` at ``test_size``, at the data
-    config's crop ratio.
-
-    Measured at the inference precision, so the number is the one ``fixres eval`` gives for the
-    export. Returns {test_size, top1, top1_se, top1_std, top5, loss, nll, ece, n, skipped (a count)}.
-    """
-    res = evaluate(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
-                   batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
-                   workers=workers, progress=progress, per_class=False)
-    row = res.rows[0]
-    return {"test_size": test_size, "top1": row.top1, "top1_se": row.top1_se, "top1_std": row.top1_std,
-            "top5": row.top5, "loss": row.loss, "nll": row.nll, "ece": row.ece, "n": row.n,
-            "skipped": len(res.skipped)}
-
-
 def temperature_scale(result: EvalResult, held_out: EvalResult) -> EvalResult:
     """Temperature scaling of every row of ``result``, each fitted on the same row of ``held_out``.
 

@@ -45,14 +45,16 @@ from fixres.config import (
     DataConfig,
 )
 from fixres.data.folders import FolderIndex
-from fixres.data.loaders import default_workers
+from fixres.data.loaders import default_workers, make_loader
+from fixres.data.streams import ShardStream
 from fixres.data.transforms import build_transform
 from fixres.errors import FixresError, UsageError
 from fixres.io.atomic import append_jsonl, write_json, write_text
 from fixres.method import loop
-from fixres.method.evaluate import evaluate_at
 from fixres.method.loop import seed_everything
 from fixres.method.prefix import PrefixCache, Suffix, cached_top1, image_loader
+from fixres.method.shardepochs import DEFAULT_SHUFFLE_BUFFER, count_stream, training_order
+from fixres.method.streaming import evaluate_at
 from fixres.method.tunecache import build_cache
 from fixres.method.tunerecipe import (
     EPOCH_SEED_STRIDE,
@@ -91,7 +93,9 @@ def default_lr(batch_size: int) -> float:
 
 # --------------------------------------------------------------------------- fine-tuning
 
-def _samples(samples) -> list:
+def _samples(samples) -> list | ShardStream:
+    if isinstance(samples, ShardStream):
+        return samples
     if isinstance(samples, FolderIndex):
         return list(samples.samples)
     return list(samples) if samples is not None else []
@@ -109,9 +113,9 @@ class _Tune:
     chain: list[str]
     settings: dict
     out_dir: Path
-    full_train: list
-    train_samples: list  # this rank's shard
-    val_samples: list
+    full_train: list | ShardStream
+    train_samples: list | ShardStream  # this rank's part of the indexed photos, or the streamed shards
+    val_samples: list | ShardStream
     local_batch: int
     steps_per_epoch: int
     workers: int
@@ -135,6 +139,17 @@ class _Tune:
     t_epochs: float = 0.0
     times: loop.EpochTotals = field(default_factory=loop.EpochTotals)
     batches_run: int = 0
+    rows: torch.Tensor | None = None  # streamed shards' cache rows in the indexed order (tunecache), -1: unreadable
+    reader: tuple | None = None  # streamed shards without the cache: (dataset, sampler) of every epoch
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train_samples, ShardStream)
+
+    @property
+    def n_local(self) -> int:
+        """The photos this rank's epochs draw their batches from."""
+        return len(self.rows) if self.rows is not None else len(self.train_samples)
 
     @property
     def state_path(self) -> Path:
@@ -160,7 +175,8 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
              precision: Precision | None = None, seed: int = 0, workers: int | None = None,
              progress: bool = True, evaluate_before: bool = True, evaluate_after: bool = True,
              epoch_eval: bool = False, cache_budget_mb: float = DEFAULT_CACHE_BUDGET_MB,
-             stop_after_batches: int | None = None, shared=None) -> dict:
+             stop_after_batches: int | None = None, shared=None,
+             shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> dict:
     """Fine-tune the ``parts`` of ``model`` at ``test_size`` on ``train_samples``; evaluate on ``val_samples``.
 
     Leaves the adapted weights in ``model`` (eval mode). Writes ``out_dir/finetune_state.pt`` after
@@ -169,6 +185,8 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     ``stop_after_batches`` raises ``FinetuneInterrupted`` after that many batches of this call (to
     test resuming). ``shared`` (a ``method.cutcache.FitCaches``) hands over the frozen-prefix cache of an earlier
     fine-tuning of the same photos, size and weights before the cut, and keeps this one's for later ones.
+    ``train_samples`` / ``val_samples`` may be ``ShardStream``s, read front to back (``method.tunecache``; without
+    the cache each epoch as ``train --stream`` reads, through a shuffle buffer of ``shuffle_buffer`` photos).
 
     Returns before/after accuracy at test_size (top-1 with fold std), the per-epoch log, timing (ms
     per batch forward and backward, wall seconds) and whether the activation cache was used.
@@ -182,7 +200,7 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
                workers=default_workers() if workers is None else workers, progress=progress and env.is_main,
                epoch_eval=epoch_eval, stop_after_batches=stop_after_batches,
                settings={"test_size": test_size, "augment": augment, "epochs": epochs, "lr": lr,
-                         "batch_size": batch_size, "seed": seed})
+                         "batch_size": batch_size, "seed": seed, "shuffle_buffer": shuffle_buffer})
     t.shared = shared
     grad_flags = [p.requires_grad for p in t.model.parameters()]
     state = _resume(t, resume, evaluate_before=evaluate_before)
@@ -194,13 +212,7 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
         for epoch in range(t.start_epoch, epochs):
             _tune_epoch(t, epoch)
     finally:
-        for c in (t.train_cache, t.val_cache):
-            if c is not None and not (shared is not None and shared.holds(c)):
-                c.close()
-        # also after an interruption: the caller gets the model back as it gave it, in eval mode
-        t.model.eval()
-        for p, flag in zip(t.model.parameters(), grad_flags):
-            p.requires_grad_(flag)
+        _release(t, grad_flags)
     t.t_epochs = time.perf_counter() - t0 - t.t_cache
     if env.distributed:
         t.skipped = [s for part in all_gather_objects(t.skipped, env) for s in part]
@@ -214,23 +226,36 @@ def finetune(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, t
     return result
 
 
-def _setup(model: nn.Module, train_samples: list, val_samples: list, cfg: DataConfig, *, parts, env: DistEnv,
+def _release(t: _Tune, grad_flags: list[bool]) -> None:
+    """Close the caches no later fine-tuning takes over, and hand the model back as it was given, in eval mode
+    (also after an interruption)."""
+    for c in (t.train_cache, t.val_cache):
+        if c is not None and not (t.shared is not None and t.shared.holds(c)):
+            c.close()
+    t.model.eval()
+    for p, flag in zip(t.model.parameters(), grad_flags):
+        p.requires_grad_(flag)
+
+
+def _setup(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, parts, env: DistEnv,
            precision: Precision, out_dir: Path, workers: int, progress: bool, epoch_eval: bool,
            stop_after_batches: int | None, settings: dict) -> _Tune:
-    if not train_samples:
+    streamed = isinstance(train_samples, ShardStream)
+    n_total = count_stream(train_samples, env) if streamed else len(train_samples)
+    if not n_total:
         raise UsageError("no training images to fine-tune on")
     # Under torchrun each rank owns a fixed shard of the training images (so it caches only those) and
     # contributes batch_size / world_size images to every global batch; gradients are summed across ranks.
-    n_total = len(train_samples)
+    # Streamed shards are read whole by one rank each (method.tunecache, method.shardepochs).
     local_batch = settings["batch_size"] // env.world_size if env.distributed else settings["batch_size"]
-    shard = ([train_samples[i] for i in shard_indices(n_total, env.rank, env.world_size)] if env.distributed
-             else train_samples)
+    shard = ([train_samples[i] for i in shard_indices(n_total, env.rank, env.world_size)]
+             if env.distributed and not streamed else train_samples)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = prepare(model, env.device, precision)
     structure = find_parts(model)
     sel = select_parts(model, structure, parts)
     # Everything that changes what a resumed run would compute: a state written otherwise is refused.
-    settings = {**settings, "parts": sel.parts, "n_train": n_total, "world_size": env.world_size,
+    settings = {**settings, "parts": sel.parts, "n_train": n_total, "stream": streamed, "world_size": env.world_size,
                 "mean": list(cfg.mean), "std": list(cfg.std), "interpolation": cfg.interpolation,
                 "crop_ratio": cfg.crop_ratio}
     return _Tune(model=model, env=env, precision=precision, cfg=cfg, sel=sel, chain=list(structure.chain),
@@ -293,6 +318,9 @@ def _batches(t: _Tune, batches: list[list[int]], epoch: int, pbar):
         for b in batches:
             pbar.update(len(b))
             idx = torch.tensor(b)
+            if t.rows is not None:
+                idx = t.rows[idx]
+                idx = idx[idx >= 0]
             idx = idx[t.train_cache.valid[idx]]
             if not idx.numel():
                 yield None, None
@@ -300,7 +328,8 @@ def _batches(t: _Tune, batches: list[list[int]], epoch: int, pbar):
             x, y = t.train_cache.get(idx)
             yield x.to(device), y.to(device)
         return
-    for item in image_loader(t.train_samples, t.transform, batches, t.workers):
+    for item in (_streamed_loader(t, epoch) if t.streamed else
+                 image_loader(t.train_samples, t.transform, batches, t.workers)):
         if epoch == t.start_epoch:
             t.skipped.extend(s.to_dict() for s in item.skipped)
         pbar.update(len(item) + len(item.skipped))
@@ -310,13 +339,26 @@ def _batches(t: _Tune, batches: list[list[int]], epoch: int, pbar):
             yield to_device(item.inputs, device, t.precision), item.labels.to(device)
 
 
+def _streamed_loader(t: _Tune, epoch: int):
+    """Epoch ``epoch`` of the streamed shards read again (no cache): ``train --stream``'s order, one copy each."""
+    s = t.settings
+    if t.reader is None:
+        hp = {"repeats": 1, "seed": s["seed"], "epoch_length_factor": 1.0, "shuffle_buffer": s["shuffle_buffer"]}
+        t.reader = training_order(t.train_samples, s["n_train"], t.transform, hp, t.env)
+    dataset, sampler = t.reader
+    sampler.set_epoch(epoch)
+    yield from make_loader(dataset, batch_size=t.local_batch, sampler=sampler, workers=t.workers)
+    if epoch == t.start_epoch:
+        t.skipped.extend({"path": ref, "reason": why} for ref, why in sampler.left_out.items())
+
+
 def _tune_epoch(t: _Tune, epoch: int) -> None:
     s, env = t.settings, t.env
     _set_modes(t.model, t.sel)
     rank_seed = s["seed"] + RANK_SEED_STRIDE * env.rank  # rank 0 = the single-process run
     # random augmentations draw from the global generators: fix them per epoch so a resume replays them
     seed_everything(rank_seed * EPOCH_SEED_STRIDE + epoch)
-    batches = _epoch_batches(len(t.train_samples), t.local_batch, rank_seed, epoch)
+    batches = _epoch_batches(t.n_local, t.local_batch, rank_seed, epoch) if not t.streamed or t.suffix else []
     t_ep = time.perf_counter()
 
     def after_step(_result, _totals) -> bool:
@@ -325,7 +367,8 @@ def _tune_epoch(t: _Tune, epoch: int) -> None:
             raise FinetuneInterrupted(f"stopped after {t.batches_run} batches (test hook)")
         return False
 
-    pbar = prog.bar(sum(len(b) for b in batches), f"fine-tune epoch {epoch + 1}/{s['epochs']}", enabled=t.progress)
+    photos = sum(len(b) for b in batches) if batches else math.ceil(s["n_train"] / env.world_size)
+    pbar = prog.bar(photos, f"fine-tune epoch {epoch + 1}/{s['epochs']}", enabled=t.progress)
     try:
         totals = loop.run_epoch(t.stepper, t.suffix if t.suffix is not None else t.model,
                                 _batches(t, batches, epoch, pbar), pad_to=t.steps_per_epoch, on_step=after_step)

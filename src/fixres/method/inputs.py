@@ -10,13 +10,14 @@ apparent-size analysis recommends for the model's train size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from fixres.config import DataConfig
 from fixres.data.folders import FolderIndex, missing_classes_warning, shared_photos
 from fixres.data.layouts import Location, exists, index_location, resolve_split
+from fixres.data.streams import ShardStream, is_stream, open_stream
 from fixres.errors import UsageError
 from fixres.method.analysis import recommend_test_size
 from fixres.models.inputsize import fit_input_size
@@ -80,18 +81,23 @@ class AdaptationInputs:
 
 def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[str] | None = None,
                         overrides: dict | None = None, test_size: int | None = None,
-                        need_train: bool = True) -> AdaptationInputs:
+                        need_train: bool = True, stream: StreamRequest | None = None) -> AdaptationInputs:
     """Load ``spec``'s model and index ``data``'s train/ and val/ splits onto its classes.
 
     ``overrides``: DataConfig fields the caller sets (interpolation, mean, std, crop_ratio; None keeps the
     model's). ``test_size`` None: the size ``fixres.method.analysis`` recommends for the model's train size; a
     model with a fixed input size is moved to it (``fit_input_size``).
     A fixres export knows its classes: they map the folders when no ``class_map`` is given.
+    ``stream``: the splits are shards to read front to back (``data.streams.ShardStream``s), not indexed.
     """
     bundle = spec.load()
     cfg = bundle.data_config.with_overrides(**(overrides or {}))
     n_out = num_outputs(bundle.model)
     class_map = class_names_for(bundle, cfg, class_map)
+    if stream is not None:
+        train, val = stream.open(data, classes=class_map, num_classes=n_out)
+        return _inputs(bundle, cfg.with_overrides(class_names=train.classes, num_classes=n_out), train, val,
+                       test_size, [])
     train_dir, val_dir = resolve_split(data, "train"), resolve_split(data, "val")
     if need_train and train_dir == val_dir:  # no splits: fitting and reporting on one folder
         raise UsageError(f"{data} has no train/ and val/ folders: the adaptation would be reported on the photos it "
@@ -111,7 +117,30 @@ def load_for_adaptation(spec: ModelSpec, data: str | Path, *, class_map: list[st
         raise UsageError(f"{data}: {len(shared)} validation photos are also training photos (e.g. {shared[0]}): the "
                          "adaptation would be reported on photos it fitted on")
     cfg = cfg.with_overrides(class_names=tuple((train or val).classes), num_classes=n_out)
+    return _inputs(bundle, cfg, train, val, test_size, warnings)
+
+
+def _inputs(bundle: ModelBundle, cfg: DataConfig, train, val, test_size: int | None,
+            warnings: list[str]) -> AdaptationInputs:
     size = test_size or recommend_test_size(train_size=cfg.train_size, crop_ratio=cfg.crop_ratio,
                                             stride=cfg.stride)["test_size"]
     fit_input_size(bundle.model, size, name=bundle.name)  # a fixed-size model follows S, or a one-line error
     return AdaptationInputs(bundle, cfg, train, val, size, warnings)
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """Training shards to stream (``--stream``, or a ``pipe:`` value): the validation shards (``val_data``; default
+    the ``val-*.tar`` beside local training shards, none beside a ``pipe:`` value) and the photos the training
+    shards hold when the user says so (``train_count``)."""
+
+    val_data: str | None = None
+    train_count: int | None = None
+
+    def open(self, data: str | Path, *, classes: Sequence[str] | None, num_classes: int
+             ) -> tuple[ShardStream, ShardStream | None]:
+        """(training shards, validation shards or None), classes named by ``classes`` or numbered."""
+        train = replace(open_stream(data, classes=classes, num_classes=num_classes, split="train"),
+                        count=self.train_count)
+        val = self.val_data or (None if is_stream(data) else data)
+        return train, open_stream(val, classes=classes, num_classes=num_classes, split="val") if val else None

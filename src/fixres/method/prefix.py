@@ -257,16 +257,26 @@ def frozen_prefix(model: nn.Module, suffix: Suffix, size: int) -> nn.Module:
 
 
 def fill_cache(model, suffix, samples, transform, *, batch_size, workers, device, precision, budget_bytes,
-                folder, progress, desc) -> tuple[PrefixCache | None, list[dict]]:
+               folder, progress, desc) -> tuple[PrefixCache | None, list[dict]]:
+    """The cache of ``samples``' activations entering the cut, row i the i-th photo's (``record_cut``)."""
     n = len(samples)
     batches = [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
+    return record_cut(model, suffix, image_loader(samples, transform, batches, workers), n, device=device,
+                      precision=precision, budget_bytes=budget_bytes, folder=folder, progress=progress, desc=desc)
+
+
+def record_cut(model, suffix, batches, n: int, *, device, precision, budget_bytes, folder, progress, desc,
+               rows: Callable | None = None) -> tuple[PrefixCache | None, list[dict]]:
+    """(a cache of ``n`` rows holding the activations entering the cut of each photo of the loader's ``batches``,
+    the photos skipped); ``rows(batch)``: the rows its photos go to (default: their indices). None without a
+    readable photo."""
     cache = None
     prefix_model = None
     skipped: list[dict] = []
     bar = prog.bar(n, desc, enabled=progress)
     try:
         with torch.no_grad():
-            for batch in image_loader(samples, transform, batches, workers):
+            for batch in batches:
                 skipped.extend(s.to_dict() for s in batch.skipped)
                 bar.update(len(batch) + len(batch.skipped))
                 if batch.inputs is None:
@@ -278,7 +288,7 @@ def fill_cache(model, suffix, samples, transform, *, batch_size, workers, device
                     a = capture_cut(prefix_model, suffix, x)
                 if cache is None:
                     cache = PrefixCache(n, tuple(a.shape[1:]), a.dtype, budget_bytes=budget_bytes, folder=folder)
-                cache.put(batch.indices, a, batch.labels)
+                cache.put(batch.indices if rows is None else rows(batch), a, batch.labels)
     finally:
         bar.close()
     return cache, skipped

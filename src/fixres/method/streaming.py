@@ -5,7 +5,8 @@ shards (``data.streams.shards_for``) and scores them with the same views, forwar
 pass every rank's shard records are gathered: each shard must have been read exactly once and to its end, the
 photos are counted from them (``n_samples``, which ``--val-count`` checks), and the per-photo outcomes are put
 in the order the indexed shards give (class, then key), so every number, fold std included, equals the indexed
-evaluation's and does not depend on the ranks or loader workers.
+evaluation's and does not depend on the ranks or loader workers. ``evaluate_at`` gives the figures at one size of
+either kind of photos (fine-tuning's before and after).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fixres.data.loaders import default_workers, make_loader, pin_memory_for
 from fixres.data.shards import say_left_out
 from fixres.data.streams import ShardStream, StreamedShards, StreamOrder, stream_collate
 from fixres.io.evaluation import EvalResult
-from fixres.method.evaluate import _check_coverage, _one_pass, assemble, views_transform
+from fixres.method.evaluate import _check_coverage, _one_pass, assemble, evaluate, views_transform
 from fixres.method.views import _check_classes, _model_outputs, _Plan, _request
 from fixres.runtime import dist as fdist
 from fixres.runtime.engine import Precision, inference_precision
@@ -75,3 +76,20 @@ def evaluate_stream(model: nn.Module, stream: ShardStream, cfg: DataConfig, *, t
                     batch_size=batch_size, workers=workers, ten_crop=ten_crop, folds=folds, per_class=per_class,
                     keep_log_probs=keep_log_probs, keep_outcomes=False)
 
+
+def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, batch_size: int,
+                env: fdist.DistEnv, precision: Precision, workers: int | None, progress: bool) -> dict:
+    """top-1 (binomial SE and fold std), top-5, loss, NLL and ECE of ``model`` at ``test_size``, at the data
+    config's crop ratio, on indexed photos or a ``ShardStream``.
+
+    Measured at the inference precision, so the number is the one ``fixres eval`` gives for the
+    export. Returns {test_size, top1, top1_se, top1_std, top5, loss, nll, ece, n, skipped (a count)}.
+    """
+    run = evaluate_stream if isinstance(samples, ShardStream) else evaluate
+    res = run(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
+                   batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
+                   workers=workers, progress=progress, per_class=False)
+    row = res.rows[0]
+    return {"test_size": test_size, "top1": row.top1, "top1_se": row.top1_se, "top1_std": row.top1_std,
+            "top5": row.top5, "loss": row.loss, "nll": row.nll, "ece": row.ece, "n": row.n,
+            "skipped": len(res.skipped)}
