@@ -149,7 +149,7 @@ def test_streams_that_cannot_be_scored_whole_get_one_line(capsys, tmp_path, shar
     assert not (tmp_path / "o" / "eval.json").exists()
 
 
-@pytest.mark.parametrize("command", ["fix", "stats", "adapt"])
+@pytest.mark.parametrize("command", ["fix"])
 def test_commands_that_index_their_photos_refuse_a_pipe_in_one_line(capsys, tmp_path, shards, command):
     from helpers.cli import MODEL_COMMANDS
     code, _, err = cli(capsys, command, "--data", shards["pipe"], "--checkpoint", shards["ckpt"], *MODEL,

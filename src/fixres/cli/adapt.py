@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fixres.cli.args import add_model_args, add_runtime_args, positive_int
+from fixres.cli.args import add_model_args, add_runtime_args, add_stream_args, positive_int
 from fixres.cli.finetune import add_data_args
 from fixres.config import default_out
 
@@ -27,7 +27,10 @@ def add_parser(sub, parents):
                    help="bn-recalibrate: re-estimate the batch-norm statistics at the test size; frechet: "
                         "equalise the pooled activations (appendix A.1); gaussian: match the pre-activation "
                         "mean and std to the train size's (appendix A.2)")
-    add_data_args(p, test_size_help="the resolution to adapt to")
+    add_data_args(p, test_size_help="the resolution to adapt to", streams=True)
+    add_stream_args(p, epochs=False, stream_help="read the training shards front to back, no index of the photos "
+                                                 "(implied by 'pipe:CMD'); --max-images then takes photos evenly "
+                                                 "spread in the order read, after a pass counting them")
     p.add_argument("--max-images", type=positive_int, default=None,
                    help="use at most this many images for the statistics (default: all)")
     p.add_argument("--no-eval", action="store_true", help="do not measure top-1 before and after")

@@ -271,10 +271,15 @@ def add_runtime_args(p: argparse.ArgumentParser, *, batch_default: int, batch_no
                         "initialisation included: same seed, same run, whatever --workers")
 
 
-def add_stream_args(p: argparse.ArgumentParser, *, stream_help: str) -> None:
-    """--stream and the flags only streamed training shards take (--train-count, --shuffle-buffer, --val-data);
-    ``streamed_only`` refuses the latter without --stream."""
+def add_stream_args(p: argparse.ArgumentParser, *, stream_help: str, epochs: bool = True) -> None:
+    """--stream and the flags only streamed shards take (--val-data; for a command with epochs, --train-count and
+    --shuffle-buffer); ``streamed_only`` refuses them without --stream."""
     p.add_argument("--stream", action="store_true", help=stream_help)
+    p.add_argument("--val-data", default=None, metavar="SHARDS",
+                   help="with --stream: the validation shards (a 'pipe:' value, or local shards; default: the "
+                        "val-*.tar shards beside local training shards, none beside a 'pipe:' value)")
+    if not epochs:
+        return
     p.add_argument("--train-count", type=positive_int, default=None, metavar="N",
                    help="with --stream: the photos the training shards hold (ImageNet: 1281167), which sets the "
                         "epoch's length without a first pass counting them (for a 'pipe:' value, a whole extra "
@@ -283,15 +288,12 @@ def add_stream_args(p: argparse.ArgumentParser, *, stream_help: str) -> None:
                    help="with --stream: photos each process mixes before handing one on (default 1000; their "
                         "bytes are held in memory, about 110 kB each for ImageNet; larger mixes shards written "
                         "in class order better)")
-    p.add_argument("--val-data", default=None, metavar="SHARDS",
-                   help="with --stream: the validation shards (a 'pipe:' value, or local shards; default: the "
-                        "val-*.tar shards beside local training shards, none beside a 'pipe:' value)")
 
 
 def streamed_only(args: argparse.Namespace, stream: bool) -> None:
     """One line when a flag only streamed shards take is given without ``stream``."""
-    given = [flag for flag, v in (("--val-data", args.val_data), ("--train-count", args.train_count),
-                                  ("--shuffle-buffer", args.shuffle_buffer)) if v]
+    given = [flag for flag, name in (("--val-data", "val_data"), ("--train-count", "train_count"),
+                                     ("--shuffle-buffer", "shuffle_buffer")) if getattr(args, name, None)]
     if given and not stream:
         raise UsageError(f"{given[0]} is for streamed shards: add --stream (indexed data finds its val "
                          "split in --data, counts its photos and shuffles them whole)")

@@ -136,7 +136,7 @@ def _stream_request(args):
         return None
     stream = args.stream or is_stream(args.data) or is_stream(args.val_data or "")
     streamed_only(args, stream)
-    return StreamRequest(val_data=args.val_data, train_count=args.train_count) if stream else None
+    return StreamRequest(val_data=args.val_data, train_count=getattr(args, "train_count", None)) if stream else None
 
 
 def run(args):

@@ -14,7 +14,7 @@ def add_parser(sub, parents):
                     "second (adapted) checkpoint, drawn dashed (figure 4). Writes stats.json and "
                     f"activation_cdf.png to --out (default {default_out('stats')}).")
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder tree (its val/ when "
-                   "present), WebDataset shards, or hf:PATH")
+                   "present), WebDataset shards, hf:PATH, or with --stream shards or 'pipe:CMD'")
     p.add_argument("--sizes", type=int_list, default=None,
                    help="test sizes, e.g. 64,128,224,448 (default: train size x 0.5, 1, 1.5, 2)")
     p.add_argument("--train-size", type=image_size, default=None,
@@ -22,6 +22,9 @@ def add_parser(sub, parents):
     p.add_argument("--compare", default=None, metavar="CHECKPOINT",
                    help="an adapted checkpoint (fixres export) to measure on the same axis")
     p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images")
+    p.add_argument("--stream", action="store_true",
+                   help="read the shards front to back, no index of the photos (implied by 'pipe:CMD'); "
+                        "--max-images then takes photos evenly spread in the order read, after a pass counting them")
     add_model_args(p)
     add_runtime_args(p, batch_default=32)
     return p
@@ -31,9 +34,11 @@ def run(args):
     from pathlib import Path
 
     from fixres.data.folders import read_class_map
+    from fixres.data.streams import is_stream, open_stream
     from fixres.io.atomic import write_json
     from fixres.method.inputs import index_split
     from fixres.method.stats import activation_stats
+    from fixres.models.loading import num_outputs
     from fixres.report.plots import plot_stats
     from fixres.runtime import dist
     from fixres.runtime.engine import precision_for
@@ -44,7 +49,10 @@ def run(args):
     cfg = bundle.data_config.with_overrides(interpolation=args.interpolation, mean=args.mean, std=args.std,
                                             crop_ratio=args.crop_ratio)
     class_map = read_class_map(args.class_map) if args.class_map else None  # labels are not used: only validated
-    index = index_split(args.data, "val", class_map=class_map)
+    if args.stream or is_stream(args.data):
+        index = open_stream(args.data, classes=class_map, num_classes=num_outputs(bundle.model))
+    else:
+        index = index_split(args.data, "val", class_map=class_map)
     t = cfg.train_size
     sizes = args.sizes or sorted({max(16, t // 2), t, (3 * t) // 2, 2 * t})
     precision = precision_for(env.device, not args.no_amp)

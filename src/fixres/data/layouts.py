@@ -80,7 +80,7 @@ def resolve_split(data: str | os.PathLike, split: str) -> Location:
     text = os.fspath(data)
     if is_stream(text):
         raise UsageError(f"{text.split()[0]}...: shards written by a command can only be streamed, which fixres eval, "
-                         "sweep, train and finetune do; the other commands read photos by position: copy the shards "
+                         "sweep, train, finetune, adapt and stats do; fix reads photos by position: copy the shards "
                          "to a disk")
     if is_hf(text):
         return _hf_split(text, split)

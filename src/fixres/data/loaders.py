@@ -163,16 +163,22 @@ class IndexSampler(Sampler[int]):
         return len(self.indices)
 
 
-def make_loader(dataset: Dataset, *, batch_size: int, sampler: Sampler | None = None, shuffle: bool = False,
+def as_batched(batch: Batch) -> Batch:
+    """The collation of a dataset that yields whole batches: none."""
+    return batch
+
+
+def make_loader(dataset: Dataset, *, batch_size: int | None, sampler: Sampler | None = None, shuffle: bool = False,
                 workers: int | None = None, generator: torch.Generator | None = None,
                 drop_last: bool = False, pin_memory: bool = False, persistent: bool = False,
                 collate_fn: Callable[[list], Batch] = collate) -> DataLoader:
     """``persistent``: the workers live from one pass over the loader to the next (a training run's epochs), so no
-    epoch waits for them to start."""
-    if batch_size <= 0:
+    epoch waits for them to start. ``batch_size`` None: the dataset yields whole batches (``collate_fn`` unused)."""
+    if batch_size is not None and batch_size <= 0:
         raise UsageError(f"batch size must be positive, got {batch_size}")
     workers = default_workers() if workers is None else workers
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
-                      num_workers=workers, collate_fn=collate_fn, worker_init_fn=yield_to_compute,
+                      num_workers=workers, collate_fn=collate_fn if batch_size is not None else as_batched,
+                      worker_init_fn=yield_to_compute,
                       generator=generator, drop_last=drop_last,
                       pin_memory=pin_memory, persistent_workers=persistent and workers > 0)

@@ -242,18 +242,30 @@ def shard_failure(shard: str, exc: BaseException) -> str:
 
 class StreamedShards(IterableDataset):
     """The samples of ``stream``'s shards that this rank and loader worker read, each as ``load_item`` gives it,
-    each shard followed by its ``ShardEnd``."""
+    each shard followed by its ``ShardEnd``; ``keep(index)`` False: the photo is read past, not decoded.
+
+    ``batch_size``: whole batches instead (``stream_collate``'s), none spanning two shards, each shard's last one
+    carrying its ``ShardEnd``: the same batches whatever the loader workers (load it with ``batch_size=None``)."""
 
     def __init__(self, stream: ShardStream, transform: Callable, *, rank: int, world_size: int,
-                 reduced_decode: bool = True) -> None:
+                 reduced_decode: bool = True, keep: Callable[[int], bool] | None = None,
+                 batch_size: int | None = None) -> None:
         self.stream, self.transform, self.reduced_decode = stream, transform, reduced_decode
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.keep, self.batch_size = rank, world_size, keep, batch_size
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for s in shards_for(len(self.stream.shards), self.rank, self.world_size, worker, workers):
-            yield from self._shard(s)
+            yield from (self._shard(s) if self.batch_size is None else self._batches(s))
+
+    def _batches(self, s: int):
+        items: list = []
+        for item in self._shard(s):
+            items.append(item)
+            if isinstance(item, ShardEnd) or len(items) == self.batch_size:
+                yield stream_collate(items)
+                items = []
 
     def _shard(self, s: int):
         shard = self.stream.shards[s]
@@ -266,6 +278,8 @@ class StreamedShards(IterableDataset):
                     continue
                 i = s * SHARD_STRIDE + len(entries)
                 entries.append((photo.key, photo.label))
+                if self.keep is not None and not self.keep(i):
+                    continue
                 yield load_item(photo.data, photo.ref, photo.label, i, self.transform,
                                 reduced_decode=self.reduced_decode)
         except SHARD_READ_ERRORS as exc:

@@ -11,6 +11,10 @@ Whether a fix brings the pooled activations at the test size S back toward those
 was trained on (at T, figure 4) is measured by ``ks_distance``: the two-sample Kolmogorov-Smirnov
 distance, the largest gap between the two empirical CDFs (0: the same distribution, 1: disjoint).
 
+The photos are indexed (a folder, shards, a dataset) or streamed shards (``stats --stream``, and ``adapt --stream``
+through ``forward_views``), read once front to back: every shard read whole, ``max_images`` then evenly spread in
+the order read, batches never spanning two shards (so the same whatever the loader workers).
+
 A model that pools LayerNorm'd tokens (ViT, ConvNeXt, ...) has pooled features of both signs, not
 ReLU outputs: the CDF then starts below 0 and ``frac_negative`` says how many are negative.
 """
@@ -27,6 +31,15 @@ from torch import nn
 from fixres.config import DEFAULT_CDF_POINTS, DEFAULT_STATS_BATCH_SIZE, DataConfig, validate_size
 from fixres.data.folders import FolderIndex
 from fixres.data.loaders import ImageDataset, default_workers, make_loader
+from fixres.data.shards import say_left_out
+from fixres.data.streams import (
+    SHARD_READ_ERRORS,
+    SHARD_STRIDE,
+    ShardStream,
+    StreamedShards,
+    StreamOrder,
+    count_photos,
+)
 from fixres.data.transforms import MultiView, build_transform
 from fixres.errors import UsageError
 from fixres.method.evaluate import modules_at_sizes
@@ -60,16 +73,63 @@ def spread_rows(n: int, max_images: int | None) -> list[int]:
     return [int(i) for i in np.linspace(0, n - 1, max_images).round().astype(int)]
 
 
+class _Spread:
+    """Whether a streamed photo (its index: shard number x ``SHARD_STRIDE`` + place in the shard) is one of the
+    ``rows`` of the photos in the order read (``offsets``: the photos before each shard)."""
+
+    def __init__(self, offsets: list[int], rows: list[int]) -> None:
+        self.offsets, self.rows = offsets, set(rows)
+
+    def __call__(self, index: int) -> bool:
+        return self.offsets[index // SHARD_STRIDE] + index % SHARD_STRIDE in self.rows
+
+
+def _streamed(stream: ShardStream, views, *, batch_size: int, workers: int, max_images: int | None, progress: bool):
+    """(loader over ``stream``'s shards read once, each photo through ``views``; the photos it reads or None;
+    a check to call after the pass: every shard read whole, the samples left out said). ``max_images``: the
+    evenly spread photos in the order read (shards in order), counted first (``count_photos``)."""
+    keep, total = None, None
+    if max_images is not None:
+        try:
+            counts = [count_photos(s) for s in stream.shards]
+        except SHARD_READ_ERRORS as exc:
+            raise UsageError(f"cannot count the photos of {stream.spec}: {exc}") from None
+        rows = spread_rows(sum(counts), max_images)
+        keep, total = _Spread(np.cumsum([0] + counts[:-1]).tolist(), rows), len(rows)
+    # Batches within a shard: the same batches whatever the workers (bn-recalibrate weighs every batch equally).
+    loader = make_loader(StreamedShards(stream, views, rank=0, world_size=1, keep=keep, batch_size=batch_size),
+                         batch_size=None, workers=workers)
+    ends: list = []
+
+    def reading():
+        for batch in loader:
+            ends.extend(batch.ends)
+            yield batch
+
+    def check() -> None:
+        order = StreamOrder(stream, ends)
+        order.check()
+        say_left_out(order.left, enabled=progress)
+    return reading(), total, check
+
+
 def iterate_views(samples, cfg: DataConfig, sizes: Sequence[int], *, batch_size: int, workers: int | None,
                   progress: bool = True, desc: str = "images", max_images: int | None = None
                   ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor, list]]:
-    """Batches of (views at each size with the test pre-processing, labels, skipped): one decode per image."""
-    samples = _samples(samples, max_images)
+    """Batches of (views at each size with the test pre-processing, labels, skipped): one decode per image.
+    ``samples``: indexed photos, or a ``ShardStream`` read once front to back (``max_images``: evenly spread in
+    the order read)."""
     workers = default_workers() if workers is None else workers
     views = MultiView([build_transform("test", size=s, cfg=cfg) for s in sizes])
-    ds = ImageDataset(samples, SingleThreaded(views) if workers == 0 else views)
-    loader = make_loader(ds, batch_size=batch_size, workers=workers)
-    bar = prog.bar(len(samples), desc, enabled=progress)
+    views = SingleThreaded(views) if workers == 0 else views
+    if isinstance(samples, ShardStream):
+        loader, total, check = _streamed(samples, views, batch_size=batch_size, workers=workers,
+                                         max_images=max_images, progress=progress)
+    else:
+        samples = _samples(samples, max_images)
+        loader, total, check = make_loader(ImageDataset(samples, views), batch_size=batch_size,
+                                           workers=workers), len(samples), None
+    bar = prog.bar(total, desc, enabled=progress)
     try:
         for batch in loader:
             bar.update(len(batch) + len(batch.skipped))
@@ -80,6 +140,8 @@ def iterate_views(samples, cfg: DataConfig, sizes: Sequence[int], *, batch_size:
             yield inputs, batch.labels, batch.skipped
     finally:
         bar.close()
+    if check is not None:
+        check()
 
 
 def forward_views(model: nn.Module, samples, cfg: DataConfig, sizes: Sequence[int], *, env: DistEnv,
