@@ -262,18 +262,19 @@ def fill_cache(model, suffix, samples, transform, *, batch_size, workers, device
     n = len(samples)
     batches = [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
     return record_cut(model, suffix, image_loader(samples, transform, batches, workers), n, device=device,
-                      precision=precision, budget_bytes=budget_bytes, folder=folder, progress=progress, desc=desc)
+                      precision=precision, budget_bytes=budget_bytes, folder=folder, progress=progress, desc=desc,
+                      shown=n)
 
 
 def record_cut(model, suffix, batches, n: int, *, device, precision, budget_bytes, folder, progress, desc,
-               rows: Callable | None = None) -> tuple[PrefixCache | None, list[dict]]:
+               shown: int | None, rows: Callable | None = None) -> tuple[PrefixCache | None, list[dict]]:
     """(a cache of ``n`` rows holding the activations entering the cut of each photo of the loader's ``batches``,
     the photos skipped); ``rows(batch)``: the rows its photos go to (default: their indices). None without a
-    readable photo."""
+    readable photo. ``shown``: the photos the progress bar counts to (None: not known)."""
     cache = None
     prefix_model = None
     skipped: list[dict] = []
-    bar = prog.bar(n, desc, enabled=progress)
+    bar = prog.bar(shown, desc, enabled=progress)
     try:
         with torch.no_grad():
             for batch in batches:

@@ -134,7 +134,8 @@ class _StreamedFill:
                              batch_size=batch_size, workers=workers, collate_fn=stream_collate)
         cache, skipped = record_cut(model, suffix, place.reading(loader), self.n, device=device,
                                     precision=precision, budget_bytes=budget_bytes, folder=folder,
-                                    progress=progress, desc=desc, rows=place)
+                                    progress=progress, desc=desc, rows=place,
+                                    shown=self.n if env.world_size == 1 else None)
         order = StreamOrder(stream, [e for ends in all_gather_objects(place.ends, env) for e in ends])
         order.check()
         if stream.count is not None and order.total != stream.count:
