@@ -22,6 +22,7 @@ from helpers.layouts import BROKEN, CLASSES, add_members, spread_checkpoint, wri
 from fixres.data.folders import scan_folder
 from fixres.data.layouts import resolve_split
 from fixres.data.shards import expand_braces, index_shards, resolve_shards
+from fixres.errors import UsageError
 
 TIMEOUT_S = 180
 
@@ -159,6 +160,20 @@ def test_class_names_in_cls_map_onto_the_training_classes(tmp_path, layouts):
     splits = index_train_val(tmp_path, warn=False)
     assert splits.train.classes == CLASSES and not splits.one_folder
     assert [y for _, y in splits.val.samples] == [y for _, y in val.samples]
+
+
+def test_class_numbers_keep_the_models_numbering_when_a_split_lacks_the_last_classes(tmp_path, layouts):
+    from fixres.method.inputs import index_train_val
+    train = [s for s in scan_folder(Path(layouts["folder"]) / "train").samples if s[1] < 2]  # no class 2
+    val = scan_folder(Path(layouts["folder"]) / "val").samples
+    write_shards(tmp_path, "train", train)
+    write_shards(tmp_path, "val", val)
+    splits = index_train_val(tmp_path, num_classes=4, warn=False)  # a model with 4 outputs
+    assert splits.train.classes == ["0", "1", "2", "3"] == splits.val.classes
+    assert [y for _, y in splits.val.samples] == [y for _, y in val]  # class 2 is the model's class 2
+    with pytest.raises(UsageError, match="class 2 is outside the 2 classes of the class numbers"):
+        index_train_val(tmp_path, num_classes=2, warn=False)
+    assert index_shards(resolve_shards(tmp_path, "val"), warn=False).classes == ["0", "1", "2"]  # no model: as seen
 
 
 def test_a_sample_without_its_class_is_left_out_and_named(tmp_path, capsys):

@@ -2,7 +2,8 @@
 the class names in index order and each sample's class index.
 
 Numbers are class indices, named by the class map when one is given, else by the names that come with them (a
-``ClassLabel`` column's), else by their numbers. Names follow the folder layout's rule (``folders.class_order``):
+``ClassLabel`` column's), else by their numbers, as many as the model has outputs when that is known (a split
+without the last classes keeps the model's numbering). Names follow the folder layout's rule (``folders.class_order``):
 the class map's order, ImageNet's for wnids, else sorted.
 """
 
@@ -25,8 +26,9 @@ def label_classes(values: Sequence[int | str], *, names: Sequence[str] | None = 
             classes, source = list(class_map), "class map"
         elif names:
             classes, source = list(names), "label names"
-        else:
-            classes, source = [str(k) for k in range(max(labels) + 1)], "class numbers"
+        else:  # numbers are the model's class indices: as many classes as it has outputs, when known
+            count = num_classes if num_classes is not None else max(labels) + 1
+            classes, source = [str(k) for k in range(count)], "class numbers"
         outside = [y for y in labels if not 0 <= y < len(classes)]
         if outside:
             raise UsageError(f"{where}: class {outside[0]} is outside the {len(classes)} classes of the {source}")
