@@ -86,7 +86,7 @@ def _fill_caches(t, *, budget_bytes: int) -> None:
         t.rows = fill.rows
         t.steps_per_epoch = max(all_gather_objects(math.ceil(len(t.rows) / t.local_batch), t.env))
     t.cache_info.update(used=True, cut=t.suffix.cut, bytes=t.train_cache.bytes, on_disk=t.train_cache.on_disk,
-                            shape=list(t.train_cache.shape))
+                        shape=list(t.train_cache.shape))
 
 
 def _first_shard_photos(stream: ShardStream):
@@ -97,12 +97,12 @@ def _first_shard_photos(stream: ShardStream):
 
 
 class _StreamRows:
-    """The cache rows of a streamed fill: each batch's photos take the next rows (``__call__``); ``order`` the
-    shards' records (``ShardEnd``) as read."""
+    """The cache rows of a streamed fill: each batch's photos take the next rows (``__call__``, ``at``: streamed
+    index to row); ``ends`` the shards' records (``ShardEnd``) as read."""
 
     def __init__(self, capacity: int, count_given: bool) -> None:
         self.capacity, self.count_given, self.filled = capacity, count_given, 0
-        self.at: dict[int, int] = {}  # streamed index -> row
+        self.at: dict[int, int] = {}
         self.ends: list = []
 
     def __call__(self, batch) -> torch.Tensor:
