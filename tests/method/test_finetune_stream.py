@@ -101,6 +101,16 @@ def test_a_wrong_count_is_one_line_and_the_right_one_fine_tunes_alike(shards, tm
     assert _same(given, counted)
 
 
+def test_fewer_shards_than_processes_is_one_line_before_any_reading(shards, tmp_path):
+    from dataclasses import replace
+
+    from fixres.runtime.dist import DistEnv
+    one = replace(shards["train"], shards=shards["train"].shards[:1])
+    with pytest.raises(UsageError, match="1 shard\\(s\\) for 2 processes"):
+        _tune(one, None, tmp_path / "o", env=DistEnv(rank=0, world_size=2), evaluate_before=False,
+              evaluate_after=False)
+
+
 def test_cli_fine_tunes_a_pipe_validated_on_streamed_val(capsys, tmp_path, shards):
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.safetensors")
     out = tmp_path / "run"

@@ -241,6 +241,9 @@ def _setup(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, par
            precision: Precision, out_dir: Path, workers: int, progress: bool, epoch_eval: bool,
            stop_after_batches: int | None, settings: dict) -> _Tune:
     streamed = isinstance(train_samples, ShardStream)
+    if streamed and len(train_samples.shards) < env.world_size:
+        raise UsageError(f"{train_samples.spec}: {len(train_samples.shards)} shard(s) for {env.world_size} processes; "
+                         "streamed fine-tuning reads whole shards, at least one per process")
     n_total = count_stream(train_samples, env) if streamed else len(train_samples)
     if not n_total:
         raise UsageError("no training images to fine-tune on")
