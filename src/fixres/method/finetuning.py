@@ -244,7 +244,7 @@ def _setup(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, par
     if streamed and len(train_samples.shards) < env.world_size:
         raise UsageError(f"{train_samples.spec}: {len(train_samples.shards)} shard(s) for {env.world_size} processes; "
                          "streamed fine-tuning reads whole shards, at least one per process")
-    n_total = count_stream(train_samples, env) if streamed else len(train_samples)
+    n_total = count_stream(train_samples, env, progress=progress) if streamed else len(train_samples)
     if not n_total:
         raise UsageError("no training images to fine-tune on")
     # Under torchrun each rank owns a fixed shard of the training images (so it caches only those) and

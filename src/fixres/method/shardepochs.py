@@ -35,6 +35,7 @@ from fixres.data.streams import SHARD_READ_ERRORS, ShardStream, count_photos, la
 from fixres.errors import UsageError
 from fixres.method.sampler import RepeatedAugSampler, SeededSamples, epoch_seed
 from fixres.runtime import dist
+from fixres.runtime.progress import bar
 
 #: Photos held in a rank's shuffle buffer (their encoded bytes: about 110 kB each for ImageNet's JPEGs).
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -44,15 +45,24 @@ READ_AHEAD = 256
 _POLL_S = 0.1
 
 
-def count_stream(stream: ShardStream, env: dist.DistEnv) -> int:
-    """The photos of ``stream``'s shards (its ``count`` when given), each rank counting every W-th shard."""
+def count_stream(stream: ShardStream, env: dist.DistEnv, *, progress: bool = False) -> int:
+    """The photos of ``stream``'s shards (its ``count`` when given), each rank counting every W-th shard (a bar of
+    the shards counted with ``progress``: for a ``pipe:`` value, a whole read)."""
     if stream.count is not None:
         return stream.count
+    mine = stream.shards[env.rank::env.world_size]
+    counted = bar(len(mine), "counting the photos (--train-count N spares it)", enabled=progress and env.is_main,
+                  unit="shard")
     try:
-        mine = sum(count_photos(s) for s in stream.shards[env.rank::env.world_size])
+        total = 0
+        for shard in mine:
+            total += count_photos(shard)
+            counted.update()
     except SHARD_READ_ERRORS as exc:
         raise UsageError(f"cannot count the photos of {stream.spec}: {exc}") from None
-    return dist.all_reduce_sum_int(mine, env)
+    finally:
+        counted.close()
+    return dist.all_reduce_sum_int(total, env)
 
 
 class ShardEpochs(Sampler):

@@ -174,7 +174,7 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
     check_arguments(augment=augment, schedule=schedule, epochs=epochs, batch_size=batch_size,
                     world_size=env.world_size, label_smoothing=label_smoothing,
                     epoch_length_factor=epoch_length_factor, state_path=out_dir / STATE_NAME, resume=resume)
-    train_samples, val_samples, photos = _photos(train_samples, val_samples, env, shuffle_buffer)
+    train_samples, val_samples, photos = _photos(train_samples, val_samples, env, shuffle_buffer, progress=progress)
     test_size = analysis.recommend_test_size(train_size=train_size, crop_ratio=cfg.crop_ratio,
                                              stride=cfg.stride)["test_size"]
     if workers is None:  # in-process loading under a CPU torchrun: the ranks already use the cores
@@ -207,13 +207,14 @@ def train(model: nn.Module, train_samples, val_samples, cfg: DataConfig, *, trai
     return _finish(run, resumed_from=resumed_from, wall_s=time.perf_counter() - wall0, model_name=model_name)
 
 
-def _photos(train_samples, val_samples, env: dist.DistEnv, shuffle_buffer: int) -> tuple[object, object, dict]:
+def _photos(train_samples, val_samples, env: dist.DistEnv, shuffle_buffer: int, *,
+            progress: bool) -> tuple[object, object, dict]:
     """(training photos, validation photos, their settings): ``ShardStream``s kept as they are (the training one
     counted), anything else as a list."""
     streamed = isinstance(train_samples, ShardStream)
     train_samples = train_samples if streamed else list(train_samples)
     val_samples = val_samples if isinstance(val_samples, ShardStream) else list(val_samples or [])
-    settings = {"n_train": count_stream(train_samples, env) if streamed else len(train_samples),
+    settings = {"n_train": count_stream(train_samples, env, progress=progress) if streamed else len(train_samples),
                 "n_val": None if isinstance(val_samples, ShardStream) else len(val_samples),
                 "stream": streamed}  # streamed shards are read in another order than the same photos indexed
     if streamed:
