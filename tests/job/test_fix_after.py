@@ -203,3 +203,25 @@ def test_plan_total_is_within_1_5x_of_a_measured_run():
     for step, seconds in m["seconds"].items():  # and no step of real work is off by more than 2x
         assert seconds < SHORT_STEP_S or seconds / 2 <= est[step] <= seconds * 2, (step, est[step], seconds)
         assert est[step] <= max(seconds, SHORT_STEP_S) * 2, (step, est[step], seconds)
+
+
+def test_the_plans_reading_probe_keeps_each_photos_fastest_read(tmp_path, monkeypatch):
+    """One read the machine delays (here a photo's first read, 0.2 s longer) does not move the reading estimate:
+    each photo's fastest read is kept; an unreadable photo is timed but not kept."""
+    import time as clock
+
+    from fixres.data.folders import scan_folder
+    from fixres.data.images import load_rgb
+    write_image_folder(tmp_path / "photos", per_class=2, seed=0)
+    samples = scan_folder(tmp_path / "photos").samples[:4] + [(str(tmp_path / "missing.jpg"), 0)]
+    delayed, delay_s = {samples[1][0]}, 0.2
+
+    def slow_once(path, **kw):
+        if path in delayed:
+            delayed.discard(path)
+            clock.sleep(delay_s)
+        return load_rgb(path, **kw)
+    monkeypatch.setattr(plan, "load_rgb", slow_once)
+    seconds, photos, inputs = plan.read_seconds(samples, lambda photo: photo.size)
+    assert len(photos) == len(inputs) == 4 and not delayed  # the delayed read happened
+    assert seconds < delay_s / len(samples) / 2

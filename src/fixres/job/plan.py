@@ -7,6 +7,8 @@ step's cost is then estimated from the images it reads and the sizes it runs at.
 from __future__ import annotations
 
 import contextlib
+import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -26,6 +28,8 @@ from fixres.runtime.progress import format_duration
 #: Training images read to estimate the time per image before the run starts (few: on a CPU a large model's
 #: probe must not cost minutes).
 PLAN_PROBE_IMAGES = 8
+#: Reads of each probe photo, the fastest kept.
+PROBE_READS = 2
 #: The batch the forward is timed on: a few images' per-image time stands for the run's loops better than a large
 #: batch alone, as those loops share the cores with the loader workers decoding (docs/results.md, the plan).
 PLAN_PROBE_BATCH = 4
@@ -76,18 +80,10 @@ def probe_speed(x: FixContext) -> Probe:
         model.train(was)
     transform = build_transform("test", size=x.data_config.train_size, cfg=x.data_config)
     probe = x.train_index.samples[:PLAN_PROBE_IMAGES]
-    photos, inputs = [], []
     for path, _ in probe[:1]:  # the first decode of a run pays one-off start-up (codecs, file cache): untimed
         with contextlib.suppress(Exception):
             transform(load_rgb(path))
-    t0 = time.perf_counter()
-    for path, _ in probe:
-        try:
-            photos.append(load_rgb(path))
-            inputs.append(transform(photos[-1]))
-        except Exception:  # noqa: BLE001 - an unreadable probe image only makes the estimate rougher
-            pass
-    load = (time.perf_counter() - t0) / max(1, len(probe))
+    load, photos, inputs = read_seconds(probe, transform)
     share = None
     if photos and x.config.augment == "test":
         chain, first = adapted_cut(model, x.config.parts)
@@ -104,6 +100,28 @@ def probe_speed(x: FixContext) -> Probe:
         step = train_step_seconds(model, torch.stack(repeated), device=x.env.device, precision=x.precision)
         train = step / len(repeated) / fwd if fwd > 0 else None
     return Probe(fwd, load, _corrupt_seconds(photos) if x.config.robustness else 0.0, share, train)
+
+
+def read_seconds(samples, transform) -> tuple[float, list, list]:
+    """(seconds to read and pre-process a photo, averaged over ``samples``; the photos read; their inputs). Each
+    photo is read ``PROBE_READS`` times and its fastest read kept: a read that the machine delays (another process)
+    would otherwise move the mean of a few photos by as much as the rest together."""
+    reads, photos, inputs = [], [], []
+    for path, _ in samples:
+        best = math.inf
+        for _ in range(PROBE_READS):
+            t0 = time.perf_counter()
+            try:
+                photo = load_rgb(path)
+                tensor = transform(photo)
+            except Exception:  # noqa: BLE001 - an unreadable probe image only makes the estimate rougher
+                photo = None
+            best = min(best, time.perf_counter() - t0)
+        reads.append(best)
+        if photo is not None:
+            photos.append(photo)
+            inputs.append(tensor)
+    return (statistics.fmean(reads) if reads else 0.0), photos, inputs
 
 
 def _corrupt_seconds(photos) -> float:
