@@ -90,10 +90,16 @@ def _streamed(stream: ShardStream, views, *, batch_size: int, workers: int, max_
     evenly spread photos in the order read (shards in order), counted first (``count_photos``)."""
     keep, total = None, None
     if max_images is not None:
+        counting = prog.bar(len(stream.shards), "counting the photos", enabled=progress, unit="shard")
         try:
-            counts = [count_photos(s) for s in stream.shards]
+            counts = []
+            for shard in stream.shards:
+                counts.append(count_photos(shard))
+                counting.update()
         except SHARD_READ_ERRORS as exc:
             raise UsageError(f"cannot count the photos of {stream.spec}: {exc}") from None
+        finally:
+            counting.close()
         rows = spread_rows(sum(counts), max_images)
         keep, total = _Spread(np.cumsum([0] + counts[:-1]).tolist(), rows), len(rows)
     # Batches within a shard: the same batches whatever the workers (bn-recalibrate weighs every batch equally).
