@@ -273,7 +273,7 @@ def add_runtime_args(p: argparse.ArgumentParser, *, batch_default: int, batch_no
 
 def add_stream_args(p: argparse.ArgumentParser, *, stream_help: str, epochs: bool = True) -> None:
     """--stream and the flags only streamed shards take (--val-data; for a command with epochs, --train-count and
-    --shuffle-buffer); ``streamed_only`` refuses them without --stream."""
+    --shuffle-buffer); ``stream_wanted`` refuses them without --stream."""
     p.add_argument("--stream", action="store_true", help=stream_help)
     p.add_argument("--val-data", default=None, metavar="SHARDS",
                    help="with --stream: the validation shards (a 'pipe:' value, or local shards; default: the "
@@ -290,13 +290,17 @@ def add_stream_args(p: argparse.ArgumentParser, *, stream_help: str, epochs: boo
                         "in class order better)")
 
 
-def streamed_only(args: argparse.Namespace, stream: bool) -> None:
-    """One line when a flag only streamed shards take is given without ``stream``."""
+def stream_wanted(args: argparse.Namespace) -> bool:
+    """Whether the shards are streamed: --stream, or a ``pipe:`` value in --data or --val-data (it can only be
+    streamed). One line when a flag only streamed shards take is given otherwise."""
+    from fixres.data.streams import is_stream
+    stream = getattr(args, "stream", False) or is_stream(args.data) or is_stream(getattr(args, "val_data", None) or "")
     given = [flag for flag, name in (("--val-data", "val_data"), ("--train-count", "train_count"),
                                      ("--shuffle-buffer", "shuffle_buffer")) if getattr(args, name, None)]
     if given and not stream:
         raise UsageError(f"{given[0]} is for streamed shards: add --stream (indexed data finds its val "
                          "split in --data, counts its photos and shuffles them whole)")
+    return stream
 
 
 def warn_stride(size: int, stride: int, flag: str = "size", *, quiet: bool = False) -> bool:

@@ -15,7 +15,7 @@ from fixres.cli.args import (
     image_size,
     positive_float,
     positive_int,
-    streamed_only,
+    stream_wanted,
 )
 from fixres.config import DEFAULT_PARTS, FINETUNE_AUGMENTATIONS, default_out
 
@@ -130,19 +130,17 @@ def adaptation_from_args(args, *, need_train: bool = True):
 
 def _stream_request(args):
     """The ``StreamRequest`` of a command taking --stream (implied by a ``pipe:`` value), else None."""
-    from fixres.data.streams import is_stream
     from fixres.method.inputs import StreamRequest
-    if not hasattr(args, "stream"):
+    if not stream_wanted(args):
         return None
-    stream = args.stream or is_stream(args.data) or is_stream(args.val_data or "")
-    streamed_only(args, stream)
-    return StreamRequest(val_data=args.val_data, train_count=getattr(args, "train_count", None)) if stream else None
+    return StreamRequest(val_data=args.val_data, train_count=getattr(args, "train_count", None))
 
 
 def run(args):
     from pathlib import Path
 
     from fixres.config import DEFAULT_BATCH_SIZE
+    from fixres.data.streams import ShardStream
     from fixres.method.finetuning import finetune
     from fixres.models.card import CardFacts
     from fixres.models.export import export_model
@@ -157,7 +155,7 @@ def run(args):
                         export=not args.no_export, onnx=args.onnx, out=args.out or default_out("finetune"),
                         device=args.device,
                         workers=args.workers, amp=not args.no_amp, seed=args.seed, quiet=args.quiet,
-                        stream=_stream_request(args) is not None, shuffle_buffer=args.shuffle_buffer)
+                        stream=isinstance(train, ShardStream), shuffle_buffer=args.shuffle_buffer)
     show = not fc.quiet and env.is_main
     status(f"fixres finetune: {bundle.name} from {cfg.train_size}px to {test_size}px, parts {fc.parts}, "
            f"{fc.augment} DA, {fc.epochs} epochs, "

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from fixres.cli.args import add_model_args, add_runtime_args, image_size, int_list, model_spec, positive_int
+from fixres.cli.args import (
+    add_model_args,
+    add_runtime_args,
+    image_size,
+    int_list,
+    model_spec,
+    positive_int,
+    stream_wanted,
+)
 from fixres.config import default_out
 
 
@@ -34,7 +42,7 @@ def run(args):
     from pathlib import Path
 
     from fixres.data.folders import read_class_map
-    from fixres.data.streams import is_stream, open_stream
+    from fixres.data.streams import open_stream
     from fixres.io.atomic import write_json
     from fixres.method.inputs import index_split
     from fixres.method.stats import activation_stats
@@ -49,7 +57,7 @@ def run(args):
     cfg = bundle.data_config.with_overrides(interpolation=args.interpolation, mean=args.mean, std=args.std,
                                             crop_ratio=args.crop_ratio)
     class_map = read_class_map(args.class_map) if args.class_map else None  # labels are not used: only validated
-    if args.stream or is_stream(args.data):
+    if stream_wanted(args):
         index = open_stream(args.data, classes=class_map, num_classes=num_outputs(bundle.model))
     else:
         index = index_split(args.data, "val", class_map=class_map)

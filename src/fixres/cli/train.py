@@ -18,7 +18,7 @@ from fixres.cli.args import (
     nonneg_int,
     positive_float,
     positive_int,
-    streamed_only,
+    stream_wanted,
 )
 from fixres.config import DEFAULT_TRAIN_BATCH_SIZE, DEFAULT_TRAIN_EPOCHS, default_out
 
@@ -134,7 +134,6 @@ class TrainRunConfig:
 
     @classmethod
     def from_args(cls, args) -> "TrainRunConfig":
-        from fixres.data.streams import is_stream
         return cls(model=args.model, checkpoint=args.checkpoint, weights=args.weights, num_classes=args.num_classes,
                    class_map=args.class_map, data=args.data, out=args.out or default_out("train"),
                    train_size=args.train_size, epochs=args.epochs,
@@ -149,14 +148,13 @@ class TrainRunConfig:
                    overrides={"crop_ratio": args.crop_ratio, "interpolation": args.interpolation,
                               "mean": args.mean, "std": args.std},
                    spec=model_spec(args), optimizer=args.optimizer, command=getattr(args, "_invocation", None),
-                   stream=args.stream or is_stream(args.data) or is_stream(args.val_data or ""),
+                   stream=stream_wanted(args),
                    val_data=args.val_data, train_count=args.train_count, shuffle_buffer=args.shuffle_buffer)
 
 
 def run(args):
     from fixres.runtime import dist
     cfg = TrainRunConfig.from_args(args)
-    streamed_only(args, cfg.stream)
     env = dist.init(cfg.device)
     try:
         result = run_training(cfg, env)
@@ -239,17 +237,13 @@ def _splits(rc: TrainRunConfig, show: bool):
 def _streams(rc: TrainRunConfig, class_map):
     """(training shards, validation shards or None) to stream, their classes from the class map or
     ``--num-classes``."""
-    from dataclasses import replace
-
-    from fixres.data.streams import is_stream, open_stream
     from fixres.errors import UsageError
+    from fixres.method.inputs import StreamRequest
     if class_map is None and rc.num_classes is None:
         raise UsageError("streamed training reads no class list: give --num-classes N (.cls holding numbers) or "
                          "--class-map FILE")
-    def opened(data: str, split: str):
-        return open_stream(data, classes=class_map, num_classes=rc.num_classes or 0, split=split)
-    val = rc.val_data or (None if is_stream(rc.data) else rc.data)
-    return replace(opened(rc.data, "train"), count=rc.train_count), opened(val, "val") if val else None
+    return StreamRequest(val_data=rc.val_data, train_count=rc.train_count).open(
+        rc.data, classes=class_map, num_classes=rc.num_classes or 0)
 
 
 def _load(rc: TrainRunConfig, num_classes: int):

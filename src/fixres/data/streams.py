@@ -39,6 +39,7 @@ from fixres.data.shards import (
 )
 from fixres.data.sources import PhotoUnreadable, member_ref, scan_members
 from fixres.errors import UsageError
+from fixres.runtime.progress import bar
 
 #: A shard named by the command that writes it to standard output (webdataset's convention).
 PIPE_PREFIX = "pipe:"
@@ -232,6 +233,23 @@ def count_photos(shard: str) -> int:
     return sum(1 for parts in members_by_key(names).values() if left_out_reason(parts) is None)
 
 
+def shard_counts(stream: ShardStream, shards: Sequence[str], *, progress: bool,
+                 desc: str = "counting the photos") -> list[int]:
+    """``count_photos`` of each of ``shards`` (of ``stream``), a bar of the shards counted with ``progress`` (for a
+    ``pipe:`` value, a whole read); one line when one cannot be counted."""
+    counting = bar(len(shards), desc, enabled=progress, unit="shard")
+    counts: list[int] = []
+    try:
+        for shard in shards:
+            counts.append(count_photos(shard))
+            counting.update()
+    except SHARD_READ_ERRORS as exc:
+        raise UsageError(f"cannot count the photos of {stream.spec}: {exc}") from None
+    finally:
+        counting.close()
+    return counts
+
+
 def shard_failure(shard: str, exc: BaseException) -> str:
     """The one line saying why ``shard`` could not be read to its end (``exc``: a ``ShardError`` or a read error)."""
     said = str(exc)
@@ -292,6 +310,18 @@ def stream_collate(items: list):
     """``loaders.collate`` of the photos, each finished shard's ``ShardEnd`` kept beside them (``Batch.ends``)."""
     ends = [it for it in items if isinstance(it, ShardEnd)]
     return replace(collate([it for it in items if not isinstance(it, ShardEnd)]), ends=ends)
+
+
+class ShardReading:
+    """A loader's batches of ``StreamedShards``, as they come, each finished shard's record set aside (``ends``)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.ends = loader, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.ends.extend(batch.ends)
+            yield batch
 
 
 @dataclass

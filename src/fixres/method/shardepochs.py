@@ -31,11 +31,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from fixres.data.loaders import ImageDataset, load_item
-from fixres.data.streams import SHARD_READ_ERRORS, ShardStream, count_photos, labelled_photos, shard_failure
+from fixres.data.streams import SHARD_READ_ERRORS, ShardStream, labelled_photos, shard_counts, shard_failure
 from fixres.errors import UsageError
 from fixres.method.sampler import RepeatedAugSampler, SeededSamples, epoch_seed
 from fixres.runtime import dist
-from fixres.runtime.progress import bar
 
 #: Photos held in a rank's shuffle buffer (their encoded bytes: about 110 kB each for ImageNet's JPEGs).
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -50,19 +49,9 @@ def count_stream(stream: ShardStream, env: dist.DistEnv, *, progress: bool = Fal
     the shards counted with ``progress``: for a ``pipe:`` value, a whole read)."""
     if stream.count is not None:
         return stream.count
-    mine = stream.shards[env.rank::env.world_size]
-    counted = bar(len(mine), "counting the photos (--train-count N spares it)", enabled=progress and env.is_main,
-                  unit="shard")
-    try:
-        total = 0
-        for shard in mine:
-            total += count_photos(shard)
-            counted.update()
-    except SHARD_READ_ERRORS as exc:
-        raise UsageError(f"cannot count the photos of {stream.spec}: {exc}") from None
-    finally:
-        counted.close()
-    return dist.all_reduce_sum_int(total, env)
+    mine = shard_counts(stream, stream.shards[env.rank::env.world_size], progress=progress and env.is_main,
+                        desc="counting the photos (--train-count N spares it)")
+    return dist.all_reduce_sum_int(sum(mine), env)
 
 
 class ShardEpochs(Sampler):

@@ -32,14 +32,7 @@ from fixres.config import DEFAULT_CDF_POINTS, DEFAULT_STATS_BATCH_SIZE, DataConf
 from fixres.data.folders import FolderIndex
 from fixres.data.loaders import ImageDataset, default_workers, make_loader
 from fixres.data.shards import say_left_out
-from fixres.data.streams import (
-    SHARD_READ_ERRORS,
-    SHARD_STRIDE,
-    ShardStream,
-    StreamedShards,
-    StreamOrder,
-    count_photos,
-)
+from fixres.data.streams import SHARD_STRIDE, ShardReading, ShardStream, StreamedShards, StreamOrder, shard_counts
 from fixres.data.transforms import MultiView, build_transform
 from fixres.errors import UsageError
 from fixres.method.evaluate import modules_at_sizes
@@ -87,36 +80,21 @@ class _Spread:
 def _streamed(stream: ShardStream, views, *, batch_size: int, workers: int, max_images: int | None, progress: bool):
     """(loader over ``stream``'s shards read once, each photo through ``views``; the photos it reads or None;
     a check to call after the pass: every shard read whole, the samples left out said). ``max_images``: the
-    evenly spread photos in the order read (shards in order), counted first (``count_photos``)."""
+    evenly spread photos in the order read (shards in order), counted first (``shard_counts``)."""
     keep, total = None, None
     if max_images is not None:
-        counting = prog.bar(len(stream.shards), "counting the photos", enabled=progress, unit="shard")
-        try:
-            counts = []
-            for shard in stream.shards:
-                counts.append(count_photos(shard))
-                counting.update()
-        except SHARD_READ_ERRORS as exc:
-            raise UsageError(f"cannot count the photos of {stream.spec}: {exc}") from None
-        finally:
-            counting.close()
+        counts = shard_counts(stream, stream.shards, progress=progress)
         rows = spread_rows(sum(counts), max_images)
         keep, total = _Spread(np.cumsum([0] + counts[:-1]).tolist(), rows), len(rows)
     # Batches within a shard: the same batches whatever the workers (bn-recalibrate weighs every batch equally).
-    loader = make_loader(StreamedShards(stream, views, rank=0, world_size=1, keep=keep, batch_size=batch_size),
-                         batch_size=None, workers=workers)
-    ends: list = []
-
-    def reading():
-        for batch in loader:
-            ends.extend(batch.ends)
-            yield batch
+    reading = ShardReading(make_loader(StreamedShards(stream, views, rank=0, world_size=1, keep=keep,
+                                                      batch_size=batch_size), batch_size=None, workers=workers))
 
     def check() -> None:
-        order = StreamOrder(stream, ends)
+        order = StreamOrder(stream, reading.ends)
         order.check()
         say_left_out(order.left, enabled=progress)
-    return reading(), total, check
+    return reading, total, check
 
 
 def iterate_views(samples, cfg: DataConfig, sizes: Sequence[int], *, batch_size: int, workers: int | None,

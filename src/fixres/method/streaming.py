@@ -20,24 +20,12 @@ from torch import nn
 from fixres.config import DEFAULT_BATCH_SIZE, DEFAULT_FOLDS, DataConfig
 from fixres.data.loaders import default_workers, make_loader, pin_memory_for
 from fixres.data.shards import say_left_out
-from fixres.data.streams import ShardStream, StreamedShards, StreamOrder, stream_collate
+from fixres.data.streams import ShardReading, ShardStream, StreamedShards, StreamOrder, stream_collate
 from fixres.io.evaluation import EvalResult
 from fixres.method.evaluate import _check_coverage, _one_pass, assemble, evaluate, views_transform
 from fixres.method.views import _check_classes, _model_outputs, _Plan, _request
 from fixres.runtime import dist as fdist
 from fixres.runtime.engine import Precision, inference_precision
-
-
-class _Reading:
-    """The loader's batches, each finished shard's record set aside (``Batch.ends``)."""
-
-    def __init__(self, loader) -> None:
-        self.loader, self.ends = loader, []
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.ends.extend(batch.ends)
-            yield batch
 
 
 def evaluate_stream(model: nn.Module, stream: ShardStream, cfg: DataConfig, *, test_sizes: Sequence[int],
@@ -57,7 +45,7 @@ def evaluate_stream(model: nn.Module, stream: ShardStream, cfg: DataConfig, *, t
     workers = default_workers(env.world_size) if workers is None else workers
     dataset = StreamedShards(stream, views_transform(plan, cfg, ten_crop=ten_crop, workers=workers),
                              rank=env.rank, world_size=env.world_size, reduced_decode=reduced_decode)
-    reading = _Reading(make_loader(dataset, batch_size=batch_size, workers=workers,
+    reading = ShardReading(make_loader(dataset, batch_size=batch_size, workers=workers,
                                    pin_memory=pin_memory_for(env.device), collate_fn=stream_collate))
     res, counts, skipped, n_out, fallbacks, seconds = _one_pass(
         model, plan, reading, total=None, ten_crop=ten_crop, env=env, precision=precision, progress=progress,
@@ -86,9 +74,9 @@ def evaluate_at(model: nn.Module, samples, cfg: DataConfig, *, test_size: int, b
     export. Returns {test_size, top1, top1_se, top1_std, top5, loss, nll, ece, n, skipped (a count)}.
     """
     run = evaluate_stream if isinstance(samples, ShardStream) else evaluate
-    res = run(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio],
-                   batch_size=batch_size, env=env, precision=inference_precision(env.device, precision.amp),
-                   workers=workers, progress=progress, per_class=False)
+    res = run(model, samples, cfg, test_sizes=[test_size], crop_ratios=[cfg.crop_ratio], batch_size=batch_size,
+              env=env, precision=inference_precision(env.device, precision.amp), workers=workers, progress=progress,
+              per_class=False)
     row = res.rows[0]
     return {"test_size": test_size, "top1": row.top1, "top1_se": row.top1_se, "top1_std": row.top1_std,
             "top5": row.top5, "loss": row.loss, "nll": row.nll, "ece": row.ece, "n": row.n,

@@ -23,7 +23,15 @@ import torch
 
 from fixres.data.loaders import make_loader
 from fixres.data.shards import say_left_out
-from fixres.data.streams import SHARD_STRIDE, ShardStream, StreamedShards, StreamOrder, labelled_photos, stream_collate
+from fixres.data.streams import (
+    SHARD_STRIDE,
+    ShardReading,
+    ShardStream,
+    StreamedShards,
+    StreamOrder,
+    labelled_photos,
+    stream_collate,
+)
 from fixres.data.transforms import build_transform
 from fixres.errors import UsageError
 from fixres.method.prefix import _cache_folder, build_suffix, fill_cache, first_inputs, record_cut
@@ -98,12 +106,11 @@ def _first_shard_photos(stream: ShardStream):
 
 class _StreamRows:
     """The cache rows of a streamed fill: each batch's photos take the next rows (``__call__``, ``at``: streamed
-    index to row); ``ends`` the shards' records (``ShardEnd``) as read."""
+    index to row)."""
 
     def __init__(self, capacity: int, count_given: bool) -> None:
         self.capacity, self.count_given, self.filled = capacity, count_given, 0
         self.at: dict[int, int] = {}
-        self.ends: list = []
 
     def __call__(self, batch) -> torch.Tensor:
         rows = torch.arange(self.filled, self.filled + len(batch))
@@ -113,11 +120,6 @@ class _StreamRows:
         self.at.update(zip(batch.indices.tolist(), rows.tolist()))
         self.filled += len(batch)
         return rows
-
-    def reading(self, loader):
-        for batch in loader:
-            self.ends.extend(batch.ends)
-            yield batch
 
 
 class _StreamedFill:
@@ -130,13 +132,13 @@ class _StreamedFill:
                  budget_bytes, folder, progress, desc):
         env = self.env
         place = _StreamRows(self.n, stream.count is not None)
-        loader = make_loader(StreamedShards(stream, transform, rank=env.rank, world_size=env.world_size),
-                             batch_size=batch_size, workers=workers, collate_fn=stream_collate)
-        cache, skipped = record_cut(model, suffix, place.reading(loader), self.n, device=device,
+        reading = ShardReading(make_loader(StreamedShards(stream, transform, rank=env.rank, world_size=env.world_size),
+                                           batch_size=batch_size, workers=workers, collate_fn=stream_collate))
+        cache, skipped = record_cut(model, suffix, reading, self.n, device=device,
                                     precision=precision, budget_bytes=budget_bytes, folder=folder,
                                     progress=progress, desc=desc, rows=place,
                                     shown=self.n if env.world_size == 1 else None)
-        order = StreamOrder(stream, [e for ends in all_gather_objects(place.ends, env) for e in ends])
+        order = StreamOrder(stream, [e for ends in all_gather_objects(reading.ends, env) for e in ends])
         order.check()
         if stream.count is not None and order.total != stream.count:
             raise UsageError(f"--train-count {stream.count}, but the shards hold {order.total} photos with a class")
@@ -144,6 +146,6 @@ class _StreamedFill:
         skipped += [{"path": ref, "reason": why} for ref, why in order.left if env.is_main]
         at = order.positions()
         mine = sorted((at[e.shard * SHARD_STRIDE + k], e.shard * SHARD_STRIDE + k)
-                      for e in place.ends for k in range(len(e.entries)))
+                      for e in reading.ends for k in range(len(e.entries)))
         self.rows = torch.tensor([place.at.get(i, -1) for _, i in mine], dtype=torch.long)
         return cache, skipped
