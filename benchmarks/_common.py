@@ -143,3 +143,27 @@ def write_tar_shards(samples, classes: Sequence[str], folder: Path, split: str, 
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return len(cuts) - 1
+
+
+#: The three ways the stream benchmarks read the same shards: indexed, streamed, and through ``pipe:cat`` commands.
+STREAM_LAYOUTS = ("shards", "stream", "pipe")
+
+
+def stream_layouts(train, val, classes: Sequence[str], folder: Path, shares: Sequence[float], *,
+                   val_classes: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """``train`` and ``val`` (path, label; the labels index ``classes``, ``val_classes`` for val when given) written
+    as ``train-*.tar`` (of ``shares``) and ``val-*.tar`` (of the first two shares) in ``folder``; the ``--data``
+    flags that read them in each of ``STREAM_LAYOUTS``."""
+    n_train = write_tar_shards(train, classes, folder, "train", shares)
+    n_val = write_tar_shards(val, classes if val_classes is None else val_classes, folder, "val", shares[:2])
+    return {"shards": ["--data", str(folder)], "stream": ["--data", str(folder), "--stream"],
+            "pipe": ["--data", f"pipe:cat {folder}/train-{{{0:06d}..{n_train - 1:06d}}}.tar",
+                     "--val-data", f"pipe:cat {folder}/val-{{{0:06d}..{n_val - 1:06d}}}.tar"]}
+
+
+def rotated(items: Sequence, r: int) -> tuple:
+    """``items`` starting at round ``r``'s place: each item leads a round in turn (a machine that slows as it warms
+    favours none)."""
+    k = r % len(items)
+    return tuple(items[k:]) + tuple(items[:k])
+

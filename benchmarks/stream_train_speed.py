@@ -24,9 +24,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, binomial_se, split_index, spread_sample, write_json, write_tar_shards
+from _common import (
+    REPO,
+    SHARED,
+    STREAM_LAYOUTS,
+    binomial_se,
+    rotated,
+    split_index,
+    spread_sample,
+    stream_layouts,
+    write_json,
+)
 
-LAYOUTS = ("shards", "stream", "pipe")
+LAYOUTS = STREAM_LAYOUTS
 WEIGHTS = "efficientnet-lite0"
 QUICK_IMAGES = 160
 #: Shard sizes are unequal on purpose: the share of the photos each shard holds, before the last takes the rest.
@@ -68,16 +78,11 @@ def main() -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory(prefix="fixres-stream-train-") as tmp:
         scratch = Path(tmp)
-        shards = scratch / "shards"
-        n_train = write_tar_shards(samples, train.classes, shards, "train", SHARD_SHARES)
-        n_val = write_tar_shards(val.samples, val.classes, shards, "val", SHARD_SHARES[:2])
-        pipe = f"pipe:cat {shards}/train-{{{0:06d}..{n_train - 1:06d}}}.tar"
-        val_pipe = f"pipe:cat {shards}/val-{{{0:06d}..{n_val - 1:06d}}}.tar"
-        data = {"shards": ["--data", str(shards)], "stream": ["--data", str(shards), "--stream"],
-                "pipe": ["--data", pipe, "--val-data", val_pipe]}
+        data = stream_layouts(samples, val.samples, train.classes, scratch / "shards", SHARD_SHARES,
+                              val_classes=val.classes)
         rounds = []
         for r in range(repeats):
-            order = LAYOUTS[r % len(LAYOUTS):] + LAYOUTS[:r % len(LAYOUTS)]
+            order = rotated(LAYOUTS, r)
             row = {k: run_train(data[k], args, len(train.classes), scratch / f"out-{k}-{r}", env) for k in order}
             rounds.append(row)
             print(f"round {r + 1}/{repeats}: " + ", ".join(
